@@ -1,0 +1,1164 @@
+/*
+ * zt_core.h -- the shared-memory hash table and atomic counter behind zeal_asgi._shmtable.
+ *
+ * Pure C, no Python objects; included verbatim by _shmtable.pyx.  Everything here runs on a
+ * MAP_SHARED mapping that several processes use at once, so every rule below is about what
+ * another process may be doing at the same instant, or what a process SIGKILLed half-way left.
+ *
+ * Segment layout (all offsets fixed at creation, recorded in the header):
+ *
+ *   [zt_header, 4 KiB]  identity, ABI tag, geometry, schema blob, checksum; hot counters on their
+ *                       own cache lines
+ *   [global lock slot]  robust pshared mutex guarding STRUCTURE: index, free list, row states
+ *   [stripe slots]      n_stripes robust pshared mutexes guarding row CONTENT, one 64-byte line each
+ *   [index]             open-addressed, linear probing, uint64 slots: tag(32) | row+1 (32);
+ *                       backward-shift deletion, so there are no tombstones to accumulate
+ *   [rows]              capacity fixed-size rows; a row never moves while its key is live, which
+ *                       is what lets iteration walk the rows and never skip a row present
+ *                       throughout
+ *
+ * Row: u32 seq | u8 state | u8 pad | u16 keylen | numeric columns (8/4/2/1-byte, aligned) |
+ *      key bytes (key_limit) | string columns (length prefix + bytes).
+ *
+ * Concurrency:
+ *   - Readers take no lock.  A row is read with a seqlock (seq odd while written) and the copy is
+ *     validated before anything in it is trusted; a miss is trusted only if index_seq (bumped by
+ *     every structural change that moves index slots) did not change during the probe.
+ *   - Writers of an existing row hold the key's stripe lock.  Inserts and deletes hold the global
+ *     lock and then the stripe lock (always in that order).
+ *   - All locks are robust: when a holder dies, the next locker gets EOWNERDEAD and repairs what the
+ *     dead process left half done before calling pthread_mutex_consistent.  Stripe repair turns a
+ *     torn row (its writer recorded it in the stripe's intent word) into a DEAD row; global repair
+ *     rebuilds the index, free list and row count from the row states.  Nothing is force-unlocked:
+ *     a lock held by a live but stuck process gives ZT_ETIMEDOUT after the caller's deadline.
+ *   - Blocking waits never hold the GIL (see zt_acquire), and nothing here touches Python objects,
+ *     so a thread never waits for the GIL while holding a row lock.
+ */
+#ifndef ZT_CORE_H
+#define ZT_CORE_H
+
+#include <Python.h>
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+#include <gnu/libc-version.h>
+
+_Static_assert(__atomic_always_lock_free(sizeof(int64_t), 0), "64-bit atomics must be lock-free");
+_Static_assert(sizeof(pthread_mutex_t) <= 48, "pthread_mutex_t must fit a 64-byte lock slot");
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the segment layout is little-endian");
+
+#define ZT_MAGIC_TABLE 0x314c42544c41455aULL  /* "ZEALTBL1" */
+#define ZT_MAGIC_ATOMIC 0x31544d414c41455aULL /* "ZEALAMT1" */
+#define ZT_LAYOUT_VERSION 1u
+#define ZT_HEADER_SIZE 4096u
+#define ZT_SCHEMA_MAX 2560u
+#define ZT_ABI_MAX 64u
+
+/* row states */
+#define ZT_FREE 0
+#define ZT_BUSY 1
+#define ZT_LIVE 2
+#define ZT_DEAD 3
+
+/* column types (must match zeal_asgi/schema.py) */
+#define ZT_INT 1
+#define ZT_FLOAT 2
+#define ZT_STRING 3
+#define ZT_BYTES 4
+
+/* return codes */
+#define ZT_OK 0
+#define ZT_ETIMEDOUT (-1)
+#define ZT_EFULL (-2)
+#define ZT_EOVERFLOW (-3)
+#define ZT_ELOCK (-4)
+#define ZT_ENONFINITE (-5)
+#define ZT_EBADCOL (-6)
+#define ZT_EBUSYREAD (-7)
+
+#define ZT_ROW_HDR 8u
+#define ZT_READ_SPINS 2000
+#define ZT_LOCK_SPINS 64
+#define ZT_MAX_COLUMNS 64
+
+/* ---------------------------------------------------------------------------------------- */
+/* segment header                                                                           */
+
+typedef struct {
+    uint64_t magic;            /* written last, with a release store, once everything is ready */
+    uint32_t layout_version;
+    uint32_t header_size;
+    char abi[ZT_ABI_MAX];      /* libc name+version, mutex size, layout version, word size */
+    uint64_t total_size;
+    uint64_t nonce[2];         /* random identity of this segment */
+    uint64_t hash_key[2];      /* SipHash key: stable for every process of this segment */
+    uint32_t capacity;
+    uint32_t row_size;
+    uint32_t key_limit;
+    uint32_t key_off;
+    uint32_t n_stripes;
+    uint32_t schema_len;
+    uint64_t index_slots;
+    uint64_t off_global;
+    uint64_t off_stripes;
+    uint64_t off_index;
+    uint64_t off_rows;
+    uint64_t created_ns;       /* CLOCK_REALTIME at creation, for diagnostics */
+    char schema[ZT_SCHEMA_MAX];/* opaque to C: the Python side stores and checks it */
+    uint64_t checksum;         /* over every byte above, from layout_version on */
+    /* ---- mutable, on their own lines ---- */
+    __attribute__((aligned(64))) int64_t row_count;
+    __attribute__((aligned(64))) uint64_t index_seq;
+    uint32_t next_unused;      /* rows [0, next_unused) have been used at least once */
+    uint32_t free_head;        /* row+1 of the first free row, 0 = none */
+    int64_t dead_rows;         /* rows torn by a dead writer and not yet reclaimed */
+    __attribute__((aligned(64))) int64_t lock_recoveries;
+    int64_t rows_lost;
+    int64_t lock_timeouts;
+    int64_t read_fallbacks;
+    int64_t inserts;
+    int64_t deletes;
+} zt_header;
+
+_Static_assert(sizeof(zt_header) <= ZT_HEADER_SIZE, "header must fit its page");
+
+typedef struct {
+    pthread_mutex_t m;
+    uint32_t intent;           /* row+1 being written under this lock, 0 = none */
+    uint32_t pad;
+} __attribute__((aligned(64))) zt_lockslot;
+
+_Static_assert(sizeof(zt_lockslot) == 64, "one lock per cache line");
+
+typedef struct {
+    uint8_t type;
+    uint8_t width;             /* INT: 1/2/4/8, FLOAT: 8, STRING/BYTES: length-prefix bytes 1/2/4 */
+    uint16_t pad;
+    uint32_t offset;
+    uint32_t size;             /* STRING/BYTES: capacity in bytes */
+} zt_col;
+
+/* process-local view of a mapped table */
+typedef struct {
+    char *base;
+    size_t size;
+    zt_header *hdr;
+    zt_lockslot *global;
+    zt_lockslot *stripes;
+    uint64_t *index;
+    char *rows;
+    uint64_t index_mask;
+    uint32_t stripe_mask;
+    uint32_t row_size;
+    uint32_t capacity;
+    uint32_t key_limit;
+    uint32_t key_off;
+    uint64_t hkey[2];
+    int64_t lock_timeout_ns;
+    int64_t local_recoveries;  /* repairs this process ran; the Python side logs them */
+} zt_table;
+
+/* a pending column write, prepared (and validated) before any lock is taken */
+typedef struct {
+    int col;
+    int64_t i;
+    double f;
+    const char *s;
+    uint32_t slen;
+} zt_delta;
+
+/* ---------------------------------------------------------------------------------------- */
+/* deterministic crash points (fault tests): ZEAL_CRASH_AT=<id>:<nth>[:stop]                  */
+
+static int zt_crash_id = -1;
+static long zt_crash_countdown = 0;
+static int zt_crash_sig = SIGKILL;
+
+static void zt_crash_hit(void) {
+    if (--zt_crash_countdown <= 0) {
+        zt_crash_id = -1;
+        raise(zt_crash_sig);
+    }
+}
+#define ZT_CRASHPOINT(id) do { if (__builtin_expect(zt_crash_id == (id), 0)) zt_crash_hit(); } while (0)
+
+/* crash point ids, documented for the fault tests */
+#define ZT_CP_UPDATE_AFTER_ODD 1    /* update: seq odd, no column written yet */
+#define ZT_CP_UPDATE_MID 2          /* update: first column written, others not */
+#define ZT_CP_INSERT_BUSY 3         /* insert: row BUSY, key written, columns not */
+#define ZT_CP_INSERT_UNPUBLISHED 4  /* insert: row LIVE, not yet in the index */
+#define ZT_CP_DELETE_FREED 5        /* delete: row FREE, index slot not yet removed */
+#define ZT_CP_DELETE_MID_SHIFT 6    /* delete: in the middle of the backward shift */
+#define ZT_CP_INCR_AFTER_ODD 7      /* incr: seq odd, value not yet written */
+
+/* ---------------------------------------------------------------------------------------- */
+/* hashing: SipHash-1-3 with a per-segment random key (hash flooding needs the key)          */
+
+#define ZT_ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define ZT_SIPROUND                                                                          \
+    do {                                                                                     \
+        v0 += v1; v1 = ZT_ROTL(v1, 13); v1 ^= v0; v0 = ZT_ROTL(v0, 32);                      \
+        v2 += v3; v3 = ZT_ROTL(v3, 16); v3 ^= v2;                                            \
+        v0 += v3; v3 = ZT_ROTL(v3, 21); v3 ^= v0;                                            \
+        v2 += v1; v1 = ZT_ROTL(v1, 17); v1 ^= v2; v2 = ZT_ROTL(v2, 32);                      \
+    } while (0)
+
+static inline uint64_t zt_hash(const uint64_t k[2], const char *data, size_t len) {
+    const uint8_t *in = (const uint8_t *)data;
+    uint64_t v0 = 0x736f6d6570736575ULL ^ k[0];
+    uint64_t v1 = 0x646f72616e646f6dULL ^ k[1];
+    uint64_t v2 = 0x6c7967656e657261ULL ^ k[0];
+    uint64_t v3 = 0x7465646279746573ULL ^ k[1];
+    uint64_t b = ((uint64_t)len) << 56;
+    const uint8_t *end = in + len - (len % 8);
+    for (; in != end; in += 8) {
+        uint64_t m;
+        memcpy(&m, in, 8);
+        v3 ^= m;
+        ZT_SIPROUND;
+        v0 ^= m;
+    }
+    switch (len & 7) {
+    case 7: b |= ((uint64_t)in[6]) << 48; /* fall through */
+    case 6: b |= ((uint64_t)in[5]) << 40; /* fall through */
+    case 5: b |= ((uint64_t)in[4]) << 32; /* fall through */
+    case 4: b |= ((uint64_t)in[3]) << 24; /* fall through */
+    case 3: b |= ((uint64_t)in[2]) << 16; /* fall through */
+    case 2: b |= ((uint64_t)in[1]) << 8;  /* fall through */
+    case 1: b |= ((uint64_t)in[0]); break;
+    case 0: break;
+    }
+    v3 ^= b;
+    ZT_SIPROUND;
+    v0 ^= b;
+    v2 ^= 0xff;
+    ZT_SIPROUND;
+    ZT_SIPROUND;
+    ZT_SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/* checksum of the immutable header part (not a security measure: detects a foreign layout) */
+static uint64_t zt_header_checksum(const zt_header *h) {
+    static const uint64_t k[2] = {0x7a65616c2d617367ULL, 0x692d6865616465ULL};
+    const char *start = (const char *)&h->layout_version;
+    const char *end = (const char *)&h->checksum;
+    return zt_hash(k, start, (size_t)(end - start));
+}
+
+static void zt_abi_tag(char out[ZT_ABI_MAX]) {
+    snprintf(out, ZT_ABI_MAX, "glibc-%s/mutex%zu/layout%u/ptr%zu/le", gnu_get_libc_version(),
+             sizeof(pthread_mutex_t), ZT_LAYOUT_VERSION, sizeof(void *));
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* small helpers                                                                            */
+
+static inline char *zt_row(const zt_table *t, uint32_t r) {
+    return t->rows + (size_t)r * t->row_size;
+}
+static inline uint32_t *zt_seqp(char *row) { return (uint32_t *)row; }
+static inline uint8_t zt_state(const char *row) {
+    return __atomic_load_n((const uint8_t *)(row + 4), __ATOMIC_ACQUIRE);
+}
+static inline void zt_set_state(char *row, uint8_t st) {
+    __atomic_store_n((uint8_t *)(row + 4), st, __ATOMIC_RELEASE);
+}
+static inline uint16_t zt_keylen(const char *row) { uint16_t v; memcpy(&v, row + 6, 2); return v; }
+
+static inline int64_t zt_now_ns(clockid_t clk) {
+    struct timespec ts;
+    clock_gettime(clk, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static inline void zt_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+/* seqlock writer: the row becomes odd; readers retry until it is even again */
+static inline uint32_t zt_write_begin(zt_lockslot *slot, char *row, uint32_t r) {
+    uint32_t s = __atomic_load_n(zt_seqp(row), __ATOMIC_RELAXED);
+    if (s & 1) s++; /* defensive: never leave a row odd because an earlier writer died */
+    __atomic_store_n(&slot->intent, r + 1, __ATOMIC_RELAXED);
+    __atomic_store_n(zt_seqp(row), s + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    return s;
+}
+static inline void zt_write_end(zt_lockslot *slot, char *row, uint32_t s) {
+    __atomic_store_n(zt_seqp(row), s + 2, __ATOMIC_RELEASE);
+    __atomic_store_n(&slot->intent, 0, __ATOMIC_RELEASE);
+}
+
+/* A consistent copy of a whole row, or 0 if a writer was active (caller retries).  The copy is
+ * done with relaxed atomic loads so that the racing reads are defined behaviour. */
+static inline int zt_copy_row(const zt_table *t, uint32_t r, char *dst) {
+    const char *row = zt_row(t, r);
+    uint32_t s1 = __atomic_load_n((const uint32_t *)row, __ATOMIC_ACQUIRE);
+    if (s1 & 1) return 0;
+    const uint64_t *src = (const uint64_t *)row;
+    uint64_t *d = (uint64_t *)dst;
+    size_t n = t->row_size / 8;
+    for (size_t i = 0; i < n; i++) d[i] = __atomic_load_n(src + i, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    uint32_t s2 = __atomic_load_n((const uint32_t *)row, __ATOMIC_RELAXED);
+    return s1 == s2;
+}
+
+static inline int zt_key_eq(const zt_table *t, const char *row, const char *key, uint16_t klen) {
+    return zt_keylen(row) == klen && memcmp(row + t->key_off, key, klen) == 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* column access (on a row we own or on a private copy)                                      */
+
+static inline int64_t zt_get_int(const char *row, const zt_col *c) {
+    const char *p = row + c->offset;
+    switch (c->width) {
+    case 1: { int8_t v; memcpy(&v, p, 1); return v; }
+    case 2: { int16_t v; memcpy(&v, p, 2); return v; }
+    case 4: { int32_t v; memcpy(&v, p, 4); return v; }
+    default: { int64_t v; memcpy(&v, p, 8); return v; }
+    }
+}
+static inline void zt_put_int(char *row, const zt_col *c, int64_t v) {
+    char *p = row + c->offset;
+    switch (c->width) {
+    case 1: { int8_t x = (int8_t)v; memcpy(p, &x, 1); break; }
+    case 2: { int16_t x = (int16_t)v; memcpy(p, &x, 2); break; }
+    case 4: { int32_t x = (int32_t)v; memcpy(p, &x, 4); break; }
+    default: memcpy(p, &v, 8); break;
+    }
+}
+static inline int zt_int_fits(int width, int64_t v) {
+    switch (width) {
+    case 1: return v >= INT8_MIN && v <= INT8_MAX;
+    case 2: return v >= INT16_MIN && v <= INT16_MAX;
+    case 4: return v >= INT32_MIN && v <= INT32_MAX;
+    default: return 1;
+    }
+}
+static inline double zt_get_float(const char *row, const zt_col *c) {
+    double v; memcpy(&v, row + c->offset, 8); return v;
+}
+static inline void zt_put_float(char *row, const zt_col *c, double v) {
+    memcpy(row + c->offset, &v, 8);
+}
+/* Length of a string column.  Clamped to the column size: the copy may come from a row a dead
+ * writer tore, and a torn length must never make us read past the column. */
+static inline uint32_t zt_get_slen(const char *row, const zt_col *c) {
+    const char *p = row + c->offset;
+    uint32_t n;
+    switch (c->width) {
+    case 1: { uint8_t v; memcpy(&v, p, 1); n = v; break; }
+    case 2: { uint16_t v; memcpy(&v, p, 2); n = v; break; }
+    default: { uint32_t v; memcpy(&v, p, 4); n = v; break; }
+    }
+    return n > c->size ? c->size : n;
+}
+static inline const char *zt_get_sptr(const char *row, const zt_col *c) {
+    return row + c->offset + c->width;
+}
+static inline void zt_put_str(char *row, const zt_col *c, const char *s, uint32_t n) {
+    char *p = row + c->offset;
+    switch (c->width) {
+    case 1: { uint8_t v = (uint8_t)n; memcpy(p, &v, 1); break; }
+    case 2: { uint16_t v = (uint16_t)n; memcpy(p, &v, 2); break; }
+    default: memcpy(p, &n, 4); break;
+    }
+    if (n) memcpy(p + c->width, s, n);
+}
+
+static inline void zt_apply(char *row, const zt_col *cols, const zt_delta *d, int n) {
+    for (int i = 0; i < n; i++) {
+        const zt_col *c = &cols[d[i].col];
+        switch (c->type) {
+        case ZT_INT: zt_put_int(row, c, d[i].i); break;
+        case ZT_FLOAT: zt_put_float(row, c, d[i].f); break;
+        default: zt_put_str(row, c, d[i].s, d[i].slen); break;
+        }
+        if (i == 0) ZT_CRASHPOINT(ZT_CP_UPDATE_MID);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* locks                                                                                    */
+
+static int zt_mutex_init(pthread_mutex_t *m) {
+    pthread_mutexattr_t a;
+    int rc = pthread_mutexattr_init(&a);
+    if (rc) return rc;
+    /* PTHREAD_MUTEX_ROBUST is an enum in glibc, so it cannot be feature-tested with #ifdef:
+     * call the setter unconditionally and check what it says. */
+    if ((rc = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED)) == 0 &&
+        (rc = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST)) == 0) {
+        rc = pthread_mutex_init(m, &a);
+    }
+    pthread_mutexattr_destroy(&a);
+    return rc;
+}
+
+/* 1 if a fresh mutex attribute reads back as robust + process-shared (asserted by a test) */
+static int zt_robust_supported(void) {
+    pthread_mutexattr_t a;
+    int robust = 0, pshared = 0;
+    if (pthread_mutexattr_init(&a)) return 0;
+    pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
+    pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
+    pthread_mutexattr_getrobust(&a, &robust);
+    pthread_mutexattr_getpshared(&a, &pshared);
+    pthread_mutexattr_destroy(&a);
+    return robust == PTHREAD_MUTEX_ROBUST && pshared == PTHREAD_PROCESS_SHARED;
+}
+
+static void zt_repair_stripe(zt_table *t, zt_lockslot *slot);
+static void zt_repair_global(zt_table *t);
+
+/* Lock a slot.  Spins a little with trylock (the GIL held: bounded), then releases the GIL for
+ * the blocking wait.  *ts receives the saved thread state if the GIL was released; the caller
+ * restores it only after unlocking everything (never reacquire the GIL while holding a lock).
+ * EOWNERDEAD is handled here for every path, including trylock. */
+static int zt_acquire(zt_table *t, zt_lockslot *slot, int is_global, PyThreadState **ts) {
+    int rc = pthread_mutex_trylock(&slot->m);
+    for (int i = 0; rc == EBUSY && i < ZT_LOCK_SPINS; i++) {
+        zt_cpu_relax();
+        rc = pthread_mutex_trylock(&slot->m);
+    }
+    if (rc == EBUSY) {
+        if (*ts == NULL && PyGILState_Check()) *ts = PyEval_SaveThread();
+        struct timespec dl;
+        clock_gettime(CLOCK_MONOTONIC, &dl);
+        int64_t ns = dl.tv_nsec + t->lock_timeout_ns;
+        dl.tv_sec += ns / 1000000000LL;
+        dl.tv_nsec = ns % 1000000000LL;
+        rc = pthread_mutex_clocklock(&slot->m, CLOCK_MONOTONIC, &dl);
+    }
+    if (rc == 0) return ZT_OK;
+    if (rc == EOWNERDEAD) {
+        if (is_global) zt_repair_global(t);
+        else zt_repair_stripe(t, slot);
+        __atomic_add_fetch(&t->hdr->lock_recoveries, 1, __ATOMIC_RELAXED);
+        t->local_recoveries++;
+        pthread_mutex_consistent(&slot->m);
+        return ZT_OK;
+    }
+    if (rc == ETIMEDOUT) {
+        __atomic_add_fetch(&t->hdr->lock_timeouts, 1, __ATOMIC_RELAXED);
+        return ZT_ETIMEDOUT;
+    }
+    return ZT_ELOCK;
+}
+
+static inline void zt_release(zt_lockslot *slot) { pthread_mutex_unlock(&slot->m); }
+
+static inline void zt_regain_gil(PyThreadState **ts) {
+    if (*ts) { PyEval_RestoreThread(*ts); *ts = NULL; }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* index                                                                                    */
+
+static inline uint64_t zt_slot_val(uint64_t h, uint32_t r) {
+    return (h & 0xffffffff00000000ULL) | (uint64_t)(r + 1);
+}
+static inline uint32_t zt_stripe_of(const zt_table *t, uint64_t h) {
+    return (uint32_t)(h >> 40) & t->stripe_mask;
+}
+
+/* Lock-free probe.  Returns the row of `key` and fills `copy` with a validated snapshot, or -1.
+ * A miss is only returned when no structural change moved index slots during the probe. */
+static int64_t zt_lookup(const zt_table *t, const char *key, uint16_t klen, uint64_t h, char *copy,
+                         int *busy) {
+    const uint64_t tag = h & 0xffffffff00000000ULL;
+    for (int attempt = 0; attempt < ZT_READ_SPINS; attempt++) {
+        uint64_t s0 = __atomic_load_n(&t->hdr->index_seq, __ATOMIC_ACQUIRE);
+        if (s0 & 1) { zt_cpu_relax(); continue; }
+        uint64_t pos = h & t->index_mask;
+        int retry = 0;
+        for (uint64_t n = 0; n <= t->index_mask; n++, pos = (pos + 1) & t->index_mask) {
+            uint64_t v = __atomic_load_n(&t->index[pos], __ATOMIC_ACQUIRE);
+            if (v == 0) break;
+            if ((v & 0xffffffff00000000ULL) != tag) continue;
+            uint32_t r = (uint32_t)(v & 0xffffffffu) - 1;
+            if (r >= t->capacity) { retry = 1; break; }
+            int ok = 0;
+            for (int s = 0; s < ZT_READ_SPINS; s++) {
+                if (zt_copy_row(t, r, copy)) { ok = 1; break; }
+                zt_cpu_relax();
+            }
+            if (!ok) { *busy = 1; return -1; } /* a writer stuck mid-row: caller locks */
+            if (copy[4] == ZT_LIVE && zt_key_eq(t, copy, key, klen)) return r;
+        }
+        if (retry) continue;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&t->hdr->index_seq, __ATOMIC_RELAXED) == s0) return -1;
+    }
+    *busy = 1;
+    return -1;
+}
+
+/* Probe under the global lock (the index is stable): slot position of `key` or -1. */
+static int64_t zt_find_slot_locked(const zt_table *t, const char *key, uint16_t klen, uint64_t h) {
+    const uint64_t tag = h & 0xffffffff00000000ULL;
+    uint64_t pos = h & t->index_mask;
+    for (uint64_t n = 0; n <= t->index_mask; n++, pos = (pos + 1) & t->index_mask) {
+        uint64_t v = t->index[pos];
+        if (v == 0) return -1;
+        if ((v & 0xffffffff00000000ULL) != tag) continue;
+        uint32_t r = (uint32_t)(v & 0xffffffffu) - 1;
+        const char *row = zt_row(t, r);
+        if (zt_key_eq(t, row, key, klen)) return (int64_t)pos;
+    }
+    return -1;
+}
+
+/* Probe for the row of `key` while holding its stripe lock (rows of this key cannot change
+ * state under us, but a concurrent delete of another key may shift slots: a miss here is only a
+ * hint and the caller confirms it under the global lock). */
+static int64_t zt_find_row_striped(const zt_table *t, const char *key, uint16_t klen, uint64_t h) {
+    const uint64_t tag = h & 0xffffffff00000000ULL;
+    uint64_t pos = h & t->index_mask;
+    for (uint64_t n = 0; n <= t->index_mask; n++, pos = (pos + 1) & t->index_mask) {
+        uint64_t v = __atomic_load_n(&t->index[pos], __ATOMIC_ACQUIRE);
+        if (v == 0) return -1;
+        if ((v & 0xffffffff00000000ULL) != tag) continue;
+        uint32_t r = (uint32_t)(v & 0xffffffffu) - 1;
+        if (r >= t->capacity) return -1;
+        const char *row = zt_row(t, r);
+        if (zt_state(row) == ZT_LIVE && zt_key_eq(t, row, key, klen)) return r;
+    }
+    return -1;
+}
+
+static void zt_index_insert_locked(zt_table *t, uint64_t h, uint32_t r) {
+    uint64_t pos = h & t->index_mask;
+    while (t->index[pos] != 0) pos = (pos + 1) & t->index_mask;
+    __atomic_store_n(&t->index[pos], zt_slot_val(h, r), __ATOMIC_RELEASE);
+}
+
+/* Backward-shift deletion (Knuth 6.4 algorithm R); index_seq is odd meanwhile so lock-free
+ * readers do not trust a miss seen during the shift. */
+static void zt_index_remove_locked(zt_table *t, uint64_t pos) {
+    uint64_t mask = t->index_mask;
+    __atomic_add_fetch(&t->hdr->index_seq, 1, __ATOMIC_ACQ_REL);
+    uint64_t hole = pos;
+    uint64_t j = pos;
+    for (;;) {
+        j = (j + 1) & mask;
+        uint64_t v = t->index[j];
+        if (v == 0) break;
+        uint32_t r = (uint32_t)(v & 0xffffffffu) - 1;
+        const char *row = zt_row(t, r);
+        uint64_t home = zt_hash(t->hkey, row + t->key_off, zt_keylen(row)) & mask;
+        /* can the entry at j move to the hole? only if its home is not cyclically in (hole, j] */
+        int stays = (hole <= j) ? (home > hole && home <= j) : (home > hole || home <= j);
+        if (stays) continue;
+        __atomic_store_n(&t->index[hole], v, __ATOMIC_RELEASE);
+        ZT_CRASHPOINT(ZT_CP_DELETE_MID_SHIFT);
+        hole = j;
+    }
+    __atomic_store_n(&t->index[hole], 0, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&t->hdr->index_seq, 1, __ATOMIC_ACQ_REL);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* repair                                                                                   */
+
+/* The stripe's previous holder died.  If it was writing a row (intent set and seq odd), the row
+ * may be torn: make it DEAD (lookups miss it, iteration skips it) and count it as lost. */
+static void zt_repair_stripe(zt_table *t, zt_lockslot *slot) {
+    uint32_t intent = __atomic_load_n(&slot->intent, __ATOMIC_ACQUIRE);
+    if (intent != 0 && intent <= t->capacity) {
+        char *row = zt_row(t, intent - 1);
+        uint32_t s = __atomic_load_n(zt_seqp(row), __ATOMIC_ACQUIRE);
+        if (s & 1) {
+            uint8_t st = zt_state(row);
+            if (st == ZT_LIVE) __atomic_sub_fetch(&t->hdr->row_count, 1, __ATOMIC_RELAXED);
+            if (st == ZT_LIVE || st == ZT_BUSY) {
+                zt_set_state(row, ZT_DEAD);
+                __atomic_add_fetch(&t->hdr->dead_rows, 1, __ATOMIC_RELAXED);
+                __atomic_add_fetch(&t->hdr->rows_lost, 1, __ATOMIC_RELAXED);
+            }
+            __atomic_store_n(zt_seqp(row), s + 1, __ATOMIC_RELEASE);
+        }
+    }
+    __atomic_store_n(&slot->intent, 0, __ATOMIC_RELEASE);
+}
+
+/* The global lock's previous holder died mid insert/delete/clear.  Row states are the truth:
+ * rebuild the index, the free list and the counts from them. */
+static void zt_repair_global(zt_table *t) {
+    zt_header *h = t->hdr;
+    /* Lock every stripe once, one at a time: a stripe whose holder died is repaired by that
+     * acquisition, so afterwards no row is half written by a dead process. */
+    for (uint32_t s = 0; s <= t->stripe_mask; s++) {
+        struct timespec dl;
+        clock_gettime(CLOCK_MONOTONIC, &dl);
+        int64_t ns = dl.tv_nsec + t->lock_timeout_ns;
+        dl.tv_sec += ns / 1000000000LL;
+        dl.tv_nsec = ns % 1000000000LL;
+        int rc = pthread_mutex_clocklock(&t->stripes[s].m, CLOCK_MONOTONIC, &dl);
+        if (rc == EOWNERDEAD) {
+            zt_repair_stripe(t, &t->stripes[s]);
+            __atomic_add_fetch(&h->lock_recoveries, 1, __ATOMIC_RELAXED);
+            t->local_recoveries++;
+            pthread_mutex_consistent(&t->stripes[s].m);
+            rc = 0;
+        }
+        /* ETIMEDOUT: a live process holds it, so its dead predecessor was already repaired by
+         * that process's own acquisition; nothing torn can hide behind it. */
+        if (rc == 0) pthread_mutex_unlock(&t->stripes[s].m);
+    }
+    __atomic_add_fetch(&h->index_seq, 1, __ATOMIC_ACQ_REL);
+    for (uint64_t i = 0; i <= t->index_mask; i++) __atomic_store_n(&t->index[i], 0, __ATOMIC_RELAXED);
+    uint32_t limit = h->next_unused > t->capacity ? t->capacity : h->next_unused;
+    int64_t live = 0;
+    uint32_t free_head = 0;
+    for (uint32_t r = limit; r-- > 0;) {
+        char *row = zt_row(t, r);
+        uint8_t st = zt_state(row);
+        if (st == ZT_LIVE && zt_keylen(row) <= t->key_limit) {
+            uint64_t hh = zt_hash(t->hkey, row + t->key_off, zt_keylen(row));
+            zt_index_insert_locked(t, hh, r);
+            live++;
+        } else {
+            if (st == ZT_BUSY) __atomic_add_fetch(&h->rows_lost, 1, __ATOMIC_RELAXED);
+            uint32_t s = __atomic_load_n(zt_seqp(row), __ATOMIC_RELAXED);
+            if (s & 1) s++;
+            __atomic_store_n(zt_seqp(row), s + 1, __ATOMIC_RELAXED);
+            __atomic_thread_fence(__ATOMIC_RELEASE);
+            zt_set_state(row, ZT_FREE);
+            memcpy(row + t->key_off, &free_head, 4);
+            __atomic_store_n(zt_seqp(row), s + 2, __ATOMIC_RELEASE);
+            free_head = r + 1;
+        }
+    }
+    h->free_head = free_head;
+    h->next_unused = limit;
+    __atomic_store_n(&h->row_count, live, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->dead_rows, 0, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&h->index_seq, 1, __ATOMIC_ACQ_REL);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* structural operations (global lock held)                                                  */
+
+/* Free every DEAD row still referenced by the index (their keys are intact: a torn update does
+ * not write the key).  Runs only when the table is otherwise full. */
+static void zt_reclaim_dead_locked(zt_table *t) {
+    zt_header *h = t->hdr;
+    for (uint32_t r = 0; r < h->next_unused; r++) {
+        char *row = zt_row(t, r);
+        if (zt_state(row) != ZT_DEAD) continue;
+        uint64_t hh = zt_hash(t->hkey, row + t->key_off, zt_keylen(row));
+        uint64_t mask = t->index_mask, pos = hh & mask;
+        for (uint64_t n = 0; n <= mask; n++, pos = (pos + 1) & mask) {
+            uint64_t v = t->index[pos];
+            if (v == 0) break;
+            if ((uint32_t)(v & 0xffffffffu) == r + 1) { zt_index_remove_locked(t, pos); break; }
+        }
+        uint32_t s = __atomic_load_n(zt_seqp(row), __ATOMIC_RELAXED);
+        if (s & 1) s++;
+        __atomic_store_n(zt_seqp(row), s + 1, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        zt_set_state(row, ZT_FREE);
+        memcpy(row + t->key_off, &h->free_head, 4);
+        __atomic_store_n(zt_seqp(row), s + 2, __ATOMIC_RELEASE);
+        h->free_head = r + 1;
+        __atomic_sub_fetch(&h->dead_rows, 1, __ATOMIC_RELAXED);
+    }
+}
+
+static int64_t zt_alloc_row_locked(zt_table *t) {
+    zt_header *h = t->hdr;
+    if (h->free_head == 0 && h->next_unused >= t->capacity && h->dead_rows > 0)
+        zt_reclaim_dead_locked(t);
+    if (h->free_head != 0) {
+        uint32_t r = h->free_head - 1;
+        uint32_t next;
+        memcpy(&next, zt_row(t, r) + t->key_off, 4);
+        h->free_head = next;
+        return r;
+    }
+    if (h->next_unused < t->capacity) return h->next_unused++;
+    return -1;
+}
+
+static void zt_free_row_locked(zt_table *t, uint32_t r) {
+    char *row = zt_row(t, r);
+    memcpy(row + t->key_off, &t->hdr->free_head, 4);
+    t->hdr->free_head = r + 1;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* public operations                                                                        */
+
+/* Read `key` into `copy` (row_size bytes).  Returns 1 found, 0 missing, <0 error. */
+static int zt_get(zt_table *t, const char *key, uint16_t klen, char *copy) {
+    uint64_t h = zt_hash(t->hkey, key, klen);
+    int busy = 0;
+    int64_t r = zt_lookup(t, key, klen, h, copy, &busy);
+    if (r >= 0) return 1;
+    if (!busy) return 0;
+    /* A writer stayed mid-row or the index kept changing: read under the locks, which also
+     * repairs a row whose writer died. */
+    __atomic_add_fetch(&t->hdr->read_fallbacks, 1, __ATOMIC_RELAXED);
+    PyThreadState *ts = NULL;
+    zt_lockslot *stripe = &t->stripes[zt_stripe_of(t, h)];
+    int rc = zt_acquire(t, t->global, 1, &ts);
+    if (rc) { zt_regain_gil(&ts); return rc; }
+    rc = zt_acquire(t, stripe, 0, &ts);
+    if (rc) { zt_release(t->global); zt_regain_gil(&ts); return rc; }
+    int64_t pos = zt_find_slot_locked(t, key, klen, h);
+    int found = 0;
+    if (pos >= 0) {
+        uint32_t rr = (uint32_t)(t->index[pos] & 0xffffffffu) - 1;
+        const char *row = zt_row(t, rr);
+        if (zt_state(row) == ZT_LIVE) { memcpy(copy, row, t->row_size); found = 1; }
+    }
+    zt_release(stripe);
+    zt_release(t->global);
+    zt_regain_gil(&ts);
+    return found;
+}
+
+/* Insert-or-update under the global lock (called when the striped fast path missed).
+ * `mode`: 0 = set (apply deltas), 1 = ensure row exists (for incr/cas).  Returns the row or <0.
+ * On success the stripe lock is held and *s_out is the seq to finish with zt_write_end. */
+static int64_t zt_upsert_locked(zt_table *t, const char *key, uint16_t klen, uint64_t h,
+                                zt_lockslot *stripe, const zt_col *cols, int ncols, int *created) {
+    int64_t pos = zt_find_slot_locked(t, key, klen, h);
+    if (pos >= 0) {
+        uint32_t r = (uint32_t)(t->index[pos] & 0xffffffffu) - 1;
+        char *row = zt_row(t, r);
+        if (zt_state(row) == ZT_LIVE) { *created = 0; return r; }
+        /* DEAD row of this key (torn by a dead writer): revive it with a zeroed row */
+        uint32_t s = zt_write_begin(stripe, row, r);
+        memset(row + ZT_ROW_HDR, 0, t->key_off - ZT_ROW_HDR);
+        memset(row + t->key_off + t->key_limit, 0, t->row_size - t->key_off - t->key_limit);
+        zt_set_state(row, ZT_LIVE);
+        zt_write_end(stripe, row, s);
+        __atomic_sub_fetch(&t->hdr->dead_rows, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&t->hdr->row_count, 1, __ATOMIC_RELAXED);
+        *created = 1;
+        return r;
+    }
+    int64_t rr = zt_alloc_row_locked(t);
+    if (rr < 0) return ZT_EFULL;
+    uint32_t r = (uint32_t)rr;
+    char *row = zt_row(t, r);
+    uint32_t s = zt_write_begin(stripe, row, r);
+    zt_set_state(row, ZT_BUSY);
+    memset(row + ZT_ROW_HDR, 0, t->row_size - ZT_ROW_HDR);
+    memcpy(row + 6, &klen, 2);
+    memcpy(row + t->key_off, key, klen);
+    ZT_CRASHPOINT(ZT_CP_INSERT_BUSY);
+    zt_set_state(row, ZT_LIVE);
+    zt_write_end(stripe, row, s);
+    ZT_CRASHPOINT(ZT_CP_INSERT_UNPUBLISHED);
+    zt_index_insert_locked(t, h, r);
+    __atomic_add_fetch(&t->hdr->row_count, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&t->hdr->inserts, 1, __ATOMIC_RELAXED);
+    (void)cols; (void)ncols;
+    *created = 1;
+    return r;
+}
+
+/* Lock the key's stripe and find or create its row.  On success the stripe lock is held (and the
+ * global lock is not); *ts may hold a released GIL state. */
+static int64_t zt_locate(zt_table *t, const char *key, uint16_t klen, uint64_t h, int create,
+                         zt_lockslot **stripe_out, PyThreadState **ts, int *created) {
+    zt_lockslot *stripe = &t->stripes[zt_stripe_of(t, h)];
+    *stripe_out = stripe;
+    *created = 0;
+    int rc = zt_acquire(t, stripe, 0, ts);
+    if (rc) return rc;
+    int64_t r = zt_find_row_striped(t, key, klen, h);
+    if (r >= 0) return r;
+    zt_release(stripe);
+    rc = zt_acquire(t, t->global, 1, ts);
+    if (rc) return rc;
+    rc = zt_acquire(t, stripe, 0, ts);
+    if (rc) { zt_release(t->global); return rc; }
+    if (!create) {
+        int64_t pos = zt_find_slot_locked(t, key, klen, h);
+        r = -1;
+        if (pos >= 0) {
+            uint32_t rr = (uint32_t)(t->index[pos] & 0xffffffffu) - 1;
+            if (zt_state(zt_row(t, rr)) == ZT_LIVE) r = rr;
+        }
+        zt_release(t->global);
+        if (r < 0) { zt_release(stripe); return -1000; }
+        return r;
+    }
+    r = zt_upsert_locked(t, key, klen, h, stripe, NULL, 0, created);
+    zt_release(t->global);
+    if (r < 0) zt_release(stripe);
+    return r;
+}
+#define ZT_NOTFOUND (-1000)
+
+/* set(): merge the deltas into the row, creating it (zeroed) when missing. */
+static int zt_set(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
+                  const zt_delta *d, int nd) {
+    uint64_t h = zt_hash(t->hkey, key, klen);
+    PyThreadState *ts = NULL;
+    zt_lockslot *stripe;
+    int created;
+    int64_t r = zt_locate(t, key, klen, h, 1, &stripe, &ts, &created);
+    if (r < 0) { zt_regain_gil(&ts); return (int)r; }
+    char *row = zt_row(t, (uint32_t)r);
+    uint32_t s = zt_write_begin(stripe, row, (uint32_t)r);
+    ZT_CRASHPOINT(ZT_CP_UPDATE_AFTER_ODD);
+    zt_apply(row, cols, d, nd);
+    zt_write_end(stripe, row, s);
+    zt_release(stripe);
+    zt_regain_gil(&ts);
+    return ZT_OK;
+}
+
+/* incr on an INT column: new value in *out; overflow leaves the row unchanged. */
+static int zt_incr_int(zt_table *t, const char *key, uint16_t klen, const zt_col *c, int64_t by,
+                       int64_t *out) {
+    uint64_t h = zt_hash(t->hkey, key, klen);
+    PyThreadState *ts = NULL;
+    zt_lockslot *stripe;
+    int created;
+    int64_t r = zt_locate(t, key, klen, h, 1, &stripe, &ts, &created);
+    if (r < 0) { zt_regain_gil(&ts); return (int)r; }
+    char *row = zt_row(t, (uint32_t)r);
+    int64_t cur = zt_get_int(row, c), nv;
+    int rc = ZT_OK;
+    if (__builtin_add_overflow(cur, by, &nv) || !zt_int_fits(c->width, nv)) {
+        rc = ZT_EOVERFLOW;
+        *out = cur;
+    } else {
+        uint32_t s = zt_write_begin(stripe, row, (uint32_t)r);
+        ZT_CRASHPOINT(ZT_CP_INCR_AFTER_ODD);
+        zt_put_int(row, c, nv);
+        zt_write_end(stripe, row, s);
+        *out = nv;
+    }
+    zt_release(stripe);
+    zt_regain_gil(&ts);
+    return rc;
+}
+
+static int zt_incr_float(zt_table *t, const char *key, uint16_t klen, const zt_col *c, double by,
+                         int allow_nonfinite, double *out) {
+    uint64_t h = zt_hash(t->hkey, key, klen);
+    PyThreadState *ts = NULL;
+    zt_lockslot *stripe;
+    int created;
+    int64_t r = zt_locate(t, key, klen, h, 1, &stripe, &ts, &created);
+    if (r < 0) { zt_regain_gil(&ts); return (int)r; }
+    char *row = zt_row(t, (uint32_t)r);
+    double nv = zt_get_float(row, c) + by;
+    int rc = ZT_OK;
+    if (!allow_nonfinite && !isfinite(nv)) {
+        rc = ZT_ENONFINITE;
+        *out = zt_get_float(row, c);
+    } else {
+        uint32_t s = zt_write_begin(stripe, row, (uint32_t)r);
+        zt_put_float(row, c, nv);
+        zt_write_end(stripe, row, s);
+        *out = nv;
+    }
+    zt_release(stripe);
+    zt_regain_gil(&ts);
+    return rc;
+}
+
+/* compare_and_set on one column; a missing row compares as the zero row and is created when the
+ * comparison succeeds (the same rule as incr). *swapped = 1 when written. */
+static int zt_cas(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
+                  const zt_delta *expected, const zt_delta *desired, int *swapped) {
+    uint64_t h = zt_hash(t->hkey, key, klen);
+    PyThreadState *ts = NULL;
+    zt_lockslot *stripe;
+    int created;
+    *swapped = 0;
+    /* Do not create a row just to find the comparison false: look first. */
+    int64_t r = zt_locate(t, key, klen, h, 0, &stripe, &ts, &created);
+    const zt_col *c = &cols[expected->col];
+    if (r == ZT_NOTFOUND) {
+        int zero_match;
+        if (c->type == ZT_INT) zero_match = expected->i == 0;
+        else if (c->type == ZT_FLOAT) zero_match = expected->f == 0.0;
+        else zero_match = expected->slen == 0;
+        if (!zero_match) { zt_regain_gil(&ts); return ZT_OK; }
+        r = zt_locate(t, key, klen, h, 1, &stripe, &ts, &created);
+    }
+    if (r < 0) { zt_regain_gil(&ts); return (int)r; }
+    char *row = zt_row(t, (uint32_t)r);
+    int eq;
+    if (c->type == ZT_INT) eq = zt_get_int(row, c) == expected->i;
+    else if (c->type == ZT_FLOAT) eq = zt_get_float(row, c) == expected->f;
+    else eq = zt_get_slen(row, c) == expected->slen &&
+              memcmp(zt_get_sptr(row, c), expected->s, expected->slen) == 0;
+    if (eq) {
+        uint32_t s = zt_write_begin(stripe, row, (uint32_t)r);
+        zt_apply(row, cols, desired, 1);
+        zt_write_end(stripe, row, s);
+        *swapped = 1;
+    }
+    zt_release(stripe);
+    zt_regain_gil(&ts);
+    return ZT_OK;
+}
+
+/* delete: 1 deleted, 0 missing, <0 error */
+static int zt_delete(zt_table *t, const char *key, uint16_t klen) {
+    uint64_t h = zt_hash(t->hkey, key, klen);
+    PyThreadState *ts = NULL;
+    zt_lockslot *stripe = &t->stripes[zt_stripe_of(t, h)];
+    int rc = zt_acquire(t, t->global, 1, &ts);
+    if (rc) { zt_regain_gil(&ts); return rc; }
+    rc = zt_acquire(t, stripe, 0, &ts);
+    if (rc) { zt_release(t->global); zt_regain_gil(&ts); return rc; }
+    int64_t pos = zt_find_slot_locked(t, key, klen, h);
+    int deleted = 0;
+    if (pos >= 0) {
+        uint32_t r = (uint32_t)(t->index[pos] & 0xffffffffu) - 1;
+        char *row = zt_row(t, r);
+        uint8_t st = zt_state(row);
+        uint32_t s = zt_write_begin(stripe, row, r);
+        zt_set_state(row, ZT_FREE);
+        zt_write_end(stripe, row, s);
+        ZT_CRASHPOINT(ZT_CP_DELETE_FREED);
+        zt_index_remove_locked(t, (uint64_t)pos);
+        zt_free_row_locked(t, r);
+        if (st == ZT_LIVE) {
+            __atomic_sub_fetch(&t->hdr->row_count, 1, __ATOMIC_RELAXED);
+            deleted = 1;
+        } else if (st == ZT_DEAD) {
+            __atomic_sub_fetch(&t->hdr->dead_rows, 1, __ATOMIC_RELAXED);
+        }
+        __atomic_add_fetch(&t->hdr->deletes, 1, __ATOMIC_RELAXED);
+    }
+    zt_release(stripe);
+    zt_release(t->global);
+    zt_regain_gil(&ts);
+    return deleted;
+}
+
+/* clear: every row freed.  Stripes are taken one at a time (never all at once: the kernel walks
+ * at most 2048 robust locks of a dying thread). */
+static int zt_clear(zt_table *t) {
+    PyThreadState *ts = NULL;
+    int rc = zt_acquire(t, t->global, 1, &ts);
+    if (rc) { zt_regain_gil(&ts); return rc; }
+    zt_header *h = t->hdr;
+    __atomic_add_fetch(&h->index_seq, 1, __ATOMIC_ACQ_REL);
+    for (uint32_t r = 0; r < h->next_unused; r++) {
+        char *row = zt_row(t, r);
+        uint8_t st = zt_state(row);
+        if (st == ZT_FREE) continue;
+        uint64_t hh = zt_hash(t->hkey, row + t->key_off, zt_keylen(row));
+        zt_lockslot *stripe = &t->stripes[zt_stripe_of(t, hh)];
+        rc = zt_acquire(t, stripe, 0, &ts);
+        if (rc) break;
+        uint32_t s = zt_write_begin(stripe, row, r);
+        zt_set_state(row, ZT_FREE);
+        zt_write_end(stripe, row, s);
+        zt_release(stripe);
+    }
+    if (rc == ZT_OK) {
+        for (uint64_t i = 0; i <= t->index_mask; i++)
+            __atomic_store_n(&t->index[i], 0, __ATOMIC_RELAXED);
+        h->free_head = 0;
+        h->next_unused = 0;
+        __atomic_store_n(&h->row_count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&h->dead_rows, 0, __ATOMIC_RELAXED);
+    } else {
+        /* Some rows were freed but the index still points at them: rebuild from row states. */
+        zt_repair_global(t);
+    }
+    __atomic_add_fetch(&h->index_seq, 1, __ATOMIC_ACQ_REL);
+    zt_release(t->global);
+    zt_regain_gil(&ts);
+    return rc;
+}
+
+/* Iteration step: consistent copy of row r if it is LIVE.  1 live, 0 not, ZT_EBUSYREAD when a
+ * writer stayed mid-row for the whole spin budget (the caller takes the locks to settle it). */
+static int zt_read_at(zt_table *t, uint32_t r, char *copy) {
+    for (int s = 0; s < ZT_READ_SPINS; s++) {
+        if (zt_copy_row(t, r, copy)) return copy[4] == ZT_LIVE && zt_keylen(copy) <= t->key_limit;
+        zt_cpu_relax();
+    }
+    return ZT_EBUSYREAD;
+}
+
+/* Settle row r under its stripe lock (repairs it if its writer died), then copy it. */
+static int zt_read_at_locked(zt_table *t, uint32_t r, char *copy) {
+    PyThreadState *ts = NULL;
+    /* The key may be torn, so its stripe is unknown: find the stripe whose intent names r. */
+    zt_lockslot *slot = NULL;
+    for (uint32_t s = 0; s <= t->stripe_mask; s++)
+        if (__atomic_load_n(&t->stripes[s].intent, __ATOMIC_ACQUIRE) == r + 1) {
+            slot = &t->stripes[s];
+            break;
+        }
+    if (slot) {
+        int rc = zt_acquire(t, slot, 0, &ts);
+        if (rc) { zt_regain_gil(&ts); return rc; }
+        zt_release(slot);
+        zt_regain_gil(&ts);
+    }
+    return zt_read_at(t, r, copy);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* creation and attach                                                                      */
+
+typedef struct {
+    uint32_t capacity, row_size, key_limit, key_off, n_stripes;
+    uint64_t index_slots, off_global, off_stripes, off_index, off_rows, total_size;
+} zt_geometry;
+
+static void zt_bind(zt_table *t, char *base, size_t size) {
+    zt_header *h = (zt_header *)base;
+    t->base = base;
+    t->size = size;
+    t->hdr = h;
+    t->global = (zt_lockslot *)(base + h->off_global);
+    t->stripes = (zt_lockslot *)(base + h->off_stripes);
+    t->index = (uint64_t *)(base + h->off_index);
+    t->rows = base + h->off_rows;
+    t->index_mask = h->index_slots - 1;
+    t->stripe_mask = h->n_stripes - 1;
+    t->row_size = h->row_size;
+    t->capacity = h->capacity;
+    t->key_limit = h->key_limit;
+    t->key_off = h->key_off;
+    t->hkey[0] = h->hash_key[0];
+    t->hkey[1] = h->hash_key[1];
+    t->local_recoveries = 0;
+}
+
+/* Initialise a zero-filled mapping.  The magic is stored last with release semantics: an
+ * attacher that sees it sees a fully initialised segment. */
+static int zt_init(zt_table *t, char *base, const zt_geometry *g, const uint64_t nonce[2],
+                   const uint64_t hkey[2], const char *schema, uint32_t schema_len) {
+    zt_header *h = (zt_header *)base;
+    if (schema_len > ZT_SCHEMA_MAX) return EINVAL;
+    h->layout_version = ZT_LAYOUT_VERSION;
+    h->header_size = ZT_HEADER_SIZE;
+    zt_abi_tag(h->abi);
+    h->total_size = g->total_size;
+    h->nonce[0] = nonce[0]; h->nonce[1] = nonce[1];
+    h->hash_key[0] = hkey[0]; h->hash_key[1] = hkey[1];
+    h->capacity = g->capacity;
+    h->row_size = g->row_size;
+    h->key_limit = g->key_limit;
+    h->key_off = g->key_off;
+    h->n_stripes = g->n_stripes;
+    h->schema_len = schema_len;
+    h->index_slots = g->index_slots;
+    h->off_global = g->off_global;
+    h->off_stripes = g->off_stripes;
+    h->off_index = g->off_index;
+    h->off_rows = g->off_rows;
+    h->created_ns = (uint64_t)zt_now_ns(CLOCK_REALTIME);
+    memcpy(h->schema, schema, schema_len);
+    h->checksum = zt_header_checksum(h);
+    zt_bind(t, base, g->total_size);
+    int rc = zt_mutex_init(&t->global->m);
+    for (uint32_t s = 0; rc == 0 && s < g->n_stripes; s++) rc = zt_mutex_init(&t->stripes[s].m);
+    if (rc) return rc;
+    __atomic_store_n(&h->magic, ZT_MAGIC_TABLE, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* Validate a mapping made by someone else.  Returns 0, or: 1 not initialised (no magic yet),
+ * 2 ABI/layout mismatch, 3 corrupt header, 4 size mismatch. */
+static int zt_check(const char *base, size_t size, uint64_t magic) {
+    const zt_header *h = (const zt_header *)base;
+    if (size < ZT_HEADER_SIZE) return 1;
+    uint64_t m = __atomic_load_n(&h->magic, __ATOMIC_ACQUIRE);
+    if (m == 0) return 1;
+    if (m != magic || h->layout_version != ZT_LAYOUT_VERSION) return 2;
+    char abi[ZT_ABI_MAX];
+    zt_abi_tag(abi);
+    if (strncmp(abi, h->abi, ZT_ABI_MAX) != 0) return 2;
+    if (h->checksum != zt_header_checksum(h)) return 3;
+    if (h->total_size != size) return 4;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Atomic: a lock-free int64 on its own cache line                                           */
+
+typedef struct {
+    uint64_t magic;
+    uint32_t layout_version;
+    uint32_t header_size;
+    char abi[ZT_ABI_MAX];
+    uint64_t total_size;
+    uint64_t nonce[2];
+    uint64_t pad[2];
+    uint64_t checksum;
+    __attribute__((aligned(64))) int64_t value;
+} zt_atomic_seg;
+
+_Static_assert(offsetof(zt_atomic_seg, value) % 64 == 0, "the counter owns its cache line");
+
+static inline int64_t zt_a_load(int64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void zt_a_store(int64_t *p, int64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+/* 0 and the new value in *out, or -1 on signed overflow with the counter unchanged */
+static inline int zt_a_add(int64_t *p, int64_t d, int64_t *out) {
+    int64_t old = __atomic_load_n(p, __ATOMIC_RELAXED), nw;
+    do {
+        if (__builtin_add_overflow(old, d, &nw)) { *out = old; return -1; }
+    } while (!__atomic_compare_exchange_n(p, &old, nw, 1, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED));
+    *out = nw;
+    return 0;
+}
+static inline int zt_a_cas(int64_t *p, int64_t expect, int64_t desired) {
+    return __atomic_compare_exchange_n(p, &expect, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
+}
+
+static uint64_t zt_atomic_checksum(const zt_atomic_seg *a) {
+    static const uint64_t k[2] = {0x7a65616c2d617367ULL, 0x692d61746f6d6963ULL};
+    const char *start = (const char *)&a->layout_version;
+    const char *end = (const char *)&a->checksum;
+    return zt_hash(k, start, (size_t)(end - start));
+}
+
+static void zt_atomic_init(zt_atomic_seg *a, size_t size, const uint64_t nonce[2], int64_t v) {
+    a->layout_version = ZT_LAYOUT_VERSION;
+    a->header_size = (uint32_t)offsetof(zt_atomic_seg, value);
+    zt_abi_tag(a->abi);
+    a->total_size = size;
+    a->nonce[0] = nonce[0]; a->nonce[1] = nonce[1];
+    a->checksum = zt_atomic_checksum(a);
+    __atomic_store_n(&a->value, v, __ATOMIC_RELAXED);
+    __atomic_store_n(&a->magic, ZT_MAGIC_ATOMIC, __ATOMIC_RELEASE);
+}
+
+static int zt_atomic_check(const zt_atomic_seg *a, size_t size) {
+    if (size < sizeof(zt_atomic_seg)) return 1;
+    uint64_t m = __atomic_load_n(&a->magic, __ATOMIC_ACQUIRE);
+    if (m == 0) return 1;
+    if (m != ZT_MAGIC_ATOMIC || a->layout_version != ZT_LAYOUT_VERSION) return 2;
+    char abi[ZT_ABI_MAX];
+    zt_abi_tag(abi);
+    if (strncmp(abi, a->abi, ZT_ABI_MAX) != 0) return 2;
+    if (a->checksum != zt_atomic_checksum(a)) return 3;
+    if (a->total_size != size) return 4;
+    return 0;
+}
+
+#endif /* ZT_CORE_H */

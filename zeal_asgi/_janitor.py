@@ -1,0 +1,60 @@
+"""Unlinks a server's shared-memory segments when its supervisor exits.
+
+Started once per server by the first worker that creates a segment, when the supervisor is a
+process that never runs our code (``uvicorn --workers``, gunicorn without ``--preload``).
+Usage: ``python -m zeal_asgi._janitor PID START PREFIX DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import time
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    return int(raw[raw.rindex(")") + 2 :].split()[19])
+
+
+def _wait_for_exit(pid: int, start: int | None) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return  # already gone
+    try:
+        # pid reuse: make sure the process behind the pidfd is the one we were told about
+        if start is not None and _start_time(pid) != start:
+            return
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        while not poller.poll(60_000):
+            pass
+    finally:
+        os.close(pidfd)
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: daemonise, wait for the supervisor, unlink the server's segments."""
+    pid, start_raw, prefix, directory = argv
+    start = None if start_raw == "None" else int(start_raw)
+    if os.fork():
+        os._exit(0)  # the caller waits for this first process only: no zombie is left behind
+    _wait_for_exit(int(pid), start)
+    time.sleep(0.05)  # let workers finish their own shutdown first
+    for name in os.listdir(directory):
+        if name.startswith(prefix):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,196 @@
+"""The one exception hierarchy of zeal_asgi.
+
+Every leaf also inherits the builtin a caller would naturally catch (``ValueError``,
+``KeyError``, ``TypeError``, ``OverflowError``, ``TimeoutError``, ``ConnectionError``), so
+``except ValueError`` keeps working, while ``except ZealError`` catches everything we raise.
+Client-library exceptions (redis, aiomcache) are translated at the backend boundary with
+``raise ... from exc``; nothing above a backend sees them.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendAuthError",
+    "BackendError",
+    "BackendTLSError",
+    "BackendTimeoutError",
+    "BackendUnavailableError",
+    "CapacityError",
+    "ColumnTypeError",
+    "ConfigError",
+    "IntegerOverflowError",
+    "InvalidKeyError",
+    "InvalidTTLError",
+    "InsecureCacheDirError",
+    "KeyTooLongError",
+    "KeyTypeError",
+    "LockTimeoutError",
+    "MessageRejectedError",
+    "NonFiniteFloatError",
+    "PoolTimeoutError",
+    "PrivateCopyError",
+    "SchemaError",
+    "SerializationError",
+    "ShmAbiMismatchError",
+    "ShmCapacityError",
+    "ShmError",
+    "ShmNameTakenError",
+    "ShmPermissionError",
+    "TableFullError",
+    "UnknownColumnError",
+    "UnknownTableError",
+    "UnsupportedOperationError",
+    "ValueTooLargeError",
+    "ZealError",
+]
+
+
+class ZealError(Exception):
+    """Base class of every exception raised by zeal_asgi."""
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+class ConfigError(ZealError, ValueError):
+    """Bad settings or connection string; raised when the configuration is read."""
+
+
+class SchemaError(ZealError, ValueError):
+    """A table schema that cannot be built: non-positive sizes, unknown types, bad names."""
+
+
+# -- bad input to a table, a counter or a cache ------------------------------------------------
+
+
+class InvalidKeyError(ZealError, ValueError):
+    """A key that is empty, not encodable as UTF-8, or unsafe for the backend."""
+
+
+class KeyTypeError(ZealError, TypeError):
+    """A key that is neither ``str`` nor ``bytes``."""
+
+
+class KeyTooLongError(InvalidKeyError):
+    """A key longer than the table's key limit (never truncated)."""
+
+
+class ValueTooLargeError(ZealError, ValueError):
+    """A string or cache value longer than the column or entry limit (never truncated)."""
+
+
+class UnknownColumnError(ZealError, KeyError):
+    """A column name that the table's schema does not have."""
+
+    def __str__(self) -> str:
+        # KeyError.__str__ repr()s the argument; keep the message readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownTableError(ZealError, KeyError):
+    """A table name that was never declared with ``Store.make``."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ColumnTypeError(ZealError, TypeError):
+    """A value of the wrong Python type for its column (no silent ``int(1.9)``)."""
+
+
+class IntegerOverflowError(ZealError, OverflowError):
+    """An integer outside the column's or counter's range; the stored value is unchanged."""
+
+
+class NonFiniteFloatError(ZealError, ValueError):
+    """NaN or an infinity written to a FLOAT column that does not allow them."""
+
+
+class InvalidTTLError(ZealError, ValueError):
+    """A TTL that is negative, NaN, infinite or absurdly large."""
+
+
+class SerializationError(ZealError, TypeError):
+    """A value the configured serializer cannot encode (raised before any I/O)."""
+
+
+# -- shared memory ---------------------------------------------------------------------------
+
+
+class ShmError(ZealError, OSError):
+    """A shared-memory segment could not be created or attached."""
+
+
+class ShmCapacityError(ShmError):
+    """The segment does not fit in the shared-memory filesystem (bytes needed / free given)."""
+
+
+class ShmPermissionError(ShmError, PermissionError):
+    """The segment is not owned by this user or is readable by others."""
+
+
+class ShmNameTakenError(ShmError, FileExistsError):
+    """The segment name exists but was not created by this server (squatted or foreign)."""
+
+
+class ShmAbiMismatchError(ShmError):
+    """The segment was made by an incompatible build (layout, libc, schema)."""
+
+
+class PrivateCopyError(ZealError, RuntimeError):
+    """A worker holds its own copy of a table that its siblings share (misconfigured server)."""
+
+
+class LockTimeoutError(ZealError, TimeoutError):
+    """A row lock was not obtained within the table's lock timeout (the holder is stuck)."""
+
+
+class TableFullError(ZealError, OverflowError):
+    """The table already holds ``capacity`` rows and a new key was written."""
+
+
+# -- backends --------------------------------------------------------------------------------
+
+
+class BackendError(ZealError):
+    """A backend (Redis, Memcached, ...) failed to serve a request."""
+
+
+class BackendUnavailableError(BackendError, ConnectionError):
+    """The backend cannot be reached, or the circuit breaker is open."""
+
+
+class BackendTimeoutError(BackendError, TimeoutError):
+    """The backend did not answer within the configured timeout."""
+
+
+class PoolTimeoutError(BackendTimeoutError):
+    """No pooled connection became free within the acquire timeout."""
+
+
+class BackendTLSError(BackendUnavailableError):
+    """The TLS handshake or certificate verification failed."""
+
+
+class BackendAuthError(BackendUnavailableError, PermissionError):
+    """The backend refused our credentials."""
+
+
+class CapacityError(BackendError, OverflowError):
+    """The backend refused a value or a row because of its size limits."""
+
+
+class UnsupportedOperationError(BackendError, NotImplementedError):
+    """The selected backend cannot do this (e.g. ``eval`` on the table backend)."""
+
+
+class MessageRejectedError(ZealError, ValueError):
+    """A signed message failed verification; ``reason`` names why."""
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        super().__init__(message or f"message rejected: {reason}")
+        self.reason = reason
+
+
+class InsecureCacheDirError(ZealError, PermissionError):
+    """The cache directory is a symlink, not ours, or open to other users."""
