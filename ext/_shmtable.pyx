@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-# cython: autotestdict=False, embedsignature=False, initializedcheck=False
+# cython: autotestdict=False, embedsignature=False, initializedcheck=False, auto_pickle=False
 """Shared-memory Table and Atomic: the data structures, in C types, with no policy.
 
 Segment naming, creation, permissions and cleanup live in ``zeal_asgi._segments``; this module

@@ -1,9 +1,32 @@
-"""zeal_asgi: state shared by every worker of an ASGI server, scaling out to Redis/Valkey."""
+"""zeal_asgi: state shared by every worker of an ASGI server, scaling out to Redis/Valkey.
+
+The public names: :class:`Zeal` and :class:`ZealMiddleware` (lifecycle), :class:`Store` (rows),
+:class:`Counter`, and the shared-memory primitives :class:`Table` and :class:`Atomic`.
+Backends (``zeal_asgi.store.redis``), FastAPI glue (``zeal_asgi.fastapi``) and the health router
+(``zeal_asgi.health``) are imported by path.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
 from ._ext import Atomic, Table
+from .counter import Counter
+from .errors import ZealError
+from .middleware import ZealMiddleware
+from .plugin import Zeal
+from .settings import ZealSettings
+from .store import Store, StoreBackendKind
 
-__all__ = ["Atomic", "Table", "__version__"]
+__all__ = [
+    "Atomic",
+    "Counter",
+    "Store",
+    "StoreBackendKind",
+    "Table",
+    "Zeal",
+    "ZealError",
+    "ZealMiddleware",
+    "ZealSettings",
+    "__version__",
+]

@@ -7,6 +7,7 @@ Usage: ``python -m zeal_asgi._janitor PID START PREFIX DIR``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import sys
@@ -49,10 +50,8 @@ def main(argv: list[str]) -> int:
     time.sleep(0.05)  # let workers finish their own shutdown first
     for name in os.listdir(directory):
         if name.startswith(prefix):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, name))
-            except FileNotFoundError:
-                pass
     return 0
 
 

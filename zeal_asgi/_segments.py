@@ -20,6 +20,7 @@ for workers of a foreign supervisor a small janitor process unlinks when the sup
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -244,10 +245,8 @@ def _unlink_owned() -> None:
             continue
         if ident is not None and not ident.is_owner:
             continue  # a worker of a foreign supervisor: the janitor owns cleanup
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
         _created_paths.pop(path, None)
 
 
@@ -355,7 +354,9 @@ def _open_segment(
     deadline = time.monotonic() + ATTACH_TIMEOUT
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(
+                path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
         except FileExistsError:
             pass
         else:
@@ -367,10 +368,8 @@ def _open_segment(
                 fcntl.flock(fd, fcntl.LOCK_SH)
             except BaseException:
                 os.close(fd)
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-                except FileNotFoundError:
-                    pass
                 raise
             with _lock:
                 _created_paths[path] = os.getpid()
@@ -468,7 +467,9 @@ def open_table(
     """Create or attach the segment of ``table`` (called by ``Table.__init__``)."""
     if name is not None and (not isinstance(name, str) or not name):
         raise SchemaError(f"table name must be a non-empty str, got {name!r}")
-    schema = Schema.declare(columns, key_size=key_size, allow_nan=allow_nan, binary_keys=binary_keys)
+    schema = Schema.declare(
+        columns, key_size=key_size, allow_nan=allow_nan, binary_keys=binary_keys
+    )
     geo = schema.geometry(max_rows)
     blob = schema.to_blob()
     what = f"table {name!r} ({max_rows:,} rows of {schema.row_size} bytes)"
@@ -534,7 +535,9 @@ def open_atomic(atomic: Atomic, name: str | None, initial: int) -> None:
 
     path, state = _open_segment("a", name, size, f"atomic {name!r}", init, attach)
     if state == "mismatch":  # pragma: no cover - atomics have a single layout
-        raise ShmAbiMismatchError(errno.EINVAL, f"atomic {name!r}: segment {path} has another layout")
+        raise ShmAbiMismatchError(
+            errno.EINVAL, f"atomic {name!r}: segment {path} has another layout"
+        )
     atomic._finish(name, path)
     with _lock:
         _held[atomic] = _Held(path, os.getpid(), "atomic", name)
@@ -550,10 +553,8 @@ def destroy(obj: Table | Atomic) -> None:
         if path:
             _created_paths.pop(path, None)
     if path:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 # -- stale segments ----------------------------------------------------------------------------
@@ -626,7 +627,9 @@ def _ensure_janitor() -> None:
         return
     marker = os.path.join(shm_dir(), f"{PREFIX}{_uid()}.{ident.server_id}.janitor")
     try:
-        fd = os.open(marker, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(
+            marker, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
     except FileExistsError:
         return
     os.close(fd)
@@ -668,7 +671,8 @@ def verify_shared() -> list[str]:
         if obj.closed or path is None:
             if path is None and obj.name is not None and not ident.is_owner:
                 warnings.append(
-                    f"{kind} {obj.name!r} is private to this worker (memfd); allocate it in the master"
+                    f"{kind} {obj.name!r} is private to this worker (memfd); "
+                    "allocate it in the master"
                 )
             continue
         try:

@@ -124,7 +124,8 @@ def _parse_type(name: str, spec: Any) -> tuple[ColumnType, int | None]:
         size = spec[1] if len(spec) == 2 else None
     else:
         raise SchemaError(
-            f"column {name!r}: expected (type,) or (type, size), e.g. (Store.TYPE_INT, 4); got {spec!r}"
+            f"column {name!r}: expected (type,) or (type, size), e.g. (Store.TYPE_INT, 4); "
+            f"got {spec!r}"
         )
     if isinstance(raw, str):
         try:
@@ -175,7 +176,9 @@ class Schema:
         if not isinstance(key_size, int) or isinstance(key_size, bool):
             raise SchemaError(f"key_size must be an int, got {key_size!r}")
         if not 1 <= key_size <= MAX_KEY_SIZE:
-            raise SchemaError(f"key_size must be between 1 and {MAX_KEY_SIZE} bytes, got {key_size}")
+            raise SchemaError(
+                f"key_size must be between 1 and {MAX_KEY_SIZE} bytes, got {key_size}"
+            )
         parsed: list[Column] = []
         for name, spec in columns.items():
             if not isinstance(name, str) or not name:
@@ -186,10 +189,14 @@ class Schema:
             if ctype is ColumnType.INT:
                 size = 8 if size is None else size
                 if size not in (1, 2, 4, 8):
-                    raise SchemaError(f"column {name!r}: INT size must be 1, 2, 4 or 8 bytes, got {size}")
+                    raise SchemaError(
+                        f"column {name!r}: INT size must be 1, 2, 4 or 8 bytes, got {size}"
+                    )
             elif ctype is ColumnType.FLOAT:
                 if size not in (None, 8):
-                    raise SchemaError(f"column {name!r}: FLOAT is an 8-byte double, got size {size}")
+                    raise SchemaError(
+                        f"column {name!r}: FLOAT is an 8-byte double, got size {size}"
+                    )
                 size = 8
             else:
                 if size is None:
@@ -247,6 +254,39 @@ class Schema:
         cols = [Column(n, ColumnType(t), s) for n, t, s in doc["columns"]]
         return cls._lay_out(cols, doc["key_limit"], doc["allow_nan"], doc["binary_keys"])
 
+    def column(self, name: object, table: str) -> Column:
+        """The column called ``name``, or UnknownColumnError naming the table's columns."""
+        from .errors import UnknownColumnError
+
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise UnknownColumnError(
+            f"table {table!r} has no column {name!r}; columns: {[c.name for c in self.columns]}"
+        )
+
+    def validate_row(self, row: object, table: str) -> dict[str, Any]:
+        """Validate a whole row before anything is written (the table backend's rules)."""
+        from .errors import ColumnTypeError
+
+        if not isinstance(row, Mapping):
+            try:
+                row = dict(row)  # type: ignore[call-overload]
+            except (TypeError, ValueError):
+                raise ColumnTypeError(
+                    f"a row of table {table!r} is a mapping of column -> value, got "
+                    f"{type(row).__name__}"
+                ) from None
+        assert isinstance(row, Mapping)
+        return {
+            name: validate_value(self.column(name, table), value, table, self.allow_nan)
+            for name, value in row.items()
+        }
+
+    def zero_row(self) -> dict[str, Any]:
+        """A new row: every column zero or empty, in declaration order."""
+        return {c.name: zero_value(c) for c in self.columns}
+
     def describe(self) -> dict[str, tuple[str, int]]:
         """``{column: (type name, size)}``, for messages and health output."""
         return {c.name: (c.type.name, c.size) for c in self.columns}
@@ -281,3 +321,126 @@ class Schema:
             off_rows,
             total,
         )
+
+
+# -- validation shared by every backend ----------------------------------------------------------
+#
+# The shared-memory table validates in C; every other backend validates here, with the same rules
+# and the same messages, so application code sees one behaviour whatever the backend.
+
+_INT_RANGES = {w: (-(2 ** (w * 8 - 1)), 2 ** (w * 8 - 1) - 1) for w in (1, 2, 4, 8)}
+
+
+def validate_key(key: object, table: str, key_limit: int, binary_keys: bool = False) -> bytes:
+    """The UTF-8 bytes of a valid key, or the typed error the shared-memory table raises."""
+    from .errors import InvalidKeyError, KeyTooLongError, KeyTypeError
+
+    if isinstance(key, str):
+        try:
+            raw = key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidKeyError(
+                f"key {key!r} of table {table!r} is not encodable as UTF-8"
+            ) from exc
+    elif isinstance(key, bytes):
+        raw = key
+        if not binary_keys:
+            try:
+                key.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidKeyError(
+                    f"key {key!r} of table {table!r} is not valid UTF-8; make the table with "
+                    "binary_keys=True to store arbitrary bytes"
+                ) from exc
+    else:
+        raise KeyTypeError(f"keys of table {table!r} are str or bytes, got {type(key).__name__}")
+    if not raw:
+        raise InvalidKeyError(f"empty key for table {table!r}")
+    if len(raw) > key_limit:
+        raise KeyTooLongError(
+            f"key of {len(raw)} bytes exceeds the key limit of {key_limit} bytes of table "
+            f"{table!r} (never truncated; raise key_size at make)"
+        )
+    return raw
+
+
+def validate_value(col: Column, value: object, table: str, allow_nan: bool = False) -> Any:
+    """The value as stored (an int, float, str or bytes), or the table's typed error."""
+    from .errors import (
+        ColumnTypeError,
+        IntegerOverflowError,
+        NonFiniteFloatError,
+        ValueTooLargeError,
+    )
+
+    if col.type is ColumnType.INT:
+        if isinstance(value, int) and not isinstance(value, bool):
+            lo, hi = _INT_RANGES[col.size]
+            if not lo <= value <= hi:
+                raise IntegerOverflowError(
+                    f"column {col.name!r} of table {table!r} is INT({col.size}): {value} is "
+                    f"outside [{lo}, {hi}]"
+                )
+            return int(value)
+        raise ColumnTypeError(
+            f"column {col.name!r} of table {table!r} is INT({col.size}); got "
+            f"{type(value).__name__} {value!r} (no implicit conversion)"
+        )
+    if col.type is ColumnType.FLOAT:
+        if isinstance(value, float):
+            fv = float(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            try:
+                fv = float(value)
+            except OverflowError:
+                fv = 0.5
+            if fv != value:
+                raise ColumnTypeError(
+                    f"column {col.name!r} of table {table!r} is FLOAT; the int {value} is not "
+                    "exactly representable as a double"
+                )
+        else:
+            raise ColumnTypeError(
+                f"column {col.name!r} of table {table!r} is FLOAT; got {type(value).__name__} "
+                f"{value!r}"
+            )
+        if not allow_nan and not math.isfinite(fv):
+            raise NonFiniteFloatError(
+                f"column {col.name!r} of table {table!r}: {value!r} is not finite (make the table "
+                "with allow_nan=True to store NaN/inf)"
+            )
+        return fv
+    if col.type is ColumnType.STRING:
+        if not isinstance(value, str):
+            raise ColumnTypeError(
+                f"column {col.name!r} of table {table!r} is STRING({col.size}); got "
+                f"{type(value).__name__} (use a BYTES column for binary data)"
+            )
+        try:
+            n = len(value.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise ColumnTypeError(
+                f"column {col.name!r} of table {table!r}: the string is not encodable as UTF-8"
+            ) from exc
+        out: Any = str(value)
+    else:
+        if not isinstance(value, bytes):
+            raise ColumnTypeError(
+                f"column {col.name!r} of table {table!r} is BYTES({col.size}); got "
+                f"{type(value).__name__}"
+            )
+        n = len(value)
+        out = bytes(value)
+    if n > col.size:
+        raise ValueTooLargeError(
+            f"column {col.name!r} of table {table!r} holds {col.size} bytes; the value is {n} "
+            "bytes (never truncated)"
+        )
+    return out
+
+
+def zero_value(col: Column) -> Any:
+    """The value of a column in a new row: 0, 0.0, "" or b""."""
+    return {ColumnType.INT: 0, ColumnType.FLOAT: 0.0, ColumnType.STRING: "", ColumnType.BYTES: b""}[
+        col.type
+    ]

@@ -1,0 +1,9 @@
+"""``python -m zeal_asgi run APP --workers N``: the launcher."""
+
+from __future__ import annotations
+
+import sys
+
+from .launcher import main
+
+sys.exit(main())

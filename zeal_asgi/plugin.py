@@ -1,0 +1,138 @@
+"""``Zeal``: the app-level object that owns configuration, the store and their lifecycle.
+
+Use ``FastAPI(lifespan=zeal.lifespan)`` (or ``Starlette(lifespan=...)``), or let
+:class:`~zeal_asgi.ZealMiddleware` run it; ``async with zeal:`` works outside ASGI too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from ._segments import server_identity, verify_shared
+from .settings import ZealSettings
+from .store import Store, build_backend
+
+__all__ = ["Service", "Zeal"]
+
+log = logging.getLogger("zeal_asgi")
+
+
+class Service(Protocol):
+    """A per-worker background component started and stopped with the app (GC, subscribers)."""
+
+    async def start(self) -> None:
+        """Start in the current worker's event loop."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop and await every task it started."""
+        ...
+
+
+class Zeal:
+    """Owns a :class:`Store` and the per-worker lifecycle of everything built on it.
+
+    Example::
+
+        zeal = Zeal()                     # ZEAL_* environment, table backend by default
+        Store.make("demo_table", 128, {"score": (Store.TYPE_INT, 4)})
+        app = FastAPI(lifespan=zeal.lifespan)
+        app.add_middleware(ZealMiddleware, zeal=zeal)
+    """
+
+    def __init__(
+        self,
+        settings: ZealSettings | None = None,
+        *,
+        store: Store | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else ZealSettings.from_env()
+        if store is None:
+            store = Store.default()
+            if settings is not None and store.kind is not self.settings.store_backend:
+                store.use_backend(
+                    build_backend(self.settings.store_backend, self.settings.backend_conn())
+                )
+        self.store = store
+        self.services: list[Service] = []
+        self._depth = 0
+        self._started_services: list[Service] = []
+
+    @property
+    def started(self) -> bool:
+        """True between startup and shutdown in this worker."""
+        return self._depth > 0
+
+    def add_service(self, service: Service) -> None:
+        """Run ``service`` in every worker: started at startup, stopped at shutdown."""
+        self.services.append(service)
+
+    async def startup(self) -> None:
+        """Per-worker start: checks the shared memory, opens connections, starts services.
+
+        Idempotent (nested calls are counted), so the lifespan and the middleware may both call it.
+        """
+        self._depth += 1
+        if self._depth > 1:
+            return
+        try:
+            for warning in verify_shared():
+                log.warning("%s", warning)
+            await self.store.start()
+            for service in self.services:
+                await service.start()
+                self._started_services.append(service)
+        except BaseException:
+            self._depth = 0
+            await self._stop_services()
+            raise
+        ident = server_identity()
+        log.info(
+            "zeal_asgi: worker %d up on the %s backend (server %s, %s)",
+            os.getpid(),
+            self.store.kind,
+            ident.server_id,
+            ident.how,
+        )
+
+    async def _stop_services(self) -> None:
+        while self._started_services:
+            service = self._started_services.pop()
+            try:
+                await service.stop()
+            except Exception:  # one failing service must not keep the others running
+                log.exception("zeal_asgi: stopping %r failed", service)
+
+    async def shutdown(self) -> None:
+        """Per-worker stop: services, then connections."""
+        if self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        await self._stop_services()
+        await self.store.aclose()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[dict[str, Any]]:
+        """ASGI lifespan: ``FastAPI(lifespan=zeal.lifespan)``; puts ``zeal`` in request.state."""
+        await self.startup()
+        try:
+            yield {"zeal": self}
+        finally:
+            await self.shutdown()
+
+    async def __aenter__(self) -> Zeal:
+        await self.startup()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    def stats(self) -> dict[str, Any]:
+        """Store counters of this worker."""
+        return self.store.stats()

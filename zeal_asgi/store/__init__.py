@@ -1,0 +1,28 @@
+"""The Store: typed rows and counters over a pluggable backend (table, redis, tiered, memcached)."""
+
+from __future__ import annotations
+
+from .base import (
+    CounterBackend,
+    EvalCapable,
+    Key,
+    PublishCapable,
+    Row,
+    StoreBackend,
+    StoreBackendKind,
+    TableSpec,
+)
+from .facade import Store, build_backend
+
+__all__ = [
+    "CounterBackend",
+    "EvalCapable",
+    "Key",
+    "PublishCapable",
+    "Row",
+    "Store",
+    "StoreBackend",
+    "StoreBackendKind",
+    "TableSpec",
+    "build_backend",
+]

@@ -1,0 +1,474 @@
+"""``Store``: one async API over every backend, class-level (seed style) or per app.
+
+``Store.get(...)`` on the class acts on the process-wide default store; ``store.get(...)`` on an
+instance (``Depends(get_store)``) acts on that instance.  Both are the same methods.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from types import MethodType
+from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar, overload
+
+from ..errors import ConfigError, UnknownTableError, UnsupportedOperationError
+from ..schema import ColumnType, Schema, validate_key
+from .base import (
+    CounterBackend,
+    EvalCapable,
+    Key,
+    PublishCapable,
+    Row,
+    StoreBackend,
+    StoreBackendKind,
+    TableSpec,
+    backend_name,
+)
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from .._shmtable import Table
+
+__all__ = ["Store", "build_backend"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+M = TypeVar("M", bound="BaseModel")
+
+
+class _facade(Generic[P, R]):
+    """A method usable on the class (acting on ``Store.default()``) and on an instance."""
+
+    def __init__(self, fn: Callable[Concatenate[Store, P], R]) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+        self.__name__ = fn.__name__
+        self.__qualname__ = fn.__qualname__
+        self.__wrapped__ = fn
+
+    @overload
+    def __get__(self, obj: None, owner: type[Store]) -> Callable[P, R]: ...
+    @overload
+    def __get__(self, obj: Store, owner: type[Store]) -> Callable[P, R]: ...
+    def __get__(self, obj: Store | None, owner: type[Store]) -> Callable[P, R]:
+        target = owner.default() if obj is None else obj
+        bound: Callable[P, R] = MethodType(self.fn, target)
+        return bound
+
+
+_BUILDERS: dict[StoreBackendKind, tuple[str, str]] = {
+    StoreBackendKind.TABLE: ("zeal_asgi.store.table", "TableBackend"),
+    StoreBackendKind.REDIS: ("zeal_asgi.store.redis", "RedisBackend"),
+    StoreBackendKind.TIERED: ("zeal_asgi.store.tiered", "TieredBackend"),
+    StoreBackendKind.MEMCACHED: ("zeal_asgi.store.memcached", "MemcachedBackend"),
+}
+
+
+def build_backend(
+    kind: StoreBackendKind | str, conn: str | Mapping[str, Any] | None = None
+) -> StoreBackend:
+    """Build (and validate, without any I/O) the backend for ``kind`` and ``conn``.
+
+    ``conn`` is a URL / server list or an options dict; ``None`` reads the ``ZEAL_*`` environment.
+    ``on_error="fallback_table"`` wraps the backend in the circuit breaker.
+    """
+    k = StoreBackendKind.parse(kind)
+    module, cls_name = _BUILDERS[k]
+    cls = getattr(importlib.import_module(module), cls_name)
+    backend: StoreBackend = cls.from_config(conn)
+    if isinstance(conn, Mapping) and conn.get("on_error") is not None:
+        if conn["on_error"] != "fallback_table":
+            raise ConfigError(
+                f"on_error must be 'fallback_table' or None, got {conn['on_error']!r}"
+            )
+        if k is not StoreBackendKind.TABLE:
+            breaker = importlib.import_module("zeal_asgi.store.breaker")
+            backend = breaker.CircuitBreakerBackend.wrap(backend, conn.get("breaker"))
+    return backend
+
+
+def _env_backend() -> tuple[StoreBackendKind, str | Mapping[str, Any] | None]:
+    from ..settings import ZealSettings
+
+    settings = ZealSettings.from_env()
+    return settings.store_backend, settings.backend_conn()
+
+
+class Store:
+    """Shared rows and counters over the configured backend.
+
+    Example::
+
+        Store.make("demo_table", 128, {"name": (Store.TYPE_STRING, 64), "n": (Store.TYPE_INT, 4)})
+
+        @app.get("/hit")
+        async def hit():
+            await Store.set("demo_table", "user_1", {"name": "alice", "score": 100})
+            return await Store.get("demo_table", "user_1")
+    """
+
+    TYPE_INT: ClassVar[ColumnType] = ColumnType.INT
+    TYPE_FLOAT: ClassVar[ColumnType] = ColumnType.FLOAT
+    TYPE_STRING: ClassVar[ColumnType] = ColumnType.STRING
+    TYPE_BYTES: ClassVar[ColumnType] = ColumnType.BYTES
+    BACKEND_TABLE: ClassVar[StoreBackendKind] = StoreBackendKind.TABLE
+    BACKEND_REDIS: ClassVar[StoreBackendKind] = StoreBackendKind.REDIS
+    BACKEND_TIERED: ClassVar[StoreBackendKind] = StoreBackendKind.TIERED
+    BACKEND_MEMCACHED: ClassVar[StoreBackendKind] = StoreBackendKind.MEMCACHED
+
+    _default: ClassVar[Store | None] = None
+
+    def __init__(
+        self,
+        kind: StoreBackendKind | str | None = None,
+        conn: str | Mapping[str, Any] | None = None,
+        *,
+        backend: StoreBackend | None = None,
+    ) -> None:
+        self._specs: dict[str, TableSpec] = {}
+        self._counters: dict[str, Any] = {}
+        self._shm: dict[str, Table] = {}  # fast path: tracked tables on the table backend
+        if backend is not None:
+            self._backend: StoreBackend = backend
+        else:
+            k, c = (StoreBackendKind.parse(kind), conn) if kind is not None else _env_backend()
+            self._backend = build_backend(k, c)
+
+    # -- the default instance ------------------------------------------------------------------
+
+    @classmethod
+    def default(cls) -> Store:
+        """The process-wide store used by the class-level calls (built from ``ZEAL_*`` env)."""
+        store = cls._default
+        if store is None:
+            store = cls._default = cls()
+        return store
+
+    @classmethod
+    def set_default(cls, store: Store | None) -> None:
+        """Replace (or drop, with ``None``) the process-wide default store."""
+        cls._default = store
+
+    # -- configuration -------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> StoreBackend:
+        """The backend serving this store."""
+        return self._backend
+
+    @property
+    def kind(self) -> StoreBackendKind:
+        """Kind of the backend serving this store."""
+        return self._backend.kind
+
+    @_facade
+    def default_backend(
+        self,
+        kind: StoreBackendKind | str | None = None,
+        conn: str | Mapping[str, Any] | None = None,
+    ) -> StoreBackendKind:
+        """Get the backend kind, or switch backend: ``default_backend("redis", "redis://h:6379")``.
+
+        The setter validates at once (a bad URL raises ConfigError) and opens no connection;
+        tables and counters declared so far are declared again on the new backend.
+        """
+        if kind is None:
+            if conn is not None:
+                raise ConfigError("default_backend(conn=...) needs a kind")
+            return self._backend.kind
+        self.use_backend(build_backend(kind, conn))
+        return self._backend.kind
+
+    def use_backend(self, backend: StoreBackend) -> None:
+        """Serve this store from ``backend`` (a ready instance), re-declaring tables/counters."""
+        self._backend = backend
+        self._shm = {}
+        for spec in self._specs.values():
+            self._declare(spec)
+        for counter in list(self._counters.values()):
+            counter._rebind()
+
+    def _declare(self, spec: TableSpec) -> Table | None:
+        table = self._backend.declare(spec)
+        if (
+            table is not None
+            and spec.mode == "tracked"
+            and self._backend.kind is StoreBackendKind.TABLE
+        ):
+            self._shm[spec.name] = table
+        else:
+            self._shm.pop(spec.name, None)
+        return table
+
+    @_facade
+    def make(
+        self,
+        name: str,
+        max_rows: int = 1024,
+        columns: Mapping[str, Any] | None = None,
+        *,
+        mode: str = "tracked",
+        ttl: int | None = None,
+        model: type[BaseModel] | None = None,
+        key_size: int = 64,
+        allow_nan: bool = False,
+        binary_keys: bool = False,
+    ) -> Table | None:
+        """Declare a table; returns the shared ``Table`` on the table backend, else ``None``.
+
+        Call it at import time (or in the master), before workers start.  ``columns`` maps names
+        to ``(Store.TYPE_INT, 4)``, ``(Store.TYPE_FLOAT,)``, ``(Store.TYPE_STRING, 64)``; or pass
+        a pydantic ``model`` to derive them.  ``mode="ttl"`` with ``ttl>=1`` expires rows;
+        ``mode="tracked"`` (default) keeps an O(1) count and refuses a ttl.
+        """
+        if not isinstance(name, str) or not name or ":" in name or len(name) > 128:
+            raise ConfigError(f"table name must be a non-empty str without ':', got {name!r}")
+        if mode not in ("tracked", "ttl"):
+            raise ConfigError(f"table {name!r}: mode must be 'tracked' or 'ttl', got {mode!r}")
+        if mode == "tracked" and ttl is not None:
+            raise ConfigError(
+                f"table {name!r}: a tracked table keeps an exact count and cannot expire rows; "
+                "use mode='ttl' for a ttl"
+            )
+        if mode == "ttl" and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 1):
+            raise ConfigError(f"table {name!r}: mode='ttl' needs ttl >= 1 (seconds), got {ttl!r}")
+        if model is not None:
+            from ..models import columns_from_model
+
+            if columns is not None:
+                raise ConfigError(f"table {name!r}: pass columns or model, not both")
+            columns = columns_from_model(model)
+        if columns is None:
+            columns = {"value": (ColumnType.STRING, 256)}
+        schema = Schema.declare(
+            columns, key_size=key_size, allow_nan=allow_nan, binary_keys=binary_keys
+        )
+        schema.geometry(max_rows)  # validates max_rows now, whatever the backend
+        spec = TableSpec(name, max_rows, schema, mode, ttl, model)
+        old = self._specs.get(name)
+        if old is not None and old != spec:
+            raise ConfigError(f"table {name!r} was already made with another schema")
+        self._specs[name] = spec
+        return self._declare(spec)
+
+    def spec(self, table: str) -> TableSpec:
+        """The declaration of ``table``."""
+        try:
+            return self._specs[table]
+        except KeyError:
+            raise UnknownTableError(
+                f"table {table!r} was never made; declare it with Store.make() at import time"
+            ) from None
+
+    @_facade
+    def names(self) -> list[str]:
+        """Names of the declared tables."""
+        return list(self._specs)
+
+    @_facade
+    def table(self, name: str) -> Table:
+        """The raw shared ``Table`` (table backend only)."""
+        t = self._shm.get(name)
+        if t is not None:
+            return t
+        self.spec(name)
+        getter = getattr(self._backend, "table", None)
+        if self._backend.kind is StoreBackendKind.TABLE and getter is not None:
+            raw: Table = getter(name)
+            return raw
+        raise UnsupportedOperationError(
+            f"Store.table() returns the raw shared-memory Table: only on the 'table' backend "
+            f"(current: {backend_name(self._backend)})"
+        )
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    @_facade
+    async def set(self, table: str, key: Key, row: Mapping[str, Any] | BaseModel) -> bool:
+        """Merge ``row`` (a dict or a pydantic model) into the row at ``key``; ``True``."""
+        if not isinstance(row, Mapping):
+            row = _model_row(row)
+        t = self._shm.get(table)
+        if t is not None:
+            return t.set(key, row)
+        return await self._backend.set(self.spec(table), key, row)
+
+    @_facade
+    async def get(self, table: str, key: Key, field: str | None = None) -> Any:
+        """The row (dict) or one field; **``False`` on a miss** (the seed's contract).
+
+        Prefer :meth:`get_strict`, which returns ``None`` on a miss.
+        """
+        t = self._shm.get(table)
+        v = (
+            t.get(key, field)
+            if t is not None
+            else await self._backend.get(self.spec(table), key, field)
+        )
+        return False if v is None else v
+
+    @_facade
+    async def get_strict(self, table: str, key: Key, field: str | None = None) -> Any:
+        """The row (dict) or one field; ``None`` on a miss."""
+        t = self._shm.get(table)
+        if t is not None:
+            return t.get(key, field)
+        return await self._backend.get(self.spec(table), key, field)
+
+    @_facade
+    async def get_model(self, table: str, key: Key) -> Any:
+        """The row as the table's pydantic model, or ``None`` on a miss."""
+        spec = self.spec(table)
+        if spec.model is None:
+            raise ConfigError(f"table {table!r} was not made with a model")
+        row = await self.get_strict(table, key)
+        return None if row is None else spec.model.model_validate(row)
+
+    @_facade
+    async def delete(self, table: str, key: Key) -> bool:
+        """Remove the row; ``True`` if it existed."""
+        t = self._shm.get(table)
+        if t is not None:
+            return t.delete(key)
+        return await self._backend.delete(self.spec(table), key)
+
+    @_facade
+    async def exists(self, table: str, key: Key) -> bool:
+        """``True`` when the row exists."""
+        t = self._shm.get(table)
+        if t is not None:
+            return t.exists(key)
+        return await self._backend.exists(self.spec(table), key)
+
+    @_facade
+    async def incr(self, table: str, key: Key, column: str, by: int | float = 1) -> int | float:
+        """Atomically add ``by`` to a numeric column (creating the row); the new value."""
+        t = self._shm.get(table)
+        if t is not None:
+            result: int | float = t.incr(key, column, by)
+            return result
+        return await self._backend.incr(self.spec(table), key, column, by)
+
+    @_facade
+    async def decr(self, table: str, key: Key, column: str, by: int | float = 1) -> int | float:
+        """Atomically subtract ``by``; the new value."""
+        if isinstance(by, bool) or not isinstance(by, (int, float)):
+            return await self.incr(table, key, column, by)  # raises the typed error
+        return await self.incr(table, key, column, -by)
+
+    @_facade
+    async def compare_and_set(
+        self, table: str, key: Key, column: str, expected: Any, new: Any
+    ) -> bool:
+        """Atomically set ``column`` to ``new`` if it equals ``expected``."""
+        return await self._backend.compare_and_set(self.spec(table), key, column, expected, new)
+
+    @_facade
+    async def count(self, table: str) -> int:
+        """Number of rows (O(1) on tracked tables)."""
+        return await self._backend.count(self.spec(table))
+
+    @_facade
+    def iterate(self, table: str) -> AsyncIterator[tuple[Any, Row]]:
+        """``async for key, row in Store.iterate("t")`` over every row."""
+        return self._backend.iterate(self.spec(table))
+
+    @_facade
+    async def mget(self, table: str, keys: Sequence[Key]) -> list[Row | None]:
+        """Rows for ``keys`` in order (``None`` for misses); one round trip on Redis."""
+        return await self._backend.mget(self.spec(table), list(keys))
+
+    @_facade
+    async def mset(self, table: str, rows: Mapping[Key, Mapping[str, Any]]) -> int:
+        """Write many rows (all validated first); one round trip on Redis."""
+        return await self._backend.mset(self.spec(table), rows)
+
+    @_facade
+    async def clear(self, table: str) -> int:
+        """Remove every row of ``table``; the number removed."""
+        return await self._backend.clear(self.spec(table))
+
+    # -- messaging and scripting -----------------------------------------------------------------
+
+    @_facade
+    async def publish(self, channel: str, payload: str | bytes) -> int:
+        """Publish to every subscribed worker on every node; the number of receivers."""
+        if isinstance(self._backend, PublishCapable):
+            return await self._backend.publish(channel, payload)
+        raise UnsupportedOperationError(
+            f"Store.publish needs a backend with pub/sub (redis or tiered); current: "
+            f"{backend_name(self._backend)}"
+        )
+
+    @_facade
+    async def publish_reliable(
+        self, stream: str, payload: str | bytes, max_len: int | None = None
+    ) -> str:
+        """Append to a Redis Stream (at-least-once consumers); the entry id."""
+        fn = getattr(self._backend, "publish_reliable", None)
+        if fn is None:
+            raise UnsupportedOperationError(
+                f"Store.publish_reliable needs Redis Streams (redis or tiered backend); current: "
+                f"{backend_name(self._backend)}"
+            )
+        entry: str = await fn(stream, payload, max_len)
+        return entry
+
+    @_facade
+    async def eval(self, script: str, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
+        """Run a Lua script server-side (redis and tiered backends)."""
+        if isinstance(self._backend, EvalCapable):
+            return await self._backend.eval(script, list(keys), list(args))
+        raise UnsupportedOperationError(
+            f"Store.eval runs Lua on Redis: needs the redis or tiered backend; current: "
+            f"{backend_name(self._backend)}"
+        )
+
+    # -- health --------------------------------------------------------------------------------
+
+    @_facade
+    async def ping(self) -> bool:
+        """``True`` when the backend answers."""
+        return await self._backend.ping()
+
+    @_facade
+    def stats(self) -> dict[str, Any]:
+        """Backend counters: pool, pub/sub, breaker, tables."""
+        out: dict[str, Any] = {"backend": str(self._backend.kind)}
+        out.update(self._backend.stats())
+        return out
+
+    @_facade
+    async def start(self) -> None:
+        """Open the backend's connections in this worker (the lifespan calls it)."""
+        await self._backend.start()
+
+    @_facade
+    async def aclose(self) -> None:
+        """Close this worker's connections."""
+        await self._backend.aclose()
+
+    # -- counters (used by zeal_asgi.Counter) ----------------------------------------------------
+
+    def _counter_backend(self, name: str, initial: int) -> CounterBackend:
+        return self._backend.counter(name, initial)
+
+    def _register_counter(self, counter: Any) -> None:
+        self._counters[counter.name] = counter
+
+    def _check_key(self, table: str, key: object) -> bytes:
+        spec = self.spec(table)
+        return validate_key(key, table, spec.schema.key_limit, spec.schema.binary_keys)
+
+
+def _model_row(model: object) -> dict[str, Any]:
+    dump = getattr(model, "model_dump", None)
+    if dump is None:
+        from ..errors import ColumnTypeError
+
+        raise ColumnTypeError(
+            f"a row is a mapping of column -> value or a pydantic model, got {type(model).__name__}"
+        )
+    row: dict[str, Any] = dump()
+    return row
