@@ -110,10 +110,10 @@ cdef extern from "zt_core.h" nogil:
     int zt_get(zt_table *t, const char *key, uint16_t klen, char *copy)
     int zt_set(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
                const zt_delta *d, int nd)
-    int zt_incr_int(zt_table *t, const char *key, uint16_t klen, const zt_col *c, int64_t by,
-                    int64_t *out)
-    int zt_incr_float(zt_table *t, const char *key, uint16_t klen, const zt_col *c, double by,
-                      int allow_nonfinite, double *out)
+    int zt_incr_int(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, int ci,
+                    int64_t by, int64_t *out)
+    int zt_incr_float(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, int ci,
+                      double by, int allow_nonfinite, double *out)
     int zt_cas(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
                const zt_delta *expected, const zt_delta *desired, int *swapped)
     int zt_delete(zt_table *t, const char *key, uint16_t klen)
@@ -732,7 +732,7 @@ cdef class Table:
                 raise IntegerOverflowError(
                     f"incr of column {column!r} of table {self.name!r} by {by}: the step is "
                     "outside the signed 64-bit range")
-            rc = zt_incr_int(&self.t, k, <uint16_t>kn, c, iby, &iout)
+            rc = zt_incr_int(&self.t, k, <uint16_t>kn, self.cols, ci, iby, &iout)
             if rc == ZT_EOVERFLOW:
                 raise IntegerOverflowError(
                     f"incr of column {column!r} of table {self.name!r} by {by} would leave "
@@ -754,7 +754,7 @@ cdef class Table:
                     f"float, got {type(by).__name__}")
             if not self._allow_nan and not isfinite(fby):
                 raise NonFiniteFloatError(f"incr step {by!r} is not finite")
-            rc = zt_incr_float(&self.t, k, <uint16_t>kn, c, fby, self._allow_nan, &fout)
+            rc = zt_incr_float(&self.t, k, <uint16_t>kn, self.cols, ci, fby, self._allow_nan, &fout)
             if rc == ZT_ENONFINITE:
                 raise NonFiniteFloatError(
                     f"incr of column {column!r} of table {self.name!r} by {by!r} overflows to a "

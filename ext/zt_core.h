@@ -82,6 +82,7 @@ _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the segment layout is
 #define ZT_ENONFINITE (-5)
 #define ZT_EBADCOL (-6)
 #define ZT_EBUSYREAD (-7)
+#define ZT_NOTFOUND (-1000)
 
 #define ZT_ROW_HDR 8u
 #define ZT_READ_SPINS 2000
@@ -129,10 +130,17 @@ typedef struct {
 
 _Static_assert(sizeof(zt_header) <= ZT_HEADER_SIZE, "header must fit its page");
 
+/* What a writer is doing, recorded before it makes a row odd, so that the next owner of the lock
+ * knows what a dead writer may have left half done: low 32 bits row+1 (0 = nothing), high 32 bits
+ * the kind of write.  A single aligned word store (incr, compare-and-set, a one-column numeric
+ * set, a delete's state byte) cannot tear: repair just makes the row even again.  Anything wider
+ * may be torn, and repair turns the row into a DEAD row. */
+#define ZT_W_SINGLE 1ULL
+#define ZT_W_MULTI 2ULL
+
 typedef struct {
     pthread_mutex_t m;
-    uint32_t intent;           /* row+1 being written under this lock, 0 = none */
-    uint32_t pad;
+    uint64_t intent;
 } __attribute__((aligned(64))) zt_lockslot;
 
 _Static_assert(sizeof(zt_lockslot) == 64, "one lock per cache line");
@@ -288,10 +296,10 @@ static inline void zt_cpu_relax(void) {
 }
 
 /* seqlock writer: the row becomes odd; readers retry until it is even again */
-static inline uint32_t zt_write_begin(zt_lockslot *slot, char *row, uint32_t r) {
+static inline uint32_t zt_write_begin(zt_lockslot *slot, char *row, uint32_t r, uint64_t kind) {
     uint32_t s = __atomic_load_n(zt_seqp(row), __ATOMIC_RELAXED);
     if (s & 1) s++; /* defensive: never leave a row odd because an earlier writer died */
-    __atomic_store_n(&slot->intent, r + 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&slot->intent, (kind << 32) | (uint64_t)(r + 1), __ATOMIC_RELAXED);
     __atomic_store_n(zt_seqp(row), s + 1, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_RELEASE);
     return s;
@@ -477,10 +485,15 @@ static inline uint32_t zt_stripe_of(const zt_table *t, uint64_t h) {
 }
 
 /* Lock-free probe.  Returns the row of `key` and fills `copy` with a validated snapshot, or -1.
- * A miss is only returned when no structural change moved index slots during the probe. */
+ * A miss is only returned when no structural change moved index slots during the probe.  When it
+ * gives up, *busy says why: ZT_BUSY_ROW (a row stayed mid-write; its index is in *busy_row) or
+ * ZT_BUSY_INDEX (the index kept changing). */
+#define ZT_BUSY_ROW 1
+#define ZT_BUSY_INDEX 2
 static int64_t zt_lookup(const zt_table *t, const char *key, uint16_t klen, uint64_t h, char *copy,
-                         int *busy) {
+                         int *busy, uint32_t *busy_row) {
     const uint64_t tag = h & 0xffffffff00000000ULL;
+    *busy = 0;
     for (int attempt = 0; attempt < ZT_READ_SPINS; attempt++) {
         uint64_t s0 = __atomic_load_n(&t->hdr->index_seq, __ATOMIC_ACQUIRE);
         if (s0 & 1) { zt_cpu_relax(); continue; }
@@ -497,14 +510,14 @@ static int64_t zt_lookup(const zt_table *t, const char *key, uint16_t klen, uint
                 if (zt_copy_row(t, r, copy)) { ok = 1; break; }
                 zt_cpu_relax();
             }
-            if (!ok) { *busy = 1; return -1; } /* a writer stuck mid-row: caller locks */
+            if (!ok) { *busy = ZT_BUSY_ROW; *busy_row = r; return -1; }
             if (copy[4] == ZT_LIVE && zt_key_eq(t, copy, key, klen)) return r;
         }
         if (retry) continue;
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
         if (__atomic_load_n(&t->hdr->index_seq, __ATOMIC_RELAXED) == s0) return -1;
     }
-    *busy = 1;
+    *busy = ZT_BUSY_INDEX;
     return -1;
 }
 
@@ -578,11 +591,15 @@ static void zt_index_remove_locked(zt_table *t, uint64_t pos) {
 /* The stripe's previous holder died.  If it was writing a row (intent set and seq odd), the row
  * may be torn: make it DEAD (lookups miss it, iteration skips it) and count it as lost. */
 static void zt_repair_stripe(zt_table *t, zt_lockslot *slot) {
-    uint32_t intent = __atomic_load_n(&slot->intent, __ATOMIC_ACQUIRE);
-    if (intent != 0 && intent <= t->capacity) {
-        char *row = zt_row(t, intent - 1);
+    uint64_t intent = __atomic_load_n(&slot->intent, __ATOMIC_ACQUIRE);
+    uint32_t r1 = (uint32_t)(intent & 0xffffffffu);
+    if (r1 != 0 && r1 <= t->capacity) {
+        char *row = zt_row(t, r1 - 1);
         uint32_t s = __atomic_load_n(zt_seqp(row), __ATOMIC_ACQUIRE);
-        if (s & 1) {
+        if ((s & 1) && (intent >> 32) == ZT_W_SINGLE) {
+            /* the one word was either stored or not: the row is consistent either way */
+            __atomic_store_n(zt_seqp(row), s + 1, __ATOMIC_RELEASE);
+        } else if (s & 1) {
             uint8_t st = zt_state(row);
             if (st == ZT_LIVE) __atomic_sub_fetch(&t->hdr->row_count, 1, __ATOMIC_RELAXED);
             if (st == ZT_LIVE || st == ZT_BUSY) {
@@ -704,17 +721,42 @@ static void zt_free_row_locked(zt_table *t, uint32_t r) {
 /* ---------------------------------------------------------------------------------------- */
 /* public operations                                                                        */
 
+/* Wait for the writer of row r to finish, or repair the row if that writer died: lock the stripe
+ * whose intent names r (the row's key may be mid-write, so its stripe cannot be hashed). */
+static int zt_settle_row(zt_table *t, uint32_t r, PyThreadState **ts) {
+    for (uint32_t s = 0; s <= t->stripe_mask; s++) {
+        uint64_t intent = __atomic_load_n(&t->stripes[s].intent, __ATOMIC_ACQUIRE);
+        if ((uint32_t)(intent & 0xffffffffu) == r + 1) {
+            int rc = zt_acquire(t, &t->stripes[s], 0, ts);
+            if (rc) return rc;
+            zt_release(&t->stripes[s]);
+            return ZT_OK;
+        }
+    }
+    return ZT_OK; /* nobody is writing it any more */
+}
+
 /* Read `key` into `copy` (row_size bytes).  Returns 1 found, 0 missing, <0 error. */
 static int zt_get(zt_table *t, const char *key, uint16_t klen, char *copy) {
     uint64_t h = zt_hash(t->hkey, key, klen);
-    int busy = 0;
-    int64_t r = zt_lookup(t, key, klen, h, copy, &busy);
-    if (r >= 0) return 1;
-    if (!busy) return 0;
-    /* A writer stayed mid-row or the index kept changing: read under the locks, which also
-     * repairs a row whose writer died. */
-    __atomic_add_fetch(&t->hdr->read_fallbacks, 1, __ATOMIC_RELAXED);
+    int busy;
+    uint32_t busy_row = 0;
     PyThreadState *ts = NULL;
+    for (int round = 0; round < 4; round++) {
+        int64_t r = zt_lookup(t, key, klen, h, copy, &busy, &busy_row);
+        if (r >= 0) { zt_regain_gil(&ts); return 1; }
+        if (!busy) { zt_regain_gil(&ts); return 0; }
+        __atomic_add_fetch(&t->hdr->read_fallbacks, 1, __ATOMIC_RELAXED);
+        if (busy == ZT_BUSY_ROW) {
+            /* Only that row's writer is in the way: wait for it (bounded by the lock timeout),
+             * never for the whole table. */
+            int rc = zt_settle_row(t, busy_row, &ts);
+            if (rc) { zt_regain_gil(&ts); return rc; }
+            continue;
+        }
+        break;
+    }
+    /* The index kept moving under us: read it while structural changes are held off. */
     zt_lockslot *stripe = &t->stripes[zt_stripe_of(t, h)];
     int rc = zt_acquire(t, t->global, 1, &ts);
     if (rc) { zt_regain_gil(&ts); return rc; }
@@ -733,20 +775,23 @@ static int zt_get(zt_table *t, const char *key, uint16_t klen, char *copy) {
     return found;
 }
 
-/* Insert-or-update under the global lock (called when the striped fast path missed).
- * `mode`: 0 = set (apply deltas), 1 = ensure row exists (for incr/cas).  Returns the row or <0.
- * On success the stripe lock is held and *s_out is the seq to finish with zt_write_end. */
+/* Insert or revive the row of `key` under the global lock, with the deltas `d` already applied,
+ * so that readers see no row or the complete new row and never a zeroed intermediate one.
+ * Returns the row (the stripe lock stays held) with *created = 1, or the existing live row with
+ * *created = 0 (deltas not applied), or <0. */
 static int64_t zt_upsert_locked(zt_table *t, const char *key, uint16_t klen, uint64_t h,
-                                zt_lockslot *stripe, const zt_col *cols, int ncols, int *created) {
+                                zt_lockslot *stripe, const zt_col *cols, const zt_delta *d, int nd,
+                                int *created) {
     int64_t pos = zt_find_slot_locked(t, key, klen, h);
     if (pos >= 0) {
         uint32_t r = (uint32_t)(t->index[pos] & 0xffffffffu) - 1;
         char *row = zt_row(t, r);
         if (zt_state(row) == ZT_LIVE) { *created = 0; return r; }
-        /* DEAD row of this key (torn by a dead writer): revive it with a zeroed row */
-        uint32_t s = zt_write_begin(stripe, row, r);
+        /* DEAD row of this key (torn by a dead writer): revive it, zeroed, with the deltas */
+        uint32_t s = zt_write_begin(stripe, row, r, ZT_W_MULTI);
         memset(row + ZT_ROW_HDR, 0, t->key_off - ZT_ROW_HDR);
         memset(row + t->key_off + t->key_limit, 0, t->row_size - t->key_off - t->key_limit);
+        zt_apply(row, cols, d, nd);
         zt_set_state(row, ZT_LIVE);
         zt_write_end(stripe, row, s);
         __atomic_sub_fetch(&t->hdr->dead_rows, 1, __ATOMIC_RELAXED);
@@ -758,27 +803,29 @@ static int64_t zt_upsert_locked(zt_table *t, const char *key, uint16_t klen, uin
     if (rr < 0) return ZT_EFULL;
     uint32_t r = (uint32_t)rr;
     char *row = zt_row(t, r);
-    uint32_t s = zt_write_begin(stripe, row, r);
+    uint32_t s = zt_write_begin(stripe, row, r, ZT_W_MULTI);
     zt_set_state(row, ZT_BUSY);
     memset(row + ZT_ROW_HDR, 0, t->row_size - ZT_ROW_HDR);
     memcpy(row + 6, &klen, 2);
     memcpy(row + t->key_off, key, klen);
     ZT_CRASHPOINT(ZT_CP_INSERT_BUSY);
+    zt_apply(row, cols, d, nd);
     zt_set_state(row, ZT_LIVE);
     zt_write_end(stripe, row, s);
     ZT_CRASHPOINT(ZT_CP_INSERT_UNPUBLISHED);
     zt_index_insert_locked(t, h, r);
     __atomic_add_fetch(&t->hdr->row_count, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&t->hdr->inserts, 1, __ATOMIC_RELAXED);
-    (void)cols; (void)ncols;
     *created = 1;
     return r;
 }
 
-/* Lock the key's stripe and find or create its row.  On success the stripe lock is held (and the
- * global lock is not); *ts may hold a released GIL state. */
+/* Lock the key's stripe and find its row; when missing and `create`, insert it with the deltas
+ * `d` applied (see zt_upsert_locked).  On success the stripe lock is held (the global lock is
+ * not); ZT_NOTFOUND when missing and not creating; *ts may hold a released GIL state. */
 static int64_t zt_locate(zt_table *t, const char *key, uint16_t klen, uint64_t h, int create,
-                         zt_lockslot **stripe_out, PyThreadState **ts, int *created) {
+                         const zt_col *cols, const zt_delta *d, int nd, zt_lockslot **stripe_out,
+                         PyThreadState **ts, int *created) {
     zt_lockslot *stripe = &t->stripes[zt_stripe_of(t, h)];
     *stripe_out = stripe;
     *created = 0;
@@ -793,95 +840,119 @@ static int64_t zt_locate(zt_table *t, const char *key, uint16_t klen, uint64_t h
     if (rc) { zt_release(t->global); return rc; }
     if (!create) {
         int64_t pos = zt_find_slot_locked(t, key, klen, h);
-        r = -1;
+        r = ZT_NOTFOUND;
         if (pos >= 0) {
             uint32_t rr = (uint32_t)(t->index[pos] & 0xffffffffu) - 1;
             if (zt_state(zt_row(t, rr)) == ZT_LIVE) r = rr;
         }
         zt_release(t->global);
-        if (r < 0) { zt_release(stripe); return -1000; }
+        if (r < 0) zt_release(stripe);
         return r;
     }
-    r = zt_upsert_locked(t, key, klen, h, stripe, NULL, 0, created);
+    r = zt_upsert_locked(t, key, klen, h, stripe, cols, d, nd, created);
     zt_release(t->global);
     if (r < 0) zt_release(stripe);
     return r;
 }
-#define ZT_NOTFOUND (-1000)
 
-/* set(): merge the deltas into the row, creating it (zeroed) when missing. */
+static inline uint64_t zt_kind_of(const zt_col *cols, const zt_delta *d, int nd) {
+    return nd == 1 && (cols[d[0].col].type == ZT_INT || cols[d[0].col].type == ZT_FLOAT)
+               ? ZT_W_SINGLE
+               : ZT_W_MULTI;
+}
+
+/* set(): merge the deltas into the row, creating it (zeroed + deltas) when missing. */
 static int zt_set(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
                   const zt_delta *d, int nd) {
     uint64_t h = zt_hash(t->hkey, key, klen);
     PyThreadState *ts = NULL;
     zt_lockslot *stripe;
     int created;
-    int64_t r = zt_locate(t, key, klen, h, 1, &stripe, &ts, &created);
+    int64_t r = zt_locate(t, key, klen, h, 1, cols, d, nd, &stripe, &ts, &created);
     if (r < 0) { zt_regain_gil(&ts); return (int)r; }
-    char *row = zt_row(t, (uint32_t)r);
-    uint32_t s = zt_write_begin(stripe, row, (uint32_t)r);
-    ZT_CRASHPOINT(ZT_CP_UPDATE_AFTER_ODD);
-    zt_apply(row, cols, d, nd);
-    zt_write_end(stripe, row, s);
+    if (!created) {
+        char *row = zt_row(t, (uint32_t)r);
+        uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, zt_kind_of(cols, d, nd));
+        ZT_CRASHPOINT(ZT_CP_UPDATE_AFTER_ODD);
+        zt_apply(row, cols, d, nd);
+        zt_write_end(stripe, row, s);
+    }
     zt_release(stripe);
     zt_regain_gil(&ts);
     return ZT_OK;
 }
 
-/* incr on an INT column: new value in *out; overflow leaves the row unchanged. */
-static int zt_incr_int(zt_table *t, const char *key, uint16_t klen, const zt_col *c, int64_t by,
-                       int64_t *out) {
+/* incr on an INT column: new value in *out; overflow leaves the row (or its absence) unchanged. */
+static int zt_incr_int(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, int ci,
+                       int64_t by, int64_t *out) {
+    const zt_col *c = &cols[ci];
     uint64_t h = zt_hash(t->hkey, key, klen);
     PyThreadState *ts = NULL;
     zt_lockslot *stripe;
     int created;
-    int64_t r = zt_locate(t, key, klen, h, 1, &stripe, &ts, &created);
+    zt_delta d = {ci, by, 0.0, NULL, 0};
+    int64_t r = zt_locate(t, key, klen, h, 0, cols, &d, 1, &stripe, &ts, &created);
+    if (r == ZT_NOTFOUND) {
+        /* a new row holds 0 + by: refuse before creating anything if that already overflows */
+        if (!zt_int_fits(c->width, by)) { *out = 0; zt_regain_gil(&ts); return ZT_EOVERFLOW; }
+        r = zt_locate(t, key, klen, h, 1, cols, &d, 1, &stripe, &ts, &created);
+    }
     if (r < 0) { zt_regain_gil(&ts); return (int)r; }
-    char *row = zt_row(t, (uint32_t)r);
-    int64_t cur = zt_get_int(row, c), nv;
     int rc = ZT_OK;
-    if (__builtin_add_overflow(cur, by, &nv) || !zt_int_fits(c->width, nv)) {
-        rc = ZT_EOVERFLOW;
-        *out = cur;
+    if (created) {
+        *out = by;
     } else {
-        uint32_t s = zt_write_begin(stripe, row, (uint32_t)r);
-        ZT_CRASHPOINT(ZT_CP_INCR_AFTER_ODD);
-        zt_put_int(row, c, nv);
-        zt_write_end(stripe, row, s);
-        *out = nv;
+        char *row = zt_row(t, (uint32_t)r);
+        int64_t cur = zt_get_int(row, c), nv;
+        if (__builtin_add_overflow(cur, by, &nv) || !zt_int_fits(c->width, nv)) {
+            rc = ZT_EOVERFLOW;
+            *out = cur;
+        } else {
+            uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, ZT_W_SINGLE);
+            ZT_CRASHPOINT(ZT_CP_INCR_AFTER_ODD);
+            zt_put_int(row, c, nv);
+            zt_write_end(stripe, row, s);
+            *out = nv;
+        }
     }
     zt_release(stripe);
     zt_regain_gil(&ts);
     return rc;
 }
 
-static int zt_incr_float(zt_table *t, const char *key, uint16_t klen, const zt_col *c, double by,
-                         int allow_nonfinite, double *out) {
+static int zt_incr_float(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, int ci,
+                         double by, int allow_nonfinite, double *out) {
+    const zt_col *c = &cols[ci];
     uint64_t h = zt_hash(t->hkey, key, klen);
     PyThreadState *ts = NULL;
     zt_lockslot *stripe;
     int created;
-    int64_t r = zt_locate(t, key, klen, h, 1, &stripe, &ts, &created);
+    zt_delta d = {ci, 0, by, NULL, 0};
+    int64_t r = zt_locate(t, key, klen, h, 1, cols, &d, 1, &stripe, &ts, &created);
     if (r < 0) { zt_regain_gil(&ts); return (int)r; }
-    char *row = zt_row(t, (uint32_t)r);
-    double nv = zt_get_float(row, c) + by;
     int rc = ZT_OK;
-    if (!allow_nonfinite && !isfinite(nv)) {
-        rc = ZT_ENONFINITE;
-        *out = zt_get_float(row, c);
+    if (created) {
+        *out = by;
     } else {
-        uint32_t s = zt_write_begin(stripe, row, (uint32_t)r);
-        zt_put_float(row, c, nv);
-        zt_write_end(stripe, row, s);
-        *out = nv;
+        char *row = zt_row(t, (uint32_t)r);
+        double nv = zt_get_float(row, c) + by;
+        if (!allow_nonfinite && !isfinite(nv)) {
+            rc = ZT_ENONFINITE;
+            *out = zt_get_float(row, c);
+        } else {
+            uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, ZT_W_SINGLE);
+            zt_put_float(row, c, nv);
+            zt_write_end(stripe, row, s);
+            *out = nv;
+        }
     }
     zt_release(stripe);
     zt_regain_gil(&ts);
     return rc;
 }
 
-/* compare_and_set on one column; a missing row compares as the zero row and is created when the
- * comparison succeeds (the same rule as incr). *swapped = 1 when written. */
+/* compare_and_set on one column; a missing row compares as the zero row (0, 0.0, "") and is
+ * created, with the new value, only when that comparison succeeds.  *swapped = 1 when written. */
 static int zt_cas(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
                   const zt_delta *expected, const zt_delta *desired, int *swapped) {
     uint64_t h = zt_hash(t->hkey, key, klen);
@@ -889,29 +960,32 @@ static int zt_cas(zt_table *t, const char *key, uint16_t klen, const zt_col *col
     zt_lockslot *stripe;
     int created;
     *swapped = 0;
-    /* Do not create a row just to find the comparison false: look first. */
-    int64_t r = zt_locate(t, key, klen, h, 0, &stripe, &ts, &created);
     const zt_col *c = &cols[expected->col];
+    int64_t r = zt_locate(t, key, klen, h, 0, cols, desired, 1, &stripe, &ts, &created);
     if (r == ZT_NOTFOUND) {
         int zero_match;
         if (c->type == ZT_INT) zero_match = expected->i == 0;
         else if (c->type == ZT_FLOAT) zero_match = expected->f == 0.0;
         else zero_match = expected->slen == 0;
         if (!zero_match) { zt_regain_gil(&ts); return ZT_OK; }
-        r = zt_locate(t, key, klen, h, 1, &stripe, &ts, &created);
+        r = zt_locate(t, key, klen, h, 1, cols, desired, 1, &stripe, &ts, &created);
     }
     if (r < 0) { zt_regain_gil(&ts); return (int)r; }
-    char *row = zt_row(t, (uint32_t)r);
-    int eq;
-    if (c->type == ZT_INT) eq = zt_get_int(row, c) == expected->i;
-    else if (c->type == ZT_FLOAT) eq = zt_get_float(row, c) == expected->f;
-    else eq = zt_get_slen(row, c) == expected->slen &&
-              memcmp(zt_get_sptr(row, c), expected->s, expected->slen) == 0;
-    if (eq) {
-        uint32_t s = zt_write_begin(stripe, row, (uint32_t)r);
-        zt_apply(row, cols, desired, 1);
-        zt_write_end(stripe, row, s);
+    if (created) {
         *swapped = 1;
+    } else {
+        char *row = zt_row(t, (uint32_t)r);
+        int eq;
+        if (c->type == ZT_INT) eq = zt_get_int(row, c) == expected->i;
+        else if (c->type == ZT_FLOAT) eq = zt_get_float(row, c) == expected->f;
+        else eq = zt_get_slen(row, c) == expected->slen &&
+                  memcmp(zt_get_sptr(row, c), expected->s, expected->slen) == 0;
+        if (eq) {
+            uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, zt_kind_of(cols, desired, 1));
+            zt_apply(row, cols, desired, 1);
+            zt_write_end(stripe, row, s);
+            *swapped = 1;
+        }
     }
     zt_release(stripe);
     zt_regain_gil(&ts);
@@ -933,7 +1007,7 @@ static int zt_delete(zt_table *t, const char *key, uint16_t klen) {
         uint32_t r = (uint32_t)(t->index[pos] & 0xffffffffu) - 1;
         char *row = zt_row(t, r);
         uint8_t st = zt_state(row);
-        uint32_t s = zt_write_begin(stripe, row, r);
+        uint32_t s = zt_write_begin(stripe, row, r, ZT_W_SINGLE);
         zt_set_state(row, ZT_FREE);
         zt_write_end(stripe, row, s);
         ZT_CRASHPOINT(ZT_CP_DELETE_FREED);
@@ -969,7 +1043,7 @@ static int zt_clear(zt_table *t) {
         zt_lockslot *stripe = &t->stripes[zt_stripe_of(t, hh)];
         rc = zt_acquire(t, stripe, 0, &ts);
         if (rc) break;
-        uint32_t s = zt_write_begin(stripe, row, r);
+        uint32_t s = zt_write_begin(stripe, row, r, ZT_W_SINGLE);
         zt_set_state(row, ZT_FREE);
         zt_write_end(stripe, row, s);
         zt_release(stripe);
@@ -992,7 +1066,7 @@ static int zt_clear(zt_table *t) {
 }
 
 /* Iteration step: consistent copy of row r if it is LIVE.  1 live, 0 not, ZT_EBUSYREAD when a
- * writer stayed mid-row for the whole spin budget (the caller takes the locks to settle it). */
+ * writer stayed mid-row for the whole spin budget (the caller settles it and retries). */
 static int zt_read_at(zt_table *t, uint32_t r, char *copy) {
     for (int s = 0; s < ZT_READ_SPINS; s++) {
         if (zt_copy_row(t, r, copy)) return copy[4] == ZT_LIVE && zt_keylen(copy) <= t->key_limit;
@@ -1001,22 +1075,12 @@ static int zt_read_at(zt_table *t, uint32_t r, char *copy) {
     return ZT_EBUSYREAD;
 }
 
-/* Settle row r under its stripe lock (repairs it if its writer died), then copy it. */
+/* Settle row r (wait for its writer, or repair it if the writer died), then copy it. */
 static int zt_read_at_locked(zt_table *t, uint32_t r, char *copy) {
     PyThreadState *ts = NULL;
-    /* The key may be torn, so its stripe is unknown: find the stripe whose intent names r. */
-    zt_lockslot *slot = NULL;
-    for (uint32_t s = 0; s <= t->stripe_mask; s++)
-        if (__atomic_load_n(&t->stripes[s].intent, __ATOMIC_ACQUIRE) == r + 1) {
-            slot = &t->stripes[s];
-            break;
-        }
-    if (slot) {
-        int rc = zt_acquire(t, slot, 0, &ts);
-        if (rc) { zt_regain_gil(&ts); return rc; }
-        zt_release(slot);
-        zt_regain_gil(&ts);
-    }
+    int rc = zt_settle_row(t, r, &ts);
+    zt_regain_gil(&ts);
+    if (rc) return rc;
     return zt_read_at(t, r, copy);
 }
 

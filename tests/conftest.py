@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from zeal_asgi import Atomic, Table
-from zeal_asgi._segments import destroy, server_identity, shm_dir
+from zeal_asgi._segments import destroy, process_alive, server_identity, shm_dir
 
 pytest_plugins = ["tests.servers"]
 
@@ -24,26 +24,38 @@ def quick_or_long(quick: float, long: float) -> float:
     return long if LONG else quick
 
 
-def _foreign_segments() -> set[str]:
+def _stale_segments() -> set[str]:
+    """Segments of this user whose server process is gone (what a leaky server leaves behind).
+
+    Live servers (of this run or of another run on the same machine) are not counted."""
     mine = f"zeal.{os.geteuid()}."
     own = f"{mine}{server_identity().server_id}."
     try:
         names = os.listdir(shm_dir())
     except OSError:
         return set()
-    return {n for n in names if n.startswith(mine) and not n.startswith(own)}
+    stale = set()
+    for n in names:
+        if not n.startswith(mine) or n.startswith(own):
+            continue
+        sid = n[len(mine) :].split(".")[0]
+        pid, _, start = sid.partition("-")
+        if pid.isdigit() and start.isdigit() and process_alive(int(pid), int(start)):
+            continue
+        stale.add(n)
+    return stale
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_leaked_segments() -> Iterator[None]:
     """Servers started by tests must leave no shared memory behind (checked at session end)."""
-    before = _foreign_segments()
+    before = _stale_segments()
     yield
     deadline = time.monotonic() + 5.0
-    leaked = _foreign_segments() - before
+    leaked = _stale_segments() - before
     while leaked and time.monotonic() < deadline:  # janitors unlink right after their server
         time.sleep(0.1)
-        leaked = _foreign_segments() - before
+        leaked = _stale_segments() - before
     assert not leaked, f"shared-memory segments leaked by test servers: {sorted(leaked)}"
 
 

@@ -6,6 +6,9 @@ command that rebuilds it.
 
 from __future__ import annotations
 
+import os
+import signal
+
 try:
     from . import _shmtable
 except ImportError as exc:  # pragma: no cover - exercised by a broken install only
@@ -14,6 +17,17 @@ except ImportError as exc:  # pragma: no cover - exercised by a broken install o
         f"({exc}). Reinstall from source so it is compiled: pip install -e . "
         "(needs a C compiler and the Python headers; Cython is fetched at build time)"
     ) from exc
+
+def _arm_crashpoint(spec: str) -> None:
+    """``ZEAL_CRASH_AT=<point>:<nth>[:stop]``: raise SIGKILL (or SIGSTOP) at the nth time the C
+    code passes crash point <point> (fault tests; the points are listed in ext/zt_core.h)."""
+    parts = spec.split(":")
+    sig = signal.SIGSTOP if parts[2:] == ["stop"] else signal.SIGKILL
+    _shmtable._set_crashpoint(int(parts[0]), int(parts[1]) if len(parts) > 1 else 1, int(sig))
+
+
+if os.environ.get("ZEAL_CRASH_AT"):
+    _arm_crashpoint(os.environ["ZEAL_CRASH_AT"])
 
 Table = _shmtable.Table
 Atomic = _shmtable.Atomic
