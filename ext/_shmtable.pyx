@@ -233,6 +233,13 @@ cdef class _Mapping:
             c_close(self.fd)
             self.fd = -1
 
+    cdef void detach(self):
+        """Unmap but leave the fd to the caller (a failed attach: the caller still owns it)."""
+        if self.base != NULL:
+            munmap(self.base, self.size)
+            self.base = NULL
+        self.fd = -1
+
     def __dealloc__(self):
         self.unmap()
 
@@ -308,7 +315,7 @@ cdef class Table:
         cdef int rc = zt_init(&self.t, self._map.base, &g, n, k, PyBytes_AS_STRING(schema_blob),
                               <uint32_t>PyBytes_GET_SIZE(schema_blob))
         if rc != 0:
-            self._map.unmap()
+            self._map.detach()
             raise OSError(rc, "initialising the table's mutexes: " + os.strerror(rc))
         self.created = True
 
@@ -321,10 +328,10 @@ cdef class Table:
         self._map.map(fd, size)
         cdef int rc = zt_check(self._map.base, size, ZT_MAGIC_TABLE)
         if rc == 1:
-            self._map.unmap()
+            self._map.detach()
             return 1
         if rc != 0:
-            self._map.unmap()
+            self._map.detach()
             reason = {2: "made by an incompatible build (ABI or layout differs)",
                       3: "its header checksum is wrong (corrupt or foreign)",
                       4: "its size does not match its header"}[rc]
@@ -335,6 +342,11 @@ cdef class Table:
     def _fileno(self):
         """The segment's file descriptor (kept open: its flock marks this process as a user)."""
         return self._map.fd
+
+    def _detach(self):
+        """Unmap a segment we attached to but will not use; the caller keeps the fd."""
+        self._map.detach()
+        self.t.base = NULL
 
     def _stored_schema(self):
         cdef zt_header *h = <zt_header *>self._map.base
@@ -925,10 +937,10 @@ cdef class Atomic:
         self._map.map(fd, size)
         cdef int rc = zt_atomic_check(<zt_atomic_seg *>self._map.base, size)
         if rc == 1:
-            self._map.unmap()
+            self._map.detach()
             return 1
         if rc != 0:
-            self._map.unmap()
+            self._map.detach()
             raise ShmAbiMismatchError(
                 "shared-memory atomic is unusable: made by an incompatible build or corrupt")
         self.v = &(<zt_atomic_seg *>self._map.base).value

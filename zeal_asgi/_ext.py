@@ -18,6 +18,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a broken install o
         "(needs a C compiler and the Python headers; Cython is fetched at build time)"
     ) from exc
 
+
 def _arm_crashpoint(spec: str) -> None:
     """``ZEAL_CRASH_AT=<point>:<nth>[:stop]``: raise SIGKILL (or SIGSTOP) at the nth time the C
     code passes crash point <point> (fault tests; the points are listed in ext/zt_core.h)."""

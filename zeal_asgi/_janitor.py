@@ -8,6 +8,7 @@ Usage: ``python -m zeal_asgi._janitor PID START PREFIX DIR``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import sys
@@ -40,6 +41,31 @@ def _wait_for_exit(pid: int, start: int | None) -> None:
         os.close(pidfd)
 
 
+def _unlink_unused(directory: str, prefix: str) -> int:
+    """Unlink every segment of the server that no process holds any more; the number left."""
+    left = 0
+    for name in os.listdir(directory):
+        if not name.startswith(prefix):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            # Workers hold a shared lock while they use a segment: an orphaned worker that
+            # outlives its supervisor keeps its memory; we wait for it.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            left += 1
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        finally:
+            os.close(fd)
+    return left
+
+
 def main(argv: list[str]) -> int:
     """Entry point: daemonise, wait for the supervisor, unlink the server's segments."""
     pid, start_raw, prefix, directory = argv
@@ -47,11 +73,8 @@ def main(argv: list[str]) -> int:
     if os.fork():
         os._exit(0)  # the caller waits for this first process only: no zombie is left behind
     _wait_for_exit(int(pid), start)
-    time.sleep(0.05)  # let workers finish their own shutdown first
-    for name in os.listdir(directory):
-        if name.startswith(prefix):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, name))
+    while _unlink_unused(directory, prefix):
+        time.sleep(0.2)
     return 0
 
 

@@ -234,6 +234,18 @@ def held_segments() -> Iterator[tuple[Any, str | None, str]]:
         yield obj, h.path, h.kind
 
 
+def release_owned() -> list[str]:
+    """Unlink the segments this process created, if it owns the server; the paths unlinked.
+
+    Runs at exit, and at the end of the lifespan of a single-process server: uvicorn re-raises
+    SIGTERM after a graceful shutdown, so its process dies by the signal and skips ``atexit``.
+    Mappings stay valid in every process that has them; only the names go away.
+    """
+    done = [p for p, creator in _created_paths.items() if creator == os.getpid()]
+    _unlink_owned()
+    return done
+
+
 @atexit.register
 def _unlink_owned() -> None:
     """The owning process unlinks what it created; forked children inherit this hook, so the
@@ -482,7 +494,7 @@ def open_table(
         rc: int = table._map_existing(fd, size)
         if rc == 0 and table._stored_schema() != blob:
             stored_schemas.append(Schema.from_blob(table._stored_schema()))
-            table.close()
+            table._detach()
             return 2
         return rc
 

@@ -90,8 +90,8 @@ def run(
         host=host,
         port=port,
         workers=workers,
-        loop=loop,  # type: ignore[arg-type]
-        http=http,  # type: ignore[arg-type]
+        loop=loop,
+        http=http,
         lifespan="on",
         log_level=log_level,
         access_log=access_log,
@@ -113,7 +113,7 @@ def run(
         if workers == 1:
             server.run(sockets=[sock])
         else:
-            Multiprocess(config, target=server.run, sockets=[sock]).run()
+            Multiprocess(config, sockets=[sock]).run()
     finally:
         sock.close()
     return 0
