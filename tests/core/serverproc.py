@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -40,7 +41,7 @@ def command(kind: str, port: int, app: str = APP) -> list[str]:
             "5",
             app,
         ]
-        return cmd[:-1] + ["--preload", app] if kind == "gunicorn-preload" else cmd
+        return [*cmd[:-1], "--preload", app] if kind == "gunicorn-preload" else cmd
     if kind == "launcher":
         return [sys.executable, "-m", "zeal_asgi", "run", app, "--workers", "2", *bind]
     raise ValueError(kind)
@@ -53,7 +54,9 @@ class ServerProc:
         self.kind = kind
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix=f"zeal-{kind}-", suffix=".log", delete=False)
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept open for the server's life
+            prefix=f"zeal-{kind}-", suffix=".log", delete=False
+        )
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("ZEAL_")}
         full_env["PYTHONPATH"] = str(REPO)
         full_env.update(env or {})
@@ -130,10 +133,8 @@ class ServerProc:
 
     def kill_group(self) -> None:
         """SIGKILL every process of the server."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(10)
 
     def _cleanup(self) -> None:
@@ -146,10 +147,8 @@ class ServerProc:
         self.client.close()
         if self.proc.poll() is None:
             self.kill_group()
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # orphaned workers of a killed master
-        except ProcessLookupError:
-            pass
         if not self.log.closed:
             self._cleanup()
 

@@ -144,7 +144,8 @@ def test_e7_squatted_name_is_refused_never_attached() -> None:
     finally:
         os.unlink(path)
     print(
-        "\nEXPERIMENT E7 | mode, other user, squatted name | mode=0600 eaccess=yes squat=refused | PASS"
+        "\nEXPERIMENT E7 | mode, other user, squatted name | mode=0600 eaccess=yes "
+        "squat=refused | PASS"
     )
 
 

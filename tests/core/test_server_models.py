@@ -4,6 +4,7 @@ clean shutdown; two servers share nothing (E5); stale segments are reclaimed (E4
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -98,7 +99,8 @@ def test_two_servers_share_nothing(servers: list[ServerProc]) -> None:
     pa, pb = a.get("/segments")["paths"], b.get("/segments")["paths"]
     assert set(pa).isdisjoint(pb)
     print(
-        f"\nEXPERIMENT E5 | 2 servers, same app | cross_visible=0 distinct_segments={len(pa)}+{len(pb)} | PASS"
+        f"\nEXPERIMENT E5 | 2 servers, same app | cross_visible=0 "
+        f"distinct_segments={len(pa)}+{len(pb)} | PASS"
     )
     a.stop()
     b.stop()
@@ -117,7 +119,8 @@ def test_e4_killed_single_process_server_is_reclaimed_at_next_start(
     swept = time.monotonic() - t0
     left = wait_gone(paths, timeout=1.0)
     print(
-        f"\nEXPERIMENT E4-single | SIGKILL, restart | before={len(paths)} after={len(left)} start_s={swept:.2f} | {'PASS' if not left else 'FAIL'}"
+        f"\nEXPERIMENT E4-single | SIGKILL, restart | before={len(paths)} after={len(left)} "
+        f"start_s={swept:.2f} | {'PASS' if not left else 'FAIL'}"
     )
     assert left == []
     live = b.get("/segments")["paths"]
@@ -136,13 +139,12 @@ def test_e4_master_killed_segments_live_while_workers_live(servers: list[ServerP
     other = start(servers, "uvicorn", 1)
     assert all(os.path.exists(p) for p in paths), "a live segment was swept"
     for pid in workers:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     left = wait_gone(paths, timeout=5.0)
     print(
-        f"\nEXPERIMENT E4-master | SIGKILL master, then workers | kept_while_live=yes leaked={len(left)} | {'PASS' if not left else 'FAIL'}"
+        f"\nEXPERIMENT E4-master | SIGKILL master, then workers | kept_while_live=yes "
+        f"leaked={len(left)} | {'PASS' if not left else 'FAIL'}"
     )
     assert left == []
     live = other.get("/segments")["paths"]
