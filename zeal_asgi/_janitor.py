@@ -1,8 +1,9 @@
 """Unlinks a server's shared-memory segments when its supervisor exits.
 
-Started once per server by the first worker that creates a segment, when the supervisor is a
-process that never runs our code (``uvicorn --workers``, gunicorn without ``--preload``).
-Usage: ``python -m zeal_asgi._janitor PID START PREFIX DIR``.
+Started once per server by the first process that creates a segment; it waits for the server's
+owner (the single-process server, the launcher's master, or the supervisor of the workers) to
+exit, then unlinks every segment of the server that no process holds any more.
+Usage: ``python -S _janitor.py PID START PREFIX DIR`` (standard library only).
 """
 
 from __future__ import annotations

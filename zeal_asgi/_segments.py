@@ -243,7 +243,12 @@ def release_owned() -> list[str]:
     """
     done = [p for p, creator in _created_paths.items() if creator == os.getpid()]
     _unlink_owned()
+    _released.update(done)
     return done
+
+
+_released: set[str] = set()
+"""Paths this process unlinked itself: a later lifespan in the same process still uses them."""
 
 
 @atexit.register
@@ -632,10 +637,13 @@ def _unlink_if_unused_quiet(path: str) -> bool:
 
 
 def _ensure_janitor() -> None:
-    """Start (once per server) the process that unlinks the server's segments when the
-    supervisor (uvicorn's or gunicorn's master, which never runs our code) exits."""
+    """Start, once per server, the process that unlinks the server's segments once its owner
+    (this process, the launcher, or the supervisor of our worker) has exited and no process uses
+    them any more.  It covers what ``atexit`` cannot: uvicorn re-raising SIGTERM after a graceful
+    shutdown, a SIGKILL, and supervisors that never run our code.  ``ZEAL_JANITOR=0`` disables it
+    (segments are then removed at exit, or by the sweep of the next server)."""
     ident = server_identity()
-    if ident.is_owner or ident.how == "env" or ident.owner_pid is None:
+    if ident.owner_pid is None or os.environ.get("ZEAL_JANITOR") == "0":
         return
     marker = os.path.join(shm_dir(), f"{PREFIX}{_uid()}.{ident.server_id}.janitor")
     try:
@@ -645,16 +653,17 @@ def _ensure_janitor() -> None:
     except FileExistsError:
         return
     os.close(fd)
+    # Run the file, not the module: the janitor needs the standard library only, and importing
+    # the package would cost a server start-up hundreds of milliseconds.
     cmd = [
         sys.executable,
-        "-m",
-        "zeal_asgi._janitor",
+        "-S",
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "_janitor.py"),
         str(ident.owner_pid),
         str(ident.owner_start),
         f"{PREFIX}{_uid()}.{ident.server_id}.",
         shm_dir(),
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ZEAL_CRASH")}
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,
@@ -662,7 +671,7 @@ def _ensure_janitor() -> None:
         stderr=subprocess.DEVNULL,
         close_fds=True,
         start_new_session=True,
-        env=env,
+        env={"PATH": os.environ.get("PATH", "")},
     )
     proc.wait()  # the janitor forks and its first process exits at once (no zombie left)
 
@@ -690,6 +699,8 @@ def verify_shared() -> list[str]:
         try:
             on_disk = os.stat(path)
         except FileNotFoundError:
+            if path in _released:
+                continue  # a single-process server released it; no sibling can need it
             raise PrivateCopyError(
                 f"{kind} {obj.name!r}: its segment {path} no longer exists, so this worker's copy "
                 "is private and other workers will not see its writes"

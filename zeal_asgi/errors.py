@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "BackendAuthError",
     "BackendError",
+    "BackendResponseError",
     "BackendTLSError",
     "BackendTimeoutError",
     "BackendUnavailableError",
@@ -174,6 +175,15 @@ class BackendTLSError(BackendUnavailableError):
 
 class BackendAuthError(BackendUnavailableError, PermissionError):
     """The backend refused our credentials."""
+
+
+class BackendResponseError(BackendError, RuntimeError):
+    """The backend answered with an error or with data that does not fit the table's schema.
+
+    E.g. a Lua error in ``Store.eval``, a key of the wrong type, or a stored field written by
+    another program that does not decode as its column's type.  Not an outage: retrying or
+    opening a circuit breaker does not help.
+    """
 
 
 class CapacityError(BackendError, OverflowError):

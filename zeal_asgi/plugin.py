@@ -12,7 +12,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from ._segments import release_owned, server_identity, verify_shared
+from ._segments import server_identity, verify_shared
 from .settings import ZealSettings
 from .store import Store, build_backend
 
@@ -116,11 +116,6 @@ class Zeal:
             return
         await self._stop_services()
         await self.store.aclose()
-        ident = server_identity()
-        if ident.is_owner and ident.how == "self":
-            # A single-process server ends here; uvicorn then re-raises SIGTERM, which would
-            # skip atexit and leave the segments behind.
-            release_owned()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[dict[str, Any]]:

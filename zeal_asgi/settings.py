@@ -81,7 +81,10 @@ class ZealSettings(BaseModel):
         if kind is StoreBackendKind.TABLE:
             return None
         if kind is StoreBackendKind.MEMCACHED:
-            return {"servers": self.memcached_servers, "prefix": self.key_prefix}
+            mc: dict[str, Any] = {"servers": self.memcached_servers, "prefix": self.key_prefix}
+            if self.on_error:
+                mc["on_error"] = self.on_error
+            return mc
         conn: dict[str, Any] = {
             "url": self.redis_url,
             "pool_size": self.redis_pool_size,

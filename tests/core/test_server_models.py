@@ -29,8 +29,10 @@ def servers() -> Iterator[list[ServerProc]]:
         s.close()
 
 
-def start(servers: list[ServerProc], kind: str, workers: int) -> ServerProc:
-    s = ServerProc(kind)
+def start(
+    servers: list[ServerProc], kind: str, workers: int, env: dict[str, str] | None = None
+) -> ServerProc:
+    s = ServerProc(kind, env=env)
     servers.append(s)
     s.wait_ready(workers)
     return s
@@ -110,10 +112,11 @@ def test_two_servers_share_nothing(servers: list[ServerProc]) -> None:
 def test_e4_killed_single_process_server_is_reclaimed_at_next_start(
     servers: list[ServerProc],
 ) -> None:
-    a = start(servers, "uvicorn", 1)
+    # without the janitor process, nothing unlinks a SIGKILLed owner's segments until the sweep
+    a = start(servers, "uvicorn", 1, env={"ZEAL_JANITOR": "0"})
     paths = a.get("/segments")["paths"]
     a.kill_group()
-    assert all(os.path.exists(p) for p in paths), "nothing unlinks a SIGKILLed owner's segments"
+    assert all(os.path.exists(p) for p in paths)
     t0 = time.monotonic()
     b = start(servers, "uvicorn", 1)  # its first segment runs the sweep
     swept = time.monotonic() - t0
@@ -126,6 +129,13 @@ def test_e4_killed_single_process_server_is_reclaimed_at_next_start(
     live = b.get("/segments")["paths"]
     b.stop()
     assert wait_gone(live) == []
+
+
+def test_killed_single_process_server_is_cleaned_by_its_janitor(servers: list[ServerProc]) -> None:
+    a = start(servers, "uvicorn", 1)
+    paths = a.get("/segments")["paths"]
+    a.kill_group()
+    assert wait_gone(paths, timeout=5.0) == []
 
 
 def test_e4_master_killed_segments_live_while_workers_live(servers: list[ServerProc]) -> None:

@@ -380,7 +380,7 @@ class Store:
         return await self._backend.mget(self.spec(table), list(keys))
 
     @_facade
-    async def mset(self, table: str, rows: Mapping[Key, Mapping[str, Any]]) -> int:
+    async def mset(self, table: str, rows: Mapping[Any, Mapping[str, Any]]) -> int:
         """Write many rows (all validated first); one round trip on Redis."""
         return await self._backend.mset(self.spec(table), rows)
 

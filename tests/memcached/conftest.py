@@ -1,0 +1,156 @@
+"""Fixtures of the memcached tests: backends on real servers, a raw client, a fault proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from tests.servers import HOST, Memcached, require_binary
+from zeal_asgi.store import Store
+from zeal_asgi.store.memcached import MemcachedBackend
+from zeal_asgi.store.table import TableBackend
+
+
+def raw_command(port: int, command: bytes, *, end: tuple[bytes, ...] = (b"END\r\n",)) -> bytes:
+    """Send one text-protocol command to memcached on its own socket; the whole reply."""
+    reply = b""
+    with socket.create_connection((HOST, port), timeout=2.0) as sock:
+        sock.sendall(command)
+        while not reply.endswith(end):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply
+
+
+def raw_get(port: int, key: bytes) -> bytes | None:
+    """The value stored at ``key``, read without zeal_asgi or aiomcache."""
+    reply = raw_command(port, b"get " + key + b"\r\n")
+    if reply == b"END\r\n":
+        return None
+    header, _, rest = reply.partition(b"\r\n")
+    size = int(header.split()[3])
+    return rest[:size]
+
+
+def raw_set(port: int, key: bytes, value: bytes) -> None:
+    """Store ``value`` at ``key`` behind zeal_asgi's back."""
+    cmd = b"set %s 0 0 %d\r\n%s\r\n" % (key, len(value), value)
+    assert raw_command(port, cmd, end=(b"STORED\r\n",)) == b"STORED\r\n"
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of this test only, so tests sharing the session server never meet."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def backend(memcached_server: Memcached, prefix: str) -> AsyncIterator[MemcachedBackend]:
+    """A memcached backend on the session server, closed after the test."""
+    b = MemcachedBackend(memcached_server.url, prefix=prefix, timeout=2.0)
+    yield b
+    await b.aclose()
+
+
+@pytest.fixture
+def store(backend: MemcachedBackend) -> Store:
+    """A Store served by ``backend``."""
+    return Store(backend=backend)
+
+
+@pytest.fixture
+def table_backend() -> Iterator[TableBackend]:
+    """The shared-memory reference backend, for comparisons; segments unlinked afterwards."""
+    tb = TableBackend(namespace=f"mcref-{uuid.uuid4().hex[:10]}")
+    yield tb
+    tb.close_all()
+
+
+@pytest.fixture(scope="module")
+def two_memcached() -> Iterator[tuple[Memcached, Memcached]]:
+    """Two memcached servers, for sharding."""
+    require_binary("memcached")
+    with Memcached() as a, Memcached() as b:
+        yield a, b
+
+
+@pytest.fixture
+def private_memcached() -> Iterator[Memcached]:
+    """A memcached of this test only, free to pause, kill and restart."""
+    require_binary("memcached")
+    with Memcached() as server:
+        yield server
+
+
+class HangupProxy:
+    """A TCP proxy in front of a real memcached that can drop replies and hang up.
+
+    With ``hangup`` set, the command reaches the server and runs, but the proxy closes the client
+    connection instead of passing the reply on: what a client sees when the server dies right
+    after executing a command.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.hangup = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> HangupProxy:
+        """Listen on a free loopback port."""
+        self._server = await asyncio.start_server(self._handle, HOST, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(HOST, self.upstream_port)
+        self._writers += (writer, up_writer)
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+                await up_writer.drain()
+            up_writer.close()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                if self.hangup:
+                    break
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        for coro in (upstream(), downstream()):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        """Stop listening and close every proxied connection."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for w in self._writers:
+            w.close()
+            with contextlib.suppress(OSError):
+                await w.wait_closed()
+
+
+@pytest.fixture
+async def hangup_proxy(memcached_server: Memcached) -> AsyncIterator[HangupProxy]:
+    """A :class:`HangupProxy` in front of the session memcached."""
+    proxy = await HangupProxy(memcached_server.port).start()
+    yield proxy
+    await proxy.aclose()

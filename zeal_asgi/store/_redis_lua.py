@@ -1,0 +1,282 @@
+"""Key layout and the Lua scripts that make each row operation one atomic step on Redis.
+
+Every compound operation (row + membership set + expiry) is a script, so the tracked count never
+drifts and readers never see half an operation.  Scripts touch only keys passed in ``KEYS``, all
+in one Cluster slot (see the hash tag in :class:`KeyLayout`).  Values are passed as ``ARGV``,
+never interpolated into the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+__all__ = [
+    "CAS",
+    "CLEAR_BATCH",
+    "COUNTER_CAS",
+    "DELETE",
+    "INCR_FLOAT",
+    "INCR_INT",
+    "MSET",
+    "SET",
+    "KeyLayout",
+    "Script",
+]
+
+MEMBERS = b"__keys__"
+_ESCAPED = re.compile(rb"_{2,}keys__")
+_GLOB_SPECIAL = re.compile(rb"([\\*?\[\]])")
+
+
+class KeyLayout:
+    """Names of every key and channel under one prefix.
+
+    Rows are hashes like ``zeal:{users}:alice`` (prefix, table, key): the braces around the
+    table name are a Redis Cluster hash tag, so a row and its table's membership set
+    ``zeal:{users}:__keys__`` always share one slot (one Lua script may touch both).  A user key
+    that would collide with the membership set (``__keys__``, or that with more leading
+    underscores) gets one more ``_``.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._p = prefix.encode("utf-8")
+
+    def table_base(self, table: str) -> bytes:
+        """``{prefix}:{table}:``, the start of every key of ``table``."""
+        return b"%s:{%s}:" % (self._p, table.encode("utf-8"))
+
+    def row(self, table: str, raw_key: bytes) -> bytes:
+        """The hash holding the row ``raw_key`` (validated key bytes)."""
+        if _ESCAPED.fullmatch(raw_key):
+            raw_key = b"_" + raw_key
+        return self.table_base(table) + raw_key
+
+    def members(self, table: str) -> bytes:
+        """The membership set of a tracked table (its members are the raw keys)."""
+        return self.table_base(table) + MEMBERS
+
+    def raw_key(self, table: str, row_key: bytes) -> bytes | None:
+        """The user key of a row key (``None`` for the membership set itself)."""
+        rest = row_key[len(self.table_base(table)) :]
+        if rest == MEMBERS:
+            return None
+        if rest.startswith(b"___") and _ESCAPED.fullmatch(rest):
+            return rest[1:]
+        return rest
+
+    def scan_pattern(self, table: str) -> bytes:
+        """A SCAN MATCH pattern for exactly the keys of ``table`` (glob characters escaped)."""
+        return _GLOB_SPECIAL.sub(rb"\\\1", self.table_base(table)) + b"*"
+
+    def counter(self, name: str) -> bytes:
+        """``{prefix}:counter:{name}``."""
+        return b"%s:counter:%s" % (self._p, name.encode("utf-8"))
+
+    def channel(self, channel: str | bytes) -> bytes:
+        """``{prefix}:ch:{channel}``."""
+        return b"%s:ch:%s" % (self._p, _b(channel))
+
+    def stream(self, stream: str | bytes) -> bytes:
+        """``{prefix}:stream:{stream}``."""
+        return b"%s:stream:%s" % (self._p, _b(stream))
+
+    def key(self, *parts: str | bytes) -> bytes:
+        """``{prefix}:{part}:{part}...``."""
+        return b":".join([self._p, *(_b(p) for p in parts)])
+
+
+def _b(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("utf-8")
+
+
+class Script:
+    """A Lua script run with EVALSHA, falling back to EVAL when the server lost it."""
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source.encode("utf-8")
+        self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest()
+
+    async def __call__(self, client: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+        """Run on ``client``; NOSCRIPT (after a restart or failover) means it did not run."""
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(self.source, len(keys), *keys, *args)
+
+    def queue(self, pipe: Any, keys: Sequence[bytes], args: Sequence[Any]) -> None:
+        """Add the script to a pipeline (EVAL: a pipeline cannot recover from NOSCRIPT)."""
+        pipe.eval(self.source, len(keys), *keys, *args)
+
+
+# Shared tail of the row scripts: ARGV[1] mode ('t' tracked, 'x' ttl, '-' neither),
+# ARGV[2] ttl seconds, ARGV[3] the member (raw key); KEYS[1] row, KEYS[2] membership set.
+_AFTER_WRITE = """
+local function after_write()
+  if ARGV[1] == 't' then redis.call('SADD', KEYS[2], ARGV[3])
+  elseif ARGV[1] == 'x' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+end
+local function create(first)
+  local n = tonumber(ARGV[first])
+  if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, first + 1, first + n)) end
+end
+"""
+
+SET = Script(
+    "set",
+    _AFTER_WRITE
+    + """
+-- ARGV[4] n zero-field args, ARGV[5..4+n] zeros of the columns not given, then given fields
+local n = tonumber(ARGV[4])
+if n > 0 and redis.call('EXISTS', KEYS[1]) == 0 then create(4) end
+if #ARGV > 4 + n then redis.call('HSET', KEYS[1], unpack(ARGV, 5 + n, #ARGV)) end
+after_write()
+return 1
+""",
+)
+
+MSET = Script(
+    "mset",
+    """
+-- KEYS[1..r] rows, KEYS[r+1] membership set; ARGV[1] mode, ARGV[2] ttl, then per row:
+-- member, nz, nf, nz zero-field args, nf given-field args
+local r = #KEYS - 1
+local pos = 3
+for i = 1, r do
+  local member, nz, nf = ARGV[pos], tonumber(ARGV[pos + 1]), tonumber(ARGV[pos + 2])
+  pos = pos + 3
+  if nz > 0 and redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('HSET', KEYS[i], unpack(ARGV, pos, pos + nz - 1))
+  end
+  pos = pos + nz
+  if nf > 0 then redis.call('HSET', KEYS[i], unpack(ARGV, pos, pos + nf - 1)) end
+  pos = pos + nf
+  if ARGV[1] == 't' then redis.call('SADD', KEYS[r + 1], member)
+  elseif ARGV[1] == 'x' then redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+end
+return r
+""",
+)
+
+DELETE = Script(
+    "delete",
+    """
+local n = redis.call('DEL', KEYS[1])
+if ARGV[1] == 't' then redis.call('SREM', KEYS[2], ARGV[3]) end
+return n
+""",
+)
+
+INCR_INT = Script(
+    "incr_int",
+    _AFTER_WRITE
+    + """
+-- ARGV[4] column, ARGV[5] step, ARGV[6] lo, ARGV[7] hi, ARGV[8] '1' for INT(8),
+-- ARGV[9] n zero-field args, ARGV[10..] zeros.  Reply {status, value}.
+local col = ARGV[4]
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+local raw = false
+if exists then raw = redis.call('HGET', KEYS[1], col) end
+if ARGV[8] == '1' then
+  -- INT(8): HINCRBY is exact 64-bit arithmetic and refuses to overflow (value unchanged).
+  -- The caller checked the step fits 64 bits, so a new row (from 0) cannot overflow.
+  if not exists then create(9) end
+  local r = redis.pcall('HINCRBY', KEYS[1], col, ARGV[5])
+  if type(r) == 'table' and r.err then return {'err', r.err, raw or '0'} end
+  after_write()
+  return {'ok', redis.call('HGET', KEYS[1], col)}
+end
+-- INT(1/2/4): doubles are exact here (|value| < 2^31, |step| < 2^33, checked by the caller).
+local cur = tonumber(raw or '0')
+if cur == nil then return {'bad', raw} end
+local nv = cur + tonumber(ARGV[5])
+if nv < tonumber(ARGV[6]) or nv > tonumber(ARGV[7]) then return {'overflow', raw or '0'} end
+if not exists then create(9) end
+local out = string.format('%d', nv)
+redis.call('HSET', KEYS[1], col, out)
+after_write()
+return {'ok', out}
+""",
+)
+
+INCR_FLOAT = Script(
+    "incr_float",
+    _AFTER_WRITE
+    + """
+-- ARGV[4] column, ARGV[5] step, ARGV[6] '1' when NaN/inf are allowed,
+-- ARGV[7] n zero-field args, ARGV[8..] zeros.  Reply {status, value}.
+local col = ARGV[4]
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+local raw = false
+if exists then raw = redis.call('HGET', KEYS[1], col) end
+local cur = tonumber(raw or '0')
+if cur == nil then return {'bad', raw} end
+local nv = cur + tonumber(ARGV[5])
+if ARGV[6] ~= '1' and (nv ~= nv or nv == math.huge or nv == -math.huge) then
+  return {'nonfinite', raw or '0'}
+end
+if not exists then create(7) end
+-- 17 significant digits identify a double exactly (Lua's tostring keeps only 14).
+local out = string.format('%.17g', nv)
+redis.call('HSET', KEYS[1], col, out)
+after_write()
+return {'ok', out}
+""",
+)
+
+CAS = Script(
+    "compare_and_set",
+    _AFTER_WRITE
+    + """
+-- ARGV[4] column, ARGV[5] kind ('i', 'f' or 's'), ARGV[6] expected, ARGV[7] new,
+-- ARGV[8] '1' when expected is the column's zero, ARGV[9] n zero-field args, ARGV[10..] zeros.
+-- A missing row compares as the zero row and is created only when the comparison succeeds.
+local col = ARGV[4]
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[8] ~= '1' then return 0 end
+  create(9)
+else
+  local raw = redis.call('HGET', KEYS[1], col)
+  local eq
+  if not raw then eq = ARGV[8] == '1'
+  elseif ARGV[5] == 'f' then eq = tonumber(raw) == tonumber(ARGV[6])
+  else eq = raw == ARGV[6] end
+  if not eq then return 0 end
+end
+redis.call('HSET', KEYS[1], col, ARGV[7])
+after_write()
+return 1
+""",
+)
+
+CLEAR_BATCH = Script(
+    "clear_batch",
+    """
+-- KEYS[1..n] rows, KEYS[n+1] membership set; ARGV = the n members.  Row and membership go
+-- together, so a concurrent set either survives whole or is removed whole.
+local removed = 0
+for i = 1, #KEYS - 1 do removed = removed + redis.call('UNLINK', KEYS[i]) end
+if #ARGV > 0 then redis.call('SREM', KEYS[#KEYS], unpack(ARGV)) end
+return removed
+""",
+)
+
+COUNTER_CAS = Script(
+    "counter_cas",
+    """
+-- A missing counter reads as 0, like the shared-memory Atomic.
+local v = redis.call('GET', KEYS[1])
+if not v then v = '0' end
+if v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  return 1
+end
+return 0
+""",
+)

@@ -1,0 +1,254 @@
+"""Typed encoding of row fields to the byte strings Redis and Memcached store, and back.
+
+Every network backend keeps a row's columns as byte strings: one hash field per column on Redis,
+one packed value per row on Memcached.  This module owns both encodings so every backend returns
+exactly what the shared-memory table returns: the full row in declaration order, typed ``int``,
+``float``, ``str`` or ``bytes``, with zeros or empty values for columns a row never had.
+
+Field encoding (one column, the bytes stored in a Redis hash field):
+
+=========  ====================================================================================
+INT        canonical decimal, ``b"-42"`` (what ``HINCRBY`` reads and writes)
+FLOAT      ``repr()`` of the double, ``b"0.1"``, ``b"-0.0"``, ``b"1e+100"``, ``b"inf"``: parsing
+           it back gives the identical double (Lua writes ``%.17g``, which round-trips too)
+STRING     UTF-8 bytes
+BYTES      the bytes themselves
+=========  ====================================================================================
+
+Row blob (one value per row, for stores without hashes such as Memcached)::
+
+    b"ZR1" | 8-byte schema fingerprint | per column, in declaration order: u32 length + field
+
+Decoding is strict: data that does not parse as its column's type or does not fit its column
+(written by another program, or under another schema) raises
+:class:`~zeal_asgi.errors.BackendResponseError` naming the table, key and column; it is never
+coerced, clipped or silently zeroed.  Nothing here unpickles or evaluates anything.
+
+Example::
+
+    codec = RowCodec(spec.schema, spec.name)
+    fields = codec.encode({"score": 3})          # {b"score": b"3"}, validated like the table
+    row = codec.decode({b"score": b"3"}, "k")    # {"name": "", "score": 3}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import struct
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from ..errors import BackendResponseError
+from ..schema import Column, ColumnType, Schema, validate_value
+
+__all__ = ["EMPTY_ROW_MARKER", "RowCodec", "decode_float", "encode_float"]
+
+EMPTY_ROW_MARKER = b""
+"""Hash field that keeps a row of a table without columns alive (Redis deletes empty hashes).
+
+Column names are never empty, so it cannot collide with a column; decoding ignores it.
+"""
+
+_BLOB_MAGIC = b"ZR1"
+_LEN = struct.Struct(">I")
+_INT_RE = re.compile(rb"-?(?:0|[1-9][0-9]*)")
+_FLOAT_RE = re.compile(
+    rb"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)",
+    re.IGNORECASE,
+)
+_INT_RANGES = {w: (-(2 ** (w * 8 - 1)), 2 ** (w * 8 - 1) - 1) for w in (1, 2, 4, 8)}
+_ZERO_FIELD = {
+    ColumnType.INT: b"0",
+    ColumnType.FLOAT: b"0.0",
+    ColumnType.STRING: b"",
+    ColumnType.BYTES: b"",
+}
+
+
+def encode_float(value: float) -> bytes:
+    """The stored form of a double: ``repr``, which parses back to the identical value."""
+    return repr(float(value)).encode("ascii")
+
+
+def decode_float(raw: bytes) -> float | None:
+    """Parse a stored double (``repr`` or ``%.17g`` form); ``None`` when it is not one."""
+    if _FLOAT_RE.fullmatch(raw) is None:
+        return None
+    return float(raw)
+
+
+class RowCodec:
+    """Encode and decode the rows of one table (its schema and name, for error messages)."""
+
+    def __init__(self, schema: Schema, table: str) -> None:
+        self.schema = schema
+        self.table = table
+        self._names = tuple(c.name.encode("utf-8") for c in schema.columns)
+        self._by_bytes = {n: c for n, c in zip(self._names, schema.columns, strict=True)}
+        blob = schema.to_blob() if schema.columns else b"{}"
+        self.fingerprint = hashlib.blake2b(blob, digest_size=8).digest()
+        """8 bytes identifying the schema, stored in every row blob."""
+
+    # -- encoding (values are validated with the table's rules first) --------------------------
+
+    def encode(self, row: object) -> dict[bytes, bytes]:
+        """Validate ``row`` (a mapping of column -> value) and encode the given columns.
+
+        Raises the table's typed errors (UnknownColumnError, ColumnTypeError, ...) before
+        anything is sent anywhere.
+        """
+        valid = self.schema.validate_row(row, self.table)
+        return {name.encode("utf-8"): self._encode(self._col(name), v) for name, v in valid.items()}
+
+    def encode_value(self, column: str, value: object) -> bytes:
+        """Validate and encode one value of ``column``."""
+        col = self.schema.column(column, self.table)
+        return self._encode(col, validate_value(col, value, self.table, self.schema.allow_nan))
+
+    def zero_fields(self, given: Collection[bytes] = ()) -> list[bytes]:
+        """Flat ``[field, value, ...]`` zeros for the columns not in ``given`` (a new row).
+
+        A table without columns gets the :data:`EMPTY_ROW_MARKER` field, so the row exists.
+        """
+        if not self._names:
+            return [EMPTY_ROW_MARKER, b""]
+        out: list[bytes] = []
+        for name, col in zip(self._names, self.schema.columns, strict=True):
+            if name not in given:
+                out += (name, _ZERO_FIELD[col.type])
+        return out
+
+    @staticmethod
+    def zero_field(col: Column) -> bytes:
+        """The stored form of a column's zero value."""
+        return _ZERO_FIELD[col.type]
+
+    def _col(self, name: str) -> Column:
+        return self.schema.column(name, self.table)
+
+    @staticmethod
+    def _encode(col: Column, value: Any) -> bytes:
+        if col.type is ColumnType.INT:
+            return str(int(value)).encode("ascii")
+        if col.type is ColumnType.FLOAT:
+            return encode_float(value)
+        if col.type is ColumnType.STRING:
+            return str(value).encode("utf-8")
+        return bytes(value)
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def decode(self, fields: Mapping[bytes, bytes], key: object) -> dict[str, Any] | None:
+        """The full row (declaration order) from stored fields; ``None`` when there are none.
+
+        Missing columns read as zero; fields that are not columns are ignored.
+        """
+        if not fields:
+            return None
+        return {
+            col.name: self.decode_value(col, fields.get(name), key)
+            for name, col in zip(self._names, self.schema.columns, strict=True)
+        }
+
+    def decode_value(self, col: Column, raw: bytes | None, key: object) -> Any:
+        """One column's value from its stored bytes (``None``: the column's zero)."""
+        if raw is None:
+            raw = _ZERO_FIELD[col.type]
+        if col.type is ColumnType.INT:
+            if _INT_RE.fullmatch(raw) is None:
+                raise self.corrupt_error(col, key, raw, "is not an integer")
+            value = int(raw)
+            lo, hi = _INT_RANGES[col.size]
+            if not lo <= value <= hi:
+                raise self.corrupt_error(
+                    col, key, raw, f"is outside [{lo}, {hi}] (INT({col.size}))"
+                )
+            return value
+        if col.type is ColumnType.FLOAT:
+            fv = decode_float(raw)
+            if fv is None:
+                raise self.corrupt_error(col, key, raw, "is not a number")
+            if not self.schema.allow_nan and not math.isfinite(fv):
+                raise self.corrupt_error(
+                    col, key, raw, "is not finite and the table refuses NaN/inf"
+                )
+            return fv
+        if len(raw) > col.size:
+            raise self.corrupt_error(
+                col, key, raw, f"is {len(raw)} bytes, over the {col.size} limit"
+            )
+        if col.type is ColumnType.STRING:
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise self.corrupt_error(col, key, raw, "is not UTF-8") from None
+        return bytes(raw)
+
+    def corrupt_error(self, col: Column, key: object, raw: bytes, why: str) -> BackendResponseError:
+        """The error for a stored value of ``col`` at ``key`` that is not valid (``why``)."""
+        shown = raw[:40] + (b"..." if len(raw) > 40 else b"")
+        return BackendResponseError(
+            f"stored value of column {col.name!r} of table {self.table!r}, key {key!r}: {shown!r} "
+            f"{why} (written by another program or under another schema?)"
+        )
+
+    # -- whole-row blobs (Memcached) -----------------------------------------------------------
+
+    def pack(self, row: Mapping[str, Any]) -> bytes:
+        """A full row (every column, already valid) as one blob; see the module docstring."""
+        parts = [_BLOB_MAGIC, self.fingerprint]
+        for col in self.schema.columns:
+            field = self._encode(col, row[col.name])
+            parts += (_LEN.pack(len(field)), field)
+        return b"".join(parts)
+
+    def unpack(self, blob: bytes, key: object) -> dict[str, Any]:
+        """The row stored by :meth:`pack`; BackendResponseError when it is not one of ours."""
+        head = len(_BLOB_MAGIC) + len(self.fingerprint)
+        if blob[: len(_BLOB_MAGIC)] != _BLOB_MAGIC:
+            raise BackendResponseError(
+                f"stored row of table {self.table!r}, key {key!r}: not a row blob"
+            )
+        if blob[len(_BLOB_MAGIC) : head] != self.fingerprint:
+            raise BackendResponseError(
+                f"stored row of table {self.table!r}, key {key!r} was written under another "
+                "schema (fingerprint mismatch)"
+            )
+        view = memoryview(blob)
+        pos = head
+        row: dict[str, Any] = {}
+        for col in self.schema.columns:
+            if pos + _LEN.size > len(blob):
+                raise BackendResponseError(
+                    f"stored row of table {self.table!r}, key {key!r} is truncated"
+                )
+            (n,) = _LEN.unpack_from(view, pos)
+            pos += _LEN.size
+            if pos + n > len(blob):
+                raise BackendResponseError(
+                    f"stored row of table {self.table!r}, key {key!r} is truncated"
+                )
+            row[col.name] = self.decode_value(col, bytes(view[pos : pos + n]), key)
+            pos += n
+        if pos != len(blob):
+            raise BackendResponseError(
+                f"stored row of table {self.table!r}, key {key!r} has {len(blob) - pos} "
+                "trailing bytes"
+            )
+        return row
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def key_out(self, raw: bytes) -> str | bytes:
+        """A stored key as the table returns it: ``bytes`` with binary keys, else ``str``."""
+        if self.schema.binary_keys:
+            return raw
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BackendResponseError(
+                f"stored key {raw!r} of table {self.table!r} is not UTF-8 (the table was made "
+                "without binary_keys)"
+            ) from None
