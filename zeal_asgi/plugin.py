@@ -10,11 +10,20 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 from ._segments import server_identity, verify_shared
 from .settings import ZealSettings
 from .store import Store, build_backend
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar
+
+    from .pubsub import PubSub
+    from .streams import Streams
+
+    _H = TypeVar("_H", bound=Callable[..., Any])
 
 __all__ = ["Service", "Zeal"]
 
@@ -61,6 +70,8 @@ class Zeal:
         self.services: list[Service] = []
         self._depth = 0
         self._started_services: list[Service] = []
+        self._pubsub: PubSub | None = None
+        self._streams: Streams | None = None
 
     @property
     def started(self) -> bool:
@@ -136,3 +147,50 @@ class Zeal:
     def stats(self) -> dict[str, Any]:
         """Store counters of this worker."""
         return self.store.stats()
+
+    @property
+    def pubsub(self) -> PubSub:
+        """The per-worker pub/sub subscriber of this app (a service, made on first use)."""
+        if self._pubsub is None:
+            from .pubsub import PubSub
+
+            self._pubsub = PubSub(self.store)
+            self.add_service(self._pubsub)
+        return self._pubsub
+
+    @overload
+    def subscribe(
+        self, channel: str, handler: None = None, **options: Any
+    ) -> Callable[[_H], _H]: ...
+    @overload
+    def subscribe(self, channel: str, handler: _H, **options: Any) -> _H: ...
+    def subscribe(self, channel: str, handler: Any = None, **options: Any) -> Any:
+        """Run ``handler(payload, channel)`` in every worker (decorator without ``handler``).
+
+        See :meth:`zeal_asgi.pubsub.PubSub.subscribe` for the options.
+        """
+        self.pubsub.prepare()
+        return self.pubsub.subscribe(channel, handler, **options)
+
+    @property
+    def streams(self) -> Streams:
+        """The per-worker reliable (Streams) consumers of this app (a service, made on use)."""
+        if self._streams is None:
+            from .streams import Streams
+
+            self._streams = Streams(self.store)
+            self.add_service(self._streams)
+        return self._streams
+
+    @overload
+    def subscribe_reliable(
+        self, stream: str, handler: None = None, **options: Any
+    ) -> Callable[[_H], _H]: ...
+    @overload
+    def subscribe_reliable(self, stream: str, handler: _H, **options: Any) -> _H: ...
+    def subscribe_reliable(self, stream: str, handler: Any = None, **options: Any) -> Any:
+        """At-least-once ``handler(payload, entry) -> bool`` on a Redis Stream (or decorator).
+
+        See :meth:`zeal_asgi.streams.Streams.subscribe` for ``group``, ``consumer`` and the rest.
+        """
+        return self.streams.subscribe(stream, handler, **options)

@@ -9,7 +9,17 @@ from __future__ import annotations
 import importlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import MethodType
-from typing import TYPE_CHECKING, Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Concatenate,
+    Generic,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    overload,
+)
 
 from ..errors import ConfigError, UnknownTableError, UnsupportedOperationError
 from ..schema import ColumnType, Schema, validate_key
@@ -37,10 +47,21 @@ R = TypeVar("R")
 M = TypeVar("M", bound="BaseModel")
 
 
-class _facade(Generic[P, R]):
-    """A method usable on the class (acting on ``Store.default()``) and on an instance."""
+class _HasDefault(Protocol):
+    @classmethod
+    def default(cls) -> Any: ...
 
-    def __init__(self, fn: Callable[Concatenate[Store, P], R]) -> None:
+
+S = TypeVar("S", bound=_HasDefault)
+
+
+class _facade(Generic[S, P, R]):
+    """A method usable on the class (acting on ``Owner.default()``) and on an instance.
+
+    Shared by ``Store`` and ``Cache``: any class with a ``default()`` classmethod can use it.
+    """
+
+    def __init__(self, fn: Callable[Concatenate[S, P], R]) -> None:
         self.fn = fn
         self.__doc__ = fn.__doc__
         self.__name__ = fn.__name__
@@ -48,10 +69,10 @@ class _facade(Generic[P, R]):
         self.__wrapped__ = fn
 
     @overload
-    def __get__(self, obj: None, owner: type[Store]) -> Callable[P, R]: ...
+    def __get__(self, obj: None, owner: type[S]) -> Callable[P, R]: ...
     @overload
-    def __get__(self, obj: Store, owner: type[Store]) -> Callable[P, R]: ...
-    def __get__(self, obj: Store | None, owner: type[Store]) -> Callable[P, R]:
+    def __get__(self, obj: S, owner: type[S]) -> Callable[P, R]: ...
+    def __get__(self, obj: S | None, owner: type[S]) -> Callable[P, R]:
         target = owner.default() if obj is None else obj
         bound: Callable[P, R] = MethodType(self.fn, target)
         return bound
@@ -342,6 +363,18 @@ class Store:
         return await self._backend.exists(self.spec(table), key)
 
     @_facade
+    async def exists_cached(self, table: str, key: Key) -> bool:
+        """``True`` when this host's memory holds the row (no network): the tiered backend's
+        fresh L1 copy, or the shared table itself; always ``False`` on redis and memcached."""
+        fn = getattr(self._backend, "exists_cached", None)
+        if fn is not None:
+            return bool(await fn(self.spec(table), key))
+        if self._backend.kind is StoreBackendKind.TABLE:
+            return await self.exists(table, key)
+        self._check_key(table, key)
+        return False
+
+    @_facade
     async def incr(self, table: str, key: Key, column: str, by: int | float = 1) -> int | float:
         """Atomically add ``by`` to a numeric column (creating the row); the new value."""
         t = self._shm.get(table)
@@ -437,6 +470,9 @@ class Store:
         """Backend counters: pool, pub/sub, breaker, tables."""
         out: dict[str, Any] = {"backend": str(self._backend.kind)}
         out.update(self._backend.stats())
+        from ..pubsub import messaging_stats  # pub/sub, streams and ws counters of this host
+
+        out.update(messaging_stats())
         return out
 
     @_facade

@@ -204,6 +204,12 @@ class TableBackend:
         """Shared memory is always there."""
         return True
 
+    async def publish(self, channel: str, payload: str | bytes) -> int:
+        """Same-host pub/sub through shared memory; the number of subscribed workers here."""
+        from .._pubsub_bus import publish_local
+
+        return publish_local(channel, payload)
+
     def stats(self) -> dict[str, Any]:
         """Per-table counters (shared by every worker of the host)."""
         return {"tables": {name: t.stats() for name, t in self._tables.items() if not t.closed}}

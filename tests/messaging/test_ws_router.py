@@ -1,0 +1,171 @@
+"""WSRouter pieces: conditional release, room bookkeeping, names, signed envelopes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from zeal_asgi._bus import close_host_bus
+from zeal_asgi._pubsub_rooms import RedisRegistry, Registry, ShmRegistry
+from zeal_asgi.errors import InvalidKeyError, KeyTypeError, SerializationError, ValueTooLargeError
+from zeal_asgi.pubsub import redis_backend_of
+from zeal_asgi.store import Store
+from zeal_asgi.ws import WSRouter, check_client_id, check_room
+
+
+class Socket:
+    """The two calls the router makes on a Starlette WebSocket, recording what it sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[str | bytes] = []
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(text)
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+@pytest.fixture(params=["table", "redis"])
+async def registry(request: pytest.FixtureRequest) -> AsyncIterator[Registry]:
+    if request.param == "table":
+        reg = ShmRegistry(owner_capacity=64, room_capacity=64)
+        yield reg
+        reg.close()
+        return
+    url = request.getfixturevalue("redis_url")
+    store = Store("redis", {"url": url})
+    await store.start()
+    yield RedisRegistry(redis_backend_of(store.backend))
+    await store.aclose()
+
+
+async def test_release_only_removes_the_matching_connection(registry: Registry) -> None:
+    await registry.set_owner("alice", "a" * 32, "w1")
+    await registry.set_owner("alice", "b" * 32, "w2")  # reconnected elsewhere
+    assert await registry.release_owner("alice", "a" * 32) is False  # the late close
+    assert await registry.get_owner("alice") == ("b" * 32, "w2")
+    assert await registry.release_owner("alice", "b" * 32) is True
+    assert await registry.get_owner("alice") is None
+    assert await registry.release_owner("alice", "") is False
+
+
+async def test_room_servers_follow_joins_and_leaves(registry: Registry) -> None:
+    assert await registry.join("r", "c1", "w1")
+    assert await registry.join("r", "c2", "w2")
+    assert await registry.join("r", "c3", "w1")
+    assert not await registry.join("r", "c3", "w1")  # already there
+    assert sorted(await registry.room_servers("r")) == ["w1", "w2"]
+    assert await registry.leave("r", "c2")
+    assert await registry.room_servers("r") == ["w1"]
+    assert await registry.join("r", "c1", "w2")  # moved: w1 keeps c3, w2 has c1
+    assert sorted(await registry.room_servers("r")) == ["w1", "w2"]
+    assert not await registry.leave("r", "c1", "w1")  # a late leave from the old worker
+    assert await registry.leave("r", "c3", "w1")
+    assert await registry.room_servers("r") == ["w2"]
+    assert await registry.leave("r", "c1")
+    assert await registry.room_servers("r") == []
+    assert await registry.room_servers("other") == []
+
+
+def test_names_are_validated() -> None:
+    for bad in ("", "a b", "x" * 65, "a/b", "{r}", "é"):
+        with pytest.raises(InvalidKeyError, match="room name"):
+            check_room(bad)
+    with pytest.raises(KeyTypeError):
+        check_room(3)
+    assert check_room("lobby-1.a_b") == "lobby-1.a_b"
+    with pytest.raises(InvalidKeyError, match="200"):
+        check_client_id("x" * 201)
+    with pytest.raises(InvalidKeyError):
+        check_client_id("")
+
+
+@pytest.fixture
+async def router() -> AsyncIterator[WSRouter]:
+    r = WSRouter(Store("table"), secret="a ws secret that is long enough")
+    await r.start()
+    yield r
+    await r.stop()
+    assert isinstance(r.registry, ShmRegistry)
+    r.registry.close()
+    close_host_bus()
+
+
+async def _wait(cond: Any, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+
+
+async def test_signed_envelopes_reject_forgery_and_replay(router: WSRouter) -> None:
+    sock = Socket()
+    conn = router.own("bob", sock)
+    assert len(conn) == 32 and int(conn, 16) >= 0  # 128 random bits
+    channel = router._channel(router.worker)
+    assert router.signer is not None
+    good = router.signer.sign({"t": "d", "c": "bob", "n": conn, "p": "hi"})
+    assert await router.pubsub.publish_system(channel, good) == 1
+    await _wait(lambda: sock.sent == ["hi"])
+    forged = json.loads(good)
+    forged["p"] = "evil"
+    await router.pubsub.publish_system(channel, json.dumps(forged).encode())  # bad MAC
+    await router.pubsub.publish_system(channel, good)  # replayed nonce
+    unsigned = {"t": "d", "c": "bob", "n": conn, "p": "unsigned"}
+    await router.pubsub.publish_system(channel, json.dumps(unsigned).encode())
+    signer = router.signer
+    await _wait(lambda: sum(signer.counter.rejected.values()) == 3)
+    assert router.signer.counter.rejected["bad_mac"] == 1
+    assert router.signer.counter.rejected["replay"] == 1
+    assert router.signer.counter.rejected["malformed"] == 1
+    assert sock.sent == ["hi"]
+
+
+async def test_delivery_needs_the_current_conn_id(router: WSRouter) -> None:
+    old, new = Socket(), Socket()
+    first = router.own("carol", old)
+    second = router.own("carol", new)  # same client id, new connection on this worker
+    assert await router.send_to_client("carol", "to-old", conn_id=first) is False
+    assert await router.send_to_client("carol", "to-new", conn_id=second) is True
+    assert await router.send_to_client("carol", {"k": 1}) is True
+    assert await router.send_to_client("carol", b"\x00\x01") is True
+    await _wait(lambda: len(new.sent) == 3)
+    assert new.sent == ["to-new", '{"k":1}', b"\x00\x01"]
+    assert old.sent == []
+    with pytest.raises(ValueTooLargeError, match="65536"):
+        await router.send_to_client("carol", "x" * 70_000)
+    with pytest.raises(SerializationError):
+        await router.send_to_client("carol", object())  # type: ignore[arg-type]
+    assert await router.release("carol", first) is False  # not the row's connection
+    assert await router.release("carol", second) is True
+    assert await router.send_to_client("carol", "after") is False
+
+
+async def test_rooms_and_presence_are_separate(router: WSRouter) -> None:
+    events: list[tuple[str, str, str]] = []
+    router.on_presence(lambda e, r, c: events.append((e, r, c)))
+    s1, s2 = Socket(), Socket()
+    router.own("u1", s1)
+    router.own("u2", s2)
+    assert await router.join("lobby", "u1")
+    assert await router.join("lobby", "u2")
+    assert await router.room_servers("lobby") == [router.worker]
+    # a user payload that looks like presence is still just a payload
+    assert await router.broadcast("lobby", {"type": "join", "client_id": "x"}) == 1
+    await _wait(lambda: len(s1.sent) == 1 and len(s2.sent) == 1)
+    assert json.loads(s1.sent[0]) == {"type": "join", "client_id": "x"}
+    await _wait(lambda: len(events) == 2)
+    assert events == [("join", "lobby", "u1"), ("join", "lobby", "u2")]
+    assert await router.leave("lobby", "u2")
+    assert await router.broadcast("lobby", "only-u1") == 1
+    await _wait(lambda: s1.sent[-1] == "only-u1")
+    assert len(s2.sent) == 1
+    with pytest.raises(InvalidKeyError):
+        await router.join("bad room", "u1")
+    assert not await router.join("lobby", "nobody")

@@ -1,0 +1,77 @@
+"""``zeal.subscribe`` / ``zeal.subscribe_reliable``: function and decorator forms, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from tests.servers import RedisServer
+from zeal_asgi import Zeal
+from zeal_asgi._bus import close_host_bus
+from zeal_asgi.errors import ConfigError, UnsupportedOperationError
+from zeal_asgi.store import Store
+from zeal_asgi.streams import StreamEntry, apply_once, idempotent
+
+
+async def _wait(cond: Any, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+
+
+async def test_subscribe_forms_on_the_table_backend() -> None:
+    zeal = Zeal(store=Store("table"))
+    got: list[tuple[str, str]] = []
+
+    @zeal.subscribe("alerts.*")
+    async def on_alert(payload: str, channel: str) -> None:
+        got.append((payload, channel))
+
+    zeal.subscribe("plain", lambda p, c: got.append((p, c)))
+    with pytest.raises(ConfigError, match="overflow"):
+        zeal.subscribe("x", lambda p, c: None, overflow="block")
+    try:
+        async with zeal:
+            assert await zeal.store.publish("alerts.disk", "90%") == 1
+            assert await zeal.store.publish("plain", "p") == 1
+            await _wait(lambda: len(got) == 2)
+            assert ("90%", "alerts.disk") in got and ("p", "plain") in got
+            assert zeal.stats()["pubsub"]["state"] == "subscribed"
+            with pytest.raises(UnsupportedOperationError, match="Streams"):
+                await zeal.store.publish_reliable("s", "x")
+        assert zeal.pubsub.state == "stopped"
+        assert zeal.pubsub.subscriptions[0].task is None  # cancelled and awaited
+    finally:
+        close_host_bus()
+
+
+@pytest.mark.redis
+async def test_subscribe_reliable_forms(redis_server: RedisServer) -> None:
+    redis_server.command("FLUSHALL")
+    store = Store("redis", {"url": redis_server.url})
+    zeal = Zeal(store=store)
+    done: list[str] = []
+
+    @zeal.subscribe_reliable("orders", block_ms=100)
+    async def on_order(payload: str, entry: StreamEntry) -> bool:
+        # exactly-once effect + a claim for an outside effect
+        await apply_once(f"order:{entry.id}", [("INCRBY", "orders:total", 1)], store=store)
+        if await idempotent(f"mail:{payload}", ttl=60, store=store):
+            done.append(payload)
+        return True
+
+    async with zeal:
+        await store.publish_reliable("orders", "o1")
+        await store.publish_reliable("orders", "o1")  # same business key twice
+        await _wait(lambda: zeal.streams.counters["acked"] == 2)
+        assert done == ["o1"]
+        assert redis_server.command("GET", "zeal:orders:total") == b"2"
+        groups = redis_server.command("XINFO", "GROUPS", "zeal:stream:orders")
+        assert isinstance(groups, list) and len(groups) == 1
+        assert b"on_order" in groups[0][1]  # type: ignore[index,operator]
+    with pytest.raises(ConfigError):
+        await apply_once("k", [("FLUSHALL", "x")], store=store)

@@ -1,0 +1,79 @@
+"""The pub/sub transport of the table backend: the host bus in shared memory (one host)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ._bus import host_bus
+from ._bus_reader import BusSubscriber
+from ._pubsub_common import Topic
+
+__all__ = ["BusTransport", "publish_local", "user_wire"]
+
+
+def user_wire(channel: str) -> str:
+    """Wire name of a user channel on the bus (system topics use another namespace)."""
+    return "u:" + channel
+
+
+def publish_local(channel: str, payload: str | bytes) -> int:
+    """``Store.publish`` on the table backend: the number of subscribed workers of this host."""
+    from ._pubsub_common import as_bytes, validate_channel
+
+    validate_channel(channel)
+    return host_bus().publish(user_wire(channel), as_bytes(payload))
+
+
+class BusTransport:
+    """Reads the host bus for one worker; never disconnects (shared memory has no outage)."""
+
+    kind = "host_bus"
+
+    def __init__(self, count: Callable[[str, int], None] | None = None) -> None:
+        self.bus = host_bus()
+        self.sub: BusSubscriber | None = None
+        self._count = count
+
+    def wire(self, topic: Topic) -> str:
+        """``u:<channel>`` for user topics, ``s:<name>`` for system topics."""
+        return ("s:" if topic.system else "u:") + topic.name
+
+    def user_channel(self, wire: str, topic: Topic) -> str:
+        """Strip the namespace."""
+        return wire[2:]
+
+    async def open(self, topics: list[Topic]) -> None:
+        """Register this worker and its topics in the shared registry."""
+        sub = BusSubscriber(self.bus, self._count)
+        try:
+            for t in topics:
+                sub.add(self.wire(t), t.pattern)
+        except BaseException:
+            sub.close()
+            raise
+        self.sub = sub
+
+    async def listen(self, deliver: Callable[[str, str | None, bytes], None]) -> None:
+        """Read the ring until cancelled."""
+        assert self.sub is not None
+        await self.sub.run(deliver)
+
+    async def add(self, topic: Topic) -> None:
+        """Subscribe one more topic."""
+        if self.sub is not None:
+            self.sub.add(self.wire(topic), topic.pattern)
+
+    async def remove(self, topic: Topic) -> None:
+        """Unsubscribe a topic."""
+        if self.sub is not None:
+            self.sub.remove(self.wire(topic), topic.pattern)
+
+    async def close(self) -> None:
+        """Unregister this worker."""
+        sub, self.sub = self.sub, None
+        if sub is not None:
+            sub.close()
+
+    async def publish(self, topic: Topic, payload: bytes) -> int:
+        """Append to the ring; the number of subscribed workers on this host."""
+        return self.bus.publish(self.wire(topic), payload)

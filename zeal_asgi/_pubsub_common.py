@@ -1,0 +1,126 @@
+"""Names shared by the pub/sub modules: channel rules, topics, the transport contract."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ._bus import CHANNEL_MAX
+from .errors import InvalidKeyError, KeyTypeError, SerializationError
+
+__all__ = [
+    "Topic",
+    "Transport",
+    "as_bytes",
+    "is_pattern",
+    "redis_backend_of",
+    "validate_channel",
+]
+
+_GLOB = frozenset("*?[")
+
+
+def validate_channel(channel: object, what: str = "channel") -> str:
+    """A channel (or pattern) name, or a typed error naming the limit."""
+    if not isinstance(channel, str):
+        raise KeyTypeError(f"a pub/sub {what} is a str, got {type(channel).__name__}")
+    if not channel:
+        raise InvalidKeyError(f"empty pub/sub {what} name")
+    try:
+        n = len(channel.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidKeyError(f"pub/sub {what} {channel!r} is not encodable as UTF-8") from exc
+    if n > CHANNEL_MAX:
+        raise InvalidKeyError(f"pub/sub {what} name is {n} bytes; the limit is {CHANNEL_MAX} bytes")
+    return channel
+
+
+def is_pattern(channel: str) -> bool:
+    """True when ``channel`` has a glob metacharacter (``*``, ``?`` or ``[``)."""
+    return not _GLOB.isdisjoint(channel)
+
+
+def as_bytes(payload: object) -> bytes:
+    """A payload as bytes (``str`` is UTF-8 encoded)."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, str):
+        try:
+            return payload.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise SerializationError("pub/sub payload is not encodable as UTF-8") from exc
+    if isinstance(payload, (bytearray, memoryview)):
+        return bytes(payload)
+    raise SerializationError(f"a pub/sub payload is str or bytes, got {type(payload).__name__}")
+
+
+def redis_backend_of(backend: object) -> Any:
+    """The Redis-capable object serving ``backend``, or ``None``.
+
+    Asks the backend rather than checking its class, so wrappers (the circuit breaker, the
+    tiered backend) that delegate ``dedicated_client``/``channel_name`` are seen through.
+    """
+    seen: set[int] = set()
+    cur: object = backend
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if callable(getattr(cur, "dedicated_client", None)) and callable(
+            getattr(cur, "channel_name", None)
+        ):
+            return cur
+        nxt = None
+        for attr in ("redis", "l2", "primary", "inner", "wrapped", "backend"):
+            cand = getattr(cur, attr, None)
+            if cand is not None and cand is not cur and not callable(cand):
+                nxt = cand
+                break
+        cur = nxt
+    return None
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A channel or pattern; ``system`` topics live in a namespace user channels cannot reach."""
+
+    name: str
+    pattern: bool = False
+    system: bool = False
+
+
+class Transport(Protocol):
+    """How a worker's subscriber reaches the messages (Redis pub/sub or the host bus)."""
+
+    kind: str
+
+    def wire(self, topic: Topic) -> str:
+        """The channel (or pattern) name on the wire."""
+        ...
+
+    def user_channel(self, wire: str, topic: Topic) -> str:
+        """The name a handler sees for a message on ``wire`` matched by ``topic``."""
+        ...
+
+    async def open(self, topics: list[Topic]) -> None:
+        """Connect and subscribe to every topic (raises on failure)."""
+        ...
+
+    async def listen(self, deliver: Callable[[str, str | None, bytes], None]) -> None:
+        """Deliver messages until the connection is lost (raises) or the task is cancelled."""
+        ...
+
+    async def add(self, topic: Topic) -> None:
+        """Subscribe one more topic on the open connection (no-op when closed)."""
+        ...
+
+    async def remove(self, topic: Topic) -> None:
+        """Unsubscribe a topic (no-op when closed)."""
+        ...
+
+    async def close(self) -> None:
+        """Close the connection; idempotent."""
+        ...
+
+    async def publish(self, topic: Topic, payload: bytes) -> int:
+        """Publish on ``topic``; the number of receivers."""
+        ...

@@ -1,0 +1,301 @@
+"""Where WebSocket clients live: owner rows and room rosters, in Redis or in shared memory.
+
+Both registries offer the same operations, each atomic:
+
+* owner row per client: ``conn_id`` + the worker that holds the socket; ``release_owner``
+  deletes it only when the ``conn_id`` still matches (a late close of an old connection never
+  removes the row of the client's new connection);
+* room roster: member -> worker, and per room a worker -> member-count map, so ``room_servers``
+  lists the workers to publish a room message to (targeted, no global fan-out).  Join and leave
+  update both in one step (Lua on Redis, a host-wide stripe lock on shared memory).
+
+Redis keys (all prefixed; ``{room}`` is a Cluster hash tag so one script touches one slot)::
+
+    {prefix}:ws:owner:{client_id}          hash  c=conn_id w=worker
+    {prefix}:ws:room:{<room>}:members      hash  client_id -> worker
+    {prefix}:ws:room:{<room>}:servers      hash  worker -> members on it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from .errors import LockTimeoutError, ZealError
+
+__all__ = ["RedisRegistry", "Registry", "ShmRegistry"]
+
+SEP = "\x1f"
+_STRIPES = 64
+_LOCK_TIMEOUT = 2.0
+
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_JOIN = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old == ARGV[2] then return 0 end
+if old then
+  if redis.call('HINCRBY', KEYS[2], old, -1) <= 0 then redis.call('HDEL', KEYS[2], old) end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+return 1
+"""
+_LEAVE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return 0 end
+if ARGV[2] ~= '' and old ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HINCRBY', KEYS[2], old, -1) <= 0 then redis.call('HDEL', KEYS[2], old) end
+return 1
+"""
+
+
+class Registry(Protocol):
+    """Owner rows and room rosters (see the module docstring)."""
+
+    async def set_owner(self, client_id: str, conn_id: str, worker: str) -> None:
+        """Record that ``worker`` holds ``client_id``'s socket ``conn_id`` (newest wins)."""
+        ...
+
+    async def get_owner(self, client_id: str) -> tuple[str, str] | None:
+        """``(conn_id, worker)`` or ``None``."""
+        ...
+
+    async def release_owner(self, client_id: str, conn_id: str) -> bool:
+        """Delete the row only if it still names ``conn_id``; ``True`` when deleted."""
+        ...
+
+    async def join(self, room: str, client_id: str, worker: str) -> bool:
+        """Add (or move) a member; ``True`` when something changed."""
+        ...
+
+    async def leave(self, room: str, client_id: str, worker: str = "") -> bool:
+        """Remove a member (only if on ``worker`` when given); ``True`` when removed."""
+        ...
+
+    async def room_servers(self, room: str) -> list[str]:
+        """Workers holding at least one member of ``room``."""
+        ...
+
+
+def _b2s(v: Any) -> str:
+    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
+
+
+class RedisRegistry:
+    """The registry in Redis (every node sees it)."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self._sha: dict[str, str] = {}
+
+    def _owner_key(self, client_id: str) -> str:
+        return str(self.redis.key("ws", "owner", client_id))
+
+    def _room_keys(self, room: str) -> list[str]:
+        tag = "{" + room + "}"
+        return [
+            str(self.redis.key("ws", "room", tag, "members")),
+            str(self.redis.key("ws", "room", tag, "servers")),
+        ]
+
+    async def _eval(self, script: str, keys: list[str], args: list[str], what: str) -> Any:
+        sha = self._sha.get(script)
+        if sha is None:
+            sha = self._sha[script] = hashlib.sha1(
+                script.encode(), usedforsecurity=False
+            ).hexdigest()
+
+        from redis.exceptions import NoScriptError
+
+        async def op(c: Any) -> Any:
+            try:
+                return await c.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return await c.eval(script, len(keys), *keys, *args)
+
+        return await self.redis.run(op, what=what, idempotent=False)
+
+    async def set_owner(self, client_id: str, conn_id: str, worker: str) -> None:
+        """HSET the owner row."""
+        key = self._owner_key(client_id)
+        await self.redis.run(
+            lambda c: c.hset(key, mapping={"c": conn_id, "w": worker}),
+            what="ws owner row",
+            idempotent=True,
+        )
+
+    async def get_owner(self, client_id: str) -> tuple[str, str] | None:
+        """HMGET the owner row."""
+        key = self._owner_key(client_id)
+        conn, worker = await self.redis.run(
+            lambda c: c.hmget(key, ["c", "w"]), what="ws owner lookup", idempotent=True
+        )
+        if not conn or not worker:
+            return None
+        return _b2s(conn), _b2s(worker)
+
+    async def release_owner(self, client_id: str, conn_id: str) -> bool:
+        """Conditional delete (Lua)."""
+        res = await self._eval(_RELEASE, [self._owner_key(client_id)], [conn_id], "ws release")
+        return bool(res)
+
+    async def join(self, room: str, client_id: str, worker: str) -> bool:
+        """Roster + per-worker count in one script."""
+        res = await self._eval(_JOIN, self._room_keys(room), [client_id, worker], "ws join")
+        return bool(res)
+
+    async def leave(self, room: str, client_id: str, worker: str = "") -> bool:
+        """Roster + per-worker count in one script."""
+        res = await self._eval(_LEAVE, self._room_keys(room), [client_id, worker], "ws leave")
+        return bool(res)
+
+    async def room_servers(self, room: str) -> list[str]:
+        """HSCAN in pages (a room's worker map is never loaded in one unbounded reply)."""
+        key = self._room_keys(room)[1]
+        out: list[str] = []
+        cursor = 0
+        while True:
+
+            def page_op(c: Any, cur: int = cursor) -> Any:
+                return c.hscan(key, cur, count=256)
+
+            cursor, page = await self.redis.run(page_op, what="ws room servers", idempotent=True)
+            out.extend(_b2s(w) for w, n in page.items() if int(n) > 0)
+            if not cursor:
+                return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ShmRegistry:
+    """The registry in shared-memory tables: every worker of this host, no Redis.
+
+    Allocated when the router is made (before workers start).  Conditional updates hold one of
+    ``64`` host-wide stripe locks (a CAS on a shared row; a lock whose holder died is taken
+    over); the sections never await, so they last microseconds.
+    """
+
+    def __init__(self, *, owner_capacity: int = 65536, room_capacity: int = 65536) -> None:
+        from ._ext import Table
+
+        self.owner = Table(
+            owner_capacity,
+            {"c": ("string", 32), "w": ("string", 160)},
+            name="__zeal_ws_owner__",
+            key_size=256,
+        )
+        self.members = Table(
+            room_capacity, {"w": ("string", 160)}, name="__zeal_ws_members__", key_size=384
+        )
+        self.servers = Table(
+            room_capacity, {"n": ("int", 4)}, name="__zeal_ws_servers__", key_size=256
+        )
+        self.locks = Table(_STRIPES, {"holder": ("int", 8)}, name="__zeal_ws_locks__")
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        stripe = str(int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest()) % 64)
+        me = os.getpid()
+        deadline = time.monotonic() + _LOCK_TIMEOUT
+        locks = self.locks
+        while not locks.compare_and_set(stripe, "holder", 0, me):
+            holder = locks.get(stripe, "holder") or 0
+            if holder and (holder == me or not _pid_alive(holder)):
+                # ours from a section that never finished (impossible without a crash) or a
+                # dead process's: take it over
+                if locks.compare_and_set(stripe, "holder", holder, me):
+                    break
+                continue
+            if time.monotonic() > deadline:
+                raise LockTimeoutError(
+                    f"ws registry stripe {stripe} held by pid {holder} for over {_LOCK_TIMEOUT} s"
+                )
+            time.sleep(0)
+        try:
+            yield
+        finally:
+            locks.compare_and_set(stripe, "holder", me, 0)
+
+    async def set_owner(self, client_id: str, conn_id: str, worker: str) -> None:
+        """One atomic row write."""
+        self.owner.set(client_id, {"c": conn_id, "w": worker})
+
+    async def get_owner(self, client_id: str) -> tuple[str, str] | None:
+        """One atomic row read."""
+        row = self.owner.get(client_id)
+        if row is None or not row["c"]:
+            return None
+        return str(row["c"]), str(row["w"])
+
+    async def release_owner(self, client_id: str, conn_id: str) -> bool:
+        """Compare and delete under the client's stripe lock."""
+        with self._locked("o" + client_id):
+            if self.owner.get(client_id, "c") != conn_id:
+                return False
+            return bool(self.owner.delete(client_id))
+
+    def _dec(self, room: str, worker: str) -> None:
+        key = room + SEP + worker
+        if self.servers.incr(key, "n", -1) <= 0:
+            self.servers.delete(key)
+
+    async def join(self, room: str, client_id: str, worker: str) -> bool:
+        """Roster + per-worker count under the room's stripe lock."""
+        mkey = room + SEP + client_id
+        with self._locked("r" + room):
+            old = self.members.get(mkey, "w")
+            if old == worker:
+                return False
+            if old is not None:
+                self._dec(room, str(old))
+            self.servers.incr(room + SEP + worker, "n", 1)
+            try:
+                self.members.set(mkey, {"w": worker})
+            except ZealError:
+                self._dec(room, worker)  # the roster is full: undo the count
+                raise
+            return True
+
+    async def leave(self, room: str, client_id: str, worker: str = "") -> bool:
+        """Roster + per-worker count under the room's stripe lock."""
+        mkey = room + SEP + client_id
+        with self._locked("r" + room):
+            old = self.members.get(mkey, "w")
+            if old is None or (worker and old != worker):
+                return False
+            self.members.delete(mkey)
+            self._dec(room, str(old))
+            return True
+
+    async def room_servers(self, room: str) -> list[str]:
+        """Scan of the per-worker counts (one host: a few thousand rows at most)."""
+        pre = room + SEP
+        return [
+            str(k)[len(pre) :]
+            for k, row in self.servers.items()
+            if str(k).startswith(pre) and row["n"] > 0
+        ]
+
+    def close(self) -> None:
+        """Unlink the tables (tests)."""
+        from ._segments import destroy
+
+        for t in (self.owner, self.members, self.servers, self.locks):
+            if not t.closed:
+                destroy(t)
