@@ -19,6 +19,7 @@ __all__ = [
     "CapacityError",
     "ColumnTypeError",
     "ConfigError",
+    "ContentionError",
     "InsecureCacheDirError",
     "IntegerOverflowError",
     "InvalidKeyError",
@@ -163,6 +164,13 @@ class BackendUnavailableError(BackendError, ConnectionError):
 
 class BackendTimeoutError(BackendError, TimeoutError):
     """The backend did not answer within the configured timeout."""
+
+
+class ContentionError(BackendTimeoutError):
+    """An optimistic update (compare-and-swap) kept losing to other writers until its deadline.
+
+    The backend is up and answering: a circuit breaker does not count this as an outage.
+    """
 
 
 class PoolTimeoutError(BackendTimeoutError):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .._ext import Table
 from .._hoststats import host_stats
-from ..errors import ConfigError, LockTimeoutError, PoolTimeoutError
+from ..errors import ConfigError, ContentionError, LockTimeoutError, PoolTimeoutError
 
 if TYPE_CHECKING:
     from .._shmtable import Table as TableT
@@ -106,7 +106,7 @@ def is_outage(exc: BaseException) -> bool:
     saturation: if the backend is slow, the calls holding the connections time out and count).
     """
     return isinstance(exc, (ConnectionError, TimeoutError)) and not isinstance(
-        exc, (LockTimeoutError, PoolTimeoutError)
+        exc, (LockTimeoutError, PoolTimeoutError, ContentionError)
     )
 
 

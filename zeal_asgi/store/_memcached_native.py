@@ -29,8 +29,8 @@ import time
 from ..errors import (
     BackendError,
     BackendResponseError,
-    BackendTimeoutError,
     ColumnTypeError,
+    ContentionError,
     IntegerOverflowError,
 )
 from ._memcached_conn import NonNumericValue, ServerPool, cas_op, record
@@ -93,12 +93,13 @@ async def backoff(attempt: int, deadline: float, what: str) -> None:
     """Sleep before retry ``attempt`` of a lost ``cas`` race (full jitter), or give up.
 
     Raises:
-        BackendTimeoutError: ``deadline`` (monotonic) has passed.
+        ContentionError: ``deadline`` (monotonic) has passed (a BackendTimeoutError that a
+            circuit breaker does not count as an outage).
     """
     record("memcached_cas_retries")
     if time.monotonic() >= deadline:
         record("memcached_cas_exhausted")
-        raise BackendTimeoutError(
+        raise ContentionError(
             f"memcached: {what} lost the compare-and-swap race {attempt} times in a row; gave up "
             "at the cas_timeout (the key is heavily contended)"
         )
