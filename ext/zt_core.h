@@ -927,12 +927,13 @@ static int zt_incr_float(zt_table *t, const char *key, uint16_t klen, const zt_c
     PyThreadState *ts = NULL;
     zt_lockslot *stripe;
     int created;
-    zt_delta d = {ci, 0, by, NULL, 0};
+    /* a new row holds 0.0 + by: the sum, not the step (0.0 + -0.0 is +0.0) */
+    zt_delta d = {ci, 0, 0.0 + by, NULL, 0};
     int64_t r = zt_locate(t, key, klen, h, 1, cols, &d, 1, &stripe, &ts, &created);
     if (r < 0) { zt_regain_gil(&ts); return (int)r; }
     int rc = ZT_OK;
     if (created) {
-        *out = by;
+        *out = d.f;
     } else {
         char *row = zt_row(t, (uint32_t)r);
         double nv = zt_get_float(row, c) + by;

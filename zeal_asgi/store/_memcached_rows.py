@@ -47,10 +47,16 @@ def native_column(spec: TableSpec) -> Column | None:
 
 
 def expiry(spec: TableSpec) -> int:
-    """The memcached exptime of a write to ``spec`` (0: never; absolute beyond 30 days)."""
+    """The memcached exptime of a write to ``spec`` (0: never; absolute beyond 30 days).
+
+    memcached's clock ticks in whole seconds, so an exptime of ``ttl`` lets a row vanish up to a
+    second early; one more second makes it live at least ``ttl`` (at most ``ttl + 1``), like the
+    other backends' "expires after ttl".
+    """
     if spec.mode != "ttl" or not spec.ttl:
         return 0
-    return spec.ttl if spec.ttl <= _RELATIVE_TTL_MAX else int(time.time()) + spec.ttl
+    ttl = spec.ttl + 1
+    return ttl if ttl <= _RELATIVE_TTL_MAX else int(time.time()) + ttl
 
 
 def check_step(col: Column, by: object, table: str, allow_nan: bool) -> int | float:

@@ -162,9 +162,14 @@ class TableBackend:
     ) -> bool:
         """Atomic compare-and-set of one column."""
         spec.schema.column(column, spec.name)
-        if spec.mode == "ttl":
-            await self.get(spec, key)
-        return self.table(spec.name).compare_and_set(key, column, expected, new)
+        t = self.table(spec.name)
+        if spec.mode == "ttl" and spec.ttl:
+            await self.get(spec, key)  # drops an expired row first
+            swapped = t.compare_and_set(key, column, expected, new)
+            if swapped:
+                t.set(key, {_EXPIRES: time.time() + spec.ttl})
+            return swapped
+        return t.compare_and_set(key, column, expected, new)
 
     async def count(self, spec: TableSpec) -> int:
         """O(1) row count (a TTL table counts expired rows until they are read or swept)."""

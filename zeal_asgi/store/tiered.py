@@ -256,6 +256,8 @@ class TieredBackend:
 
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys`` from L2 in one round trip; whole rows then fill L1."""
+        for k in keys:
+            self._check(spec, k)  # typed errors before L1 sees a key
         tokens = [self._l1.snapshot(spec.name, k) for k in keys]
         synced = self._sync.synced
         rows = await self._l2.mget(spec, keys)

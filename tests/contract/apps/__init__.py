@@ -1,0 +1,1 @@
+"""ASGI apps that the contract tests run as real server processes."""
