@@ -18,8 +18,8 @@ def test_url_fields_and_defaults() -> None:
     assert (cfg.username, cfg.password, cfg.tls) == ("user", "p@ss", False)
     # every knob explicit, with the documented defaults
     assert (cfg.pool_size, cfg.prefix, cfg.retries) == (8, "zeal", 2)
-    assert (cfg.socket_timeout, cfg.connect_timeout, cfg.acquire_timeout) == (1.0, 1.0, 0.1)
-    assert cfg.deadline == pytest.approx(1.1)
+    assert (cfg.socket_timeout, cfg.connect_timeout, cfg.acquire_timeout) == (1.0, 1.0, 0.5)
+    assert cfg.deadline == pytest.approx(1.5)
     assert "p@ss" not in cfg.describe() and "***" in cfg.describe()
     assert "p@ss" not in repr(cfg)
 

@@ -91,8 +91,11 @@ class RedisConfig:
     """Seconds to wait for one reply."""
     connect_timeout: float = 1.0
     """Seconds to open a connection (TCP and TLS)."""
-    acquire_timeout: float = 0.1
-    """Seconds to wait for a free connection before PoolTimeoutError."""
+    acquire_timeout: float = 0.5
+    """Seconds to wait for a free connection before PoolTimeoutError.  Short enough to shed load
+    instead of queueing without bound, long enough that a busy worker (dozens of requests in
+    flight on its 8 connections, its event loop saturated) does not fail requests that a
+    healthy Redis would serve a few milliseconds later."""
     health_check_interval: float = 15.0
     """An idle connection is PINGed before reuse after this many seconds (0: never)."""
     retries: int = 2
