@@ -73,6 +73,8 @@ PAD = "x" * 40
 PUBLISHERS = 8
 """Concurrent publishing tasks of the throughput phase (zeal's default pool size)."""
 ROOM = "bench"
+IDLE = 3.0
+"""Seconds without a delivery after which a WebSocket client stops waiting for more."""
 # broadcaster 0.3.1 with redis-py 8 loses its first subscription: its listener task wakes on
 # the first subscribe() and checks ``PubSub.subscribed`` while SUBSCRIBE is still being sent
 # (redis-py records the channel only afterwards), finds nothing, clears its ready event and
@@ -575,13 +577,26 @@ async def _ws_clients(port: int, ids: list[str], expect: int, conn: Connection) 
         readers = [asyncio.ensure_future(read(ws)) for ws in socks]
         go = await _recv(conn, 60)
         assert go[0] == "go"
-        _, pending = await asyncio.wait(readers, timeout=go[1])
+        pending = await _drain(readers, go[1], last)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         conn.send(("done", sum(got), last[0], lat))
     finally:
         await asyncio.gather(*(ws.close() for ws in socks), return_exceptions=True)
+
+
+async def _drain(readers: list[Any], budget: float, last: list[int]) -> set[Any]:
+    """Wait for the readers until all are done, nothing arrived for ``IDLE`` seconds (a socket
+    that lost its subscription would be waited for in vain), or ``budget`` runs out."""
+    start = _now()
+    pending: set[Any] = set(readers)
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=0.25)
+        now = _now()
+        if (now - max(last[0], start)) / 1e9 > IDLE or (now - start) / 1e9 > budget:
+            break
+    return pending
 
 
 def _ws_client_main(port: int, ids: list[str], expect: int, conn: Connection) -> None:

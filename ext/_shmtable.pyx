@@ -950,6 +950,11 @@ cdef class Atomic:
         self.name = name
         self.path = path
 
+    def _detach(self):
+        """Unmap a segment we will not use; the caller keeps the fd."""
+        self._map.detach()
+        self.v = NULL
+
     def _fileno(self):
         """The segment's file descriptor (kept open: its flock marks this process as a user)."""
         return self._map.fd

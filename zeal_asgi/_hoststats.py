@@ -35,7 +35,7 @@ class HostStats:
         if self._full:
             return
         try:
-            self._table.incr(f"{os.getpid()}:{metric}", "v", by)
+            self._table.incr(f"{_pid}:{metric}", "v", by)
         except TableFullError:
             # Counters are diagnostics: never let them fail a request.
             self._full = True
@@ -44,7 +44,7 @@ class HostStats:
         """Set this worker's ``metric`` (a gauge, e.g. a breaker state)."""
         if not self._full:
             try:
-                self._table.set(f"{os.getpid()}:{metric}", {"v": value})
+                self._table.set(f"{_pid}:{metric}", {"v": value})
             except TableFullError:
                 self._full = True
 
@@ -78,11 +78,23 @@ class HostStats:
 
 _instance: HostStats | None = None
 _lock = threading.Lock()
+_pid = os.getpid()  # cached: getpid is a system call on every counter update otherwise
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def host_stats() -> HostStats:
     """The host-wide counters of this server (created on first use, shared by name)."""
     global _instance
+    inst = _instance
+    if inst is not None:
+        return inst  # hot path: no lock once it exists
     with _lock:
         if _instance is None:
             from ._ext import Table

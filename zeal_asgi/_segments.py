@@ -248,7 +248,8 @@ def release_owned() -> list[str]:
 
 
 _released: set[str] = set()
-"""Paths this process unlinked itself: a later lifespan in the same process still uses them."""
+"""Paths this process unlinked on purpose: other handles of them in this process are not
+private copies by accident (tests destroy what they made while an app still maps it)."""
 
 
 @atexit.register
@@ -342,6 +343,7 @@ def _open_segment(
     what: str,
     init: Any,
     attach: Any,
+    discard: Any,
 ) -> tuple[str | None, str]:
     """Create or attach a segment; returns (path, state) with state ``created``, ``attached``
     or ``mismatch`` (an existing segment of another layout, still linked and not attached)."""
@@ -370,95 +372,94 @@ def _open_segment(
     path = os.path.join(shm_dir(), seg)
     deadline = time.monotonic() + ATTACH_TIMEOUT
     while True:
-        try:
-            fd = os.open(
-                path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-            )
-        except FileExistsError:
-            pass
-        else:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                os.fchmod(fd, 0o600)
-                _reserve(fd, size, what)
-                init(fd)
-                fcntl.flock(fd, fcntl.LOCK_SH)
-            except BaseException:
-                os.close(fd)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                raise
-            with _lock:
-                _created_paths[path] = os.getpid()
-            _ensure_janitor()
-            return path, "created"
         # Someone has the name: attach, after checking it is really ours.
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            continue  # unlinked between our two opens: try to create again
+            pass
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
                 raise ShmNameTakenError(
                     errno.EEXIST, f"{path} exists and cannot be opened by us: squatted name"
                 ) from exc
             raise
-        try:
-            _check_ours(fd, path)
-            state = _attach_locked(fd, path, size, deadline, init, attach)
-        except BaseException:
-            os.close(fd)
-            raise
-        if state in ("retry", "mismatch"):
-            os.close(fd)
+        else:
+            try:
+                _check_ours(fd, path)
+                state = _attach_locked(fd, path, deadline, attach)
+            except BaseException:
+                os.close(fd)
+                raise
             if state == "retry":
+                os.close(fd)
                 continue
-        return path, state
+            if state == "mismatch":
+                os.close(fd)
+            return path, state
+        if _create_and_publish(path, size, what, init, discard):
+            return path, "created"
+        # another process published the name first: attach to theirs
 
 
-def _attach_locked(fd: int, path: str, size: int, deadline: float, init: Any, attach: Any) -> str:
-    """Attach under a shared flock; re-initialise when the creator died before finishing."""
+def _create_and_publish(path: str, size: int, what: str, init: Any, discard: Any) -> bool:
+    """Build a complete segment under a private name, then link it into place.
+
+    The name therefore never shows a half-initialised segment, whatever dies when: an attacher
+    either finds nothing or a segment whose header is complete.  False when another process
+    linked the name first (ours is thrown away)."""
+    tmp = f"{path}.tmp.{secrets.token_hex(6)}"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    mapped = False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a sweep never takes a segment being built
+        os.fchmod(fd, 0o600)
+        _reserve(fd, size, what)
+        init(fd)
+        mapped = True
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            discard()  # unmaps; the fd stays ours
+            mapped = False
+            os.close(fd)
+            return False
+    except BaseException:
+        if mapped:
+            discard()
+        os.close(fd)
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    with _lock:
+        _created_paths[path] = os.getpid()
+    _ensure_janitor()
+    return True
+
+
+def _attach_locked(fd: int, path: str, deadline: float, attach: Any) -> str:
+    """Attach under a shared flock (which marks this process as a user of the segment)."""
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            st = os.fstat(fd)
-            if st.st_nlink == 0:
-                return "retry"  # unlinked (a sweep or a replace): look the name up again
-            if st.st_size > 0:
-                rc = attach(fd, st.st_size)
-                if rc == 0:
-                    return "attached"
-                if rc == 2:
-                    return "mismatch"
-            fcntl.flock(fd, fcntl.LOCK_UN)
         except BlockingIOError:
-            pass  # the creator still holds LOCK_EX while it initialises
-        # Not initialised: either the creator is still at it (it holds LOCK_EX) or it died.
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # a sweep or a janitor probing it with LOCK_EX for a moment
             if time.monotonic() > deadline:
-                raise ShmError(
-                    errno.ETIMEDOUT,
-                    f"{path}: timed out waiting for its creator to initialise it",
-                ) from None
+                raise ShmError(errno.ETIMEDOUT, f"{path}: could not take a shared lock") from None
             time.sleep(0.002)
             continue
         st = os.fstat(fd)
         if st.st_nlink == 0:
-            return "retry"
-        rc = attach(fd, st.st_size) if st.st_size else 1
+            return "retry"  # unlinked (a sweep or a replace): look the name up again
+        rc = attach(fd, st.st_size)
         if rc == 0:
-            fcntl.flock(fd, fcntl.LOCK_SH)
             return "attached"
         if rc == 2:
             return "mismatch"
-        log.warning("%s: its creator died while initialising it; initialising again", path)
-        os.ftruncate(fd, 0)
-        _reserve(fd, size, path)
-        init(fd)
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        return "created"
+        raise ShmAbiMismatchError(
+            errno.EINVAL, f"{path}: not an initialised segment (no header): refusing to attach"
+        )
 
 
 def _schema_conflict(path: str | None, stored: Schema, wanted: Schema, name: str) -> None:
@@ -504,7 +505,7 @@ def open_table(
         return rc
 
     for _ in range(3):
-        path, state = _open_segment("t", name, geo.total_size, what, init, attach)
+        path, state = _open_segment("t", name, geo.total_size, what, init, attach, table._detach)
         if state != "mismatch":
             break
         assert path is not None and name is not None
@@ -550,7 +551,7 @@ def open_atomic(atomic: Atomic, name: str | None, initial: int) -> None:
         rc: int = atomic._map_existing(fd, actual)
         return rc
 
-    path, state = _open_segment("a", name, size, f"atomic {name!r}", init, attach)
+    path, state = _open_segment("a", name, size, f"atomic {name!r}", init, attach, atomic._detach)
     if state == "mismatch":  # pragma: no cover - atomics have a single layout
         raise ShmAbiMismatchError(
             errno.EINVAL, f"atomic {name!r}: segment {path} has another layout"
@@ -569,6 +570,7 @@ def destroy(obj: Table | Atomic) -> None:
         _held.pop(obj, None)
         if path:
             _created_paths.pop(path, None)
+            _released.add(path)
     if path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -700,12 +702,12 @@ def verify_shared() -> list[str]:
             on_disk = os.stat(path)
         except FileNotFoundError:
             if path in _released:
-                continue  # a single-process server released it; no sibling can need it
+                continue  # this process unlinked it on purpose (destroy/release_owned)
             raise PrivateCopyError(
                 f"{kind} {obj.name!r}: its segment {path} no longer exists, so this worker's copy "
                 "is private and other workers will not see its writes"
             ) from None
-        if os.fstat(obj._fileno()).st_ino != on_disk.st_ino:
+        if os.fstat(obj._fileno()).st_ino != on_disk.st_ino and path not in _released:
             raise PrivateCopyError(
                 f"{kind} {obj.name!r}: {path} was replaced by another segment, so this worker's "
                 "copy is private and other workers will not see its writes"

@@ -14,7 +14,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import SchemaError
+from .errors import (
+    ColumnTypeError,
+    IntegerOverflowError,
+    InvalidKeyError,
+    KeyTooLongError,
+    KeyTypeError,
+    NonFiniteFloatError,
+    SchemaError,
+    UnknownColumnError,
+    ValueTooLargeError,
+)
 
 __all__ = [
     "MAX_COLUMNS",
@@ -256,7 +266,6 @@ class Schema:
 
     def column(self, name: object, table: str) -> Column:
         """The column called ``name``, or UnknownColumnError naming the table's columns."""
-        from .errors import UnknownColumnError
 
         for c in self.columns:
             if c.name == name:
@@ -267,7 +276,6 @@ class Schema:
 
     def validate_row(self, row: object, table: str) -> dict[str, Any]:
         """Validate a whole row before anything is written (the table backend's rules)."""
-        from .errors import ColumnTypeError
 
         if not isinstance(row, Mapping):
             try:
@@ -333,7 +341,6 @@ _INT_RANGES = {w: (-(2 ** (w * 8 - 1)), 2 ** (w * 8 - 1) - 1) for w in (1, 2, 4,
 
 def validate_key(key: object, table: str, key_limit: int, binary_keys: bool = False) -> bytes:
     """The UTF-8 bytes of a valid key, or the typed error the shared-memory table raises."""
-    from .errors import InvalidKeyError, KeyTooLongError, KeyTypeError
 
     if isinstance(key, str):
         try:
@@ -366,12 +373,6 @@ def validate_key(key: object, table: str, key_limit: int, binary_keys: bool = Fa
 
 def validate_value(col: Column, value: object, table: str, allow_nan: bool = False) -> Any:
     """The value as stored (an int, float, str or bytes), or the table's typed error."""
-    from .errors import (
-        ColumnTypeError,
-        IntegerOverflowError,
-        NonFiniteFloatError,
-        ValueTooLargeError,
-    )
 
     if col.type is ColumnType.INT:
         if isinstance(value, int) and not isinstance(value, bool):

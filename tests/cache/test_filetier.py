@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import resource
 import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,33 +180,64 @@ def test_sweep_removes_expired_damaged_and_rotates(tier_factory: Callable[..., F
     assert left == {tier.name(b"alive"), tier.name(b"k3"), tier.name(b"k4")}
 
 
-@pytest.fixture
-def disk_full() -> Iterator[None]:
-    """Writes past 4 KiB fail with EFBIG (as a full disk fails with ENOSPC) in this process."""
-    host_stats()  # allocate the shared counters first: the limit applies to shared memory too
-    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, old_handler)
+def _with_a_full_disk(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``scenario`` in a forked child whose writes past 4 KiB fail with EFBIG, as a full disk
+    fails with ENOSPC.  Never in this process: the limit would also cut pytest's own output."""
+    host_stats()  # allocate the shared counters first: the limit applies to new segments too
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        os.close(r)
+        failure = b""
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+            outcome: list[str] = []
+
+            def run() -> None:  # a fresh thread: no event loop of the parent's test in it
+                try:
+                    asyncio.run(scenario())
+                except BaseException:
+                    outcome.append(traceback.format_exc())
+
+            t = threading.Thread(target=run)
+            t.start()
+            t.join()
+            failure = outcome[0].encode() if outcome else b""
+        except BaseException:
+            failure = traceback.format_exc().encode()
+        finally:
+            os.write(w, failure[-60000:] or b"OK")
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    report = b"".join(chunks).decode(errors="replace")
+    assert report == "OK", report
 
 
-async def test_a_full_disk_is_never_an_error(
-    table_cache: Cache, disk_full: None, caplog: pytest.LogCaptureFixture
-) -> None:
-    await table_cache.set("big", "old")
-    # oversize values only fit the file tier: not stored, and the older value is gone too
-    assert await table_cache.set("big", "B" * 20_000) is False
-    assert await table_cache.get("big", MISSING) is MISSING
-    # small values are still served by the memory tier
-    assert await table_cache.set("small", "s" * 5000) is True
-    assert await table_cache.get("small") == "s" * 5000
-    assert temp_files(table_cache.files.path) == []
-    assert table_cache.stats()["file_io_errors"] >= 2
-    assert sum("could not write an entry" in r.getMessage() for r in caplog.records) == 1
+async def test_a_full_disk_is_never_an_error(table_cache: Cache) -> None:
+    async def scenario() -> None:
+        messages: list[str] = []
+        handler = logging.Handler()
+        handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+        logging.getLogger("zeal_asgi").addHandler(handler)
+        await table_cache.set("big", "old")
+        # oversize values only fit the file tier: not stored, and the older value is gone too
+        assert await table_cache.set("big", "B" * 20_000) is False
+        assert await table_cache.get("big", MISSING) is MISSING
+        # small values are still served by the memory tier
+        assert await table_cache.set("small", "s" * 5000) is True
+        assert await table_cache.get("small") == "s" * 5000
+        assert temp_files(table_cache.files.path) == []
+        assert table_cache.stats()["file_io_errors"] >= 2
+        assert sum("could not write an entry" in m for m in messages) == 1, messages
+
+    _with_a_full_disk(scenario)
 
 
 async def test_configured_limits_are_validated(

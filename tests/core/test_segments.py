@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -246,4 +247,7 @@ def test_shm_dir_is_configurable(tmp_path: Path) -> None:
         {"ZEAL_SHM_DIR": str(tmp_path)},
     )
     assert proc.stdout.strip().startswith(str(tmp_path)), proc.stdout + proc.stderr
+    deadline = time.monotonic() + 5.0  # the janitor removes its marker once the server is gone
+    while list(tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert list(tmp_path.iterdir()) == []

@@ -202,7 +202,11 @@ class RedisConnector:
         kw.setdefault("connection_class", SSLConnection if cfg.tls else Connection)
         if cfg.unix_path is None:
             kw.update(host=cfg.host, port=cfg.port)
-        pool = BlockingConnectionPool(**common, **kw)
+        # The slots above already cap this loop's calls at pool_size, so the pool itself never has
+        # to block; a plain pool avoids BlockingConnectionPool's lock and timer on every command.
+        # The other pool_size connections are for callers that use client() outside the slots
+        # (Streams consumers and their reaper, system publishes): a hard bound of 2 x pool_size.
+        pool = ConnectionPool(max_connections=2 * cfg.pool_size, **kw)
         return _LoopState(loop, os.getpid(), Redis.from_pool(pool), slots, owned=True)
 
     def _sentinel(self) -> Sentinel:

@@ -27,7 +27,6 @@ from .base import (
     CounterBackend,
     EvalCapable,
     Key,
-    PublishCapable,
     Row,
     StoreBackend,
     StoreBackendKind,
@@ -74,8 +73,15 @@ class _facade(Generic[S, P, R]):
     def __get__(self, obj: S, owner: type[S]) -> Callable[P, R]: ...
     def __get__(self, obj: S | None, owner: type[S]) -> Callable[P, R]:
         target = owner.default() if obj is None else obj
-        bound: Callable[P, R] = MethodType(self.fn, target)
-        return bound
+        try:
+            cached: Callable[P, R] = target.__dict__[self.__name__]
+            return cached
+        except KeyError:
+            # Cached on the instance: later instance lookups find it before this (non-data)
+            # descriptor, and class-level calls skip building a bound method every time.
+            bound: Callable[P, R] = MethodType(self.fn, target)
+            target.__dict__[self.__name__] = bound
+            return bound
 
 
 _BUILDERS: dict[StoreBackendKind, tuple[str, str]] = {
@@ -427,8 +433,10 @@ class Store:
     @_facade
     async def publish(self, channel: str, payload: str | bytes) -> int:
         """Publish to every subscribed worker on every node; the number of receivers."""
-        if isinstance(self._backend, PublishCapable):
-            return await self._backend.publish(channel, payload)
+        publish = getattr(self._backend, "publish", None)  # a runtime Protocol check costs µs
+        if publish is not None:
+            receivers: int = await publish(channel, payload)
+            return receivers
         raise UnsupportedOperationError(
             f"Store.publish needs a backend with pub/sub (redis or tiered); current: "
             f"{backend_name(self._backend)}"
