@@ -617,8 +617,12 @@ static void zt_repair_stripe(zt_table *t, zt_lockslot *slot) {
  * rebuild the index, the free list and the counts from them. */
 static void zt_repair_global(zt_table *t) {
     zt_header *h = t->hdr;
-    /* Lock every stripe once, one at a time: a stripe whose holder died is repaired by that
-     * acquisition, so afterwards no row is half written by a dead process. */
+    /* Take every stripe, in ascending order (the only multi-stripe holder, and it holds the
+     * global lock: no deadlock; at most 1024 robust locks, under the kernel's 2048 limit).  A
+     * stripe whose holder died is repaired by that acquisition; while we hold them all, no row
+     * can change state under the rebuild, so the count it computes is exact.  A stripe held by a
+     * live but stuck process times out and is skipped: nobody else can repair it meanwhile. */
+    uint64_t held[16] = {0};
     for (uint32_t s = 0; s <= t->stripe_mask; s++) {
         struct timespec dl;
         clock_gettime(CLOCK_MONOTONIC, &dl);
@@ -633,9 +637,7 @@ static void zt_repair_global(zt_table *t) {
             pthread_mutex_consistent(&t->stripes[s].m);
             rc = 0;
         }
-        /* ETIMEDOUT: a live process holds it, so its dead predecessor was already repaired by
-         * that process's own acquisition; nothing torn can hide behind it. */
-        if (rc == 0) pthread_mutex_unlock(&t->stripes[s].m);
+        if (rc == 0) held[s >> 6] |= 1ULL << (s & 63);
     }
     __atomic_add_fetch(&h->index_seq, 1, __ATOMIC_ACQ_REL);
     for (uint64_t i = 0; i <= t->index_mask; i++) __atomic_store_n(&t->index[i], 0, __ATOMIC_RELAXED);
@@ -666,6 +668,8 @@ static void zt_repair_global(zt_table *t) {
     __atomic_store_n(&h->row_count, live, __ATOMIC_RELAXED);
     __atomic_store_n(&h->dead_rows, 0, __ATOMIC_RELAXED);
     __atomic_add_fetch(&h->index_seq, 1, __ATOMIC_ACQ_REL);
+    for (uint32_t s = 0; s <= t->stripe_mask; s++)
+        if (held[s >> 6] & (1ULL << (s & 63))) pthread_mutex_unlock(&t->stripes[s].m);
 }
 
 /* ---------------------------------------------------------------------------------------- */
