@@ -6,6 +6,9 @@ table or an oversize value spills.  On the shared backends (redis, tiered, memca
 row is the authority for every host: an oversize value lives in this host's file tier behind a
 pointer row that carries the file's nonce, and a missing row is a miss, so a host's stale or
 deleted file is never served after another host changed the key.
+
+The table backend's side lives in :mod:`zeal_asgi._cache_local` (synchronous); this module keeps
+the shared backends' side and the parts common to both (binding, sweeps, flush).
 """
 
 from __future__ import annotations
@@ -13,12 +16,22 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ._cache_entry import INLINE, POINTER, RowCodec, memory_key
+from ._cache_entry import (
+    HEAD,
+    INLINE,
+    LOCAL_KEY_BYTES,
+    NONCE_END,
+    POINTER,
+    RowCodec,
+    memory_key,
+)
 from ._cache_keys import SHARED_UNAUTHENTICATED, CacheKeys
+from ._cache_local import LocalTier, read_file
 from ._cache_lock import CasLock, Lock, RedisLock, ShmLock
+from ._cache_memo import DecodeMemo
 from .errors import CapacityError, SerializationError, TableFullError, UnsupportedOperationError
 from .filetier import FileTier, Owned
 from .serializer import PICKLE_ID, Serializer
@@ -28,7 +41,6 @@ __all__ = ["Binding", "Tiers"]
 
 _LOCK_ROWS = 4096
 _SPILL_ERRORS = (TableFullError, CapacityError)
-_ZERO_NONCE = b"\0" * 16
 
 
 @dataclass(frozen=True)
@@ -37,9 +49,10 @@ class Binding:
 
     store: Store
     backend: StoreBackend
-    local: bool
     codec: RowCodec
     lock: Lock
+    local: LocalTier | None
+    """The synchronous memory tier, on the table backend."""
 
 
 @dataclass
@@ -57,6 +70,10 @@ class Tiers:
     store_ref: Callable[[], Store]
     count: Callable[[str], None]
     binding: Binding | None = None
+    memo: DecodeMemo = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.memo = DecodeMemo(self.serializer)
 
     @property
     def table(self) -> str:
@@ -78,12 +95,14 @@ class Tiers:
                 self.table,
                 self.max_rows,
                 {
-                    "v": (Store.TYPE_BYTES, max(self.memory_value_bytes + 2, 17)),
+                    "v": (Store.TYPE_BYTES, max(self.memory_value_bytes, 16) + HEAD.size),
                     "exp": (Store.TYPE_FLOAT,),
                     "m": (Store.TYPE_BYTES, 16),
                 },
                 mode="ttl" if server_side else "tracked",
                 ttl=max(1, round(ttl)) if server_side and ttl is not None else None,
+                key_size=LOCAL_KEY_BYTES,
+                binary_keys=True,
             )
             store.make(lock_table, _LOCK_ROWS, {"owner": (Store.TYPE_INT, 8)})
         lock: Lock
@@ -93,73 +112,79 @@ class Tiers:
             lock = RedisLock(store, self.namespace, self.lock_lease)
         else:
             lock = CasLock(store, lock_table, self.lock_lease)
-        # Hosts sharing a backend must agree on the memory key: without a secret they use a
-        # public one (damage detection only; pickle always has a secret).
-        key = self.keys.memory_mac if local or self.keys.persistent else SHARED_UNAUTHENTICATED
-        codec = RowCodec(key, hmac_sha256=self.serializer.id == PICKLE_ID)
-        b = self.binding = Binding(store, store.backend, local, codec, lock)
+        pickle = self.serializer.id == PICKLE_ID
+        if local:
+            # A private shared-memory segment: a MAC only where a load may run code (pickle).
+            codec = RowCodec(self.keys.memory_mac if pickle else None, hmac_sha256=pickle)
+        else:
+            # Hosts sharing a backend must agree on the memory key: without a secret they use a
+            # public one (damage detection only; pickle always has a secret).
+            key = self.keys.memory_mac if self.keys.persistent else SHARED_UNAUTHENTICATED
+            codec = RowCodec(key, hmac_sha256=pickle)
+        tier = (
+            LocalTier(
+                store.table(self.table),
+                codec,
+                self.files,
+                self.memo,
+                self.serializer.id,
+                self.memory_value_bytes,
+                self.ttl_seconds,
+                self.count,
+            )
+            if local
+            else None
+        )
+        self.memo.clear()  # another store: nothing kept so far describes its rows
+        b = self.binding = Binding(store, store.backend, codec, lock, tier)
         return b
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def _decode(self, serializer: int, payload: bytes) -> tuple[bool, Any]:
-        if serializer != self.serializer.id:
-            self.count("serializer_mismatch")  # e.g. a pickle entry read by a JSON cache
-            return False, None
-        try:
-            return True, self.serializer.loads(payload)
-        except SerializationError:
-            self.count("decode_errors")
-            return False, None
-
     def _from_file(self, key: bytes, nonce: bytes | None, now: float) -> tuple[bool, Any]:
-        entry = self.files.read(key, now)
-        if entry is None or (nonce is not None and entry.nonce != nonce):
-            return False, None
-        found = self._decode(entry.serializer, entry.payload)
-        if not found[0]:
-            self.files.discard(key, "undecodable")
-        return found
+        return read_file(self.files, self.memo, self.serializer.id, self.count, key, nonce, now)
 
     async def lookup(self, key: bytes) -> tuple[bool, Any, str]:
-        """``(found, value, event)``; every byte used was authenticated first."""
+        """``(found, value, event)``; every byte used was authenticated (or, on the table
+        backend in JSON mode, shape-checked) first."""
         b = self.bind()
+        if b.local is not None:
+            return b.local.lookup(key)
         mk, raw = memory_key(key)
         now = time.time()
         row = await b.store.get_strict(self.table, mk)
-        if row is not None:
-            opened = b.codec.open(raw, row)
-            if opened is None:
-                self.count("memory_corrupt")
-                await b.store.delete(self.table, mk)
-            else:
-                kind, exp, rest = opened
-                if exp and exp <= now:
-                    self.count("memory_expired")
-                    await b.store.delete(self.table, mk)
-                elif kind == INLINE:
-                    found = self._decode(rest[0], rest[1:])
-                    if found[0]:
-                        return True, found[1], "hits_memory"
-                    await b.store.delete(self.table, mk)
+        if row is None:
+            return False, None, "misses"  # the row is the authority for every host
+        v = b.codec.check(raw, row)
+        if v is None:
+            self.count("memory_corrupt")
+        else:
+            kind, ser, exp = HEAD.unpack_from(v)
+            if exp and exp <= now:
+                self.count("memory_expired")
+            elif kind == INLINE:
+                if ser == self.serializer.id:
+                    try:
+                        return True, self.memo.loads(mk, v, HEAD.size), "hits_memory"
+                    except SerializationError:
+                        self.count("decode_errors")
                 else:
-                    found = self._from_file(key, rest, now)
-                    if found[0]:
-                        return True, found[1], "hits_file"
-                    if b.local:
-                        await b.store.delete(self.table, mk)  # stale pointer: the file decides
-            if not b.local:
-                return False, None, "misses"
-        elif not b.local:
-            return False, None, "misses"
-        found = self._from_file(key, None, now)
-        return found[0], found[1], "hits_file" if found[0] else "misses"
+                    self.count("serializer_mismatch")
+            else:
+                found = self._from_file(key, v[HEAD.size : NONCE_END], now)
+                if found[0]:
+                    return True, found[1], "hits_file"
+                return False, None, "misses"  # another host's value: not ours to delete
+        await b.store.delete(self.table, mk)
+        return False, None, "misses"
 
     # -- writes --------------------------------------------------------------------------------
 
     async def put(self, key: bytes, payload: bytes, seconds: float) -> bool:
         """Store a serialized value in the right tier(s); ``False`` when nothing was stored."""
         b = self.bind()
+        if b.local is not None:
+            return b.local.put(key, payload, seconds)
         now = time.time()
         exp = now + seconds if seconds else 0.0
         mexp = exp
@@ -173,10 +198,7 @@ class Tiers:
             except _SPILL_ERRORS:
                 self.count("spills_full")
             else:
-                # On the table backend the file is the copy served after a restart; if it cannot
-                # be written, an older file of this key must not be served later instead.
-                if not b.local or not self.files.write(key, ser, exp, payload, _ZERO_NONCE):
-                    self.files.delete(key)
+                self.files.delete(key)  # the row is the authority: no file copy to go stale
                 return True
         else:
             self.count("spills_oversize")
@@ -190,18 +212,21 @@ class Tiers:
             await b.store.set(self.table, mk, b.codec.pointer(raw, mexp, nonce))
         except _SPILL_ERRORS:
             await b.store.delete(self.table, mk)
-            return b.local  # the file alone serves it on the table backend
+            return False
         return True
 
     async def delete(self, key: bytes) -> bool:
         """Remove ``key`` from both tiers; ``True`` if either held it."""
         b = self.bind()
+        if b.local is not None:
+            return b.local.delete(key)
         in_memory = await b.store.delete(self.table, memory_key(key)[0])
         return self.files.delete(key) or in_memory
 
     async def flush(self) -> None:
         """Empty the memory tier and this host's files."""
         await self.bind().store.clear(self.table)
+        self.memo.clear()
         self.files.flush()
 
     async def live_rows(self) -> int:
@@ -230,8 +255,8 @@ class Tiers:
             keys = [memory_key(o.key) for o in chunk]
             rows = await b.store.mget(self.table, [mk for mk, _ in keys])
             for o, (_, raw), row in zip(chunk, keys, rows, strict=True):
-                opened = b.codec.open(raw, row) if row is not None else None
-                live = opened is not None and opened[0] == POINTER and opened[2] == o.nonce
+                v = b.codec.check(raw, row) if row is not None else None
+                live = v is not None and v[0] == POINTER and v[HEAD.size : NONCE_END] == o.nonce
                 if not live and self.files.drop_if(o.name, o.ino, "orphan"):
                     dropped += 1
         return dropped

@@ -53,10 +53,14 @@ class BusTransport:
             raise
         self.sub = sub
 
-    async def listen(self, deliver: Callable[[str, str | None, bytes], None]) -> None:
-        """Read the ring until cancelled."""
+    async def listen(self, deliver: Callable[[str, str | None, bytes], bool]) -> None:
+        """Read the ring until cancelled (the ring reader yields between batches itself)."""
         assert self.sub is not None
-        await self.sub.run(deliver)
+
+        def sink(wire: str, pattern: str | None, data: bytes) -> None:
+            deliver(wire, pattern, data)
+
+        await self.sub.run(sink)
 
     async def add(self, topic: Topic) -> None:
         """Subscribe one more topic."""

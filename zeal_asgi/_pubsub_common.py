@@ -105,8 +105,12 @@ class Transport(Protocol):
         """Connect and subscribe to every topic (raises on failure)."""
         ...
 
-    async def listen(self, deliver: Callable[[str, str | None, bytes], None]) -> None:
-        """Deliver messages until the connection is lost (raises) or the task is cancelled."""
+    async def listen(self, deliver: Callable[[str, str | None, bytes], bool]) -> None:
+        """Deliver messages until the connection is lost (raises) or the task is cancelled.
+
+        ``deliver`` returns True when a handler's queue is half full or more: the transport
+        should then yield to the event loop before delivering more.
+        """
         ...
 
     async def add(self, topic: Topic) -> None:

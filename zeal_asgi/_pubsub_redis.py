@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import secrets
 import time
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._pubsub_common import Topic
+from ._pubsub_stats import cancel_task
 from .errors import BackendTimeoutError, BackendUnavailableError, ZealError
 
 if TYPE_CHECKING:
@@ -27,8 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisTransport", "glob_escape"]
 
-_MESSAGE = "message"
-_PMESSAGE = "pmessage"
+_MESSAGE = b"message"
+_PMESSAGE = b"pmessage"
 
 
 def glob_escape(text: str) -> str:
@@ -64,6 +66,7 @@ class RedisTransport:
         self._client: Any = None
         self._ps: Any = None
         self._early: list[tuple[str, str | None, bytes]] = []
+        self._opened: asyncio.Event | None = None
 
     def wire(self, topic: Topic) -> str:
         """``channel_name(name)`` for user topics, ``key(name)`` for system topics."""
@@ -78,6 +81,7 @@ class RedisTransport:
     async def open(self, topics: list[Topic]) -> None:
         """Connect, subscribe everything, and wait for every confirmation."""
         await self.close()
+        opened = self._opened = asyncio.Event()
         try:
             self._client = await self.redis.dedicated_client()
             self._ps = self._client.pubsub()
@@ -92,6 +96,19 @@ class RedisTransport:
             if isinstance(exc, Exception):
                 raise _translate(exc, "pub/sub subscribe") from exc
             raise
+        finally:
+            opened.set()
+
+    async def _settled(self) -> Any:
+        """The subscribed connection once an open() in progress is over (None if it failed).
+
+        A topic added while open() runs was not in its list: it is subscribed right after,
+        and never concurrently with open()'s own reads.
+        """
+        opened = self._opened
+        if opened is not None and not opened.is_set():
+            await opened.wait()
+        return self._ps
 
     async def _confirm(self, expected: int) -> None:
         deadline = time.monotonic() + self.owner.liveness_timeout
@@ -110,55 +127,54 @@ class RedisTransport:
             kind = msg["type"]
             if kind in ("subscribe", "psubscribe"):
                 seen += 1
-            elif kind == _MESSAGE:
+            elif kind == "message":
                 self._early.append((_text(msg["channel"]), None, msg["data"]))
-            elif kind == _PMESSAGE:
+            elif kind == "pmessage":
                 self._early.append((_text(msg["channel"]), _text(msg["pattern"]), msg["data"]))
 
-    async def listen(self, deliver: Callable[[str, str | None, bytes], None]) -> None:
+    async def listen(self, deliver: Callable[[str, str | None, bytes], bool]) -> None:
         """Deliver messages; raise when the connection fails or stops answering PINGs."""
         ps = self._ps
-        if ps is None:
+        if ps is None or ps.connection is None:
             raise BackendUnavailableError("pub/sub: not connected")
         for item in self._early:
             deliver(*item)
         self._early.clear()
-        interval = self.owner.liveness_interval
-        timeout = self.owner.liveness_timeout
-        last = time.monotonic()
-        ping_sent = 0.0
+        conn = ps.connection
+        task = asyncio.current_task()
+        assert task is not None
+        watch = _Liveness(task, conn, self.owner.liveness_interval, self.owner.liveness_timeout)
+        read = conn.read_response
         try:
             while True:
-                now = time.monotonic()
-                wait = (ping_sent + timeout - now) if ping_sent else (last + interval - now)
-                msg = await ps.get_message(timeout=max(wait, 0.001))
-                now = time.monotonic()
-                if msg is None:
-                    if ping_sent:
-                        if now - ping_sent >= timeout:
-                            raise BackendTimeoutError(
-                                f"pub/sub: no answer to PING within {timeout} s "
-                                "(server stopped or connection half-open)"
-                            )
-                    elif now - last >= interval:
-                        await ps.ping()
-                        ping_sent = now
-                    continue
-                last = now
-                ping_sent = 0.0
-                kind = msg["type"]
+                # No timer per message: _Liveness bounds the silence, one timer per interval.
+                reply = await read(timeout=math.inf, disconnect_on_error=False, push_request=True)
+                watch.last = watch.loop.time()
+                if type(reply) is not list or len(reply) < 3:
+                    continue  # a pong, or something we did not ask for
+                kind = reply[0]
                 if kind == _MESSAGE:
-                    deliver(_text(msg["channel"]), None, msg["data"])
-                elif kind == _PMESSAGE:
-                    deliver(_text(msg["channel"]), _text(msg["pattern"]), msg["data"])
+                    crowded = deliver(_text(reply[1]), None, reply[2])
+                elif kind == _PMESSAGE and len(reply) == 4:
+                    crowded = deliver(_text(reply[2]), _text(reply[1]), reply[3])
+                else:
+                    continue
+                if crowded:
+                    # Replies already buffered are read without suspending: let the handlers
+                    # drain their queues before the rest of a burst overflows them.
+                    await asyncio.sleep(0)
         except asyncio.CancelledError:
+            if watch.failure is not None and task.uncancel() == 0:
+                raise watch.failure from None
             raise
         except Exception as exc:
             raise _translate(exc, "pub/sub listen") from exc
+        finally:
+            await watch.stop()
 
     async def add(self, topic: Topic) -> None:
         """SUBSCRIBE/PSUBSCRIBE on the live connection (the next open() includes it anyway)."""
-        ps = self._ps
+        ps = await self._settled()
         if ps is None:
             return
         try:
@@ -171,7 +187,7 @@ class RedisTransport:
 
     async def remove(self, topic: Topic) -> None:
         """UNSUBSCRIBE/PUNSUBSCRIBE on the live connection."""
-        ps = self._ps
+        ps = await self._settled()
         if ps is None:
             return
         try:
@@ -195,12 +211,80 @@ class RedisTransport:
                 await client.aclose()
 
     async def publish(self, topic: Topic, payload: bytes) -> int:
-        """PUBLISH on the pooled client; the number of receivers."""
+        """PUBLISH within the backend's slots (a burst of them waits for a connection instead
+        of opening one each); the number of receivers."""
         if not topic.system:
             n: int = await self.redis.publish(topic.name, payload)
             return n
+        sent: int = await self.redis.publish_raw(self.wire(topic), payload)
+        return sent
+
+
+class _Liveness:
+    """Read-side liveness of a subscribed connection, with one timer per idle interval.
+
+    The listener stamps :attr:`last` on every reply.  When nothing arrived for ``interval``
+    seconds a PING is written; when nothing (not even the pong) arrived ``timeout`` seconds
+    after it, :attr:`failure` is set and the listening ``task`` cancelled, which turns the
+    cancellation into that error.  A PING that cannot be written fails the same way.
+    """
+
+    def __init__(self, task: asyncio.Task[Any], conn: Any, interval: float, timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self.failure: BaseException | None = None
+        self._task = task
+        self._conn = conn
+        self._interval = interval
+        self._timeout = timeout
+        self._pinged_at = 0.0
+        self._ping: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._handle: asyncio.TimerHandle | None = self.loop.call_at(
+            self.last + interval, self._check
+        )
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        if self._pinged_at:
+            if self.last >= self._pinged_at:
+                self._pinged_at = 0.0  # answered (or other traffic): alive
+            elif now - self._pinged_at >= self._timeout:
+                self._fail(
+                    BackendTimeoutError(
+                        f"pub/sub: no answer to PING within {self._timeout} s "
+                        "(server stopped or connection half-open)"
+                    )
+                )
+                return
+            else:
+                self._handle = self.loop.call_at(self._pinged_at + self._timeout, self._check)
+                return
+        if now - self.last < self._interval:
+            self._handle = self.loop.call_at(self.last + self._interval, self._check)
+            return
+        self._pinged_at = now
+        self._ping = self.loop.create_task(self._send_ping())
+        self._handle = self.loop.call_at(now + self._timeout, self._check)
+
+    async def _send_ping(self) -> None:
         try:
-            client = await self.redis.client()
-            return int(await client.publish(self.wire(topic), payload))
+            await self._conn.send_command("PING", check_health=False)
         except Exception as exc:
-            raise _translate(exc, "publish") from exc
+            self._fail(_translate(exc, "pub/sub liveness PING"))
+
+    def _fail(self, error: BaseException) -> None:
+        # Only while the listener waits for a reply: once stop() began, a cancel could land
+        # outside the listener's handler and kill the supervisor instead.
+        if self.failure is None and not self._stopped:
+            self.failure = error
+            self._task.cancel()
+
+    async def stop(self) -> None:
+        """Cancel the timer and any PING still being written."""
+        self._stopped = True
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        ping, self._ping = self._ping, None
+        await cancel_task(ping)

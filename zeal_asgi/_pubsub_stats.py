@@ -23,11 +23,12 @@ class Counters:
     def __init__(self, family: str, names: tuple[str, ...]) -> None:
         self.family = family
         self.values = dict.fromkeys(names, 0)
+        self._host = {name: f"{family}_{name}" for name in names}  # per message: no formatting
 
     def incr(self, name: str, by: int = 1) -> None:
         """Add ``by`` to ``name`` here and in the host-wide table."""
         self.values[name] += by
-        host_stats().incr(f"{self.family}_{name}", by)
+        host_stats().incr(self._host[name], by)
 
 
 async def cancel_task(task: asyncio.Task[Any] | None) -> None:

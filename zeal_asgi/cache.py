@@ -4,7 +4,8 @@ Class-level calls (``await Cache.get(...)``, seed style) act on the default cach
 ``Cache.init(...)``; a ``Cache(...)`` instance works the same way on its own.  The memory tier is
 the Store table ``__cache`` (one shared-memory table for the whole host on the table backend),
 the file tier one authenticated file per key under ``cache_dir``; how the two stay coherent is
-described in :mod:`zeal_asgi._cache_tiers`.
+described in :mod:`zeal_asgi._cache_tiers`.  On the table backend a hit never awaits: ``get``
+calls the synchronous :class:`~zeal_asgi._cache_local.LocalTier` directly.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ class Cache:
         store: the Store to use; default: ``zeal.store`` when ``zeal`` is given, else
             ``Store.default()``, followed when it changes.
         zeal: register the cache's GC with this app's lifecycle (``zeal.add_service``).
+
+    Each worker also keeps, in its own memory, the bytes of files it verified and the values it
+    decoded (about 16 MiB at most), so a repeated hit skips the HMAC and the decode; they are
+    used only when the bytes just read are identical, so they never change what a hit returns.
     """
 
     _default: ClassVar[Cache | None] = None
@@ -126,6 +131,7 @@ class Cache:
         self.serializer: Serializer = get_serializer(serializer)
         self._keys = CacheKeys.load(resolve_secret(secret, pickle=serializer == "pickle"))
         self._prefix = f"{namespace}."
+        self._events = {e: self._prefix + e for e in ("hits_memory", "hits_file", "misses")}
         self.files = FileTier(
             cache_dir,
             mac_key=self._keys.file_mac,
@@ -237,7 +243,14 @@ class Cache:
         return self._zeal.store if self._zeal is not None else Store.default()
 
     def _bind(self) -> Binding:
-        return self._tiers.bind()
+        # Tiers.bind() does the same check; repeated here because it is on every hit.
+        b = self._tiers.binding
+        store = self._store
+        if store is None:
+            store = self._zeal.store if self._zeal is not None else Store.default()
+        if b is None or b.store is not store or b.backend is not store.backend:
+            b = self._tiers.bind()
+        return b
 
     def _count(self, metric: str) -> None:
         host_stats().incr(self._prefix + metric)
@@ -273,13 +286,18 @@ class Cache:
     async def get(self, key: str | bytes, default: Any = None) -> Any:
         """The cached value, or ``default`` on a miss (a stored ``None`` is returned as ``None``;
         pass ``Cache.MISSING`` as default to tell the two apart)."""
-        found, value = await self._lookup(check_key(key))
+        local = self._bind().local
+        if local is not None:  # the table backend: no await on the way
+            found, value, event = local.lookup(key)
+        else:
+            found, value, event = await self._tiers.lookup(check_key(key))
+        host_stats().incr(self._events[event])
         return value if found else default
 
     @_facade
     async def has(self, key: str | bytes) -> bool:
         """``True`` when ``get`` would hit (same integrity and expiry checks)."""
-        return (await self._lookup(check_key(key)))[0]
+        return await self.get(key, MISSING) is not MISSING
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -349,7 +367,7 @@ class Cache:
         now = time.time()
         expired = await self._tiers.sweep_memory(now)
         locks = self._tiers.sweep_locks()
-        owners: list[Owned] | None = None if self._bind().local else []
+        owners: list[Owned] | None = None if self._bind().local is not None else []
         out = await asyncio.to_thread(self.files.sweep, now, self.max_files, owners)
         out["orphans"] = await self._tiers.drop_orphans(owners) if owners else 0
         out["memory_expired"] = expired

@@ -13,6 +13,12 @@ refused).  File names are a keyed BLAKE2b of the key, so keys never become paths
 one, never a mix.  Torn, zeroed, forged, swapped or expired files are misses: they are unlinked
 and counted by reason, never raised to the caller.  I/O errors (a full disk) make a write return
 ``False`` and are logged at most once a minute.
+
+Every read opens and reads the file.  A worker keeps the bytes of the files it verified (bounded:
+``VERIFIED_BYTES``); a file whose bytes are *identical* to verified ones is authentic without
+computing the HMAC again (on 10 KiB, a 0.3 µs compare instead of a 7 µs HMAC-SHA256), and since
+its size is then known, the ``fstat`` is skipped too.  Any other file, a changed byte included,
+takes the full path: ``fstat`` (regular, ours, size limits), read, header checks, HMAC.
 """
 
 from __future__ import annotations
@@ -23,41 +29,39 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import secrets
 import stat
-import struct
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
-from ._cache_dir import open_cache_dir, remove_stale_temp, scan, temp_is_stale
+from ._cache_dir import open_cache_dir, remove_stale_temp, scan
+from ._cache_format import HEAD_LEN, HEADER, MAGIC, NAME_RE, READ_FLAGS, VERSION, check_head
+from ._cache_sweep import FileSweep, Owned
 
-__all__ = ["HEAD_LEN", "MAGIC", "NAME_RE", "Entry", "FileTier", "Owned"]
+__all__ = ["HEADER", "HEAD_LEN", "MAGIC", "NAME_RE", "Entry", "FileTier", "Owned"]
 
 log = logging.getLogger("zeal_asgi.cache")
 
-MAGIC = b"ZC\x01\x00"
-VERSION = 1
-HEADER = struct.Struct("<4sHBBIdd16sIQ")
-MAC_LEN = 32
-HEAD_LEN = HEADER.size + MAC_LEN
-NAME_RE = re.compile(r"^[0-9a-f]{64}\.zc$")
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _LOG_EVERY = 60.0
-ORPHAN_AGE = 10.0
-"""Only files older than this may be orphans: a newer one may still be getting its row."""
-MAX_OWNED = 10_000
+VERIFIED_BYTES = 8 << 20
+"""Bytes of verified files a worker keeps to recognise them (twice: file and payload)."""
+VERIFIED_FILE_BYTES = 256 << 10
+"""Larger files are verified with the HMAC on every read."""
+_NAMES = 4096
+_tiers: weakref.WeakSet[FileTier] = weakref.WeakSet()
 
 
-class Owned(NamedTuple):
-    """A surviving entry file whose owner (the memory-tier row) the GC should check."""
+def _after_fork() -> None:
+    # A lock held by another thread at fork time would stay held forever in the child.
+    for tier in list(_tiers):
+        tier._verified_lock = threading.Lock()
 
-    name: str
-    key: bytes
-    nonce: bytes
-    ino: int
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class Entry(NamedTuple):
@@ -81,18 +85,22 @@ def _write_all(fd: int, parts: list[bytes]) -> None:
 
 
 def _read_all(fd: int, size: int) -> bytes:
-    chunks = []
-    want = size + 1  # one byte more than fstat said: a file that grew is not the one we checked
-    while want > 0:
-        chunk = os.read(fd, want)
+    # one byte more than fstat said: a file that grew is not the one we checked
+    data = os.pread(fd, size + 1, 0)
+    if len(data) >= size:
+        return data
+    chunks = [data]
+    done = len(data)
+    while done <= size:
+        chunk = os.pread(fd, size + 1 - done, done)
         if not chunk:
             break
         chunks.append(chunk)
-        want -= len(chunk)
+        done += len(chunk)
     return b"".join(chunks)
 
 
-class FileTier:
+class FileTier(FileSweep):
     """Entries as files under ``directory`` (created 0700; refused if unsafe).
 
     Args:
@@ -123,13 +131,25 @@ class FileTier:
         self._count = count or (lambda metric: None)
         self._last_log = 0.0
         self._euid = os.geteuid()
+        self._names: dict[bytes, str] = {}
+        # file name -> (its bytes, the key they were verified for, the entry)
+        self._verified: dict[str, tuple[bytes, bytes, Entry]] = {}
+        self._verified_bytes = 0
+        self._verified_lock = threading.Lock()  # the GC thread drops entries too
+        _tiers.add(self)
         self.temp_removed_at_start = remove_stale_temp(self._dfd)
 
     # -- naming and MACs -----------------------------------------------------------------------
 
     def name(self, key: bytes) -> str:
         """File name of ``key``: 64 hex chars of a keyed BLAKE2b, plus ``.zc``."""
-        return hashlib.blake2b(key, key=self._name_key, digest_size=32).hexdigest() + ".zc"
+        name = self._names.get(key)
+        if name is None:
+            if len(self._names) >= _NAMES:
+                self._names.clear()
+            name = hashlib.blake2b(key, key=self._name_key, digest_size=32).hexdigest() + ".zc"
+            self._names[key] = name
+        return name
 
     def _mac(self, head: bytes | memoryview, key: bytes | memoryview, payload: bytes) -> bytes:
         h = hmac.new(self._mac_key, head, "sha256")
@@ -199,8 +219,9 @@ class FileTier:
     def read(self, key: bytes, now: float) -> Entry | None:
         """The authenticated entry of ``key``; ``None`` on a miss (damaged files are unlinked)."""
         name = self.name(key)
+        known = self._verified.get(name)
         try:
-            fd = os.open(name, _READ_FLAGS, dir_fd=self._dfd)
+            fd = os.open(name, READ_FLAGS, dir_fd=self._dfd)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -211,6 +232,13 @@ class FileTier:
             return None
         data = b""
         try:
+            if known is not None and known[1] == key:
+                data = os.pread(fd, len(known[0]) + 1, 0)
+                if data == known[0]:
+                    entry = known[2]
+                    if not entry.expires_at or entry.expires_at > now:
+                        return entry
+                    data = b""  # expired: through the full path, which drops it
             st = os.fstat(fd)
             reason = self._check_stat(st)
             if reason is None:
@@ -221,11 +249,32 @@ class FileTier:
         finally:
             os.close(fd)
         if reason is None:
-            entry, reason = self._parse(key, data, now)
-            if entry is not None:
-                return entry
+            found, reason = self._parse(key, data, now)
+            if found is not None:
+                self._remember(name, data, key, found)
+                return found
         self.drop(name, st, reason)
         return None
+
+    def _remember(self, name: str, data: bytes, key: bytes, entry: Entry) -> None:
+        size = 2 * len(data)  # the file's bytes and the payload sliced from them
+        if size > 2 * VERIFIED_FILE_BYTES:
+            return
+        with self._verified_lock:
+            old = self._verified.pop(name, None)
+            if old is not None:
+                self._verified_bytes -= 2 * len(old[0])
+            if self._verified_bytes + size > VERIFIED_BYTES:
+                self._verified.clear()
+                self._verified_bytes = 0
+            self._verified[name] = (data, key, entry)
+            self._verified_bytes += size
+
+    def _forget(self, name: str) -> None:
+        with self._verified_lock:
+            old = self._verified.pop(name, None)
+            if old is not None:
+                self._verified_bytes -= 2 * len(old[0])
 
     def _check_stat(self, st: os.stat_result) -> str | None:
         if not stat.S_ISREG(st.st_mode):
@@ -241,15 +290,10 @@ class FileTier:
     def _parse(self, key: bytes, data: bytes, now: float) -> tuple[Entry | None, str]:
         if len(data) < HEAD_LEN:
             return None, "short"
-        magic, ver, ser, flags, kid, created, expires, nonce, klen, plen = HEADER.unpack_from(data)
-        if magic != MAGIC:
-            return None, "magic"
-        if ver != VERSION or flags != 0:
-            return None, "version"
-        if HEAD_LEN + klen + plen != len(data):
-            return None, "size"
-        if kid != self.kid:
-            return None, "key_id"
+        reason = check_head(data, len(data), self.kid)
+        if reason is not None:
+            return None, reason
+        _, _, ser, _, _, created, expires, nonce, klen, _ = HEADER.unpack_from(data)
         view = memoryview(data)
         body = HEAD_LEN + klen
         expected = self._mac(view[: HEADER.size], view[HEAD_LEN:body], data[body:])
@@ -264,6 +308,7 @@ class FileTier:
     def drop(self, name: str, st: os.stat_result | None, reason: str) -> None:
         """Unlink a bad or expired entry file (unless it was replaced meanwhile) and count it."""
         self._count(f"file_{reason}")
+        self._forget(name)
         with contextlib.suppress(OSError):
             if st is not None:
                 now = os.stat(name, dir_fd=self._dfd, follow_symlinks=False)
@@ -279,6 +324,7 @@ class FileTier:
             os.unlink(name, dir_fd=self._dfd)
         except OSError:
             return False
+        self._forget(name)
         self._count(f"file_{reason}")
         return True
 
@@ -290,8 +336,10 @@ class FileTier:
 
     def delete(self, key: bytes) -> bool:
         """Remove the entry of ``key``; ``True`` if a file existed."""
+        name = self.name(key)
+        self._forget(name)
         try:
-            os.unlink(self.name(key), dir_fd=self._dfd)
+            os.unlink(name, dir_fd=self._dfd)
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -301,6 +349,9 @@ class FileTier:
 
     def flush(self) -> int:
         """Remove every entry file (temp files of running writers are left alone)."""
+        with self._verified_lock:
+            self._verified.clear()
+            self._verified_bytes = 0
         removed = 0
         for entry in scan(self._dfd):
             if NAME_RE.match(entry.name):
@@ -308,99 +359,6 @@ class FileTier:
                     os.unlink(entry.name, dir_fd=self._dfd)
                     removed += 1
         return removed
-
-    def sweep(
-        self, now: float, max_files: int = 0, owners: list[Owned] | None = None
-    ) -> dict[str, int]:
-        """One GC pass: unlink expired, damaged and foreign-key entries and stale temp files;
-        with ``max_files``, then the oldest survivors beyond it.  Reads headers only and streams
-        the directory (no whole listing in memory unless ``max_files`` needs it).
-
-        With ``owners``, appends the key and nonce of surviving entries older than
-        ``ORPHAN_AGE`` (at most ``MAX_OWNED``), for the caller to check against the memory tier.
-        """
-        out = {"scanned": 0, "expired": 0, "damaged": 0, "temp": 0, "rotated": 0}
-        survivors: list[tuple[float, str, int]] = []
-        for entry in scan(self._dfd):
-            n = entry.name
-            if n.startswith(".tmp."):
-                with contextlib.suppress(FileNotFoundError):
-                    if temp_is_stale(n, entry.stat(follow_symlinks=False).st_mtime, time.time()):
-                        os.unlink(n, dir_fd=self._dfd)
-                        out["temp"] += 1
-                continue
-            if not NAME_RE.match(n):
-                continue  # not ours: never touched
-            out["scanned"] += 1
-            verdict, st = self._sweep_one(n, now, owners)
-            if verdict == "keep" and st is not None and max_files:
-                survivors.append((st.st_mtime, n, st.st_ino))
-            elif verdict in ("expired", "damaged"):
-                out[verdict] += 1
-        if max_files and len(survivors) > max_files:
-            survivors.sort()
-            for _, n, ino in survivors[: len(survivors) - max_files]:
-                with contextlib.suppress(OSError):
-                    if os.stat(n, dir_fd=self._dfd, follow_symlinks=False).st_ino == ino:
-                        os.unlink(n, dir_fd=self._dfd)
-                        out["rotated"] += 1
-                        self._count("file_rotations")
-        return out
-
-    def _sweep_one(
-        self, name: str, now: float, owners: list[Owned] | None
-    ) -> tuple[str, os.stat_result | None]:
-        try:
-            fd = os.open(name, _READ_FLAGS, dir_fd=self._dfd)
-        except FileNotFoundError:
-            return "gone", None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                self.drop(name, None, "not_regular")
-                return "damaged", None
-            return "keep", None
-        try:
-            st = os.fstat(fd)
-            reason = self._check_stat(st)
-            # the key follows the header: read it too when the caller wants owners
-            want = HEAD_LEN + 4096 if owners is not None else HEADER.size
-            head = os.read(fd, want) if reason is None else b""
-        except OSError:
-            return "keep", None
-        finally:
-            os.close(fd)
-        if reason is None:
-            reason = self._check_head(head, st.st_size)
-        if reason is None:
-            fields = HEADER.unpack_from(head)
-            expires, nonce, klen = fields[6], fields[7], fields[8]
-            if expires and expires <= now:
-                self.drop(name, st, "expired")
-                return "expired", st
-            if (
-                owners is not None
-                and len(owners) < MAX_OWNED
-                and st.st_mtime < time.time() - ORPHAN_AGE
-                and len(head) >= HEAD_LEN + klen
-            ):
-                owners.append(Owned(name, head[HEAD_LEN : HEAD_LEN + klen], nonce, st.st_ino))
-            return "keep", st
-        self.drop(name, st, reason)
-        return "damaged", st
-
-    def _check_head(self, head: bytes, size: int) -> str | None:
-        if len(head) < HEADER.size:
-            return "short"
-        magic, ver, _, flags, kid, _, _, _, klen, plen = HEADER.unpack_from(head)
-        if magic != MAGIC:
-            return "magic"
-        if ver != VERSION or flags != 0:
-            return "version"
-        if HEAD_LEN + klen + plen != size:
-            return "size"
-        if kid != self.kid:
-            return "key_id"  # written under another key (an earlier server run): unreadable
-        return None
 
     def close(self) -> None:
         """Close the directory descriptor (idempotent)."""

@@ -418,13 +418,15 @@ class PubSub:
             except Exception:
                 log.exception("zeal_asgi pub/sub: reconnect callback %r failed", cb)
 
-    def _deliver(self, wire: str, pattern: str | None, data: bytes) -> None:
+    def _deliver(self, wire: str, pattern: str | None, data: bytes) -> bool:
+        """Queue a message for its subscriptions; True when one of their queues is half full."""
         subs = self._by_wire.get((pattern, True) if pattern is not None else (wire, False))
         self.counters.incr("received")
         if not subs:
-            return
+            return False
         transport = self.transport
         assert transport is not None
+        crowded = False
         text: str | None = None
         for sub in subs:
             queue = sub.queue
@@ -446,11 +448,15 @@ class PubSub:
                 payload = text
             item = (payload, transport.user_channel(wire, sub.topic))
             if queue.full():
+                crowded = True
                 self.counters.incr("dropped")
                 if sub.overflow == "drop_newest":
                     continue
                 queue.get_nowait()
             queue.put_nowait(item)
+            if queue.qsize() * 2 >= sub.queue_size:
+                crowded = True
+        return crowded
 
     async def _consume(self, sub: Subscription) -> None:
         queue = sub.queue

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.cache.conftest import SECRET, entry_files
-from zeal_asgi._cache_entry import INLINE, memory_key
+from zeal_asgi._cache_entry import HEAD, INLINE, memory_key
 from zeal_asgi.cache import MISSING, Cache
 from zeal_asgi.filetier import HEAD_LEN, HEADER, FileTier
 from zeal_asgi.serializer import PICKLE_ID
@@ -195,8 +195,9 @@ async def test_e9_forged_pickle_row_in_the_memory_tier_never_loads(
 ) -> None:
     canary = tmp_path / "CANARY"
     cache = cache_factory(await store_factory(kind), secret=SECRET, serializer="pickle")
-    mk = memory_key(b"k")[0]
-    body = bytes((INLINE, PICKLE_ID)) + pickle.dumps(Evil(canary))
+    # row keys: the key itself in shared memory, its hash on shared backends
+    mk = b"k" if kind == "table" else memory_key(b"k")[0]
+    body = HEAD.pack(INLINE, PICKLE_ID, 0.0) + pickle.dumps(Evil(canary))
     forged = {"v": body, "exp": 0.0, "m": os.urandom(16)}
     await cache.store.set(f"__{cache.namespace}", mk, forged)  # someone with access to the tier
     assert await cache.get("k", MISSING) is MISSING

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import json
+import struct
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -13,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from pydantic import BaseModel
 
 from zeal_asgi.errors import ConfigError, SerializationError
-from zeal_asgi.serializer import JsonSerializer, PickleSerializer, get_serializer
+from zeal_asgi.serializer import BLOB_CHARS, JsonSerializer, PickleSerializer, get_serializer
 
 JSON = JsonSerializer()
 
@@ -151,3 +152,70 @@ def test_pickle_round_trips_anything_picklable() -> None:
 def test_unknown_serializer_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="'json' or 'pickle'"):
         get_serializer("marshal")
+
+
+# -- payload formats: raw str / bytes, long strings beside the JSON -----------------------------
+
+long_text = st.text(min_size=BLOB_CHARS, max_size=BLOB_CHARS + 300)
+blob_values = st.recursive(
+    st.none() | st.integers() | st.text(max_size=8) | long_text | st.binary(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+        | st.dictionaries(long_text | st.integers(), inner, max_size=2)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(blob_values)
+def test_values_with_long_strings_round_trip_exactly(value: Any) -> None:
+    data = JSON.dumps(value)
+    back = JSON.loads(data)
+    assert back == value and repr(back) == repr(value)
+
+
+def test_payload_formats() -> None:
+    assert JSON.dumps("é" * 3) == b"\x01" + ("é" * 3).encode()
+    assert JSON.dumps(b"\x00raw") == b"\x02\x00raw"
+    assert JSON.dumps({"a": 1}) == b'{"a":1}'  # short values stay plain JSON
+    big = JSON.dumps({"a": "x" * BLOB_CHARS})
+    assert big[0] == 3 and big.endswith(b"x" * BLOB_CHARS)
+    assert JSON.loads(big) == {"a": "x" * BLOB_CHARS}
+    with pytest.raises(SerializationError):
+        JSON.dumps("lone \ud800 surrogate")
+
+
+def test_payloads_written_before_the_format_byte_still_load() -> None:
+    assert JSON.loads(b'"plain json string"') == "plain json string"
+    assert JSON.loads(b'{"__zt__":"bytes","v":"AAE="}') == b"\x00\x01"
+    assert JSON.loads(b'{"bio":"' + b"x" * 10_000 + b'"}') == {"bio": "x" * 10_000}
+
+
+def _blobs(count: int, sizes: list[int], rest: bytes) -> bytes:
+    return b"\x03" + struct.pack("<I", count) + b"".join(struct.pack("<I", n) for n in sizes) + rest
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x00{}",  # unknown format byte
+        b"\x01\xff\xfe",  # a str that is not UTF-8
+        b"\x03",  # no blob count
+        b"\x03\xff\xff\xff\xff",  # more blobs than bytes
+        _blobs(1, [100], b'{"a":1}'),  # a blob longer than the value
+        _blobs(1, [2], b'{"__zt__":"s","i":1}xx'),  # a reference past the blobs
+        _blobs(1, [2], b'{"__zt__":"s","i":"0"}xx'),  # a reference that is not an int
+        _blobs(1, [2], b'{"__zt__":"s","i":0,"x":1}xx'),  # a reference with extra fields
+        _blobs(1, [2], b'{"__zt__":"s","i":0}\xff\xfe'),  # a blob that is not UTF-8
+        _blobs(0, [], b'{"a":1} trailing'),  # trailing data after the JSON
+        b'{"__zt__":"s","i":0}',  # a reference outside a blob payload
+        b'{"a":1}garbage',
+        b" {}",  # leading whitespace is never written
+    ],
+)
+def test_hostile_payload_formats_are_serialization_errors(data: bytes) -> None:
+    with pytest.raises(SerializationError):
+        JSON.loads(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -16,10 +17,11 @@ import pytest
 from tests.cache.conftest import SECRET, entry_files, unique
 from tests.servers import RedisServer
 from zeal_asgi import Zeal
-from zeal_asgi._cache_entry import memory_key
+from zeal_asgi._cache_entry import HEAD, INLINE, POINTER, memory_key
 from zeal_asgi._cache_lock import ShmLock, pack
 from zeal_asgi.cache import MISSING, Cache
 from zeal_asgi.errors import ConfigError, LockTimeoutError
+from zeal_asgi.serializer import PICKLE_ID
 from zeal_asgi.store import Store
 
 
@@ -53,20 +55,60 @@ async def test_a_full_memory_tier_spills_to_files(
     assert await cache.count() == 8  # the memory tier's count, like the seed
 
 
-async def test_tampered_memory_row_is_never_returned(table_cache: Cache) -> None:
-    await table_cache.set("k", "genuine")
+async def test_tampered_memory_row_is_never_returned_where_rows_are_authenticated(
+    store_factory: Callable[[str], Any], cache_factory: Callable[..., Cache]
+) -> None:
+    """Rows carry a MAC on shared backends and in pickle mode: a forged one is dropped."""
+    for kind, serializer in (("redis", "json"), ("table", "pickle")):
+        cache = cache_factory(await store_factory(kind), secret=SECRET, serializer=serializer)
+        await cache.set("k", "genuine")
+        table, mk = f"__{cache.namespace}", b"k" if kind == "table" else memory_key(b"k")[0]
+        row = await cache.store.get_strict(table, mk)
+        await cache.store.set(table, mk, {"v": row["v"].replace(b"genuine", b"forged!")})
+        # dropped; on the table backend the authentic file copy is served instead
+        expected = "genuine" if kind == "table" else MISSING
+        assert await cache.get("k", MISSING) == expected
+        assert cache.stats()["memory_corrupt"] == 1
+        assert await cache.store.get_strict(table, mk) is None or kind == "table"
+
+
+async def test_damaged_memory_rows_are_misses_on_the_table_backend(table_cache: Cache) -> None:
+    """Without a MAC (JSON mode in shared memory) rows are still checked for shape: a bad one
+    is dropped and counted, and the file copy is served; never an error, never garbage."""
     table = table_cache.store.table(f"__{table_cache.namespace}")
-    mk = memory_key(b"k")[0]
-    row = table.get(mk)
-    table.set(mk, {"v": row["v"].replace(b"genuine", b"forged!")})
-    # the forged row fails its MAC: dropped, and the authentic file copy is served instead
-    assert await table_cache.get("k") == "genuine"
-    assert table_cache.stats()["memory_corrupt"] == 1
-    table.set(mk, {"v": row["v"].replace(b"genuine", b"forged!")})
+    await table_cache.set("k", {"n": 1})
+    v = table.get(b"k", "v")
+    damaged = [
+        b"",  # no head
+        v[:5],  # torn head
+        bytes((9,)) + v[1:],  # unknown kind
+        bytes((POINTER,)) + v[1:],  # a pointer of the wrong length
+        bytes((INLINE, 0)) + v[2:],  # an inline row without a serializer
+        v[: HEAD.size] + b"{not json",  # undecodable
+        HEAD.pack(INLINE, PICKLE_ID, 0.0) + b"\x80\x04K\x01.",  # a pickle, read by a JSON cache
+    ]
+    for i, bad in enumerate(damaged):
+        table.set(b"k", {"v": bad})
+        assert await table_cache.get("k") == {"n": 1}, i
+        assert table.get(b"k") is None, i  # dropped
+    stats = table_cache.stats()
+    assert stats["memory_corrupt"] == 5
+    assert stats["decode_errors"] == 1 and stats["serializer_mismatch"] == 1
+    # and without the file copy, a damaged row is a plain miss
+    table.set(b"k", {"v": bytes((9,)) + v[1:]})
     for f in entry_files(table_cache.files.path):
-        f.write_bytes(b"\0" * f.stat().st_size)
-    assert not await table_cache.has("k")
+        f.unlink()
     assert await table_cache.get("k", MISSING) is MISSING
+
+
+async def test_the_unauthenticated_memory_tier_is_private_to_the_server_user(
+    table_cache: Cache,
+) -> None:
+    """Rows in shared memory carry no MAC in JSON mode because only the server's own user can
+    write the segment (owner-only, 0600) -- the premise of that choice, checked here."""
+    table = table_cache.store.table(f"__{table_cache.namespace}")
+    st = os.stat(table.path)
+    assert st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o600
 
 
 async def test_has_checks_integrity_like_get(table_cache: Cache) -> None:
@@ -158,7 +200,7 @@ async def test_class_level_calls_follow_the_default_store(
     assert cache.store is second
     await Cache.set("only-in-second", 2)
     assert first.names() == second.names()  # the cache declared its tables on the new store
-    assert await second.get_strict(f"__{cache.namespace}", memory_key(b"only-in-second")[0])
+    assert await second.get_strict(f"__{cache.namespace}", b"only-in-second")
 
 
 def _dead_pid() -> int:

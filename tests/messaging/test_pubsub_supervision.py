@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.messaging.waiting import until
 from tests.servers import RedisServer
 from zeal_asgi.errors import BackendTimeoutError
 from zeal_asgi.pubsub import PubSub
@@ -23,13 +24,6 @@ async def store(fresh_redis: RedisServer) -> AsyncIterator[Store]:
     await st.start()
     yield st
     await st.aclose()
-
-
-async def _until(cond: object, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def _publish_until_received(store: Store, got: list[str], tag: str) -> None:
@@ -52,14 +46,14 @@ async def test_resubscribes_after_kill_restart_and_stop(
     await ps.start()
     try:
         assert await store.publish("a", "one") == 1
-        await _until(lambda: "one" in got)
+        await until(lambda: "one" in got)
 
         fresh_redis.command("CLIENT", "KILL", "TYPE", "pubsub")  # connection dropped
         await _publish_until_received(store, got, "two")
         assert ps.counters.values["reconnects"] >= 1
 
         fresh_redis.kill()  # server gone, then back on the same port
-        await _until(lambda: ps.state == "backoff")
+        await until(lambda: ps.state == "backoff")
         fresh_redis.start()
         await _publish_until_received(store, got, "three")
         before = ps.counters.values["reconnects"]
@@ -67,7 +61,7 @@ async def test_resubscribes_after_kill_restart_and_stop(
 
         fresh_redis.pause()  # SIGSTOP: the socket stays open, nothing answers
         t0 = time.monotonic()
-        await _until(lambda: isinstance(ps.error, BackendTimeoutError), within=5)
+        await until(lambda: isinstance(ps.error, BackendTimeoutError), within=5)
         detected = time.monotonic() - t0
         fresh_redis.resume()
         await _publish_until_received(store, got, "four")
@@ -89,7 +83,7 @@ async def test_max_attempts_fails_loudly(
     await ps.start()
     try:
         fresh_redis.kill()
-        await _until(lambda: ps.state == "failed")
+        await until(lambda: ps.state == "failed")
         assert "giving up after 3 failed attempts" in caplog.text
         assert store.stats()["pubsub"]["state"] == "failed"
     finally:
@@ -118,10 +112,10 @@ async def test_counters_errors_and_overflow(store: Store) -> None:
             await store.publish("slow", f"s{i}")
         await store.publish("broken", "x")
         await store.publish("raw.b", b"\xff")
-        await _until(lambda: ps.counters.values["received"] >= 8)
-        await _until(lambda: ps.counters.values["handler_errors"] == 1)
+        await until(lambda: ps.counters.values["received"] >= 8)
+        await until(lambda: ps.counters.values["handler_errors"] == 1)
         release.set()
-        await _until(lambda: "s5" in slow_got)
+        await until(lambda: "s5" in slow_got)
         # one in the handler, two queued: the three oldest waiting ones were dropped
         assert ps.counters.values["dropped"] == 3
         assert "s0" in slow_got and "s1" not in slow_got

@@ -28,10 +28,11 @@ class RedisCounter:
 
     async def _ensure(self) -> None:
         if not self._ready:
-            await self._conn.run(
-                lambda c: c.set(self.key, self.initial, nx=True),
-                what=f"counter {self.name!r} initial SET NX",
+            await self._conn.call(
+                ("SET", self.key, self.initial, b"NX"),
+                "initial SET NX of counter",
                 idempotent=True,
+                table=self.name,
             )
             self._ready = True
 
@@ -49,8 +50,8 @@ class RedisCounter:
         """INCRBY (not retried: it may have run); IntegerOverflowError past 64 bits."""
         await self._ensure()
         try:
-            value = await self._conn.run(
-                lambda c: c.incrby(self.key, by), what=f"counter {self.name!r}", idempotent=False
+            value = await self._conn.call(
+                ("INCRBY", self.key, by), "counter", idempotent=False, table=self.name
             )
         except BackendResponseError as exc:
             if "overflow" in str(exc):
@@ -64,24 +65,18 @@ class RedisCounter:
     async def get(self) -> int:
         """The current value (``initial`` until first written)."""
         await self._ensure()
-        raw = await self._conn.run(
-            lambda c: c.get(self.key), what=f"counter {self.name!r}", idempotent=True
-        )
+        raw = await self._conn.call(("GET", self.key), "counter", idempotent=True, table=self.name)
         return self._parse(raw)
 
     async def set(self, value: int) -> None:
         """SET the value."""
-        await self._conn.run(
-            lambda c: c.set(self.key, value), what=f"counter {self.name!r}", idempotent=True
-        )
+        await self._conn.call(("SET", self.key, value), "counter", idempotent=True, table=self.name)
         self._ready = True
 
     async def compare_and_set(self, expected: int, new: int) -> bool:
         """Atomic (Lua) compare-and-set; a missing counter compares as 0."""
         await self._ensure()
-        n = await self._conn.run(
-            lambda c: COUNTER_CAS(c, [self.key], [expected, new]),
-            what=f"counter {self.name!r}",
-            idempotent=False,
+        n = await self._conn.script(
+            COUNTER_CAS, (self.key,), (expected, new), "counter", idempotent=False, table=self.name
         )
         return bool(n)

@@ -181,17 +181,21 @@ INCR_INT = Script(
 -- ARGV[9] n zero-field args, ARGV[10..] zeros.  Reply {status, value}.
 local col = ARGV[4]
 local exists = redis.call('EXISTS', KEYS[1]) == 1
-local raw = false
-if exists then raw = redis.call('HGET', KEYS[1], col) end
 if ARGV[8] == '1' then
-  -- INT(8): HINCRBY is exact 64-bit arithmetic and refuses to overflow (value unchanged).
-  -- The caller checked the step fits 64 bits, so a new row (from 0) cannot overflow.
+  -- INT(8): HINCRBY is exact 64-bit arithmetic and refuses to overflow (value unchanged, so
+  -- reading it after a refusal gives the value before).  The caller checked the step fits 64
+  -- bits, so a new row (from 0) cannot overflow.  The reply is re-read as a string: Lua numbers
+  -- are doubles, exact only up to 2^53.
   if not exists then create(9) end
   local r = redis.pcall('HINCRBY', KEYS[1], col, ARGV[5])
-  if type(r) == 'table' and r.err then return {'err', r.err, raw or '0'} end
+  if type(r) == 'table' and r.err then
+    return {'err', r.err, redis.call('HGET', KEYS[1], col) or '0'}
+  end
   after_write()
   return {'ok', redis.call('HGET', KEYS[1], col)}
 end
+local raw = false
+if exists then raw = redis.call('HGET', KEYS[1], col) end
 -- INT(1/2/4): doubles are exact here (|value| < 2^31, |step| < 2^33, checked by the caller).
 local cur = tonumber(raw or '0')
 if cur == nil then return {'bad', raw} end

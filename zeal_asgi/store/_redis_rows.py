@@ -1,8 +1,10 @@
-"""Single-row operations of the Redis backend: each one validated first, then one Lua script.
+"""Single-row operations of the Redis backend: each one validated first, then one command.
 
 Validation uses the table's rules (:mod:`zeal_asgi.schema`) before any I/O, so errors and
 returned types are the shared-memory table's; the scripts in :mod:`._redis_lua` keep a row, its
-membership set and its expiry consistent in one atomic step.
+membership set and its expiry consistent in one atomic step.  What does not change between
+calls (key prefixes, zero fields, column ranges) is computed once per table in :class:`_Table`,
+and error messages are built only when something fails.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ColumnTypeError, ConfigError, IntegerOverflowError, NonFiniteFloatError
-from ..schema import ColumnType, validate_key
+from ..schema import Column, ColumnType, validate_key
 from ._redis_config import RedisConfig
 from ._redis_conn import RedisConnector
 from ._redis_lua import CAS, DELETE, INCR_FLOAT, INCR_INT, SET, KeyLayout, Script
@@ -27,6 +29,48 @@ _GET_FIELD = Script(
     "if redis.call('EXISTS', KEYS[1]) == 0 then return false end\n"
     "return {redis.call('HGET', KEYS[1], ARGV[1])}\n",
 )
+_HGETALL = "HGETALL"
+_EXISTS = "EXISTS"
+_OK = b"ok"
+
+
+class _Table:
+    """What the row commands of one declared table need, computed once."""
+
+    __slots__ = (
+        "base",
+        "binary",
+        "codec",
+        "head",
+        "key_limit",
+        "layout",
+        "members",
+        "name",
+        "spec",
+        "zeros",
+    )
+
+    def __init__(self, spec: TableSpec, layout: KeyLayout) -> None:
+        self.spec = spec
+        self.layout = layout
+        self.name = spec.name
+        self.codec = RowCodec(spec.schema, spec.name)
+        self.base = layout.table_base(spec.name)
+        self.members = layout.members(spec.name)
+        self.key_limit = spec.schema.key_limit
+        self.binary = spec.schema.binary_keys
+        # ARGV[1], ARGV[2] of the row scripts: 't' tracked (SADD) or 'x' ttl (EXPIRE), ttl
+        self.head: tuple[bytes, int] = (b"t" if spec.mode == "tracked" else b"x", spec.ttl or 0)
+        zeros = self.codec.zero_fields()
+        self.zeros: tuple[Any, ...] = (len(zeros), *zeros)
+
+    def key(self, key: object) -> tuple[bytes, bytes]:
+        """The validated raw key and its row key (the table's errors on a bad key)."""
+        raw = validate_key(key, self.name, self.key_limit, self.binary)
+        if raw.endswith(b"keys__") and raw.startswith(b"__"):
+            # may collide with the membership set: KeyLayout.row escapes it
+            return raw, self.layout.row(self.name, raw)
+        return raw, self.base + raw
 
 
 class RedisRows:
@@ -37,7 +81,7 @@ class RedisRows:
         self.prefix = config.prefix
         self.layout = KeyLayout(config.prefix)
         self._conn = RedisConnector(config)
-        self._codecs: dict[str, RowCodec] = {}
+        self._tables: dict[str, _Table] = {}
 
     def declare(self, spec: TableSpec) -> None:
         """Register a table (no I/O; Redis needs no allocation)."""
@@ -46,75 +90,100 @@ class RedisRows:
                 f"table {spec.name!r}: braces are not allowed in table names on the redis "
                 "backend (the table name is the Cluster hash tag)"
             )
-        self._codecs[spec.name] = RowCodec(spec.schema, spec.name)
+        self._tables[spec.name] = _Table(spec, self.layout)
+
+    def _table(self, spec: TableSpec) -> _Table:
+        t = self._tables.get(spec.name)
+        if t is not None and t.spec is spec:
+            return t
+        if t is None or t.spec != spec:
+            self.declare(spec)
+            return self._tables[spec.name]
+        t.spec = spec  # an equal declaration: later calls take the identity check above
+        return t
 
     def _codec(self, spec: TableSpec) -> RowCodec:
-        codec = self._codecs.get(spec.name)
-        if codec is None or codec.schema is not spec.schema:
-            self.declare(spec)
-            codec = self._codecs[spec.name]
-        return codec
+        return self._table(spec).codec
 
     def _ctx(self, spec: TableSpec, key: object) -> tuple[bytes, list[bytes], list[Any]]:
         """Validated raw key, KEYS (row, membership set) and the common ARGV head."""
-        raw = validate_key(key, spec.name, spec.schema.key_limit, spec.schema.binary_keys)
-        keys = [self.layout.row(spec.name, raw), self.layout.members(spec.name)]
-        mode = b"t" if spec.mode == "tracked" else b"x"
-        return raw, keys, [mode, spec.ttl or 0, raw]
+        t = self._table(spec)
+        raw, row = t.key(key)
+        return raw, [row, t.members], [*t.head, raw]
 
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Merge ``row`` into the row (new rows start zeroed), in one atomic script."""
-        codec = self._codec(spec)
-        _, keys, args = self._ctx(spec, key)
+        t = self._table(spec)
+        raw, row_key = t.key(key)
+        codec = t.codec
         fields = codec.encode(row)
-        zeros = codec.zero_fields(fields)
-        args += [len(zeros), *zeros, *_flat(fields)]
-        await self._conn.run(
-            lambda c: SET(c, keys, args), what=f"set in {spec.name!r}", idempotent=True
+        if fields and len(fields) == len(codec.schema.columns):
+            args: list[Any] = [*t.head, raw, 0]  # every column given: no zeros to add
+        else:
+            zeros = codec.zero_fields(fields)
+            args = [*t.head, raw, len(zeros), *zeros]
+        for k, v in fields.items():
+            args += (k, v)
+        await self._conn.script(
+            SET, (row_key, t.members), args, "set in", idempotent=True, table=t.name
         )
         return True
 
     async def get(self, spec: TableSpec, key: Key, field: str | None = None) -> Any:
         """The row in declaration order, or one field; ``None`` on a miss."""
-        codec = self._codec(spec)
-        _, keys, _ = self._ctx(spec, key)
-        what = f"get from {spec.name!r}"
+        t = self._table(spec)
+        _, row_key = t.key(key)
         if field is None:
-            fields = await self._conn.run(lambda c: c.hgetall(keys[0]), what=what, idempotent=True)
-            return codec.decode(fields, key)
+            reply = await self._conn.call(
+                (_HGETALL, row_key), "get from", idempotent=True, table=t.name
+            )
+            if not reply:
+                return None
+            if isinstance(reply, list):
+                it = iter(reply)
+                reply = dict(zip(it, it, strict=True))
+            return t.codec.decode(reply, key)
         col = spec.schema.column(field, spec.name)
-        name = col.name.encode("utf-8")
-        reply = await self._conn.run(
-            lambda c: _GET_FIELD(c, keys[:1], [name]), what=what, idempotent=True
+        got = await self._conn.script(
+            _GET_FIELD,
+            (row_key,),
+            (col.name.encode("utf-8"),),
+            "get from",
+            idempotent=True,
+            table=t.name,
         )
-        if reply is None:
+        if got is None:
             return None
-        return codec.decode_value(col, reply[0] if reply else None, key)
+        return t.codec.decode_value(col, got[0] if got else None, key)
 
     async def delete(self, spec: TableSpec, key: Key) -> bool:
         """Remove the row (and its membership); ``True`` if it existed."""
-        _, keys, args = self._ctx(spec, key)
-        n = await self._conn.run(
-            lambda c: DELETE(c, keys, args), what=f"delete from {spec.name!r}", idempotent=True
+        t = self._table(spec)
+        raw, row_key = t.key(key)
+        n = await self._conn.script(
+            DELETE,
+            (row_key, t.members),
+            (*t.head, raw),
+            "delete from",
+            idempotent=True,
+            table=t.name,
         )
         return bool(n)
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists (and has not expired)."""
-        _, keys, _ = self._ctx(spec, key)
-        n = await self._conn.run(
-            lambda c: c.exists(keys[0]), what=f"exists in {spec.name!r}", idempotent=True
-        )
+        t = self._table(spec)
+        _, row_key = t.key(key)
+        n = await self._conn.call((_EXISTS, row_key), "exists in", idempotent=True, table=t.name)
         return bool(n)
 
     async def incr(
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1
     ) -> int | float:
         """Atomically add ``by`` (range-checked like the table; creates the row)."""
-        codec = self._codec(spec)
-        _, keys, args = self._ctx(spec, key)
+        t = self._table(spec)
+        raw, row_key = t.key(key)
         col = spec.schema.column(column, spec.name)
-        where = f"column {column!r} of table {spec.name!r}"
         if col.type is ColumnType.INT:
             if not isinstance(by, int) or isinstance(by, bool):
                 raise ColumnTypeError(
@@ -124,15 +193,23 @@ class RedisRows:
             lo, hi = col.int_range
             if not _INT64[0] <= by <= _INT64[1]:
                 raise IntegerOverflowError(
-                    f"incr of {where} by {by}: the step is outside the signed 64-bit range"
+                    f"incr of {_where(col, t)} by {by}: the step is outside the signed 64-bit range"
                 )
             if col.size < 8 and not lo - hi <= by <= hi - lo:
                 raise IntegerOverflowError(
-                    f"incr of {where} by {by} would leave [{lo}, {hi}] (INT({col.size})) from "
-                    "any value; the value is unchanged"
+                    f"incr of {_where(col, t)} by {by} would leave [{lo}, {hi}] (INT({col.size})) "
+                    "from any value; the value is unchanged"
                 )
-            zeros = codec.zero_fields()
-            args += [col.name, by, lo, hi, b"1" if col.size == 8 else b"0", len(zeros), *zeros]
+            args: tuple[Any, ...] = (
+                *t.head,
+                raw,
+                col.name,
+                by,
+                lo,
+                hi,
+                b"1" if col.size == 8 else b"0",
+                *t.zeros,
+            )
             script = INCR_INT
         elif col.type is ColumnType.FLOAT:
             if isinstance(by, bool) or not isinstance(by, (int, float)):
@@ -146,41 +223,41 @@ class RedisRows:
                 raise IntegerOverflowError(f"incr step {by} does not fit a double") from None
             if not spec.schema.allow_nan and not math.isfinite(step):
                 raise NonFiniteFloatError(f"incr step {by!r} is not finite")
-            zeros = codec.zero_fields()
             nan_ok = b"1" if spec.schema.allow_nan else b"0"
-            args += [col.name, encode_float(step), nan_ok, len(zeros), *zeros]
+            args = (*t.head, raw, col.name, encode_float(step), nan_ok, *t.zeros)
             script = INCR_FLOAT
         else:
             raise ColumnTypeError(
                 f"incr needs an INT or FLOAT column; {column!r} of table {spec.name!r} is "
                 f"{col.type.name}"
             )
-        reply = await self._conn.run(
-            lambda c: script(c, keys, args), what=f"incr in {spec.name!r}", idempotent=False
+        reply = await self._conn.script(
+            script, (row_key, t.members), args, "incr in", idempotent=False, table=t.name
         )
-        status = bytes(reply[0])
-        if status == b"ok":
-            value: int | float = codec.decode_value(col, reply[1], key)
+        status = reply[0]
+        if status == _OK:
+            value: int | float = t.codec.decode_value(col, reply[1], key)
             return value
         current = reply[-1]
         if status == b"overflow" or (status == b"err" and b"overflow" in bytes(reply[1])):
             raise IntegerOverflowError(
-                f"incr of {where} by {by} would leave [{col.int_range[0]}, {col.int_range[1]}] "
-                f"(INT({col.size})); the value stays {current.decode()}"
+                f"incr of {_where(col, t)} by {by} would leave [{col.int_range[0]}, "
+                f"{col.int_range[1]}] (INT({col.size})); the value stays {current.decode()}"
             )
         if status == b"nonfinite":
             raise NonFiniteFloatError(
-                f"incr of {where} by {by!r} overflows to a non-finite value; the value stays "
-                f"{current.decode()}"
+                f"incr of {_where(col, t)} by {by!r} overflows to a non-finite value; the value "
+                f"stays {current.decode()}"
             )
-        raise codec.corrupt_error(col, key, bytes(current or b""), "is not a number")
+        raise t.codec.corrupt_error(col, key, bytes(current or b""), "is not a number")
 
     async def compare_and_set(
         self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
     ) -> bool:
         """Atomically set ``column`` to ``new`` if it equals ``expected`` (missing row = zeros)."""
-        codec = self._codec(spec)
-        _, keys, args = self._ctx(spec, key)
+        t = self._table(spec)
+        raw, row_key = t.key(key)
+        codec = t.codec
         col = spec.schema.column(column, spec.name)
         exp = codec.encode_value(column, expected)
         new_raw = codec.encode_value(column, new)
@@ -188,12 +265,15 @@ class RedisRows:
             kind, zero = b"f", float(expected) == 0.0
         else:
             kind, zero = (b"i", expected == 0) if col.type is ColumnType.INT else (b"s", not exp)
-        zeros = codec.zero_fields()
-        args += [col.name, kind, exp, new_raw, b"1" if zero else b"0", len(zeros), *zeros]
-        n = await self._conn.run(
-            lambda c: CAS(c, keys, args), what=f"compare_and_set in {spec.name!r}", idempotent=False
+        args = (*t.head, raw, col.name, kind, exp, new_raw, b"1" if zero else b"0", *t.zeros)
+        n = await self._conn.script(
+            CAS, (row_key, t.members), args, "compare_and_set in", idempotent=False, table=t.name
         )
         return bool(n)
+
+
+def _where(col: Column, t: _Table) -> str:
+    return f"column {col.name!r} of table {t.name!r}"
 
 
 def _flat(fields: Mapping[bytes, bytes]) -> list[bytes]:

@@ -58,9 +58,7 @@ class RedisTables(RedisRows):
         """Tracked: SCARD (O(1)).  TTL: SCAN of the table's exact pattern (O(keyspace))."""
         if spec.mode == "tracked":
             members = self.layout.members(spec.name)
-            n = await self._conn.run(
-                lambda c: c.scard(members), what=f"count {spec.name!r}", idempotent=True
-            )
+            n = await self._conn.call(("SCARD", members), "count", idempotent=True, table=spec.name)
             return int(n)
         total, cursor = 0, 0
         while True:

@@ -33,7 +33,11 @@ Errors are the ZealError hierarchy (redis-py exceptions never escape).  Run Redi
 membership set, so count() would over-count.
 
 Every call takes one of ``pool_size`` connections (waiting at most ``acquire_timeout``, then
-PoolTimeoutError) and ends within ``deadline`` (default ``acquire_timeout + socket_timeout``).
+PoolTimeoutError) and ends within ``deadline`` (default ``acquire_timeout + socket_timeout``);
+each attempt waits at most ``socket_timeout`` for its reply.  On a standalone server single
+commands skip redis-py's client layers (one hiredis-packed write on the worker's own connection;
+the time limits of all calls share one timer); pipelines, Cluster and Sentinel go through
+redis-py's clients.
 Idempotent commands (reads, merges, deletes) are retried on connection errors and timeouts with
 full-jitter backoff inside that deadline; INCR/HINCRBY scripts, compare-and-set, PUBLISH, XADD and
 ``eval`` never are, since a lost reply does not mean the command did not run.  Clients are per
@@ -65,6 +69,9 @@ from .base import Key, StoreBackendKind
 __all__ = ["RedisBackend", "RedisCounter"]
 
 T = TypeVar("T")
+_PUBLISH = "PUBLISH"
+_CHANNEL_CACHE = 1024
+"""Channel names kept encoded (``{prefix}:ch:{channel}``) for repeated publishes."""
 
 
 class RedisBackend(RedisTables):
@@ -82,6 +89,7 @@ class RedisBackend(RedisTables):
     def __init__(self, config: RedisConfig) -> None:
         super().__init__(config)
         self._counters: dict[str, RedisCounter] = {}
+        self._channels: dict[str, bytes] = {}
 
     @classmethod
     def from_config(
@@ -161,7 +169,7 @@ class RedisBackend(RedisTables):
 
     async def ping(self) -> bool:
         """``True`` when Redis answers PING; the typed error otherwise."""
-        return bool(await self._conn.run(lambda c: c.ping(), what="PING", idempotent=True))
+        return bool(await self._conn.call(("PING",), "PING", idempotent=True))
 
     def stats(self) -> dict[str, Any]:
         """``{"redis": {target, pool_size, in_use, waiting, <counters>, host: {<counters>}}}``."""
@@ -171,10 +179,26 @@ class RedisBackend(RedisTables):
 
     async def publish(self, channel: str, payload: str | bytes) -> int:
         """PUBLISH on ``{prefix}:ch:{channel}``; the number of receiving connections."""
-        name = self.layout.channel(_name("channel", channel))
+        cacheable = isinstance(channel, str)
+        name = self._channels.get(channel) if cacheable else None
+        if name is None:
+            name = self.layout.channel(_name("channel", channel))
+            if cacheable:
+                if len(self._channels) >= _CHANNEL_CACHE:
+                    self._channels.clear()  # bounded: channel names may come from user input
+                self._channels[channel] = name
         data = _payload(payload)
-        n = await self._conn.run(
-            lambda c: c.publish(name, data), what=f"publish to {channel!r}", idempotent=False
+        n = await self._conn.call(
+            (_PUBLISH, name, data), "publish to", idempotent=False, table=channel
+        )
+        return int(n)
+
+    async def publish_raw(self, channel: str | bytes, payload: bytes) -> int:
+        """PUBLISH on ``channel`` exactly as given (already prefixed, e.g. by :meth:`key`), within
+        this backend's slots and deadline: for package-internal topics (WebSocket routing)."""
+        name = channel.decode("utf-8", "replace") if isinstance(channel, bytes) else channel
+        n = await self._conn.call(
+            (_PUBLISH, channel, payload), "publish to", idempotent=False, table=name
         )
         return int(n)
 
@@ -188,10 +212,12 @@ class RedisBackend(RedisTables):
             not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1
         ):
             raise ConfigError(f"max_len must be an int >= 1 (entries kept), got {max_len!r}")
-        entry = await self._conn.run(
-            lambda c: c.xadd(name, {b"payload": data}, maxlen=max_len, approximate=True),
-            what=f"publish_reliable to {stream!r}",
+        trim: tuple[Any, ...] = () if max_len is None else (b"MAXLEN", b"~", max_len)
+        entry = await self._conn.call(
+            ("XADD", name, *trim, b"*", b"payload", data),
+            "publish_reliable to",
             idempotent=False,
+            table=stream,
         )
         return entry.decode("ascii") if isinstance(entry, bytes) else str(entry)
 

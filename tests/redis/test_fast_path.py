@@ -1,0 +1,123 @@
+"""The single-command fast path on a standalone server: scripts, cancellation, timeouts, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from tests.servers import RedisServer
+from zeal_asgi.errors import BackendTimeoutError
+from zeal_asgi.store import Store
+from zeal_asgi.store.redis import RedisBackend
+
+from ._proxy import LatencyProxy
+from .conftest import unique_prefix
+
+
+def _store(url: str, **options: Any) -> tuple[Store, RedisBackend]:
+    store = Store("redis", {"url": url, "prefix": unique_prefix(), **options})
+    store.make("t", 100, {"name": (Store.TYPE_STRING, 16), "n": (Store.TYPE_INT, 8)})
+    backend = store.backend
+    assert isinstance(backend, RedisBackend)
+    return store, backend
+
+
+async def test_scripts_survive_a_flushed_script_cache(redis_server: RedisServer) -> None:
+    store, _ = _store(redis_server.url)
+    try:
+        await store.set("t", "k", {"name": "a"})
+        assert await store.incr("t", "k", "n", 2) == 2
+        # a restart or failover empties the cache: NOSCRIPT, then the source, run exactly once
+        redis_server.command("SCRIPT", "FLUSH")
+        assert await store.incr("t", "k", "n", 3) == 5
+        redis_server.command("SCRIPT", "FLUSH")
+        await store.set("t", "k", {"name": "b"})
+        redis_server.command("SCRIPT", "FLUSH")
+        assert await store.get_strict("t", "k", "name") == "b"
+        assert await store.get_strict("t", "k") == {"name": "b", "n": 5}
+        assert await store.count("t") == 1
+    finally:
+        await store.aclose()
+
+
+async def test_a_cancelled_call_leaves_no_reply_behind(redis_server: RedisServer) -> None:
+    proxy = await LatencyProxy(redis_server.port, 0.1).start()
+    store, backend = _store(proxy.url, pool_size=1, socket_timeout=2.0)
+    try:
+        await store.set("t", "a", {"name": "first"})
+        await store.set("t", "b", {"name": "second"})
+        for _ in range(3):
+            # sent, then cancelled before its reply: the one connection must not hand that
+            # late reply to the next caller
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(store.get_strict("t", "a"), 0.03)
+            assert await store.get_strict("t", "b", "name") == "second"
+        stats = backend.stats()["redis"]
+        assert stats["in_use"] == 0 and stats["connections"] <= 1
+    finally:
+        await store.aclose()
+        await proxy.aclose()
+
+
+async def test_each_attempt_waits_socket_timeout_within_the_deadline(
+    redis_server: RedisServer,
+) -> None:
+    proxy = await LatencyProxy(redis_server.port, 0.5).start()
+    store, backend = _store(proxy.url, socket_timeout=0.1, deadline=1.0, retries=0)
+    loop = asyncio.get_running_loop()
+    try:
+        for _ in range(2):  # the first opens its connection, the second reopens it
+            t0 = loop.time()
+            with pytest.raises(BackendTimeoutError) as info:
+                await store.get_strict("t", "k")
+            waited = loop.time() - t0
+            # the reply is 0.5 s late: socket_timeout ends the attempt, not the 1 s deadline
+            assert 0.09 <= waited < 0.3, waited
+            assert "socket_timeout (100 ms)" in str(info.value)
+        assert backend.stats()["redis"]["retries"] == 0
+    finally:
+        await store.aclose()
+        await proxy.aclose()
+
+
+async def test_connections_stay_within_pool_size(redis_server: RedisServer) -> None:
+    pool = 3
+    store, backend = _store(redis_server.url, pool_size=pool)
+    try:
+        await asyncio.gather(*(store.set("t", f"k{i}", {"n": i}) for i in range(50)))
+        rows = await asyncio.gather(*(store.get_strict("t", f"k{i}", "n") for i in range(50)))
+        assert rows == list(range(50))
+        stats = backend.stats()["redis"]
+        assert 1 <= stats["connections"] <= pool
+        clients = redis_server.command("CLIENT", "LIST")
+        assert isinstance(clients, bytes)
+        # this process holds at most pool fast-path connections (+ the pooled client's, unused)
+        assert clients.count(b"\n") <= pool + 1
+    finally:
+        await store.aclose()
+    await asyncio.sleep(0.05)
+    assert backend.stats()["redis"]["connections"] == 0
+
+
+async def test_replies_keep_their_types(redis_server: RedisServer) -> None:
+    store, backend = _store(redis_server.url)
+    try:
+        assert await backend.ping() is True
+        assert await store.exists("t", "nope") is False
+        assert await store.get_strict("t", "nope") is None
+        assert await store.get_strict("t", "nope", "n") is None
+        await store.set("t", "k", {"n": -(2**63)})
+        assert await store.get_strict("t", "k") == {"name": "", "n": -(2**63)}
+        assert await store.exists("t", "k") is True
+        assert await store.publish("nobody-listens", b"x") == 0
+        entry = await store.publish_reliable("s", "payload", max_len=10)
+        assert isinstance(entry, str) and "-" in entry
+        t0 = time.monotonic()
+        assert await store.delete("t", "k") is True
+        assert await store.delete("t", "k") is False
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        await store.aclose()
