@@ -629,6 +629,8 @@ def _breakdown(stack: contextlib.ExitStack[Any], env: Env) -> list[Spec]:
     pool = aioredis.BlockingConnectionPool(
         host="127.0.0.1", port=env.redis_port, max_connections=conn.cfg.pool_size, timeout=0.1
     )
+    # a client handed a pool does not close it: the pool's own disconnect runs after its aclose
+    stack.callback(lambda: env.runner.run(pool.disconnect()))
     blocking = _redis_client(stack, env, connection_pool=pool)
     pooled = env.runner.run(backend.client())
 
