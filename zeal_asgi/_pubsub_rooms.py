@@ -7,13 +7,17 @@ Both registries offer the same operations, each atomic:
   removes the row of the client's new connection);
 * room roster: member -> worker, and per room a worker -> member-count map, so ``room_servers``
   lists the workers to publish a room message to (targeted, no global fan-out).  Join and leave
-  update both in one step (Lua on Redis, a host-wide stripe lock on shared memory).
+  update both in one step (Lua on Redis, a host-wide stripe lock on shared memory);
+* worker liveness, so the rows of a worker that died without releasing them can be reaped:
+  on Redis a key per worker that its heartbeat keeps alive (``beat``), on shared memory the
+  worker's pid (one host).  ``purge`` removes one worker's members from a room in one step.
 
 Redis keys (all prefixed; ``{room}`` is a Cluster hash tag so one script touches one slot)::
 
     {prefix}:ws:owner:{client_id}          hash  c=conn_id w=worker
     {prefix}:ws:room:{<room>}:members      hash  client_id -> worker
     {prefix}:ws:room:{<room>}:servers      hash  worker -> members on it
+    {prefix}:ws:alive:{worker}             string, expires unless the worker's heartbeat renews it
 """
 
 from __future__ import annotations
@@ -37,9 +41,17 @@ _RELEASE = """
 if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+_OWN_NX = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'c', ARGV[1], 'w', ARGV[2])
+return 1
+"""
+# ARGV[3] '1': only when the client is in no worker's roster (a re-registration never moves
+# a member that joined again elsewhere)
 _JOIN = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old == ARGV[2] then return 0 end
+if old and ARGV[3] == '1' then return 0 end
 if old then
   if redis.call('HINCRBY', KEYS[2], old, -1) <= 0 then redis.call('HDEL', KEYS[2], old) end
 end
@@ -55,13 +67,31 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 if redis.call('HINCRBY', KEYS[2], old, -1) <= 0 then redis.call('HDEL', KEYS[2], old) end
 return 1
 """
+_PURGE = """
+local flat = redis.call('HGETALL', KEYS[1])
+local gone = {}
+for i = 1, #flat, 2 do
+  if flat[i + 1] == ARGV[1] then
+    redis.call('HDEL', KEYS[1], flat[i])
+    gone[#gone + 1] = flat[i]
+  end
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+return gone
+"""
 
 
 class Registry(Protocol):
     """Owner rows and room rosters (see the module docstring)."""
 
-    async def set_owner(self, client_id: str, conn_id: str, worker: str) -> None:
-        """Record that ``worker`` holds ``client_id``'s socket ``conn_id`` (newest wins)."""
+    beats: bool
+    """Whether workers must renew their liveness with :meth:`beat` (Redis) or not (pids)."""
+
+    async def set_owner(
+        self, client_id: str, conn_id: str, worker: str, *, only_if_absent: bool = False
+    ) -> bool:
+        """Record that ``worker`` holds ``client_id``'s socket ``conn_id`` (newest wins, or
+        only when the client has no row); ``True`` when written."""
         ...
 
     async def get_owner(self, client_id: str) -> tuple[str, str] | None:
@@ -72,8 +102,10 @@ class Registry(Protocol):
         """Delete the row only if it still names ``conn_id``; ``True`` when deleted."""
         ...
 
-    async def join(self, room: str, client_id: str, worker: str) -> bool:
-        """Add (or move) a member; ``True`` when something changed."""
+    async def join(
+        self, room: str, client_id: str, worker: str, *, only_if_absent: bool = False
+    ) -> bool:
+        """Add (or move, unless ``only_if_absent``) a member; ``True`` when something changed."""
         ...
 
     async def leave(self, room: str, client_id: str, worker: str = "") -> bool:
@@ -84,6 +116,23 @@ class Registry(Protocol):
         """Workers holding at least one member of ``room``."""
         ...
 
+    async def beat(self, worker: str, ttl: float) -> bool:
+        """Mark ``worker`` alive for ``ttl`` seconds; ``False`` if it was not marked alive
+        (its first beat, or its mark expired or was lost with the data)."""
+        ...
+
+    async def worker_alive(self, worker: str) -> bool:
+        """Whether ``worker`` is alive (its mark is current, or its process exists)."""
+        ...
+
+    async def purge(self, room: str, worker: str) -> list[str]:
+        """Remove every member ``worker`` holds in ``room`` in one step; their client ids."""
+        ...
+
+    async def forget_worker(self, worker: str) -> None:
+        """Drop ``worker``'s liveness mark (a clean shutdown)."""
+        ...
+
 
 def _b2s(v: Any) -> str:
     return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
@@ -91,6 +140,8 @@ def _b2s(v: Any) -> str:
 
 class RedisRegistry:
     """The registry in Redis (every node sees it)."""
+
+    beats = True
 
     def __init__(self, redis: Any) -> None:
         self.redis = redis
@@ -123,14 +174,19 @@ class RedisRegistry:
 
         return await self.redis.run(op, what=what, idempotent=False)
 
-    async def set_owner(self, client_id: str, conn_id: str, worker: str) -> None:
-        """HSET the owner row."""
+    async def set_owner(
+        self, client_id: str, conn_id: str, worker: str, *, only_if_absent: bool = False
+    ) -> bool:
+        """HSET the owner row (a script checking that there is none, ``only_if_absent``)."""
         key = self._owner_key(client_id)
+        if only_if_absent:
+            return bool(await self._eval(_OWN_NX, [key], [conn_id, worker], "ws owner row"))
         await self.redis.run(
             lambda c: c.hset(key, mapping={"c": conn_id, "w": worker}),
             what="ws owner row",
             idempotent=True,
         )
+        return True
 
     async def get_owner(self, client_id: str) -> tuple[str, str] | None:
         """HMGET the owner row."""
@@ -147,10 +203,12 @@ class RedisRegistry:
         res = await self._eval(_RELEASE, [self._owner_key(client_id)], [conn_id], "ws release")
         return bool(res)
 
-    async def join(self, room: str, client_id: str, worker: str) -> bool:
+    async def join(
+        self, room: str, client_id: str, worker: str, *, only_if_absent: bool = False
+    ) -> bool:
         """Roster + per-worker count in one script."""
-        res = await self._eval(_JOIN, self._room_keys(room), [client_id, worker], "ws join")
-        return bool(res)
+        args = [client_id, worker, "1" if only_if_absent else "0"]
+        return bool(await self._eval(_JOIN, self._room_keys(room), args, "ws join"))
 
     async def leave(self, room: str, client_id: str, worker: str = "") -> bool:
         """Roster + per-worker count in one script."""
@@ -172,6 +230,33 @@ class RedisRegistry:
             if not cursor:
                 return out
 
+    def _alive_key(self, worker: str) -> str:
+        return str(self.redis.key("ws", "alive", worker))
+
+    async def beat(self, worker: str, ttl: float) -> bool:
+        """``SET alive-key PX ttl GET``: the old value tells whether the mark was current."""
+        key, ms = self._alive_key(worker), max(1, round(ttl * 1000))
+        old = await self.redis.run(
+            lambda c: c.set(key, b"1", px=ms, get=True), what="ws heartbeat", idempotent=True
+        )
+        return old is not None
+
+    async def worker_alive(self, worker: str) -> bool:
+        """``EXISTS`` of the worker's mark."""
+        key = self._alive_key(worker)
+        n = await self.redis.run(lambda c: c.exists(key), what="ws liveness", idempotent=True)
+        return bool(n)
+
+    async def purge(self, room: str, worker: str) -> list[str]:
+        """One script over the room's roster (O(members of the room), run once per death)."""
+        gone = await self._eval(_PURGE, self._room_keys(room), [worker], "ws purge")
+        return [_b2s(c) for c in gone or ()]
+
+    async def forget_worker(self, worker: str) -> None:
+        """``DEL`` the worker's mark."""
+        key = self._alive_key(worker)
+        await self.redis.run(lambda c: c.delete(key), what="ws liveness", idempotent=True)
+
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -188,8 +273,11 @@ class ShmRegistry:
 
     Allocated when the router is made (before workers start).  Conditional updates hold one of
     ``64`` host-wide stripe locks (a CAS on a shared row; a lock whose holder died is taken
-    over); the sections never await, so they last microseconds.
+    over); the sections never await, so they last microseconds.  A worker is alive while its
+    process is (``server:pid``, one host), so there is nothing to renew.
     """
+
+    beats = False
 
     def __init__(self, *, owner_capacity: int = 65536, room_capacity: int = 65536) -> None:
         from ._ext import Table
@@ -232,9 +320,18 @@ class ShmRegistry:
         finally:
             locks.compare_and_set(stripe, "holder", me, 0)
 
-    async def set_owner(self, client_id: str, conn_id: str, worker: str) -> None:
-        """One atomic row write."""
-        self.owner.set(client_id, {"c": conn_id, "w": worker})
+    async def set_owner(
+        self, client_id: str, conn_id: str, worker: str, *, only_if_absent: bool = False
+    ) -> bool:
+        """One atomic row write (under the client's stripe lock, ``only_if_absent``)."""
+        if not only_if_absent:
+            self.owner.set(client_id, {"c": conn_id, "w": worker})
+            return True
+        with self._locked("o" + client_id):
+            if self.owner.exists(client_id):
+                return False
+            self.owner.set(client_id, {"c": conn_id, "w": worker})
+            return True
 
     async def get_owner(self, client_id: str) -> tuple[str, str] | None:
         """One atomic row read."""
@@ -255,12 +352,14 @@ class ShmRegistry:
         if self.servers.incr(key, "n", -1) <= 0:
             self.servers.delete(key)
 
-    async def join(self, room: str, client_id: str, worker: str) -> bool:
+    async def join(
+        self, room: str, client_id: str, worker: str, *, only_if_absent: bool = False
+    ) -> bool:
         """Roster + per-worker count under the room's stripe lock."""
         mkey = room + SEP + client_id
         with self._locked("r" + room):
             old = self.members.get(mkey, "w")
-            if old == worker:
+            if old == worker or (old is not None and only_if_absent):
                 return False
             if old is not None:
                 self._dec(room, str(old))
@@ -291,6 +390,31 @@ class ShmRegistry:
             for k, row in self.servers.items()
             if str(k).startswith(pre) and row["n"] > 0
         ]
+
+    async def beat(self, worker: str, ttl: float) -> bool:
+        """Nothing to renew: liveness is the worker's process."""
+        return True
+
+    async def worker_alive(self, worker: str) -> bool:
+        """Whether the pid in ``server:pid`` runs (an unparsable name counts as alive)."""
+        pid = worker.rpartition(":")[2]
+        return not pid.isdigit() or _pid_alive(int(pid))
+
+    async def purge(self, room: str, worker: str) -> list[str]:
+        """Scan of the roster under the room's stripe lock (once per death)."""
+        pre = room + SEP
+        gone: list[str] = []
+        with self._locked("r" + room):
+            for key, row in list(self.members.items()):
+                k = str(key)
+                if k.startswith(pre) and row["w"] == worker:
+                    self.members.delete(key)
+                    gone.append(k[len(pre) :])
+            self.servers.delete(pre + worker)
+        return gone
+
+    async def forget_worker(self, worker: str) -> None:
+        """Nothing to drop."""
 
     def close(self) -> None:
         """Unlink the tables (tests)."""

@@ -18,6 +18,11 @@ Each socket gets a bounded send queue and a sender task; a client that does not 
 its oldest queued messages (``overflow="drop_oldest"``, counted) or is closed with code 1013
 (``overflow="close"``).  :meth:`WSRouter.serve` runs the receive loop and the sender together
 and releases the client when either ends.
+
+A worker that dies without releasing its clients leaves rows behind; they are reaped when a
+message to that worker reaches nobody and the worker is found dead, and a worker whose
+registration was lost (Redis restarted without its data) registers its sockets again within a
+third of ``worker_ttl`` (:mod:`zeal_asgi._ws_liveness`).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from ._pubsub_ws import (
     finish,
 )
 from ._segments import server_identity
+from ._ws_liveness import Liveness
 from .errors import (
     ConfigError,
     MessageRejectedError,
@@ -77,6 +83,8 @@ class WSRouter:
             pub/sub) or a :class:`~zeal_asgi.Store` (call ``start()``/``stop()`` yourself).
         secret: signs every envelope (HMAC-SHA256, timestamp, nonce); ``None`` sends them plain.
         queue_size: messages queued per socket; ``overflow``: ``drop_oldest`` or ``close``.
+        worker_ttl: on Redis, seconds after which a worker that stopped renewing its liveness
+            mark (every ``worker_ttl / 3``) counts as dead and its rows may be reaped.
 
     Example::
 
@@ -97,6 +105,7 @@ class WSRouter:
         signing_window: float = 30.0,
         owner_capacity: int = 65536,
         room_capacity: int = 65536,
+        worker_ttl: float = 30.0,
     ) -> None:
         from .plugin import Zeal
 
@@ -104,8 +113,16 @@ class WSRouter:
             raise ConfigError(f"queue_size must be an int >= 1, got {queue_size!r}")
         if overflow not in ("drop_oldest", "close"):
             raise ConfigError(f"overflow must be 'drop_oldest' or 'close', got {overflow!r}")
+        if (
+            not isinstance(worker_ttl, int | float)
+            or isinstance(worker_ttl, bool)
+            or not 0.3 <= worker_ttl <= 86400
+        ):
+            raise ConfigError(f"worker_ttl must be seconds in [0.3, 86400], got {worker_ttl!r}")
         self.queue_size = queue_size
         self.overflow = overflow
+        self.worker_ttl = float(worker_ttl)
+        self._liveness: Liveness | None = None
         if isinstance(target, Zeal):
             self.store: Store = target.store
             self.pubsub: PubSub = target.pubsub
@@ -180,6 +197,15 @@ class WSRouter:
             await self.pubsub.start()
         self._sub = await self.pubsub.add_system(self._channel(self.worker), self._on_wire)
         await self.pubsub.wait_ready(5.0)
+        self._liveness = Liveness(
+            self.registry,
+            self.worker,
+            self.worker_ttl,
+            spawn=self._spawn,
+            reregister=self._reregister,
+            left=lambda room, client_id: self._presence_event("leave", room, client_id),
+        )
+        await self._liveness.start()
 
     async def stop(self) -> None:
         """Release every local client and unsubscribe (tasks cancelled and awaited)."""
@@ -187,6 +213,12 @@ class WSRouter:
             await self.release(client_id, conn.conn_id)
         for task in list(self._bg):
             await cancel(task)
+        liveness, self._liveness = self._liveness, None
+        if liveness is not None:
+            try:
+                await liveness.stop()
+            except Exception as exc:  # the mark expires by itself after worker_ttl
+                log.warning("zeal_asgi ws: could not drop this worker's liveness mark: %s", exc)
         sub, self._sub = self._sub, None
         if sub is not None:
             await self.pubsub.unsubscribe(sub)
@@ -262,6 +294,23 @@ class WSRouter:
         count("releases" if removed else "release_kept")
         return removed
 
+    async def _reregister(self) -> int:
+        """Write this worker's owner rows and memberships again where none exist; how many
+        clients were registered again.  A client whose row names another connection now lives
+        elsewhere: its rooms are left alone too."""
+        n = 0
+        for client_id, conn in list(self._local.items()):
+            await finish(conn.registered)
+            if await self.registry.set_owner(
+                client_id, conn.conn_id, self.worker, only_if_absent=True
+            ):
+                n += 1
+            elif await self.registry.get_owner(client_id) != (conn.conn_id, self.worker):
+                continue
+            for room in list(conn.rooms):
+                await self.registry.join(room, client_id, self.worker, only_if_absent=True)
+        return n
+
     def _forget_rooms(self, client_id: str) -> None:
         for room, members in list(self._rooms.items()):
             members.pop(client_id, None)
@@ -303,6 +352,8 @@ class WSRouter:
         raw = self._seal({"t": "d", "c": client_id, "n": target_conn, **body})
         receivers = await self.pubsub.publish_system(self._channel(worker), raw)
         count("sent_remote")
+        if not receivers and self._liveness is not None:
+            self._liveness.unreached(worker, owner=(client_id, target_conn))
         return receivers > 0
 
     async def join(self, room: str, client_id: str) -> bool:
@@ -356,6 +407,10 @@ class WSRouter:
         results = await asyncio.gather(
             *(self.pubsub.publish_system(self._channel(w), raw) for w in workers)
         )
+        if self._liveness is not None:
+            for worker, n in zip(workers, results, strict=True):
+                if not n:
+                    self._liveness.unreached(worker, room=room)
         return sum(results)
 
     def on_presence(

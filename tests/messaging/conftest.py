@@ -1,4 +1,5 @@
-"""Helpers of the messaging tests: real ASGI servers (the zeal-asgi launcher) on loopback."""
+"""Fixtures of the messaging tests: real ASGI servers (the zeal-asgi launcher) on loopback, and
+the WebSocket registry on each of its stores."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ import pytest
 
 from tests.servers import free_port
 from zeal_asgi._bus import close_host_bus
+from zeal_asgi._pubsub_rooms import RedisRegistry, Registry, ShmRegistry
+from zeal_asgi.pubsub import redis_backend_of
+from zeal_asgi.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 MSG_APP = "tests.messaging.apps.msg_app:app"
@@ -136,3 +140,18 @@ def host_bus_cleanup() -> Iterator[None]:
     """Unlink this process's host bus after the test."""
     yield
     close_host_bus()
+
+
+@pytest.fixture(params=["table", "redis"])
+async def registry(request: pytest.FixtureRequest) -> AsyncIterator[Registry]:
+    """A WebSocket registry on shared memory, then on a real Redis."""
+    if request.param == "table":
+        reg = ShmRegistry(owner_capacity=64, room_capacity=64)
+        yield reg
+        reg.close()
+        return
+    url = request.getfixturevalue("redis_url")
+    store = Store("redis", {"url": url})
+    await store.start()
+    yield RedisRegistry(redis_backend_of(store.backend))
+    await store.aclose()

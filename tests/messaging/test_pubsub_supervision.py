@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.messaging.waiting import until
+from tests.messaging.helpers import until
 from tests.servers import RedisServer
 from zeal_asgi.errors import BackendTimeoutError
 from zeal_asgi.pubsub import PubSub

@@ -10,39 +10,12 @@ from typing import Any
 
 import pytest
 
+from tests.messaging.helpers import Socket
 from zeal_asgi._bus import close_host_bus
-from zeal_asgi._pubsub_rooms import RedisRegistry, Registry, ShmRegistry
+from zeal_asgi._pubsub_rooms import Registry, ShmRegistry
 from zeal_asgi.errors import InvalidKeyError, KeyTypeError, SerializationError, ValueTooLargeError
-from zeal_asgi.pubsub import redis_backend_of
 from zeal_asgi.store import Store
 from zeal_asgi.ws import WSRouter, check_client_id, check_room
-
-
-class Socket:
-    """The two calls the router makes on a Starlette WebSocket, recording what it sends."""
-
-    def __init__(self) -> None:
-        self.sent: list[str | bytes] = []
-
-    async def send_text(self, text: str) -> None:
-        self.sent.append(text)
-
-    async def send_bytes(self, data: bytes) -> None:
-        self.sent.append(data)
-
-
-@pytest.fixture(params=["table", "redis"])
-async def registry(request: pytest.FixtureRequest) -> AsyncIterator[Registry]:
-    if request.param == "table":
-        reg = ShmRegistry(owner_capacity=64, room_capacity=64)
-        yield reg
-        reg.close()
-        return
-    url = request.getfixturevalue("redis_url")
-    store = Store("redis", {"url": url})
-    await store.start()
-    yield RedisRegistry(redis_backend_of(store.backend))
-    await store.aclose()
 
 
 async def test_release_only_removes_the_matching_connection(registry: Registry) -> None:

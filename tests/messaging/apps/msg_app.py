@@ -26,7 +26,11 @@ async def on_news(payload: str, channel: str) -> None:
 zeal.subscribe("news", on_news)
 
 
-router = WSRouter(zeal, secret=os.environ.get("MSG_WS_SECRET") or None)
+router = WSRouter(
+    zeal,
+    secret=os.environ.get("MSG_WS_SECRET") or None,
+    worker_ttl=float(os.environ.get("MSG_WORKER_TTL", "30")),
+)
 
 
 async def pid(request: Request) -> JSONResponse:

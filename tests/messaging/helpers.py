@@ -1,4 +1,4 @@
-"""Polling helper of the messaging tests: wait for a condition with a deadline, never forever."""
+"""Helpers of the messaging tests: a deadline-bound wait, and a socket that records sends."""
 
 from __future__ import annotations
 
@@ -13,3 +13,16 @@ async def until(cond: Callable[[], object], within: float = 10.0, step: float = 
     while not cond():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(step)
+
+
+class Socket:
+    """The two calls the router makes on a Starlette WebSocket, recording what it sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[str | bytes] = []
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(text)
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.sent.append(data)
