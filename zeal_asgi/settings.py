@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .store.base import StoreBackendKind
@@ -40,6 +40,18 @@ class ZealSettings(BaseModel):
     l1_ttl: float = Field(default=5.0, gt=0, le=86400)
     on_error: Literal["fallback_table"] | None = None
     """``fallback_table``: wrap the backend in the circuit breaker."""
+    breaker_failure_threshold: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Breaker: failures within the window that open it (default 5)."""
+    breaker_failure_window_sec: float | None = Field(
+        default=None, ge=0.01, le=86400, allow_inf_nan=False
+    )
+    """Breaker: length of the rolling failure window (default 10 s)."""
+    breaker_open_seconds: float | None = Field(default=None, ge=0, le=86400, allow_inf_nan=False)
+    """Breaker: how long it stays open before one probe (default 30 s)."""
+    breaker_probe_lease_sec: float | None = Field(
+        default=None, ge=0.01, le=86400, allow_inf_nan=False
+    )
+    """Breaker: a probe unfinished after this long is handed to another worker (default 10 s)."""
     cache_dir: str = ".cache"
     cache_secret: str | None = None
     """Key of the file tier's HMAC; without it entries only survive while the server runs."""
@@ -50,6 +62,31 @@ class ZealSettings(BaseModel):
     @classmethod
     def _kind(cls, v: Any) -> StoreBackendKind:
         return StoreBackendKind.parse(v)
+
+    @model_validator(mode="after")
+    def _breaker_needs_on_error(self) -> ZealSettings:
+        if self.on_error is None:
+            given = [n for n in self._breaker_fields() if getattr(self, n) is not None]
+            if given:
+                names = ", ".join(ENV_PREFIX + n.upper() for n in given)
+                raise ValueError(
+                    f"{names}: breaker settings without a breaker; set "
+                    f"{ENV_PREFIX}ON_ERROR=fallback_table too"
+                )
+        return self
+
+    @staticmethod
+    def _breaker_fields() -> list[str]:
+        return [n for n in ZealSettings.model_fields if n.startswith("breaker_")]
+
+    def breaker_options(self) -> dict[str, Any]:
+        """The ``breaker`` options that were set (``BreakerOptions`` defaults the rest)."""
+        out: dict[str, Any] = {}
+        for name in self._breaker_fields():
+            value = getattr(self, name)
+            if value is not None:
+                out[name.removeprefix("breaker_")] = value
+        return out
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ZealSettings:
@@ -69,7 +106,9 @@ class ZealSettings(BaseModel):
             return cls(**data)
         except ValidationError as exc:
             first = exc.errors()[0]
-            field = str(first["loc"][0]) if first["loc"] else "?"
+            if not first["loc"]:  # a rule across fields: its message names them
+                raise ConfigError(f"invalid settings: {first['msg']}") from exc
+            field = str(first["loc"][0])
             source = (
                 f"{ENV_PREFIX}{field.upper()}" if field not in overrides else f"argument {field}"
             )
@@ -84,6 +123,7 @@ class ZealSettings(BaseModel):
             mc: dict[str, Any] = {"servers": self.memcached_servers, "prefix": self.key_prefix}
             if self.on_error:
                 mc["on_error"] = self.on_error
+                mc["breaker"] = self.breaker_options()
             return mc
         conn: dict[str, Any] = {
             "url": self.redis_url,
@@ -95,4 +135,5 @@ class ZealSettings(BaseModel):
             conn["invalidation_secret"] = self.tiered_invalidation_secret
         if self.on_error:
             conn["on_error"] = self.on_error
+            conn["breaker"] = self.breaker_options()
         return conn

@@ -15,6 +15,7 @@ from zeal_asgi.errors import (
     ColumnTypeError,
     ConfigError,
 )
+from zeal_asgi.settings import ZealSettings
 from zeal_asgi.store import EvalCapable, PublishCapable, Store, StoreBackendKind
 from zeal_asgi.store.breaker import BreakerState, CircuitBreakerBackend
 from zeal_asgi.store.tiered import TieredBackend
@@ -55,6 +56,47 @@ def test_wrap_from_the_facade_and_bad_options() -> None:
     with pytest.raises(ConfigError, match="on_error"):
         Store("redis", {"url": "redis://127.0.0.1:1", "on_error": "ignore"})
     b.close_shared()
+
+
+@pytest.mark.parametrize("kind", ["redis", "memcached"])
+def test_breaker_options_from_the_environment(kind: str) -> None:
+    env = {
+        "ZEAL_STORE_BACKEND": kind,
+        "ZEAL_REDIS_URL": "redis://127.0.0.1:1",
+        "ZEAL_MEMCACHED_SERVERS": "127.0.0.1:1",
+        "ZEAL_ON_ERROR": "fallback_table",
+        "ZEAL_BREAKER_FAILURE_THRESHOLD": "3",
+        "ZEAL_BREAKER_FAILURE_WINDOW_SEC": "2.5",
+        "ZEAL_BREAKER_OPEN_SECONDS": "0",
+        "ZEAL_BREAKER_PROBE_LEASE_SEC": "4",
+    }
+    settings = ZealSettings.from_env(env)
+    store = Store(settings.store_backend, settings.backend_conn())
+    b = breaker_of(store)
+    o = b.options
+    assert (o.failure_threshold, o.failure_window_sec, o.open_seconds, o.probe_lease_sec) == (
+        3,
+        2.5,
+        0.0,
+        4.0,
+    )
+    b.close_shared()
+    # unset ones keep the defaults
+    settings = ZealSettings.from_env({**env, "ZEAL_BREAKER_OPEN_SECONDS": ""})
+    assert "open_seconds" not in settings.breaker_options()
+    bad = {
+        "ZEAL_BREAKER_FAILURE_THRESHOLD": "0",
+        "ZEAL_BREAKER_FAILURE_WINDOW_SEC": "nan",
+        "ZEAL_BREAKER_OPEN_SECONDS": "-1",
+        "ZEAL_BREAKER_PROBE_LEASE_SEC": "forever",
+    }
+    for name, value in bad.items():
+        with pytest.raises(ConfigError, match=name):
+            ZealSettings.from_env({**env, name: value})
+    # breaker settings without a breaker are a mistake, not silently ignored
+    without = {k: v for k, v in env.items() if k != "ZEAL_ON_ERROR"}
+    with pytest.raises(ConfigError, match=r"ZEAL_BREAKER_FAILURE_THRESHOLD.*ZEAL_ON_ERROR"):
+        ZealSettings.from_env(without)
 
 
 async def test_open_reads_fall_back_and_writes_fail_fast(
