@@ -56,7 +56,7 @@ async def test_e11_redis_hang_is_bounded(fresh_redis: RedisServer) -> None:
     duration = quick_or_long(1.5, 15.0)
     latencies: list[float] = []
     outcomes: dict[str, int] = {}
-    peak_in_use = peak_pending = 0
+    peak_in_use = peak_pending = peak_conns = 0
     stop = time.monotonic() + duration
 
     async def caller() -> None:
@@ -71,10 +71,12 @@ async def test_e11_redis_hang_is_bounded(fresh_redis: RedisServer) -> None:
             outcomes[kind] = outcomes.get(kind, 0) + 1
 
     async def sampler() -> None:
-        nonlocal peak_in_use, peak_pending
+        nonlocal peak_in_use, peak_pending, peak_conns
         while time.monotonic() < stop:
             r = backend.stats()["redis"]
             peak_in_use = max(peak_in_use, r["in_use"])
+            # the fast path's own sockets: a hang must not make it open more than pool_size
+            peak_conns = max(peak_conns, r["connections"])
             # every pending call is a caller holding a slot or waiting <= acquire_timeout for one
             peak_pending = max(peak_pending, r["in_use"] + r["waiting"])
             await asyncio.sleep(0.005)
@@ -96,6 +98,7 @@ async def test_e11_redis_hang_is_bounded(fresh_redis: RedisServer) -> None:
         and peak_in_use <= pool
         and peak_pending <= concurrency
         and pool_conns <= pool
+        and 0 < peak_conns <= pool
     )
     print(
         f"\nEXPERIMENT E11 redis-hang | SIGSTOP redis, pool={pool} "
@@ -104,7 +107,8 @@ async def test_e11_redis_hang_is_bounded(fresh_redis: RedisServer) -> None:
         f"concurrency={concurrency} duration={duration}s | calls={len(latencies)} "
         f"outcomes={outcomes} p50={p50 * 1000:.1f}ms p99={p99 * 1000:.1f}ms "
         f"max={worst * 1000:.1f}ms bound={bound * 1000:.0f}ms peak_in_use={peak_in_use} "
-        f"peak_pending={peak_pending} pool_connections={pool_conns} | "
+        f"peak_pending={peak_pending} pool_connections={pool_conns} "
+        f"direct_connections={peak_conns} | "
         f"{'PASS' if passed else 'FAIL'}"
     )
     assert passed
