@@ -83,6 +83,8 @@ async def make_node(redis_server: RedisServer, prefix: str) -> AsyncIterator[Mak
             "l1_ttl": 30.0,
         }
         conn.update(options)
+        if "cluster" in conn or "sentinel" in conn:
+            del conn["url"]  # another topology than the session's standalone server
         table_opts = conn.pop("table", {})
         store = Store("tiered", conn)
         made.append(store)
