@@ -629,6 +629,37 @@ class FanOut:
         return self.delivered / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclasses.dataclass
+class FanOutRounds:
+    """Every run of one server: latencies pooled, msg/s as the median run."""
+
+    runs: list[FanOut] = dataclasses.field(default_factory=list)
+
+    @property
+    def latencies_us(self) -> list[float]:
+        """Every latency sample of every run."""
+        return [x for r in self.runs for x in r.latencies_us]
+
+    @property
+    def rate(self) -> float:
+        """Median messages delivered per second over the runs."""
+        return statistics.median(r.rate for r in self.runs)
+
+    @property
+    def delivered(self) -> int:
+        """Deliveries over every run."""
+        return sum(r.delivered for r in self.runs)
+
+    @property
+    def expected(self) -> int:
+        """Sockets x messages over every run."""
+        return sum(r.sockets * r.messages for r in self.runs)
+
+    def per_run(self) -> str:
+        """``38.1 k / 40.0 k / 36.6 k``."""
+        return " / ".join(fmt_ops(r.rate) for r in self.runs)
+
+
 def _wait(conn: Connection, timeout: float) -> Any:
     if not conn.poll(timeout):
         raise RuntimeError(f"no answer from a WebSocket client process in {timeout} s")
@@ -740,23 +771,24 @@ def _flow_table(flows: dict[str, Rounds | str]) -> str:
     return "\n".join(lines)
 
 
-def _fan_table(fans: dict[str, FanOut | str]) -> str:
+def _fan_table(fans: dict[str, FanOutRounds | str]) -> str:
     lines = [
-        "| Server | sockets | messages | delivered | msg/s delivered | p50 ms | p99 ms | "
-        "sockets per worker |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| Server | sockets | messages | delivered (all runs) | msg/s delivered | runs | p50 ms | "
+        "p99 ms | sockets per worker (first run) |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for cid, name, _ in FANOUTS:
         f = fans.get(cid, "not run")
-        if isinstance(f, str):
-            lines.append(f"| {name} | {f} | | | | | | |")
+        if isinstance(f, str) or not f.runs:
+            lines.append(f"| {name} | {f if isinstance(f, str) else 'not run'} | | | | | | | |")
             continue
-        per = "/".join(str(v) for v in sorted(f.split.values(), reverse=True))
+        first = f.runs[0]
+        per = "/".join(str(v) for v in sorted(first.split.values(), reverse=True))
         lat = f.latencies_us or [0.0]
         lines.append(
-            f"| {name} | {f.sockets:,} | {f.messages:,} | {f.delivered:,} / "
-            f"{f.sockets * f.messages:,} | {fmt_ops(f.rate)} | {_pct(lat, 0.5) / 1000:,.1f} | "
-            f"{_pct(lat, 0.99) / 1000:,.1f} | {per} |"
+            f"| {name} | {first.sockets:,} | {first.messages:,} | {f.delivered:,} / "
+            f"{f.expected:,} | {fmt_ops(f.rate)} | {f.per_run()} | "
+            f"{_pct(lat, 0.5) / 1000:,.1f} | {_pct(lat, 0.99) / 1000:,.1f} | {per} |"
         )
     return "\n".join(lines)
 
@@ -783,7 +815,7 @@ def _targets(flows: dict[str, Rounds | str]) -> list[Target]:
     return out
 
 
-def _results(flows: dict[str, Rounds | str], fans: dict[str, FanOut | str]) -> list[Result]:
+def _results(flows: dict[str, Rounds | str], fans: dict[str, FanOutRounds | str]) -> list[Result]:
     out: list[Result] = []
     for kind, name, calls in FLOWS:
         f = flows.get(kind, "not run")
@@ -797,16 +829,17 @@ def _results(flows: dict[str, Rounds | str], fans: dict[str, FanOut | str]) -> l
     for cid, name, _ in FANOUTS:
         g = fans.get(cid, "not run")
         base = RowId(suite=NAME, op="ws_fanout", candidate_id=cid, candidate=name, mode="2 workers")
-        if isinstance(g, str):
-            out.append(Result(**base, status=g))
+        if isinstance(g, str) or not g.runs:
+            out.append(Result(**base, status=g if isinstance(g, str) else "not run"))
         else:
-            out.append(Result(**base, ops_per_s=g.rate))
+            rates = [r.rate for r in g.runs]
+            out.append(Result(**base, ops_per_s=g.rate, reps_ops=rates))
     return out
 
 
 def _body(
     flows: dict[str, Rounds | str],
-    fans: dict[str, FanOut | str],
+    fans: dict[str, FanOutRounds | str],
     ts: Sequence[Target],
     pc: PubSubConfig,
     loop: str,
@@ -834,16 +867,18 @@ def _body(
             "room; one `POST /bench/broadcast` sends the messages "
             "(`await router.broadcast(room, msg)` each, or broadcaster's `publish`) and the "
             "clients count what arrives. msg/s = messages delivered to sockets / time from the "
-            "request to the last delivery; latency from the broadcast call to the client's "
-            "receive. Server workers, clients and redis-server share the 2 cores.\n\n"
-            + _fan_table(fans),
+            "request to the last delivery, the median of "
+            f"{pc.rounds} run(s) with the servers in turn (runs differ by up to ~15% on this "
+            "machine: the broadcasting worker also delivers, so its loop paces the messages); "
+            "latency from the broadcast call to the client's receive, pooled over the runs. "
+            "Server workers, clients and redis-server share the 2 cores.\n\n" + _fan_table(fans),
             _notes(flows, fans),
             "### Targets\n\n" + target_table(ts),
         ]
     )
 
 
-def _notes(flows: dict[str, Rounds | str], fans: dict[str, FanOut | str]) -> str:
+def _notes(flows: dict[str, Rounds | str], fans: dict[str, FanOutRounds | str]) -> str:
     notes = [
         "broadcaster 0.3.1 with redis-py 8 never delivers on a `Broadcast`'s first "
         "subscription (its listener checks `PubSub.subscribed` while SUBSCRIBE is still being "
@@ -859,9 +894,9 @@ def _notes(flows: dict[str, Rounds | str], fans: dict[str, FanOut | str]) -> str
             "drop the oldest and count it in `Store.stats()`); publishers never block."
         )
     bc = fans.get("ws-broadcaster")
-    if isinstance(bc, FanOut) and bc.delivered < bc.sockets * bc.messages:
+    if isinstance(bc, FanOutRounds) and bc.delivered < bc.expected:
         notes.append(
-            f"broadcaster's fan-out reached {bc.delivered:,} of {bc.sockets * bc.messages:,} "
+            f"broadcaster's fan-out reached {bc.delivered:,} of {bc.expected:,} "
             "deliveries: `Broadcast.subscribe` is racy when sockets of one worker subscribe to "
             "the same channel at once (each sees no subscriber yet, awaits SUBSCRIBE, then "
             "replaces the channel's queue set), so a few sockets never receive anything. Its "
@@ -880,7 +915,7 @@ def run(cfg: Config) -> SuiteReport:
     machine = machine_info(PACKAGES, tools)
     watch = CpuWatch.start()
     flows: dict[str, Rounds | str] = {}
-    fans: dict[str, FanOut | str] = {}
+    fans: dict[str, FanOutRounds | str] = {}
     runner = AsyncRunner()
     try:
         with shm_tempdir() as tmp, contextlib.ExitStack() as servers:
@@ -915,25 +950,35 @@ def run(cfg: Config) -> SuiteReport:
                         f"{_pct(f.latencies_us, 0.99):,.0f} us, {fmt_ops(f.rate)} msg/s "
                         f"({f.received}/{f.sent})"
                     )
-            for cid, _, extra in FANOUTS:
+            for cid, _, _ in FANOUTS:
                 if not url and cid != "ws-zeal-table":
                     fans[cid] = "not installed (redis-server)"
-                    continue
-                wait_quiet(cfg.wait_quiet)
-                try:
-                    g = _fan_out({**extra, "BENCH_REDIS_URL": url, "ZEAL_REDIS_URL": url}, tmp, pc)
-                except NotInstalled as exc:
-                    fans[cid] = str(exc)
-                    continue
-                except Exception as exc:
-                    log(traceback.format_exc())
-                    fans[cid] = short_error(exc)
-                    continue
-                fans[cid] = g
-                log(
-                    f"[{NAME}] {cid}: {g.delivered}/{g.sockets * g.messages} delivered, "
-                    f"{fmt_ops(g.rate)} msg/s, split {g.split}"
-                )
+                elif cid == "ws-broadcaster" and not _installed("broadcaster"):
+                    fans[cid] = "not installed (broadcaster)"
+                else:
+                    fans[cid] = FanOutRounds()
+            for rnd in range(pc.rounds):
+                for cid, _, extra in FANOUTS:
+                    fan = fans[cid]
+                    if not isinstance(fan, FanOutRounds):
+                        continue  # not installed, or failed in an earlier run
+                    wait_quiet(cfg.wait_quiet)
+                    try:
+                        env = {**extra, "BENCH_REDIS_URL": url, "ZEAL_REDIS_URL": url}
+                        g = _fan_out(env, tmp, pc)
+                    except NotInstalled as exc:
+                        fans[cid] = str(exc)
+                        continue
+                    except Exception as exc:
+                        log(traceback.format_exc())
+                        fans[cid] = short_error(exc)
+                        continue
+                    fan.runs.append(g)
+                    log(
+                        f"[{NAME}] run {rnd + 1}/{pc.rounds} {cid}: "
+                        f"{g.delivered}/{g.sockets * g.messages} delivered, "
+                        f"{fmt_ops(g.rate)} msg/s, split {g.split}"
+                    )
     finally:
         runner.close()
     machine["background"] = watch.stop()
@@ -955,7 +1000,9 @@ def run(cfg: Config) -> SuiteReport:
                 for k, v in flows.items()
             },
             "fanouts": {
-                k: {**dataclasses.asdict(v), "latencies_us": None} if isinstance(v, FanOut) else v
+                k: [{**dataclasses.asdict(r), "latencies_us": None} for r in v.runs]
+                if isinstance(v, FanOutRounds)
+                else v
                 for k, v in fans.items()
             },
             "versions": {p: dist_version(p) for p in PACKAGES},
