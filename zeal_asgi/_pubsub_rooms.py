@@ -79,6 +79,20 @@ end
 redis.call('HDEL', KEYS[2], ARGV[1])
 return gone
 """
+# One round trip per room message: the room's workers and a PUBLISH to each, read and sent in
+# one step (a worker joining meanwhile is either in the list or joins after the message).
+# Returns worker, receivers, worker, receivers, ...
+_PUBLISH_ROOM = """
+local ws = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #ws, 2 do
+  if tonumber(ws[i + 1]) > 0 then
+    out[#out + 1] = ws[i]
+    out[#out + 1] = redis.call('PUBLISH', ARGV[1] .. ws[i], ARGV[2])
+  end
+end
+return out
+"""
 
 
 class Registry(Protocol):
@@ -116,6 +130,13 @@ class Registry(Protocol):
         """Workers holding at least one member of ``room``."""
         ...
 
+    async def publish_room(
+        self, room: str, wire_prefix: str, payload: bytes
+    ) -> list[tuple[str, int]] | None:
+        """Publish ``payload`` on ``wire_prefix + worker`` for every worker of ``room`` in one
+        step; ``(worker, receivers)`` pairs, or ``None`` when the caller must publish itself."""
+        ...
+
     async def beat(self, worker: str, ttl: float) -> bool:
         """Mark ``worker`` alive for ``ttl`` seconds; ``False`` if it was not marked alive
         (its first beat, or its mark expired or was lost with the data)."""
@@ -144,8 +165,20 @@ class RedisRegistry:
     beats = True
 
     def __init__(self, redis: Any) -> None:
+        from .store._redis_lua import Script  # the redis extra: only this registry needs it
+
         self.redis = redis
-        self._sha: dict[str, str] = {}
+        self._scripts = {
+            src: Script(name, src)
+            for name, src in (
+                ("ws release", _RELEASE),
+                ("ws owner row", _OWN_NX),
+                ("ws join", _JOIN),
+                ("ws leave", _LEAVE),
+                ("ws purge", _PURGE),
+                ("ws room publish", _PUBLISH_ROOM),
+            )
+        }
 
     def _owner_key(self, client_id: str) -> str:
         return str(self.redis.key("ws", "owner", client_id))
@@ -158,21 +191,11 @@ class RedisRegistry:
         ]
 
     async def _eval(self, script: str, keys: list[str], args: list[str], what: str) -> Any:
-        sha = self._sha.get(script)
-        if sha is None:
-            sha = self._sha[script] = hashlib.sha1(
-                script.encode(), usedforsecurity=False
-            ).hexdigest()
-
-        from redis.exceptions import NoScriptError
-
-        async def op(c: Any) -> Any:
-            try:
-                return await c.evalsha(sha, len(keys), *keys, *args)
-            except NoScriptError:
-                return await c.eval(script, len(keys), *keys, *args)
-
-        return await self.redis.run(op, what=what, idempotent=False)
+        """One of this module's scripts on the backend's fast path (never retried: it writes)."""
+        raw_keys = [k.encode("utf-8") for k in keys]
+        return await self.redis.run_script(
+            self._scripts[script], raw_keys, args, what=what, idempotent=False
+        )
 
     async def set_owner(
         self, client_id: str, conn_id: str, worker: str, *, only_if_absent: bool = False
@@ -229,6 +252,18 @@ class RedisRegistry:
             out.extend(_b2s(w) for w, n in page.items() if int(n) > 0)
             if not cursor:
                 return out
+
+    async def publish_room(
+        self, room: str, wire_prefix: str, payload: bytes
+    ) -> list[tuple[str, int]] | None:
+        """One script: the room's worker map read and a PUBLISH to each worker's channel."""
+        flat = await self.redis.run_script(
+            self._scripts[_PUBLISH_ROOM],
+            [self._room_keys(room)[1].encode("utf-8")],
+            [wire_prefix, payload],
+            what="ws room publish",
+        )
+        return [(_b2s(flat[i]), int(flat[i + 1])) for i in range(0, len(flat or ()), 2)]
 
     def _alive_key(self, worker: str) -> str:
         return str(self.redis.key("ws", "alive", worker))
@@ -390,6 +425,12 @@ class ShmRegistry:
             for k, row in self.servers.items()
             if str(k).startswith(pre) and row["n"] > 0
         ]
+
+    async def publish_room(
+        self, room: str, wire_prefix: str, payload: bytes
+    ) -> list[tuple[str, int]] | None:
+        """``None``: the host bus publishes without a round trip, the router does it."""
+        return None
 
     async def beat(self, worker: str, ttl: float) -> bool:
         """Nothing to renew: liveness is the worker's process."""

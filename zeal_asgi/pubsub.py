@@ -270,6 +270,10 @@ class PubSub:
         """Publish on a package-internal topic; the number of receivers."""
         return await self._transport_for_publish().publish(Topic(name, False, True), payload)
 
+    def system_wire(self, name: str) -> str:
+        """The wire name of the package-internal topic ``name`` (what a script publishes on)."""
+        return self._transport_for_publish().wire(Topic(name, False, True))
+
     def _transport_for_publish(self) -> Transport:
         if self.transport is None:
             self.transport = self._make_transport()

@@ -401,17 +401,19 @@ class WSRouter:
         return await self._to_room(room, raw)
 
     async def _to_room(self, room: str, raw: bytes) -> int:
-        workers = await self.registry.room_servers(room)
-        if not workers:
-            return 0
-        results = await asyncio.gather(
-            *(self.pubsub.publish_system(self._channel(w), raw) for w in workers)
-        )
+        wire = self.pubsub.system_wire(self._channel(""))
+        pairs = await self.registry.publish_room(room, wire, raw)  # Redis: one round trip
+        if pairs is None:
+            workers = await self.registry.room_servers(room)
+            counts = await asyncio.gather(
+                *(self.pubsub.publish_system(self._channel(w), raw) for w in workers)
+            )
+            pairs = list(zip(workers, counts, strict=True))
         if self._liveness is not None:
-            for worker, n in zip(workers, results, strict=True):
+            for worker, n in pairs:
                 if not n:
                     self._liveness.unreached(worker, room=room)
-        return sum(results)
+        return sum(n for _, n in pairs)
 
     def on_presence(
         self, handler: Callable[[str, str, str], Any]

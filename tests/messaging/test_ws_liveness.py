@@ -21,7 +21,7 @@ import websockets
 
 from tests.messaging.conftest import app_servers
 from tests.messaging.helpers import Socket, until
-from tests.servers import RedisServer
+from tests.servers import RedisCluster, RedisServer
 from zeal_asgi._bus import close_host_bus
 from zeal_asgi._hoststats import host_stats
 from zeal_asgi._pubsub_rooms import RedisRegistry, Registry, ShmRegistry
@@ -259,3 +259,54 @@ async def test_a_sigkilled_workers_room_members_are_reaped(redis_server: RedisSe
                 await asyncio.sleep(0.1)
             print(f"the killed worker's members were reaped {time.monotonic() - t0:.2f} s after")
             assert rooms["servers"] == []
+
+
+# -- room publishing in one round trip -----------------------------------------------------------
+
+
+async def test_room_publish_is_one_script_on_redis(
+    registry: Registry, request: pytest.FixtureRequest
+) -> None:
+    assert await registry.join("r", "a", "w1")
+    assert await registry.join("r", "b", "w2")
+    if isinstance(registry, ShmRegistry):
+        assert await registry.publish_room("r", "ch:", b"x") is None  # the router publishes
+        return
+    import redis.asyncio as aioredis
+
+    url = request.getfixturevalue("redis_url")
+    client = aioredis.Redis.from_url(url)
+    try:
+        async with client.pubsub() as sub:
+            await sub.subscribe("ch:w1")
+            pairs = await registry.publish_room("r", "ch:", b"hello")
+            assert sorted(pairs or []) == [("w1", 1), ("w2", 0)]
+            got = None
+            for _ in range(200):
+                msg = await sub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+                if msg is not None:
+                    got = msg["data"]
+                    break
+            assert got == b"hello"
+        assert await registry.leave("r", "a")
+        assert await registry.publish_room("r", "ch:", b"again") == [("w2", 0)]
+        assert await registry.publish_room("empty", "ch:", b"x") == []
+    finally:
+        await client.aclose()
+
+
+async def test_room_publish_on_a_cluster(redis_cluster: RedisCluster) -> None:
+    from zeal_asgi.pubsub import redis_backend_of
+
+    nodes = [f"{h}:{p}" for h, p in redis_cluster.nodes]
+    store = Store("redis", {"cluster": nodes, "prefix": f"lv{time.monotonic_ns()}"})
+    await store.start()
+    try:
+        reg = RedisRegistry(redis_backend_of(store.backend))
+        for room in ("r1", "r2", "r3"):  # rooms hash to different slots
+            assert await reg.join(room, "a", "w1")
+            assert await reg.publish_room(room, "ch:", b"x") == [("w1", 0)]
+            assert await reg.purge(room, "w1") == ["a"]
+            assert await reg.publish_room(room, "ch:", b"x") == []
+    finally:
+        await store.aclose()

@@ -63,6 +63,7 @@ from ..errors import (
 from ._redis_config import RedisConfig
 from ._redis_counter import RedisCounter
 from ._redis_errors import translate
+from ._redis_lua import Script
 from ._redis_tables import RedisTables
 from .base import Key, StoreBackendKind
 
@@ -151,6 +152,19 @@ class RedisBackend(RedisTables):
         Only pass ``idempotent=True`` when running the command twice is harmless.
         """
         return await self._conn.run(op, what=what, idempotent=idempotent)
+
+    async def run_script(
+        self,
+        script: Script,
+        keys: Sequence[bytes],
+        args: Sequence[Any],
+        *,
+        what: str,
+        idempotent: bool = False,
+    ) -> Any:
+        """Run one of the package's scripts (keys already prefixed) on the single-command fast
+        path: EVALSHA, then EVAL if the server lost it; the raw reply."""
+        return await self._conn.script(script, keys, args, what, idempotent=idempotent)
 
     @staticmethod
     def translate_error(exc: BaseException, where: str) -> ZealError:
