@@ -442,6 +442,18 @@ def _ratio_target(label: str, ratios: list[float], disturbed: list[bool], a: flo
     return Target(label, text, med >= floor)
 
 
+def _ceiling_noted(t: Target, runs: dict[str, list[RouteRun]]) -> Target:
+    """``t`` with how far the constant route itself was above the redis-py route: no counter
+    route can be 2x the redis route when the ceiling is not."""
+    ratios, disturbed, _, _ = _paired(runs, "constant", "redis-py")
+    if t.met is None or not ratios:
+        return t
+    quiet = [r for r, d in zip(ratios, disturbed, strict=True) if not d] or ratios
+    ceiling = f"{statistics.median(quiet):.2f}{TIMES}"
+    note = f"; the constant route (the ceiling) was {ceiling} the redis-py route in the same reps"
+    return Target(t.target, t.measured + note, t.met)
+
+
 def targets(runs: dict[str, list[RouteRun]]) -> list[Target]:
     """The issue's targets: ratios of the two routes' runs in each rep, and exact counts.
 
@@ -456,11 +468,14 @@ def targets(runs: dict[str, list[RouteRun]]) -> list[Target]:
             0.9,
             ".0%",
         ),
-        _ratio_target(
-            f"table-backend counter \u2265 2{TIMES} the plain redis-py INCR route",
-            *_paired(runs, "zeal-table", "redis-py"),
-            2.0,
-            ".2f",
+        _ceiling_noted(
+            _ratio_target(
+                f"table-backend counter \u2265 2{TIMES} the plain redis-py INCR route",
+                *_paired(runs, "zeal-table", "redis-py"),
+                2.0,
+                ".2f",
+            ),
+            runs,
         ),
     ]
     for rid in ("zeal-table", "zeal-redis"):
