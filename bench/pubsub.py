@@ -36,7 +36,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from ._harness import (
     DASH,
@@ -297,25 +297,36 @@ class Flow:
         return self.received / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclasses.dataclass
-class Rounds:
-    """Every round of one candidate: latencies pooled, throughput as the median round."""
+class _Run(Protocol):
+    latencies_us: list[float]
 
-    flows: list[Flow] = dataclasses.field(default_factory=list)
+    @property
+    def rate(self) -> float: ...
+
+
+R = TypeVar("R", bound=_Run)
+
+
+@dataclasses.dataclass
+class Runs(Generic[R]):
+    """Every run of one candidate (the candidates in turn): latencies pooled, the rate as the
+    median run."""
+
+    runs: list[R] = dataclasses.field(default_factory=list)
 
     @property
     def latencies_us(self) -> list[float]:
-        """Every latency sample of every round."""
-        return [x for f in self.flows for x in f.latencies_us]
+        """Every latency sample of every run."""
+        return [x for r in self.runs for x in r.latencies_us]
 
     @property
     def rate(self) -> float:
-        """Median messages handled per second over the rounds."""
-        return statistics.median(f.rate for f in self.flows)
+        """Median rate over the runs."""
+        return statistics.median(r.rate for r in self.runs)
 
-    def per_round(self) -> str:
+    def per_run(self) -> str:
         """``13.2 k / 12.9 k / 13.5 k``."""
-        return " / ".join(fmt_ops(f.rate) for f in self.flows)
+        return " / ".join(fmt_ops(r.rate) for r in self.runs)
 
 
 async def _flow(kind: str, url: str, pc: PubSubConfig) -> Flow:
@@ -629,37 +640,6 @@ class FanOut:
         return self.delivered / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclasses.dataclass
-class FanOutRounds:
-    """Every run of one server: latencies pooled, msg/s as the median run."""
-
-    runs: list[FanOut] = dataclasses.field(default_factory=list)
-
-    @property
-    def latencies_us(self) -> list[float]:
-        """Every latency sample of every run."""
-        return [x for r in self.runs for x in r.latencies_us]
-
-    @property
-    def rate(self) -> float:
-        """Median messages delivered per second over the runs."""
-        return statistics.median(r.rate for r in self.runs)
-
-    @property
-    def delivered(self) -> int:
-        """Deliveries over every run."""
-        return sum(r.delivered for r in self.runs)
-
-    @property
-    def expected(self) -> int:
-        """Sockets x messages over every run."""
-        return sum(r.sockets * r.messages for r in self.runs)
-
-    def per_run(self) -> str:
-        """``38.1 k / 40.0 k / 36.6 k``."""
-        return " / ".join(fmt_ops(r.rate) for r in self.runs)
-
-
 def _wait(conn: Connection, timeout: float) -> Any:
     if not conn.poll(timeout):
         raise RuntimeError(f"no answer from a WebSocket client process in {timeout} s")
@@ -750,7 +730,7 @@ def _pct(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _flow_table(flows: dict[str, Rounds | str]) -> str:
+def _flow_table(flows: dict[str, Runs[Flow] | str]) -> str:
     lines = [
         "| Candidate | Calls | p50 \u00b5s | p99 \u00b5s | max \u00b5s | msg/s handled | "
         "per round | handled / sent |",
@@ -762,16 +742,24 @@ def _flow_table(flows: dict[str, Rounds | str]) -> str:
             lines.append(f"| {name} | {calls} | {f} |" + f" {DASH} |" * 5)
             continue
         lat = f.latencies_us
-        received = sum(x.received for x in f.flows)
-        sent = sum(x.sent for x in f.flows)
+        received = sum(x.received for x in f.runs)
+        sent = sum(x.sent for x in f.runs)
         lines.append(
             f"| {name} | {calls} | {_pct(lat, 0.5):,.0f} | {_pct(lat, 0.99):,.0f} | "
-            f"{max(lat):,.0f} | {fmt_ops(f.rate)} | {f.per_round()} | {received:,} / {sent:,} |"
+            f"{max(lat):,.0f} | {fmt_ops(f.rate)} | {f.per_run()} | {received:,} / {sent:,} |"
         )
     return "\n".join(lines)
 
 
-def _fan_table(fans: dict[str, FanOutRounds | str]) -> str:
+def _delivered(fan: Runs[FanOut]) -> int:
+    return sum(r.delivered for r in fan.runs)
+
+
+def _expected(fan: Runs[FanOut]) -> int:
+    return sum(r.sockets * r.messages for r in fan.runs)
+
+
+def _fan_table(fans: dict[str, Runs[FanOut] | str]) -> str:
     lines = [
         "| Server | sockets | messages | delivered (all runs) | msg/s delivered | runs | p50 ms | "
         "p99 ms | sockets per worker (first run) |",
@@ -786,19 +774,19 @@ def _fan_table(fans: dict[str, FanOutRounds | str]) -> str:
         per = "/".join(str(v) for v in sorted(first.split.values(), reverse=True))
         lat = f.latencies_us or [0.0]
         lines.append(
-            f"| {name} | {first.sockets:,} | {first.messages:,} | {f.delivered:,} / "
-            f"{f.expected:,} | {fmt_ops(f.rate)} | {f.per_run()} | "
+            f"| {name} | {first.sockets:,} | {first.messages:,} | {_delivered(f):,} / "
+            f"{_expected(f):,} | {fmt_ops(f.rate)} | {f.per_run()} | "
             f"{_pct(lat, 0.5) / 1000:,.1f} | {_pct(lat, 0.99) / 1000:,.1f} | {per} |"
         )
     return "\n".join(lines)
 
 
-def _targets(flows: dict[str, Rounds | str]) -> list[Target]:
+def _targets(flows: dict[str, Runs[Flow] | str]) -> list[Target]:
     zeal, raw, bc = (flows.get(k) for k in ("zeal-redis", "redis-py", "broadcaster"))
     out: list[Target] = []
     for q, label in ((0.5, "p50"), (0.99, "p99")):
         text = f"zeal (redis) publish \u2192 handler latency {label} within 10% of raw redis-py"
-        if not isinstance(zeal, Rounds) or not isinstance(raw, Rounds):
+        if not isinstance(zeal, Runs) or not isinstance(raw, Runs):
             out.append(Target(text, "not measured", None))
             continue
         z, r = _pct(zeal.latencies_us, q), _pct(raw.latencies_us, q)
@@ -806,7 +794,7 @@ def _targets(flows: dict[str, Rounds | str]) -> list[Target]:
             Target(text, f"{z:,.0f} \u00b5s vs {r:,.0f} \u00b5s ({z / r - 1:+.0%})", z <= r * 1.1)
         )
     text = "zeal (redis) messages/s across workers \u2265 broadcaster"
-    if not isinstance(zeal, Rounds) or not isinstance(bc, Rounds):
+    if not isinstance(zeal, Runs) or not isinstance(bc, Runs):
         out.append(Target(text, "not measured", None))
     else:
         ratio = f"{zeal.rate / bc.rate:.2f}{TIMES}"
@@ -815,7 +803,9 @@ def _targets(flows: dict[str, Rounds | str]) -> list[Target]:
     return out
 
 
-def _results(flows: dict[str, Rounds | str], fans: dict[str, FanOutRounds | str]) -> list[Result]:
+def _results(
+    flows: dict[str, Runs[Flow] | str], fans: dict[str, Runs[FanOut] | str]
+) -> list[Result]:
     out: list[Result] = []
     for kind, name, calls in FLOWS:
         f = flows.get(kind, "not run")
@@ -824,7 +814,7 @@ def _results(flows: dict[str, Rounds | str], fans: dict[str, FanOutRounds | str]
             out.append(Result(**base, status=f))
         else:
             p50 = _pct(f.latencies_us, 0.5) * 1000
-            rates = [x.rate for x in f.flows]
+            rates = [x.rate for x in f.runs]
             out.append(Result(**base, ops_per_s=f.rate, ns_per_op=p50, reps_ops=rates))
     for cid, name, _ in FANOUTS:
         g = fans.get(cid, "not run")
@@ -838,8 +828,8 @@ def _results(flows: dict[str, Rounds | str], fans: dict[str, FanOutRounds | str]
 
 
 def _body(
-    flows: dict[str, Rounds | str],
-    fans: dict[str, FanOutRounds | str],
+    flows: dict[str, Runs[Flow] | str],
+    fans: dict[str, Runs[FanOut] | str],
     ts: Sequence[Target],
     pc: PubSubConfig,
     loop: str,
@@ -878,7 +868,7 @@ def _body(
     )
 
 
-def _notes(flows: dict[str, Rounds | str], fans: dict[str, FanOutRounds | str]) -> str:
+def _notes(flows: dict[str, Runs[Flow] | str], fans: dict[str, Runs[FanOut] | str]) -> str:
     notes = [
         "broadcaster 0.3.1 with redis-py 8 never delivers on a `Broadcast`'s first "
         "subscription (its listener checks `PubSub.subscribed` while SUBSCRIBE is still being "
@@ -886,7 +876,7 @@ def _notes(flows: dict[str, Rounds | str], fans: dict[str, FanOutRounds | str]) 
         "subscriber here first holds a subscription to another channel, which avoids it."
     ]
     table = flows.get("zeal-table")
-    if isinstance(table, Rounds) and any(f.received < f.sent for f in table.flows):
+    if isinstance(table, Runs) and any(f.received < f.sent for f in table.runs):
         notes.append(
             "zeal's table backend handled fewer messages than were sent in the throughput "
             "phase: the handler process fell behind the publisher and the bounded buffers "
@@ -894,9 +884,9 @@ def _notes(flows: dict[str, Rounds | str], fans: dict[str, FanOutRounds | str]) 
             "drop the oldest and count it in `Store.stats()`); publishers never block."
         )
     bc = fans.get("ws-broadcaster")
-    if isinstance(bc, FanOutRounds) and bc.delivered < bc.expected:
+    if isinstance(bc, Runs) and _delivered(bc) < _expected(bc):
         notes.append(
-            f"broadcaster's fan-out reached {bc.delivered:,} of {bc.expected:,} "
+            f"broadcaster's fan-out reached {_delivered(bc):,} of {_expected(bc):,} "
             "deliveries: `Broadcast.subscribe` is racy when sockets of one worker subscribe to "
             "the same channel at once (each sees no subscriber yet, awaits SUBSCRIBE, then "
             "replaces the channel's queue set), so a few sockets never receive anything. Its "
@@ -914,8 +904,8 @@ def run(cfg: Config) -> SuiteReport:
         tools["redis-server"] = version
     machine = machine_info(PACKAGES, tools)
     watch = CpuWatch.start()
-    flows: dict[str, Rounds | str] = {}
-    fans: dict[str, FanOutRounds | str] = {}
+    flows: dict[str, Runs[Flow] | str] = {}
+    fans: dict[str, Runs[FanOut] | str] = {}
     runner = AsyncRunner()
     try:
         with shm_tempdir() as tmp, contextlib.ExitStack() as servers:
@@ -930,11 +920,11 @@ def run(cfg: Config) -> SuiteReport:
                 elif kind == "broadcaster" and not _installed("broadcaster"):
                     flows[kind] = "not installed (broadcaster)"
                 else:
-                    flows[kind] = Rounds()
+                    flows[kind] = Runs()
             for rnd in range(pc.rounds):
                 for kind, _, _ in FLOWS:
                     rounds = flows[kind]
-                    if not isinstance(rounds, Rounds):
+                    if not isinstance(rounds, Runs):
                         continue
                     wait_quiet(cfg.wait_quiet)
                     try:
@@ -943,7 +933,7 @@ def run(cfg: Config) -> SuiteReport:
                         log(traceback.format_exc())
                         flows[kind] = short_error(exc)
                         continue
-                    rounds.flows.append(f)
+                    rounds.runs.append(f)
                     log(
                         f"[{NAME}] round {rnd + 1}/{pc.rounds} {kind}: p50 "
                         f"{_pct(f.latencies_us, 0.5):,.0f} us, p99 "
@@ -956,11 +946,11 @@ def run(cfg: Config) -> SuiteReport:
                 elif cid == "ws-broadcaster" and not _installed("broadcaster"):
                     fans[cid] = "not installed (broadcaster)"
                 else:
-                    fans[cid] = FanOutRounds()
+                    fans[cid] = Runs()
             for rnd in range(pc.rounds):
                 for cid, _, extra in FANOUTS:
                     fan = fans[cid]
-                    if not isinstance(fan, FanOutRounds):
+                    if not isinstance(fan, Runs):
                         continue  # not installed, or failed in an earlier run
                     wait_quiet(cfg.wait_quiet)
                     try:
@@ -996,12 +986,12 @@ def run(cfg: Config) -> SuiteReport:
             "targets": [dataclasses.asdict(t) for t in ts],
             "pubsub_config": dataclasses.asdict(pc),
             "flows": {
-                k: [dataclasses.asdict(f) for f in v.flows] if isinstance(v, Rounds) else v
+                k: [dataclasses.asdict(f) for f in v.runs] if isinstance(v, Runs) else v
                 for k, v in flows.items()
             },
             "fanouts": {
                 k: [{**dataclasses.asdict(r), "latencies_us": None} for r in v.runs]
-                if isinstance(v, FanOutRounds)
+                if isinstance(v, Runs)
                 else v
                 for k, v in fans.items()
             },
