@@ -540,8 +540,10 @@ def _redis_scripts(stack: contextlib.ExitStack[Any], env: Env) -> list[Spec]:
     backend: Any = store.backend
     spec = store.spec(table)
     # what RedisRows.set / RedisRows.incr send for this row (see zeal_asgi/store/_redis_rows.py)
-    codec = backend._codec(spec)
-    _, keys, head = backend._ctx(spec, KEY)
+    t = backend._table(spec)
+    codec = t.codec
+    raw, row_key = t.key(KEY)
+    keys, head = [row_key, t.members], [*t.head, raw]
     fields = codec.encode(ROW)
     zeros = codec.zero_fields(fields)
     set_argv = [*head, len(zeros), *zeros, *(x for kv in fields.items() for x in kv)]

@@ -21,8 +21,8 @@ SUITES = ["table", "store", "cache", "pubsub"]
 @pytest.mark.redis
 @pytest.mark.memcached
 @pytest.mark.parametrize("name", SUITES)
-# peers call their own deprecated APIs (aiocache closes redis-py with close(), not aclose())
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+# a peer calls a deprecated API (aiocache closes redis-py with close(), not aclose())
+@pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")
 def test_every_row_of_the_suite_is_measured(name: str) -> None:
     require_binary("redis-server")
     require_binary("memcached")

@@ -27,19 +27,30 @@ from ._cache_entry import (
 )
 from ._cache_memo import DecodeMemo
 from .errors import CapacityError, SerializationError, TableFullError
-from .filetier import FileTier
+from .filetier import Entry, FileTier
 
 if TYPE_CHECKING:
     from ._shmtable import Table
 
-__all__ = ["ZERO_NONCE", "LocalTier", "read_file"]
+__all__ = ["SPILL_ERRORS", "ZERO_NONCE", "LocalTier", "expiries", "read_file"]
 
 ZERO_NONCE = b"\0" * 16
 """Nonce of the file copy of an inline row (no pointer row names it)."""
-_SPILL_ERRORS = (TableFullError, CapacityError)
+SPILL_ERRORS = (TableFullError, CapacityError)
+"""What a memory-tier write raises when the value must spill to the file tier instead."""
 _HEAD = HEAD.size
 _unpack_head = HEAD.unpack_from
 _time = time.time
+
+
+def expiries(seconds: float, ttl_seconds: float | None) -> tuple[float, float]:
+    """``(expires_at, memory_expires_at)`` of a value stored now for ``seconds`` (0: never);
+    the memory tier's own ``ttl_seconds`` may end its row earlier than the file."""
+    now = _time()
+    exp = now + seconds if seconds else 0.0
+    if not ttl_seconds:
+        return exp, exp
+    return exp, min(exp or float("inf"), now + ttl_seconds)
 
 
 def read_file(
@@ -58,6 +69,18 @@ def read_file(
     entry = files.read(key, now)
     if entry is None or (nonce is not None and entry.nonce != nonce):
         return False, None
+    return use_entry(files, memo, serializer, count, key, entry)
+
+
+def use_entry(
+    files: FileTier,
+    memo: DecodeMemo,
+    serializer: int,
+    count: Callable[[str], None],
+    key: bytes,
+    entry: Entry,
+) -> tuple[bool, Any]:
+    """``(True, value)`` of an authentic file entry of ``key``; an unusable one is dropped."""
     if entry.serializer != serializer:
         count("serializer_mismatch")  # e.g. a pickle entry read by a JSON cache
     else:
@@ -119,6 +142,8 @@ class LocalTier:
             rk = local_key(raw)
         v = self._row(rk) if self._authenticated else self._get(rk, "v")
         now = _time()
+        entry: Entry | None = None
+        file_read = False
         if v is not None:
             if len(v) >= _HEAD:
                 kind, ser, exp = _unpack_head(v)
@@ -132,17 +157,15 @@ class LocalTier:
                 elif kind == POINTER and len(v) == NONCE_END:
                     if raw is None:
                         raw = key.encode()  # type: ignore[union-attr]
-                    entry = self._read(raw, now)
+                    entry, file_read = self._read(raw, now), True
                     if entry is not None and entry.nonce == v[_HEAD:]:
-                        if entry.serializer == self.serializer:
-                            try:
-                                return True, self._loads((raw, 0), entry.payload), "hits_file"
-                            except SerializationError:
-                                self.count("decode_errors")
-                        else:
-                            self.count("serializer_mismatch")
-                        self.files.discard(raw, "undecodable")
-                    # a stale pointer: the file decides, below
+                        found, value = use_entry(
+                            self.files, self.memo, self.serializer, self.count, raw, entry
+                        )
+                        if found:
+                            return True, value, "hits_file"
+                        entry = None  # dropped as unusable
+                    # a stale pointer: the file already read decides, below
                 elif kind == INLINE and ser:
                     self.count("serializer_mismatch")
                 else:
@@ -153,23 +176,23 @@ class LocalTier:
             self.memo.forget(rk)
         if raw is None:
             raw = key.encode()  # type: ignore[union-attr]
-        found = read_file(self.files, self.memo, self.serializer, self.count, raw, None, now)
-        return found[0], found[1], "hits_file" if found[0] else "misses"
+        if not file_read:
+            entry = self._read(raw, now)
+        if entry is None:
+            return False, None, "misses"
+        found, value = use_entry(self.files, self.memo, self.serializer, self.count, raw, entry)
+        return found, value, "hits_file" if found else "misses"
 
     def put(self, key: bytes, payload: bytes, seconds: float) -> bool:
         """Store a serialized value: an inline row and its file copy, or a file and a pointer
         row; ``False`` when nothing was stored."""
-        now = time.time()
-        exp = now + seconds if seconds else 0.0
-        mexp = exp
-        if self.ttl_seconds:
-            mexp = min(exp or float("inf"), now + self.ttl_seconds)
+        exp, mexp = expiries(seconds, self.ttl_seconds)
         rk = local_key(key)
         ser = self.serializer
         if len(payload) <= self.memory_value_bytes:
             try:
                 self.table.set(rk, self.codec.inline(rk, mexp, ser, payload))
-            except _SPILL_ERRORS:
+            except SPILL_ERRORS:
                 self.count("spills_full")
             else:
                 # The file is the copy served after a restart; if it cannot be written, an
@@ -187,7 +210,7 @@ class LocalTier:
             return False
         try:
             self.table.set(rk, self.codec.pointer(rk, mexp, nonce))
-        except _SPILL_ERRORS:
+        except SPILL_ERRORS:
             self.table.delete(rk)  # the file alone serves it
         return True
 
@@ -195,5 +218,7 @@ class LocalTier:
         """Remove ``key`` from both tiers; ``True`` if either held it."""
         rk = local_key(key)
         self.memo.forget(rk)
+        if rk is key and key.isascii():
+            self.memo.forget(key.decode())  # lookup's slot for the same key given as a str
         in_memory = self.table.delete(rk)
         return self.files.delete(key) or in_memory

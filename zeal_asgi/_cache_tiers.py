@@ -29,10 +29,10 @@ from ._cache_entry import (
     memory_key,
 )
 from ._cache_keys import SHARED_UNAUTHENTICATED, CacheKeys
-from ._cache_local import LocalTier, read_file
+from ._cache_local import SPILL_ERRORS, LocalTier, expiries, read_file
 from ._cache_lock import CasLock, Lock, RedisLock, ShmLock
 from ._cache_memo import DecodeMemo
-from .errors import CapacityError, SerializationError, TableFullError, UnsupportedOperationError
+from .errors import SerializationError, UnsupportedOperationError
 from .filetier import FileTier, Owned
 from .serializer import PICKLE_ID, Serializer
 from .store import EvalCapable, Store, StoreBackend, StoreBackendKind
@@ -40,7 +40,6 @@ from .store import EvalCapable, Store, StoreBackend, StoreBackendKind
 __all__ = ["Binding", "Tiers"]
 
 _LOCK_ROWS = 4096
-_SPILL_ERRORS = (TableFullError, CapacityError)
 
 
 @dataclass(frozen=True)
@@ -185,17 +184,14 @@ class Tiers:
         b = self.bind()
         if b.local is not None:
             return b.local.put(key, payload, seconds)
-        now = time.time()
-        exp = now + seconds if seconds else 0.0
-        mexp = exp
-        if self.ttl_seconds:  # enforced by our expiry check too (a tiered L1 may lag the server)
-            mexp = min(exp or float("inf"), now + self.ttl_seconds)
+        # the memory expiry is checked by lookup too (a tiered L1 may lag the server's TTL)
+        exp, mexp = expiries(seconds, self.ttl_seconds)
         mk, raw = memory_key(key)
         ser = self.serializer.id
         if len(payload) <= self.memory_value_bytes:
             try:
                 await b.store.set(self.table, mk, b.codec.inline(raw, mexp, ser, payload))
-            except _SPILL_ERRORS:
+            except SPILL_ERRORS:
                 self.count("spills_full")
             else:
                 self.files.delete(key)  # the row is the authority: no file copy to go stale
@@ -210,7 +206,7 @@ class Tiers:
             return False
         try:
             await b.store.set(self.table, mk, b.codec.pointer(raw, mexp, nonce))
-        except _SPILL_ERRORS:
+        except SPILL_ERRORS:
             await b.store.delete(self.table, mk)
             return False
         return True

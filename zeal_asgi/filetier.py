@@ -261,9 +261,7 @@ class FileTier(FileSweep):
         if size > 2 * VERIFIED_FILE_BYTES:
             return
         with self._verified_lock:
-            old = self._verified.pop(name, None)
-            if old is not None:
-                self._verified_bytes -= 2 * len(old[0])
+            self._unverify(name)
             if self._verified_bytes + size > VERIFIED_BYTES:
                 self._verified.clear()
                 self._verified_bytes = 0
@@ -272,9 +270,13 @@ class FileTier(FileSweep):
 
     def _forget(self, name: str) -> None:
         with self._verified_lock:
-            old = self._verified.pop(name, None)
-            if old is not None:
-                self._verified_bytes -= 2 * len(old[0])
+            self._unverify(name)
+
+    def _unverify(self, name: str) -> None:
+        # the caller holds _verified_lock
+        old = self._verified.pop(name, None)
+        if old is not None:
+            self._verified_bytes -= 2 * len(old[0])
 
     def _check_stat(self, st: os.stat_result) -> str | None:
         if not stat.S_ISREG(st.st_mode):

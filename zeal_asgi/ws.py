@@ -123,6 +123,7 @@ class WSRouter:
         self.overflow = overflow
         self.worker_ttl = float(worker_ttl)
         self._liveness: Liveness | None = None
+        self._room_wire = ""  # the wire name of every worker's channel, minus the worker
         if isinstance(target, Zeal):
             self.store: Store = target.store
             self.pubsub: PubSub = target.pubsub
@@ -401,8 +402,9 @@ class WSRouter:
         return await self._to_room(room, raw)
 
     async def _to_room(self, room: str, raw: bytes) -> int:
-        wire = self.pubsub.system_wire(self._channel(""))
-        pairs = await self.registry.publish_room(room, wire, raw)  # Redis: one round trip
+        if not self._room_wire:
+            self._room_wire = self.pubsub.system_wire(self._channel(""))
+        pairs = await self.registry.publish_room(room, self._room_wire, raw)  # Redis: 1 trip
         if pairs is None:
             workers = await self.registry.room_servers(room)
             counts = await asyncio.gather(

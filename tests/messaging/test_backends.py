@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
+from tests.messaging.helpers import until
 from tests.servers import Memcached, RedisCluster, RedisServer
 from zeal_asgi.errors import UnsupportedOperationError
 from zeal_asgi.pubsub import PubSub, redis_backend_of
@@ -37,13 +36,6 @@ async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator
     await st.aclose()
 
 
-async def _wait(cond: Any, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
-
-
 async def test_pubsub_and_streams_through_every_redis_backend(store: Store) -> None:
     assert redis_backend_of(store.backend) is not None
     got: list[tuple[str, str]] = []
@@ -62,11 +54,11 @@ async def test_pubsub_and_streams_through_every_redis_backend(store: Store) -> N
     await streams.start()
     try:
         assert await store.publish("orders.eu", "o1") == 1
-        await _wait(lambda: ("o1", "orders.eu") in got)
+        await until(lambda: ("o1", "orders.eu") in got, within=5.0)
         await store.publish_reliable("jobs", "after")
-        await _wait(lambda: seen == ["before-the-group", "after"])
+        await until(lambda: seen == ["before-the-group", "after"], within=5.0)
         assert early.count("-") == 1
-        await _wait(lambda: streams.counters["acked"] == 2)
+        await until(lambda: streams.counters["acked"] == 2, within=5.0)
     finally:
         await streams.stop()
         await ps.stop()
@@ -105,8 +97,8 @@ async def test_stream_entries_pending_until_acked(fresh_redis: RedisServer) -> N
     await streams.start()
     try:
         await st.publish_reliable("work", "w")
-        await _wait(lambda: len(calls) >= 3)
-        await _wait(lambda: streams.counters["acked"] == 1)
+        await until(lambda: len(calls) >= 3, within=5.0)
+        await until(lambda: streams.counters["acked"] == 1, within=5.0)
         assert calls[:3] == [1, 2, 3]  # the delivery count grows with each reclaim
         assert fresh_redis.command("XPENDING", "zeal:stream:work", "g")[0] == 0  # type: ignore[index]
         assert streams.counters["failed"] == 2
@@ -135,7 +127,7 @@ async def test_redis_cluster_delivers(redis_cluster: RedisCluster) -> None:
         # PUBLISH on a Cluster counts the subscribers of the node that ran it only
         await st.publish("news", "hi")
         await st.publish_reliable("jobs", "j1")
-        await _wait(lambda: got == ["hi"] and seen == ["j1"])
+        await until(lambda: got == ["hi"] and seen == ["j1"], within=5.0)
     finally:
         await streams.stop()
         await ps.stop()

@@ -9,11 +9,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from tests.messaging.conftest import REPO
+from tests.messaging.helpers import until
 from zeal_asgi._bus import close_host_bus, glob_to_regex, host_bus
 from zeal_asgi._bus_reader import BusSubscriber
 from zeal_asgi._segments import server_identity
@@ -26,13 +26,6 @@ from zeal_asgi.store import Store
 def store() -> Iterator[Store]:
     yield Store("table")
     close_host_bus()
-
-
-async def _wait(cond: Any, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.005)
 
 
 async def test_receivers_are_subscribed_workers(store: Store) -> None:
@@ -51,7 +44,7 @@ async def test_receivers_are_subscribed_workers(store: Store) -> None:
         assert await store.publish("news", "hi") == 2  # w2 counts once for two matches
         big = "é" * 3000  # several ring slots
         assert await store.publish("news", big) == 2
-        await _wait(lambda: len(a) == 2 and len(b) == 4)
+        await until(lambda: len(a) == 2 and len(b) == 4, within=5.0)
         assert a == [("hi", "news"), (big, "news")]
         assert sorted(b) == sorted([("hi", "news")] * 2 + [(big, "news")] * 2)
     finally:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
-from tests.messaging.helpers import Socket
+from tests.messaging.helpers import Socket, until
 from zeal_asgi._bus import close_host_bus
 from zeal_asgi._pubsub_rooms import Registry, ShmRegistry
 from zeal_asgi.errors import InvalidKeyError, KeyTypeError, SerializationError, ValueTooLargeError
@@ -70,13 +67,6 @@ async def router() -> AsyncIterator[WSRouter]:
     close_host_bus()
 
 
-async def _wait(cond: Any, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.005)
-
-
 async def test_signed_envelopes_reject_forgery_and_replay(router: WSRouter) -> None:
     sock = Socket()
     conn = router.own("bob", sock)
@@ -85,7 +75,7 @@ async def test_signed_envelopes_reject_forgery_and_replay(router: WSRouter) -> N
     assert router.signer is not None
     good = router.signer.sign({"t": "d", "c": "bob", "n": conn, "p": "hi"})
     assert await router.pubsub.publish_system(channel, good) == 1
-    await _wait(lambda: sock.sent == ["hi"])
+    await until(lambda: sock.sent == ["hi"], within=5.0)
     forged = json.loads(good)
     forged["p"] = "evil"
     await router.pubsub.publish_system(channel, json.dumps(forged).encode())  # bad MAC
@@ -93,7 +83,7 @@ async def test_signed_envelopes_reject_forgery_and_replay(router: WSRouter) -> N
     unsigned = {"t": "d", "c": "bob", "n": conn, "p": "unsigned"}
     await router.pubsub.publish_system(channel, json.dumps(unsigned).encode())
     signer = router.signer
-    await _wait(lambda: sum(signer.counter.rejected.values()) == 3)
+    await until(lambda: sum(signer.counter.rejected.values()) == 3, within=5.0)
     assert router.signer.counter.rejected["bad_mac"] == 1
     assert router.signer.counter.rejected["replay"] == 1
     assert router.signer.counter.rejected["malformed"] == 1
@@ -108,7 +98,7 @@ async def test_delivery_needs_the_current_conn_id(router: WSRouter) -> None:
     assert await router.send_to_client("carol", "to-new", conn_id=second) is True
     assert await router.send_to_client("carol", {"k": 1}) is True
     assert await router.send_to_client("carol", b"\x00\x01") is True
-    await _wait(lambda: len(new.sent) == 3)
+    await until(lambda: len(new.sent) == 3, within=5.0)
     assert new.sent == ["to-new", '{"k":1}', b"\x00\x01"]
     assert old.sent == []
     with pytest.raises(ValueTooLargeError, match="65536"):
@@ -131,13 +121,13 @@ async def test_rooms_and_presence_are_separate(router: WSRouter) -> None:
     assert await router.room_servers("lobby") == [router.worker]
     # a user payload that looks like presence is still just a payload
     assert await router.broadcast("lobby", {"type": "join", "client_id": "x"}) == 1
-    await _wait(lambda: len(s1.sent) == 1 and len(s2.sent) == 1)
+    await until(lambda: len(s1.sent) == 1 and len(s2.sent) == 1, within=5.0)
     assert json.loads(s1.sent[0]) == {"type": "join", "client_id": "x"}
-    await _wait(lambda: len(events) == 2)
+    await until(lambda: len(events) == 2, within=5.0)
     assert events == [("join", "lobby", "u1"), ("join", "lobby", "u2")]
     assert await router.leave("lobby", "u2")
     assert await router.broadcast("lobby", "only-u1") == 1
-    await _wait(lambda: s1.sent[-1] == "only-u1")
+    await until(lambda: s1.sent[-1] == "only-u1", within=5.0)
     assert len(s2.sent) == 1
     with pytest.raises(InvalidKeyError):
         await router.join("bad room", "u1")

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from typing import Any
-
 import pytest
 
+from tests.messaging.helpers import until
 from tests.servers import RedisServer
 from zeal_asgi import Zeal
 from zeal_asgi._bus import close_host_bus
 from zeal_asgi.errors import ConfigError, UnsupportedOperationError
 from zeal_asgi.store import Store
 from zeal_asgi.streams import StreamEntry, apply_once, idempotent
-
-
-async def _wait(cond: Any, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.005)
 
 
 async def test_subscribe_forms_on_the_table_backend() -> None:
@@ -38,7 +28,7 @@ async def test_subscribe_forms_on_the_table_backend() -> None:
         async with zeal:
             assert await zeal.store.publish("alerts.disk", "90%") == 1
             assert await zeal.store.publish("plain", "p") == 1
-            await _wait(lambda: len(got) == 2)
+            await until(lambda: len(got) == 2, within=5.0)
             assert ("90%", "alerts.disk") in got and ("p", "plain") in got
             assert zeal.stats()["pubsub"]["state"] == "subscribed"
             with pytest.raises(UnsupportedOperationError, match="Streams"):
@@ -67,7 +57,7 @@ async def test_subscribe_reliable_forms(redis_server: RedisServer) -> None:
     async with zeal:
         await store.publish_reliable("orders", "o1")
         await store.publish_reliable("orders", "o1")  # same business key twice
-        await _wait(lambda: zeal.streams.counters["acked"] == 2)
+        await until(lambda: zeal.streams.counters["acked"] == 2, within=5.0)
         assert done == ["o1"]
         assert redis_server.command("GET", "zeal:orders:total") == b"2"
         groups = redis_server.command("XINFO", "GROUPS", "zeal:stream:orders")

@@ -102,7 +102,8 @@ class RedisConnector:
 
     # -- counters ------------------------------------------------------------------------------
 
-    def _count(self, name: str, by: int = 1) -> None:
+    def count(self, name: str, by: int = 1) -> None:
+        """Add ``by`` to this worker's counter ``name`` and to the host's."""
         self.local[name] += by
         host_stats().incr(HOST_KEYS[name], by)
 
@@ -170,7 +171,7 @@ class RedisConnector:
                     )
 
     async def _on_connect(self, conn: AbstractConnection) -> None:
-        self._count("clients_created")
+        self.count("clients_created")
         await conn.on_connect()
 
     async def close(self) -> None:
@@ -214,7 +215,7 @@ class RedisConnector:
                 async with asyncio.timeout(timeout):
                     await slots.acquire()
             except TimeoutError:
-                self._count("acquire_timeouts")
+                self.count("acquire_timeouts")
                 raise PoolTimeoutError(
                     f"{self._describe(what, table)}: all {self.cfg.pool_size} connections "
                     f"stayed busy for {timeout * 1000:.0f} ms (acquire_timeout); raise "
@@ -222,8 +223,7 @@ class RedisConnector:
                 ) from None
             finally:
                 st.waiting -= 1
-        self.local["acquires"] += 1
-        host_stats().incr(HOST_KEYS["acquires"])
+        self.count("acquires")
 
     def failed(
         self,
@@ -252,9 +252,9 @@ class RedisConnector:
         """The backoff before the next attempt, or -1 to raise ``err`` now."""
         delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
         if not idempotent or not retriable(err) or attempt >= self.cfg.retries or delay >= left:
-            self._count("errors")
+            self.count("errors")
             return -1.0
-        self._count("retries")
+        self.count("retries")
         return delay
 
     # -- single commands (fast path on a standalone server) ------------------------------------
@@ -318,7 +318,7 @@ class RedisConnector:
         try:
             attempt = 0
             while True:
-                self._count("commands")
+                self.count("commands")
                 cm = asyncio.timeout_at(deadline)
                 try:
                     async with cm:

@@ -9,7 +9,7 @@ call needs an earlier wake-up than the one armed (rare: every call's limit is ab
 socket_timeout``).
 
 The caller turns the cancellation into its timeout error when :attr:`Limit.expired` is set and
-``task.uncancel()`` leaves no other cancellation pending (see ``RedisConnector._direct``).
+``task.uncancel()`` leaves no other cancellation pending (see ``_redis_direct.direct_call``).
 """
 
 from __future__ import annotations

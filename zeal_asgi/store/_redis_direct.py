@@ -23,16 +23,12 @@ from redis import exceptions as rx
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError
 
-from .._hoststats import host_stats
 from ..errors import SerializationError
 
 if TYPE_CHECKING:
     from ._redis_conn import LoopState, RedisConnector
 
 __all__ = ["DirectConnections", "direct_call", "pack", "pack_script"]
-
-_ACQUIRES = "redis.acquires"
-_COMMANDS = "redis.commands"
 
 
 def pack(args: tuple[Any, ...]) -> bytes:
@@ -107,19 +103,16 @@ async def direct_call(
         await owner.acquire(st, what, table)
     else:
         await slots.acquire()  # returns at once: no timer when a slot is free
-        owner.local["acquires"] += 1
-        host_stats().incr(_ACQUIRES)
+        owner.count("acquires")
     st.in_use += 1
     conn: Any = direct.take()  # redis-py leaves connect() unannotated
     task = asyncio.current_task()
     assert task is not None
     limits = st.deadlines
-    local = owner.local
     try:
         attempt = 0
         while True:
-            local["commands"] += 1
-            host_stats().incr(_COMMANDS)
+            owner.count("commands")
             at_deadline = True
             # redis-py bounds a connect by connect_timeout; this bounds it by the deadline
             limit = limits.start(task, deadline) if not conn.is_connected else None

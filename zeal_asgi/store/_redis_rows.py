@@ -105,12 +105,6 @@ class RedisRows:
     def _codec(self, spec: TableSpec) -> RowCodec:
         return self._table(spec).codec
 
-    def _ctx(self, spec: TableSpec, key: object) -> tuple[bytes, list[bytes], list[Any]]:
-        """Validated raw key, KEYS (row, membership set) and the common ARGV head."""
-        t = self._table(spec)
-        raw, row = t.key(key)
-        return raw, [row, t.members], [*t.head, raw]
-
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Merge ``row`` into the row (new rows start zeroed), in one atomic script."""
         t = self._table(spec)
