@@ -71,13 +71,11 @@ def _discover(
     sentinels: list[tuple[str, int]],
 ) -> tuple[tuple[str, int], list[tuple[str, int]]]:
     """Master and replicas of "mymaster" as redis-py's Sentinel client finds them."""
-    # redis.sentinel is not annotated, hence the ignores.
-    client = redis.sentinel.Sentinel(sentinels, socket_timeout=2.0)  # type: ignore[no-untyped-call]
+    client = redis.sentinel.Sentinel(sentinels, socket_timeout=2.0)
     try:
-        master: tuple[str, int]
-        replicas: list[tuple[str, int]]
-        master = client.discover_master("mymaster")  # type: ignore[no-untyped-call]
-        replicas = client.discover_slaves("mymaster")  # type: ignore[no-untyped-call]
+        host, port = client.discover_master("mymaster")
+        master = (str(host), int(port))
+        replicas = [(str(h), int(p)) for h, p in client.discover_slaves("mymaster")]
     finally:
         client.close()
     return master, replicas
