@@ -91,7 +91,7 @@ def _zeal_cache(
     stack: contextlib.ExitStack[Any], env: Env, namespace: str, serializer: str = "json"
 ) -> Any:
     from zeal_asgi import Cache, Store
-    from zeal_asgi._segments import destroy
+    from zeal_asgi.shm.segments import destroy
 
     store = Store("table")
     cache = Cache(
@@ -253,8 +253,8 @@ def _components(stack: contextlib.ExitStack[Any], env: Env) -> list[Row]:
     ``hit`` and ``big`` add up to the whole hit (the rest is the coroutine and glue); ``cold``
     lists what the first hit of a value in a worker costs instead (before its bytes are known).
     """
-    from zeal_asgi._cache_entry import HEAD
-    from zeal_asgi._hoststats import host_stats
+    from zeal_asgi.cache.entry import HEAD
+    from zeal_asgi.shm.hoststats import host_stats
 
     cache = _zeal_cache(stack, env, f"zc{os.getpid()}")
     run = env.runner.run

@@ -142,7 +142,7 @@ class _Recorder:
 
 async def _sub_zeal(kind: str, url: str, channel: str, rec: _Recorder) -> None:
     from zeal_asgi import Store
-    from zeal_asgi.pubsub import PubSub
+    from zeal_asgi.messaging.pubsub import PubSub
 
     store = Store(kind, {"url": url} if kind == "redis" else None)
     await store.start()
@@ -255,7 +255,7 @@ async def _publisher(kind: str, url: str, channel: str) -> Any:
     """Yields ``publish(payload)`` of ``kind``, with the library's own publish call."""
     if kind in ("zeal-redis", "zeal-table"):
         from zeal_asgi import Store
-        from zeal_asgi.pubsub import PubSub
+        from zeal_asgi.messaging.pubsub import PubSub
 
         backend = kind.split("-")[1]
         store = Store(backend, {"url": url} if backend == "redis" else None)

@@ -403,7 +403,7 @@ def _store_specs(runner: AsyncRunner, table: str, what: str) -> list[Spec]:
 
 
 def _zeal_table(stack: contextlib.ExitStack[Any], env: Env) -> list[Spec]:
-    from zeal_asgi._segments import destroy
+    from zeal_asgi.shm.segments import destroy
 
     table = _table_name("t")
     store = _make_store(stack, env, "table", None, table)
@@ -416,7 +416,7 @@ def _zeal_table(stack: contextlib.ExitStack[Any], env: Env) -> list[Spec]:
 
 def _raw_table(stack: contextlib.ExitStack[Any], env: Env) -> list[Spec]:
     from zeal_asgi import Table
-    from zeal_asgi._segments import destroy
+    from zeal_asgi.shm.segments import destroy
 
     t = Table(1024, {"name": ("string", 32), "score": ("int", 8)}, name=_table_name("raw"))
     stack.callback(destroy, t)
@@ -531,7 +531,7 @@ def _redis_scripts(stack: contextlib.ExitStack[Any], env: Env) -> list[Spec]:
     """redis-py running the facade's own Lua scripts with the facade's KEYS and ARGV: the
     difference to the facade is its Python side alone."""
     from zeal_asgi import Store
-    from zeal_asgi.store._redis_lua import INCR_INT, SET
+    from zeal_asgi.store.backends.redis.rows import INCR_INT, SET
 
     r = _redis_client(stack, env)
     store = Store("redis", {"url": env.redis_url, "prefix": "zscript"})  # never connects

@@ -120,7 +120,7 @@ def _populate(setitem: Callable[[str, Any], object], value: Any) -> None:
 
 def _zeal_table(stack: contextlib.ExitStack[Any], tmp: str) -> list[Spec]:
     from zeal_asgi import Table
-    from zeal_asgi._segments import destroy
+    from zeal_asgi.shm.segments import destroy
 
     name = f"bench_rows_{os.getpid()}"
     t = Table(MAX_ROWS, SCHEMA, name=name)
@@ -152,7 +152,7 @@ def _zeal_table(stack: contextlib.ExitStack[Any], tmp: str) -> list[Spec]:
 
 def _zeal_atomic(stack: contextlib.ExitStack[Any], tmp: str) -> list[Spec]:
     from zeal_asgi import Atomic
-    from zeal_asgi._segments import destroy
+    from zeal_asgi.shm.segments import destroy
 
     name = f"bench_counter_{os.getpid()}"
     a = Atomic(0, name=name)

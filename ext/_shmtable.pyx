@@ -2,7 +2,7 @@
 # cython: autotestdict=False, embedsignature=False, initializedcheck=False, auto_pickle=False
 """Shared-memory Table and Atomic: the data structures, in C types, with no policy.
 
-Segment naming, creation, permissions and cleanup live in ``zeal_asgi._segments``; this module
+Segment naming, creation, permissions and cleanup live in ``zeal_asgi.shm.segments``; this module
 only maps a file descriptor it is given and runs the table on it (see ``zt_core.h`` for the
 layout and the locking rules).  Python objects are converted before any lock is taken and built
 after every lock is released.
@@ -294,12 +294,12 @@ cdef class Table:
 
     def __init__(self, max_rows, columns, *, name=None, key_size=64, lock_timeout=1.0,
                  allow_nan=False, binary_keys=False):
-        from zeal_asgi import _segments
+        from zeal_asgi.shm import segments as _segments
         _segments.open_table(self, name, max_rows, columns, key_size=key_size,
                              lock_timeout=lock_timeout, allow_nan=allow_nan,
                              binary_keys=binary_keys)
 
-    # -- set-up, driven by zeal_asgi._segments ------------------------------------------------
+    # -- set-up, driven by zeal_asgi.shm.segments ------------------------------------------------
 
     def _map_new(self, int fd, tuple geometry, bytes schema_blob, bytes nonce, bytes hkey):
         cdef zt_geometry g
@@ -610,7 +610,7 @@ cdef class Table:
     cdef inline void _note_recoveries(self):
         if self.t.local_recoveries != self._seen_recoveries:
             self._seen_recoveries = self.t.local_recoveries
-            from zeal_asgi import _segments
+            from zeal_asgi.shm import segments as _segments
             _segments.report_recovery(self)
 
     # -- the API ------------------------------------------------------------------------------
@@ -918,7 +918,7 @@ cdef class Atomic:
         self._owner = None
 
     def __init__(self, initial=0, *, name=None):
-        from zeal_asgi import _segments
+        from zeal_asgi.shm import segments as _segments
         _segments.open_atomic(self, name, self._check(initial, "initial"))
 
     @staticmethod

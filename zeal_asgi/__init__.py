@@ -3,7 +3,7 @@
 The public names: :class:`Zeal` and :class:`ZealMiddleware` (lifecycle), :class:`Store` (rows),
 :class:`Counter`, :class:`Cache`, and the shared-memory primitives :class:`Table` and
 :class:`Atomic`.
-Backends (``zeal_asgi.store.redis``), FastAPI glue (``zeal_asgi.fastapi``) and the health router
+Backends (``zeal_asgi.store.backends``), FastAPI glue (``zeal_asgi.fastapi``) and the health router
 (``zeal_asgi.health``) are imported by path.
 """
 
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from ._ext import Atomic, Table
-from .cache import Cache
-from .counter import Counter
-from .errors import ZealError
-from .middleware import ZealMiddleware
-from .plugin import Zeal
-from .settings import ZealSettings
-from .store import Store, StoreBackendKind
+from zeal_asgi.app import Zeal
+from zeal_asgi.cache.facade import Cache
+from zeal_asgi.errors import ZealError
+from zeal_asgi.middleware import ZealMiddleware
+from zeal_asgi.settings import ZealSettings
+from zeal_asgi.shm.ext import Atomic, Table
+from zeal_asgi.store import Store, StoreBackendKind
+from zeal_asgi.store.counter import Counter
 
 __all__ = [
     "Atomic",

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from .launcher import main
+from zeal_asgi.launcher import main
 
 sys.exit(main())

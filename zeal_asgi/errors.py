@@ -9,6 +9,9 @@ Client-library exceptions (redis, aiomcache) are translated at the backend bound
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 __all__ = [
     "BackendAuthError",
     "BackendError",
@@ -28,6 +31,7 @@ __all__ = [
     "KeyTypeError",
     "LockTimeoutError",
     "MessageRejectedError",
+    "MissingExtraError",
     "NonFiniteFloatError",
     "PoolTimeoutError",
     "PrivateCopyError",
@@ -44,6 +48,7 @@ __all__ = [
     "UnsupportedOperationError",
     "ValueTooLargeError",
     "ZealError",
+    "require",
 ]
 
 
@@ -56,6 +61,18 @@ class ZealError(Exception):
 
 class ConfigError(ZealError, ValueError):
     """Bad settings or connection string; raised when the configuration is read."""
+
+
+class MissingExtraError(ConfigError):
+    """A feature needs an optional dependency that is not installed; names the extra to add."""
+
+    def __init__(self, feature: str, extra: str, missing: str) -> None:
+        super().__init__(
+            f"{feature} needs the {missing!r} package, which is not installed: "
+            f'pip install "zeal-asgi[{extra}]"'
+        )
+        self.extra = extra
+        self.missing = missing
 
 
 class SchemaError(ZealError, ValueError):
@@ -212,3 +229,17 @@ class MessageRejectedError(ZealError, ValueError):
 
 class InsecureCacheDirError(ZealError, PermissionError):
     """The cache directory is a symlink, not ours, or open to other users."""
+
+
+def require(module: str, *, extra: str, feature: str) -> ModuleType:
+    """Import ``module`` from an optional extra, or raise :class:`MissingExtraError`.
+
+    Only a missing top-level package counts; an error inside an installed one propagates.
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        top = module.partition(".")[0]
+        if exc.name != top:
+            raise
+        raise MissingExtraError(feature, extra, top) from exc

@@ -23,17 +23,16 @@ pool, which would cost more than everything else these providers do.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
-from fastapi import Depends
 from starlette.requests import HTTPConnection
 
-from .cache import Cache
-from .counter import Counter
-from .errors import ConfigError
-from .plugin import Zeal
-from .store import Store
-from .ws import WSRouter
+from zeal_asgi.app import Zeal
+from zeal_asgi.cache.facade import Cache
+from zeal_asgi.errors import ConfigError, require
+from zeal_asgi.messaging.ws.router import WSRouter
+from zeal_asgi.store import Store
+from zeal_asgi.store.counter import Counter
 
 __all__ = [
     "CacheDep",
@@ -157,11 +156,32 @@ def _service(zeal: Zeal, cls: type[S]) -> S | None:
     return None
 
 
-ZealDep = Annotated[Zeal, Depends(get_zeal)]
-"""``zeal: ZealDep`` in a route signature."""
-StoreDep = Annotated[Store, Depends(get_store)]
-"""``store: StoreDep`` in a route signature."""
-CacheDep = Annotated[Cache, Depends(get_cache)]
-"""``cache: CacheDep`` in a route signature."""
-WSRouterDep = Annotated[WSRouter, Depends(get_ws_router)]
-"""``router: WSRouterDep`` in a route signature (HTTP or WebSocket)."""
+# The ``Annotated`` aliases need FastAPI's ``Depends``; they are made on first use, so the
+# providers above (which plain Starlette code can call too) import without FastAPI installed.
+_ALIASES: dict[str, tuple[Any, Callable[..., Any]]] = {
+    "ZealDep": (Zeal, get_zeal),
+    "StoreDep": (Store, get_store),
+    "CacheDep": (Cache, get_cache),
+    "WSRouterDep": (WSRouter, get_ws_router),
+}
+
+if TYPE_CHECKING:
+    from fastapi import Depends
+
+    ZealDep = Annotated[Zeal, Depends(get_zeal)]
+    """``zeal: ZealDep`` in a route signature."""
+    StoreDep = Annotated[Store, Depends(get_store)]
+    """``store: StoreDep`` in a route signature."""
+    CacheDep = Annotated[Cache, Depends(get_cache)]
+    """``cache: CacheDep`` in a route signature."""
+    WSRouterDep = Annotated[WSRouter, Depends(get_ws_router)]
+    """``router: WSRouterDep`` in a route signature (HTTP or WebSocket)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ALIASES:
+        fastapi = require("fastapi", extra="fastapi", feature=f"zeal_asgi.fastapi.{name}")
+        tp, provider = _ALIASES[name]
+        alias = cast(Any, Annotated)[tp, fastapi.Depends(provider)]  # tp is a runtime value
+        return alias
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,7 +3,7 @@
 ``app.include_router(zeal_asgi.health.router)``.  The JSON answer is 200 while the backend
 answers and 503, with the reason, when it does not or when the circuit breaker is open.  Table
 figures come from shared memory and are host-wide already; event counters (pool, pub/sub,
-breaker, ...) are recorded per worker in :mod:`zeal_asgi._hoststats` and summed over every worker
+breaker, ...) are recorded per worker in :mod:`zeal_asgi.shm.hoststats` and summed over every worker
 of the host, so any worker answers for the whole host.  A plain Starlette app uses
 ``Starlette(routes=zeal_asgi.health.starlette_routes())``.
 """
@@ -15,18 +15,21 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ._hoststats import host_stats
-from ._segments import process_alive, server_identity, shm_dir
-from .pubsub import messaging_stats
-from .store import Store
+from zeal_asgi.errors import require
+from zeal_asgi.messaging.pubsub import messaging_stats
+from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.shm.segments import process_alive, server_identity, shm_dir
+from zeal_asgi.store import Store
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
 
 __all__ = [
     "PING_TIMEOUT",
@@ -46,10 +49,6 @@ __all__ = [
 
 PING_TIMEOUT = 2.0
 """Seconds the health check waits for the backend's ping before answering 503."""
-
-# Allocated here, at import (in the master under the launcher), so every worker attaches to the
-# same counters instead of the first worker creating them.
-host_stats()
 
 
 class TableHealth(BaseModel):
@@ -345,8 +344,12 @@ async def store_metrics(conn: HTTPConnection) -> Response:
 def make_router(
     path: str = "/health/store", metrics_path: str = "/health/store/metrics"
 ) -> APIRouter:
-    """A FastAPI router serving the health JSON at ``path`` and Prometheus at ``metrics_path``."""
-    r = APIRouter(tags=["health"])
+    """A FastAPI router serving the health JSON at ``path`` and Prometheus at ``metrics_path``.
+
+    Needs FastAPI (the ``fastapi`` extra); a Starlette app uses :func:`starlette_routes`.
+    """
+    fastapi = require("fastapi", extra="fastapi", feature="zeal_asgi.health.router")
+    r: APIRouter = fastapi.APIRouter(tags=["health"])
     r.add_api_route(
         path,
         store_health,
@@ -373,5 +376,15 @@ def starlette_routes(
     return [Route(path, store_health), Route(metrics_path, store_metrics)]
 
 
-router = make_router()
-"""``app.include_router(zeal_asgi.health.router)``."""
+def __getattr__(name: str) -> Any:
+    # ``router`` is built on first use, so this module imports without FastAPI installed.
+    if name == "router":
+        router = make_router()
+        globals()["router"] = router
+        return router
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    router: APIRouter
+    """``app.include_router(zeal_asgi.health.router)``: ``make_router()`` with the defaults."""

@@ -24,7 +24,7 @@ log = logging.getLogger("zeal_asgi.launcher")
 
 def _claim_server_identity() -> str:
     """Make this process the owner of the server's shared memory (before the app is imported)."""
-    from ._segments import process_start_time
+    from zeal_asgi.shm.segments import process_start_time
 
     pid = os.getpid()
     server_id = os.environ.get("ZEAL_SERVER_ID") or f"{pid}-{process_start_time(pid)}"
@@ -82,7 +82,7 @@ def run(
     from uvicorn.importer import import_from_string
 
     import_from_string(app)  # allocates every declared table and counter, here in the master
-    from ._segments import segments_of_server
+    from zeal_asgi.shm.segments import segments_of_server
 
     loop, http = _fast_stack()
     config = uvicorn.Config(
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "sweep":
-        from ._segments import sweep_stale
+        from zeal_asgi.shm.segments import sweep_stale
 
         removed = sweep_stale(force=True)
         print(f"removed {len(removed)} stale segment(s)")

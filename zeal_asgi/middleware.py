@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 if TYPE_CHECKING:
-    from .plugin import Zeal
+    from zeal_asgi.app import Zeal
 
 __all__ = ["ZealMiddleware"]
 
@@ -23,7 +23,7 @@ class ZealMiddleware:
 
     def __init__(self, app: ASGIApp, zeal: Zeal | None = None) -> None:
         if zeal is None:
-            from .plugin import Zeal
+            from zeal_asgi.app import Zeal
 
             zeal = Zeal()
         self.app = app

@@ -5,18 +5,44 @@ Validated when read: a bad value fails the boot with the variable's name and the
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
-from .store.base import StoreBackendKind
+from zeal_asgi.errors import ConfigError
 
-__all__ = ["ZealSettings"]
+__all__ = ["StoreBackendKind", "ZealSettings"]
 
 ENV_PREFIX = "ZEAL_"
+
+
+class StoreBackendKind(enum.StrEnum):
+    """The four backends; plain strings ``"table"``, ``"redis"``, ... are accepted too."""
+
+    TABLE = "table"
+    REDIS = "redis"
+    TIERED = "tiered"
+    MEMCACHED = "memcached"
+
+    @classmethod
+    def parse(cls, kind: StoreBackendKind | str) -> StoreBackendKind:
+        """Accept an enum member or its (case-insensitive) value."""
+        if isinstance(kind, cls):
+            return kind
+        if isinstance(kind, str):
+            try:
+                return cls(kind.strip().lower())
+            except ValueError:
+                pass
+        raise ConfigError(
+            f"unknown Store backend kind {kind!r} (use 'table', 'redis', 'tiered' or 'memcached')"
+        )
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class ZealSettings(BaseModel):

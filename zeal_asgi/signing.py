@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._hoststats import host_stats
-from .errors import ConfigError, MessageRejectedError
+from zeal_asgi.errors import ConfigError, MessageRejectedError
+from zeal_asgi.shm.hoststats import host_stats
 
 __all__ = ["REASONS", "RESERVED", "RejectionCounter", "Signer", "parse_envelope"]
 

@@ -28,7 +28,7 @@ import pytest
 
 from tests.servers import HOST, RedisServer, free_port
 from zeal_asgi import Store, Zeal
-from zeal_asgi.store.table import TableBackend
+from zeal_asgi.store.backends.table import TableBackend
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTPUT = ROOT / "test-output"

@@ -91,7 +91,7 @@ def test_dockerfile_is_multi_stage_and_builds_from_source() -> None:
     assert ("COPY", "--from=build /wheels /wheels") in runtime
     install = next(args for op, args in runtime if op == "RUN" and " pip " in args)
     assert "--no-index" in install and '"zeal-asgi[example]"' in install
-    assert "import zeal_asgi._shmtable" in install  # the image fails to build without the .so
+    assert "import zeal_asgi.shm._shmtable" in install  # the image fails to build without the .so
     assert ("USER", "zeal") in runtime
 
 
@@ -179,7 +179,7 @@ def test_compose_shm_size_holds_the_apps_shared_memory() -> None:
     shm = _bytes(compose()["services"]["app"]["shm_size"])
     code = (
         "import os, example_app.main\n"
-        "from zeal_asgi._segments import segments_of_server\n"
+        "from zeal_asgi.shm.segments import segments_of_server\n"
         "print(sum(os.stat(p).st_size for p in segments_of_server()))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZEAL_")}
@@ -214,7 +214,7 @@ def test_build_stage_script_builds_an_importable_wheel(tmp_path: Path) -> None:
         check=True,
         timeout=600,
     )  # fmt: skip
-    subprocess.run([py, "-c", "import zeal_asgi._shmtable, uvloop, httptools"], check=True)
+    subprocess.run([py, "-c", "import zeal_asgi.shm._shmtable, uvloop, httptools"], check=True)
     _run_like_the_runtime_stage(env_dir, tmp_path)
 
 

@@ -25,7 +25,7 @@ from zeal_asgi.fastapi import (
     get_zeal,
     zeal_of,
 )
-from zeal_asgi.store.table import TableBackend
+from zeal_asgi.store.backends.table import TableBackend
 
 
 def _table(store: Store) -> str:

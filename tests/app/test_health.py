@@ -16,8 +16,9 @@ from starlette.testclient import TestClient
 import zeal_asgi.health
 from tests.app.conftest import AppServer
 from tests.servers import Memcached, RedisServer
-from zeal_asgi import Store, Table, Zeal, ZealMiddleware, _shmtable
+from zeal_asgi import Store, Table, Zeal, ZealMiddleware
 from zeal_asgi.health import PROMETHEUS_CONTENT_TYPE, starlette_routes
+from zeal_asgi.shm import _shmtable
 
 CP_UPDATE_MID = 2
 """``ZT_CP_UPDATE_MID`` (ext/zt_core.h): an update with its first column written, others not."""

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import pytest
 
 from zeal_asgi.store import Store
-from zeal_asgi.store.breaker import CircuitBreakerBackend
+from zeal_asgi.store.backends.breaker import CircuitBreakerBackend
 
 COLUMNS: dict[str, Any] = {"v": (Store.TYPE_INT, 8), "s": (Store.TYPE_STRING, 16)}
 FAST = {"socket_timeout": 0.5, "connect_timeout": 0.5, "retries": 0}

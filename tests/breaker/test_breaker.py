@@ -17,8 +17,8 @@ from zeal_asgi.errors import (
 )
 from zeal_asgi.settings import ZealSettings
 from zeal_asgi.store import EvalCapable, PublishCapable, Store, StoreBackendKind
-from zeal_asgi.store.breaker import BreakerState, CircuitBreakerBackend
-from zeal_asgi.store.tiered import TieredBackend
+from zeal_asgi.store.backends.breaker import BreakerState, CircuitBreakerBackend
+from zeal_asgi.store.backends.tiered import TieredBackend
 
 from .conftest import MakeStore, breaker_of
 

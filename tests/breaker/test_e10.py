@@ -16,7 +16,7 @@ from starlette.routing import Route
 from tests.conftest import LONG
 from tests.servers import RedisServer
 from zeal_asgi.store import Store
-from zeal_asgi.store.breaker import BreakerState
+from zeal_asgi.store.backends.breaker import BreakerState
 
 from .conftest import MakeStore, breaker_of
 

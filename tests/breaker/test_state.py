@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from zeal_asgi._hoststats import host_stats
 from zeal_asgi.errors import ConfigError
-from zeal_asgi.store.breaker import BreakerOptions, BreakerState, SharedBreaker
+from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.store.backends.breaker import BreakerOptions, BreakerState, SharedBreaker
 
 
 @pytest.fixture

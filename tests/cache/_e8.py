@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from zeal_asgi import Atomic
-from zeal_asgi._hoststats import host_stats
 from zeal_asgi.cache import MISSING, Cache
+from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
-from zeal_asgi.store.table import TableBackend
+from zeal_asgi.store.backends.table import TableBackend
 
 KEYS = 200
 WRITERS = 4

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from tests.cache.conftest import SECRET, entry_files
-from zeal_asgi._cache_entry import HEAD, INLINE, memory_key
 from zeal_asgi.cache import MISSING, Cache
-from zeal_asgi.filetier import HEAD_LEN, HEADER, FileTier
-from zeal_asgi.serializer import PICKLE_ID
+from zeal_asgi.cache.entry import HEAD, INLINE, memory_key
+from zeal_asgi.cache.files.tier import HEAD_LEN, HEADER, FileTier
+from zeal_asgi.cache.serializer import PICKLE_ID
 
 CANARY_ENV = "ZEAL_E9_CANARY"
 

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from tests.cache.conftest import SECRET, entry_files
-from zeal_asgi._cache_entry import LOCAL_KEY_BYTES, local_key
-from zeal_asgi._cache_memo import DecodeMemo
 from zeal_asgi.cache import MISSING, Cache
+from zeal_asgi.cache.entry import LOCAL_KEY_BYTES, local_key
+from zeal_asgi.cache.files.tier import FileTier
+from zeal_asgi.cache.memo import DecodeMemo
+from zeal_asgi.cache.serializer import JsonSerializer
 from zeal_asgi.errors import InvalidKeyError, KeyTooLongError, KeyTypeError
-from zeal_asgi.filetier import FileTier
-from zeal_asgi.serializer import JsonSerializer
 
 BIG = {"name": "alice", "score": 100, "bio": "x" * 10_000}
 """Over ``memory_value_bytes``: lives in a file behind a pointer row."""

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from tests.cache.conftest import SECRET, entry_files, is_root, temp_files
-from zeal_asgi._hoststats import host_stats
 from zeal_asgi.cache import MISSING, Cache
+from zeal_asgi.cache.files.tier import HEAD_LEN, NAME_RE, FileTier
 from zeal_asgi.errors import ConfigError, InsecureCacheDirError
-from zeal_asgi.filetier import HEAD_LEN, NAME_RE, FileTier
+from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
 
 KEYS = dict(mac_key=b"m" * 32, name_key=b"n" * 32, max_entry_bytes=1 << 20, max_key_bytes=4096)
@@ -266,7 +266,7 @@ def test_secret_from_environment_is_used(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cache_factory: Callable[..., Cache]
 ) -> None:
     monkeypatch.setenv("ZEAL_CACHE_SECRET", SECRET)
-    from zeal_asgi.store.table import TableBackend
+    from zeal_asgi.store.backends.table import TableBackend
 
     backend = TableBackend(namespace="envsecret")
     try:

@@ -14,7 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from tests.cache.conftest import SECRET, unique
 from zeal_asgi.cache import MISSING, Cache
 from zeal_asgi.store import Store
-from zeal_asgi.store.table import TableBackend
+from zeal_asgi.store.backends.table import TableBackend
 
 KEYS = st.sampled_from(["a", "b", "c", "d", "e", "f"])
 VALUES = st.one_of(

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from pydantic import BaseModel
 
+from zeal_asgi.cache.serializer import BLOB_CHARS, JsonSerializer, PickleSerializer, get_serializer
 from zeal_asgi.errors import ConfigError, SerializationError
-from zeal_asgi.serializer import BLOB_CHARS, JsonSerializer, PickleSerializer, get_serializer
 
 JSON = JsonSerializer()
 

@@ -17,11 +17,11 @@ import pytest
 from tests.cache.conftest import SECRET, entry_files, unique
 from tests.servers import RedisServer
 from zeal_asgi import Zeal
-from zeal_asgi._cache_entry import HEAD, INLINE, POINTER, memory_key
-from zeal_asgi._cache_lock import ShmLock, pack
 from zeal_asgi.cache import MISSING, Cache
+from zeal_asgi.cache.entry import HEAD, INLINE, POINTER, memory_key
+from zeal_asgi.cache.lock import ShmLock, pack
+from zeal_asgi.cache.serializer import PICKLE_ID
 from zeal_asgi.errors import ConfigError, LockTimeoutError
-from zeal_asgi.serializer import PICKLE_ID
 from zeal_asgi.store import Store
 
 

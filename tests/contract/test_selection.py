@@ -21,9 +21,9 @@ from zeal_asgi.store import Store, StoreBackendKind
 from ._support import SECRET, release_shared, unique
 
 # Imported up front so that the "no I/O" timings below never include a first import of redis-py.
-importlib.import_module("zeal_asgi.store.tiered")
-importlib.import_module("zeal_asgi.store.memcached")
-importlib.import_module("zeal_asgi.store.breaker")
+importlib.import_module("zeal_asgi.store.backends.tiered")
+importlib.import_module("zeal_asgi.store.backends.memcached")
+importlib.import_module("zeal_asgi.store.backends.breaker")
 
 UNROUTABLE = "192.0.2.1"
 """TEST-NET-1: a connection attempt would hang, so a fast answer proves no I/O happened."""

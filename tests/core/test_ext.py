@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from zeal_asgi import _ext, _shmtable
+from zeal_asgi.shm import _shmtable, ext as _ext
 
 
 def test_extension_is_compiled() -> None:
@@ -26,7 +26,7 @@ def test_abi_tag_names_libc_and_layout() -> None:
 
 def test_stub_matches_the_extension() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "mypy.stubtest", "zeal_asgi._shmtable"],
+        [sys.executable, "-m", "mypy.stubtest", "zeal_asgi.shm._shmtable"],
         capture_output=True,
         text=True,
         timeout=240,

@@ -21,8 +21,9 @@ from multiprocessing.process import BaseProcess
 import pytest
 
 from tests.conftest import quick_or_long
-from zeal_asgi import Atomic, Table, _shmtable
+from zeal_asgi import Atomic, Table
 from zeal_asgi.errors import LockTimeoutError
+from zeal_asgi.shm import _shmtable
 
 CTX = mp.get_context("fork")
 CP_UPDATE_AFTER_ODD = 1

@@ -17,14 +17,15 @@ from pathlib import Path
 import pytest
 
 from tests.core.serverproc import REPO
-from zeal_asgi import Table, _segments
-from zeal_asgi._segments import destroy
+from zeal_asgi import Table
 from zeal_asgi.errors import (
     PrivateCopyError,
     ShmAbiMismatchError,
     ShmCapacityError,
     ShmNameTakenError,
 )
+from zeal_asgi.shm import segments as _segments
+from zeal_asgi.shm.segments import destroy
 
 MakeTable = Callable[..., Table]
 BIG_ROWS = 1_000_000  # ~129 MB with one STRING(32) column
@@ -202,7 +203,7 @@ def test_private_copy_is_detected(make_table: MakeTable) -> None:
 def test_worker_misdetected_as_whole_server_is_reported() -> None:
     child = """
         from zeal_asgi import Table
-        from zeal_asgi._segments import verify_shared, release_owned
+        from zeal_asgi.shm.segments import verify_shared, release_owned
         from zeal_asgi.errors import PrivateCopyError
         t = Table(8, {"v": ("int", 8)}, name="misdetected")
         try:
@@ -239,7 +240,7 @@ def test_shm_dir_is_configurable(tmp_path: Path) -> None:
     proc = _python(
         """
         from zeal_asgi import Table
-        from zeal_asgi._segments import release_owned
+        from zeal_asgi.shm.segments import release_owned
         t = Table(8, {"v": ("int", 8)}, name="elsewhere")
         print(t.path)
         release_owned()

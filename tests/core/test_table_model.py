@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
 from zeal_asgi import Table
-from zeal_asgi._segments import destroy
 from zeal_asgi.errors import (
     ColumnTypeError,
     IntegerOverflowError,
@@ -22,6 +21,7 @@ from zeal_asgi.errors import (
     TableFullError,
     ValueTooLargeError,
 )
+from zeal_asgi.shm.segments import destroy
 
 CAPACITY = 24
 COLS = {"s": ("string", 6), "i": ("int", 2), "f": ("float",), "b": ("bytes", 4)}

@@ -11,7 +11,7 @@ from typing import Any
 
 from zeal_asgi import Counter
 from zeal_asgi.store import Store
-from zeal_asgi.store.memcached import MemcachedBackend
+from zeal_asgi.store.backends.memcached import MemcachedBackend
 
 TABLES: dict[str, dict[str, Any]] = {
     "multi": {"n": (Store.TYPE_INT,), "f": (Store.TYPE_FLOAT,), "s": (Store.TYPE_STRING, 8)},

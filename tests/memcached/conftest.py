@@ -12,8 +12,8 @@ import pytest
 
 from tests.servers import HOST, Memcached, require_binary
 from zeal_asgi.store import Store
-from zeal_asgi.store.memcached import MemcachedBackend
-from zeal_asgi.store.table import TableBackend
+from zeal_asgi.store.backends.memcached import MemcachedBackend
+from zeal_asgi.store.backends.table import TableBackend
 
 
 def raw_command(port: int, command: bytes, *, end: tuple[bytes, ...] = (b"END\r\n",)) -> bytes:

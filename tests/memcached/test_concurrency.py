@@ -12,7 +12,7 @@ import pytest
 
 from tests.memcached._hammer import declare, hammer
 from tests.servers import Memcached
-from zeal_asgi._segments import server_identity
+from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.store import Store
 
 pytestmark = pytest.mark.memcached

@@ -8,8 +8,8 @@ import pytest
 
 from zeal_asgi.errors import ConfigError
 from zeal_asgi.store import Store, StoreBackendKind, build_backend
-from zeal_asgi.store._memcached_conn import ServerAddr, parse_servers
-from zeal_asgi.store.memcached import MemcachedBackend
+from zeal_asgi.store.backends.memcached import MemcachedBackend
+from zeal_asgi.store.backends.memcached.conn import ServerAddr, parse_servers
 
 
 def test_seed_server_list_with_default_port() -> None:

@@ -9,7 +9,7 @@ from tests.servers import Memcached
 from zeal_asgi import Counter
 from zeal_asgi.errors import ColumnTypeError, ConfigError, IntegerOverflowError
 from zeal_asgi.store import Store
-from zeal_asgi.store.memcached import MemcachedBackend
+from zeal_asgi.store.backends.memcached import MemcachedBackend
 
 pytestmark = pytest.mark.memcached
 

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from zeal_asgi.schema import Schema
+from zeal_asgi.shm.schema import Schema
 from zeal_asgi.store import TableSpec
-from zeal_asgi.store.memcached import MemcachedBackend
-from zeal_asgi.store.table import TableBackend
+from zeal_asgi.store.backends.memcached import MemcachedBackend
+from zeal_asgi.store.backends.table import TableBackend
 
 pytestmark = pytest.mark.memcached
 

@@ -17,8 +17,8 @@ from zeal_asgi.errors import (
     UnsupportedOperationError,
 )
 from zeal_asgi.store import Store, build_backend
-from zeal_asgi.store.breaker import CircuitBreakerBackend
-from zeal_asgi.store.memcached import MemcachedBackend
+from zeal_asgi.store.backends.breaker import CircuitBreakerBackend
+from zeal_asgi.store.backends.memcached import MemcachedBackend
 
 pytestmark = pytest.mark.memcached
 

@@ -11,8 +11,8 @@ from tests.servers import Memcached
 from zeal_asgi import Counter
 from zeal_asgi.errors import InvalidKeyError, KeyTooLongError, KeyTypeError
 from zeal_asgi.store import Store
-from zeal_asgi.store._memcached_conn import KeyMapper
-from zeal_asgi.store.memcached import MemcachedBackend
+from zeal_asgi.store.backends.memcached import MemcachedBackend
+from zeal_asgi.store.backends.memcached.conn import KeyMapper
 
 pytestmark = pytest.mark.memcached
 

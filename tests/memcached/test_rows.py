@@ -21,10 +21,10 @@ from zeal_asgi.errors import (
     UnsupportedOperationError,
     ValueTooLargeError,
 )
-from zeal_asgi.schema import Schema
+from zeal_asgi.shm.schema import Schema
 from zeal_asgi.store import Store, TableSpec
-from zeal_asgi.store.memcached import MemcachedBackend
-from zeal_asgi.store.table import TableBackend
+from zeal_asgi.store.backends.memcached import MemcachedBackend
+from zeal_asgi.store.backends.table import TableBackend
 
 pytestmark = pytest.mark.memcached
 

@@ -8,8 +8,8 @@ from tests.memcached.conftest import raw_get
 from tests.servers import Memcached
 from zeal_asgi import Counter
 from zeal_asgi.store import Store
-from zeal_asgi.store._memcached_conn import ServerAddr, ServerPool
-from zeal_asgi.store.memcached import MemcachedBackend
+from zeal_asgi.store.backends.memcached import MemcachedBackend
+from zeal_asgi.store.backends.memcached.conn import ServerAddr, ServerPool
 
 pytestmark = pytest.mark.memcached
 

@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from tests.servers import free_port
-from zeal_asgi._bus import close_host_bus
-from zeal_asgi._pubsub_rooms import RedisRegistry, Registry, ShmRegistry
-from zeal_asgi.pubsub import redis_backend_of
+from zeal_asgi.messaging.pubsub import redis_backend_of
+from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
+from zeal_asgi.shm.bus import close_host_bus
 from zeal_asgi.store import Store
 
 REPO = Path(__file__).resolve().parents[2]

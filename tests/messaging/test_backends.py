@@ -10,7 +10,7 @@ import pytest
 from tests.messaging.helpers import until
 from tests.servers import Memcached, RedisCluster, RedisServer
 from zeal_asgi.errors import UnsupportedOperationError
-from zeal_asgi.pubsub import PubSub, redis_backend_of
+from zeal_asgi.messaging.pubsub import PubSub, redis_backend_of
 from zeal_asgi.store import Store
 from zeal_asgi.streams import StreamEntry, Streams
 

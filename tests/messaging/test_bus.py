@@ -14,11 +14,11 @@ import pytest
 
 from tests.messaging.conftest import REPO
 from tests.messaging.helpers import until
-from zeal_asgi._bus import close_host_bus, glob_to_regex, host_bus
-from zeal_asgi._bus_reader import BusSubscriber
-from zeal_asgi._segments import server_identity
 from zeal_asgi.errors import InvalidKeyError, KeyTypeError, SerializationError, ValueTooLargeError
-from zeal_asgi.pubsub import PubSub
+from zeal_asgi.messaging.pubsub import PubSub
+from zeal_asgi.shm.bus import close_host_bus, glob_to_regex, host_bus
+from zeal_asgi.shm.bus_reader import BusSubscriber
+from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.store import Store
 
 
@@ -107,8 +107,8 @@ async def test_slow_reader_loses_oldest_and_counts(store: Store) -> None:
 
 CHILD = """
 import asyncio, sys
-from zeal_asgi._bus import host_bus
-from zeal_asgi._bus_reader import BusSubscriber
+from zeal_asgi.shm.bus import host_bus
+from zeal_asgi.shm.bus_reader import BusSubscriber
 sub = BusSubscriber(host_bus())
 sub.add("u:news", False)
 print("ready", flush=True)

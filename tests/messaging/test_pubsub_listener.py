@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from tests.messaging.helpers import until
 from tests.servers import RedisServer
-from zeal_asgi.pubsub import PubSub
+from zeal_asgi.messaging.pubsub import PubSub
 from zeal_asgi.store import Store
 
 pytestmark = pytest.mark.redis

@@ -12,7 +12,7 @@ import pytest
 from tests.messaging.helpers import until
 from tests.servers import RedisServer
 from zeal_asgi.errors import BackendTimeoutError
-from zeal_asgi.pubsub import PubSub
+from zeal_asgi.messaging.pubsub import PubSub
 from zeal_asgi.store import Store
 
 pytestmark = pytest.mark.redis

@@ -12,9 +12,9 @@ from collections import Counter
 import pytest
 
 from tests.messaging.conftest import REPO
-from zeal_asgi._pubsub_rooms import SEP, RedisRegistry, ShmRegistry
-from zeal_asgi._segments import server_identity
-from zeal_asgi.pubsub import redis_backend_of
+from zeal_asgi.messaging.pubsub import redis_backend_of
+from zeal_asgi.messaging.ws.rooms import SEP, RedisRegistry, ShmRegistry
+from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.store import Store
 
 MEMBERS = [f"c{i}" for i in range(20)]
@@ -59,7 +59,7 @@ async def test_redis_rooms_under_concurrency(redis_url: str) -> None:
 
 CHILD = """
 import asyncio, random, sys
-from zeal_asgi._pubsub_rooms import ShmRegistry
+from zeal_asgi.messaging.ws.rooms import ShmRegistry
 reg = ShmRegistry(owner_capacity=64, room_capacity=256)
 name = sys.argv[1]
 rng = random.Random(name)

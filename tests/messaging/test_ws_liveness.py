@@ -22,10 +22,10 @@ import websockets
 from tests.messaging.conftest import app_servers
 from tests.messaging.helpers import Socket, until
 from tests.servers import RedisCluster, RedisServer
-from zeal_asgi._bus import close_host_bus
-from zeal_asgi._hoststats import host_stats
-from zeal_asgi._pubsub_rooms import RedisRegistry, Registry, ShmRegistry
 from zeal_asgi.errors import ConfigError
+from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
+from zeal_asgi.shm.bus import close_host_bus
+from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
 from zeal_asgi.ws import WSRouter
 
@@ -81,7 +81,7 @@ async def test_shared_memory_liveness_is_the_pid() -> None:
 
 
 async def test_redis_liveness_marks_expire(redis_url: str) -> None:
-    from zeal_asgi.pubsub import redis_backend_of
+    from zeal_asgi.messaging.pubsub import redis_backend_of
 
     store = Store("redis", {"url": redis_url, "prefix": f"lv{time.monotonic_ns()}"})
     await store.start()
@@ -296,7 +296,7 @@ async def test_room_publish_is_one_script_on_redis(
 
 
 async def test_room_publish_on_a_cluster(redis_cluster: RedisCluster) -> None:
-    from zeal_asgi.pubsub import redis_backend_of
+    from zeal_asgi.messaging.pubsub import redis_backend_of
 
     nodes = [f"{h}:{p}" for h, p in redis_cluster.nodes]
     store = Store("redis", {"cluster": nodes, "prefix": f"lv{time.monotonic_ns()}"})

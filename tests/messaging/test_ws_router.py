@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.messaging.helpers import Socket, until
-from zeal_asgi._bus import close_host_bus
-from zeal_asgi._pubsub_rooms import Registry, ShmRegistry
 from zeal_asgi.errors import InvalidKeyError, KeyTypeError, SerializationError, ValueTooLargeError
+from zeal_asgi.messaging.ws.rooms import Registry, ShmRegistry
+from zeal_asgi.shm.bus import close_host_bus
 from zeal_asgi.store import Store
 from zeal_asgi.ws import WSRouter, check_client_id, check_room
 

@@ -7,8 +7,8 @@ import pytest
 from tests.messaging.helpers import until
 from tests.servers import RedisServer
 from zeal_asgi import Zeal
-from zeal_asgi._bus import close_host_bus
 from zeal_asgi.errors import ConfigError, UnsupportedOperationError
+from zeal_asgi.shm.bus import close_host_bus
 from zeal_asgi.store import Store
 from zeal_asgi.streams import StreamEntry, apply_once, idempotent
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.servers import RedisServer
 from zeal_asgi.store import Store
-from zeal_asgi.store.redis import RedisBackend
+from zeal_asgi.store.backends.redis import RedisBackend
 
 COLUMNS: dict[str, Any] = {
     "name": (Store.TYPE_STRING, 16),

@@ -24,7 +24,7 @@ from zeal_asgi.errors import (
     ZealError,
 )
 from zeal_asgi.store import Store
-from zeal_asgi.store.redis import RedisBackend
+from zeal_asgi.store.backends.redis import RedisBackend
 
 from .conftest import COLUMNS, redis_keys, unique_prefix
 

@@ -15,7 +15,7 @@ from zeal_asgi.errors import (
     UnknownColumnError,
     ValueTooLargeError,
 )
-from zeal_asgi.schema import Schema
+from zeal_asgi.shm.schema import Schema
 from zeal_asgi.store.codec import EMPTY_ROW_MARKER, RowCodec, decode_float, encode_float
 
 from .conftest import COLUMNS

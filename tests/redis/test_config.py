@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
+from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi.errors import ConfigError
 from zeal_asgi.store import EvalCapable, PublishCapable, Store, StoreBackend, build_backend
-from zeal_asgi.store._redis_config import RedisConfig
-from zeal_asgi.store.redis import RedisBackend
+from zeal_asgi.store.backends.redis import RedisBackend
 
 
 def test_url_fields_and_defaults() -> None:

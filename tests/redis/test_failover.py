@@ -8,7 +8,7 @@ import time
 from tests.servers import RedisSentinel, require_binary
 from zeal_asgi.errors import BackendError
 from zeal_asgi.store import Store
-from zeal_asgi.store.redis import RedisBackend
+from zeal_asgi.store.backends.redis import RedisBackend
 
 from .conftest import unique_prefix
 

@@ -11,7 +11,7 @@ import pytest
 from tests.servers import RedisServer
 from zeal_asgi.errors import BackendTimeoutError
 from zeal_asgi.store import Store
-from zeal_asgi.store.redis import RedisBackend
+from zeal_asgi.store.backends.redis import RedisBackend
 
 from ._proxy import LatencyProxy
 from .conftest import unique_prefix

@@ -19,7 +19,7 @@ from zeal_asgi.errors import (
     PoolTimeoutError,
 )
 from zeal_asgi.store import Store
-from zeal_asgi.store.redis import RedisBackend
+from zeal_asgi.store.backends.redis import RedisBackend
 
 from ._proxy import LatencyProxy
 from .conftest import unique_prefix

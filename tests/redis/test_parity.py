@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.servers import RedisServer
 from zeal_asgi.store import Store
-from zeal_asgi.store.table import TableBackend
+from zeal_asgi.store.backends.table import TableBackend
 
 from .conftest import COLUMNS, unique_prefix
 

@@ -12,7 +12,7 @@ from tests.servers import RedisCluster, RedisReplyError, RedisServer, free_port
 from zeal_asgi import Counter
 from zeal_asgi.errors import BackendTLSError, BackendUnavailableError
 from zeal_asgi.store import Store
-from zeal_asgi.store.redis import RedisBackend
+from zeal_asgi.store.backends.redis import RedisBackend
 
 from .conftest import COLUMNS, unique_prefix
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.servers import RedisServer
 from zeal_asgi.store import Store
-from zeal_asgi.store.tiered import TieredBackend
+from zeal_asgi.store.backends.tiered import TieredBackend
 
 SECRET = "tiered-test-secret-0123456789"
 COLUMNS: dict[str, Any] = {"v": (Store.TYPE_INT, 8), "s": (Store.TYPE_STRING, 16)}

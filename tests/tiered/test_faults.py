@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from tests.conftest import quick_or_long
 from tests.servers import RedisServer
 from zeal_asgi.signing import REASONS, Signer
-from zeal_asgi.store.tiered import TieredBackend
+from zeal_asgi.store.backends.tiered import TieredBackend
 
 from .conftest import SECRET, MakeNode, settle, tiered, wait_for
 

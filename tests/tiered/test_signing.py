@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from zeal_asgi._hoststats import host_stats
 from zeal_asgi.errors import ConfigError, MessageRejectedError
+from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.signing import REASONS, Signer, parse_envelope
 
 SECRET = "s" * 32

@@ -12,11 +12,11 @@ import pytest
 
 from tests.redis.test_parity import STEPS, outcome
 from tests.servers import RedisServer
-from zeal_asgi._hoststats import host_stats
 from zeal_asgi.errors import ConfigError, UnknownTableError
+from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
-from zeal_asgi.store.table import TableBackend
-from zeal_asgi.store.tiered import TieredBackend
+from zeal_asgi.store.backends.table import TableBackend
+from zeal_asgi.store.backends.tiered import TieredBackend
 
 from .conftest import COLUMNS, MakeNode, settle, tiered
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import (
+from zeal_asgi.store.base import (
     CounterBackend,
     EvalCapable,
     Key,
@@ -12,7 +12,7 @@ from .base import (
     StoreBackendKind,
     TableSpec,
 )
-from .facade import Store, build_backend
+from zeal_asgi.store.facade import Store, build_backend
 
 __all__ = [
     "CounterBackend",

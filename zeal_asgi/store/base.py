@@ -9,18 +9,17 @@ backend's name otherwise.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ..errors import ConfigError
-from ..schema import Schema
+from zeal_asgi.settings import StoreBackendKind
+from zeal_asgi.shm.schema import Schema
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from .._shmtable import Table
+    from zeal_asgi.shm import Table
 
 __all__ = [
     "CounterBackend",
@@ -36,32 +35,6 @@ __all__ = [
 
 Key = str | bytes
 Row = dict[str, Any]
-
-
-class StoreBackendKind(enum.StrEnum):
-    """The four backends; plain strings ``"table"``, ``"redis"``, ... are accepted too."""
-
-    TABLE = "table"
-    REDIS = "redis"
-    TIERED = "tiered"
-    MEMCACHED = "memcached"
-
-    @classmethod
-    def parse(cls, kind: StoreBackendKind | str) -> StoreBackendKind:
-        """Accept an enum member or its (case-insensitive) value."""
-        if isinstance(kind, cls):
-            return kind
-        if isinstance(kind, str):
-            try:
-                return cls(kind.strip().lower())
-            except ValueError:
-                pass
-        raise ConfigError(
-            f"unknown Store backend kind {kind!r} (use 'table', 'redis', 'tiered' or 'memcached')"
-        )
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -106,8 +79,9 @@ class StoreBackend(Protocol):
     ``declare`` runs synchronously, at import time, before workers start; every other call runs in
     a worker's event loop.  Connections open lazily in the worker (``start`` may be called more
     than once).  Misses are ``None`` at this level (the facade turns them into ``False`` for
-    ``Store.get``).  Every method validates with the table's :class:`~zeal_asgi.schema.Schema`, so
-    the errors and returned types are the same on every backend.
+    ``Store.get``).  Every method validates with the table's
+    :class:`~zeal_asgi.shm.schema.Schema`, so the errors and returned types are the same on every
+    backend.
     """
 
     kind: StoreBackendKind

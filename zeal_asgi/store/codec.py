@@ -40,8 +40,8 @@ import struct
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from ..errors import BackendResponseError
-from ..schema import Column, ColumnType, Schema, validate_value
+from zeal_asgi.errors import BackendResponseError
+from zeal_asgi.shm.schema import Column, ColumnType, Schema, validate_value
 
 __all__ = ["EMPTY_ROW_MARKER", "RowCodec", "decode_float", "encode_float"]
 

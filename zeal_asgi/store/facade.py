@@ -21,9 +21,9 @@ from typing import (
     overload,
 )
 
-from ..errors import ConfigError, UnknownTableError, UnsupportedOperationError
-from ..schema import ColumnType, Schema, validate_key
-from .base import (
+from zeal_asgi.errors import ConfigError, UnknownTableError, UnsupportedOperationError, require
+from zeal_asgi.shm.schema import ColumnType, Schema, validate_key
+from zeal_asgi.store.base import (
     CounterBackend,
     EvalCapable,
     Key,
@@ -37,9 +37,9 @@ from .base import (
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from .._shmtable import Table
+    from zeal_asgi.shm import Table
 
-__all__ = ["Store", "build_backend"]
+__all__ = ["Store", "add_stats_section", "build_backend", "hybridmethod"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -54,7 +54,7 @@ class _HasDefault(Protocol):
 S = TypeVar("S", bound=_HasDefault)
 
 
-class _facade(Generic[S, P, R]):
+class hybridmethod(Generic[S, P, R]):
     """A method usable on the class (acting on ``Owner.default()``) and on an instance.
 
     Shared by ``Store`` and ``Cache``: any class with a ``default()`` classmethod can use it.
@@ -84,12 +84,30 @@ class _facade(Generic[S, P, R]):
             return bound
 
 
-_BUILDERS: dict[StoreBackendKind, tuple[str, str]] = {
-    StoreBackendKind.TABLE: ("zeal_asgi.store.table", "TableBackend"),
-    StoreBackendKind.REDIS: ("zeal_asgi.store.redis", "RedisBackend"),
-    StoreBackendKind.TIERED: ("zeal_asgi.store.tiered", "TieredBackend"),
-    StoreBackendKind.MEMCACHED: ("zeal_asgi.store.memcached", "MemcachedBackend"),
+_STATS_SECTIONS: list[Callable[[], Mapping[str, Any]]] = []
+
+
+def add_stats_section(section: Callable[[], Mapping[str, Any]]) -> None:
+    """Add the counters of a layer built on the Store (messaging) to every ``Store.stats()``.
+
+    The Store never imports what is built on it; those layers register here instead.
+    """
+    if section not in _STATS_SECTIONS:
+        _STATS_SECTIONS.append(section)
+
+
+# kind -> (module, class, the client library it needs and the extra that installs it)
+_BUILDERS: dict[StoreBackendKind, tuple[str, str, str | None]] = {
+    StoreBackendKind.TABLE: ("zeal_asgi.store.backends.table", "TableBackend", None),
+    StoreBackendKind.REDIS: ("zeal_asgi.store.backends.redis", "RedisBackend", "redis"),
+    StoreBackendKind.TIERED: ("zeal_asgi.store.backends.tiered", "TieredBackend", "redis"),
+    StoreBackendKind.MEMCACHED: (
+        "zeal_asgi.store.backends.memcached",
+        "MemcachedBackend",
+        "memcached",
+    ),
 }
+_CLIENTS = {"redis": "redis", "memcached": "aiomcache"}
 
 
 def build_backend(
@@ -101,7 +119,9 @@ def build_backend(
     ``on_error="fallback_table"`` wraps the backend in the circuit breaker.
     """
     k = StoreBackendKind.parse(kind)
-    module, cls_name = _BUILDERS[k]
+    module, cls_name, extra = _BUILDERS[k]
+    if extra is not None:
+        require(_CLIENTS[extra], extra=extra, feature=f"the {k.value} Store backend")
     cls = getattr(importlib.import_module(module), cls_name)
     backend: StoreBackend = cls.from_config(conn)
     if isinstance(conn, Mapping) and conn.get("on_error") is not None:
@@ -110,13 +130,13 @@ def build_backend(
                 f"on_error must be 'fallback_table' or None, got {conn['on_error']!r}"
             )
         if k is not StoreBackendKind.TABLE:
-            breaker = importlib.import_module("zeal_asgi.store.breaker")
+            breaker = importlib.import_module("zeal_asgi.store.backends.breaker")
             backend = breaker.CircuitBreakerBackend.wrap(backend, conn.get("breaker"))
     return backend
 
 
 def _env_backend() -> tuple[StoreBackendKind, str | Mapping[str, Any] | None]:
-    from ..settings import ZealSettings
+    from zeal_asgi.settings import ZealSettings
 
     settings = ZealSettings.from_env()
     return settings.store_backend, settings.backend_conn()
@@ -189,7 +209,7 @@ class Store:
         """Kind of the backend serving this store."""
         return self._backend.kind
 
-    @_facade
+    @hybridmethod
     def default_backend(
         self,
         kind: StoreBackendKind | str | None = None,
@@ -228,7 +248,7 @@ class Store:
             self._shm.pop(spec.name, None)
         return table
 
-    @_facade
+    @hybridmethod
     def make(
         self,
         name: str,
@@ -261,7 +281,7 @@ class Store:
         if mode == "ttl" and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 1):
             raise ConfigError(f"table {name!r}: mode='ttl' needs ttl >= 1 (seconds), got {ttl!r}")
         if model is not None:
-            from ..models import columns_from_model
+            from zeal_asgi.store.models import columns_from_model
 
             if columns is not None:
                 raise ConfigError(f"table {name!r}: pass columns or model, not both")
@@ -288,12 +308,12 @@ class Store:
                 f"table {table!r} was never made; declare it with Store.make() at import time"
             ) from None
 
-    @_facade
+    @hybridmethod
     def names(self) -> list[str]:
         """Names of the declared tables."""
         return list(self._specs)
 
-    @_facade
+    @hybridmethod
     def table(self, name: str) -> Table:
         """The raw shared ``Table`` (table backend only)."""
         t = self._shm.get(name)
@@ -311,7 +331,7 @@ class Store:
 
     # -- rows ----------------------------------------------------------------------------------
 
-    @_facade
+    @hybridmethod
     async def set(self, table: str, key: Key, row: Mapping[str, Any] | BaseModel) -> bool:
         """Merge ``row`` (a dict or a pydantic model) into the row at ``key``; ``True``."""
         if not isinstance(row, Mapping):
@@ -321,7 +341,7 @@ class Store:
             return t.set(key, row)
         return await self._backend.set(self.spec(table), key, row)
 
-    @_facade
+    @hybridmethod
     async def get(self, table: str, key: Key, field: str | None = None) -> Any:
         """The row (dict) or one field; **``False`` on a miss** (the seed's contract).
 
@@ -335,7 +355,7 @@ class Store:
         )
         return False if v is None else v
 
-    @_facade
+    @hybridmethod
     async def get_strict(self, table: str, key: Key, field: str | None = None) -> Any:
         """The row (dict) or one field; ``None`` on a miss."""
         t = self._shm.get(table)
@@ -343,7 +363,7 @@ class Store:
             return t.get(key, field)
         return await self._backend.get(self.spec(table), key, field)
 
-    @_facade
+    @hybridmethod
     async def get_model(self, table: str, key: Key) -> Any:
         """The row as the table's pydantic model, or ``None`` on a miss."""
         spec = self.spec(table)
@@ -352,7 +372,7 @@ class Store:
         row = await self.get_strict(table, key)
         return None if row is None else spec.model.model_validate(row)
 
-    @_facade
+    @hybridmethod
     async def delete(self, table: str, key: Key) -> bool:
         """Remove the row; ``True`` if it existed."""
         t = self._shm.get(table)
@@ -360,7 +380,7 @@ class Store:
             return t.delete(key)
         return await self._backend.delete(self.spec(table), key)
 
-    @_facade
+    @hybridmethod
     async def exists(self, table: str, key: Key) -> bool:
         """``True`` when the row exists."""
         t = self._shm.get(table)
@@ -368,7 +388,7 @@ class Store:
             return t.exists(key)
         return await self._backend.exists(self.spec(table), key)
 
-    @_facade
+    @hybridmethod
     async def exists_cached(self, table: str, key: Key) -> bool:
         """``True`` when this host's memory holds the row (no network): the tiered backend's
         fresh L1 copy, or the shared table itself; always ``False`` on redis and memcached."""
@@ -380,7 +400,7 @@ class Store:
         self._check_key(table, key)
         return False
 
-    @_facade
+    @hybridmethod
     async def incr(self, table: str, key: Key, column: str, by: int | float = 1) -> int | float:
         """Atomically add ``by`` to a numeric column (creating the row); the new value."""
         t = self._shm.get(table)
@@ -389,48 +409,48 @@ class Store:
             return result
         return await self._backend.incr(self.spec(table), key, column, by)
 
-    @_facade
+    @hybridmethod
     async def decr(self, table: str, key: Key, column: str, by: int | float = 1) -> int | float:
         """Atomically subtract ``by``; the new value."""
         if isinstance(by, bool) or not isinstance(by, (int, float)):
             return await self.incr(table, key, column, by)  # raises the typed error
         return await self.incr(table, key, column, -by)
 
-    @_facade
+    @hybridmethod
     async def compare_and_set(
         self, table: str, key: Key, column: str, expected: Any, new: Any
     ) -> bool:
         """Atomically set ``column`` to ``new`` if it equals ``expected``."""
         return await self._backend.compare_and_set(self.spec(table), key, column, expected, new)
 
-    @_facade
+    @hybridmethod
     async def count(self, table: str) -> int:
         """Number of rows (O(1) on tracked tables)."""
         return await self._backend.count(self.spec(table))
 
-    @_facade
+    @hybridmethod
     def iterate(self, table: str) -> AsyncIterator[tuple[Any, Row]]:
         """``async for key, row in Store.iterate("t")`` over every row."""
         return self._backend.iterate(self.spec(table))
 
-    @_facade
+    @hybridmethod
     async def mget(self, table: str, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys`` in order (``None`` for misses); one round trip on Redis."""
         return await self._backend.mget(self.spec(table), list(keys))
 
-    @_facade
+    @hybridmethod
     async def mset(self, table: str, rows: Mapping[Any, Mapping[str, Any]]) -> int:
         """Write many rows (all validated first); one round trip on Redis."""
         return await self._backend.mset(self.spec(table), rows)
 
-    @_facade
+    @hybridmethod
     async def clear(self, table: str) -> int:
         """Remove every row of ``table``; the number removed."""
         return await self._backend.clear(self.spec(table))
 
     # -- messaging and scripting -----------------------------------------------------------------
 
-    @_facade
+    @hybridmethod
     async def publish(self, channel: str, payload: str | bytes) -> int:
         """Publish to every subscribed worker on every node; the number of receivers."""
         publish = getattr(self._backend, "publish", None)  # a runtime Protocol check costs µs
@@ -442,7 +462,7 @@ class Store:
             f"{backend_name(self._backend)}"
         )
 
-    @_facade
+    @hybridmethod
     async def publish_reliable(
         self, stream: str, payload: str | bytes, max_len: int | None = None
     ) -> str:
@@ -456,7 +476,7 @@ class Store:
         entry: str = await fn(stream, payload, max_len)
         return entry
 
-    @_facade
+    @hybridmethod
     async def eval(self, script: str, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
         """Run a Lua script server-side (redis and tiered backends)."""
         if isinstance(self._backend, EvalCapable):
@@ -468,27 +488,26 @@ class Store:
 
     # -- health --------------------------------------------------------------------------------
 
-    @_facade
+    @hybridmethod
     async def ping(self) -> bool:
         """``True`` when the backend answers."""
         return await self._backend.ping()
 
-    @_facade
+    @hybridmethod
     def stats(self) -> dict[str, Any]:
         """Backend counters: pool, pub/sub, breaker, tables."""
         out: dict[str, Any] = {"backend": str(self._backend.kind)}
         out.update(self._backend.stats())
-        from ..pubsub import messaging_stats  # pub/sub, streams and ws counters of this host
-
-        out.update(messaging_stats())
+        for section in _STATS_SECTIONS:
+            out.update(section())
         return out
 
-    @_facade
+    @hybridmethod
     async def start(self) -> None:
         """Open the backend's connections in this worker (the lifespan calls it)."""
         await self._backend.start()
 
-    @_facade
+    @hybridmethod
     async def aclose(self) -> None:
         """Close this worker's connections."""
         await self._backend.aclose()
@@ -509,7 +528,7 @@ class Store:
 def _model_row(model: object) -> dict[str, Any]:
     dump = getattr(model, "model_dump", None)
     if dump is None:
-        from ..errors import ColumnTypeError
+        from zeal_asgi.errors import ColumnTypeError
 
         raise ColumnTypeError(
             f"a row is a mapping of column -> value or a pydantic model, got {type(model).__name__}"

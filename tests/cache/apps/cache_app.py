@@ -16,8 +16,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from zeal_asgi import Zeal, ZealMiddleware
-from zeal_asgi._hoststats import host_stats
 from zeal_asgi.cache import MISSING, Cache
+from zeal_asgi.shm.hoststats import host_stats
 
 NAMESPACE = os.environ.get("CACHE_TEST_NAMESPACE", "cache")
 zeal = Zeal()

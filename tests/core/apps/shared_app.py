@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from zeal_asgi import Counter, Store, Zeal, ZealMiddleware
-from zeal_asgi._segments import held_segments, server_identity
+from zeal_asgi.shm.segments import held_segments, server_identity
 
 table = Store.make("shared", 256, {"v": (Store.TYPE_STRING, 64), "n": (Store.TYPE_INT, 8)})
 hits = Counter(0, name="hits")

@@ -1,0 +1,258 @@
+"""redis-py clients of the Redis backend, built with every option explicit (never its defaults).
+
+:class:`ClientFactory` builds, for one event loop of one worker: the pooled client (standalone,
+Sentinel or Cluster), the connections of the single-command fast path (standalone servers only,
+see :mod:`._redis_direct`), and dedicated clients for SUBSCRIBE and blocking reads.  redis-py's
+defaults keep moving between releases (timeouts, retries, hostname checks), so every knob it
+has is set here from :class:`~._redis_config.RedisConfig`.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from redis import exceptions as rx
+from redis._parsers import _AsyncHiredisParser
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
+
+from zeal_asgi._redis.config import RedisConfig
+from zeal_asgi._redis.errors import translate
+from zeal_asgi._redis.scripts import Script
+
+__all__ = ["ClientFactory", "Execute", "RunScript"]
+
+_DEDICATED_MAX = 4
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel master discovery with the bounded, waiting pool of the standalone client."""
+
+
+# redis-py leaves these constructors unannotated; call them through Any under mypy --strict.
+_new_sentinel: Any = Sentinel
+_new_sentinel_pool: Any = SentinelConnectionPool
+_new_blocking_sentinel_pool: Any = _BlockingSentinelPool
+
+
+class ClientFactory:
+    """Builds the redis-py objects of one backend; ``on_connect`` runs on every new connection."""
+
+    def __init__(
+        self, cfg: RedisConfig, on_connect: Callable[[AbstractConnection], Awaitable[None]]
+    ) -> None:
+        self.cfg = cfg
+        self._on_connect = on_connect
+
+    def conn_kwargs(self, socket_timeout: float | None) -> dict[str, Any]:
+        """Keyword arguments of one redis-py connection to the configured standalone server."""
+        cfg = self.cfg
+        kw: dict[str, Any] = {
+            "db": cfg.db,
+            "username": cfg.username,
+            "password": cfg.password,
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": cfg.connect_timeout,
+            "health_check_interval": cfg.health_check_interval,
+            # redis-py retries whatever failed, INCR included: retries are ours, per command.
+            "retry": Retry(NoBackoff(), 0),
+            "parser_class": _AsyncHiredisParser,
+            "protocol": 2,
+            "decode_responses": False,
+            "client_name": None,
+            "driver_info": None,
+            "redis_connect_func": self._on_connect,
+        }
+        if cfg.unix_path is not None:
+            kw.update(connection_class=UnixDomainSocketConnection, path=cfg.unix_path)
+            return kw
+        kw["socket_keepalive"] = True
+        if cfg.tls:
+            kw.update(self.tls_kwargs())
+        return kw
+
+    def tls_kwargs(self) -> dict[str, Any]:
+        """TLS options: verification on unless explicitly weakened (which logs a warning)."""
+        cfg = self.cfg
+        return {
+            "ssl_ca_certs": cfg.ssl_ca_certs,
+            "ssl_certfile": cfg.ssl_certfile,
+            "ssl_keyfile": cfg.ssl_keyfile,
+            "ssl_cert_reqs": cfg.ssl_cert_reqs,
+            "ssl_check_hostname": cfg.ssl_check_hostname and cfg.ssl_cert_reqs != "none",
+            "ssl_min_version": ssl.TLSVersion.TLSv1_2,
+        }
+
+    def _standalone_kwargs(self, socket_timeout: float | None) -> dict[str, Any]:
+        cfg = self.cfg
+        kw = self.conn_kwargs(socket_timeout)
+        kw.setdefault("connection_class", SSLConnection if cfg.tls else Connection)
+        if cfg.unix_path is None:
+            kw.update(host=cfg.host, port=cfg.port)
+        return kw
+
+    def pooled(self) -> tuple[Any, Sentinel | None]:
+        """The pooled client of one loop (and its Sentinel, in sentinel mode)."""
+        cfg = self.cfg
+        if cfg.mode == "client":
+            return cfg.client, None
+        if cfg.mode == "cluster":
+            return self._cluster(), None
+        if cfg.mode == "sentinel":
+            sentinel = self._sentinel()
+            kw = self.conn_kwargs(cfg.socket_timeout)
+            kw.pop("db", None)
+            pool: ConnectionPool = _new_blocking_sentinel_pool(
+                cfg.service,
+                sentinel,
+                ssl=cfg.tls,
+                db=cfg.db,
+                max_connections=cfg.pool_size,
+                timeout=cfg.acquire_timeout,
+                **kw,
+            )
+            return Redis.from_pool(pool), sentinel
+        # Single commands use the fast path's own connections (at most pool_size); this pool
+        # serves pipelines (within the slots) and callers of client() outside them (Streams
+        # consumers): a burst of those waits up to acquire_timeout for one of 2 x pool_size
+        # connections instead of failing at once, as a plain pool would.
+        kw = self._standalone_kwargs(cfg.socket_timeout)
+        pool = BlockingConnectionPool(
+            max_connections=2 * cfg.pool_size, timeout=cfg.acquire_timeout, **kw
+        )
+        return Redis.from_pool(pool), None
+
+    def direct_factory(self) -> Callable[[], AbstractConnection] | None:
+        """A maker of fast-path connections, or ``None`` where the target can move (Sentinel,
+        Cluster) or the client is the user's own.
+
+        Their ``socket_timeout`` is None: the connector bounds each attempt with one timer
+        (``socket_timeout``, within the call's deadline), instead of redis-py's timer per read
+        plus a task per write.
+        """
+        if self.cfg.mode != "standalone":
+            return None
+        kw = self._standalone_kwargs(None)
+        cls: type[AbstractConnection] = kw.pop("connection_class")
+        return lambda: cls(**kw)
+
+    def _sentinel(self) -> Sentinel:
+        cfg = self.cfg
+        sentinel_kw: dict[str, Any] = {
+            "socket_timeout": cfg.socket_timeout,
+            "socket_connect_timeout": cfg.connect_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "protocol": 2,
+            "driver_info": None,
+            "password": cfg.sentinel_password,
+        }
+        if cfg.tls:
+            sentinel_kw.update(ssl=True, **self.tls_kwargs())
+        sentinel: Sentinel = _new_sentinel(
+            list(cfg.nodes), min_other_sentinels=0, sentinel_kwargs=sentinel_kw
+        )
+        return sentinel
+
+    def _cluster(self) -> RedisCluster:
+        cfg = self.cfg
+        tls: dict[str, Any] = {"ssl": True, **self.tls_kwargs()} if cfg.tls else {}
+        client = RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in cfg.nodes],
+            require_full_coverage=True,
+            load_balancing_strategy=None,  # reads and writes go to the primaries
+            dynamic_startup_nodes=True,
+            max_connections=cfg.pool_size,
+            retry=Retry(NoBackoff(), 0),
+            username=cfg.username,
+            password=cfg.password,
+            socket_timeout=cfg.socket_timeout,
+            socket_connect_timeout=cfg.connect_timeout,
+            socket_keepalive=True,
+            health_check_interval=cfg.health_check_interval,
+            decode_responses=False,
+            protocol=2,
+            driver_info=None,
+            **tls,
+        )
+        # The cluster client takes no parser/connect hook arguments; nodes copy these kwargs.
+        extra = {"parser_class": _AsyncHiredisParser, "redis_connect_func": self._on_connect}
+        client.nodes_manager.connection_kwargs.update(extra)
+        for node in client.nodes_manager.startup_nodes.values():
+            node.connection_kwargs.update(extra)
+        return client
+
+    async def dedicated(
+        self,
+        pooled: Any,
+        sentinel: Sentinel | None,
+        socket_timeout: float | None,
+        for_key: bytes | None,
+        where: str,
+    ) -> Redis:
+        """A client with its own small pool, never a slot of the request pool (caller closes)."""
+        cfg = self.cfg
+        kw = self.conn_kwargs(socket_timeout)
+        small: dict[str, Any] = {"max_connections": _DEDICATED_MAX}
+        if cfg.mode == "sentinel":
+            assert sentinel is not None
+            kw.pop("db", None)
+            pool: ConnectionPool = _new_sentinel_pool(
+                cfg.service, sentinel, ssl=cfg.tls, db=cfg.db, **small, **kw
+            )
+            return Redis.from_pool(pool)
+        if isinstance(pooled, RedisCluster):
+            try:
+                await pooled.initialize()
+            except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
+                raise translate(exc, f"dedicated connection to {where}") from exc
+            node: Any = (
+                pooled.get_node_from_key(for_key)  # type: ignore[arg-type]  # bytes keys work
+                if for_key is not None
+                else pooled.get_default_node()
+            )
+            kw = {**node.connection_kwargs, "socket_timeout": socket_timeout}
+            kw.update(retry=Retry(NoBackoff(), 0), redis_connect_func=self._on_connect)
+            kw.setdefault("connection_class", SSLConnection if cfg.tls else Connection)
+            return Redis.from_pool(ConnectionPool(**small, **kw))
+        if cfg.mode == "client":
+            base = pooled.connection_pool
+            kw = {**base.connection_kwargs, "socket_timeout": socket_timeout}
+            kw["connection_class"] = base.connection_class
+            return Redis.from_pool(ConnectionPool(**small, **kw))
+        return Redis.from_pool(ConnectionPool(**small, **self._standalone_kwargs(socket_timeout)))
+
+
+class Execute:
+    """``execute_command(*args)`` on a pooled client (a class: no closure per call)."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        self.args = args
+
+    def __call__(self, client: Any) -> Awaitable[Any]:
+        result: Awaitable[Any] = client.execute_command(*self.args)
+        return result
+
+
+class RunScript:
+    """A script on a pooled client (EVALSHA, EVAL after NOSCRIPT)."""
+
+    __slots__ = ("args", "keys", "script")
+
+    def __init__(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> None:
+        self.script, self.keys, self.args = script, keys, args
+
+    def __call__(self, client: Any) -> Awaitable[Any]:
+        return self.script(client, self.keys, self.args)

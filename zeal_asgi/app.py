@@ -1,0 +1,190 @@
+"""``Zeal``: the app-level object that owns configuration, the store and their lifecycle.
+
+Use ``FastAPI(lifespan=zeal.lifespan)`` (or ``Starlette(lifespan=...)``), or let
+:class:`~zeal_asgi.ZealMiddleware` run it; ``async with zeal:`` works outside ASGI too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, overload
+
+from zeal_asgi.messaging import stats as _messaging_stats  # noqa: F401 - Store.stats() sections
+from zeal_asgi.settings import ZealSettings
+from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.shm.segments import server_identity, verify_shared
+from zeal_asgi.store import Store, build_backend
+from zeal_asgi.store.services import Service
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar
+
+    from zeal_asgi.messaging.pubsub import PubSub
+    from zeal_asgi.messaging.streams import Streams
+
+    _H = TypeVar("_H", bound=Callable[..., Any])
+
+__all__ = ["Service", "Zeal"]
+
+log = logging.getLogger("zeal_asgi")
+
+
+class Zeal:
+    """Owns a :class:`Store` and the per-worker lifecycle of everything built on it.
+
+    Example::
+
+        zeal = Zeal()                     # ZEAL_* environment, table backend by default
+        Store.make("demo_table", 128, {"score": (Store.TYPE_INT, 4)})
+        app = FastAPI(lifespan=zeal.lifespan)
+        app.add_middleware(ZealMiddleware, zeal=zeal)
+    """
+
+    def __init__(
+        self,
+        settings: ZealSettings | None = None,
+        *,
+        store: Store | None = None,
+    ) -> None:
+        self.settings = settings if settings is not None else ZealSettings.from_env()
+        if store is None:
+            store = Store.default()
+            if settings is not None and store.kind is not self.settings.store_backend:
+                store.use_backend(
+                    build_backend(self.settings.store_backend, self.settings.backend_conn())
+                )
+        self.store = store
+        # The host's event counters are allocated now, at import (in the launcher's master), so
+        # every worker attaches to the same memory instead of the first worker creating it.
+        host_stats()
+        self.services: list[Service] = []
+        self._depth = 0
+        self._started_services: list[Service] = []
+        self._pubsub: PubSub | None = None
+        self._streams: Streams | None = None
+
+    @property
+    def started(self) -> bool:
+        """True between startup and shutdown in this worker."""
+        return self._depth > 0
+
+    def add_service(self, service: Service) -> None:
+        """Run ``service`` in every worker: started at startup, stopped at shutdown."""
+        self.services.append(service)
+
+    async def startup(self) -> None:
+        """Per-worker start: checks the shared memory, opens connections, starts services.
+
+        Idempotent (nested calls are counted), so the lifespan and the middleware may both call it.
+        """
+        self._depth += 1
+        if self._depth > 1:
+            return
+        try:
+            for warning in verify_shared():
+                log.warning("%s", warning)
+            await self.store.start()
+            for service in self.services:
+                await service.start()
+                self._started_services.append(service)
+        except BaseException:
+            self._depth = 0
+            await self._stop_services()
+            raise
+        ident = server_identity()
+        log.info(
+            "zeal_asgi: worker %d up on the %s backend (server %s, %s)",
+            os.getpid(),
+            self.store.kind,
+            ident.server_id,
+            ident.how,
+        )
+
+    async def _stop_services(self) -> None:
+        while self._started_services:
+            service = self._started_services.pop()
+            try:
+                await service.stop()
+            except Exception:  # one failing service must not keep the others running
+                log.exception("zeal_asgi: stopping %r failed", service)
+
+    async def shutdown(self) -> None:
+        """Per-worker stop: services, then connections."""
+        if self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        await self._stop_services()
+        await self.store.aclose()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[dict[str, Any]]:
+        """ASGI lifespan: ``FastAPI(lifespan=zeal.lifespan)``; puts ``zeal`` in request.state."""
+        await self.startup()
+        try:
+            yield {"zeal": self}
+        finally:
+            await self.shutdown()
+
+    async def __aenter__(self) -> Zeal:
+        await self.startup()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    def stats(self) -> dict[str, Any]:
+        """Store counters of this worker."""
+        return self.store.stats()
+
+    @property
+    def pubsub(self) -> PubSub:
+        """The per-worker pub/sub subscriber of this app (a service, made on first use)."""
+        if self._pubsub is None:
+            from zeal_asgi.messaging.pubsub import PubSub
+
+            self._pubsub = PubSub(self.store)
+            self.add_service(self._pubsub)
+        return self._pubsub
+
+    @overload
+    def subscribe(
+        self, channel: str, handler: None = None, **options: Any
+    ) -> Callable[[_H], _H]: ...
+    @overload
+    def subscribe(self, channel: str, handler: _H, **options: Any) -> _H: ...
+    def subscribe(self, channel: str, handler: Any = None, **options: Any) -> Any:
+        """Run ``handler(payload, channel)`` in every worker (decorator without ``handler``).
+
+        See :meth:`zeal_asgi.messaging.pubsub.PubSub.subscribe` for the options.
+        """
+        self.pubsub.prepare()
+        return self.pubsub.subscribe(channel, handler, **options)
+
+    @property
+    def streams(self) -> Streams:
+        """The per-worker reliable (Streams) consumers of this app (a service, made on use)."""
+        if self._streams is None:
+            from zeal_asgi.messaging.streams import Streams
+
+            self._streams = Streams(self.store)
+            self.add_service(self._streams)
+        return self._streams
+
+    @overload
+    def subscribe_reliable(
+        self, stream: str, handler: None = None, **options: Any
+    ) -> Callable[[_H], _H]: ...
+    @overload
+    def subscribe_reliable(self, stream: str, handler: _H, **options: Any) -> _H: ...
+    def subscribe_reliable(self, stream: str, handler: Any = None, **options: Any) -> Any:
+        """At-least-once ``handler(payload, entry) -> bool`` on a Redis Stream (or decorator).
+
+        See :meth:`zeal_asgi.streams.Streams.subscribe` for ``group``, ``consumer`` and the rest.
+        """
+        return self.streams.subscribe(stream, handler, **options)

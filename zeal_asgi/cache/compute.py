@@ -1,0 +1,113 @@
+"""``get_or_compute``: one computation per key under a stampede, the others wait for its value.
+
+The first caller to take the key's lock (see :mod:`zeal_asgi.cache.lock`) checks the cache
+again, runs ``fn``, stores the value and releases the lock; its lease is renewed while ``fn``
+runs.  Every other caller polls the cache with a growing backoff (2 ms to 50 ms, jittered) and
+returns the value as soon as it appears; when the lock is free again without a value (``fn``
+raised, or the value could not be stored) the next caller computes.  A waiter gives up with
+LockTimeoutError after ``max_wait`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from zeal_asgi.cache.entry import memory_key
+from zeal_asgi.cache.lock import NO_LOCK, Lock
+from zeal_asgi.errors import LockTimeoutError, ValueTooLargeError
+
+if TYPE_CHECKING:
+    from zeal_asgi.cache.facade import Cache
+
+__all__ = ["compute_once"]
+
+_FIRST_DELAY = 0.002
+_MAX_DELAY = 0.05
+
+
+async def _renew(lock: Lock, name: str, holder: list[Any], every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        token = await lock.renew(name, holder[0])
+        if token is None:
+            return  # lost it (our lease ran out while we were stalled): nothing to keep
+        holder[0] = token
+
+
+async def _compute_locked(
+    cache: Cache,
+    key: bytes,
+    fn: Callable[[], Any | Awaitable[Any]],
+    ttl: float,
+    lock: Lock,
+    name: str,
+    token: Any,
+) -> Any:
+    holder = [token]
+    renewer = (
+        asyncio.create_task(_renew(lock, name, holder, cache.lock_lease / 3))
+        if token is not NO_LOCK
+        else None
+    )
+    try:
+        found, value = await cache._lookup(key, record=False)
+        if found:  # the previous holder stored it just before we took the lock
+            return value
+        cache._count("computations")
+        result = fn()
+        if inspect.isawaitable(result):
+            result = await result
+        payload = cache.serializer.dumps(result)
+        if len(payload) > cache.max_entry_bytes:
+            raise ValueTooLargeError(
+                f"computed value for {key!r:.60} is {len(payload)} bytes serialized; the limit "
+                f"is max_entry_bytes={cache.max_entry_bytes}"
+            )
+        await cache._store_payload(key, payload, ttl)
+        return result
+    finally:
+        if renewer is not None:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+        await lock.release(name, holder[0])
+
+
+async def compute_once(
+    cache: Cache,
+    key: bytes,
+    fn: Callable[[], Any | Awaitable[Any]],
+    ttl: float,
+    max_wait: float,
+) -> Any:
+    """The cached value of ``key``, computing it with ``fn`` at most once at a time."""
+    found, value = await cache._lookup(key)
+    if found:
+        return value
+    lock = cache._bind().lock
+    name = memory_key(key)[0]
+    deadline = time.monotonic() + max_wait
+    delay = _FIRST_DELAY
+    while True:
+        token = await lock.acquire(name)
+        if token is not None:
+            if token is NO_LOCK:
+                cache._count("lock_table_full")
+            return await _compute_locked(cache, key, fn, ttl, lock, name, token)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            cache._count("compute_timeouts")
+            raise LockTimeoutError(
+                f"get_or_compute({key!r:.60}): another worker has been computing it for more "
+                f"than {max_wait} s (max_wait=)"
+            )
+        await asyncio.sleep(min(delay, left) * random.uniform(0.5, 1.0))
+        delay = min(delay * 1.5, _MAX_DELAY)
+        found, value = await cache._lookup(key, record=False)
+        if found:
+            cache._count("stampede_blocked")
+            return value

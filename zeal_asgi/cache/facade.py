@@ -1,0 +1,395 @@
+"""``Cache``: a memory tier on the Store (whatever its backend) plus a persistent file tier.
+
+Class-level calls (``await Cache.get(...)``, seed style) act on the default cache made by
+``Cache.init(...)``; a ``Cache(...)`` instance works the same way on its own.  The memory tier is
+the Store table ``__cache`` (one shared-memory table for the whole host on the table backend),
+the file tier one authenticated file per key under ``cache_dir``; how the two stay coherent is
+described in :mod:`zeal_asgi.cache.tiers`.  On the table backend a hit never awaits: ``get``
+calls the synchronous :class:`~zeal_asgi.cache.local.LocalTier` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from zeal_asgi.cache.compute import compute_once
+from zeal_asgi.cache.entry import MAX_KEY_BYTES, check_key, check_ttl
+from zeal_asgi.cache.files.tier import FileTier, Owned
+from zeal_asgi.cache.gc import CacheGC
+from zeal_asgi.cache.keys import CacheKeys, resolve_secret
+from zeal_asgi.cache.serializer import Serializer, get_serializer
+from zeal_asgi.cache.tiers import Binding, Tiers
+from zeal_asgi.errors import ConfigError, ValueTooLargeError
+from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.store import Store
+from zeal_asgi.store.facade import hybridmethod
+
+if TYPE_CHECKING:
+    from zeal_asgi.store.services import ServiceHost
+
+__all__ = ["MISSING", "Cache"]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+"""Pass as ``default`` to tell a miss from a stored ``None``: ``cache.get(k, MISSING)``."""
+
+_NS_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
+
+def _int_in_range(name: str, value: object, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"Cache {name} must be an int in [{low}, {high}], got {value!r}")
+    return value
+
+
+class Cache:
+    """A two-tier cache shared by every worker (and node, off the table backend).
+
+    Example::
+
+        Cache.init(max_rows=4096, cache_dir=".cache", secret=os.environ["CACHE_SECRET"])
+
+        @app.get("/price/{sku}")
+        async def price(sku: str):
+            return await Cache.get_or_compute(f"price:{sku}", lambda: fetch_price(sku), ttl=60)
+
+    Args:
+        max_rows: rows of the memory tier (the table backend's hard capacity).
+        cache_dir: directory of the file tier (created 0700; refused if a symlink or not ours).
+        gc_interval_ms: period of the GC sweep, run by one worker per host; 0 disables it.
+        ttl_seconds: longest time an entry stays in the memory tier (server-side expiry on
+            redis/tiered/memcached); the file tier keeps it for its own ttl.
+        secret: key of every MAC (else ``ZEAL_CACHE_SECRET``; else a random key per server, so
+            file entries do not survive a restart).
+        serializer: ``"json"`` (default, never runs code on load) or ``"pickle"`` (needs a secret
+            of 32+ bytes; only loaded behind a valid MAC).
+        max_entry_bytes: largest serialized value accepted (ValueTooLargeError above it).
+        memory_value_bytes: largest serialized value kept in the memory tier; larger ones spill.
+        fsync: fsync file-tier writes (durable across power loss, ~3x slower).
+        max_files: keep at most this many files (oldest evicted by the GC); 0 = no limit.
+        namespace: names the Store tables (``__<namespace>``) and the stats prefix.
+        lock_lease: lease of a ``get_or_compute`` lock, renewed while ``fn`` runs.
+        compute_timeout: longest a ``get_or_compute`` waiter waits for another's computation.
+        store: the Store to use; default: ``zeal.store`` when ``zeal`` is given, else
+            ``Store.default()``, followed when it changes.
+        zeal: register the cache's GC with this app's lifecycle (``zeal.add_service``).
+
+    Each worker also keeps, in its own memory, the bytes of files it verified and the values it
+    decoded (about 16 MiB at most), so a repeated hit skips the HMAC and the decode; they are
+    used only when the bytes just read are identical, so they never change what a hit returns.
+    """
+
+    _default: ClassVar[Cache | None] = None
+    MISSING: ClassVar[Any] = MISSING
+
+    def __init__(
+        self,
+        max_rows: int = 4096,
+        cache_dir: str = ".cache",
+        gc_interval_ms: int = 60000,
+        ttl_seconds: float | None = None,
+        *,
+        secret: str | bytes | None = None,
+        serializer: str = "json",
+        max_entry_bytes: int = 64 * 1024 * 1024,
+        memory_value_bytes: int = 8192,
+        fsync: bool = False,
+        max_files: int = 0,
+        namespace: str = "cache",
+        lock_lease: float = 10.0,
+        compute_timeout: float = 60.0,
+        store: Store | None = None,
+        zeal: ServiceHost | None = None,
+    ) -> None:
+        if not isinstance(namespace, str) or not _NS_RE.match(namespace):
+            raise ConfigError(f"Cache namespace must match {_NS_RE.pattern}, got {namespace!r}")
+        self.max_rows = _int_in_range("max_rows", max_rows, 1, 2**32 - 2)
+        self.gc_interval_ms = _int_in_range("gc_interval_ms", gc_interval_ms, 0, 86_400_000)
+        self.ttl_seconds = None if ttl_seconds is None else check_ttl(ttl_seconds, "ttl_seconds")
+        if self.ttl_seconds == 0:
+            self.ttl_seconds = None
+        self.max_entry_bytes = _int_in_range("max_entry_bytes", max_entry_bytes, 1, 2**30)
+        self.memory_value_bytes = _int_in_range(
+            "memory_value_bytes", memory_value_bytes, 1, 16 * 1024 * 1024 - 2
+        )
+        self.max_files = _int_in_range("max_files", max_files, 0, 2**40)
+        for name, value in (("lock_lease", lock_lease), ("compute_timeout", compute_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"Cache {name} must be a positive number of seconds")
+        self.lock_lease = float(lock_lease)
+        self.compute_timeout = float(compute_timeout)
+        self.namespace = namespace
+        self.serializer: Serializer = get_serializer(serializer)
+        self._keys = CacheKeys.load(resolve_secret(secret, pickle=serializer == "pickle"))
+        self._prefix = f"{namespace}."
+        self._events = {e: self._prefix + e for e in ("hits_memory", "hits_file", "misses")}
+        self.files = FileTier(
+            cache_dir,
+            mac_key=self._keys.file_mac,
+            name_key=self._keys.file_name,
+            max_entry_bytes=self.max_entry_bytes,
+            max_key_bytes=MAX_KEY_BYTES,
+            fsync=bool(fsync),
+            count=self._count,
+        )
+        self._store = store
+        self._zeal = zeal
+        self._tiers = Tiers(
+            namespace=namespace,
+            max_rows=self.max_rows,
+            memory_value_bytes=self.memory_value_bytes,
+            ttl_seconds=self.ttl_seconds,
+            lock_lease=self.lock_lease,
+            keys=self._keys,
+            files=self.files,
+            serializer=self.serializer,
+            store_ref=lambda: self.store,
+            count=self._count,
+        )
+        self._tiers.bind()  # declare the tables now: before the workers start, like Store.make
+        self._gc = (
+            CacheGC(namespace, self.gc_interval_ms / 1000, self.gc) if self.gc_interval_ms else None
+        )
+        self._config = (
+            max_rows,
+            str(cache_dir),
+            gc_interval_ms,
+            ttl_seconds,
+            serializer,
+            namespace,
+        )
+        if zeal is not None:
+            zeal.add_service(self)
+
+    # -- the default instance ------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        max_rows: int = 4096,
+        cache_dir: str = ".cache",
+        gc_interval_ms: int = 60000,
+        ttl_seconds: float | None = None,
+        *,
+        secret: str | bytes | None = None,
+        serializer: str = "json",
+        max_entry_bytes: int = 64 * 1024 * 1024,
+        memory_value_bytes: int = 8192,
+        fsync: bool = False,
+        max_files: int = 0,
+        namespace: str = "cache",
+        lock_lease: float = 10.0,
+        compute_timeout: float = 60.0,
+        store: Store | None = None,
+        zeal: ServiceHost | None = None,
+    ) -> Cache:
+        """Create the default cache (class-level calls use it); a repeated call is a no-op.
+
+        Same arguments as :class:`Cache`.  Call it at import time, before workers start.
+        """
+        config = (max_rows, str(cache_dir), gc_interval_ms, ttl_seconds, serializer, namespace)
+        if cls._default is not None:
+            if cls._default._config != config:
+                raise ConfigError(
+                    f"Cache.init() was already called with {cls._default._config}; got {config} "
+                    "(use Cache.set_default(None) first to replace it)"
+                )
+            return cls._default
+        cls._default = cls(
+            max_rows,
+            cache_dir,
+            gc_interval_ms,
+            ttl_seconds,
+            secret=secret,
+            serializer=serializer,
+            max_entry_bytes=max_entry_bytes,
+            memory_value_bytes=memory_value_bytes,
+            fsync=fsync,
+            max_files=max_files,
+            namespace=namespace,
+            lock_lease=lock_lease,
+            compute_timeout=compute_timeout,
+            store=store,
+            zeal=zeal,
+        )
+        return cls._default
+
+    @classmethod
+    def default(cls) -> Cache:
+        """The cache used by class-level calls."""
+        if cls._default is None:
+            raise ConfigError("call Cache.init(...) (at import time) before using Cache")
+        return cls._default
+
+    @classmethod
+    def set_default(cls, cache: Cache | None) -> None:
+        """Replace (or drop, with ``None``) the default cache."""
+        cls._default = cache
+
+    @property
+    def store(self) -> Store:
+        """The Store holding the memory tier."""
+        if self._store is not None:
+            return self._store
+        return self._zeal.store if self._zeal is not None else Store.default()
+
+    def _bind(self) -> Binding:
+        # Tiers.bind() does the same check; repeated here because it is on every hit.
+        b = self._tiers.binding
+        store = self._store
+        if store is None:
+            store = self._zeal.store if self._zeal is not None else Store.default()
+        if b is None or b.store is not store or b.backend is not store.backend:
+            b = self._tiers.bind()
+        return b
+
+    def _count(self, metric: str) -> None:
+        host_stats().incr(self._prefix + metric)
+
+    async def _lookup(self, key: bytes, record: bool = True) -> tuple[bool, Any]:
+        """``(True, value)`` on a hit, ``(False, None)`` on a miss.
+
+        ``record=False`` (polling waiters) leaves the hit/miss counters alone.
+        """
+        found, value, event = await self._tiers.lookup(key)
+        if record:
+            self._count(event)
+        return found, value
+
+    async def _store_payload(self, key: bytes, payload: bytes, seconds: float) -> bool:
+        if self._gc is not None:
+            await self._gc.start()  # lazily, if the app did not register it as a service
+        return await self._tiers.put(key, payload, seconds)
+
+    @hybridmethod
+    def stats(self) -> dict[str, Any]:
+        """Counters of this cache summed over every worker of the host, plus ``hit_rate``."""
+        n = len(self._prefix)
+        out: dict[str, Any] = {
+            k[n:]: v for k, v in host_stats().host().items() if k.startswith(self._prefix)
+        }
+        hits = out.get("hits_memory", 0) + out.get("hits_file", 0)
+        total = hits + out.get("misses", 0)
+        out["hit_rate"] = round(hits / total, 4) if total else 0.0
+        return out
+
+    @hybridmethod
+    async def get(self, key: str | bytes, default: Any = None) -> Any:
+        """The cached value, or ``default`` on a miss (a stored ``None`` is returned as ``None``;
+        pass ``Cache.MISSING`` as default to tell the two apart)."""
+        local = self._bind().local
+        if local is not None:  # the table backend: no await on the way
+            found, value, event = local.lookup(key)
+        else:
+            found, value, event = await self._tiers.lookup(check_key(key))
+        host_stats().incr(self._events[event])
+        return value if found else default
+
+    @hybridmethod
+    async def has(self, key: str | bytes) -> bool:
+        """``True`` when ``get`` would hit (same integrity and expiry checks)."""
+        return await self.get(key, MISSING) is not MISSING
+
+    # -- writes --------------------------------------------------------------------------------
+
+    @hybridmethod
+    async def set(self, key: str | bytes, value: Any, ttl: float = 0) -> bool:
+        """Cache ``value`` for ``ttl`` seconds (0 = no expiry); ``True`` when stored.
+
+        Raises (before any I/O): SerializationError (TypeError) for a value the serializer
+        cannot store, ValueTooLargeError above ``max_entry_bytes``, InvalidTTLError,
+        InvalidKeyError / KeyTypeError.  A full disk is not an error: ``False`` when nothing
+        could be stored.
+        """
+        kb = check_key(key)
+        seconds = check_ttl(ttl)
+        payload = self.serializer.dumps(value)
+        if len(payload) > self.max_entry_bytes:
+            raise ValueTooLargeError(
+                f"cache value for {key!r:.60} is {len(payload)} bytes serialized; the limit is "
+                f"max_entry_bytes={self.max_entry_bytes} (never truncated)"
+            )
+        return await self._store_payload(kb, payload, seconds)
+
+    @hybridmethod
+    async def delete(self, key: str | bytes) -> bool:
+        """Remove ``key`` from both tiers; ``True`` if either held it (an expired entry not
+        swept yet counts)."""
+        return await self._tiers.delete(check_key(key))
+
+    @hybridmethod
+    async def flush(self) -> None:
+        """Remove every entry: the whole memory tier and this host's files."""
+        await self._tiers.flush()
+
+    @hybridmethod
+    async def count(self) -> int:
+        """Live (unexpired) entries of the memory tier; O(rows) on every backend."""
+        return await self._tiers.live_rows()
+
+    @hybridmethod
+    async def get_or_compute(
+        self,
+        key: str | bytes,
+        fn: Callable[[], Any | Awaitable[Any]],
+        ttl: float = 0,
+        *,
+        max_wait: float | None = None,
+    ) -> Any:
+        """The cached value, or ``fn()`` (sync or async) computed once and cached for ``ttl``.
+
+        Under a stampede, ``fn`` runs once per host on the table backend and once per cluster on
+        redis/tiered; the others wait (up to ``max_wait``, default ``compute_timeout``, then
+        LockTimeoutError) and get the computed value.  ``None`` is cached like any value.  An
+        exception from ``fn`` propagates to its caller and releases the lock.  The computer's
+        lease (``lock_lease``) is renewed by its event loop: a sync ``fn`` that blocks the loop
+        for longer than the lease may be computed a second time elsewhere; make it async.
+        """
+        kb = check_key(key)
+        seconds = check_ttl(ttl)
+        wait = self.compute_timeout if max_wait is None else float(max_wait)
+        return await compute_once(self, kb, fn, seconds, wait)
+
+    # -- GC and lifecycle ----------------------------------------------------------------------
+
+    async def gc(self) -> dict[str, int]:
+        """One sweep now: expired memory rows and dead lock rows, then (in a thread) expired,
+        damaged and, on shared backends, orphaned files."""
+        now = time.time()
+        expired = await self._tiers.sweep_memory(now)
+        locks = self._tiers.sweep_locks()
+        owners: list[Owned] | None = None if self._bind().local is not None else []
+        out = await asyncio.to_thread(self.files.sweep, now, self.max_files, owners)
+        out["orphans"] = await self._tiers.drop_orphans(owners) if owners else 0
+        out["memory_expired"] = expired
+        out["dead_locks"] = locks
+        self._count("gc_sweeps")
+        return out
+
+    @hybridmethod
+    async def start(self) -> None:
+        """Start this worker's GC task (``zeal.add_service(cache)`` calls it at startup)."""
+        if self._gc is not None:
+            await self._gc.start()
+
+    @hybridmethod
+    async def stop(self) -> None:
+        """Stop and await this worker's GC task."""
+        if self._gc is not None:
+            await self._gc.stop()
+
+    def close(self) -> None:
+        """Release the file tier's directory descriptor (the cache is unusable afterwards)."""
+        self.files.close()
+
+    def __repr__(self) -> str:
+        return f"<Cache {self.namespace!r} dir={self.files.path!r} on {self.store.kind}>"

@@ -1,0 +1,159 @@
+"""The file tier's directory: created 0700, checked (not a symlink, ours, not open to others),
+opened once as a directory fd that every file operation is relative to, and swept of the temp
+files that killed writers leave behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import stat
+import time
+from collections.abc import Iterator
+
+from zeal_asgi.errors import InsecureCacheDirError
+from zeal_asgi.shm.segments import process_alive
+
+__all__ = [
+    "TEMP_MAX_AGE",
+    "TEMP_RE",
+    "open_cache_dir",
+    "remove_stale_temp",
+    "scan",
+    "temp_is_stale",
+]
+
+log = logging.getLogger("zeal_asgi.cache")
+
+TEMP_RE = re.compile(r"^\.tmp\.(\d+)\.[0-9a-f]+$")
+"""Temp files: ``.tmp.<pid>.<hex>``; the pid tells a live writer's file from a dead one's."""
+
+TEMP_MAX_AGE = 60.0
+"""A temp file older than this is stale even if its pid looks alive (pids get reused)."""
+
+
+def _check_ancestors(path: str) -> None:
+    # Another user who can write to an ancestor (without the sticky bit) can rename our
+    # directory away and put their own in its place, as sshd's StrictModes reasons.
+    parent = os.path.dirname(path)
+    while True:
+        st = os.lstat(parent)
+        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            raise InsecureCacheDirError(
+                f"cache directory {path!r}: its ancestor {parent!r} is writable by every user "
+                f"(mode {stat.S_IMODE(st.st_mode):o}, no sticky bit); another user could replace "
+                "the cache directory"
+            )
+        up = os.path.dirname(parent)
+        if up == parent:
+            return
+        parent = up
+
+
+def _make_private(path: str) -> None:
+    """Create ``path`` and any missing parents as 0700 (``os.makedirs`` leaves parents to the
+    umask, which may be 0)."""
+    missing = []
+    p = path
+    while not os.path.lexists(p):
+        missing.append(p)
+        up = os.path.dirname(p)
+        if up == p:
+            break
+        p = up
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o700)
+            os.chmod(d, 0o700)
+
+
+def open_cache_dir(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """Create (0700) or check the cache directory; return its absolute path and an open fd.
+
+    Raises:
+        InsecureCacheDirError: a symlink, not a directory, owned by another user, writable by
+            group or others, or under a directory any user may write to.
+    """
+    full = os.path.abspath(os.fspath(path))
+    _make_private(full)
+    st = os.lstat(full)
+    if stat.S_ISLNK(st.st_mode):
+        raise InsecureCacheDirError(
+            f"cache directory {full!r} is a symlink; refusing it (point cache_dir at the real "
+            "directory)"
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise InsecureCacheDirError(f"cache directory {full!r} exists and is not a directory")
+    if st.st_uid != os.geteuid():
+        raise InsecureCacheDirError(
+            f"cache directory {full!r} belongs to uid {st.st_uid}, not to this process "
+            f"(uid {os.geteuid()}); refusing to read or write cache files there"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise InsecureCacheDirError(
+            f"cache directory {full!r} has mode {stat.S_IMODE(st.st_mode):o}: writable by other "
+            "users; it must be 0700 (chmod 700 it, or use a fresh directory)"
+        )
+    _check_ancestors(full)
+    fd = os.open(full, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fst = os.fstat(fd)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+            raise InsecureCacheDirError(
+                f"cache directory {full!r} was replaced while it was being opened"
+            )
+        if stat.S_IMODE(fst.st_mode) != 0o700:
+            log.warning(
+                "cache directory %s had mode %o; tightened to 0700",
+                full,
+                stat.S_IMODE(fst.st_mode),
+            )
+            os.fchmod(fd, 0o700)
+    except BaseException:
+        os.close(fd)
+        raise
+    return full, fd
+
+
+def temp_is_stale(name: str, mtime: float, now: float) -> bool:
+    """True when temp file ``name`` belongs to a writer that is gone (or it is too old)."""
+    m = TEMP_RE.match(name)
+    if m is None:
+        return False
+    if now - mtime > TEMP_MAX_AGE:
+        return True
+    pid = int(m.group(1))
+    return pid != os.getpid() and not process_alive(pid, None)
+
+
+def scan(dfd: int) -> Iterator[os.DirEntry[str]]:
+    """Entries of the directory, streamed (never the whole listing in memory).
+
+    Each scan opens its own descriptor: ``scandir`` on a shared fd would share its offset with
+    any concurrent scan (the GC runs in a thread).
+    """
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        with os.scandir(fd) as it:
+            yield from it
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp(dfd: int) -> int:
+    """Unlink temp files left by killed writers (dead pid, or older than TEMP_MAX_AGE)."""
+    removed = 0
+    now = time.time()
+    for entry in scan(dfd):
+        if not entry.name.startswith(".tmp."):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if temp_is_stale(entry.name, st.st_mtime, now):
+                os.unlink(entry.name, dir_fd=dfd)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed

@@ -1,0 +1,114 @@
+"""The cache's periodic GC: a task in every worker, but only the holder of a host-wide lease
+sweeps, so exactly one worker per host does the work.
+
+The lease is a packed ``(deadline, pid)`` word in the host's control table, taken and renewed
+with compare-and-set.  When its holder dies, the next worker to tick sees the pid gone and takes
+over; a holder that stops renewing (hung) loses it at the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+from zeal_asgi.cache.keys import control_table
+from zeal_asgi.cache.lock import pack, unpack
+from zeal_asgi.shm.segments import process_alive
+
+__all__ = ["CacheGC", "GcLease"]
+
+log = logging.getLogger("zeal_asgi.cache")
+
+
+class GcLease:
+    """The host-wide GC lease of one cache (a row of the control table)."""
+
+    def __init__(self, row: str, lease: float) -> None:
+        self.row = row
+        self.lease_ms = max(1, int(lease * 1000))
+
+    def holder(self) -> int | None:
+        """Pid of the current holder, if its lease is valid and it is alive."""
+        word = control_table().get(self.row, "owner")
+        if not word:
+            return None
+        deadline, pid = unpack(word)
+        if deadline < int(time.monotonic() * 1000) or not process_alive(pid, None):
+            return None
+        return pid
+
+    def try_hold(self) -> bool:
+        """Take or renew the lease; ``True`` when this process holds it now."""
+        table = control_table()
+        now = int(time.monotonic() * 1000)
+        pid = os.getpid()
+        mine = pack(now + self.lease_ms, pid)
+        current = table.get(self.row, "owner") or 0
+        if current:
+            deadline, owner = unpack(current)
+            if owner != pid and deadline >= now and process_alive(owner, None):
+                return False
+        return bool(table.compare_and_set(self.row, "owner", current, mine))
+
+    def release(self) -> None:
+        """Give the lease up (at shutdown) so another worker takes over at its next tick."""
+        table = control_table()
+        current = table.get(self.row, "owner")
+        if current and unpack(current)[1] == os.getpid():
+            table.compare_and_set(self.row, "owner", current, 0)
+
+
+class CacheGC:
+    """A per-worker service: ``start()`` in the worker, ``stop()`` at shutdown (awaited)."""
+
+    def __init__(
+        self, name: str, interval: float, sweep: Callable[[], Awaitable[dict[str, int]]]
+    ) -> None:
+        self.interval = interval
+        self.lease = GcLease(f"gc:{name}", max(3 * interval, interval + 2.0))
+        self._sweep = sweep
+        self._task: asyncio.Task[None] | None = None
+        self._last_error = 0.0
+
+    @property
+    def running(self) -> bool:
+        """True while the GC task of this worker runs."""
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Start ticking in this worker's event loop (idempotent)."""
+        task = self._task
+        if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+            return
+        # a task left on an event loop that has ended never runs again: replace it
+        self._task = asyncio.create_task(self._run(), name="zeal-cache-gc")
+
+    async def stop(self) -> None:
+        """Cancel and await the task, and hand the lease on."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            if task.get_loop() is asyncio.get_running_loop():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self.lease.release()
+
+    async def _run(self) -> None:
+        while True:
+            # jitter keeps the workers from all waking (and CASing) in the same millisecond
+            await asyncio.sleep(self.interval * random.uniform(0.9, 1.1))
+            try:
+                if self.lease.try_hold():
+                    await self._sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the GC must outlive a failed sweep (e.g. Redis briefly down)
+                now = time.monotonic()
+                if now - self._last_error > 60.0:
+                    self._last_error = now
+                    log.exception("zeal_asgi cache: GC sweep failed (retried next interval)")

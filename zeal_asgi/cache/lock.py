@@ -1,0 +1,203 @@
+"""Stampede locks for ``Cache.get_or_compute``: one computation per key per host (shared memory)
+or per cluster (Redis), with a lease so a crashed computer never blocks the others for long.
+
+* ``ShmLock`` (table backend): a row per key in a shared table, whose one INT column holds the
+  owner's pid and lease deadline packed in one word, taken with compare-and-set.  A dead owner's
+  lock (pid gone) is taken over at once; a live owner's after its deadline.
+* ``RedisLock`` (redis, tiered): ``SET key token NX PX lease``, renewed and released by scripts
+  that check the token first.
+* ``CasLock`` (any other backend, e.g. memcached): the same packed word through
+  ``Store.compare_and_set``, with a random tag instead of the pid (owners may be other hosts);
+  as atomic as the backend's compare-and-set.
+
+The computer renews its lease while ``fn`` runs; a lock row is deleted on release.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from zeal_asgi.errors import TableFullError
+from zeal_asgi.shm.segments import process_alive
+
+if TYPE_CHECKING:
+    from zeal_asgi.shm import Table
+    from zeal_asgi.store import Store
+
+__all__ = ["NO_LOCK", "CasLock", "Lock", "RedisLock", "ShmLock", "pack", "unpack"]
+
+_TAG_BITS = 22  # Linux pids are < 2**22 (pid_max limit)
+_TAG_MASK = (1 << _TAG_BITS) - 1
+_EPOCH_MS = 1_704_067_200_000  # 2024-01-01: keeps wall-clock deadlines within 41 bits for decades
+
+NO_LOCK: Any = object()
+"""Returned by ``acquire`` when no lock could be recorded (lock table full): compute unlocked."""
+
+
+def pack(deadline_ms: int, tag: int) -> int:
+    """One positive int64 holding a deadline (ms) and a 22-bit tag (a pid, or random)."""
+    return (max(deadline_ms, 1) << _TAG_BITS) | (tag & _TAG_MASK)
+
+
+def unpack(word: int) -> tuple[int, int]:
+    """``(deadline_ms, tag)`` of a packed word."""
+    return word >> _TAG_BITS, word & _TAG_MASK
+
+
+def _mono_ms() -> int:
+    # CLOCK_MONOTONIC is one clock for every process of the host: fine for host-local leases.
+    return int(time.monotonic() * 1000)
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000) - _EPOCH_MS
+
+
+class Lock(Protocol):
+    """A lease-based lock per key."""
+
+    async def acquire(self, name: str) -> Any:
+        """A token when this caller now holds ``name``, ``NO_LOCK`` to go on unlocked, else
+        ``None`` (someone else holds it)."""
+        ...
+
+    async def renew(self, name: str, token: Any) -> Any:
+        """Extend the lease; the (possibly new) token, or ``None`` if the lock was lost."""
+        ...
+
+    async def release(self, name: str, token: Any) -> None:
+        """Give the lock up if this caller still holds it."""
+        ...
+
+
+class ShmLock:
+    """Host-wide lock rows in a shared table (``owner`` INT(8) column)."""
+
+    def __init__(self, table: Table, lease: float) -> None:
+        self.table = table
+        self.lease_ms = max(1, int(lease * 1000))
+
+    def _take(self, name: str, expected: int, token: int) -> bool:
+        return bool(self.table.compare_and_set(name, "owner", expected, token))
+
+    async def acquire(self, name: str) -> Any:
+        """Take the lock if free, or if its owner died or let its lease run out."""
+        now = _mono_ms()
+        token = pack(now + self.lease_ms, os.getpid())
+        try:
+            if self._take(name, 0, token):
+                return token
+            current = self.table.get(name, "owner")
+            if not current:
+                return token if self._take(name, 0, token) else None
+            deadline, pid = unpack(current)
+            if (deadline < now or not process_alive(pid, None)) and self._take(
+                name, current, token
+            ):
+                return token
+        except TableFullError:
+            return NO_LOCK
+        return None
+
+    async def renew(self, name: str, token: Any) -> Any:
+        """Move the deadline forward (a new packed word)."""
+        new = pack(_mono_ms() + self.lease_ms, os.getpid())
+        return new if self._take(name, token, new) else None
+
+    async def release(self, name: str, token: Any) -> None:
+        """Delete the row if it is still ours."""
+        if token is not NO_LOCK and self.table.get(name, "owner") == token:
+            self.table.delete(name)
+
+    def sweep(self) -> int:
+        """Delete rows left by owners that died (a released lock deletes its own row)."""
+        now = _mono_ms()
+        removed = 0
+        for name, row in self.table.items():
+            word = row["owner"]
+            deadline, pid = unpack(word)
+            if (not word or (deadline < now and not process_alive(pid, None))) and self.table.get(
+                name, "owner"
+            ) == word:
+                self.table.delete(name)
+                removed += 1
+        return removed
+
+
+class CasLock:
+    """Lock rows through ``Store.compare_and_set`` (backends without Lua or shared memory)."""
+
+    def __init__(self, store: Store, table: str, lease: float) -> None:
+        self.store = store
+        self.table_name = table
+        self.lease_ms = max(1, int(lease * 1000))
+        self._tag = secrets.randbits(_TAG_BITS)
+
+    async def acquire(self, name: str) -> Any:
+        """Take the lock if free or if its lease ran out."""
+        now = _wall_ms()
+        token = pack(now + self.lease_ms, self._tag)
+        cas = self.store.compare_and_set
+        if await cas(self.table_name, name, "owner", 0, token):
+            return token
+        current = await self.store.get_strict(self.table_name, name, "owner")
+        if not current:
+            return token if await cas(self.table_name, name, "owner", 0, token) else None
+        deadline, _ = unpack(current)
+        if deadline < now and await cas(self.table_name, name, "owner", current, token):
+            return token
+        return None
+
+    async def renew(self, name: str, token: Any) -> Any:
+        """Move the deadline forward."""
+        new = pack(_wall_ms() + self.lease_ms, self._tag)
+        ok = await self.store.compare_and_set(self.table_name, name, "owner", token, new)
+        return new if ok else None
+
+    async def release(self, name: str, token: Any) -> None:
+        """Delete the row if it is still ours."""
+        if await self.store.get_strict(self.table_name, name, "owner") == token:
+            await self.store.delete(self.table_name, name)
+
+
+_ACQUIRE = "return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])"
+_RENEW = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"
+)
+_RELEASE = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('DEL', KEYS[1]) else return 0 end"
+)
+
+
+class RedisLock:
+    """``SET NX PX`` locks through ``Store.eval`` (the backend prefixes the key)."""
+
+    def __init__(self, store: Store, namespace: str, lease: float) -> None:
+        self.store = store
+        self.namespace = namespace
+        self.lease_ms = max(1, int(lease * 1000))
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:"
+
+    def _key(self, name: str) -> str:
+        return f"{self.namespace}:lock:{name}"
+
+    async def acquire(self, name: str) -> Any:
+        """Take the lock if nobody holds it (Redis expires a crashed owner's lease)."""
+        token = self._owner + secrets.token_hex(8)
+        reply = await self.store.eval(_ACQUIRE, [self._key(name)], [token, self.lease_ms])
+        return token if reply else None
+
+    async def renew(self, name: str, token: Any) -> Any:
+        """Extend the lease if the lock is still ours."""
+        reply = await self.store.eval(_RENEW, [self._key(name)], [token, self.lease_ms])
+        return token if reply else None
+
+    async def release(self, name: str, token: Any) -> None:
+        """Delete the lock if it is still ours."""
+        await self.store.eval(_RELEASE, [self._key(name)], [token])

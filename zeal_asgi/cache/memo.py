@@ -1,0 +1,101 @@
+"""Per-worker memo of decoded cache values, keyed by slot and checked against the exact bytes.
+
+Decoding is the largest part of a hit once the bytes are in hand, and a hot key's bytes rarely
+change.  A worker that decoded a payload keeps the result beside those bytes; the next hit whose
+bytes are *equal* (compared in full, one ``memcmp``) gets a copy instead of a second decode.  Only
+values whose copy is exact and independent are kept: immutable scalars (``str``, ``bytes``,
+``int``, ``float``, ``bool``, ``None``), tuples of them, and flat ``dict`` / ``list`` of them
+(a shallow copy is then a full copy).  Anything else is decoded every time, so a caller can
+always mutate what it got without touching what another caller gets.
+
+The memo lives in one worker's memory, never in a shared or persistent surface, and it is
+consulted only with bytes that were read and checked the usual way: it changes the cost of a
+hit, never its outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from zeal_asgi.cache.serializer import Serializer
+
+__all__ = ["DecodeMemo"]
+
+_IMMUTABLE = frozenset({str, bytes, int, float, bool, type(None)})
+
+
+def _copier(value: Any) -> Callable[[], Any] | None:
+    """A function returning exact, independent copies of ``value``, if a cheap one exists."""
+    t = type(value)
+    if t in _IMMUTABLE or (t is tuple and all(type(x) in _IMMUTABLE for x in value)):
+        return lambda: value
+    if t is dict and all(type(x) in _IMMUTABLE for x in value.values()):
+        copy: Callable[[], Any] = value.copy
+        return copy
+    if t is list and all(type(x) in _IMMUTABLE for x in value):
+        copy = value.copy
+        return copy
+    return None
+
+
+class DecodeMemo:
+    """Decoded values of one serializer by slot (a row key, a file name), bounded.
+
+    Args:
+        serializer: decodes the payloads.
+        max_entries / max_bytes: when either is reached the memo starts over (cleared), which
+            keeps it bounded at no cost per hit.
+        max_value_bytes: payloads larger than this are never kept.
+    """
+
+    def __init__(
+        self,
+        serializer: Serializer,
+        *,
+        max_entries: int = 4096,
+        max_bytes: int = 4 << 20,
+        max_value_bytes: int = 256 << 10,
+    ) -> None:
+        self._loads = serializer.loads
+        self._memo: dict[Hashable, tuple[bytes, int, Callable[[], Any]]] = {}
+        self._bytes = 0
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_value_bytes = max_value_bytes
+
+    def loads(self, slot: Hashable, blob: bytes, start: int = 0) -> Any:
+        """The value serialized in ``blob[start:]``; ``blob`` is what must match next time.
+
+        Raises SerializationError like the serializer's ``loads``.
+        """
+        kept = self._memo.get(slot)
+        if kept is not None and (kept[0] is blob or kept[0] == blob) and kept[1] == start:
+            return kept[2]()
+        value = self._loads(blob[start:] if start else blob)
+        size = len(blob)
+        if size <= self.max_value_bytes:
+            copier = _copier(value)
+            if copier is not None:
+                if kept is not None:
+                    self._bytes -= len(kept[0])
+                if len(self._memo) >= self.max_entries or self._bytes + size > self.max_bytes:
+                    self.clear()
+                self._memo[slot] = (blob, start, copier)
+                self._bytes += size
+                return copier()  # the kept value itself is never handed out
+        return value
+
+    def forget(self, slot: Hashable) -> None:
+        """Drop the value kept for ``slot`` (its entry was deleted or found bad)."""
+        kept = self._memo.pop(slot, None)
+        if kept is not None:
+            self._bytes -= len(kept[0])
+
+    def clear(self) -> None:
+        """Drop every kept value."""
+        self._memo.clear()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._memo)

@@ -1,0 +1,1 @@
+"""Messaging between workers and nodes: pub/sub, Redis Streams, and the WebSocket router."""

@@ -1,0 +1,496 @@
+"""Pub/sub: ``zeal.subscribe`` handlers run in every worker, fed by one supervised subscriber.
+
+``await Store.publish(channel, payload)`` returns the number of receivers: one per subscribed
+worker on every node (Redis, tiered, and either behind the circuit breaker), or per subscribed
+worker of this host on the table backend, where messages go through shared memory
+(:mod:`zeal_asgi.shm.bus`) and no Redis is needed.  On Redis the count is Redis's own: a worker
+matched by both a channel and a pattern counts twice, and on a Cluster only the subscribers of
+the node that ran the PUBLISH are counted (delivery still reaches every node).
+
+Each worker runs one :class:`PubSub` (started and stopped by ``Zeal``): one connection (or one
+ring reader) for all its subscriptions, supervised: after a loss it resubscribes with full-jitter
+exponential backoff, a read-side liveness check (PING on an idle connection) catches a server
+that stopped answering without closing the socket, and ``max_attempts`` consecutive failures stop
+it loudly (state ``failed``, logged as an error, shown by ``Store.stats()``).  Messages published
+while a subscriber is disconnected are lost: pub/sub is at-most-once (use Streams,
+``zeal.subscribe_reliable``, for at-least-once).
+
+Every subscription has its own bounded queue and task, so a slow handler delays only its own
+messages.  Overflow policy: ``drop_oldest`` (default; counted as ``dropped``) or ``drop_newest``.
+Handlers are ``handler(payload, channel)``, sync or async; ``payload`` is ``str`` (UTF-8) unless
+``raw=True`` (``bytes``).  A channel containing ``*``, ``?`` or ``[`` is a pattern (Redis glob
+rules) unless ``pattern=False``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from zeal_asgi.errors import ConfigError, UnsupportedOperationError
+from zeal_asgi.messaging.common import (
+    Topic,
+    Transport,
+    as_bytes,
+    is_pattern,
+    redis_backend_of,
+    validate_channel,
+)
+from zeal_asgi.messaging.stats import RUNNERS, Counters, cancel_task, log_failure, messaging_stats
+from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.store.base import StoreBackendKind, backend_name
+
+if TYPE_CHECKING:
+    from zeal_asgi.store import Store
+
+__all__ = [
+    "Handler",
+    "PubSub",
+    "Subscription",
+    "Topic",
+    "is_pattern",
+    "messaging_stats",
+    "redis_backend_of",
+    "validate_channel",
+]
+
+log = logging.getLogger("zeal_asgi.messaging.pubsub")
+
+Handler = Callable[[Any, str], Any]
+"""``handler(payload, channel)``; may be a coroutine function."""
+
+OVERFLOW_POLICIES = ("drop_oldest", "drop_newest")
+_COUNTERS = (
+    "received",
+    "delivered",
+    "handler_errors",
+    "dropped",
+    "reconnects",
+    "decode_errors",
+    "overrun",
+    "lost",
+)
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One handler on one topic, with its bounded queue and its task (in a started worker)."""
+
+    topic: Topic
+    handler: Handler
+    raw: bool = False
+    queue_size: int = 1024
+    overflow: str = "drop_oldest"
+    queue: asyncio.Queue[tuple[Any, str]] | None = field(default=None, repr=False)
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+    is_coro: bool = False
+
+    def __post_init__(self) -> None:
+        self.is_coro = inspect.iscoroutinefunction(self.handler)
+
+
+class PubSub:
+    """The per-worker subscriber of a :class:`~zeal_asgi.Zeal` app (a ``Zeal`` service).
+
+    Args:
+        store: the Store whose backend carries the messages (default: ``Store.default()``).
+        max_attempts: consecutive failed (re)connections before giving up loudly; 0 = never.
+        backoff_base, backoff_cap: full-jitter backoff ``uniform(0, min(cap, base * 2**n))``.
+        liveness_interval: idle seconds after which the connection is PINGed.
+        liveness_timeout: seconds a PING may go unanswered before the connection is dropped.
+        ready_timeout: how long ``start()`` waits for the first subscription to be confirmed.
+
+    Example::
+
+        @zeal.subscribe("news")
+        async def on_news(payload: str, channel: str) -> None: ...
+    """
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        *,
+        max_attempts: int = 0,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 5.0,
+        liveness_interval: float = 5.0,
+        liveness_timeout: float = 2.0,
+        ready_timeout: float = 5.0,
+    ) -> None:
+        self._store = store
+        self.max_attempts = 0
+        self.backoff_base = 0.1
+        self.backoff_cap = 5.0
+        self.liveness_interval = 5.0
+        self.liveness_timeout = 2.0
+        self.ready_timeout = 5.0
+        self.configure(
+            max_attempts=max_attempts,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+            liveness_interval=liveness_interval,
+            liveness_timeout=liveness_timeout,
+            ready_timeout=ready_timeout,
+        )
+        self.subscriptions: list[Subscription] = []
+        self._by_wire: dict[tuple[str, bool], list[Subscription]] = {}
+        self.transport: Transport | None = None
+        self.state = "stopped"
+        """``stopped``, ``connecting``, ``subscribed``, ``backoff`` or ``failed``."""
+        self.error: BaseException | None = None
+        self.counters = Counters("pubsub", _COUNTERS)
+        self._runner: asyncio.Task[None] | None = None
+        self._adding: set[asyncio.Task[None]] = set()
+        self._ready: asyncio.Event | None = None
+        self._reconnect_callbacks: list[Callable[[], Any]] = []
+        RUNNERS.add(self)
+
+    def configure(self, **options: float) -> None:
+        """Change runner options (see the class docstring) before ``start()``."""
+        for name, value in options.items():
+            if name not in (
+                "max_attempts",
+                "backoff_base",
+                "backoff_cap",
+                "liveness_interval",
+                "liveness_timeout",
+                "ready_timeout",
+            ):
+                raise ConfigError(f"unknown pub/sub option {name!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"pub/sub option {name} must be a number >= 0, got {value!r}")
+            if name == "max_attempts" and not isinstance(value, int):
+                raise ConfigError(f"max_attempts must be an int, got {value!r}")
+            if name in ("liveness_interval", "liveness_timeout") and value <= 0:
+                raise ConfigError(f"pub/sub option {name} must be > 0, got {value!r}")
+            setattr(self, name, value)
+
+    @property
+    def store(self) -> Store:
+        """The Store whose backend carries the messages."""
+        if self._store is None:
+            from zeal_asgi.store import Store
+
+            return Store.default()
+        return self._store
+
+    # -- declaring subscriptions ---------------------------------------------------------------
+
+    def subscribe(
+        self,
+        channel: str,
+        handler: Handler | None = None,
+        *,
+        pattern: bool | None = None,
+        raw: bool = False,
+        queue_size: int = 1024,
+        overflow: str = "drop_oldest",
+    ) -> Any:
+        """Run ``handler(payload, channel)`` in every worker for each message on ``channel``.
+
+        Without ``handler`` it is a decorator.  Declare at import time; subscriptions declared
+        on a started worker are subscribed at once (in that worker only).
+        """
+        validate_channel(channel, "pattern" if pattern else "channel")
+        if pattern is None:
+            pattern = is_pattern(channel)
+        if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1:
+            raise ConfigError(f"queue_size must be an int >= 1, got {queue_size!r}")
+        if overflow not in OVERFLOW_POLICIES:
+            raise ConfigError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+
+        def register(fn: Handler) -> Handler:
+            if not callable(fn):
+                raise ConfigError(f"a pub/sub handler must be callable, got {fn!r}")
+            sub = Subscription(Topic(channel, bool(pattern)), fn, raw, queue_size, overflow)
+            self._add(sub)
+            return fn
+
+        if handler is None:
+            return register
+        return register(handler)
+
+    async def add_system(self, name: str, handler: Handler, *, raw: bool = True) -> Subscription:
+        """Subscribe a package-internal topic (WebSocket routing) in this worker only."""
+        sub = Subscription(Topic(name, False, True), handler, raw, 4096, "drop_oldest")
+        task = self._add(sub)
+        if task is not None:
+            # SUBSCRIBE is sent before the caller goes on; a failure is logged, and the next
+            # resubscription includes the topic anyway
+            with contextlib.suppress(Exception):
+                await task
+        return sub
+
+    def _add(self, sub: Subscription) -> asyncio.Task[None] | None:
+        self.subscriptions.append(sub)
+        if self._runner is None or self.transport is None:
+            return None
+        self._index(sub)
+        self._start_consumer(sub)
+        task = asyncio.get_running_loop().create_task(self.transport.add(sub.topic))
+        self._adding.add(task)
+        task.add_done_callback(self._adding.discard)
+        task.add_done_callback(log_failure)
+        return task
+
+    async def unsubscribe(self, sub: Subscription) -> None:
+        """Remove a subscription (its task is cancelled and awaited)."""
+        if sub not in self.subscriptions:
+            return
+        self.subscriptions.remove(sub)
+        if self.transport is not None:
+            key = (self.transport.wire(sub.topic), sub.topic.pattern)
+            subs = self._by_wire.get(key, [])
+            if sub in subs:
+                subs.remove(sub)
+            if not subs:
+                self._by_wire.pop(key, None)
+                await self.transport.remove(sub.topic)
+        await cancel_task(sub.task)
+        sub.task = None
+
+    def on_reconnect(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` (sync or async) after every resubscription that follows a loss."""
+        self._reconnect_callbacks.append(callback)
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    async def publish(self, channel: str, payload: str | bytes) -> int:
+        """Publish to a user channel through this worker's transport (like ``Store.publish``)."""
+        validate_channel(channel)
+        return await self._transport_for_publish().publish(Topic(channel), as_bytes(payload))
+
+    async def publish_system(self, name: str, payload: bytes) -> int:
+        """Publish on a package-internal topic; the number of receivers."""
+        return await self._transport_for_publish().publish(Topic(name, False, True), payload)
+
+    def system_wire(self, name: str) -> str:
+        """The wire name of the package-internal topic ``name`` (what a script publishes on)."""
+        return self._transport_for_publish().wire(Topic(name, False, True))
+
+    def _transport_for_publish(self) -> Transport:
+        if self.transport is None:
+            self.transport = self._make_transport()
+        return self.transport
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def _make_transport(self) -> Transport:
+        backend = self.store.backend
+        redis = redis_backend_of(backend)
+        if redis is not None:
+            from zeal_asgi.messaging.redis_transport import RedisTransport
+
+            return RedisTransport(redis, self)
+        if backend.kind is StoreBackendKind.TABLE:
+            from zeal_asgi.messaging.bus_transport import BusTransport
+
+            return BusTransport(self.counters.incr)
+        raise UnsupportedOperationError(
+            f"pub/sub needs the redis or tiered backend, or the table backend (one host); "
+            f"current: {backend_name(backend)}"
+        )
+
+    def prepare(self) -> None:
+        """Allocate what must exist before workers fork: the host counters, and the host bus on
+        the table backend (a segment first made in a worker may outlive the server)."""
+        host_stats()
+        if self.store.kind is StoreBackendKind.TABLE:
+            from zeal_asgi.shm.bus import host_bus
+
+            host_bus()
+
+    async def start(self) -> None:
+        """Start the supervised subscriber in this worker (``Zeal`` calls it at startup)."""
+        if self._runner is not None:
+            return
+        self.transport = self._make_transport()
+        self.error = None
+        self._by_wire.clear()
+        for sub in self.subscriptions:
+            self._index(sub)
+            self._start_consumer(sub)
+        self._ready = asyncio.Event()
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name="zeal-pubsub")
+        if not self.subscriptions:
+            return
+        try:
+            await asyncio.wait_for(self._ready.wait(), self.ready_timeout)
+        except TimeoutError:
+            log.warning(
+                "zeal_asgi pub/sub: not subscribed after %.1f s (state %s); still trying",
+                self.ready_timeout,
+                self.state,
+            )
+
+    async def wait_ready(self, within: float = 5.0) -> bool:
+        """Wait until every subscription is live; False on timeout."""
+        if self._ready is None:
+            return False
+        try:
+            await asyncio.wait_for(self._ready.wait(), within)
+        except TimeoutError:
+            return False
+        return True
+
+    async def stop(self) -> None:
+        """Stop the subscriber and every handler task (cancelled and awaited)."""
+        runner, self._runner = self._runner, None
+        await cancel_task(runner)
+        for task in list(self._adding):
+            await cancel_task(task)
+        for sub in self.subscriptions:
+            await cancel_task(sub.task)
+            sub.task = None
+            sub.queue = None
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            await transport.close()
+        self._by_wire.clear()
+        if self.state != "failed":
+            self.state = "stopped"
+
+    def _index(self, sub: Subscription) -> None:
+        assert self.transport is not None
+        key = (self.transport.wire(sub.topic), sub.topic.pattern)
+        self._by_wire.setdefault(key, []).append(sub)
+
+    def _start_consumer(self, sub: Subscription) -> None:
+        sub.queue = asyncio.Queue(maxsize=sub.queue_size)
+        sub.task = asyncio.get_running_loop().create_task(
+            self._consume(sub), name=f"zeal-pubsub:{sub.topic.name}"
+        )
+
+    def _backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** min(attempt, 30)))
+
+    async def _run(self) -> None:
+        attempt = 0
+        connected_before = False
+        transport = self.transport
+        assert transport is not None and self._ready is not None
+        while True:
+            self.state = "connecting"
+            try:
+                await transport.open([s.topic for s in self.subscriptions])
+                if connected_before:
+                    self.counters.incr("reconnects")
+                    await self._fire_reconnect()
+                connected_before = True
+                attempt = 0
+                self.state = "subscribed"
+                self._ready.set()
+                await transport.listen(self._deliver)
+                raise ConnectionError("pub/sub connection closed")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._ready.clear()
+                attempt += 1
+                self.error = exc
+                if self.max_attempts and attempt >= self.max_attempts:
+                    self.state = "failed"
+                    host_stats().incr("pubsub_failed")
+                    log.error(
+                        "zeal_asgi pub/sub: giving up after %d failed attempts (max_attempts); "
+                        "this worker receives no more messages: %s",
+                        attempt,
+                        exc,
+                    )
+                    return
+                self.state = "backoff"
+                delay = self._backoff(attempt)
+                log.warning(
+                    "zeal_asgi pub/sub: connection lost (%s); resubscribing in %.2f s", exc, delay
+                )
+                await asyncio.sleep(delay)
+            finally:
+                await transport.close()
+
+    async def _fire_reconnect(self) -> None:
+        for cb in self._reconnect_callbacks:
+            try:
+                res = cb()
+                if inspect.isawaitable(res):
+                    await res
+            except Exception:
+                log.exception("zeal_asgi pub/sub: reconnect callback %r failed", cb)
+
+    def _deliver(self, wire: str, pattern: str | None, data: bytes) -> bool:
+        """Queue a message for its subscriptions; True when one of their queues is half full."""
+        subs = self._by_wire.get((pattern, True) if pattern is not None else (wire, False))
+        self.counters.incr("received")
+        if not subs:
+            return False
+        transport = self.transport
+        assert transport is not None
+        crowded = False
+        text: str | None = None
+        for sub in subs:
+            queue = sub.queue
+            if queue is None:
+                continue
+            payload: Any = data
+            if not sub.raw:
+                if text is None:
+                    try:
+                        text = data.decode("utf-8")
+                    except UnicodeDecodeError:
+                        self.counters.incr("decode_errors")
+                        log.warning(
+                            "zeal_asgi pub/sub: dropped a non-UTF-8 message on %r "
+                            "(subscribe with raw=True for bytes)",
+                            wire,
+                        )
+                        continue
+                payload = text
+            item = (payload, transport.user_channel(wire, sub.topic))
+            if queue.full():
+                crowded = True
+                self.counters.incr("dropped")
+                if sub.overflow == "drop_newest":
+                    continue
+                queue.get_nowait()
+            queue.put_nowait(item)
+            if queue.qsize() * 2 >= sub.queue_size:
+                crowded = True
+        return crowded
+
+    async def _consume(self, sub: Subscription) -> None:
+        queue = sub.queue
+        assert queue is not None
+        handler, is_coro = sub.handler, sub.is_coro
+        counters = self.counters
+        while True:
+            payload, channel = await queue.get()
+            try:
+                if is_coro:
+                    await handler(payload, channel)
+                else:
+                    res = handler(payload, channel)
+                    if inspect.isawaitable(res):
+                        await res
+                counters.incr("delivered")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                counters.incr("handler_errors")
+                log.exception("zeal_asgi pub/sub: handler %r failed on %r", handler, channel)
+
+    def stats(self) -> dict[str, Any]:
+        """This worker's state and counters."""
+        out: dict[str, Any] = {
+            "state": self.state,
+            "transport": self.transport.kind if self.transport else None,
+            "subscriptions": len(self.subscriptions),
+        }
+        out.update(self.counters.values)
+        if self.error is not None:
+            out["last_error"] = str(self.error)
+        return out

@@ -1,0 +1,370 @@
+"""Reliable messaging over Redis Streams: consumer groups, at-least-once, reclaim, dead letters.
+
+``await Store.publish_reliable(stream, payload)`` appends an entry (``XADD``);
+``zeal.subscribe_reliable(stream, handler)`` runs ``handler(payload, entry)`` for every entry,
+once per consumer group, in whichever worker of whichever node reads it first:
+
+* the group is created at id ``0`` with ``MKSTREAM``, so entries published before the first
+  consumer started are delivered too;
+* a consumer reads its own pending entries (``0``) first, then new ones (``>``); several
+  handler tasks per worker (``concurrency``) run at once, fed by a bounded queue, and the reader
+  only asks for as many entries as there is room for;
+* the handler returning ``True`` acknowledges (``XACK``); ``False`` or an exception leaves the
+  entry pending;
+* a reaper in every worker claims entries idle for more than ``min_idle_ms`` (``XAUTOCLAIM``,
+  following the cursor to the end) from any consumer, dead or slow, and runs them again;
+  ``min_idle_ms`` must exceed the slowest handler, or a live consumer's entry runs twice;
+* an entry delivered ``max_deliveries`` times without success goes to the dead-letter stream
+  ``<stream>:dead`` (with its id, group and delivery count), then is acknowledged.
+
+Handlers must be idempotent: an entry may run again after a crash.  :func:`apply_once` makes a
+Redis-side effect exactly-once (claim and effect in one Lua script); :func:`idempotent` claims a
+key for effects outside Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from zeal_asgi.errors import ConfigError, InvalidKeyError, UnsupportedOperationError
+from zeal_asgi.messaging.common import redis_backend_of, validate_channel
+from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.store.base import backend_name
+
+if TYPE_CHECKING:
+    from zeal_asgi.messaging.consumer import Consumer
+    from zeal_asgi.store import Store
+
+__all__ = [
+    "ReliableSubscription",
+    "StreamEntry",
+    "StreamHandler",
+    "Streams",
+    "apply_once",
+    "idempotent",
+]
+
+log = logging.getLogger("zeal_asgi.streams")
+
+_COUNTERS = ("received", "acked", "failed", "reclaimed", "dead_lettered", "lost", "reconnects")
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    """What a reliable handler gets besides the payload."""
+
+    stream: str
+    id: str
+    group: str
+    consumer: str
+    deliveries: int
+    """How many times this entry was delivered, this time included."""
+    fields: dict[str, bytes] = field(repr=False)
+
+
+StreamHandler = Callable[[Any, StreamEntry], "bool | Awaitable[bool]"]
+"""``handler(payload, entry) -> bool`` (sync or async): ``True`` acknowledges."""
+
+
+def _pos_int(name: str, value: object, low: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+@dataclass(eq=False)
+class ReliableSubscription:
+    """One handler on one stream and group, with its options."""
+
+    stream: str
+    handler: StreamHandler
+    group: str
+    consumer: str
+    batch: int = 16
+    block_ms: int = 1000
+    concurrency: int = 4
+    min_idle_ms: int = 30_000
+    reclaim_interval: float = 5.0
+    max_deliveries: int = 5
+    dead_letter: str | None = None
+    raw: bool = False
+    fixed_consumer: bool = False
+    """The consumer name was given; otherwise each worker takes its own at start."""
+
+    def __post_init__(self) -> None:
+        validate_channel(self.stream, "stream")
+        for name in ("batch", "block_ms", "concurrency", "min_idle_ms", "max_deliveries"):
+            _pos_int(name, getattr(self, name))
+        if (
+            isinstance(self.reclaim_interval, bool)
+            or not isinstance(self.reclaim_interval, (int, float))
+            or self.reclaim_interval <= 0
+        ):
+            raise ConfigError(f"reclaim_interval must be > 0 s, got {self.reclaim_interval!r}")
+        for name in ("group", "consumer"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value or len(value) > 200:
+                raise InvalidKeyError(f"{name} must be a non-empty str of <= 200 chars")
+        if self.dead_letter is None:
+            self.dead_letter = f"{self.stream}:dead"
+        validate_channel(self.dead_letter, "dead-letter stream")
+
+
+def default_consumer() -> str:
+    """``host:pid:nonce``: unique per process, so two workers never share a pending list."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def _default_group(handler: Callable[..., Any]) -> str:
+    # Stable on every node and worker running the same code, distinct per handler: each
+    # handler sees every entry once, and the workers running it share the work.
+    name = f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', '?')}"
+    return name[-200:]
+
+
+class Streams:
+    """The per-worker reliable consumers of a :class:`~zeal_asgi.Zeal` app (a ``Zeal`` service)."""
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        *,
+        max_attempts: int = 0,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 5.0,
+        liveness_timeout: float = 5.0,
+    ) -> None:
+        self._store = store
+        self.max_attempts = _pos_int("max_attempts", max_attempts, 0)
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.liveness_timeout = liveness_timeout
+        self.subscriptions: list[ReliableSubscription] = []
+        self._consumers: list[Consumer] = []
+        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self.state = "stopped"
+        _instances.add(self)
+
+    @property
+    def store(self) -> Store:
+        """The Store whose backend holds the streams."""
+        if self._store is None:
+            from zeal_asgi.store import Store
+
+            return Store.default()
+        return self._store
+
+    def count(self, name: str, by: int = 1) -> None:
+        """Add to a counter of this worker and of the host (``streams_<name>``)."""
+        self.counters[name] += by
+        host_stats().incr(f"streams_{name}", by)
+
+    def subscribe(
+        self,
+        stream: str,
+        handler: StreamHandler | None = None,
+        *,
+        group: str | None = None,
+        consumer: str | None = None,
+        batch: int = 16,
+        block_ms: int = 1000,
+        concurrency: int = 4,
+        min_idle_ms: int = 30_000,
+        reclaim_interval: float = 5.0,
+        max_deliveries: int = 5,
+        dead_letter: str | None = None,
+        raw: bool = False,
+    ) -> Any:
+        """Run ``handler(payload, entry)`` at least once per entry of ``stream`` for ``group``.
+
+        ``group`` defaults to the handler's qualified name; ``consumer`` (unique per process!)
+        to ``host:pid:nonce``.  Without ``handler`` it is a decorator.
+        """
+
+        def register(fn: StreamHandler) -> StreamHandler:
+            if not callable(fn):
+                raise ConfigError(f"a stream handler must be callable, got {fn!r}")
+            sub = ReliableSubscription(
+                stream,
+                fn,
+                group if group is not None else _default_group(fn),
+                consumer if consumer is not None else default_consumer(),
+                batch,
+                block_ms,
+                concurrency,
+                min_idle_ms,
+                reclaim_interval,
+                max_deliveries,
+                dead_letter,
+                raw,
+                consumer is not None,
+            )
+            self.subscriptions.append(sub)
+            host_stats()  # allocated now, in the process that declares (before workers start)
+            return fn
+
+        if handler is None:
+            return register
+        return register(handler)
+
+    def _redis(self) -> Any:
+        backend = self.store.backend
+        redis = redis_backend_of(backend)
+        if redis is None:
+            raise UnsupportedOperationError(
+                f"reliable messaging needs Redis Streams (redis or tiered backend); current: "
+                f"{backend_name(backend)}"
+            )
+        return redis
+
+    async def start(self) -> None:
+        """Create the groups and start every consumer in this worker."""
+        if self._consumers or not self.subscriptions:
+            return
+        from zeal_asgi.messaging.consumer import Consumer
+
+        redis = self._redis()
+        for sub in self.subscriptions:
+            if not sub.fixed_consumer:
+                sub.consumer = default_consumer()  # declared before a fork: take our own pid
+            consumer = Consumer(sub, redis, self)
+            self._consumers.append(consumer)
+            await consumer.start()
+        self.state = "running"
+
+    async def stop(self) -> None:
+        """Stop every consumer (tasks cancelled and awaited; unacked entries stay pending)."""
+        consumers, self._consumers = self._consumers, []
+        for c in consumers:
+            await c.stop()
+        self.state = "stopped"
+
+    def stats(self) -> dict[str, Any]:
+        """This worker's state and counters."""
+        return {"state": self.state, "subscriptions": len(self.subscriptions), **self.counters}
+
+
+_instances: weakref.WeakSet[Streams] = weakref.WeakSet()
+
+
+# -- idempotency helpers -------------------------------------------------------------------------
+
+_CLAIM = "return redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) and 1 or 0"
+
+_APPLY_ONCE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local a = 2
+for i = 2, #KEYS do
+  local name = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  a = a + 2
+  local args = {}
+  for j = 1, n do args[j] = ARGV[a + j - 1] end
+  a = a + n
+  redis.call(name, KEYS[i], unpack(args))
+end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+return 1
+"""
+
+_ALLOWED = frozenset(
+    {
+        "SET",
+        "INCR",
+        "INCRBY",
+        "INCRBYFLOAT",
+        "DECR",
+        "DECRBY",
+        "HSET",
+        "HINCRBY",
+        "HINCRBYFLOAT",
+        "HDEL",
+        "SADD",
+        "SREM",
+        "ZADD",
+        "ZINCRBY",
+        "ZREM",
+        "RPUSH",
+        "LPUSH",
+        "DEL",
+        "UNLINK",
+        "EXPIRE",
+        "PEXPIRE",
+        "XADD",
+        "APPEND",
+        "SETBIT",
+        "PFADD",
+    }
+)
+
+
+def _ttl_ms(ttl: float) -> int:
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= 365 * 86400:
+        from zeal_asgi.errors import InvalidTTLError
+
+        raise InvalidTTLError(f"idempotency ttl must be in (0, 31536000] seconds, got {ttl!r}")
+    return max(1, int(ttl * 1000))
+
+
+def _idem_key(key: str) -> str:
+    if not isinstance(key, str) or not key or len(key.encode("utf-8", "surrogatepass")) > 512:
+        raise InvalidKeyError(f"idempotency key must be a non-empty str of <= 512 bytes: {key!r}")
+    return f"idem:{key}"
+
+
+async def idempotent(key: str, ttl: float = 86400.0, *, store: Store | None = None) -> bool:
+    """``True`` the first time ``key`` is claimed within ``ttl`` seconds (``SET NX PX``).
+
+    Claim-then-act: a crash between the claim and the effect loses that effect (at most once).
+    For effects in Redis use :func:`apply_once`, which applies them with the claim atomically.
+    """
+    from zeal_asgi.store import Store
+
+    st = store if store is not None else Store.default()
+    res = await st.eval(_CLAIM, [_idem_key(key)], [_ttl_ms(ttl)])
+    return bool(res)
+
+
+async def apply_once(
+    key: str,
+    commands: Sequence[Sequence[str | bytes | int | float]],
+    ttl: float = 86400.0,
+    *,
+    store: Store | None = None,
+) -> bool:
+    """Run Redis write ``commands`` exactly once per ``key`` (claim and effect in one script).
+
+    Each command is ``(NAME, key, *args)``; keys are prefixed like every Store key.  Returns
+    ``False`` (and changes nothing) when ``key`` was already applied within ``ttl`` seconds.
+    A command that fails (e.g. WRONGTYPE) aborts the script after its earlier commands; the key
+    is then not marked, so keep commands simple.
+
+    Example::
+
+        await apply_once(f"order:{entry.id}", [("HINCRBY", "totals", "eur", 12)])
+    """
+    from zeal_asgi.store import Store
+
+    st = store if store is not None else Store.default()
+    keys = [_idem_key(key)]
+    args: list[Any] = [_ttl_ms(ttl)]
+    for cmd in commands:
+        if len(cmd) < 2:
+            raise ConfigError(f"a command is (NAME, key, *args), got {cmd!r}")
+        name = str(cmd[0]).upper()
+        if name not in _ALLOWED:
+            raise ConfigError(f"apply_once: {name} is not an allowed write command")
+        key_arg = cmd[1]
+        if not isinstance(key_arg, str) or not key_arg:
+            raise InvalidKeyError(f"apply_once: the key of {name} must be a non-empty str")
+        keys.append(key_arg)
+        args += [name, len(cmd) - 2, *cmd[2:]]
+    res = await st.eval(_APPLY_ONCE, keys, args)
+    return bool(res)

@@ -1,0 +1,137 @@
+"""Pieces of the WebSocket router: names and their limits, message encoding, local sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import re
+import secrets
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from zeal_asgi.errors import InvalidKeyError, KeyTypeError, SerializationError, ValueTooLargeError
+from zeal_asgi.shm.hoststats import host_stats
+
+__all__ = [
+    "CLIENT_ID_MAX",
+    "CONN_RE",
+    "MAX_MESSAGE",
+    "ROOM_RE",
+    "Conn",
+    "Message",
+    "cancel",
+    "check_client_id",
+    "check_room",
+    "close_socket",
+    "count",
+    "encode_message",
+    "finish",
+]
+
+log = logging.getLogger("zeal_asgi.ws")
+
+ROOM_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+CLIENT_ID_MAX = 200
+MAX_MESSAGE = 64 * 1024
+CONN_RE = re.compile(r"^[0-9a-f]{32}$")
+Message = str | bytes | Mapping[str, Any] | list[Any]
+
+
+def count(name: str, by: int = 1) -> None:
+    host_stats().incr(f"ws_{name}", by)
+
+
+def check_client_id(client_id: object) -> str:
+    """A client id (non-empty str of at most 200 UTF-8 bytes), or a typed error."""
+    if not isinstance(client_id, str):
+        raise KeyTypeError(f"a client id is a str, got {type(client_id).__name__}")
+    try:
+        n = len(client_id.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidKeyError("client id is not encodable as UTF-8") from exc
+    if not 0 < n <= CLIENT_ID_MAX:
+        raise InvalidKeyError(f"client id must be 1..{CLIENT_ID_MAX} bytes, got {n}")
+    return client_id
+
+
+def check_room(room: object) -> str:
+    """A room name matching ``[A-Za-z0-9_.-]{1,64}``, or a typed error."""
+    if not isinstance(room, str):
+        raise KeyTypeError(f"a room name is a str, got {type(room).__name__}")
+    if not ROOM_RE.match(room):
+        raise InvalidKeyError(f"room name {room[:80]!r} must match {ROOM_RE.pattern}")
+    return room
+
+
+def encode_message(message: Message) -> dict[str, Any]:
+    """The envelope fields of a message (``p``, and ``b=1`` for base64 bytes)."""
+    out: dict[str, Any]
+    if isinstance(message, str):
+        size, out = len(message.encode("utf-8", "surrogatepass")), {"p": message}
+    elif isinstance(message, bytes):
+        size, out = len(message), {"p": base64.b64encode(message).decode("ascii"), "b": 1}
+    elif isinstance(message, (Mapping, list)):
+        try:
+            text = json.dumps(message, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(f"a WebSocket message must be JSON-encodable: {exc}") from exc
+        size, out = len(text.encode("utf-8")), {"p": text}
+    else:
+        raise SerializationError(
+            f"a WebSocket message is str, bytes, or a dict/list (sent as JSON), got "
+            f"{type(message).__name__}"
+        )
+    if size > MAX_MESSAGE:
+        raise ValueTooLargeError(
+            f"WebSocket message of {size} bytes exceeds the limit of {MAX_MESSAGE} bytes"
+        )
+    return out
+
+
+class Conn:
+    """One local socket: its conn_id (128 random bits), bounded send queue, sender task, rooms."""
+
+    def __init__(
+        self,
+        client_id: str,
+        websocket: Any,
+        queue_size: int,
+        send_loop: Callable[[Conn], Coroutine[Any, Any, None]],
+    ) -> None:
+        self.client_id = client_id
+        self.conn_id = secrets.token_hex(16)
+        self.websocket = websocket
+        self.queue: asyncio.Queue[str | bytes] = asyncio.Queue(maxsize=queue_size)
+        self.rooms: set[str] = set()
+        self.registered: asyncio.Future[None] | None = None
+        self.sender = asyncio.get_running_loop().create_task(
+            send_loop(self), name=f"zeal-ws-send:{client_id}"
+        )
+
+
+async def finish(fut: asyncio.Future[None] | None) -> None:
+    if fut is not None:
+        try:
+            await fut
+        except Exception:
+            log.exception("zeal_asgi ws: writing an owner row failed")
+
+
+async def cancel(task: asyncio.Task[Any]) -> None:
+    if task.done():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+
+
+async def close_socket(websocket: Any, code: int) -> None:
+    with contextlib.suppress(Exception):
+        await websocket.close(code=code)

@@ -1,0 +1,466 @@
+"""Where WebSocket clients live: owner rows and room rosters, in Redis or in shared memory.
+
+Both registries offer the same operations, each atomic:
+
+* owner row per client: ``conn_id`` + the worker that holds the socket; ``release_owner``
+  deletes it only when the ``conn_id`` still matches (a late close of an old connection never
+  removes the row of the client's new connection);
+* room roster: member -> worker, and per room a worker -> member-count map, so ``room_servers``
+  lists the workers to publish a room message to (targeted, no global fan-out).  Join and leave
+  update both in one step (Lua on Redis, a host-wide stripe lock on shared memory);
+* worker liveness, so the rows of a worker that died without releasing them can be reaped:
+  on Redis a key per worker that its heartbeat keeps alive (``beat``), on shared memory the
+  worker's pid (one host).  ``purge`` removes one worker's members from a room in one step.
+
+Redis keys (all prefixed; ``{room}`` is a Cluster hash tag so one script touches one slot)::
+
+    {prefix}:ws:owner:{client_id}          hash  c=conn_id w=worker
+    {prefix}:ws:room:{<room>}:members      hash  client_id -> worker
+    {prefix}:ws:room:{<room>}:servers      hash  worker -> members on it
+    {prefix}:ws:alive:{worker}             string, expires unless the worker's heartbeat renews it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from zeal_asgi.errors import LockTimeoutError, ZealError
+
+__all__ = ["RedisRegistry", "Registry", "ShmRegistry"]
+
+SEP = "\x1f"
+_STRIPES = 64
+_LOCK_TIMEOUT = 2.0
+
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_OWN_NX = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'c', ARGV[1], 'w', ARGV[2])
+return 1
+"""
+# ARGV[3] '1': only when the client is in no worker's roster (a re-registration never moves
+# a member that joined again elsewhere)
+_JOIN = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old == ARGV[2] then return 0 end
+if old and ARGV[3] == '1' then return 0 end
+if old then
+  if redis.call('HINCRBY', KEYS[2], old, -1) <= 0 then redis.call('HDEL', KEYS[2], old) end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+return 1
+"""
+_LEAVE = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return 0 end
+if ARGV[2] ~= '' and old ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HINCRBY', KEYS[2], old, -1) <= 0 then redis.call('HDEL', KEYS[2], old) end
+return 1
+"""
+_PURGE = """
+local flat = redis.call('HGETALL', KEYS[1])
+local gone = {}
+for i = 1, #flat, 2 do
+  if flat[i + 1] == ARGV[1] then
+    redis.call('HDEL', KEYS[1], flat[i])
+    gone[#gone + 1] = flat[i]
+  end
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+return gone
+"""
+# One round trip per room message: the room's workers and a PUBLISH to each, read and sent in
+# one step (a worker joining meanwhile is either in the list or joins after the message).
+# Returns worker, receivers, worker, receivers, ...
+_PUBLISH_ROOM = """
+local ws = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #ws, 2 do
+  if tonumber(ws[i + 1]) > 0 then
+    out[#out + 1] = ws[i]
+    out[#out + 1] = redis.call('PUBLISH', ARGV[1] .. ws[i], ARGV[2])
+  end
+end
+return out
+"""
+
+
+class Registry(Protocol):
+    """Owner rows and room rosters (see the module docstring)."""
+
+    beats: bool
+    """Whether workers must renew their liveness with :meth:`beat` (Redis) or not (pids)."""
+
+    async def set_owner(
+        self, client_id: str, conn_id: str, worker: str, *, only_if_absent: bool = False
+    ) -> bool:
+        """Record that ``worker`` holds ``client_id``'s socket ``conn_id`` (newest wins, or
+        only when the client has no row); ``True`` when written."""
+        ...
+
+    async def get_owner(self, client_id: str) -> tuple[str, str] | None:
+        """``(conn_id, worker)`` or ``None``."""
+        ...
+
+    async def release_owner(self, client_id: str, conn_id: str) -> bool:
+        """Delete the row only if it still names ``conn_id``; ``True`` when deleted."""
+        ...
+
+    async def join(
+        self, room: str, client_id: str, worker: str, *, only_if_absent: bool = False
+    ) -> bool:
+        """Add (or move, unless ``only_if_absent``) a member; ``True`` when something changed."""
+        ...
+
+    async def leave(self, room: str, client_id: str, worker: str = "") -> bool:
+        """Remove a member (only if on ``worker`` when given); ``True`` when removed."""
+        ...
+
+    async def room_servers(self, room: str) -> list[str]:
+        """Workers holding at least one member of ``room``."""
+        ...
+
+    async def publish_room(
+        self, room: str, wire_prefix: str, payload: bytes
+    ) -> list[tuple[str, int]] | None:
+        """Publish ``payload`` on ``wire_prefix + worker`` for every worker of ``room`` in one
+        step; ``(worker, receivers)`` pairs, or ``None`` when the caller must publish itself."""
+        ...
+
+    async def beat(self, worker: str, ttl: float) -> bool:
+        """Mark ``worker`` alive for ``ttl`` seconds; ``False`` if it was not marked alive
+        (its first beat, or its mark expired or was lost with the data)."""
+        ...
+
+    async def worker_alive(self, worker: str) -> bool:
+        """Whether ``worker`` is alive (its mark is current, or its process exists)."""
+        ...
+
+    async def purge(self, room: str, worker: str) -> list[str]:
+        """Remove every member ``worker`` holds in ``room`` in one step; their client ids."""
+        ...
+
+    async def forget_worker(self, worker: str) -> None:
+        """Drop ``worker``'s liveness mark (a clean shutdown)."""
+        ...
+
+
+def _b2s(v: Any) -> str:
+    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
+
+
+class RedisRegistry:
+    """The registry in Redis (every node sees it)."""
+
+    beats = True
+
+    def __init__(self, redis: Any) -> None:
+        from zeal_asgi._redis.scripts import Script  # the redis extra: only this registry needs it
+
+        self.redis = redis
+        self._scripts = {
+            src: Script(name, src)
+            for name, src in (
+                ("ws release", _RELEASE),
+                ("ws owner row", _OWN_NX),
+                ("ws join", _JOIN),
+                ("ws leave", _LEAVE),
+                ("ws purge", _PURGE),
+                ("ws room publish", _PUBLISH_ROOM),
+            )
+        }
+
+    def _owner_key(self, client_id: str) -> str:
+        return str(self.redis.key("ws", "owner", client_id))
+
+    def _room_keys(self, room: str) -> list[str]:
+        tag = "{" + room + "}"
+        return [
+            str(self.redis.key("ws", "room", tag, "members")),
+            str(self.redis.key("ws", "room", tag, "servers")),
+        ]
+
+    async def _eval(self, script: str, keys: list[str], args: list[str], what: str) -> Any:
+        """One of this module's scripts on the backend's fast path (never retried: it writes)."""
+        raw_keys = [k.encode("utf-8") for k in keys]
+        return await self.redis.run_script(
+            self._scripts[script], raw_keys, args, what=what, idempotent=False
+        )
+
+    async def set_owner(
+        self, client_id: str, conn_id: str, worker: str, *, only_if_absent: bool = False
+    ) -> bool:
+        """HSET the owner row (a script checking that there is none, ``only_if_absent``)."""
+        key = self._owner_key(client_id)
+        if only_if_absent:
+            return bool(await self._eval(_OWN_NX, [key], [conn_id, worker], "ws owner row"))
+        await self.redis.run(
+            lambda c: c.hset(key, mapping={"c": conn_id, "w": worker}),
+            what="ws owner row",
+            idempotent=True,
+        )
+        return True
+
+    async def get_owner(self, client_id: str) -> tuple[str, str] | None:
+        """HMGET the owner row."""
+        key = self._owner_key(client_id)
+        conn, worker = await self.redis.run(
+            lambda c: c.hmget(key, ["c", "w"]), what="ws owner lookup", idempotent=True
+        )
+        if not conn or not worker:
+            return None
+        return _b2s(conn), _b2s(worker)
+
+    async def release_owner(self, client_id: str, conn_id: str) -> bool:
+        """Conditional delete (Lua)."""
+        res = await self._eval(_RELEASE, [self._owner_key(client_id)], [conn_id], "ws release")
+        return bool(res)
+
+    async def join(
+        self, room: str, client_id: str, worker: str, *, only_if_absent: bool = False
+    ) -> bool:
+        """Roster + per-worker count in one script."""
+        args = [client_id, worker, "1" if only_if_absent else "0"]
+        return bool(await self._eval(_JOIN, self._room_keys(room), args, "ws join"))
+
+    async def leave(self, room: str, client_id: str, worker: str = "") -> bool:
+        """Roster + per-worker count in one script."""
+        res = await self._eval(_LEAVE, self._room_keys(room), [client_id, worker], "ws leave")
+        return bool(res)
+
+    async def room_servers(self, room: str) -> list[str]:
+        """HSCAN in pages (a room's worker map is never loaded in one unbounded reply)."""
+        key = self._room_keys(room)[1]
+        out: list[str] = []
+        cursor = 0
+        while True:
+
+            def page_op(c: Any, cur: int = cursor) -> Any:
+                return c.hscan(key, cur, count=256)
+
+            cursor, page = await self.redis.run(page_op, what="ws room servers", idempotent=True)
+            out.extend(_b2s(w) for w, n in page.items() if int(n) > 0)
+            if not cursor:
+                return out
+
+    async def publish_room(
+        self, room: str, wire_prefix: str, payload: bytes
+    ) -> list[tuple[str, int]] | None:
+        """One script: the room's worker map read and a PUBLISH to each worker's channel."""
+        flat = await self.redis.run_script(
+            self._scripts[_PUBLISH_ROOM],
+            [self._room_keys(room)[1].encode("utf-8")],
+            [wire_prefix, payload],
+            what="ws room publish",
+        )
+        return [(_b2s(flat[i]), int(flat[i + 1])) for i in range(0, len(flat or ()), 2)]
+
+    def _alive_key(self, worker: str) -> str:
+        return str(self.redis.key("ws", "alive", worker))
+
+    async def beat(self, worker: str, ttl: float) -> bool:
+        """``SET alive-key PX ttl GET``: the old value tells whether the mark was current."""
+        key, ms = self._alive_key(worker), max(1, round(ttl * 1000))
+        old = await self.redis.run(
+            lambda c: c.set(key, b"1", px=ms, get=True), what="ws heartbeat", idempotent=True
+        )
+        return old is not None
+
+    async def worker_alive(self, worker: str) -> bool:
+        """``EXISTS`` of the worker's mark."""
+        key = self._alive_key(worker)
+        n = await self.redis.run(lambda c: c.exists(key), what="ws liveness", idempotent=True)
+        return bool(n)
+
+    async def purge(self, room: str, worker: str) -> list[str]:
+        """One script over the room's roster (O(members of the room), run once per death)."""
+        gone = await self._eval(_PURGE, self._room_keys(room), [worker], "ws purge")
+        return [_b2s(c) for c in gone or ()]
+
+    async def forget_worker(self, worker: str) -> None:
+        """``DEL`` the worker's mark."""
+        key = self._alive_key(worker)
+        await self.redis.run(lambda c: c.delete(key), what="ws liveness", idempotent=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ShmRegistry:
+    """The registry in shared-memory tables: every worker of this host, no Redis.
+
+    Allocated when the router is made (before workers start).  Conditional updates hold one of
+    ``64`` host-wide stripe locks (a CAS on a shared row; a lock whose holder died is taken
+    over); the sections never await, so they last microseconds.  A worker is alive while its
+    process is (``server:pid``, one host), so there is nothing to renew.
+    """
+
+    beats = False
+
+    def __init__(self, *, owner_capacity: int = 65536, room_capacity: int = 65536) -> None:
+        from zeal_asgi.shm.ext import Table
+
+        self.owner = Table(
+            owner_capacity,
+            {"c": ("string", 32), "w": ("string", 160)},
+            name="__zeal_ws_owner__",
+            key_size=256,
+        )
+        self.members = Table(
+            room_capacity, {"w": ("string", 160)}, name="__zeal_ws_members__", key_size=384
+        )
+        self.servers = Table(
+            room_capacity, {"n": ("int", 4)}, name="__zeal_ws_servers__", key_size=256
+        )
+        self.locks = Table(_STRIPES, {"holder": ("int", 8)}, name="__zeal_ws_locks__")
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        stripe = str(int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest()) % 64)
+        me = os.getpid()
+        deadline = time.monotonic() + _LOCK_TIMEOUT
+        locks = self.locks
+        while not locks.compare_and_set(stripe, "holder", 0, me):
+            holder = locks.get(stripe, "holder") or 0
+            if holder and (holder == me or not _pid_alive(holder)):
+                # ours from a section that never finished (impossible without a crash) or a
+                # dead process's: take it over
+                if locks.compare_and_set(stripe, "holder", holder, me):
+                    break
+                continue
+            if time.monotonic() > deadline:
+                raise LockTimeoutError(
+                    f"ws registry stripe {stripe} held by pid {holder} for over {_LOCK_TIMEOUT} s"
+                )
+            time.sleep(0)
+        try:
+            yield
+        finally:
+            locks.compare_and_set(stripe, "holder", me, 0)
+
+    async def set_owner(
+        self, client_id: str, conn_id: str, worker: str, *, only_if_absent: bool = False
+    ) -> bool:
+        """One atomic row write (under the client's stripe lock, ``only_if_absent``)."""
+        if not only_if_absent:
+            self.owner.set(client_id, {"c": conn_id, "w": worker})
+            return True
+        with self._locked("o" + client_id):
+            if self.owner.exists(client_id):
+                return False
+            self.owner.set(client_id, {"c": conn_id, "w": worker})
+            return True
+
+    async def get_owner(self, client_id: str) -> tuple[str, str] | None:
+        """One atomic row read."""
+        row = self.owner.get(client_id)
+        if row is None or not row["c"]:
+            return None
+        return str(row["c"]), str(row["w"])
+
+    async def release_owner(self, client_id: str, conn_id: str) -> bool:
+        """Compare and delete under the client's stripe lock."""
+        with self._locked("o" + client_id):
+            if self.owner.get(client_id, "c") != conn_id:
+                return False
+            return bool(self.owner.delete(client_id))
+
+    def _dec(self, room: str, worker: str) -> None:
+        key = room + SEP + worker
+        if self.servers.incr(key, "n", -1) <= 0:
+            self.servers.delete(key)
+
+    async def join(
+        self, room: str, client_id: str, worker: str, *, only_if_absent: bool = False
+    ) -> bool:
+        """Roster + per-worker count under the room's stripe lock."""
+        mkey = room + SEP + client_id
+        with self._locked("r" + room):
+            old = self.members.get(mkey, "w")
+            if old == worker or (old is not None and only_if_absent):
+                return False
+            if old is not None:
+                self._dec(room, str(old))
+            self.servers.incr(room + SEP + worker, "n", 1)
+            try:
+                self.members.set(mkey, {"w": worker})
+            except ZealError:
+                self._dec(room, worker)  # the roster is full: undo the count
+                raise
+            return True
+
+    async def leave(self, room: str, client_id: str, worker: str = "") -> bool:
+        """Roster + per-worker count under the room's stripe lock."""
+        mkey = room + SEP + client_id
+        with self._locked("r" + room):
+            old = self.members.get(mkey, "w")
+            if old is None or (worker and old != worker):
+                return False
+            self.members.delete(mkey)
+            self._dec(room, str(old))
+            return True
+
+    async def room_servers(self, room: str) -> list[str]:
+        """Scan of the per-worker counts (one host: a few thousand rows at most)."""
+        pre = room + SEP
+        return [
+            str(k)[len(pre) :]
+            for k, row in self.servers.items()
+            if str(k).startswith(pre) and row["n"] > 0
+        ]
+
+    async def publish_room(
+        self, room: str, wire_prefix: str, payload: bytes
+    ) -> list[tuple[str, int]] | None:
+        """``None``: the host bus publishes without a round trip, the router does it."""
+        return None
+
+    async def beat(self, worker: str, ttl: float) -> bool:
+        """Nothing to renew: liveness is the worker's process."""
+        return True
+
+    async def worker_alive(self, worker: str) -> bool:
+        """Whether the pid in ``server:pid`` runs (an unparsable name counts as alive)."""
+        pid = worker.rpartition(":")[2]
+        return not pid.isdigit() or _pid_alive(int(pid))
+
+    async def purge(self, room: str, worker: str) -> list[str]:
+        """Scan of the roster under the room's stripe lock (once per death)."""
+        pre = room + SEP
+        gone: list[str] = []
+        with self._locked("r" + room):
+            for key, row in list(self.members.items()):
+                k = str(key)
+                if k.startswith(pre) and row["w"] == worker:
+                    self.members.delete(key)
+                    gone.append(k[len(pre) :])
+            self.servers.delete(pre + worker)
+        return gone
+
+    async def forget_worker(self, worker: str) -> None:
+        """Nothing to drop."""
+
+    def close(self) -> None:
+        """Unlink the tables (tests)."""
+        from zeal_asgi.shm.segments import destroy
+
+        for t in (self.owner, self.members, self.servers, self.locks):
+            if not t.closed:
+                destroy(t)

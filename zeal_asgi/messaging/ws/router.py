@@ -1,0 +1,559 @@
+"""``WSRouter``: reach a WebSocket client on whichever worker or node holds it.
+
+Each worker subscribes one channel of its own, ``{prefix}:ws:w:{server}:{pid}`` (Redis; on the
+table backend the same name on the host bus), and ``send_to_client`` publishes there only:
+routing is targeted, never a global fan-out.  The owner row of a client names the worker and
+the connection's ``conn_id`` (128 random bits); the receiving worker delivers only if its
+socket for that client still has that ``conn_id``, so a message addressed to an old connection
+never reaches a new one that reuses the id or the file descriptor.  ``release`` deletes the
+owner row only when its ``conn_id`` matches.  Empty or malformed ids never match.
+
+Rooms: ``join``/``leave`` keep a roster and, per room, which workers hold members
+(``room_servers``); ``broadcast`` publishes once per such worker.  Presence (join/leave events)
+travels as its own message type, never mixed with user payloads.  With ``secret`` set, every
+envelope (direct, room, presence) is HMAC-SHA256 signed with timestamp and nonce
+(:mod:`zeal_asgi.signing`); forged, stale and replayed ones are dropped and counted.
+
+Each socket gets a bounded send queue and a sender task; a client that does not keep up loses
+its oldest queued messages (``overflow="drop_oldest"``, counted) or is closed with code 1013
+(``overflow="close"``).  :meth:`WSRouter.serve` runs the receive loop and the sender together
+and releases the client when either ends.
+
+A worker that dies without releasing its clients leaves rows behind; they are reaped when a
+message to that worker reaches nobody and the worker is found dead, and a worker whose
+registration was lost (Redis restarted without its data) registers its sockets again within a
+third of ``worker_ttl`` (:mod:`zeal_asgi.messaging.ws.liveness`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import json
+import logging
+import os
+import re
+import socket
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+from zeal_asgi.errors import ConfigError, MessageRejectedError, UnsupportedOperationError
+from zeal_asgi.messaging.pubsub import PubSub, redis_backend_of
+from zeal_asgi.messaging.ws.conn import (
+    CLIENT_ID_MAX,
+    CONN_RE,
+    MAX_MESSAGE,
+    ROOM_RE,
+    Conn,
+    Message,
+    cancel,
+    check_client_id,
+    check_room,
+    close_socket,
+    count,
+    encode_message,
+    finish,
+)
+from zeal_asgi.messaging.ws.liveness import Liveness
+from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.shm.segments import server_identity
+from zeal_asgi.signing import Signer, parse_envelope
+from zeal_asgi.store import Store
+from zeal_asgi.store.base import StoreBackendKind, backend_name
+from zeal_asgi.store.services import ServiceHost
+
+if TYPE_CHECKING:
+    from zeal_asgi.messaging.ws.rooms import Registry
+
+__all__ = ["CLIENT_ID_MAX", "ROOM_RE", "WSRouter", "check_client_id", "check_room"]
+
+log = logging.getLogger("zeal_asgi.ws")
+
+
+class PubSubHost(ServiceHost, Protocol):
+    """The app object as the router sees it: store, services, and its per-worker pub/sub."""
+
+    @property
+    def pubsub(self) -> PubSub:
+        """The app's pub/sub subscriber (the router adds its worker channel to it)."""
+        ...
+
+
+class WSRouter:
+    """Route messages to WebSocket clients across workers and nodes.
+
+    Args:
+        target: a :class:`~zeal_asgi.Zeal` (the router becomes one of its services and uses its
+            pub/sub) or a :class:`~zeal_asgi.Store` (call ``start()``/``stop()`` yourself).
+        secret: signs every envelope (HMAC-SHA256, timestamp, nonce); ``None`` sends them plain.
+        queue_size: messages queued per socket; ``overflow``: ``drop_oldest`` or ``close``.
+        worker_ttl: on Redis, seconds after which a worker that stopped renewing its liveness
+            mark (every ``worker_ttl / 3``) counts as dead and its rows may be reaped.
+
+    Example::
+
+        router = WSRouter(zeal, secret=os.environ["WS_SECRET"])
+
+        @app.websocket("/ws/{user}")
+        async def ws(websocket: WebSocket, user: str) -> None:
+            await router.serve(user, websocket, on_message=handle)
+    """
+
+    def __init__(
+        self,
+        target: PubSubHost | Store,
+        secret: str | bytes | Mapping[str, str | bytes] | None = None,
+        *,
+        queue_size: int = 256,
+        overflow: str = "drop_oldest",
+        signing_window: float = 30.0,
+        owner_capacity: int = 65536,
+        room_capacity: int = 65536,
+        worker_ttl: float = 30.0,
+    ) -> None:
+        if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1:
+            raise ConfigError(f"queue_size must be an int >= 1, got {queue_size!r}")
+        if overflow not in ("drop_oldest", "close"):
+            raise ConfigError(f"overflow must be 'drop_oldest' or 'close', got {overflow!r}")
+        if (
+            not isinstance(worker_ttl, int | float)
+            or isinstance(worker_ttl, bool)
+            or not 0.3 <= worker_ttl <= 86400
+        ):
+            raise ConfigError(f"worker_ttl must be seconds in [0.3, 86400], got {worker_ttl!r}")
+        self.queue_size = queue_size
+        self.overflow = overflow
+        self.worker_ttl = float(worker_ttl)
+        self._liveness: Liveness | None = None
+        self._room_wire = ""  # the wire name of every worker's channel, minus the worker
+        if not isinstance(target, Store):
+            self.store: Store = target.store
+            self.pubsub: PubSub = target.pubsub
+            self._own_pubsub = False
+        else:
+            self.store = target
+            self.pubsub = PubSub(target)
+            self._own_pubsub = True
+        self.signer: Signer | None = (
+            Signer(
+                secret,
+                context="ws",
+                window=signing_window,
+                max_bytes=MAX_MESSAGE * 2,
+                name="ws_signed",
+            )
+            if secret
+            else None
+        )
+        self._registry: Registry | None = None
+        self._local: dict[str, Conn] = {}
+        self._rooms: dict[str, dict[str, str]] = {}
+        self._presence: list[Callable[..., Any]] = []
+        self._sub: Any = None
+        self._bg: set[asyncio.Task[Any]] = set()
+        self.server = ""
+        self.worker = ""
+        host_stats()
+        if self.store.kind is StoreBackendKind.TABLE:
+            from zeal_asgi.shm.bus import host_bus
+
+            host_bus()  # both allocated now, before workers start
+            self._registry = self._make_registry(owner_capacity, room_capacity)
+        self._capacities = (owner_capacity, room_capacity)
+        if not isinstance(target, Store):
+            target.add_service(self)
+
+    def _make_registry(self, owner_capacity: int, room_capacity: int) -> Registry:
+        backend = self.store.backend
+        redis = redis_backend_of(backend)
+        if redis is not None:
+            from zeal_asgi.messaging.ws.rooms import RedisRegistry
+
+            return RedisRegistry(redis)
+        if backend.kind is StoreBackendKind.TABLE:
+            from zeal_asgi.messaging.ws.rooms import ShmRegistry
+
+            return ShmRegistry(owner_capacity=owner_capacity, room_capacity=room_capacity)
+        raise UnsupportedOperationError(
+            f"WSRouter needs the redis or tiered backend, or the table backend (one host); "
+            f"current: {backend_name(backend)}"
+        )
+
+    @property
+    def registry(self) -> Registry:
+        """Owner rows and rooms (Redis, or shared memory on the table backend)."""
+        if self._registry is None:
+            self._registry = self._make_registry(*self._capacities)
+        return self._registry
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe this worker's channel (``Zeal`` calls it in every worker)."""
+        if self._sub is not None:
+            return
+        host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64]
+        self.server = f"{host}-{server_identity().server_id}"
+        self.worker = f"{self.server}:{os.getpid()}"
+        self.registry  # noqa: B018 - fail at startup, not at the first message
+        if self._own_pubsub:
+            await self.pubsub.start()
+        self._sub = await self.pubsub.add_system(self._channel(self.worker), self._on_wire)
+        await self.pubsub.wait_ready(5.0)
+        self._liveness = Liveness(
+            self.registry,
+            self.worker,
+            self.worker_ttl,
+            spawn=self._spawn,
+            reregister=self._reregister,
+            left=lambda room, client_id: self._presence_event("leave", room, client_id),
+        )
+        await self._liveness.start()
+
+    async def stop(self) -> None:
+        """Release every local client and unsubscribe (tasks cancelled and awaited)."""
+        for client_id, conn in list(self._local.items()):
+            await self.release(client_id, conn.conn_id)
+        for task in list(self._bg):
+            await cancel(task)
+        liveness, self._liveness = self._liveness, None
+        if liveness is not None:
+            try:
+                await liveness.stop()
+            except Exception as exc:  # the mark expires by itself after worker_ttl
+                log.warning("zeal_asgi ws: could not drop this worker's liveness mark: %s", exc)
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            await self.pubsub.unsubscribe(sub)
+        if self._own_pubsub:
+            await self.pubsub.stop()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A background task that ``stop()`` cancels and awaits; failures are logged."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._bg.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            count("background_errors")
+            log.warning("zeal_asgi ws: background task failed: %s", task.exception())
+
+    @staticmethod
+    def _channel(worker: str) -> str:
+        return f"ws:w:{worker}"
+
+    # -- owning sockets ------------------------------------------------------------------------
+
+    def own(self, client_id: str, websocket: Any) -> str:
+        """Register ``websocket`` as ``client_id``'s socket on this worker; its new conn_id.
+
+        The owner row is written at once on the table backend and in the background on Redis
+        (``join``/``release``/``send_to_client`` on this worker wait for it).  A previous socket
+        of the same client on this worker is released.
+        """
+        check_client_id(client_id)
+        if not self.worker:
+            raise ConfigError("WSRouter.own(): the router is not started in this worker")
+        old = self._local.pop(client_id, None)
+        if old is not None:
+            self._spawn(cancel(old.sender))
+            self._forget_rooms(client_id)
+        conn = Conn(client_id, websocket, self.queue_size, self._send_loop)
+        self._local[client_id] = conn
+        conn.registered = self._spawn(self.registry.set_owner(client_id, conn.conn_id, self.worker))
+        count("owns")
+        return conn.conn_id
+
+    def local_conn_id(self, client_id: str) -> str | None:
+        """The conn_id of ``client_id``'s socket on this worker, if any."""
+        conn = self._local.get(client_id)
+        return conn.conn_id if conn else None
+
+    async def release(self, client_id: str, conn_id: str) -> bool:
+        """Forget the socket ``conn_id`` of ``client_id``; ``True`` if the owner row was removed.
+
+        Only the row naming ``conn_id`` is removed: the client may already own a newer socket
+        here or elsewhere, and that row stays.
+        """
+        check_client_id(client_id)
+        conn = self._local.get(client_id)
+        if conn is not None and conn.conn_id == conn_id:
+            del self._local[client_id]
+            await finish(conn.registered)
+            await cancel(conn.sender)
+            for room in list(conn.rooms):
+                try:
+                    await self.registry.leave(room, client_id, self.worker)
+                    await self._presence_event("leave", room, client_id)
+                except Exception:
+                    log.exception("zeal_asgi ws: leaving %r for %r failed", room, client_id)
+            self._forget_rooms(client_id)
+        if not isinstance(conn_id, str) or not CONN_RE.match(conn_id):
+            return False
+        removed = await self.registry.release_owner(client_id, conn_id)
+        count("releases" if removed else "release_kept")
+        return removed
+
+    async def _reregister(self) -> int:
+        """Write this worker's owner rows and memberships again where none exist; how many
+        clients were registered again.  A client whose row names another connection now lives
+        elsewhere: its rooms are left alone too."""
+        n = 0
+        for client_id, conn in list(self._local.items()):
+            await finish(conn.registered)
+            if await self.registry.set_owner(
+                client_id, conn.conn_id, self.worker, only_if_absent=True
+            ):
+                n += 1
+            elif await self.registry.get_owner(client_id) != (conn.conn_id, self.worker):
+                continue
+            for room in list(conn.rooms):
+                await self.registry.join(room, client_id, self.worker, only_if_absent=True)
+        return n
+
+    def _forget_rooms(self, client_id: str) -> None:
+        for room, members in list(self._rooms.items()):
+            members.pop(client_id, None)
+            if not members:
+                del self._rooms[room]
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _seal(self, fields: dict[str, Any]) -> bytes:
+        if self.signer is not None:
+            return self.signer.sign(fields)
+        return json.dumps(fields, separators=(",", ":"), allow_nan=False).encode()
+
+    async def send_to_client(
+        self, client_id: str, message: Message, *, conn_id: str | None = None
+    ) -> bool:
+        """Deliver to ``client_id``'s socket wherever it is; ``True`` when handed to its worker.
+
+        With ``conn_id`` only that connection may receive it (never a newer one).  ``False``
+        when the client has no socket (or not that one).
+        """
+        check_client_id(client_id)
+        body = encode_message(message)
+        conn = self._local.get(client_id)
+        if conn is not None and (conn_id is None or conn.conn_id == conn_id):
+            self._push(conn, body)
+            count("sent_local")
+            return True
+        owner = await self.registry.get_owner(client_id)
+        if owner is None:
+            count("owner_missing")
+            return False
+        target_conn, worker = owner
+        if conn_id is not None and target_conn != conn_id:
+            count("owner_missing")
+            return False
+        if worker == self.worker:
+            return False  # the row names us but the socket is gone: a release is on its way
+        raw = self._seal({"t": "d", "c": client_id, "n": target_conn, **body})
+        receivers = await self.pubsub.publish_system(self._channel(worker), raw)
+        count("sent_remote")
+        if not receivers and self._liveness is not None:
+            self._liveness.unreached(worker, owner=(client_id, target_conn))
+        return receivers > 0
+
+    async def join(self, room: str, client_id: str) -> bool:
+        """Add this worker's client to ``room``; ``False`` if the client is not on this worker."""
+        check_room(room)
+        check_client_id(client_id)
+        conn = self._local.get(client_id)
+        if conn is None:
+            return False
+        await finish(conn.registered)
+        await self.registry.join(room, client_id, self.worker)
+        self._rooms.setdefault(room, {})[client_id] = conn.conn_id
+        conn.rooms.add(room)
+        count("joins")
+        await self._presence_event("join", room, client_id)
+        return True
+
+    async def leave(self, room: str, client_id: str) -> bool:
+        """Remove ``client_id`` from ``room``; ``True`` if it was a member."""
+        check_room(room)
+        check_client_id(client_id)
+        conn = self._local.get(client_id)
+        members = self._rooms.get(room)
+        if members is not None:
+            members.pop(client_id, None)
+            if not members:
+                del self._rooms[room]
+        if conn is not None:
+            conn.rooms.discard(room)
+        removed = await self.registry.leave(room, client_id)
+        if removed:
+            count("leaves")
+            await self._presence_event("leave", room, client_id)
+        return removed
+
+    async def room_servers(self, room: str) -> list[str]:
+        """Workers (``server:pid``) that hold members of ``room``."""
+        return await self.registry.room_servers(check_room(room))
+
+    async def broadcast(self, room: str, message: Message) -> int:
+        """Send to every member of ``room``; the number of workers that received it."""
+        check_room(room)
+        raw = self._seal({"t": "r", "r": room, **encode_message(message)})
+        count("broadcasts")
+        return await self._to_room(room, raw)
+
+    async def _to_room(self, room: str, raw: bytes) -> int:
+        if not self._room_wire:
+            self._room_wire = self.pubsub.system_wire(self._channel(""))
+        pairs = await self.registry.publish_room(room, self._room_wire, raw)  # Redis: 1 trip
+        if pairs is None:
+            workers = await self.registry.room_servers(room)
+            counts = await asyncio.gather(
+                *(self.pubsub.publish_system(self._channel(w), raw) for w in workers)
+            )
+            pairs = list(zip(workers, counts, strict=True))
+        if self._liveness is not None:
+            for worker, n in pairs:
+                if not n:
+                    self._liveness.unreached(worker, room=room)
+        return sum(n for _, n in pairs)
+
+    def on_presence(
+        self, handler: Callable[[str, str, str], Any]
+    ) -> Callable[[str, str, str], Any]:
+        """Call ``handler(event, room, client_id)`` (``join``/``leave``) in every room worker."""
+        self._presence.append(handler)
+        return handler
+
+    async def _presence_event(self, event: str, room: str, client_id: str) -> None:
+        await self._to_room(room, self._seal({"t": "p", "e": event, "r": room, "c": client_id}))
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    async def _on_wire(self, raw: bytes, channel: str) -> None:
+        try:
+            if self.signer is not None:
+                doc = self.signer.verify(raw)
+            else:
+                doc = parse_envelope(raw, MAX_MESSAGE * 2)
+        except MessageRejectedError as exc:
+            count("rejected")
+            log.warning("zeal_asgi ws: dropped a message (%s)", exc.reason)
+            return
+        kind = doc.get("t")
+        if kind == "d":
+            conn = self._local.get(str(doc.get("c", "")))
+            wanted = doc.get("n")
+            if conn is None or not isinstance(wanted, str) or conn.conn_id != wanted:
+                count("stale_dropped")
+                return
+            self._push(conn, doc)
+        elif kind == "r":
+            members = self._rooms.get(str(doc.get("r", "")), {})
+            for client_id, conn_id in list(members.items()):
+                conn = self._local.get(client_id)
+                if conn is not None and conn.conn_id == conn_id:
+                    self._push(conn, doc)
+        elif kind == "p":
+            for handler in self._presence:
+                try:
+                    res = handler(str(doc.get("e")), str(doc.get("r")), str(doc.get("c")))
+                    if inspect.isawaitable(res):
+                        await res
+                except Exception:
+                    log.exception("zeal_asgi ws: presence handler %r failed", handler)
+        else:
+            count("rejected")
+
+    def _push(self, conn: Conn, doc: Mapping[str, Any]) -> None:
+        payload = doc.get("p")
+        if not isinstance(payload, str):
+            count("rejected")
+            return
+        item: str | bytes = payload
+        if doc.get("b") == 1:
+            try:
+                item = base64.b64decode(payload, validate=True)
+            except ValueError:
+                count("rejected")
+                return
+        q = conn.queue
+        if q.full():
+            count("dropped_slow")
+            if self.overflow == "close":
+                conn.sender.cancel()
+                self._spawn(close_socket(conn.websocket, 1013))
+                return
+            q.get_nowait()
+        q.put_nowait(item)
+
+    async def _send_loop(self, conn: Conn) -> None:
+        ws = conn.websocket
+        while True:
+            item = await conn.queue.get()
+            try:
+                if isinstance(item, bytes):
+                    await ws.send_bytes(item)
+                else:
+                    await ws.send_text(item)
+            except Exception as exc:  # the socket is gone; serve() notices the sender ended
+                count("send_failed")
+                log.debug("zeal_asgi ws: send to %r failed: %s", conn.client_id, exc)
+                return
+            count("delivered")
+
+    async def serve(
+        self,
+        client_id: str,
+        websocket: Any,
+        on_message: Callable[[str | bytes], Any] | None = None,
+        *,
+        rooms: Iterable[str] = (),
+        accept: bool = True,
+    ) -> None:
+        """Own ``websocket`` for ``client_id`` (joining ``rooms``), read it until it closes,
+        then release it.
+
+        The receive loop and the sender run together: when either ends, the other is
+        cancelled (and awaited), and the client is released (leaving its rooms).
+        """
+        rooms = [check_room(r) for r in rooms]
+        if accept:
+            await websocket.accept()
+        conn_id = self.own(client_id, websocket)
+        conn = self._local[client_id]
+        try:
+            for room in rooms:
+                await self.join(room, client_id)
+        except BaseException:
+            await self.release(client_id, conn_id)
+            raise
+
+        async def receive() -> None:
+            while True:
+                msg = await websocket.receive()
+                if msg["type"] == "websocket.disconnect":
+                    return
+                data = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
+                if on_message is not None and data is not None:
+                    res = on_message(data)
+                    if inspect.isawaitable(res):
+                        await res
+
+        reader = asyncio.get_running_loop().create_task(receive())
+        try:
+            await asyncio.wait({reader, conn.sender}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel(reader)
+            await self.release(client_id, conn_id)
+        if reader.done() and not reader.cancelled() and reader.exception() is not None:
+            raise reader.exception()  # type: ignore[misc]
+
+    def stats(self) -> dict[str, Any]:
+        """Local sockets and rooms of this worker."""
+        out: dict[str, Any] = {"local_clients": len(self._local), "local_rooms": len(self._rooms)}
+        if self.signer is not None:
+            out["signed"] = self.signer.stats()
+        return out

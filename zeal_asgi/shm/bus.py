@@ -1,0 +1,373 @@
+"""Same-host pub/sub: a message ring and a subscriber registry in shared memory (no Redis).
+
+Publishers append to a ring of fixed-size slots (a shared ``Table``, one row per slot) under a
+shared sequence number (an ``Atomic``); each subscribing worker reads the ring from its own
+position and keeps the messages whose channel it subscribed to.  A payload longer than one slot
+takes consecutive slots.  The registry (another shared table) lists every subscribing worker and
+its channels and patterns, so ``publish`` returns the number of subscribed workers on this host,
+and writes nothing when there is none.
+
+Wake-ups: a worker with nothing to read flags itself asleep in the registry and waits on an
+abstract Unix datagram socket; a publisher sends one byte only to workers whose flag it flips
+from 1 to 0.  The byte carries no data (the data stays in the 0600 segment, so a forged wake-up
+is harmless), and a full socket queue only means a wake-up is already pending.  Sleepers also
+wake every ``WAKE_TIMEOUT`` seconds, which bounds the delay if a publisher dies between its write
+and its wake-up.
+
+Overflow policy: a worker that falls more than ``slots`` messages behind loses the oldest ones
+(counted as ``pubsub_overrun``); publishers never block.  A slot reserved by a publisher that
+died before writing it is skipped after ``HOLE_TIMEOUT`` (counted as ``pubsub_lost``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from zeal_asgi.errors import ConfigError, InvalidKeyError, KeyTypeError, ValueTooLargeError
+from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.shm.segments import process_alive, server_identity
+
+if TYPE_CHECKING:
+    from zeal_asgi.shm import Atomic, Table
+
+__all__ = [
+    "CHANNEL_MAX",
+    "HostBus",
+    "close_host_bus",
+    "configure_host_bus",
+    "glob_to_regex",
+    "host_bus",
+    "user_wire",
+]
+
+CHANNEL_MAX = 256
+"""Longest channel or pattern name, in UTF-8 bytes (a wire name adds a 2-byte namespace)."""
+_WIRE_MAX = CHANNEL_MAX + 16
+WAKE_TIMEOUT = 0.25
+HOLE_TIMEOUT = 0.5
+SNAPSHOT_MAX_AGE = 1.0
+SWEEP_INTERVAL = 2.0
+_YIELD_EVERY = 256
+
+Deliver = Callable[[str, "str | None", bytes], None]
+"""``deliver(wire_channel, matched_pattern_or_None, payload)``, called for each match."""
+
+
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """Redis PSUBSCRIBE glob semantics: ``*``, ``?``, ``[abc]``, ``[^a]``, ``[a-z]``, ``\\x``."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "\\" and i + 1 < n:
+            i += 1
+            out.append(re.escape(pattern[i]))
+        elif c == "[":
+            j = i + 1
+            neg = j < n and pattern[j] == "^"
+            if neg:
+                j += 1
+            chars: list[str] = []
+            while j < n and pattern[j] != "]":
+                if pattern[j] == "\\" and j + 1 < n:
+                    j += 1
+                    chars.append(re.escape(pattern[j]))
+                elif pattern[j] == "-" and chars and j + 1 < n and pattern[j + 1] != "]":
+                    chars.append("-")
+                else:
+                    chars.append(re.escape(pattern[j]))
+                j += 1
+            if j >= n:  # no closing bracket: Redis matches the rest literally
+                out.append(re.escape(pattern[i:]))
+                break
+            out.append(f"[{'^' if neg else ''}{''.join(chars)}]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out), re.DOTALL)
+
+
+def user_wire(channel: str) -> str:
+    """Wire name of a user channel on the ring (system topics are ``s:<name>``)."""
+    return "u:" + channel
+
+
+def check_wire(name: object, what: str = "channel") -> str:
+    """Validate a wire channel name for the ring (typed errors naming the limit)."""
+    if not isinstance(name, str):
+        raise KeyTypeError(f"a {what} name is a str, got {type(name).__name__}")
+    try:
+        n = len(name.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidKeyError(f"{what} name {name!r} is not encodable as UTF-8") from exc
+    if n > _WIRE_MAX:
+        raise InvalidKeyError(f"{what} name is {n} bytes; the limit is {CHANNEL_MAX} bytes")
+    return name
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+@dataclass
+class _Snapshot:
+    """The registry as a publisher sees it (rebuilt when the registry generation changes)."""
+
+    gen: int
+    taken: float
+    exact: dict[str, set[str]] = field(default_factory=dict)
+    patterns: list[tuple[re.Pattern[str], str]] = field(default_factory=list)
+    cache: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def targets(self, wire: str) -> tuple[str, ...]:
+        hit = self.cache.get(wire)
+        if hit is None:
+            toks = set(self.exact.get(wire, ()))
+            for rx, tok in self.patterns:
+                if tok not in toks and rx.fullmatch(wire):
+                    toks.add(tok)
+            hit = tuple(toks)
+            if len(self.cache) < 4096:
+                self.cache[wire] = hit
+        return hit
+
+
+class HostBus:
+    """The shared ring and registry of one server (every worker of the host attaches to it).
+
+    Allocate it before workers start where possible (``host_bus()`` is called when a
+    subscription is declared, when a ``WSRouter`` is made on the table backend, and on the first
+    publish); named segments let workers attach later too.
+    """
+
+    def __init__(
+        self, *, slots: int = 2048, slot_bytes: int = 1024, registry_rows: int = 4096
+    ) -> None:
+        from zeal_asgi.shm.ext import Atomic, Table
+
+        for name, value, low in (
+            ("slots", slots, 16),
+            ("slot_bytes", slot_bytes, 64),
+            ("registry_rows", registry_rows, 16),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"host bus {name} must be an int >= {low}, got {value!r}")
+        self.slots = slots
+        self.slot_bytes = slot_bytes
+        self.max_parts = max(1, slots // 8)
+        self.max_payload = self.max_parts * slot_bytes
+        """Largest payload in bytes: an eighth of the ring."""
+        self.ring: Table = Table(
+            slots,
+            {
+                "seq": ("int", 8),
+                "nparts": ("int", 4),
+                "part": ("int", 4),
+                "channel": ("string", _WIRE_MAX),
+                "data": ("bytes", slot_bytes),
+            },
+            name=f"__zeal_bus_ring_{slots}x{slot_bytes}__",
+            key_size=16,
+        )
+        self.head: Atomic = Atomic(0, name="__zeal_bus_head__")
+        self.registry: Table = Table(
+            registry_rows,
+            {
+                "pid": ("int", 8),
+                "start": ("int", 8),
+                "sleeping": ("int", 1),
+                "pattern": ("int", 1),
+                "channel": ("string", _WIRE_MAX),
+            },
+            name="__zeal_bus_registry__",
+            key_size=64,
+        )
+        self.regen: Atomic = Atomic(0, name="__zeal_bus_regen__")
+        self._keys = [str(i) for i in range(slots)]
+        self._snap: _Snapshot | None = None
+        self._sender: socket.socket | None = None
+        self._sender_pid = 0
+        self._addr_prefix = f"zeal.{os.geteuid()}.{server_identity().server_id}.bus."
+
+    # -- names ---------------------------------------------------------------------------------
+
+    def wake_address(self, token: str) -> bytes:
+        """Abstract-namespace address of a subscriber's wake-up socket."""
+        return b"\0" + (self._addr_prefix + token).encode()
+
+    @staticmethod
+    def worker_key(token: str) -> str:
+        """Registry row of a subscriber."""
+        return f"w:{token}"
+
+    @staticmethod
+    def sub_key(token: str, wire: str, pattern: bool) -> str:
+        """Registry row of one subscription."""
+        return f"s:{token}:{'p' if pattern else 'c'}{_digest(wire)}"
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def publish(self, wire: str, payload: bytes) -> int:
+        """Append ``payload`` for ``wire``; the number of subscribed workers on this host."""
+        n = len(payload)
+        sb = self.slot_bytes
+        nparts = 1 if n <= sb else -(-n // sb)
+        if nparts > self.max_parts:
+            raise ValueTooLargeError(
+                f"pub/sub payload of {n} bytes exceeds the host bus limit of {self.max_payload} "
+                f"bytes ({self.max_parts} slots of {sb} bytes; configure_host_bus() sets them)"
+            )
+        targets = self._snapshot().targets(wire)
+        if not targets:
+            return 0  # like Redis: nobody listens, nothing is kept
+        last = self.head.increment(nparts)
+        first = last - nparts + 1
+        ring, keys, slots = self.ring, self._keys, self.slots
+        for i in range(nparts):
+            seq = first + i
+            ring.set(
+                keys[seq % slots],
+                {
+                    "seq": seq,
+                    "nparts": nparts,
+                    "part": i,
+                    "channel": wire,
+                    "data": payload[i * sb : (i + 1) * sb] if nparts > 1 else payload,
+                },
+            )
+        for tok in targets:
+            self._wake(tok)
+        return len(targets)
+
+    def _wake(self, token: str) -> None:
+        if not self.registry.compare_and_set(self.worker_key(token), "sleeping", 1, 0):
+            return
+        sock = self._sender
+        if sock is None or self._sender_pid != os.getpid():
+            if sock is not None:
+                sock.close()  # inherited through a fork: this process's copy only
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            self._sender, self._sender_pid = sock, os.getpid()
+        try:
+            sock.sendto(b"!", self.wake_address(token))
+        except BlockingIOError:
+            pass  # its queue is full of wake-ups already
+        except (ConnectionRefusedError, FileNotFoundError):
+            # Nobody listens any more: the worker is gone (its rows go at the next sweep).
+            self._snap = None
+
+    def _snapshot(self) -> _Snapshot:
+        gen = self.regen.get()
+        snap = self._snap
+        now = time.monotonic()
+        if snap is not None and snap.gen == gen and now - snap.taken < SNAPSHOT_MAX_AGE:
+            return snap
+        self.prune_dead()
+        gen = self.regen.get()
+        snap = _Snapshot(gen, now)
+        for key, row in self.registry.items():
+            if not str(key).startswith("s:"):
+                continue
+            token = str(key).split(":", 2)[1]
+            if row["pattern"]:
+                snap.patterns.append((glob_to_regex(row["channel"]), token))
+            else:
+                snap.exact.setdefault(row["channel"], set()).add(token)
+        self._snap = snap
+        return snap
+
+    def prune_dead(self) -> int:
+        """Remove the registry rows of subscribers whose process died; how many workers."""
+        dead: set[str] = set()
+        alive: dict[tuple[int, int], bool] = {}
+        for key, row in self.registry.items():
+            k = str(key)
+            if not k.startswith("w:"):
+                continue
+            ident = (int(row["pid"]), int(row["start"]))
+            ok = alive.get(ident)
+            if ok is None:
+                ok = alive[ident] = process_alive(ident[0], ident[1] or None)
+            if not ok:
+                dead.add(k[2:])
+        if not dead:
+            return 0
+        for key in list(self.registry.keys()):
+            parts = str(key).split(":", 2)
+            if len(parts) >= 2 and parts[1] in dead:
+                self.registry.delete(key)
+        self.regen.increment()
+        host_stats().incr("pubsub_bus_pruned", len(dead))
+        return len(dead)
+
+    def close_sender(self) -> None:
+        """Close the wake-up socket of this process (reopened on the next publish)."""
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+
+    def close(self) -> None:
+        """Unlink the bus segments (tests and explicit teardown)."""
+        from zeal_asgi.shm.segments import destroy
+
+        self.close_sender()
+        for obj in (self.ring, self.head, self.registry, self.regen):
+            if not obj.closed:
+                destroy(obj)
+
+
+_bus: HostBus | None = None
+_options: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def configure_host_bus(
+    *, slots: int = 2048, slot_bytes: int = 1024, registry_rows: int = 4096
+) -> None:
+    """Set the ring geometry; call it before the bus is first used (at import time).
+
+    Every worker of a server must use the same values (they name the shared segment).
+    """
+    with _lock:
+        if _bus is not None:
+            raise ConfigError("configure_host_bus() must run before the host bus is first used")
+        _options.update(slots=slots, slot_bytes=slot_bytes, registry_rows=registry_rows)
+
+
+def host_bus() -> HostBus:
+    """The host bus of this server (allocated on first use, shared by name)."""
+    global _bus
+    with _lock:
+        if _bus is None or _bus.ring.closed:
+            _bus = HostBus(**_options)
+        return _bus
+
+
+@atexit.register
+def _close_sender_at_exit() -> None:
+    if _bus is not None:
+        _bus.close_sender()
+
+
+def close_host_bus() -> None:
+    """Unlink the bus of this process (tests)."""
+    global _bus
+    with _lock:
+        if _bus is not None:
+            _bus.close()
+            _bus = None

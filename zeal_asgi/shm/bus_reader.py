@@ -1,0 +1,248 @@
+"""One worker's reader of the host bus: its subscriptions, its position, its wake-up socket."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+
+from zeal_asgi.shm.bus import (
+    _YIELD_EVERY,
+    HOLE_TIMEOUT,
+    SWEEP_INTERVAL,
+    WAKE_TIMEOUT,
+    Deliver,
+    HostBus,
+    check_wire,
+    glob_to_regex,
+)
+from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.shm.segments import process_start_time
+
+__all__ = ["BusSubscriber"]
+
+
+_serial = itertools.count(1)
+
+
+def _host_count(name: str, by: int) -> None:
+    host_stats().incr(f"pubsub_{name}", by)
+
+
+class BusSubscriber:
+    """One worker's reader of the ring: its subscriptions, its position, its wake-up socket."""
+
+    def __init__(self, bus: HostBus, count: Callable[[str, int], None] | None = None) -> None:
+        self.bus = bus
+        self._count = count if count is not None else _host_count
+        self.pid = os.getpid()
+        self.token = f"{self.pid}.{next(_serial)}"
+        self._wkey = bus.worker_key(self.token)
+        self._exact: dict[str, int] = {}
+        self._patterns: dict[str, tuple[re.Pattern[str], int]] = {}
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            self._sock.setblocking(False)
+            self._sock.bind(bus.wake_address(self.token))
+            # Position first, row second: any publish that counts us comes after our position.
+            self.next_seq = bus.head.get() + 1
+            bus.registry.set(
+                self._wkey,
+                {"pid": self.pid, "start": process_start_time(self.pid) or 0, "sleeping": 0},
+            )
+        except BaseException:
+            self._sock.close()
+            raise
+        self._closed = False
+        self.overrun = 0
+        self.lost = 0
+
+    def add(self, wire: str, pattern: bool) -> None:
+        """Subscribe to a wire channel or pattern (reference counted)."""
+        check_wire(wire)
+        table = self._patterns if pattern else None
+        if table is not None:
+            rx, refs = table.get(wire, (glob_to_regex(wire), 0))
+            table[wire] = (rx, refs + 1)
+            first = refs == 0
+        else:
+            refs = self._exact.get(wire, 0)
+            self._exact[wire] = refs + 1
+            first = refs == 0
+        if first:
+            row = {"pid": self.pid, "start": 0, "pattern": int(pattern), "channel": wire}
+            self.bus.registry.set(self.bus.sub_key(self.token, wire, pattern), row)
+            self.bus.regen.increment()
+
+    def remove(self, wire: str, pattern: bool) -> None:
+        """Drop one reference to a subscription; unregister it at zero."""
+        if pattern:
+            rx, refs = self._patterns.get(wire, (None, 0))
+            if refs > 1 and rx is not None:
+                self._patterns[wire] = (rx, refs - 1)
+                return
+            self._patterns.pop(wire, None)
+        else:
+            refs = self._exact.get(wire, 0)
+            if refs > 1:
+                self._exact[wire] = refs - 1
+                return
+            self._exact.pop(wire, None)
+        self.bus.registry.delete(self.bus.sub_key(self.token, wire, pattern))
+        self.bus.regen.increment()
+
+    def close(self) -> None:
+        """Unregister every row of this subscriber and close its socket."""
+        if self._closed:
+            return
+        self._closed = True
+        reg = self.bus.registry
+        if not reg.closed:
+            for wire in self._exact:
+                reg.delete(self.bus.sub_key(self.token, wire, False))
+            for wire in self._patterns:
+                reg.delete(self.bus.sub_key(self.token, wire, True))
+            reg.delete(self._wkey)
+            self.bus.regen.increment()
+        self._exact.clear()
+        self._patterns.clear()
+        self._sock.close()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _match(self, wire: str, payload: bytes, deliver: Deliver) -> None:
+        if wire in self._exact:
+            deliver(wire, None, payload)
+        for pat, (rx, _) in self._patterns.items():
+            if rx.fullmatch(wire):
+                deliver(wire, pat, payload)
+
+    async def _row(self, seq: int) -> dict[str, object] | None:
+        """The ring row of ``seq``; ``None`` when it was overwritten (or never written)."""
+        key = self.bus._keys[seq % self.bus.slots]
+        deadline = 0.0
+        while True:
+            row = self.bus.ring.get(key)
+            have = -1 if row is None else int(row["seq"])
+            if have == seq:
+                assert row is not None
+                found: dict[str, object] = row
+                return found
+            if have > seq:
+                return None
+            # Reserved but not written yet: the publisher is between its two steps.
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + HOLE_TIMEOUT
+            elif now > deadline:
+                self.lost += 1
+                self._count("lost", 1)
+                return None
+            await asyncio.sleep(0.0005)
+
+    async def drain(self, deliver: Deliver) -> int:
+        """Deliver every message published since the last call; the number read."""
+        bus = self.bus
+        head = bus.head.get()
+        done = 0
+        while self.next_seq <= head:
+            oldest = head - bus.slots + 1
+            if self.next_seq < oldest:
+                skipped = oldest - self.next_seq
+                self.overrun += skipped
+                self._count("overrun", skipped)
+                self.next_seq = oldest
+            seq = self.next_seq
+            row = await self._row(seq)
+            if row is None:
+                self.next_seq = seq + 1
+                head = bus.head.get()
+                continue
+            nparts = int(row["nparts"])  # type: ignore[call-overload]
+            part = int(row["part"])  # type: ignore[call-overload]
+            if part != 0:
+                self.next_seq = seq + 1  # the tail of a message whose head we lost
+                continue
+            data = row["data"]
+            assert isinstance(data, bytes)
+            if nparts > 1:
+                chunks = [data]
+                for i in range(1, nparts):
+                    nxt = await self._row(seq + i)
+                    if nxt is None:
+                        chunks = []
+                        break
+                    more = nxt["data"]
+                    assert isinstance(more, bytes)
+                    chunks.append(more)
+                data = b"".join(chunks) if chunks else b""
+                if not chunks:
+                    self.next_seq = seq + nparts
+                    continue
+            self.next_seq = seq + nparts
+            self._match(str(row["channel"]), data, deliver)
+            done += 1
+            if done % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            if self.next_seq > head:
+                head = bus.head.get()
+        return done
+
+    async def wait(self, wake_timeout: float = WAKE_TIMEOUT) -> None:
+        """Sleep until a publisher wakes us (or ``wake_timeout``), unless messages are pending."""
+        reg = self.bus.registry
+        reg.set(self._wkey, {"sleeping": 1})
+        if self.bus.head.get() >= self.next_seq:
+            reg.set(self._wkey, {"sleeping": 0})
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        fd = self._sock.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(fd, ready)
+        try:
+            await asyncio.wait_for(fut, wake_timeout)
+        except TimeoutError:
+            pass
+        finally:
+            loop.remove_reader(fd)
+        try:
+            while True:
+                self._sock.recv(64)
+        except (BlockingIOError, OSError):
+            pass
+
+    async def run(self, deliver: Deliver) -> None:
+        """Read forever (until cancelled), sweeping dead subscribers now and then."""
+        next_sweep = time.monotonic() + SWEEP_INTERVAL
+        while True:
+            await self.drain(deliver)
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + SWEEP_INTERVAL
+                self.bus.prune_dead()
+                # A sweep by another worker may have taken us for dead after a long stall.
+                if not self.bus.registry.exists(self._wkey):
+                    self._reregister()
+            await self.wait()
+
+    def _reregister(self) -> None:
+        self.bus.registry.set(
+            self._wkey,
+            {"pid": self.pid, "start": process_start_time(self.pid) or 0, "sleeping": 0},
+        )
+        for wire in self._exact:
+            row = {"pid": self.pid, "start": 0, "pattern": 0, "channel": wire}
+            self.bus.registry.set(self.bus.sub_key(self.token, wire, False), row)
+        for wire in self._patterns:
+            row = {"pid": self.pid, "start": 0, "pattern": 1, "channel": wire}
+            self.bus.registry.set(self.bus.sub_key(self.token, wire, True), row)
+        self.bus.regen.increment()

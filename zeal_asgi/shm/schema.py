@@ -1,0 +1,447 @@
+"""Table schemas: column declarations, their validation, and the row layout in shared memory.
+
+The layout is computed here, deterministically from the declaration, and stored in the segment
+header; a process attaching to an existing segment recomputes it from the stored schema, so every
+worker agrees on where each column lives.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from zeal_asgi.errors import (
+    ColumnTypeError,
+    IntegerOverflowError,
+    InvalidKeyError,
+    KeyTooLongError,
+    KeyTypeError,
+    NonFiniteFloatError,
+    SchemaError,
+    UnknownColumnError,
+    ValueTooLargeError,
+)
+
+__all__ = [
+    "MAX_COLUMNS",
+    "MAX_KEY_SIZE",
+    "MAX_ROWS",
+    "MAX_STRING_SIZE",
+    "Column",
+    "ColumnType",
+    "Geometry",
+    "Schema",
+]
+
+MAX_COLUMNS = 64
+MAX_KEY_SIZE = 4096
+MAX_STRING_SIZE = 16 * 1024 * 1024
+MAX_ROWS = 2**32 - 2
+ROW_HEADER = 8
+SEGMENT_HEADER = 4096
+LOCK_SLOT = 64
+PAGE = 4096
+SCHEMA_BLOB_MAX = 2560
+
+
+class ColumnType(enum.IntEnum):
+    """Column types of a shared table (values match the C layer)."""
+
+    INT = 1
+    FLOAT = 2
+    STRING = 3
+    BYTES = 4
+
+
+_TYPE_NAMES = {
+    "int": ColumnType.INT,
+    "float": ColumnType.FLOAT,
+    "string": ColumnType.STRING,
+    "str": ColumnType.STRING,
+    "bytes": ColumnType.BYTES,
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its declared type and size, and where it lives in a row."""
+
+    name: str
+    type: ColumnType
+    size: int
+    """INT: bytes (1/2/4/8); FLOAT: 8; STRING/BYTES: maximum length in bytes."""
+    offset: int = 0
+    width: int = 0
+    """INT/FLOAT: value bytes; STRING/BYTES: length-prefix bytes."""
+
+    @property
+    def int_range(self) -> tuple[int, int]:
+        """Inclusive range of an INT column."""
+        bits = self.size * 8
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes and offsets of a table segment."""
+
+    capacity: int
+    row_size: int
+    key_limit: int
+    key_off: int
+    n_stripes: int
+    index_slots: int
+    off_global: int
+    off_stripes: int
+    off_index: int
+    off_rows: int
+    total_size: int
+
+    def as_tuple(self) -> tuple[int, ...]:
+        """The order the extension expects."""
+        return (
+            self.capacity,
+            self.row_size,
+            self.key_limit,
+            self.key_off,
+            self.n_stripes,
+            self.index_slots,
+            self.off_global,
+            self.off_stripes,
+            self.off_index,
+            self.off_rows,
+            self.total_size,
+        )
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def _parse_type(name: str, spec: Any) -> tuple[ColumnType, int | None]:
+    if isinstance(spec, (ColumnType, str, int)) and not isinstance(spec, bool):
+        raw, size = spec, None
+    elif isinstance(spec, Sequence) and not isinstance(spec, (str, bytes)) and 1 <= len(spec) <= 2:
+        raw = spec[0]
+        size = spec[1] if len(spec) == 2 else None
+    else:
+        raise SchemaError(
+            f"column {name!r}: expected (type,) or (type, size), e.g. (Store.TYPE_INT, 4); "
+            f"got {spec!r}"
+        )
+    if isinstance(raw, str):
+        try:
+            ctype = _TYPE_NAMES[raw.lower()]
+        except KeyError:
+            raise SchemaError(
+                f"column {name!r}: unknown type {raw!r}; use one of {sorted(_TYPE_NAMES)}"
+            ) from None
+    else:
+        try:
+            ctype = ColumnType(raw)
+        except ValueError:
+            raise SchemaError(f"column {name!r}: unknown type {raw!r}") from None
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+        raise SchemaError(f"column {name!r}: size must be an int, got {size!r}")
+    return ctype, size
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A validated table schema and its row layout."""
+
+    columns: tuple[Column, ...]
+    key_limit: int
+    row_size: int
+    key_off: int
+    allow_nan: bool = False
+    binary_keys: bool = False
+
+    @classmethod
+    def declare(
+        cls,
+        columns: Mapping[str, Any],
+        *,
+        key_size: int = 64,
+        allow_nan: bool = False,
+        binary_keys: bool = False,
+    ) -> Schema:
+        """Validate a declaration such as ``{"name": (TYPE_STRING, 64), "n": (TYPE_INT, 4)}``.
+
+        Raises:
+            SchemaError: unknown types, non-positive or oversized sizes, bad or duplicate names.
+        """
+        if not isinstance(columns, Mapping):
+            raise SchemaError(f"columns must be a mapping of name -> (type, size), got {columns!r}")
+        if len(columns) > MAX_COLUMNS:
+            raise SchemaError(f"a table has at most {MAX_COLUMNS} columns, got {len(columns)}")
+        if not isinstance(key_size, int) or isinstance(key_size, bool):
+            raise SchemaError(f"key_size must be an int, got {key_size!r}")
+        if not 1 <= key_size <= MAX_KEY_SIZE:
+            raise SchemaError(
+                f"key_size must be between 1 and {MAX_KEY_SIZE} bytes, got {key_size}"
+            )
+        parsed: list[Column] = []
+        for name, spec in columns.items():
+            if not isinstance(name, str) or not name:
+                raise SchemaError(f"column names must be non-empty str, got {name!r}")
+            if len(name.encode("utf-8", "surrogatepass")) > 64:
+                raise SchemaError(f"column name {name[:20]!r}... is longer than 64 bytes")
+            ctype, size = _parse_type(name, spec)
+            if ctype is ColumnType.INT:
+                size = 8 if size is None else size
+                if size not in (1, 2, 4, 8):
+                    raise SchemaError(
+                        f"column {name!r}: INT size must be 1, 2, 4 or 8 bytes, got {size}"
+                    )
+            elif ctype is ColumnType.FLOAT:
+                if size not in (None, 8):
+                    raise SchemaError(
+                        f"column {name!r}: FLOAT is an 8-byte double, got size {size}"
+                    )
+                size = 8
+            else:
+                if size is None:
+                    raise SchemaError(f"column {name!r}: {ctype.name} needs a size in bytes")
+                if not 1 <= size <= MAX_STRING_SIZE:
+                    raise SchemaError(
+                        f"column {name!r}: {ctype.name} size must be between 1 and "
+                        f"{MAX_STRING_SIZE} bytes, got {size}"
+                    )
+            parsed.append(Column(name, ctype, size))
+        return cls._lay_out(parsed, key_size, allow_nan, binary_keys)
+
+    @classmethod
+    def _lay_out(
+        cls, cols: list[Column], key_limit: int, allow_nan: bool, binary_keys: bool
+    ) -> Schema:
+        placed: dict[str, Column] = {}
+        off = ROW_HEADER
+        # Numeric columns first, widest first, so each is naturally aligned for atomic access.
+        numeric = [c for c in cols if c.type in (ColumnType.INT, ColumnType.FLOAT)]
+        for c in sorted(numeric, key=lambda c: -c.size):
+            placed[c.name] = Column(c.name, c.type, c.size, off, c.size)
+            off += c.size
+        key_off = off
+        off += max(key_limit, 4)  # a free row keeps its free-list link in the key area
+        for c in cols:
+            if c.type in (ColumnType.STRING, ColumnType.BYTES):
+                width = 1 if c.size <= 0xFF else 2 if c.size <= 0xFFFF else 4
+                placed[c.name] = Column(c.name, c.type, c.size, off, width)
+                off += width + c.size
+        ordered = tuple(placed[c.name] for c in cols)
+        return cls(ordered, key_limit, _align(off, 8), key_off, allow_nan, binary_keys)
+
+    def to_blob(self) -> bytes:
+        """Canonical encoding stored in the segment header."""
+        doc = {
+            "v": 1,
+            "columns": [[c.name, int(c.type), c.size] for c in self.columns],
+            "key_limit": self.key_limit,
+            "allow_nan": self.allow_nan,
+            "binary_keys": self.binary_keys,
+        }
+        blob = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+        if len(blob) > SCHEMA_BLOB_MAX:
+            raise SchemaError(
+                f"schema description is {len(blob)} bytes; at most {SCHEMA_BLOB_MAX} fit the "
+                "segment header (shorten column names or use fewer columns)"
+            )
+        return blob
+
+    @classmethod
+    def from_blob(cls, blob: bytes) -> Schema:
+        """Rebuild the schema stored in a segment header."""
+        doc = json.loads(blob)
+        cols = [Column(n, ColumnType(t), s) for n, t, s in doc["columns"]]
+        return cls._lay_out(cols, doc["key_limit"], doc["allow_nan"], doc["binary_keys"])
+
+    def column(self, name: object, table: str) -> Column:
+        """The column called ``name``, or UnknownColumnError naming the table's columns."""
+
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise UnknownColumnError(
+            f"table {table!r} has no column {name!r}; columns: {[c.name for c in self.columns]}"
+        )
+
+    def validate_row(self, row: object, table: str) -> dict[str, Any]:
+        """Validate a whole row before anything is written (the table backend's rules)."""
+
+        if not isinstance(row, Mapping):
+            try:
+                row = dict(row)  # type: ignore[call-overload]
+            except (TypeError, ValueError):
+                raise ColumnTypeError(
+                    f"a row of table {table!r} is a mapping of column -> value, got "
+                    f"{type(row).__name__}"
+                ) from None
+        assert isinstance(row, Mapping)
+        return {
+            name: validate_value(self.column(name, table), value, table, self.allow_nan)
+            for name, value in row.items()
+        }
+
+    def zero_row(self) -> dict[str, Any]:
+        """A new row: every column zero or empty, in declaration order."""
+        return {c.name: zero_value(c) for c in self.columns}
+
+    def describe(self) -> dict[str, tuple[str, int]]:
+        """``{column: (type name, size)}``, for messages and health output."""
+        return {c.name: (c.type.name, c.size) for c in self.columns}
+
+    def geometry(self, max_rows: int) -> Geometry:
+        """Sizes of a segment holding ``max_rows`` rows of this schema.
+
+        ``capacity == max_rows`` exactly: rows live in a dense pool, and the index is sized at
+        least 1.5x the capacity, so a table never refuses a key before ``max_rows`` rows exist.
+        """
+        if not isinstance(max_rows, int) or isinstance(max_rows, bool):
+            raise SchemaError(f"max_rows must be an int, got {max_rows!r}")
+        if not 1 <= max_rows <= MAX_ROWS:
+            raise SchemaError(f"max_rows must be between 1 and {MAX_ROWS}, got {max_rows}")
+        index_slots = max(16, _pow2_at_least(math.ceil(max_rows * 1.5)))
+        n_stripes = min(1024, max(16, _pow2_at_least(max_rows // 64)))
+        off_global = SEGMENT_HEADER
+        off_stripes = off_global + LOCK_SLOT
+        off_index = _align(off_stripes + n_stripes * LOCK_SLOT, 64)
+        off_rows = _align(off_index + index_slots * 8, 64)
+        total = _align(off_rows + max_rows * self.row_size, PAGE)
+        return Geometry(
+            max_rows,
+            self.row_size,
+            self.key_limit,
+            self.key_off,
+            n_stripes,
+            index_slots,
+            off_global,
+            off_stripes,
+            off_index,
+            off_rows,
+            total,
+        )
+
+
+# -- validation shared by every backend ----------------------------------------------------------
+#
+# The shared-memory table validates in C; every other backend validates here, with the same rules
+# and the same messages, so application code sees one behaviour whatever the backend.
+
+_INT_RANGES = {w: (-(2 ** (w * 8 - 1)), 2 ** (w * 8 - 1) - 1) for w in (1, 2, 4, 8)}
+
+
+def validate_key(key: object, table: str, key_limit: int, binary_keys: bool = False) -> bytes:
+    """The UTF-8 bytes of a valid key, or the typed error the shared-memory table raises."""
+
+    if isinstance(key, str):
+        try:
+            raw = key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidKeyError(
+                f"key {key!r} of table {table!r} is not encodable as UTF-8"
+            ) from exc
+    elif isinstance(key, bytes):
+        raw = key
+        if not binary_keys:
+            try:
+                key.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidKeyError(
+                    f"key {key!r} of table {table!r} is not valid UTF-8; make the table with "
+                    "binary_keys=True to store arbitrary bytes"
+                ) from exc
+    else:
+        raise KeyTypeError(f"keys of table {table!r} are str or bytes, got {type(key).__name__}")
+    if not raw:
+        raise InvalidKeyError(f"empty key for table {table!r}")
+    if len(raw) > key_limit:
+        raise KeyTooLongError(
+            f"key of {len(raw)} bytes exceeds the key limit of {key_limit} bytes of table "
+            f"{table!r} (never truncated; raise key_size at make)"
+        )
+    return raw
+
+
+def validate_value(col: Column, value: object, table: str, allow_nan: bool = False) -> Any:
+    """The value as stored (an int, float, str or bytes), or the table's typed error."""
+
+    if col.type is ColumnType.INT:
+        if isinstance(value, int) and not isinstance(value, bool):
+            lo, hi = _INT_RANGES[col.size]
+            if not lo <= value <= hi:
+                raise IntegerOverflowError(
+                    f"column {col.name!r} of table {table!r} is INT({col.size}): {value} is "
+                    f"outside [{lo}, {hi}]"
+                )
+            return int(value)
+        raise ColumnTypeError(
+            f"column {col.name!r} of table {table!r} is INT({col.size}); got "
+            f"{type(value).__name__} {value!r} (no implicit conversion)"
+        )
+    if col.type is ColumnType.FLOAT:
+        if isinstance(value, float):
+            fv = float(value)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            try:
+                fv = float(value)
+            except OverflowError:
+                fv = 0.5
+            if fv != value:
+                raise ColumnTypeError(
+                    f"column {col.name!r} of table {table!r} is FLOAT; the int {value} is not "
+                    "exactly representable as a double"
+                )
+        else:
+            raise ColumnTypeError(
+                f"column {col.name!r} of table {table!r} is FLOAT; got {type(value).__name__} "
+                f"{value!r}"
+            )
+        if not allow_nan and not math.isfinite(fv):
+            raise NonFiniteFloatError(
+                f"column {col.name!r} of table {table!r}: {value!r} is not finite (make the table "
+                "with allow_nan=True to store NaN/inf)"
+            )
+        return fv
+    if col.type is ColumnType.STRING:
+        if not isinstance(value, str):
+            raise ColumnTypeError(
+                f"column {col.name!r} of table {table!r} is STRING({col.size}); got "
+                f"{type(value).__name__} (use a BYTES column for binary data)"
+            )
+        try:
+            n = len(value.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise ColumnTypeError(
+                f"column {col.name!r} of table {table!r}: the string is not encodable as UTF-8"
+            ) from exc
+        out: Any = str(value)
+    else:
+        if not isinstance(value, bytes):
+            raise ColumnTypeError(
+                f"column {col.name!r} of table {table!r} is BYTES({col.size}); got "
+                f"{type(value).__name__}"
+            )
+        n = len(value)
+        out = bytes(value)
+    if n > col.size:
+        raise ValueTooLargeError(
+            f"column {col.name!r} of table {table!r} holds {col.size} bytes; the value is {n} "
+            "bytes (never truncated)"
+        )
+    return out
+
+
+def zero_value(col: Column) -> Any:
+    """The value of a column in a new row: 0, 0.0, "" or b""."""
+    return {ColumnType.INT: 0, ColumnType.FLOAT: 0.0, ColumnType.STRING: "", ColumnType.BYTES: b""}[
+        col.type
+    ]

@@ -1,0 +1,376 @@
+"""Memcached connections of one worker: server list, safe keys, sharding, timeouts, errors.
+
+One aiomcache client per server (aiomcache speaks to a single server), opened lazily in the
+running event loop and rebuilt when the loop or the process changes.  Keys are spread over the
+servers by rendezvous hashing, so removing a server only moves the keys it held.  Every call has
+an explicit timeout (pool wait + connect + command) and aiomcache/socket exceptions are
+translated into the :mod:`zeal_asgi.errors` hierarchy here; nothing above sees aiomcache types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import aiomcache
+from aiomcache.exceptions import ClientException
+from aiomcache.pool import Connection, MemcachePool
+
+from zeal_asgi.errors import (
+    BackendResponseError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    CapacityError,
+    ConfigError,
+    ShmError,
+)
+from zeal_asgi.shm.hoststats import host_stats
+
+__all__ = [
+    "DEFAULT_PORT",
+    "DEFAULT_SERVERS",
+    "KeyMapper",
+    "NonNumericValue",
+    "ServerAddr",
+    "ServerPool",
+    "add_op",
+    "cas_op",
+    "parse_servers",
+    "record",
+]
+
+DEFAULT_SERVERS = "127.0.0.1:11211"
+DEFAULT_PORT = 11211
+MAX_KEY_BYTES = 250
+"""Memcached's key limit; longer or unsafe keys are hashed."""
+
+T = TypeVar("T")
+
+_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# Printable ASCII without space: nothing a text-protocol parser could split on or end a line at.
+_SAFE_KEY = re.compile(rb"^[\x21-\x7e]{1,250}\Z")
+_RESERVED_TABLES = frozenset({"h", "counter"})
+"""Table names whose literal keys would share a namespace with hashed keys or counters."""
+
+
+_stats_broken = False
+
+
+def record(metric: str) -> None:
+    """Count one event in the host-wide stats; diagnostics never fail a request."""
+    global _stats_broken
+    if _stats_broken:
+        return
+    try:
+        host_stats().incr(metric)
+    except ShmError as exc:
+        _stats_broken = True
+        logging.getLogger("zeal_asgi.store.backends.memcached").warning(
+            "memcached: host-wide stats are off in this process: %s", exc
+        )
+
+
+@dataclass(frozen=True)
+class ServerAddr:
+    """One memcached server."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _parse_host(host: str, item: str) -> str:
+    if host.startswith("["):
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1]))
+        except ValueError:
+            raise ConfigError(f"memcached server {item!r}: bad IPv6 address") from None
+    if not host:
+        raise ConfigError(f"memcached server {item!r}: the host is empty")
+    labels = host.rstrip(".").split(".")
+    if len(host) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise ConfigError(
+            f"memcached server {item!r}: {host!r} is not a valid host name or IPv4 address "
+            "(write IPv6 addresses as [addr]:port)"
+        )
+    return host
+
+
+def _parse_server(item: str) -> ServerAddr:
+    text = item.strip()
+    if not text:
+        raise ConfigError("memcached server list has an empty entry (check the commas)")
+    if text.startswith("["):
+        host, bracket, rest = text.partition("]")
+        if not bracket:
+            raise ConfigError(f"memcached server {item!r}: unbalanced '[' in the IPv6 address")
+        host += "]"
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"memcached server {item!r}: expected [ipv6]:port")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        raise ConfigError(f"memcached server {item!r}: write IPv6 addresses as [addr]:port")
+    else:
+        host, sep, port_text_ = text.partition(":")
+        port_text = port_text_ if sep else None
+    port = DEFAULT_PORT
+    if port_text is not None:
+        if not port_text.isascii() or not port_text.isdigit():
+            raise ConfigError(f"memcached server {item!r}: port {port_text!r} is not a number")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"memcached server {item!r}: port {port} is outside 1..65535")
+    return ServerAddr(_parse_host(host, item), port)
+
+
+def parse_servers(spec: str | Sequence[str]) -> tuple[ServerAddr, ...]:
+    """Parse ``host:port[,host:port...]`` (port defaults to 11211) or a ``memcached://`` URL.
+
+    Validation only, no I/O.
+
+    Raises:
+        ConfigError: an empty list, a bad host or port, credentials/paths in a URL, duplicates.
+    """
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.lower().startswith("memcached://"):
+            text = text[len("memcached://") :].rstrip("/")
+            for bad, why in (("@", "credentials"), ("/", "a path"), ("?", "options"), ("#", "")):
+                if bad in text:
+                    raise ConfigError(
+                        f"memcached URL {spec!r}: {why or 'a fragment'} not supported (the text "
+                        "protocol has no authentication or database)"
+                    )
+        elif "://" in text:
+            raise ConfigError(f"memcached servers {spec!r}: only memcached:// URLs are understood")
+        items: Sequence[str] = text.split(",")
+    elif isinstance(spec, Sequence) and all(isinstance(s, str) for s in spec):
+        items = spec
+    else:
+        raise ConfigError(f"memcached servers must be a str or a list of str, got {spec!r}")
+    servers = tuple(_parse_server(item) for item in items)
+    if not servers:
+        raise ConfigError("memcached server list is empty")
+    seen: set[ServerAddr] = set()
+    for s in servers:
+        if s in seen:
+            raise ConfigError(f"memcached server {s} is listed twice")
+        seen.add(s)
+    return servers
+
+
+class KeyMapper:
+    """Memcached keys of rows and counters, safe for the text protocol.
+
+    Rows are ``{prefix}:{table}:{key}``, counters ``{prefix}:counter:{name}``.  A key longer than
+    250 bytes or holding anything but printable ASCII (whitespace, CR/LF, control or non-ASCII
+    bytes) becomes ``{prefix}:h:`` + a BLAKE2b-256 hex digest of the full key, so no caller can
+    inject protocol commands.  Rows and counters hash with distinct personalisations, and the
+    tables called ``h`` and ``counter`` are always hashed: no literal key can equal another's.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        if not isinstance(prefix, str) or not _PREFIX.match(prefix):
+            raise ConfigError(
+                f"memcached prefix must be 1-64 characters of A-Z a-z 0-9 _ . -, got {prefix!r}"
+            )
+        self.prefix = prefix
+        self._p = prefix.encode()
+
+    def _hashed(self, full: bytes, person: bytes) -> bytes:
+        digest = hashlib.blake2b(full, digest_size=32, person=person).hexdigest()
+        return b"%s:h:%s" % (self._p, digest.encode())
+
+    def row(self, table: str, key: bytes) -> bytes:
+        """The key of row ``key`` (already validated bytes) of ``table``."""
+        full = b"%s:%s:%s" % (self._p, table.encode("utf-8", "surrogatepass"), key)
+        if table in _RESERVED_TABLES or not _SAFE_KEY.match(full):
+            return self._hashed(full, b"zeal-mc-row")
+        return full
+
+    def counter(self, name: str) -> bytes:
+        """The key of counter ``name``."""
+        full = b"%s:counter:%s" % (self._p, name.encode("utf-8", "surrogatepass"))
+        if not _SAFE_KEY.match(full):
+            return self._hashed(full, b"zeal-mc-counter")
+        return full
+
+
+class NonNumericValue(ClientException):
+    """``incr`` met a value that is not a decimal number (not ours, or corrupted)."""
+
+
+class _Pool(MemcachePool):
+    def release(self, conn: Connection) -> None:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Cancelled (e.g. by our timeout) in the middle of a command: its reply may still
+            # arrive and would be read as the answer to the next command on this connection.
+            # aiomcache only discards a connection on Exception, and CancelledError is not one.
+            conn.reader.set_exception(ConnectionAbortedError("command cancelled midway"))
+        super().release(conn)
+
+    def close_all(self) -> list[asyncio.StreamWriter]:
+        """Close every connection, idle or in use (a command in flight then fails)."""
+        conns = list(self._in_use)
+        while not self._pool.empty():
+            conns.append(self._pool.get_nowait())
+        for conn in conns:
+            with contextlib.suppress(RuntimeError):  # its event loop is already closed
+                self._do_close(conn)
+        return [conn.writer for conn in conns]
+
+
+class _Client(aiomcache.Client):
+    """aiomcache 0.8's client with its failure handling fixed.
+
+    A hang-up mid-reply no longer spins the loop forever, ``incr`` of a missing key returns
+    ``None`` instead of raising, and (see ``_Pool``) a command cancelled midway no longer leaves
+    its connection in the pool out of sync.
+    """
+
+    def __init__(self, host: str, port: int, *, pool_size: int) -> None:
+        super().__init__(host, port, pool_size=pool_size, pool_minsize=1)
+        self.connections = self._pool = _Pool(host, port, minsize=1, maxsize=pool_size)
+
+    async def _execute_simple_command(self, conn: Connection, raw_command: bytes) -> bytes:
+        # aiomcache loops on readline() until a line ends with CRLF; at EOF readline() returns b""
+        # at once without yielding, so a server that hangs up mid-reply spins the event loop
+        # forever and no timeout can fire.  readuntil() raises IncompleteReadError instead.
+        conn.writer.write(raw_command)
+        await conn.writer.drain()
+        line = await conn.reader.readuntil(b"\r\n")
+        return line[:-2]
+
+    async def _incr_decr(
+        self, conn: Connection, command: bytes, key: bytes, delta: int
+    ) -> int | None:
+        # aiomcache raises on NOT_FOUND although it documents None; a miss is routine for us.
+        resp = await self._execute_simple_command(conn, b"%s %s %d\r\n" % (command, key, delta))
+        if resp == b"NOT_FOUND":
+            return None
+        if resp.isdigit():
+            return int(resp)
+        if b"non-numeric" in resp:
+            raise NonNumericValue(f"memcached {command.decode()} on a non-numeric value", resp)
+        raise ClientException(f"memcached {command.decode()} failed", resp)
+
+
+Op = Callable[["_Client"], Awaitable[T]]
+
+
+def cas_op(key: bytes, value: bytes, token: int, exptime: int) -> Op[bool]:
+    """``cas`` as an operation for :meth:`ServerPool.run` (binds its arguments now)."""
+    return lambda c: c.cas(key, value, token, exptime)
+
+
+def add_op(key: bytes, value: bytes, exptime: int) -> Op[bool]:
+    """``add`` as an operation for :meth:`ServerPool.run` (binds its arguments now)."""
+    return lambda c: c.add(key, value, exptime)
+
+
+async def _close_client(client: _Client, *, wait: bool) -> None:
+    writers = client.connections.close_all()
+    if wait:
+        # Closed transports release their sockets in a callback of the next loop iteration.
+        await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+
+
+class ServerPool:
+    """The clients of one worker, one per server, with sharding, timeouts and error translation."""
+
+    def __init__(self, servers: Sequence[ServerAddr], *, timeout: float, pool_size: int) -> None:
+        self.servers = tuple(servers)
+        self.timeout = timeout
+        self.pool_size = pool_size
+        self._seeds = [hashlib.blake2b(str(s).encode(), digest_size=32).digest() for s in servers]
+        self._clients: dict[int, _Client] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pid = os.getpid()
+        self._inherited: list[_Client] = []
+
+    def index(self, key: bytes) -> int:
+        """The server holding ``key`` (rendezvous hashing: highest keyed digest wins)."""
+        if len(self._seeds) == 1:
+            return 0
+        scores = [hashlib.blake2b(key, digest_size=8, key=seed).digest() for seed in self._seeds]
+        return scores.index(max(scores))
+
+    async def _client(self, i: int) -> _Client:
+        loop = asyncio.get_running_loop()
+        if self._pid != os.getpid():
+            # Forked: the sockets belong to the parent's event loop; touching them here could
+            # unregister them from the parent's epoll.  Keep them referenced and start afresh.
+            self._inherited.extend(self._clients.values())
+            self._clients = {}
+            self._pid = os.getpid()
+        elif loop is not self._loop and self._clients:
+            old, self._clients = list(self._clients.values()), {}
+            for c in old:
+                await _close_client(c, wait=False)
+        self._loop = loop
+        client = self._clients.get(i)
+        if client is None:
+            s = self.servers[i]
+            client = self._clients[i] = _Client(s.host, s.port, pool_size=self.pool_size)
+        return client
+
+    async def run(self, i: int, what: str, fn: Callable[[_Client], Awaitable[T]]) -> T:
+        """Run ``fn(client)`` on server ``i`` within the timeout, translating failures.
+
+        Raises:
+            BackendTimeoutError: no answer within ``timeout`` (pool wait, connect and command).
+            BackendUnavailableError: connection refused/reset/closed or a reply we can't parse.
+            BackendResponseError: the server answered with an error.
+            CapacityError: the server refused a value for its size.
+            NonNumericValue: ``incr`` on a value that is not a number (the caller decides).
+        """
+        client = await self._client(i)
+        record("memcached_ops")
+        server = self.servers[i]
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await fn(client)
+        except NonNumericValue:
+            raise
+        except TimeoutError as exc:
+            record("memcached_timeouts")
+            raise BackendTimeoutError(
+                f"memcached {server}: {what} got no answer within {self.timeout} s"
+            ) from exc
+        except ClientException as exc:
+            text = str(exc)
+            if "too large" in text or "out of memory" in text:
+                record("memcached_too_large")
+                raise CapacityError(
+                    f"memcached {server} refused {what}: {text} (a row must fit memcached's item "
+                    "size, 1 MiB unless the server runs with -I)"
+                ) from exc
+            record("memcached_errors")
+            if "ERROR" in text:  # ERROR / CLIENT_ERROR / SERVER_ERROR: it answered, and refused
+                raise BackendResponseError(f"memcached {server}: {what} failed: {text}") from exc
+            raise BackendUnavailableError(f"memcached {server}: {what} failed: {text}") from exc
+        except (OSError, EOFError, asyncio.LimitOverrunError, ValueError, IndexError) as exc:
+            record("memcached_errors")
+            raise BackendUnavailableError(
+                f"memcached {server}: {what} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def aclose(self) -> None:
+        """Close this worker's connections (call it in the loop that used them)."""
+        clients, self._clients = list(self._clients.values()), {}
+        same_loop = self._loop is asyncio.get_running_loop()
+        for c in clients:
+            await _close_client(c, wait=same_loop)
+        self._loop = None

@@ -1,0 +1,304 @@
+"""Signed 64-bit integers on memcached's native ``incr``: counters and single-INT(8) rows.
+
+memcached's ``incr`` adds an unsigned 64-bit delta modulo 2**64 (and ``decr`` clamps at 0), so a
+value is stored as the decimal of ``value + 2**63``, which maps the signed range exactly onto the
+unsigned one, and *every* step, negative ones included, is sent as ``incr`` of
+``step mod 2**64``.  The server applies it atomically, and the value before the step is
+recovered exactly from the reply (``before = reply - delta mod 2**64``), so overflow past either
+end of the signed range is detected without ambiguity.
+
+An overflowing step has already been applied when it is detected: it is reverted at once with
+the opposite ``incr`` (one more round trip, shielded from cancellation) and
+``IntegerOverflowError`` is raised with the value unchanged.  Caveat, documented and warned about
+once: between the step and its revert, another client working on the same key can see (and
+return) the wrapped value.  That can only happen at the edge of the 64-bit range (beyond
+9.2e18); anywhere else every operation is atomic and exact.
+
+Compare-and-set uses ``gets``/``cas`` (optimistic, retried until ``cas_timeout``).  A value that
+is not such a number (written by another program) raises ``BackendResponseError``, as the other
+network backends do; it is never read as 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from zeal_asgi.errors import (
+    BackendError,
+    BackendResponseError,
+    ColumnTypeError,
+    ContentionError,
+    IntegerOverflowError,
+)
+from zeal_asgi.store.backends.memcached.conn import NonNumericValue, ServerPool, cas_op, record
+
+__all__ = [
+    "BIAS",
+    "U64",
+    "MemcachedCounter",
+    "NativeOverflow",
+    "backoff",
+    "decode_i64",
+    "encode_i64",
+    "native_add",
+    "native_cas",
+    "native_get",
+    "warn_once",
+]
+
+logger = logging.getLogger("zeal_asgi.store.backends.memcached")
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+BIAS = 2**63
+U64 = 2**64
+_warned: set[str] = set()
+
+
+def encode_i64(value: int) -> bytes:
+    """The stored form of a signed 64-bit value (decimal of ``value + 2**63``)."""
+    return b"%d" % (value + BIAS)
+
+
+def decode_i64(raw: bytes, what: str) -> int:
+    """The signed value stored by :func:`encode_i64`.
+
+    memcached pads a number that got shorter in place with trailing spaces; those are ignored.
+
+    Raises:
+        BackendResponseError: ``raw`` is not such a number.
+    """
+    digits = raw.rstrip(b" ")
+    if digits and len(digits) <= 20 and digits.isdigit():
+        u = int(digits)
+        if u < U64:
+            return u - BIAS
+    shown = raw[:40] + (b"..." if len(raw) > 40 else b"")
+    raise BackendResponseError(
+        f"{what}: the stored value {shown!r} is not a 64-bit number written by zeal_asgi "
+        "(another program, or a table whose schema changed?)"
+    )
+
+
+def warn_once(tag: str, message: str) -> None:
+    """Log ``message`` as a warning the first time ``tag`` is seen in this process."""
+    if tag not in _warned:
+        _warned.add(tag)
+        logger.warning(message)
+
+
+async def backoff(attempt: int, deadline: float, what: str) -> None:
+    """Sleep before retry ``attempt`` of a lost ``cas`` race (full jitter), or give up.
+
+    Raises:
+        ContentionError: ``deadline`` (monotonic) has passed (a BackendTimeoutError that a
+            circuit breaker does not count as an outage).
+    """
+    record("memcached_cas_retries")
+    if time.monotonic() >= deadline:
+        record("memcached_cas_exhausted")
+        raise ContentionError(
+            f"memcached: {what} lost the compare-and-swap race {attempt} times in a row; gave up "
+            "at the cas_timeout (the key is heavily contended)"
+        )
+    await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2 ** min(attempt, 8))))
+
+
+class NativeOverflow(Exception):
+    """A step would leave the signed 64-bit range; ``before`` is the (unchanged) value."""
+
+    def __init__(self, before: int) -> None:
+        super().__init__(before)
+        self.before = before
+
+
+async def native_get(pool: ServerPool, key: bytes, what: str) -> int | None:
+    """The signed value at ``key``, ``None`` when missing."""
+    raw = await pool.run(pool.index(key), what, lambda c: c.get(key))
+    return None if raw is None else decode_i64(raw, what)
+
+
+async def native_add(
+    pool: ServerPool, key: bytes, step: int, *, what: str, exptime: int, cas_timeout: float
+) -> int:
+    """Atomically add ``step`` (a missing value counts as 0); the new value.
+
+    Raises:
+        NativeOverflow: the result would leave the signed 64-bit range (value unchanged).
+        BackendResponseError: the stored value is not a number of ours.
+    """
+    i = pool.index(key)
+    delta = step % U64
+    deadline = time.monotonic() + cas_timeout
+    attempt = 0
+    while True:
+        try:
+            reply = await pool.run(i, what, lambda c: c.incr(key, delta))
+        except NonNumericValue as exc:
+            raise BackendResponseError(
+                f"{what}: the stored value is not a number written by zeal_asgi (another "
+                "program, or a table whose schema changed?)"
+            ) from exc
+        if reply is None:
+            if await pool.run(i, what, lambda c: c.add(key, encode_i64(step), exptime)):
+                return step
+        else:
+            before = (reply - delta) % U64
+            if 0 <= before + step < U64:
+                if exptime:
+                    await pool.run(i, what, lambda c: c.touch(key, exptime))
+                return reply - BIAS
+            await asyncio.shield(_revert(pool, i, key, step, what))
+            raise NativeOverflow(before - BIAS)
+        attempt += 1
+        await backoff(attempt, deadline, what)
+
+
+async def _revert(pool: ServerPool, i: int, key: bytes, step: int, what: str) -> None:
+    warn_once(
+        "revert",
+        "memcached: an increment overflowed the signed 64-bit range and is being reverted; "
+        "until the revert lands, other clients of that key may see the wrapped value "
+        "(only at the edge of the 64-bit range; see zeal_asgi.store.backends.memcached)",
+    )
+    record("memcached_overflow_reverts")
+    try:
+        # Not retried: a timed-out incr may have been applied, and a second one would not cancel.
+        await pool.run(i, f"revert of an overflowing {what}", lambda c: c.incr(key, -step % U64))
+    except BackendError:
+        logger.error(
+            "memcached: could not revert an overflowing increment of %r: the key holds a "
+            "wrapped value until it is set again",
+            key.decode(),
+        )
+        raise
+
+
+async def native_cas(
+    pool: ServerPool,
+    key: bytes,
+    expected: int,
+    new: int,
+    *,
+    what: str,
+    exptime: int,
+    cas_timeout: float,
+) -> bool:
+    """Set ``new`` if the value is ``expected`` (a missing value counts as 0); True if written."""
+    i = pool.index(key)
+    deadline = time.monotonic() + cas_timeout
+    attempt = 0
+    data = encode_i64(new)
+    while True:
+        raw, token = await pool.run(i, what, lambda c: c.gets(key))
+        if raw is None or token is None:
+            if expected != 0:
+                return False
+            if await pool.run(i, what, lambda c: c.add(key, data, exptime)):
+                return True
+        else:
+            if decode_i64(raw, what) != expected:
+                return False
+            if await pool.run(i, what, cas_op(key, data, token, exptime)):
+                return True
+        attempt += 1
+        await backoff(attempt, deadline, what)
+
+
+def _check_i64(value: object, what: str, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ColumnTypeError(
+            f"counter {name!r}: {what} must be an int, got {type(value).__name__}"
+        )
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise IntegerOverflowError(
+            f"counter {name!r}: {what} {value} is outside the signed 64-bit range"
+        )
+    return value
+
+
+class MemcachedCounter:
+    """Counter backend: ``{prefix}:counter:{name}`` updated with memcached's native ``incr``.
+
+    ``initial`` is written with ``add`` (never overwrites an existing value) before the first
+    operation of each process; a counter that disappears later (eviction, restart) counts as 0.
+    """
+
+    def __init__(
+        self, pool: ServerPool, key: bytes, name: str, initial: int, *, cas_timeout: float
+    ) -> None:
+        self.name = name
+        self.key = key
+        self.initial = _check_i64(initial, "initial", name)
+        self._pool = pool
+        self._cas_timeout = cas_timeout
+        self._created = False
+
+    async def _ensure(self) -> None:
+        if not self._created:
+            data = encode_i64(self.initial)
+            await self._pool.run(
+                self._pool.index(self.key),
+                f"create counter {self.name!r}",
+                lambda c: c.add(self.key, data),
+            )
+            self._created = True
+
+    async def increment(self, by: int = 1) -> int:
+        """Add ``by`` atomically; the new value (overflow raises, value unchanged)."""
+        step = _check_i64(by, "step", self.name)
+        await self._ensure()
+        try:
+            return await native_add(
+                self._pool,
+                self.key,
+                step,
+                what=f"increment of counter {self.name!r}",
+                exptime=0,
+                cas_timeout=self._cas_timeout,
+            )
+        except NativeOverflow as exc:
+            raise IntegerOverflowError(
+                f"counter {self.name!r}: {exc.before} + {step} leaves the signed 64-bit range; "
+                "unchanged"
+            ) from None
+
+    async def decrement(self, by: int = 1) -> int:
+        """Subtract ``by`` atomically; the new value (below zero is fine)."""
+        step = _check_i64(by, "step", self.name)
+        if step == INT64_MIN:
+            raise IntegerOverflowError(f"counter {self.name!r}: cannot negate step {by}")
+        return await self.increment(-step)
+
+    async def get(self) -> int:
+        """The current value (0 when missing)."""
+        await self._ensure()
+        value = await native_get(self._pool, self.key, f"get of counter {self.name!r}")
+        return 0 if value is None else value
+
+    async def set(self, value: int) -> None:
+        """Store ``value``."""
+        data = encode_i64(_check_i64(value, "value", self.name))
+        await self._pool.run(
+            self._pool.index(self.key),
+            f"set of counter {self.name!r}",
+            lambda c: c.set(self.key, data),
+        )
+        self._created = True
+
+    async def compare_and_set(self, expected: int, new: int) -> bool:
+        """Set ``new`` if the value is ``expected`` (missing counts as 0), with ``gets``/``cas``."""
+        e = _check_i64(expected, "expected", self.name)
+        n = _check_i64(new, "new", self.name)
+        await self._ensure()
+        return await native_cas(
+            self._pool,
+            self.key,
+            e,
+            n,
+            what=f"compare_and_set of counter {self.name!r}",
+            exptime=0,
+            cas_timeout=self._cas_timeout,
+        )

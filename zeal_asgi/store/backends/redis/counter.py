@@ -1,0 +1,82 @@
+"""Counters of the Redis backend: ``INCRBY`` on ``{prefix}:counter:{name}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zeal_asgi._redis.connector import RedisConnector
+from zeal_asgi._redis.scripts import COUNTER_CAS, KeyLayout
+from zeal_asgi.errors import BackendResponseError, IntegerOverflowError
+
+__all__ = ["RedisCounter"]
+
+
+class RedisCounter:
+    """A signed 64-bit counter: ``INCRBY`` on ``{prefix}:counter:{name}``.
+
+    ``initial`` is written with ``SET NX`` before this process first touches the counter, so
+    declaring it in every worker never resets it.  ``compare_and_set`` treats a missing counter
+    as 0, like the shared-memory Atomic.
+    """
+
+    def __init__(self, conn: RedisConnector, layout: KeyLayout, name: str, initial: int) -> None:
+        self.name = name
+        self.initial = initial
+        self.key = layout.counter(name)
+        self._conn = conn
+        self._ready = False
+
+    async def _ensure(self) -> None:
+        if not self._ready:
+            await self._conn.call(
+                ("SET", self.key, self.initial, b"NX"),
+                "initial SET NX of counter",
+                idempotent=True,
+                table=self.name,
+            )
+            self._ready = True
+
+    def _parse(self, raw: Any) -> int:
+        if raw is None:
+            return 0
+        if isinstance(raw, int):
+            return raw
+        text = bytes(raw)
+        if not text.lstrip(b"-").isdigit():
+            raise BackendResponseError(f"counter {self.name!r} holds {text[:40]!r}, not an integer")
+        return int(text)
+
+    async def increment(self, by: int = 1) -> int:
+        """INCRBY (not retried: it may have run); IntegerOverflowError past 64 bits."""
+        await self._ensure()
+        try:
+            value = await self._conn.call(
+                ("INCRBY", self.key, by), "counter", idempotent=False, table=self.name
+            )
+        except BackendResponseError as exc:
+            if "overflow" in str(exc):
+                raise IntegerOverflowError(
+                    f"counter {self.name!r}: adding {by} leaves the signed 64-bit range; the value "
+                    "is unchanged"
+                ) from exc
+            raise
+        return self._parse(value)
+
+    async def get(self) -> int:
+        """The current value (``initial`` until first written)."""
+        await self._ensure()
+        raw = await self._conn.call(("GET", self.key), "counter", idempotent=True, table=self.name)
+        return self._parse(raw)
+
+    async def set(self, value: int) -> None:
+        """SET the value."""
+        await self._conn.call(("SET", self.key, value), "counter", idempotent=True, table=self.name)
+        self._ready = True
+
+    async def compare_and_set(self, expected: int, new: int) -> bool:
+        """Atomic (Lua) compare-and-set; a missing counter compares as 0."""
+        await self._ensure()
+        n = await self._conn.script(
+            COUNTER_CAS, (self.key,), (expected, new), "counter", idempotent=False, table=self.name
+        )
+        return bool(n)

@@ -1,0 +1,176 @@
+"""Whole-table operations of the Redis backend: count, iterate, mget, mset, clear.
+
+Batched and pipelined (one round trip for ``mget``/``mset``), streaming (SSCAN/SCAN cursors,
+never a whole key set in memory), and slot-aware on a Cluster: every key of a table shares the
+slot of its hash tag, so a SCAN runs on the one node that holds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from redis.asyncio.cluster import RedisCluster
+
+from zeal_asgi._redis.scripts import CLEAR_BATCH, MSET, Script
+from zeal_asgi.shm.schema import validate_key
+from zeal_asgi.store.backends.redis.rows import RedisRows, _flat
+from zeal_asgi.store.base import Key, Row, TableSpec
+
+__all__ = ["RedisTables"]
+
+_BATCH = 256
+
+
+class RedisTables(RedisRows):
+    """Counting, iterating and batch operations over whole tables."""
+
+    async def _scan(self, spec: TableSpec, cursor: int, count: int) -> tuple[int, list[bytes]]:
+        """One SCAN step over exactly this table's keys, on the node that holds them."""
+        pattern = self.layout.scan_pattern(spec.name)
+        members = self.layout.members(spec.name)
+
+        async def op(c: Any) -> Any:
+            if isinstance(c, RedisCluster):
+                await c.initialize()
+                node = c.get_node_from_key(members)  # type: ignore[arg-type]  # bytes work
+                return await c.execute_command(
+                    "SCAN", cursor, "MATCH", pattern, "COUNT", count, target_nodes=node
+                )
+            return await c.scan(cursor, match=pattern, count=count)
+
+        reply = await self._conn.run(op, what=f"scan {spec.name!r}", idempotent=True)
+        nxt, keys = reply
+        if isinstance(nxt, dict):  # cluster replies {node: cursor}
+            (nxt,) = nxt.values()
+        return int(nxt), [k for k in keys if k != members]
+
+    async def _sscan(self, spec: TableSpec, cursor: int, count: int) -> tuple[int, list[bytes]]:
+        members = self.layout.members(spec.name)
+        nxt, found = await self._conn.run(
+            lambda c: c.sscan(members, cursor, count=count),
+            what=f"sscan {spec.name!r}",
+            idempotent=True,
+        )
+        return int(nxt), list(found)
+
+    async def count(self, spec: TableSpec) -> int:
+        """Tracked: SCARD (O(1)).  TTL: SCAN of the table's exact pattern (O(keyspace))."""
+        if spec.mode == "tracked":
+            members = self.layout.members(spec.name)
+            n = await self._conn.call(("SCARD", members), "count", idempotent=True, table=spec.name)
+            return int(n)
+        total, cursor = 0, 0
+        while True:
+            cursor, keys = await self._scan(spec, cursor, 1000)
+            total += len(keys)
+            if cursor == 0:
+                return total
+
+    async def iterate(self, spec: TableSpec) -> AsyncIterator[tuple[Any, Row]]:
+        """Stream every row: SSCAN (tracked) or SCAN (ttl) batches + pipelined HGETALL."""
+        codec = self._codec(spec)
+        cursor = 0
+        while True:
+            if spec.mode == "tracked":
+                cursor, raws = await self._sscan(spec, cursor, _BATCH)
+            else:
+                cursor, rows_keys = await self._scan(spec, cursor, _BATCH)
+                raws = [r for r in (self.layout.raw_key(spec.name, k) for k in rows_keys) if r]
+            if raws:
+                found = await self._hgetall_many([self.layout.row(spec.name, r) for r in raws])
+                for raw, fields in zip(raws, found, strict=True):
+                    key = codec.key_out(raw)
+                    row = codec.decode(fields, key)
+                    if row is not None:  # deleted since the scan
+                        yield key, row
+            if cursor == 0:
+                return
+
+    async def _hgetall_many(self, row_keys: Sequence[bytes]) -> list[dict[bytes, bytes]]:
+        async def op(c: Any) -> list[dict[bytes, bytes]]:
+            pipe = c.pipeline(transaction=False)
+            for k in row_keys:
+                pipe.hgetall(k)
+            result: list[dict[bytes, bytes]] = await pipe.execute()
+            return result
+
+        return await self._conn.run(op, what="pipelined HGETALL", idempotent=True)
+
+    async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
+        """Rows for ``keys`` in order (``None`` for misses), one pipelined round trip."""
+        codec = self._codec(spec)
+        raws = [
+            validate_key(k, spec.name, spec.schema.key_limit, spec.schema.binary_keys) for k in keys
+        ]
+        if not raws:
+            return []
+        found = await self._hgetall_many([self.layout.row(spec.name, r) for r in raws])
+        return [codec.decode(f, k) for f, k in zip(found, keys, strict=True)]
+
+    async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
+        """Validate every row first (all or nothing), then write them in one round trip."""
+        codec = self._codec(spec)
+        encoded = []
+        for k, r in rows.items():
+            raw = validate_key(k, spec.name, spec.schema.key_limit, spec.schema.binary_keys)
+            encoded.append((raw, codec.encode(r)))
+        if not encoded:
+            return 0
+        members = self.layout.members(spec.name)
+        mode = b"t" if spec.mode == "tracked" else b"x"
+        calls: list[tuple[list[bytes], list[Any]]] = []
+        for start in range(0, len(encoded), _BATCH):
+            keys: list[bytes] = []
+            args: list[Any] = [mode, spec.ttl or 0]
+            for raw, fields in encoded[start : start + _BATCH]:
+                keys.append(self.layout.row(spec.name, raw))
+                zeros = codec.zero_fields(fields)
+                flat = _flat(fields)
+                args += [raw, len(zeros), len(flat), *zeros, *flat]
+            calls.append(([*keys, members], args))
+
+        async def op(c: Any) -> Any:
+            pipe = c.pipeline(transaction=False)
+            for keys_, args_ in calls:
+                MSET.queue(pipe, keys_, args_)
+            return await pipe.execute()
+
+        await self._conn.run(op, what=f"mset in {spec.name!r}", idempotent=True)
+        return len(encoded)
+
+    async def clear(self, spec: TableSpec) -> int:
+        """Remove every row with UNLINK in batches (never the whole key set in memory)."""
+        members = self.layout.members(spec.name)
+        removed, cursor = 0, 0
+        while True:
+            if spec.mode == "tracked":
+                cursor, raws = await self._sscan(spec, cursor, _BATCH)
+                keys = [self.layout.row(spec.name, r) for r in raws]
+                if raws:
+                    n = await self._conn.run(
+                        _bound(CLEAR_BATCH, [*keys, members], raws),
+                        what=f"clear {spec.name!r}",
+                        idempotent=True,
+                    )
+                    removed += int(n)
+            else:
+                cursor, keys = await self._scan(spec, cursor, _BATCH)
+                if keys:
+                    n = await self._conn.run(
+                        _unlink(keys), what=f"clear {spec.name!r}", idempotent=True
+                    )
+                    removed += int(n)
+            if cursor == 0:
+                return removed
+
+
+def _bound(script: Script, keys: list[bytes], args: list[Any]) -> Callable[[Any], Awaitable[Any]]:
+    return lambda c: script(c, keys, args)
+
+
+def _unlink(keys: list[bytes]) -> Callable[[Any], Awaitable[Any]]:
+    async def op(c: Any) -> Any:
+        return await c.unlink(*keys)
+
+    return op

@@ -1,0 +1,266 @@
+"""The default backend: shared-memory tables and atomics, one copy per host.
+
+Nanosecond-scale and synchronous underneath; the async methods only adapt it to the facade.
+Tables are allocated at ``declare`` time (``Store.make``), which must run before workers start
+so every worker attaches to the same memory (see ``zeal_asgi.shm.segments``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+from zeal_asgi.errors import ConfigError, UnknownTableError
+from zeal_asgi.shm.bus import host_bus, user_wire
+from zeal_asgi.shm.ext import Atomic, Table
+from zeal_asgi.shm.schema import ColumnType, Schema
+from zeal_asgi.store.base import Key, Row, StoreBackendKind, TableSpec
+from zeal_asgi.store.channels import as_bytes, validate_channel
+
+__all__ = ["AtomicCounter", "TableBackend"]
+
+_EXPIRES = "__expires_at"
+
+
+def shm_columns(schema: Schema, ttl: bool) -> dict[str, tuple[int, int]]:
+    """The column declaration of the shared table behind ``schema`` (plus a hidden expiry)."""
+    cols = {c.name: (int(c.type), c.size) for c in schema.columns}
+    if ttl:
+        cols[_EXPIRES] = (int(ColumnType.FLOAT), 8)
+    return cols
+
+
+class TableBackend:
+    """Store backend over shared-memory tables (``Store.BACKEND_TABLE``)."""
+
+    kind = StoreBackendKind.TABLE
+
+    def __init__(self, *, namespace: str = "store") -> None:
+        self.namespace = namespace
+        self._tables: dict[str, Table] = {}
+        self._counters: dict[str, AtomicCounter] = {}
+
+    @classmethod
+    def from_config(cls, conn: str | Mapping[str, Any] | None = None) -> TableBackend:
+        """The table backend takes no connection; only ``namespace`` is read from a dict."""
+        if isinstance(conn, Mapping):
+            unknown = set(conn) - {"namespace", "on_error", "breaker"}
+            if unknown:
+                raise ConfigError(f"table backend: unknown options {sorted(unknown)}")
+            return cls(namespace=str(conn.get("namespace", "store")))
+        return cls()
+
+    # -- tables --------------------------------------------------------------------------------
+
+    def declare(self, spec: TableSpec) -> Table:
+        """Allocate (or attach to) the shared table of ``spec``."""
+        existing = self._tables.get(spec.name)
+        if existing is not None and not existing.closed:
+            if existing.schema != self._shm_schema(spec):
+                raise ConfigError(
+                    f"table {spec.name!r} was already made with another schema in this process"
+                )
+            return existing
+        table = Table(
+            spec.max_rows,
+            shm_columns(spec.schema, spec.mode == "ttl"),
+            name=f"{self.namespace}:{spec.name}",
+            key_size=spec.schema.key_limit,
+            allow_nan=spec.schema.allow_nan,
+            binary_keys=spec.schema.binary_keys,
+        )
+        self._tables[spec.name] = table
+        return table
+
+    def _shm_schema(self, spec: TableSpec) -> Schema:
+        return Schema.declare(
+            shm_columns(spec.schema, spec.mode == "ttl"),
+            key_size=spec.schema.key_limit,
+            allow_nan=spec.schema.allow_nan,
+            binary_keys=spec.schema.binary_keys,
+        )
+
+    def table(self, name: str) -> Table:
+        """The raw shared table."""
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise UnknownTableError(f"table {name!r} was never made (Store.make)") from None
+
+    def tables(self) -> dict[str, Table]:
+        """Every table declared on this backend, by name."""
+        return dict(self._tables)
+
+    async def start(self) -> None:
+        """Nothing to connect: shared memory is already mapped."""
+
+    async def aclose(self) -> None:
+        """Nothing to close per worker (segments stay mapped until the process exits)."""
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _expired(row: Row) -> bool:
+        exp = row.pop(_EXPIRES, 0.0)
+        return bool(exp) and exp <= time.time()
+
+    async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
+        """Merge ``row``; on a TTL table every write refreshes the expiry."""
+        t = self.table(spec.name)
+        if spec.mode == "ttl" and spec.ttl:
+            if _EXPIRES in row:
+                spec.schema.column(_EXPIRES, spec.name)  # raises UnknownColumnError
+            current = t.get(key)
+            if current is not None and current[_EXPIRES] and current[_EXPIRES] <= time.time():
+                t.delete(key)  # an expired row must not lend its old columns to the new one
+            row = {**row, _EXPIRES: time.time() + spec.ttl}
+        return t.set(key, row)
+
+    async def get(self, spec: TableSpec, key: Key, field: str | None = None) -> Any:
+        """The row or field; ``None`` when missing (or expired)."""
+        t = self.table(spec.name)
+        if spec.mode != "ttl":
+            return t.get(key, field)
+        if field is not None:
+            spec.schema.column(field, spec.name)
+        row = t.get(key)
+        if row is None:
+            return None
+        if self._expired(row):
+            t.delete(key)
+            return None
+        return row if field is None else row[field]
+
+    async def delete(self, spec: TableSpec, key: Key) -> bool:
+        """Remove the row."""
+        if spec.mode == "ttl":
+            alive = await self.get(spec, key) is not None
+            return self.table(spec.name).delete(key) and alive
+        return self.table(spec.name).delete(key)
+
+    async def exists(self, spec: TableSpec, key: Key) -> bool:
+        """``True`` when the row exists (and has not expired)."""
+        if spec.mode == "ttl":
+            return await self.get(spec, key) is not None
+        return self.table(spec.name).exists(key)
+
+    async def incr(
+        self, spec: TableSpec, key: Key, column: str, by: int | float = 1
+    ) -> int | float:
+        """Atomic add on a numeric column."""
+        t = self.table(spec.name)
+        if spec.mode == "ttl" and spec.ttl:
+            spec.schema.column(column, spec.name)
+            await self.get(spec, key)  # drops an expired row first
+            value: int | float = t.incr(key, column, by)
+            t.set(key, {_EXPIRES: time.time() + spec.ttl})
+            return value
+        result: int | float = t.incr(key, column, by)
+        return result
+
+    async def compare_and_set(
+        self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
+    ) -> bool:
+        """Atomic compare-and-set of one column."""
+        spec.schema.column(column, spec.name)
+        t = self.table(spec.name)
+        if spec.mode == "ttl" and spec.ttl:
+            await self.get(spec, key)  # drops an expired row first
+            swapped = t.compare_and_set(key, column, expected, new)
+            if swapped:
+                t.set(key, {_EXPIRES: time.time() + spec.ttl})
+            return swapped
+        return t.compare_and_set(key, column, expected, new)
+
+    async def count(self, spec: TableSpec) -> int:
+        """O(1) row count (a TTL table counts expired rows until they are read or swept)."""
+        return len(self.table(spec.name))
+
+    async def iterate(self, spec: TableSpec) -> AsyncIterator[tuple[Any, Row]]:
+        """Every live row, as consistent per-row snapshots."""
+        t = self.table(spec.name)
+        for key, row in t.items():
+            if spec.mode == "ttl" and self._expired(row):
+                continue
+            yield key, row
+
+    async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
+        """Rows for ``keys``, ``None`` for misses."""
+        return [await self.get(spec, k) for k in keys]
+
+    async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
+        """Validate every row first, then write them."""
+        from zeal_asgi.shm.schema import validate_key
+
+        for k, r in rows.items():
+            validate_key(k, spec.name, spec.schema.key_limit, spec.schema.binary_keys)
+            spec.schema.validate_row(r, spec.name)
+        for k, r in rows.items():
+            await self.set(spec, k, r)
+        return len(rows)
+
+    async def clear(self, spec: TableSpec) -> int:
+        """Remove every row."""
+        t = self.table(spec.name)
+        n = len(t)
+        t.clear()
+        return n
+
+    async def ping(self) -> bool:
+        """Shared memory is always there."""
+        return True
+
+    async def publish(self, channel: str, payload: str | bytes) -> int:
+        """Same-host pub/sub through shared memory; the number of subscribed workers here."""
+        validate_channel(channel)
+        return host_bus().publish(user_wire(channel), as_bytes(payload))
+
+    def stats(self) -> dict[str, Any]:
+        """Per-table counters (shared by every worker of the host)."""
+        return {"tables": {name: t.stats() for name, t in self._tables.items() if not t.closed}}
+
+    # -- counters ------------------------------------------------------------------------------
+
+    def counter(self, name: str, initial: int) -> AtomicCounter:
+        """A shared atomic; ``initial`` only applies when this call creates it."""
+        c = self._counters.get(name)
+        if c is None or c.atomic.closed:
+            c = AtomicCounter(name, Atomic(initial, name=f"{self.namespace}:counter:{name}"))
+            self._counters[name] = c
+        return c
+
+    def close_all(self) -> None:
+        """Unmap every table and atomic of this backend in this process (tests)."""
+        from zeal_asgi.shm.segments import destroy
+
+        for t in self._tables.values():
+            destroy(t)
+        for c in self._counters.values():
+            destroy(c.atomic)
+        self._tables.clear()
+        self._counters.clear()
+
+
+class AtomicCounter:
+    """Counter backend over a shared :class:`~zeal_asgi.Atomic`."""
+
+    def __init__(self, name: str, atomic: Atomic) -> None:
+        self.name = name
+        self.atomic = atomic
+
+    async def increment(self, by: int = 1) -> int:
+        """Lock-free add."""
+        return self.atomic.increment(by)
+
+    async def get(self) -> int:
+        """Current value."""
+        return self.atomic.get()
+
+    async def set(self, value: int) -> None:
+        """Store a value."""
+        self.atomic.set(value)
+
+    async def compare_and_set(self, expected: int, new: int) -> bool:
+        """Lock-free CAS."""
+        return self.atomic.compare_and_set(expected, new)

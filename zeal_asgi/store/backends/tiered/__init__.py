@@ -1,0 +1,406 @@
+"""The tiered backend: a shared-memory L1 on every host in front of Redis (L2), kept coherent.
+
+``Store.default_backend("tiered", {"url": "redis://...", "l1_ttl": 2.0, "invalidation_secret":
+"..."})`` (or ``ZEAL_STORE_BACKEND=tiered``).  Besides the Redis options: ``l1_ttl`` (seconds,
+default 5, floats welcome), ``l1_rows`` (L1 capacity per table, default the table's
+``max_rows``), ``invalidation_secret`` (else ``ZEAL_TIERED_INVALIDATION_SECRET``; a str, or
+``{kid: secret}`` with ``invalidation_kid`` for rotation).
+
+* Reads (``get``, ``exists``) are served from L1 while the row is fresh (younger than
+  ``l1_ttl``), else from L2, filling L1.  ``exists_cached()`` answers from L1 alone.
+  ``count``, ``iterate`` and ``mget`` read L2 (``mget`` fills L1).
+* Writes go to L2 first; then L1 is updated (whole rows) or invalidated, and an invalidation is
+  published on ``{prefix}:__l1_invalidate`` so every other node drops its copy.  ``incr``,
+  ``compare_and_set``, ``delete``, ``mset`` and ``clear`` all invalidate.
+* Every worker runs one subscriber (started by ``start()``, stopped by ``aclose()``).  Until it is
+  subscribed, and from the moment its connection is found broken, the worker does not trust L1;
+  after every (re)subscription it flushes L1, since messages published meanwhile were lost.  A
+  message lost without a disconnect is bounded by ``l1_ttl``.
+* With a secret, invalidations are HMAC-SHA256 envelopes (key id, timestamp, nonce): forged,
+  unknown-key, stale, replayed, oversize and malformed messages are dropped and counted.
+
+``publish``, ``publish_reliable``, ``eval`` and counters are Redis's; any other Redis helper
+(``channel_name``, ``dedicated_client``, ``client``, ...) is reachable on this backend too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from zeal_asgi._redis.subscriber import InvalidationSubscriber
+from zeal_asgi.errors import ConfigError, UnknownTableError, ZealError
+from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.shm.schema import validate_key
+from zeal_asgi.signing import Signer
+from zeal_asgi.store.backends.redis import RedisBackend
+from zeal_asgi.store.backends.tiered.l1 import L1Cache
+from zeal_asgi.store.backends.tiered.messages import InvalidationCodec
+from zeal_asgi.store.backends.tiered.sync import L1Sync
+from zeal_asgi.store.base import CounterBackend, Key, Row, StoreBackendKind, TableSpec
+
+if TYPE_CHECKING:
+    from zeal_asgi.shm import Table
+
+__all__ = ["TieredBackend"]
+
+log = logging.getLogger("zeal_asgi.tiered")
+
+OPTIONS = ("l1_ttl", "l1_rows", "invalidation_secret", "invalidation_kid", "l1_namespace")
+"""Options of the tiered backend on top of the Redis backend's."""
+ENV_SECRET = "ZEAL_TIERED_INVALIDATION_SECRET"
+_warned_unsigned = False
+
+
+def _count(metric: str) -> None:
+    host_stats().incr(f"tiered_{metric}_total")
+
+
+def _number(name: str, value: Any, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value <= hi:
+        raise ConfigError(f"tiered option {name} must be a number in ({lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+class TieredBackend:
+    """L1 shared table per host + L2 Redis (``Store.BACKEND_TIERED``)."""
+
+    kind = StoreBackendKind.TIERED
+
+    def __init__(
+        self,
+        l2: RedisBackend,
+        *,
+        l1_ttl: float = 5.0,
+        l1_rows: int | None = None,
+        invalidation_secret: str | bytes | Mapping[str, str | bytes] | None = None,
+        invalidation_kid: str | None = None,
+        l1_namespace: str | None = None,
+    ) -> None:
+        self.l1_ttl = _number("l1_ttl", l1_ttl, 0.0, 86400.0)
+        if l1_rows is not None and (
+            not isinstance(l1_rows, int) or isinstance(l1_rows, bool) or l1_rows < 1
+        ):
+            raise ConfigError(f"tiered option l1_rows must be an int >= 1, got {l1_rows!r}")
+        self._l2 = l2
+        namespace = l1_namespace or f"tiered:{l2.prefix}"
+        self._l1 = L1Cache(namespace, self.l1_ttl, l1_rows)
+        signer = None
+        if invalidation_secret:
+            signer = Signer(
+                invalidation_secret,
+                kid=invalidation_kid,
+                context="zeal-tiered-invalidation",
+                name="tiered_invalidation",
+            )
+        else:
+            global _warned_unsigned
+            if not _warned_unsigned:
+                _warned_unsigned = True
+                log.warning(
+                    "tiered backend: invalidations are UNAUTHENTICATED (no invalidation_secret): "
+                    "anyone who can publish on Redis can forge them; set %s",
+                    ENV_SECRET,
+                )
+        self._specs: dict[str, TableSpec] = {}
+        self._sync = L1Sync(l2, self._l1, InvalidationCodec(signer), self._specs)
+
+    @classmethod
+    def from_config(cls, conn: str | Mapping[str, Any] | None = None) -> TieredBackend:
+        """Validate ``conn`` (a Redis URL or an options dict) without any I/O."""
+        opts: dict[str, Any] = {}
+        if isinstance(conn, Mapping):
+            opts = {k: conn[k] for k in OPTIONS if conn.get(k) is not None}
+            l2 = RedisBackend.from_config(conn, extra_keys=OPTIONS)
+        else:
+            l2 = RedisBackend.from_config(conn)
+        if not opts.get("invalidation_secret"):
+            opts["invalidation_secret"] = os.environ.get(ENV_SECRET) or None
+        return cls(l2, **opts)
+
+    def __repr__(self) -> str:
+        return f"<TieredBackend l1_ttl={self.l1_ttl} l2={self._l2!r}>"
+
+    def __getattr__(self, name: str) -> Any:
+        # Redis helpers (channel_name, dedicated_client, client, key, run, ...) for the code
+        # built on the backend: pub/sub, streams and WebSockets work on tiered as on redis.
+        if name.startswith("__") or name == "_l2":
+            raise AttributeError(name)
+        return getattr(self._l2, name)
+
+    @property
+    def l2(self) -> RedisBackend:
+        """The Redis backend behind L1."""
+        return self._l2
+
+    @property
+    def l1(self) -> L1Cache:
+        """The shared L1 tables."""
+        return self._l1
+
+    @property
+    def channel(self) -> str:
+        """The invalidation channel, ``{prefix}:__l1_invalidate``."""
+        return self._sync.channel
+
+    @property
+    def subscriber(self) -> InvalidationSubscriber:
+        """This worker's invalidation subscriber."""
+        return self._sync.subscriber
+
+    @property
+    def origin(self) -> str:
+        """This server's id in invalidations (its own messages are ignored: L1 is shared)."""
+        return self._sync.origin
+
+    @property
+    def synced(self) -> bool:
+        """Whether this worker trusts L1 (its subscriber is subscribed and L1 was flushed)."""
+        return self._sync.synced
+
+    @property
+    def sent(self) -> int:
+        """Invalidation messages published by this worker."""
+        return self._sync.sent
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def declare(self, spec: TableSpec) -> Table | None:
+        """Register on L2 and allocate the L1 table (call before workers start)."""
+        self._l2.declare(spec)
+        self._l1.declare(spec)
+        self._specs[spec.name] = spec
+        return None
+
+    async def start(self) -> None:
+        """Start this worker's invalidation subscriber, then L2 (PING)."""
+        await self._sync.start()
+        try:
+            await self._l2.start()
+        except BaseException:
+            await self._sync.stop()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop the subscriber and close L2's connections in this worker."""
+        await self._sync.stop()
+        await self._l2.aclose()
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _check(self, spec: TableSpec, key: Key) -> bytes:
+        return validate_key(key, spec.name, spec.schema.key_limit, spec.schema.binary_keys)
+
+    async def get(self, spec: TableSpec, key: Key, field: str | None = None) -> Any:
+        """The row or field: from L1 when fresh, else L2 (then L1 is filled)."""
+        if field is not None:
+            spec.schema.column(field, spec.name)
+        raw = self._check(spec, key)
+        if self._sync.synced:
+            row = self._l1.lookup(spec, key)
+            if row is not None:
+                return row if field is None else row[field]
+        else:
+            _count("l1_bypass")
+        row = await self._read_through(spec, key, raw)
+        if row is None or field is None:
+            return row
+        return row[field]
+
+    async def _read_through(self, spec: TableSpec, key: Key, raw: bytes) -> Row | None:
+        token = self._l1.snapshot(spec.name, key)
+        synced = self._sync.synced
+        fetched = time.monotonic()
+        row: Row | None = await self._l2.get(spec, key)
+        if row is None or not synced:
+            return row
+        if spec.mode == "ttl":
+            # L1 must not outlive L2's expiry: ask how long the row has left, and make the L1
+            # copy go stale no later than that.
+            row_key = self._l2.row_key(spec.name, raw)
+            ms = await self._l2.run(lambda c: c.pttl(row_key), what="tiered PTTL", idempotent=True)
+            if ms is None or int(ms) == -2:
+                return row
+            if int(ms) >= 0:
+                fetched -= max(0.0, self._l1.ttl_of(spec) - int(ms) / 1000)
+        if self._sync.synced:
+            self._l1.fill(spec, key, row, token, fetched)
+        return row
+
+    async def exists(self, spec: TableSpec, key: Key) -> bool:
+        """``True`` when the row exists: a fresh L1 copy says so, else L2 answers."""
+        self._check(spec, key)
+        if self._sync.synced and self._l1.is_fresh(spec, key):
+            _count("l1_hits")
+            return True
+        return await self._l2.exists(spec, key)
+
+    async def exists_cached(self, table: str | TableSpec, key: Key) -> bool:
+        """``True`` only when L1 holds a fresh copy of the row (no network at all)."""
+        spec = table if isinstance(table, TableSpec) else self._specs.get(table)
+        if spec is None:
+            raise UnknownTableError(f"table {table!r} was never made (Store.make)")
+        self._check(spec, key)
+        return self._sync.synced and self._l1.is_fresh(spec, key)
+
+    async def count(self, spec: TableSpec) -> int:
+        """Row count, from L2."""
+        return await self._l2.count(spec)
+
+    def iterate(self, spec: TableSpec) -> AsyncIterator[tuple[Any, Row]]:
+        """Every row, from L2."""
+        return self._l2.iterate(spec)
+
+    async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
+        """Rows for ``keys`` from L2 in one round trip; whole rows then fill L1."""
+        for k in keys:
+            self._check(spec, k)  # typed errors before L1 sees a key
+        tokens = [self._l1.snapshot(spec.name, k) for k in keys]
+        synced = self._sync.synced
+        rows = await self._l2.mget(spec, keys)
+        if synced and self._sync.synced and spec.mode != "ttl":
+            for k, r, tok in zip(keys, rows, tokens, strict=True):
+                if r is not None:
+                    self._l1.fill(spec, k, r, tok)
+        return rows
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    async def _after_failure(
+        self, spec: TableSpec, keys: Sequence[Key], exc: BaseException
+    ) -> None:
+        self._l1.invalidate(spec.name, keys)
+        if isinstance(exc, TimeoutError):  # the write may have happened after all
+            raws = [self._check(spec, k) for k in keys]
+            await self._sync.announce(spec.name, "keys", raws)
+
+    async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
+        """Write to L2, then put the row in L1 (whole rows) or drop it, then tell the others."""
+        raw = self._check(spec, key)
+        t0 = time.monotonic()
+        try:
+            result = await self._l2.set(spec, key, row)
+        except ZealError as exc:
+            await self._after_failure(spec, [key], exc)
+            raise
+        self._update_l1(spec, key, row, t0)
+        await self._sync.announce(spec.name, "keys", [raw])
+        return result
+
+    def _update_l1(self, spec: TableSpec, key: Key, row: Mapping[str, Any], t0: float) -> None:
+        # A partial row merges into whatever L2 holds, which L1 may not know: drop instead.
+        if self._sync.synced and len(row) == len(spec.schema.columns):
+            self._l1.put(spec, key, spec.schema.validate_row(row, spec.name), t0)
+        else:
+            self._l1.invalidate(spec.name, [key])
+
+    async def _write(self, spec: TableSpec, key: Key, coro: Any) -> Any:
+        raw = self._check(spec, key)
+        try:
+            result = await coro
+        except ZealError as exc:
+            await self._after_failure(spec, [key], exc)
+            raise
+        self._l1.invalidate(spec.name, [key])
+        await self._sync.announce(spec.name, "keys", [raw])
+        return result
+
+    async def delete(self, spec: TableSpec, key: Key) -> bool:
+        """Delete in L2 and L1; the others drop their copy."""
+        self._check(spec, key)
+        result: bool = await self._write(spec, key, self._l2.delete(spec, key))
+        return result
+
+    async def incr(
+        self, spec: TableSpec, key: Key, column: str, by: int | float = 1
+    ) -> int | float:
+        """Atomic add in L2 (the truth); L1 copies are dropped everywhere."""
+        self._check(spec, key)
+        result: int | float = await self._write(spec, key, self._l2.incr(spec, key, column, by))
+        return result
+
+    async def compare_and_set(
+        self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
+    ) -> bool:
+        """Atomic compare-and-set in L2; on success L1 copies are dropped everywhere."""
+        raw = self._check(spec, key)
+        try:
+            done = await self._l2.compare_and_set(spec, key, column, expected, new)
+        except ZealError as exc:
+            await self._after_failure(spec, [key], exc)
+            raise
+        if done:
+            self._l1.invalidate(spec.name, [key])
+            await self._sync.announce(spec.name, "keys", [raw])
+        return done
+
+    async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
+        """Write many rows to L2 (one round trip), update or drop them in L1, invalidate."""
+        raws = [self._check(spec, k) for k in rows]
+        t0 = time.monotonic()
+        try:
+            n = await self._l2.mset(spec, rows)
+        except ZealError as exc:
+            await self._after_failure(spec, list(rows), exc)
+            raise
+        for k, r in rows.items():
+            self._update_l1(spec, k, r, t0)
+        await self._sync.announce(spec.name, "keys", raws)
+        return n
+
+    async def clear(self, spec: TableSpec) -> int:
+        """Remove every row from L2 and L1; every node drops its L1 copy of the table."""
+        try:
+            n = await self._l2.clear(spec)
+        finally:
+            self._l1.clear(spec.name)
+        await self._sync.announce(spec.name, "clear")
+        return n
+
+    # -- the rest is Redis's ---------------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        """L2's PING."""
+        return await self._l2.ping()
+
+    async def publish(self, channel: str, payload: str | bytes) -> int:
+        """Redis PUBLISH (``Store.publish``)."""
+        return await self._l2.publish(channel, payload)
+
+    async def publish_reliable(
+        self, stream: str, payload: str | bytes, max_len: int | None = None
+    ) -> str:
+        """Redis XADD (``Store.publish_reliable``)."""
+        return await self._l2.publish_reliable(stream, payload, max_len)
+
+    async def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Lua on L2 (``Store.eval``); it bypasses L1, so don't write rows from scripts."""
+        return await self._l2.eval(script, keys, args)
+
+    def counter(self, name: str, initial: int) -> CounterBackend:
+        """A Redis counter (shared by every node)."""
+        return self._l2.counter(name, initial)
+
+    def stats(self) -> dict[str, Any]:
+        """L2's stats, plus ``tiered`` (subscriber, invalidations, L1 counters) and ``l1``."""
+        out = dict(self._l2.stats())
+        host = host_stats().host()
+        mine = host_stats().worker()
+        tiered: dict[str, Any] = {
+            k[len("tiered_") :]: v for k, v in host.items() if k.startswith("tiered_")
+        }
+        tiered.update(
+            l1_ttl=self.l1_ttl,
+            **self._sync.stats(),
+            worker={k[len("tiered_") :]: v for k, v in mine.items() if k.startswith("tiered_")},
+        )
+        out["tiered"] = tiered
+        out["l1"] = self._l1.stats()
+        return out
+
+    def close_shared(self) -> None:
+        """Unlink the L1 tables (tests and explicit teardown; workers keep their mappings)."""
+        self._l1.close_all()

@@ -1,0 +1,73 @@
+"""Table schemas derived from pydantic models."""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Union, get_origin
+
+from pydantic import BaseModel
+
+from zeal_asgi.errors import SchemaError
+from zeal_asgi.shm.schema import ColumnType
+
+__all__ = ["columns_from_model"]
+
+
+def _int_size(lo: int | None, hi: int | None) -> int:
+    if lo is None or hi is None:
+        return 8
+    for size in (1, 2, 4, 8):
+        bits = size * 8
+        if -(2 ** (bits - 1)) <= lo and hi <= 2 ** (bits - 1) - 1:
+            return size
+    raise SchemaError(f"range [{lo}, {hi}] does not fit a signed 64-bit INT column")
+
+
+def columns_from_model(model: type[BaseModel]) -> dict[str, tuple[ColumnType, int]]:
+    """Columns for ``Store.make(..., model=User)``.
+
+    ``int`` with ``Field(ge=, le=)`` becomes the smallest INT that holds the range (else INT(8));
+    ``float`` becomes FLOAT; ``str`` with ``max_length`` becomes STRING of that many UTF-8 bytes
+    (4 bytes per character: the limit must hold any string pydantic accepts); ``bytes`` with
+    ``max_length`` becomes BYTES.  Anything else is a SchemaError naming the field.
+    """
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise SchemaError(f"model must be a pydantic BaseModel subclass, got {model!r}")
+    cols: dict[str, tuple[ColumnType, int]] = {}
+    for name, info in model.model_fields.items():
+        ann: Any = info.annotation
+        if get_origin(ann) in (Union, types.UnionType):
+            raise SchemaError(
+                f"{model.__name__}.{name}: optional/union fields have no column type "
+                "(shared rows always hold a value)"
+            )
+        lo = hi = max_len = None
+        for m in info.metadata:
+            lo = getattr(m, "ge", lo)
+            hi = getattr(m, "le", hi)
+            if getattr(m, "gt", None) is not None:
+                lo = m.gt + 1
+            if getattr(m, "lt", None) is not None:
+                hi = m.lt - 1
+            max_len = getattr(m, "max_length", max_len)
+        if ann is bool:
+            raise SchemaError(f"{model.__name__}.{name}: bool is not a column type (use int 0/1)")
+        if ann is int:
+            cols[name] = (ColumnType.INT, _int_size(lo, hi))
+        elif ann is float:
+            cols[name] = (ColumnType.FLOAT, 8)
+        elif ann in (str, bytes):
+            if max_len is None:
+                raise SchemaError(
+                    f"{model.__name__}.{name}: {ann.__name__} needs Field(max_length=...) to size "
+                    "its column"
+                )
+            if ann is str:
+                cols[name] = (ColumnType.STRING, int(max_len) * 4)
+            else:
+                cols[name] = (ColumnType.BYTES, int(max_len))
+        else:
+            raise SchemaError(
+                f"{model.__name__}.{name}: type {ann!r} has no column type (int, float, str, bytes)"
+            )
+    return cols
