@@ -311,12 +311,14 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=_env("ZEAL_WORKERS", "1"),
+        metavar="N",
         help="worker processes, all sharing the same tables (ZEAL_WORKERS)",
     )
     add(
         "--timeout-worker-healthcheck",
         type=int,
         default=_env("ZEAL_TIMEOUT_WORKER_HEALTHCHECK", "5"),
+        metavar="SECONDS",
         help="seconds a worker may go without answering the supervisor's ping before it is "
         "killed (SIGKILL) and replaced; a stopped worker (SIGSTOP, a debugger) counts as not "
         "answering, and the row lock it held is then recovered by the next writer; the "
@@ -327,6 +329,7 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout-graceful-shutdown",
         type=int,
         default=_env("ZEAL_TIMEOUT_GRACEFUL_SHUTDOWN", "10"),
+        metavar="SECONDS",
         help="seconds a worker waits for open requests on shutdown "
         "(ZEAL_TIMEOUT_GRACEFUL_SHUTDOWN)",
     )

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
-from starlette.requests import HTTPConnection
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -76,6 +76,10 @@ class ZealMiddleware:
         await self.app(scope, wrapped_receive, wrapped_send)
 
 
+@overload
+async def zeal_error_handler(conn: Request, exc: Exception) -> Response: ...
+@overload
+async def zeal_error_handler(conn: WebSocket, exc: Exception) -> None: ...
 async def zeal_error_handler(conn: HTTPConnection, exc: Exception) -> Response | None:
     """Answer a :class:`~zeal_asgi.errors.ZealError` raised by an endpoint with typed JSON.
 
