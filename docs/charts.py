@@ -34,28 +34,23 @@ class Chart:
     column: str  # the value column
     title: str
     log: bool  # log scale for values spanning orders of magnitude
-    lower_is_better: bool
 
 
 CHARTS = [
     Chart("http", "http", "## HTTP", "req/s median",
-          "HTTP counter route, 2 workers, wrk: requests per second (higher is better)",
-          log=False, lower_is_better=False),
+          "HTTP counter route, 2 workers, wrk: requests per second (higher is better)", log=False),
     Chart("table-get", "table", "### get (one process)", "ns/op",
-          "Reading a row from Python: ns per call, log scale (lower is better)",
-          log=True, lower_is_better=True),
+          "Reading a row from Python: ns per call, log scale (lower is better)", log=True),
     Chart("table-incr", "table", "### incr (one process)", "ns/op",
-          "Incrementing a shared counter: ns per call, log scale (lower is better)",
-          log=True, lower_is_better=True),
+          "Incrementing a shared counter: ns per call, log scale (lower is better)", log=True),
     Chart("store-get", "store", "### get", "ns/op",
-          "await Store.get on every backend and its peers: ns per call, log scale (lower is better)",
-          log=True, lower_is_better=True),
+          "await Store.get, every backend and its peers: ns per call, log scale (lower is better)",
+          log=True),
     Chart("cache-get", "cache", "### get hit, small value", "ns/op",
-          "Cache hit, small value: ns per call, log scale (lower is better)",
-          log=True, lower_is_better=True),
+          "Cache hit, small value: ns per call, log scale (lower is better)", log=True),
     Chart("pubsub", "pubsub", "### Publish → handler", "msg/s handled",
           "Publish → handler in another process: messages per second (higher is better)",
-          log=False, lower_is_better=False),
+          log=False),
 ]  # fmt: skip
 
 

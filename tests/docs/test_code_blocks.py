@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +163,7 @@ def _delivered(sender: ClientConnection, receiver: ClientConnection, sender_name
         text = f"hello-{time.monotonic_ns()}"
         sender.send(text)
         with contextlib.suppress(AssertionError):
-            _recv_json(receiver, lambda m, t=text: m == {"from": sender_name, "text": t}, 0.5)
+            _recv_json(receiver, partial(operator.eq, {"from": sender_name, "text": text}), 0.5)
             return
     raise AssertionError(f"no message from {sender_name} reached the other client")
 
