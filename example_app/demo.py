@@ -11,7 +11,7 @@ import secrets
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 
 from zeal_asgi import Counter, Store, Zeal
 from zeal_asgi.errors import ZealError
@@ -20,6 +20,7 @@ from zeal_asgi.store import StoreBackendKind
 from zeal_asgi.streams import StreamEntry
 
 from .models import (
+    BackendInfo,
     CacheResult,
     CounterResult,
     DemoError,
@@ -77,6 +78,25 @@ async def counter_increment() -> CounterResult:
     spelling), and ``main`` registers it on the app itself, before the routers (see there).
     """
     return CounterResult(total_requests=await request_counter.increment(), pid=os.getpid())
+
+
+@router.get("/workers/hit", response_model=CounterResult)
+async def workers_hit(response: Response) -> CounterResult:
+    """The request counter, answered with ``Connection: close``.
+
+    A browser sends its requests on one keep-alive connection, which one worker holds, so every
+    click would show the same pid. Closing the connection after each answer makes the next
+    request a new connection, accepted by whichever worker gets it: the page's "hit every
+    worker" control uses this route to show the pid changing while the count stays one sequence.
+    """
+    response.headers["Connection"] = "close"
+    return CounterResult(total_requests=await request_counter.increment(), pid=os.getpid())
+
+
+@router.get("/backend", response_model=BackendInfo)
+async def backend(store: StoreDep) -> BackendInfo:
+    """Which Store backend serves this app (the page's badge)."""
+    return BackendInfo(backend=str(store.kind), worker_pid=os.getpid())
 
 
 @router.get("/store/set-get", response_model=SetGetResult)
