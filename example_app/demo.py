@@ -1,4 +1,4 @@
-"""The ``/demo`` routes: the seed's Store, Counter and pub/sub examples, one button each.
+"""The ``/demo`` routes: Store, Counter, Cache and pub/sub examples, one button each.
 
 Tables and counters are declared here, at import, so the launcher allocates them in the master
 before any worker starts (every worker then sees the same rows and the same counter).
@@ -43,7 +43,7 @@ PATTERN = "demo:pubsub:*"
 STREAM = "demo:reliable"
 CACHE_TTL = 30
 
-# Before the workers start (the seed: "Store::make(...) before $app->run()").
+# Before the workers start: allocated once, in the master, and shared by every worker.
 Store.make(TABLE, 128, {"name": (Store.TYPE_STRING, 64), "score": (Store.TYPE_INT, 4)})
 Store.make(
     LOG_TABLE,
@@ -57,7 +57,7 @@ Store.make(
     },
 )
 request_counter = Counter(0, name="requests")
-"""The seed's ``$requestCounter``: one integer shared by every worker."""
+"""The request counter: one integer shared by every worker."""
 
 router = APIRouter(prefix="/demo", tags=["demo"])
 
@@ -71,11 +71,11 @@ def _error(exc: ZealError, store: Store) -> DemoError:
 
 
 async def counter_increment() -> CounterResult:
-    """The seed's request counter: every worker increments the same integer.
+    """The request counter: every worker increments the same integer.
 
-    The hot path of the demo, so the counter is used straight from module scope, as in the
-    seed (a ``Depends`` would cost more than the increment itself; ``/demo/counter`` shows that
-    spelling), and ``main`` registers it on the app itself, before the routers (see there).
+    The hot path of the demo, so the counter is used straight from module scope (a ``Depends``
+    would cost more than the increment itself; ``/demo/counter`` shows that spelling), and
+    ``main`` registers it on the app itself, before the routers (see there).
     """
     return CounterResult(total_requests=await request_counter.increment(), pid=os.getpid())
 

@@ -1,4 +1,4 @@
-"""The example app: the seed's live demo on FastAPI, with every worker sharing one state.
+"""The example app: a live demo on FastAPI, with every worker sharing one state.
 
 Run it with ``./scripts/run-example`` (``zeal-asgi run example_app.main:app --workers 2``, table
 backend), or with ``ZEAL_STORE_BACKEND=redis ZEAL_REDIS_URL=redis://127.0.0.1:6379`` set.

@@ -69,7 +69,7 @@ class RoundtripResult(BaseModel):
     incr: DemoRow
     existed: bool
     after_del: Literal[False]
-    """``Store.get`` on a missing row: ``False`` (the seed's contract)."""
+    """``Store.get`` on a missing row: ``False`` (``Store.get_strict`` gives ``None``)."""
     worker_pid: int
 
 
