@@ -31,19 +31,14 @@ if TYPE_CHECKING:
 
     _H = TypeVar("_H", bound=Callable[..., Any])
 
-__all__ = ["NAMES_TABLE", "Service", "Zeal", "instances", "segment_key"]
+__all__ = ["NAMES_TABLE", "Service", "Zeal", "instances"]
 
 log = logging.getLogger("zeal_asgi")
 
 NAMES_TABLE = "__zeal_names__"
-"""Shared table ``segment_key(path) -> name``: segment names are hashes, so ``zeal-asgi
-inspect`` reads the names of a server's tables and counters here."""
+"""Shared table: segment file name -> the name of its table or counter.  Segment file names are
+hashes, so ``zeal-asgi inspect`` reads the names here."""
 
-_SETTING_OF = {
-    StoreBackendKind.REDIS: "ZEAL_REDIS_URL",
-    StoreBackendKind.TIERED: "ZEAL_REDIS_URL",
-    StoreBackendKind.MEMCACHED: "ZEAL_MEMCACHED_SERVERS",
-}
 _instances: weakref.WeakSet[Zeal] = weakref.WeakSet()
 
 
@@ -52,18 +47,13 @@ def instances() -> list[Zeal]:
     return list(_instances)
 
 
-def segment_key(path: str) -> str:
-    """The key of a segment in :data:`NAMES_TABLE`: its kind and hash (``t.<hex>``)."""
-    return ".".join(os.path.basename(path).split(".")[-2:])
-
-
 def _record_names() -> None:
     """Write the name of every segment this process holds into :data:`NAMES_TABLE`."""
-    names = Table(1024, {"name": ("string", 200)}, name=NAMES_TABLE)
+    names = Table(1024, {"name": ("string", 200)}, name=NAMES_TABLE, key_size=128)
     for obj, path, _ in held_segments():
         if path is not None and obj.name:
             with contextlib.suppress(ZealError):  # a full directory only costs inspect names
-                names.set(segment_key(path), {"name": obj.name[:200]})
+                names.set(os.path.basename(path), {"name": obj.name[:200]})
 
 
 class Zeal:
@@ -77,12 +67,7 @@ class Zeal:
         app.add_middleware(ZealMiddleware, zeal=zeal)
     """
 
-    def __init__(
-        self,
-        settings: ZealSettings | None = None,
-        *,
-        store: Store | None = None,
-    ) -> None:
+    def __init__(self, settings: ZealSettings | None = None, *, store: Store | None = None) -> None:
         self.settings = settings if settings is not None else ZealSettings.from_env()
         if store is None:
             store = Store.default()
@@ -142,10 +127,9 @@ class Zeal:
     async def _start_store(self) -> None:
         try:
             await self.store.start()
-        except BackendError as exc:
-            setting = _SETTING_OF.get(self.store.kind)
-            if setting is None:
-                raise
+        except BackendError as exc:  # the table backend has nothing to reach
+            memcached = self.store.kind is StoreBackendKind.MEMCACHED
+            setting = "ZEAL_MEMCACHED_SERVERS" if memcached else "ZEAL_REDIS_URL"
             raise type(exc)(
                 f"{exc} (check {setting}; with ZEAL_ON_ERROR=fallback_table the app boots "
                 "degraded instead)"

@@ -47,15 +47,11 @@ __all__ = [
     "StoreHealth",
     "TableHealth",
     "collect",
-    "live",
     "make_router",
     "metric_name",
     "prometheus_text",
-    "ready",
     "router",
     "starlette_routes",
-    "store_health",
-    "store_metrics",
 ]
 
 PING_TIMEOUT = 2.0
@@ -311,31 +307,12 @@ async def store_metrics(conn: HTTPConnection) -> Response:
 
 def _endpoints(
     path: str, metrics_path: str, live_path: str, ready_path: str
-) -> list[tuple[str, Callable[[HTTPConnection], Awaitable[Response]], dict[str, Any]]]:
-    """Each route with the FastAPI options that document it in the OpenAPI schema."""
-    down = {"description": "Backend unavailable"}
-    text = {"response_class": Response, "responses": {200: {"content": {"text/plain": {}}}}}
+) -> list[tuple[str, Callable[[HTTPConnection], Awaitable[Response]], type[ProbeHealth] | None]]:
     return [
-        (live_path, live, {"response_model": ProbeHealth, "summary": "Liveness"}),
-        (
-            ready_path,
-            ready,
-            {
-                "response_model": ProbeHealth,
-                "summary": "Readiness",
-                "responses": {503: {"model": ProbeHealth, **down}},
-            },
-        ),
-        (
-            path,
-            store_health,
-            {
-                "response_model": StoreHealth,
-                "summary": "Store health",
-                "responses": {503: {"model": StoreHealth, **down}},
-            },
-        ),
-        (metrics_path, store_metrics, {"summary": "Store metrics (Prometheus)", **text}),
+        (live_path, live, ProbeHealth),
+        (ready_path, ready, ProbeHealth),
+        (path, store_health, StoreHealth),
+        (metrics_path, store_metrics, None),
     ]
 
 
@@ -352,7 +329,15 @@ def make_router(
     """
     fastapi = require("fastapi", extra="fastapi", feature="zeal_asgi.health.router")
     r: APIRouter = fastapi.APIRouter(tags=["health"])
-    for route, endpoint, options in _endpoints(path, metrics_path, live_path, ready_path):
+    for route, endpoint, model in _endpoints(path, metrics_path, live_path, ready_path):
+        # The OpenAPI schema shows each answer: JSON models (also for 503), Prometheus text.
+        down = {503: {"model": model, "description": "Backend unavailable"}}
+        options: dict[str, Any] = {"response_model": model, "responses": down}
+        if endpoint is live:
+            options["responses"] = {}
+        elif model is None:
+            text: dict[int, Any] = {200: {"content": {"text/plain": {}}}}
+            options = {"response_class": Response, "responses": text}
         r.add_api_route(route, endpoint, methods=["GET"], **options)
     return r
 

@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from zeal_asgi.app import NAMES_TABLE, instances, segment_key
+from zeal_asgi.app import NAMES_TABLE, instances
 from zeal_asgi.errors import ZealError
 from zeal_asgi.shm.ext import Table
 from zeal_asgi.shm.segments import (
@@ -39,7 +39,7 @@ from zeal_asgi.shm.segments import (
     sweep_stale,
 )
 
-__all__ = ["main", "make_socket", "run"]
+__all__ = ["inspect", "main", "make_socket", "run"]
 
 log = logging.getLogger("zeal_asgi.launcher")
 
@@ -141,19 +141,8 @@ def _boot_check(app: Any, target: str) -> list[str]:
     return list(described.values())
 
 
-def run(
-    app: str,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    workers: int = 1,
-    log_level: str = "info",
-    access_log: bool = False,
-    app_dir: str = ".",
-    timeout_graceful_shutdown: float | None = 10.0,
-    timeout_worker_healthcheck: int = 5,
-) -> int:
-    """Import ``app`` (``module:attr``) in this process, then serve it with ``workers`` workers.
+def run(args: argparse.Namespace) -> int:
+    """Serve ``args.app`` (``module:attr``, imported in this process) with ``args.workers``.
 
     Returns 0 after a clean shutdown and :data:`STARTUP_FAILURE` when a worker failed to start;
     a busy port, an app that cannot be imported or cannot work, and an unreachable backend
@@ -162,45 +151,29 @@ def run(
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
-    if workers < 1:
-        raise SystemExit("zeal-asgi: --workers must be >= 1")
+    if args.workers < 1 or not 1 <= args.timeout_worker_healthcheck <= 86400:
+        raise SystemExit("zeal-asgi: --workers >= 1 and --timeout-worker-healthcheck 1..86400")
     try:
-        sock = make_socket(host, port)  # first: a busy port fails before anything is allocated
+        sock = make_socket(args.host, args.port)  # first: a busy port fails before any memory
     except OSError as exc:
         raise SystemExit(
-            f"zeal-asgi: cannot listen on {host}:{port}: {exc.strerror} (another server? choose "
-            "another --port)"
+            f"zeal-asgi: cannot listen on {args.host}:{args.port}: {exc.strerror} (another "
+            "server? choose another --port)"
         ) from None
     try:
         server_id = _claim_server_identity()
-        sys.path.insert(0, os.path.abspath(app_dir))
-        stores = _boot_check(_import_app(app), app)
+        sys.path.insert(0, os.path.abspath(args.app_dir))
+        stores = _boot_check(_import_app(args.app), args.app)
         loop, http = _fast_stack()
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            workers=workers,
-            loop=loop,
-            http=http,
-            lifespan="on",
-            log_level=log_level,
-            access_log=access_log,
-            timeout_graceful_shutdown=int(timeout_graceful_shutdown)
-            if timeout_graceful_shutdown
-            else None,
-            timeout_worker_healthcheck=timeout_worker_healthcheck,
-        )
+        options = {name: getattr(args, name) for name in _UVICORN_OPTIONS}
+        config = uvicorn.Config(args.app, loop=loop, http=http, lifespan="on", **options)
+        backends = "; ".join(stores) or "no Zeal app"
+        where = f"http://{args.host}:{sock.getsockname()[1]}"
         log.warning(
-            "zeal-asgi: server %s, %d worker(s) on http://%s:%d, %s, %d shared segment(s)",
-            server_id,
-            workers,
-            host,
-            sock.getsockname()[1],
-            "; ".join(stores) or "no Zeal app",
-            len(segments_of_server()),
+            f"zeal-asgi: server {server_id}, {args.workers} worker(s) on {where}, {backends}, "
+            f"{len(segments_of_server())} shared segment(s)"
         )
-        if workers == 1:
+        if args.workers == 1:
             server = uvicorn.Server(config)
             server.run(sockets=[sock])
             return 0 if server.started else STARTUP_FAILURE
@@ -238,11 +211,8 @@ def inspect(server_id: str | None = None) -> dict[str, Any]:
     elif server_id not in ids:
         raise SystemExit(f"zeal-asgi: no segments of server {server_id!r} in {shm_dir()}")
     names: dict[str, str] = {}
-    try:
+    with contextlib.suppress(OSError, ZealError):  # no Zeal app started in this server yet
         registry = attach_path(segment_path("t", NAMES_TABLE, server_id))
-    except (OSError, ZealError):
-        pass  # no Zeal app started in this server yet
-    else:
         names = {str(key): str(row["name"]) for key, row in registry.items()}  # type: ignore[union-attr]
         registry.close()
     out: dict[str, Any] = {"server_id": server_id, "running": _running(server_id), "dir": shm_dir()}
@@ -253,7 +223,7 @@ def inspect(server_id: str | None = None) -> dict[str, Any]:
         kind = os.path.basename(path).split(".")[-2]
         if kind not in ("t", "a"):
             continue  # the janitor's marker, a segment being built
-        name = names.get(segment_key(path), "?")
+        name = names.get(os.path.basename(path), "?")
         try:
             obj = attach_path(path, name)
         except (OSError, ZealError):
@@ -270,77 +240,51 @@ def inspect(server_id: str | None = None) -> dict[str, Any]:
 def _print_inspection(found: dict[str, Any]) -> None:
     total = sum(s["bytes"] for s in found["segments"])
     state = "running" if found["running"] else "not running (stale segments)"
-    print(
-        f"server {found['server_id']}: {state}; {len(found['segments'])} segment(s), "
-        f"{total:,} bytes in {found['dir']}"
-    )
-    print(f"\n{'table':<32}{'rows':>10}{'capacity':>12}{'memory':>14}  segment")
-    for t in sorted(found["tables"], key=lambda t: t["name"]):
-        print(
-            f"{t['name']:<32}{t['rows']:>10,}{t['capacity']:>12,}{t['memory']:>14,}  "
-            f"{os.path.basename(t['segment'])}"
-        )
-    print(f"\n{'counter':<32}{'value':>22}  segment")
-    for c in sorted(found["counters"], key=lambda c: c["name"]):
-        print(f"{c['name']:<32}{c['value']:>22,}  {os.path.basename(c['segment'])}")
+    print(f"server {found['server_id']}: {state}; {len(found['segments'])} segment(s), ", end="")
+    print(f"{total:,} bytes in {found['dir']}")
+    for kind, columns in (("tables", ("rows", "capacity", "memory")), ("counters", ("value",))):
+        print(f"\n{kind[:-1]:<32}" + "".join(f"{c:>14}" for c in columns) + "  segment")
+        for row in sorted(found[kind], key=lambda r: (r["name"].startswith("__"), r["name"])):
+            figures = "".join(f"{row[c]:>14,}" for c in columns)
+            print(f"{row['name']:<32}{figures}  {os.path.basename(row['segment'])}")
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name) or default
+_HEALTHCHECK_HELP = (
+    "seconds a worker may go without answering the supervisor's ping before it is killed "
+    "(SIGKILL) and replaced; a stopped worker (SIGSTOP, a debugger) does not answer, and a row "
+    "lock it held is then recovered by the next writer (its half-written row is dropped); the "
+    "supervisor waits this long for each worker in turn, so raise it with care; with --workers "
+    "1 there is no supervisor"
+)
+_RUN_OPTIONS: tuple[tuple[str, type, str, str], ...] = (
+    # flag, type, default, help; each is read from ZEAL_<FLAG> too, and passed to uvicorn
+    ("--host", str, "127.0.0.1", "address to bind"),
+    ("--port", int, "8000", "port to bind"),
+    ("--workers", int, "1", "worker processes, all sharing the same tables"),
+    ("--timeout-worker-healthcheck", int, "5", _HEALTHCHECK_HELP),
+    ("--timeout-graceful-shutdown", int, "10", "seconds open requests get when a worker stops"),
+    ("--log-level", str, "info", "critical, error, warning, info, debug or trace"),
+)
+_UVICORN_OPTIONS = [flag[2:].replace("-", "_") for flag, *_ in _RUN_OPTIONS] + ["access_log"]
 
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="zeal-asgi",
-        description="Run an ASGI app whose workers share zeal_asgi state.",
-        formatter_class=fmt,
+        prog="zeal-asgi", description="Run an ASGI app whose workers share zeal_asgi state."
     )
     parser.add_argument("--version", action="version", version=f"zeal-asgi {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run_ = sub.add_parser(
-        "run",
-        help="serve APP with N workers; shared memory is allocated here, before they start",
-        formatter_class=fmt,
-    )
-    add = run_.add_argument
-    add("app", help="the ASGI app as module:attribute, e.g. example_app.main:app")
-    add("--host", default=_env("ZEAL_HOST", "127.0.0.1"), help="address to bind (ZEAL_HOST)")
-    add("--port", type=int, default=_env("ZEAL_PORT", "8000"), help="port to bind (ZEAL_PORT)")
-    add(
-        "--workers",
-        type=int,
-        default=_env("ZEAL_WORKERS", "1"),
-        metavar="N",
-        help="worker processes, all sharing the same tables (ZEAL_WORKERS)",
-    )
-    add(
-        "--timeout-worker-healthcheck",
-        type=int,
-        default=_env("ZEAL_TIMEOUT_WORKER_HEALTHCHECK", "5"),
-        metavar="SECONDS",
-        help="seconds a worker may go without answering the supervisor's ping before it is "
-        "killed (SIGKILL) and replaced; a stopped worker (SIGSTOP, a debugger) counts as not "
-        "answering, and the row lock it held is then recovered by the next writer; the "
-        "supervisor waits this long for each worker in turn, so raise it with care "
-        "(ZEAL_TIMEOUT_WORKER_HEALTHCHECK; with --workers 1 there is no supervisor)",
-    )
-    add(
-        "--timeout-graceful-shutdown",
-        type=int,
-        default=_env("ZEAL_TIMEOUT_GRACEFUL_SHUTDOWN", "10"),
-        metavar="SECONDS",
-        help="seconds a worker waits for open requests on shutdown "
-        "(ZEAL_TIMEOUT_GRACEFUL_SHUTDOWN)",
-    )
-    add("--log-level", default="info", help="uvicorn's log level (critical ... trace)")
-    add("--access-log", action="store_true", help="log every request")
-    add("--app-dir", default=".", help="directory added to sys.path to import APP")
-    look = sub.add_parser(
-        "inspect",
-        help="list a running server's tables, counters and shared-memory segments",
-        formatter_class=fmt,
-    )
+    serve = sub.add_parser("run", help="serve APP with N workers", formatter_class=fmt)
+    serve.add_argument("app", help="the ASGI app as module:attribute, e.g. example_app.main:app")
+    for flag, kind, default, help_ in _RUN_OPTIONS:
+        env = "ZEAL_" + flag[2:].replace("-", "_").upper()
+        value = os.environ.get(env) or default  # argparse converts (and checks) it with ``kind``
+        unit = "SECONDS" if flag.startswith("--timeout") else None
+        serve.add_argument(flag, type=kind, default=value, metavar=unit, help=f"{help_} ({env})")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument("--app-dir", default=".", help="directory added to sys.path to import APP")
+    look = sub.add_parser("inspect", help="list a server's tables, counters and segments")
     look.add_argument("--server", help="server id (default: the only running server)")
     look.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser("sweep", help="remove shared-memory segments left by killed servers")
@@ -351,32 +295,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``zeal-asgi`` command and ``python -m zeal_asgi``."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "run":
+        return run(args)
     if args.command == "sweep":
         removed = sweep_stale(force=True)
-        print(f"removed {len(removed)} stale segment(s)")
-        for path in removed:
-            print(f"  {path}")
-        return 0
-    if args.command == "inspect":
-        found = inspect(args.server)
-        if args.json:
-            print(json.dumps(found, indent=2))
-        else:
-            _print_inspection(found)
-        return 0
-    if not 1 <= args.timeout_worker_healthcheck <= 86400:
-        raise SystemExit("zeal-asgi: --timeout-worker-healthcheck must be 1..86400 seconds")
-    return run(
-        args.app,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-        access_log=args.access_log,
-        app_dir=args.app_dir,
-        timeout_graceful_shutdown=args.timeout_graceful_shutdown,
-        timeout_worker_healthcheck=args.timeout_worker_healthcheck,
-    )
+        print("\n  ".join([f"removed {len(removed)} stale segment(s)", *removed]))
+    elif args.json:
+        print(json.dumps(inspect(args.server), indent=2))
+    else:
+        _print_inspection(inspect(args.server))
+    return 0
 
 
 def _version() -> str:

@@ -140,12 +140,10 @@ class ZealSettings(BaseModel):
 
     def breaker_options(self) -> dict[str, Any]:
         """The ``breaker`` options that were set (``BreakerOptions`` defaults the rest)."""
-        out: dict[str, Any] = {}
-        for name in self._breaker_fields():
-            value = getattr(self, name)
-            if value is not None:
-                out[name.removeprefix("breaker_")] = value
-        return out
+        values = {
+            name.removeprefix("breaker_"): getattr(self, name) for name in self._breaker_fields()
+        }
+        return {name: value for name, value in values.items() if value is not None}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ZealSettings:
@@ -169,20 +167,12 @@ class ZealSettings(BaseModel):
         if kind is StoreBackendKind.TABLE:
             return None
         if kind is StoreBackendKind.MEMCACHED:
-            mc: dict[str, Any] = {"servers": self.memcached_servers, "prefix": self.key_prefix}
-            if self.on_error:
-                mc["on_error"] = self.on_error
-                mc["breaker"] = self.breaker_options()
-            return mc
-        conn: dict[str, Any] = {
-            "url": self.redis_url,
-            "pool_size": self.redis_pool_size,
-            "prefix": self.key_prefix,
-        }
+            conn: dict[str, Any] = {"servers": self.memcached_servers}
+        else:
+            conn = {"url": self.redis_url, "pool_size": self.redis_pool_size}
+        conn["prefix"] = self.key_prefix
         if kind is StoreBackendKind.TIERED:
-            conn["l1_ttl"] = self.l1_ttl
-            conn["invalidation_secret"] = self.tiered_invalidation_secret
+            conn.update(l1_ttl=self.l1_ttl, invalidation_secret=self.tiered_invalidation_secret)
         if self.on_error:
-            conn["on_error"] = self.on_error
-            conn["breaker"] = self.breaker_options()
+            conn.update(on_error=self.on_error, breaker=self.breaker_options())
         return conn

@@ -485,9 +485,9 @@ def _attach_locked(fd: int, path: str, deadline: float, attach: Any) -> str:
 def _schema_conflict(path: str | None, stored: Schema, wanted: Schema, name: str) -> None:
     raise ShmAbiMismatchError(
         errno.EINVAL,
-        f"table {name!r}: the shared segment {path} has schema {stored.describe()} "
-        f"(key_size={stored.key_limit}) but this process declares {wanted.describe()} "
-        f"(key_size={wanted.key_limit}); every worker must declare the same schema",
+        f"table {name!r}: the shared segment {path} has another schema than this process "
+        f"declares (segment vs declared: {stored.difference(wanted)}); every worker must "
+        "declare the same schema",
     )
 
 
