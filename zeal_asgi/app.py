@@ -7,6 +7,7 @@ Use ``FastAPI(lifespan=zeal.lifespan)`` (or ``Starlette(lifespan=...)``), or let
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import weakref
@@ -47,13 +48,17 @@ def instances() -> list[Zeal]:
     return list(_instances)
 
 
+@functools.cache
+def _names() -> Table:
+    return Table(1024, {"name": ("string", 200)}, name=NAMES_TABLE, key_size=128)
+
+
 def _record_names() -> None:
     """Write the name of every segment this process holds into :data:`NAMES_TABLE`."""
-    names = Table(1024, {"name": ("string", 200)}, name=NAMES_TABLE, key_size=128)
     for obj, path, _ in held_segments():
         if path is not None and obj.name:
             with contextlib.suppress(ZealError):  # a full directory only costs inspect names
-                names.set(os.path.basename(path), {"name": obj.name[:200]})
+                _names().set(os.path.basename(path), {"name": obj.name[:200]})
 
 
 class Zeal:
@@ -77,9 +82,10 @@ class Zeal:
                 )
         self.store = store
         _instances.add(self)
-        # The host's event counters are allocated now, at import (in the launcher's master), so
-        # every worker attaches to the same memory instead of the first worker creating it.
+        # The host's event counters (and inspect's names) are allocated now, at import (in the
+        # launcher's master), so every worker attaches to the same memory.
         host_stats()
+        _names()
         self.services: list[Service] = []
         self._depth = 0
         self._started_services: list[Service] = []

@@ -192,9 +192,7 @@ async def _probe(store: Store, breaker: BreakerHealth | None) -> str | None:
 
 def _breaker(stats: Mapping[str, Any]) -> BreakerHealth | None:
     raw = stats.get("breaker")
-    if not isinstance(raw, Mapping):
-        return None
-    return BreakerHealth(state=str(raw["state"]), failures_in_window=raw["failures_in_window"])
+    return BreakerHealth.model_validate(raw) if isinstance(raw, Mapping) else None
 
 
 async def collect(store: Store) -> StoreHealth:

@@ -25,6 +25,8 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from uvicorn.config import STARTUP_FAILURE
+
 from zeal_asgi.app import NAMES_TABLE, instances
 from zeal_asgi.errors import ZealError
 from zeal_asgi.shm.ext import Table
@@ -44,8 +46,6 @@ __all__ = ["inspect", "main", "make_socket", "run"]
 log = logging.getLogger("zeal_asgi.launcher")
 
 _MIDDLEWARE = "zeal_asgi.middleware.ZealMiddleware"
-STARTUP_FAILURE = 3
-"""Exit status when a worker failed to start (uvicorn's own code for it)."""
 
 
 def _claim_server_identity() -> str:
@@ -144,9 +144,9 @@ def _boot_check(app: Any, target: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """Serve ``args.app`` (``module:attr``, imported in this process) with ``args.workers``.
 
-    Returns 0 after a clean shutdown and :data:`STARTUP_FAILURE` when a worker failed to start;
-    a busy port, an app that cannot be imported or cannot work, and an unreachable backend
-    exit at once with a one-line message.
+    Returns 0 after a clean shutdown and 3 (uvicorn's STARTUP_FAILURE) when a worker failed
+    to start; a busy port, an app that cannot be imported or cannot work, and an unreachable
+    backend exit at once with a one-line message.
     """
     import uvicorn
     from uvicorn.supervisors import Multiprocess
