@@ -1,6 +1,6 @@
 """Griffe extension of the docs build: the compiled extension's classes, documented.
 
-``Table`` and ``Atomic`` are typed by the stub ``zeal_asgi/_shmtable.pyi``; their prose lives in
+``Table`` and ``Atomic`` are typed by the stub ``zeal_asgi/shm/_shmtable.pyi``; their prose lives in
 the compiled module. This extension
 
 - turns a re-export written as an assignment (``Table = _shmtable.Table``) into an alias of
@@ -19,7 +19,8 @@ from typing import Any
 
 import griffe
 
-STUB = "_shmtable"
+STUB = "zeal_asgi.shm._shmtable"
+_STUB_NAME = STUB.rpartition(".")[2]
 _ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|exc|obj):`~?([^`]+)`")
 
 
@@ -28,17 +29,21 @@ class StubDocstrings(griffe.Extension):
 
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
         """Runs once the whole package is loaded."""
-        if pkg.path != "zeal_asgi" or STUB not in pkg.modules:
+        if pkg.path != "zeal_asgi":
             return
-        stub = pkg.modules[STUB]
-        _fill(stub, importlib.import_module(f"zeal_asgi.{STUB}"))
+        stub: Any = pkg
+        for part in STUB.split(".")[1:]:
+            if part not in stub.modules:
+                return
+            stub = stub.modules[part]
+        _fill(stub, importlib.import_module(STUB))
         for module in _modules(pkg):
             for name, member in list(module.members.items()):
                 if member.is_alias or not member.is_attribute:
                     continue
                 value = str(getattr(member, "value", "") or "").replace(" ", "")
-                target = value.removeprefix(f"{STUB}.")
-                if value.startswith(f"{STUB}.") and target in stub.members:
+                target = value.removeprefix(f"{_STUB_NAME}.")
+                if value.startswith(f"{_STUB_NAME}.") and target in stub.members:
                     module.set_member(name, griffe.Alias(name, stub.members[target], parent=module))
         for obj in _objects(pkg):
             if obj.docstring is not None:
