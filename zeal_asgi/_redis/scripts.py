@@ -300,7 +300,8 @@ RATE_LIMIT = Script(
 -- ARGV[2] algorithm ('f' fixed window, 's' sliding window, 't' token bucket / GCRA),
 -- ARGV[3] cost, ARGV[4] the hash's expiry (ms), then amount and period (ms) of each limit.
 -- Fields: w<i> window number, n<i> its count, p<i> the previous window's count, t<i> the
--- theoretical arrival time (ms).  Reply {allowed, limit index, remaining, reset ms, retry ms}.
+-- theoretical arrival time (ms).  Reply {allowed, limit index, remaining, reset ms, retry ms}
+-- (a peek reports what is left now, a hit what is left after it).
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local hit, algo, cost = ARGV[1] == 'h', ARGV[2], tonumber(ARGV[3])
@@ -320,7 +321,9 @@ for i = 1, (#ARGV - 4) / 2 do
       return {0, i, math.floor((now + period - tat) / step + 1e-9), math.ceil(tat - now),
               math.ceil(new - now - period)}
     end
-    left, reset = math.floor((now + period - new) / step + 1e-9), math.ceil(new - now)
+    if hit then left = math.floor((now + period - new) / step + 1e-9)
+    else left = math.floor((now + period - tat) / step + 1e-9) end
+    reset = math.ceil(new - now)
     writes[#writes + 1] = 't' .. i
     writes[#writes + 1] = string.format('%.17g', new)
   else
@@ -352,7 +355,8 @@ for i = 1, (#ARGV - 4) / 2 do
       end
       return {0, i, math.max(0, bound - cur), reset, math.ceil(retry)}
     end
-    left = bound - cur - cost
+    left = bound - cur
+    if hit then left = left - cost end
     writes[#writes + 1] = 'w' .. i
     writes[#writes + 1] = w
     writes[#writes + 1] = 'n' .. i

@@ -292,7 +292,7 @@ class RateLimiter:
                     f"rate limiter {self.name!r}: the key is {size} bytes, over key_size="
                     f"{self.key_size} (never truncated)"
                 )
-        if cost != 1:
+        if cost != 1 or type(cost) is not int:
             if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
                 raise ConfigError(f"rate limiter {self.name!r}: cost is an int >= 1, got {cost!r}")
             if cost > self.max_cost:
@@ -310,6 +310,7 @@ class RateLimiter:
         """
         if (
             cost != 1
+            or type(cost) is not int
             or type(key) is not str
             or not 0 < len(key) <= self.key_size
             or not key.isascii()
@@ -362,7 +363,8 @@ class RateLimiter:
         return result
 
     async def peek(self, key: str, cost: int = 1) -> RateLimitResult:
-        """What a hit of ``cost`` on ``key`` would get now, without charging anything."""
+        """Whether a hit of ``cost`` on ``key`` would pass now, and what is left now (nothing
+        is charged)."""
         self._check(key, cost)
         b = self._bind()
         if b.table is not None:
@@ -477,10 +479,9 @@ class RateLimiter:
         reset = start + per - now
         if charge:
             count, ok = incr_bounded(table, row, "n", cost, bound)
-        else:
+        else:  # a peek: would the hit pass, and what is left now
             count = table.get(row, "n") or 0
             ok = count + cost <= bound
-            count += cost if ok else 0
         if ok:
             return _new(RateLimitResult, (True, amount, bound - count, reset, 0.0, lim, None)), (
                 row if charge else None
@@ -508,11 +509,9 @@ class RateLimiter:
         bound = now + per + step * 1e-3  # float slack: the amount-th hit of a burst must pass
         if charge:
             tat, ok = incr_bounded(table, row, "t", cost * step, bound, now)
-        else:
-            tat = max(table.get(row, "t") or 0.0, now) + cost * step
-            ok = tat <= bound
-            if not ok:
-                tat -= cost * step
+        else:  # a peek: would the hit pass, and what is left now
+            tat = max(table.get(row, "t") or 0.0, now)
+            ok = tat + cost * step <= bound
         if ok:
             left = math.floor((now + per - tat + 1e-6) / step)
             return _new(RateLimitResult, (True, lim.amount, left, tat - now, 0.0, lim, None)), (
