@@ -16,8 +16,7 @@ from zeal_asgi.errors import (
     KeyTypeError,
     UnsupportedOperationError,
 )
-from zeal_asgi.ratelimit import RateLimit, RateLimiter
-from zeal_asgi.ratelimit import limiter as limiter_module
+from zeal_asgi.ratelimit import RateLimit, RateLimiter, limiter as limiter_module
 from zeal_asgi.store import Store
 
 StoreFactory = Callable[[str], Any]
