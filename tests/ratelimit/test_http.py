@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import MutableMapping
 from typing import Any
 
 import httpx
@@ -143,8 +144,8 @@ async def test_websocket_refusal_without_the_extension_closes_with_1008(store: S
     async def receive() -> dict[str, Any]:
         return {"type": "websocket.connect"}
 
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
 
     scope = {"type": "websocket", "path": "/ws", "client": ("203.0.113.9", 1), "headers": []}
     await limiter.hit("203.0.113.9")
@@ -214,7 +215,7 @@ def test_fastapi_dependency_with_an_async_key_and_a_cost(store: Store) -> None:
     limiter = RateLimiter("5/hour", name=unique(), store=store)
 
     async def by_user(conn: Any) -> str:
-        return conn.headers.get("x-user", "anon")
+        return str(conn.headers.get("x-user", "anon"))
 
     with TestClient(fastapi_app(limiter, key=by_user, cost=2)) as client:
         codes = [client.get("/search", headers={"x-user": "u1"}).status_code for _ in range(3)]
