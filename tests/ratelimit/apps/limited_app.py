@@ -1,6 +1,7 @@
 """A FastAPI app limited by zeal_asgi under a real server: ``/dep`` by the dependency, ``/mw``
 by the middleware, ``/pid`` and ``/health/*`` exempt.  ``RL_LIMIT`` and ``RL_ALGORITHM`` pick
-the limit (default ``100/minute``, fixed window); the ``ZEAL_*`` variables pick the backend."""
+the limit (default ``100/minute``, fixed window) and ``RL_ON_ERROR`` the dependency's
+``on_backend_error``; the ``ZEAL_*`` variables pick the backend."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from zeal_asgi.ratelimit import RateLimiter, RateLimitMiddleware, client_ip
 zeal = Zeal()
 LIMIT = os.environ.get("RL_LIMIT", "100/minute")
 ALGORITHM: Any = os.environ.get("RL_ALGORITHM", "fixed_window")
-dep = RateLimiter(LIMIT, name="dep", algorithm=ALGORITHM, zeal=zeal)
+ON_ERROR: Any = os.environ.get("RL_ON_ERROR", "allow")
+dep = RateLimiter(LIMIT, name="dep", algorithm=ALGORITHM, on_backend_error=ON_ERROR, zeal=zeal)
 mw = RateLimiter(LIMIT, name="mw", algorithm=ALGORITHM, zeal=zeal)
 
 app = FastAPI(lifespan=zeal.lifespan)
