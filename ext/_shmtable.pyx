@@ -1052,7 +1052,8 @@ cdef class Atomic:
 cdef extern from "zt_core.h" nogil:
     int zt_incr_bounded(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, int ci,
                         const zt_delta *by, const zt_delta *bound, const zt_delta *floor_,
-                        int allow_nonfinite, int64_t *out_i, double *out_f, int *applied)
+                        const zt_delta *reset_, int allow_nonfinite, int64_t *out_i,
+                        double *out_f, int *applied)
 
 
 cdef int _bounded_arg(Table table, int ci, object column, str what, object value,
@@ -1083,11 +1084,13 @@ cdef int _bounded_arg(Table table, int ci, object column, str what, object value
         f"got {type(value).__name__}")
 
 
-def incr_bounded(Table table, key, column, by, bound, floor=None):
+def incr_bounded(Table table, key, column, by, bound, floor=None, reset=None):
     """Atomically add ``by`` to a numeric column only when the result stays ``<= bound``.
 
-    With ``floor``, a value below it is raised to it first (``max(value, floor) + by``).  A
-    missing row counts as zero and is created only when the add applies.  Returns
+    With ``floor``, a value below it is first replaced by ``reset`` (by ``floor`` itself when
+    ``reset`` is None: ``max(value, floor) + by``), so a stale deadline counts as now or an ended
+    window starts again in the same step.  A missing row counts as zero and is created only
+    when the add applies.  Returns
     ``(value, applied)``: the new value when applied, else the value as it is (0 for no row).
     One locked step: no other writer of the row runs between the comparison and the write.
 
@@ -1102,7 +1105,7 @@ def incr_bounded(Table table, key, column, by, bound, floor=None):
     cdef int ci, rc, applied = 0
     cdef int64_t iout = 0
     cdef double fout = 0.0
-    cdef zt_delta dby, dbound, dfloor
+    cdef zt_delta dby, dbound, dfloor, dreset
     table._key(key, &k, &kn)
     ci = table._col(column)
     if table.cols[ci].type != ZT_INT and table.cols[ci].type != ZT_FLOAT:
@@ -1112,8 +1115,15 @@ def incr_bounded(Table table, key, column, by, bound, floor=None):
     _bounded_arg(table, ci, column, "bound", bound, &dbound)
     if floor is not None:
         _bounded_arg(table, ci, column, "floor", floor, &dfloor)
+    if reset is not None:
+        if floor is None:
+            raise ColumnTypeError(
+                f"incr_bounded on column {column!r} of table {table.name!r}: reset replaces a "
+                "value below floor; pass a floor too")
+        _bounded_arg(table, ci, column, "reset", reset, &dreset)
     rc = zt_incr_bounded(&table.t, k, <uint16_t>kn, table.cols, ci, &dby, &dbound,
-                         &dfloor if floor is not None else NULL, table._allow_nan,
+                         &dfloor if floor is not None else NULL,
+                         &dreset if reset is not None else NULL, table._allow_nan,
                          &iout, &fout, &applied)
     if rc != 0:
         if rc == ZT_EOVERFLOW:

@@ -45,6 +45,19 @@ def test_floor_raises_a_stale_value_first(make_table: Callable[..., Table]) -> N
     assert incr_bounded(t, "k", "n", 1, 10, floor=-5) == (1, True)  # a zero row is above -5
 
 
+def test_reset_replaces_a_value_below_the_floor(make_table: Callable[..., Table]) -> None:
+    t = make_table(16, COLS)
+    # a deadline-and-count in one int: a row whose deadline (the high part) has passed starts
+    # again from `reset`; a live one keeps counting
+    assert incr_bounded(t, "k", "n", 1, 10**9, floor=100, reset=500) == (501, True)
+    assert incr_bounded(t, "k", "n", 1, 10**9, floor=100, reset=500) == (502, True)
+    assert incr_bounded(t, "k", "n", 1, 10**9, floor=600, reset=900) == (901, True)
+    assert incr_bounded(t, "k", "n", 1, 900, floor=1000, reset=900) == (901, False)
+    assert incr_bounded(t, "k", "f", 2.0, 10.0, floor=1.0, reset=5.0) == (7.0, True)
+    with pytest.raises(ColumnTypeError, match="pass a floor"):
+        incr_bounded(t, "k", "n", 1, 10, reset=5)
+
+
 def test_bad_arguments_name_the_column(make_table: Callable[..., Table]) -> None:
     t = make_table(16, COLS)
     with pytest.raises(ColumnTypeError, match="'s'"):

@@ -6,12 +6,14 @@ through however many workers serve the requests, where limits' ``memory://`` kee
 per process.  Options ride in the query: ``zeal://?max_keys=65536``.
 
 A counter is one row of a shared table, changed by one
-:func:`~zeal_asgi.shm.ext.incr_bounded`: for the fixed window its INT column holds the window
-number in the high 32 bits and the count in the low 32, and the floor ``window << 32`` starts a
-new window at zero in the same locked step as the add (so windows are aligned to the epoch, like
-limits' own sliding-window counters).  The sliding-window counter keeps one row per window and
-charges the current one only while the weighted count stays within the limit.  The moving
-window (a log of every hit) has no fixed-size row and is not supported.
+:func:`~zeal_asgi.shm.ext.incr_bounded`.  For the fixed window its INT column holds when the
+window ends (in 1/64 s) in the high bits and the count in the low 26 bits; a row whose end has
+passed is below the floor ``now`` and is replaced by ``(now + expiry, 0)`` in the same locked
+step as the add, so a window starts at its first hit, as in limits' own storages.  (A count
+past 2^26 - 1, 67 million in one window, would spill into the end: far above any limit.)  The
+sliding-window counter keeps one row per window (aligned, as limits does for it) and charges the
+current one only while the weighted count stays within the limit.  The moving window (a log of
+every hit) has no fixed-size row and is not supported.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from hashlib import blake2b
 from typing import Any
 
 from limits.storage import SlidingWindowCounterSupport, Storage
+from limits.storage.base import TimestampedSlidingWindow
 
 from zeal_asgi.errors import ConfigError, TableFullError, ZealError
 from zeal_asgi.shm.ext import Table, incr_bounded
 
 __all__ = ["LimitsStorage"]
 
-_SHIFT = 32
+_SHIFT = 26
 _MASK = (1 << _SHIFT) - 1
+_TICKS = 64  # per second: the resolution of a window's end
 _KEY_BYTES = 200  # longer keys are stored as a hash of themselves
 _tables: dict[int, Table] = {}
 
@@ -44,7 +48,7 @@ def _row(key: str) -> str:
     return "#" + blake2b(raw, digest_size=20).hexdigest()
 
 
-class LimitsStorage(Storage, SlidingWindowCounterSupport):
+class LimitsStorage(Storage, SlidingWindowCounterSupport, TimestampedSlidingWindow):
     """Fixed-window and sliding-window-counter storage for ``limits`` (scheme ``zeal://``),
     shared by every worker of the host.
 
@@ -89,35 +93,29 @@ class LimitsStorage(Storage, SlidingWindowCounterSupport):
     # -- fixed window --------------------------------------------------------------------------
 
     def incr(self, key: str, expiry: float, amount: int = 1) -> int:
-        """Add ``amount`` to ``key``'s count in the current window of ``expiry`` seconds."""
-        now = time.time()
-        w = int(now // expiry)
-        k = _row(key)
-        value, applied = self._bounded(k, amount, ((w + 1) << _SHIFT) - 1, w << _SHIFT)
-        if not applied:
-            return _MASK  # over 4 billion in one window: above any limit
-        count = value & _MASK
-        if count == amount:  # the window's first hit: record its length for get/get_expiry
-            self.table.set(k, {"p": float(expiry)})
-        return count
+        """Add ``amount`` to ``key``'s count; a key without a live window starts one of
+        ``expiry`` seconds."""
+        now = int(time.time() * _TICKS)
+        fresh = (now + round(expiry * _TICKS)) << _SHIFT
+        value, _ = self._bounded(_row(key), amount, 2**63 - 1, (now + 1) << _SHIFT, fresh)
+        return int(value & _MASK)
 
-    def _bounded(self, key: str, by: int, bound: int, floor: int | None) -> tuple[int, bool]:
+    def _bounded(
+        self, key: str, by: int, bound: int, floor: int | None, reset: int | None = None
+    ) -> tuple[int, bool]:
         try:
-            return incr_bounded(self.table, key, "v", by, bound, floor)
+            return incr_bounded(self.table, key, "v", by, bound, floor, reset)
         except TableFullError:
             if not self._reclaim():
                 raise
-            return incr_bounded(self.table, key, "v", by, bound, floor)
+            return incr_bounded(self.table, key, "v", by, bound, floor, reset)
 
     def _current(self, key: str) -> tuple[int, float] | None:
-        """``(count, window end)`` of a fixed-window counter in its current window."""
-        row = self.table.get(_row(key))
-        if row is None or row["p"] <= 0:
+        """``(count, window end)`` of a fixed-window counter whose window has not ended."""
+        value = self.table.get(_row(key), "v")
+        if value is None or value >> _SHIFT <= time.time() * _TICKS:
             return None
-        w, per = row["v"] >> _SHIFT, row["p"]
-        if w != int(time.time() // per):
-            return None
-        return row["v"] & _MASK, (w + 1) * per
+        return value & _MASK, (value >> _SHIFT) / _TICKS
 
     def get(self, key: str) -> int:
         """The count of ``key`` in its current window (0 when none)."""
@@ -145,10 +143,10 @@ class LimitsStorage(Storage, SlidingWindowCounterSupport):
 
     # -- sliding window counter ----------------------------------------------------------------
 
-    @staticmethod
-    def _keys(key: str, expiry: float, now: float) -> tuple[str, str]:
-        w = int(now // expiry)
-        return _row(f"{key}/{w - 1}"), _row(f"{key}/{w}")
+    @classmethod
+    def _keys(cls, key: str, expiry: float, now: float) -> tuple[str, str]:
+        previous, current = cls.sliding_window_keys(key, int(expiry), now)
+        return _row(previous), _row(current)
 
     def _window_info(
         self, previous: str, current: str, expiry: float, now: float
@@ -168,10 +166,10 @@ class LimitsStorage(Storage, SlidingWindowCounterSupport):
             return False
         now = time.time()
         previous, current = self._keys(key, expiry, now)
-        prev, prev_ttl, _, _ = self._window_info(previous, current, expiry, now)
+        prev, prev_ttl, cur, _ = self._window_info(previous, current, expiry, now)
         bound = limit - math.floor(prev * prev_ttl / expiry)
         _, applied = self._bounded(current, amount, bound, None)
-        if applied:
+        if applied and cur == 0:  # the window's first hit: its length, for the reclaim sweep
             self.table.set(current, {"p": float(expiry)})
         return applied
 
@@ -197,13 +195,11 @@ class LimitsStorage(Storage, SlidingWindowCounterSupport):
         removed = 0
         for key, row in list(self.table.items()):
             per = row["p"]
-            if per <= 0:
-                continue
-            _, sep, tail = str(key).rpartition("/")
-            if sep and tail.lstrip("-").isdigit():  # a sliding window's row: read one window on
-                stale = int(tail) < int(now // per) - 1
-            else:
-                stale = row["v"] >> _SHIFT < int(now // per)
+            if per > 0:  # a sliding window's row: the next window still reads it
+                window = str(key).rpartition("/")[2]
+                stale = window.lstrip("-").isdigit() and int(window) < int(now // per) - 1
+            else:  # a fixed window's row: stale once its end has passed
+                stale = row["v"] >> _SHIFT <= now * _TICKS
             if stale and self.table.delete(key):
                 removed += 1
         return removed > 0

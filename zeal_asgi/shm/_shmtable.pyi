@@ -113,4 +113,5 @@ def incr_bounded(
     by: int | float,
     bound: int | float,
     floor: int | float | None = None,
+    reset: int | float | None = None,
 ) -> tuple[Any, bool]: ...
