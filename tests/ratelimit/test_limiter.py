@@ -241,3 +241,19 @@ async def test_stats_reach_the_store_and_the_host(store_factory: StoreFactory) -
         await lim.hit("k")
     section = store.stats()["ratelimit"][lim.name]
     assert section["allowed"] == 2 and section["limited"] == 3
+
+
+async def test_counters_in_health_and_prometheus(store_factory: StoreFactory) -> None:
+    from zeal_asgi.health import collect, prometheus_text
+
+    away_from_minute_end(5)
+    store = await store_factory("table")
+    lim = RateLimiter("2/minute", name=unique(), store=store)
+    for _ in range(5):
+        await lim.hit("k")
+    health = await collect(store)
+    assert health.host[f"zeal_ratelimit_{lim.name}_allowed_total"] == 2
+    assert health.host[f"zeal_ratelimit_{lim.name}_limited_total"] == 3
+    text = prometheus_text(health)
+    assert f"zeal_ratelimit_{lim.name}_limited_total 3\n" in text
+    assert f"# TYPE zeal_ratelimit_{lim.name}_allowed_total counter" in text
