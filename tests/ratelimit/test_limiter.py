@@ -257,3 +257,28 @@ async def test_counters_in_health_and_prometheus(store_factory: StoreFactory) ->
     text = prometheus_text(health)
     assert f"zeal_ratelimit_{lim.name}_limited_total 3\n" in text
     assert f"# TYPE zeal_ratelimit_{lim.name}_allowed_total counter" in text
+
+
+async def test_redis_cluster_keys_spread_over_the_shards(redis_cluster: Any) -> None:
+    from tests.redis.test_topologies import _owner
+
+    nodes = [f"{h}:{p}" for h, p in redis_cluster.nodes]
+    store = Store("redis", {"cluster": nodes, "prefix": unique()})
+    await store.start()
+    try:
+        lim = RateLimiter(
+            ["3/hour", "5/day"], name=unique(), algorithm="sliding_window", store=store
+        )
+        keys = [f"user{i}" for i in range(12)]
+        for k in keys:
+            assert [(await lim.hit(k)).allowed for _ in range(4)] == [True] * 3 + [False]
+        prefix = store.backend.prefix  # type: ignore[attr-defined]
+        owners = set()
+        for k in keys:
+            name = f"{prefix}:rl:{{{lim.name}:{k}}}"
+            owner = _owner(redis_cluster, name)
+            assert owner.command("EXISTS", name) == 1  # every limit of the key in one hash
+            owners.add(owner.port)
+        assert len(owners) >= 2  # each key's hash on its own slot: spread over the shards
+    finally:
+        await store.aclose()
