@@ -176,6 +176,7 @@ class RateLimiter:
         self._zeal = zeal
         self._binding: _Binding | None = None
         self._suffixes: list[tuple[int, str]] = [(-1, "")] * len(self.limits)
+        self._window0: tuple[float, float, str] = (0.0, 0.0, "")
         self._counts = dict.fromkeys(EVENTS, 0)
         self._host_keys = {e: f"ratelimit_{name}_{e}" for e in EVENTS}
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -323,21 +324,20 @@ class RateLimiter:
         table = b.table
         if table is not None:
             if self._single_fixed:
-                # The common case inline (one fixed-window limit): a hit costs about a
-                # microsecond, and every call below would add a tenth of one.
+                # The common case inline (one fixed-window limit): a hit costs under a
+                # microsecond, and every call or division below would add a tenth of one.
                 lim = self.limits[0]
                 amount = lim.amount
                 now = _time()
-                w = int(now / lim.per)  # floor for positive numbers, and 3x faster than //
-                seen, suffix = self._suffixes[0]
-                if seen != w:
-                    suffix = self._suffix(0, w)
+                window = self._window0
+                if not window[0] <= now < window[1]:
+                    window = self._next_window0(now)
                 try:
-                    count, ok = incr_bounded(table, key + suffix, "n", cost, amount)
+                    count, ok = incr_bounded(table, key + window[2], "n", cost, amount)
                 except TableFullError:
                     result = self._table_hit(table, key, cost, True)
                 else:
-                    reset = (w + 1) * lim.per - now
+                    reset = window[1] - now
                     if ok:
                         self._counts["allowed"] += 1
                         result = _new(
@@ -402,6 +402,13 @@ class RateLimiter:
         return depends(self, key, cost)
 
     # -- the table backend ---------------------------------------------------------------------
+
+    def _next_window0(self, now: float) -> tuple[float, float, str]:
+        """``(start, end, row suffix)`` of the first limit's window at ``now``."""
+        per = self.limits[0].per
+        w = int(now / per)
+        self._window0 = window = (w * per, (w + 1) * per, self._suffix(0, w))
+        return window
 
     def _suffix(self, i: int, w: int) -> str:
         seen, text = self._suffixes[i]
