@@ -17,6 +17,7 @@ from zeal_asgi.errors import (
     ColumnTypeError,
     IntegerOverflowError,
     NonFiniteFloatError,
+    SchemaError,
     UnknownColumnError,
     UnsupportedOperationError,
     ValueTooLargeError,
@@ -332,6 +333,13 @@ async def test_a_changed_schema_is_reported_not_zeroed(
         old.make("t", 8, {"a": (Store.TYPE_STRING, 10), "b": (Store.TYPE_INT,)})
         new.make("t", 8, {"a": (Store.TYPE_STRING, 10), "b": ("int", 1)})
         await old.set("t", "k", {"a": "kept", "b": 300})
+        with pytest.raises(SchemaError, match="another app"):  # the stored declaration
+            await new.get("t", "k")
+        # the rows carry a fingerprint too: with the declaration gone (evicted), still refused
+        backend = new.backend
+        assert isinstance(backend, MemcachedBackend)
+        schema_key = f"{prefix}:schema:t".encode()
+        await backend.pool.run(backend.pool.index(schema_key), "rm", lambda c: c.delete(schema_key))
         with pytest.raises(BackendResponseError, match="another schema"):
             await new.get("t", "k")
         assert await old.get_strict("t", "k") == {"a": "kept", "b": 300}

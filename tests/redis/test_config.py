@@ -8,7 +8,7 @@ import pytest
 
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi.errors import ConfigError
-from zeal_asgi.store import EvalCapable, PublishCapable, Store, StoreBackend, build_backend
+from zeal_asgi.store import Capability, Store, StoreBackend, build_backend
 from zeal_asgi.store.backends.redis import RedisBackend
 
 
@@ -137,5 +137,5 @@ def test_names_for_colleagues() -> None:
 def test_implements_the_backend_protocols() -> None:
     backend: StoreBackend = RedisBackend.from_config("redis://h")  # checked by mypy too
     assert isinstance(backend, StoreBackend)
-    assert isinstance(backend, PublishCapable) and isinstance(backend, EvalCapable)
-    assert callable(getattr(backend, "publish_reliable", None))
+    assert backend.capabilities == frozenset(Capability)
+    assert isinstance(backend, RedisBackend) and backend.redis_link() is backend

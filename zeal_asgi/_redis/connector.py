@@ -290,7 +290,7 @@ class RedisConnector:
             op = RunScript(script, keys, args)
             return await self.run(op, what=what, idempotent=idempotent, table=table)
         packed = pack_script(b"EVALSHA", script.sha, keys, args)
-        fallback = (script.source, keys, args)
+        fallback = (script.body, keys, args)
         return await direct_call(self, st, st.direct, packed, fallback, what, table, idempotent)
 
     # -- any operation on the pooled client ----------------------------------------------------

@@ -7,8 +7,9 @@ writes (and reads whole) is mirrored into a shared-memory fallback table.  While
 fallback and every other call raises :class:`~zeal_asgi.errors.BackendUnavailableError` at once,
 without touching the network.  A read that fails while closed is also answered from the fallback.
 
-The wrapper disables nothing: publish, Streams, Lua, counters and any other attribute of the
-wrapped backend (``channel_name``, ``dedicated_client``, ...) stay available through it.
+The wrapper disables nothing: it declares the wrapped backend's capabilities and delegates each
+method by name (publish, Streams, Lua and counters through the breaker; ``redis_link()`` and
+``exists_cached``, which pub/sub and WebSockets use directly, as they are).
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from zeal_asgi.store.backends.breaker.state import (
     is_outage,
 )
 from zeal_asgi.store.backends.table import TableBackend
-from zeal_asgi.store.base import CounterBackend, Key, Row, StoreBackend, TableSpec, backend_name
+from zeal_asgi.store.base import CounterBackend, Key, Row, StoreBackend, TableSpec
 
 if TYPE_CHECKING:
+    from zeal_asgi._redis.link import RedisLink
     from zeal_asgi.shm import Table
 
 __all__ = ["BreakerOptions", "BreakerState", "CircuitBreakerBackend", "SharedBreaker"]
@@ -61,7 +63,7 @@ def _default_name(primary: object) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-class CircuitBreakerBackend:
+class CircuitBreakerBackend(StoreBackend):
     """A Store backend that protects ``primary`` with a circuit breaker shared by the host.
 
     Build it before workers start (``Store.default_backend`` / ``Store.make`` at import time):
@@ -83,6 +85,7 @@ class CircuitBreakerBackend:
     ) -> None:
         self.options = BreakerOptions.parse(options)
         self.kind = primary.kind
+        self.capabilities = primary.capabilities
         self._primary = primary
         name = self.options.name or _default_name(primary)
         self._breaker = SharedBreaker(name, self.options)
@@ -116,12 +119,9 @@ class CircuitBreakerBackend:
         """``closed``, ``open`` or ``half-open``."""
         return self._breaker.state
 
-    def __getattr__(self, name: str) -> Any:
-        # Whatever the wrapper does not define is the primary's: pub/sub, WebSocket and Streams
-        # code finds channel_name(), dedicated_client(), ... here exactly as on the primary.
-        if name.startswith("__") or name == "_primary":
-            raise AttributeError(name)
-        return getattr(self._primary, name)
+    def redis_link(self) -> RedisLink | None:
+        """The primary's link: pub/sub and WebSockets use it as they would without a breaker."""
+        return self._primary.redis_link()
 
     # -- the guard ---------------------------------------------------------------------------------
 
@@ -168,9 +168,9 @@ class CircuitBreakerBackend:
         return result
 
     def _answered(self, token: int, exc: Exception) -> None:
-        # An error reply (WRONGTYPE, OOM, a Lua error) proves the backend is up; a value refused
-        # before any I/O (a wrong column type) proves nothing: let the next call probe.
-        if isinstance(exc, BackendError):
+        # An error reply (WRONGTYPE, OOM, a Lua error) proves the backend is up; a value or an
+        # operation refused before any I/O proves nothing: let the next call probe.
+        if isinstance(exc, BackendError) and not isinstance(exc, UnsupportedOperationError):
             self._breaker.succeeded(token)
         else:
             self._breaker.abandoned(token)
@@ -367,32 +367,23 @@ class CircuitBreakerBackend:
             raise
         return ok
 
-    async def publish(self, channel: str, payload: str | bytes) -> int:
-        """The primary's publish; BackendUnavailableError while open."""
-        fn = self._capability("publish", "Store.publish needs pub/sub (redis or tiered)")
-        result: int = await self._call("publish", lambda: fn(channel, payload))
-        return result
+    async def exists_cached(self, spec: TableSpec, key: Key) -> bool:
+        """The primary's answer from this host's memory (no network: nothing to guard)."""
+        return await self._primary.exists_cached(spec, key)
 
-    async def publish_reliable(
-        self, stream: str, payload: str | bytes, max_len: int | None = None
-    ) -> str:
+    async def publish(self, channel: str, payload: bytes) -> int:
+        """The primary's publish; BackendUnavailableError while open."""
+        return await self._call("publish", lambda: self._primary.publish(channel, payload))
+
+    async def publish_reliable(self, stream: str, payload: bytes, max_len: int | None) -> str:
         """The primary's Streams append; BackendUnavailableError while open."""
-        fn = self._capability("publish_reliable", "Store.publish_reliable needs Redis Streams")
-        result: str = await self._call("publish_reliable", lambda: fn(stream, payload, max_len))
-        return result
+        return await self._call(
+            "publish_reliable", lambda: self._primary.publish_reliable(stream, payload, max_len)
+        )
 
     async def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """The primary's Lua; BackendUnavailableError while open."""
-        fn = self._capability("eval", "Store.eval runs Lua on Redis")
-        return await self._call("eval", lambda: fn(script, keys, args))
-
-    def _capability(self, name: str, what: str) -> Callable[..., Awaitable[Any]]:
-        fn = getattr(self._primary, name, None)
-        if fn is None:
-            raise UnsupportedOperationError(
-                f"{what}; the backend behind the circuit breaker is {backend_name(self._primary)}"
-            )
-        return fn  # type: ignore[no-any-return]
+        return await self._call("eval", lambda: self._primary.eval(script, keys, args))
 
     def counter(self, name: str, initial: int) -> CounterBackend:
         """The primary's counter, behind the breaker (refused while open)."""
@@ -406,12 +397,13 @@ class CircuitBreakerBackend:
         return out
 
     def close_shared(self) -> None:
-        """Unlink the breaker state and the fallback tables (tests and explicit teardown)."""
+        """Unlink the breaker state, the fallback tables and the primary's shared memory."""
         self._breaker.close()
-        self._fallback.close_all()
+        self._fallback.close_shared()
+        self._primary.close_shared()
 
 
-class _GuardedCounter:
+class _GuardedCounter(CounterBackend):
     """A counter of the primary whose calls go through the breaker (no fallback)."""
 
     def __init__(self, owner: CircuitBreakerBackend, inner: CounterBackend) -> None:

@@ -58,8 +58,8 @@ _LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # Printable ASCII without space: nothing a text-protocol parser could split on or end a line at.
 _SAFE_KEY = re.compile(rb"^[\x21-\x7e]{1,250}\Z")
-_RESERVED_TABLES = frozenset({"h", "counter"})
-"""Table names whose literal keys would share a namespace with hashed keys or counters."""
+_RESERVED_TABLES = frozenset({"h", "counter", "schema"})
+"""Table names whose literal keys would share a namespace with hashed keys, counters or schemas."""
 
 
 _stats_broken = False
@@ -173,11 +173,13 @@ def parse_servers(spec: str | Sequence[str]) -> tuple[ServerAddr, ...]:
 class KeyMapper:
     """Memcached keys of rows and counters, safe for the text protocol.
 
-    Rows are ``{prefix}:{table}:{key}``, counters ``{prefix}:counter:{name}``.  A key longer than
+    Rows are ``{prefix}:{table}:{key}``, counters ``{prefix}:counter:{name}``, table declarations
+    ``{prefix}:schema:{table}``.  A key longer than
     250 bytes or holding anything but printable ASCII (whitespace, CR/LF, control or non-ASCII
     bytes) becomes ``{prefix}:h:`` + a BLAKE2b-256 hex digest of the full key, so no caller can
-    inject protocol commands.  Rows and counters hash with distinct personalisations, and the
-    tables called ``h`` and ``counter`` are always hashed: no literal key can equal another's.
+    inject protocol commands.  Each kind hashes with its own personalisation, and the
+    tables called ``h``, ``counter`` and ``schema`` are always hashed: no literal key can equal
+    another's.
     """
 
     def __init__(self, prefix: str) -> None:
@@ -201,9 +203,16 @@ class KeyMapper:
 
     def counter(self, name: str) -> bytes:
         """The key of counter ``name``."""
-        full = b"%s:counter:%s" % (self._p, name.encode("utf-8", "surrogatepass"))
+        return self._named(b"counter", name)
+
+    def schema(self, table: str) -> bytes:
+        """The key holding the declaration of ``table`` (see ``MemcachedBackend``)."""
+        return self._named(b"schema", table)
+
+    def _named(self, kind: bytes, name: str) -> bytes:
+        full = b"%s:%s:%s" % (self._p, kind, name.encode("utf-8", "surrogatepass"))
         if not _SAFE_KEY.match(full):
-            return self._hashed(full, b"zeal-mc-counter")
+            return self._hashed(full, b"zeal-mc-" + kind)
         return full
 
 

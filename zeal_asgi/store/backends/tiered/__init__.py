@@ -19,8 +19,8 @@ default 5, floats welcome), ``l1_rows`` (L1 capacity per table, default the tabl
 * With a secret, invalidations are HMAC-SHA256 envelopes (key id, timestamp, nonce): forged,
   unknown-key, stale, replayed, oversize and malformed messages are dropped and counted.
 
-``publish``, ``publish_reliable``, ``eval`` and counters are Redis's; any other Redis helper
-(``channel_name``, ``dedicated_client``, ``client``, ...) is reachable on this backend too.
+``publish``, ``publish_reliable``, ``eval``, counters and :meth:`TieredBackend.redis_link`
+(what pub/sub, Streams and WebSockets use) are L2's.
 """
 
 from __future__ import annotations
@@ -31,16 +31,24 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from zeal_asgi._redis.link import RedisLink
 from zeal_asgi._redis.subscriber import InvalidationSubscriber
-from zeal_asgi.errors import ConfigError, UnknownTableError, ZealError
+from zeal_asgi.errors import ConfigError, ZealError
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.shm.schema import validate_key
 from zeal_asgi.signing import Signer
 from zeal_asgi.store.backends.redis import RedisBackend
 from zeal_asgi.store.backends.tiered.l1 import L1Cache
 from zeal_asgi.store.backends.tiered.messages import InvalidationCodec
 from zeal_asgi.store.backends.tiered.sync import L1Sync
-from zeal_asgi.store.base import CounterBackend, Key, Row, StoreBackendKind, TableSpec
+from zeal_asgi.store.base import (
+    Capability,
+    CounterBackend,
+    Key,
+    Row,
+    StoreBackend,
+    StoreBackendKind,
+    TableSpec,
+)
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table
@@ -65,10 +73,11 @@ def _number(name: str, value: Any, lo: float, hi: float) -> float:
     return float(value)
 
 
-class TieredBackend:
+class TieredBackend(StoreBackend):
     """L1 shared table per host + L2 Redis (``Store.BACKEND_TIERED``)."""
 
     kind = StoreBackendKind.TIERED
+    capabilities = frozenset(Capability)
 
     def __init__(
         self,
@@ -124,12 +133,9 @@ class TieredBackend:
     def __repr__(self) -> str:
         return f"<TieredBackend l1_ttl={self.l1_ttl} l2={self._l2!r}>"
 
-    def __getattr__(self, name: str) -> Any:
-        # Redis helpers (channel_name, dedicated_client, client, key, run, ...) for the code
-        # built on the backend: pub/sub, streams and WebSockets work on tiered as on redis.
-        if name.startswith("__") or name == "_l2":
-            raise AttributeError(name)
-        return getattr(self._l2, name)
+    def redis_link(self) -> RedisLink:
+        """L2's link: pub/sub, Streams and WebSockets work on tiered as on redis."""
+        return self._l2
 
     @property
     def l2(self) -> RedisBackend:
@@ -191,14 +197,11 @@ class TieredBackend:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def _check(self, spec: TableSpec, key: Key) -> bytes:
-        return validate_key(key, spec.name, spec.schema.key_limit, spec.schema.binary_keys)
-
     async def get(self, spec: TableSpec, key: Key, field: str | None = None) -> Any:
         """The row or field: from L1 when fresh, else L2 (then L1 is filled)."""
         if field is not None:
             spec.schema.column(field, spec.name)
-        raw = self._check(spec, key)
+        raw = spec.check_key(key)
         if self._sync.synced:
             row = self._l1.lookup(spec, key)
             if row is not None:
@@ -232,18 +235,15 @@ class TieredBackend:
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists: a fresh L1 copy says so, else L2 answers."""
-        self._check(spec, key)
+        spec.check_key(key)
         if self._sync.synced and self._l1.is_fresh(spec, key):
             _count("l1_hits")
             return True
         return await self._l2.exists(spec, key)
 
-    async def exists_cached(self, table: str | TableSpec, key: Key) -> bool:
+    async def exists_cached(self, spec: TableSpec, key: Key) -> bool:
         """``True`` only when L1 holds a fresh copy of the row (no network at all)."""
-        spec = table if isinstance(table, TableSpec) else self._specs.get(table)
-        if spec is None:
-            raise UnknownTableError(f"table {table!r} was never made (Store.make)")
-        self._check(spec, key)
+        spec.check_key(key)
         return self._sync.synced and self._l1.is_fresh(spec, key)
 
     async def count(self, spec: TableSpec) -> int:
@@ -257,7 +257,7 @@ class TieredBackend:
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys`` from L2 in one round trip; whole rows then fill L1."""
         for k in keys:
-            self._check(spec, k)  # typed errors before L1 sees a key
+            spec.check_key(k)  # typed errors before L1 sees a key
         tokens = [self._l1.snapshot(spec.name, k) for k in keys]
         synced = self._sync.synced
         rows = await self._l2.mget(spec, keys)
@@ -274,12 +274,12 @@ class TieredBackend:
     ) -> None:
         self._l1.invalidate(spec.name, keys)
         if isinstance(exc, TimeoutError):  # the write may have happened after all
-            raws = [self._check(spec, k) for k in keys]
+            raws = [spec.check_key(k) for k in keys]
             await self._sync.announce(spec.name, "keys", raws)
 
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Write to L2, then put the row in L1 (whole rows) or drop it, then tell the others."""
-        raw = self._check(spec, key)
+        raw = spec.check_key(key)
         t0 = time.monotonic()
         try:
             result = await self._l2.set(spec, key, row)
@@ -298,7 +298,7 @@ class TieredBackend:
             self._l1.invalidate(spec.name, [key])
 
     async def _write(self, spec: TableSpec, key: Key, coro: Any) -> Any:
-        raw = self._check(spec, key)
+        raw = spec.check_key(key)
         try:
             result = await coro
         except ZealError as exc:
@@ -310,7 +310,7 @@ class TieredBackend:
 
     async def delete(self, spec: TableSpec, key: Key) -> bool:
         """Delete in L2 and L1; the others drop their copy."""
-        self._check(spec, key)
+        spec.check_key(key)
         result: bool = await self._write(spec, key, self._l2.delete(spec, key))
         return result
 
@@ -318,7 +318,7 @@ class TieredBackend:
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1
     ) -> int | float:
         """Atomic add in L2 (the truth); L1 copies are dropped everywhere."""
-        self._check(spec, key)
+        spec.check_key(key)
         result: int | float = await self._write(spec, key, self._l2.incr(spec, key, column, by))
         return result
 
@@ -326,7 +326,7 @@ class TieredBackend:
         self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
     ) -> bool:
         """Atomic compare-and-set in L2; on success L1 copies are dropped everywhere."""
-        raw = self._check(spec, key)
+        raw = spec.check_key(key)
         try:
             done = await self._l2.compare_and_set(spec, key, column, expected, new)
         except ZealError as exc:
@@ -339,7 +339,7 @@ class TieredBackend:
 
     async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
         """Write many rows to L2 (one round trip), update or drop them in L1, invalidate."""
-        raws = [self._check(spec, k) for k in rows]
+        raws = [spec.check_key(k) for k in rows]
         t0 = time.monotonic()
         try:
             n = await self._l2.mset(spec, rows)
@@ -366,13 +366,11 @@ class TieredBackend:
         """L2's PING."""
         return await self._l2.ping()
 
-    async def publish(self, channel: str, payload: str | bytes) -> int:
+    async def publish(self, channel: str, payload: bytes) -> int:
         """Redis PUBLISH (``Store.publish``)."""
         return await self._l2.publish(channel, payload)
 
-    async def publish_reliable(
-        self, stream: str, payload: str | bytes, max_len: int | None = None
-    ) -> str:
+    async def publish_reliable(self, stream: str, payload: bytes, max_len: int | None) -> str:
         """Redis XADD (``Store.publish_reliable``)."""
         return await self._l2.publish_reliable(stream, payload, max_len)
 
