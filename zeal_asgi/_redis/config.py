@@ -21,7 +21,8 @@ __all__ = ["DEFAULT_URL", "RedisConfig"]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_SCHEMES = {"redis": False, "valkey": False, "rediss": True, "valkeys": True}
+_SCHEMES = {"redis": False, "valkey": False, "rediss": True, "valkeys": True, "tls": True}
+"""URL schemes and whether they mean TLS (``tls://`` is the seed's spelling of ``rediss://``)."""
 _CERT_REQS = ("required", "optional", "none")
 
 # Options that a URL query string may set too (same names, same types as the dict keys).
@@ -161,8 +162,7 @@ class RedisConfig:
         """
         env = os.environ if environ is None else environ
         if conn is None or isinstance(conn, str):
-            url = conn if conn else env.get("ZEAL_REDIS_URL") or DEFAULT_URL
-            return _checked(cls(**_parse_url(url)))
+            return _checked(cls(**_parse_url(_url(conn, env))))
         if not isinstance(conn, Mapping):
             raise ConfigError(
                 f"redis backend: connection must be a URL string or an options dict, got "
@@ -197,7 +197,7 @@ class RedisConfig:
             url = opts.pop("url", None)
             if url is not None and not isinstance(url, str):
                 raise ConfigError(f"redis backend: url must be a str, got {type(url).__name__}")
-            kw.update(_parse_url(url or env.get("ZEAL_REDIS_URL") or DEFAULT_URL))
+            kw.update(_parse_url(_url(url, env)))
         if "service" in opts:
             raise ConfigError("redis backend: 'service' only goes with 'sentinel'")
         if "prefix" in opts:
@@ -224,6 +224,19 @@ class RedisConfig:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
+
+def _url(url: str | None, env: Mapping[str, str]) -> str:
+    """The URL given, else ``ZEAL_REDIS_URL``, else the default; an empty one is refused."""
+    source = "the URL"
+    if url is None:
+        url, source = env.get("ZEAL_REDIS_URL", DEFAULT_URL), "ZEAL_REDIS_URL"
+    if not url.strip():
+        raise ConfigError(
+            f"redis backend: {source} is empty (give redis://host:port/db; leave ZEAL_REDIS_URL "
+            f"unset for {DEFAULT_URL})"
+        )
+    return url
 
 
 def _hostport_str(host: str, port: int) -> str:
@@ -369,7 +382,7 @@ def _parse_url(url: str) -> dict[str, Any]:
     else:
         raise ConfigError(
             f"redis backend: unsupported URL scheme {parts.scheme!r} in {safe} "
-            "(use redis://, rediss:// or unix://)"
+            "(use redis://, rediss:// (or tls://) or unix://)"
         )
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, strict_parsing=False)
     for name, values in query.items():

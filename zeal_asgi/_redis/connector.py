@@ -352,5 +352,8 @@ class RedisConnector:
         try:
             await self.call(("PING",), "boot PING", idempotent=True)
         except ZealError as exc:
-            raise type(exc)(f"Redis boot check failed: {exc}") from exc
+            raise type(exc)(
+                f"Redis boot check failed: {exc} (the target comes from ZEAL_REDIS_URL, or the "
+                "url/cluster/sentinel options; ZEAL_ON_ERROR=fallback_table boots degraded)"
+            ) from exc
         st.booted = True

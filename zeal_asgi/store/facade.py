@@ -458,18 +458,17 @@ class Store:
         The channel (a str of at most 256 UTF-8 bytes) and the payload (``str``, ``bytes`` or
         ``bytearray``) follow one rule on every backend (:mod:`zeal_asgi.store.channels`).
         """
-        data = as_bytes(payload)
-        backend = self._capable(Capability.PUBSUB, "Store.publish")
-        return await backend.publish(validate_channel(channel), data)
+        channel, data = validate_channel(channel), as_bytes(payload)
+        return await self._capable(Capability.PUBSUB, "Store.publish").publish(channel, data)
 
     @hybridmethod
     async def publish_reliable(
         self, stream: str, payload: str | bytes, max_len: int | None = None
     ) -> str:
         """Append to a Redis Stream (at-least-once consumers); the entry id."""
-        data = as_bytes(payload)
+        stream, data = validate_channel(stream, "stream"), as_bytes(payload)
         backend = self._capable(Capability.STREAMS, "Store.publish_reliable")
-        return await backend.publish_reliable(validate_channel(stream, "stream"), data, max_len)
+        return await backend.publish_reliable(stream, data, max_len)
 
     @hybridmethod
     async def eval(self, script: str, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:

@@ -52,7 +52,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
-from zeal_asgi.errors import ConfigError, IntegerOverflowError, ShmError, UnsupportedOperationError
+from zeal_asgi.errors import (
+    ConfigError,
+    IntegerOverflowError,
+    ShmError,
+    UnsupportedOperationError,
+    ZealError,
+)
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.schema import Column, validate_value
 from zeal_asgi.store.backends.memcached.conn import (
@@ -199,7 +205,14 @@ class MemcachedBackend(StoreBackend):
 
     async def start(self) -> None:
         """Connect to every server in this worker; raises if one does not answer."""
-        await gather_all(self._version(i) for i in range(len(self.pool.servers)))
+        try:
+            await gather_all(self._version(i) for i in range(len(self.pool.servers)))
+        except ZealError as exc:
+            raise type(exc)(
+                f"memcached boot check failed: {exc} (the servers come from "
+                "ZEAL_MEMCACHED_SERVERS or the servers option; ZEAL_ON_ERROR=fallback_table boots "
+                "degraded)"
+            ) from exc
 
     async def _version(self, i: int) -> bytes:
         return await self.pool.run(i, "version", lambda c: c.version())
