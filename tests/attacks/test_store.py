@@ -79,9 +79,9 @@ async def test_two_apps_declaring_one_table_differently_are_refused(
     app1.make("users", 64, {"name": (Store.TYPE_STRING, 16)})
     app2.make("users", 64, {"age": (Store.TYPE_INT, 8)})
     await app1.set("users", "k", {"name": "alice"})
-    for call in (app2.get("users", "k"), app2.set("users", "k", {"age": 7})):
+    for call in (lambda: app2.get("users", "k"), lambda: app2.set("users", "k", {"age": 7})):
         with pytest.raises(SchemaError) as info:
-            await call
+            await call()
         assert '"name","STRING",16' in str(info.value) and '"age","INT",8' in str(info.value)
     assert await app1.get_strict("users", "k") == {"name": "alice"}
 
