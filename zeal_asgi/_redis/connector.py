@@ -50,7 +50,7 @@ T = TypeVar("T")
 
 COUNTERS = ("acquires", "acquire_timeouts", "clients_created", "commands", "errors", "retries")
 """Per-worker counters of :meth:`RedisConnector.stats` (also summed over the host)."""
-HOST_KEYS = {name: f"redis.{name}" for name in COUNTERS}
+HOST_KEYS = {name: f"redis_{name}_total" for name in COUNTERS}
 
 _BACKOFF_BASE = 0.01
 _BACKOFF_CAP = 0.2

@@ -13,14 +13,12 @@ from typing import Any, Self, TypeVar, overload
 
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.connector import RedisConnector
-from zeal_asgi._redis.errors import translate
 from zeal_asgi._redis.scripts import KeyLayout, Script
 from zeal_asgi.errors import (
     ConfigError,
     InvalidKeyError,
     KeyTypeError,
     SerializationError,
-    ZealError,
 )
 
 __all__ = ["RedisLink"]
@@ -113,11 +111,6 @@ class RedisLink:
         """Run one of :mod:`zeal_asgi._redis.scripts` (keys already prefixed) on the fast path:
         EVALSHA, then EVAL if the server lost it; the raw reply."""
         return await self._conn.script(script, keys, args, what, idempotent=idempotent)
-
-    @staticmethod
-    def translate_error(exc: BaseException, where: str) -> ZealError:
-        """The ZealError for a redis-py exception (for code using :meth:`dedicated_client`)."""
-        return translate(exc, where)
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from zeal_asgi.errors import SchemaError, UnsupportedOperationError
 from zeal_asgi.settings import StoreBackendKind
+from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.schema import Schema, validate_key
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ __all__ = [
     "StoreBackendKind",
     "TableSpec",
     "backend_name",
+    "count",
+    "counters",
     "unsupported",
 ]
 
@@ -57,11 +60,28 @@ class Capability(enum.StrEnum):
 
 
 _NEEDS = {
-    Capability.LISTING: "a backend that can list its keys (table, redis or tiered)",
+    Capability.LISTING: "a backend that can list its keys (table, redis or tiered; keep the "
+    "keys you need yourself on memcached, or make the table with mode='ttl')",
     Capability.PUBSUB: "pub/sub: the redis or tiered backend, or the table backend on one host",
     Capability.STREAMS: "Redis Streams: the redis or tiered backend",
     Capability.EVAL: "Lua, which runs on Redis: the redis or tiered backend",
 }
+
+
+def count(area: str, event: str, by: int = 1) -> None:
+    """Count ``event`` of ``area`` in the host-wide stats, as ``<area>_<event>_total``."""
+    host_stats().incr(f"{area}_{event}_total", by)
+
+
+def counters(area: str) -> dict[str, Any]:
+    """The events of ``area`` summed over the host, and this worker's under ``worker``, as
+    ``<event>_total``."""
+    hs, pre = host_stats(), f"{area}_"
+
+    def mine(counts: dict[str, int]) -> dict[str, int]:
+        return {k[len(pre) :]: v for k, v in counts.items() if k.startswith(pre)}
+
+    return {**mine(hs.host()), "worker": mine(hs.worker())}
 
 
 def backend_name(backend: StoreBackend) -> str:
@@ -207,11 +227,11 @@ class StoreBackend(Protocol):
 
     async def count(self, spec: TableSpec) -> int:
         """Number of rows."""
-        ...
+        raise unsupported(self, f"Store.count({spec.name!r})", Capability.LISTING)
 
     def iterate(self, spec: TableSpec) -> AsyncIterator[tuple[Any, Row]]:
         """Every ``(key, row)``; rows changed meanwhile may or may not appear."""
-        ...
+        raise unsupported(self, f"Store.iterate({spec.name!r})", Capability.LISTING)
 
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys`` in order, ``None`` for misses (one round trip where possible)."""
@@ -223,7 +243,7 @@ class StoreBackend(Protocol):
 
     async def clear(self, spec: TableSpec) -> int:
         """Remove every row; the number removed (approximate on distributed backends)."""
-        ...
+        raise unsupported(self, f"Store.clear({spec.name!r})", Capability.LISTING)
 
     def table(self, name: str) -> Table:
         """The raw shared-memory ``Table`` (the table backend only)."""

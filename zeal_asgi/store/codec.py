@@ -165,11 +165,6 @@ class RowCodec:
                 out += (name, _ZERO_FIELD[col.type])
         return out
 
-    @staticmethod
-    def zero_field(col: Column) -> bytes:
-        """The stored form of a column's zero value."""
-        return _ZERO_FIELD[col.type]
-
     def _col(self, name: str) -> Column:
         return self.schema.column(name, self.table)
 

@@ -420,12 +420,14 @@ class Store:
     @hybridmethod
     async def count(self, table: str) -> int:
         """Number of rows (O(1) on tracked tables)."""
-        return await self._backend.count(self.spec(table))
+        spec = self.spec(table)
+        return await self._capable(Capability.LISTING, f"Store.count({table!r})").count(spec)
 
     @hybridmethod
     def iterate(self, table: str) -> AsyncIterator[tuple[Any, Row]]:
         """``async for key, row in Store.iterate("t")`` over every row."""
-        return self._backend.iterate(self.spec(table))
+        spec = self.spec(table)
+        return self._capable(Capability.LISTING, f"Store.iterate({table!r})").iterate(spec)
 
     @hybridmethod
     async def mget(self, table: str, keys: Sequence[Key]) -> list[Row | None]:
@@ -441,7 +443,8 @@ class Store:
     @hybridmethod
     async def clear(self, table: str) -> int:
         """Remove every row of ``table``; the number removed."""
-        return await self._backend.clear(self.spec(table))
+        spec = self.spec(table)
+        return await self._capable(Capability.LISTING, f"Store.clear({table!r})").clear(spec)
 
     # -- messaging and scripting -----------------------------------------------------------------
 

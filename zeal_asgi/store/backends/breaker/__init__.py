@@ -28,7 +28,6 @@ from zeal_asgi.errors import (
     UnsupportedOperationError,
     ZealError,
 )
-from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store.backends.breaker.state import (
     BreakerOptions,
     BreakerState,
@@ -36,7 +35,7 @@ from zeal_asgi.store.backends.breaker.state import (
     is_outage,
 )
 from zeal_asgi.store.backends.table import TableBackend
-from zeal_asgi.store.base import CounterBackend, Key, Row, StoreBackend, TableSpec
+from zeal_asgi.store.base import CounterBackend, Key, Row, StoreBackend, TableSpec, count
 
 if TYPE_CHECKING:
     from zeal_asgi._redis.link import RedisLink
@@ -46,10 +45,6 @@ __all__ = ["BreakerOptions", "BreakerState", "CircuitBreakerBackend", "SharedBre
 
 log = logging.getLogger("zeal_asgi.breaker")
 T = TypeVar("T")
-
-
-def _count(metric: str) -> None:
-    host_stats().incr(metric)
 
 
 def _default_name(primary: object) -> str:
@@ -126,7 +121,7 @@ class CircuitBreakerBackend(StoreBackend):
     # -- the guard ---------------------------------------------------------------------------------
 
     def _refused(self, what: str) -> BackendUnavailableError:
-        _count("breaker_short_circuited_total")
+        count("breaker", "short_circuited")
         return BackendUnavailableError(
             f"circuit breaker open: {what} refused without trying the {self.kind} backend "
             f"(it failed {self.options.failure_threshold} times within "
@@ -144,8 +139,8 @@ class CircuitBreakerBackend(StoreBackend):
         if token is None:
             if fallback is None:
                 raise self._refused(what)
-            _count("breaker_short_circuited_total")
-            _count("breaker_fallback_reads_total")
+            count("breaker", "short_circuited")
+            count("breaker", "fallback_reads")
             return await fallback()
         try:
             if self._needs_start:
@@ -159,7 +154,7 @@ class CircuitBreakerBackend(StoreBackend):
             self._breaker.failed(token)
             if fallback is None:
                 raise
-            _count("breaker_fallback_reads_total")
+            count("breaker", "fallback_reads")
             return await fallback()
         except BaseException:
             self._breaker.abandoned(token)
@@ -180,7 +175,7 @@ class CircuitBreakerBackend(StoreBackend):
             await fn()
         except ZealError:
             # A fallback that cannot take the row (full) must not keep an older copy of it.
-            _count("breaker_mirror_skipped_total")
+            count("breaker", "mirror_skipped")
             with contextlib.suppress(ZealError):
                 await self._fallback.delete(spec, key)
 
@@ -264,8 +259,8 @@ class CircuitBreakerBackend(StoreBackend):
         """Every row; from the fallback while open or when the primary fails before the first."""
         token = self._breaker.admit()
         if token is None:
-            _count("breaker_short_circuited_total")
-            _count("breaker_fallback_reads_total")
+            count("breaker", "short_circuited")
+            count("breaker", "fallback_reads")
             async for item in self._fallback.iterate(spec):
                 yield item
             return
@@ -286,7 +281,7 @@ class CircuitBreakerBackend(StoreBackend):
                         raise BackendUnavailableError(
                             f"{self.kind} backend lost in the middle of iterating {spec.name!r}"
                         ) from exc
-                    _count("breaker_fallback_reads_total")
+                    count("breaker", "fallback_reads")
                     async for fb in self._fallback.iterate(spec):
                         yield fb
                     return

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from zeal_asgi.errors import ConfigError, ContentionError, LockTimeoutError, PoolTimeoutError
 from zeal_asgi.shm.ext import Table
-from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.store.base import count, counters
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table as TableT
@@ -139,7 +139,6 @@ class SharedBreaker:
         self._lease_ms = int(options.probe_lease_sec * 1000)
         self._width_ms = max(1, int(options.failure_window_sec * 1000) // _BUCKETS)
         self._table: TableT = Table(_BUCKETS + 1, {"w": ("int", 8)}, name=f"breaker:{name}")
-        self._metric_prefix = "breaker_"
 
     # -- shared words --------------------------------------------------------------------------
 
@@ -149,9 +148,6 @@ class SharedBreaker:
 
     def _cas(self, old: int, new: int) -> bool:
         return bool(self._table.compare_and_set("state", "w", old, new))
-
-    def _count(self, event: str) -> None:
-        host_stats().incr(f"{self._metric_prefix}{event}_total")
 
     @property
     def state(self) -> BreakerState:
@@ -177,7 +173,7 @@ class SharedBreaker:
             return None
         token = _next(w, now, _HALF)
         if self._cas(w, token):
-            self._count("probes")
+            count("breaker", "probes")
             return token
         return None
 
@@ -186,7 +182,7 @@ class SharedBreaker:
         if token and self._cas(token, _next(token, _now_ms(), _CLOSED)):
             for i in range(_BUCKETS):
                 self._table.set(f"b{i}", {"w": 0})
-            self._count("closed")
+            count("breaker", "closed")
             log.warning("circuit breaker %s closed: the probe succeeded", self.name)
 
     def abandoned(self, token: int) -> None:
@@ -199,10 +195,10 @@ class SharedBreaker:
         now = _now_ms()
         if token:
             if self._cas(token, _next(token, now, _OPEN)):
-                self._count("opened")
+                count("breaker", "opened")
                 log.warning("circuit breaker %s re-opened: the probe failed", self.name)
             return
-        self._count("failures")
+        count("breaker", "failures")
         epoch = now // self._width_ms
         key = f"b{epoch % _BUCKETS}"
         while True:
@@ -218,7 +214,7 @@ class SharedBreaker:
             and self.failures_in_window(epoch) >= self.options.failure_threshold
             and self._cas(w, _next(w, now, _OPEN))
         ):
-            self._count("opened")
+            count("breaker", "opened")
             log.warning(
                 "circuit breaker %s opened: %d failures within %g s",
                 self.name,
@@ -245,21 +241,14 @@ class SharedBreaker:
 
     def stats(self) -> dict[str, Any]:
         """State and host-wide counters (``opened_total``, ``short_circuited_total``, ...)."""
-        host = host_stats().host()
-        p = self._metric_prefix
-        out: dict[str, Any] = {
-            k[len(p) :]: v for k, v in host.items() if k.startswith(p) and k.endswith("_total")
+        return {
+            **counters("breaker"),
+            "state": str(self.state),
+            "name": self.name,
+            "failures_in_window": self.failures_in_window(),
+            "seconds_in_state": round(self.seconds_in_state(), 3),
+            "options": asdict(self.options),
         }
-        mine = host_stats().worker()
-        out.update(
-            state=str(self.state),
-            name=self.name,
-            failures_in_window=self.failures_in_window(),
-            seconds_in_state=round(self.seconds_in_state(), 3),
-            worker={k[len(p) :]: v for k, v in mine.items() if k.startswith(p)},
-            options=asdict(self.options),
-        )
-        return out
 
     def close(self) -> None:
         """Unmap and unlink the shared state (tests; workers keep theirs until exit)."""

@@ -49,17 +49,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from zeal_asgi.errors import (
     ConfigError,
     IntegerOverflowError,
-    ShmError,
-    UnsupportedOperationError,
     ZealError,
 )
-from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.schema import Column, validate_value
 from zeal_asgi.store.backends.memcached.conn import (
     DEFAULT_SERVERS,
@@ -85,7 +82,7 @@ from zeal_asgi.store.backends.memcached.rows import (
     native_column,
     seconds,
 )
-from zeal_asgi.store.base import Key, Row, StoreBackend, StoreBackendKind, TableSpec
+from zeal_asgi.store.base import Key, Row, StoreBackend, StoreBackendKind, TableSpec, counters
 from zeal_asgi.store.codec import RowCodec
 
 __all__ = ["MemcachedBackend", "MemcachedCounter"]
@@ -230,15 +227,6 @@ class MemcachedBackend(StoreBackend):
 
     def stats(self) -> dict[str, Any]:
         """Servers and settings, plus counters of this worker and summed over the host."""
-        try:
-            hs = host_stats()
-            worker, host = hs.worker(), hs.host()
-        except ShmError:  # diagnostics only; logged once by record()
-            worker, host = {}, {}
-
-        def ours(counts: dict[str, int]) -> dict[str, int]:
-            return {k: v for k, v in counts.items() if k.startswith("memcached_")}
-
         return {
             "memcached": {
                 "servers": [str(s) for s in self.pool.servers],
@@ -246,8 +234,7 @@ class MemcachedBackend(StoreBackend):
                 "timeout": self.pool.timeout,
                 "cas_timeout": self.cas_timeout,
                 "pool_size": self.pool.pool_size,
-                "worker": ours(worker),
-                "host": ours(host),
+                **counters("memcached"),
             }
         }
 
@@ -454,37 +441,6 @@ class MemcachedBackend(StoreBackend):
 
         await gather_all(one(k, mk, v) for k, mk, v in work)
         return len(work)
-
-    # -- what memcached cannot do --------------------------------------------------------------
-
-    @staticmethod
-    def _unsupported(what: str, instead: str) -> NoReturn:
-        raise UnsupportedOperationError(f"{what} is not possible on memcached: {instead}")
-
-    async def count(self, spec: TableSpec) -> int:
-        """Unsupported: memcached cannot list or count keys."""
-        self._unsupported(
-            f"Store.count({spec.name!r})",
-            "it cannot list or count its keys; keep a Counter next to the table, or use the "
-            "table or redis backend",
-        )
-
-    def iterate(self, spec: TableSpec) -> AsyncIterator[tuple[Any, Row]]:
-        """Unsupported: memcached has no key listing (no SCAN)."""
-        self._unsupported(
-            f"Store.iterate({spec.name!r})",
-            "it has no key listing (no SCAN); keep the keys you need yourself (mget them), or "
-            "use the table or redis backend",
-        )
-
-    async def clear(self, spec: TableSpec) -> int:
-        """Unsupported: memcached can only flush everything, every table and app included."""
-        self._unsupported(
-            f"Store.clear({spec.name!r})",
-            "it can only flush_all, which would wipe every table and every app on the server; "
-            "delete the keys you know, make the table with mode='ttl', or use the table or redis "
-            "backend",
-        )
 
     # -- counters ------------------------------------------------------------------------------
 

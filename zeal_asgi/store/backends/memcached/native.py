@@ -32,8 +32,8 @@ from zeal_asgi.errors import (
     ContentionError,
     IntegerOverflowError,
 )
-from zeal_asgi.store.backends.memcached.conn import NonNumericValue, ServerPool, cas_op, record
-from zeal_asgi.store.base import CounterBackend
+from zeal_asgi.store.backends.memcached.conn import NonNumericValue, ServerPool, cas_op
+from zeal_asgi.store.base import CounterBackend, count
 
 __all__ = [
     "BIAS",
@@ -94,9 +94,9 @@ async def backoff(attempt: int, deadline: float, what: str) -> None:
         ContentionError: ``deadline`` (monotonic) has passed (a BackendTimeoutError that a
             circuit breaker does not count as an outage).
     """
-    record("memcached_cas_retries")
+    count("memcached", "cas_retries")
     if time.monotonic() >= deadline:
-        record("memcached_cas_exhausted")
+        count("memcached", "cas_exhausted")
         raise ContentionError(
             f"memcached: {what} lost the compare-and-swap race {attempt} times in a row; gave up "
             "at the cas_timeout (the key is heavily contended)"
@@ -155,7 +155,7 @@ async def _revert(pool: ServerPool, i: int, key: bytes, step: int, what: str) ->
         "until the revert lands, other clients of that key may see the wrapped value "
         "(only at the edge of the 64-bit range; see zeal_asgi.store.backends.memcached)",
     )
-    record("memcached_overflow_reverts")
+    count("memcached", "overflow_reverts")
     try:
         # Not retried: a timed-out incr may have been applied, and a second one would not cancel.
         await pool.run(i, f"revert of an overflowing {what}", lambda c: c.incr(key, -step % U64))

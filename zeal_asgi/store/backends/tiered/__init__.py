@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 from zeal_asgi._redis.link import RedisLink
 from zeal_asgi._redis.subscriber import InvalidationSubscriber
 from zeal_asgi.errors import ConfigError, ZealError
-from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.signing import Signer
 from zeal_asgi.store.backends.redis import RedisBackend
 from zeal_asgi.store.backends.tiered.l1 import L1Cache
@@ -48,6 +47,8 @@ from zeal_asgi.store.base import (
     StoreBackend,
     StoreBackendKind,
     TableSpec,
+    count,
+    counters,
 )
 
 if TYPE_CHECKING:
@@ -61,10 +62,6 @@ OPTIONS = ("l1_ttl", "l1_rows", "invalidation_secret", "invalidation_kid", "l1_n
 """Options of the tiered backend on top of the Redis backend's."""
 ENV_SECRET = "ZEAL_TIERED_INVALIDATION_SECRET"
 _warned_unsigned = False
-
-
-def _count(metric: str) -> None:
-    host_stats().incr(f"tiered_{metric}_total")
 
 
 def _number(name: str, value: Any, lo: float, hi: float) -> float:
@@ -207,7 +204,7 @@ class TieredBackend(StoreBackend):
             if row is not None:
                 return row if field is None else row[field]
         else:
-            _count("l1_bypass")
+            count("tiered", "l1_bypass")
         row = await self._read_through(spec, key, raw)
         if row is None or field is None:
             return row
@@ -237,7 +234,7 @@ class TieredBackend(StoreBackend):
         """``True`` when the row exists: a fresh L1 copy says so, else L2 answers."""
         spec.check_key(key)
         if self._sync.synced and self._l1.is_fresh(spec, key):
-            _count("l1_hits")
+            count("tiered", "l1_hits")
             return True
         return await self._l2.exists(spec, key)
 
@@ -384,20 +381,8 @@ class TieredBackend(StoreBackend):
 
     def stats(self) -> dict[str, Any]:
         """L2's stats, plus ``tiered`` (subscriber, invalidations, L1 counters) and ``l1``."""
-        out = dict(self._l2.stats())
-        host = host_stats().host()
-        mine = host_stats().worker()
-        tiered: dict[str, Any] = {
-            k[len("tiered_") :]: v for k, v in host.items() if k.startswith("tiered_")
-        }
-        tiered.update(
-            l1_ttl=self.l1_ttl,
-            **self._sync.stats(),
-            worker={k[len("tiered_") :]: v for k, v in mine.items() if k.startswith("tiered_")},
-        )
-        out["tiered"] = tiered
-        out["l1"] = self._l1.stats()
-        return out
+        tiered = {**counters("tiered"), "l1_ttl": self.l1_ttl, **self._sync.stats()}
+        return {**self._l2.stats(), "tiered": tiered, "l1": self._l1.stats()}
 
     def close_shared(self) -> None:
         """Unlink the L1 tables (tests and explicit teardown; workers keep their mappings)."""
