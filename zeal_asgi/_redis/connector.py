@@ -34,7 +34,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel
 from redis.utils import HIREDIS_AVAILABLE
 
-from zeal_asgi._redis.clients import ClientFactory, Execute, RunScript
+from zeal_asgi._redis.clients import ClientFactory
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.deadlines import Deadlines
 from zeal_asgi._redis.direct import DirectConnections, direct_call, pack, pack_script
@@ -271,7 +271,9 @@ class RedisConnector:
         """
         st = self.state()
         if st.direct is None:
-            return await self.run(Execute(args), what=what, idempotent=idempotent, table=table)
+            return await self.run(
+                lambda c: c.execute_command(*args), what=what, idempotent=idempotent, table=table
+            )
         return await direct_call(self, st, st.direct, pack(args), None, what, table, idempotent)
 
     async def script(
@@ -287,8 +289,9 @@ class RedisConnector:
         """Run ``script`` (EVALSHA, then EVAL if the server lost it); its raw reply."""
         st = self.state()
         if st.direct is None:
-            op = RunScript(script, keys, args)
-            return await self.run(op, what=what, idempotent=idempotent, table=table)
+            return await self.run(
+                lambda c: script(c, keys, args), what=what, idempotent=idempotent, table=table
+            )
         packed = pack_script(b"EVALSHA", script.sha, keys, args)
         fallback = (script.body, keys, args)
         return await direct_call(self, st, st.direct, packed, fallback, what, table, idempotent)
