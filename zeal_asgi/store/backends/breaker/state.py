@@ -13,8 +13,9 @@ import enum
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zeal_asgi.errors import ConfigError, ContentionError, LockTimeoutError, PoolTimeoutError
 from zeal_asgi.shm.ext import Table
@@ -44,59 +45,36 @@ _CODES = {0: BreakerState.CLOSED, 1: BreakerState.OPEN, 2: BreakerState.HALF_OPE
 _CLOSED, _OPEN, _HALF = 0, 1, 2
 
 
-@dataclass(frozen=True)
-class BreakerOptions:
+class BreakerOptions(BaseModel):
     """Validated breaker options (``Store.default_backend(..., {"breaker": {...}})``)."""
 
-    failure_threshold: int = 5
-    """Failures within the window that open the breaker."""
-    failure_window_sec: float = 10.0
-    """Length of the rolling failure window."""
-    open_seconds: float = 30.0
-    """How long the breaker stays open before one probe is let through (0: the next call)."""
-    probe_lease_sec: float = 10.0
-    """A probe that has not finished after this long (its worker died) is handed to another."""
-    name: str | None = None
-    """Name of the shared state; by default derived from the wrapped backend."""
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    _LIMITS: ClassVar[dict[str, tuple[float, float]]] = {
-        "failure_threshold": (1, _COUNT_MASK),
-        "failure_window_sec": (0.01, 86400.0),
-        "open_seconds": (0.0, 86400.0),
-        "probe_lease_sec": (0.01, 86400.0),
-    }
+    failure_threshold: int = Field(default=5, ge=1, le=_COUNT_MASK)
+    """Failures within the window that open the breaker."""
+    failure_window_sec: float = Field(default=10.0, ge=0.01, le=86400, allow_inf_nan=False)
+    """Length of the rolling failure window."""
+    open_seconds: float = Field(default=30.0, ge=0, le=86400, allow_inf_nan=False)
+    """How long the breaker stays open before one probe is let through (0: the next call)."""
+    probe_lease_sec: float = Field(default=10.0, ge=0.01, le=86400, allow_inf_nan=False)
+    """A probe that has not finished after this long (its worker died) is handed to another."""
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+    """Name of the shared state; by default derived from the wrapped backend."""
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | BreakerOptions | None) -> BreakerOptions:
         """Check ``options``; a bad or unknown one raises ConfigError naming it and the limit."""
-        if options is None:
-            return cls()
-        if isinstance(options, BreakerOptions):
-            return options
+        if options is None or isinstance(options, BreakerOptions):
+            return options or cls()
         if not isinstance(options, Mapping):
             raise ConfigError(f"breaker options must be a dict, got {type(options).__name__}")
-        unknown = set(options) - set(cls._LIMITS) - {"name"}
-        if unknown:
+        try:
+            return cls.model_validate(dict(options))
+        except ValidationError as exc:
+            err = exc.errors()[0]
             raise ConfigError(
-                f"unknown breaker options {sorted(unknown)}; known: {sorted(cls._LIMITS)} and name"
-            )
-        values: dict[str, Any] = {}
-        for key, (lo, hi) in cls._LIMITS.items():
-            if key not in options:
-                continue
-            v = options[key]
-            want_int = key == "failure_threshold"
-            ok_type = isinstance(v, int) if want_int else isinstance(v, (int, float))
-            if isinstance(v, bool) or not ok_type:
-                kind = "an int" if want_int else "a number of seconds"
-                raise ConfigError(f"breaker option {key} must be {kind}, got {v!r}")
-            if not lo <= v <= hi:  # also refuses NaN
-                raise ConfigError(f"breaker option {key} must be between {lo} and {hi}, got {v!r}")
-            values[key] = v
-        name = options.get("name")
-        if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 64):
-            raise ConfigError(f"breaker option name must be a str of 1-64 chars, got {name!r}")
-        return cls(**values, name=name)
+                f"breaker option {err['loc'][0]}: {err['msg']}, got {err['input']!r}"
+            ) from None
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -247,7 +225,7 @@ class SharedBreaker:
             "name": self.name,
             "failures_in_window": self.failures_in_window(),
             "seconds_in_state": round(self.seconds_in_state(), 3),
-            "options": asdict(self.options),
+            "options": self.options.model_dump(),
         }
 
     def close(self) -> None:
