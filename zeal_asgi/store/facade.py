@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from types import MappingProxyType, MethodType
+from types import MethodType
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -319,6 +319,11 @@ class Store:
         return list(self._specs)
 
     @hybridmethod
+    def counters(self) -> dict[str, Any]:
+        """The named counters declared on this store (``Counter(..., name=...)``), by name."""
+        return dict(self._counters)
+
+    @hybridmethod
     def table(self, name: str) -> Table:
         """The raw shared ``Table`` (table backend only)."""
         t = self._shm.get(name)
@@ -511,8 +516,3 @@ class Store:
         """Register ``counter`` (it follows a backend switch) and return its backend counter."""
         self._counters[counter.name] = counter
         return self._backend.counter(counter.name, counter.initial)
-
-    @property
-    def counters(self) -> Mapping[str, Counter]:
-        """The counters declared on this store, by name."""
-        return MappingProxyType(self._counters)
