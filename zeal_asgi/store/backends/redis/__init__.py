@@ -12,6 +12,8 @@ Layout (every key and channel carries the prefix, ``zeal`` by default)::
 
     zeal:{users}:alice       hash, one field per column: a row of table "users", key "alice"
     zeal:{users}:__keys__    set of the keys of a tracked table ("users"): count() is SCARD
+    zeal:schema:{users}      string, the declaration of "users" (columns, key rules, mode): an
+                             app declaring the table differently gets a SchemaError
     zeal:counter:requests    string, Counter "requests" (INCRBY)
     zeal:ch:news             pub/sub channel "news" (Store.publish)
     zeal:stream:jobs         stream "jobs" (Store.publish_reliable)
