@@ -124,7 +124,7 @@ class TableSpec:
             "binary_keys": s.binary_keys,
             "mode": self.mode,
         }
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(doc, separators=(",", ":")).encode()
 
     def conflict(self, stored: bytes, where: str) -> SchemaError:
         """The error for a table that ``stored`` says another app declared differently."""
