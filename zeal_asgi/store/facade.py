@@ -46,9 +46,9 @@ if TYPE_CHECKING:
 __all__ = ["Store", "add_stats_section", "build_backend", "hybridmethod"]
 
 P = ParamSpec("P")
-_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 R = TypeVar("R")
 M = TypeVar("M", bound="BaseModel")
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
 class _HasDefault(Protocol):
