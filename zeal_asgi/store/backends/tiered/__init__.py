@@ -28,8 +28,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from zeal_asgi._redis.link import RedisLink
 from zeal_asgi._redis.subscriber import InvalidationSubscriber
@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = ["TieredBackend"]
 
 log = logging.getLogger("zeal_asgi.tiered")
+T = TypeVar("T")
 
 OPTIONS = ("l1_ttl", "l1_rows", "invalidation_secret", "invalidation_kid", "l1_namespace")
 """Options of the tiered backend on top of the Redis backend's."""
@@ -266,87 +267,69 @@ class TieredBackend(StoreBackend):
 
     # -- writes ---------------------------------------------------------------------------------
 
-    async def _after_failure(
-        self, spec: TableSpec, keys: Sequence[Key], exc: BaseException
-    ) -> None:
-        self._l1.invalidate(spec.name, keys)
-        if isinstance(exc, TimeoutError):  # the write may have happened after all
-            raws = [spec.check_key(k) for k in keys]
-            await self._sync.announce(spec.name, "keys", raws)
+    async def _write(
+        self,
+        spec: TableSpec,
+        keys: Sequence[Key],
+        op: Callable[[], Awaitable[T]],
+        rows: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        conditional: bool = False,
+    ) -> T:
+        """Run ``op`` on L2, then update (whole ``rows``, one per key) or drop ``keys`` in L1,
+        then tell the other nodes to drop them (``conditional``: only when ``op`` returned a
+        true value)."""
+        raws = [spec.check_key(k) for k in keys]
+        t0 = time.monotonic()
+        try:
+            result = await op()
+        except ZealError as exc:
+            self._l1.invalidate(spec.name, keys)
+            if isinstance(exc, TimeoutError):  # the write may have happened after all
+                await self._sync.announce(spec.name, "keys", raws)
+            raise
+        if conditional and not result:
+            return result
+        for i, k in enumerate(keys):
+            row = rows[i] if rows is not None else None
+            # A partial row merges into whatever L2 holds, which L1 may not know: drop instead.
+            if row is not None and self._sync.synced and len(row) == len(spec.schema.columns):
+                self._l1.put(spec, k, spec.schema.validate_row(row, spec.name), t0)
+            else:
+                self._l1.invalidate(spec.name, [k])
+        await self._sync.announce(spec.name, "keys", raws)
+        return result
 
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Write to L2, then put the row in L1 (whole rows) or drop it, then tell the others."""
-        raw = spec.check_key(key)
-        t0 = time.monotonic()
-        try:
-            result = await self._l2.set(spec, key, row)
-        except ZealError as exc:
-            await self._after_failure(spec, [key], exc)
-            raise
-        self._update_l1(spec, key, row, t0)
-        await self._sync.announce(spec.name, "keys", [raw])
-        return result
-
-    def _update_l1(self, spec: TableSpec, key: Key, row: Mapping[str, Any], t0: float) -> None:
-        # A partial row merges into whatever L2 holds, which L1 may not know: drop instead.
-        if self._sync.synced and len(row) == len(spec.schema.columns):
-            self._l1.put(spec, key, spec.schema.validate_row(row, spec.name), t0)
-        else:
-            self._l1.invalidate(spec.name, [key])
-
-    async def _write(self, spec: TableSpec, key: Key, coro: Any) -> Any:
-        raw = spec.check_key(key)
-        try:
-            result = await coro
-        except ZealError as exc:
-            await self._after_failure(spec, [key], exc)
-            raise
-        self._l1.invalidate(spec.name, [key])
-        await self._sync.announce(spec.name, "keys", [raw])
-        return result
+        return await self._write(spec, [key], lambda: self._l2.set(spec, key, row), [row])
 
     async def delete(self, spec: TableSpec, key: Key) -> bool:
         """Delete in L2 and L1; the others drop their copy."""
-        spec.check_key(key)
-        result: bool = await self._write(spec, key, self._l2.delete(spec, key))
-        return result
+        return await self._write(spec, [key], lambda: self._l2.delete(spec, key))
 
     async def incr(
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1
     ) -> int | float:
         """Atomic add in L2 (the truth); L1 copies are dropped everywhere."""
-        spec.check_key(key)
-        result: int | float = await self._write(spec, key, self._l2.incr(spec, key, column, by))
-        return result
+        return await self._write(spec, [key], lambda: self._l2.incr(spec, key, column, by))
 
     async def compare_and_set(
         self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
     ) -> bool:
         """Atomic compare-and-set in L2; on success L1 copies are dropped everywhere."""
-        raw = spec.check_key(key)
-        try:
-            done = await self._l2.compare_and_set(spec, key, column, expected, new)
-        except ZealError as exc:
-            await self._after_failure(spec, [key], exc)
-            raise
-        if done:
-            self._l1.invalidate(spec.name, [key])
-            await self._sync.announce(spec.name, "keys", [raw])
-        return done
+        return await self._write(
+            spec,
+            [key],
+            lambda: self._l2.compare_and_set(spec, key, column, expected, new),
+            conditional=True,
+        )
 
     async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
         """Write many rows to L2 (one round trip), update or drop them in L1, invalidate."""
-        raws = [spec.check_key(k) for k in rows]
-        t0 = time.monotonic()
-        try:
-            n = await self._l2.mset(spec, rows)
-        except ZealError as exc:
-            await self._after_failure(spec, list(rows), exc)
-            raise
-        for k, r in rows.items():
-            self._update_l1(spec, k, r, t0)
-        await self._sync.announce(spec.name, "keys", raws)
-        return n
+        return await self._write(
+            spec, list(rows), lambda: self._l2.mset(spec, rows), list(rows.values())
+        )
 
     async def clear(self, spec: TableSpec) -> int:
         """Remove every row from L2 and L1; every node drops its L1 copy of the table."""
