@@ -37,7 +37,7 @@ from zeal_asgi.errors import (
 from zeal_asgi.ratelimit.rates import RateLimit, parse_limits
 from zeal_asgi.shm.ext import incr_bounded
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.store import EvalCapable, Store, StoreBackend, StoreBackendKind
+from zeal_asgi.store import Capability, Store, StoreBackend, StoreBackendKind
 from zeal_asgi.store.facade import add_stats_section
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class _Binding:
 
 
 def _has_eval(backend: StoreBackend) -> bool:
-    return isinstance(backend, EvalCapable)
+    return Capability.EVAL in backend.capabilities
 
 
 class RateLimiter:
@@ -254,8 +254,8 @@ class RateLimiter:
         elif _has_eval(backend):
             from zeal_asgi._redis import scripts
 
-            self._lua = scripts.RATE_LIMIT.source.decode()
-            self._lua_reset = scripts.RATE_LIMIT_RESET.source.decode()
+            self._lua = scripts.RATE_LIMIT.source
+            self._lua_reset = scripts.RATE_LIMIT_RESET.source
             self._key_format = scripts.RATE_LIMIT_KEY
             longest = max(lim.per for lim in self.limits)
             keep = 2 * longest if self.algorithm == "sliding_window" else longest
