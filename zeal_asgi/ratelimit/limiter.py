@@ -38,6 +38,7 @@ from zeal_asgi.ratelimit.rates import RateLimit, parse_limits
 from zeal_asgi.shm.ext import incr_bounded
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Capability, Store, StoreBackend, StoreBackendKind
+from zeal_asgi.store.base import count
 from zeal_asgi.store.facade import add_stats_section
 
 if TYPE_CHECKING:
@@ -178,7 +179,7 @@ class RateLimiter:
         self._suffixes: list[tuple[int, str]] = [(-1, "")] * len(self.limits)
         self._window0: tuple[float, float, str] = (0.0, 0.0, "")
         self._counts = dict.fromkeys(EVENTS, 0)
-        self._host_keys = {e: f"ratelimit_{name}_{e}" for e in EVENTS}
+        self._host_keys = {e: f"ratelimit_{name}_{e}_total" for e in EVENTS}
         self._flush_handle: asyncio.TimerHandle | None = None
         self._logged: set[str] = set()
         self._reclaimed_at = 0.0
@@ -620,10 +621,9 @@ class RateLimiter:
         """Add this worker's counts since the last flush to the host-wide counters (done
         within a quarter second of each hit, and before every stats read)."""
         self._flush_handle = None
-        hs = host_stats()
         for event, n in self._counts.items():
             if n:
-                hs.incr(self._host_keys[event], n)
+                count("ratelimit", f"{self.name}_{event}", n)
                 self._counts[event] = 0
 
     def stats(self) -> dict[str, int]:
