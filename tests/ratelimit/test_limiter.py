@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -282,3 +283,21 @@ async def test_redis_cluster_keys_spread_over_the_shards(redis_cluster: Any) -> 
         assert len(owners) >= 2  # each key's hash on its own slot: spread over the shards
     finally:
         await store.aclose()
+
+
+def test_counts_reach_the_host_when_an_event_loop_ends_before_its_flush(
+    store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zeal_asgi.shm.hoststats import host_stats
+
+    clock = Clock(monkeypatch)
+    with asyncio.Runner() as runner:
+        store = runner.run(store_factory("table"))
+        lim = RateLimiter("5/hour", name=unique(), store=store)
+        key = f"ratelimit_{lim.name}_allowed_total"
+        for _ in range(3):  # each loop ends with its flush still pending
+            with asyncio.Runner() as other:
+                other.run(lim.hit("k"))
+            clock.now += 2  # the next hit sees that the pending flush never ran
+        assert host_stats().host().get(key, 0) == 3  # each later hit flushed all before it
+        assert lim.stats()["allowed"] == 3

@@ -181,6 +181,8 @@ class RateLimiter:
         self._counts = dict.fromkeys(EVENTS, 0)
         self._host_keys = {e: f"ratelimit_{name}_{e}_total" for e in EVENTS}
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_due = 0.0
+        """When the pending flush should have run; past it (by a second), its loop is gone."""
         self._logged: set[str] = set()
         self._reclaimed_at = 0.0
         self._lua: str | None = None
@@ -350,7 +352,7 @@ class RateLimiter:
                         result = _new(
                             RateLimitResult, (False, amount, left, reset, reset, lim, None)
                         )
-                    if self._flush_handle is None:
+                    if self._flush_handle is None or now > self._flush_due:
                         self._schedule_flush()
                     return result
             else:
@@ -359,7 +361,7 @@ class RateLimiter:
             result = await self._redis(b.store, key, cost, "h")
         if result.error is None:
             self._counts["allowed" if result.allowed else "limited"] += 1
-        if self._flush_handle is None:
+        if self._flush_handle is None or _time() > self._flush_due:
             self._schedule_flush()
         return result
 
@@ -606,16 +608,20 @@ class RateLimiter:
 
     def _count(self, event: str) -> None:
         self._counts[event] += 1
-        if self._flush_handle is None:
+        if self._flush_handle is None or _time() > self._flush_due:
             self._schedule_flush()
 
     def _schedule_flush(self) -> None:
+        if self._flush_handle is not None:  # its loop closed before it ran: flush here
+            self._flush_handle.cancel()
+            self.flush()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
             return
         self._flush_handle = loop.call_later(_FLUSH_EVERY, self.flush)
+        self._flush_due = _time() + _FLUSH_EVERY + 1.0
 
     def flush(self) -> None:
         """Add this worker's counts since the last flush to the host-wide counters (done
