@@ -14,8 +14,8 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 import zeal_asgi.health
-from tests.app.conftest import AppServer
-from tests.servers import Memcached, RedisServer
+from tests._harness.apps import AppServer
+from tests._harness.servers import Memcached, RedisServer
 from zeal_asgi import Store, Table, Zeal, ZealMiddleware
 from zeal_asgi.health import PROMETHEUS_CONTENT_TYPE, starlette_routes
 from zeal_asgi.shm import _shmtable
@@ -125,7 +125,7 @@ def test_host_counters_are_summed_over_real_workers(example_server: AppServer) -
     """Each worker records its own health checks; any worker reports the host's sum."""
 
     def checks() -> float:
-        status, text = example_server.get("/health/store/metrics")
+        status, text = example_server.fetch("/health/store/metrics")
         assert status == 200
         return parse_prometheus(text)["zeal_health_checks_total"]
 
@@ -133,7 +133,7 @@ def test_host_counters_are_summed_over_real_workers(example_server: AppServer) -
     pids = set()
     n = 40
     for _ in range(n):
-        status, body = example_server.get("/health/store")
+        status, body = example_server.fetch("/health/store")
         assert status == 200
         pids.add(body["pid"])
     after = checks()
