@@ -367,9 +367,7 @@ def test_app_server_waits_for_its_workers_and_stops_them_all(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("ZEAL_FROM_THE_TEST_PROCESS", "1")
-    server = AppServer(
-        ECHO_APP, server="uvicorn-workers", workers=2, env={"GIVEN": "yes"}, log_level="info"
-    )
+    server = AppServer(ECHO_APP, server="uvicorn-workers", workers=2, env={"GIVEN": "yes"})
     with server:
         master, workdir = server.pid, server.workdir
         assert len(server.worker_pids) == 2
@@ -384,6 +382,14 @@ def test_app_server_waits_for_its_workers_and_stops_them_all(
     assert not workdir.exists()
     assert server not in active_servers()
     assert server.log_text().count("Application startup complete") == 2  # kept after stop
+
+
+@pytest.mark.servers
+def test_app_server_without_a_pid_route_waits_for_every_workers_startup() -> None:
+    # /env names no worker: readiness counts the startups the log shows instead.
+    with AppServer(ECHO_APP, server="gunicorn", workers=2, ready="/env") as server:
+        assert server.log_since_launch().count("Application startup complete") == 2
+        assert server.worker_pids == set()
 
 
 @pytest.mark.servers

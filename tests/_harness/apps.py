@@ -2,21 +2,27 @@
 
 ``AppServer(app, server=..., workers=...)`` runs ``app`` under one of :data:`SERVER_MODELS` on a
 free 127.0.0.1 port, in its own session and temp dir (its working directory, holding its log),
-with the ``ZEAL_*`` variables of this process removed and ``env`` added. It is ready once
-``workers`` distinct workers of its own have answered ``ready`` (a JSON route that returns the
-worker's ``pid``). ``stop()`` sends SIGTERM to the master only (it stops its workers and unlinks
-the server's shared memory), SIGKILLs the group after a timeout and then kills any worker its
-master left behind. Handles register with the same safety nets as the backing servers.
+with the ``ZEAL_*`` variables of this process removed and ``env`` added. It is ready once each
+of its ``workers`` workers is: when the ``ready`` route names the worker that answers (a JSON
+``pid``), once that many workers of its own answered it; otherwise once the route answers and
+the log shows that many completed startups. ``stop()`` sends SIGTERM to the master only (it stops
+its workers and unlinks the server's shared memory), SIGKILLs the group after a timeout and then
+kills any worker its master left behind. Handles register with the same safety nets as the
+backing servers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -25,7 +31,7 @@ import httpx
 
 from tests._harness.servers import HOST, Server, start_all, stop_all
 
-__all__ = ["REPO", "SERVER_MODELS", "AppServer", "AppServers", "wait_gone"]
+__all__ = ["REPO", "SERVER_MODELS", "AppServer", "AppServers", "http_get", "wait_gone"]
 
 REPO = Path(__file__).resolve().parents[2]
 """The repository root: on the servers' ``PYTHONPATH``, so ``tests.*`` and ``bench.*`` import."""
@@ -35,20 +41,39 @@ SERVER_MODELS = ("uvicorn", "uvicorn-workers", "gunicorn", "gunicorn-preload", "
 ``-preload``: the app is imported before the fork) and ``zeal-asgi run --workers N``."""
 
 
-def _command(server: str, app: str, port: int, workers: int, log_level: str) -> list[str]:
+STARTED = "Application startup complete"
+"""What uvicorn logs (level info) once a worker's lifespan startup has run."""
+
+
+def _command(server: str, app: str, port: int, workers: int) -> list[str]:
+    # Level info, access logs off: a few lines per worker, among them STARTED.
     bind = ["--host", HOST, "--port", str(port)]
     if server in ("uvicorn", "uvicorn-workers"):
-        argv = [sys.executable, "-m", "uvicorn", app, *bind, "--log-level", log_level]
+        argv = [sys.executable, "-m", "uvicorn", app, *bind, "--log-level", "info"]
         return [*argv, "--no-access-log"] + (["--workers", str(workers)] if workers > 1 else [])
     if server in ("gunicorn", "gunicorn-preload"):
         argv = [sys.executable, "-m", "gunicorn", "-k", "uvicorn_worker.UvicornWorker"]
         argv += ["-w", str(workers), "-b", f"{HOST}:{port}", "--graceful-timeout", "5"]
-        argv += ["--log-level", log_level]
+        argv += ["--log-level", "info"]
         return [*argv, "--preload", app] if server == "gunicorn-preload" else [*argv, app]
     if server == "launcher":
         argv = [sys.executable, "-m", "zeal_asgi", "run", app, "--workers", str(workers)]
-        return [*argv, *bind, "--log-level", log_level]
+        return [*argv, *bind, "--log-level", "info"]
     raise ValueError(f"unknown server model {server!r}; one of {SERVER_MODELS}")
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, Any]:
+    """GET ``url`` on a new connection; (status, decoded JSON or text): any status is returned,
+    ``OSError`` when nothing answers."""
+    req = urllib.request.Request(url, headers={"Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, body, ctype = resp.status, resp.read(), resp.headers.get("content-type", "")
+    except urllib.error.HTTPError as exc:
+        status, body, ctype = exc.code, exc.read(), exc.headers.get("content-type", "")
+        exc.close()
+    text = body.decode("utf-8", "replace")
+    return status, json.loads(text) if "json" in ctype else text
 
 
 def _parent_of(pid: int) -> int | None:
@@ -61,8 +86,9 @@ def _parent_of(pid: int) -> int | None:
 
 class AppServer(Server):
     """``app`` (``module:attribute``) under the server program ``server``, with ``workers``
-    workers (``uvicorn`` has one), ready once that many answered ``ready`` and ``ready_when``
-    holds for their reply. ``worker_pids`` holds the workers seen during startup."""
+    workers (``uvicorn`` has one), ready (see the module docstring) once the ``ready`` route
+    answered and ``ready_when`` holds for the reply. ``worker_pids`` holds the workers that
+    answered ``ready`` during startup."""
 
     kind = "app"
     startup_timeout = 60.0
@@ -77,8 +103,7 @@ class AppServer(Server):
         workers: int = 2,
         env: dict[str, str] | None = None,
         ready: str = "/pid",
-        ready_when: Callable[[dict[str, Any]], bool] = lambda reply: True,
-        log_level: str = "warning",
+        ready_when: Callable[[Any], bool] = lambda reply: True,
     ) -> None:
         if server not in SERVER_MODELS:
             raise ValueError(f"unknown server model {server!r}; one of {SERVER_MODELS}")
@@ -89,7 +114,6 @@ class AppServer(Server):
         self.extra_env = dict(env or {})
         self.ready = ready
         self.ready_when = ready_when
-        self.log_level = log_level
         self.kind = f"app-{server}"
         self.worker_pids: set[int] = set()
         self._client: httpx.Client | None = None
@@ -115,23 +139,33 @@ class AppServer(Server):
 
     def _argv(self, port: int) -> list[str]:
         self.worker_pids = set()
-        return _command(self.server, self.app, port, self.workers, self.log_level)
+        return _command(self.server, self.app, port, self.workers)
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ZEAL_")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"
-        return env | self.extra_env
+        paths = [str(REPO), self.extra_env.get("PYTHONPATH"), env.get("PYTHONPATH")]
+        return (
+            env
+            | self.extra_env
+            | {
+                "PYTHONPATH": os.pathsep.join(filter(None, paths)),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
 
     def _ready(self, proc: subprocess.Popen[bytes]) -> bool:
         try:
-            reply = self.client.get(self.url + self.ready, timeout=2.0).json()
-        except (httpx.HTTPError, ValueError):
+            _, reply = http_get(self.url + self.ready, timeout=2.0)
+        except (OSError, http.client.HTTPException, ValueError):
+            return False
+        if not self.ready_when(reply):
             return False
         pid = reply.get("pid") if isinstance(reply, dict) else None
+        if not isinstance(pid, int):
+            return self.log_since_launch().count(STARTED) >= self.workers
         # Only workers of this process count: until it fails to bind, another server that
         # holds the port (say, from a parallel test run) could answer.
-        if isinstance(pid, int) and proc.pid in (pid, _parent_of(pid)) and self.ready_when(reply):
+        if proc.pid in (pid, _parent_of(pid)):
             self.worker_pids.add(pid)
         return len(self.worker_pids) >= self.workers
 
@@ -155,10 +189,7 @@ class AppServer(Server):
 
     def fetch(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
         """GET ``path``; (status, decoded JSON or text): any status is returned, not raised."""
-        r = self.client.get(
-            self.url + path, headers={"Accept": "application/json"}, timeout=timeout
-        )
-        return r.status_code, r.json() if "json" in r.headers.get("content-type", "") else r.text
+        return http_get(self.url + path, timeout)
 
     def get_from(
         self,

@@ -301,6 +301,15 @@ class Server:
         except OSError:
             return ""
 
+    def log_since_launch(self) -> str:
+        """What the process started last printed so far."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except (OSError, ServerError):
+            return ""
+
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines of the server log, for error messages."""
         return "\n".join(self.log_text().splitlines()[-lines:]) or "(no log)"
@@ -372,10 +381,7 @@ class Server:
         while True:
             if proc.poll() is not None:
                 self.process = None
-                with self.log_path.open("rb") as f:
-                    f.seek(self._log_offset)
-                    output = f.read().decode(errors="replace")
-                if _ADDR_IN_USE in output.lower():
+                if _ADDR_IN_USE in self.log_since_launch().lower():
                     return False
                 raise ServerError(
                     f"{command} exited with status {proc.returncode} during startup; "
