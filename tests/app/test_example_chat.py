@@ -20,7 +20,7 @@ from websockets.sync.client import ClientConnection, connect
 from example_app import main
 from example_app.rooms import MAX_DEPTH, MAX_FRAME, ROSTER, ROSTER_ROWS
 from tests._harness.apps import AppServer
-from tests._harness.servers import RedisServer, require_binary
+from tests._harness.servers import RedisServer
 from tests.app.conftest import example_app_server
 
 
@@ -141,17 +141,12 @@ def test_a_killed_workers_chat_clients_leave_the_roster() -> None:
 
 @pytest.mark.servers
 @pytest.mark.redis
-def test_a_backend_outage_answers_a_typed_503() -> None:
-    require_binary("redis-server")
-    with RedisServer() as redis:
-        env = {"ZEAL_STORE_BACKEND": "redis", "ZEAL_REDIS_URL": redis.url}
-        server = example_app_server(env).start()
-        try:
-            assert server.fetch("/demo/store/set-get")[0] == 200
-            redis.stop()
-            status, body = server.fetch("/demo/store/set-get", timeout=15)
-            assert status == 503, body
-            assert body["ok"] is False and body["backend"] == "redis"
-            assert body["error_type"] in ("BackendUnavailableError", "BackendTimeoutError")
-        finally:
-            server.stop()
+def test_a_backend_outage_answers_a_typed_503(fresh_redis: RedisServer) -> None:
+    env = {"ZEAL_STORE_BACKEND": "redis", "ZEAL_REDIS_URL": fresh_redis.url}
+    with example_app_server(env) as server:
+        assert server.fetch("/demo/store/set-get")[0] == 200
+        fresh_redis.stop()
+        status, body = server.fetch("/demo/store/set-get", timeout=15)
+        assert status == 503, body
+        assert body["ok"] is False and body["backend"] == "redis"
+        assert body["error_type"] in ("BackendUnavailableError", "BackendTimeoutError")

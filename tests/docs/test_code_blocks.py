@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from tests._harness.apps import AppServer, http_get
-from tests._harness.servers import HOST, RedisServer, free_port, require_binary
+from tests._harness.servers import HOST, free_port
 from tests.docs.blocks import Block, all_blocks
 
 BLOCKS = all_blocks()
@@ -45,14 +45,6 @@ def _env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     env.update(extra)
     return env
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    """A redis-server for the blocks that need one."""
-    require_binary("redis-server")
-    with RedisServer() as server:
-        yield server.url
 
 
 def _blocks(*kinds: str) -> list[Any]:
