@@ -22,12 +22,11 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from tests._harness.servers import HOST, Server, start_all, stop_all
 
@@ -116,16 +115,6 @@ class AppServer(Server):
         self.ready_when = ready_when
         self.kind = f"app-{server}"
         self.worker_pids: set[int] = set()
-        self._client: httpx.Client | None = None
-
-    @property
-    def client(self) -> httpx.Client:
-        """The HTTP client of the helpers below: a new connection per request, so that the
-        kernel hands requests to every worker."""
-        if self._client is None:
-            limits = httpx.Limits(max_keepalive_connections=0)
-            self._client = httpx.Client(timeout=10.0, limits=limits)
-        return self._client
 
     @property
     def url(self) -> str:
@@ -142,16 +131,11 @@ class AppServer(Server):
         return _command(self.server, self.app, port, self.workers)
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ZEAL_")}
-        paths = [str(REPO), self.extra_env.get("PYTHONPATH"), env.get("PYTHONPATH")]
-        return (
-            env
-            | self.extra_env
-            | {
-                "PYTHONPATH": os.pathsep.join(filter(None, paths)),
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ZEAL_")} | self.extra_env
+        paths = [str(REPO), self.extra_env.get("PYTHONPATH"), os.environ.get("PYTHONPATH")]
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
 
     def _ready(self, proc: subprocess.Popen[bytes]) -> bool:
         try:
@@ -181,10 +165,12 @@ class AppServer(Server):
             os.killpg(proc.pid, signal.SIGKILL)
 
     def get(self, path: str, *, expect: int = 200, **params: Any) -> dict[str, Any]:
-        """GET ``path`` on a new connection; its JSON reply, after checking the status."""
-        r = self.client.get(self.url + path, params=params)
-        assert r.status_code == expect, (path, r.status_code, r.text)
-        out: dict[str, Any] = r.json()
+        """GET ``path?params`` on a new connection (so that the kernel hands requests to every
+        worker); its JSON reply, after checking the status."""
+        query = f"?{urllib.parse.urlencode(params, doseq=True)}" if params else ""
+        status, reply = http_get(self.url + path + query, timeout=10.0)
+        assert status == expect, (path, status, reply)
+        out: dict[str, Any] = reply
         return out
 
     def fetch(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
@@ -216,14 +202,6 @@ class AppServer(Server):
             if len(out) >= self.workers:
                 return out
         raise AssertionError(f"{path}: only workers {sorted(out)} answered")
-
-    def stop(self, timeout: float | None = None) -> int | None:
-        """Graceful stop (see the module docstring); the master's exit status."""
-        status = super().stop(timeout)
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        return status
 
 
 class AppServers:
