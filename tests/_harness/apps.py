@@ -164,6 +164,14 @@ class AppServer(Server):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
 
+    def children(self) -> list[int]:
+        """Pids of the master's children: its workers as its supervisor keeps them now."""
+        try:
+            raw = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in raw.split()]
+
     def get(self, path: str, *, expect: int = 200, **params: Any) -> dict[str, Any]:
         """GET ``path?params`` on a new connection (so that the kernel hands requests to every
         worker); its JSON reply, after checking the status."""
