@@ -36,9 +36,9 @@ REPO = Path(__file__).resolve().parents[2]
 """The repository root: on the servers' ``PYTHONPATH``, so ``tests.*`` and ``bench.*`` import."""
 
 SERVER_MODELS = ("uvicorn", "uvicorn-workers", "gunicorn", "gunicorn-preload", "launcher")
-"""``uvicorn`` (one process), ``uvicorn --workers N``, gunicorn with uvicorn workers (forked;
-``-preload``: the app is imported before the fork) and ``zeal-asgi run --workers N``."""
-
+"""``uvicorn`` (one process), ``uvicorn --workers N`` (spawned workers), gunicorn with uvicorn
+workers (forked; ``gunicorn-preload``: the app is imported before the fork) and
+``zeal-asgi run --workers N``."""
 
 STARTED = "Application startup complete"
 """What uvicorn logs (level info) once a worker's lifespan startup has run."""
@@ -87,7 +87,7 @@ class AppServer(Server):
     """``app`` (``module:attribute``) under the server program ``server``, with ``workers``
     workers (``uvicorn`` has one), ready (see the module docstring) once the ``ready`` route
     answered and ``ready_when`` holds for the reply. ``worker_pids`` holds the workers that
-    answered ``ready`` during startup."""
+    answered ``ready`` during startup, ``children()`` the workers alive now."""
 
     kind = "app"
     startup_timeout = 60.0
