@@ -22,12 +22,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -36,6 +33,9 @@ from typing import Any
 # FastAPI reads the endpoints' annotations (strings here) in this module's namespace.
 from starlette.requests import Request
 from starlette.responses import Response
+
+from tests._harness.apps import AppServer
+from tests._harness.servers import stop_all
 
 from ._harness import (
     TIMES,
@@ -46,7 +46,6 @@ from ._harness import (
     SuiteReport,
     calibrate,
     fmt_ops,
-    free_port,
     log,
     machine_info,
     measure,
@@ -63,7 +62,6 @@ __all__ = ["NAME", "TITLE", "run"]
 NAME = "ratelimit"
 TITLE = "Rate limiting vs slowapi, fastapi-limiter and limits"
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("zeal-asgi", "slowapi", "limits", "fastapi-limiter", "pyrate-limiter", "fastapi")
 WORKERS = 2
 LIMIT = 500
@@ -288,55 +286,6 @@ class WrkConfig:
         return cls(duration=10, exact_duration=3, warmup=2, reps=3)
 
 
-class Server:
-    """``zeal-asgi run bench.ratelimit:app --workers 2`` on a free port, in its own session."""
-
-    def __init__(self, env: dict[str, str], workdir: str) -> None:
-        self.port = free_port()
-        self.log = Path(workdir) / f"server-{self.port}.log"
-        base = {k: v for k, v in os.environ.items() if not k.startswith("ZEAL_")}
-        base["PYTHONPATH"] = str(ROOT) + os.pathsep + base.get("PYTHONPATH", "")
-        argv = [sys.executable, "-m", "zeal_asgi", "run", "bench.ratelimit:app"]
-        argv += ["--workers", str(WORKERS), "--port", str(self.port), "--log-level", "warning"]
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=ROOT,
-                env={**base, **env},
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until the app answers."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(self.url + "/rl/unlimited", timeout=2),
-            ):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"server not ready: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        """SIGTERM (clean shutdown unlinks the shared memory), SIGKILL the group if stuck."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-
 def wrk(url: str, seconds: int, wc: WrkConfig, lua: Path) -> Run:
     """One wrk run."""
     busy = others_cpu_share()
@@ -358,7 +307,7 @@ def wrk(url: str, seconds: int, wc: WrkConfig, lua: Path) -> Run:
 
 
 @contextlib.contextmanager
-def _servers(redis_url: str, workdir: str) -> Iterator[dict[str, Server]]:
+def _servers(redis_url: str) -> Iterator[dict[str, AppServer]]:
     envs = {
         "table": {"BENCH_REDIS_URL": redis_url},
         "redis": {
@@ -368,14 +317,18 @@ def _servers(redis_url: str, workdir: str) -> Iterator[dict[str, Server]]:
             "ZEAL_REDIS_POOL_SIZE": "64",
         },
     }
-    started = {kind: Server(env, workdir) for kind, env in envs.items()}
+    started = {
+        kind: AppServer("bench.ratelimit:app", workers=WORKERS, env=env, ready="/rl/unlimited")
+        for kind, env in envs.items()
+    }
     try:
+        for s in started.values():
+            s.launch()
         for s in started.values():
             s.wait_ready()
         yield started
     finally:
-        for s in started.values():
-            s.stop()
+        stop_all(started.values())
 
 
 def _away_from_minute_end(margin: float) -> None:
@@ -614,13 +567,13 @@ def run(cfg: Config) -> SuiteReport:
     fast: dict[str, list[Run]] = {}
     exact: dict[str, list[Run]] = {}
     errors: dict[str, str] = {}
-    with shm_tempdir() as tmp, redis_server(tmp) as rs:
-        redis_url = f"redis://127.0.0.1:{rs.port}/0"
+    with shm_tempdir() as tmp, redis_server() as rs:
+        redis_url = rs.url
         lua = Path(tmp) / "report.lua"
         lua.write_text(_WRK_LUA)
         plain = redis.Redis.from_url(redis_url)
         try:
-            with _servers(redis_url, tmp) as servers:
+            with _servers(redis_url) as servers:
                 for rep in range(wc.reps):
                     # Every other rep runs the candidates in reverse, so a machine that gets
                     # busier or quieter during a rep does not always favour the same side of

@@ -22,7 +22,7 @@ from limits.strategies import (
     SlidingWindowCounterRateLimiter,
 )
 
-from tests.core.serverproc import ServerProc
+from tests._harness.apps import AppServers
 from tests.ratelimit.conftest import away_from_minute_end, unique
 from zeal_asgi.errors import ConfigError
 from zeal_asgi.ratelimit import LimitsStorage
@@ -152,27 +152,23 @@ def test_processes_share_zeal_counts_and_not_memory_ones(uri: str) -> None:
 
 @pytest.mark.servers
 @pytest.mark.parametrize("storage_uri", ["zeal://", "memory://"])
-def test_slowapi_under_two_workers(storage_uri: str) -> None:
-    server = ServerProc(
-        "uvicorn-workers",
-        app="tests.ratelimit.apps.slowapi_app:app",
+def test_slowapi_under_two_workers(storage_uri: str, app_servers: AppServers) -> None:
+    server = app_servers.start(
+        "tests.ratelimit.apps.slowapi_app:app",
+        server="uvicorn-workers",
         env={"RL_STORAGE": storage_uri},
     )
-    try:
-        server.wait_ready(workers=2)
-        away_from_minute_end()
+    away_from_minute_end()
 
-        def client(_: int) -> list[tuple[int, int]]:
-            limits = httpx.Limits(max_keepalive_connections=0)
-            with httpx.Client(base_url=server.url, timeout=10.0, limits=limits) as c:
-                return [
-                    (r.status_code, r.json()["pid"]) for r in (c.get("/limited") for _ in range(50))
-                ]
+    def client(_: int) -> list[tuple[int, int]]:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(base_url=server.url, timeout=10.0, limits=limits) as c:
+            return [
+                (r.status_code, r.json()["pid"]) for r in (c.get("/limited") for _ in range(50))
+            ]
 
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            answers = [a for batch in pool.map(client, range(8)) for a in batch]
-    finally:
-        server.close()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = [a for batch in pool.map(client, range(8)) for a in batch]
     seen = collections.Counter(pid for _, pid in answers)
     admitted = collections.Counter(pid for status, pid in answers if status == 200)
     assert len(seen) == 2

@@ -7,9 +7,10 @@ import asyncio
 import time
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.core.serverproc import ServerProc
+from tests._harness.apps import AppServers
 from tests.ratelimit.conftest import unique
 from zeal_asgi.ratelimit import RateLimiter
 from zeal_asgi.store import Store
@@ -58,7 +59,9 @@ async def test_policy_while_redis_is_down_then_recovery(
         await store.aclose()
 
 
-def test_a_server_answers_503_while_redis_is_down_and_recovers(fresh_redis: Any) -> None:
+def test_a_server_answers_503_while_redis_is_down_and_recovers(
+    fresh_redis: Any, app_servers: AppServers
+) -> None:
     env = {
         "ZEAL_STORE_BACKEND": "redis",
         "ZEAL_REDIS_URL": fresh_redis.url,
@@ -66,19 +69,16 @@ def test_a_server_answers_503_while_redis_is_down_and_recovers(fresh_redis: Any)
         "RL_ON_ERROR": "deny",
         "RL_LIMIT": "5/hour",
     }
-    server = ServerProc("uvicorn", app="tests.ratelimit.apps.limited_app:app", env=env)
-    try:
-        server.wait_ready()
-        assert server.client.get("/dep").status_code == 200
+    server = app_servers.start("tests.ratelimit.apps.limited_app:app", server="uvicorn", env=env)
+    with httpx.Client(base_url=server.url, timeout=ANSWER_WITHIN) as client:
+        assert client.get("/dep").status_code == 200
         fresh_redis.kill()
-        down = server.client.get("/dep")
+        down = client.get("/dep")
         assert down.status_code == 503 and down.headers["retry-after"] == "1"
         assert "unavailable" in down.json()["detail"]
         fresh_redis.start()
         deadline = time.monotonic() + ANSWER_WITHIN
-        while (code := server.client.get("/dep").status_code) == 503:
+        while (code := client.get("/dep").status_code) == 503:
             assert time.monotonic() < deadline, "still 503 after Redis came back"
             time.sleep(0.1)
         assert code == 200
-    finally:
-        server.close()

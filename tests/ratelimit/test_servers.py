@@ -8,13 +8,12 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.core.serverproc import ServerProc
+from tests._harness.apps import AppServer, AppServers
 from tests.ratelimit.conftest import away_from_minute_end, unique
 
 pytestmark = pytest.mark.servers
@@ -42,22 +41,13 @@ def hammer(urls: list[str], path: str) -> tuple[collections.Counter[int], set[in
     return collections.Counter(s for s, _ in answers), {p for _, p in answers if p is not None}
 
 
-@pytest.fixture
-def servers() -> Iterator[list[ServerProc]]:
-    started: list[ServerProc] = []
-    yield started
-    for s in started:
-        s.close()
+def start(app_servers: AppServers, kind: str, env: dict[str, str], workers: int) -> AppServer:
+    return app_servers.start(
+        "tests.ratelimit.apps.limited_app:app", server=kind, workers=workers, env=env
+    )
 
 
-def start(servers: list[ServerProc], kind: str, env: dict[str, str], workers: int) -> ServerProc:
-    s = ServerProc(kind, app="tests.ratelimit.apps.limited_app:app", env=env)
-    servers.append(s)
-    s.wait_ready(workers=workers)
-    return s
-
-
-def host_counter(server: ServerProc, name: str, want: int) -> int:
+def host_counter(server: AppServer, name: str, want: int) -> int:
     """The host-wide counter ``name`` of ``/health/store``, once it reaches ``want`` (each
     worker adds its counts within a quarter second) or after 5 s."""
     deadline = time.monotonic() + 5.0
@@ -80,10 +70,10 @@ def redis_env(redis_server: Any) -> dict[str, str]:
 @pytest.mark.parametrize("kind", ["launcher", "uvicorn-workers", "gunicorn"])
 @pytest.mark.parametrize("path", ["/dep", "/mw"])
 def test_two_workers_admit_exactly_the_limit(
-    servers: list[ServerProc], request: pytest.FixtureRequest, kind: str, backend: str, path: str
+    app_servers: AppServers, request: pytest.FixtureRequest, kind: str, backend: str, path: str
 ) -> None:
     env = redis_env(request.getfixturevalue("redis_server")) if backend == "redis" else {}
-    server = start(servers, kind, env, workers=2)
+    server = start(app_servers, kind, env, workers=2)
     away_from_minute_end()
     statuses, pids = hammer([server.url], path)
     assert statuses == {200: 100, 429: CLIENTS * PER_CLIENT - 100}
@@ -94,10 +84,10 @@ def test_two_workers_admit_exactly_the_limit(
 
 
 def test_two_nodes_on_one_redis_admit_exactly_the_limit(
-    servers: list[ServerProc], redis_server: Any
+    app_servers: AppServers, redis_server: Any
 ) -> None:
     env = redis_env(redis_server)
-    nodes = [start(servers, "uvicorn", env, workers=1) for _ in range(2)]
+    nodes = [start(app_servers, "uvicorn", env, workers=1) for _ in range(2)]
     away_from_minute_end()
     statuses, pids = hammer([n.url for n in nodes], "/dep")
     assert statuses == {200: 100, 429: CLIENTS * PER_CLIENT - 100}
