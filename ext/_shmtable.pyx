@@ -1136,7 +1136,7 @@ def incr_bounded(Table table, key, column, by, bound, floor=None, reset=None):
                 "non-finite value; the row is unchanged")
         if rc == ZT_EFULL:
             raise TableFullError(
-                f"table {table.name!r} is full: {table.t.capacity} rows (max_rows); delete rows "
+                f"table {table.name!r} is full: {table.capacity} rows (max_rows); delete rows "
                 "or make it larger")
         _raise_rc(rc, f"incr_bounded {key!r} in table {table.name!r}")
     if table.t.local_recoveries != table._seen_recoveries:
