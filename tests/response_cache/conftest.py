@@ -8,14 +8,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.cache.conftest import (  # noqa: F401 - fixtures shared with the cache tests
-    SECRET,
-    cache_dir,
-    cache_factory,
-    store_factory,
-)
+from tests.cache import conftest as cache_fixtures
 from zeal_asgi.cache import Cache
 from zeal_asgi.shm.hoststats import host_stats
+
+# The cache tests' fixtures: a Store per backend on real servers, Caches closed after use.
+SECRET = cache_fixtures.SECRET
+cache_dir = cache_fixtures.cache_dir
+cache_factory = cache_fixtures.cache_factory
+store_factory = cache_fixtures.store_factory
 
 
 def client(app: Any) -> httpx.AsyncClient:
