@@ -58,7 +58,7 @@ from ._harness import (
     wait_quiet,
 )
 
-__all__ = ["NAME", "TITLE", "HttpConfig", "Route", "RouteRun", "run"]
+__all__ = ["NAME", "TITLE", "WRK_LUA", "HttpConfig", "Route", "RouteRun", "Server", "run", "wrk"]
 
 NAME = "http"
 TITLE = "HTTP: the counter demo under 2 workers (wrk)"
@@ -71,7 +71,7 @@ TAIL = 0.5
 PLAIN_KEY = "bench:plain:requests"
 COUNTER_PATH = "/demo/counter/increment"
 
-_LUA = r"""
+WRK_LUA = r"""
 local ffi = require("ffi")
 ffi.cdef[[
 typedef struct { long tv_sec; long tv_nsec; } zeal_timespec;
@@ -234,16 +234,16 @@ class RouteRun:
 
 
 class Server:
-    """``zeal-asgi run bench.http:app --workers 2`` on a free port, in its own session."""
+    """``zeal-asgi run APP --workers 2`` on a free port, in its own session."""
 
-    def __init__(self, env: dict[str, str], workdir: str) -> None:
+    def __init__(self, env: dict[str, str], workdir: str, app: str = "bench.http:app") -> None:
         from ._harness import free_port
 
         self.port = free_port()
         self.log = Path(workdir) / f"server-{self.port}.log"
         base = {k: v for k, v in os.environ.items() if not k.startswith("ZEAL_")}
         base["PYTHONPATH"] = str(ROOT) + os.pathsep + base.get("PYTHONPATH", "")
-        argv = [sys.executable, "-m", "zeal_asgi", "run", "bench.http:app"]
+        argv = [sys.executable, "-m", "zeal_asgi", "run", app]
         argv += ["--workers", str(WORKERS), "--port", str(self.port), "--log-level", "warning"]
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
@@ -343,10 +343,18 @@ def _split(port: int) -> dict[int, int]:
 
 
 def wrk(
-    url: str, seconds: float, hc: HttpConfig, lua: Path, port: int
+    url: str,
+    seconds: float,
+    hc: HttpConfig,
+    lua: Path,
+    port: int,
+    headers: Sequence[str] = (),
 ) -> tuple[dict[str, Any], dict[int, int]]:
-    """One wrk run with the counting script; (wrk's summary, connection split)."""
+    """One wrk run with the counting script (``headers``: ``"Name: value"`` lines to send);
+    (wrk's summary, connection split)."""
     argv = ["wrk", f"-t{hc.threads}", f"-c{hc.connections}", f"-d{seconds:g}s", "--timeout", "5s"]
+    for h in headers:
+        argv += ["-H", h]
     argv += ["-s", str(lua), url, "--", f"{max(0.1, seconds - TAIL):g}"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(min(seconds / 2, 3.0))
@@ -583,7 +591,7 @@ def run(cfg: Config) -> SuiteReport:
     with shm_tempdir() as tmp, redis_server(tmp) as rs:
         redis_url = f"redis://127.0.0.1:{rs.port}/0"
         lua = Path(tmp) / "count.lua"
-        lua.write_text(_LUA)
+        lua.write_text(WRK_LUA)
         plain = redis.Redis.from_url(redis_url)
         try:
             with _servers(redis_url, tmp) as (servers, failed):

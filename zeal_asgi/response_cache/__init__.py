@@ -10,9 +10,9 @@
 
     await invalidate(tags=["item:42"])
 
-Responses are stored in the :class:`~zeal_asgi.cache.Cache` (memory tier on the Store's backend
-plus the file tier); invalidation goes through a token per path and tag in the Store (see
-:mod:`zeal_asgi.response_cache.tokens`).  FastAPI is imported only when a FastAPI route is served.
+Responses are stored in the `Cache` (memory tier on the Store's backend plus the file tier);
+invalidation goes through a token per path and tag in the Store (`zeal_asgi.response_cache.tokens`
+explains why that is safe).  FastAPI is imported only when a FastAPI route is served.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def cache_response(
     Args:
         ttl: seconds a response stays fresh (``Cache-Control: max-age`` counts down to 0).
         vary: request headers whose values are part of the key (and listed in ``Vary``).
-        tags: names for :func:`~zeal_asgi.response_cache.invalidate`; ``{param}`` fields are
+        tags: names for ``invalidate(tags=...)``; ``{param}`` fields are
             filled with the route's arguments (``"item:{item_id}"``).
         private: cache requests that carry ``Authorization`` too, one entry per credential,
             answered with ``Cache-Control: private``; without it such requests are not cached.

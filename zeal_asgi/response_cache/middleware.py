@@ -37,14 +37,18 @@ async def _no_receive() -> Message:  # pragma: no cover - RawResponse never read
 
 
 class ResponseCacheMiddleware:
-    """Cache the GET responses of ``app`` (see :func:`~zeal_asgi.response_cache.cache_response`
-    for the rules and the headers).
+    """Cache the GET responses of ``app`` (see ``cache_response`` for the rules and the headers).
 
     Args:
         app: the ASGI app to wrap.
-        ttl / vary / private / statuses / max_body_bytes / cache: as for ``cache_response``.
+        ttl: seconds a response stays fresh.
+        vary: request headers whose values are part of the key (and listed in ``Vary``).
         tags: fixed tags of every entry stored by this middleware (no ``{fields}``).
+        private: cache ``Authorization`` requests too, one entry per credential.
+        statuses: response statuses that are stored.
+        max_body_bytes: larger bodies are served, never stored.
         prefixes: only paths starting with one of these are cached (default: every path).
+        cache: the Cache to store in (default: ``Cache.default()``).
     """
 
     def __init__(

@@ -90,7 +90,10 @@ class Tokens:
     async def current(self, names: Sequence[str]) -> list[int] | None:
         """The token of each row key (made when missing); ``None`` if the table stayed full."""
         store = self.store()
-        rows = await store.mget(self.table, names)
+        if len(names) == 1:  # the usual case (a path, no tags): the Store's one-command path
+            rows = [await store.get_strict(self.table, names[0])]
+        else:
+            rows = await store.mget(self.table, names)
         out = [0 if row is None else int(row["v"]) for row in rows]
         for i, token in enumerate(out):
             if not token:
