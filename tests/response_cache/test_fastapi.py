@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -160,3 +162,10 @@ async def test_a_request_parameter_of_the_route_is_shared(cache: Cache) -> None:
     async with client(app) as c:
         assert (await c.get("/who")).json() == {"host": "test"}
         assert (await c.get("/who")).headers["age"] == "0"
+
+
+def test_fastapi_is_imported_only_when_a_fastapi_route_is_served() -> None:
+    code = "import sys, zeal_asgi.response_cache; print('fastapi' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -28,6 +28,7 @@ from zeal_asgi.response_cache.entry import (
     PASS,
     Captured,
     Entry,
+    Headers,
     RawResponse,
     answer_headers,
     decode,
@@ -36,7 +37,7 @@ from zeal_asgi.response_cache.entry import (
     vary_names,
 )
 from zeal_asgi.response_cache.policy import Policy, RequestParts
-from zeal_asgi.response_cache.tokens import path_name, tag_name, tokens_of
+from zeal_asgi.response_cache.tokens import Tokens, path_name, tag_name, tokens_of
 from zeal_asgi.shm.hoststats import host_stats
 
 __all__ = ["Engine", "Passthrough", "Plan", "Produce"]
@@ -131,6 +132,9 @@ class Engine:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self._static_tags = [tag_name(t) for t in policy.tags] if _static(policy.tags) else None
+        self._tokens: Tokens | None = None
+        # the headers of the last answer per key, valid for its entry and its age in seconds
+        self._answers: dict[str, tuple[Entry, int | None, bool, Headers]] = {}
 
     def cache(self) -> Cache:
         """The cache this policy stores in (the default one unless given)."""
@@ -163,8 +167,12 @@ class Engine:
             names += self._static_tags
         else:
             names += [tag_name(_format(t, fields)) for t in p.tags]
+        cache = self.cache()
+        t = self._tokens
+        if t is None or t.cache is not cache:
+            t = self._tokens = tokens_of(cache)
         try:
-            tokens = await tokens_of(self.cache()).current(names)
+            tokens = await t.current(names)
         except ZealError as exc:
             STATS.failed(exc, "reading the invalidation tokens")
             return None
@@ -172,8 +180,11 @@ class Engine:
             STATS.incr("bypass")
             return None
         h = hashlib.blake2b(digest_size=16)
-        h.update(path.encode("utf-8", "surrogateescape"))
-        h.update(b"\0" + b"&".join(sorted(scope.get("query_string", b"").split(b"&"))) + b"\0")
+        h.update(path.encode("utf-8", "surrogateescape") + b"\0")
+        query = scope.get("query_string")
+        if query:
+            h.update(b"&".join(sorted(query.split(b"&"))))
+        h.update(b"\0")
         if parts.varied:
             h.update(b"\0".join(sorted(parts.varied)))
         if p.private and parts.authorization is not None:
@@ -270,12 +281,20 @@ class Engine:
         p = self.policy
         inm = plan.parts.if_none_match
         background = getattr(original, "background", None)
-        if inm is not None and 200 <= entry.status < 300 and etag_matches(inm, entry.etag):
+        full = inm is None or not 200 <= entry.status < 300 or not etag_matches(inm, entry.etag)
+        kept = self._answers.get(plan.key)
+        if kept is not None and kept[0] is entry and kept[1] == age and kept[2] == full:
+            headers = kept[3]
+        else:
+            headers = answer_headers(entry, p.cache_control, p.vary_header, age, full=full)
+            if len(self._answers) >= _MEMO_ROWS:
+                self._answers.clear()
+            self._answers[plan.key] = (entry, age, full, headers)
+        # a copy: middleware outside may append to an answer's header list in place
+        if not full:
             STATS.incr("not_modified")
-            headers = answer_headers(entry, p.cache_control, p.vary_header, age, full=False)
-            return RawResponse(304, headers, b"", background)
-        headers = answer_headers(entry, p.cache_control, p.vary_header, age, full=True)
-        return RawResponse(entry.status, headers, entry.body, background)
+            return RawResponse(304, list(headers), b"", background)
+        return RawResponse(entry.status, list(headers), entry.body, background)
 
 
 def _static(tags: tuple[str, ...]) -> bool:

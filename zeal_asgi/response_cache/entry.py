@@ -32,6 +32,7 @@ __all__ = [
     "PASS",
     "Captured",
     "Entry",
+    "Headers",
     "RawResponse",
     "decode",
     "encode",

@@ -1,11 +1,11 @@
 """Invalidation tokens: the tag index of the response cache, one row per path and per tag.
 
 Every path and every tag in use has a random token in a small Store table beside the cache's
-own (``__<namespace>_response_tags``), and the cache key of a response is a hash of the request
-*and the current tokens of its path and tags*.  ``invalidate`` deletes token rows; the next
-request of any worker or node (they all read the same table) finds the row missing, makes a new
-random token and so looks under a new key: a miss.  The old entries are never read again and
-expire with their TTL.
+own (``__<namespace>_response_tags``; ``..._ttl`` off the table backend), and the cache key of a
+response is a hash of the request *and the current tokens of its path and tags*.  ``invalidate``
+deletes token rows; the next request of any worker or node (they all read the same table) finds
+the row missing, makes a new random token and so looks under a new key: a miss.  The old entries
+are never read again and expire with their TTL.
 
 Why this is safe whatever is lost: a missing token is never read as "not invalidated"; it is
 replaced by a fresh random one (compare-and-set from 0, so concurrent requests agree on one).
@@ -13,8 +13,8 @@ A token row that expires, is evicted, or is lost with a restarted server only co
 an entry can never come back after its tag was invalidated.  When the table is full it is
 cleared, which is a miss for every key (logged, and counted as ``token_resets``).
 
-One Store row per key, one ``mget`` per request (one round trip on Redis); nothing is kept per
-worker, so an invalidation is seen by the very next request everywhere.
+One Store row per path or tag, one read per request (one round trip on Redis); nothing is kept
+per worker, so an invalidation is seen by the very next request everywhere.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from zeal_asgi.errors import InvalidKeyError, KeyTypeError, TableFullError
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.store import Store
+from zeal_asgi.store import Store, StoreBackendKind
 
 if TYPE_CHECKING:
     from zeal_asgi.cache import Cache
@@ -38,7 +38,7 @@ __all__ = ["TOKEN_TTL", "Tokens", "check_names", "path_name", "tag_name", "token
 log = logging.getLogger("zeal_asgi.response_cache")
 
 TOKEN_TTL = 86400
-"""Seconds a token row lives after it was made: then one miss makes a new one."""
+"""Seconds a token row lives on Redis and memcached: then one miss makes a new one."""
 _KEY_BYTES = 64
 _INLINE = _KEY_BYTES - 1
 _MIN_ROWS = 4096
@@ -63,12 +63,17 @@ def tag_name(tag: str) -> str:
 
 
 class Tokens:
-    """The token table of one Cache, declared on whatever Store the cache follows."""
+    """The token table of one Cache, declared on whatever Store the cache follows.
+
+    On the table backend it is a tracked table (a shared-memory row read without a coroutine
+    in between) whose size is bounded by clearing it when full; elsewhere a TTL table whose rows
+    the server expires (``TOKEN_TTL``), since Redis has no row limit and memcached evicts anyway.
+    """
 
     def __init__(self, cache: Cache) -> None:
         self.cache = cache
-        self.table = f"__{cache.namespace}_response_tags"
         self.max_rows = max(_MIN_ROWS, 4 * cache.max_rows)
+        self.table = ""
         self._bound: tuple[Store, Any] | None = None
 
     def store(self) -> Store:
@@ -76,12 +81,15 @@ class Tokens:
         store = self.cache.store
         bound = self._bound
         if bound is None or bound[0] is not store or bound[1] is not store.backend:
+            local = store.kind is StoreBackendKind.TABLE
+            # one name per mode: a Store keeps a table's declaration across a backend switch
+            self.table = f"__{self.cache.namespace}_response_tags" + ("" if local else "_ttl")
             store.make(
                 self.table,
                 self.max_rows,
                 {"v": (Store.TYPE_INT, 8)},
-                mode="ttl",
-                ttl=TOKEN_TTL,
+                mode="tracked" if local else "ttl",
+                ttl=None if local else TOKEN_TTL,
                 key_size=_KEY_BYTES,
             )
             self._bound = (store, store.backend)
@@ -91,7 +99,10 @@ class Tokens:
         """The token of each row key (made when missing); ``None`` if the table stayed full."""
         store = self.store()
         if len(names) == 1:  # the usual case (a path, no tags): the Store's one-command path
-            rows = [await store.get_strict(self.table, names[0])]
+            row = await store.get_strict(self.table, names[0])
+            if row is not None and row["v"]:
+                return [row["v"]]
+            rows = [row]
         else:
             rows = await store.mget(self.table, names)
         out = [0 if row is None else int(row["v"]) for row in rows]
