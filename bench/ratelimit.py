@@ -96,9 +96,12 @@ def _build_app() -> Any:
     from slowapi import Limiter as SlowLimiter
     from slowapi.errors import RateLimitExceeded
     from slowapi.util import get_remote_address
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse as StarletteJSON
+    from starlette.routing import Route
 
     from zeal_asgi import Zeal
-    from zeal_asgi.ratelimit import RateLimiter, client_ip
+    from zeal_asgi.ratelimit import RateLimiter, RateLimitMiddleware, client_ip
 
     redis_url = os.environ["BENCH_REDIS_URL"]
     zeal = Zeal()
@@ -111,6 +114,8 @@ def _build_app() -> Any:
 
     zeal_fast = RateLimiter(f"{HUGE}/minute", name="bench_fast", zeal=zeal)
     zeal_exact = RateLimiter(f"{LIMIT}/minute", name="bench_exact", zeal=zeal)
+    zeal_mw_fast = RateLimiter(f"{HUGE}/minute", name="bench_mw_fast", zeal=zeal)
+    zeal_mw_exact = RateLimiter(f"{LIMIT}/minute", name="bench_mw_exact", zeal=zeal)
     slow_memory = SlowLimiter(key_func=get_remote_address, storage_uri="memory://")
     slow_redis = SlowLimiter(key_func=get_remote_address, storage_uri=redis_url)
     limits_storage = limits.storage.storage_from_string(
@@ -169,6 +174,16 @@ def _build_app() -> Any:
     @app.get("/rl/unlimited")
     async def unlimited() -> dict[str, bool]:
         return ok
+
+    # The middleware pair: one small Starlette app mounted twice, bare and behind the middleware
+    # (a RateLimitMiddleware limits every path of the app it wraps).
+    async def plain_ok(request: Request) -> StarletteJSON:
+        return StarletteJSON(ok)
+
+    inner = Starlette(routes=[Route("/", plain_ok)])
+    app.mount("/mw/unlimited", inner)
+    app.mount("/mw/fast/zeal", RateLimitMiddleware(inner, limiter=zeal_mw_fast, key=client_ip))
+    app.mount("/mw/exact/zeal", RateLimitMiddleware(inner, limiter=zeal_mw_exact, key=by_k))
 
     for kind, limiter, key in (("fast", zeal_fast, client_ip), ("exact", zeal_exact, by_k)):
         app.add_api_route(
@@ -230,6 +245,8 @@ class Candidate:
 CANDIDATES = (
     Candidate("unlimited", "the same route unlimited (ceiling)", "table", exact_route=False),
     Candidate("zeal", "zeal, table backend", "table"),
+    Candidate("mw-unlimited", "ASGI app mounted, unlimited (ceiling)", "table", exact_route=False),
+    Candidate("zeal-mw", "zeal RateLimitMiddleware on it, table backend", "table"),
     Candidate("zeal-redis", "zeal, redis backend", "redis"),
     Candidate("slowapi-memory", "slowapi, memory storage", "table"),
     Candidate("slowapi-redis", "slowapi, Redis storage", "table"),
@@ -241,6 +258,10 @@ CANDIDATES = (
 def _path(c: Candidate, kind: str) -> str:
     if c.id == "unlimited":
         return "/rl/unlimited"
+    if c.id == "mw-unlimited":
+        return "/mw/unlimited/"
+    if c.id == "zeal-mw":
+        return f"/mw/{kind}/zeal/"
     return f"/rl/{kind}/{'zeal' if c.id == 'zeal-redis' else c.id}"
 
 
@@ -451,25 +472,24 @@ def _targets(
     fast: dict[str, list[Run]], exact: dict[str, list[Run]], micro: Sequence[Result]
 ) -> list[Target]:
     out = []
-    pairs = [
-        (a.rps / b.rps, max(a.others_cpu, b.others_cpu) >= BUSY)
-        for a, b in zip(fast.get("zeal", []), fast.get("unlimited", []), strict=False)
-        if b.rps
-    ]
-    if pairs:
+    for limited, ceiling, what in (
+        ("zeal", "unlimited", "FastAPI dependency"),
+        ("zeal-mw", "mw-unlimited", "ASGI middleware"),
+    ):
+        pairs = [
+            (a.rps / b.rps, max(a.others_cpu, b.others_cpu) >= BUSY)
+            for a, b in zip(fast.get(limited, []), fast.get(ceiling, []), strict=False)
+            if b.rps
+        ]
+        label = f"table backend, {what}: limited route \u2265 90% of the same route unlimited"
+        if not pairs:
+            out.append(Target(label, "not measured", None))
+            continue
         quiet = [r for r, busy in pairs if not busy]
         med = statistics.median(quiet or [r for r, _ in pairs])
         per = " / ".join(f"{r:.0%}" + (" (busy)" if busy else "") for r, busy in pairs)
         which = "the undisturbed reps" if quiet else "all reps (the machine was busy in each)"
-        out.append(
-            Target(
-                "table backend: limited route \u2265 90% of the same route unlimited",
-                f"{med:.0%}, median of {which}: {per}",
-                med >= 0.9,
-            )
-        )
-    else:
-        out.append(Target("table backend: limited \u2265 90% of unlimited", "not measured", None))
+        out.append(Target(label, f"{med:.0%}, median of {which}: {per}", med >= 0.9))
     hit = next((r for r in micro if r.candidate_id == "zeal-hit" and r.ops_per_s), None)
     busy = ""
     if hit is not None and hit.background is not None and hit.background > BUSY:
@@ -481,7 +501,7 @@ def _targets(
             None if hit is None else (hit.ops_per_s or 0) >= 1_000_000,
         )
     )
-    for cid in ("zeal", "zeal-redis"):
+    for cid in ("zeal", "zeal-mw", "zeal-redis"):
         runs = exact.get(cid, [])
         admitted = [r.admitted for r in runs]
         out.append(
@@ -512,9 +532,10 @@ def _body(
     ts: Sequence[Target],
     wc: WrkConfig,
 ) -> str:
-    ceiling = (
-        statistics.median([r.rps for r in fast["unlimited"]]) if fast.get("unlimited") else None
-    )
+    def median_rps(cid: str) -> float | None:
+        return statistics.median(r.rps for r in fast[cid]) if fast.get(cid) else None
+
+    ceilings = {"app": median_rps("unlimited"), "mw": median_rps("mw-unlimited")}
     head = "| Candidate | req/s median | vs unlimited | p99 ms | admitted / limit (exactness) "
     head += "| others' CPU before each run |"
     rows = [head, "|---|---:|---:|---:|---|---|"]
@@ -524,6 +545,7 @@ def _body(
             rows.append(f"| {c.label} | {errors.get(c.id, 'not run')} | | | | |")
             continue
         rps = statistics.median(r.rps for r in rs)
+        ceiling = ceilings["mw" if "mw" in c.id else "app"]
         ratio = f"{rps / ceiling:.0%}" if ceiling else "\u2014"
         p99 = statistics.median(r.p99_ms for r in rs)
         ex = _exactness(exact.get(c.id, [])) if c.exact_route else "n/a"
