@@ -8,7 +8,8 @@ matched by both a channel and a pattern counts twice, and on a Cluster only the 
 the node that ran the PUBLISH are counted (delivery still reaches every node).
 
 Each worker runs one :class:`PubSub` (started and stopped by ``Zeal``): one connection (or one
-ring reader) for all its subscriptions, supervised: after a loss it resubscribes with full-jitter
+ring reader) for all its subscriptions, kept by the worker's supervised
+:class:`~zeal_asgi._redis.subscriber.Subscriber`: after a loss it resubscribes with full-jitter
 exponential backoff, a read-side liveness check (PING on an idle connection) catches a server
 that stopped answering without closing the socket, and ``max_attempts`` consecutive failures stop
 it loudly (state ``failed``, logged as an error, shown by ``Store.stats()``).  Messages published
@@ -28,37 +29,29 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from zeal_asgi._redis.subscriber import Subscriber
 from zeal_asgi.errors import ConfigError, UnsupportedOperationError
-from zeal_asgi.messaging.common import (
+from zeal_asgi.messaging.stats import RUNNERS, Counters, cancel_task, log_failure, messaging_stats
+from zeal_asgi.messaging.transports import (
+    BusTransport,
+    RedisTransport,
     Topic,
     Transport,
-    as_bytes,
-    is_pattern,
-    redis_backend_of,
-    validate_channel,
+    redis_link,
 )
-from zeal_asgi.messaging.stats import RUNNERS, Counters, cancel_task, log_failure, messaging_stats
+from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store.base import StoreBackendKind, backend_name
+from zeal_asgi.store.channels import as_bytes, is_pattern, validate_channel
 
 if TYPE_CHECKING:
     from zeal_asgi.store import Store
 
-__all__ = [
-    "Handler",
-    "PubSub",
-    "Subscription",
-    "Topic",
-    "is_pattern",
-    "messaging_stats",
-    "redis_backend_of",
-    "validate_channel",
-]
+__all__ = ["Handler", "PubSub", "Subscription", "Topic", "messaging_stats"]
 
 log = logging.getLogger("zeal_asgi.messaging.pubsub")
 
@@ -75,6 +68,14 @@ _COUNTERS = (
     "decode_errors",
     "overrun",
     "lost",
+)
+_OPTIONS = (
+    "max_attempts",
+    "backoff_base",
+    "backoff_cap",
+    "liveness_interval",
+    "liveness_timeout",
+    "ready_timeout",
 )
 
 
@@ -124,12 +125,12 @@ class PubSub:
         ready_timeout: float = 5.0,
     ) -> None:
         self._store = store
-        self.max_attempts = 0
-        self.backoff_base = 0.1
-        self.backoff_cap = 5.0
-        self.liveness_interval = 5.0
-        self.liveness_timeout = 2.0
-        self.ready_timeout = 5.0
+        self.max_attempts: int
+        self.backoff_base: float
+        self.backoff_cap: float
+        self.liveness_interval: float
+        self.liveness_timeout: float
+        self.ready_timeout: float
         self.configure(
             max_attempts=max_attempts,
             backoff_base=backoff_base,
@@ -141,27 +142,18 @@ class PubSub:
         self.subscriptions: list[Subscription] = []
         self._by_wire: dict[tuple[str, bool], list[Subscription]] = {}
         self.transport: Transport | None = None
-        self.state = "stopped"
-        """``stopped``, ``connecting``, ``subscribed``, ``backoff`` or ``failed``."""
-        self.error: BaseException | None = None
+        self.subscriber: Subscriber | None = None
+        """This worker's supervised subscriber, while started."""
         self.counters = Counters("pubsub", _COUNTERS)
-        self._runner: asyncio.Task[None] | None = None
         self._adding: set[asyncio.Task[None]] = set()
-        self._ready: asyncio.Event | None = None
         self._reconnect_callbacks: list[Callable[[], Any]] = []
+        self._last: tuple[str, BaseException | None] = ("stopped", None)
         RUNNERS.add(self)
 
     def configure(self, **options: float) -> None:
         """Change runner options (see the class docstring) before ``start()``."""
         for name, value in options.items():
-            if name not in (
-                "max_attempts",
-                "backoff_base",
-                "backoff_cap",
-                "liveness_interval",
-                "liveness_timeout",
-                "ready_timeout",
-            ):
+            if name not in _OPTIONS:
                 raise ConfigError(f"unknown pub/sub option {name!r}")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"pub/sub option {name} must be a number >= 0, got {value!r}")
@@ -179,6 +171,21 @@ class PubSub:
 
             return Store.default()
         return self._store
+
+    @property
+    def started(self) -> bool:
+        """True between ``start()`` and ``stop()`` in this worker."""
+        return self.subscriber is not None
+
+    @property
+    def state(self) -> str:
+        """``stopped``, ``connecting``, ``subscribed``, ``backoff`` or ``failed``."""
+        return self.subscriber.state if self.subscriber is not None else self._last[0]
+
+    @property
+    def error(self) -> BaseException | None:
+        """The last connection error of this worker's subscriber."""
+        return self.subscriber.error if self.subscriber is not None else self._last[1]
 
     # -- declaring subscriptions ---------------------------------------------------------------
 
@@ -208,8 +215,7 @@ class PubSub:
         def register(fn: Handler) -> Handler:
             if not callable(fn):
                 raise ConfigError(f"a pub/sub handler must be callable, got {fn!r}")
-            sub = Subscription(Topic(channel, bool(pattern)), fn, raw, queue_size, overflow)
-            self._add(sub)
+            self._add(Subscription(Topic(channel, bool(pattern)), fn, raw, queue_size, overflow))
             return fn
 
         if handler is None:
@@ -229,11 +235,11 @@ class PubSub:
 
     def _add(self, sub: Subscription) -> asyncio.Task[None] | None:
         self.subscriptions.append(sub)
-        if self._runner is None or self.transport is None:
+        if self.subscriber is None:
             return None
-        self._index(sub)
+        key = self._index(sub)
         self._start_consumer(sub)
-        task = asyncio.get_running_loop().create_task(self.transport.add(sub.topic))
+        task = asyncio.get_running_loop().create_task(self.subscriber.add(*key))
         self._adding.add(task)
         task.add_done_callback(self._adding.discard)
         task.add_done_callback(log_failure)
@@ -251,7 +257,8 @@ class PubSub:
                 subs.remove(sub)
             if not subs:
                 self._by_wire.pop(key, None)
-                await self.transport.remove(sub.topic)
+                if self.subscriber is not None:
+                    await self.subscriber.remove(*key)
         await cancel_task(sub.task)
         sub.task = None
 
@@ -264,65 +271,63 @@ class PubSub:
     async def publish(self, channel: str, payload: str | bytes) -> int:
         """Publish to a user channel through this worker's transport (like ``Store.publish``)."""
         validate_channel(channel)
-        return await self._transport_for_publish().publish(Topic(channel), as_bytes(payload))
+        return await self._transport().publish(Topic(channel), as_bytes(payload))
 
     async def publish_system(self, name: str, payload: bytes) -> int:
         """Publish on a package-internal topic; the number of receivers."""
-        return await self._transport_for_publish().publish(Topic(name, False, True), payload)
+        return await self._transport().publish(Topic(name, False, True), payload)
 
     def system_wire(self, name: str) -> str:
         """The wire name of the package-internal topic ``name`` (what a script publishes on)."""
-        return self._transport_for_publish().wire(Topic(name, False, True))
+        return self._transport().wire(Topic(name, False, True))
 
-    def _transport_for_publish(self) -> Transport:
+    def _transport(self) -> Transport:
         if self.transport is None:
-            self.transport = self._make_transport()
+            backend = self.store.backend
+            redis = redis_link(backend)
+            if redis is not None:
+                self.transport = RedisTransport(redis)
+            elif backend.kind is StoreBackendKind.TABLE:
+                self.transport = BusTransport(self.counters.incr)
+            else:
+                raise UnsupportedOperationError(
+                    f"pub/sub needs the redis or tiered backend, or the table backend (one "
+                    f"host); current: {backend_name(backend)}"
+                )
         return self.transport
 
     # -- lifecycle -----------------------------------------------------------------------------
-
-    def _make_transport(self) -> Transport:
-        backend = self.store.backend
-        redis = redis_backend_of(backend)
-        if redis is not None:
-            from zeal_asgi.messaging.redis_transport import RedisTransport
-
-            return RedisTransport(redis, self)
-        if backend.kind is StoreBackendKind.TABLE:
-            from zeal_asgi.messaging.bus_transport import BusTransport
-
-            return BusTransport(self.counters.incr)
-        raise UnsupportedOperationError(
-            f"pub/sub needs the redis or tiered backend, or the table backend (one host); "
-            f"current: {backend_name(backend)}"
-        )
 
     def prepare(self) -> None:
         """Allocate what must exist before workers fork: the host counters, and the host bus on
         the table backend (a segment first made in a worker may outlive the server)."""
         host_stats()
         if self.store.kind is StoreBackendKind.TABLE:
-            from zeal_asgi.shm.bus import host_bus
-
             host_bus()
 
     async def start(self) -> None:
         """Start the supervised subscriber in this worker (``Zeal`` calls it at startup)."""
-        if self._runner is not None:
+        if self.subscriber is not None:
             return
-        self.transport = self._make_transport()
-        self.error = None
+        self.transport = None
+        transport = self._transport()
         self._by_wire.clear()
         for sub in self.subscriptions:
             self._index(sub)
             self._start_consumer(sub)
-        self._ready = asyncio.Event()
-        self._runner = asyncio.get_running_loop().create_task(self._run(), name="zeal-pubsub")
-        if not self.subscriptions:
-            return
-        try:
-            await asyncio.wait_for(self._ready.wait(), self.ready_timeout)
-        except TimeoutError:
+        self.subscriber = Subscriber(
+            transport.link(self.liveness_interval, self.liveness_timeout),
+            self._deliver,
+            name="pub/sub",
+            family="pubsub",
+            topics=list(self._by_wire),
+            on_synced=self._synced,
+            max_attempts=int(self.max_attempts),
+            backoff_base=self.backoff_base,
+            backoff_cap=self.backoff_cap,
+        )
+        await self.subscriber.start()
+        if self.subscriptions and not await self.subscriber.wait_ready(self.ready_timeout):
             log.warning(
                 "zeal_asgi pub/sub: not subscribed after %.1f s (state %s); still trying",
                 self.ready_timeout,
@@ -331,35 +336,28 @@ class PubSub:
 
     async def wait_ready(self, within: float = 5.0) -> bool:
         """Wait until every subscription is live; False on timeout."""
-        if self._ready is None:
-            return False
-        try:
-            await asyncio.wait_for(self._ready.wait(), within)
-        except TimeoutError:
-            return False
-        return True
+        return self.subscriber is not None and await self.subscriber.wait_ready(within)
 
     async def stop(self) -> None:
         """Stop the subscriber and every handler task (cancelled and awaited)."""
-        runner, self._runner = self._runner, None
-        await cancel_task(runner)
+        subscriber, self.subscriber = self.subscriber, None
+        if subscriber is not None:
+            await subscriber.stop()
+            self._last = (subscriber.state, subscriber.error)
         for task in list(self._adding):
             await cancel_task(task)
         for sub in self.subscriptions:
             await cancel_task(sub.task)
             sub.task = None
             sub.queue = None
-        transport, self.transport = self.transport, None
-        if transport is not None:
-            await transport.close()
+        self.transport = None
         self._by_wire.clear()
-        if self.state != "failed":
-            self.state = "stopped"
 
-    def _index(self, sub: Subscription) -> None:
+    def _index(self, sub: Subscription) -> tuple[str, bool]:
         assert self.transport is not None
         key = (self.transport.wire(sub.topic), sub.topic.pattern)
         self._by_wire.setdefault(key, []).append(sub)
+        return key
 
     def _start_consumer(self, sub: Subscription) -> None:
         sub.queue = asyncio.Queue(maxsize=sub.queue_size)
@@ -367,53 +365,10 @@ class PubSub:
             self._consume(sub), name=f"zeal-pubsub:{sub.topic.name}"
         )
 
-    def _backoff(self, attempt: int) -> float:
-        return random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** min(attempt, 30)))
-
-    async def _run(self) -> None:
-        attempt = 0
-        connected_before = False
-        transport = self.transport
-        assert transport is not None and self._ready is not None
-        while True:
-            self.state = "connecting"
-            try:
-                await transport.open([s.topic for s in self.subscriptions])
-                if connected_before:
-                    self.counters.incr("reconnects")
-                    await self._fire_reconnect()
-                connected_before = True
-                attempt = 0
-                self.state = "subscribed"
-                self._ready.set()
-                await transport.listen(self._deliver)
-                raise ConnectionError("pub/sub connection closed")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._ready.clear()
-                attempt += 1
-                self.error = exc
-                if self.max_attempts and attempt >= self.max_attempts:
-                    self.state = "failed"
-                    host_stats().incr("pubsub_failed")
-                    log.error(
-                        "zeal_asgi pub/sub: giving up after %d failed attempts (max_attempts); "
-                        "this worker receives no more messages: %s",
-                        attempt,
-                        exc,
-                    )
-                    return
-                self.state = "backoff"
-                delay = self._backoff(attempt)
-                log.warning(
-                    "zeal_asgi pub/sub: connection lost (%s); resubscribing in %.2f s", exc, delay
-                )
-                await asyncio.sleep(delay)
-            finally:
-                await transport.close()
-
-    async def _fire_reconnect(self) -> None:
+    async def _synced(self) -> None:
+        if self.subscriber is None or self.subscriber.subscribes < 2:
+            return  # the first subscription is not a reconnection
+        self.counters.incr("reconnects")
         for cb in self._reconnect_callbacks:
             try:
                 res = cb()

@@ -28,15 +28,16 @@ import logging
 import os
 import secrets
 import socket
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from zeal_asgi.errors import ConfigError, InvalidKeyError, UnsupportedOperationError
-from zeal_asgi.messaging.common import redis_backend_of, validate_channel
+from zeal_asgi.messaging.stats import RUNNERS, Counters
+from zeal_asgi.messaging.transports import redis_link
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store.base import backend_name
+from zeal_asgi.store.channels import validate_channel
 
 if TYPE_CHECKING:
     from zeal_asgi.messaging.consumer import Consumer
@@ -148,9 +149,11 @@ class Streams:
         self.liveness_timeout = liveness_timeout
         self.subscriptions: list[ReliableSubscription] = []
         self._consumers: list[Consumer] = []
-        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self.counters = Counters("streams", _COUNTERS)
+        self.count = self.counters.incr
+        """Add to a counter of this worker and of the host (``streams_<name>``)."""
         self.state = "stopped"
-        _instances.add(self)
+        RUNNERS.add(self)
 
     @property
     def store(self) -> Store:
@@ -161,10 +164,10 @@ class Streams:
             return Store.default()
         return self._store
 
-    def count(self, name: str, by: int = 1) -> None:
-        """Add to a counter of this worker and of the host (``streams_<name>``)."""
-        self.counters[name] += by
-        host_stats().incr(f"streams_{name}", by)
+    @property
+    def started(self) -> bool:
+        """True between ``start()`` and ``stop()`` in this worker."""
+        return bool(self._consumers)
 
     def subscribe(
         self,
@@ -216,7 +219,7 @@ class Streams:
 
     def _redis(self) -> Any:
         backend = self.store.backend
-        redis = redis_backend_of(backend)
+        redis = redis_link(backend)
         if redis is None:
             raise UnsupportedOperationError(
                 f"reliable messaging needs Redis Streams (redis or tiered backend); current: "
@@ -248,10 +251,11 @@ class Streams:
 
     def stats(self) -> dict[str, Any]:
         """This worker's state and counters."""
-        return {"state": self.state, "subscriptions": len(self.subscriptions), **self.counters}
-
-
-_instances: weakref.WeakSet[Streams] = weakref.WeakSet()
+        return {
+            "state": self.state,
+            "subscriptions": len(self.subscriptions),
+            **self.counters.values,
+        }
 
 
 # -- idempotency helpers -------------------------------------------------------------------------

@@ -39,7 +39,8 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from zeal_asgi.errors import ConfigError, MessageRejectedError, UnsupportedOperationError
-from zeal_asgi.messaging.pubsub import PubSub, redis_backend_of
+from zeal_asgi.messaging.pubsub import PubSub
+from zeal_asgi.messaging.transports import redis_link
 from zeal_asgi.messaging.ws.conn import (
     CLIENT_ID_MAX,
     CONN_RE,
@@ -166,7 +167,7 @@ class WSRouter:
 
     def _make_registry(self, owner_capacity: int, room_capacity: int) -> Registry:
         backend = self.store.backend
-        redis = redis_backend_of(backend)
+        redis = redis_link(backend)
         if redis is not None:
             from zeal_asgi.messaging.ws.rooms import RedisRegistry
 

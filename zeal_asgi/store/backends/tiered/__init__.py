@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from zeal_asgi._redis.subscriber import InvalidationSubscriber
+from zeal_asgi._redis.subscriber import Subscriber
 from zeal_asgi.errors import ConfigError, UnknownTableError, ZealError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.schema import validate_key
@@ -147,7 +147,7 @@ class TieredBackend:
         return self._sync.channel
 
     @property
-    def subscriber(self) -> InvalidationSubscriber:
+    def subscriber(self) -> Subscriber:
         """This worker's invalidation subscriber."""
         return self._sync.subscriber
 

@@ -1,0 +1,179 @@
+"""How pub/sub reaches its messages: names on the wire, publishing, and the link subscribed.
+
+Two transports: :class:`RedisTransport` (every backend with a Redis link: redis, tiered, and
+either behind the circuit breaker) and :class:`BusTransport` (the table backend: the host bus in
+shared memory, one host, no Redis).  Either one's link is kept subscribed by the worker's
+:class:`~zeal_asgi._redis.subscriber.Subscriber`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from zeal_asgi._redis.subscriber import Deliver, Link, RedisLink
+from zeal_asgi.shm.bus import host_bus
+from zeal_asgi.shm.bus_reader import BusSubscriber
+
+__all__ = ["BusTransport", "RedisTransport", "Topic", "Transport", "glob_escape", "redis_link"]
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A channel or pattern; ``system`` topics live in a namespace user channels cannot reach."""
+
+    name: str
+    pattern: bool = False
+    system: bool = False
+
+
+class Transport(Protocol):
+    """Names and publishing of one backend's pub/sub, and the link its subscriber holds."""
+
+    kind: str
+
+    def wire(self, topic: Topic) -> str:
+        """The channel (or pattern) name on the wire."""
+        ...
+
+    def user_channel(self, wire: str, topic: Topic) -> str:
+        """The name a handler sees for a message on ``wire`` matched by ``topic``."""
+        ...
+
+    async def publish(self, topic: Topic, payload: bytes) -> int:
+        """Publish on ``topic``; the number of receivers."""
+        ...
+
+    def link(self, interval: float, timeout: float) -> Link:
+        """A new link for this worker's subscriber (liveness options for a network link)."""
+        ...
+
+
+def redis_link(backend: object) -> Any:
+    """The Redis-capable object serving ``backend``, or ``None``.
+
+    Asks the backend rather than checking its class, so wrappers (the circuit breaker, the
+    tiered backend) that delegate ``dedicated_client``/``channel_name`` are seen through.
+    """
+    seen: set[int] = set()
+    cur: object = backend
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if callable(getattr(cur, "dedicated_client", None)) and callable(
+            getattr(cur, "channel_name", None)
+        ):
+            return cur
+        nxt = None
+        for attr in ("redis", "l2", "primary", "inner", "wrapped", "backend"):
+            cand = getattr(cur, attr, None)
+            if cand is not None and cand is not cur and not callable(cand):
+                nxt = cand
+                break
+        cur = nxt
+    return None
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with Redis glob metacharacters escaped (for a literal prefix of a pattern)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class RedisTransport:
+    """User topics are ``channel_name(name)``, system topics ``key(name)`` of the backend."""
+
+    kind = "redis"
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self._bases = (redis.channel_name("x")[:-1], redis.key("x")[:-1])
+
+    def wire(self, topic: Topic) -> str:
+        """The prefixed name (a pattern's prefix is escaped: only the user's part globs)."""
+        base = self._bases[topic.system]
+        return (glob_escape(base) if topic.pattern else base) + topic.name
+
+    def user_channel(self, wire: str, topic: Topic) -> str:
+        """The channel without the backend's prefix."""
+        base = self._bases[topic.system]
+        return wire[len(base) :] if wire.startswith(base) else wire
+
+    async def publish(self, topic: Topic, payload: bytes) -> int:
+        """PUBLISH within the backend's slots (a burst waits for a connection instead of
+        opening one each); the number of receivers."""
+        if topic.system:
+            sent: int = await self.redis.publish_raw(self.wire(topic), payload)
+            return sent
+        n: int = await self.redis.publish(topic.name, payload)
+        return n
+
+    def link(self, interval: float, timeout: float) -> Link:
+        """A dedicated SUBSCRIBE connection, with its private control channel."""
+        ctl = self.redis.key("pubsub", "ctl", f"{os.getpid()}.{secrets.token_hex(4)}")
+        return RedisLink(self.redis.dedicated_client, ctl=ctl, interval=interval, timeout=timeout)
+
+
+class BusTransport:
+    """The host bus: user topics ``u:<channel>``, system topics ``s:<name>``; its own link
+    (shared memory has no outage, so there is no liveness to watch)."""
+
+    kind = "host_bus"
+
+    def __init__(self, count: Callable[[str, int], None]) -> None:
+        self.bus = host_bus()
+        self.sub: BusSubscriber | None = None
+        self._count = count
+
+    def wire(self, topic: Topic) -> str:
+        """``u:<channel>`` for user topics, ``s:<name>`` for system topics."""
+        return ("s:" if topic.system else "u:") + topic.name
+
+    def user_channel(self, wire: str, topic: Topic) -> str:
+        """Strip the namespace."""
+        return wire[2:]
+
+    async def publish(self, topic: Topic, payload: bytes) -> int:
+        """Append to the ring; the number of subscribed workers on this host."""
+        return self.bus.publish(self.wire(topic), payload)
+
+    def link(self, interval: float, timeout: float) -> Link:
+        """This transport itself."""
+        return self
+
+    async def open(self, topics: Collection[tuple[str, bool]]) -> None:
+        """Register this worker and its topics in the shared registry."""
+        sub = BusSubscriber(self.bus, self._count)
+        try:
+            for wire, pattern in topics:
+                sub.add(wire, pattern)
+        except BaseException:
+            sub.close()
+            raise
+        self.sub = sub
+
+    async def listen(self, deliver: Deliver) -> None:
+        """Read the ring until cancelled (the ring reader yields between batches itself)."""
+        assert self.sub is not None
+
+        def sink(wire: str, pattern: str | None, data: bytes) -> None:
+            deliver(wire, pattern, data)
+
+        await self.sub.run(sink)
+
+    async def add(self, wire: str, pattern: bool) -> None:
+        """Subscribe one more topic."""
+        if self.sub is not None:
+            self.sub.add(wire, pattern)
+
+    async def remove(self, wire: str, pattern: bool) -> None:
+        """Unsubscribe a topic."""
+        if self.sub is not None:
+            self.sub.remove(wire, pattern)
+
+    async def close(self) -> None:
+        """Unregister this worker."""
+        sub, self.sub = self.sub, None
+        if sub is not None:
+            sub.close()
