@@ -18,6 +18,9 @@ import websockets
 
 from tests.messaging.conftest import AppServer, app_servers
 from tests.servers import RedisServer
+from zeal_asgi.messaging.pubsub import PubSub
+from zeal_asgi.store import Store
+from zeal_asgi.streams import Streams
 
 pytestmark = pytest.mark.servers
 
@@ -159,3 +162,28 @@ async def test_an_app_with_a_ws_router_boots_degraded_with_redis_down(
             assert await _quiet(ws, 1.0) == ["back"]
         finally:
             await ws.close()
+
+
+async def test_a_subscriber_that_gave_up_says_failed(fresh_redis: RedisServer) -> None:
+    """Issue 12 item 14: pub/sub and Streams subscribers with ``max_attempts`` give up for good
+    when Redis stays away: ``Store.stats()`` (and so ``/health/store``) must say ``failed``."""
+    store = Store("redis", {"url": fresh_redis.url, "socket_timeout": 0.5})
+    await store.start()
+    pubsub = PubSub(store, max_attempts=2, backoff_base=0.01, backoff_cap=0.05, ready_timeout=1)
+    pubsub.subscribe("news", lambda payload, channel: None)
+    streams = Streams(store, max_attempts=2, backoff_base=0.01, backoff_cap=0.05)
+    streams.subscribe("jobs", lambda payload, entry: True, block_ms=100, reclaim_interval=0.1)
+    await pubsub.start()
+    await streams.start()
+    try:
+        assert store.stats()["pubsub"]["state"] == "subscribed"
+        assert store.stats()["streams"]["state"] == "running"
+        fresh_redis.kill()
+        deadline = time.monotonic() + 20
+        while {store.stats()[f]["state"] for f in ("pubsub", "streams")} != {"failed"}:
+            assert time.monotonic() < deadline, store.stats()
+            await asyncio.sleep(0.05)
+    finally:
+        await streams.stop()
+        await pubsub.stop()
+        await store.aclose()
