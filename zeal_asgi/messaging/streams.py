@@ -278,35 +278,11 @@ redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 return 1
 """
 
-_ALLOWED = frozenset(
-    {
-        "SET",
-        "INCR",
-        "INCRBY",
-        "INCRBYFLOAT",
-        "DECR",
-        "DECRBY",
-        "HSET",
-        "HINCRBY",
-        "HINCRBYFLOAT",
-        "HDEL",
-        "SADD",
-        "SREM",
-        "ZADD",
-        "ZINCRBY",
-        "ZREM",
-        "RPUSH",
-        "LPUSH",
-        "DEL",
-        "UNLINK",
-        "EXPIRE",
-        "PEXPIRE",
-        "XADD",
-        "APPEND",
-        "SETBIT",
-        "PFADD",
-    }
+_WRITES = (
+    "SET INCR INCRBY INCRBYFLOAT DECR DECRBY HSET HINCRBY HINCRBYFLOAT HDEL SADD SREM ZADD "
+    "ZINCRBY ZREM RPUSH LPUSH DEL UNLINK EXPIRE PEXPIRE XADD APPEND SETBIT PFADD"
 )
+_ALLOWED = frozenset(_WRITES.split())
 
 
 def _ttl_ms(ttl: float) -> int:
