@@ -104,6 +104,8 @@ class RedisLink:
         self._ps: Any = None
         self._early: list[tuple[str, str | None, bytes]] = []
         self._opened: asyncio.Event | None = None
+        self._last = 0.0  # loop time of the last reply
+        self._failure: BaseException | None = None
 
     async def open(self, topics: Collection[Topic]) -> None:
         """Connect, subscribe everything, and wait for every confirmation."""
@@ -157,13 +159,15 @@ class RedisLink:
         conn = ps.connection
         task = asyncio.current_task()
         assert task is not None
-        watch = _PingWatch(task, conn, self.interval, self.timeout)
+        loop = asyncio.get_running_loop()
+        self._last, self._failure = loop.time(), None
+        watch = loop.create_task(self._watch(conn, task))
         read = conn.read_response
         try:
             while True:
-                # No timer per message: _PingWatch bounds the silence, one timer per interval.
+                # No timer per message: the watch bounds the silence, one timer per interval.
                 reply = await read(timeout=math.inf, disconnect_on_error=False, push_request=True)
-                watch.last = watch.loop.time()
+                self._last = loop.time()
                 if type(reply) is not list or len(reply) < 3:
                     continue  # a pong, or a (un)subscribe confirmation
                 kind = reply[0]
@@ -178,13 +182,37 @@ class RedisLink:
                     # drain their queues before the rest of a burst overflows them.
                     await asyncio.sleep(0)
         except asyncio.CancelledError:
-            if watch.failure is not None and task.uncancel() == 0:
-                raise watch.failure from None
+            if self._failure is not None and task.uncancel() == 0:
+                raise self._failure from None
             raise
         except Exception as exc:
             raise translate(exc, "pub/sub listen") from exc
         finally:
-            await watch.stop()
+            # Cancelled before it could cancel us: from here on, a failure is not reported.
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+
+    async def _watch(self, conn: Any, listener: asyncio.Task[Any]) -> None:
+        """PING a connection idle for ``interval``; no reply (nor anything) within ``timeout``
+        fails the ``listener``: it is cancelled, and raises :attr:`_failure` instead."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await asyncio.sleep(self._last + self.interval - loop.time())
+                if loop.time() - self._last < self.interval:
+                    continue  # traffic meanwhile: alive
+                pinged = loop.time()
+                await conn.send_command("PING", check_health=False)
+                await asyncio.sleep(self.timeout)
+                if self._last < pinged:
+                    raise BackendTimeoutError(
+                        f"pub/sub: no answer to PING within {self.timeout} s "
+                        "(server stopped or connection half-open)"
+                    )
+        except Exception as exc:
+            self._failure = translate(exc, "pub/sub liveness PING")
+            listener.cancel()
 
     async def _settled(self) -> Any:
         """The subscribed connection once an open() in progress is over (None if it failed).
@@ -226,73 +254,6 @@ class RedisLink:
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.aclose()
-
-
-class _PingWatch:
-    """Read-side liveness of a subscribed connection, with one timer per idle interval.
-
-    The listener stamps :attr:`last` on every reply.  When nothing arrived for ``interval``
-    seconds a PING is written; when nothing (not even the pong) arrived ``timeout`` seconds
-    after it, :attr:`failure` is set and the listening ``task`` cancelled, which turns the
-    cancellation into that error.  A PING that cannot be written fails the same way.
-    """
-
-    def __init__(self, task: asyncio.Task[Any], conn: Any, interval: float, timeout: float) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.last = self.loop.time()
-        self.failure: BaseException | None = None
-        self._task = task
-        self._conn = conn
-        self._interval = interval
-        self._timeout = timeout
-        self._pinged_at = 0.0
-        self._ping: asyncio.Task[None] | None = None
-        self._stopped = False
-        self._handle = self.loop.call_at(self.last + interval, self._check)
-
-    def _check(self) -> None:
-        now = self.loop.time()
-        if self._pinged_at and self.last < self._pinged_at:
-            if now - self._pinged_at >= self._timeout:
-                self._fail(
-                    BackendTimeoutError(
-                        f"pub/sub: no answer to PING within {self._timeout} s "
-                        "(server stopped or connection half-open)"
-                    )
-                )
-            else:
-                self._handle = self.loop.call_at(self._pinged_at + self._timeout, self._check)
-            return
-        self._pinged_at = 0.0  # answered (or other traffic): alive
-        if now - self.last < self._interval:
-            self._handle = self.loop.call_at(self.last + self._interval, self._check)
-            return
-        self._pinged_at = now
-        self._ping = self.loop.create_task(self._send_ping())
-        self._handle = self.loop.call_at(now + self._timeout, self._check)
-
-    async def _send_ping(self) -> None:
-        try:
-            await self._conn.send_command("PING", check_health=False)
-        except Exception as exc:
-            self._fail(translate(exc, "pub/sub liveness PING"))
-
-    def _fail(self, error: BaseException) -> None:
-        # Only while the listener waits for a reply: once stop() began, a cancel could land
-        # outside the listener's handler and kill the supervisor instead.
-        if self.failure is None and not self._stopped:
-            self.failure = error
-            self._task.cancel()
-
-    async def stop(self) -> None:
-        """Cancel the timer and any PING still being written."""
-        self._stopped = True
-        self._handle.cancel()
-        ping, self._ping = self._ping, None
-        if ping is not None and not ping.done():
-            ping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ping
 
 
 class Subscriber:
