@@ -12,7 +12,7 @@ import os
 import secrets
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from zeal_asgi._redis.subscriber import Deliver, Link, RedisLink
 from zeal_asgi.shm.bus import host_bus
@@ -28,28 +28,6 @@ class Topic:
     name: str
     pattern: bool = False
     system: bool = False
-
-
-class Transport(Protocol):
-    """Names and publishing of one backend's pub/sub, and the link its subscriber holds."""
-
-    kind: str
-
-    def wire(self, topic: Topic) -> str:
-        """The channel (or pattern) name on the wire."""
-        ...
-
-    def user_channel(self, wire: str, topic: Topic) -> str:
-        """The name a handler sees for a message on ``wire`` matched by ``topic``."""
-        ...
-
-    async def publish(self, topic: Topic, payload: bytes) -> int:
-        """Publish on ``topic``; the number of receivers."""
-        ...
-
-    def link(self, interval: float, timeout: float) -> Link:
-        """A new link for this worker's subscriber (liveness options for a network link)."""
-        ...
 
 
 def redis_link(backend: object) -> Any:
@@ -177,3 +155,7 @@ class BusTransport:
         sub, self.sub = self.sub, None
         if sub is not None:
             sub.close()
+
+
+Transport = RedisTransport | BusTransport
+"""Names and publishing of one backend's pub/sub, and the link its subscriber holds."""
