@@ -144,7 +144,7 @@ class WSRouter:
         self._registry: Registry | None = None
         self._liveness: Liveness | None = None
         self._local: dict[str, Conn] = {}
-        self._rooms: dict[str, dict[str, str]] = {}  # room -> {client_id: conn_id}, local
+        self._rooms: dict[str, set[Conn]] = {}  # room -> this worker's sockets in it
         self._presence: list[Callable[..., Any]] = []
         self._sub: Any = None
         self._bg: set[asyncio.Task[Any]] = set()
@@ -253,7 +253,7 @@ class WSRouter:
         old = self._local.pop(client_id, None)
         if old is not None:
             self._spawn(cancel_task(old.sender))
-            self._forget_rooms(client_id)
+            self._forget(old)
         conn = Conn(client_id, websocket, self.queue_size, self._send_loop)
         self._local[client_id] = conn
         conn.registered = self._spawn(self.registry.set_owner(client_id, conn.conn_id, self.worker))
@@ -275,15 +275,16 @@ class WSRouter:
         conn = self._local.get(client_id)
         if conn is not None and conn.conn_id == conn_id:
             del self._local[client_id]
+            rooms = list(conn.rooms)
+            self._forget(conn)  # no room message reaches it from here on
             await finish(conn.registered)
             await cancel_task(conn.sender)
-            for room in list(conn.rooms):
+            for room in rooms:
                 try:
                     await self.registry.leave(room, client_id, self.worker)
                     await self._presence_event("leave", room, client_id)
                 except Exception:
                     log.exception("zeal_asgi ws: leaving %r for %r failed", room, client_id)
-            self._forget_rooms(client_id)
         if not isinstance(conn_id, str) or not CONN_RE.match(conn_id):
             return False
         removed = await self.registry.release_owner(client_id, conn_id)
@@ -307,11 +308,14 @@ class WSRouter:
                 await self.registry.join(room, client_id, self.worker, only_if_absent=True)
         return n
 
-    def _forget_rooms(self, client_id: str) -> None:
-        for room, members in list(self._rooms.items()):
-            members.pop(client_id, None)
+    def _forget(self, conn: Conn, rooms: Iterable[str] | None = None) -> None:
+        """Take ``conn`` out of this worker's index of ``rooms`` (default: all of its rooms)."""
+        for room in list(conn.rooms if rooms is None else rooms):
+            conn.rooms.discard(room)
+            members = self._rooms.get(room, set())
+            members.discard(conn)
             if not members:
-                del self._rooms[room]
+                self._rooms.pop(room, None)
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -362,7 +366,7 @@ class WSRouter:
             return False
         await finish(conn.registered)
         await self.registry.join(room, client_id, self.worker)
-        self._rooms.setdefault(room, {})[client_id] = conn.conn_id
+        self._rooms.setdefault(room, set()).add(conn)
         conn.rooms.add(room)
         count("joins")
         await self._presence_event("join", room, client_id)
@@ -372,13 +376,9 @@ class WSRouter:
         """Remove ``client_id`` from ``room``; ``True`` if it was a member."""
         check_room(room)
         check_client_id(client_id)
-        members = self._rooms.get(room, {})
-        members.pop(client_id, None)
-        if not members:
-            self._rooms.pop(room, None)
         conn = self._local.get(client_id)
         if conn is not None:
-            conn.rooms.discard(room)
+            self._forget(conn, [room])
         removed = await self.registry.leave(room, client_id)
         if removed:
             count("leaves")
@@ -454,10 +454,8 @@ class WSRouter:
                 return
             self._push(conn, doc)
         elif kind == "r":
-            for client_id, conn_id in list(self._rooms.get(str(doc.get("r", "")), {}).items()):
-                conn = self._local.get(client_id)
-                if conn is not None and conn.conn_id == conn_id:
-                    self._push(conn, doc)
+            for conn in list(self._rooms.get(str(doc.get("r", "")), ())):
+                self._push(conn, doc)
         elif kind == "p":
             for handler in self._presence:
                 try:
