@@ -19,6 +19,7 @@ import websockets
 from tests.messaging.conftest import AppServer, app_servers
 from tests.servers import RedisServer
 from zeal_asgi.messaging.pubsub import PubSub
+from zeal_asgi.shm.bus import close_host_bus
 from zeal_asgi.store import Store
 from zeal_asgi.streams import Streams
 
@@ -187,3 +188,48 @@ async def test_a_subscriber_that_gave_up_says_failed(fresh_redis: RedisServer) -
         await streams.stop()
         await pubsub.stop()
         await store.aclose()
+
+
+@pytest.mark.parametrize("kind", ["table", "redis", "tiered", "cluster"])
+async def test_publish_counts_each_worker_reached_once(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Issue 12 item 12: a worker subscribed to a channel and to a matching pattern is one
+    receiver on every backend (Redis said 2), and a Cluster counts the workers of every node
+    (it said 0)."""
+    if kind == "table":
+        store = Store("table")
+    elif kind == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        nodes = [f"{h}:{p}" for h, p in cluster.nodes]
+        store = Store("redis", {"cluster": nodes, "prefix": f"c{time.monotonic_ns()}"})
+    else:
+        store = Store(kind, {"url": request.getfixturevalue("redis_url")})
+    await store.start()
+    got: list[tuple[str, str]] = []
+    workers = [PubSub(store) for _ in range(3)]  # each with its own subscriber, as a worker
+    for ps in workers[:2]:
+        ps.subscribe("news", lambda p, c: got.append(("news", p)))
+        ps.subscribe("ne*", lambda p, c: got.append(("ne*", p)))
+        ps.subscribe("n?ws", lambda p, c: got.append(("n?ws", p)))
+    workers[2].subscribe("other", lambda p, c: got.append(("other", p)))
+    try:
+        for ps in workers:
+            await ps.start()
+        assert await store.publish("news", "a") == 2
+        assert await store.publish("nexus", "b") == 2
+        assert await store.publish("other", "c") == 1
+        assert await store.publish("nobody", "d") == 0
+        want = sorted([(t, "a") for t in ("news", "ne*", "n?ws")] * 2 + [("ne*", "b")] * 2)
+        deadline = time.monotonic() + 5
+        while sorted(got) != sorted([*want, ("other", "c")]):
+            assert time.monotonic() < deadline, sorted(got)
+            await asyncio.sleep(0.02)
+        await workers[1].stop()  # a worker that stops is no receiver any more
+        assert await store.publish("news", "e") == 1
+    finally:
+        for ps in workers:
+            await ps.stop()
+        await store.aclose()
+        if kind == "table":
+            close_host_bus()

@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import math
 import random
+import re
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Protocol
 
 from zeal_asgi._redis.errors import translate
 from zeal_asgi.errors import BackendTimeoutError, BackendUnavailableError
+from zeal_asgi.shm.bus import glob_to_regex
 from zeal_asgi.shm.hoststats import host_stats
 
-__all__ = ["Deliver", "Link", "RedisLink", "Subscriber"]
+__all__ = ["Deliver", "Link", "RedisLink", "Subscriber", "receivers"]
 
 log = logging.getLogger("zeal_asgi.subscriber")
 
@@ -70,6 +73,27 @@ class Link(Protocol):
     async def close(self) -> None:
         """Close the connection; idempotent."""
         ...
+
+
+@functools.lru_cache(maxsize=1024)
+def _regex(glob: bytes) -> re.Pattern[str]:
+    return glob_to_regex(glob.decode("utf-8", "surrogateescape"))
+
+
+def receivers(channel: str | bytes, reply: Sequence[Sequence[bytes]]) -> int:
+    """The receivers of a message published on ``channel``: one per subscribed worker reached,
+    on every node, however many of its subscriptions match (the host bus counts the same way).
+
+    ``reply`` is the ``PUBLISH`` script's: the live subscribers of the channel (their ids) and
+    of every pattern (``id\x1fpattern``), as registered by each worker's pub/sub.
+    """
+    exact, patterns = reply
+    ids, name = set(exact), _text(channel)
+    for member in patterns:
+        sid, _, glob = member.partition(b"\x1f")
+        if sid not in ids and _regex(glob).fullmatch(name):
+            ids.add(sid)
+    return len(ids)
 
 
 def _text(value: Any) -> str:

@@ -146,6 +146,7 @@ class PubSub:
         """This worker's supervised subscriber, while started."""
         self.counters = Counters("pubsub", _COUNTERS)
         self._adding: set[asyncio.Task[None]] = set()
+        self._refresher: asyncio.Task[None] | None = None
         self._reconnect_callbacks: list[Callable[[], Any]] = []
         self._last: tuple[str, BaseException | None] = ("stopped", None)
         RUNNERS.add(self)
@@ -239,11 +240,16 @@ class PubSub:
             return None
         key = self._index(sub)
         self._start_consumer(sub)
-        task = asyncio.get_running_loop().create_task(self.subscriber.add(*key))
+        task = asyncio.get_running_loop().create_task(self._subscribe(sub.topic, key))
         self._adding.add(task)
         task.add_done_callback(self._adding.discard)
         task.add_done_callback(log_failure)
         return task
+
+    async def _subscribe(self, topic: Topic, key: tuple[str, bool]) -> None:
+        assert self.subscriber is not None and self.transport is not None
+        await self.subscriber.add(*key)
+        await self.transport.advertise([topic], self._ttl)
 
     async def unsubscribe(self, sub: Subscription) -> None:
         """Remove a subscription (its task is cancelled and awaited)."""
@@ -259,6 +265,7 @@ class PubSub:
                 self._by_wire.pop(key, None)
                 if self.subscriber is not None:
                     await self.subscriber.remove(*key)
+                    await self.transport.advertise([sub.topic], 0)
         await cancel_task(sub.task)
         sub.task = None
 
@@ -327,6 +334,8 @@ class PubSub:
             backoff_cap=self.backoff_cap,
         )
         await self.subscriber.start()
+        if isinstance(transport, RedisTransport):
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh())
         if self.subscriptions and not await self.subscriber.wait_ready(self.ready_timeout):
             log.warning(
                 "zeal_asgi pub/sub: not subscribed after %.1f s (state %s); still trying",
@@ -340,8 +349,12 @@ class PubSub:
 
     async def stop(self) -> None:
         """Stop the subscriber and every handler task (cancelled and awaited)."""
+        await cancel_task(self._refresher)
         subscriber, self.subscriber = self.subscriber, None
         if subscriber is not None:
+            if subscriber.connected and self.transport is not None:
+                with contextlib.suppress(Exception):  # else the registration expires by itself
+                    await self.transport.advertise(self._topics(), 0)
             await subscriber.stop()
             self._last = (subscriber.state, subscriber.error)
         for task in list(self._adding):
@@ -365,8 +378,29 @@ class PubSub:
             self._consume(sub), name=f"zeal-pubsub:{sub.topic.name}"
         )
 
+    @property
+    def _ttl(self) -> float:
+        """How long this worker counts as a receiver without renewing (3 refreshes)."""
+        return 3 * self.liveness_interval + self.liveness_timeout
+
+    def _topics(self) -> set[Topic]:
+        return {s.topic for s in self.subscriptions}
+
+    async def _refresh(self) -> None:
+        """Renew this worker's receiver registration while it is subscribed."""
+        while True:
+            await asyncio.sleep(self.liveness_interval)
+            if self.subscriber is not None and self.subscriber.connected:
+                assert self.transport is not None
+                try:
+                    await self.transport.advertise(self._topics(), self._ttl)
+                except Exception as exc:  # the next round tries again
+                    log.warning("zeal_asgi pub/sub: receiver registration failed: %s", exc)
+
     async def _synced(self) -> None:
-        if self.subscriber is None or self.subscriber.subscribes < 2:
+        assert self.transport is not None and self.subscriber is not None
+        await self.transport.advertise(self._topics(), self._ttl)
+        if self.subscriber.subscribes < 2:
             return  # the first subscription is not a reconnection
         self.counters.incr("reconnects")
         for cb in self._reconnect_callbacks:

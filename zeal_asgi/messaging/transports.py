@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Collection
+import socket
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from zeal_asgi._redis.scripts import RECEIVERS
 from zeal_asgi._redis.subscriber import Deliver, Link, RedisLink
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.bus_reader import BusSubscriber
@@ -67,6 +69,8 @@ class RedisTransport:
     def __init__(self, redis: Any) -> None:
         self.redis = redis
         self._bases = (redis.channel_name("x")[:-1], redis.key("x")[:-1])
+        self.sid = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        """This worker's id among the receivers."""
 
     def wire(self, topic: Topic) -> str:
         """The prefixed name (a pattern's prefix is escaped: only the user's part globs)."""
@@ -86,6 +90,18 @@ class RedisTransport:
             return sent
         n: int = await self.redis.publish(topic.name, payload)
         return n
+
+    async def advertise(self, topics: Iterable[Topic], ttl: float) -> None:
+        """Count this worker among the receivers of its user ``topics`` for ``ttl`` seconds
+        (``0``: no more): ``publish`` counts each worker it reaches once, on every node."""
+        user = [t for t in topics if not t.system]
+        if user:
+            layout = self.redis.layout
+            keys = [layout.receivers(None if t.pattern else t.name) for t in user]
+            members = [f"{self.sid}\x1f{t.name}" if t.pattern else self.sid for t in user]
+            await self.redis.run_script(
+                RECEIVERS, keys, [round(ttl * 1000), *members], what="receivers", idempotent=True
+            )
 
     def link(self, interval: float, timeout: float) -> Link:
         """A dedicated SUBSCRIBE connection, with its private control channel."""
@@ -115,6 +131,9 @@ class BusTransport:
     async def publish(self, topic: Topic, payload: bytes) -> int:
         """Append to the ring; the number of subscribed workers on this host."""
         return self.bus.publish(self.wire(topic), payload)
+
+    async def advertise(self, topics: Iterable[Topic], ttl: float) -> None:
+        """Nothing to do: the ring's registry is what ``publish`` counts."""
 
     def link(self, interval: float, timeout: float) -> Link:
         """This transport itself."""
