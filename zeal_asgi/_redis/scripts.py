@@ -302,8 +302,8 @@ PUBLISH = Script(
     """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('PUBLISH', ARGV[1], ARGV[2])
-return {redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf'),
+return {redis.call('PUBLISH', ARGV[1], ARGV[2]),
+        redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf'),
         redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')}
 """,
 )

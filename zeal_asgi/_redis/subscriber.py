@@ -80,20 +80,25 @@ def _regex(glob: bytes) -> re.Pattern[str]:
     return glob_to_regex(glob.decode("utf-8", "surrogateescape"))
 
 
-def receivers(channel: str | bytes, reply: Sequence[Sequence[bytes]]) -> int:
+def receivers(channel: str | bytes, reply: Sequence[Any]) -> int:
     """The receivers of a message published on ``channel``: one per subscribed worker reached,
-    on every node, however many of its subscriptions match (the host bus counts the same way).
+    on every node, however many of its subscriptions match (the host bus counts the same way),
+    plus any other subscriber Redis saw.
 
-    ``reply`` is the ``PUBLISH`` script's: the live subscribers of the channel (their ids) and
-    of every pattern (``id\x1fpattern``), as registered by each worker's pub/sub.
+    ``reply`` is the ``PUBLISH`` script's: Redis's own count (one per matching subscription of
+    each connection, on the node that ran it), and the live subscribers of the channel (their
+    ids) and of every pattern (``id\x1fpattern``), as each worker's pub/sub registers them.
     """
-    exact, patterns = reply
-    ids, name = set(exact), _text(channel)
+    native, exact, patterns = reply
+    ids, name, matched = set(exact), _text(channel), len(exact)
     for member in patterns:
         sid, _, glob = member.partition(b"\x1f")
-        if sid not in ids and _regex(glob).fullmatch(name):
+        if _regex(glob).fullmatch(name):
             ids.add(sid)
-    return len(ids)
+            matched += 1
+    # What Redis counted beyond our workers' subscriptions: other clients (on a Cluster, those
+    # of the node that ran it, or fewer; never more).
+    return len(ids) + max(0, int(native) - matched)
 
 
 def _text(value: Any) -> str:
