@@ -6,9 +6,9 @@ gone and ``on_synced()`` once a new subscription is confirmed, before any messag
 After a loss it reconnects with full-jitter exponential backoff, and ``max_attempts``
 consecutive failures stop it loudly (state ``failed``, logged as an error).
 
-The supervision is the same for any :class:`Link`: :class:`RedisLink` (a dedicated SUBSCRIBE
+The supervision is the same for any :class:`Feed`: :class:`RedisFeed` (a dedicated SUBSCRIBE
 connection, never a slot of the request pool) or the host bus of the table backend.  A Redis
-link waits for every SUBSCRIBE/PSUBSCRIBE confirmation, so a server that accepts connections but
+feed waits for every SUBSCRIBE/PSUBSCRIBE confirmation, so a server that accepts connections but
 answers nothing (SIGSTOP) fails the attempt instead of hanging it; while listening, an idle
 connection is PINGed every ``interval`` seconds and dropped when nothing comes back within
 ``timeout`` (a half-open TCP connection never raises by itself).  A broken connection is never
@@ -26,20 +26,21 @@ import math
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Protocol
 
 from zeal_asgi._redis.errors import translate
+from zeal_asgi._redis.scripts import PUBLISH
 from zeal_asgi.errors import BackendTimeoutError, BackendUnavailableError
 from zeal_asgi.shm.bus import glob_to_regex
 from zeal_asgi.shm.hoststats import host_stats
 
-__all__ = ["Deliver", "Link", "RedisLink", "Subscriber", "receivers"]
+__all__ = ["Deliver", "Feed", "RedisFeed", "Subscriber", "publish"]
 
 log = logging.getLogger("zeal_asgi.subscriber")
 
 Deliver = Callable[[str, str | None, bytes], object]
-"""``deliver(channel, pattern or None, payload)``; a true result asks the link to yield to the
+"""``deliver(channel, pattern or None, payload)``; a true result asks the feed to yield to the
 event loop before delivering more (a handler's queue is filling up)."""
 
 Topic = tuple[str, bool]
@@ -49,7 +50,7 @@ _MESSAGE = b"message"
 _PMESSAGE = b"pmessage"
 
 
-class Link(Protocol):
+class Feed(Protocol):
     """One connection's worth of subscribing: what :class:`Subscriber` supervises."""
 
     kind: str
@@ -80,20 +81,25 @@ def _regex(glob: bytes) -> re.Pattern[str]:
     return glob_to_regex(glob.decode("utf-8", "surrogateescape"))
 
 
-def receivers(channel: str | bytes, reply: Sequence[Any]) -> int:
-    """The receivers of a message published on ``channel``: one per subscribed worker reached,
-    on every node, however many of its subscriptions match (the host bus counts the same way),
-    plus any other subscriber Redis saw.
+async def publish(link: Any, channel: str, payload: bytes) -> int:
+    """``PUBLISH {prefix}:ch:{channel}`` through ``link`` (the Redis backend); the receivers.
 
-    ``reply`` is the ``PUBLISH`` script's: Redis's own count (one per matching subscription of
-    each connection, on the node that ran it), and the live subscribers of the channel (their
-    ids) and of every pattern (``id\x1fpattern``), as each worker's pub/sub registers them.
+    One per subscribed worker reached, on every node, however many of its subscriptions match
+    (the host bus counts the same way), plus the other subscribers Redis saw.  Each worker's
+    pub/sub registers its user topics (``{prefix}:{pubsub}:*``, sorted sets by expiry); one
+    script publishes and reads them.
     """
-    native, exact, patterns = reply
-    ids, name, matched = set(exact), _text(channel), len(exact)
+    layout = link.layout
+    native, exact, patterns = await link.run_script(
+        PUBLISH,
+        [layout.receivers(channel), layout.receivers(None)],
+        [layout.channel(channel), payload],
+        what=f"publish to {channel!r}",
+    )
+    ids, matched = set(exact), len(exact)
     for member in patterns:
         sid, _, glob = member.partition(b"\x1f")
-        if _regex(glob).fullmatch(name):
+        if _regex(glob).fullmatch(channel):
             ids.add(sid)
             matched += 1
     # What Redis counted beyond our workers' subscriptions: other clients (on a Cluster, those
@@ -105,7 +111,7 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
-class RedisLink:
+class RedisFeed:
     """SUBSCRIBE/PSUBSCRIBE on a dedicated connection, with a PING when idle.
 
     Args:
@@ -286,10 +292,10 @@ class RedisLink:
 
 
 class Subscriber:
-    """Keeps ``link`` subscribed to its topics in this worker, through every outage.
+    """Keeps ``feed`` subscribed to its topics in this worker, through every outage.
 
     Args:
-        link: the connection to supervise (:class:`RedisLink`, or the host bus's).
+        feed: the connection to supervise (:class:`RedisFeed`, or the host bus's).
         on_message: ``deliver(channel, pattern, payload)`` for every message, synchronously.
         name: names the task and the log lines.
         family: prefix of the host counters ``<family>_subscribes_total`` and
@@ -306,7 +312,7 @@ class Subscriber:
 
     def __init__(
         self,
-        link: Link,
+        feed: Feed,
         on_message: Deliver,
         *,
         name: str,
@@ -318,7 +324,7 @@ class Subscriber:
         backoff_base: float = 0.1,
         backoff_cap: float = 5.0,
     ) -> None:
-        self.link = link
+        self.feed = feed
         self.name = name
         self.topics: set[Topic] = set(topics)
         self.max_attempts = max_attempts
@@ -358,7 +364,7 @@ class Subscriber:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.link.close()
+        await self.feed.close()
         self._ready = None
         self._lost()
         if self.state != "failed":
@@ -379,14 +385,14 @@ class Subscriber:
         if (wire, pattern) not in self.topics:
             self.topics.add((wire, pattern))
             if self.running:
-                await self.link.add(wire, pattern)
+                await self.feed.add(wire, pattern)
 
     async def remove(self, wire: str, pattern: bool = False) -> None:
         """Unsubscribe a topic."""
         if (wire, pattern) in self.topics:
             self.topics.discard((wire, pattern))
             if self.running:
-                await self.link.remove(wire, pattern)
+                await self.feed.remove(wire, pattern)
 
     def _deliver(self, channel: str, pattern: str | None, data: bytes) -> object:
         self.received += 1
@@ -399,12 +405,12 @@ class Subscriber:
                 self._on_lost()
 
     async def _run(self) -> None:
-        link, ready, attempt = self.link, self._ready, 0
+        feed, ready, attempt = self.feed, self._ready, 0
         assert ready is not None
         while True:
             self.state = "connecting"
             try:
-                await link.open(list(self.topics))
+                await feed.open(list(self.topics))
                 attempt = 0
                 self.subscribes += 1
                 host_stats().incr(self._metrics[0])
@@ -415,7 +421,7 @@ class Subscriber:
                 self.connected = True
                 self.state = "subscribed"
                 ready.set()
-                await link.listen(self._deliver)
+                await feed.listen(self._deliver)
                 raise BackendUnavailableError(f"{self.name}: the subscription ended")
             except asyncio.CancelledError:
                 raise
@@ -447,14 +453,14 @@ class Subscriber:
                 )
                 await asyncio.sleep(delay)
             finally:
-                await link.close()
+                await feed.close()
 
     def stats(self) -> dict[str, Any]:
         """State and counters of this worker's subscriber."""
         err = self.error
         return {
             "state": self.state,
-            "link": self.link.kind,
+            "feed": self.feed.kind,
             "connected": self.connected,
             "topics": len(self.topics),
             "subscribes": self.subscribes,

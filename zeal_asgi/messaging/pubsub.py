@@ -323,7 +323,7 @@ class PubSub:
             self._index(sub)
             self._start_consumer(sub)
         self.subscriber = Subscriber(
-            transport.link(self.liveness_interval, self.liveness_timeout),
+            transport.feed(self.liveness_interval, self.liveness_timeout),
             self._deliver,
             name="pub/sub",
             family="pubsub",

@@ -1,8 +1,8 @@
-"""How pub/sub reaches its messages: names on the wire, publishing, and the link subscribed.
+"""How pub/sub reaches its messages: names on the wire, publishing, and the feed subscribed.
 
 Two transports: :class:`RedisTransport` (every backend with a Redis link: redis, tiered, and
 either behind the circuit breaker) and :class:`BusTransport` (the table backend: the host bus in
-shared memory, one host, no Redis).  Either one's link is kept subscribed by the worker's
+shared memory, one host, no Redis).  Either one's feed is kept subscribed by the worker's
 :class:`~zeal_asgi._redis.subscriber.Subscriber`.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zeal_asgi._redis.scripts import RECEIVERS
-from zeal_asgi._redis.subscriber import Deliver, Link, RedisLink
+from zeal_asgi._redis.subscriber import Deliver, Feed, RedisFeed
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.bus_reader import BusSubscriber
 
@@ -103,14 +103,14 @@ class RedisTransport:
                 RECEIVERS, keys, [round(ttl * 1000), *members], what="receivers", idempotent=True
             )
 
-    def link(self, interval: float, timeout: float) -> Link:
+    def feed(self, interval: float, timeout: float) -> Feed:
         """A dedicated SUBSCRIBE connection, with its private control channel."""
         ctl = self.redis.key("pubsub", "ctl", f"{os.getpid()}.{secrets.token_hex(4)}")
-        return RedisLink(self.redis.dedicated_client, ctl=ctl, interval=interval, timeout=timeout)
+        return RedisFeed(self.redis.dedicated_client, ctl=ctl, interval=interval, timeout=timeout)
 
 
 class BusTransport:
-    """The host bus: user topics ``u:<channel>``, system topics ``s:<name>``; its own link
+    """The host bus: user topics ``u:<channel>``, system topics ``s:<name>``; its own feed
     (shared memory has no outage, so there is no liveness to watch)."""
 
     kind = "host_bus"
@@ -135,7 +135,7 @@ class BusTransport:
     async def advertise(self, topics: Iterable[Topic], ttl: float) -> None:
         """Nothing to do: the ring's registry is what ``publish`` counts."""
 
-    def link(self, interval: float, timeout: float) -> Link:
+    def feed(self, interval: float, timeout: float) -> Feed:
         """This transport itself."""
         return self
 
@@ -177,4 +177,4 @@ class BusTransport:
 
 
 Transport = RedisTransport | BusTransport
-"""Names and publishing of one backend's pub/sub, and the link its subscriber holds."""
+"""Names and publishing of one backend's pub/sub, and the feed its subscriber holds."""

@@ -55,8 +55,8 @@ from redis.exceptions import NoScriptError
 
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.errors import translate
-from zeal_asgi._redis.scripts import PUBLISH, Script
-from zeal_asgi._redis.subscriber import receivers
+from zeal_asgi._redis.scripts import Script
+from zeal_asgi._redis.subscriber import publish
 from zeal_asgi.errors import (
     ConfigError,
     InvalidKeyError,
@@ -71,8 +71,7 @@ from zeal_asgi.store.base import Key, StoreBackendKind
 __all__ = ["RedisBackend", "RedisCounter"]
 
 T = TypeVar("T")
-_CHANNEL_CACHE = 1024
-"""Channel names kept encoded (``{prefix}:ch:{channel}``) for repeated publishes."""
+_PUBLISH = "PUBLISH"
 
 
 class RedisBackend(RedisTables):
@@ -90,7 +89,6 @@ class RedisBackend(RedisTables):
     def __init__(self, config: RedisConfig) -> None:
         super().__init__(config)
         self._counters: dict[str, RedisCounter] = {}
-        self._channels: dict[str, tuple[bytes, bytes]] = {}
 
     @classmethod
     def from_config(
@@ -193,32 +191,16 @@ class RedisBackend(RedisTables):
 
     async def publish(self, channel: str, payload: str | bytes) -> int:
         """PUBLISH on ``{prefix}:ch:{channel}``; the number of workers that receive it, each
-        once, on every node (see :func:`zeal_asgi._redis.subscriber.receivers`)."""
-        cacheable = isinstance(channel, str)
-        keys = self._channels.get(channel) if cacheable else None
-        if keys is None:
-            name = _name("channel", channel)
-            keys = (self.layout.channel(name), self.layout.receivers(name))
-            if cacheable:
-                if len(self._channels) >= _CHANNEL_CACHE:
-                    self._channels.clear()  # bounded: channel names may come from user input
-                self._channels[channel] = keys
-        reply = await self._conn.script(
-            PUBLISH,
-            [keys[1], self.layout.receivers(None)],
-            [keys[0], _payload(payload)],
-            "publish to",
-            idempotent=False,
-            table=channel,
-        )
-        return receivers(channel, reply)
+        once, on every node (:func:`zeal_asgi._redis.subscriber.publish`)."""
+        _name("channel", channel)
+        return await publish(self, channel, _payload(payload))
 
     async def publish_raw(self, channel: str | bytes, payload: bytes) -> int:
         """PUBLISH on ``channel`` exactly as given (already prefixed, e.g. by :meth:`key`), within
         this backend's slots and deadline: for package-internal topics (WebSocket routing)."""
         name = channel.decode("utf-8", "replace") if isinstance(channel, bytes) else channel
         n = await self._conn.call(
-            ("PUBLISH", channel, payload), "publish to", idempotent=False, table=name
+            (_PUBLISH, channel, payload), "publish to", idempotent=False, table=name
         )
         return int(n)
 

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from zeal_asgi._redis.subscriber import RedisLink, Subscriber
+from zeal_asgi._redis.subscriber import RedisFeed, Subscriber
 from zeal_asgi.errors import MessageRejectedError, ZealError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.segments import server_identity
@@ -52,7 +52,7 @@ class L1Sync:
         self._specs = specs
         self._origin: str | None = None
         self.subscriber = Subscriber(
-            RedisLink(l2.dedicated_client, interval=1.0, timeout=1.0),
+            RedisFeed(l2.dedicated_client, interval=1.0, timeout=1.0),
             lambda channel, pattern, raw: self._on_message(raw),
             name="tiered invalidations",
             family="tiered",
