@@ -1,18 +1,21 @@
 """Pub/sub: ``zeal.subscribe`` handlers run in every worker, fed by one supervised subscriber.
 
-``await Store.publish(channel, payload)`` returns the number of receivers: one per subscribed
-worker on every node (Redis, tiered, and either behind the circuit breaker), or per subscribed
-worker of this host on the table backend, where messages go through shared memory
-(:mod:`zeal_asgi.shm.bus`) and no Redis is needed.  On Redis the count is Redis's own: a worker
-matched by both a channel and a pattern counts twice, and on a Cluster only the subscribers of
-the node that ran the PUBLISH are counted (delivery still reaches every node).
+``await Store.publish(channel, payload)`` returns the number of receivers, defined once for
+every backend: one per subscribed worker it reaches, however many of the worker's channels and
+patterns match, on every node (Redis, Cluster, tiered, and either behind the circuit breaker)
+or on this host (the table backend, where messages go through shared memory,
+:mod:`zeal_asgi.shm.bus`, and no Redis is needed).  On Redis every worker registers its topics
+for ``3 * liveness_interval + liveness_timeout`` seconds and renews them; a worker killed
+without stopping counts until its registration expires.  Subscribers that are not zeal workers
+count as Redis counts them (on a Cluster: those of one node at most).
 
 Each worker runs one :class:`PubSub` (started and stopped by ``Zeal``): one connection (or one
 ring reader) for all its subscriptions, kept by the worker's supervised
 :class:`~zeal_asgi._redis.subscriber.Subscriber`: after a loss it resubscribes with full-jitter
 exponential backoff, a read-side liveness check (PING on an idle connection) catches a server
 that stopped answering without closing the socket, and ``max_attempts`` consecutive failures stop
-it loudly (state ``failed``, logged as an error, shown by ``Store.stats()``).  Messages published
+it loudly (state ``failed``, logged as an error, shown by ``Store.stats()``; ``/health/store``
+answers 503 in that worker: it receives nothing any more).  Messages published
 while a subscriber is disconnected are lost: pub/sub is at-most-once (use Streams,
 ``zeal.subscribe_reliable``, for at-least-once).
 

@@ -131,7 +131,16 @@ def _default_group(handler: Callable[..., Any]) -> str:
 
 
 class Streams:
-    """The per-worker reliable consumers of a :class:`~zeal_asgi.Zeal` app (a ``Zeal`` service)."""
+    """The per-worker reliable consumers of a :class:`~zeal_asgi.Zeal` app (a ``Zeal`` service).
+
+    Args:
+        store: the Store whose backend holds the streams (default: ``Store.default()``).
+        max_attempts: consecutive failures of a reader or reaper before it gives up; 0 = never.
+            One that gave up makes ``state`` (and ``Store.stats()["streams"]["state"]``)
+            ``failed``.
+        backoff_base, backoff_cap: full-jitter backoff ``uniform(0, min(cap, base * 2**n))``.
+        liveness_timeout: seconds past ``block_ms`` a blocking read may go unanswered.
+    """
 
     def __init__(
         self,
