@@ -49,7 +49,7 @@ from zeal_asgi.messaging.transports import (
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store.base import StoreBackendKind, backend_name
-from zeal_asgi.store.channels import as_bytes, is_pattern, validate_channel
+from zeal_asgi.store.channels import is_pattern, validate_channel
 
 if TYPE_CHECKING:
     from zeal_asgi.store import Store
@@ -277,11 +277,6 @@ class PubSub:
         self._reconnect_callbacks.append(callback)
 
     # -- publishing ----------------------------------------------------------------------------
-
-    async def publish(self, channel: str, payload: str | bytes) -> int:
-        """Publish to a user channel through this worker's transport (like ``Store.publish``)."""
-        validate_channel(channel)
-        return await self._transport().publish(Topic(channel), as_bytes(payload))
 
     async def publish_system(self, name: str, payload: bytes) -> int:
         """Publish on a package-internal topic; the number of receivers."""

@@ -83,12 +83,9 @@ class RedisTransport:
         return wire[len(base) :] if wire.startswith(base) else wire
 
     async def publish(self, topic: Topic, payload: bytes) -> int:
-        """PUBLISH within the backend's slots (a burst waits for a connection instead of
-        opening one each); the number of receivers."""
-        if topic.system:
-            sent: int = await self.redis.publish_raw(self.wire(topic), payload)
-            return sent
-        n: int = await self.redis.publish(topic.name, payload)
+        """PUBLISH a system topic within the backend's slots (a burst waits for a connection
+        instead of opening one each); the receivers (``Store.publish`` serves user channels)."""
+        n: int = await self.redis.publish_raw(self.wire(topic), payload)
         return n
 
     async def advertise(self, topics: Iterable[Topic], ttl: float) -> None:
