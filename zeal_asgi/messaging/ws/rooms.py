@@ -306,12 +306,10 @@ class ShmRegistry:
     async def set_owner(
         self, client_id: str, conn_id: str, worker: str, *, only_if_absent: bool = False
     ) -> bool:
-        """One atomic row write (under the client's stripe lock, ``only_if_absent``)."""
-        if not only_if_absent:
-            self.owner.set(client_id, {"c": conn_id, "w": worker})
-            return True
+        """One row write under the client's stripe lock (a release comparing the old row
+        cannot delete this one between its check and its delete)."""
         with self._locked("o" + client_id):
-            if self.owner.exists(client_id):
+            if only_if_absent and self.owner.exists(client_id):
                 return False
             self.owner.set(client_id, {"c": conn_id, "w": worker})
             return True
