@@ -43,6 +43,14 @@ def _entries(reply: Any) -> list[tuple[str, Any]]:
     return [(_text(eid), fields) for one in lists for eid, fields in one or () if eid is not None]
 
 
+def _still_running() -> None:
+    """Raise the cancellation of this task if a call swallowed it: redis-py finishes a command
+    it was cancelled in and returns its reply (the task would go on, and ``stop()`` hang)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _id_key(eid: str) -> tuple[int, int]:
     ms, _, seq = eid.partition("-")
     return int(ms), int(seq or 0)
@@ -82,9 +90,11 @@ class Consumer:
     async def _call(self, what: str, op: Callable[[Any], Awaitable[Any]]) -> Any:
         """``await op(client)`` on the pooled client, errors translated."""
         try:
-            return await op(await self.redis.client())
+            result = await op(await self.redis.client())
         except Exception as exc:
             raise translate(exc, f"{what} {self.sub.stream}") from exc
+        _still_running()
+        return result
 
     async def _ensure_group(self) -> None:
         try:
@@ -149,6 +159,7 @@ class Consumer:
                     raise BackendTimeoutError(
                         f"XREADGROUP on {sub.stream!r} got no answer within {limit:.1f} s"
                     ) from None
+                _still_running()
                 for eid, raw in got:
                     await self._offer(eid, raw, int(new))
                 if not new:
