@@ -305,7 +305,8 @@ class Subscriber:
             message that follows it.
         on_lost: called when a confirmed subscription is found broken (or stopped).
         max_attempts: consecutive failed attempts before giving up (state ``failed``); 0 never.
-        backoff_base, backoff_cap: full-jitter backoff ``uniform(0, min(cap, base * 2**n))``.
+        backoff_base: first step of the full-jitter backoff ``uniform(0, min(cap, base * 2**n))``.
+        backoff_cap: its longest wait.
 
     ``state`` is ``stopped``, ``connecting``, ``subscribed``, ``backoff`` or ``failed``.
     """

@@ -105,7 +105,8 @@ class PubSub:
     Args:
         store: the Store whose backend carries the messages (default: ``Store.default()``).
         max_attempts: consecutive failed (re)connections before giving up loudly; 0 = never.
-        backoff_base, backoff_cap: full-jitter backoff ``uniform(0, min(cap, base * 2**n))``.
+        backoff_base: first step of the full-jitter backoff ``uniform(0, min(cap, base * 2**n))``.
+        backoff_cap: its longest wait.
         liveness_interval: idle seconds after which the connection is PINGed.
         liveness_timeout: seconds a PING may go unanswered before the connection is dropped.
         ready_timeout: how long ``start()`` waits for the first subscription to be confirmed.

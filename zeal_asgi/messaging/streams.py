@@ -138,7 +138,8 @@ class Streams:
         max_attempts: consecutive failures of a reader or reaper before it gives up; 0 = never.
             One that gave up makes ``state`` (and ``Store.stats()["streams"]["state"]``)
             ``failed``.
-        backoff_base, backoff_cap: full-jitter backoff ``uniform(0, min(cap, base * 2**n))``.
+        backoff_base: first step of the full-jitter backoff ``uniform(0, min(cap, base * 2**n))``.
+        backoff_cap: its longest wait.
         liveness_timeout: seconds past ``block_ms`` a blocking read may go unanswered.
     """
 
