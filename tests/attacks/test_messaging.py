@@ -160,7 +160,7 @@ async def test_an_app_with_a_ws_router_boots_degraded_with_redis_down(
                 srv.get_from, "/send", avoid=int(str(hello["pid"])), client="erin", msg="back"
             )
             assert out["ok"] is True
-            assert await _quiet(ws, 1.0) == ["back"]
+            assert set(await _quiet(ws, 1.0)) == {"back"}  # get_from may have sent it twice
         finally:
             await ws.close()
 

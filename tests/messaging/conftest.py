@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.messaging.helpers import redis_link
 from tests.servers import free_port
-from zeal_asgi.messaging.transports import redis_link
 from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
 from zeal_asgi.shm.bus import close_host_bus
 from zeal_asgi.store import Store
@@ -153,5 +153,5 @@ async def registry(request: pytest.FixtureRequest) -> AsyncIterator[Registry]:
     url = request.getfixturevalue("redis_url")
     store = Store("redis", {"url": url})
     await store.start()
-    yield RedisRegistry(redis_link(store.backend))
+    yield RedisRegistry(redis_link(store))
     await store.aclose()

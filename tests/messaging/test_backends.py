@@ -11,7 +11,6 @@ from tests.messaging.helpers import until
 from tests.servers import Memcached, RedisCluster, RedisServer
 from zeal_asgi.errors import UnsupportedOperationError
 from zeal_asgi.messaging.pubsub import PubSub
-from zeal_asgi.messaging.transports import redis_link
 from zeal_asgi.store import Store
 from zeal_asgi.streams import StreamEntry, Streams
 
@@ -38,7 +37,7 @@ async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator
 
 
 async def test_pubsub_and_streams_through_every_redis_backend(store: Store) -> None:
-    assert redis_link(store.backend) is not None
+    assert store.backend.redis_link() is not None
     got: list[tuple[str, str]] = []
     ps = PubSub(store)
     ps.subscribe("orders.*", lambda p, c: got.append((p, c)))

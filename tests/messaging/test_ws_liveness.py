@@ -20,7 +20,7 @@ import pytest
 import websockets
 
 from tests.messaging.conftest import app_servers
-from tests.messaging.helpers import Socket, until
+from tests.messaging.helpers import Socket, redis_link, until
 from tests.servers import RedisCluster, RedisServer
 from zeal_asgi.errors import ConfigError
 from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
@@ -81,12 +81,11 @@ async def test_shared_memory_liveness_is_the_pid() -> None:
 
 
 async def test_redis_liveness_marks_expire(redis_url: str) -> None:
-    from zeal_asgi.messaging.transports import redis_link
 
     store = Store("redis", {"url": redis_url, "prefix": f"lv{time.monotonic_ns()}"})
     await store.start()
     try:
-        reg = RedisRegistry(redis_link(store.backend))
+        reg = RedisRegistry(redis_link(store))
         assert reg.beats is True
         assert not await reg.worker_alive("w1")
         assert await reg.beat("w1", 0.3) is False  # first beat: there was no mark
@@ -300,13 +299,12 @@ async def test_room_publish_is_one_script_on_redis(
 
 
 async def test_room_publish_on_a_cluster(redis_cluster: RedisCluster) -> None:
-    from zeal_asgi.messaging.transports import redis_link
 
     nodes = [f"{h}:{p}" for h, p in redis_cluster.nodes]
     store = Store("redis", {"cluster": nodes, "prefix": f"lv{time.monotonic_ns()}"})
     await store.start()
     try:
-        reg = RedisRegistry(redis_link(store.backend))
+        reg = RedisRegistry(redis_link(store))
         for room in ("r1", "r2", "r3"):  # rooms hash to different slots
             assert await reg.join(room, "a", "w1")
             assert await reg.publish_room(room, "ch:", b"x") == [("w1", 0)]

@@ -16,6 +16,7 @@ from zeal_asgi.messaging.stats import cancel_task
 from zeal_asgi.messaging.streams import StreamEntry
 
 if TYPE_CHECKING:
+    from zeal_asgi._redis.link import RedisLink
     from zeal_asgi.messaging.streams import ReliableSubscription, Streams
 
 __all__ = ["Consumer"]
@@ -59,7 +60,7 @@ def _id_key(eid: str) -> tuple[int, int]:
 class Consumer:
     """Reader, reaper and handler tasks of one subscription in one worker."""
 
-    def __init__(self, sub: ReliableSubscription, redis: Any, owner: Streams) -> None:
+    def __init__(self, sub: ReliableSubscription, redis: RedisLink, owner: Streams) -> None:
         self.sub = sub
         self.redis = redis
         self.owner = owner

@@ -37,18 +37,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from zeal_asgi._redis.subscriber import Subscriber
-from zeal_asgi.errors import ConfigError, UnsupportedOperationError
+from zeal_asgi.errors import ConfigError
 from zeal_asgi.messaging.stats import RUNNERS, Counters, cancel_task, log_failure, messaging_stats
-from zeal_asgi.messaging.transports import (
-    BusTransport,
-    RedisTransport,
-    Topic,
-    Transport,
-    redis_link,
-)
+from zeal_asgi.messaging.transports import BusTransport, RedisTransport, Topic, Transport
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.store.base import StoreBackendKind, backend_name
+from zeal_asgi.store.base import Capability, StoreBackendKind, unsupported
 from zeal_asgi.store.channels import is_pattern, validate_channel
 
 if TYPE_CHECKING:
@@ -290,16 +284,13 @@ class PubSub:
     def _transport(self) -> Transport:
         if self.transport is None:
             backend = self.store.backend
-            redis = redis_link(backend)
+            redis = backend.redis_link()
             if redis is not None:
                 self.transport = RedisTransport(redis)
-            elif backend.kind is StoreBackendKind.TABLE:
+            elif Capability.PUBSUB in backend.capabilities:  # the table backend: one host
                 self.transport = BusTransport(self.counters.incr)
             else:
-                raise UnsupportedOperationError(
-                    f"pub/sub needs the redis or tiered backend, or the table backend (one "
-                    f"host); current: {backend_name(backend)}"
-                )
+                raise unsupported(backend, "pub/sub", Capability.PUBSUB)
         return self.transport
 
     # -- lifecycle -----------------------------------------------------------------------------

@@ -32,11 +32,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from zeal_asgi.errors import ConfigError, InvalidKeyError, UnsupportedOperationError
+from zeal_asgi._redis.scripts import APPLY_ONCE, IDEM_CLAIM
+from zeal_asgi.errors import ConfigError, InvalidKeyError
 from zeal_asgi.messaging.stats import RUNNERS, Counters
-from zeal_asgi.messaging.transports import redis_link
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.store.base import backend_name
+from zeal_asgi.store.base import Capability, unsupported
 from zeal_asgi.store.channels import validate_channel
 
 if TYPE_CHECKING:
@@ -227,23 +227,16 @@ class Streams:
             return register
         return register(handler)
 
-    def _redis(self) -> Any:
-        backend = self.store.backend
-        redis = redis_link(backend)
-        if redis is None:
-            raise UnsupportedOperationError(
-                f"reliable messaging needs Redis Streams (redis or tiered backend); current: "
-                f"{backend_name(backend)}"
-            )
-        return redis
-
     async def start(self) -> None:
         """Create the groups and start every consumer in this worker."""
         if self._consumers or not self.subscriptions:
             return
         from zeal_asgi.messaging.consumer import Consumer
 
-        redis = self._redis()
+        backend = self.store.backend
+        redis = backend.redis_link()
+        if redis is None:
+            raise unsupported(backend, "reliable messaging", Capability.STREAMS)
         for sub in self.subscriptions:
             if not sub.fixed_consumer:
                 sub.consumer = default_consumer()  # declared before a fork: take our own pid
@@ -269,24 +262,6 @@ class Streams:
 
 
 # -- idempotency helpers -------------------------------------------------------------------------
-
-_CLAIM = "return redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) and 1 or 0"
-
-_APPLY_ONCE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local a = 2
-for i = 2, #KEYS do
-  local name = ARGV[a]
-  local n = tonumber(ARGV[a + 1])
-  a = a + 2
-  local args = {}
-  for j = 1, n do args[j] = ARGV[a + j - 1] end
-  a = a + n
-  redis.call(name, KEYS[i], unpack(args))
-end
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-return 1
-"""
 
 _WRITES = (
     "SET INCR INCRBY INCRBYFLOAT DECR DECRBY HSET HINCRBY HINCRBYFLOAT HDEL SADD SREM ZADD "
@@ -318,7 +293,7 @@ async def idempotent(key: str, ttl: float = 86400.0, *, store: Store | None = No
     from zeal_asgi.store import Store
 
     st = store if store is not None else Store.default()
-    res = await st.eval(_CLAIM, [_idem_key(key)], [_ttl_ms(ttl)])
+    res = await st.eval(IDEM_CLAIM.source, [_idem_key(key)], [_ttl_ms(ttl)])
     return bool(res)
 
 
@@ -356,5 +331,5 @@ async def apply_once(
             raise InvalidKeyError(f"apply_once: the key of {name} must be a non-empty str")
         keys.append(key_arg)
         args += [name, len(cmd) - 2, *cmd[2:]]
-    res = await st.eval(_APPLY_ONCE, keys, args)
+    res = await st.eval(APPLY_ONCE.source, keys, args)
     return bool(res)

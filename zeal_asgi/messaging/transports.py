@@ -13,14 +13,17 @@ import secrets
 import socket
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from zeal_asgi._redis.scripts import RECEIVERS
 from zeal_asgi._redis.subscriber import Deliver, Feed, RedisFeed
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.bus_reader import BusSubscriber
 
-__all__ = ["BusTransport", "RedisTransport", "Topic", "Transport", "glob_escape", "redis_link"]
+if TYPE_CHECKING:
+    from zeal_asgi._redis.link import RedisLink
+
+__all__ = ["BusTransport", "RedisTransport", "Topic", "Transport", "glob_escape"]
 
 
 @dataclass(frozen=True)
@@ -30,30 +33,6 @@ class Topic:
     name: str
     pattern: bool = False
     system: bool = False
-
-
-def redis_link(backend: object) -> Any:
-    """The Redis-capable object serving ``backend``, or ``None``.
-
-    Asks the backend rather than checking its class, so wrappers (the circuit breaker, the
-    tiered backend) that delegate ``dedicated_client``/``channel_name`` are seen through.
-    """
-    seen: set[int] = set()
-    cur: object = backend
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if callable(getattr(cur, "dedicated_client", None)) and callable(
-            getattr(cur, "channel_name", None)
-        ):
-            return cur
-        nxt = None
-        for attr in ("redis", "l2", "primary", "inner", "wrapped", "backend"):
-            cand = getattr(cur, attr, None)
-            if cand is not None and cand is not cur and not callable(cand):
-                nxt = cand
-                break
-        cur = nxt
-    return None
 
 
 def glob_escape(text: str) -> str:
@@ -66,7 +45,7 @@ class RedisTransport:
 
     kind = "redis"
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: RedisLink) -> None:
         self.redis = redis
         self._bases = (redis.channel_name("x")[:-1], redis.key("x")[:-1])
         self.sid = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"

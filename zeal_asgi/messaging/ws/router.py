@@ -40,10 +40,9 @@ import socket
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, Protocol
 
-from zeal_asgi.errors import ConfigError, MessageRejectedError, UnsupportedOperationError
+from zeal_asgi.errors import ConfigError, MessageRejectedError
 from zeal_asgi.messaging.pubsub import PubSub
 from zeal_asgi.messaging.stats import cancel_task
-from zeal_asgi.messaging.transports import redis_link
 from zeal_asgi.messaging.ws.conn import (
     CLIENT_ID_MAX,
     CONN_RE,
@@ -65,7 +64,7 @@ from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.signing import Signer, parse_envelope
 from zeal_asgi.store import Store
-from zeal_asgi.store.base import StoreBackendKind, backend_name
+from zeal_asgi.store.base import Capability, StoreBackendKind, unsupported
 from zeal_asgi.store.services import ServiceHost
 
 __all__ = ["CLIENT_ID_MAX", "ROOM_RE", "WSRouter", "check_client_id", "check_room"]
@@ -162,17 +161,14 @@ class WSRouter:
         """Owner rows and rooms (Redis, or shared memory on the table backend)."""
         if self._registry is None:
             backend = self.store.backend
-            redis = redis_link(backend)
+            redis = backend.redis_link()
             if redis is not None:
                 self._registry = RedisRegistry(redis)
-            elif backend.kind is StoreBackendKind.TABLE:
+            elif Capability.PUBSUB in backend.capabilities:  # the table backend: one host
                 owners, rooms = self._capacities
                 self._registry = ShmRegistry(owner_capacity=owners, room_capacity=rooms)
             else:
-                raise UnsupportedOperationError(
-                    f"WSRouter needs the redis or tiered backend, or the table backend (one "
-                    f"host); current: {backend_name(backend)}"
-                )
+                raise unsupported(backend, "WSRouter", Capability.PUBSUB)
         return self._registry
 
     # -- lifecycle -----------------------------------------------------------------------------
