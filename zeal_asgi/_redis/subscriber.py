@@ -27,13 +27,16 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from zeal_asgi._redis.errors import translate
 from zeal_asgi._redis.scripts import PUBLISH
 from zeal_asgi.errors import BackendTimeoutError, BackendUnavailableError
 from zeal_asgi.shm.bus import glob_to_regex
 from zeal_asgi.shm.hoststats import host_stats
+
+if TYPE_CHECKING:
+    from zeal_asgi._redis.link import RedisLink
 
 __all__ = ["Deliver", "Feed", "RedisFeed", "Subscriber", "publish"]
 
@@ -81,7 +84,7 @@ def _regex(glob: bytes) -> re.Pattern[str]:
     return glob_to_regex(glob.decode("utf-8", "surrogateescape"))
 
 
-async def publish(link: Any, channel: str, payload: bytes) -> int:
+async def publish(link: RedisLink, channel: str, payload: bytes) -> int:
     """``PUBLISH {prefix}:ch:{channel}`` through ``link`` (the Redis backend); the receivers.
 
     One per subscribed worker reached, on every node, however many of its subscriptions match
