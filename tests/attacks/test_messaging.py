@@ -11,13 +11,13 @@ import contextlib
 import json
 import time
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 import websockets
 
-from tests.messaging.conftest import AppServer, app_servers
-from tests.servers import RedisServer
+from tests._harness.apps import AppServer
+from tests._harness.servers import RedisServer
+from tests.messaging.conftest import MSG_APP
 from zeal_asgi.messaging.pubsub import PubSub
 from zeal_asgi.shm.bus import close_host_bus
 from zeal_asgi.store import Store
@@ -62,7 +62,7 @@ async def test_send_without_conn_id_reaches_only_the_owner_rows_connection() -> 
     """Issue 12 item 4: a client reconnected to another worker while its old socket is still
     open; ``send_to_client(client_id, msg)`` from the old socket's worker must reach the new
     socket (the one the owner row names), never the superseded one."""
-    with app_servers(1, env={"ZEAL_STORE_BACKEND": "table"}) as (srv,):
+    with AppServer(MSG_APP, env={"ZEAL_STORE_BACKEND": "table"}) as srv:
         old, old_hello = await _connect_on(srv, "/ws/dave")
         new, new_hello = await _connect_on(srv, "/ws/dave", avoid=str(old_hello["worker"]))
         try:
@@ -93,7 +93,7 @@ async def test_a_signed_room_message_replayed_on_another_workers_channel_is_drop
     env = {"ZEAL_STORE_BACKEND": "redis", "ZEAL_REDIS_URL": redis_url, "MSG_WS_SECRET": SECRET}
     spy = aioredis.Redis.from_url(redis_url)
     sniff = spy.pubsub()
-    with app_servers(1, env=env) as (srv,):
+    with AppServer(MSG_APP, env=env) as srv:
         await sniff.psubscribe("zeal:ws:w:*")
         confirmed = await sniff.get_message(timeout=2)
         assert confirmed is not None and confirmed["type"] == "psubscribe"
@@ -127,10 +127,8 @@ async def test_a_signed_room_message_replayed_on_another_workers_channel_is_drop
 
 
 def _receivers(srv: AppServer) -> int:
-    try:
-        return int(srv.get("/publish", channel="news", payload="up")["receivers"])
-    except httpx.HTTPError:  # refused while the breaker is open
-        return -1
+    status, reply = srv.fetch("/publish?channel=news&payload=up")
+    return int(reply["receivers"]) if status == 200 else -1  # refused while the breaker is open
 
 
 async def test_an_app_with_a_ws_router_boots_degraded_with_redis_down(
@@ -145,7 +143,7 @@ async def test_an_app_with_a_ws_router_boots_degraded_with_redis_down(
         "ZEAL_ON_ERROR": "fallback_table",
         "MSG_WORKER_TTL": "0.6",
     }
-    with app_servers(1, env=env) as (srv,):
+    with AppServer(MSG_APP, env=env) as srv:
         stats = srv.get("/stats")["stats"]
         assert stats["pubsub"]["state"] in ("connecting", "backoff")
         assert stats["ws"]["host"]["heartbeat_errors"] >= 1
