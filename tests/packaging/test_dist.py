@@ -92,8 +92,8 @@ def test_sdist_holds_what_the_wheel_is_built_from(dist: Dist) -> None:
 def test_wheel_holds_the_extension_the_stub_and_the_license(dist: Dist) -> None:
     with zipfile.ZipFile(dist.repaired) as whl:
         names = whl.namelist()
-    assert any(n.startswith("zeal_asgi/_shmtable.") and n.endswith(".so") for n in names)
-    assert "zeal_asgi/_shmtable.pyi" in names and "zeal_asgi/py.typed" in names
+    assert any(n.startswith("zeal_asgi/shm/_shmtable.") and n.endswith(".so") for n in names)
+    assert "zeal_asgi/shm/_shmtable.pyi" in names and "zeal_asgi/py.typed" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert not any(n.startswith(("tests/", "example_app/", "bench/")) for n in names)
 
@@ -172,12 +172,6 @@ BASE_INSTALL_CASES = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the package imports fastapi, redis and aiomcache at module level today: a base "
-    "install fails with ModuleNotFoundError; remove this mark when every module imports lazily "
-    "and a missing extra raises ConfigError",
-)
 @pytest.mark.parametrize("case", BASE_INSTALL_CASES)
 def test_base_install_imports_everything_and_names_missing_extras(
     base_venv: Venv, case: str
