@@ -172,25 +172,7 @@ BASE_INSTALL_CASES = {
 }
 
 
-# zeal_asgi.messaging.pubsub imports zeal_asgi._redis.subscriber, hence redis, at module level:
-# every module that reaches pub/sub (health, ws, fastapi) fails to import without the redis extra.
-_PUBSUB_NEEDS_REDIS = pytest.mark.xfail(
-    strict=True,
-    reason="messaging/pubsub.py imports _redis.subscriber (redis) at module level: a base install "
-    "gets ModuleNotFoundError: redis; remove this mark when it imports lazily",
-)
-_BROKEN = {
-    "every public module imports",
-    "Starlette health routes",
-    "FastAPI health router",
-    "FastAPI dependency",
-}
-
-
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, marks=_PUBSUB_NEEDS_REDIS) if c in _BROKEN else c for c in BASE_INSTALL_CASES],
-)
+@pytest.mark.parametrize("case", list(BASE_INSTALL_CASES))
 def test_base_install_imports_everything_and_names_missing_extras(
     base_venv: Venv, case: str
 ) -> None:
