@@ -36,6 +36,7 @@ _QUERY_OPTS = frozenset(
         "ssl_keyfile",
         "ssl_cert_reqs",
         "ssl_check_hostname",
+        "auto_pipeline",
     }
 )
 """Options a URL query string may set too (same names as the dict keys)."""
@@ -74,7 +75,12 @@ class RedisConfig(BaseModel):
     sentinel_password: str | None = Field(default=None, repr=False)
     client: Any = None
     pool_size: int = Field(default=8, ge=1, le=1024)
-    """Connections (and concurrent calls) per worker and event loop."""
+    """Calls in flight at once per worker and event loop (the slots); also the pooled client's
+    connections for pipelines and scans (up to twice as many)."""
+    auto_pipeline: bool = True
+    """Single commands share one connection per server (Cluster: per node), those issued
+    together written together; ``False``: one command at a time per connection, up to
+    ``pool_size`` connections."""
     prefix: str = Field(default="zeal", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """First part of every key and channel (no braces or colons: they shape Redis Cluster hash
     tags and key separators)."""

@@ -1,4 +1,4 @@
-"""Redis clients per worker and event loop, the bounded slots, timeouts, retries and counters.
+"""Redis clients per worker and event loop, the slots, timeouts, retries and counters.
 
 asyncio clients are bound to the loop that opened their sockets, and a forked worker must not
 reuse its parent's sockets: :class:`RedisConnector` keeps one state per (process, loop), built
@@ -11,10 +11,11 @@ it opens the connection).  Idempotent commands are retried on connection errors 
 with full-jitter backoff inside that deadline (never INCR, HINCRBY, XADD, PUBLISH or a user
 script), and redis-py exceptions are translated into the ZealError hierarchy.
 
-Two ways in: :meth:`RedisConnector.call` / :meth:`RedisConnector.script` send one command (the
-fast path of :mod:`._redis_direct` on a standalone server, its limits kept by one timer per
-loop in :mod:`._redis_deadlines`), and :meth:`RedisConnector.run` awaits any ``op(client)`` on
-the pooled redis-py client (pipelines, Cluster, Sentinel, a user's client), bounded by an
+Two ways in: :meth:`RedisConnector.call` / :meth:`RedisConnector.script` send one command on
+the loop's pipelined connection to the server, or on a Cluster to the node that owns the key's
+slot (:mod:`zeal_asgi._redis.pipe`; with ``auto_pipeline=False``, one command at a time per
+connection), following MOVED and ASK redirections; :meth:`RedisConnector.run` awaits any
+``op(client)`` on the pooled redis-py client (pipelines, SCAN, a user's client), bounded by an
 ``asyncio.timeout_at``.
 """
 
@@ -32,13 +33,13 @@ from typing import Any, TypeVar
 from redis import exceptions as rx
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel
+from redis.crc import key_slot
 from redis.utils import HIREDIS_AVAILABLE
 
-from zeal_asgi._redis.clients import ClientFactory
+from zeal_asgi._redis.clients import Address, ClientFactory
 from zeal_asgi._redis.config import RedisConfig
-from zeal_asgi._redis.deadlines import Deadlines
-from zeal_asgi._redis.direct import DirectConnections, direct_call, pack, pack_script
 from zeal_asgi._redis.errors import retriable, translate
+from zeal_asgi._redis.pipe import Dropped, Expired, Pipe, pack
 from zeal_asgi._redis.scripts import Script
 from zeal_asgi.errors import BackendTimeoutError, ConfigError, PoolTimeoutError, ZealError
 from zeal_asgi.shm.hoststats import host_stats
@@ -54,6 +55,9 @@ HOST_KEYS = {name: f"redis_{name}_total" for name in COUNTERS}
 
 _BACKOFF_BASE = 0.01
 _BACKOFF_CAP = 0.2
+_REDIRECTS = 5
+"""MOVED/ASK replies followed per call (redis-py follows up to 16; a slot moves once)."""
+_ASKING = pack((b"ASKING",))
 
 if not HIREDIS_AVAILABLE:  # pragma: no cover - the redis extra installs it
     raise ConfigError("the redis backend needs hiredis: pip install 'zeal-asgi[redis]'")
@@ -71,22 +75,30 @@ os.register_at_fork(after_in_child=_after_fork)
 
 @dataclass
 class LoopState:
-    """One event loop's client, slots, fast-path connections and limits (in one process)."""
+    """One event loop's clients, pipes and slots (in one process)."""
 
     loop: asyncio.AbstractEventLoop
     pid: int
     client: Any
     slots: asyncio.Semaphore
     owned: bool
-    direct: DirectConnections | None = None
-    deadlines: Deadlines = field(init=False)
     sentinel: Sentinel | None = None
+    pipes: dict[Address | None, Pipe] = field(default_factory=dict)
+    """The pipelined connection of each node (``None``: the one server); closed ones replaced."""
+    idle: list[Pipe] = field(default_factory=list)
+    """With ``auto_pipeline=False``: connections between commands (at most ``pool_size``)."""
+    opening: set[asyncio.Task[None]] = field(default_factory=set)
+    topology: bool | None = None
+    """Cluster: whether the slot map is current (``None``: never loaded)."""
     in_use: int = 0
     waiting: int = 0
     booted: bool = False
 
-    def __post_init__(self) -> None:
-        self.deadlines = Deadlines(self.loop)
+
+def _quiet(fut: asyncio.Future[Any]) -> None:
+    """Read (and drop) the outcome of a future nobody awaits."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 class RedisConnector:
@@ -111,13 +123,14 @@ class RedisConnector:
         """Slot gauges and counters of this worker, and the counters summed over the host."""
         st = self._current()
         host = host_stats().host()
-        direct = st.direct if st else None
+        pipes = [*st.pipes.values(), *st.idle] if st else []
         return {
             "target": self.where,
             "pool_size": self.cfg.pool_size,
+            "auto_pipeline": self.cfg.auto_pipeline,
             "in_use": st.in_use if st else 0,
             "waiting": st.waiting if st else 0,
-            "connections": direct.open if direct else 0,
+            "connections": sum(1 for p in pipes if not p.closed),
             **self.local,
             "host": {name: host.get(HOST_KEYS[name], 0) for name in COUNTERS},
         }
@@ -144,14 +157,12 @@ class RedisConnector:
             return st
         self._forget_dead()
         client, sentinel = self._factory.pooled()
-        make = self._factory.direct_factory()
         st = LoopState(
             loop,
             _pid,
             client,
             asyncio.Semaphore(self.cfg.pool_size),
             owned=self.cfg.mode != "client",
-            direct=DirectConnections(make) if make is not None else None,
             sentinel=sentinel,
         )
         self._states[id(loop)] = st
@@ -181,10 +192,11 @@ class RedisConnector:
         if st is None:
             return
         del self._states[id(st.loop)]
-        st.deadlines.close()
-        if st.direct is not None:
-            with contextlib.suppress(rx.RedisError, OSError):
-                await st.direct.close()
+        for task in st.opening:
+            task.cancel()
+        closed = ConnectionError("the store was closed")
+        for pipe in [*st.pipes.values(), *st.idle]:
+            pipe.abort(closed)
         if not st.owned:
             return
         with contextlib.suppress(rx.RedisError, OSError):
@@ -200,6 +212,55 @@ class RedisConnector:
         return await self._factory.dedicated(
             st.client, st.sentinel, socket_timeout, for_key, self.where
         )
+
+    # -- connections of single commands --------------------------------------------------------
+
+    def _pipe(self, st: LoopState, addr: Address | None) -> Pipe:
+        """The pipelined connection to ``addr`` (opening, or open and not closed)."""
+        pipe = st.pipes.get(addr)
+        if pipe is None or pipe.closed:
+            pipe = st.pipes[addr] = self._open(st, addr)
+        return pipe
+
+    def _open(self, st: LoopState, addr: Address | None) -> Pipe:
+        pipe = Pipe(st.loop, addr, self.cfg.socket_timeout)
+        opener = self._factory.opener(st.loop, addr, st.sentinel)
+        greeting = self._factory.greeting(addr is not None)
+
+        async def open_() -> None:
+            with contextlib.suppress(Exception):  # the queued commands got the error
+                await pipe.open(opener, greeting, self.cfg.connect_timeout)
+                self.count("clients_created")
+
+        task = st.loop.create_task(open_())
+        st.opening.add(task)
+        task.add_done_callback(st.opening.discard)
+        return pipe
+
+    def _single(self, st: LoopState, addr: Address | None) -> Pipe:
+        """``auto_pipeline=False``: an idle connection to ``addr``, or a new one."""
+        st.idle[:] = [p for p in st.idle if not p.closed]
+        for pipe in st.idle:
+            if pipe.addr == addr:
+                st.idle.remove(pipe)
+                return pipe
+        return self._open(st, addr)
+
+    async def _node(self, st: LoopState, key: bytes | None) -> Address:
+        """Cluster: the primary that owns ``key``'s slot (any primary without a key)."""
+        client = st.client
+        if not st.topology:
+            # first use: the client loads the map; later, after a MOVED or a lost node, reload
+            await (
+                client.initialize() if st.topology is None else client.nodes_manager.initialize()
+            )
+            st.topology = True
+        node = (
+            client.get_default_node()
+            if key is None
+            else client.nodes_manager.get_node_from_slot(key_slot(key))
+        )
+        return node.host, node.port
 
     # -- slots ---------------------------------------------------------------------------------
 
@@ -217,9 +278,9 @@ class RedisConnector:
             except TimeoutError:
                 self.count("acquire_timeouts")
                 raise PoolTimeoutError(
-                    f"{self._describe(what, table)}: all {self.cfg.pool_size} connections "
-                    f"stayed busy for {timeout * 1000:.0f} ms (acquire_timeout); raise "
-                    "pool_size or find the slow calls"
+                    f"{self._describe(what, table)}: all {self.cfg.pool_size} slots stayed busy "
+                    f"for {timeout * 1000:.0f} ms (acquire_timeout): raise pool_size or find the "
+                    "slow calls"
                 ) from None
             finally:
                 st.waiting -= 1
@@ -257,24 +318,24 @@ class RedisConnector:
         self.count("retries")
         return delay
 
-    # -- single commands (fast path on a standalone server) ------------------------------------
+    # -- single commands -----------------------------------------------------------------------
 
     async def call(
         self, args: tuple[Any, ...], what: str, *, idempotent: bool, table: str | None = None
     ) -> Any:
         """Send one command (name a str, arguments bytes, str or int) and return its reply.
 
-        The reply is RESP2 as parsed by hiredis on a standalone server (``HGETALL``: a flat
-        list) and redis-py's parsed reply elsewhere (``HGETALL``: a dict); every other command
-        this package sends this way reads the same both ways.  ``what`` (and ``table``) name
-        the call in error messages.
+        The reply is RESP2 as parsed by hiredis (``HGETALL``: a flat list), except with a ready
+        client of the user's (redis-py's parsed reply; ``HGETALL``: a dict); every other
+        command this package sends this way reads the same both ways.  ``what`` (and
+        ``table``) name the call in error messages.
         """
-        st = self.state()
-        if st.direct is None:
+        if self.cfg.mode == "client":
             return await self.run(
                 lambda c: c.execute_command(*args), what=what, idempotent=idempotent, table=table
             )
-        return await direct_call(self, st, st.direct, pack(args), None, what, table, idempotent)
+        key = args[1] if len(args) > 1 else None
+        return await self._send(pack(args), key, None, what, table, idempotent)
 
     async def script(
         self,
@@ -287,14 +348,95 @@ class RedisConnector:
         table: str | None = None,
     ) -> Any:
         """Run ``script`` (EVALSHA, then EVAL if the server lost it); its raw reply."""
-        st = self.state()
-        if st.direct is None:
+        if self.cfg.mode == "client":
             return await self.run(
                 lambda c: script(c, keys, args), what=what, idempotent=idempotent, table=table
             )
-        packed = pack_script(b"EVALSHA", script.sha, keys, args)
-        fallback = (script.body, keys, args)
-        return await direct_call(self, st, st.direct, packed, fallback, what, table, idempotent)
+        packed = pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
+        body = pack((b"EVAL", script.body, len(keys), *keys, *args))
+        return await self._send(packed, keys[0] if keys else None, body, what, table, idempotent)
+
+    async def _send(
+        self,
+        packed: bytes,
+        key: bytes | None,
+        body: bytes | None,
+        what: str,
+        table: str | None,
+        idempotent: bool,
+    ) -> Any:
+        """One command within a slot, the deadline and the retry policy; ``body``: the EVAL
+        sent when the server answers EVALSHA with NOSCRIPT (it did not run the script)."""
+        st = self.state()
+        loop, cfg = st.loop, self.cfg
+        deadline = loop.time() + cfg.deadline
+        slots = st.slots
+        if slots.locked():
+            await self.acquire(st, what, table)
+        else:
+            await slots.acquire()  # returns at once: no timer when a slot is free
+            self.count("acquires")
+        st.in_use += 1
+        cluster = cfg.mode == "cluster"
+        addr: Address | None = None
+        asking = False
+        redirects = attempt = 0
+        pipe: Pipe | None = None
+        cause: BaseException | None
+        try:
+            while True:
+                self.count("commands")
+                try:
+                    if cluster and not redirects:
+                        addr = await self._node(st, key)
+                    pipe = self._pipe(st, addr) if cfg.auto_pipeline else self._single(st, addr)
+                    if asking:  # written just before the command: both in one write
+                        pipe.send(_ASKING, deadline).add_done_callback(_quiet)
+                    return await pipe.send(packed, deadline)
+                except rx.ResponseError as exc:
+                    err_text = str(exc)
+                    if body is not None and err_text.startswith("NOSCRIPT"):
+                        # a restart, failover or SCRIPT FLUSH: the script did not run, so
+                        # sending its source is safe even when it is not idempotent
+                        packed, body = body, None
+                        continue
+                    if (
+                        cluster
+                        and err_text.startswith(("MOVED ", "ASK "))
+                        and redirects < _REDIRECTS
+                    ):
+                        # not run here: the slot is served elsewhere (for good, or for now)
+                        redirects += 1
+                        asking = err_text.startswith("ASK")
+                        st.topology = st.topology and asking
+                        host, _, port = err_text.split()[2].rpartition(":")
+                        addr = (host, int(port))
+                        continue
+                    if err_text.startswith("READONLY") and pipe is not None:
+                        pipe.abort(exc)  # a demoted master: reconnect, and rediscover
+                    err, cause = self.failed(exc, False, False, what, table), exc
+                except Expired as exc:
+                    err, cause = self.failed(None, True, exc.at_deadline, what, table), None
+                except Dropped as exc:
+                    if st.topology:
+                        st.topology = False  # a Cluster node went away: read the map again
+                    err, cause = self.failed(exc.cause, False, False, what, table), exc.cause
+                except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
+                    err, cause = self.failed(exc, False, False, what, table), exc
+                finally:
+                    if not cfg.auto_pipeline and pipe is not None:
+                        if pipe.in_flight:  # given up (time limit, cancellation) mid-command
+                            pipe.abort(ConnectionError("abandoned mid-command"))
+                        elif not pipe.closed:
+                            st.idle.append(pipe)
+                delay = self.give_up(err, attempt, idempotent, deadline - loop.time())
+                if delay < 0:
+                    raise err from cause
+                attempt += 1
+                await asyncio.sleep(delay)
+        finally:
+            st.in_use -= 1
+            slots.release()
 
     # -- any operation on the pooled client ----------------------------------------------------
 
