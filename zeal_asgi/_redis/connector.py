@@ -197,6 +197,7 @@ class RedisConnector:
         closed = ConnectionError("the store was closed")
         for pipe in [*st.pipes.values(), *st.idle]:
             pipe.abort(closed)
+        await asyncio.sleep(0)  # the transports close their sockets in the next pass
         if not st.owned:
             return
         with contextlib.suppress(rx.RedisError, OSError):

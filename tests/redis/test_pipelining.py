@@ -1,0 +1,174 @@
+"""Automatic pipelining: concurrent single commands share one connection and one write, each
+caller gets its own reply or its own error, and a connection lost mid-batch mixes up nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests._harness.proxy import Proxy
+from tests._harness.servers import RedisCluster, RedisServer
+from zeal_asgi import Counter
+from zeal_asgi.errors import BackendError, BackendResponseError, IntegerOverflowError
+from zeal_asgi.store import Store
+from zeal_asgi.store.backends.redis import RedisBackend
+
+from .conftest import unique_prefix
+
+CALLERS = 64
+
+
+def _store(conn: str | dict[str, Any], **options: Any) -> tuple[Store, RedisBackend]:
+    if isinstance(conn, str):
+        conn = {"url": conn}
+    store = Store("redis", {**conn, "prefix": unique_prefix(), "pool_size": CALLERS, **options})
+    store.make("t", 1000, {"n": (Store.TYPE_INT, 8), "s": (Store.TYPE_STRING, 16)})
+    backend = store.backend
+    assert isinstance(backend, RedisBackend)
+    return store, backend
+
+
+def _clients(server: RedisServer) -> int:
+    """Connections to ``server`` other than the one asking."""
+    listing = server.command("CLIENT", "LIST")
+    assert isinstance(listing, bytes)
+    return listing.count(b"\n") - 1
+
+
+async def test_concurrent_callers_share_one_connection_and_few_writes(
+    fresh_redis: RedisServer,
+) -> None:
+    store, backend = _store(fresh_redis.url)
+    try:
+        # the connection, the schema check and the scripts' first EVAL: out of the way
+        await store.set("t", "warm", {"n": 1})
+        await store.incr("t", "warm", "n", 0)
+        await store.get_strict("t", "warm", "n")
+        reads_before = fresh_redis.info("stats")["total_reads_processed"]
+        half = CALLERS // 2
+        got = await asyncio.gather(
+            *(store.incr("t", f"k{i}", "n", i + 1) for i in range(half)),
+            *(store.get_strict("t", "warm", "n") for _ in range(half)),
+        )
+        reads = fresh_redis.info("stats")["total_reads_processed"] - reads_before
+        assert got == [i + 1 for i in range(half)] + [1] * half
+        # 64 commands issued in one pass of the loop reach the server in a few writes (the
+        # first alone, the rest together; INFO's own connection adds its reads): one read per
+        # command would be >= 64
+        assert reads <= 8, reads
+        assert backend.stats()["redis"]["connections"] == 1
+        assert _clients(fresh_redis) == 1  # the pooled client for pipelines never opened
+    finally:
+        await store.aclose()
+
+
+async def test_an_error_reply_reaches_its_caller_only(redis_server: RedisServer) -> None:
+    store, _ = _store(redis_server.url)
+    try:
+        await store.set("t", "big", {"n": 2**63 - 1})
+        await store.set("t", "s", {"s": "x"})
+        calls = [
+            store.incr("t", "big", "n", 1),
+            *(store.get_strict("t", "s", "s") for _ in range(8)),
+        ]
+        calls.insert(4, store.eval("return redis.error_reply('ERR boom')"))
+        got = await asyncio.gather(*calls, return_exceptions=True)
+        assert isinstance(got[0], IntegerOverflowError)
+        assert isinstance(got[4], BackendResponseError) and "boom" in str(got[4])
+        assert got[1:4] + got[5:] == ["x"] * 8
+        assert await store.get_strict("t", "big", "n") == 2**63 - 1
+    finally:
+        await store.aclose()
+
+
+async def test_a_connection_lost_mid_batch_hands_no_caller_another_reply(
+    redis_server: RedisServer,
+) -> None:
+    proxy = await Proxy(redis_server.port).start()
+    store, backend = _store(f"redis://{proxy.address}")
+    try:
+        for i in range(CALLERS):  # rows exist, the table is checked: one command per INCR below
+            await store.set("t", f"k{i}", {"n": 0})
+        # the replies of the first ~20 INCRs get through, then the connection drops mid-reply
+        proxy.reply_budget = 500
+        got = await asyncio.gather(
+            *(store.incr("t", f"k{i}", "n", 1000 + i) for i in range(CALLERS)),
+            return_exceptions=True,
+        )
+        answered = [i for i, r in enumerate(got) if not isinstance(r, BaseException)]
+        failed = [i for i, r in enumerate(got) if isinstance(r, BaseException)]
+        assert answered and failed, got  # really cut mid-batch
+        for i in answered:
+            assert got[i] == 1000 + i  # its own reply, never a neighbour's
+        for i in failed:
+            # typed, and never retried (an INCR may have run): at most one attempt each
+            assert isinstance(got[i], BackendError), got[i]
+        proxy.reply_budget, proxy.hangup = None, False
+        after = await asyncio.gather(*(store.get_strict("t", f"k{i}", "n") for i in range(CALLERS)))
+        for i in answered:
+            assert after[i] == 1000 + i
+        for i in failed:
+            assert after[i] in (0, 1000 + i)  # applied or not, each exactly once at most
+        assert backend.stats()["redis"]["retries"] == 0
+    finally:
+        await store.aclose()
+        await proxy.aclose()
+
+
+async def test_auto_pipeline_off_is_one_command_per_connection(
+    fresh_redis: RedisServer,
+) -> None:
+    store, backend = _store(f"{fresh_redis.url}?auto_pipeline=false", pool_size=4)
+    try:
+        assert backend.config.auto_pipeline is False
+        got = await asyncio.gather(*(store.incr("t", "k", "n", 1) for _ in range(40)))
+        assert sorted(got) == list(range(1, 41))
+        stats = backend.stats()["redis"]
+        assert stats["auto_pipeline"] is False
+        assert 1 < stats["connections"] <= 4 and _clients(fresh_redis) == stats["connections"]
+    finally:
+        await store.aclose()
+    assert _clients(fresh_redis) == 0
+
+
+async def test_cluster_pipelines_per_node(redis_cluster: RedisCluster) -> None:
+    nodes = [f"{h}:{p}" for h, p in redis_cluster.nodes]
+    store, backend = _store({"cluster": nodes})
+    names = [f"c{i}" for i in range(12)]
+    counters = [Counter(0, name=n, store=store) for n in names]
+    try:
+        got = await asyncio.gather(
+            *(c.increment(i + 1) for i, c in enumerate(counters) for _ in range(4))
+        )
+        for i in range(len(names)):  # each counter's own four replies, in some order
+            assert sorted(got[4 * i : 4 * i + 4]) == [(i + 1) * k for k in range(1, 5)]
+        assert [await c.get() for c in counters] == [4 * (i + 1) for i in range(len(names))]
+        # the counters hash to every master; one connection per master, not per call
+        assert backend.stats()["redis"]["connections"] == len(redis_cluster.nodes)
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("auto_pipeline", [True, False])
+async def test_cancelled_callers_leave_the_others_their_replies(
+    redis_server: RedisServer, auto_pipeline: bool
+) -> None:
+    proxy = await Proxy(redis_server.port, latency=0.05).start()
+    store, backend = _store(f"redis://{proxy.address}", auto_pipeline=auto_pipeline)
+    try:
+        for i in range(8):
+            await store.set("t", f"k{i}", {"n": i})
+        tasks = [asyncio.create_task(store.get_strict("t", f"k{i}", "n")) for i in range(8)]
+        await asyncio.sleep(0.01)
+        for task in tasks[::2]:
+            task.cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert [d for d in done[1::2]] == [1, 3, 5, 7]
+        assert all(isinstance(d, asyncio.CancelledError) for d in done[::2])
+        assert await store.get_strict("t", "k6", "n") == 6
+        assert backend.stats()["redis"]["in_use"] == 0
+    finally:
+        await store.aclose()
+        await proxy.aclose()
