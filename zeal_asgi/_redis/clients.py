@@ -132,11 +132,11 @@ class ClientFactory:
             return Redis.from_pool(pool), sentinel
         # Single commands use their own pipelined connection; this pool serves pipelines and
         # scans (within the slots) and callers of client() outside them (Streams consumers): a
-        # burst of those waits up to acquire_timeout for one of 2 x pool_size connections
-        # instead of failing at once, as a plain pool would.  Its connections open on first use.
+        # burst of those waits up to acquire_timeout for one of pool_size connections instead
+        # of failing at once, as a plain pool would.  Its connections open on first use.
         kw = self._standalone_kwargs(cfg.socket_timeout)
         pool = BlockingConnectionPool(
-            max_connections=2 * cfg.pool_size, timeout=cfg.acquire_timeout, **kw
+            max_connections=cfg.pool_size, timeout=cfg.acquire_timeout, **kw
         )
         return Redis.from_pool(pool), None
 
