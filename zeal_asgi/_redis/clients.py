@@ -147,16 +147,9 @@ class ClientFactory:
         or the master the Sentinels name at that moment) opens."""
         cfg = self.cfg
         ssl_context = None
-        if cfg.tls:
-            tls = self.tls_kwargs()
-            ssl_context = RedisSSLContext(
-                keyfile=tls["ssl_keyfile"],
-                certfile=tls["ssl_certfile"],
-                cert_reqs=tls["ssl_cert_reqs"],
-                ca_certs=tls["ssl_ca_certs"],
-                check_hostname=tls["ssl_check_hostname"],
-                min_version=tls["ssl_min_version"],
-            ).get()
+        if cfg.tls:  # the pooled client's very options (ssl_ca_certs -> ca_certs, ...)
+            tls = {k.removeprefix("ssl_"): v for k, v in self.tls_kwargs().items()}
+            ssl_context = RedisSSLContext(**tls).get()
 
         async def open_(protocol: Callable[[], asyncio.Protocol]) -> object:
             if cfg.unix_path is not None:

@@ -79,9 +79,9 @@ class RedisConfig(BaseModel):
     cost no connection each); also the most connections the pooled client opens for pipelines,
     scans and Streams consumers."""
     auto_pipeline: bool = True
-    """Single commands share one connection per server (Cluster: per node), those issued
-    together written together; ``False``: one command at a time per connection, up to
-    ``pool_size`` connections."""
+    """Single commands issued together are written together (one write per pass of the event
+    loop); ``False``: each one is written on its own.  Either way they share one connection per
+    server (Cluster: per node)."""
     prefix: str = Field(default="zeal", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """First part of every key and channel (no braces or colons: they shape Redis Cluster hash
     tags and key separators)."""

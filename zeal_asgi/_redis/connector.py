@@ -13,10 +13,9 @@ script), and redis-py exceptions are translated into the ZealError hierarchy.
 
 Two ways in: :meth:`RedisConnector.call` / :meth:`RedisConnector.script` send one command on
 the loop's pipelined connection to the server, or on a Cluster to the node that owns the key's
-slot (:mod:`zeal_asgi._redis.pipe`; with ``auto_pipeline=False``, one command at a time per
-connection), following MOVED and ASK redirections; :meth:`RedisConnector.run` awaits any
-``op(client)`` on the pooled redis-py client (pipelines, SCAN, a user's client), bounded by an
-``asyncio.timeout_at``.
+slot (:mod:`zeal_asgi._redis.pipe`), following MOVED and ASK redirections;
+:meth:`RedisConnector.run` awaits any ``op(client)`` on the pooled redis-py client (pipelines,
+SCAN, a user's client), bounded by an ``asyncio.timeout_at``.
 """
 
 from __future__ import annotations
@@ -49,8 +48,17 @@ __all__ = ["COUNTERS", "HOST_KEYS", "LoopState", "RedisConnector"]
 log = logging.getLogger("zeal_asgi.redis")
 T = TypeVar("T")
 
-COUNTERS = ("acquires", "acquire_timeouts", "clients_created", "commands", "errors", "retries")
-"""Per-worker counters of :meth:`RedisConnector.stats` (also summed over the host)."""
+COUNTERS = (
+    "acquires",
+    "acquire_timeouts",
+    "clients_created",
+    "commands",
+    "writes",
+    "errors",
+    "retries",
+)
+"""Per-worker counters of :meth:`RedisConnector.stats` (also summed over the host); single
+commands per socket write is ``commands / writes`` (pipelines and scans aside)."""
 HOST_KEYS = {name: f"redis_{name}_total" for name in COUNTERS}
 
 _BACKOFF_BASE = 0.01
@@ -85,8 +93,6 @@ class LoopState:
     sentinel: Sentinel | None = None
     pipes: dict[Address | None, Pipe] = field(default_factory=dict)
     """The pipelined connection of each node (``None``: the one server); closed ones replaced."""
-    idle: list[Pipe] = field(default_factory=list)
-    """With ``auto_pipeline=False``: connections between commands (at most ``pool_size``)."""
     opening: set[asyncio.Task[None]] = field(default_factory=set)
     topology: bool | None = None
     """Cluster: whether the slot map is current (``None``: never loaded)."""
@@ -123,14 +129,13 @@ class RedisConnector:
         """Slot gauges and counters of this worker, and the counters summed over the host."""
         st = self._current()
         host = host_stats().host()
-        pipes = [*st.pipes.values(), *st.idle] if st else []
         return {
             "target": self.where,
             "pool_size": self.cfg.pool_size,
             "auto_pipeline": self.cfg.auto_pipeline,
             "in_use": st.in_use if st else 0,
             "waiting": st.waiting if st else 0,
-            "connections": sum(1 for p in pipes if not p.closed),
+            "connections": sum(1 for p in st.pipes.values() if not p.closed) if st else 0,
             **self.local,
             "host": {name: host.get(HOST_KEYS[name], 0) for name in COUNTERS},
         }
@@ -195,7 +200,7 @@ class RedisConnector:
         for task in st.opening:
             task.cancel()
         closed = ConnectionError("the store was closed")
-        for pipe in [*st.pipes.values(), *st.idle]:
+        for pipe in st.pipes.values():
             pipe.abort(closed)
         await asyncio.sleep(0)  # the transports close their sockets in the next pass
         if not st.owned:
@@ -224,7 +229,9 @@ class RedisConnector:
         return pipe
 
     def _open(self, st: LoopState, addr: Address | None) -> Pipe:
-        pipe = Pipe(st.loop, addr, self.cfg.socket_timeout)
+        pipe = Pipe(
+            st.loop, self.cfg.socket_timeout, self.cfg.auto_pipeline, lambda: self.count("writes")
+        )
         opener = self._factory.opener(st.loop, addr, st.sentinel)
         greeting = self._factory.greeting(addr is not None)
 
@@ -237,15 +244,6 @@ class RedisConnector:
         st.opening.add(task)
         task.add_done_callback(st.opening.discard)
         return pipe
-
-    def _single(self, st: LoopState, addr: Address | None) -> Pipe:
-        """``auto_pipeline=False``: an idle connection to ``addr``, or a new one."""
-        st.idle[:] = [p for p in st.idle if not p.closed]
-        for pipe in st.idle:
-            if pipe.addr == addr:
-                st.idle.remove(pipe)
-                return pipe
-        return self._open(st, addr)
 
     async def _node(self, st: LoopState, key: bytes | None) -> Address:
         """Cluster: the primary that owns ``key``'s slot (any primary without a key)."""
@@ -263,10 +261,26 @@ class RedisConnector:
         )
         return node.host, node.port
 
-    # -- slots ---------------------------------------------------------------------------------
+    # -- calls ---------------------------------------------------------------------------------
 
-    async def acquire(self, st: LoopState, what: str, table: str | None) -> None:
-        """Take a slot of ``st``, waiting at most ``acquire_timeout`` (PoolTimeoutError)."""
+    async def _within(
+        self,
+        what: str,
+        table: str | None,
+        idempotent: bool,
+        attempt: Callable[[LoopState, float], Awaitable[T]],
+    ) -> T:
+        """``await attempt(state, deadline)`` within a slot, the deadline and the retry policy;
+        an attempt fails by raising its ZealError (the cause chained).
+
+        Raises:
+            PoolTimeoutError: no slot within ``acquire_timeout``.
+            BackendTimeoutError: no answer within ``socket_timeout`` / ``deadline``.
+            BackendUnavailableError (and its TLS/auth leaves), BackendResponseError.
+        """
+        st = self.state()
+        loop = st.loop
+        deadline = loop.time() + self.cfg.deadline
         slots = st.slots
         if not slots.locked():
             await slots.acquire()  # returns at once: no timer when a slot is free
@@ -286,6 +300,30 @@ class RedisConnector:
             finally:
                 st.waiting -= 1
         self.count("acquires")
+        st.in_use += 1
+        try:
+            tries = 0
+            while True:
+                self.count("commands")
+                try:
+                    return await attempt(st, deadline)
+                except ZealError as err:
+                    delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**tries))
+                    left = deadline - loop.time()
+                    if (
+                        not idempotent
+                        or not retriable(err)
+                        or tries >= self.cfg.retries
+                        or (delay >= left)
+                    ):
+                        self.count("errors")
+                        raise
+                self.count("retries")
+                tries += 1
+                await asyncio.sleep(delay)
+        finally:
+            st.in_use -= 1
+            slots.release()
 
     def failed(
         self,
@@ -309,17 +347,6 @@ class RedisConnector:
             )
         assert exc is not None
         return translate(exc, where)
-
-    def give_up(self, err: ZealError, attempt: int, idempotent: bool, left: float) -> float:
-        """The backoff before the next attempt, or -1 to raise ``err`` now."""
-        delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
-        if not idempotent or not retriable(err) or attempt >= self.cfg.retries or delay >= left:
-            self.count("errors")
-            return -1.0
-        self.count("retries")
-        return delay
-
-    # -- single commands -----------------------------------------------------------------------
 
     async def call(
         self, args: tuple[Any, ...], what: str, *, idempotent: bool, table: str | None = None
@@ -366,80 +393,50 @@ class RedisConnector:
         table: str | None,
         idempotent: bool,
     ) -> Any:
-        """One command within a slot, the deadline and the retry policy; ``body``: the EVAL
-        sent when the server answers EVALSHA with NOSCRIPT (it did not run the script)."""
-        st = self.state()
-        loop, cfg = st.loop, self.cfg
-        deadline = loop.time() + cfg.deadline
-        slots = st.slots
-        if slots.locked():
-            await self.acquire(st, what, table)
-        else:
-            await slots.acquire()  # returns at once: no timer when a slot is free
-            self.count("acquires")
-        st.in_use += 1
-        cluster = cfg.mode == "cluster"
-        addr: Address | None = None
-        asking = False
-        redirects = attempt = 0
-        pipe: Pipe | None = None
-        cause: BaseException | None
-        try:
+        """One command on a pipe; ``body``: the EVAL sent when the server answers EVALSHA with
+        NOSCRIPT (it did not run the script)."""
+        cfg = self.cfg
+
+        async def attempt(st: LoopState, deadline: float) -> Any:
+            nonlocal packed, body
+            addr: Address | None = None
+            asking, redirects = False, 0
             while True:
-                self.count("commands")
+                pipe = None
                 try:
-                    if cluster and not redirects:
+                    if cfg.mode == "cluster" and not redirects:
                         addr = await self._node(st, key)
-                    pipe = self._pipe(st, addr) if cfg.auto_pipeline else self._single(st, addr)
+                    pipe = self._pipe(st, addr)
                     if asking:  # written just before the command: both in one write
                         pipe.send(_ASKING, deadline).add_done_callback(_quiet)
                     return await pipe.send(packed, deadline)
                 except rx.ResponseError as exc:
-                    err_text = str(exc)
-                    if body is not None and err_text.startswith("NOSCRIPT"):
+                    text = str(exc)
+                    if body is not None and text.startswith("NOSCRIPT"):
                         # a restart, failover or SCRIPT FLUSH: the script did not run, so
                         # sending its source is safe even when it is not idempotent
                         packed, body = body, None
                         continue
-                    if (
-                        cluster
-                        and err_text.startswith(("MOVED ", "ASK "))
-                        and redirects < _REDIRECTS
-                    ):
-                        # not run here: the slot is served elsewhere (for good, or for now)
+                    if text.startswith(("MOVED ", "ASK ")) and redirects < _REDIRECTS:
+                        # not run: the slot is served elsewhere (for good, or for now)
                         redirects += 1
-                        asking = err_text.startswith("ASK")
+                        asking = text.startswith("ASK")
                         st.topology = st.topology and asking
-                        host, _, port = err_text.split()[2].rpartition(":")
+                        host, _, port = text.split()[2].rpartition(":")
                         addr = (host, int(port))
                         continue
-                    if err_text.startswith("READONLY") and pipe is not None:
+                    if text.startswith("READONLY") and pipe is not None:
                         pipe.abort(exc)  # a demoted master: reconnect, and rediscover
-                    err, cause = self.failed(exc, False, False, what, table), exc
+                    raise self.failed(exc, False, False, what, table) from exc
                 except Expired as exc:
-                    err, cause = self.failed(None, True, exc.at_deadline, what, table), None
+                    raise self.failed(None, True, exc.at_deadline, what, table) from None
                 except Dropped as exc:
-                    if st.topology:
-                        st.topology = False  # a Cluster node went away: read the map again
-                    err, cause = self.failed(exc.cause, False, False, what, table), exc.cause
+                    st.topology = st.topology and False  # a Cluster node went away: reload
+                    raise self.failed(exc.cause, False, False, what, table) from exc.cause
                 except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
-                    err, cause = self.failed(exc, False, False, what, table), exc
-                finally:
-                    if not cfg.auto_pipeline and pipe is not None:
-                        if pipe.in_flight:  # given up (time limit, cancellation) mid-command
-                            pipe.abort(ConnectionError("abandoned mid-command"))
-                        elif not pipe.closed:
-                            st.idle.append(pipe)
-                delay = self.give_up(err, attempt, idempotent, deadline - loop.time())
-                if delay < 0:
-                    raise err from cause
-                attempt += 1
-                await asyncio.sleep(delay)
-        finally:
-            st.in_use -= 1
-            slots.release()
+                    raise self.failed(exc, False, False, what, table) from exc
 
-    # -- any operation on the pooled client ----------------------------------------------------
+        return await self._within(what, table, idempotent, attempt)
 
     async def run(
         self,
@@ -449,38 +446,19 @@ class RedisConnector:
         idempotent: bool,
         table: str | None = None,
     ) -> T:
-        """Run ``op(client)`` within the slots, the deadline and the retry policy.
+        """Run ``op(client)`` on the pooled client within the slots, the deadline and the retry
+        policy (the errors of :meth:`_within`)."""
 
-        Raises:
-            PoolTimeoutError: no slot within ``acquire_timeout``.
-            BackendTimeoutError: no answer within ``socket_timeout`` / ``deadline``.
-            BackendUnavailableError (and its TLS/auth leaves), BackendResponseError.
-        """
-        st = self.state()
-        loop = st.loop
-        deadline = loop.time() + self.cfg.deadline
-        await self.acquire(st, what, table)
-        st.in_use += 1
-        try:
-            attempt = 0
-            while True:
-                self.count("commands")
-                cm = asyncio.timeout_at(deadline)
-                try:
-                    async with cm:
-                        return await op(st.client)
-                except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
-                    # OSError covers TimeoutError, ours (expired) and the socket's
-                    err = self.failed(exc, cm.expired(), True, what, table)
-                    cause: BaseException = exc
-                delay = self.give_up(err, attempt, idempotent, deadline - loop.time())
-                if delay < 0:
-                    raise err from cause
-                attempt += 1
-                await asyncio.sleep(delay)
-        finally:
-            st.in_use -= 1
-            st.slots.release()
+        async def attempt(st: LoopState, deadline: float) -> T:
+            cm = asyncio.timeout_at(deadline)
+            try:
+                async with cm:
+                    return await op(st.client)
+            except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
+                # OSError covers TimeoutError, ours (expired) and the socket's
+                raise self.failed(exc, cm.expired(), True, what, table) from exc
+
+        return await self._within(what, table, idempotent, attempt)
 
     async def boot(self) -> None:
         """PING once per loop; fails loudly, naming the target (never the password)."""

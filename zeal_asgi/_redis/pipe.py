@@ -3,7 +3,9 @@
 A :class:`Pipe` is an asyncio protocol with a hiredis reader.  A command sent while the
 connection has nothing in flight is written at once (one round trip, no added latency); one sent
 while others are in flight waits in a buffer that is written in one piece at the end of the
-event loop's current pass, so every command issued by the tasks of that pass shares one write.
+event loop's current pass, so every command issued by the tasks of that pass shares one write
+(``coalesce=False``: each command is written on its own at once, as ioredis does without its
+auto-pipelining; they still share the connection).
 Replies come back in the order of the writes: each one settles the future at the head of the
 queue, a result or an error reply for that caller alone.  The batch is bounded by the
 connector's slots (commands in flight per loop) and by the transport's write buffer (past its
@@ -79,12 +81,18 @@ class Pipe(asyncio.Protocol):
     """One connection (opened by :meth:`open`) and the commands in flight on it."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, addr: tuple[str, int] | None, socket_timeout: float
+        self,
+        loop: asyncio.AbstractEventLoop,
+        socket_timeout: float,
+        coalesce: bool = True,
+        on_write: Callable[[], None] = lambda: None,
     ) -> None:
         self.loop = loop
-        self.addr = addr
-        """The node it connects to (``None``: the configured server)."""
+        self.on_write = on_write
+        """Called for every write of commands to the socket."""
         self.socket_timeout = socket_timeout
+        self.coalesce = coalesce
+        """``False``: every command is written on its own, as soon as it is sent."""
         self.ready = False
         """Open, greeted (AUTH, SELECT), and not closed: commands are written."""
         self.closed = False
@@ -94,7 +102,6 @@ class Pipe(asyncio.Protocol):
         self._queued: list[Queued] = []
         self._chunks: list[bytes] = []
         self._flushing = False
-        self._paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._armed_at = math.inf
 
@@ -104,11 +111,12 @@ class Pipe(asyncio.Protocol):
         """Queue one command; its future gets the reply, an error reply, or :class:`Expired`
         (at ``deadline``, or ``socket_timeout`` after it was written) or :class:`Dropped`."""
         fut = self.loop.create_future()
-        if self.ready and not self._sent and not self._chunks and not self._paused:
+        if self.ready and not self._chunks and not (self._sent and self.coalesce):
             stale = self.loop.time() + self.socket_timeout
             self._sent.append((fut, deadline, stale))
             assert self._transport is not None
             self._transport.write(packed)
+            self.on_write()
             deadline = min(deadline, stale)
         else:
             self._queued.append((fut, deadline))
@@ -122,7 +130,7 @@ class Pipe(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flushing = False
-        if not self.ready or self._paused or not self._chunks:
+        if not self.ready or not self._chunks:
             return
         assert self._transport is not None
         stale = self.loop.time() + self.socket_timeout
@@ -131,13 +139,9 @@ class Pipe(asyncio.Protocol):
         self._queued.clear()
         self._chunks.clear()
         self._transport.write(data)
+        self.on_write()
         if stale < self._armed_at:
             self._arm(stale)
-
-    @property
-    def in_flight(self) -> int:
-        """Commands queued or written and not yet answered (or given up)."""
-        return len(self._sent) + len(self._queued)
 
     # -- opening -----------------------------------------------------------------------------------
 
@@ -194,24 +198,11 @@ class Pipe(asyncio.Protocol):
                 else:
                     fut.set_result(reply)
 
-    def pause_writing(self) -> None:
-        """The transport's buffer is full: later commands wait in ours."""
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        """The transport drained: write what waited."""
-        self._paused = False
-        self._flush()
-
     # -- failure -----------------------------------------------------------------------------------
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Fail every command still waiting (see the module's docstring)."""
         self.abort(exc or ConnectionError("connection closed by the server"))
-
-    def eof_received(self) -> bool | None:
-        """The server closed its side: close ours too (connection_lost follows)."""
-        return None
 
     def abort(self, exc: BaseException) -> None:
         """Close the connection now and fail every command in it with :class:`Dropped`."""
