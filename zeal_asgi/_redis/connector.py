@@ -325,28 +325,20 @@ class RedisConnector:
             st.in_use -= 1
             slots.release()
 
-    def failed(
-        self,
-        exc: BaseException | None,
-        expired: bool,
-        at_deadline: bool,
-        what: str,
-        table: str | None,
-    ) -> ZealError:
-        """The error of a failed attempt: ours when its time limit ``expired`` (the call's
-        deadline, or ``socket_timeout``), else the translation of ``exc``."""
+    def failed(self, exc: BaseException | None, what: str, table: str | None) -> ZealError:
+        """The error of a failed attempt: the translation of ``exc``; with ``exc`` an
+        :class:`Expired` (or None: the call's deadline), ours."""
         where = self._describe(what, table)
-        if expired:
-            cfg = self.cfg
-            if at_deadline:
-                return BackendTimeoutError(
-                    f"{where}: no answer within the {cfg.deadline * 1000:.0f} ms deadline"
-                )
+        if exc is not None and not isinstance(exc, Expired):
+            return translate(exc, where)
+        cfg = self.cfg
+        if exc is None or exc.at_deadline:
             return BackendTimeoutError(
-                f"{where}: no answer within socket_timeout ({cfg.socket_timeout * 1000:.0f} ms)"
+                f"{where}: no answer within the {cfg.deadline * 1000:.0f} ms deadline"
             )
-        assert exc is not None
-        return translate(exc, where)
+        return BackendTimeoutError(
+            f"{where}: no answer within socket_timeout ({cfg.socket_timeout * 1000:.0f} ms)"
+        )
 
     async def call(
         self, args: tuple[Any, ...], what: str, *, idempotent: bool, table: str | None = None
@@ -427,14 +419,14 @@ class RedisConnector:
                         continue
                     if text.startswith("READONLY") and pipe is not None:
                         pipe.abort(exc)  # a demoted master: reconnect, and rediscover
-                    raise self.failed(exc, False, False, what, table) from exc
+                    raise self.failed(exc, what, table) from exc
                 except Expired as exc:
-                    raise self.failed(None, True, exc.at_deadline, what, table) from None
+                    raise self.failed(exc, what, table) from None
                 except Dropped as exc:
                     st.topology = st.topology and False  # a Cluster node went away: reload
-                    raise self.failed(exc.cause, False, False, what, table) from exc.cause
+                    raise self.failed(exc.cause, what, table) from exc.cause
                 except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
-                    raise self.failed(exc, False, False, what, table) from exc
+                    raise self.failed(exc, what, table) from exc
 
         return await self._within(what, table, idempotent, attempt)
 
@@ -456,7 +448,7 @@ class RedisConnector:
                     return await op(st.client)
             except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
                 # OSError covers TimeoutError, ours (expired) and the socket's
-                raise self.failed(exc, cm.expired(), True, what, table) from exc
+                raise self.failed(None if cm.expired() else exc, what, table) from exc
 
         return await self._within(what, table, idempotent, attempt)
 
