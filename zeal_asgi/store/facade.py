@@ -107,7 +107,8 @@ class HybridMeta(type):
         super().__setattr__(name, value)
         if name == "_default":
             for attr, fn in _hybrids(cls).items():
-                super().__setattr__(attr, fn if value is None else value.__dict__[attr])
+                bound = None if value is None else MethodType(fn.fn, value)
+                super().__setattr__(attr, value.__dict__.setdefault(attr, bound) if bound else fn)
 
 
 def _hybrids(cls: type) -> dict[str, hybridmethod[Any, Any, Any]]:
