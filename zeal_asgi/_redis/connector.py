@@ -38,7 +38,7 @@ from redis.utils import HIREDIS_AVAILABLE
 from zeal_asgi._redis.clients import Address, ClientFactory
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.errors import retriable, translate
-from zeal_asgi._redis.pipe import Dropped, Expired, Pipe, pack
+from zeal_asgi._redis.pipe import Dropped, Expired, Opener, Pipe, pack
 from zeal_asgi._redis.scripts import Script
 from zeal_asgi.errors import BackendTimeoutError, ConfigError, PoolTimeoutError, ZealError
 from zeal_asgi.shm.hoststats import host_stats
@@ -99,12 +99,6 @@ class LoopState:
     in_use: int = 0
     waiting: int = 0
     booted: bool = False
-
-
-def _quiet(fut: asyncio.Future[Any]) -> None:
-    """Read (and drop) the outcome of a future nobody awaits."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 class RedisConnector:
@@ -222,28 +216,24 @@ class RedisConnector:
     # -- connections of single commands --------------------------------------------------------
 
     def _pipe(self, st: LoopState, addr: Address | None) -> Pipe:
-        """The pipelined connection to ``addr`` (opening, or open and not closed)."""
+        """The pipelined connection to ``addr`` (opened on first use, and again once closed)."""
         pipe = st.pipes.get(addr)
         if pipe is None or pipe.closed:
-            pipe = st.pipes[addr] = self._open(st, addr)
+            cfg, factory = self.cfg, self._factory
+            pipe = Pipe(
+                st.loop, cfg.socket_timeout, cfg.auto_pipeline, lambda: self.count("writes")
+            )
+            opener = factory.opener(st.loop, addr, st.sentinel)
+            task = st.loop.create_task(self._open(pipe, opener, factory.greeting(addr is not None)))
+            st.opening.add(task)
+            task.add_done_callback(st.opening.discard)
+            st.pipes[addr] = pipe
         return pipe
 
-    def _open(self, st: LoopState, addr: Address | None) -> Pipe:
-        pipe = Pipe(
-            st.loop, self.cfg.socket_timeout, self.cfg.auto_pipeline, lambda: self.count("writes")
-        )
-        opener = self._factory.opener(st.loop, addr, st.sentinel)
-        greeting = self._factory.greeting(addr is not None)
-
-        async def open_() -> None:
-            with contextlib.suppress(Exception):  # the queued commands got the error
-                await pipe.open(opener, greeting, self.cfg.connect_timeout)
-                self.count("clients_created")
-
-        task = st.loop.create_task(open_())
-        st.opening.add(task)
-        task.add_done_callback(st.opening.discard)
-        return pipe
+    async def _open(self, pipe: Pipe, opener: Opener, greeting: list[bytes]) -> None:
+        with contextlib.suppress(Exception):  # the queued commands got the error
+            await pipe.open(opener, greeting, self.cfg.connect_timeout)
+            self.count("clients_created")
 
     async def _node(self, st: LoopState, key: bytes | None) -> Address:
         """Cluster: the primary that owns ``key``'s slot (any primary without a key)."""
@@ -400,7 +390,8 @@ class RedisConnector:
                         addr = await self._node(st, key)
                     pipe = self._pipe(st, addr)
                     if asking:  # written just before the command: both in one write
-                        pipe.send(_ASKING, deadline).add_done_callback(_quiet)
+                        asked = pipe.send(_ASKING, deadline)  # its outcome read, and dropped
+                        asked.add_done_callback(lambda f: f.cancelled() or f.exception())
                     return await pipe.send(packed, deadline)
                 except rx.ResponseError as exc:
                     text = str(exc)
