@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from redis.crc import key_slot
 
 from tests._harness.proxy import Proxy
 from tests._harness.servers import RedisCluster, RedisServer
@@ -177,3 +178,69 @@ async def test_cancelled_callers_leave_the_others_their_replies(
     finally:
         await store.aclose()
         await proxy.aclose()
+
+
+def _slot_owner(cluster: RedisCluster, slot: int) -> RedisServer:
+    for server in cluster.servers:
+        for start, end, *nodes in server.command("CLUSTER", "SLOTS"):
+            if start <= slot <= end:
+                port = nodes[0][1]
+                return next(s for s in cluster.servers if s.port == port)
+    raise AssertionError(f"nobody serves slot {slot}")
+
+
+def _set_slot(cluster: RedisCluster, slot: int, owner: RedisServer) -> None:
+    owner_id = owner.command("CLUSTER", "MYID")
+    for server in cluster.servers:
+        server.command("CLUSTER", "SETSLOT", slot, "NODE", owner_id)
+
+
+async def test_cluster_follows_ask_and_moved_while_a_slot_migrates(
+    redis_cluster: RedisCluster,
+) -> None:
+    nodes = [f"{h}:{p}" for h, p in redis_cluster.nodes]
+    store, backend = _store({"cluster": nodes})
+    moved = Counter(0, name="moved", store=store)
+    moved_key = backend.key("counter", "moved").encode()
+    slot = key_slot(moved_key)
+    source = _slot_owner(redis_cluster, slot)
+    target = next(s for s in redis_cluster.servers if s is not source)
+    # a second counter in the same slot, not yet written: served by ASK during the migration
+    name = next(
+        f"a{i}"
+        for i in range(100_000)
+        if key_slot(backend.key("counter", f"a{i}").encode()) == slot
+    )
+    asked = Counter(0, name=name, store=store)
+    try:
+        assert await moved.increment() == 1  # the store learns the slot map: source owns it
+        source_id, target_id = source.command("CLUSTER", "MYID"), target.command("CLUSTER", "MYID")
+        target.command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        source.command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        # a key the source does not hold: it answers ASK, the store asks the target
+        assert await asked.increment() == 1
+        with target.client() as raw:  # ASKING: the target serves it only to who asks
+            raw.execute_command("ASKING")
+            assert raw.get(backend.key("counter", name)) == b"1"
+        source.command("MIGRATE", target.host, target.port, moved_key, 0, 5000)
+        _set_slot(redis_cluster, slot, target)
+        # the store's map still names the source: MOVED, then the target, exactly once
+        assert await moved.increment() == 2
+        assert await asked.increment() == 2
+        assert backend.stats()["redis"]["errors"] == 0
+    finally:
+        await store.aclose()
+        # give the slot and its keys back to the source: the cluster is shared by the session
+        source_id = source.command("CLUSTER", "MYID")
+        for server in redis_cluster.servers:
+            keys = server.command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+            if server is source or not keys:
+                continue
+            if _slot_owner(redis_cluster, slot) is not source:
+                source.command(
+                    "CLUSTER", "SETSLOT", slot, "IMPORTING", server.command("CLUSTER", "MYID")
+                )
+                server.command("CLUSTER", "SETSLOT", slot, "MIGRATING", source_id)
+            for key in keys:
+                server.command("MIGRATE", source.host, source.port, key, 0, 5000)
+        _set_slot(redis_cluster, slot, source)
