@@ -652,7 +652,7 @@ def _breakdown(stack: contextlib.ExitStack[Any], env: Env) -> list[Spec]:
         ("redis-py, default pool: `await r.hgetall(k)`", acall1(raw.hgetall, key)),
         ("redis-py, BlockingConnectionPool", acall1(blocking.hgetall, key)),
         ("the backend's pooled client (pipelines; not on this path)", acall1(pooled.hgetall, key)),
-        ("RedisConnector.call: slot, own connection, time limit, counters", call_hgetall),
+        ("RedisConnector.call: slot, pipelined connection, time limit, counters", call_hgetall),
         ("+ RedisRows.get: key check, row decode", acall2(backend.get, spec, KEY)),
         ("+ Store instance: `await store.get(t, k)`", acall2(store.get, table, KEY)),
         ("+ class-level facade: `await Store.get(t, k)`", facade),
