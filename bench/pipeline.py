@@ -498,9 +498,21 @@ def pipeline_section(cfg: Config, env: Env, out: Measured) -> tuple[str, list[Ta
         "with its C client on one connection, sending zeal's own commands, one per round trip "
         "(`-P 1`, shown under c1) or 16 per round trip (`-P 16`). Connections while 64 "
         f"coroutines call zeal: {DASH if run.connections is None else run.connections} "
-        "(Redis `CLIENT LIST`, the sampling client excluded).\n\n" + _table(run)
+        "(Redis `CLIENT LIST`, the sampling client excluded).\n\n" + _table(run) + "\n\n" + WHY
     )
     return text, targets
+
+
+WHY = (
+    "Reading the targets: zeal's `set` and `incr` are Lua scripts (a merge with membership, a "
+    "range-checked increment) that cost Redis several times a plain `HSET`/`HINCRBY`: the "
+    "server's own pipelined ceiling for them (`-P 16`) is a fraction of its `HGETALL` ceiling, "
+    "while the peers' rows send the plain commands, so the ratios against the peers for these "
+    "two operations compare different server work. Client, server and the load generator share "
+    "the machine's 2 cores (rows marked \u2020 in the tables above ran while other processes "
+    "kept them busy): with 64 coroutines in flight the client, Redis and everything else on the "
+    "machine compete for the same CPU, and the Lua-heavy rows need the most of Redis's share."
+)
 
 
 # -- the facade ------------------------------------------------------------------------------------
