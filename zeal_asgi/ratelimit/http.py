@@ -36,6 +36,7 @@ __all__ = [
     "client_ip",
     "decision_headers",
     "depends",
+    "raw_headers",
     "refusal_body",
 ]
 
@@ -143,6 +144,24 @@ def decision_headers(limiter: RateLimiter, result: RateLimitResult) -> list[tupl
     return out
 
 
+def raw_headers(limiter: RateLimiter, result: RateLimitResult) -> list[tuple[bytes, bytes]]:
+    """:func:`decision_headers` as ASGI raw headers (lower-case names, latin-1 bytes): what the
+    middleware sends, built without formatting strings first."""
+    if not result.allowed or limiter.x_ratelimit_headers:
+        return [
+            (n.lower().encode("latin-1"), v.encode("latin-1"))
+            for n, v in decision_headers(limiter, result)
+        ]
+    reset = result.reset_after
+    t = int(reset) + (reset > int(reset)) if reset > 0 else 0  # ceil, without a call
+    r = result.remaining if result.remaining > 0 else 0
+    name = limiter.policy_bytes[result.policy]
+    return [
+        (b"ratelimit-policy", limiter.policy_header_bytes),
+        (b"ratelimit", b'"%s";r=%d;t=%d' % (name, r, t)),
+    ]
+
+
 def retry_seconds(result: RateLimitResult) -> int:
     """``Retry-After`` of a refusal: whole seconds, at least 1."""
     return max(1, math.ceil(result.retry_after - 1e-9))
@@ -193,11 +212,10 @@ def depends(
 
     async def rate_limit(connection: HTTPConnection, response: Response) -> RateLimitResult:
         result = await limiter.hit(await _key_of(key, connection), cost)
-        headers = decision_headers(limiter, result)
         if result.allowed:
-            for name, value in headers:
-                response.headers[name] = value
+            response.raw_headers += raw_headers(limiter, result)
             return result
+        headers = decision_headers(limiter, result)
         if isinstance(connection, WebSocket):
             raise fastapi.WebSocketException(code=1008, reason="rate limit exceeded")
         raise fastapi.HTTPException(
@@ -286,10 +304,7 @@ class RateLimitMiddleware:
             return
         limiter = self.limiter
         result = await limiter.hit(await self._key(scope, receive, send), self.cost)
-        raw = [
-            (n.lower().encode("latin-1"), v.encode("latin-1"))
-            for n, v in decision_headers(limiter, result)
-        ]
+        raw = raw_headers(limiter, result)
         if result.allowed:
             if kind == "websocket":
                 await self.app(scope, receive, _with_headers(send, raw, "websocket.accept"))

@@ -193,6 +193,12 @@ class RateLimiter:
             for p, lim in zip(self._policies, self.limits, strict=True)
         )
         """``RateLimit-Policy`` of every response this limiter decides (it never changes)."""
+        self.policy_header_bytes = self.policy_header.encode("ascii")
+        """The same, as the bytes of an ASGI header."""
+        self.policy_bytes = {
+            lim: p.encode("ascii") for p, lim in zip(self._policies, self.limits, strict=True)
+        }
+        """Each limit's policy identifier, as bytes."""
         other = _LIMITERS.get(name)
         if other is not None and (other.limits, other.algorithm) != (self.limits, algorithm):
             raise ConfigError(
