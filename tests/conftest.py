@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from zeal_asgi import Atomic, Table
-from zeal_asgi.shm.segments import destroy, process_alive, server_identity, shm_dir
+from zeal_asgi.shm.process import process_alive
+from zeal_asgi.shm.segments import destroy, server_identity, shm_dir
 
 pytest_plugins = ["tests.servers"]
 

@@ -24,7 +24,7 @@ log = logging.getLogger("zeal_asgi.launcher")
 
 def _claim_server_identity() -> str:
     """Make this process the owner of the server's shared memory (before the app is imported)."""
-    from zeal_asgi.shm.segments import process_start_time
+    from zeal_asgi.shm.process import process_start_time
 
     pid = os.getpid()
     server_id = os.environ.get("ZEAL_SERVER_ID") or f"{pid}-{process_start_time(pid)}"

@@ -28,6 +28,8 @@ from zeal_asgi.shm import segments as _segments
 from zeal_asgi.shm.segments import destroy
 
 MakeTable = Callable[..., Table]
+
+
 BIG_ROWS = 1_000_000  # ~129 MB with one STRING(32) column
 
 
@@ -154,7 +156,7 @@ def test_e7_squatted_name_is_refused_never_attached() -> None:
 def test_abi_or_layout_mismatch_is_refused(make_table: MakeTable) -> None:
     t = make_table(16, {"v": ("int", 8)})
     with open(t.path, "r+b") as f:
-        f.seek(12)  # the ABI tag in the header
+        f.seek(16)  # the ABI tag in the header
         f.write(b"musl-1.2")
     with pytest.raises(ShmAbiMismatchError, match="incompatible build"):
         Table(16, {"v": ("int", 8)}, name=t.name)

@@ -1,9 +1,9 @@
-"""Unlinks a server's shared-memory segments when its supervisor exits.
+"""Unlinks a server's shared-memory segments when its owner exits.
 
-Started once per server by the first process that creates a segment; it waits for the server's
-owner (the single-process server, the launcher's master, or the supervisor of the workers) to
-exit, then unlinks every segment of the server that no process holds any more.
-Usage: ``python -S _janitor.py PID START PREFIX DIR`` (standard library only).
+Started once per server by the first process that creates a segment, with a pidfd of the
+server's owner (the single-process server, the launcher's master, or the supervisor of the
+workers); it waits for that process to exit, then unlinks every segment of the server that no
+process holds any more.  Usage: ``python -S janitor.py PIDFD PREFIX DIR`` (standard library only).
 """
 
 from __future__ import annotations
@@ -14,32 +14,6 @@ import os
 import select
 import sys
 import time
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    return int(raw[raw.rindex(")") + 2 :].split()[19])
-
-
-def _wait_for_exit(pid: int, start: int | None) -> None:
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return  # already gone
-    try:
-        # pid reuse: make sure the process behind the pidfd is the one we were told about
-        if start is not None and _start_time(pid) != start:
-            return
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        while not poller.poll(60_000):
-            pass
-    finally:
-        os.close(pidfd)
 
 
 def _unlink_unused(directory: str, prefix: str) -> int:
@@ -68,12 +42,11 @@ def _unlink_unused(directory: str, prefix: str) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """Entry point: daemonise, wait for the supervisor, unlink the server's segments."""
-    pid, start_raw, prefix, directory = argv
-    start = None if start_raw == "None" else int(start_raw)
+    """Entry point: daemonise, wait for the owner, unlink the server's segments."""
+    pidfd, prefix, directory = int(argv[0]), argv[1], argv[2]
     if os.fork():
         os._exit(0)  # the caller waits for this first process only: no zombie is left behind
-    _wait_for_exit(int(pid), start)
+    select.select([pidfd], [], [])  # a pidfd becomes readable when its process exits
     while _unlink_unused(directory, prefix):
         time.sleep(0.2)
     return 0
