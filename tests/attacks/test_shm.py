@@ -18,6 +18,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -46,7 +47,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-# -- item 1: memfd under the five server models --------------------------------------------------
+# -- item 1: memfd under the five server models ----------------------------------------------------
 
 
 @pytest.fixture
@@ -142,7 +143,7 @@ def test_a_row_naming_a_column_twice_is_refused_and_the_row_kept() -> None:
     assert lines[1:] == ["{'i8': 7, 's': 'kept'}", "True False 4000"]
 
 
-# -- item 3: TTL rows right after expiry -------------------------------------------------------------
+# -- item 3: TTL rows right after expiry -----------------------------------------------------------
 
 BURST = 40
 KEYS = [f"k{i}" for i in range(10)]
@@ -245,7 +246,7 @@ def test_table_ttl_rows_expire_and_restart_atomically(make_table: MakeTable) -> 
     assert len(t) <= 1
 
 
-# -- item 9: the count after a kill mid-delete -------------------------------------------------------
+# -- item 9: the count after a kill mid-delete -----------------------------------------------------
 
 
 def _delete_and_die(table: Table) -> None:
@@ -271,7 +272,7 @@ def test_count_is_right_after_a_kill_mid_delete(make_table: MakeTable) -> None:
     assert t.stats()["lock_recoveries"] == 2 and t.get("k2") is None
 
 
-# -- item 6: bus wake-up names a second Unix user could squat ------------------------------------------
+# -- item 6: bus wake-up names a second Unix user could squat --------------------------------------
 
 SQUAT = """
 import os, resource, socket, sys
@@ -325,16 +326,15 @@ def other_user() -> Iterator[pwd.struct_passwd]:
         subprocess.run(["userdel", name], check=True)
 
 
-async def test_a_second_user_cannot_squat_bus_wakeup_names(
+def test_a_second_user_cannot_squat_bus_wakeup_names(
     other_user: pwd.struct_passwd,
 ) -> None:
     """Item 6: another user bound the abstract socket names a restarted worker's subscriber
     would take (uid, server id and pids are all visible); the worker must still bind, and a
     publish reach it at once."""
     sid = server_identity().server_id
-    with open("/proc/sys/kernel/ns_last_pid") as f:
-        first = int(f.read()) + 1
-    squatter = subprocess.Popen(  # noqa: ASYNC220 - a helper process for the whole test
+    first = int(Path("/proc/sys/kernel/ns_last_pid").read_text()) + 1  # the next pids
+    squatter = subprocess.Popen(
         [
             "setpriv",
             f"--reuid={other_user.pw_uid}",
@@ -357,7 +357,7 @@ async def test_a_second_user_cannot_squat_bus_wakeup_names(
     try:
         assert squatter.stdout is not None
         assert int(squatter.stdout.readline()) > 1000, "the squatter holds the names"
-        worker = subprocess.Popen(  # noqa: ASYNC220
+        worker = subprocess.Popen(
             [sys.executable, "-c", SUBSCRIBER],
             env=env,
             stdout=subprocess.PIPE,
@@ -366,9 +366,8 @@ async def test_a_second_user_cannot_squat_bus_wakeup_names(
         )
         assert worker.stdout is not None
         assert worker.stdout.readline().strip() == b"ready", worker.stderr
-        store = Store("table")
         t0 = time.monotonic()
-        assert await store.publish("news", "x") == 1
+        assert asyncio.run(Store("table").publish("news", "x")) == 1
         assert worker.stdout.readline().strip() == b"got"
         assert time.monotonic() - t0 < 2.0
         _, err = worker.communicate(timeout=10)
@@ -382,7 +381,7 @@ async def test_a_second_user_cannot_squat_bus_wakeup_names(
         close_host_bus()
 
 
-# -- item 16: host stats over hundreds of worker restarts ---------------------------------------------
+# -- item 16: host stats over hundreds of worker restarts ------------------------------------------
 
 METRICS = [f"m{i}" for i in range(8)]
 
