@@ -49,19 +49,21 @@ cdef extern from "zt_core.h" nogil:
     ctypedef struct zt_ident:
         uint64_t nonce[2]
 
+    ctypedef struct zt_geometry:
+        uint32_t capacity, row_size, key_limit, key_off, n_stripes, exp_off
+        int64_t ttl_ns
+        uint64_t index_slots, off_global, off_stripes, off_index, off_rows, total_size
+
     ctypedef struct zt_header:
         zt_ident id
-        uint64_t index_slots
-        uint32_t n_stripes
         int64_t row_count, dead_rows, lock_recoveries, rows_lost, lock_timeouts
         int64_t read_fallbacks, inserts, deletes
         char schema[1]
         uint32_t schema_len
 
     ctypedef struct zt_table:
-        size_t size
         zt_header *hdr
-        uint32_t row_size, capacity, key_limit, key_off
+        zt_geometry g
         int64_t lock_timeout_ns, local_recoveries
 
     ctypedef struct zt_col:
@@ -74,11 +76,6 @@ cdef extern from "zt_core.h" nogil:
         double f
         const char *s
         uint32_t slen
-
-    ctypedef struct zt_geometry:
-        uint32_t capacity, row_size, key_limit, key_off, n_stripes, exp_off
-        int64_t ttl_ns
-        uint64_t index_slots, off_global, off_stripes, off_index, off_rows, total_size
 
     ctypedef struct zt_atomic_seg:
         zt_ident id
@@ -317,13 +314,13 @@ cdef class Table:
     def capacity(self):
         """Rows that fit: exactly the ``max_rows`` the table was made with."""
         self._check_open()
-        return self.t.capacity
+        return self.t.g.capacity
 
     @property
     def memory_bytes(self):
         """Bytes of shared memory reserved for the table (header, locks, index and rows)."""
         self._check_open()
-        return self.t.size
+        return self.t.g.total_size
 
     @property
     def nonce(self):
@@ -367,12 +364,12 @@ cdef class Table:
         cdef zt_header *h = self.t.hdr
         return {
             "rows": zt_count(&self.t),
-            "capacity": self.t.capacity,
-            "memory_bytes": self.t.size,
-            "row_size": self.t.row_size,
-            "key_limit": self.t.key_limit,
-            "index_slots": h.index_slots,
-            "stripes": h.n_stripes,
+            "capacity": self.t.g.capacity,
+            "memory_bytes": self.t.g.total_size,
+            "row_size": self.t.g.row_size,
+            "key_limit": self.t.g.key_limit,
+            "index_slots": self.t.g.index_slots,
+            "stripes": self.t.g.n_stripes,
             "lock_recoveries": zt_load64(&h.lock_recoveries),
             "rows_lost": zt_load64(&h.rows_lost),
             "dead_rows": zt_load64(&h.dead_rows),
@@ -390,7 +387,7 @@ cdef class Table:
     def __repr__(self):
         if self.t.hdr == NULL:
             return f"<Table {self.name!r} closed>"
-        return f"<Table {self.name!r} rows={zt_count(&self.t)} capacity={self.t.capacity}>"
+        return f"<Table {self.name!r} rows={zt_count(&self.t)} capacity={self.t.g.capacity}>"
 
     def __reduce__(self):
         raise TypeError(
@@ -428,9 +425,9 @@ cdef class Table:
                 f"keys of table {self.name!r} are str or bytes, got {type(key).__name__}")
         if n[0] == 0:
             raise InvalidKeyError(f"empty key for table {self.name!r}")
-        if n[0] > self.t.key_limit:
+        if n[0] > self.t.g.key_limit:
             raise KeyTooLongError(
-                f"key of {n[0]} bytes exceeds the key limit of {self.t.key_limit} bytes of "
+                f"key of {n[0]} bytes exceeds the key limit of {self.t.g.key_limit} bytes of "
                 f"table {self.name!r} (never truncated; raise key_size at make)")
         return 0
 
@@ -531,15 +528,15 @@ cdef class Table:
     cdef object _key_obj(self, const char *row):
         cdef uint16_t n = zt_keylen(row)
         if self._binary_keys:
-            return PyBytes_FromStringAndSize(row + self.t.key_off, n)
-        return PyUnicode_DecodeUTF8(row + self.t.key_off, n, "strict")
+            return PyBytes_FromStringAndSize(row + self.t.g.key_off, n)
+        return PyUnicode_DecodeUTF8(row + self.t.g.key_off, n, "strict")
 
     cdef inline int _done(self, int rc, key, str op) except -1:
         """Raise for a failed operation; log a lock recovery this process just ran."""
         if rc < 0:
             if rc == ZT_EFULL:
                 raise TableFullError(
-                    f"table {self.name!r} is full: {self.t.capacity} rows (max_rows); delete "
+                    f"table {self.name!r} is full: {self.t.g.capacity} rows (max_rows); delete "
                     "rows or make it larger")
             _raise_rc(rc, f"{op} {key!r} in table {self.name!r}")
         if self.t.local_recoveries != self._seen_recoveries:
@@ -562,9 +559,9 @@ cdef class Table:
 
     cdef inline char *_buffer(self, uint64_t *stackbuf) except NULL:
         """Room for a row copy: ``stackbuf`` when it fits, else the heap (caller frees)."""
-        if self.t.row_size <= STACK_ROW_WORDS * 8:
+        if self.t.g.row_size <= STACK_ROW_WORDS * 8:
             return <char *>stackbuf
-        cdef char *buf = <char *>malloc(self.t.row_size)
+        cdef char *buf = <char *>malloc(self.t.g.row_size)
         if buf == NULL:
             raise MemoryError()
         return buf
@@ -790,7 +787,7 @@ cdef class _TableIter:
         self.table = table
         self.pos = 0
         self.mode = mode
-        self.buf = <char *>malloc(table.t.row_size)
+        self.buf = <char *>malloc(table.t.g.row_size)
         if self.buf == NULL:
             raise MemoryError()
 
@@ -804,7 +801,7 @@ cdef class _TableIter:
         cdef Table t = self.table
         cdef int rc
         t._check_open()
-        while self.pos < zt_next_unused(&t.t) and self.pos < t.t.capacity:
+        while self.pos < zt_next_unused(&t.t) and self.pos < t.t.g.capacity:
             rc = zt_read_at(&t.t, self.pos, self.buf)
             if rc == ZT_EBUSYREAD:
                 rc = zt_read_at_locked(&t.t, self.pos, self.buf)

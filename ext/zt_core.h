@@ -109,23 +109,19 @@ typedef struct {
     uint64_t nonce[2];         /* random identity of this segment */
 } zt_ident;
 
+/* Sizes and offsets of a table, computed by zeal_asgi.shm.schema (Geometry, the same order). */
+typedef struct {
+    uint32_t capacity, row_size, key_limit, key_off, n_stripes;
+    uint32_t exp_off;          /* offset of a row's expiry; 0: rows never expire */
+    int64_t ttl_ns;
+    uint64_t index_slots, off_global, off_stripes, off_index, off_rows, total_size;
+} zt_geometry;
+
 typedef struct {
     zt_ident id;
     uint64_t hash_key[2];      /* SipHash key: stable for every process of this segment */
-    uint32_t capacity;
-    uint32_t row_size;
-    uint32_t key_limit;
-    uint32_t key_off;
-    uint32_t n_stripes;
+    zt_geometry g;
     uint32_t schema_len;
-    uint32_t exp_off;          /* offset of a row's expiry; 0: rows never expire */
-    uint32_t pad;
-    int64_t ttl_ns;
-    uint64_t index_slots;
-    uint64_t off_global;
-    uint64_t off_stripes;
-    uint64_t off_index;
-    uint64_t off_rows;
     uint64_t created_ns;       /* CLOCK_REALTIME at creation, for diagnostics */
     char schema[ZT_SCHEMA_MAX];/* opaque to C: the Python side stores and checks it */
     uint64_t checksum;         /* over every byte above, from layout_version on */
@@ -173,20 +169,14 @@ typedef struct {
 /* process-local view of a mapped table */
 typedef struct {
     char *base;
-    size_t size;
     zt_header *hdr;
+    zt_geometry g;             /* a private copy of the header's, read by every operation */
     zt_lockslot *global;
     zt_lockslot *stripes;
     uint64_t *index;
     char *rows;
     uint64_t index_mask;
     uint32_t stripe_mask;
-    uint32_t row_size;
-    uint32_t capacity;
-    uint32_t key_limit;
-    uint32_t key_off;
-    uint32_t exp_off;
-    int64_t ttl_ns;
     uint64_t hkey[2];
     int64_t lock_timeout_ns;
     int64_t local_recoveries;  /* repairs this process ran; the Python side logs them */
@@ -327,7 +317,7 @@ static int zt_ident_check(const zt_ident *id, size_t size, uint64_t magic, uint6
 /* small helpers                                                                            */
 
 static inline char *zt_row(const zt_table *t, uint32_t r) {
-    return t->rows + (size_t)r * t->row_size;
+    return t->rows + (size_t)r * t->g.row_size;
 }
 static inline uint32_t *zt_seqp(char *row) { return (uint32_t *)row; }
 static inline uint8_t zt_state(const char *row) {
@@ -347,19 +337,19 @@ static inline int64_t zt_now_ns(clockid_t clk) {
 
 /* The present, for expiry: 0 on a table whose rows never expire (nothing is ever expired). */
 static inline int64_t zt_now(const zt_table *t) {
-    return t->exp_off ? zt_now_ns(CLOCK_MONOTONIC) : 0;
+    return t->g.exp_off ? zt_now_ns(CLOCK_MONOTONIC) : 0;
 }
 static inline int zt_expired(const zt_table *t, const char *row, int64_t now) {
-    if (!t->exp_off) return 0;
+    if (!t->g.exp_off) return 0;
     int64_t e;
-    memcpy(&e, row + t->exp_off, 8);
+    memcpy(&e, row + t->g.exp_off, 8);
     return e != 0 && e <= now;
 }
 /* A write gives its row a full ttl (inside the write's seqlock section). */
 static inline void zt_touch(const zt_table *t, char *row) {
-    if (t->exp_off) {
-        int64_t e = zt_now_ns(CLOCK_MONOTONIC) + t->ttl_ns;
-        memcpy(row + t->exp_off, &e, 8);
+    if (t->g.exp_off) {
+        int64_t e = zt_now_ns(CLOCK_MONOTONIC) + t->g.ttl_ns;
+        memcpy(row + t->g.exp_off, &e, 8);
     }
 }
 
@@ -393,7 +383,7 @@ static inline int zt_copy_row(const zt_table *t, uint32_t r, char *dst) {
     if (s1 & 1) return 0;
     const uint64_t *src = (const uint64_t *)row;
     uint64_t *d = (uint64_t *)dst;
-    size_t n = t->row_size / 8;
+    size_t n = t->g.row_size / 8;
     for (size_t i = 0; i < n; i++) d[i] = __atomic_load_n(src + i, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     uint32_t s2 = __atomic_load_n((const uint32_t *)row, __ATOMIC_RELAXED);
@@ -401,7 +391,7 @@ static inline int zt_copy_row(const zt_table *t, uint32_t r, char *dst) {
 }
 
 static inline int zt_key_eq(const zt_table *t, const char *row, const char *key, uint16_t klen) {
-    return zt_keylen(row) == klen && memcmp(row + t->key_off, key, klen) == 0;
+    return zt_keylen(row) == klen && memcmp(row + t->g.key_off, key, klen) == 0;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -478,8 +468,8 @@ static inline void zt_apply(char *row, const zt_col *cols, const zt_delta *d, in
 
 /* Every column (and the expiry) of a row zeroed, the key kept. */
 static inline void zt_zero_columns(const zt_table *t, char *row) {
-    memset(row + ZT_ROW_HDR, 0, t->key_off - ZT_ROW_HDR);
-    memset(row + t->key_off + t->key_limit, 0, t->row_size - t->key_off - t->key_limit);
+    memset(row + ZT_ROW_HDR, 0, t->g.key_off - ZT_ROW_HDR);
+    memset(row + t->g.key_off + t->g.key_limit, 0, t->g.row_size - t->g.key_off - t->g.key_limit);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -576,7 +566,7 @@ static inline zt_lockslot *zt_stripe(const zt_table *t, uint64_t h) {
     return &t->stripes[(uint32_t)(h >> 40) & t->stripe_mask];
 }
 static inline uint64_t zt_row_hash(const zt_table *t, const char *row) {
-    return zt_hash(t->hkey, row + t->key_off, zt_keylen(row));
+    return zt_hash(t->hkey, row + t->g.key_off, zt_keylen(row));
 }
 
 /* Lock-free probe.  Returns the row of `key` and fills `copy` with a validated snapshot, or -1.
@@ -599,7 +589,7 @@ static int64_t zt_lookup(const zt_table *t, const char *key, uint16_t klen, uint
             if (v == 0) break;
             if ((v & 0xffffffff00000000ULL) != tag) continue;
             uint32_t r = zt_slot_row(v);
-            if (r >= t->capacity) { retry = 1; break; }
+            if (r >= t->g.capacity) { retry = 1; break; }
             int ok = 0;
             for (int s = 0; s < ZT_READ_SPINS; s++) {
                 if (zt_copy_row(t, r, copy)) { ok = 1; break; }
@@ -640,7 +630,7 @@ static int64_t zt_find_row_striped(const zt_table *t, const char *key, uint16_t 
         if (v == 0) return -1;
         if ((v & 0xffffffff00000000ULL) != tag) continue;
         uint32_t r = zt_slot_row(v);
-        if (r >= t->capacity) return -1;
+        if (r >= t->g.capacity) return -1;
         const char *row = zt_row(t, r);
         if (zt_state(row) == ZT_LIVE && zt_key_eq(t, row, key, klen)) return r;
     }
@@ -684,7 +674,7 @@ static void zt_index_remove_locked(zt_table *t, uint64_t pos) {
 static void zt_repair_stripe(zt_table *t, zt_lockslot *slot) {
     uint64_t intent = __atomic_load_n(&slot->intent, __ATOMIC_ACQUIRE);
     uint32_t r1 = (uint32_t)(intent & 0xffffffffu);
-    if (r1 != 0 && r1 <= t->capacity) {
+    if (r1 != 0 && r1 <= t->g.capacity) {
         char *row = zt_row(t, r1 - 1);
         uint32_t s = __atomic_load_n(zt_seqp(row), __ATOMIC_ACQUIRE);
         if ((s & 1) && (intent >> 32) != ZT_W_SINGLE) {
@@ -722,13 +712,13 @@ static void zt_repair_global(zt_table *t) {
     }
     __atomic_add_fetch(&h->index_seq, 1, __ATOMIC_ACQ_REL);
     for (uint64_t i = 0; i <= t->index_mask; i++) __atomic_store_n(&t->index[i], 0, __ATOMIC_RELAXED);
-    uint32_t limit = h->next_unused > t->capacity ? t->capacity : h->next_unused;
+    uint32_t limit = h->next_unused > t->g.capacity ? t->g.capacity : h->next_unused;
     int64_t live = 0;
     uint32_t free_head = 0;
     for (uint32_t r = limit; r-- > 0;) {
         char *row = zt_row(t, r);
         uint8_t st = zt_state(row);
-        if (st == ZT_LIVE && zt_keylen(row) <= t->key_limit) {
+        if (st == ZT_LIVE && zt_keylen(row) <= t->g.key_limit) {
             zt_index_insert_locked(t, zt_row_hash(t, row), r);
             live++;
         } else {
@@ -738,7 +728,7 @@ static void zt_repair_global(zt_table *t) {
             __atomic_store_n(zt_seqp(row), s + 1, __ATOMIC_RELAXED);
             __atomic_thread_fence(__ATOMIC_RELEASE);
             zt_set_state(row, ZT_FREE);
-            memcpy(row + t->key_off, &free_head, 4);
+            memcpy(row + t->g.key_off, &free_head, 4);
             __atomic_store_n(zt_seqp(row), s + 2, __ATOMIC_RELEASE);
             free_head = r + 1;
         }
@@ -781,7 +771,7 @@ static void zt_unlink_locked(zt_table *t, zt_lockslot *stripe, uint32_t r, uint6
     zt_write_end(stripe, row, s);
     ZT_CRASHPOINT(ZT_CP_DELETE_FREED);
     zt_index_remove_locked(t, pos);
-    memcpy(row + t->key_off, &h->free_head, 4); /* a free row links the free list in its key */
+    memcpy(row + t->g.key_off, &h->free_head, 4); /* a free row links the free list in its key */
     h->free_head = r + 1;
     if (st == ZT_LIVE) __atomic_sub_fetch(&h->row_count, 1, __ATOMIC_RELAXED);
     else if (st == ZT_DEAD) __atomic_sub_fetch(&h->dead_rows, 1, __ATOMIC_RELAXED);
@@ -812,16 +802,16 @@ static void zt_reclaim_locked(zt_table *t, zt_lockslot *held, PyThreadState **ts
 
 static int64_t zt_alloc_row_locked(zt_table *t, zt_lockslot *held, PyThreadState **ts) {
     zt_header *h = t->hdr;
-    if (h->free_head == 0 && h->next_unused >= t->capacity && (h->dead_rows > 0 || t->exp_off))
+    if (h->free_head == 0 && h->next_unused >= t->g.capacity && (h->dead_rows > 0 || t->g.exp_off))
         zt_reclaim_locked(t, held, ts);
     if (h->free_head != 0) {
         uint32_t r = h->free_head - 1;
         uint32_t next;
-        memcpy(&next, zt_row(t, r) + t->key_off, 4);
+        memcpy(&next, zt_row(t, r) + t->g.key_off, 4);
         h->free_head = next;
         return r;
     }
-    if (h->next_unused < t->capacity) return h->next_unused++;
+    if (h->next_unused < t->g.capacity) return h->next_unused++;
     return -1;
 }
 
@@ -900,7 +890,7 @@ static int zt_get(zt_table *t, const char *key, uint16_t klen, char *copy) {
     int64_t pos = zt_find_slot_locked(t, key, klen, h);
     if (pos >= 0) {
         const char *row = zt_row(t, zt_slot_row(t->index[pos]));
-        if (zt_state(row) == ZT_LIVE) { memcpy(copy, row, t->row_size); found = 1; }
+        if (zt_state(row) == ZT_LIVE) { memcpy(copy, row, t->g.row_size); found = 1; }
     }
     zt_release(stripe);
     zt_release(t->global);
@@ -943,9 +933,9 @@ static int64_t zt_upsert_locked(zt_table *t, const char *key, uint16_t klen, uin
     char *row = zt_row(t, r);
     uint32_t s = zt_write_begin(stripe, row, r, ZT_W_MULTI);
     zt_set_state(row, ZT_BUSY);
-    memset(row + ZT_ROW_HDR, 0, t->row_size - ZT_ROW_HDR);
+    memset(row + ZT_ROW_HDR, 0, t->g.row_size - ZT_ROW_HDR);
     memcpy(row + 6, &klen, 2);
-    memcpy(row + t->key_off, key, klen);
+    memcpy(row + t->g.key_off, key, klen);
     ZT_CRASHPOINT(ZT_CP_INSERT_BUSY);
     zt_apply(row, cols, d, nd);
     zt_touch(t, row);
@@ -1165,7 +1155,7 @@ static int zt_clear(zt_table *t) {
 static int zt_read_at(zt_table *t, uint32_t r, char *copy) {
     for (int s = 0; s < ZT_READ_SPINS; s++) {
         if (zt_copy_row(t, r, copy))
-            return copy[4] == ZT_LIVE && zt_keylen(copy) <= t->key_limit &&
+            return copy[4] == ZT_LIVE && zt_keylen(copy) <= t->g.key_limit &&
                    !zt_expired(t, copy, zt_now(t));
         zt_cpu_relax();
     }
@@ -1184,31 +1174,18 @@ static int zt_read_at_locked(zt_table *t, uint32_t r, char *copy) {
 /* ---------------------------------------------------------------------------------------- */
 /* initialisation and attach                                                                */
 
-typedef struct {
-    uint32_t capacity, row_size, key_limit, key_off, n_stripes, exp_off;
-    int64_t ttl_ns;
-    uint64_t index_slots, off_global, off_stripes, off_index, off_rows, total_size;
-} zt_geometry;
-
 static void zt_bind(zt_table *t, char *base) {
     zt_header *h = (zt_header *)base;
     t->base = base;
-    t->size = h->id.total_size;
     t->hdr = h;
-    t->global = (zt_lockslot *)(base + h->off_global);
-    t->stripes = (zt_lockslot *)(base + h->off_stripes);
-    t->index = (uint64_t *)(base + h->off_index);
-    t->rows = base + h->off_rows;
-    t->index_mask = h->index_slots - 1;
-    t->stripe_mask = h->n_stripes - 1;
-    t->row_size = h->row_size;
-    t->capacity = h->capacity;
-    t->key_limit = h->key_limit;
-    t->key_off = h->key_off;
-    t->exp_off = h->exp_off;
-    t->ttl_ns = h->ttl_ns;
-    t->hkey[0] = h->hash_key[0];
-    t->hkey[1] = h->hash_key[1];
+    t->g = h->g;
+    t->global = (zt_lockslot *)(base + h->g.off_global);
+    t->stripes = (zt_lockslot *)(base + h->g.off_stripes);
+    t->index = (uint64_t *)(base + h->g.off_index);
+    t->rows = base + h->g.off_rows;
+    t->index_mask = h->g.index_slots - 1;
+    t->stripe_mask = h->g.n_stripes - 1;
+    memcpy(t->hkey, h->hash_key, sizeof t->hkey);
     t->local_recoveries = 0;
 }
 
@@ -1220,19 +1197,8 @@ static int zt_init(zt_table *t, char *base, const zt_geometry *g, const char *sc
     if (schema_len > ZT_SCHEMA_MAX || g->n_stripes > ZT_MAX_STRIPES) return EINVAL;
     int rc = zt_ident_init(&h->id, g->total_size);
     if (rc || (rc = zt_random(h->hash_key, sizeof h->hash_key))) return rc;
-    h->capacity = g->capacity;
-    h->row_size = g->row_size;
-    h->key_limit = g->key_limit;
-    h->key_off = g->key_off;
-    h->n_stripes = g->n_stripes;
-    h->exp_off = g->exp_off;
-    h->ttl_ns = g->ttl_ns;
+    h->g = *g;
     h->schema_len = schema_len;
-    h->index_slots = g->index_slots;
-    h->off_global = g->off_global;
-    h->off_stripes = g->off_stripes;
-    h->off_index = g->off_index;
-    h->off_rows = g->off_rows;
     h->created_ns = (uint64_t)zt_now_ns(CLOCK_REALTIME);
     memcpy(h->schema, schema, schema_len);
     h->checksum = zt_checksum(&h->id, &h->checksum);
@@ -1249,7 +1215,7 @@ static int zt_check(const char *base, size_t size) {
     const zt_header *h = (const zt_header *)base;
     if (size < ZT_HEADER_SIZE) return 1;
     int rc = zt_ident_check(&h->id, size, ZT_MAGIC_TABLE, h->checksum, &h->checksum);
-    if (rc == 0 && h->n_stripes > ZT_MAX_STRIPES) return 3;
+    if (rc == 0 && h->g.n_stripes > ZT_MAX_STRIPES) return 3;
     return rc;
 }
 
