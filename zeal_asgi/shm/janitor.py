@@ -8,7 +8,6 @@ process holds any more.  Usage: ``python -S janitor.py PIDFD PREFIX DIR`` (stand
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import select
@@ -16,29 +15,23 @@ import sys
 import time
 
 
-def _unlink_unused(directory: str, prefix: str) -> int:
-    """Unlink every segment of the server that no process holds any more; the number left."""
-    left = 0
-    for name in os.listdir(directory):
-        if not name.startswith(prefix):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            # Workers hold a shared lock while they use a segment: an orphaned worker that
-            # outlives its supervisor keeps its memory; we wait for it.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            left += 1
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        finally:
-            os.close(fd)
-    return left
+def unlink_if_unused(path: str) -> bool:
+    """Unlink the segment at ``path`` if it is ours and no process holds it (workers keep a
+    shared lock on every segment they use); True when it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+        return True
+    except OSError:
+        return False  # held (an orphaned worker may outlive its supervisor: we wait for it)
+    finally:
+        os.close(fd)
 
 
 def main(argv: list[str]) -> int:
@@ -47,7 +40,8 @@ def main(argv: list[str]) -> int:
     if os.fork():
         os._exit(0)  # the caller waits for this first process only: no zombie is left behind
     select.select([pidfd], [], [])  # a pidfd becomes readable when its process exits
-    while _unlink_unused(directory, prefix):
+    mine = [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(prefix)]
+    while mine := [path for path in mine if not unlink_if_unused(path)]:
         time.sleep(0.2)
     return 0
 

@@ -56,6 +56,7 @@ from zeal_asgi.errors import (
     ShmPermissionError,
 )
 from zeal_asgi.shm import _shmtable
+from zeal_asgi.shm.janitor import unlink_if_unused
 from zeal_asgi.shm.process import cmdline, process_alive, process_start_time
 from zeal_asgi.shm.schema import Schema
 
@@ -278,21 +279,28 @@ def _memfd_wanted() -> bool:
 
 
 Init = Callable[[int], None]
+"""Map a new segment's fd and initialise it."""
 Attach = Callable[[int, int], _T]
 """Map and validate a segment someone else made: a result, or ``None`` when it is not
 initialised yet."""
+Discard = Callable[[], None]
+"""Unmap what ``Init`` mapped, leaving the fd to the caller."""
 
 
-def _create(path: str | None, size: int, what: str, init: Init, memfd_name: str = "zeal") -> int:
-    """A new segment of ``size`` bytes, initialised: its fd.  With a path, it is built under a
-    private name in the same directory and linked into place, so the name never shows a
-    half-initialised segment, whatever dies when (``FileExistsError``: another process linked
-    the name first; ours is thrown away).  Without, it is a memfd called ``memfd_name``."""
+def _create(
+    path: str | None, size: int, what: str, init: Init, discard: Discard, memfd: str = "zeal"
+) -> None:
+    """A new segment of ``size`` bytes, mapped and initialised by ``init``.  With a path,
+    it is built under a private name in the same directory and linked into place, so the name
+    never shows a half-initialised segment, whatever dies when (``FileExistsError``: another
+    process linked the name first; ours is unmapped by ``discard`` and thrown away).  Without,
+    it is a memfd called ``memfd``."""
     if path is None:
-        fd = os.memfd_create(memfd_name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = os.memfd_create(memfd, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         tmp = None
     else:
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp.", dir=shm_dir())
+    mapped = False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # a sweep never takes a segment being built
         os.fchmod(fd, 0o600)
@@ -302,17 +310,19 @@ def _create(path: str | None, size: int, what: str, init: Init, memfd_name: str 
             # nobody may resize it under the others' mappings (a SIGBUS for every worker)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         init(fd)
+        mapped = True
         fcntl.flock(fd, fcntl.LOCK_SH)
         if tmp is not None and path is not None:
             os.link(tmp, path)  # FileExistsError: someone else was first
     except BaseException:
+        if mapped:
+            discard()  # the mapping goes; the fd is still ours to close
         os.close(fd)
         raise
     finally:
         if tmp is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-    return fd
 
 
 def _attach(fd: int, path: str, attach: Attach[_T], named: bool = True) -> _T | None:
@@ -358,22 +368,31 @@ def _owner_memfd(seg: str) -> int:
 
 
 def _open(
-    kind: str, name: str | None, size: int, what: str, init: Init, attach: Attach[_T]
-) -> tuple[str | None, int, _T | None]:
-    """Create or attach the segment of ``name`` (``None``: a private, anonymous one).
+    kind: str,
+    name: str | None,
+    size: int,
+    what: str,
+    init: Init,
+    attach: Attach[_T],
+    discard: Discard,
+) -> tuple[str | None, _T | None]:
+    """Create or attach the segment of ``name`` (``None``: a private, anonymous one), mapped by
+    ``init`` or ``attach`` (the mapping then owns the fd).
 
-    Returns ``(path, fd, result)``: ``result`` is ``None`` when this process created the
-    segment, else what ``attach`` returned (the fd is then mapped by the caller's object)."""
+    Returns ``(path, result)``: ``result`` is ``None`` when this process created the segment,
+    else what ``attach`` returned."""
     if name is None:
-        return None, _create(None, size, what, init, f"zeal-{kind}-anon"), None
+        _create(None, size, what, init, discard, f"zeal-{kind}-anon")
+        return None, None
     seg = _segment_name(kind, name)
     if _memfd_wanted():
         if server_identity().is_owner:
-            return None, _create(None, size, what, init, seg), None
+            _create(None, size, what, init, discard, seg)
+            return None, None
         fd = _owner_memfd(seg)
         try:
             _check_ours(fd, f"memfd {seg}")
-            return None, fd, _attach(fd, f"memfd {seg}", attach, named=False)
+            return None, _attach(fd, f"memfd {seg}", attach, named=False)
         except BaseException:
             os.close(fd)
             raise
@@ -384,13 +403,13 @@ def _open(
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             try:
-                fd = _create(path, size, what, init)
+                _create(path, size, what, init, discard)
             except FileExistsError:
                 continue  # another process published the name first: attach to theirs
             with _lock:
                 _created_paths[path] = os.getpid()
             _ensure_janitor()
-            return path, fd, None
+            return path, None
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
                 raise ShmNameTakenError(
@@ -404,7 +423,7 @@ def _open(
             os.close(fd)
             raise
         if result is not None:
-            return path, fd, result
+            return path, result
         os.close(fd)  # unlinked (a sweep or a replace): look the name up again
 
 
@@ -438,8 +457,14 @@ def open_table(
 
     for _ in range(3):
         try:
-            path, _, stored = _open(
-                "t", name, geo.total_size, what, lambda fd: table._init(fd, geo, blob), attach
+            path, stored = _open(
+                "t",
+                name,
+                geo.total_size,
+                what,
+                lambda fd: table._init(fd, geo, blob),
+                attach,
+                table._unmap,
             )
             break
         except _OtherSchema as exc:
@@ -448,7 +473,7 @@ def open_table(
             where = None if _memfd_wanted() else os.path.join(shm_dir(), seg)
             # A leftover of an earlier run of this server (e.g. before a --reload): replace it
             # when nobody uses it any more, otherwise refuse loudly.
-            if where is None or not _unlink_if_unused(where):
+            if where is None or not unlink_if_unused(where):
                 raise ShmAbiMismatchError(
                     errno.EINVAL,
                     f"table {name!r}: the shared segment {where or 'memfd'} has schema "
@@ -471,13 +496,14 @@ def open_atomic(atomic: Atomic, name: str | None, initial: int) -> tuple[str | N
     def attach(fd: int, size: int) -> bool | None:
         return True if atomic._attach(fd, size) else None
 
-    path, _, attached = _open(
+    path, attached = _open(
         "a",
         name,
         _shmtable.ATOMIC_SIZE,
         f"atomic {name!r}",
         lambda fd: atomic._init(fd, initial),
         attach,
+        atomic._unmap,
     )
     with _lock:
         _held.add(atomic)
@@ -525,30 +551,12 @@ def sweep_stale(force: bool = False) -> list[str]:
         if sid == own or (m and process_alive(int(m[1]), None if m[2] == "None" else int(m[2]))):
             continue
         with contextlib.suppress(OSError):
-            if not m and time.time() - os.lstat(path).st_mtime < STALE_MIN_AGE:
-                continue
-            if _unlink_if_unused(path):
+            old = m or time.time() - os.lstat(path).st_mtime >= STALE_MIN_AGE
+            if old and unlink_if_unused(path):
                 removed.append(path)
     if removed:
         log.warning("removed %d stale shared-memory segment(s) of dead servers", len(removed))
     return removed
-
-
-def _unlink_if_unused(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return True
-    try:
-        _check_ours(fd, path)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except (BlockingIOError, ShmError):
-        return False
-    else:
-        os.unlink(path)
-        return True
-    finally:
-        os.close(fd)
 
 
 # -- janitor for workers of a foreign supervisor ------------------------------------------------
