@@ -88,7 +88,7 @@ cdef extern from "zt_core.h" nogil:
     int zt_set(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
                const zt_delta *d, int nd)
     int zt_incr(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
-                const zt_delta *d, int allow_nonfinite, int64_t *out_i, double *out_f)
+                const zt_delta *d, int is_int, int allow_nonfinite, int64_t *out_i, double *out_f)
     int zt_cas(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
                const zt_delta *expected, const zt_delta *desired, int *swapped)
     int zt_remove(zt_table *t, const char *key, uint16_t klen, int only_expired)
@@ -447,8 +447,6 @@ cdef class Table:
         cdef Py_ssize_t n
         cdef const char *s
         d.col = ci
-        d.i = 0
-        d.f = 0.0
         if c.type == ZT_INT:
             if PyLong_Check(value) and not PyBool_Check(value):
                 iv = PyLong_AsLongLongAndOverflow(value, &overflow)
@@ -533,6 +531,11 @@ cdef class Table:
 
     cdef inline int _done(self, int rc, key, str op) except -1:
         """Raise for a failed operation; log a lock recovery this process just ran."""
+        if rc >= 0 and self.t.local_recoveries == self._seen_recoveries:
+            return 0  # the common case, checked before any call
+        return self._fail(rc, key, op)
+
+    cdef int _fail(self, int rc, key, str op) except -1:
         if rc < 0:
             if rc == ZT_EFULL:
                 raise TableFullError(
@@ -546,20 +549,11 @@ cdef class Table:
                 self.name, zt_load64(&self.t.hdr.lock_recoveries), zt_load64(&self.t.hdr.rows_lost))
         return 0
 
-    cdef int _read(self, key, char *buf) except -1:
-        """Copy the row of ``key`` into ``buf``: 1 found, 0 missing."""
-        cdef const char *k
-        cdef Py_ssize_t kn
-        self._key(key, &k, &kn)
-        cdef int rc = zt_get(&self.t, k, <uint16_t>kn, buf)
-        self._done(rc, key, "get")
-        return rc
-
     # -- the API ------------------------------------------------------------------------------
 
     cdef inline char *_buffer(self, uint64_t *stackbuf) except NULL:
         """Room for a row copy: ``stackbuf`` when it fits, else the heap (caller frees)."""
-        if self.t.g.row_size <= STACK_ROW_WORDS * 8:
+        if stackbuf != NULL and self.t.g.row_size <= STACK_ROW_WORDS * 8:
             return <char *>stackbuf
         cdef char *buf = <char *>malloc(self.t.g.row_size)
         if buf == NULL:
@@ -576,9 +570,15 @@ cdef class Table:
         cdef int ci = -1
         if field is not None:
             ci = self._col(field)
+        cdef const char *k
+        cdef Py_ssize_t kn
+        cdef int rc
+        self._key(key, &k, &kn)
         cdef char *buf = self._buffer(stackbuf)
         try:
-            if not self._read(key, buf):
+            rc = zt_get(&self.t, k, <uint16_t>kn, buf)
+            self._done(rc, key, "get")
+            if rc == 0:
                 return None
             if ci >= 0:
                 return self._value(buf, ci)
@@ -590,12 +590,18 @@ cdef class Table:
     def exists(self, key):
         """True when the key has a row."""
         cdef uint64_t stackbuf[STACK_ROW_WORDS]
-        cdef char *buf = self._buffer(stackbuf)
-        try:
-            return self._read(key, buf) == 1
-        finally:
-            if buf != <char *>stackbuf:
-                free(buf)
+        cdef const char *k
+        cdef Py_ssize_t kn
+        cdef int rc
+        self._key(key, &k, &kn)
+        cdef char *buf = <char *>stackbuf
+        if self.t.g.row_size > STACK_ROW_WORDS * 8:
+            buf = self._buffer(NULL)
+        rc = zt_get(&self.t, k, <uint16_t>kn, buf)
+        if buf != <char *>stackbuf:
+            free(buf)
+        self._done(rc, key, "exists")
+        return rc == 1
 
     def __contains__(self, key):
         return self.exists(key)
@@ -671,47 +677,49 @@ cdef class Table:
         cdef zt_col *c = &self.cols[d.col]
         d.i = 0
         d.f = 0.0
-        if c.type == ZT_INT:
-            if not PyLong_Check(by) or PyBool_Check(by):
-                raise ColumnTypeError(
-                    f"incr on INT column {column!r} of table {self.name!r} takes an int, got "
-                    f"{type(by).__name__}")
+        if c.type == ZT_INT and PyLong_Check(by) and not PyBool_Check(by):
             d.i = PyLong_AsLongLongAndOverflow(by, &overflow)
             if overflow:
                 raise IntegerOverflowError(
                     f"incr of {self._what(d.col)} by {by}: the step is outside the signed "
                     "64-bit range")
-        elif c.type == ZT_FLOAT:
-            if PyFloat_Check(by):
-                d.f = PyFloat_AS_DOUBLE(by)
-            elif PyLong_Check(by) and not PyBool_Check(by):
-                try:
-                    d.f = <double>by
-                except OverflowError:
-                    raise IntegerOverflowError(
-                        f"incr of {self._what(d.col)} by {by}: the step is outside the range "
-                        "of a float") from None
-            else:
-                raise ColumnTypeError(
-                    f"incr on FLOAT column {column!r} of table {self.name!r} takes an int or "
-                    f"float, got {type(by).__name__}")
-            if not self._allow_nan and not isfinite(d.f):
-                raise NonFiniteFloatError(f"incr step {by!r} is not finite")
-        else:
+            rc = zt_incr(&self.t, k, <uint16_t>kn, self.cols, &d, 1, 0, &iout, &fout)
+            if rc == ZT_EOVERFLOW:
+                raise IntegerOverflowError(
+                    f"incr of {self._what(d.col)} by {by} would leave [{INT_MIN[c.width]}, "
+                    f"{INT_MAX[c.width]}] (INT({c.width})); the value stays {iout}")
+            self._done(rc, key, "incr")
+            return iout
+        if c.type == ZT_INT:
+            raise ColumnTypeError(
+                f"incr on INT column {column!r} of table {self.name!r} takes an int, got "
+                f"{type(by).__name__}")
+        if c.type != ZT_FLOAT:
             raise ColumnTypeError(
                 f"incr needs an INT or FLOAT column; {column!r} of table {self.name!r} is "
                 f"{_TYPE_NAME[c.type]}")
-        rc = zt_incr(&self.t, k, <uint16_t>kn, self.cols, &d, self._allow_nan, &iout, &fout)
-        if rc == ZT_EOVERFLOW:
-            raise IntegerOverflowError(
-                f"incr of {self._what(d.col)} by {by} would leave [{INT_MIN[c.width]}, "
-                f"{INT_MAX[c.width]}] (INT({c.width})); the value stays {iout}")
+        if PyFloat_Check(by):
+            d.f = PyFloat_AS_DOUBLE(by)
+        elif PyLong_Check(by) and not PyBool_Check(by):
+            try:
+                d.f = <double>by
+            except OverflowError:
+                raise IntegerOverflowError(
+                    f"incr of {self._what(d.col)} by {by}: the step is outside the range of a "
+                    "float") from None
+        else:
+            raise ColumnTypeError(
+                f"incr on FLOAT column {column!r} of table {self.name!r} takes an int or float, "
+                f"got {type(by).__name__}")
+        if not self._allow_nan and not isfinite(d.f):
+            raise NonFiniteFloatError(f"incr step {by!r} is not finite")
+        rc = zt_incr(&self.t, k, <uint16_t>kn, self.cols, &d, 0, self._allow_nan, &iout, &fout)
         if rc == ZT_ENONFINITE:
             raise NonFiniteFloatError(
                 f"incr of {self._what(d.col)} by {by!r} overflows to a non-finite value; the "
                 f"value stays {fout!r}")
         self._done(rc, key, "incr")
-        return iout if c.type == ZT_INT else fout
+        return fout
 
     def decr(self, key, column, by=1):
         """Atomically subtract ``by``; the mirror of :meth:`incr`."""

@@ -47,6 +47,7 @@
 
 #include <Python.h>
 #include <errno.h>
+#include <linux/futex.h>
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
@@ -337,17 +338,17 @@ static inline int64_t zt_now_ns(clockid_t clk) {
 
 /* The present, for expiry: 0 on a table whose rows never expire (nothing is ever expired). */
 static inline int64_t zt_now(const zt_table *t) {
-    return t->g.exp_off ? zt_now_ns(CLOCK_MONOTONIC) : 0;
+    return __builtin_expect(t->g.exp_off != 0, 0) ? zt_now_ns(CLOCK_MONOTONIC) : 0;
 }
 static inline int zt_expired(const zt_table *t, const char *row, int64_t now) {
-    if (!t->g.exp_off) return 0;
+    if (__builtin_expect(t->g.exp_off == 0, 1)) return 0;
     int64_t e;
     memcpy(&e, row + t->g.exp_off, 8);
     return e != 0 && e <= now;
 }
 /* A write gives its row a full ttl (inside the write's seqlock section). */
 static inline void zt_touch(const zt_table *t, char *row) {
-    if (t->g.exp_off) {
+    if (__builtin_expect(t->g.exp_off != 0, 0)) {
         int64_t e = zt_now_ns(CLOCK_MONOTONIC) + t->g.ttl_ns;
         memcpy(row + t->g.exp_off, &e, 8);
     }
@@ -743,17 +744,19 @@ static void zt_repair_global(zt_table *t) {
 }
 
 /* The row count.  A process killed inside an insert or a delete leaves the count off until the
- * global lock is taken again; when that lock's holder is dead, take it now, so the repair
- * recounts the rows before anyone reads a wrong count. */
+ * global lock is taken again.  The kernel marks the futex word of a robust lock whose holder died
+ * (FUTEX_OWNER_DIED; glibc's futex word is the mutex's first field): then take the lock now, so
+ * its recovery recounts the rows before anyone reads a wrong count. */
+_Static_assert(offsetof(pthread_mutex_t, __data.__lock) == 0, "glibc: the futex word comes first");
 static int64_t zt_count(zt_table *t) {
-    int rc = pthread_mutex_trylock(&t->global->m);
-    if (rc == EOWNERDEAD) {
-        PyThreadState *ts = PyEval_SaveThread(); /* the repair may wait for stripe locks */
-        zt_recover(t, t->global, 1);
-        zt_release(t->global);
-        PyEval_RestoreThread(ts);
-    } else if (rc == 0) {
-        zt_release(t->global);
+    if (__atomic_load_n(&t->global->m.__data.__lock, __ATOMIC_RELAXED) & FUTEX_OWNER_DIED) {
+        int rc = pthread_mutex_trylock(&t->global->m);
+        if (rc == EOWNERDEAD) {
+            PyThreadState *ts = PyEval_SaveThread(); /* the repair may wait for stripe locks */
+            zt_recover(t, t->global, 1);
+            PyEval_RestoreThread(ts);
+        }
+        if (rc == 0 || rc == EOWNERDEAD) zt_release(t->global);
     }
     return __atomic_load_n(&t->hdr->row_count, __ATOMIC_RELAXED);
 }
@@ -980,8 +983,8 @@ static int64_t zt_locate(zt_table *t, const char *key, uint16_t klen, uint64_t h
             return r;
         }
     }
-    char *row = zt_row(t, (uint32_t)r);
-    if (zt_expired(t, row, zt_now(t))) {
+    if (__builtin_expect(t->g.exp_off != 0, 0) && zt_expired(t, zt_row(t, r), zt_now(t))) {
+        char *row = zt_row(t, (uint32_t)r);
         if (!create) { zt_release(stripe); return ZT_NOTFOUND; }
         uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, ZT_W_MULTI);
         zt_zero_columns(t, row);
@@ -1021,13 +1024,14 @@ static int zt_set(zt_table *t, const char *key, uint16_t klen, const zt_col *col
     return ZT_OK;
 }
 
-/* incr of a numeric column by d->i (INT) or d->f (FLOAT); the new value in *out_i / *out_f.
- * Overflow (or a non-finite FLOAT result, unless allowed) leaves the row, or its absence,
- * unchanged and reports the current value. */
-static int zt_incr(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
-                   const zt_delta *d, int allow_nonfinite, int64_t *out_i, double *out_f) {
+/* incr of a numeric column by d->i (INT: is_int) or d->f (FLOAT); the new value in *out_i /
+ * *out_f.  Overflow (or a non-finite FLOAT result, unless allowed) leaves the row, or its absence,
+ * unchanged and reports the current value.  Inlined where called: each caller passes a constant
+ * is_int, so the INT path carries no FLOAT code. */
+static inline __attribute__((always_inline)) int zt_incr(
+    zt_table *t, const char *key, uint16_t klen, const zt_col *cols, const zt_delta *d,
+    int is_int, int allow_nonfinite, int64_t *out_i, double *out_f) {
     const zt_col *c = &cols[d->col];
-    int is_int = c->type == ZT_INT;
     uint64_t h = zt_hash(t->hkey, key, klen);
     PyThreadState *ts = NULL;
     zt_lockslot *stripe;
