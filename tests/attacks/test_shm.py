@@ -171,8 +171,9 @@ def _ttl_bursts(bursts: int, out: Any, go: Any) -> None:
     async def run() -> None:
         store = Store("table")
         store.make("hits", 64, {"n": (Store.TYPE_INT, 8)}, mode="ttl", ttl=1)
-        slow = Descheduled(store.backend.table("hits"))  # type: ignore[attr-defined]
-        store.backend.table = lambda name: slow  # type: ignore[attr-defined]
+        backend: Any = store.backend
+        slow = Descheduled(backend.table("hits"))
+        backend.table = lambda name: slow
         for _ in range(bursts):
             go.wait()  # both processes start each burst together, right after the expiry
             got: dict[str, list[int]] = {k: [] for k in KEYS}

@@ -134,7 +134,7 @@ def test_e7_squatted_name_is_refused_never_attached() -> None:
     if os.geteuid() != 0:
         pytest.skip("pre-creating a name as another user needs root")
     name = f"squat-{uuid.uuid4().hex[:8]}"
-    path = os.path.join(_segments.shm_dir(), _segments._segment_name("t", name))
+    path = _segments.segment_path("t", name)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
     os.fchown(fd, 65534, 65534)  # nobody
     os.fchmod(fd, 0o666)
@@ -279,6 +279,5 @@ def test_siblings_opening_one_name_at_once_share_one_segment() -> None:
     assert [p.exitcode for p in procs] == [0] * 8
     assert len({g[0] for g in got}) == 1 and len({g[1] for g in got}) == 1
     assert sum(g[2] for g in got) == 1 and sum(g[3] for g in got) == 1
-    for seg in _segments.segments_of_server():
-        if _segments._segment_name("t", name) in seg or _segments._segment_name("a", name) in seg:
-            os.unlink(seg)
+    for kind in ("t", "a"):
+        os.unlink(_segments.segment_path(kind, name))

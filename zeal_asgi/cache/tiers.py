@@ -35,7 +35,7 @@ from zeal_asgi.cache.lock import CasLock, Lock, RedisLock, ShmLock
 from zeal_asgi.cache.memo import DecodeMemo
 from zeal_asgi.cache.serializer import PICKLE_ID, Serializer
 from zeal_asgi.errors import SerializationError, UnsupportedOperationError
-from zeal_asgi.store import EvalCapable, Store, StoreBackend, StoreBackendKind
+from zeal_asgi.store import Store, StoreBackend, StoreBackendKind
 
 __all__ = ["Binding", "Tiers"]
 
@@ -107,7 +107,7 @@ class Tiers:
         lock: Lock
         if local:
             lock = ShmLock(store.table(lock_table), self.lock_lease)
-        elif isinstance(store.backend, EvalCapable):
+        elif store.backend.redis_link() is not None:
             lock = RedisLock(store, self.namespace, self.lock_lease)
         else:
             lock = CasLock(store, lock_table, self.lock_lease)

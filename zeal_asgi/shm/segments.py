@@ -65,13 +65,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ServerIdentity",
+    "attach_path",
     "destroy",
+    "display_name",
     "held_segments",
     "open_atomic",
     "open_table",
     "release_owned",
+    "segment_path",
     "segments_of_server",
     "server_identity",
+    "server_ids",
     "shm_dir",
     "sweep_stale",
     "verify_shared",
@@ -159,16 +163,31 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _segment_name(kind: str, name: str) -> str:
+def segment_path(kind: str, name: str, server_id: str | None = None) -> str:
+    """Path of the named segment (``kind`` ``t``: table, ``a``: atomic) of a server (this
+    process's by default)."""
+    sid = server_id or server_identity().server_id
     ns = os.environ.get("ZEAL_NAMESPACE", "")
     digest = hashlib.blake2b(f"{ns}\0{kind}\0{name}".encode(), digest_size=8).hexdigest()
-    return f"{PREFIX}{os.geteuid()}.{server_identity().server_id}.{kind}.{digest}"
+    return os.path.join(shm_dir(), f"{PREFIX}{os.geteuid()}.{sid}.{kind}.{digest}")
 
 
 def segments_of_server(server_id: str | None = None) -> list[str]:
     """Paths of the named segments of a server (this process's server by default)."""
     sid = server_id or server_identity().server_id
     return sorted(glob.glob(os.path.join(shm_dir(), f"{PREFIX}{os.geteuid()}.{sid}.*")))
+
+
+def server_ids() -> list[str]:
+    """Ids of this user's servers that have segments here (live or left by a killed one)."""
+    names = glob.glob(os.path.join(shm_dir(), f"{PREFIX}{os.geteuid()}.*.*"))
+    return sorted({os.path.basename(n).split(".")[2] for n in names})
+
+
+def display_name(name: str | None) -> str | None:
+    """What messages call a segment: its name after the last ``:``, the part before it being
+    the owner's scope (``store:demo`` is the Store's table ``demo``)."""
+    return name.rpartition(":")[2] if name else name
 
 
 # -- what this process holds and created ---------------------------------------------------------
@@ -384,7 +403,8 @@ def _open(
     if name is None:
         _create(None, size, what, init, discard, f"zeal-{kind}-anon")
         return None, None
-    seg = _segment_name(kind, name)
+    path = segment_path(kind, name)
+    seg = os.path.basename(path)
     if _memfd_wanted():
         if server_identity().is_owner:
             _create(None, size, what, init, discard, seg)
@@ -397,7 +417,6 @@ def _open(
             os.close(fd)
             raise
     sweep_stale()
-    path = os.path.join(shm_dir(), seg)
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -468,18 +487,16 @@ def open_table(
             )
             break
         except _OtherSchema as exc:
-            theirs = Schema.from_blob(exc.stored)
-            seg = _segment_name("t", name or "")
-            where = None if _memfd_wanted() else os.path.join(shm_dir(), seg)
+            where = None if _memfd_wanted() else segment_path("t", name or "")
             # A leftover of an earlier run of this server (e.g. before a --reload): replace it
             # when nobody uses it any more, otherwise refuse loudly.
             if where is None or not unlink_if_unused(where):
                 raise ShmAbiMismatchError(
                     errno.EINVAL,
-                    f"table {name!r}: the shared segment {where or 'memfd'} has schema "
-                    f"{theirs.describe()} (key_size={theirs.key_limit}, ttl={theirs.ttl}) but "
-                    f"this process declares {schema.describe()} (key_size={schema.key_limit}, "
-                    f"ttl={schema.ttl}); every worker must declare the same schema",
+                    f"table {name!r}: the shared segment {where or '(memfd)'} has another schema "
+                    "than this process declares (segment vs declared: "
+                    f"{Schema.from_blob(exc.stored).difference(schema)}); every worker must "
+                    "declare the same schema",
                 ) from None
             log.warning("table %r: replaced an unused segment that had another schema", name)
     else:  # pragma: no cover - someone keeps recreating it
@@ -508,6 +525,38 @@ def open_atomic(atomic: Atomic, name: str | None, initial: int) -> tuple[str | N
     with _lock:
         _held.add(atomic)
     return path, attached is None
+
+
+def attach_path(path: str, name: str | None = None) -> Table | Atomic:
+    """Attach to the existing segment at ``path``, a table or an atomic, without ever creating
+    one (``zeal-asgi inspect`` reads another server's figures this way); close it after use.
+
+    Raises:
+        FileNotFoundError: the segment is gone.
+        ShmError: it is not ours, not a segment, or not initialised.
+    """
+    from zeal_asgi.shm.ext import Atomic, Table
+
+    table = os.path.basename(path).split(".")[-2] == "t"
+    obj: Any = Table.__new__(Table) if table else Atomic.__new__(Atomic)
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _check_ours(fd, path)
+        stored = _attach(fd, path, lambda fd, size: obj._attach(fd, size) or None)
+    except BaseException:
+        os.close(fd)
+        raise
+    if stored is None:
+        os.close(fd)
+        raise ShmError(errno.EAGAIN, f"{path}: the segment is being replaced")
+    if table:
+        obj.schema = Schema.from_blob(stored)
+        obj._bind(obj.schema, name, 1.0)
+    else:
+        obj._bind(name)
+    obj.path, obj.created = path, False
+    result: Table | Atomic = obj
+    return result
 
 
 def destroy(obj: Table | Atomic) -> None:
