@@ -567,13 +567,12 @@ cdef class Table:
             UnknownColumnError: ``field`` is not a column.
         """
         cdef uint64_t stackbuf[STACK_ROW_WORDS]
-        cdef int ci = -1
-        if field is not None:
-            ci = self._col(field)
         cdef const char *k
         cdef Py_ssize_t kn
-        cdef int rc
+        cdef int rc, ci = -1
         self._key(key, &k, &kn)
+        if field is not None:
+            ci = self._col(field)
         cdef char *buf = self._buffer(stackbuf)
         try:
             rc = zt_get(&self.t, k, <uint16_t>kn, buf)

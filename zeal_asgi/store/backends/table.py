@@ -137,6 +137,7 @@ class TableBackend(StoreBackend):
         self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
     ) -> bool:
         """Atomic compare-and-set of one column."""
+        spec.schema.column(column, spec.name)  # the column is checked first, as elsewhere
         return self.table(spec.name).compare_and_set(key, column, expected, new)
 
     async def count(self, spec: TableSpec) -> int:
