@@ -345,26 +345,35 @@ def _create(
 
 
 def _attach(fd: int, path: str, attach: Attach[_T], named: bool = True) -> _T | None:
-    """Attach under a shared flock (which marks this process as a user of the segment);
-    ``None`` when the name was unlinked meanwhile (look it up again)."""
-    deadline = time.monotonic() + ATTACH_TIMEOUT
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            # a sweep or a janitor probing it with LOCK_EX for a moment
-            if time.monotonic() > deadline:
-                raise ShmError(errno.ETIMEDOUT, f"{path}: could not take a shared lock") from None
-            time.sleep(0.002)
-    st = os.fstat(fd)
-    if named and st.st_nlink == 0:
-        return None
-    result = attach(fd, st.st_size)
-    if result is None:
-        raise ShmAbiMismatchError(
-            errno.EINVAL, f"{path}: not an initialised segment (no header): refusing to attach"
-        )
+    """Check that the segment open at ``fd`` is ours and attach under a shared flock (which
+    marks this process as a user of it).  ``None`` when the name was unlinked meanwhile (look it
+    up again); ``fd`` is closed unless ``attach`` mapped it."""
+    try:
+        _check_ours(fd, path)
+        deadline = time.monotonic() + ATTACH_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # a sweep or a janitor probing it with LOCK_EX for a moment
+                if time.monotonic() > deadline:
+                    raise ShmError(
+                        errno.ETIMEDOUT, f"{path}: could not take a shared lock"
+                    ) from None
+                time.sleep(0.002)
+        st = os.fstat(fd)
+        if named and st.st_nlink == 0:
+            os.close(fd)
+            return None
+        result = attach(fd, st.st_size)
+        if result is None:
+            raise ShmAbiMismatchError(
+                errno.EINVAL, f"{path}: not an initialised segment (no header): refusing to attach"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
     return result
 
 
@@ -409,13 +418,7 @@ def _open(
         if server_identity().is_owner:
             _create(None, size, what, init, discard, seg)
             return None, None
-        fd = _owner_memfd(seg)
-        try:
-            _check_ours(fd, f"memfd {seg}")
-            return None, _attach(fd, f"memfd {seg}", attach, named=False)
-        except BaseException:
-            os.close(fd)
-            raise
+        return None, _attach(_owner_memfd(seg), f"memfd {seg}", attach, named=False)
     sweep_stale()
     while True:
         try:
@@ -435,15 +438,9 @@ def _open(
                     errno.EEXIST, f"{path} exists and cannot be opened by us: squatted name"
                 ) from exc
             raise
-        try:
-            _check_ours(fd, path)
-            result = _attach(fd, path, attach)
-        except BaseException:
-            os.close(fd)
-            raise
+        result = _attach(fd, path, attach)
         if result is not None:
-            return path, result
-        os.close(fd)  # unlinked (a sweep or a replace): look the name up again
+            return path, result  # else unlinked (a sweep or a replace): look the name up again
 
 
 def _check_name(name: str | None, kind: str) -> None:
@@ -540,14 +537,8 @@ def attach_path(path: str, name: str | None = None) -> Table | Atomic:
     table = os.path.basename(path).split(".")[-2] == "t"
     obj: Any = Table.__new__(Table) if table else Atomic.__new__(Atomic)
     fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        _check_ours(fd, path)
-        stored = _attach(fd, path, lambda fd, size: obj._attach(fd, size) or None)
-    except BaseException:
-        os.close(fd)
-        raise
+    stored = _attach(fd, path, lambda fd, size: obj._attach(fd, size) or None)
     if stored is None:
-        os.close(fd)
         raise ShmError(errno.EAGAIN, f"{path}: the segment is being replaced")
     if table:
         obj.schema = Schema.from_blob(stored)
