@@ -503,6 +503,11 @@ cdef class Table:
         d.slen = <uint32_t>n
         return 0
 
+    cdef int _twice(self, int ci, col) except -1:
+        raise ColumnTypeError(
+            f"a row of table {self.name!r} names column {self._names[ci]!r} twice (key {col!r} "
+            "is a second spelling of it)")
+
     cdef str _what(self, int ci):
         return f"column {self._names[ci]!r} of table {self.name!r}"
 
@@ -573,7 +578,9 @@ cdef class Table:
         self._key(key, &k, &kn)
         if field is not None:
             ci = self._col(field)
-        cdef char *buf = self._buffer(stackbuf)
+        cdef char *buf = <char *>stackbuf
+        if self.t.g.row_size > STACK_ROW_WORDS * 8:
+            buf = self._buffer(NULL)
         try:
             rc = zt_get(&self.t, k, <uint16_t>kn, buf)
             self._done(rc, key, "get")
@@ -639,9 +646,7 @@ cdef class Table:
                 # One delta per column: the arrays hold one per column and no more (two keys may
                 # compare equal to one column name, e.g. str subclasses).
                 if seen & (1ULL << ci):
-                    raise ColumnTypeError(
-                        f"a row of table {self.name!r} names column {self._names[ci]!r} twice "
-                        f"(key {col!r} is a second spelling of it)")
+                    self._twice(ci, col)
                 seen |= 1ULL << ci
                 self._prepare(ci, value, &deltas[nd])
                 nd += 1

@@ -877,7 +877,11 @@ static int zt_get(zt_table *t, const char *key, uint16_t klen, char *copy) {
     uint32_t busy_row = 0;
     PyThreadState *ts = NULL;
     for (int round = 0; round < 4; round++) {
-        if (zt_lookup(t, key, klen, h, copy, &busy, &busy_row) >= 0) { found = 1; goto done; }
+        if (zt_lookup(t, key, klen, h, copy, &busy, &busy_row) >= 0) {
+            if (__builtin_expect(t->g.exp_off == 0, 1)) { zt_regain_gil(&ts); return 1; }
+            found = 1;
+            goto done;
+        }
         if (!busy) goto done;
         __atomic_add_fetch(&t->hdr->read_fallbacks, 1, __ATOMIC_RELAXED);
         if (busy == ZT_BUSY_INDEX) break;
