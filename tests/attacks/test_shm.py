@@ -5,7 +5,7 @@ increments right after expiry, the count after a kill mid-delete, squatted bus w
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import http.client
 import multiprocessing as mp
 import os
 import pwd
@@ -21,11 +21,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
+from tests._harness.apps import REPO, AppServer, AppServers
 from tests.core import crashpoints
-from tests.core.serverproc import REPO, ServerProc
 from zeal_asgi import Store, Table
 from zeal_asgi.shm.bus import close_host_bus
 from zeal_asgi.shm.hoststats import HostStats
@@ -50,18 +49,8 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 # -- item 1: memfd under the five server models ----------------------------------------------------
 
 
-@pytest.fixture
-def memfd_server() -> Iterator[Callable[[str], ServerProc]]:
-    started: list[ServerProc] = []
-
-    def start(kind: str) -> ServerProc:
-        s = ServerProc(kind, env={"ZEAL_SHM_BACKEND": "memfd"})
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        s.close()
+APP = "tests.core.apps.shared_app:app"
+MEMFD = {"ZEAL_SHM_BACKEND": "memfd"}
 
 
 @pytest.mark.servers
@@ -69,11 +58,10 @@ def memfd_server() -> Iterator[Callable[[str], ServerProc]]:
     ("kind", "workers"), [("uvicorn", 1), ("launcher", 2), ("gunicorn-preload", 2)]
 )
 def test_memfd_is_shared_by_workers_of_a_master_that_allocates_it(
-    memfd_server: Callable[[str], ServerProc], kind: str, workers: int
+    app_servers: AppServers, kind: str, workers: int
 ) -> None:
     """Item 1: where the master allocates the memory, every worker shares it."""
-    s = memfd_server(kind)
-    s.wait_ready(workers)
+    s = app_servers.start(APP, server=kind, workers=workers, env=MEMFD)
     assert s.get("/segments")["paths"] == [], "memfd segments have no name"
     value = uuid.uuid4().hex
     writer = s.get("/put", k="key", v=value)["pid"]
@@ -85,24 +73,30 @@ def test_memfd_is_shared_by_workers_of_a_master_that_allocates_it(
     assert s.stop() in (0, -signal.SIGTERM), s.log_text()
 
 
+def _answers(s: AppServer) -> bool:
+    try:
+        status, _ = s.fetch("/incr", timeout=2.0)
+    except (OSError, http.client.HTTPException):
+        return False
+    return status == 200
+
+
 @pytest.mark.servers
 @pytest.mark.parametrize("kind", ["uvicorn-workers", "gunicorn"])
-def test_memfd_is_refused_where_workers_cannot_share_it(
-    memfd_server: Callable[[str], ServerProc], kind: str
-) -> None:
+def test_memfd_is_refused_where_workers_cannot_share_it(kind: str) -> None:
     """Item 1: uvicorn --workers and gunicorn without --preload start workers whose master never
     imported the app: each would hold a private copy, so every worker refuses to start."""
-    s = memfd_server(kind)
-    deadline = time.monotonic() + 60
-    while "PrivateCopyError" not in s.log_text():
-        assert time.monotonic() < deadline, s.log_text()
-        with contextlib.suppress(httpx.HTTPError):
-            pytest.fail(f"a worker served a request with a private copy: {s.get('/incr')}")
-        time.sleep(0.1)
-    assert "ZEAL_SHM_BACKEND=memfd" in s.log_text()
-    with contextlib.suppress(httpx.HTTPError):
-        pytest.fail(f"a worker served a request with a private copy: {s.get('/incr')}")
-    s.close()
+    s = AppServer(APP, server=kind, workers=2, env=MEMFD).launch()
+    try:
+        deadline = time.monotonic() + 60
+        while "PrivateCopyError" not in s.log_text():
+            assert time.monotonic() < deadline, s.log_text()
+            assert not _answers(s), "a worker served a request with a private copy"
+            time.sleep(0.1)
+        assert "ZEAL_SHM_BACKEND=memfd" in s.log_text()
+        assert not _answers(s), "a worker served a request with a private copy"
+    finally:
+        s.stop()
 
 
 # -- item 2: a row that names a column twice -------------------------------------------------------

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests._harness.apps import REPO
 from tests.core import crashpoints
-from tests.core.serverproc import REPO
 from zeal_asgi import Table
 from zeal_asgi.shm import _shmtable
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.core.serverproc import REPO
+from tests._harness.apps import REPO
 from zeal_asgi import Atomic, Table
 from zeal_asgi.errors import (
     PrivateCopyError,

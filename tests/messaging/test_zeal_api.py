@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests._harness.servers import RedisServer
 from tests.messaging.helpers import until
-from tests.servers import RedisServer
 from zeal_asgi import Zeal
 from zeal_asgi.errors import ConfigError, UnsupportedOperationError
 from zeal_asgi.shm.bus import close_host_bus
@@ -57,11 +57,11 @@ async def test_subscribe_reliable_forms(redis_server: RedisServer) -> None:
     async with zeal:
         await store.publish_reliable("orders", "o1")
         await store.publish_reliable("orders", "o1")  # same business key twice
-        await until(lambda: zeal.streams.counters["acked"] == 2, within=5.0)
+        await until(lambda: zeal.streams.counters.values["acked"] == 2, within=5.0)
         assert done == ["o1"]
         assert redis_server.command("GET", "zeal:orders:total") == b"2"
         groups = redis_server.command("XINFO", "GROUPS", "zeal:stream:orders")
         assert isinstance(groups, list) and len(groups) == 1
-        assert b"on_order" in groups[0][1]  # type: ignore[index,operator]
+        assert b"on_order" in groups[0][b"name"]
     with pytest.raises(ConfigError):
         await apply_once("k", [("FLUSHALL", "x")], store=store)
