@@ -32,7 +32,8 @@ from starlette.routing import Route
 from zeal_asgi.errors import require
 from zeal_asgi.messaging.pubsub import messaging_stats
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.shm.segments import process_alive, server_identity, shm_dir
+from zeal_asgi.shm.process import process_alive
+from zeal_asgi.shm.segments import server_identity, shm_dir
 from zeal_asgi.store import Store
 
 if TYPE_CHECKING:

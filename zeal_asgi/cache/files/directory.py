@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 from zeal_asgi.errors import InsecureCacheDirError
-from zeal_asgi.shm.segments import process_alive
+from zeal_asgi.shm.process import process_alive
 
 __all__ = [
     "TEMP_MAX_AGE",
