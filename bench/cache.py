@@ -295,7 +295,7 @@ def _components(stack: contextlib.ExitStack[Any], env: Env) -> list[Row]:
     loop = env.runner.loop_of
     steps: list[tuple[str, str, Loop]] = [
         ("hit", "the whole hit: await cache.get(k)", loop(acall1(cache.get, KEY))),
-        ("hit", "binding check (same store and backend)", sync(cache._bind)),
+        ("hit", "binding check (same store and backend)", sync(cache._tiers.bind)),
         (
             "hit",
             "row read: table.get(k, 'v') (copies the row's 8 KiB column)",

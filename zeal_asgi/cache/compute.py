@@ -15,14 +15,12 @@ import inspect
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zeal_asgi.cache.entry import memory_key
 from zeal_asgi.cache.lock import NO_LOCK, Lock
+from zeal_asgi.cache.tiers import Tiers
 from zeal_asgi.errors import LockTimeoutError, ValueTooLargeError
-
-if TYPE_CHECKING:
-    from zeal_asgi.cache.facade import Cache
 
 __all__ = ["compute_once"]
 
@@ -40,35 +38,36 @@ async def _renew(lock: Lock, name: str, holder: list[Any], every: float) -> None
 
 
 async def _compute_locked(
-    cache: Cache,
+    tiers: Tiers,
     key: bytes,
     fn: Callable[[], Any | Awaitable[Any]],
     ttl: float,
+    max_entry_bytes: int,
     lock: Lock,
     name: str,
     token: Any,
 ) -> Any:
     holder = [token]
     renewer = (
-        asyncio.create_task(_renew(lock, name, holder, cache.lock_lease / 3))
+        asyncio.create_task(_renew(lock, name, holder, tiers.lock_lease / 3))
         if token is not NO_LOCK
         else None
     )
     try:
-        found, value = await cache._lookup(key, record=False)
+        found, value = await tiers.lookup(key, record=False)
         if found:  # the previous holder stored it just before we took the lock
             return value
-        cache._count("computations")
+        tiers.count("computations")
         result = fn()
         if inspect.isawaitable(result):
             result = await result
-        payload = cache.serializer.dumps(result)
-        if len(payload) > cache.max_entry_bytes:
+        payload = tiers.serializer.dumps(result)
+        if len(payload) > max_entry_bytes:
             raise ValueTooLargeError(
                 f"computed value for {key!r:.60} is {len(payload)} bytes serialized; the limit "
-                f"is max_entry_bytes={cache.max_entry_bytes}"
+                f"is max_entry_bytes={max_entry_bytes}"
             )
-        await cache._store_payload(key, payload, ttl)
+        await tiers.put(key, payload, ttl)
         return result
     finally:
         if renewer is not None:
@@ -78,36 +77,37 @@ async def _compute_locked(
 
 
 async def compute_once(
-    cache: Cache,
+    tiers: Tiers,
     key: bytes,
     fn: Callable[[], Any | Awaitable[Any]],
     ttl: float,
     max_wait: float,
+    max_entry_bytes: int,
 ) -> Any:
     """The cached value of ``key``, computing it with ``fn`` at most once at a time."""
-    found, value = await cache._lookup(key)
+    found, value = await tiers.lookup(key)
     if found:
         return value
-    lock = cache._bind().lock
-    name = memory_key(key)[0]
+    lock = tiers.bind().lock
+    name = memory_key(key)
     deadline = time.monotonic() + max_wait
     delay = _FIRST_DELAY
     while True:
         token = await lock.acquire(name)
         if token is not None:
             if token is NO_LOCK:
-                cache._count("lock_table_full")
-            return await _compute_locked(cache, key, fn, ttl, lock, name, token)
+                tiers.count("lock_table_full")
+            return await _compute_locked(tiers, key, fn, ttl, max_entry_bytes, lock, name, token)
         left = deadline - time.monotonic()
         if left <= 0:
-            cache._count("compute_timeouts")
+            tiers.count("compute_timeouts")
             raise LockTimeoutError(
                 f"get_or_compute({key!r:.60}): another worker has been computing it for more "
                 f"than {max_wait} s (max_wait=)"
             )
         await asyncio.sleep(min(delay, left) * random.uniform(0.5, 1.0))
         delay = min(delay * 1.5, _MAX_DELAY)
-        found, value = await cache._lookup(key, record=False)
+        found, value = await tiers.lookup(key, record=False)
         if found:
-            cache._count("stampede_blocked")
+            tiers.count("stampede_blocked")
             return value

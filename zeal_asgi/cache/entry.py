@@ -1,28 +1,27 @@
-"""Cache keys, TTLs and memory-tier rows: validation and the row format.
+"""Cache keys, TTLs and the value of a memory-tier row.
 
-A memory-tier row is ``{"v": head ‖ body, "exp": expires_at, "m": mac}``.  ``head`` packs the
-row kind, the serializer id and the expiry; ``body`` is the serialized value (``INLINE``) or the
-16-byte nonce of the file-tier entry holding it (``POINTER``).  ``exp`` repeats the expiry for
-the GC sweeps, which read it without opening ``v``.
+A memory-tier row has one column, ``v`` = ``head ‖ mac ‖ body``.  ``head`` packs the row kind,
+the serializer id and the expiry; ``body`` is the serialized value (``INLINE``) or the 16-byte
+nonce of the file-tier entry holding it (``POINTER``).
 
-Where rows are authenticated, ``mac`` is a keyed BLAKE2b (HMAC-SHA256 in pickle mode, where what
-is loaded may run code) over the row key and ``v``, checked before ``v`` is used:
+Where rows are authenticated, ``mac`` is 16 bytes of a keyed BLAKE2b (HMAC-SHA256 in pickle mode,
+where what is loaded may run code) over the row key, ``head`` and ``body``, checked before the
+body is used:
 
 * on the shared backends (redis, tiered, memcached), where other hosts write the rows;
 * on the table backend in pickle mode.
 
-On the table backend with the JSON serializer the rows carry no MAC (``m`` is empty).  The
-memory tier is then a shared-memory segment of this server, mode 0600: only the server's own
-user (or root) can write it, and that user can also read the MAC key (it lives in the same
-process memory, or in a segment beside it when no secret is configured), attach a debugger to
-the workers or rewrite the application, so a MAC there would detect nothing it could not forge.
-What can reach the segment by accident is ruled out by the table itself (no torn reads, typed
-writes), and the JSON serializer runs no code whatever the bytes (beyond the validators of
-pydantic models the application already imported, as for any JSON it receives).  Rows are still
-checked for shape (a bad head, kind or length is counted as ``memory_corrupt`` and dropped), and
-decoding errors are misses, never errors.  The file tier is different: its directory outlives
-the server and may be restored, copied or shared, so every file keeps its HMAC-SHA256
-(reliability §3).
+On the table backend with the JSON serializer rows carry no MAC (``mac`` is empty).  The memory
+tier is then a shared-memory segment of this server, mode 0600: only the server's own user (or
+root) can write it, and that user can also read the MAC key (it lives in the same process memory,
+or in a segment beside it when no secret is configured), attach a debugger to the workers or
+rewrite the application, so a MAC there would detect nothing it could not forge.  What can reach
+the segment by accident is ruled out by the table itself (no torn reads, typed writes), and the
+JSON serializer runs no code whatever the bytes (beyond the validators of pydantic models the
+application already imported, as for any JSON it receives).  Rows are still checked for shape (a
+bad head, kind or length is counted as ``memory_corrupt`` and dropped), and decoding errors are
+misses, never errors.  The file tier is different: its directory outlives the server and may be
+restored, copied or shared, so every file keeps its HMAC-SHA256 (reliability §3).
 
 Row keys: on shared backends ``blake2b(key)`` as 32 hex chars; on the table backend the key
 itself when it is shorter than ``LOCAL_KEY_BYTES`` (no hashing on the hot path), else a 64-byte
@@ -35,7 +34,7 @@ import hashlib
 import hmac
 import math
 import struct
-from typing import Any
+from collections.abc import Callable
 
 from zeal_asgi.errors import InvalidKeyError, InvalidTTLError, KeyTooLongError, KeyTypeError
 
@@ -43,16 +42,17 @@ __all__ = [
     "HEAD",
     "INLINE",
     "LOCAL_KEY_BYTES",
+    "MAC_BYTES",
     "MAX_KEY_BYTES",
-    "MAX_TTL",
-    "NONCE_END",
     "POINTER",
-    "RowCodec",
+    "Mac",
     "check_key",
     "check_ttl",
     "local_key",
     "memory_key",
-    "well_formed",
+    "row_mac",
+    "seal",
+    "unseal",
 ]
 
 MAX_KEY_BYTES = 4096
@@ -63,11 +63,13 @@ INLINE = 1
 POINTER = 2
 HEAD = struct.Struct("<BBd")
 """Head of ``v``: kind, serializer id (0 in a pointer), expires_at (0.0 = never)."""
-NONCE_END = HEAD.size + 16
-"""Length of a pointer row's ``v``."""
 LOCAL_KEY_BYTES = 64
 """Row keys of the table backend are at most this long (the table's default key limit)."""
 MAC_BYTES = 16
+NONCE_BYTES = 16
+
+Mac = Callable[[bytes], bytes]
+"""A row MAC: 16 bytes over the given bytes."""
 
 
 def check_key(key: object) -> bytes:
@@ -110,10 +112,9 @@ def check_ttl(ttl: object, what: str = "ttl") -> float:
     return float(ttl)
 
 
-def memory_key(key: bytes) -> tuple[str, bytes]:
-    """Row key of a cache key on shared backends and of its lock: (32 hex chars, 16 bytes)."""
-    raw = hashlib.blake2b(key, digest_size=16, person=b"zeal-cache-key").digest()
-    return raw.hex(), raw
+def memory_key(key: bytes) -> str:
+    """Row key of a cache key on shared backends, and name of its locks: 32 hex chars."""
+    return hashlib.blake2b(key, digest_size=16, person=b"zeal-cache-key").hexdigest()
 
 
 def local_key(key: bytes) -> bytes:
@@ -123,53 +124,29 @@ def local_key(key: bytes) -> bytes:
     return hashlib.blake2b(key, digest_size=LOCAL_KEY_BYTES, person=b"zeal-cache-key").digest()
 
 
-class RowCodec:
-    """Builds memory-tier rows and checks them, authenticated with ``mac_key`` or not at all.
-
-    The MAC is keyed BLAKE2b (a MAC by design, twice as fast as HMAC-SHA256 on short rows); with
-    ``hmac_sha256=True`` (pickle mode: what is loaded may run code) it is HMAC-SHA256, truncated
-    to the same 16 bytes.  ``mac_key=None``: rows are not authenticated (see the module doc).
-    """
-
-    def __init__(self, mac_key: bytes | None, *, hmac_sha256: bool = False) -> None:
-        self._key = mac_key
-        self._hmac = hmac_sha256
-        self.authenticated = mac_key is not None
-
-    def _mac(self, row_key: bytes, v: bytes) -> bytes:
-        if self._key is None:
-            return b""
-        if self._hmac:
-            return hmac.digest(self._key, row_key + v, "sha256")[:MAC_BYTES]
-        return hashlib.blake2b(row_key + v, key=self._key, digest_size=MAC_BYTES).digest()
-
-    def inline(self, row_key: bytes, exp: float, serializer: int, payload: bytes) -> dict[str, Any]:
-        """A row holding the value itself."""
-        v = HEAD.pack(INLINE, serializer, exp) + payload
-        return {"v": v, "exp": exp, "m": self._mac(row_key, v)}
-
-    def pointer(self, row_key: bytes, exp: float, nonce: bytes) -> dict[str, Any]:
-        """A row saying: the value is in the file tier, in the file carrying ``nonce``."""
-        v = HEAD.pack(POINTER, 0, exp) + nonce
-        return {"v": v, "exp": exp, "m": self._mac(row_key, v)}
-
-    def check(self, row_key: bytes, row: Any) -> bytes | None:
-        """``v`` of a well-formed (and, with a key, authentic) row; ``None`` otherwise."""
-        try:
-            v, mac = row["v"], row["m"]
-        except (KeyError, TypeError):
-            return None
-        if not (isinstance(v, bytes) and isinstance(mac, bytes)):
-            return None
-        if self._key is not None and not hmac.compare_digest(mac, self._mac(row_key, v)):
-            return None
-        return v if well_formed(v) else None
+def row_mac(key: bytes, hmac_sha256: bool) -> Mac:
+    """The MAC of rows under ``key``: keyed BLAKE2b (a MAC by design, twice as fast as
+    HMAC-SHA256 on short rows), or HMAC-SHA256 truncated to the same 16 bytes (pickle mode)."""
+    if hmac_sha256:
+        return lambda data: hmac.digest(key, data, "sha256")[:MAC_BYTES]
+    return lambda data: hashlib.blake2b(data, key=key, digest_size=MAC_BYTES).digest()
 
 
-def well_formed(v: bytes) -> bool:
-    """``v`` has a head and a body of its kind's length."""
-    n = len(v)
-    if n < HEAD.size:
-        return False
+def seal(mac: Mac | None, rk: bytes, kind: int, serializer: int, exp: float, body: bytes) -> bytes:
+    """The ``v`` of a row at ``rk``: an ``INLINE`` value or a ``POINTER`` nonce."""
+    head = HEAD.pack(kind, serializer, exp)
+    return head + (mac(rk + head + body) if mac else b"") + body
+
+
+def unseal(mac: Mac | None, rk: bytes, v: bytes) -> int:
+    """Where the body of ``v`` starts if the row is well formed (and, with ``mac``, authentic);
+    -1 otherwise."""
+    start = HEAD.size + (MAC_BYTES if mac else 0)
+    if len(v) < start:
+        return -1
+    if mac and not hmac.compare_digest(v[HEAD.size : start], mac(rk + v[: HEAD.size] + v[start:])):
+        return -1
     kind = v[0]
-    return (kind == INLINE and v[1] != 0) or (kind == POINTER and n == NONCE_END)
+    if (kind == INLINE and v[1]) or (kind == POINTER and len(v) == start + NONCE_BYTES):
+        return start
+    return -1

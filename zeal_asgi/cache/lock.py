@@ -1,5 +1,7 @@
-"""Stampede locks for ``Cache.get_or_compute``: one computation per key per host (shared memory)
-or per cluster (Redis), with a lease so a crashed computer never blocks the others for long.
+"""Per-key locks of the cache: the stampede lock of ``Cache.get_or_compute`` (one computation per
+key per host, or per cluster on Redis) and, on the table backend, the write lock that makes a
+key's row and file change together.  Each has a lease, so a crashed holder never blocks the others
+for long.
 
 * ``ShmLock`` (table backend): a row per key in a shared table, whose one INT column holds the
   owner's pid and lease deadline packed in one word, taken with compare-and-set.  A dead owner's
@@ -10,11 +12,12 @@ or per cluster (Redis), with a lease so a crashed computer never blocks the othe
   ``Store.compare_and_set``, with a random tag instead of the pid (owners may be other hosts);
   as atomic as the backend's compare-and-set.
 
-The computer renews its lease while ``fn`` runs; a lock row is deleted on release.
+A computer renews its lease while ``fn`` runs; a lock row is deleted on release.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -23,12 +26,21 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from zeal_asgi.errors import TableFullError
 from zeal_asgi.shm.segments import process_alive
+from zeal_asgi.store import EvalCapable, Key, Store, StoreBackendKind
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table
-    from zeal_asgi.store import Store
 
-__all__ = ["NO_LOCK", "CasLock", "Lock", "RedisLock", "ShmLock", "pack", "unpack"]
+__all__ = [
+    "NO_LOCK",
+    "CasLock",
+    "Lock",
+    "RedisLock",
+    "ShmLock",
+    "lock_for",
+    "pack",
+    "unpack",
+]
 
 _TAG_BITS = 22  # Linux pids are < 2**22 (pid_max limit)
 _TAG_MASK = (1 << _TAG_BITS) - 1
@@ -73,6 +85,19 @@ class Lock(Protocol):
         """Give the lock up if this caller still holds it."""
         ...
 
+    def sweep(self) -> int:
+        """Delete the locks of holders that died; how many (leases elsewhere expire alone)."""
+        ...
+
+
+def lock_for(store: Store, table: str, namespace: str, lease: float) -> Lock:
+    """The lock of the Store's backend: shared memory, Redis, or compare-and-set rows."""
+    if store.kind is StoreBackendKind.TABLE:
+        return ShmLock(store.table(table), lease)
+    if isinstance(store.backend, EvalCapable):
+        return RedisLock(store, namespace, lease)
+    return CasLock(store, table, lease)
+
 
 class ShmLock:
     """Host-wide lock rows in a shared table (``owner`` INT(8) column)."""
@@ -81,11 +106,24 @@ class ShmLock:
         self.table = table
         self.lease_ms = max(1, int(lease * 1000))
 
-    def _take(self, name: str, expected: int, token: int) -> bool:
+    def _take(self, name: Key, expected: int, token: int) -> bool:
         return bool(self.table.compare_and_set(name, "owner", expected, token))
 
     async def acquire(self, name: str) -> Any:
         """Take the lock if free, or if its owner died or let its lease run out."""
+        return self.take(name)
+
+    async def hold(self, name: Key) -> Any:
+        """Wait for the lock and return its token (for locks held for microseconds: a live
+        holder is about to give it back, a dead one is replaced at once)."""
+        delay = 0.0001
+        while (token := self.take(name)) is None:
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.01)
+        return token
+
+    def take(self, name: Key) -> Any:
+        """``acquire`` without awaiting."""
         now = _mono_ms()
         token = pack(now + self.lease_ms, os.getpid())
         try:
@@ -110,6 +148,10 @@ class ShmLock:
 
     async def release(self, name: str, token: Any) -> None:
         """Delete the row if it is still ours."""
+        self.give(name, token)
+
+    def give(self, name: Key, token: Any) -> None:
+        """``release`` without awaiting."""
         if token is not NO_LOCK and self.table.get(name, "owner") == token:
             self.table.delete(name)
 
@@ -163,6 +205,10 @@ class CasLock:
         if await self.store.get_strict(self.table_name, name, "owner") == token:
             await self.store.delete(self.table_name, name)
 
+    def sweep(self) -> int:
+        """Nothing: an abandoned row is taken over when its lease ends."""
+        return 0
+
 
 _ACQUIRE = "return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])"
 _RENEW = (
@@ -201,3 +247,7 @@ class RedisLock:
     async def release(self, name: str, token: Any) -> None:
         """Delete the lock if it is still ours."""
         await self.store.eval(_RELEASE, [self._key(name)], [token])
+
+    def sweep(self) -> int:
+        """Nothing: Redis expires an abandoned lock."""
+        return 0
