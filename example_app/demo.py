@@ -1,4 +1,4 @@
-"""The ``/demo`` routes: the seed's Store, Counter and pub/sub examples, one button each.
+"""The ``/demo`` routes: Store, Counter, Cache and pub/sub examples, one button each.
 
 Tables and counters are declared here, at import, so the launcher allocates them in the master
 before any worker starts (every worker then sees the same rows and the same counter).
@@ -11,7 +11,7 @@ import secrets
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 
 from zeal_asgi import Counter, Store, Zeal
 from zeal_asgi.errors import ZealError
@@ -20,6 +20,7 @@ from zeal_asgi.store import StoreBackendKind
 from zeal_asgi.streams import StreamEntry
 
 from .models import (
+    BackendInfo,
     CacheResult,
     CounterResult,
     DemoError,
@@ -42,7 +43,7 @@ PATTERN = "demo:pubsub:*"
 STREAM = "demo:reliable"
 CACHE_TTL = 30
 
-# Before the workers start (the seed: "Store::make(...) before $app->run()").
+# Before the workers start: allocated once, in the master, and shared by every worker.
 Store.make(TABLE, 128, {"name": (Store.TYPE_STRING, 64), "score": (Store.TYPE_INT, 4)})
 Store.make(
     LOG_TABLE,
@@ -56,7 +57,7 @@ Store.make(
     },
 )
 request_counter = Counter(0, name="requests")
-"""The seed's ``$requestCounter``: one integer shared by every worker."""
+"""The request counter: one integer shared by every worker."""
 
 router = APIRouter(prefix="/demo", tags=["demo"])
 
@@ -70,13 +71,32 @@ def _error(exc: ZealError, store: Store) -> DemoError:
 
 
 async def counter_increment() -> CounterResult:
-    """The seed's request counter: every worker increments the same integer.
+    """The request counter: every worker increments the same integer.
 
-    The hot path of the demo, so the counter is used straight from module scope, as in the
-    seed (a ``Depends`` would cost more than the increment itself; ``/demo/counter`` shows that
-    spelling), and ``main`` registers it on the app itself, before the routers (see there).
+    The hot path of the demo, so the counter is used straight from module scope (a ``Depends``
+    would cost more than the increment itself; ``/demo/counter`` shows that spelling), and
+    ``main`` registers it on the app itself, before the routers (see there).
     """
     return CounterResult(total_requests=await request_counter.increment(), pid=os.getpid())
+
+
+@router.get("/workers/hit", response_model=CounterResult)
+async def workers_hit(response: Response) -> CounterResult:
+    """The request counter, answered with ``Connection: close``.
+
+    A browser sends its requests on one keep-alive connection, which one worker holds, so every
+    click would show the same pid. Closing the connection after each answer makes the next
+    request a new connection, accepted by whichever worker gets it: the page's "hit every
+    worker" control uses this route to show the pid changing while the count stays one sequence.
+    """
+    response.headers["Connection"] = "close"
+    return CounterResult(total_requests=await request_counter.increment(), pid=os.getpid())
+
+
+@router.get("/backend", response_model=BackendInfo)
+async def backend(store: StoreDep) -> BackendInfo:
+    """Which Store backend serves this app (the page's badge)."""
+    return BackendInfo(backend=str(store.kind), worker_pid=os.getpid())
 
 
 @router.get("/store/set-get", response_model=SetGetResult)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 __all__ = [
+    "BackendInfo",
     "CacheResult",
     "ChatMessage",
     "CounterResult",
@@ -68,7 +69,15 @@ class RoundtripResult(BaseModel):
     incr: DemoRow
     existed: bool
     after_del: Literal[False]
-    """``Store.get`` on a missing row: ``False`` (the seed's contract)."""
+    """``Store.get`` on a missing row: ``False`` (``Store.get_strict`` gives ``None``)."""
+    worker_pid: int
+
+
+class BackendInfo(BaseModel):
+    """``/demo/backend``: the Store backend serving the app."""
+
+    backend: str
+    """``table``, ``redis``, ``tiered`` or ``memcached``."""
     worker_pid: int
 
 

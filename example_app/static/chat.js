@@ -37,18 +37,35 @@ function setStatus(state, text) {
 
 const scheme = location.protocol === "https:" ? "wss" : "ws";
 const url = `${scheme}://${location.host}/ws/chat?room=${encodeURIComponent(room)}&name=${encodeURIComponent(name)}`;
-const ws = new WebSocket(url);
+let ws = null;
+let connections = 0;
 
-ws.addEventListener("open", () => {
-  setStatus("open", "joining…");
-  ws.send(JSON.stringify({ type: "join" }));
-});
-ws.addEventListener("close", (ev) => {
-  setStatus("closed", `closed (${ev.code}${ev.reason ? ": " + ev.reason : ""})`);
+// Each call opens a new WebSocket (a new TCP connection), which any worker may accept.
+function connect() {
+  if (ws !== null) {
+    ws.onclose = null;
+    ws.close(1000, "new connection");
+  }
+  connections += 1;
+  const socket = new WebSocket(url);
+  ws = socket;
   send.disabled = true;
-});
-ws.addEventListener("error", () => setStatus("error", "error"));
-ws.addEventListener("message", (ev) => {
+  setStatus("connecting", "connecting…");
+  workerEl.textContent = "worker ?";
+  delete workerEl.dataset.pid;
+  socket.addEventListener("open", () => {
+    setStatus("open", "joining…");
+    socket.send(JSON.stringify({ type: "join" }));
+  });
+  socket.onclose = (ev) => {
+    setStatus("closed", `closed (${ev.code}${ev.reason ? ": " + ev.reason : ""})`);
+    send.disabled = true;
+  };
+  socket.addEventListener("error", () => setStatus("error", "error"));
+  socket.addEventListener("message", (ev) => onMessage(ev));
+}
+
+function onMessage(ev) {
   let msg;
   try {
     msg = JSON.parse(ev.data);
@@ -58,11 +75,14 @@ ws.addEventListener("message", (ev) => {
   if (msg.type === "welcome") {
     workerEl.textContent = `worker ${msg.worker_pid}`;
     workerEl.dataset.pid = String(msg.worker_pid);
+    workerEl.dataset.connection = String(connections);
     clientEl.textContent = `you are ${msg.client}`;
     clientEl.dataset.client = msg.client;
     setStatus("ready", "connected");
     send.disabled = false;
-    line([span(`joined ${msg.room} on worker ${msg.worker_pid}`)], "system");
+    const li = line([span(`joined ${msg.room} on worker ${msg.worker_pid} (connection ${connections})`)], "system");
+    li.dataset.testid = "chat-joined";
+    li.dataset.pid = String(msg.worker_pid);
   } else if (msg.type === "message") {
     const li = line([span(`${msg.sender} (worker ${msg.worker_pid})`, "meta"), span(msg.text)]);
     li.dataset.testid = "chat-message";
@@ -73,7 +93,10 @@ ws.addEventListener("message", (ev) => {
   } else if (msg.type === "error") {
     line([span(`error: ${msg.error}`)], "system");
   }
-});
+}
+
+document.getElementById("chat-reconnect").addEventListener("click", connect);
+connect();
 
 form.addEventListener("submit", (ev) => {
   ev.preventDefault();

@@ -63,9 +63,11 @@ class AppServer:
         *,
         workers: int = 2,
         env: Mapping[str, str] | None = None,
+        ready_path: str = "/health/store",
     ) -> None:
         self.app = app
         self.workers = workers
+        self.ready_path = ready_path
         self.extra_env = dict(env or {})
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -98,7 +100,7 @@ class AppServer:
         return env
 
     def start(self) -> Self:
-        """Start and wait until every worker answers ``/health/store``."""
+        """Start and wait until every worker is up and ``ready_path`` answers."""
         self.dir = Path(tempfile.mkdtemp(prefix="zeal-app-"))
         try:
             for _ in range(3):
@@ -133,7 +135,7 @@ class AppServer:
                     return False
                 raise AppServerError(f"launcher exited during startup:\n{self.log_tail()}")
             with contextlib.suppress(OSError):
-                status, _ = http_get(self.url + "/health/store", timeout=1.0)
+                status, _ = http_get(self.url + self.ready_path, timeout=1.0)
                 if status in (200, 503) and self._all_workers_up():
                     return True
             time.sleep(0.05)

@@ -199,3 +199,90 @@ def test_chat_message_crosses_workers(
     finally:
         for context, _, _ in tabs:
             context.close()
+
+
+def test_hit_every_worker_shows_the_pid_changing(
+    browser: Browser, example_server: AppServer, shots: Path
+) -> None:
+    """The demo's point: one count, several workers. A browser keeps one connection, so the
+    control's requests come back with ``Connection: close``; both pids must show."""
+    context = browser.new_context(viewport={"width": 1100, "height": 1000})
+    page = context.new_page()
+    try:
+        page.goto(example_server.url + "/")
+        badge = page.get_by_test_id("backend-badge")
+        page.wait_for_function("document.getElementById('backend-badge').dataset.backend")
+        assert badge.get_attribute("data-backend") == "table"
+        pids: set[str] = set()
+        totals: list[int] = []
+        for _ in range(5):  # ten requests per click; two workers show within a click or two
+            page.evaluate("document.getElementById('hits-summary').dataset.state = 'idle'")
+            page.get_by_test_id("btn-hit-workers").click()
+            page.wait_for_function(
+                "document.getElementById('hits-summary').dataset.state === 'done'",
+                timeout=CLICK_TIMEOUT_MS,
+            )
+            items = page.locator("#hits-list li")
+            for i in range(items.count()):
+                pids.add(items.nth(i).get_attribute("data-pid") or "")
+                totals.append(int(items.nth(i).get_attribute("data-total") or 0))
+            if len(pids) >= 2:
+                break
+        page.screenshot(path=str(shots / "hit-every-worker.png"), full_page=True)
+        assert len(pids) == 2, f"one worker answered every request: {pids}"
+        assert totals == list(range(totals[0], totals[0] + len(totals)))
+        print(f"hit every worker: pids {sorted(pids)}, count {totals[0]}..{totals[-1]}")
+    finally:
+        context.close()
+
+
+def test_api_docs_render_with_the_network_closed(
+    browser: Browser, example_server: AppServer, shots: Path
+) -> None:
+    """``/docs`` is Swagger UI from the app's own files: every request to another host is
+    refused, and the page still renders every operation."""
+    context = browser.new_context(viewport={"width": 1100, "height": 1000})
+    outside: list[str] = []
+
+    def only_the_app(route: Any) -> None:
+        if route.request.url.startswith(example_server.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_the_app)
+    page = context.new_page()
+    try:
+        page.goto(example_server.url + "/docs")
+        page.locator(".swagger-ui .opblock").first.wait_for(timeout=CLICK_TIMEOUT_MS)
+        operations = page.locator(".swagger-ui .opblock").count()
+        page.screenshot(path=str(shots / "docs-offline.png"), full_page=False)
+        assert operations >= 15, operations
+        assert page.get_by_text("/demo/counter/increment").count() >= 1
+        assert outside == []
+    finally:
+        context.close()
+
+
+def test_chat_new_connection_lands_on_another_worker(
+    browser: Browser, example_server: AppServer, shots: Path
+) -> None:
+    context, page, first = _chat_tab(browser, example_server, "mover")
+    try:
+        seen = {first}
+        for _ in range(20):
+            page.get_by_test_id("chat-reconnect").click()
+            page.wait_for_function(
+                "document.getElementById('chat-status').dataset.state === 'ready'",
+                timeout=CLICK_TIMEOUT_MS,
+            )
+            seen.add(int(page.get_by_test_id("chat-worker").get_attribute("data-pid") or 0))
+            if len(seen) == 2:
+                break
+        page.screenshot(path=str(shots / "chat-new-connection.png"), full_page=True)
+        assert len(seen) == 2, f"every new connection landed on worker {first}"
+        joined = page.get_by_test_id("chat-joined")
+        assert joined.count() >= 2  # one line per connection, each naming its worker
+    finally:
+        context.close()

@@ -103,10 +103,37 @@ def test_openapi_declares_the_response_models(client: TestClient) -> None:
 def test_pages_are_served(client: TestClient) -> None:
     index = client.get("/")
     assert index.status_code == 200 and "Try it" in index.text
+    assert 'data-testid="btn-hit-workers"' in index.text
+    assert 'data-testid="backend-badge"' in index.text
     chat = client.get("/pubsub")
     assert chat.status_code == 200 and 'data-testid="chat-log"' in chat.text
+    assert 'data-testid="chat-reconnect"' in chat.text
     for asset in ("app.js", "chat.js", "style.css"):
         assert client.get(f"/static/{asset}").status_code == 200
+
+
+def test_swagger_ui_is_served_from_the_apps_own_files(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200
+    urls = re.findall(r"""(?:src|href|url)\s*[:=]\s*['"]([^'"]+)['"]""", page.text)
+    assert "/openapi.json" in urls
+    assert urls and not [u for u in urls if "//" in u], urls  # nothing from another host
+    for url in urls:
+        assert client.get(url).status_code == 200, url
+    assert (STATIC / "swagger" / "LICENSE").is_file() and (STATIC / "swagger" / "NOTICE").is_file()
+    assert client.get("/redoc").status_code == 404  # ReDoc would load from a CDN
+
+
+def test_backend_badge_route(client: TestClient) -> None:
+    body = client.get("/demo/backend").json()
+    assert body["backend"] == str(Store.default().kind) and body["worker_pid"] > 0
+
+
+def test_hit_route_closes_the_connection(client: TestClient) -> None:
+    first = client.get("/demo/workers/hit")
+    second = client.get("/demo/workers/hit")
+    assert first.headers["connection"] == "close"
+    assert second.json()["total_requests"] == first.json()["total_requests"] + 1
 
 
 def test_every_button_points_at_a_route_of_the_app(client: TestClient) -> None:

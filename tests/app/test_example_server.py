@@ -162,3 +162,34 @@ def test_launcher_socket_sets_tcp_nodelay_on_accepted_connections() -> None:
         accepted.close()
         client.close()
         server.close()
+
+
+@pytest.mark.servers
+def test_hit_every_worker_reaches_both_workers_from_a_keep_alive_client(
+    example_server: AppServer,
+) -> None:
+    """A browser-like client keeps one connection: the counter route always shows one pid, the
+    demo's hit route (``Connection: close``) shows both, on one shared count."""
+    conn = http.client.HTTPConnection("127.0.0.1", example_server.port, timeout=5)
+    try:
+
+        def get(path: str) -> tuple[dict[str, Any], str | None]:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = json.loads(resp.read())
+            return body, resp.getheader("connection")
+
+        kept = [get("/demo/counter/increment")[0] for _ in range(10)]
+        assert len({b["pid"] for b in kept}) == 1
+        hits = []
+        for _ in range(60):
+            body, connection = get("/demo/workers/hit")
+            assert connection == "close"
+            hits.append(body)
+            if len({b["pid"] for b in hits}) == 2 and len(hits) >= 10:
+                break
+    finally:
+        conn.close()
+    assert len({b["pid"] for b in hits}) == 2, hits
+    totals = [b["total_requests"] for b in hits]
+    assert totals == list(range(totals[0], totals[0] + len(totals)))
