@@ -24,9 +24,6 @@ from zeal_asgi.errors import LockTimeoutError, ValueTooLargeError
 
 __all__ = ["compute_once"]
 
-_FIRST_DELAY = 0.002
-_MAX_DELAY = 0.05
-
 
 async def _renew(lock: Lock, name: str, holder: list[Any], every: float) -> None:
     while True:
@@ -37,25 +34,46 @@ async def _renew(lock: Lock, name: str, holder: list[Any], every: float) -> None
         holder[0] = token
 
 
-async def _compute_locked(
+async def compute_once(
     tiers: Tiers,
     key: bytes,
     fn: Callable[[], Any | Awaitable[Any]],
     ttl: float,
+    max_wait: float,
     max_entry_bytes: int,
-    lock: Lock,
-    name: str,
-    token: Any,
 ) -> Any:
+    """The cached value of ``key``, computing it with ``fn`` at most once at a time."""
+    found, value = await tiers.lookup(key)
+    if found:
+        return value
+    lock = tiers.bind().lock
+    name = memory_key(key)
+    deadline = time.monotonic() + max_wait
+    delay = 0.002
+    while (token := await lock.acquire(name)) is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            tiers.count("compute_timeouts")
+            raise LockTimeoutError(
+                f"get_or_compute({key!r:.60}): another worker has been computing it for more "
+                f"than {max_wait} s (max_wait=)"
+            )
+        await asyncio.sleep(min(delay, left) * random.uniform(0.5, 1.0))
+        delay = min(delay * 1.5, 0.05)
+        found, value = await tiers.lookup(key, record=False)
+        if found:
+            tiers.count("stampede_blocked")
+            return value
+    if token is NO_LOCK:
+        tiers.count("lock_table_full")
     holder = [token]
-    renewer = (
-        asyncio.create_task(_renew(lock, name, holder, tiers.lock_lease / 3))
-        if token is not NO_LOCK
-        else None
-    )
+    renewer = None
+    if token is not NO_LOCK:
+        renewer = asyncio.create_task(_renew(lock, name, holder, tiers.lock_lease / 3))
     try:
         found, value = await tiers.lookup(key, record=False)
         if found:  # the previous holder stored it just before we took the lock
+            tiers.count("stampede_blocked")  # another caller's computation served this one
             return value
         tiers.count("computations")
         result = fn()
@@ -74,40 +92,3 @@ async def _compute_locked(
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
         await lock.release(name, holder[0])
-
-
-async def compute_once(
-    tiers: Tiers,
-    key: bytes,
-    fn: Callable[[], Any | Awaitable[Any]],
-    ttl: float,
-    max_wait: float,
-    max_entry_bytes: int,
-) -> Any:
-    """The cached value of ``key``, computing it with ``fn`` at most once at a time."""
-    found, value = await tiers.lookup(key)
-    if found:
-        return value
-    lock = tiers.bind().lock
-    name = memory_key(key)
-    deadline = time.monotonic() + max_wait
-    delay = _FIRST_DELAY
-    while True:
-        token = await lock.acquire(name)
-        if token is not None:
-            if token is NO_LOCK:
-                tiers.count("lock_table_full")
-            return await _compute_locked(tiers, key, fn, ttl, max_entry_bytes, lock, name, token)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            tiers.count("compute_timeouts")
-            raise LockTimeoutError(
-                f"get_or_compute({key!r:.60}): another worker has been computing it for more "
-                f"than {max_wait} s (max_wait=)"
-            )
-        await asyncio.sleep(min(delay, left) * random.uniform(0.5, 1.0))
-        delay = min(delay * 1.5, _MAX_DELAY)
-        found, value = await tiers.lookup(key, record=False)
-        if found:
-            tiers.count("stampede_blocked")
-            return value

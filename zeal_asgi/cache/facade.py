@@ -10,16 +10,14 @@ calls the synchronous :class:`~zeal_asgi.cache.local.LocalTier` directly.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from zeal_asgi.cache.compute import compute_once
 from zeal_asgi.cache.entry import MAX_KEY_BYTES, check_key, check_ttl
-from zeal_asgi.cache.files.tier import FileTier, Owned
+from zeal_asgi.cache.files.tier import FileTier
 from zeal_asgi.cache.gc import CacheGC
 from zeal_asgi.cache.keys import CacheKeys, resolve_secret
 from zeal_asgi.cache.serializer import Serializer, get_serializer
@@ -358,14 +356,7 @@ class Cache:
     async def gc(self) -> dict[str, int]:
         """One sweep now: expired memory rows and dead lock rows, then (in a thread) expired,
         damaged and, on shared backends, orphaned files."""
-        now = time.time()
-        expired = await self._tiers.sweep_memory(now)
-        locks = self._tiers.sweep_locks()
-        owners: list[Owned] | None = None if self._tiers.bind().table is not None else []
-        out = await asyncio.to_thread(self.files.sweep, now, self.max_files, owners)
-        out["orphans"] = await self._tiers.drop_orphans(owners) if owners else 0
-        out["memory_expired"] = expired
-        out["dead_locks"] = locks
+        out = await self._tiers.sweep(self.max_files)
         self._count("gc_sweeps")
         return out
 
