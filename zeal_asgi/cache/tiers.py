@@ -409,6 +409,6 @@ class Tiers:
                 v = b"" if row is None else row["v"]
                 start = unseal(b.mac, rk.encode(), v)
                 live = start >= 0 and v[0] == POINTER and v[start:] == o.nonce
-                if not live and self.files.drop_if(o.name, o.ino, "orphan"):
+                if not live and self.files.drop(o.name, o.ino, "orphan"):
                     dropped += 1
         return dropped
