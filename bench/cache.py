@@ -253,7 +253,7 @@ def _components(stack: contextlib.ExitStack[Any], env: Env) -> list[Row]:
     ``hit`` and ``big`` add up to the whole hit (the rest is the coroutine and glue); ``cold``
     lists what the first hit of a value in a worker costs instead (before its bytes are known).
     """
-    from zeal_asgi.cache.entry import HEAD
+    from zeal_asgi.cache.tiers import HEAD
     from zeal_asgi.shm.hoststats import host_stats
 
     cache = _zeal_cache(stack, env, f"zc{os.getpid()}")

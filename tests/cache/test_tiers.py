@@ -18,9 +18,9 @@ from tests.cache.conftest import SECRET, entry_files, unique
 from tests.servers import RedisServer
 from zeal_asgi import Zeal
 from zeal_asgi.cache import MISSING, Cache
-from zeal_asgi.cache.entry import HEAD, INLINE, POINTER, memory_key
 from zeal_asgi.cache.lock import ShmLock, pack
 from zeal_asgi.cache.serializer import PICKLE_ID
+from zeal_asgi.cache.tiers import HEAD, INLINE, POINTER, memory_key
 from zeal_asgi.errors import ConfigError, LockTimeoutError
 from zeal_asgi.store import Store
 

@@ -17,9 +17,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from zeal_asgi.cache.entry import memory_key
 from zeal_asgi.cache.lock import NO_LOCK, Lock
-from zeal_asgi.cache.tiers import Tiers
+from zeal_asgi.cache.tiers import Tiers, memory_key
 from zeal_asgi.errors import LockTimeoutError, ValueTooLargeError
 
 __all__ = ["compute_once"]

@@ -16,12 +16,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from zeal_asgi.cache.compute import compute_once
-from zeal_asgi.cache.entry import MAX_KEY_BYTES, check_key, check_ttl
 from zeal_asgi.cache.files.tier import FileTier
 from zeal_asgi.cache.gc import CacheGC
 from zeal_asgi.cache.keys import CacheKeys, resolve_secret
 from zeal_asgi.cache.serializer import Serializer, get_serializer
-from zeal_asgi.cache.tiers import Tiers
+from zeal_asgi.cache.tiers import MAX_KEY_BYTES, Tiers, check_key, check_ttl
 from zeal_asgi.errors import ConfigError, ValueTooLargeError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store, StoreBackendKind
