@@ -289,7 +289,7 @@ def _components(stack: contextlib.ExitStack[Any], env: Env) -> list[Row]:
     big_payload = entry.payload
 
     def first_read_big() -> object:
-        files._forget(files.name(big_key))  # as if this worker had never verified it
+        files._verified.pop(files.name(big_key), None)  # as if this worker never verified it
         return files.read(big_key, time.time())
 
     loop = env.runner.loop_of
