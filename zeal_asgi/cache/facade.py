@@ -164,9 +164,7 @@ class Cache:
                 max_rows,
                 self.store.kind,
             )
-        self._gc = (
-            CacheGC(namespace, self.gc_interval_ms / 1000, self.gc) if self.gc_interval_ms else None
-        )
+        self._gc = CacheGC(namespace, gc_interval_ms / 1000, self.gc) if gc_interval_ms else None
         self._config = (
             max_rows,
             str(cache_dir),

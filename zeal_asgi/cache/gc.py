@@ -32,16 +32,6 @@ class GcLease:
         self.row = row
         self.lease_ms = max(1, int(lease * 1000))
 
-    def holder(self) -> int | None:
-        """Pid of the current holder, if its lease is valid and it is alive."""
-        word = control_table().get(self.row, "owner")
-        if not word:
-            return None
-        deadline, pid = unpack(word)
-        if deadline < int(time.monotonic() * 1000) or not process_alive(pid, None):
-            return None
-        return pid
-
     def try_hold(self) -> bool:
         """Take or renew the lease; ``True`` when this process holds it now."""
         table = control_table()
@@ -74,11 +64,6 @@ class CacheGC:
         self._sweep = sweep
         self._task: asyncio.Task[None] | None = None
         self._last_error = 0.0
-
-    @property
-    def running(self) -> bool:
-        """True while the GC task of this worker runs."""
-        return self._task is not None and not self._task.done()
 
     async def start(self) -> None:
         """Start ticking in this worker's event loop (idempotent)."""

@@ -65,7 +65,6 @@ class Serializer(Protocol):
     """Turns values into bytes and back; ``id`` is stored with every entry."""
 
     id: int
-    name: str
 
     def dumps(self, value: object) -> bytes:
         """Encode ``value``; SerializationError for a value it cannot represent exactly."""
@@ -316,7 +315,6 @@ class JsonSerializer:
     """
 
     id: int = JSON_ID
-    name: str = "json"
 
     def dumps(self, value: object) -> bytes:
         """Encode ``value`` exactly, or raise SerializationError naming the unsupported type."""
@@ -360,7 +358,6 @@ class PickleSerializer:
     """Opt-in pickle (any picklable value); the cache calls ``loads`` only behind a valid MAC."""
 
     id: int = PICKLE_ID
-    name: str = "pickle"
 
     def dumps(self, value: object) -> bytes:
         """Pickle ``value`` (protocol 5); an unpicklable value raises SerializationError."""
