@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from zeal_asgi.errors import TableFullError
 from zeal_asgi.shm.segments import process_alive
-from zeal_asgi.store import EvalCapable, Key, Store, StoreBackendKind
+from zeal_asgi.store import Key, Store, StoreBackendKind
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table
@@ -94,7 +94,7 @@ def lock_for(store: Store, table: str, namespace: str, lease: float) -> Lock:
     """The lock of the Store's backend: shared memory, Redis, or compare-and-set rows."""
     if store.kind is StoreBackendKind.TABLE:
         return ShmLock(store.table(table), lease)
-    if isinstance(store.backend, EvalCapable):
+    if store.kind in (StoreBackendKind.REDIS, StoreBackendKind.TIERED):
         return RedisLock(store, namespace, lease)
     return CasLock(store, table, lease)
 

@@ -183,6 +183,9 @@ ZERO_NONCE = b"\0" * 16
 """Nonce of the file copy of an inline row (no pointer row names it)."""
 _WRITE = b"w"
 """Prefix of a key's write lock: its row key (its stampede lock is a hex name)."""
+_WRITE_LEASE = 2.0
+"""A write holds its lock for microseconds (an fsync: milliseconds); a holder stalled longer
+(stopped, swapped out) stops blocking the other writers of its key after this."""
 _HEAD = HEAD.size
 _unpack_head = HEAD.unpack_from
 _time = time.time
@@ -306,7 +309,7 @@ class Tiers:
             # A private shared-memory segment: a MAC only where a load may run code (pickle).
             mac = row_mac(self.keys.memory_mac, True) if pickle else None
             rows = TableRows(store, self.table)
-            writes = lock if isinstance(lock, ShmLock) else None
+            writes = ShmLock(store.table(lock_table), _WRITE_LEASE)
             b = Binding(store, store.backend, rows, lock, mac, rows.table, writes)
         else:
             # Hosts sharing a backend must agree on the memory key: without a secret they use a
