@@ -95,6 +95,13 @@ NONCE_BYTES = 16
 
 Mac = Callable[[bytes], bytes]
 """A row MAC: 16 bytes over the given bytes."""
+_HEAD = HEAD.size
+_unpack_head = HEAD.unpack_from
+_time = time.time
+
+
+def _bytes(key: str | bytes) -> bytes:
+    return key.encode() if isinstance(key, str) else key
 
 
 def check_key(key: object) -> bytes:
@@ -157,19 +164,19 @@ def row_mac(key: bytes, hmac_sha256: bool) -> Mac:
     return lambda data: hashlib.blake2b(data, key=key, digest_size=MAC_BYTES).digest()
 
 
-def seal(mac: Mac | None, rk: bytes, kind: int, serializer: int, exp: float, body: bytes) -> bytes:
+def seal(mac: Mac | None, rk: Key, kind: int, serializer: int, exp: float, body: bytes) -> bytes:
     """The ``v`` of a row at ``rk``: an ``INLINE`` value or a ``POINTER`` nonce."""
     head = HEAD.pack(kind, serializer, exp)
-    return head + (mac(rk + head + body) if mac else b"") + body
+    return head + (mac(_bytes(rk) + head + body) if mac else b"") + body
 
 
-def unseal(mac: Mac | None, rk: bytes, v: bytes) -> int:
+def unseal(mac: Mac | None, rk: Key, v: bytes) -> int:
     """Where the body of ``v`` starts if the row is well formed (and, with ``mac``, authentic);
     -1 otherwise."""
     start = HEAD.size + (MAC_BYTES if mac else 0)
     if len(v) < start:
         return -1
-    if mac and not hmac.compare_digest(v[HEAD.size : start], mac(rk + v[: HEAD.size] + v[start:])):
+    if mac and not hmac.compare_digest(v[_HEAD:start], mac(_bytes(rk) + v[:_HEAD] + v[start:])):
         return -1
     kind = v[0]
     if (kind == INLINE and v[1]) or (kind == POINTER and len(v) == start + NONCE_BYTES):
@@ -186,13 +193,6 @@ _WRITE = b"w"
 _WRITE_LEASE = 2.0
 """A write holds its lock for microseconds (an fsync: milliseconds); a holder stalled longer
 (stopped, swapped out) stops blocking the other writers of its key after this."""
-_HEAD = HEAD.size
-_unpack_head = HEAD.unpack_from
-_time = time.time
-
-
-def _bytes(key: str | bytes) -> bytes:
-    return key.encode() if isinstance(key, str) else key
 
 
 class Rows:
@@ -372,7 +372,7 @@ class Tiers:
         nonce = None
         drop = False
         if v is not None:
-            start = unseal(b.mac, _bytes(rk), v)
+            start = unseal(b.mac, rk, v)
             problem = "memory_corrupt"
             if start >= 0:
                 kind, ser, exp = _unpack_head(v)
@@ -442,10 +442,9 @@ class Tiers:
         mexp = exp  # the memory tier's own ttl_seconds may end the row before the file
         if self.ttl_seconds:
             mexp = min(exp or float("inf"), now + self.ttl_seconds)
-        rkb = _bytes(rk)
         if len(payload) <= self.memory_value_bytes:
             try:
-                await b.rows.set(rk, seal(b.mac, rkb, INLINE, self._ser, mexp, payload))
+                await b.rows.set(rk, seal(b.mac, rk, INLINE, self._ser, mexp, payload))
             except SPILL_ERRORS:
                 self.count("spills_full")
             else:
@@ -462,7 +461,7 @@ class Tiers:
             self.files.delete(key)
             return False
         try:
-            await b.rows.set(rk, seal(b.mac, rkb, POINTER, 0, mexp, nonce))
+            await b.rows.set(rk, seal(b.mac, rk, POINTER, 0, mexp, nonce))
         except SPILL_ERRORS:
             await b.rows.delete(rk)
             return b.table is not None  # on this host the file alone serves it
@@ -528,7 +527,7 @@ class Tiers:
             rks = [memory_key(o.key) for o in chunk]
             for o, rk, row in zip(chunk, rks, await b.store.mget(self.table, rks), strict=True):
                 v = b"" if row is None else row["v"]
-                start = unseal(b.mac, rk.encode(), v)
+                start = unseal(b.mac, rk, v)
                 live = start >= 0 and v[0] == POINTER and v[start:] == o.nonce
                 if not live and self.files.drop(o.name, o.ino, "orphan"):
                     dropped += 1
