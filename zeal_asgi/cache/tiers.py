@@ -170,18 +170,13 @@ def seal(mac: Mac | None, rk: Key, kind: int, serializer: int, exp: float, body:
     return head + (mac(_bytes(rk) + head + body) if mac else b"") + body
 
 
-def unseal(mac: Mac | None, rk: Key, v: bytes) -> int:
-    """Where the body of ``v`` starts if the row is well formed (and, with ``mac``, authentic);
-    -1 otherwise."""
-    start = HEAD.size + (MAC_BYTES if mac else 0)
+def unseal(mac: Mac, rk: Key, v: bytes) -> int:
+    """Where the body of ``v`` starts if ``v`` has a head and an authentic MAC; -1 otherwise."""
+    start = _HEAD + MAC_BYTES
     if len(v) < start:
         return -1
-    if mac and not hmac.compare_digest(v[_HEAD:start], mac(_bytes(rk) + v[:_HEAD] + v[start:])):
-        return -1
-    kind = v[0]
-    if (kind == INLINE and v[1]) or (kind == POINTER and len(v) == start + NONCE_BYTES):
-        return start
-    return -1
+    authentic = hmac.compare_digest(v[_HEAD:start], mac(_bytes(rk) + v[:_HEAD] + v[start:]))
+    return start if authentic else -1
 
 
 SPILL_ERRORS = (TableFullError, CapacityError)
@@ -272,8 +267,9 @@ class Tiers:
         self.memo = DecodeMemo(self.serializer)
         self._loads = self.memo.loads  # bound once: every lookup shows on a 1.4 µs hit
         self._ser = self.serializer.id
-        self._events = {e: f"{self.namespace}.{e}" for e in ("hits_memory", "hits_file", "misses")}
-        self._hits_memory = self._events["hits_memory"]
+        self._hits_memory, self._hits_file, self._misses = (
+            f"{self.namespace}.{e}" for e in ("hits_memory", "hits_file", "misses")
+        )
 
     def bind(self) -> Binding:
         """The binding to the current Store and backend (declaring the tables when new)."""
@@ -329,25 +325,9 @@ class Tiers:
             rk: str | bytes = key  # the same row as its UTF-8 bytes, without encoding it
         else:
             rk = local_key(check_key(key))
-        v = table.get(rk, "v")
-        if v is not None and b.mac is None and len(v) > _HEAD:
-            # _answer's first case inlined, as the one call it saves is 10% of a hit: an
-            # unexpired inline row of this serializer (a row that does not decode goes on there)
-            kind, ser, exp = _unpack_head(v)
-            if kind == INLINE and ser == self._ser and not 0 < exp <= _time():
-                try:
-                    value = self._loads(rk, v, _HEAD)
-                except SerializationError:
-                    pass
-                else:
-                    if record:
-                        host_stats().incr(self._hits_memory)
-                    return True, value
-        found, value, event, drop = self._answer(b, key, rk, v)
+        found, value, drop = self._answer(b, key, rk, table.get(rk, "v"), record)
         if drop:
             table.delete(rk)
-        if record:
-            host_stats().incr(self._events[event])
         return found, value
 
     async def lookup(self, key: bytes, record: bool = True) -> tuple[bool, Any]:
@@ -357,53 +337,64 @@ class Tiers:
         if b.table is not None:
             return self.get_local(b.table, b, key, record)
         rk = memory_key(key)
-        found, value, event, drop = self._answer(b, key, rk, await b.rows.get(rk))
+        found, value, drop = self._answer(b, key, rk, await b.rows.get(rk), record)
         if drop:
             await b.rows.delete(rk)
-        if record:
-            host_stats().incr(self._events[event])
         return found, value
 
     def _answer(
-        self, b: Binding, key: str | bytes, rk: str | bytes, v: bytes | None
-    ) -> tuple[bool, Any, str, bool]:
-        """``(found, value, event, drop the row)`` for ``key`` whose row holds ``v``."""
+        self, b: Binding, key: str | bytes, rk: Key, v: bytes | None, record: bool
+    ) -> tuple[bool, Any, bool]:
+        """``(found, value, drop the row)`` for ``key`` whose row holds ``v``; with ``record``,
+        the hit or miss is counted."""
         now = _time()
         nonce = None
         drop = False
         if v is not None:
-            start = unseal(b.mac, rk, v)
+            start = unseal(b.mac, rk, v) if b.mac else (_HEAD if len(v) >= _HEAD else -1)
             problem = "memory_corrupt"
             if start >= 0:
                 kind, ser, exp = _unpack_head(v)
                 if exp and exp <= now:
                     problem = "memory_expired"
-                elif kind == POINTER:
-                    problem, nonce = "", v[start:]
-                elif ser != self._ser:
-                    problem = "serializer_mismatch"
-                else:
+                elif kind == INLINE and ser == self._ser:
                     try:
-                        return True, self._loads(rk, v, start), "hits_memory", False
+                        value = self._loads(rk, v, start)
                     except SerializationError:
                         problem = "decode_errors"
+                    else:
+                        if record:
+                            host_stats().incr(self._hits_memory)
+                        return True, value, False
+                elif kind == POINTER and len(v) == start + NONCE_BYTES:
+                    problem, nonce = "", v[start:]
+                elif kind == INLINE and ser:
+                    problem = "serializer_mismatch"
             if problem:
                 self.count(problem)
                 drop = True
+        found, value, drop = self._from_file(b, key, nonce, drop, now)
+        if record:
+            host_stats().incr(self._hits_file if found else self._misses)
+        return found, value, drop
+
+    def _from_file(
+        self, b: Binding, key: str | bytes, nonce: bytes | None, drop: bool, now: float
+    ) -> tuple[bool, Any, bool]:
+        """The file tier's answer after the row's (``nonce``: the row points to a file)."""
         local = b.table is not None
         if nonce is None and not local:
-            return False, None, "misses", drop  # the row is the authority for every host
-        raw = _bytes(key)
+            return False, None, drop  # the row is the authority for every host
+        raw = key if type(key) is bytes else _bytes(key)
         entry = self.files.read(raw, now)
         if nonce is not None and (entry is None or entry.nonce != nonce):
             if not local:
-                return False, None, "misses", False  # another host's value: not ours to drop
+                return False, None, False  # another host's value: not ours to drop
             drop = True  # a stale pointer: the file this host holds decides
         if entry is None:
-            return False, None, "misses", drop
+            return False, None, drop
         found, value = self._use(raw, entry)
-        drop = drop or (local and nonce is not None and not found)
-        return found, value, "hits_file" if found else "misses", drop
+        return found, value, drop or (local and nonce is not None and not found)
 
     def _use(self, key: bytes, entry: Entry) -> tuple[bool, Any]:
         """``(True, value)`` of an authentic file entry; an unusable one is dropped."""
@@ -527,7 +518,7 @@ class Tiers:
             rks = [memory_key(o.key) for o in chunk]
             for o, rk, row in zip(chunk, rks, await b.store.mget(self.table, rks), strict=True):
                 v = b"" if row is None else row["v"]
-                start = unseal(b.mac, rk, v)
+                start = unseal(b.mac, rk, v) if b.mac else -1  # shared rows always have one
                 live = start >= 0 and v[0] == POINTER and v[start:] == o.nonce
                 if not live and self.files.drop(o.name, o.ino, "orphan"):
                     dropped += 1
