@@ -7,16 +7,20 @@ Use ``FastAPI(lifespan=zeal.lifespan)`` (or ``Starlette(lifespan=...)``), or let
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, overload
 
+from zeal_asgi.errors import BackendError, ZealError
 from zeal_asgi.messaging import stats as _messaging_stats  # noqa: F401 - Store.stats() sections
 from zeal_asgi.settings import ZealSettings
+from zeal_asgi.shm.ext import Table
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.shm.segments import server_identity, verify_shared
-from zeal_asgi.store import Store, build_backend
+from zeal_asgi.shm.segments import held_segments, server_identity, verify_shared
+from zeal_asgi.store import Store, StoreBackendKind, build_backend
 from zeal_asgi.store.services import Service
 
 if TYPE_CHECKING:
@@ -28,9 +32,33 @@ if TYPE_CHECKING:
 
     _H = TypeVar("_H", bound=Callable[..., Any])
 
-__all__ = ["Service", "Zeal"]
+__all__ = ["NAMES_TABLE", "Service", "Zeal", "instances"]
 
 log = logging.getLogger("zeal_asgi")
+
+NAMES_TABLE = "__zeal_names__"
+"""Shared table: segment file name -> the name of its table or counter.  Segment file names are
+hashes, so ``zeal-asgi inspect`` reads the names here."""
+
+_instances: weakref.WeakSet[Zeal] = weakref.WeakSet()
+
+
+def instances() -> list[Zeal]:
+    """Every ``Zeal`` alive in this process (the launcher checks them before starting workers)."""
+    return list(_instances)
+
+
+@functools.cache
+def _names() -> Table:
+    return Table(1024, {"name": ("string", 200)}, name=NAMES_TABLE, key_size=128)
+
+
+def _record_names() -> None:
+    """Write the name of every segment this process holds into :data:`NAMES_TABLE`."""
+    for obj, path, _ in held_segments():
+        if path is not None and obj.name:
+            with contextlib.suppress(ZealError):  # a full directory only costs inspect names
+                _names().set(os.path.basename(path), {"name": obj.name[:200]})
 
 
 class Zeal:
@@ -44,12 +72,7 @@ class Zeal:
         app.add_middleware(ZealMiddleware, zeal=zeal)
     """
 
-    def __init__(
-        self,
-        settings: ZealSettings | None = None,
-        *,
-        store: Store | None = None,
-    ) -> None:
+    def __init__(self, settings: ZealSettings | None = None, *, store: Store | None = None) -> None:
         self.settings = settings if settings is not None else ZealSettings.from_env()
         if store is None:
             store = Store.default()
@@ -58,9 +81,11 @@ class Zeal:
                     build_backend(self.settings.store_backend, self.settings.backend_conn())
                 )
         self.store = store
-        # The host's event counters are allocated now, at import (in the launcher's master), so
-        # every worker attaches to the same memory instead of the first worker creating it.
+        _instances.add(self)
+        # The host's event counters (and inspect's names) are allocated now, at import (in the
+        # launcher's master), so every worker attaches to the same memory.
         host_stats()
+        _names()
         self.services: list[Service] = []
         self._depth = 0
         self._started_services: list[Service] = []
@@ -87,7 +112,7 @@ class Zeal:
         try:
             for warning in verify_shared():
                 log.warning("%s", warning)
-            await self.store.start()
+            await self._start_store()
             for service in self.services:
                 await service.start()
                 self._started_services.append(service)
@@ -95,6 +120,7 @@ class Zeal:
             self._depth = 0
             await self._stop_services()
             raise
+        _record_names()
         ident = server_identity()
         log.info(
             "zeal_asgi: worker %d up on the %s backend (server %s, %s)",
@@ -103,6 +129,27 @@ class Zeal:
             ident.server_id,
             ident.how,
         )
+
+    async def _start_store(self) -> None:
+        try:
+            await self.store.start()
+        except BackendError as exc:  # the table backend has nothing to reach
+            memcached = self.store.kind is StoreBackendKind.MEMCACHED
+            setting = "ZEAL_MEMCACHED_SERVERS" if memcached else "ZEAL_REDIS_URL"
+            raise type(exc)(
+                f"{exc} (check {setting}; with ZEAL_ON_ERROR=fallback_table the app boots "
+                "degraded instead)"
+            ) from exc
+
+    async def check_backend(self) -> None:
+        """Connect to the backend once and close again: the launcher's boot check.
+
+        Raises:
+            BackendError: the backend is unreachable (naming the setting to check), unless the
+                circuit breaker is on, which boots degraded instead.
+        """
+        await self._start_store()
+        await self.store.aclose()
 
     async def _stop_services(self) -> None:
         while self._started_services:

@@ -98,19 +98,18 @@ class ValueTooLargeError(ZealError, ValueError):
     """A string or cache value longer than the column or entry limit (never truncated)."""
 
 
-class UnknownColumnError(ZealError, KeyError):
-    """A column name that the table's schema does not have."""
-
+class _NamedKeyError(ZealError, KeyError):
     def __str__(self) -> str:
         # KeyError.__str__ repr()s the argument; keep the message readable.
         return str(self.args[0]) if self.args else ""
 
 
-class UnknownTableError(ZealError, KeyError):
-    """A table name that was never declared with ``Store.make``."""
+class UnknownColumnError(_NamedKeyError):
+    """A column name that the table's schema does not have."""
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
+
+class UnknownTableError(_NamedKeyError):
+    """A table name that was never declared with ``Store.make``."""
 
 
 class ColumnTypeError(ZealError, TypeError):

@@ -126,8 +126,7 @@ def get_counter(
 
 
 def _counter_on(store: Store, name: str) -> Counter | None:
-    counters: dict[str, Any] = store._counters
-    found = counters.get(name)
+    found = store.counters().get(name)
     return found if isinstance(found, Counter) else None
 
 

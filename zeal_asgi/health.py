@@ -1,23 +1,30 @@
-"""Health of the store: ``GET /health/store`` (JSON) and ``GET /health/store/metrics`` (Prometheus).
+"""Health and metrics: liveness, readiness, ``/health/store`` and its Prometheus twin.
 
-``app.include_router(zeal_asgi.health.router)``.  The JSON answer is 200 while the backend
-answers and 503, with the reason, when it does not or when the circuit breaker is open.  Table
-figures come from shared memory and are host-wide already; event counters (pool, pub/sub,
-breaker, ...) are recorded per worker in :mod:`zeal_asgi.shm.hoststats` and summed over every worker
-of the host, so any worker answers for the whole host.  A plain Starlette app uses
+``app.include_router(zeal_asgi.health.router)``; a plain Starlette app uses
 ``Starlette(routes=zeal_asgi.health.starlette_routes())``.
+
+- ``GET /health/live``: 200 with the pid while the process serves; never touches the backend
+  (a liveness probe must not restart every app when Redis blips).
+- ``GET /health/ready``: 200 while the backend answers a ping, else 503 with the reason (also
+  while the circuit breaker is open).
+- ``GET /health/store``: the ready answer plus tables, shared memory, pool and counters;
+  ``GET /health/store/metrics`` the same figures in the Prometheus text format.
+
+One naming rule for every counter, in the JSON and in Prometheus alike (:func:`metric_name`):
+``zeal_<area>_<what>_total``.  Table figures come from shared memory and are host-wide already;
+event counters are kept per worker in :mod:`zeal_asgi.shm.hoststats` and summed over every
+worker of the host, so any worker answers for the whole host.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -35,77 +42,104 @@ __all__ = [
     "PING_TIMEOUT",
     "PROMETHEUS_CONTENT_TYPE",
     "BreakerHealth",
+    "ProbeHealth",
     "ShmHealth",
     "StoreHealth",
     "TableHealth",
     "collect",
     "make_router",
+    "metric_name",
     "prometheus_text",
     "router",
     "starlette_routes",
-    "store_health",
-    "store_metrics",
 ]
 
 PING_TIMEOUT = 2.0
-"""Seconds the health check waits for the backend's ping before answering 503."""
+"""Seconds the readiness check waits for the backend's ping before answering 503."""
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_NOT_NAME = re.compile(r"[^a-z0-9_]+")
+
+
+def metric_name(counter: str) -> str:
+    """The one name of an event counter: ``zeal_<area>_<what>_total`` (Prometheus style).
+
+    Each area records its counters as ``<area>_<what>`` (``pubsub_received``, ``cache.hits``,
+    ``breaker_opened_total``); this maps them, and both the JSON of ``/health/store`` and the
+    metrics use the result.
+    """
+    clean = _NOT_NAME.sub("_", counter.lower()).strip("_").removeprefix("zeal_")
+    return f"zeal_{clean.removesuffix('_total')}_total"
 
 
 class TableHealth(BaseModel):
-    """One shared table (or the L1 table of the tiered backend)."""
+    """One shared table: ``zeal_table_<field>{table="<name>"}`` in Prometheus."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     rows: int
+    """Rows in the table."""
     capacity: int
+    """Rows the table can hold."""
     memory_bytes: int
-    lock_recoveries: int = 0
-    rows_lost: int = 0
-    lock_timeouts: int = 0
+    """Shared memory reserved by the table."""
+    lock_recoveries_total: int = Field(0, validation_alias="lock_recoveries")
+    """Row locks recovered after their holder died."""
+    rows_lost_total: int = Field(0, validation_alias="rows_lost")
+    """Rows removed because a writer died in the middle of writing them."""
+    lock_timeouts_total: int = Field(0, validation_alias="lock_timeouts")
+    """Row-lock waits that timed out."""
 
 
 class ShmHealth(BaseModel):
-    """The shared-memory filesystem the tables live in."""
+    """The shared-memory filesystem the tables live in (``zeal_shm_<field>``)."""
 
     dir: str
     free_bytes: int
-    total_bytes: int
+    size_bytes: int
 
 
 class BreakerHealth(BaseModel):
-    """The circuit breaker in front of the backend (``on_error="fallback_table"``)."""
+    """The circuit breaker (``on_error="fallback_table"``); its counters are ``zeal_breaker_*``."""
 
     state: str
-    """``closed``, ``open`` or ``half-open``."""
-    counters: dict[str, int] = Field(default_factory=dict)
+    """``closed``, ``open`` or ``half-open`` (``zeal_breaker_state{state=...}``)."""
+    failures_in_window: int = 0
 
 
-class StoreHealth(BaseModel):
-    """Body of ``GET /health/store`` (200 and 503 alike)."""
+class ProbeHealth(BaseModel):
+    """Body of ``/health/live`` and ``/health/ready``."""
 
     status: Literal["ok", "unavailable"]
-    reason: str | None = None
-    """Why the store is unavailable (``None`` when it is ok)."""
-    backend: str
     pid: int
     """The worker that answered."""
+    backend: str | None = None
+    reason: str | None = None
+    """Why the backend is unavailable (``None`` when it is ok)."""
+
+
+class StoreHealth(ProbeHealth):
+    """Body of ``GET /health/store`` (200 and 503 alike)."""
+
+    backend: str
     server_id: str
     tables: dict[str, TableHealth] = Field(default_factory=dict)
-    lock_recoveries: int = 0
+    """Shared tables by name: the backend's, the tiered L1 and the breaker's ``fallback:``."""
+    lock_recoveries_total: int = 0
     """Row locks recovered after their holder died, over every table."""
     shm: ShmHealth
     pool: dict[str, int] = Field(default_factory=dict)
-    """This worker's connection pool (size, in use, waiting, acquires, timeouts, ...)."""
-    pubsub: dict[str, int] = Field(default_factory=dict)
-    """Pub/sub counters summed over the host (published, received, dropped, reconnects, ...)."""
+    """This worker's connection pool: ``pool_size``, ``in_use``, ``waiting``, ``connections``."""
     pubsub_state: str | None = None
     """This worker's subscriber (``subscribed``, ``connecting``, ``backoff``, ``failed``, ...);
     ``None`` when it runs none."""
-    streams: dict[str, int] = Field(default_factory=dict)
-    """Streams counters summed over the host (acked, reclaimed, dead-lettered, ...)."""
     breaker: BreakerHealth | None = None
     workers_reporting: int = 0
     """Live workers of this host that have recorded counters (health checks included)."""
     host: dict[str, int] = Field(default_factory=dict)
-    """Event counters summed over every worker of the host."""
+    """Every event counter (``zeal_<area>_<what>_total``) summed over the workers of the host."""
+    worker: dict[str, int] = Field(default_factory=dict)
+    """The same counters, this worker's share."""
 
 
 def _store_of(conn: HTTPConnection) -> Store:
@@ -115,79 +149,31 @@ def _store_of(conn: HTTPConnection) -> Store:
     return store if isinstance(store, Store) else Store.default()
 
 
-def _ints(d: Any) -> dict[str, int]:
-    if not isinstance(d, Mapping):
-        return {}
-    return {
-        str(k): int(v)
-        for k, v in d.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    }
-
-
-def _pool(stats: Mapping[str, Any]) -> dict[str, int]:
-    """This worker's connection-pool gauges and counters (redis / memcached / tiered's L2)."""
-    out: dict[str, int] = {}
-    for name in ("redis", "memcached", "l2"):
-        sub = stats.get(name)
-        if isinstance(sub, Mapping):
-            out.update(_ints(sub))
-            out.update(_ints(sub.get("worker")))
-            if name == "l2":
-                out.update(_pool(sub))
-    return out
-
-
 def _tables(stats: Mapping[str, Any]) -> dict[str, TableHealth]:
     """Shared tables: the backend's own, the tiered L1 and the breaker's fallback tables."""
     out: dict[str, TableHealth] = {}
-    sources: list[tuple[str, Any]] = [("", stats.get("tables"))]
-    for sub, label in (("l1", ""), ("fallback", "fallback:")):
-        inner = stats.get(sub)
-        if isinstance(inner, Mapping):
-            sources.append((label, inner.get("tables")))
-    for label, tables in sources:
-        if not isinstance(tables, Mapping):
-            continue
-        for name, t in tables.items():
-            if isinstance(t, Mapping) and "rows" in t and "capacity" in t:
-                fields = {k: v for k, v in _ints(t).items() if k in TableHealth.model_fields}
-                out.setdefault(f"{label}{name}", TableHealth(**fields))
+    sources = [("", stats), ("", stats.get("l1") or {}), ("fallback:", stats.get("fallback") or {})]
+    for label, section in sources:
+        for name, figures in (section.get("tables") or {}).items():
+            out.setdefault(f"{label}{name}", TableHealth.model_validate(figures))
     return out
 
 
-def _breaker(stats: Mapping[str, Any]) -> BreakerHealth | None:
-    raw = stats.get("breaker")
-    if isinstance(raw, Mapping) and "state" in raw:
-        return BreakerHealth(state=str(raw["state"]), counters=_ints(raw))
-    return None
+def _pool(stats: Mapping[str, Any]) -> dict[str, int]:
+    """This worker's connection-pool gauges (redis, tiered's L2, memcached)."""
+    for section in (stats.get("redis"), stats.get("memcached")):
+        if isinstance(section, Mapping):
+            gauges = ("pool_size", "in_use", "waiting", "connections")
+            return {k: int(section[k]) for k in gauges if k in section}
+    return {}
 
 
-def _family(host: Mapping[str, int], family: str) -> dict[str, int]:
-    """Host counters ``<family>_*`` (pub/sub, streams), without the prefix."""
-    pre = family + "_"
-    return {k[len(pre) :]: v for k, v in host.items() if k.startswith(pre)}
-
-
-def _pubsub_state() -> str | None:
-    """State of this worker's subscriber (``running``, ``failed``, ...), if it runs one."""
-    state = messaging_stats()["pubsub"].get("state")
-    return None if state is None else str(state)
-
-
-def _shm() -> ShmHealth:
-    d = shm_dir()
-    try:
-        st = os.statvfs(d)
-    except OSError:
-        return ShmHealth(dir=d, free_bytes=0, total_bytes=0)
-    return ShmHealth(
-        dir=d, free_bytes=st.f_bavail * st.f_frsize, total_bytes=st.f_blocks * st.f_frsize
-    )
-
-
-def _live_workers(per_worker: Mapping[int, Any]) -> int:
-    return sum(1 for pid in per_worker if process_alive(pid, None))
+def _named(counters: Mapping[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for key, value in counters.items():
+        name = metric_name(key)
+        out[name] = out.get(name, 0) + value
+    return dict(sorted(out.items()))
 
 
 async def _probe(store: Store, breaker: BreakerHealth | None) -> str | None:
@@ -204,132 +190,108 @@ async def _probe(store: Store, breaker: BreakerHealth | None) -> str | None:
     return None if ok else "backend answered the ping with a failure"
 
 
+def _breaker(stats: Mapping[str, Any]) -> BreakerHealth | None:
+    raw = stats.get("breaker")
+    return BreakerHealth.model_validate(raw) if isinstance(raw, Mapping) else None
+
+
 async def collect(store: Store) -> StoreHealth:
     """Everything ``/health/store`` reports, for ``store`` (pings the backend)."""
     stats = store.stats()
     breaker = _breaker(stats)
     reason = await _probe(store, breaker)
     hs = host_stats()
-    hs.incr("health_checks_total")
-    host = hs.host()
+    hs.incr("health_checks")
+    ident = server_identity()
+    # The server's owner (a launcher or a supervisor) may have counted its boot check: it is
+    # not a worker, unless this process is both.
+    workers = [p for p in hs.workers() if p == os.getpid() or p != ident.owner_pid]
+    try:
+        st = os.statvfs(shm_dir())
+        free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    except OSError:
+        free = size = 0
     tables = _tables(stats)
+    state = messaging_stats()["pubsub"].get("state")
+    if reason is None and state == "failed":
+        reason = "this worker's pub/sub subscriber gave up (max_attempts): it receives nothing"
     return StoreHealth(
         status="ok" if reason is None else "unavailable",
         reason=reason,
         backend=str(store.kind),
         pid=os.getpid(),
-        server_id=server_identity().server_id,
+        server_id=ident.server_id,
         tables=tables,
-        lock_recoveries=sum(t.lock_recoveries for t in tables.values()),
-        shm=_shm(),
+        lock_recoveries_total=sum(t.lock_recoveries_total for t in tables.values()),
+        shm=ShmHealth(dir=shm_dir(), free_bytes=free, size_bytes=size),
         pool=_pool(stats),
-        pubsub=_family(host, "pubsub"),
-        pubsub_state=_pubsub_state(),
-        streams=_family(host, "streams"),
+        pubsub_state=None if state is None else str(state),
         breaker=breaker,
-        workers_reporting=_live_workers(hs.workers()),
-        host=host,
+        workers_reporting=sum(1 for pid in workers if process_alive(pid, None)),
+        host=_named(hs.host()),
+        worker=_named(hs.worker()),
     )
 
 
-# -- Prometheus ---------------------------------------------------------------------------------
+def prometheus_text(health: StoreHealth) -> str:
+    """The Prometheus text exposition (format 0.0.4) of ``health``; every figure host-wide."""
+    lines: list[str] = []
 
-_BAD = re.compile(r"[^a-zA-Z0-9_]")
+    def family(name: str, help_: str, samples: list[tuple[str, int]]) -> None:
+        kind = "counter" if name.endswith("_total") else "gauge"
+        lines.extend((f"# HELP {name} {help_}", f"# TYPE {name} {kind}"))
+        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+    up = [(f'{{backend="{_label(health.backend)}"}}', int(health.status == "ok"))]
+    family("zeal_up", "1 while the store backend answers.", up)
+    family(
+        "zeal_workers_reporting",
+        "Live workers of this host that have recorded counters.",
+        [("", health.workers_reporting)],
+    )
+    for field, info in TableHealth.model_fields.items():
+        samples = [
+            (f'{{table="{_label(n)}"}}', getattr(t, field)) for n, t in health.tables.items()
+        ]
+        family(f"zeal_table_{field}", str(info.description), samples)
+    family(
+        "zeal_shm_free_bytes", "Free bytes in the shm filesystem.", [("", health.shm.free_bytes)]
+    )
+    family("zeal_shm_size_bytes", "Size of the shm filesystem.", [("", health.shm.size_bytes)])
+    if health.breaker is not None:
+        states = [(f'{{state="{s}"}}', int(health.breaker.state == s)) for s in _BREAKER_STATES]
+        family("zeal_breaker_state", "1 for the circuit breaker's current state.", states)
+    for name, value in health.host.items():
+        family(name, "Events summed over the workers of this host.", [("", value)])
+    return "\n".join(lines) + "\n"
+
+
 _BREAKER_STATES = ("closed", "open", "half-open")
-
-
-def _metric(name: str) -> str:
-    clean = _BAD.sub("_", name).strip("_") or "unnamed"
-    return clean if not clean[0].isdigit() else "_" + clean
 
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _number(value: float) -> str:
-    if isinstance(value, int) or (math.isfinite(value) and value.is_integer()):
-        return str(int(value))
-    return repr(value)
+async def live(conn: HTTPConnection) -> Response:
+    """200 while this process serves requests: the pid, and nothing that can fail."""
+    return JSONResponse({"status": "ok", "pid": os.getpid()})
 
 
-def prometheus_text(health: StoreHealth) -> str:
-    """The Prometheus text exposition (format 0.0.4) of ``health``.
-
-    Every figure is host-wide: table figures come from shared memory, event counters are
-    summed over the workers (``redis.acquires`` becomes ``zeal_redis_acquires_total``).
-    """
-    lines: list[str] = []
-
-    def family(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
-
-    backend = f'{{backend="{_label(health.backend)}"}}'
-    family(
-        "zeal_up",
-        "gauge",
-        "1 when the store backend answers, 0 when it is unreachable or the breaker is open.",
-        [(backend, 1 if health.status == "ok" else 0)],
-    )
-    family(
-        "zeal_workers_reporting",
-        "gauge",
-        "Live workers of this host that have recorded counters.",
-        [("", health.workers_reporting)],
-    )
-    table_figures = (
-        ("rows", "gauge", "Rows in the shared table."),
-        ("capacity", "gauge", "Rows the shared table can hold."),
-        ("memory_bytes", "gauge", "Shared memory reserved by the table."),
-        ("lock_recoveries", "counter", "Row locks recovered after their holder died."),
-        ("rows_lost", "counter", "Rows dropped because a writer died mid-write."),
-        ("lock_timeouts", "counter", "Row-lock waits that timed out."),
-    )
-    for field, kind, help_ in table_figures:
-        suffix = "_total" if kind == "counter" else ""
-        family(
-            f"zeal_table_{field}{suffix}",
-            kind,
-            help_,
-            [(f'{{table="{_label(n)}"}}', getattr(t, field)) for n, t in health.tables.items()],
-        )
-    family(
-        "zeal_shm_free_bytes",
-        "gauge",
-        "Free bytes in the shm filesystem.",
-        [("", health.shm.free_bytes)],
-    )
-    family(
-        "zeal_shm_size_bytes",
-        "gauge",
-        "Size of the shm filesystem.",
-        [("", health.shm.total_bytes)],
-    )
-    if health.breaker is not None:
-        family(
-            "zeal_breaker_state",
-            "gauge",
-            "1 for the circuit breaker's current state.",
-            [(f'{{state="{s}"}}', 1 if health.breaker.state == s else 0) for s in _BREAKER_STATES],
-        )
-    totals: dict[str, int] = {}
-    for metric, value in health.host.items():
-        # Every host counter is a monotonic count (HostStats.incr): expose it as a counter.
-        name = "zeal_" + _metric(metric).removesuffix("_total") + "_total"
-        totals[name] = totals.get(name, 0) + value
-    for name, value in sorted(totals.items()):
-        family(name, "counter", "Events summed over the workers of this host.", [("", value)])
-    return "\n".join(lines) + "\n"
-
-
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+async def ready(conn: HTTPConnection) -> Response:
+    """200 while the backend answers a ping, 503 with the reason when it does not (or when the
+    circuit breaker is open)."""
+    store = _store_of(conn)
+    reason = await _probe(store, _breaker(store.stats()))
+    status: Literal["ok", "unavailable"] = "ok" if reason is None else "unavailable"
+    body = ProbeHealth(status=status, pid=os.getpid(), backend=str(store.kind), reason=reason)
+    code = 200 if reason is None else 503
+    return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=code)
 
 
 async def store_health(conn: HTTPConnection) -> Response:
-    """Backend kind, tables, shared memory, pool / pub-sub / breaker counters; 503 when the
-    backend is unreachable or the circuit breaker is open."""
+    """Backend, tables, shared memory, pool and counters; 503 when the backend is unreachable or
+    the circuit breaker is open."""
     health = await collect(_store_of(conn))
     code = 200 if health.status == "ok" else 503
     return JSONResponse(health.model_dump(mode="json"), status_code=code)
@@ -341,39 +303,52 @@ async def store_metrics(conn: HTTPConnection) -> Response:
     return Response(prometheus_text(health), media_type=PROMETHEUS_CONTENT_TYPE)
 
 
+def _endpoints(
+    path: str, metrics_path: str, live_path: str, ready_path: str
+) -> list[tuple[str, Callable[[HTTPConnection], Awaitable[Response]], type[ProbeHealth] | None]]:
+    return [
+        (live_path, live, ProbeHealth),
+        (ready_path, ready, ProbeHealth),
+        (path, store_health, StoreHealth),
+        (metrics_path, store_metrics, None),
+    ]
+
+
 def make_router(
-    path: str = "/health/store", metrics_path: str = "/health/store/metrics"
+    path: str = "/health/store",
+    metrics_path: str = "/health/store/metrics",
+    live_path: str = "/health/live",
+    ready_path: str = "/health/ready",
 ) -> APIRouter:
-    """A FastAPI router serving the health JSON at ``path`` and Prometheus at ``metrics_path``.
+    """A FastAPI router serving the four endpoints (``/health/live``, ``/health/ready``,
+    ``/health/store`` and its metrics), with response models in the OpenAPI schema.
 
     Needs FastAPI (the ``fastapi`` extra); a Starlette app uses :func:`starlette_routes`.
     """
     fastapi = require("fastapi", extra="fastapi", feature="zeal_asgi.health.router")
     r: APIRouter = fastapi.APIRouter(tags=["health"])
-    r.add_api_route(
-        path,
-        store_health,
-        methods=["GET"],
-        response_model=StoreHealth,
-        responses={503: {"model": StoreHealth, "description": "Store unavailable"}},
-        summary="Store health",
-    )
-    r.add_api_route(
-        metrics_path,
-        store_metrics,
-        methods=["GET"],
-        response_class=Response,
-        responses={200: {"content": {"text/plain": {}}}},
-        summary="Store metrics (Prometheus)",
-    )
+    for route, endpoint, model in _endpoints(path, metrics_path, live_path, ready_path):
+        # The OpenAPI schema shows each answer: JSON models (also for 503), Prometheus text.
+        down = {503: {"model": model, "description": "Backend unavailable"}}
+        options: dict[str, Any] = {"response_model": model, "responses": down}
+        if endpoint is live:
+            options["responses"] = {}
+        elif model is None:
+            text: dict[int, Any] = {200: {"content": {"text/plain": {}}}}
+            options = {"response_class": Response, "responses": text}
+        r.add_api_route(route, endpoint, methods=["GET"], **options)
     return r
 
 
 def starlette_routes(
-    path: str = "/health/store", metrics_path: str = "/health/store/metrics"
+    path: str = "/health/store",
+    metrics_path: str = "/health/store/metrics",
+    live_path: str = "/health/live",
+    ready_path: str = "/health/ready",
 ) -> list[Route]:
-    """The same two endpoints for a plain Starlette app: ``Starlette(routes=[*routes, ...])``."""
-    return [Route(path, store_health), Route(metrics_path, store_metrics)]
+    """The same four endpoints for a plain Starlette app: ``Starlette(routes=[*routes, ...])``."""
+    endpoints = _endpoints(path, metrics_path, live_path, ready_path)
+    return [Route(route, endpoint) for route, endpoint, _ in endpoints]
 
 
 def __getattr__(name: str) -> Any:

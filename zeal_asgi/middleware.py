@@ -1,15 +1,25 @@
-"""``ZealMiddleware``: pure ASGI; exposes the Zeal object to requests and runs its lifecycle."""
+"""``ZealMiddleware`` (pure ASGI: exposes the Zeal object to requests and runs its lifecycle)
+and ``zeal_error_handler`` (typed JSON answers for a ``ZealError``)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+import logging
+from typing import TYPE_CHECKING, overload
 
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from zeal_asgi.errors import BackendTimeoutError, BackendUnavailableError
 
 if TYPE_CHECKING:
     from zeal_asgi.app import Zeal
 
-__all__ = ["ZealMiddleware"]
+__all__ = ["ZealMiddleware", "zeal_error_handler"]
+
+log = logging.getLogger("zeal_asgi")
 
 
 class ZealMiddleware:
@@ -64,3 +74,34 @@ class ZealMiddleware:
             await send(message)
 
         await self.app(scope, wrapped_receive, wrapped_send)
+
+
+@overload
+async def zeal_error_handler(conn: Request, exc: Exception) -> Response: ...
+@overload
+async def zeal_error_handler(conn: WebSocket, exc: Exception) -> None: ...
+async def zeal_error_handler(conn: HTTPConnection, exc: Exception) -> Response | None:
+    """Answer a :class:`~zeal_asgi.errors.ZealError` raised by an endpoint with typed JSON.
+
+    ``{"error": "<class>", "detail": ...}`` with 503 and ``Retry-After`` when the backend is
+    down or too slow (:class:`~zeal_asgi.errors.BackendUnavailableError`,
+    :class:`~zeal_asgi.errors.BackendTimeoutError`), 500 otherwise; a WebSocket is closed with
+    1013 (try again later) or 1011.  The same function serves FastAPI and Starlette::
+
+        app.add_exception_handler(ZealError, zeal_error_handler)
+        Starlette(..., exception_handlers={ZealError: zeal_error_handler})
+    """
+    outage = isinstance(exc, (BackendUnavailableError, BackendTimeoutError))
+    if outage:
+        log.warning("zeal_asgi: %s %s: %s", conn.url.path, type(exc).__name__, exc)
+    else:
+        log.error("zeal_asgi: %s failed", conn.url.path, exc_info=exc)
+    if isinstance(conn, WebSocket):
+        with contextlib.suppress(RuntimeError):  # already closed by the client
+            await conn.close(1013 if outage else 1011)
+        return None
+    # The message may name hosts or keys: the client gets the kind of failure, the log the rest.
+    detail = "the store backend is unavailable; retry later" if outage else "internal error"
+    headers = {"Retry-After": "1"} if outage else None
+    body = {"error": type(exc).__name__, "detail": detail}
+    return JSONResponse(body, status_code=503 if outage else 500, headers=headers)

@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from zeal_asgi.errors import ConfigError
 
-__all__ = ["StoreBackendKind", "ZealSettings"]
+__all__ = ["REDIS_URL_SCHEMES", "StoreBackendKind", "ZealSettings"]
 
 ENV_PREFIX = "ZEAL_"
+REDIS_URL_SCHEMES = frozenset({"redis", "rediss", "valkey", "valkeys", "unix"})
+"""URL schemes ``ZEAL_REDIS_URL`` accepts (``rediss``/``valkeys``: TLS)."""
 
 
 class StoreBackendKind(enum.StrEnum):
@@ -48,12 +50,13 @@ class StoreBackendKind(enum.StrEnum):
 class ZealSettings(BaseModel):
     """Every setting of a Zeal app; each field reads ``ZEAL_<FIELD>`` (upper case)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # hide_input_in_errors: a refused URL may carry a password; messages never echo values
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     store_backend: StoreBackendKind = StoreBackendKind.TABLE
     """``table`` (default, one host), ``redis``, ``tiered`` or ``memcached``."""
     redis_url: str | None = None
-    """``redis://host:port/db`` or ``rediss://`` (TLS, verified)."""
+    """``redis://host:port/db``, ``rediss://`` (TLS, verified) or ``unix:///path``."""
     redis_pool_size: int = Field(default=8, ge=1, le=1024)
     key_prefix: str = Field(
         default="zeal", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$"
@@ -65,7 +68,9 @@ class ZealSettings(BaseModel):
     """Shared secret that signs tiered-backend invalidations (HMAC-SHA256)."""
     l1_ttl: float = Field(default=5.0, gt=0, le=86400)
     on_error: Literal["fallback_table"] | None = None
-    """``fallback_table``: wrap the backend in the circuit breaker."""
+    """``fallback_table``: wrap the backend in the circuit breaker.  Its state (the seed's
+    ``state()``) is the property ``Store.default().backend.state``: ``closed``, ``open`` or
+    ``half-open``; ``/health/store`` shows it too."""
     breaker_failure_threshold: int | None = Field(default=None, ge=1, le=1_000_000)
     """Breaker: failures within the window that open it (default 5)."""
     breaker_failure_window_sec: float | None = Field(
@@ -84,10 +89,38 @@ class ZealSettings(BaseModel):
     shm_backend: Literal["posix", "memfd"] = "posix"
     workers: int = Field(default=1, ge=1, le=512)
 
+    def __init__(self, **data: Any) -> None:
+        """Validate ``data``.
+
+        Raises:
+            ConfigError: naming the setting, its variable and why its value is refused.
+        """
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            msg = first["msg"].removeprefix("Value error, ")
+            if not first["loc"]:  # a rule across fields: its message names them
+                raise ConfigError(f"invalid settings: {msg}") from exc
+            field = str(first["loc"][0])
+            raise ConfigError(
+                f"invalid setting {field} ({ENV_PREFIX}{field.upper()}): {msg}"
+            ) from exc
+
     @field_validator("store_backend", mode="before")
     @classmethod
     def _kind(cls, v: Any) -> StoreBackendKind:
         return StoreBackendKind.parse(v)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        scheme = v.partition("://")[0].lower() if v is not None and "://" in v else ""
+        if v is not None and scheme not in REDIS_URL_SCHEMES:
+            schemes = ", ".join(f"{s}://" for s in sorted(REDIS_URL_SCHEMES))
+            got = f"{scheme}://" if scheme else "no scheme"
+            raise ValueError(f"a Redis URL starts with one of {schemes}; got {got}")
+        return v
 
     @model_validator(mode="after")
     def _breaker_needs_on_error(self) -> ZealSettings:
@@ -107,16 +140,14 @@ class ZealSettings(BaseModel):
 
     def breaker_options(self) -> dict[str, Any]:
         """The ``breaker`` options that were set (``BreakerOptions`` defaults the rest)."""
-        out: dict[str, Any] = {}
-        for name in self._breaker_fields():
-            value = getattr(self, name)
-            if value is not None:
-                out[name.removeprefix("breaker_")] = value
-        return out
+        values = {
+            name.removeprefix("breaker_"): getattr(self, name) for name in self._breaker_fields()
+        }
+        return {name: value for name, value in values.items() if value is not None}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ZealSettings:
-        """Read ``ZEAL_*`` variables; explicit ``overrides`` win.
+        """Read ``ZEAL_*`` variables (an empty one counts as unset); explicit ``overrides`` win.
 
         Raises:
             ConfigError: naming the variable and why its value is refused.
@@ -128,17 +159,7 @@ class ZealSettings(BaseModel):
             if raw is not None and raw != "":
                 data[name] = raw
         data.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls(**data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            if not first["loc"]:  # a rule across fields: its message names them
-                raise ConfigError(f"invalid settings: {first['msg']}") from exc
-            field = str(first["loc"][0])
-            source = (
-                f"{ENV_PREFIX}{field.upper()}" if field not in overrides else f"argument {field}"
-            )
-            raise ConfigError(f"invalid setting {source}: {first['msg']}") from exc
+        return cls(**data)
 
     def backend_conn(self) -> str | dict[str, Any] | None:
         """The connection options of the configured backend, for ``Store.default_backend``."""
@@ -146,20 +167,12 @@ class ZealSettings(BaseModel):
         if kind is StoreBackendKind.TABLE:
             return None
         if kind is StoreBackendKind.MEMCACHED:
-            mc: dict[str, Any] = {"servers": self.memcached_servers, "prefix": self.key_prefix}
-            if self.on_error:
-                mc["on_error"] = self.on_error
-                mc["breaker"] = self.breaker_options()
-            return mc
-        conn: dict[str, Any] = {
-            "url": self.redis_url,
-            "pool_size": self.redis_pool_size,
-            "prefix": self.key_prefix,
-        }
+            conn: dict[str, Any] = {"servers": self.memcached_servers}
+        else:
+            conn = {"url": self.redis_url, "pool_size": self.redis_pool_size}
+        conn["prefix"] = self.key_prefix
         if kind is StoreBackendKind.TIERED:
-            conn["l1_ttl"] = self.l1_ttl
-            conn["invalidation_secret"] = self.tiered_invalidation_secret
+            conn.update(l1_ttl=self.l1_ttl, invalidation_secret=self.tiered_invalidation_secret)
         if self.on_error:
-            conn["on_error"] = self.on_error
-            conn["breaker"] = self.breaker_options()
+            conn.update(on_error=self.on_error, breaker=self.breaker_options())
         return conn

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import re
 import signal
 import time
 import uuid
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
@@ -17,7 +20,7 @@ import zeal_asgi.health
 from tests.app.conftest import AppServer
 from tests.servers import Memcached, RedisServer
 from zeal_asgi import Store, Table, Zeal, ZealMiddleware
-from zeal_asgi.health import PROMETHEUS_CONTENT_TYPE, starlette_routes
+from zeal_asgi.health import PROMETHEUS_CONTENT_TYPE, metric_name, starlette_routes
 from zeal_asgi.shm import _shmtable
 
 CP_UPDATE_MID = 2
@@ -70,10 +73,11 @@ def test_health_200_reports_tables_shm_and_backend(table_zeal: Zeal) -> None:
     t = body["tables"][name]
     assert t["rows"] == 2 and t["capacity"] == 100
     assert t["memory_bytes"] == store.table(name).memory_bytes > 100 * 8
-    assert t["lock_recoveries"] == 0 and body["lock_recoveries"] == 0
-    assert body["shm"]["total_bytes"] >= body["shm"]["free_bytes"] > 0
+    assert t["lock_recoveries_total"] == 0 and body["lock_recoveries_total"] == 0
+    assert body["shm"]["size_bytes"] >= body["shm"]["free_bytes"] > 0
     assert body["breaker"] is None
-    assert body["host"]["health_checks_total"] >= 4
+    assert body["host"]["zeal_health_checks_total"] >= 4
+    assert body["worker"]["zeal_health_checks_total"] >= 4  # one process: its share is all
     assert body["workers_reporting"] >= 1
 
 
@@ -95,7 +99,7 @@ def test_prometheus_text_is_valid_and_matches_the_json(table_zeal: Zeal) -> None
         samples[f'zeal_table_memory_bytes{{table="{name}"}}']
         == body["tables"][name]["memory_bytes"]
     )
-    assert samples["zeal_shm_size_bytes"] == body["shm"]["total_bytes"]
+    assert samples["zeal_shm_size_bytes"] == body["shm"]["size_bytes"]
     # integers stay integers (no 2.5e+10 rounding)
     assert re.search(r"^zeal_shm_size_bytes \d+$", resp.text, re.MULTILINE)
 
@@ -200,7 +204,7 @@ def test_health_503_while_the_breaker_is_open(fresh_redis: RedisServer) -> None:
     print(f"health with the breaker open: {resp.status_code}: {body['reason']}")
     assert resp.status_code == 503
     assert body["breaker"]["state"] == "open" and "breaker open" in body["reason"]
-    assert body["breaker"]["counters"].get("opened_total", 0) >= 1
+    assert body["host"]["zeal_breaker_opened_total"] >= 1
     assert metrics['zeal_breaker_state{state="open"}'] == 1
     assert metrics['zeal_breaker_state{state="closed"}'] == 0
 
@@ -230,11 +234,11 @@ def test_health_reports_a_real_lock_recovery(table_zeal: Zeal) -> None:
         samples = parse_prometheus(client.get("/health/store/metrics").text)
     t = body["tables"][name]
     print(
-        f"after a SIGKILL mid-write: lock_recoveries={t['lock_recoveries']}, "
-        f"rows_lost={t['rows_lost']}"
+        f"after a SIGKILL mid-write: lock_recoveries={t['lock_recoveries_total']}, "
+        f"rows_lost={t['rows_lost_total']}"
     )
-    assert t["lock_recoveries"] == 1 and body["lock_recoveries"] >= 1
-    assert t["rows_lost"] == 1
+    assert t["lock_recoveries_total"] == 1 and body["lock_recoveries_total"] >= 1
+    assert t["rows_lost_total"] == 1
     assert samples[f'zeal_table_lock_recoveries_total{{table="{name}"}}'] == 1
 
 
@@ -269,3 +273,84 @@ def test_health_on_the_memcached_backend(memcached_server: Memcached) -> None:
     body = resp.json()
     assert resp.status_code == 200 and body["backend"] == "memcached", body
     assert body["pool"]["pool_size"] >= 1
+
+
+COUNTER = re.compile(r"^zeal_[a-z0-9]+_[a-z0-9_]+_total$")
+GAUGE = re.compile(r"^zeal_[a-z0-9_]+$")
+
+
+def check_metric_names(text: str, body: dict[str, Any]) -> set[str]:
+    """Every sample of ``text`` parses with prometheus_client and follows the naming rule; every
+    counter of the JSON ``body`` is a metric of the same name.  Returns the counter names."""
+    counters: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if family.type == "counter":
+                assert COUNTER.match(sample.name), f"counter {sample.name!r} breaks the rule"
+                counters.add(sample.name)
+            else:
+                assert family.type == "gauge", family
+                assert GAUGE.match(sample.name) and not sample.name.endswith("_total"), sample
+    for section in (body["host"], body["worker"]):
+        assert set(section) <= counters, set(section) - counters
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert {f"zeal_table_{field}" for t in body["tables"].values() for field in t} <= names
+    return counters
+
+
+def test_every_metric_name_follows_the_rule(example_server_redis: AppServer) -> None:
+    """Counters of every area (redis, cache, pub/sub, health) on a busy redis-backed server."""
+    for path in ("/demo/counter/increment", "/demo/store-roundtrip", "/demo/cache"):
+        assert example_server_redis.get(path)[0] == 200
+    assert example_server_redis.get("/demo/pubsub/publish?channel=demo:pubsub&msg=x")[0] == 200
+    status, body = example_server_redis.get("/health/store")
+    assert status == 200
+    status, text = example_server_redis.get("/health/store/metrics")
+    assert status == 200
+    counters = check_metric_names(text, body)
+    print(f"{len(counters)} counters: {sorted(counters)}")
+    areas = {name.split("_")[1] for name in counters}
+    assert {"redis", "health", "pubsub", "cache"} <= areas, areas
+
+
+def test_metric_name_maps_every_style_to_one() -> None:
+    assert metric_name("cache.hits") == "zeal_cache_hits_total"
+    assert metric_name("pubsub_received") == "zeal_pubsub_received_total"
+    assert metric_name("breaker_opened_total") == "zeal_breaker_opened_total"
+    assert metric_name("zeal_health_checks_total") == "zeal_health_checks_total"
+
+
+@pytest.mark.redis
+def test_live_never_asks_the_backend_and_ready_does(fresh_redis: RedisServer) -> None:
+    store = Store("redis", {"url": fresh_redis.url, "prefix": f"l{uuid.uuid4().hex[:6]}"})
+    zeal = Zeal(store=store)
+    app = Starlette(routes=starlette_routes())
+    app.add_middleware(ZealMiddleware, zeal=zeal)
+    with TestClient(_app(zeal)) as client, TestClient(app) as plain:
+        for c in (client, plain):
+            assert c.get("/health/ready").json() == {
+                "status": "ok",
+                "pid": os.getpid(),
+                "backend": "redis",
+            }
+        fresh_redis.kill()
+        for c in (client, plain):
+            live = c.get("/health/live")
+            assert live.status_code == 200 and live.json() == {"status": "ok", "pid": os.getpid()}
+            ready = c.get("/health/ready")
+            assert ready.status_code == 503, ready.text
+            assert ready.json()["status"] == "unavailable"
+            assert "unreachable" in ready.json()["reason"]
+        fresh_redis.start()
+        assert client.get("/health/ready").status_code == 200
+
+
+def test_live_and_ready_are_in_the_openapi_schema(table_zeal: Zeal) -> None:
+    with TestClient(_app(table_zeal)) as client:
+        spec = client.get("/openapi.json").json()
+    ready = spec["paths"]["/health/ready"]["get"]["responses"]
+    assert set(ready) >= {"200", "503"}
+    live = spec["paths"]["/health/live"]["get"]["responses"]
+    assert live["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ProbeHealth"
+    }

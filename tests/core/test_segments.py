@@ -130,7 +130,7 @@ def test_e7_squatted_name_is_refused_never_attached() -> None:
     if os.geteuid() != 0:
         pytest.skip("pre-creating a name as another user needs root")
     name = f"squat-{uuid.uuid4().hex[:8]}"
-    path = os.path.join(_segments.shm_dir(), _segments._segment_name("t", name))
+    path = _segments.segment_path("t", name)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o666)
     os.fchown(fd, 65534, 65534)  # nobody
     os.fchmod(fd, 0o666)

@@ -299,6 +299,26 @@ class Schema:
         """``{column: (type name, size)}``, for messages and health output."""
         return {c.name: (c.type.name, c.size) for c in self.columns}
 
+    def difference(self, other: Schema) -> str:
+        """Column by column, how ``other`` differs from this schema (``""`` when it does not):
+        ``column 'age': INT(8) vs missing; key_limit: 64 vs 128``."""
+        mine, theirs = self.describe(), other.describe()
+
+        def shown(col: tuple[str, int] | None) -> str:
+            return "missing" if col is None else f"{col[0]}({col[1]})"
+
+        parts = [
+            f"column {name!r}: {shown(mine.get(name))} vs {shown(theirs.get(name))}"
+            for name in dict.fromkeys([*mine, *theirs])
+            if mine.get(name) != theirs.get(name)
+        ]
+        if not parts and list(mine) != list(theirs):
+            parts.append(f"column order: {list(mine)} vs {list(theirs)}")
+        for attr in ("key_limit", "allow_nan", "binary_keys"):
+            if getattr(self, attr) != getattr(other, attr):
+                parts.append(f"{attr}: {getattr(self, attr)} vs {getattr(other, attr)}")
+        return "; ".join(parts)
+
     def geometry(self, max_rows: int) -> Geometry:
         """Sizes of a segment holding ``max_rows`` rows of this schema.
 

@@ -55,11 +55,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ServerIdentity",
+    "attach_path",
     "destroy",
     "open_atomic",
     "open_table",
+    "segment_path",
     "segments_of_server",
     "server_identity",
+    "server_ids",
     "shm_dir",
     "sweep_stale",
     "verify_shared",
@@ -193,11 +196,13 @@ def _uid() -> int:
     return os.geteuid()
 
 
-def _segment_name(kind: str, name: str) -> str:
-    ident = server_identity()
+def segment_path(kind: str, name: str, server_id: str | None = None) -> str:
+    """Path of the named segment (``kind`` ``t``: table, ``a``: atomic) of a server (this
+    process's by default)."""
+    sid = server_id or server_identity().server_id
     ns = os.environ.get("ZEAL_NAMESPACE", "")
     digest = hashlib.blake2b(f"{ns}\0{kind}\0{name}".encode(), digest_size=8).hexdigest()
-    return f"{PREFIX}{_uid()}.{ident.server_id}.{kind}.{digest}"
+    return os.path.join(shm_dir(), f"{PREFIX}{_uid()}.{sid}.{kind}.{digest}")
 
 
 def segments_of_server(server_id: str | None = None) -> list[str]:
@@ -209,6 +214,22 @@ def segments_of_server(server_id: str | None = None) -> list[str]:
     except OSError:
         return []
     return sorted(os.path.join(shm_dir(), n) for n in names if n.startswith(start))
+
+
+def server_ids() -> list[str]:
+    """Ids of this user's servers that have segments here (live or left by a killed one)."""
+    mine = f"{PREFIX}{_uid()}."
+    try:
+        names = os.listdir(shm_dir())
+    except OSError:
+        return []
+    return sorted({n[len(mine) :].split(".")[0] for n in names if n.startswith(mine)})
+
+
+def display_name(name: str | None) -> str | None:
+    """What messages call a segment: its name after the last ``:``, the part before it being
+    the owner's scope (``store:demo`` is the Store's table ``demo``)."""
+    return name.rpartition(":")[2] if name else name
 
 
 # -- registry of what this process holds -------------------------------------------------------
@@ -368,8 +389,7 @@ def _open_segment(
             )
         return None, "created"
     sweep_stale()
-    seg = _segment_name(kind, name)
-    path = os.path.join(shm_dir(), seg)
+    path = segment_path(kind, name)
     deadline = time.monotonic() + ATTACH_TIMEOUT
     while True:
         # Someone has the name: attach, after checking it is really ours.
@@ -465,9 +485,9 @@ def _attach_locked(fd: int, path: str, deadline: float, attach: Any) -> str:
 def _schema_conflict(path: str | None, stored: Schema, wanted: Schema, name: str) -> None:
     raise ShmAbiMismatchError(
         errno.EINVAL,
-        f"table {name!r}: the shared segment {path} has schema {stored.describe()} "
-        f"(key_size={stored.key_limit}) but this process declares {wanted.describe()} "
-        f"(key_size={wanted.key_limit}); every worker must declare the same schema",
+        f"table {name!r}: the shared segment {path} has another schema than this process "
+        f"declares (segment vs declared: {stored.difference(wanted)}); every worker must "
+        "declare the same schema",
     )
 
 
@@ -516,7 +536,7 @@ def open_table(
         log.warning("table %r: replaced an unused segment that had another schema", name)
     else:  # pragma: no cover - someone keeps recreating it
         raise ShmError(errno.EAGAIN, f"table {name!r}: segment keeps changing under us")
-    table._finish(schema, name, path, lock_timeout)
+    table._finish(schema, display_name(name), path, lock_timeout)
     with _lock:
         _held[table] = _Held(path, os.getpid(), "table", name)
 
@@ -556,9 +576,39 @@ def open_atomic(atomic: Atomic, name: str | None, initial: int) -> None:
         raise ShmAbiMismatchError(
             errno.EINVAL, f"atomic {name!r}: segment {path} has another layout"
         )
-    atomic._finish(name, path)
+    atomic._finish(display_name(name), path)
     with _lock:
         _held[atomic] = _Held(path, os.getpid(), "atomic", name)
+
+
+def attach_path(path: str, name: str | None = None) -> Table | Atomic:
+    """Attach to the existing segment at ``path``, a table or an atomic, without ever creating
+    one (``zeal-asgi inspect`` reads another server's figures this way); close it after use.
+
+    Raises:
+        FileNotFoundError: the segment is gone.
+        ShmError: it is not ours, not a segment, or not initialised.
+    """
+    from zeal_asgi.shm.ext import Atomic, Table
+
+    kind = os.path.basename(path).split(".")[-2]
+    obj: Any = Table.__new__(Table) if kind == "t" else Atomic.__new__(Atomic)
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _check_ours(fd, path)
+        state = _attach_locked(fd, path, time.monotonic() + ATTACH_TIMEOUT, obj._map_existing)
+    except BaseException:
+        os.close(fd)
+        raise
+    if state != "attached":
+        os.close(fd)
+        raise ShmError(errno.EAGAIN, f"{path}: the segment is being replaced")
+    if kind == "t":
+        obj._finish(Schema.from_blob(obj._stored_schema()), name, path, 1.0)
+    else:
+        obj._finish(name, path)
+    result: Table | Atomic = obj
+    return result
 
 
 def destroy(obj: Table | Atomic) -> None:

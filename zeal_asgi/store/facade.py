@@ -295,7 +295,13 @@ class Store:
         spec = TableSpec(name, max_rows, schema, mode, ttl, model)
         old = self._specs.get(name)
         if old is not None and old != spec:
-            raise ConfigError(f"table {name!r} was already made with another schema")
+            diff = old.schema.difference(schema) or (
+                f"max_rows, mode, ttl: {old.max_rows}, {old.mode}, {old.ttl} vs {max_rows}, "
+                f"{mode}, {ttl}"
+            )
+            raise ConfigError(
+                f"table {name!r} was already made with another schema (before vs now: {diff})"
+            )
         self._specs[name] = spec
         return self._declare(spec)
 
@@ -312,6 +318,11 @@ class Store:
     def names(self) -> list[str]:
         """Names of the declared tables."""
         return list(self._specs)
+
+    @hybridmethod
+    def counters(self) -> dict[str, Any]:
+        """The named counters declared on this store (``Counter(..., name=...)``), by name."""
+        return dict(self._counters)
 
     @hybridmethod
     def table(self, name: str) -> Table:

@@ -59,7 +59,8 @@ class TableBackend:
         if existing is not None and not existing.closed:
             if existing.schema != self._shm_schema(spec):
                 raise ConfigError(
-                    f"table {spec.name!r} was already made with another schema in this process"
+                    f"table {spec.name!r} was already made with another schema in this process "
+                    f"(before vs now: {existing.schema.difference(self._shm_schema(spec))})"
                 )
             return existing
         table = Table(
