@@ -270,7 +270,7 @@ def _components(stack: contextlib.ExitStack[Any], env: Env) -> list[Row]:
     small = cache.serializer.dumps(SMALL)
     big = cache.serializer.dumps(BIG)
     stats = host_stats()
-    metric = f"{cache.namespace}.bench"
+    metric = f"cache_{cache.namespace}.bench"
 
     def sync(fn: Callable[..., object], *args: Any) -> Loop:
         def loop(n: int) -> None:

@@ -131,7 +131,8 @@ class Cache:
         self.namespace = namespace
         self.serializer: Serializer = get_serializer(serializer)
         self._keys = CacheKeys.load(resolve_secret(secret, pickle=serializer == "pickle"))
-        self._prefix = f"{namespace}."
+        # counters map to zeal_cache_<what>_total (zeal_cache_<namespace>_... for another one)
+        self._prefix = "cache." if namespace == "cache" else f"cache_{namespace}."
         self.files = FileTier(
             cache_dir,
             mac_key=self._keys.file_mac,
@@ -153,7 +154,7 @@ class Cache:
             files=self.files,
             serializer=self.serializer,
             store_ref=self._current_store,
-            count=self._count,
+            metrics=self._prefix,
         )
         self._tiers.bind()  # declare the tables now: before the workers start, like Store.make
         if max_rows != 4096 and self.ttl_seconds is None and self.store.kind in _UNBOUNDED:
@@ -252,7 +253,7 @@ class Cache:
         return self._zeal.store if self._zeal is not None else Store.default()
 
     def _count(self, metric: str) -> None:
-        host_stats().incr(self._prefix + metric)
+        self._tiers.count(metric)
 
     @hybridmethod
     def stats(self) -> dict[str, Any]:

@@ -247,7 +247,7 @@ class Binding:
 @dataclass
 class Tiers:
     """The memory tier (a Store table of the Store ``store_ref`` returns) and the file tier of
-    one cache; ``count`` is called with the name of every event (``spills_full``...)."""
+    one cache; its events are counted in the host's counters as ``<metrics><event>``."""
 
     namespace: str
     max_rows: int
@@ -258,7 +258,7 @@ class Tiers:
     files: FileTier
     serializer: Serializer
     store_ref: Callable[[], Store]
-    count: Callable[[str], None]
+    metrics: str
     binding: Binding | None = None
     memo: DecodeMemo = field(init=False)
 
@@ -268,7 +268,7 @@ class Tiers:
         self._loads = self.memo.loads  # bound once: every lookup shows on a 1.4 µs hit
         self._ser = self.serializer.id
         self._hits_memory, self._hits_file, self._misses = (
-            f"{self.namespace}.{e}" for e in ("hits_memory", "hits_file", "misses")
+            self.metrics + e for e in ("hits_memory", "hits_file", "misses")
         )
 
     def bind(self) -> Binding:
@@ -314,6 +314,10 @@ class Tiers:
             b = Binding(store, store.backend, Rows(store, self.table), lock, row_mac(key, pickle))
         self.binding = b
         return b
+
+    def count(self, event: str) -> None:
+        """Count ``event`` in this host's counters, under the cache's ``metrics`` prefix."""
+        host_stats().incr(self.metrics + event)
 
     # -- reads ---------------------------------------------------------------------------------
 
