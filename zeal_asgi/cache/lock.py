@@ -31,16 +31,7 @@ from zeal_asgi.store import Key, Store, StoreBackendKind
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table
 
-__all__ = [
-    "NO_LOCK",
-    "CasLock",
-    "Lock",
-    "RedisLock",
-    "ShmLock",
-    "lock_for",
-    "pack",
-    "unpack",
-]
+__all__ = ["NO_LOCK", "CasLock", "Lock", "RedisLock", "ShmLock", "lock_for"]
 
 _TAG_BITS = 22  # Linux pids are < 2**22 (pid_max limit)
 _TAG_MASK = (1 << _TAG_BITS) - 1
@@ -85,10 +76,6 @@ class Lock(Protocol):
         """Give the lock up if this caller still holds it."""
         ...
 
-    def sweep(self) -> int:
-        """Delete the locks of holders that died; how many (leases elsewhere expire alone)."""
-        ...
-
 
 def lock_for(store: Store, table: str, namespace: str, lease: float) -> Lock:
     """The lock of the Store's backend: shared memory, Redis, or compare-and-set rows."""
@@ -129,17 +116,12 @@ class ShmLock:
         try:
             if self._take(name, 0, token):
                 return token
-            current = self.table.get(name, "owner")
-            if not current:
-                return token if self._take(name, 0, token) else None
+            current = self.table.get(name, "owner") or 0
             deadline, pid = unpack(current)
-            if (deadline < now or not process_alive(pid, None)) and self._take(
-                name, current, token
-            ):
-                return token
+            stale = not current or deadline < now or not process_alive(pid, None)
+            return token if stale and self._take(name, current, token) else None
         except TableFullError:
             return NO_LOCK
-        return None
 
     async def renew(self, name: str, token: Any) -> Any:
         """Move the deadline forward (a new packed word)."""
@@ -186,13 +168,11 @@ class CasLock:
         cas = self.store.compare_and_set
         if await cas(self.table_name, name, "owner", 0, token):
             return token
-        current = await self.store.get_strict(self.table_name, name, "owner")
-        if not current:
-            return token if await cas(self.table_name, name, "owner", 0, token) else None
-        deadline, _ = unpack(current)
-        if deadline < now and await cas(self.table_name, name, "owner", current, token):
-            return token
-        return None
+        current = await self.store.get_strict(self.table_name, name, "owner") or 0
+        stale = not current or unpack(current)[0] < now
+        return (
+            token if stale and await cas(self.table_name, name, "owner", current, token) else None
+        )
 
     async def renew(self, name: str, token: Any) -> Any:
         """Move the deadline forward."""
@@ -204,10 +184,6 @@ class CasLock:
         """Delete the row if it is still ours."""
         if await self.store.get_strict(self.table_name, name, "owner") == token:
             await self.store.delete(self.table_name, name)
-
-    def sweep(self) -> int:
-        """Nothing: an abandoned row is taken over when its lease ends."""
-        return 0
 
 
 _ACQUIRE = "return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])"
@@ -247,7 +223,3 @@ class RedisLock:
     async def release(self, name: str, token: Any) -> None:
         """Delete the lock if it is still ours."""
         await self.store.eval(_RELEASE, [self._key(name)], [token])
-
-    def sweep(self) -> int:
-        """Nothing: Redis expires an abandoned lock."""
-        return 0

@@ -510,7 +510,7 @@ class Tiers:
         out = await asyncio.to_thread(self.files.sweep, now, max_files, owners)
         out["orphans"] = await self._drop_orphans(b, owners) if owners else 0
         out["memory_expired"] = len(expired)
-        out["dead_locks"] = b.lock.sweep()
+        out["dead_locks"] = b.lock.sweep() if isinstance(b.lock, ShmLock) else 0  # others expire
         return out
 
     async def _drop_orphans(self, b: Binding, owned: list[Owned]) -> int:
