@@ -115,9 +115,8 @@ class Cache:
             raise ConfigError(f"Cache namespace must match {_NS_RE.pattern}, got {namespace!r}")
         self.max_rows = _int_in_range("max_rows", max_rows, 1, 2**32 - 2)
         self.gc_interval_ms = _int_in_range("gc_interval_ms", gc_interval_ms, 0, 86_400_000)
-        self.ttl_seconds = None if ttl_seconds is None else check_ttl(ttl_seconds, "ttl_seconds")
-        if self.ttl_seconds == 0:
-            self.ttl_seconds = None
+        ttl = 0.0 if ttl_seconds is None else check_ttl(ttl_seconds, "ttl_seconds")
+        self.ttl_seconds = ttl or None  # 0 and None alike: rows live as long as their entry
         self.max_entry_bytes = _int_in_range("max_entry_bytes", max_entry_bytes, 1, 2**30)
         self.memory_value_bytes = _int_in_range(
             "memory_value_bytes", memory_value_bytes, 1, 16 * 1024 * 1024 - 2
