@@ -409,7 +409,7 @@ class Tiers:
                 return True, self.memo.loads((key, 0), entry.payload)
             except SerializationError:
                 self.count("decode_errors")
-        self.files.discard(key, "undecodable")
+        self.files.drop(self.files.name(key), None, "undecodable")
         return False, None
 
     # -- writes --------------------------------------------------------------------------------

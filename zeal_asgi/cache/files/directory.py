@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from zeal_asgi.errors import InsecureCacheDirError
 from zeal_asgi.shm.segments import process_alive
 
-__all__ = ["open_cache_dir", "remove_stale_temp", "scan", "temp_is_stale"]
+__all__ = ["open_cache_dir", "remove_if_stale", "remove_stale_temp", "scan"]
 
 log = logging.getLogger("zeal_asgi.cache")
 
@@ -100,13 +100,19 @@ def open_cache_dir(path: str | os.PathLike[str]) -> tuple[str, int]:
     return full, fd
 
 
-def temp_is_stale(name: str, mtime: float, now: float) -> bool:
-    """True when temp file ``name`` belongs to a writer that is gone (or it is too old)."""
-    m = TEMP_RE.match(name)
-    if m is None or now - mtime > TEMP_MAX_AGE:
-        return m is not None
+def remove_if_stale(dfd: int, entry: os.DirEntry[str]) -> bool:
+    """Unlink temp file ``entry`` if its writer is gone (or it is older than TEMP_MAX_AGE,
+    as pids get reused); ``True`` if it was."""
+    m = TEMP_RE.match(entry.name)
+    if m is None:
+        return False  # not a name our writers use: never touched
     pid = int(m.group(1))
-    return pid != os.getpid() and not process_alive(pid, None)
+    with contextlib.suppress(FileNotFoundError):
+        age = time.time() - entry.stat(follow_symlinks=False).st_mtime
+        if age > TEMP_MAX_AGE or (pid != os.getpid() and not process_alive(pid, None)):
+            os.unlink(entry.name, dir_fd=dfd)
+            return True
+    return False
 
 
 def scan(dfd: int) -> Iterator[os.DirEntry[str]]:
@@ -124,12 +130,5 @@ def scan(dfd: int) -> Iterator[os.DirEntry[str]]:
 
 
 def remove_stale_temp(dfd: int) -> int:
-    """Unlink temp files left by killed writers (dead pid, or older than TEMP_MAX_AGE)."""
-    removed = 0
-    for entry in (e for e in scan(dfd) if e.name.startswith(".tmp.")):
-        with contextlib.suppress(FileNotFoundError):
-            st = entry.stat(follow_symlinks=False)
-            if temp_is_stale(entry.name, st.st_mtime, time.time()):
-                os.unlink(entry.name, dir_fd=dfd)
-                removed += 1
-    return removed
+    """Unlink the temp files killed writers left behind; how many."""
+    return sum(remove_if_stale(dfd, e) for e in scan(dfd) if e.name.startswith(".tmp."))

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from zeal_asgi.cache.files.directory import open_cache_dir, remove_stale_temp, scan, temp_is_stale
+from zeal_asgi.cache.files.directory import open_cache_dir, remove_if_stale, remove_stale_temp, scan
 
 __all__ = ["HEADER", "HEAD_LEN", "NAME_RE", "Entry", "FileTier", "Owned"]
 
@@ -305,10 +305,6 @@ class FileTier:
             return False
         return True
 
-    def discard(self, key: bytes, reason: str) -> None:
-        """Drop the entry of ``key`` because its payload cannot be used (``reason`` counted)."""
-        self.drop(self.name(key), None, reason)
-
     def delete(self, key: bytes) -> bool:
         """Remove the entry of ``key``; ``True`` if a file existed."""
         try:
@@ -355,10 +351,7 @@ class FileTier:
         for entry in scan(self._dfd):
             n = entry.name
             if n.startswith(".tmp."):
-                with contextlib.suppress(FileNotFoundError):
-                    if temp_is_stale(n, entry.stat(follow_symlinks=False).st_mtime, time.time()):
-                        os.unlink(n, dir_fd=self._dfd)
-                        out["temp"] += 1
+                out["temp"] += remove_if_stale(self._dfd, entry)
             elif NAME_RE.match(n):  # anything else is not ours: never touched
                 out["scanned"] += 1
                 verdict, st = self._sweep_one(n, now, owners)
