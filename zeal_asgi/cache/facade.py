@@ -252,7 +252,7 @@ class Cache:
         return self._zeal.store if self._zeal is not None else Store.default()
 
     def _count(self, metric: str) -> None:
-        self._tiers.count(metric)
+        host_stats().incr(self._prefix + metric)
 
     @hybridmethod
     def stats(self) -> dict[str, Any]:

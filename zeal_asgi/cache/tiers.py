@@ -12,9 +12,8 @@ every host: an oversize value lives in this host's file tier behind a pointer ro
 the file's nonce, and a missing row is a miss, so a host's stale or deleted file is never served
 after another host changed the key.
 
-Rows are written through :class:`Rows`, which on the table backend calls the shared table
-directly; there :meth:`Tiers.get_local` answers a read synchronously, so nothing awaits between
-``Cache.get`` and the row.
+On the table backend the engine calls the shared table directly: :meth:`Tiers.get_local`
+answers a read synchronously, so nothing awaits between ``Cache.get`` and the row.
 
 A memory-tier row has one column, ``v`` = ``head ‖ mac ‖ body``.  ``head`` packs the row kind,
 the serializer id and the expiry; ``body`` is the serialized value (``INLINE``) or the 16-byte
@@ -190,50 +189,12 @@ _WRITE_LEASE = 2.0
 (stopped, swapped out) stops blocking the other writers of its key after this."""
 
 
-class Rows:
-    """The memory-tier rows of one cache, through the Store (any backend)."""
-
-    def __init__(self, store: Store, name: str) -> None:
-        self.store = store
-        self.name = name
-
-    async def get(self, rk: Key) -> bytes | None:
-        """``v`` of the row at ``rk``, or ``None``."""
-        v: bytes | None = await self.store.get_strict(self.name, rk, "v")
-        return v
-
-    async def set(self, rk: Key, v: bytes) -> None:
-        """Write the row (TableFullError / CapacityError when it does not fit)."""
-        await self.store.set(self.name, rk, {"v": v})
-
-    async def delete(self, rk: Key) -> bool:
-        """Remove the row; ``True`` if it existed."""
-        return await self.store.delete(self.name, rk)
-
-
-class TableRows(Rows):
-    """The rows in this host's shared table, written directly (nothing yields)."""
-
-    def __init__(self, store: Store, name: str) -> None:
-        super().__init__(store, name)
-        self.table = store.table(name)
-
-    async def set(self, rk: Key, v: bytes) -> None:
-        """Write the row (TableFullError when the table is full)."""
-        self.table.set(rk, {"v": v})
-
-    async def delete(self, rk: Key) -> bool:
-        """Remove the row; ``True`` if it existed."""
-        return self.table.delete(rk)
-
-
 @dataclass(frozen=True)
 class Binding:
     """What the cache uses on the Store it currently follows."""
 
     store: Store
     backend: StoreBackend
-    rows: Rows
     lock: Lock
     """The stampede lock of ``get_or_compute``."""
     mac: Mac | None
@@ -304,14 +265,13 @@ class Tiers:
         if local:
             # A private shared-memory segment: a MAC only where a load may run code (pickle).
             mac = row_mac(self.keys.memory_mac, True) if pickle else None
-            rows = TableRows(store, self.table)
             writes = ShmLock(store.table(lock_table), _WRITE_LEASE)
-            b = Binding(store, store.backend, rows, lock, mac, rows.table, writes)
+            b = Binding(store, store.backend, lock, mac, store.table(self.table), writes)
         else:
             # Hosts sharing a backend must agree on the memory key: without a secret they use a
             # public one (damage detection only; pickle always has a secret).
             key = self.keys.memory_mac if self.keys.persistent else SHARED_UNAUTHENTICATED
-            b = Binding(store, store.backend, Rows(store, self.table), lock, row_mac(key, pickle))
+            b = Binding(store, store.backend, lock, row_mac(key, pickle))
         self.binding = b
         return b
 
@@ -341,9 +301,10 @@ class Tiers:
         if b.table is not None:
             return self.get_local(b.table, b, key, record)
         rk = memory_key(key)
-        found, value, drop = self._answer(b, key, rk, await b.rows.get(rk), record)
+        v = await b.store.get_strict(self.table, rk, "v")
+        found, value, drop = self._answer(b, key, rk, v, record)
         if drop:
-            await b.rows.delete(rk)
+            await self._delete_row(b, rk)
         return found, value
 
     def _answer(
@@ -414,6 +375,18 @@ class Tiers:
 
     # -- writes --------------------------------------------------------------------------------
 
+    async def _set_row(self, b: Binding, rk: Key, v: bytes) -> None:
+        """Write the row (TableFullError / CapacityError when it does not fit); the shared
+        table directly on the table backend, without yielding."""
+        if b.table is not None:
+            b.table.set(rk, {"v": v})
+        else:
+            await b.store.set(self.table, rk, {"v": v})
+
+    async def _delete_row(self, b: Binding, rk: Key) -> bool:
+        """Remove the row; ``True`` if it existed."""
+        return b.table.delete(rk) if b.table is not None else await b.store.delete(self.table, rk)
+
     async def _write(self, key: bytes, op: Callable[[Binding, Key], Awaitable[bool]]) -> bool:
         """``op(binding, row key)``, under the key's write lock on the table backend: another
         writer of the key never interleaves its row and file with these."""
@@ -421,11 +394,12 @@ class Tiers:
         if b.writes is None:
             return await op(b, memory_key(key))
         rk = local_key(key)
-        token = b.writes.take(_WRITE + rk) or await b.writes.hold(_WRITE + rk)
+        name = _WRITE + rk
+        token = b.writes.take(name) or await b.writes.hold(name)
         try:
             return await op(b, rk)
         finally:
-            b.writes.give(_WRITE + rk, token)
+            b.writes.give(name, token)
 
     async def put(self, key: bytes, payload: bytes, seconds: float) -> bool:
         """Store a serialized value in the right tier(s); ``False`` when nothing was stored."""
@@ -439,7 +413,7 @@ class Tiers:
             mexp = min(exp or float("inf"), now + self.ttl_seconds)
         if len(payload) <= self.memory_value_bytes:
             try:
-                await b.rows.set(rk, seal(b.mac, rk, INLINE, self._ser, mexp, payload))
+                await self._set_row(b, rk, seal(b.mac, rk, INLINE, self._ser, mexp, payload))
             except SPILL_ERRORS:
                 self.count("spills_full")
             else:
@@ -452,13 +426,13 @@ class Tiers:
             self.count("spills_oversize")
         nonce = secrets.token_bytes(16)
         if not self.files.write(key, self._ser, exp, payload, nonce):
-            await b.rows.delete(rk)  # nothing may keep serving an older value of this key
+            await self._delete_row(b, rk)  # nothing may keep serving an older value of this key
             self.files.delete(key)
             return False
         try:
-            await b.rows.set(rk, seal(b.mac, rk, POINTER, 0, mexp, nonce))
+            await self._set_row(b, rk, seal(b.mac, rk, POINTER, 0, mexp, nonce))
         except SPILL_ERRORS:
-            await b.rows.delete(rk)
+            await self._delete_row(b, rk)
             return b.table is not None  # on this host the file alone serves it
         return True
 
@@ -466,7 +440,7 @@ class Tiers:
         """Remove ``key`` from both tiers; ``True`` if either held it."""
 
         async def remove(b: Binding, rk: Key) -> bool:
-            in_memory = await b.rows.delete(rk)
+            in_memory = await self._delete_row(b, rk)
             return self.files.delete(key) or in_memory
 
         return await self._write(key, remove)
@@ -505,7 +479,7 @@ class Tiers:
         except UnsupportedOperationError:
             expired = []  # a backend that cannot iterate expires its rows itself (memcached)
         for rk in expired:
-            await b.rows.delete(rk)
+            await self._delete_row(b, rk)
         owners: list[Owned] | None = None if b.table is not None else []
         out = await asyncio.to_thread(self.files.sweep, now, max_files, owners)
         out["orphans"] = await self._drop_orphans(b, owners) if owners else 0
