@@ -32,6 +32,7 @@ __all__ = [
     "LockTimeoutError",
     "MessageRejectedError",
     "MissingExtraError",
+    "ModelValidationError",
     "NonFiniteFloatError",
     "PoolTimeoutError",
     "PrivateCopyError",
@@ -126,6 +127,10 @@ class NonFiniteFloatError(ZealError, ValueError):
 
 class InvalidTTLError(ZealError, ValueError):
     """A TTL that is negative, NaN, infinite or absurdly large."""
+
+
+class ModelValidationError(ZealError, ValueError):
+    """A row breaking a limit of the pydantic model its table was made from (``Field(ge=...)``)."""
 
 
 class SerializationError(ZealError, TypeError):

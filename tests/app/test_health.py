@@ -199,7 +199,7 @@ def test_health_503_while_the_breaker_is_open(fresh_redis: RedisServer) -> None:
             resp = client.get("/health/store")
             metrics = parse_prometheus(client.get("/health/store/metrics").text)
     finally:
-        store.backend.close_shared()  # type: ignore[attr-defined]
+        store.backend.close_shared()
     body = resp.json()
     print(f"health with the breaker open: {resp.status_code}: {body['reason']}")
     assert resp.status_code == 503
@@ -258,7 +258,7 @@ def test_health_on_the_tiered_backend_shows_the_l1_tables(redis_url: str) -> Non
             client.portal.call(write_and_read)  # type: ignore[union-attr]
             resp = client.get("/health/store")
     finally:
-        store.backend.close_shared()  # type: ignore[attr-defined]
+        store.backend.close_shared()
     body = resp.json()
     assert resp.status_code == 200 and body["backend"] == "tiered"
     assert body["tables"][name]["capacity"] == 32 and body["tables"][name]["rows"] == 1

@@ -52,8 +52,4 @@ async def make_store() -> AsyncIterator[MakeStore]:
     yield factory
     for store in made:
         await store.aclose()
-        breaker = breaker_of(store)
-        breaker.close_shared()
-        close = getattr(breaker.primary, "close_shared", None)
-        if close is not None:
-            close()
+        breaker_of(store).close_shared()  # the primary's shared memory too

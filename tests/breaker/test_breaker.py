@@ -16,7 +16,7 @@ from zeal_asgi.errors import (
     ConfigError,
 )
 from zeal_asgi.settings import ZealSettings
-from zeal_asgi.store import EvalCapable, PublishCapable, Store, StoreBackendKind
+from zeal_asgi.store import Capability, Store, StoreBackendKind
 from zeal_asgi.store.backends.breaker import BreakerState, CircuitBreakerBackend
 from zeal_asgi.store.backends.tiered import TieredBackend
 
@@ -189,14 +189,15 @@ async def test_nothing_is_disabled_by_the_wrapper(
     store = make_store(redis_server.url)
     await store.start()
     backend = store.backend
-    assert isinstance(backend, PublishCapable) and isinstance(backend, EvalCapable)
     primary = breaker_of(store).primary
-    # helpers the pub/sub and WebSocket code look up are the primary's
-    assert backend.channel_name("news") == primary.channel_name("news")  # type: ignore[attr-defined]
-    client = await backend.dedicated_client()  # type: ignore[attr-defined]
+    assert backend.capabilities == primary.capabilities == frozenset(Capability)
+    # the link the pub/sub and WebSocket code use is the primary's
+    link = backend.redis_link()
+    assert link is not None and link is primary.redis_link()
+    client = await link.dedicated_client()
     try:
         async with client.pubsub() as ps:
-            await ps.subscribe(backend.channel_name("news"))  # type: ignore[attr-defined]
+            await ps.subscribe(link.channel_name("news"))
             await ps.get_message(timeout=1)
             assert await store.publish("news", "hi") == 1
             msg = await ps.get_message(timeout=1)
@@ -239,14 +240,13 @@ async def test_tiered_behind_the_breaker(make_store: MakeStore, redis_server: Re
         l1_namespace=f"bt{time.monotonic_ns()}",
     )
     await store.start()
-    backend = store.backend
     assert isinstance(breaker_of(store).primary, TieredBackend)
     for _ in range(200):
         if breaker_of(store).primary.synced:  # type: ignore[attr-defined]
             break
         await asyncio.sleep(0.01)
     await store.set("kv", "a", {"v": 1, "s": ""})
-    assert await backend.exists_cached("kv", "a")  # type: ignore[attr-defined]
+    assert await store.exists_cached("kv", "a")
     assert (await store.get("kv", "a"))["v"] == 1
     assert store.stats()["tiered"]["synced"]
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from zeal_asgi.store import Store
+from zeal_asgi.store import Store, StoreBackend
 
 E = TypeVar("E", bound=BaseException)
 
@@ -106,14 +106,9 @@ def store_conn(backend: str, servers: Servers, name: str) -> tuple[str, dict[str
     return "redis", conn
 
 
-def release_shared(backend: object) -> None:
+def release_shared(backend: StoreBackend) -> None:
     """Unlink the shared memory of a backend (its tables, L1, breaker state, fallback tables)."""
-    for method in ("close_shared", "close_all"):
-        # Looked up on the type: tiered and breaker forward unknown attributes to Redis.
-        fn = getattr(type(backend), method, None)
-        if fn is not None:
-            fn(backend)
-            return
+    backend.close_shared()
 
 
 class StoreMaker:

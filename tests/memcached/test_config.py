@@ -108,7 +108,8 @@ def test_environment_and_seed_default(monkeypatch: pytest.MonkeyPatch) -> None:
     default = MemcachedBackend.from_config(None)
     assert [str(s) for s in default.pool.servers] == ["127.0.0.1:11211"]
     assert default.keys.prefix == "zeal"
-    assert [str(s) for s in MemcachedBackend.from_config("").pool.servers] == ["127.0.0.1:11211"]
+    with pytest.raises(ConfigError, match="empty"):  # an empty list is refused, never localhost
+        MemcachedBackend.from_config("")
 
     monkeypatch.setenv("ZEAL_MEMCACHED_SERVERS", "m1:1,m2:2")
     monkeypatch.setenv("ZEAL_KEY_PREFIX", "envp")

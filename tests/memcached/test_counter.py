@@ -93,9 +93,8 @@ async def test_bad_arguments(store: Store, backend: MemcachedBackend) -> None:
         await c.decrement(MIN)
     with pytest.raises(ConfigError, match="needs a name"):
         Counter(0, store=store)
-    raw = backend.counter("direct", 0)
     with pytest.raises(ColumnTypeError):
-        await raw.increment(True)
+        await c.increment(True)
     with pytest.raises(IntegerOverflowError):
-        await raw.set(2**64)
+        await c.set(2**64)
     assert await c.get() == 0

@@ -49,6 +49,7 @@ async def test_layout_every_key_prefixed(redis_store: Store, redis_server: Redis
             f"{p}:{{t}}:alice".encode(),
             f"{p}:{{t}}:___keys__".encode(),
             f"{p}:{{t}}:__keys__".encode(),
+            f"{p}:schema:{{t}}".encode(),
             f"{p}:counter:hits".encode(),
             f"{p}:stream:jobs".encode(),
             f"{p}:free".encode(),
@@ -139,6 +140,7 @@ async def test_batches_and_round_trips(redis_store: Store, redis_server: RedisSe
     backend = redis_store.backend
     assert isinstance(backend, RedisBackend)
     rows: dict[str | bytes, dict[str, Any]] = {f"k{i}": {"i4": i} for i in range(600)}
+    await redis_store.exists("t", "k0")  # the first use of the table checks its schema
     before = backend.stats()["redis"]["commands"]
     assert await redis_store.mset("t", rows) == 600
     got = await redis_store.mget("t", list(rows))
@@ -155,7 +157,8 @@ async def test_batches_and_round_trips(redis_store: Store, redis_server: RedisSe
                 await redis_store.delete("t", f"k{i}")
     assert {f"k{i}" for i in (*range(300), *range(400, 600))} <= seen
     assert await redis_store.clear("t") == 500
-    assert redis_keys(redis_server, f"{_prefix(redis_store)}*") == []
+    p = _prefix(redis_store)
+    assert redis_keys(redis_server, f"{p}*") == [f"{p}:schema:{{t}}".encode()]  # the declaration
 
 
 async def test_eval_publish_and_streams(redis_store: Store, redis_server: RedisServer) -> None:
@@ -294,7 +297,8 @@ async def test_unix_socket(tmp_path: Path) -> None:
             await store.start()
             await store.set("t", "k", {"i4": 4})
             assert await store.get_strict("t", "k", "i4") == 4
-            assert srv.info("keyspace")["db2"].startswith("keys=2,")  # row + membership set
+            # row, membership set, schema
+            assert srv.info("keyspace")["db2"].startswith("keys=3,")
             assert await store.count("t") == 1
         finally:
             await store.aclose()

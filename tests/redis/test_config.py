@@ -8,7 +8,7 @@ import pytest
 
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi.errors import ConfigError
-from zeal_asgi.store import EvalCapable, PublishCapable, Store, StoreBackend, build_backend
+from zeal_asgi.store import Capability, Store, StoreBackend, build_backend
 from zeal_asgi.store.backends.redis import RedisBackend
 
 
@@ -43,16 +43,22 @@ def test_rediss_verifies_by_default() -> None:
         ("redis://h:99999", "invalid URL"),
         ("redis://h/abc", "db number"),
         ("redis://h?bogus=1", "unknown URL option 'bogus'"),
-        ("redis://h?socket_timeout=soon", "socket_timeout must be float"),
-        ("redis://h?socket_timeout=0", "socket_timeout must be > 0"),
+        ("redis://h?socket_timeout=soon", "socket_timeout: Input should be a valid number"),
+        ("redis://h?socket_timeout=0", "socket_timeout: Input should be greater than 0"),
         ("redis://h?ssl_ca_certs=/ca.pem", "need TLS"),
         ({"url": "redis://h", "pool_sise": 8}, "unknown options ['pool_sise']"),
-        ({"url": "redis://h", "pool_size": 0}, "pool_size must be between 1 and 1024"),
-        ({"url": "redis://h", "pool_size": True}, "pool_size must be int"),
-        ({"url": "redis://h", "pool_size": "8"}, "pool_size must be int"),
-        ({"url": "redis://h", "acquire_timeout": float("nan")}, "acquire_timeout must be > 0"),
-        ({"url": "redis://h", "prefix": "a{b}"}, "prefix must be"),
-        ({"url": "redis://h", "prefix": ""}, "prefix must be"),
+        (
+            {"url": "redis://h", "pool_size": 0},
+            "pool_size: Input should be greater than or equal to 1",
+        ),
+        ({"url": "redis://h", "pool_size": True}, "pool_size: Input should be a valid integer"),
+        ({"url": "redis://h", "pool_size": "8"}, "pool_size: Input should be a valid integer"),
+        (
+            {"url": "redis://h", "acquire_timeout": float("nan")},
+            "acquire_timeout: Input should be a finite number",
+        ),
+        ({"url": "redis://h", "prefix": "a{b}"}, "prefix: String should match"),
+        ({"url": "redis://h", "prefix": ""}, "prefix: String should match"),
         ({"url": "redis://h/1", "db": 2}, "given in the URL and as an option"),
         ({"url": "redis://h", "cluster": ["a:1"]}, "give one of url/cluster/sentinel/client"),
         ({"cluster": []}, "non-empty list"),
@@ -61,7 +67,7 @@ def test_rediss_verifies_by_default() -> None:
         ({"sentinel": ["h:26379"]}, "needs 'service'"),
         ({"url": "redis://h", "service": "m"}, "only goes with 'sentinel'"),
         ({"client": object()}, "'client' must be a redis.asyncio.Redis"),
-        ({"url": "rediss://h", "ssl_cert_reqs": "maybe"}, "ssl_cert_reqs must be one of"),
+        ({"url": "rediss://h", "ssl_cert_reqs": "maybe"}, "ssl_cert_reqs: Input should be"),
         ({"url": "rediss://h", "ssl_certfile": "/c.pem"}, "go together"),
         ({"url": "redis://h", "tls": True}, "URL scheme (rediss://)"),
         (42, "URL string or an options dict"),
@@ -137,5 +143,5 @@ def test_names_for_colleagues() -> None:
 def test_implements_the_backend_protocols() -> None:
     backend: StoreBackend = RedisBackend.from_config("redis://h")  # checked by mypy too
     assert isinstance(backend, StoreBackend)
-    assert isinstance(backend, PublishCapable) and isinstance(backend, EvalCapable)
-    assert callable(getattr(backend, "publish_reliable", None))
+    assert backend.capabilities == frozenset(Capability)
+    assert isinstance(backend, RedisBackend) and backend.redis_link() is backend

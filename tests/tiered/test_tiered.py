@@ -79,21 +79,20 @@ async def test_reads_are_served_from_l1_while_fresh(
     assert await node.get("kv", "a") == {"v": 1, "s": "one"}
     assert await node.get("kv", "a", "s") == "one"
     assert await node.exists("kv", "a")
-    assert await tiered(node).exists_cached("kv", "a")
+    assert await node.exists_cached("kv", "a")
     assert _metric("l1_hits") >= hits + 3
     await asyncio.sleep(0.35)
-    assert not await tiered(node).exists_cached("kv", "a")
+    assert not await node.exists_cached("kv", "a")
     assert await node.get("kv", "a") == {"v": 2, "s": "one"}  # stale in L1: read from L2
 
 
 async def test_writes_on_one_node_invalidate_the_others(make_node: MakeNode) -> None:
     a, b = await make_node(), await make_node()
-    tb = tiered(b)
 
     async def cached_on_b(key: str) -> None:
         await settle(a, b)  # else a message still in flight may drop the fill (as it should)
         await b.get("kv", key)
-        assert await tb.exists_cached("kv", key)
+        assert await b.exists_cached("kv", key)
 
     await a.mset("kv", {"k1": {"v": 1}, "k2": {"v": 2}, "k3": {"v": 3}})
     for key in ("k1", "k2", "k3"):
@@ -103,7 +102,7 @@ async def test_writes_on_one_node_invalidate_the_others(make_node: MakeNode) -> 
     await a.set("kv", "k2", {"s": "partial"})  # merged row
     await a.incr("kv", "k3", "v", 5)
     await settle(a, b)
-    assert not await tb.exists_cached("kv", "k1")
+    assert not await b.exists_cached("kv", "k1")
     assert await b.get("kv", "k1") == {"v": 10, "s": "x"}
     assert await b.get("kv", "k2") == {"v": 2, "s": "partial"}
     assert await b.get("kv", "k3", "v") == 8
@@ -141,7 +140,7 @@ async def test_same_server_messages_are_ignored_l1_is_shared(make_node: MakeNode
     await a.set("kv", "x", {"v": 1, "s": ""})
     await settle(a)
     assert _metric("invalidations_own") == own + 1
-    assert await tiered(a).exists_cached("kv", "x")  # its own put survives its own message
+    assert await a.exists_cached("kv", "x")  # its own put survives its own message
 
 
 async def test_a_full_l1_evicts_instead_of_pinning_old_rows(make_node: MakeNode) -> None:
@@ -150,7 +149,7 @@ async def test_a_full_l1_evicts_instead_of_pinning_old_rows(make_node: MakeNode)
     evicted = _metric("l1_evictions")
     for i in range(600):
         await node.set("kv", f"k{i}", {"v": i, "s": ""})
-    recent = [await tn.exists_cached("kv", f"k{i}") for i in range(590, 600)]
+    recent = [await node.exists_cached("kv", f"k{i}") for i in range(590, 600)]
     assert all(recent), recent  # new keys still get into L1
     assert _metric("l1_evictions") > evicted
     assert tn.l1.tables()["kv"].stats()["rows"] <= 64
@@ -163,10 +162,10 @@ async def test_l1_is_not_trusted_before_the_subscriber_runs(make_node: MakeNode)
     await node.set("kv", "a", {"v": 1, "s": ""})
     bypass = _metric("l1_bypass")
     assert await node.get("kv", "a", "v") == 1
-    assert not await tiered(node).exists_cached("kv", "a")
+    assert not await node.exists_cached("kv", "a")
     assert _metric("l1_bypass") == bypass + 1
     with pytest.raises(UnknownTableError):
-        await tiered(node).exists_cached("nope", "a")
+        await node.exists_cached("nope", "a")
 
 
 async def test_ttl_tables_never_outlive_l2(make_node: MakeNode) -> None:
@@ -176,7 +175,7 @@ async def test_ttl_tables_never_outlive_l2(make_node: MakeNode) -> None:
     await node.set("kv", "r", {"v": 2})  # partial: not cached by the write ...
     await asyncio.sleep(0.5)
     assert await node.get("kv", "r", "v") == 2  # ... but by this read, ~0.5 s before expiry
-    assert await tiered(node).exists_cached("kv", "r")
+    assert await node.exists_cached("kv", "r")
     assert await node.get_strict("kv", "w") is None  # expired in L2, so not served from L1
     await asyncio.sleep(0.6)
     assert await node.get_strict("kv", "r") is None
@@ -188,10 +187,10 @@ async def test_generations_drop_a_fill_overtaken_by_an_invalidation(make_node: M
     token = tn.l1.snapshot("kv", "g")
     tn.l1.invalidate("kv", ["g"])  # a write lands while the L2 read is in flight
     assert not tn.l1.fill(spec, "g", {"v": 1, "s": ""}, token)
-    assert not await tn.exists_cached("kv", "g")
+    assert not await node.exists_cached("kv", "g")
     token = tn.l1.snapshot("kv", "g")
     assert tn.l1.fill(spec, "g", {"v": 1, "s": ""}, token)
-    assert await tn.exists_cached("kv", "g")
+    assert await node.exists_cached("kv", "g")
 
 
 async def test_pass_through_features(make_node: MakeNode, redis_server: RedisServer) -> None:
@@ -201,7 +200,7 @@ async def test_pass_through_features(make_node: MakeNode, redis_server: RedisSer
     assert await node.publish("news", "hello") == 0
     assert "-" in await node.publish_reliable("jobs", "payload")
     assert await node.eval("return redis.call('SET', KEYS[1], ARGV[1])", ["e"], ["v"]) == b"OK"
-    assert tn.channel_name("news").endswith(":ch:news")  # the Redis helpers are reachable
+    assert tn.redis_link().channel_name("news").endswith(":ch:news")  # L2's link
     assert tn.channel.startswith(tn.l2.prefix + ":")  # the invalidation channel is prefixed
     c = tn.counter("hits", 0)
     assert await c.increment(2) == 2
@@ -242,7 +241,7 @@ async def test_partial_writes_never_serve_invented_columns(make_node: MakeNode) 
     await b.set("kv", "p", {"v": 7, "s": "keep"})
     await settle(a, b)
     await a.set("kv", "p", {"v": 8})  # a never saw the row: it must not cache {"v": 8, "s": ""}
-    assert not await tiered(a).exists_cached("kv", "p")
+    assert not await a.exists_cached("kv", "p")
     assert await a.get("kv", "p") == {"v": 8, "s": "keep"}
 
 

@@ -10,16 +10,16 @@ has is set here from :class:`~._redis_config.RedisConfig`.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis import exceptions as rx
-from redis._parsers import _AsyncHiredisParser
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import (
+from redis.asyncio.connection import (  # DefaultParser: hiredis's, which the connector requires
     AbstractConnection,
     Connection,
+    DefaultParser,
     SSLConnection,
     UnixDomainSocketConnection,
 )
@@ -29,9 +29,8 @@ from redis.backoff import NoBackoff
 
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.errors import translate
-from zeal_asgi._redis.scripts import Script
 
-__all__ = ["ClientFactory", "Execute", "RunScript"]
+__all__ = ["ClientFactory"]
 
 _DEDICATED_MAX = 4
 
@@ -67,7 +66,7 @@ class ClientFactory:
             "health_check_interval": cfg.health_check_interval,
             # redis-py retries whatever failed, INCR included: retries are ours, per command.
             "retry": Retry(NoBackoff(), 0),
-            "parser_class": _AsyncHiredisParser,
+            "parser_class": DefaultParser,
             "protocol": 2,
             "decode_responses": False,
             "client_name": None,
@@ -186,7 +185,7 @@ class ClientFactory:
             **tls,
         )
         # The cluster client takes no parser/connect hook arguments; nodes copy these kwargs.
-        extra = {"parser_class": _AsyncHiredisParser, "redis_connect_func": self._on_connect}
+        extra = {"parser_class": DefaultParser, "redis_connect_func": self._on_connect}
         client.nodes_manager.connection_kwargs.update(extra)
         for node in client.nodes_manager.startup_nodes.values():
             node.connection_kwargs.update(extra)
@@ -231,28 +230,3 @@ class ClientFactory:
             kw["connection_class"] = base.connection_class
             return Redis.from_pool(ConnectionPool(**small, **kw))
         return Redis.from_pool(ConnectionPool(**small, **self._standalone_kwargs(socket_timeout)))
-
-
-class Execute:
-    """``execute_command(*args)`` on a pooled client (a class: no closure per call)."""
-
-    __slots__ = ("args",)
-
-    def __init__(self, args: tuple[Any, ...]) -> None:
-        self.args = args
-
-    def __call__(self, client: Any) -> Awaitable[Any]:
-        result: Awaitable[Any] = client.execute_command(*self.args)
-        return result
-
-
-class RunScript:
-    """A script on a pooled client (EVALSHA, EVAL after NOSCRIPT)."""
-
-    __slots__ = ("args", "keys", "script")
-
-    def __init__(self, script: Script, keys: Sequence[bytes], args: Sequence[Any]) -> None:
-        self.script, self.keys, self.args = script, keys, args
-
-    def __call__(self, client: Any) -> Awaitable[Any]:
-        return self.script(client, self.keys, self.args)

@@ -34,7 +34,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel
 from redis.utils import HIREDIS_AVAILABLE
 
-from zeal_asgi._redis.clients import ClientFactory, Execute, RunScript
+from zeal_asgi._redis.clients import ClientFactory
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.deadlines import Deadlines
 from zeal_asgi._redis.direct import DirectConnections, direct_call, pack, pack_script
@@ -50,7 +50,7 @@ T = TypeVar("T")
 
 COUNTERS = ("acquires", "acquire_timeouts", "clients_created", "commands", "errors", "retries")
 """Per-worker counters of :meth:`RedisConnector.stats` (also summed over the host)."""
-HOST_KEYS = {name: f"redis.{name}" for name in COUNTERS}
+HOST_KEYS = {name: f"redis_{name}_total" for name in COUNTERS}
 
 _BACKOFF_BASE = 0.01
 _BACKOFF_CAP = 0.2
@@ -271,7 +271,9 @@ class RedisConnector:
         """
         st = self.state()
         if st.direct is None:
-            return await self.run(Execute(args), what=what, idempotent=idempotent, table=table)
+            return await self.run(
+                lambda c: c.execute_command(*args), what=what, idempotent=idempotent, table=table
+            )
         return await direct_call(self, st, st.direct, pack(args), None, what, table, idempotent)
 
     async def script(
@@ -287,10 +289,11 @@ class RedisConnector:
         """Run ``script`` (EVALSHA, then EVAL if the server lost it); its raw reply."""
         st = self.state()
         if st.direct is None:
-            op = RunScript(script, keys, args)
-            return await self.run(op, what=what, idempotent=idempotent, table=table)
+            return await self.run(
+                lambda c: script(c, keys, args), what=what, idempotent=idempotent, table=table
+            )
         packed = pack_script(b"EVALSHA", script.sha, keys, args)
-        fallback = (script.source, keys, args)
+        fallback = (script.body, keys, args)
         return await direct_call(self, st, st.direct, packed, fallback, what, table, idempotent)
 
     # -- any operation on the pooled client ----------------------------------------------------
@@ -352,5 +355,8 @@ class RedisConnector:
         try:
             await self.call(("PING",), "boot PING", idempotent=True)
         except ZealError as exc:
-            raise type(exc)(f"Redis boot check failed: {exc}") from exc
+            raise type(exc)(
+                f"Redis boot check failed: {exc} (the target comes from ZEAL_REDIS_URL, or the "
+                "url/cluster/sentinel options; ZEAL_ON_ERROR=fallback_table boots degraded)"
+            ) from exc
         st.booted = True

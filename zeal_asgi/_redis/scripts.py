@@ -1,9 +1,10 @@
-"""Key layout and the Lua scripts that make each row operation one atomic step on Redis.
+"""Key layout and every Lua script the package runs on Redis, with the keys each one touches.
 
-Every compound operation (row + membership set + expiry) is a script, so the tracked count never
-drifts and readers never see half an operation.  Scripts touch only keys passed in ``KEYS``, all
-in one Cluster slot (see the hash tag in :class:`KeyLayout`).  Values are passed as ``ARGV``,
-never interpolated into the source.
+Every compound operation (row + membership set + expiry, a WebSocket room roster, a lock) is a
+script, so counts never drift and readers never see half an operation.  A script touches only
+the keys passed in ``KEYS``, all in one Cluster slot (see the hash tags in :class:`KeyLayout`);
+values are passed as ``ARGV``, never interpolated into the source.  This module needs no client
+library: the WebSocket registry and the cache import it on every backend.
 """
 
 from __future__ import annotations
@@ -13,17 +14,28 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import NoScriptError
-
 __all__ = [
+    "APPLY_ONCE",
     "CAS",
     "CLEAR_BATCH",
     "COUNTER_CAS",
     "DELETE",
+    "GET_FIELD",
+    "IDEM_CLAIM",
     "INCR_FLOAT",
     "INCR_INT",
+    "LOCK_ACQUIRE",
+    "LOCK_RELEASE",
+    "LOCK_RENEW",
     "MSET",
+    "SCHEMA",
     "SET",
+    "WS_JOIN",
+    "WS_LEAVE",
+    "WS_OWN_NX",
+    "WS_PUBLISH_ROOM",
+    "WS_PURGE",
+    "WS_RELEASE",
     "KeyLayout",
     "Script",
 ]
@@ -74,6 +86,11 @@ class KeyLayout:
         """A SCAN MATCH pattern for exactly the keys of ``table`` (glob characters escaped)."""
         return _GLOB_SPECIAL.sub(rb"\\\1", self.table_base(table)) + b"*"
 
+    def schema(self, table: str) -> bytes:
+        """``{prefix}:schema:{table}``: the declaration every app using ``table`` must share
+        (in the table's Cluster slot; no row key starts like it)."""
+        return b"%s:schema:{%s}" % (self._p, table.encode("utf-8"))
+
     def counter(self, name: str) -> bytes:
         """``{prefix}:counter:{name}``."""
         return b"%s:counter:%s" % (self._p, name.encode("utf-8"))
@@ -100,19 +117,19 @@ class Script:
 
     def __init__(self, name: str, source: str) -> None:
         self.name = name
-        self.source = source.encode("utf-8")
-        self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest()
+        self.source = source
+        self.body = source.encode("utf-8")
+        self.sha = hashlib.sha1(self.body, usedforsecurity=False).hexdigest()
 
     async def __call__(self, client: Any, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
-        """Run on ``client``; NOSCRIPT (after a restart or failover) means it did not run."""
+        """Run on a redis-py ``client``; NOSCRIPT (after a restart or failover) means it did not
+        run, so sending the source is safe."""
+        from redis.exceptions import NoScriptError  # the redis extra: only callers have it
+
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return await client.eval(self.source, len(keys), *keys, *args)
-
-    def queue(self, pipe: Any, keys: Sequence[bytes], args: Sequence[Any]) -> None:
-        """Add the script to a pipeline (EVAL: a pipeline cannot recover from NOSCRIPT)."""
-        pipe.eval(self.source, len(keys), *keys, *args)
+            return await client.eval(self.body, len(keys), *keys, *args)
 
 
 # Shared tail of the row scripts: ARGV[1] mode ('t' tracked, 'x' ttl, '-' neither),
@@ -282,5 +299,150 @@ if v == ARGV[1] then
   return 1
 end
 return 0
+""",
+)
+
+GET_FIELD = Script(
+    "get_field",
+    """
+-- KEYS[1] row; ARGV[1] column.  {value} (value false when the row lacks the field), or false
+-- when there is no row: a miss and a zero field read differently.
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return {redis.call('HGET', KEYS[1], ARGV[1])}
+""",
+)
+
+SCHEMA = Script(
+    "schema",
+    """
+-- KEYS[1] {prefix}:schema:{table}; ARGV[1] this app's schema.  Stores it at first use; the
+-- reply is the schema the table was made with (equal to ARGV[1] unless another app made it).
+local stored = redis.call('GET', KEYS[1])
+if stored then return stored end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+""",
+)
+
+# -- Cache stampede locks: KEYS[1] {prefix}:{namespace}:lock:{key}, a string holding the owner's
+# token that expires with the lease; ARGV[1] token, ARGV[2] lease in ms.
+
+LOCK_ACQUIRE = Script(
+    "lock_acquire", "return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])"
+)
+LOCK_RENEW = Script(
+    "lock_renew",
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
+)
+LOCK_RELEASE = Script(
+    "lock_release",
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+    "return redis.call('DEL', KEYS[1]) else return 0 end",
+)
+
+# -- Idempotency helpers of Streams consumers: KEYS[1] {prefix}:idem:{key}, a marker string that
+# expires after ARGV[1] ms.
+
+IDEM_CLAIM = Script(
+    "idem_claim", "return redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) and 1 or 0"
+)
+APPLY_ONCE = Script(
+    "apply_once",
+    """
+-- KEYS[2..] the commands' keys; ARGV[2..] per command: name, n, then its n arguments.
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local a = 2
+for i = 2, #KEYS do
+  local name = ARGV[a]
+  local n = tonumber(ARGV[a + 1])
+  a = a + 2
+  local args = {}
+  for j = 1, n do args[j] = ARGV[a + j - 1] end
+  a = a + n
+  redis.call(name, KEYS[i], unpack(args))
+end
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+return 1
+""",
+)
+
+# -- The WebSocket registry (zeal_asgi.messaging.ws.rooms), keys under {prefix}:ws:
+#   owner:{client_id}        hash  c=conn_id w=worker
+#   room:{<room>}:members    hash  client_id -> worker     (KEYS[1] of the room scripts)
+#   room:{<room>}:servers    hash  worker -> members on it (KEYS[2]; KEYS[1] of WS_PUBLISH_ROOM)
+
+WS_RELEASE = Script(
+    "ws_release",
+    """
+if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+""",
+)
+WS_OWN_NX = Script(
+    "ws_own_nx",
+    """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'c', ARGV[1], 'w', ARGV[2])
+return 1
+""",
+)
+# ARGV[3] '1': only when the client is in no worker's roster (a re-registration never moves
+# a member that joined again elsewhere)
+WS_JOIN = Script(
+    "ws_join",
+    """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old == ARGV[2] then return 0 end
+if old and ARGV[3] == '1' then return 0 end
+if old then
+  if redis.call('HINCRBY', KEYS[2], old, -1) <= 0 then redis.call('HDEL', KEYS[2], old) end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+return 1
+""",
+)
+WS_LEAVE = Script(
+    "ws_leave",
+    """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if not old then return 0 end
+if ARGV[2] ~= '' and old ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if redis.call('HINCRBY', KEYS[2], old, -1) <= 0 then redis.call('HDEL', KEYS[2], old) end
+return 1
+""",
+)
+WS_PURGE = Script(
+    "ws_purge",
+    """
+local flat = redis.call('HGETALL', KEYS[1])
+local gone = {}
+for i = 1, #flat, 2 do
+  if flat[i + 1] == ARGV[1] then
+    redis.call('HDEL', KEYS[1], flat[i])
+    gone[#gone + 1] = flat[i]
+  end
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+return gone
+""",
+)
+# One round trip per room message: the room's workers and a PUBLISH to each, read and sent in
+# one step (a worker joining meanwhile is either in the list or joins after the message).
+# Returns worker, receivers, worker, receivers, ...
+WS_PUBLISH_ROOM = Script(
+    "ws_publish_room",
+    """
+local ws = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #ws, 2 do
+  if tonumber(ws[i + 1]) > 0 then
+    out[#out + 1] = ws[i]
+    out[#out + 1] = redis.call('PUBLISH', ARGV[1] .. ws[i], ARGV[2])
+  end
+end
+return out
 """,
 )

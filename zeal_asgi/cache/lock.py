@@ -24,6 +24,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
+from zeal_asgi._redis.scripts import LOCK_ACQUIRE, LOCK_RELEASE, LOCK_RENEW
 from zeal_asgi.errors import TableFullError
 from zeal_asgi.shm.segments import process_alive
 from zeal_asgi.store import Key, Store, StoreBackendKind
@@ -81,7 +82,7 @@ def lock_for(store: Store, table: str, namespace: str, lease: float) -> Lock:
     """The lock of the Store's backend: shared memory, Redis, or compare-and-set rows."""
     if store.kind is StoreBackendKind.TABLE:
         return ShmLock(store.table(table), lease)
-    if store.kind in (StoreBackendKind.REDIS, StoreBackendKind.TIERED):
+    if store.backend.redis_link() is not None:  # through the Store: a breaker still guards it
         return RedisLock(store, namespace, lease)
     return CasLock(store, table, lease)
 
@@ -186,17 +187,6 @@ class CasLock:
             await self.store.delete(self.table_name, name)
 
 
-_ACQUIRE = "return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])"
-_RENEW = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"
-)
-_RELEASE = (
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-    "return redis.call('DEL', KEYS[1]) else return 0 end"
-)
-
-
 class RedisLock:
     """``SET NX PX`` locks through ``Store.eval`` (the backend prefixes the key)."""
 
@@ -212,14 +202,16 @@ class RedisLock:
     async def acquire(self, name: str) -> Any:
         """Take the lock if nobody holds it (Redis expires a crashed owner's lease)."""
         token = self._owner + secrets.token_hex(8)
-        reply = await self.store.eval(_ACQUIRE, [self._key(name)], [token, self.lease_ms])
+        reply = await self.store.eval(
+            LOCK_ACQUIRE.source, [self._key(name)], [token, self.lease_ms]
+        )
         return token if reply else None
 
     async def renew(self, name: str, token: Any) -> Any:
         """Extend the lease if the lock is still ours."""
-        reply = await self.store.eval(_RENEW, [self._key(name)], [token, self.lease_ms])
+        reply = await self.store.eval(LOCK_RENEW.source, [self._key(name)], [token, self.lease_ms])
         return token if reply else None
 
     async def release(self, name: str, token: Any) -> None:
         """Delete the lock if it is still ours."""
-        await self.store.eval(_RELEASE, [self._key(name)], [token])
+        await self.store.eval(LOCK_RELEASE.source, [self._key(name)], [token])

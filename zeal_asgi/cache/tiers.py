@@ -69,10 +69,9 @@ from zeal_asgi.errors import (
     KeyTypeError,
     SerializationError,
     TableFullError,
-    UnsupportedOperationError,
 )
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.store import Key, Store, StoreBackend, StoreBackendKind
+from zeal_asgi.store import Capability, Key, Store, StoreBackend, StoreBackendKind
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table
@@ -474,10 +473,9 @@ class Tiers:
         damaged files and, on shared backends, files no row points to any more."""
         now = _time()
         b = self.bind()
-        try:
+        expired: list[Key] = []
+        if Capability.LISTING in b.backend.capabilities:  # memcached expires rows itself
             expired = (await self._rows(now))[1]
-        except UnsupportedOperationError:
-            expired = []  # a backend that cannot iterate expires its rows itself (memcached)
         for rk in expired:
             await self._delete_row(b, rk)
         owners: list[Owned] | None = None if b.table is not None else []

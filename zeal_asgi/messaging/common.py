@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from zeal_asgi.store.base import StoreBackend
 from zeal_asgi.store.channels import as_bytes, is_pattern, validate_channel
 
 __all__ = [
@@ -18,28 +19,9 @@ __all__ = [
 ]
 
 
-def redis_backend_of(backend: object) -> Any:
-    """The Redis-capable object serving ``backend``, or ``None``.
-
-    Asks the backend rather than checking its class, so wrappers (the circuit breaker, the
-    tiered backend) that delegate ``dedicated_client``/``channel_name`` are seen through.
-    """
-    seen: set[int] = set()
-    cur: object = backend
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if callable(getattr(cur, "dedicated_client", None)) and callable(
-            getattr(cur, "channel_name", None)
-        ):
-            return cur
-        nxt = None
-        for attr in ("redis", "l2", "primary", "inner", "wrapped", "backend"):
-            cand = getattr(cur, attr, None)
-            if cand is not None and cand is not cur and not callable(cand):
-                nxt = cand
-                break
-        cur = nxt
-    return None
+def redis_backend_of(backend: StoreBackend) -> Any:
+    """The Redis link serving ``backend``, or ``None`` (``StoreBackend.redis_link()``)."""
+    return backend.redis_link()
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from zeal_asgi._redis.scripts import APPLY_ONCE, IDEM_CLAIM
 from zeal_asgi.errors import ConfigError, InvalidKeyError, UnsupportedOperationError
 from zeal_asgi.messaging.common import redis_backend_of, validate_channel
 from zeal_asgi.shm.hoststats import host_stats
@@ -256,24 +257,6 @@ _instances: weakref.WeakSet[Streams] = weakref.WeakSet()
 
 # -- idempotency helpers -------------------------------------------------------------------------
 
-_CLAIM = "return redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) and 1 or 0"
-
-_APPLY_ONCE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local a = 2
-for i = 2, #KEYS do
-  local name = ARGV[a]
-  local n = tonumber(ARGV[a + 1])
-  a = a + 2
-  local args = {}
-  for j = 1, n do args[j] = ARGV[a + j - 1] end
-  a = a + n
-  redis.call(name, KEYS[i], unpack(args))
-end
-redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
-return 1
-"""
-
 _ALLOWED = frozenset(
     {
         "SET",
@@ -328,7 +311,7 @@ async def idempotent(key: str, ttl: float = 86400.0, *, store: Store | None = No
     from zeal_asgi.store import Store
 
     st = store if store is not None else Store.default()
-    res = await st.eval(_CLAIM, [_idem_key(key)], [_ttl_ms(ttl)])
+    res = await st.eval(IDEM_CLAIM.source, [_idem_key(key)], [_ttl_ms(ttl)])
     return bool(res)
 
 
@@ -366,5 +349,5 @@ async def apply_once(
             raise InvalidKeyError(f"apply_once: the key of {name} must be a non-empty str")
         keys.append(key_arg)
         args += [name, len(cmd) - 2, *cmd[2:]]
-    res = await st.eval(_APPLY_ONCE, keys, args)
+    res = await st.eval(APPLY_ONCE.source, keys, args)
     return bool(res)

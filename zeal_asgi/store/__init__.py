@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from zeal_asgi.store.base import (
+    Capability,
     CounterBackend,
-    EvalCapable,
     Key,
-    PublishCapable,
     Row,
     StoreBackend,
     StoreBackendKind,
@@ -15,10 +14,9 @@ from zeal_asgi.store.base import (
 from zeal_asgi.store.facade import Store, build_backend
 
 __all__ = [
+    "Capability",
     "CounterBackend",
-    "EvalCapable",
     "Key",
-    "PublishCapable",
     "Row",
     "Store",
     "StoreBackend",

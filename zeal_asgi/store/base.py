@@ -1,40 +1,99 @@
-"""The contract every Store backend implements, and the pieces they share.
+"""The contract every Store backend implements, and what each one declares it can do.
 
-Backends are plain classes checked structurally against :class:`StoreBackend` (a
-``typing.Protocol``): mypy flags an incomplete backend wherever it is passed as one.  Optional
-capabilities (pub/sub, Streams, Lua) are further protocols a backend may also satisfy; the
-facade checks for them and raises :class:`~zeal_asgi.errors.UnsupportedOperationError` with the
-backend's name otherwise.
+A backend subclasses :class:`StoreBackend` (a ``typing.Protocol``: mypy flags a backend that
+misses a row method wherever it is built or passed).  What goes beyond rows and counters is
+declared, never guessed from attributes: :attr:`StoreBackend.capabilities` names the optional
+operations a backend serves, and :meth:`StoreBackend.redis_link` hands out the Redis link that
+pub/sub, Streams, the cache's stampede lock and Lua use, or ``None``.  The optional operations
+have bodies here that raise :class:`~zeal_asgi.errors.UnsupportedOperationError` naming the
+backend; wrappers (the circuit breaker, the tiered backend) delegate each method by name.
 """
 
 from __future__ import annotations
 
+import enum
+import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from zeal_asgi.errors import SchemaError, UnsupportedOperationError
 from zeal_asgi.settings import StoreBackendKind
-from zeal_asgi.shm.schema import Schema
+from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.shm.schema import Schema, validate_key
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
-    from zeal_asgi.shm import Table
+    from zeal_asgi._redis.link import RedisLink
+    from zeal_asgi.shm import Atomic, Table
 
 __all__ = [
+    "Capability",
     "CounterBackend",
-    "EvalCapable",
     "Key",
-    "PublishCapable",
     "Row",
     "StoreBackend",
     "StoreBackendKind",
     "TableSpec",
     "backend_name",
+    "count",
+    "counters",
+    "unsupported",
 ]
 
 Key = str | bytes
 Row = dict[str, Any]
+
+
+class Capability(enum.StrEnum):
+    """What a backend serves beyond rows and counters (:attr:`StoreBackend.capabilities`)."""
+
+    LISTING = "listing"
+    """``count``, ``iterate`` and ``clear`` (memcached cannot list its keys)."""
+    PUBSUB = "pubsub"
+    """``publish``, and subscribers in every worker (on one host for the table backend)."""
+    STREAMS = "streams"
+    """``publish_reliable`` and consumer groups (Redis Streams)."""
+    EVAL = "eval"
+    """Lua scripts (``Store.eval``)."""
+
+
+_NEEDS = {
+    Capability.LISTING: "a backend that can list its keys (table, redis or tiered; keep the "
+    "keys you need yourself on memcached, or make the table with mode='ttl')",
+    Capability.PUBSUB: "pub/sub: the redis or tiered backend, or the table backend on one host",
+    Capability.STREAMS: "Redis Streams: the redis or tiered backend",
+    Capability.EVAL: "Lua, which runs on Redis: the redis or tiered backend",
+}
+
+
+def count(area: str, event: str, by: int = 1) -> None:
+    """Count ``event`` of ``area`` in the host-wide stats, as ``<area>_<event>_total``."""
+    host_stats().incr(f"{area}_{event}_total", by)
+
+
+def counters(area: str) -> dict[str, Any]:
+    """The events of ``area`` summed over the host, and this worker's under ``worker``, as
+    ``<event>_total``."""
+    hs, pre = host_stats(), f"{area}_"
+
+    def mine(counts: dict[str, int]) -> dict[str, int]:
+        return {k[len(pre) :]: v for k, v in counts.items() if k.startswith(pre)}
+
+    return {**mine(hs.host()), "worker": mine(hs.worker())}
+
+
+def backend_name(backend: StoreBackend) -> str:
+    """The backend's name in error messages."""
+    return str(backend.kind)
+
+
+def unsupported(backend: StoreBackend, what: str, needs: Capability) -> UnsupportedOperationError:
+    """The error for ``what`` on a backend without the capability ``needs``."""
+    return UnsupportedOperationError(
+        f"{what} needs {_NEEDS[needs]}; this store's backend is {backend.kind}"
+    )
 
 
 @dataclass(frozen=True)
@@ -49,11 +108,40 @@ class TableSpec:
     ttl: int | None = None
     model: type[BaseModel] | None = field(default=None, compare=False)
 
+    def check_key(self, key: object) -> bytes:
+        """The key's bytes, or the table's typed error."""
+        schema = self.schema
+        return validate_key(key, self.name, schema.key_limit, schema.binary_keys)
+
+    def declaration(self) -> bytes:
+        """What every app sharing this table on one backend must declare alike (columns, key
+        rules, mode), as the canonical JSON the network backends store at first use."""
+        s = self.schema
+        doc = {
+            "columns": [[c.name, c.type.name, c.size] for c in s.columns],
+            "key_size": s.key_limit,
+            "allow_nan": s.allow_nan,
+            "binary_keys": s.binary_keys,
+            "mode": self.mode,
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def conflict(self, stored: bytes, where: str) -> SchemaError:
+        """The error for a table that ``stored`` says another app declared differently."""
+        return SchemaError(
+            f"table {self.name!r} on {where} was made by another app with the schema "
+            f"{stored.decode('utf-8', 'replace')[:2000]}; this app declares "
+            f"{self.declaration().decode()} (apps sharing a server and key prefix must declare "
+            "a table alike: use another table name or prefix)"
+        )
+
 
 class CounterBackend(Protocol):
     """A named signed 64-bit counter shared by every worker (and node, off the table backend)."""
 
     name: str
+    atomic: Atomic | None = None
+    """The shared-memory atomic behind the counter (table backend only)."""
 
     async def increment(self, by: int = 1) -> int:
         """Add ``by`` atomically; return the new value (overflow raises, value unchanged)."""
@@ -85,6 +173,12 @@ class StoreBackend(Protocol):
     """
 
     kind: StoreBackendKind
+    capabilities: frozenset[Capability] = frozenset()
+    """The optional operations this backend serves; the others raise UnsupportedOperationError."""
+
+    def redis_link(self) -> RedisLink | None:
+        """The Redis link behind this backend (pub/sub, Streams, stampede locks, Lua) or None."""
+        return None
 
     def declare(self, spec: TableSpec) -> Table | None:
         """Register a table (allocating shared memory where the backend has some)."""
@@ -114,6 +208,11 @@ class StoreBackend(Protocol):
         """``True`` when the row exists."""
         ...
 
+    async def exists_cached(self, spec: TableSpec, key: Key) -> bool:
+        """``True`` when this host's memory holds the row, without any network round trip."""
+        spec.check_key(key)
+        return False
+
     async def incr(
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1
     ) -> int | float:
@@ -128,11 +227,11 @@ class StoreBackend(Protocol):
 
     async def count(self, spec: TableSpec) -> int:
         """Number of rows."""
-        ...
+        raise unsupported(self, f"Store.count({spec.name!r})", Capability.LISTING)
 
     def iterate(self, spec: TableSpec) -> AsyncIterator[tuple[Any, Row]]:
         """Every ``(key, row)``; rows changed meanwhile may or may not appear."""
-        ...
+        raise unsupported(self, f"Store.iterate({spec.name!r})", Capability.LISTING)
 
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys`` in order, ``None`` for misses (one round trip where possible)."""
@@ -144,7 +243,14 @@ class StoreBackend(Protocol):
 
     async def clear(self, spec: TableSpec) -> int:
         """Remove every row; the number removed (approximate on distributed backends)."""
-        ...
+        raise unsupported(self, f"Store.clear({spec.name!r})", Capability.LISTING)
+
+    def table(self, name: str) -> Table:
+        """The raw shared-memory ``Table`` (the table backend only)."""
+        raise UnsupportedOperationError(
+            f"Store.table() returns the raw shared-memory Table: only on the 'table' backend "
+            f"(current: {self.kind})"
+        )
 
     async def ping(self) -> bool:
         """``True`` when the backend answers."""
@@ -158,26 +264,19 @@ class StoreBackend(Protocol):
         """A named counter; ``initial`` is written only if the counter does not exist yet."""
         ...
 
+    async def publish(self, channel: str, payload: bytes) -> int:
+        """Publish a validated channel and payload (``Store.publish``); the number of receivers."""
+        raise unsupported(self, "Store.publish", Capability.PUBSUB)
 
-@runtime_checkable
-class PublishCapable(Protocol):
-    """Backends that can publish (Redis, tiered, and wrappers of them)."""
-
-    async def publish(self, channel: str, payload: str | bytes) -> int:
-        """Publish; the number of receivers."""
-        ...
-
-
-@runtime_checkable
-class EvalCapable(Protocol):
-    """Backends that run Lua (Redis, tiered)."""
+    async def publish_reliable(self, stream: str, payload: bytes, max_len: int | None) -> str:
+        """Append to a stream (``Store.publish_reliable``); the entry id."""
+        raise unsupported(self, "Store.publish_reliable", Capability.STREAMS)
 
     async def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run ``script`` with KEYS/ARGV (keys are prefixed by the backend)."""
-        ...
+        raise unsupported(self, "Store.eval", Capability.EVAL)
 
-
-def backend_name(backend: object) -> str:
-    """Human name of a backend for error messages."""
-    kind = getattr(backend, "kind", None)
-    return str(kind) if kind is not None else type(backend).__name__
+    def close_shared(self) -> None:
+        """Unlink this backend's shared memory (tests and explicit teardown; workers keep their
+        mappings until they exit)."""
+        return None  # a network backend shares no memory

@@ -40,10 +40,15 @@ import struct
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from zeal_asgi.errors import BackendResponseError
+from zeal_asgi.errors import (
+    BackendResponseError,
+    ColumnTypeError,
+    IntegerOverflowError,
+    NonFiniteFloatError,
+)
 from zeal_asgi.shm.schema import Column, ColumnType, Schema, validate_value
 
-__all__ = ["EMPTY_ROW_MARKER", "RowCodec", "decode_float", "encode_float"]
+__all__ = ["EMPTY_ROW_MARKER", "RowCodec", "check_step", "decode_float", "encode_float"]
 
 EMPTY_ROW_MARKER = b""
 """Hash field that keeps a row of a table without columns alive (Redis deletes empty hashes).
@@ -59,6 +64,7 @@ _FLOAT_RE = re.compile(
     re.IGNORECASE,
 )
 _INT_RANGES = {w: (-(2 ** (w * 8 - 1)), 2 ** (w * 8 - 1) - 1) for w in (1, 2, 4, 8)}
+_INT64 = _INT_RANGES[8]
 _ZERO_FIELD = {
     ColumnType.INT: b"0",
     ColumnType.FLOAT: b"0.0",
@@ -77,6 +83,45 @@ def decode_float(raw: bytes) -> float | None:
     if _FLOAT_RE.fullmatch(raw) is None:
         return None
     return float(raw)
+
+
+def check_step(col: Column, by: object, table: str, allow_nan: bool) -> int | float:
+    """The step of ``incr`` on ``col`` (an int, or a float on FLOAT), or its typed error.
+
+    One rule on every backend: INT takes an int within 64 bits; FLOAT an int or a float, finite
+    unless the table allows NaN/inf; an int no double can hold is IntegerOverflowError.
+    """
+    if col.type is ColumnType.INT:
+        if not isinstance(by, int) or isinstance(by, bool):
+            raise ColumnTypeError(
+                f"incr on INT column {col.name!r} of table {table!r} takes an int, got "
+                f"{type(by).__name__}"
+            )
+        if not _INT64[0] <= by <= _INT64[1]:
+            raise IntegerOverflowError(
+                f"incr of column {col.name!r} of table {table!r} by {by}: the step is outside "
+                "the signed 64-bit range"
+            )
+        return int(by)
+    if col.type is ColumnType.FLOAT:
+        if isinstance(by, bool) or not isinstance(by, (int, float)):
+            raise ColumnTypeError(
+                f"incr on FLOAT column {col.name!r} of table {table!r} takes an int or float, "
+                f"got {type(by).__name__}"
+            )
+        try:
+            step = float(by)
+        except OverflowError:
+            raise IntegerOverflowError(
+                f"incr of FLOAT column {col.name!r} of table {table!r}: the int step is outside "
+                "the range of a double"
+            ) from None
+        if not allow_nan and not math.isfinite(step):
+            raise NonFiniteFloatError(f"incr step {by!r} is not finite")
+        return step
+    raise ColumnTypeError(
+        f"incr needs an INT or FLOAT column; {col.name!r} of table {table!r} is {col.type.name}"
+    )
 
 
 class RowCodec:
@@ -119,11 +164,6 @@ class RowCodec:
             if name not in given:
                 out += (name, _ZERO_FIELD[col.type])
         return out
-
-    @staticmethod
-    def zero_field(col: Column) -> bytes:
-        """The stored form of a column's zero value."""
-        return _ZERO_FIELD[col.type]
 
     def _col(self, name: str) -> Column:
         return self.schema.column(name, self.table)

@@ -68,7 +68,6 @@ class Counter:
         self.initial = _check_int(initial, "initial", name)
         self._store = store
         self._backend: CounterBackend = self._bind()
-        self.store._register_counter(self)
 
     @property
     def store(self) -> Store:
@@ -82,22 +81,22 @@ class Counter:
                 f"a Counter needs a name on the {store.kind} backend (anonymous counters are "
                 "matched by declaration order, which only works in one host's shared memory)"
             )
-        return store._counter_backend(self.name, self.initial)
+        return store.declare_counter(self)
 
-    def _rebind(self) -> None:
+    def rebind(self) -> None:
+        """Follow the store to its current backend (``Store.use_backend`` calls it)."""
         self._backend = self._bind()
 
     @property
     def atomic(self) -> Atomic:
         """The shared-memory atomic behind the counter (table backend only), for sync code."""
-        atomic = getattr(self._backend, "atomic", None)
+        atomic = self._backend.atomic
         if atomic is None:
             raise UnsupportedOperationError(
                 f"Counter.atomic is the shared-memory Atomic: only on the table backend "
                 f"(current: {self.store.kind})"
             )
-        result: Atomic = atomic
-        return result
+        return atomic
 
     async def increment(self, by: int = 1) -> int:
         """Add ``by`` atomically; the new value.  Overflow raises and leaves the value unchanged."""

@@ -21,29 +21,34 @@ from typing import (
     overload,
 )
 
-from zeal_asgi.errors import ConfigError, UnknownTableError, UnsupportedOperationError, require
-from zeal_asgi.shm.schema import ColumnType, Schema, validate_key
+from zeal_asgi.errors import ConfigError, UnknownTableError, require
+from zeal_asgi.shm.schema import ColumnType, Schema
 from zeal_asgi.store.base import (
+    Capability,
     CounterBackend,
-    EvalCapable,
     Key,
     Row,
     StoreBackend,
     StoreBackendKind,
     TableSpec,
-    backend_name,
+    unsupported,
 )
+from zeal_asgi.store.channels import as_bytes, validate_channel
+from zeal_asgi.store.codec import check_step
+from zeal_asgi.store.models import columns_from_model, model_of, row_of
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from zeal_asgi.shm import Table
+    from zeal_asgi.store.counter import Counter
 
 __all__ = ["Store", "add_stats_section", "build_backend", "hybridmethod"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 M = TypeVar("M", bound="BaseModel")
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
 class _HasDefault(Protocol):
@@ -174,7 +179,7 @@ class Store:
         backend: StoreBackend | None = None,
     ) -> None:
         self._specs: dict[str, TableSpec] = {}
-        self._counters: dict[str, Any] = {}
+        self._counters: dict[str, Counter] = {}
         self._shm: dict[str, Table] = {}  # fast path: tracked tables on the table backend
         if backend is not None:
             self._backend: StoreBackend = backend
@@ -234,13 +239,15 @@ class Store:
         for spec in self._specs.values():
             self._declare(spec)
         for counter in list(self._counters.values()):
-            counter._rebind()
+            counter.rebind()
 
     def _declare(self, spec: TableSpec) -> Table | None:
         table = self._backend.declare(spec)
+        # the fast path skips the backend: only for tables whose rows need no more checks
         if (
             table is not None
             and spec.mode == "tracked"
+            and spec.model is None
             and self._backend.kind is StoreBackendKind.TABLE
         ):
             self._shm[spec.name] = table
@@ -281,8 +288,6 @@ class Store:
         if mode == "ttl" and (not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 1):
             raise ConfigError(f"table {name!r}: mode='ttl' needs ttl >= 1 (seconds), got {ttl!r}")
         if model is not None:
-            from zeal_asgi.store.models import columns_from_model
-
             if columns is not None:
                 raise ConfigError(f"table {name!r}: pass columns or model, not both")
             columns = columns_from_model(model)
@@ -328,29 +333,21 @@ class Store:
     def table(self, name: str) -> Table:
         """The raw shared ``Table`` (table backend only)."""
         t = self._shm.get(name)
-        if t is not None:
-            return t
-        self.spec(name)
-        getter = getattr(self._backend, "table", None)
-        if self._backend.kind is StoreBackendKind.TABLE and getter is not None:
-            raw: Table = getter(name)
-            return raw
-        raise UnsupportedOperationError(
-            f"Store.table() returns the raw shared-memory Table: only on the 'table' backend "
-            f"(current: {backend_name(self._backend)})"
-        )
+        return t if t is not None else self._backend.table(self.spec(name).name)
 
     # -- rows ----------------------------------------------------------------------------------
 
     @hybridmethod
     async def set(self, table: str, key: Key, row: Mapping[str, Any] | BaseModel) -> bool:
-        """Merge ``row`` (a dict or a pydantic model) into the row at ``key``; ``True``."""
-        if not isinstance(row, Mapping):
-            row = _model_row(row)
+        """Merge ``row`` (a dict or a pydantic model) into the row at ``key``; ``True``.
+
+        On a table made from a model, a dict must also keep within the model's limits.
+        """
         t = self._shm.get(table)
-        if t is not None:
+        if t is not None and isinstance(row, Mapping):
             return t.set(key, row)
-        return await self._backend.set(self.spec(table), key, row)
+        spec = self.spec(table)
+        return await self._backend.set(spec, key, row_of(spec, row))
 
     @hybridmethod
     async def get(self, table: str, key: Key, field: str | None = None) -> Any:
@@ -381,7 +378,7 @@ class Store:
         if spec.model is None:
             raise ConfigError(f"table {table!r} was not made with a model")
         row = await self.get_strict(table, key)
-        return None if row is None else spec.model.model_validate(row)
+        return None if row is None else model_of(spec, key, row)
 
     @hybridmethod
     async def delete(self, table: str, key: Key) -> bool:
@@ -403,22 +400,19 @@ class Store:
     async def exists_cached(self, table: str, key: Key) -> bool:
         """``True`` when this host's memory holds the row (no network): the tiered backend's
         fresh L1 copy, or the shared table itself; always ``False`` on redis and memcached."""
-        fn = getattr(self._backend, "exists_cached", None)
-        if fn is not None:
-            return bool(await fn(self.spec(table), key))
-        if self._backend.kind is StoreBackendKind.TABLE:
-            return await self.exists(table, key)
-        self._check_key(table, key)
-        return False
+        return await self._backend.exists_cached(self.spec(table), key)
 
     @hybridmethod
     async def incr(self, table: str, key: Key, column: str, by: int | float = 1) -> int | float:
         """Atomically add ``by`` to a numeric column (creating the row); the new value."""
         t = self._shm.get(table)
-        if t is not None:
-            result: int | float = t.incr(key, column, by)
+        if t is not None and (type(by) is not int or _I64_MIN <= by <= _I64_MAX):
+            result: int | float = t.incr(key, column, by)  # the shared table checks the rest
             return result
-        return await self._backend.incr(self.spec(table), key, column, by)
+        spec = self.spec(table)
+        spec.check_key(key)  # the table's order: key, column, step
+        step = check_step(spec.schema.column(column, table), by, table, spec.schema.allow_nan)
+        return await self._backend.incr(spec, key, column, step)
 
     @hybridmethod
     async def decr(self, table: str, key: Key, column: str, by: int | float = 1) -> int | float:
@@ -437,12 +431,14 @@ class Store:
     @hybridmethod
     async def count(self, table: str) -> int:
         """Number of rows (O(1) on tracked tables)."""
-        return await self._backend.count(self.spec(table))
+        spec = self.spec(table)
+        return await self._capable(Capability.LISTING, f"Store.count({table!r})").count(spec)
 
     @hybridmethod
     def iterate(self, table: str) -> AsyncIterator[tuple[Any, Row]]:
         """``async for key, row in Store.iterate("t")`` over every row."""
-        return self._backend.iterate(self.spec(table))
+        spec = self.spec(table)
+        return self._capable(Capability.LISTING, f"Store.iterate({table!r})").iterate(spec)
 
     @hybridmethod
     async def mget(self, table: str, keys: Sequence[Key]) -> list[Row | None]:
@@ -452,50 +448,47 @@ class Store:
     @hybridmethod
     async def mset(self, table: str, rows: Mapping[Any, Mapping[str, Any]]) -> int:
         """Write many rows (all validated first); one round trip on Redis."""
-        return await self._backend.mset(self.spec(table), rows)
+        spec = self.spec(table)
+        return await self._backend.mset(spec, {k: row_of(spec, r) for k, r in rows.items()})
 
     @hybridmethod
     async def clear(self, table: str) -> int:
         """Remove every row of ``table``; the number removed."""
-        return await self._backend.clear(self.spec(table))
+        spec = self.spec(table)
+        return await self._capable(Capability.LISTING, f"Store.clear({table!r})").clear(spec)
 
     # -- messaging and scripting -----------------------------------------------------------------
 
+    def _capable(self, needs: Capability, what: str) -> StoreBackend:
+        backend = self._backend
+        if needs not in backend.capabilities:
+            raise unsupported(backend, what, needs)
+        return backend
+
     @hybridmethod
     async def publish(self, channel: str, payload: str | bytes) -> int:
-        """Publish to every subscribed worker on every node; the number of receivers."""
-        publish = getattr(self._backend, "publish", None)  # a runtime Protocol check costs µs
-        if publish is not None:
-            receivers: int = await publish(channel, payload)
-            return receivers
-        raise UnsupportedOperationError(
-            f"Store.publish needs a backend with pub/sub (redis or tiered); current: "
-            f"{backend_name(self._backend)}"
-        )
+        """Publish to every subscribed worker on every node; the number of receivers.
+
+        The channel (a str of at most 256 UTF-8 bytes) and the payload (``str``, ``bytes`` or
+        ``bytearray``) follow one rule on every backend (:mod:`zeal_asgi.store.channels`).
+        """
+        channel, data = validate_channel(channel), as_bytes(payload)
+        return await self._capable(Capability.PUBSUB, "Store.publish").publish(channel, data)
 
     @hybridmethod
     async def publish_reliable(
         self, stream: str, payload: str | bytes, max_len: int | None = None
     ) -> str:
         """Append to a Redis Stream (at-least-once consumers); the entry id."""
-        fn = getattr(self._backend, "publish_reliable", None)
-        if fn is None:
-            raise UnsupportedOperationError(
-                f"Store.publish_reliable needs Redis Streams (redis or tiered backend); current: "
-                f"{backend_name(self._backend)}"
-            )
-        entry: str = await fn(stream, payload, max_len)
-        return entry
+        stream, data = validate_channel(stream, "stream"), as_bytes(payload)
+        backend = self._capable(Capability.STREAMS, "Store.publish_reliable")
+        return await backend.publish_reliable(stream, data, max_len)
 
     @hybridmethod
     async def eval(self, script: str, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
         """Run a Lua script server-side (redis and tiered backends)."""
-        if isinstance(self._backend, EvalCapable):
-            return await self._backend.eval(script, list(keys), list(args))
-        raise UnsupportedOperationError(
-            f"Store.eval runs Lua on Redis: needs the redis or tiered backend; current: "
-            f"{backend_name(self._backend)}"
-        )
+        backend = self._capable(Capability.EVAL, "Store.eval")
+        return await backend.eval(script, list(keys), list(args))
 
     # -- health --------------------------------------------------------------------------------
 
@@ -523,26 +516,9 @@ class Store:
         """Close this worker's connections."""
         await self._backend.aclose()
 
-    # -- counters (used by zeal_asgi.Counter) ----------------------------------------------------
+    # -- counters (zeal_asgi.Counter) -------------------------------------------------------------
 
-    def _counter_backend(self, name: str, initial: int) -> CounterBackend:
-        return self._backend.counter(name, initial)
-
-    def _register_counter(self, counter: Any) -> None:
+    def declare_counter(self, counter: Counter) -> CounterBackend:
+        """Register ``counter`` (it follows a backend switch) and return its backend counter."""
         self._counters[counter.name] = counter
-
-    def _check_key(self, table: str, key: object) -> bytes:
-        spec = self.spec(table)
-        return validate_key(key, table, spec.schema.key_limit, spec.schema.binary_keys)
-
-
-def _model_row(model: object) -> dict[str, Any]:
-    dump = getattr(model, "model_dump", None)
-    if dump is None:
-        from zeal_asgi.errors import ColumnTypeError
-
-        raise ColumnTypeError(
-            f"a row is a mapping of column -> value or a pydantic model, got {type(model).__name__}"
-        )
-    row: dict[str, Any] = dump()
-    return row
+        return self._backend.counter(counter.name, counter.initial)

@@ -1,16 +1,26 @@
-"""Table schemas derived from pydantic models."""
+"""Table schemas derived from pydantic models, and the model's limits on rows written as dicts."""
 
 from __future__ import annotations
 
+import functools
 import types
-from typing import Any, Union, get_origin
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Union, cast, get_origin
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from zeal_asgi.errors import SchemaError
+from zeal_asgi.errors import (
+    BackendResponseError,
+    ColumnTypeError,
+    ModelValidationError,
+    SchemaError,
+)
 from zeal_asgi.shm.schema import ColumnType
 
-__all__ = ["columns_from_model"]
+if TYPE_CHECKING:
+    from zeal_asgi.store.base import TableSpec
+
+__all__ = ["columns_from_model", "model_of", "row_of"]
 
 
 def _int_size(lo: int | None, hi: int | None) -> int:
@@ -71,3 +81,49 @@ def columns_from_model(model: type[BaseModel]) -> dict[str, tuple[ColumnType, in
                 f"{model.__name__}.{name}: type {ann!r} has no column type (int, float, str, bytes)"
             )
     return cols
+
+
+@functools.cache
+def _fields(model: type[BaseModel]) -> dict[str, TypeAdapter[Any]]:
+    """One validator per field, with the field's constraints (``ge``, ``max_length``, ...)."""
+    return {
+        name: TypeAdapter(cast(Any, Annotated)[info.annotation, info])
+        for name, info in model.model_fields.items()
+    }
+
+
+def row_of(spec: TableSpec, row: object) -> Mapping[str, Any]:
+    """``row`` (a mapping, or a pydantic model) as the mapping to write to ``spec``.
+
+    A mapping written to a table made from a model is checked against the model's limits too
+    (after the table's own typed checks), so a dict cannot store what the model would refuse.
+    """
+    if isinstance(row, BaseModel):
+        return row.model_dump()
+    if not isinstance(row, Mapping):
+        raise ColumnTypeError(
+            f"a row is a mapping of column -> value or a pydantic model, got {type(row).__name__}"
+        )
+    if spec.model is not None:
+        fields = _fields(spec.model)
+        for name, value in spec.schema.validate_row(row, spec.name).items():
+            try:
+                fields[name].validate_python(value)
+            except ValidationError as exc:
+                raise ModelValidationError(
+                    f"column {name!r} of table {spec.name!r} ({spec.model.__name__}.{name}): "
+                    f"{exc.errors()[0]['msg']}"
+                ) from None
+    return row
+
+
+def model_of(spec: TableSpec, key: object, row: Mapping[str, Any]) -> BaseModel:
+    """The stored ``row`` as the table's model; BackendResponseError when it does not validate."""
+    assert spec.model is not None
+    try:
+        return spec.model.model_validate(row)
+    except ValidationError as exc:
+        raise BackendResponseError(
+            f"stored row {key!r} of table {spec.name!r} is not a valid {spec.model.__name__} "
+            f"(written by another program or before the model changed?): {exc}"
+        ) from None

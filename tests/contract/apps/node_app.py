@@ -57,8 +57,7 @@ async def row(request: Request) -> JSONResponse:
 
 async def cached(request: Request) -> JSONResponse:
     """Tiered only: whether this node's L1 holds a fresh copy of the row."""
-    backend: Any = Store.default().backend
-    fresh = await backend.exists_cached("kv", request.path_params["key"])
+    fresh = await Store.exists_cached("kv", request.path_params["key"])
     return _reply(cached=fresh, synced=_synced())
 
 

@@ -41,8 +41,7 @@ async def put(request: Request) -> JSONResponse:
 async def get(request: Request) -> JSONResponse:
     key = request.path_params["key"]
     row = await Store.get_strict("kv", key)
-    cached = getattr(Store.default().backend, "exists_cached", None)
-    return _out(row=row, cached=await cached("kv", key) if cached is not None else None)
+    return _out(row=row, cached=await Store.exists_cached("kv", key))
 
 
 async def hit(request: Request) -> JSONResponse:

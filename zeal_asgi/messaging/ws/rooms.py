@@ -29,6 +29,15 @@ import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+from zeal_asgi._redis.scripts import (
+    WS_JOIN,
+    WS_LEAVE,
+    WS_OWN_NX,
+    WS_PUBLISH_ROOM,
+    WS_PURGE,
+    WS_RELEASE,
+    Script,
+)
 from zeal_asgi.errors import LockTimeoutError, ZealError
 
 __all__ = ["RedisRegistry", "Registry", "ShmRegistry"]
@@ -36,63 +45,6 @@ __all__ = ["RedisRegistry", "Registry", "ShmRegistry"]
 SEP = "\x1f"
 _STRIPES = 64
 _LOCK_TIMEOUT = 2.0
-
-_RELEASE = """
-if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-_OWN_NX = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'c', ARGV[1], 'w', ARGV[2])
-return 1
-"""
-# ARGV[3] '1': only when the client is in no worker's roster (a re-registration never moves
-# a member that joined again elsewhere)
-_JOIN = """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old == ARGV[2] then return 0 end
-if old and ARGV[3] == '1' then return 0 end
-if old then
-  if redis.call('HINCRBY', KEYS[2], old, -1) <= 0 then redis.call('HDEL', KEYS[2], old) end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-return 1
-"""
-_LEAVE = """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if not old then return 0 end
-if ARGV[2] ~= '' and old ~= ARGV[2] then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-if redis.call('HINCRBY', KEYS[2], old, -1) <= 0 then redis.call('HDEL', KEYS[2], old) end
-return 1
-"""
-_PURGE = """
-local flat = redis.call('HGETALL', KEYS[1])
-local gone = {}
-for i = 1, #flat, 2 do
-  if flat[i + 1] == ARGV[1] then
-    redis.call('HDEL', KEYS[1], flat[i])
-    gone[#gone + 1] = flat[i]
-  end
-end
-redis.call('HDEL', KEYS[2], ARGV[1])
-return gone
-"""
-# One round trip per room message: the room's workers and a PUBLISH to each, read and sent in
-# one step (a worker joining meanwhile is either in the list or joins after the message).
-# Returns worker, receivers, worker, receivers, ...
-_PUBLISH_ROOM = """
-local ws = redis.call('HGETALL', KEYS[1])
-local out = {}
-for i = 1, #ws, 2 do
-  if tonumber(ws[i + 1]) > 0 then
-    out[#out + 1] = ws[i]
-    out[#out + 1] = redis.call('PUBLISH', ARGV[1] .. ws[i], ARGV[2])
-  end
-end
-return out
-"""
 
 
 class Registry(Protocol):
@@ -165,20 +117,7 @@ class RedisRegistry:
     beats = True
 
     def __init__(self, redis: Any) -> None:
-        from zeal_asgi._redis.scripts import Script  # the redis extra: only this registry needs it
-
         self.redis = redis
-        self._scripts = {
-            src: Script(name, src)
-            for name, src in (
-                ("ws release", _RELEASE),
-                ("ws owner row", _OWN_NX),
-                ("ws join", _JOIN),
-                ("ws leave", _LEAVE),
-                ("ws purge", _PURGE),
-                ("ws room publish", _PUBLISH_ROOM),
-            )
-        }
 
     def _owner_key(self, client_id: str) -> str:
         return str(self.redis.key("ws", "owner", client_id))
@@ -190,12 +129,10 @@ class RedisRegistry:
             str(self.redis.key("ws", "room", tag, "servers")),
         ]
 
-    async def _eval(self, script: str, keys: list[str], args: list[str], what: str) -> Any:
-        """One of this module's scripts on the backend's fast path (never retried: it writes)."""
+    async def _eval(self, script: Script, keys: list[str], args: list[str], what: str) -> Any:
+        """One of the registry's scripts on the backend's fast path (never retried: it writes)."""
         raw_keys = [k.encode("utf-8") for k in keys]
-        return await self.redis.run_script(
-            self._scripts[script], raw_keys, args, what=what, idempotent=False
-        )
+        return await self.redis.run_script(script, raw_keys, args, what=what, idempotent=False)
 
     async def set_owner(
         self, client_id: str, conn_id: str, worker: str, *, only_if_absent: bool = False
@@ -203,7 +140,7 @@ class RedisRegistry:
         """HSET the owner row (a script checking that there is none, ``only_if_absent``)."""
         key = self._owner_key(client_id)
         if only_if_absent:
-            return bool(await self._eval(_OWN_NX, [key], [conn_id, worker], "ws owner row"))
+            return bool(await self._eval(WS_OWN_NX, [key], [conn_id, worker], "ws owner row"))
         await self.redis.run(
             lambda c: c.hset(key, mapping={"c": conn_id, "w": worker}),
             what="ws owner row",
@@ -223,7 +160,7 @@ class RedisRegistry:
 
     async def release_owner(self, client_id: str, conn_id: str) -> bool:
         """Conditional delete (Lua)."""
-        res = await self._eval(_RELEASE, [self._owner_key(client_id)], [conn_id], "ws release")
+        res = await self._eval(WS_RELEASE, [self._owner_key(client_id)], [conn_id], "ws release")
         return bool(res)
 
     async def join(
@@ -231,11 +168,11 @@ class RedisRegistry:
     ) -> bool:
         """Roster + per-worker count in one script."""
         args = [client_id, worker, "1" if only_if_absent else "0"]
-        return bool(await self._eval(_JOIN, self._room_keys(room), args, "ws join"))
+        return bool(await self._eval(WS_JOIN, self._room_keys(room), args, "ws join"))
 
     async def leave(self, room: str, client_id: str, worker: str = "") -> bool:
         """Roster + per-worker count in one script."""
-        res = await self._eval(_LEAVE, self._room_keys(room), [client_id, worker], "ws leave")
+        res = await self._eval(WS_LEAVE, self._room_keys(room), [client_id, worker], "ws leave")
         return bool(res)
 
     async def room_servers(self, room: str) -> list[str]:
@@ -258,7 +195,7 @@ class RedisRegistry:
     ) -> list[tuple[str, int]] | None:
         """One script: the room's worker map read and a PUBLISH to each worker's channel."""
         flat = await self.redis.run_script(
-            self._scripts[_PUBLISH_ROOM],
+            WS_PUBLISH_ROOM,
             [self._room_keys(room)[1].encode("utf-8")],
             [wire_prefix, payload],
             what="ws room publish",
@@ -284,7 +221,7 @@ class RedisRegistry:
 
     async def purge(self, room: str, worker: str) -> list[str]:
         """One script over the room's roster (O(members of the room), run once per death)."""
-        gone = await self._eval(_PURGE, self._room_keys(room), [worker], "ws purge")
+        gone = await self._eval(WS_PURGE, self._room_keys(room), [worker], "ws purge")
         return [_b2s(c) for c in gone or ()]
 
     async def forget_worker(self, worker: str) -> None:

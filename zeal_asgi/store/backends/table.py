@@ -15,8 +15,15 @@ from zeal_asgi.errors import ConfigError, UnknownTableError
 from zeal_asgi.shm.bus import host_bus, user_wire
 from zeal_asgi.shm.ext import Atomic, Table
 from zeal_asgi.shm.schema import ColumnType, Schema
-from zeal_asgi.store.base import Key, Row, StoreBackendKind, TableSpec
-from zeal_asgi.store.channels import as_bytes, validate_channel
+from zeal_asgi.store.base import (
+    Capability,
+    CounterBackend,
+    Key,
+    Row,
+    StoreBackend,
+    StoreBackendKind,
+    TableSpec,
+)
 
 __all__ = ["AtomicCounter", "TableBackend"]
 
@@ -31,10 +38,11 @@ def shm_columns(schema: Schema, ttl: bool) -> dict[str, tuple[int, int]]:
     return cols
 
 
-class TableBackend:
+class TableBackend(StoreBackend):
     """Store backend over shared-memory tables (``Store.BACKEND_TABLE``)."""
 
     kind = StoreBackendKind.TABLE
+    capabilities = frozenset({Capability.LISTING, Capability.PUBSUB})
 
     def __init__(self, *, namespace: str = "store") -> None:
         self.namespace = namespace
@@ -146,13 +154,16 @@ class TableBackend:
             return await self.get(spec, key) is not None
         return self.table(spec.name).exists(key)
 
+    async def exists_cached(self, spec: TableSpec, key: Key) -> bool:
+        """The shared table is this host's memory: the same as :meth:`exists`."""
+        return await self.exists(spec, key)
+
     async def incr(
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1
     ) -> int | float:
         """Atomic add on a numeric column."""
         t = self.table(spec.name)
         if spec.mode == "ttl" and spec.ttl:
-            spec.schema.column(column, spec.name)
             await self.get(spec, key)  # drops an expired row first
             value: int | float = t.incr(key, column, by)
             t.set(key, {_EXPIRES: time.time() + spec.ttl})
@@ -192,10 +203,8 @@ class TableBackend:
 
     async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
         """Validate every row first, then write them."""
-        from zeal_asgi.shm.schema import validate_key
-
         for k, r in rows.items():
-            validate_key(k, spec.name, spec.schema.key_limit, spec.schema.binary_keys)
+            spec.check_key(k)
             spec.schema.validate_row(r, spec.name)
         for k, r in rows.items():
             await self.set(spec, k, r)
@@ -212,10 +221,9 @@ class TableBackend:
         """Shared memory is always there."""
         return True
 
-    async def publish(self, channel: str, payload: str | bytes) -> int:
+    async def publish(self, channel: str, payload: bytes) -> int:
         """Same-host pub/sub through shared memory; the number of subscribed workers here."""
-        validate_channel(channel)
-        return host_bus().publish(user_wire(channel), as_bytes(payload))
+        return host_bus().publish(user_wire(channel), payload)
 
     def stats(self) -> dict[str, Any]:
         """Per-table counters (shared by every worker of the host)."""
@@ -231,8 +239,8 @@ class TableBackend:
             self._counters[name] = c
         return c
 
-    def close_all(self) -> None:
-        """Unmap every table and atomic of this backend in this process (tests)."""
+    def close_shared(self) -> None:
+        """Unmap and unlink every table and atomic of this backend (tests, explicit teardown)."""
         from zeal_asgi.shm.segments import destroy
 
         for t in self._tables.values():
@@ -242,13 +250,15 @@ class TableBackend:
         self._tables.clear()
         self._counters.clear()
 
+    close_all = close_shared
 
-class AtomicCounter:
+
+class AtomicCounter(CounterBackend):
     """Counter backend over a shared :class:`~zeal_asgi.Atomic`."""
 
     def __init__(self, name: str, atomic: Atomic) -> None:
         self.name = name
-        self.atomic = atomic
+        self.atomic: Atomic = atomic
 
     async def increment(self, by: int = 1) -> int:
         """Lock-free add."""

@@ -7,8 +7,9 @@ writes (and reads whole) is mirrored into a shared-memory fallback table.  While
 fallback and every other call raises :class:`~zeal_asgi.errors.BackendUnavailableError` at once,
 without touching the network.  A read that fails while closed is also answered from the fallback.
 
-The wrapper disables nothing: publish, Streams, Lua, counters and any other attribute of the
-wrapped backend (``channel_name``, ``dedicated_client``, ...) stay available through it.
+The wrapper disables nothing: it declares the wrapped backend's capabilities and delegates each
+method by name (publish, Streams, Lua and counters through the breaker; ``redis_link()`` and
+``exists_cached``, which pub/sub and WebSockets use directly, as they are).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from zeal_asgi.errors import (
     UnsupportedOperationError,
     ZealError,
 )
-from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store.backends.breaker.state import (
     BreakerOptions,
     BreakerState,
@@ -35,19 +35,16 @@ from zeal_asgi.store.backends.breaker.state import (
     is_outage,
 )
 from zeal_asgi.store.backends.table import TableBackend
-from zeal_asgi.store.base import CounterBackend, Key, Row, StoreBackend, TableSpec, backend_name
+from zeal_asgi.store.base import CounterBackend, Key, Row, StoreBackend, TableSpec, count
 
 if TYPE_CHECKING:
+    from zeal_asgi._redis.link import RedisLink
     from zeal_asgi.shm import Table
 
 __all__ = ["BreakerOptions", "BreakerState", "CircuitBreakerBackend", "SharedBreaker"]
 
 log = logging.getLogger("zeal_asgi.breaker")
 T = TypeVar("T")
-
-
-def _count(metric: str) -> None:
-    host_stats().incr(metric)
 
 
 def _default_name(primary: object) -> str:
@@ -61,7 +58,7 @@ def _default_name(primary: object) -> str:
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
-class CircuitBreakerBackend:
+class CircuitBreakerBackend(StoreBackend):
     """A Store backend that protects ``primary`` with a circuit breaker shared by the host.
 
     Build it before workers start (``Store.default_backend`` / ``Store.make`` at import time):
@@ -83,6 +80,7 @@ class CircuitBreakerBackend:
     ) -> None:
         self.options = BreakerOptions.parse(options)
         self.kind = primary.kind
+        self.capabilities = primary.capabilities
         self._primary = primary
         name = self.options.name or _default_name(primary)
         self._breaker = SharedBreaker(name, self.options)
@@ -116,17 +114,14 @@ class CircuitBreakerBackend:
         """``closed``, ``open`` or ``half-open``."""
         return self._breaker.state
 
-    def __getattr__(self, name: str) -> Any:
-        # Whatever the wrapper does not define is the primary's: pub/sub, WebSocket and Streams
-        # code finds channel_name(), dedicated_client(), ... here exactly as on the primary.
-        if name.startswith("__") or name == "_primary":
-            raise AttributeError(name)
-        return getattr(self._primary, name)
+    def redis_link(self) -> RedisLink | None:
+        """The primary's link: pub/sub and WebSockets use it as they would without a breaker."""
+        return self._primary.redis_link()
 
     # -- the guard ---------------------------------------------------------------------------------
 
     def _refused(self, what: str) -> BackendUnavailableError:
-        _count("breaker_short_circuited_total")
+        count("breaker", "short_circuited")
         return BackendUnavailableError(
             f"circuit breaker open: {what} refused without trying the {self.kind} backend "
             f"(it failed {self.options.failure_threshold} times within "
@@ -144,8 +139,8 @@ class CircuitBreakerBackend:
         if token is None:
             if fallback is None:
                 raise self._refused(what)
-            _count("breaker_short_circuited_total")
-            _count("breaker_fallback_reads_total")
+            count("breaker", "short_circuited")
+            count("breaker", "fallback_reads")
             return await fallback()
         try:
             if self._needs_start:
@@ -159,7 +154,7 @@ class CircuitBreakerBackend:
             self._breaker.failed(token)
             if fallback is None:
                 raise
-            _count("breaker_fallback_reads_total")
+            count("breaker", "fallback_reads")
             return await fallback()
         except BaseException:
             self._breaker.abandoned(token)
@@ -168,9 +163,9 @@ class CircuitBreakerBackend:
         return result
 
     def _answered(self, token: int, exc: Exception) -> None:
-        # An error reply (WRONGTYPE, OOM, a Lua error) proves the backend is up; a value refused
-        # before any I/O (a wrong column type) proves nothing: let the next call probe.
-        if isinstance(exc, BackendError):
+        # An error reply (WRONGTYPE, OOM, a Lua error) proves the backend is up; a value or an
+        # operation refused before any I/O proves nothing: let the next call probe.
+        if isinstance(exc, BackendError) and not isinstance(exc, UnsupportedOperationError):
             self._breaker.succeeded(token)
         else:
             self._breaker.abandoned(token)
@@ -180,7 +175,7 @@ class CircuitBreakerBackend:
             await fn()
         except ZealError:
             # A fallback that cannot take the row (full) must not keep an older copy of it.
-            _count("breaker_mirror_skipped_total")
+            count("breaker", "mirror_skipped")
             with contextlib.suppress(ZealError):
                 await self._fallback.delete(spec, key)
 
@@ -264,8 +259,8 @@ class CircuitBreakerBackend:
         """Every row; from the fallback while open or when the primary fails before the first."""
         token = self._breaker.admit()
         if token is None:
-            _count("breaker_short_circuited_total")
-            _count("breaker_fallback_reads_total")
+            count("breaker", "short_circuited")
+            count("breaker", "fallback_reads")
             async for item in self._fallback.iterate(spec):
                 yield item
             return
@@ -286,7 +281,7 @@ class CircuitBreakerBackend:
                         raise BackendUnavailableError(
                             f"{self.kind} backend lost in the middle of iterating {spec.name!r}"
                         ) from exc
-                    _count("breaker_fallback_reads_total")
+                    count("breaker", "fallback_reads")
                     async for fb in self._fallback.iterate(spec):
                         yield fb
                     return
@@ -367,32 +362,23 @@ class CircuitBreakerBackend:
             raise
         return ok
 
-    async def publish(self, channel: str, payload: str | bytes) -> int:
-        """The primary's publish; BackendUnavailableError while open."""
-        fn = self._capability("publish", "Store.publish needs pub/sub (redis or tiered)")
-        result: int = await self._call("publish", lambda: fn(channel, payload))
-        return result
+    async def exists_cached(self, spec: TableSpec, key: Key) -> bool:
+        """The primary's answer from this host's memory (no network: nothing to guard)."""
+        return await self._primary.exists_cached(spec, key)
 
-    async def publish_reliable(
-        self, stream: str, payload: str | bytes, max_len: int | None = None
-    ) -> str:
+    async def publish(self, channel: str, payload: bytes) -> int:
+        """The primary's publish; BackendUnavailableError while open."""
+        return await self._call("publish", lambda: self._primary.publish(channel, payload))
+
+    async def publish_reliable(self, stream: str, payload: bytes, max_len: int | None) -> str:
         """The primary's Streams append; BackendUnavailableError while open."""
-        fn = self._capability("publish_reliable", "Store.publish_reliable needs Redis Streams")
-        result: str = await self._call("publish_reliable", lambda: fn(stream, payload, max_len))
-        return result
+        return await self._call(
+            "publish_reliable", lambda: self._primary.publish_reliable(stream, payload, max_len)
+        )
 
     async def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """The primary's Lua; BackendUnavailableError while open."""
-        fn = self._capability("eval", "Store.eval runs Lua on Redis")
-        return await self._call("eval", lambda: fn(script, keys, args))
-
-    def _capability(self, name: str, what: str) -> Callable[..., Awaitable[Any]]:
-        fn = getattr(self._primary, name, None)
-        if fn is None:
-            raise UnsupportedOperationError(
-                f"{what}; the backend behind the circuit breaker is {backend_name(self._primary)}"
-            )
-        return fn  # type: ignore[no-any-return]
+        return await self._call("eval", lambda: self._primary.eval(script, keys, args))
 
     def counter(self, name: str, initial: int) -> CounterBackend:
         """The primary's counter, behind the breaker (refused while open)."""
@@ -406,12 +392,13 @@ class CircuitBreakerBackend:
         return out
 
     def close_shared(self) -> None:
-        """Unlink the breaker state and the fallback tables (tests and explicit teardown)."""
+        """Unlink the breaker state, the fallback tables and the primary's shared memory."""
         self._breaker.close()
-        self._fallback.close_all()
+        self._fallback.close_shared()
+        self._primary.close_shared()
 
 
-class _GuardedCounter:
+class _GuardedCounter(CounterBackend):
     """A counter of the primary whose calls go through the breaker (no fallback)."""
 
     def __init__(self, owner: CircuitBreakerBackend, inner: CounterBackend) -> None:

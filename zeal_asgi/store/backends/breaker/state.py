@@ -13,12 +13,13 @@ import enum
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zeal_asgi.errors import ConfigError, ContentionError, LockTimeoutError, PoolTimeoutError
 from zeal_asgi.shm.ext import Table
-from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.store.base import count, counters
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table as TableT
@@ -44,59 +45,36 @@ _CODES = {0: BreakerState.CLOSED, 1: BreakerState.OPEN, 2: BreakerState.HALF_OPE
 _CLOSED, _OPEN, _HALF = 0, 1, 2
 
 
-@dataclass(frozen=True)
-class BreakerOptions:
+class BreakerOptions(BaseModel):
     """Validated breaker options (``Store.default_backend(..., {"breaker": {...}})``)."""
 
-    failure_threshold: int = 5
-    """Failures within the window that open the breaker."""
-    failure_window_sec: float = 10.0
-    """Length of the rolling failure window."""
-    open_seconds: float = 30.0
-    """How long the breaker stays open before one probe is let through (0: the next call)."""
-    probe_lease_sec: float = 10.0
-    """A probe that has not finished after this long (its worker died) is handed to another."""
-    name: str | None = None
-    """Name of the shared state; by default derived from the wrapped backend."""
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    _LIMITS: ClassVar[dict[str, tuple[float, float]]] = {
-        "failure_threshold": (1, _COUNT_MASK),
-        "failure_window_sec": (0.01, 86400.0),
-        "open_seconds": (0.0, 86400.0),
-        "probe_lease_sec": (0.01, 86400.0),
-    }
+    failure_threshold: int = Field(default=5, ge=1, le=_COUNT_MASK)
+    """Failures within the window that open the breaker."""
+    failure_window_sec: float = Field(default=10.0, ge=0.01, le=86400, allow_inf_nan=False)
+    """Length of the rolling failure window."""
+    open_seconds: float = Field(default=30.0, ge=0, le=86400, allow_inf_nan=False)
+    """How long the breaker stays open before one probe is let through (0: the next call)."""
+    probe_lease_sec: float = Field(default=10.0, ge=0.01, le=86400, allow_inf_nan=False)
+    """A probe that has not finished after this long (its worker died) is handed to another."""
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+    """Name of the shared state; by default derived from the wrapped backend."""
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | BreakerOptions | None) -> BreakerOptions:
         """Check ``options``; a bad or unknown one raises ConfigError naming it and the limit."""
-        if options is None:
-            return cls()
-        if isinstance(options, BreakerOptions):
-            return options
+        if options is None or isinstance(options, BreakerOptions):
+            return options or cls()
         if not isinstance(options, Mapping):
             raise ConfigError(f"breaker options must be a dict, got {type(options).__name__}")
-        unknown = set(options) - set(cls._LIMITS) - {"name"}
-        if unknown:
+        try:
+            return cls.model_validate(dict(options))
+        except ValidationError as exc:
+            err = exc.errors()[0]
             raise ConfigError(
-                f"unknown breaker options {sorted(unknown)}; known: {sorted(cls._LIMITS)} and name"
-            )
-        values: dict[str, Any] = {}
-        for key, (lo, hi) in cls._LIMITS.items():
-            if key not in options:
-                continue
-            v = options[key]
-            want_int = key == "failure_threshold"
-            ok_type = isinstance(v, int) if want_int else isinstance(v, (int, float))
-            if isinstance(v, bool) or not ok_type:
-                kind = "an int" if want_int else "a number of seconds"
-                raise ConfigError(f"breaker option {key} must be {kind}, got {v!r}")
-            if not lo <= v <= hi:  # also refuses NaN
-                raise ConfigError(f"breaker option {key} must be between {lo} and {hi}, got {v!r}")
-            values[key] = v
-        name = options.get("name")
-        if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 64):
-            raise ConfigError(f"breaker option name must be a str of 1-64 chars, got {name!r}")
-        return cls(**values, name=name)
+                f"breaker option {err['loc'][0]}: {err['msg']}, got {err['input']!r}"
+            ) from None
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -139,7 +117,6 @@ class SharedBreaker:
         self._lease_ms = int(options.probe_lease_sec * 1000)
         self._width_ms = max(1, int(options.failure_window_sec * 1000) // _BUCKETS)
         self._table: TableT = Table(_BUCKETS + 1, {"w": ("int", 8)}, name=f"breaker:{name}")
-        self._metric_prefix = "breaker_"
 
     # -- shared words --------------------------------------------------------------------------
 
@@ -149,9 +126,6 @@ class SharedBreaker:
 
     def _cas(self, old: int, new: int) -> bool:
         return bool(self._table.compare_and_set("state", "w", old, new))
-
-    def _count(self, event: str) -> None:
-        host_stats().incr(f"{self._metric_prefix}{event}_total")
 
     @property
     def state(self) -> BreakerState:
@@ -177,7 +151,7 @@ class SharedBreaker:
             return None
         token = _next(w, now, _HALF)
         if self._cas(w, token):
-            self._count("probes")
+            count("breaker", "probes")
             return token
         return None
 
@@ -186,7 +160,7 @@ class SharedBreaker:
         if token and self._cas(token, _next(token, _now_ms(), _CLOSED)):
             for i in range(_BUCKETS):
                 self._table.set(f"b{i}", {"w": 0})
-            self._count("closed")
+            count("breaker", "closed")
             log.warning("circuit breaker %s closed: the probe succeeded", self.name)
 
     def abandoned(self, token: int) -> None:
@@ -199,10 +173,10 @@ class SharedBreaker:
         now = _now_ms()
         if token:
             if self._cas(token, _next(token, now, _OPEN)):
-                self._count("opened")
+                count("breaker", "opened")
                 log.warning("circuit breaker %s re-opened: the probe failed", self.name)
             return
-        self._count("failures")
+        count("breaker", "failures")
         epoch = now // self._width_ms
         key = f"b{epoch % _BUCKETS}"
         while True:
@@ -218,7 +192,7 @@ class SharedBreaker:
             and self.failures_in_window(epoch) >= self.options.failure_threshold
             and self._cas(w, _next(w, now, _OPEN))
         ):
-            self._count("opened")
+            count("breaker", "opened")
             log.warning(
                 "circuit breaker %s opened: %d failures within %g s",
                 self.name,
@@ -245,21 +219,14 @@ class SharedBreaker:
 
     def stats(self) -> dict[str, Any]:
         """State and host-wide counters (``opened_total``, ``short_circuited_total``, ...)."""
-        host = host_stats().host()
-        p = self._metric_prefix
-        out: dict[str, Any] = {
-            k[len(p) :]: v for k, v in host.items() if k.startswith(p) and k.endswith("_total")
+        return {
+            **counters("breaker"),
+            "state": str(self.state),
+            "name": self.name,
+            "failures_in_window": self.failures_in_window(),
+            "seconds_in_state": round(self.seconds_in_state(), 3),
+            "options": self.options.model_dump(),
         }
-        mine = host_stats().worker()
-        out.update(
-            state=str(self.state),
-            name=self.name,
-            failures_in_window=self.failures_in_window(),
-            seconds_in_state=round(self.seconds_in_state(), 3),
-            worker={k[len(p) :]: v for k, v in mine.items() if k.startswith(p)},
-            options=asdict(self.options),
-        )
-        return out
 
     def close(self) -> None:
         """Unmap and unlink the shared state (tests; workers keep theirs until exit)."""

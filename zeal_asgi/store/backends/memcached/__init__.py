@@ -31,14 +31,17 @@ Atomicity (every operation below is atomic; reads see whole rows):
   compare-and-set.
 
 What memcached cannot do raises ``UnsupportedOperationError``: ``count``, ``iterate`` and ``clear``
-(memcached cannot list keys), and pub/sub, Streams and Lua (the facade refuses them because this
-backend has no ``publish``/``publish_reliable``/``eval``).  memcached is a cache: rows can be
+(memcached cannot list keys), and pub/sub, Streams and Lua (this backend declares none of those
+capabilities).  memcached is a cache: rows can be
 evicted under memory pressure and vanish on restart.  A TTL table (``mode="ttl"``) passes its
 ttl as the expiry of every write (``touch`` after a native ``incr``).
 
-A stored value that is not a row of the table's current schema (another program wrote it, or the
-schema changed) raises ``BackendResponseError`` when read or merged into, never reads as zeros;
-``delete`` or a ``set`` of every column replaces it.
+At its first use in a process, a table's declaration is stored at ``{prefix}:schema:{table}``
+(``add``) or compared with the one there: another app declaring the table differently gets a
+SchemaError naming both (memcached may evict that key like any other; the row blobs carry a
+schema fingerprint as well).  A stored value that is not a row of the table's current schema
+(another program wrote it, or the schema changed) raises ``BackendResponseError`` when read or
+merged into, never reads as zeros; ``delete`` or a ``set`` of every column replaces it.
 """
 
 from __future__ import annotations
@@ -46,12 +49,15 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, NoReturn, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
-from zeal_asgi.errors import ConfigError, IntegerOverflowError, ShmError, UnsupportedOperationError
-from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.shm.schema import Column, validate_key, validate_value
+from zeal_asgi.errors import (
+    ConfigError,
+    IntegerOverflowError,
+    ZealError,
+)
+from zeal_asgi.shm.schema import Column, validate_value
 from zeal_asgi.store.backends.memcached.conn import (
     DEFAULT_SERVERS,
     KeyMapper,
@@ -71,13 +77,12 @@ from zeal_asgi.store.backends.memcached.native import (
 )
 from zeal_asgi.store.backends.memcached.rows import (
     added,
-    check_step,
     expiry,
     gather_all,
     native_column,
     seconds,
 )
-from zeal_asgi.store.base import Key, Row, StoreBackendKind, TableSpec
+from zeal_asgi.store.base import Key, Row, StoreBackend, StoreBackendKind, TableSpec, counters
 from zeal_asgi.store.codec import RowCodec
 
 __all__ = ["MemcachedBackend", "MemcachedCounter"]
@@ -89,7 +94,7 @@ _MGET_CHUNK = 200
 _MSET_CONCURRENCY = 32
 
 
-class MemcachedBackend:
+class MemcachedBackend(StoreBackend):
     """Store backend over memcached (``Store.BACKEND_MEMCACHED``).
 
     Example::
@@ -117,8 +122,8 @@ class MemcachedBackend:
         cas_timeout: float = 5.0,
         pool_size: int = 4,
     ) -> None:
-        if servers is None or servers == "":
-            servers = os.environ.get("ZEAL_MEMCACHED_SERVERS") or DEFAULT_SERVERS
+        if servers is None:
+            servers = os.environ.get("ZEAL_MEMCACHED_SERVERS", DEFAULT_SERVERS)
         if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
             raise ConfigError(f"memcached pool_size must be an int >= 1, got {pool_size!r}")
         if pool_size > 1024:
@@ -129,6 +134,7 @@ class MemcachedBackend:
             parse_servers(servers), timeout=seconds(timeout, "timeout"), pool_size=pool_size
         )
         self._tables: dict[str, tuple[TableSpec, Column | None, RowCodec]] = {}
+        self._checked: set[str] = set()
         self._counters: dict[str, MemcachedCounter] = {}
 
     @classmethod
@@ -182,9 +188,28 @@ class MemcachedBackend:
             known = self._tables[spec.name]
         return known[1], known[2]
 
+    async def _ensure(self, spec: TableSpec) -> None:
+        """Store the table's declaration at first use, or refuse one that differs."""
+        if spec.name in self._checked:
+            return
+        key, mine = self.keys.schema(spec.name), spec.declaration()
+        i = self.pool.index(key)
+        if not await self.pool.run(i, "schema check", lambda c: c.add(key, mine)):
+            stored = await self.pool.run(i, "schema check", lambda c: c.get(key))
+            if stored is not None and stored != mine:
+                raise spec.conflict(stored, f"memcached {self.servers}")
+        self._checked.add(spec.name)
+
     async def start(self) -> None:
         """Connect to every server in this worker; raises if one does not answer."""
-        await gather_all(self._version(i) for i in range(len(self.pool.servers)))
+        try:
+            await gather_all(self._version(i) for i in range(len(self.pool.servers)))
+        except ZealError as exc:
+            raise type(exc)(
+                f"memcached boot check failed: {exc} (the servers come from "
+                "ZEAL_MEMCACHED_SERVERS or the servers option; ZEAL_ON_ERROR=fallback_table boots "
+                "degraded)"
+            ) from exc
 
     async def _version(self, i: int) -> bytes:
         return await self.pool.run(i, "version", lambda c: c.version())
@@ -202,15 +227,6 @@ class MemcachedBackend:
 
     def stats(self) -> dict[str, Any]:
         """Servers and settings, plus counters of this worker and summed over the host."""
-        try:
-            hs = host_stats()
-            worker, host = hs.worker(), hs.host()
-        except ShmError:  # diagnostics only; logged once by record()
-            worker, host = {}, {}
-
-        def ours(counts: dict[str, int]) -> dict[str, int]:
-            return {k: v for k, v in counts.items() if k.startswith("memcached_")}
-
         return {
             "memcached": {
                 "servers": [str(s) for s in self.pool.servers],
@@ -218,16 +234,14 @@ class MemcachedBackend:
                 "timeout": self.pool.timeout,
                 "cas_timeout": self.cas_timeout,
                 "pool_size": self.pool.pool_size,
-                "worker": ours(worker),
-                "host": ours(host),
+                **counters("memcached"),
             }
         }
 
     # -- rows ----------------------------------------------------------------------------------
 
     def _key(self, spec: TableSpec, key: object) -> bytes:
-        raw = validate_key(key, spec.name, spec.schema.key_limit, spec.schema.binary_keys)
-        return self.keys.row(spec.name, raw)
+        return self.keys.row(spec.name, spec.check_key(key))
 
     def _decode(self, spec: TableSpec, key: object, data: bytes | None) -> Row | None:
         if data is None:
@@ -275,6 +289,7 @@ class MemcachedBackend:
             await backoff(attempt, deadline, f"{what} of table {spec.name!r}")
 
     async def _write(self, spec: TableSpec, key: object, mk: bytes, values: Row) -> None:
+        await self._ensure(spec)
         i = self.pool.index(mk)
         exptime = expiry(spec)
         col, codec = self._layout(spec)
@@ -307,6 +322,7 @@ class MemcachedBackend:
         mk = self._key(spec, key)
         if field is not None:
             spec.schema.column(field, spec.name)
+        await self._ensure(spec)
         data = await self.pool.run(self.pool.index(mk), "get", lambda c: c.get(mk))
         row = self._decode(spec, key, data)
         if row is None or field is None:
@@ -316,27 +332,30 @@ class MemcachedBackend:
     async def delete(self, spec: TableSpec, key: Key) -> bool:
         """Remove the row; ``True`` if it existed."""
         mk = self._key(spec, key)
+        await self._ensure(spec)
         return await self.pool.run(self.pool.index(mk), "delete", lambda c: c.delete(mk))
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists."""
         mk = self._key(spec, key)
+        await self._ensure(spec)
         data = await self.pool.run(self.pool.index(mk), "exists", lambda c: c.get(mk))
         return data is not None
 
     async def incr(
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1
     ) -> int | float:
-        """Atomically add ``by`` to a numeric column, creating the row; the new value."""
+        """Atomically add ``by`` (a step the facade checked) to a numeric column, creating the
+        row; the new value."""
         mk = self._key(spec, key)
         col = spec.schema.column(column, spec.name)
-        step = check_step(col, by, spec.name, spec.schema.allow_nan)
+        await self._ensure(spec)
         if self._layout(spec)[0] is not None:
             try:
                 return await native_add(
                     self.pool,
                     mk,
-                    int(step),
+                    int(by),
                     what=f"incr of table {spec.name!r}",
                     exptime=expiry(spec),
                     cas_timeout=self.cas_timeout,
@@ -349,7 +368,7 @@ class MemcachedBackend:
                 ) from None
 
         def add(row: Row, present: bool) -> tuple[bool, int | float]:
-            new = added(col, row[col.name], step, spec.name, spec.schema.allow_nan)
+            new = added(col, row[col.name], by, spec.name, spec.schema.allow_nan)
             row[col.name] = new
             return True, new
 
@@ -364,6 +383,7 @@ class MemcachedBackend:
         allow_nan = spec.schema.allow_nan
         want = validate_value(col, expected, spec.name, allow_nan)
         value = validate_value(col, new, spec.name, allow_nan)
+        await self._ensure(spec)
         if self._layout(spec)[0] is not None:
             return await native_cas(
                 self.pool,
@@ -386,6 +406,8 @@ class MemcachedBackend:
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys`` in order (``None`` for misses): one multi-get per server."""
         mks = [self._key(spec, k) for k in keys]
+        if mks:
+            await self._ensure(spec)
         by_server: dict[int, list[bytes]] = {}
         for mk in dict.fromkeys(mks):
             by_server.setdefault(self.pool.index(mk), []).append(mk)
@@ -419,37 +441,6 @@ class MemcachedBackend:
 
         await gather_all(one(k, mk, v) for k, mk, v in work)
         return len(work)
-
-    # -- what memcached cannot do --------------------------------------------------------------
-
-    @staticmethod
-    def _unsupported(what: str, instead: str) -> NoReturn:
-        raise UnsupportedOperationError(f"{what} is not possible on memcached: {instead}")
-
-    async def count(self, spec: TableSpec) -> int:
-        """Unsupported: memcached cannot list or count keys."""
-        self._unsupported(
-            f"Store.count({spec.name!r})",
-            "it cannot list or count its keys; keep a Counter next to the table, or use the "
-            "table or redis backend",
-        )
-
-    def iterate(self, spec: TableSpec) -> AsyncIterator[tuple[Any, Row]]:
-        """Unsupported: memcached has no key listing (no SCAN)."""
-        self._unsupported(
-            f"Store.iterate({spec.name!r})",
-            "it has no key listing (no SCAN); keep the keys you need yourself (mget them), or "
-            "use the table or redis backend",
-        )
-
-    async def clear(self, spec: TableSpec) -> int:
-        """Unsupported: memcached can only flush everything, every table and app included."""
-        self._unsupported(
-            f"Store.clear({spec.name!r})",
-            "it can only flush_all, which would wipe every table and every app on the server; "
-            "delete the keys you know, make the table with mode='ttl', or use the table or redis "
-            "backend",
-        )
 
     # -- counters ------------------------------------------------------------------------------
 

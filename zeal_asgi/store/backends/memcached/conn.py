@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import hashlib
 import ipaddress
-import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,9 +29,8 @@ from zeal_asgi.errors import (
     BackendUnavailableError,
     CapacityError,
     ConfigError,
-    ShmError,
 )
-from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.store.base import count
 
 __all__ = [
     "DEFAULT_PORT",
@@ -44,7 +42,6 @@ __all__ = [
     "add_op",
     "cas_op",
     "parse_servers",
-    "record",
 ]
 
 DEFAULT_SERVERS = "127.0.0.1:11211"
@@ -58,25 +55,8 @@ _LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # Printable ASCII without space: nothing a text-protocol parser could split on or end a line at.
 _SAFE_KEY = re.compile(rb"^[\x21-\x7e]{1,250}\Z")
-_RESERVED_TABLES = frozenset({"h", "counter"})
-"""Table names whose literal keys would share a namespace with hashed keys or counters."""
-
-
-_stats_broken = False
-
-
-def record(metric: str) -> None:
-    """Count one event in the host-wide stats; diagnostics never fail a request."""
-    global _stats_broken
-    if _stats_broken:
-        return
-    try:
-        host_stats().incr(metric)
-    except ShmError as exc:
-        _stats_broken = True
-        logging.getLogger("zeal_asgi.store.backends.memcached").warning(
-            "memcached: host-wide stats are off in this process: %s", exc
-        )
+_RESERVED_TABLES = frozenset({"h", "counter", "schema"})
+"""Table names whose literal keys would share a namespace with hashed keys, counters or schemas."""
 
 
 @dataclass(frozen=True)
@@ -173,11 +153,13 @@ def parse_servers(spec: str | Sequence[str]) -> tuple[ServerAddr, ...]:
 class KeyMapper:
     """Memcached keys of rows and counters, safe for the text protocol.
 
-    Rows are ``{prefix}:{table}:{key}``, counters ``{prefix}:counter:{name}``.  A key longer than
+    Rows are ``{prefix}:{table}:{key}``, counters ``{prefix}:counter:{name}``, table declarations
+    ``{prefix}:schema:{table}``.  A key longer than
     250 bytes or holding anything but printable ASCII (whitespace, CR/LF, control or non-ASCII
     bytes) becomes ``{prefix}:h:`` + a BLAKE2b-256 hex digest of the full key, so no caller can
-    inject protocol commands.  Rows and counters hash with distinct personalisations, and the
-    tables called ``h`` and ``counter`` are always hashed: no literal key can equal another's.
+    inject protocol commands.  Each kind hashes with its own personalisation, and the
+    tables called ``h``, ``counter`` and ``schema`` are always hashed: no literal key can equal
+    another's.
     """
 
     def __init__(self, prefix: str) -> None:
@@ -201,9 +183,16 @@ class KeyMapper:
 
     def counter(self, name: str) -> bytes:
         """The key of counter ``name``."""
-        full = b"%s:counter:%s" % (self._p, name.encode("utf-8", "surrogatepass"))
+        return self._named(b"counter", name)
+
+    def schema(self, table: str) -> bytes:
+        """The key holding the declaration of ``table`` (see ``MemcachedBackend``)."""
+        return self._named(b"schema", table)
+
+    def _named(self, kind: bytes, name: str) -> bytes:
+        full = b"%s:%s:%s" % (self._p, kind, name.encode("utf-8", "surrogatepass"))
         if not _SAFE_KEY.match(full):
-            return self._hashed(full, b"zeal-mc-counter")
+            return self._hashed(full, b"zeal-mc-" + kind)
         return full
 
 
@@ -337,7 +326,7 @@ class ServerPool:
             NonNumericValue: ``incr`` on a value that is not a number (the caller decides).
         """
         client = await self._client(i)
-        record("memcached_ops")
+        count("memcached", "ops")
         server = self.servers[i]
         try:
             async with asyncio.timeout(self.timeout):
@@ -345,24 +334,24 @@ class ServerPool:
         except NonNumericValue:
             raise
         except TimeoutError as exc:
-            record("memcached_timeouts")
+            count("memcached", "timeouts")
             raise BackendTimeoutError(
                 f"memcached {server}: {what} got no answer within {self.timeout} s"
             ) from exc
         except ClientException as exc:
             text = str(exc)
             if "too large" in text or "out of memory" in text:
-                record("memcached_too_large")
+                count("memcached", "too_large")
                 raise CapacityError(
                     f"memcached {server} refused {what}: {text} (a row must fit memcached's item "
                     "size, 1 MiB unless the server runs with -I)"
                 ) from exc
-            record("memcached_errors")
+            count("memcached", "errors")
             if "ERROR" in text:  # ERROR / CLIENT_ERROR / SERVER_ERROR: it answered, and refused
                 raise BackendResponseError(f"memcached {server}: {what} failed: {text}") from exc
             raise BackendUnavailableError(f"memcached {server}: {what} failed: {text}") from exc
         except (OSError, EOFError, asyncio.LimitOverrunError, ValueError, IndexError) as exc:
-            record("memcached_errors")
+            count("memcached", "errors")
             raise BackendUnavailableError(
                 f"memcached {server}: {what} failed: {type(exc).__name__}: {exc}"
             ) from exc

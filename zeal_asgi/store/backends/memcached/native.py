@@ -29,11 +29,11 @@ import time
 from zeal_asgi.errors import (
     BackendError,
     BackendResponseError,
-    ColumnTypeError,
     ContentionError,
     IntegerOverflowError,
 )
-from zeal_asgi.store.backends.memcached.conn import NonNumericValue, ServerPool, cas_op, record
+from zeal_asgi.store.backends.memcached.conn import NonNumericValue, ServerPool, cas_op
+from zeal_asgi.store.base import CounterBackend, count
 
 __all__ = [
     "BIAS",
@@ -45,13 +45,11 @@ __all__ = [
     "encode_i64",
     "native_add",
     "native_cas",
-    "native_get",
     "warn_once",
 ]
 
 logger = logging.getLogger("zeal_asgi.store.backends.memcached")
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 BIAS = 2**63
 U64 = 2**64
 _warned: set[str] = set()
@@ -96,9 +94,9 @@ async def backoff(attempt: int, deadline: float, what: str) -> None:
         ContentionError: ``deadline`` (monotonic) has passed (a BackendTimeoutError that a
             circuit breaker does not count as an outage).
     """
-    record("memcached_cas_retries")
+    count("memcached", "cas_retries")
     if time.monotonic() >= deadline:
-        record("memcached_cas_exhausted")
+        count("memcached", "cas_exhausted")
         raise ContentionError(
             f"memcached: {what} lost the compare-and-swap race {attempt} times in a row; gave up "
             "at the cas_timeout (the key is heavily contended)"
@@ -112,12 +110,6 @@ class NativeOverflow(Exception):
     def __init__(self, before: int) -> None:
         super().__init__(before)
         self.before = before
-
-
-async def native_get(pool: ServerPool, key: bytes, what: str) -> int | None:
-    """The signed value at ``key``, ``None`` when missing."""
-    raw = await pool.run(pool.index(key), what, lambda c: c.get(key))
-    return None if raw is None else decode_i64(raw, what)
 
 
 async def native_add(
@@ -163,7 +155,7 @@ async def _revert(pool: ServerPool, i: int, key: bytes, step: int, what: str) ->
         "until the revert lands, other clients of that key may see the wrapped value "
         "(only at the edge of the 64-bit range; see zeal_asgi.store.backends.memcached)",
     )
-    record("memcached_overflow_reverts")
+    count("memcached", "overflow_reverts")
     try:
         # Not retried: a timed-out incr may have been applied, and a second one would not cancel.
         await pool.run(i, f"revert of an overflowing {what}", lambda c: c.incr(key, -step % U64))
@@ -207,23 +199,12 @@ async def native_cas(
         await backoff(attempt, deadline, what)
 
 
-def _check_i64(value: object, what: str, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ColumnTypeError(
-            f"counter {name!r}: {what} must be an int, got {type(value).__name__}"
-        )
-    if not INT64_MIN <= value <= INT64_MAX:
-        raise IntegerOverflowError(
-            f"counter {name!r}: {what} {value} is outside the signed 64-bit range"
-        )
-    return value
-
-
-class MemcachedCounter:
+class MemcachedCounter(CounterBackend):
     """Counter backend: ``{prefix}:counter:{name}`` updated with memcached's native ``incr``.
 
     ``initial`` is written with ``add`` (never overwrites an existing value) before the first
     operation of each process; a counter that disappears later (eviction, restart) counts as 0.
+    Arguments are checked by :class:`~zeal_asgi.Counter`.
     """
 
     def __init__(
@@ -231,7 +212,7 @@ class MemcachedCounter:
     ) -> None:
         self.name = name
         self.key = key
-        self.initial = _check_i64(initial, "initial", name)
+        self.initial = initial
         self._pool = pool
         self._cas_timeout = cas_timeout
         self._created = False
@@ -248,39 +229,32 @@ class MemcachedCounter:
 
     async def increment(self, by: int = 1) -> int:
         """Add ``by`` atomically; the new value (overflow raises, value unchanged)."""
-        step = _check_i64(by, "step", self.name)
         await self._ensure()
         try:
             return await native_add(
                 self._pool,
                 self.key,
-                step,
+                by,
                 what=f"increment of counter {self.name!r}",
                 exptime=0,
                 cas_timeout=self._cas_timeout,
             )
         except NativeOverflow as exc:
             raise IntegerOverflowError(
-                f"counter {self.name!r}: {exc.before} + {step} leaves the signed 64-bit range; "
+                f"counter {self.name!r}: {exc.before} + {by} leaves the signed 64-bit range; "
                 "unchanged"
             ) from None
-
-    async def decrement(self, by: int = 1) -> int:
-        """Subtract ``by`` atomically; the new value (below zero is fine)."""
-        step = _check_i64(by, "step", self.name)
-        if step == INT64_MIN:
-            raise IntegerOverflowError(f"counter {self.name!r}: cannot negate step {by}")
-        return await self.increment(-step)
 
     async def get(self) -> int:
         """The current value (0 when missing)."""
         await self._ensure()
-        value = await native_get(self._pool, self.key, f"get of counter {self.name!r}")
-        return 0 if value is None else value
+        what = f"get of counter {self.name!r}"
+        raw = await self._pool.run(self._pool.index(self.key), what, lambda c: c.get(self.key))
+        return 0 if raw is None else decode_i64(raw, what)
 
     async def set(self, value: int) -> None:
         """Store ``value``."""
-        data = encode_i64(_check_i64(value, "value", self.name))
+        data = encode_i64(value)
         await self._pool.run(
             self._pool.index(self.key),
             f"set of counter {self.name!r}",
@@ -290,14 +264,12 @@ class MemcachedCounter:
 
     async def compare_and_set(self, expected: int, new: int) -> bool:
         """Set ``new`` if the value is ``expected`` (missing counts as 0), with ``gets``/``cas``."""
-        e = _check_i64(expected, "expected", self.name)
-        n = _check_i64(new, "new", self.name)
         await self._ensure()
         return await native_cas(
             self._pool,
             self.key,
-            e,
-            n,
+            expected,
+            new,
             what=f"compare_and_set of counter {self.name!r}",
             exptime=0,
             cas_timeout=self._cas_timeout,

@@ -1,6 +1,6 @@
-"""Row helpers of the memcached backend: layout choice, expiry, and ``incr`` steps.
+"""Row helpers of the memcached backend: layout choice, expiry, ``incr`` results, options.
 
-The step checks raise the same errors, with the same messages, as the shared-memory table.
+The results of ``incr`` raise the same errors, with the same messages, as the shared-memory table.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import time
 from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
-from zeal_asgi.errors import ColumnTypeError, ConfigError, IntegerOverflowError, NonFiniteFloatError
+from zeal_asgi.errors import ConfigError, IntegerOverflowError, NonFiniteFloatError
 from zeal_asgi.shm.schema import Column, ColumnType
 from zeal_asgi.store.base import TableSpec
 
-__all__ = ["added", "check_step", "expiry", "gather_all", "native_column", "seconds"]
+__all__ = ["added", "expiry", "gather_all", "native_column", "seconds"]
 
 R = TypeVar("R")
 
@@ -57,38 +57,6 @@ def expiry(spec: TableSpec) -> int:
         return 0
     ttl = spec.ttl + 1
     return ttl if ttl <= _RELATIVE_TTL_MAX else int(time.time()) + ttl
-
-
-def check_step(col: Column, by: object, table: str, allow_nan: bool) -> int | float:
-    """The step of ``incr``, with the errors (and messages) of the shared-memory table."""
-    if col.type is ColumnType.INT:
-        if not isinstance(by, int) or isinstance(by, bool):
-            raise ColumnTypeError(
-                f"incr on INT column {col.name!r} of table {table!r} takes an int, got "
-                f"{type(by).__name__}"
-            )
-        if not _INT64[0] <= by <= _INT64[1]:
-            raise IntegerOverflowError(
-                f"incr of column {col.name!r} of table {table!r} by {by}: the step is outside "
-                "the signed 64-bit range"
-            )
-        return by
-    if col.type is ColumnType.FLOAT:
-        if isinstance(by, bool) or not isinstance(by, (int, float)):
-            raise ColumnTypeError(
-                f"incr on FLOAT column {col.name!r} of table {table!r} takes an int or float, "
-                f"got {type(by).__name__}"
-            )
-        try:
-            step = float(by)
-        except OverflowError:
-            step = math.inf if by > 0 else -math.inf
-        if not allow_nan and not math.isfinite(step):
-            raise NonFiniteFloatError(f"incr step {by!r} is not finite")
-        return step
-    raise ColumnTypeError(
-        f"incr needs an INT or FLOAT column; {col.name!r} of table {table!r} is {col.type.name}"
-    )
 
 
 def added(col: Column, old: Any, step: int | float, table: str, allow_nan: bool) -> Any:

@@ -7,11 +7,12 @@ from typing import Any
 from zeal_asgi._redis.connector import RedisConnector
 from zeal_asgi._redis.scripts import COUNTER_CAS, KeyLayout
 from zeal_asgi.errors import BackendResponseError, IntegerOverflowError
+from zeal_asgi.store.base import CounterBackend
 
 __all__ = ["RedisCounter"]
 
 
-class RedisCounter:
+class RedisCounter(CounterBackend):
     """A signed 64-bit counter: ``INCRBY`` on ``{prefix}:counter:{name}``.
 
     ``initial`` is written with ``SET NX`` before this process first touches the counter, so

@@ -1,34 +1,42 @@
 """Single-row operations of the Redis backend: each one validated first, then one command.
 
 Validation uses the table's rules (:mod:`zeal_asgi.shm.schema`) before any I/O, so errors and
-returned types are the shared-memory table's; the scripts in :mod:`._redis_lua` keep a row, its
-membership set and its expiry consistent in one atomic step.  What does not change between
-calls (key prefixes, zero fields, column ranges) is computed once per table in :class:`_Table`,
-and error messages are built only when something fails.
+returned types are the shared-memory table's; the scripts of :mod:`zeal_asgi._redis.scripts`
+keep a row, its membership set and its expiry consistent in one atomic step.  What does not
+change between calls (key prefixes, zero fields, column ranges) is computed once per table in
+:class:`_Table`, and error messages are built only when something fails.
+
+At its first use in a process, a table's declaration is stored at ``{prefix}:schema:{table}``
+(or read from there): a second app declaring the same table differently on the same Redis and
+prefix gets a SchemaError naming both declarations, instead of sharing rows silently.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from zeal_asgi._redis.config import RedisConfig
-from zeal_asgi._redis.connector import RedisConnector
-from zeal_asgi._redis.scripts import CAS, DELETE, INCR_FLOAT, INCR_INT, SET, KeyLayout, Script
-from zeal_asgi.errors import ColumnTypeError, ConfigError, IntegerOverflowError, NonFiniteFloatError
-from zeal_asgi.shm.schema import Column, ColumnType, validate_key
+from zeal_asgi._redis.link import RedisLink
+from zeal_asgi._redis.scripts import (
+    CAS,
+    DELETE,
+    GET_FIELD,
+    INCR_FLOAT,
+    INCR_INT,
+    SCHEMA,
+    SET,
+    KeyLayout,
+    Script,
+)
+from zeal_asgi.errors import ConfigError, IntegerOverflowError, NonFiniteFloatError
+from zeal_asgi.shm.schema import Column, ColumnType
+from zeal_asgi.store.backends.redis.counter import RedisCounter
 from zeal_asgi.store.base import Key, TableSpec
 from zeal_asgi.store.codec import RowCodec, encode_float
 
 __all__ = ["INCR_INT", "SET", "RedisRows"]  # the two scripts: the store benchmark runs them raw
 
-_INT64 = (-(2**63), 2**63 - 1)
-_GET_FIELD = Script(
-    "get_field",
-    "if redis.call('EXISTS', KEYS[1]) == 0 then return false end\n"
-    "return {redis.call('HGET', KEYS[1], ARGV[1])}\n",
-)
 _HGETALL = "HGETALL"
 _EXISTS = "EXISTS"
 _OK = b"ok"
@@ -39,10 +47,9 @@ class _Table:
 
     __slots__ = (
         "base",
-        "binary",
+        "checked",
         "codec",
         "head",
-        "key_limit",
         "layout",
         "members",
         "name",
@@ -57,31 +64,29 @@ class _Table:
         self.codec = RowCodec(spec.schema, spec.name)
         self.base = layout.table_base(spec.name)
         self.members = layout.members(spec.name)
-        self.key_limit = spec.schema.key_limit
-        self.binary = spec.schema.binary_keys
         # ARGV[1], ARGV[2] of the row scripts: 't' tracked (SADD) or 'x' ttl (EXPIRE), ttl
         self.head: tuple[bytes, int] = (b"t" if spec.mode == "tracked" else b"x", spec.ttl or 0)
         zeros = self.codec.zero_fields()
         self.zeros: tuple[Any, ...] = (len(zeros), *zeros)
+        self.checked = False
+        """Whether this process compared the declaration with the one stored in Redis."""
 
     def key(self, key: object) -> tuple[bytes, bytes]:
         """The validated raw key and its row key (the table's errors on a bad key)."""
-        raw = validate_key(key, self.name, self.key_limit, self.binary)
+        raw = self.spec.check_key(key)
         if raw.endswith(b"keys__") and raw.startswith(b"__"):
             # may collide with the membership set: KeyLayout.row escapes it
             return raw, self.layout.row(self.name, raw)
         return raw, self.base + raw
 
 
-class RedisRows:
+class RedisRows(RedisLink):
     """Table declarations and the single-row operations (base of ``RedisBackend``)."""
 
     def __init__(self, config: RedisConfig) -> None:
-        self.config = config
-        self.prefix = config.prefix
-        self.layout = KeyLayout(config.prefix)
-        self._conn = RedisConnector(config)
+        super().__init__(config)
         self._tables: dict[str, _Table] = {}
+        self._counters: dict[str, RedisCounter] = {}
 
     def declare(self, spec: TableSpec) -> None:
         """Register a table (no I/O; Redis needs no allocation)."""
@@ -94,16 +99,50 @@ class RedisRows:
 
     def _table(self, spec: TableSpec) -> _Table:
         t = self._tables.get(spec.name)
-        if t is not None and t.spec is spec:
-            return t
-        if t is None or t.spec != spec:
+        if t is None or (t.spec is not spec and t.spec != spec):
             self.declare(spec)
             return self._tables[spec.name]
         t.spec = spec  # an equal declaration: later calls take the identity check above
         return t
 
-    def _codec(self, spec: TableSpec) -> RowCodec:
-        return self._table(spec).codec
+    async def _ensure(self, t: _Table) -> None:
+        """Compare the table's declaration with the one stored in Redis (once per process)."""
+        if t.checked:
+            return
+        mine = t.spec.declaration()
+        stored = await self._conn.script(
+            SCHEMA, (self.layout.schema(t.name),), (mine,), "schema check of", idempotent=True
+        )
+        if stored != mine:
+            raise t.spec.conflict(stored, self._conn.where)
+        t.checked = True
+
+    async def _script(
+        self,
+        t: _Table,
+        script: Script,
+        keys: tuple[bytes, ...],
+        args: Any,
+        what: str,
+        *,
+        idempotent: bool = True,
+    ) -> Any:
+        """Run ``script`` on ``t``'s keys (after the first-use schema check)."""
+        if not t.checked:
+            await self._ensure(t)
+        return await self._conn.script(
+            script, keys, args, what, idempotent=idempotent, table=t.name
+        )
+
+    async def _call(self, t: _Table, args: tuple[Any, ...], what: str) -> Any:
+        """Send one idempotent command on ``t``'s keys (after the first-use schema check)."""
+        if not t.checked:
+            await self._ensure(t)
+        return await self._conn.call(args, what, idempotent=True, table=t.name)
+
+    def row_key(self, table: str, key: Key) -> bytes:
+        """The hash holding row ``key`` of ``table``."""
+        return self.layout.row(table, key.encode("utf-8") if isinstance(key, str) else key)
 
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Merge ``row`` into the row (new rows start zeroed), in one atomic script."""
@@ -118,9 +157,7 @@ class RedisRows:
             args = [*t.head, raw, len(zeros), *zeros]
         for k, v in fields.items():
             args += (k, v)
-        await self._conn.script(
-            SET, (row_key, t.members), args, "set in", idempotent=True, table=t.name
-        )
+        await self._script(t, SET, (row_key, t.members), args, "set in")
         return True
 
     async def get(self, spec: TableSpec, key: Key, field: str | None = None) -> Any:
@@ -128,9 +165,7 @@ class RedisRows:
         t = self._table(spec)
         _, row_key = t.key(key)
         if field is None:
-            reply = await self._conn.call(
-                (_HGETALL, row_key), "get from", idempotent=True, table=t.name
-            )
+            reply = await self._call(t, (_HGETALL, row_key), "get from")
             if not reply:
                 return None
             if isinstance(reply, list):
@@ -138,14 +173,7 @@ class RedisRows:
                 reply = dict(zip(it, it, strict=True))
             return t.codec.decode(reply, key)
         col = spec.schema.column(field, spec.name)
-        got = await self._conn.script(
-            _GET_FIELD,
-            (row_key,),
-            (col.name.encode("utf-8"),),
-            "get from",
-            idempotent=True,
-            table=t.name,
-        )
+        got = await self._script(t, GET_FIELD, (row_key,), (col.name.encode(),), "get from")
         if got is None:
             return None
         return t.codec.decode_value(col, got[0] if got else None, key)
@@ -154,79 +182,40 @@ class RedisRows:
         """Remove the row (and its membership); ``True`` if it existed."""
         t = self._table(spec)
         raw, row_key = t.key(key)
-        n = await self._conn.script(
-            DELETE,
-            (row_key, t.members),
-            (*t.head, raw),
-            "delete from",
-            idempotent=True,
-            table=t.name,
-        )
+        n = await self._script(t, DELETE, (row_key, t.members), (*t.head, raw), "delete from")
         return bool(n)
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists (and has not expired)."""
         t = self._table(spec)
         _, row_key = t.key(key)
-        n = await self._conn.call((_EXISTS, row_key), "exists in", idempotent=True, table=t.name)
+        n = await self._call(t, (_EXISTS, row_key), "exists in")
         return bool(n)
 
     async def incr(
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1
     ) -> int | float:
-        """Atomically add ``by`` (range-checked like the table; creates the row)."""
+        """Atomically add ``by`` (a step the facade checked; range-checked like the table)."""
         t = self._table(spec)
         raw, row_key = t.key(key)
         col = spec.schema.column(column, spec.name)
         if col.type is ColumnType.INT:
-            if not isinstance(by, int) or isinstance(by, bool):
-                raise ColumnTypeError(
-                    f"incr on INT column {column!r} of table {spec.name!r} takes an int, got "
-                    f"{type(by).__name__}"
-                )
             lo, hi = col.int_range
-            if not _INT64[0] <= by <= _INT64[1]:
-                raise IntegerOverflowError(
-                    f"incr of {_where(col, t)} by {by}: the step is outside the signed 64-bit range"
-                )
             if col.size < 8 and not lo - hi <= by <= hi - lo:
+                # also keeps the script's doubles exact: |value| < 2^31, |step| < 2^33
                 raise IntegerOverflowError(
                     f"incr of {_where(col, t)} by {by} would leave [{lo}, {hi}] (INT({col.size})) "
                     "from any value; the value is unchanged"
                 )
-            args: tuple[Any, ...] = (
-                *t.head,
-                raw,
-                col.name,
-                by,
-                lo,
-                hi,
-                b"1" if col.size == 8 else b"0",
-                *t.zeros,
-            )
+            eight = b"1" if col.size == 8 else b"0"
+            args: tuple[Any, ...] = (*t.head, raw, col.name, by, lo, hi, eight, *t.zeros)
             script = INCR_INT
-        elif col.type is ColumnType.FLOAT:
-            if isinstance(by, bool) or not isinstance(by, (int, float)):
-                raise ColumnTypeError(
-                    f"incr on FLOAT column {column!r} of table {spec.name!r} takes an int or "
-                    f"float, got {type(by).__name__}"
-                )
-            try:
-                step = float(by)
-            except OverflowError:
-                raise IntegerOverflowError(f"incr step {by} does not fit a double") from None
-            if not spec.schema.allow_nan and not math.isfinite(step):
-                raise NonFiniteFloatError(f"incr step {by!r} is not finite")
-            nan_ok = b"1" if spec.schema.allow_nan else b"0"
-            args = (*t.head, raw, col.name, encode_float(step), nan_ok, *t.zeros)
-            script = INCR_FLOAT
         else:
-            raise ColumnTypeError(
-                f"incr needs an INT or FLOAT column; {column!r} of table {spec.name!r} is "
-                f"{col.type.name}"
-            )
-        reply = await self._conn.script(
-            script, (row_key, t.members), args, "incr in", idempotent=False, table=t.name
+            nan_ok = b"1" if spec.schema.allow_nan else b"0"
+            args = (*t.head, raw, col.name, encode_float(by), nan_ok, *t.zeros)
+            script = INCR_FLOAT
+        reply = await self._script(
+            t, script, (row_key, t.members), args, "incr in", idempotent=False
         )
         status = reply[0]
         if status == _OK:
@@ -260,18 +249,10 @@ class RedisRows:
         else:
             kind, zero = (b"i", expected == 0) if col.type is ColumnType.INT else (b"s", not exp)
         args = (*t.head, raw, col.name, kind, exp, new_raw, b"1" if zero else b"0", *t.zeros)
-        n = await self._conn.script(
-            CAS, (row_key, t.members), args, "compare_and_set in", idempotent=False, table=t.name
-        )
+        keys = (row_key, t.members)
+        n = await self._script(t, CAS, keys, args, "compare_and_set in", idempotent=False)
         return bool(n)
 
 
 def _where(col: Column, t: _Table) -> str:
     return f"column {col.name!r} of table {t.name!r}"
-
-
-def _flat(fields: Mapping[bytes, bytes]) -> list[bytes]:
-    out: list[bytes] = []
-    for k, v in fields.items():
-        out += (k, v)
-    return out

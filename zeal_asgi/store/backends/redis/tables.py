@@ -13,8 +13,7 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 
 from zeal_asgi._redis.scripts import CLEAR_BATCH, MSET, Script
-from zeal_asgi.shm.schema import validate_key
-from zeal_asgi.store.backends.redis.rows import RedisRows, _flat
+from zeal_asgi.store.backends.redis.rows import RedisRows
 from zeal_asgi.store.base import Key, Row, TableSpec
 
 __all__ = ["RedisTables"]
@@ -56,10 +55,10 @@ class RedisTables(RedisRows):
 
     async def count(self, spec: TableSpec) -> int:
         """Tracked: SCARD (O(1)).  TTL: SCAN of the table's exact pattern (O(keyspace))."""
+        t = self._table(spec)
         if spec.mode == "tracked":
-            members = self.layout.members(spec.name)
-            n = await self._conn.call(("SCARD", members), "count", idempotent=True, table=spec.name)
-            return int(n)
+            return int(await self._call(t, ("SCARD", t.members), "count"))
+        await self._ensure(t)
         total, cursor = 0, 0
         while True:
             cursor, keys = await self._scan(spec, cursor, 1000)
@@ -69,7 +68,9 @@ class RedisTables(RedisRows):
 
     async def iterate(self, spec: TableSpec) -> AsyncIterator[tuple[Any, Row]]:
         """Stream every row: SSCAN (tracked) or SCAN (ttl) batches + pipelined HGETALL."""
-        codec = self._codec(spec)
+        t = self._table(spec)
+        await self._ensure(t)
+        codec = t.codec
         cursor = 0
         while True:
             if spec.mode == "tracked":
@@ -99,25 +100,24 @@ class RedisTables(RedisRows):
 
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys`` in order (``None`` for misses), one pipelined round trip."""
-        codec = self._codec(spec)
-        raws = [
-            validate_key(k, spec.name, spec.schema.key_limit, spec.schema.binary_keys) for k in keys
-        ]
+        t = self._table(spec)
+        raws = [spec.check_key(k) for k in keys]
         if not raws:
             return []
+        await self._ensure(t)
+        codec = t.codec
         found = await self._hgetall_many([self.layout.row(spec.name, r) for r in raws])
         return [codec.decode(f, k) for f, k in zip(found, keys, strict=True)]
 
     async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
         """Validate every row first (all or nothing), then write them in one round trip."""
-        codec = self._codec(spec)
-        encoded = []
-        for k, r in rows.items():
-            raw = validate_key(k, spec.name, spec.schema.key_limit, spec.schema.binary_keys)
-            encoded.append((raw, codec.encode(r)))
+        t = self._table(spec)
+        codec = t.codec
+        encoded = [(spec.check_key(k), codec.encode(r)) for k, r in rows.items()]
         if not encoded:
             return 0
-        members = self.layout.members(spec.name)
+        await self._ensure(t)
+        members = t.members
         mode = b"t" if spec.mode == "tracked" else b"x"
         calls: list[tuple[list[bytes], list[Any]]] = []
         for start in range(0, len(encoded), _BATCH):
@@ -126,14 +126,14 @@ class RedisTables(RedisRows):
             for raw, fields in encoded[start : start + _BATCH]:
                 keys.append(self.layout.row(spec.name, raw))
                 zeros = codec.zero_fields(fields)
-                flat = _flat(fields)
+                flat = [x for kv in fields.items() for x in kv]
                 args += [raw, len(zeros), len(flat), *zeros, *flat]
             calls.append(([*keys, members], args))
 
         async def op(c: Any) -> Any:
             pipe = c.pipeline(transaction=False)
             for keys_, args_ in calls:
-                MSET.queue(pipe, keys_, args_)
+                pipe.eval(MSET.body, len(keys_), *keys_, *args_)  # EVAL: no NOSCRIPT in a pipeline
             return await pipe.execute()
 
         await self._conn.run(op, what=f"mset in {spec.name!r}", idempotent=True)
@@ -141,7 +141,9 @@ class RedisTables(RedisRows):
 
     async def clear(self, spec: TableSpec) -> int:
         """Remove every row with UNLINK in batches (never the whole key set in memory)."""
-        members = self.layout.members(spec.name)
+        t = self._table(spec)
+        await self._ensure(t)
+        members = t.members
         removed, cursor = 0, 0
         while True:
             if spec.mode == "tracked":

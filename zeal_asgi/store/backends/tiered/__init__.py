@@ -19,8 +19,8 @@ default 5, floats welcome), ``l1_rows`` (L1 capacity per table, default the tabl
 * With a secret, invalidations are HMAC-SHA256 envelopes (key id, timestamp, nonce): forged,
   unknown-key, stale, replayed, oversize and malformed messages are dropped and counted.
 
-``publish``, ``publish_reliable``, ``eval`` and counters are Redis's; any other Redis helper
-(``channel_name``, ``dedicated_client``, ``client``, ...) is reachable on this backend too.
+``publish``, ``publish_reliable``, ``eval``, counters and :meth:`TieredBackend.redis_link`
+(what pub/sub, Streams and WebSockets use) are L2's.
 """
 
 from __future__ import annotations
@@ -28,19 +28,28 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from zeal_asgi._redis.link import RedisLink
 from zeal_asgi._redis.subscriber import InvalidationSubscriber
-from zeal_asgi.errors import ConfigError, UnknownTableError, ZealError
-from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.shm.schema import validate_key
+from zeal_asgi.errors import ConfigError, ZealError
 from zeal_asgi.signing import Signer
 from zeal_asgi.store.backends.redis import RedisBackend
 from zeal_asgi.store.backends.tiered.l1 import L1Cache
 from zeal_asgi.store.backends.tiered.messages import InvalidationCodec
 from zeal_asgi.store.backends.tiered.sync import L1Sync
-from zeal_asgi.store.base import CounterBackend, Key, Row, StoreBackendKind, TableSpec
+from zeal_asgi.store.base import (
+    Capability,
+    CounterBackend,
+    Key,
+    Row,
+    StoreBackend,
+    StoreBackendKind,
+    TableSpec,
+    count,
+    counters,
+)
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table
@@ -48,15 +57,12 @@ if TYPE_CHECKING:
 __all__ = ["TieredBackend"]
 
 log = logging.getLogger("zeal_asgi.tiered")
+T = TypeVar("T")
 
 OPTIONS = ("l1_ttl", "l1_rows", "invalidation_secret", "invalidation_kid", "l1_namespace")
 """Options of the tiered backend on top of the Redis backend's."""
 ENV_SECRET = "ZEAL_TIERED_INVALIDATION_SECRET"
 _warned_unsigned = False
-
-
-def _count(metric: str) -> None:
-    host_stats().incr(f"tiered_{metric}_total")
 
 
 def _number(name: str, value: Any, lo: float, hi: float) -> float:
@@ -65,10 +71,11 @@ def _number(name: str, value: Any, lo: float, hi: float) -> float:
     return float(value)
 
 
-class TieredBackend:
+class TieredBackend(StoreBackend):
     """L1 shared table per host + L2 Redis (``Store.BACKEND_TIERED``)."""
 
     kind = StoreBackendKind.TIERED
+    capabilities = frozenset(Capability)
 
     def __init__(
         self,
@@ -124,12 +131,9 @@ class TieredBackend:
     def __repr__(self) -> str:
         return f"<TieredBackend l1_ttl={self.l1_ttl} l2={self._l2!r}>"
 
-    def __getattr__(self, name: str) -> Any:
-        # Redis helpers (channel_name, dedicated_client, client, key, run, ...) for the code
-        # built on the backend: pub/sub, streams and WebSockets work on tiered as on redis.
-        if name.startswith("__") or name == "_l2":
-            raise AttributeError(name)
-        return getattr(self._l2, name)
+    def redis_link(self) -> RedisLink:
+        """L2's link: pub/sub, Streams and WebSockets work on tiered as on redis."""
+        return self._l2
 
     @property
     def l2(self) -> RedisBackend:
@@ -191,20 +195,17 @@ class TieredBackend:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def _check(self, spec: TableSpec, key: Key) -> bytes:
-        return validate_key(key, spec.name, spec.schema.key_limit, spec.schema.binary_keys)
-
     async def get(self, spec: TableSpec, key: Key, field: str | None = None) -> Any:
         """The row or field: from L1 when fresh, else L2 (then L1 is filled)."""
         if field is not None:
             spec.schema.column(field, spec.name)
-        raw = self._check(spec, key)
+        raw = spec.check_key(key)
         if self._sync.synced:
             row = self._l1.lookup(spec, key)
             if row is not None:
                 return row if field is None else row[field]
         else:
-            _count("l1_bypass")
+            count("tiered", "l1_bypass")
         row = await self._read_through(spec, key, raw)
         if row is None or field is None:
             return row
@@ -232,18 +233,15 @@ class TieredBackend:
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists: a fresh L1 copy says so, else L2 answers."""
-        self._check(spec, key)
+        spec.check_key(key)
         if self._sync.synced and self._l1.is_fresh(spec, key):
-            _count("l1_hits")
+            count("tiered", "l1_hits")
             return True
         return await self._l2.exists(spec, key)
 
-    async def exists_cached(self, table: str | TableSpec, key: Key) -> bool:
+    async def exists_cached(self, spec: TableSpec, key: Key) -> bool:
         """``True`` only when L1 holds a fresh copy of the row (no network at all)."""
-        spec = table if isinstance(table, TableSpec) else self._specs.get(table)
-        if spec is None:
-            raise UnknownTableError(f"table {table!r} was never made (Store.make)")
-        self._check(spec, key)
+        spec.check_key(key)
         return self._sync.synced and self._l1.is_fresh(spec, key)
 
     async def count(self, spec: TableSpec) -> int:
@@ -257,7 +255,7 @@ class TieredBackend:
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys`` from L2 in one round trip; whole rows then fill L1."""
         for k in keys:
-            self._check(spec, k)  # typed errors before L1 sees a key
+            spec.check_key(k)  # typed errors before L1 sees a key
         tokens = [self._l1.snapshot(spec.name, k) for k in keys]
         synced = self._sync.synced
         rows = await self._l2.mget(spec, keys)
@@ -269,87 +267,69 @@ class TieredBackend:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    async def _after_failure(
-        self, spec: TableSpec, keys: Sequence[Key], exc: BaseException
-    ) -> None:
-        self._l1.invalidate(spec.name, keys)
-        if isinstance(exc, TimeoutError):  # the write may have happened after all
-            raws = [self._check(spec, k) for k in keys]
-            await self._sync.announce(spec.name, "keys", raws)
+    async def _write(
+        self,
+        spec: TableSpec,
+        keys: Sequence[Key],
+        op: Callable[[], Awaitable[T]],
+        rows: Sequence[Mapping[str, Any]] | None = None,
+        *,
+        conditional: bool = False,
+    ) -> T:
+        """Run ``op`` on L2, then update (whole ``rows``, one per key) or drop ``keys`` in L1,
+        then tell the other nodes to drop them (``conditional``: only when ``op`` returned a
+        true value)."""
+        raws = [spec.check_key(k) for k in keys]
+        t0 = time.monotonic()
+        try:
+            result = await op()
+        except ZealError as exc:
+            self._l1.invalidate(spec.name, keys)
+            if isinstance(exc, TimeoutError):  # the write may have happened after all
+                await self._sync.announce(spec.name, "keys", raws)
+            raise
+        if conditional and not result:
+            return result
+        for i, k in enumerate(keys):
+            row = rows[i] if rows is not None else None
+            # A partial row merges into whatever L2 holds, which L1 may not know: drop instead.
+            if row is not None and self._sync.synced and len(row) == len(spec.schema.columns):
+                self._l1.put(spec, k, spec.schema.validate_row(row, spec.name), t0)
+            else:
+                self._l1.invalidate(spec.name, [k])
+        await self._sync.announce(spec.name, "keys", raws)
+        return result
 
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Write to L2, then put the row in L1 (whole rows) or drop it, then tell the others."""
-        raw = self._check(spec, key)
-        t0 = time.monotonic()
-        try:
-            result = await self._l2.set(spec, key, row)
-        except ZealError as exc:
-            await self._after_failure(spec, [key], exc)
-            raise
-        self._update_l1(spec, key, row, t0)
-        await self._sync.announce(spec.name, "keys", [raw])
-        return result
-
-    def _update_l1(self, spec: TableSpec, key: Key, row: Mapping[str, Any], t0: float) -> None:
-        # A partial row merges into whatever L2 holds, which L1 may not know: drop instead.
-        if self._sync.synced and len(row) == len(spec.schema.columns):
-            self._l1.put(spec, key, spec.schema.validate_row(row, spec.name), t0)
-        else:
-            self._l1.invalidate(spec.name, [key])
-
-    async def _write(self, spec: TableSpec, key: Key, coro: Any) -> Any:
-        raw = self._check(spec, key)
-        try:
-            result = await coro
-        except ZealError as exc:
-            await self._after_failure(spec, [key], exc)
-            raise
-        self._l1.invalidate(spec.name, [key])
-        await self._sync.announce(spec.name, "keys", [raw])
-        return result
+        return await self._write(spec, [key], lambda: self._l2.set(spec, key, row), [row])
 
     async def delete(self, spec: TableSpec, key: Key) -> bool:
         """Delete in L2 and L1; the others drop their copy."""
-        self._check(spec, key)
-        result: bool = await self._write(spec, key, self._l2.delete(spec, key))
-        return result
+        return await self._write(spec, [key], lambda: self._l2.delete(spec, key))
 
     async def incr(
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1
     ) -> int | float:
         """Atomic add in L2 (the truth); L1 copies are dropped everywhere."""
-        self._check(spec, key)
-        result: int | float = await self._write(spec, key, self._l2.incr(spec, key, column, by))
-        return result
+        return await self._write(spec, [key], lambda: self._l2.incr(spec, key, column, by))
 
     async def compare_and_set(
         self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
     ) -> bool:
         """Atomic compare-and-set in L2; on success L1 copies are dropped everywhere."""
-        raw = self._check(spec, key)
-        try:
-            done = await self._l2.compare_and_set(spec, key, column, expected, new)
-        except ZealError as exc:
-            await self._after_failure(spec, [key], exc)
-            raise
-        if done:
-            self._l1.invalidate(spec.name, [key])
-            await self._sync.announce(spec.name, "keys", [raw])
-        return done
+        return await self._write(
+            spec,
+            [key],
+            lambda: self._l2.compare_and_set(spec, key, column, expected, new),
+            conditional=True,
+        )
 
     async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
         """Write many rows to L2 (one round trip), update or drop them in L1, invalidate."""
-        raws = [self._check(spec, k) for k in rows]
-        t0 = time.monotonic()
-        try:
-            n = await self._l2.mset(spec, rows)
-        except ZealError as exc:
-            await self._after_failure(spec, list(rows), exc)
-            raise
-        for k, r in rows.items():
-            self._update_l1(spec, k, r, t0)
-        await self._sync.announce(spec.name, "keys", raws)
-        return n
+        return await self._write(
+            spec, list(rows), lambda: self._l2.mset(spec, rows), list(rows.values())
+        )
 
     async def clear(self, spec: TableSpec) -> int:
         """Remove every row from L2 and L1; every node drops its L1 copy of the table."""
@@ -366,13 +346,11 @@ class TieredBackend:
         """L2's PING."""
         return await self._l2.ping()
 
-    async def publish(self, channel: str, payload: str | bytes) -> int:
+    async def publish(self, channel: str, payload: bytes) -> int:
         """Redis PUBLISH (``Store.publish``)."""
         return await self._l2.publish(channel, payload)
 
-    async def publish_reliable(
-        self, stream: str, payload: str | bytes, max_len: int | None = None
-    ) -> str:
+    async def publish_reliable(self, stream: str, payload: bytes, max_len: int | None) -> str:
         """Redis XADD (``Store.publish_reliable``)."""
         return await self._l2.publish_reliable(stream, payload, max_len)
 
@@ -386,20 +364,8 @@ class TieredBackend:
 
     def stats(self) -> dict[str, Any]:
         """L2's stats, plus ``tiered`` (subscriber, invalidations, L1 counters) and ``l1``."""
-        out = dict(self._l2.stats())
-        host = host_stats().host()
-        mine = host_stats().worker()
-        tiered: dict[str, Any] = {
-            k[len("tiered_") :]: v for k, v in host.items() if k.startswith("tiered_")
-        }
-        tiered.update(
-            l1_ttl=self.l1_ttl,
-            **self._sync.stats(),
-            worker={k[len("tiered_") :]: v for k, v in mine.items() if k.startswith("tiered_")},
-        )
-        out["tiered"] = tiered
-        out["l1"] = self._l1.stats()
-        return out
+        tiered = {**counters("tiered"), "l1_ttl": self.l1_ttl, **self._sync.stats()}
+        return {**self._l2.stats(), "tiered": tiered, "l1": self._l1.stats()}
 
     def close_shared(self) -> None:
         """Unlink the L1 tables (tests and explicit teardown; workers keep their mappings)."""

@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from zeal_asgi.errors import ConfigError, TableFullError
 from zeal_asgi.shm.ext import Table
-from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.schema import ColumnType
-from zeal_asgi.store.base import Key, Row, TableSpec
+from zeal_asgi.store.base import Key, Row, TableSpec, count
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table as TableT
@@ -42,10 +41,6 @@ Token = tuple[int, int]
 
 def _key_bytes(key: Key) -> bytes:
     return key.encode("utf-8") if isinstance(key, str) else key
-
-
-def _metric(name: str) -> None:
-    host_stats().incr(f"tiered_{name}_total")
 
 
 class L1Cache:
@@ -118,12 +113,12 @@ class L1Cache:
         t = self._tables[spec.name]
         row: Row | None = t.get(key)
         if row is None:
-            _metric("l1_misses")
+            count("tiered", "l1_misses")
             return None
         if time.monotonic() - row.pop(FETCHED) >= self._ttls[spec.name]:
-            _metric("l1_stale")
+            count("tiered", "l1_stale")
             return None
-        _metric("l1_hits")
+        count("tiered", "l1_hits")
         return row
 
     def is_fresh(self, spec: TableSpec, key: Key) -> bool:
@@ -146,12 +141,12 @@ class L1Cache:
         ``fetched`` (monotonic) defaults to now; an earlier one shortens the row's freshness.
         """
         if self.snapshot(spec.name, key) != token:
-            _metric("l1_fill_skipped")
+            count("tiered", "l1_fill_skipped")
             return False
         stored = self._store(spec, key, row, fetched)
         if stored and self.snapshot(spec.name, key) != token:
             self._tables[spec.name].delete(key)  # an invalidation overtook us: keep nothing
-            _metric("l1_fill_skipped")
+            count("tiered", "l1_fill_skipped")
             return False
         return stored
 
@@ -187,12 +182,12 @@ class L1Cache:
             t.set(key, full)
         except TableFullError:
             if not self._evict(spec.name, t):
-                _metric("l1_full_skips")
+                count("tiered", "l1_full_skips")
                 return False
             try:
                 t.set(key, full)
             except TableFullError:
-                _metric("l1_full_skips")
+                count("tiered", "l1_full_skips")
                 return False
         return True
 
@@ -221,7 +216,7 @@ class L1Cache:
                 live.sort(key=lambda item: item[0])
                 for _, key in live[: target - freed]:
                     freed += bool(t.delete(key))
-            host_stats().incr("tiered_l1_evictions_total", freed)
+            count("tiered", "l1_evictions", freed)
             return freed > 0
         finally:
             g.compare_and_set(_LOCK, "g", now_ms, 0)

@@ -15,20 +15,15 @@ from typing import Any
 
 from zeal_asgi._redis.subscriber import InvalidationSubscriber
 from zeal_asgi.errors import MessageRejectedError, ZealError
-from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.store.backends.redis import RedisBackend
 from zeal_asgi.store.backends.tiered.l1 import L1Cache
 from zeal_asgi.store.backends.tiered.messages import InvalidationCodec
-from zeal_asgi.store.base import TableSpec
+from zeal_asgi.store.base import TableSpec, count
 
 __all__ = ["L1Sync"]
 
 log = logging.getLogger("zeal_asgi.tiered")
-
-
-def _count(metric: str) -> None:
-    host_stats().incr(f"tiered_{metric}_total")
 
 
 class L1Sync:
@@ -77,12 +72,12 @@ class L1Sync:
 
     def _on_synced(self) -> None:
         self.l1.clear(None)  # whatever was published while we were away is lost: start over
-        _count("l1_flushes")
+        count("tiered", "l1_flushes")
         self.synced = True
 
     def _on_lost(self) -> None:
         self.synced = False
-        _count("subscriber_lost")
+        count("tiered", "subscriber_lost")
 
     def _on_message(self, raw: bytes) -> None:
         try:
@@ -91,10 +86,10 @@ class L1Sync:
             log.debug("tiered: invalidation dropped (%s): %s", exc.reason, exc)
             return
         if inv.origin == self.origin:
-            _count("invalidations_own")
+            count("tiered", "invalidations_own")
             return
         if inv.table not in self._specs:
-            _count("invalidations_unknown_table")
+            count("tiered", "invalidations_unknown_table")
             return
         try:
             if inv.op == "clear":
@@ -104,7 +99,7 @@ class L1Sync:
         except ZealError:
             self.codec.counter.reject("malformed")  # a key this table cannot even hold
             return
-        _count("invalidations_applied")
+        count("tiered", "invalidations_applied")
 
     async def announce(self, table: str, op: str, keys: Sequence[bytes] = ()) -> None:
         """Tell the other nodes to drop ``keys`` (or, with ``op="clear"``, all) of ``table``."""
@@ -119,11 +114,11 @@ class L1Sync:
             except ZealError as exc:
                 # The write itself succeeded: report, don't fail it.  Peers that lost the
                 # message keep a copy for at most l1_ttl (or flush when their link drops).
-                _count("invalidation_publish_failures")
+                count("tiered", "invalidation_publish_failures")
                 log.warning("tiered: invalidation of %s not published: %s", table, exc)
                 return
             self.sent += 1
-            _count("invalidations_sent")
+            count("tiered", "invalidations_sent")
 
     def stats(self) -> dict[str, Any]:
         """Origin, channel, trust, subscriber and message counters of this worker."""
