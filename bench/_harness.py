@@ -1,5 +1,8 @@
 """Timing, process, server and reporting helpers shared by every benchmark suite.
 
+Servers (redis-server, memcached, the app under ``zeal-asgi run``) are the test harness's
+(``tests/_harness``): one way to start, wait for and stop them, for tests and benchmarks alike.
+
 A suite builds :data:`Loop` callables (``loop(n)`` runs one operation ``n`` times), times them
 with :func:`measure` (single process) or :func:`measure_concurrent` (forked processes hammering
 the same state), collects :class:`Result` rows and returns a :class:`SuiteReport`, which
@@ -24,7 +27,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +38,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypedDict
 
+from tests._harness.servers import RedisServer
+
 __all__ = [
     "DASH",
     "TIMES",
@@ -45,7 +49,6 @@ __all__ = [
     "CpuWatch",
     "Loop",
     "NotInstalled",
-    "RedisServer",
     "Result",
     "RowId",
     "SuiteReport",
@@ -59,7 +62,6 @@ __all__ = [
     "fmt_ns",
     "fmt_ops",
     "fmt_ratio",
-    "free_port",
     "log",
     "machine_info",
     "machine_markdown",
@@ -878,22 +880,6 @@ def shm_tempdir(prefix: str = "zeal-bench-") -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclasses.dataclass(frozen=True)
-class RedisServer:
-    """A private redis-server started by :func:`redis_server`."""
-
-    port: int
-    version: str
-
-
 def redis_server_version(exe: str | None = None) -> str | None:
     """``7.0.15``, or ``None`` when redis-server is not on PATH."""
     exe = exe or shutil.which("redis-server")
@@ -907,47 +893,14 @@ def redis_server_version(exe: str | None = None) -> str | None:
     return m.group(1) if m else out.strip() or "unknown"
 
 
-def _ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
-def redis_server(workdir: str) -> Iterator[RedisServer]:
-    """Start a throw-away redis-server on a free loopback port (no persistence), stop it on
-    exit.  Raises :class:`NotInstalled` when redis-server is not on PATH."""
-    exe = shutil.which("redis-server")
-    version = redis_server_version(exe)
-    if exe is None or version is None:
+def redis_server() -> Iterator[RedisServer]:
+    """A throw-away redis-server on a free loopback port (no persistence; the tests' harness
+    starts it), stopped on exit.  Raises :class:`NotInstalled` when it is not on PATH."""
+    if shutil.which("redis-server") is None:
         raise NotInstalled("not installed (redis-server)")
-    for _attempt in range(3):
-        port = free_port()
-        cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-               "no", "--dir", workdir]  # fmt: skip
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while proc.poll() is None and time.monotonic() < deadline and not _ping(port):
-                time.sleep(0.02)
-            if proc.poll() is None and _ping(port):
-                yield RedisServer(port, version)
-                return
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        # exited at start: most likely someone took the port between free_port() and bind
-    raise RuntimeError("redis-server did not start (3 attempts)")
+    with RedisServer() as server:
+        yield server
 
 
 # -- docs --------------------------------------------------------------------------------------

@@ -518,7 +518,7 @@ def run(cfg: Config) -> SuiteReport:
         with shm_tempdir() as tmp, contextlib.ExitStack() as servers:
             port: int | None = None
             try:
-                port = servers.enter_context(redis_server(tmp)).port
+                port = servers.enter_context(redis_server()).port
             except NotInstalled as exc:
                 log(f"[{NAME}] {exc}: Redis rows are skipped")
             _run_all(cfg, Env(runner, tmp, port), measured)

@@ -29,15 +29,15 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from tests._harness.apps import AppServer
+from tests._harness.servers import ServerError, stop_all
 
 from ._harness import (
     TIMES,
@@ -63,7 +63,6 @@ __all__ = ["NAME", "TITLE", "HttpConfig", "Route", "RouteRun", "run"]
 NAME = "http"
 TITLE = "HTTP: the counter demo under 2 workers (wrk)"
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fastapi", "starlette", "uvicorn", "uvloop", "httptools", "redis", "pydantic")
 WORKERS = 2
 TAIL = 0.5
@@ -233,71 +232,8 @@ class RouteRun:
 # -- processes ---------------------------------------------------------------------------------
 
 
-class Server:
-    """``zeal-asgi run bench.http:app --workers 2`` on a free port, in its own session."""
-
-    def __init__(self, env: dict[str, str], workdir: str) -> None:
-        from ._harness import free_port
-
-        self.port = free_port()
-        self.log = Path(workdir) / f"server-{self.port}.log"
-        base = {k: v for k, v in os.environ.items() if not k.startswith("ZEAL_")}
-        base["PYTHONPATH"] = str(ROOT) + os.pathsep + base.get("PYTHONPATH", "")
-        argv = [sys.executable, "-m", "zeal_asgi", "run", "bench.http:app"]
-        argv += ["--workers", str(WORKERS), "--port", str(self.port), "--log-level", "warning"]
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=ROOT,
-                env={**base, **env},
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until both workers answer (a request per fresh connection, so both get some)."""
-        deadline = time.monotonic() + timeout
-        pids: set[int] = set()
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(self.url + "/health/store", timeout=2) as r:
-                    pids.add(json.load(r)["pid"])
-                if len(pids) >= WORKERS:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError(
-            f"server not ready (workers seen: {pids}): {self.log.read_text()[-2000:]}"
-        )
-
-    def get_json(self, path: str) -> Any:
-        """GET a JSON route."""
-        with urllib.request.urlopen(self.url + path, timeout=10) as r:
-            return json.load(r)
-
-    def stop(self) -> None:
-        """SIGTERM (clean shutdown unlinks the shared memory), SIGKILL the group if stuck."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-
 @contextlib.contextmanager
-def _servers(redis_url: str, workdir: str) -> Iterator[tuple[dict[str, Server], dict[str, str]]]:
+def _servers(redis_url: str) -> Iterator[tuple[dict[str, AppServer], dict[str, str]]]:
     """Both servers, started side by side; a server that cannot start is an error for its
     routes (e.g. the redis backend not installed), not for the whole suite."""
     envs = {
@@ -311,19 +247,23 @@ def _servers(redis_url: str, workdir: str) -> Iterator[tuple[dict[str, Server], 
             "ZEAL_REDIS_POOL_SIZE": "64",
         },
     }
-    started = {kind: Server(env, workdir) for kind, env in envs.items()}
+    started = {
+        kind: AppServer("bench.http:app", workers=WORKERS, env=env, ready="/health/store")
+        for kind, env in envs.items()
+    }
     failed: dict[str, str] = {}
     try:
+        for s in started.values():
+            s.launch()
         for kind, s in started.items():
             try:
                 s.wait_ready()
-            except RuntimeError as exc:
+            except ServerError as exc:
                 failed[kind] = f"failed: {str(exc).strip().splitlines()[-1][:160]}"
                 log(f"[{NAME}] {kind} server: {exc}")
         yield {k: s for k, s in started.items() if k not in failed}, failed
     finally:
-        for s in started.values():
-            s.stop()
+        stop_all(started.values())
 
 
 def _split(port: int) -> dict[int, int]:
@@ -362,16 +302,16 @@ def wrk(
 # -- the suite ---------------------------------------------------------------------------------
 
 
-def _counter(route: Route, server: Server, plain: Any) -> int | None:
+def _counter(route: Route, server: AppServer, plain: Any) -> int | None:
     if route.counter == "zeal":
-        return int(server.get_json("/demo/counter")["total_requests"])
+        return int(server.get("/demo/counter")["total_requests"])
     if route.counter == "plain":
         return int(plain.get(PLAIN_KEY) or 0)
     return None
 
 
 def _measure(
-    route: Route, server: Server, plain: Any, hc: HttpConfig, lua: Path, wait: float
+    route: Route, server: AppServer, plain: Any, hc: HttpConfig, lua: Path, wait: float
 ) -> RouteRun:
     url = server.url + route.path
     wait_quiet(wait)
@@ -580,13 +520,13 @@ def run(cfg: Config) -> SuiteReport:
         raise NotInstalled("not installed (wrk: apt-get install wrk)")
     import redis
 
-    with shm_tempdir() as tmp, redis_server(tmp) as rs:
+    with shm_tempdir() as tmp, redis_server() as rs:
         redis_url = f"redis://127.0.0.1:{rs.port}/0"
         lua = Path(tmp) / "count.lua"
         lua.write_text(_LUA)
         plain = redis.Redis.from_url(redis_url)
         try:
-            with _servers(redis_url, tmp) as (servers, failed):
+            with _servers(redis_url) as (servers, failed):
                 for route in ROUTES:
                     if route.server in failed:
                         errors[route.id] = failed[route.server]

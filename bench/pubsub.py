@@ -26,17 +26,15 @@ import importlib.util
 import json
 import multiprocessing
 import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 import traceback
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
+
+from tests._harness.apps import AppServer
 
 from ._harness import (
     DASH,
@@ -49,14 +47,12 @@ from ._harness import (
     SuiteReport,
     dist_version,
     fmt_ops,
-    free_port,
     log,
     machine_info,
     need,
     now_utc,
     redis_server,
     redis_server_version,
-    shm_tempdir,
     wait_quiet,
 )
 from .store import AsyncRunner, Target, short_error, target_table
@@ -66,7 +62,6 @@ __all__ = ["NAME", "TITLE", "PubSubConfig", "run"]
 NAME = "pubsub"
 TITLE = "Pub/sub across workers and WebSocket fan-out vs redis-py and broadcaster"
 
-ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("zeal-asgi", "redis", "hiredis", "broadcaster", "websockets", "uvicorn", "uvloop")
 PAD = "x" * 40
 """Payload padding: ``L:<seq>:<ns>:`` plus this is ~70 bytes, a typical small event."""
@@ -502,53 +497,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-class _Server:
-    """``zeal-asgi run bench.pubsub:app --workers 2`` on a free port, in its own session."""
-
-    def __init__(self, env: dict[str, str], workdir: str) -> None:
-        self.port = free_port()
-        self.log = Path(workdir) / f"ws-server-{self.port}.log"
-        base = {k: v for k, v in os.environ.items() if not k.startswith("ZEAL_")}
-        base["PYTHONPATH"] = str(ROOT) + os.pathsep + base.get("PYTHONPATH", "")
-        argv = [sys.executable, "-m", "zeal_asgi", "run", "bench.pubsub:app", "--workers", "2"]
-        argv += ["--port", str(self.port), "--log-level", "warning"]
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=ROOT,
-                env={**base, **env},
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until both workers answer."""
-        deadline = time.monotonic() + timeout
-        pids: set[int] = set()
-        while len(pids) < 2:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready: {self.log.read_text()[-1500:]}")
-            with contextlib.suppress(OSError):
-                url = f"http://127.0.0.1:{self.port}/bench/pid"
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    pids.add(json.load(r)["pid"])
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        """SIGTERM (a clean shutdown unlinks the shared memory); SIGKILL the group if stuck."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-
-
 # -- the WebSocket clients -----------------------------------------------------------------------
 
 
@@ -649,13 +597,13 @@ def _wait(conn: Connection, timeout: float) -> Any:
     return msg
 
 
-def _fan_out(env: dict[str, str], workdir: str, pc: PubSubConfig) -> FanOut:
+def _fan_out(env: dict[str, str], pc: PubSubConfig) -> FanOut:
     need("websockets")
-    server = _Server(env, workdir)
+    server = AppServer("bench.pubsub:app", workers=2, env=env, ready="/bench/pid")
     procs: list[Any] = []
     conns: list[Connection] = []
     try:
-        server.wait_ready()
+        server.start()
         half = pc.ws_clients // 2
         groups = [range(0, half), range(half, pc.ws_clients)]
         for g in groups:
@@ -908,9 +856,9 @@ def run(cfg: Config) -> SuiteReport:
     fans: dict[str, Runs[FanOut] | str] = {}
     runner = AsyncRunner()
     try:
-        with shm_tempdir() as tmp, contextlib.ExitStack() as servers:
+        with contextlib.ExitStack() as servers:
             try:
-                url = f"redis://127.0.0.1:{servers.enter_context(redis_server(tmp)).port}/0"
+                url = f"redis://127.0.0.1:{servers.enter_context(redis_server()).port}/0"
             except NotInstalled as exc:
                 log(f"[{NAME}] {exc}")
                 url = ""
@@ -955,7 +903,7 @@ def run(cfg: Config) -> SuiteReport:
                     wait_quiet(cfg.wait_quiet)
                     try:
                         env = {**extra, "BENCH_REDIS_URL": url, "ZEAL_REDIS_URL": url}
-                        g = _fan_out(env, tmp, pc)
+                        g = _fan_out(env, pc)
                     except NotInstalled as exc:
                         fans[cid] = str(exc)
                         continue

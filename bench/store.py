@@ -28,6 +28,8 @@ import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
+from tests._harness.servers import Memcached
+
 from ._harness import (
     BUSY,
     DASH,
@@ -52,7 +54,6 @@ from ._harness import (
     now_utc,
     redis_server,
     redis_server_version,
-    shm_tempdir,
     wait_quiet,
 )
 
@@ -934,20 +935,18 @@ def _body(m: Measured, targets: Sequence[Target], cfg: Config, loop: str) -> str
 
 
 @contextlib.contextmanager
-def _servers(tmp: str) -> Iterator[tuple[int | None, int | None]]:
+def _servers() -> Iterator[tuple[int | None, int | None]]:
     """One redis-server and one memcached for the whole suite (``None``: not installed)."""
     with contextlib.ExitStack() as stack:
         redis_port: int | None = None
         try:
-            redis_port = stack.enter_context(redis_server(tmp)).port
+            redis_port = stack.enter_context(redis_server()).port
         except NotInstalled as exc:
             log(f"[{NAME}] {exc}: Redis rows are skipped")
         mc_port: int | None = None
         if shutil.which("memcached") is None:
             log(f"[{NAME}] memcached not installed: memcached rows are skipped")
         else:
-            from tests.servers import Memcached
-
             mc_port = stack.enter_context(Memcached()).port
         yield redis_port, mc_port
 
@@ -965,7 +964,7 @@ def run(cfg: Config) -> SuiteReport:
     measured = Measured()
     runner = AsyncRunner()
     try:
-        with shm_tempdir() as tmp, _servers(tmp) as (redis_port, mc_port):
+        with _servers() as (redis_port, mc_port):
             env = Env(runner, redis_port, mc_port)
             for group in GROUPS:
                 _run_group(group, cfg, env, measured)

@@ -427,7 +427,7 @@ def _lmdb(stack: contextlib.ExitStack[Any], tmp: str) -> list[Spec]:
 def _redis(stack: contextlib.ExitStack[Any], tmp: str) -> list[Spec]:
     redis = need("redis")
     orjson = need("orjson")
-    server = stack.enter_context(redis_server(tmp))
+    server = stack.enter_context(redis_server())
 
     def client() -> Any:
         return redis.Redis(host="127.0.0.1", port=server.port)

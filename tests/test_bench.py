@@ -13,7 +13,7 @@ import pytest
 
 from bench import load_suite
 from bench._harness import Config
-from tests.servers import require_binary
+from tests._harness.servers import require_binary
 
 SUITES = ["table", "store", "cache", "pubsub"]
 

@@ -12,8 +12,8 @@ import pytest
 
 from bench import http
 from bench._harness import Config
+from tests._harness.servers import require_binary
 from tests.conftest import LONG
-from tests.servers import require_binary
 
 
 @pytest.mark.servers

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.app.conftest import SCREENSHOTS, AppServer
+from tests._harness.apps import AppServer
+from tests.app.conftest import SCREENSHOTS
 
 pytestmark = pytest.mark.browser
 
@@ -188,7 +189,9 @@ def test_chat_message_crosses_workers(
         received = page_b.locator(f'li[data-text="{text}"]')
         assert received.get_attribute("data-sender") == "tab-a"
         # A server-side push to the room (an HTTP request on any worker) reaches both tabs.
-        status, push = example_server.get("/demo/rooms/push?room=browser-test&msg=from-the-server")
+        status, push = example_server.fetch(
+            "/demo/rooms/push?room=browser-test&msg=from-the-server"
+        )
         assert status == 200 and push["receivers"] == 2, push
         for page in (page_a, page_b):
             page.locator('li[data-text="from-the-server"]').wait_for(timeout=CLICK_TIMEOUT_MS)

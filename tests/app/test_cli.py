@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.app.conftest import ROOT, AppServer
-from tests.core.serverproc import ServerProc
-from tests.servers import HOST, free_port
+from tests._harness.apps import AppServer
+from tests._harness.servers import HOST, free_port
+from tests.app.conftest import ROOT
 from zeal_asgi.launcher import make_socket
 
 RUN_OPTIONS = (
@@ -182,18 +182,13 @@ def inspect(server_id: str) -> dict[str, Any]:
 
 
 @pytest.fixture(params=["launcher", "uvicorn", "uvicorn-workers"])
-def served(request: pytest.FixtureRequest) -> Iterator[ServerProc]:
+def served(request: pytest.FixtureRequest) -> Iterator[AppServer]:
     """The lifecycle test app (a table ``shared`` and a counter ``hits``) under a server."""
-    server = ServerProc(request.param)
-    try:
-        server.wait_ready(workers=1 if request.param == "uvicorn" else 2)
+    with AppServer("tests.core.apps.shared_app:app", server=request.param) as server:
         yield server
-    finally:
-        server.stop()
-        server.close()
 
 
-def test_inspect_lists_tables_counters_and_segments(served: ServerProc) -> None:
+def test_inspect_lists_tables_counters_and_segments(served: AppServer) -> None:
     served.get("/put", k="a", v="x")
     served.get("/put", k="b", v="y")
     for _ in range(3):

@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 import yaml
 
+from tests._harness.servers import free_port
 from tests.app.conftest import ROOT
 from tests.conftest import LONG
-from tests.servers import free_port
 from zeal_asgi.settings import ZealSettings
 
 DOCKER = ROOT / "docker"

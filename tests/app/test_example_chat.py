@@ -19,8 +19,9 @@ from websockets.sync.client import ClientConnection, connect
 
 from example_app import main
 from example_app.rooms import MAX_DEPTH, MAX_FRAME, ROSTER, ROSTER_ROWS
-from tests.app.conftest import AppServer
-from tests.servers import RedisServer, require_binary
+from tests._harness.apps import AppServer
+from tests._harness.servers import RedisServer
+from tests.app.conftest import example_app_server
 
 
 def _ws(server: AppServer, query: str) -> ClientConnection:
@@ -63,7 +64,7 @@ def test_an_oversized_frame_closes_with_1009(example_server: AppServer, frame: s
     assert code == 1009, (code, reason)
     assert "limit" in reason or "deeper" in reason
     # The worker that held the socket is fine: the app still answers and chats.
-    assert example_server.get("/health/store")[0] == 200
+    assert example_server.fetch("/health/store")[0] == 200
     with _ws(example_server, "room=abuse&name=after") as ws:
         ws.send(json.dumps({"type": "join"}))
         _next(ws, "welcome")
@@ -116,41 +117,36 @@ def test_join_past_the_roster_capacity_answers_and_keeps_the_socket(
 @pytest.mark.servers
 def test_a_killed_workers_chat_clients_leave_the_roster() -> None:
     """SIGKILL the worker holding a chat client: the roster stops listing its pid."""
-    with AppServer() as server, contextlib.ExitStack() as clients:
+    with example_app_server() as server, contextlib.ExitStack() as clients:
         victim = 0
         for i in range(12):
             ws = clients.enter_context(_ws(server, f"room=reaped&name=c{i}"))
             ws.send(json.dumps({"type": "join"}))
             victim = _next(ws, "welcome")["worker_pid"]
-            if victim in server.worker_pids():
+            if victim in server.worker_pids:
                 break
-        status, online = server.get("/demo/rooms/online")
+        status, online = server.fetch("/demo/rooms/online")
         assert status == 200 and online["by_worker"].get(str(victim), 0) >= 1, online
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            status, online = server.get("/demo/rooms/online")
+            status, online = server.fetch("/demo/rooms/online")
             if status == 200 and str(victim) not in online["by_worker"]:
                 break
             time.sleep(0.1)
         assert str(victim) not in online["by_worker"], online
-        status, members = server.get("/demo/rooms/members?room=reaped")
+        status, members = server.fetch("/demo/rooms/members?room=reaped")
         assert status == 200 and all(m.split("-")[0] != "" for m in members["members"])
 
 
 @pytest.mark.servers
 @pytest.mark.redis
-def test_a_backend_outage_answers_a_typed_503() -> None:
-    require_binary("redis-server")
-    with RedisServer() as redis:
-        env = {"ZEAL_STORE_BACKEND": "redis", "ZEAL_REDIS_URL": redis.url}
-        server = AppServer(env=env).start()
-        try:
-            assert server.get("/demo/store/set-get")[0] == 200
-            redis.stop()
-            status, body = server.get("/demo/store/set-get", timeout=15)
-            assert status == 503, body
-            assert body["ok"] is False and body["backend"] == "redis"
-            assert body["error_type"] in ("BackendUnavailableError", "BackendTimeoutError")
-        finally:
-            server.stop()
+def test_a_backend_outage_answers_a_typed_503(fresh_redis: RedisServer) -> None:
+    env = {"ZEAL_STORE_BACKEND": "redis", "ZEAL_REDIS_URL": fresh_redis.url}
+    with example_app_server(env) as server:
+        assert server.fetch("/demo/store/set-get")[0] == 200
+        fresh_redis.stop()
+        status, body = server.fetch("/demo/store/set-get", timeout=15)
+        assert status == 503, body
+        assert body["ok"] is False and body["backend"] == "redis"
+        assert body["error_type"] in ("BackendUnavailableError", "BackendTimeoutError")

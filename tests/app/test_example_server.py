@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from websockets.sync.client import connect
 
-from tests.app.conftest import AppServer
+from tests._harness.apps import AppServer
 from zeal_asgi.launcher import make_socket
 
 
@@ -21,7 +21,7 @@ def _spread(server: AppServer, path: str, n: int) -> list[dict[str, Any]]:
     """``n`` GETs, each on a new connection, so both workers answer some."""
     out = []
     for _ in range(n):
-        status, body = server.get(path)
+        status, body = server.fetch(path)
         assert status == 200, body
         out.append(body)
     return out
@@ -34,7 +34,7 @@ def _check_shared_state(server: AppServer) -> None:
     assert len(pids) == 2, f"both workers should answer, got {pids}"
     # one counter for both workers: consecutive, no duplicates, no gaps
     assert totals == list(range(totals[0], totals[0] + 30))
-    status, value = server.get("/demo/counter")
+    status, value = server.fetch("/demo/counter")
     assert status == 200 and value["total_requests"] == totals[-1]
 
     # a row written by one worker is read by the other
@@ -50,13 +50,13 @@ def _check_shared_state(server: AppServer) -> None:
 
 def _check_pubsub(server: AppServer) -> None:
     msg = f"m-{time.time_ns()}"
-    status, body = server.get(f"/demo/pubsub/publish?channel=demo:pubsub&msg={msg}")
+    status, body = server.fetch(f"/demo/pubsub/publish?channel=demo:pubsub&msg={msg}")
     assert status == 200 and body["ok"] is True
     assert body["receivers"] == 2  # one subscriber per worker
     deadline = time.monotonic() + 5
     logged: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
-        _, log = server.get("/demo/pubsub/log")
+        _, log = server.fetch("/demo/pubsub/log")
         logged = [e for e in log["log"] if e["payload"] == msg]
         if len(logged) == 2:
             break
@@ -82,11 +82,11 @@ def _check_chat(server: AppServer, room: str) -> None:
         a.send(json.dumps({"text": text}))
         got = _next(b, "message", lambda m: m["text"] == text)
         assert got["worker_pid"] != next(k for k, v in pids.items() if v is b)
-        status, push = server.get(f"/demo/rooms/push?room={room}&msg=from-http")
+        status, push = server.fetch(f"/demo/rooms/push?room={room}&msg=from-http")
         assert status == 200 and push["receivers"] == 2
         for ws in (a, b):
             _next(ws, "message", lambda m: m["text"] == "from-http")
-        status, members = server.get(f"/demo/rooms/members?room={room}")
+        status, members = server.fetch(f"/demo/rooms/members?room={room}")
         assert status == 200 and len(members["servers"]) == 2
 
 
@@ -104,7 +104,7 @@ def _next(ws: Any, kind: str, pred: Any = None, timeout: float = 5.0) -> dict[st
 def test_table_backend_workers_share_everything(example_server: AppServer) -> None:
     _check_shared_state(example_server)
     _check_pubsub(example_server)
-    status, body = example_server.get("/demo/pubsub/publish-reliable?msg=x")
+    status, body = example_server.fetch("/demo/pubsub/publish-reliable?msg=x")
     assert status == 200 and body["ok"] is False  # Streams need Redis: a clean JSON error
     _check_chat(example_server, "table-room")
 
@@ -113,17 +113,17 @@ def test_table_backend_workers_share_everything(example_server: AppServer) -> No
 @pytest.mark.redis
 def test_redis_backend_runs_the_same_app(example_server_redis: AppServer) -> None:
     server = example_server_redis
-    status, health = server.get("/health/store")
+    status, health = server.fetch("/health/store")
     assert status == 200 and health["backend"] == "redis"
     _check_shared_state(server)
     _check_pubsub(server)
     msg = f"r-{time.time_ns()}"
-    status, body = server.get(f"/demo/pubsub/publish-reliable?stream=demo:reliable&msg={msg}")
+    status, body = server.fetch(f"/demo/pubsub/publish-reliable?stream=demo:reliable&msg={msg}")
     assert status == 200 and body["ok"] is True and "-" in body["message_id"]
     deadline = time.monotonic() + 10
     entries: list[dict[str, Any]] = []
     while time.monotonic() < deadline and not entries:
-        _, log = server.get("/demo/pubsub/log")
+        _, log = server.fetch("/demo/pubsub/log")
         entries = [e for e in log["log"] if e["payload"] == msg]
         time.sleep(0.05)
     # one consumer group: exactly one worker logs the entry, under its stream id

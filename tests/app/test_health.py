@@ -17,8 +17,8 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 import zeal_asgi.health
-from tests.app.conftest import AppServer
-from tests.servers import Memcached, RedisServer
+from tests._harness.apps import AppServer
+from tests._harness.servers import Memcached, RedisServer
 from zeal_asgi import Store, Table, Zeal, ZealMiddleware
 from zeal_asgi.health import PROMETHEUS_CONTENT_TYPE, metric_name, starlette_routes
 from zeal_asgi.shm import _shmtable
@@ -129,7 +129,7 @@ def test_host_counters_are_summed_over_real_workers(example_server: AppServer) -
     """Each worker records its own health checks; any worker reports the host's sum."""
 
     def checks() -> float:
-        status, text = example_server.get("/health/store/metrics")
+        status, text = example_server.fetch("/health/store/metrics")
         assert status == 200
         return parse_prometheus(text)["zeal_health_checks_total"]
 
@@ -137,7 +137,7 @@ def test_host_counters_are_summed_over_real_workers(example_server: AppServer) -
     pids = set()
     n = 40
     for _ in range(n):
-        status, body = example_server.get("/health/store")
+        status, body = example_server.fetch("/health/store")
         assert status == 200
         pids.add(body["pid"])
     after = checks()
@@ -301,11 +301,11 @@ def check_metric_names(text: str, body: dict[str, Any]) -> set[str]:
 def test_every_metric_name_follows_the_rule(example_server_redis: AppServer) -> None:
     """Counters of every area (redis, cache, pub/sub, health) on a busy redis-backed server."""
     for path in ("/demo/counter/increment", "/demo/store-roundtrip", "/demo/cache"):
-        assert example_server_redis.get(path)[0] == 200
-    assert example_server_redis.get("/demo/pubsub/publish?channel=demo:pubsub&msg=x")[0] == 200
-    status, body = example_server_redis.get("/health/store")
+        assert example_server_redis.fetch(path)[0] == 200
+    assert example_server_redis.fetch("/demo/pubsub/publish?channel=demo:pubsub&msg=x")[0] == 200
+    status, body = example_server_redis.fetch("/health/store")
     assert status == 200
-    status, text = example_server_redis.get("/health/store/metrics")
+    status, text = example_server_redis.fetch("/health/store/metrics")
     assert status == 200
     counters = check_metric_names(text, body)
     print(f"{len(counters)} counters: {sorted(counters)}")

@@ -17,8 +17,9 @@ from fastapi import FastAPI, WebSocket
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from tests.app.conftest import ROOT, AppServer
-from tests.servers import HOST, RedisServer, free_port
+from tests._harness.apps import AppServer
+from tests._harness.servers import HOST, RedisServer, free_port
+from tests.app.conftest import ROOT, example_app_server
 from zeal_asgi import Store, Zeal, ZealError, ZealMiddleware, ZealSettings
 from zeal_asgi.errors import ConfigError, UnknownTableError
 from zeal_asgi.middleware import zeal_error_handler
@@ -75,7 +76,7 @@ def _stopped(pid: int) -> Iterator[None]:
 def _both_workers_answer(server: AppServer, deadline: float) -> set[int]:
     pids: set[int] = set()
     while len(pids) < 2 and time.monotonic() < deadline:
-        status, body = server.get("/health/live", timeout=2.0)
+        status, body = server.fetch("/health/live", timeout=2.0)
         assert status == 200
         pids.add(body["pid"])
     return pids
@@ -85,11 +86,11 @@ def test_a_stopped_worker_is_not_killed_within_the_configured_healthcheck_timeou
     """Issue 12 item 8: a SIGSTOPped worker (a lock holder) was SIGKILLed after ~5 s; the
     timeout is now ``--timeout-worker-healthcheck`` / ZEAL_TIMEOUT_WORKER_HEALTHCHECK."""
     env = {"ZEAL_TIMEOUT_WORKER_HEALTHCHECK": "60"}
-    with AppServer("example_app.main:app", env=env) as server:
+    with example_app_server(env) as server:
         victim = min(_both_workers_answer(server, time.monotonic() + 20))
         with _stopped(victim):
             time.sleep(9)  # well past uvicorn's 5 s default and several supervisor rounds
-            assert victim in server.worker_pids() and _state(victim) == "T"
+            assert victim in server.children() and _state(victim) == "T"
         # resumed, it serves again: the same process, nothing was replaced
         pids = _both_workers_answer(server, time.monotonic() + 20)
         assert victim in pids and len(pids) == 2
@@ -98,13 +99,13 @@ def test_a_stopped_worker_is_not_killed_within_the_configured_healthcheck_timeou
 def test_a_stopped_worker_is_killed_and_replaced_after_the_healthcheck_timeout() -> None:
     """Issue 12 item 8, the documented other half: past the timeout the supervisor SIGKILLs the
     worker and starts a new one; the server keeps answering on two workers."""
-    with AppServer("example_app.main:app", env={"ZEAL_TIMEOUT_WORKER_HEALTHCHECK": "1"}) as server:
+    with example_app_server({"ZEAL_TIMEOUT_WORKER_HEALTHCHECK": "1"}) as server:
         victim = min(_both_workers_answer(server, time.monotonic() + 20))
         with _stopped(victim):
             deadline = time.monotonic() + 30
-            while victim in server.worker_pids() and time.monotonic() < deadline:
+            while victim in server.children() and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert victim not in server.worker_pids(), "the stopped worker was never replaced"
+            assert victim not in server.children(), "the stopped worker was never replaced"
         pids = _both_workers_answer(server, time.monotonic() + 30)
         assert len(pids) == 2 and victim not in pids
 
@@ -124,14 +125,14 @@ def test_redis_down_at_boot_with_the_breaker_boots_degraded(degraded_app: Path) 
         "ZEAL_REDIS_URL": f"redis://{HOST}:{free_port()}",
         "ZEAL_ON_ERROR": "fallback_table",
     }
-    with AppServer("degraded_app:app", env=env) as server:
-        status, body = server.get("/health/store")
+    with AppServer("degraded_app:app", env=env, ready="/health/store") as server:
+        status, body = server.fetch("/health/store")
         assert status == 503 and body["status"] == "unavailable", body
-        assert server.get("/health/ready")[0] == 503
-        assert server.get("/health/live")[0] == 200
-        status, read = server.get("/read")
+        assert server.fetch("/health/ready")[0] == 503
+        assert server.fetch("/health/live")[0] == 200
+        status, read = server.fetch("/read")
         assert status == 200 and read["row"] is None  # served by the fallback table
-        status, write = server.get("/write")
+        status, write = server.fetch("/write")
         assert status == 503 and write["error"] == "BackendUnavailableError", write
 
 

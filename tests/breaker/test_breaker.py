@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.servers import RedisServer
+from tests._harness.servers import RedisServer
 from zeal_asgi.errors import (
     BackendAuthError,
     BackendResponseError,

@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from tests.servers import RedisServer
-from tests.tiered._server import Node
+from tests._harness.apps import AppServer
+from tests._harness.servers import RedisServer
 
 pytestmark = pytest.mark.servers
 
@@ -20,8 +20,7 @@ def test_state_and_fallback_are_shared_by_the_workers(fresh_redis: RedisServer) 
         "ZEAL_KEY_PREFIX": f"bw{uuid.uuid4().hex[:8]}",
         "ZEAL_ON_ERROR": "fallback_table",
     }
-    with Node(env) as node:
-        node.wait_ready()
+    with AppServer("tests.tiered.apps.kv_app:app", server="uvicorn-workers", env=env) as node:
         for i in range(20):  # written through whichever worker: mirrored in the shared fallback
             node.get(f"/set/k{i}/{i}")
         fresh_redis.kill()

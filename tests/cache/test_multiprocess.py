@@ -9,16 +9,15 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests._harness.apps import AppServer, AppServers
+from tests._harness.servers import RedisServer
 from tests.cache.conftest import SECRET
-from tests.core.serverproc import ServerProc
-from tests.servers import RedisServer
 
 pytestmark = pytest.mark.servers
 
@@ -26,39 +25,38 @@ APP = "tests.cache.apps.cache_app:app"
 
 
 class Servers:
-    """Servers of one test, all stopped at teardown."""
+    """Servers of one test running the cache app, with the file where its computations log."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, app_servers: AppServers) -> None:
         self.tmp_path = tmp_path
+        self.app_servers = app_servers
         self.calls = tmp_path / "calls"
         self.calls.touch()
-        self.started: list[ServerProc] = []
 
-    def start(
+    def server(
         self, kind: str = "uvicorn-workers", *, cache_dir: str = "c", **env: str
-    ) -> ServerProc:
+    ) -> AppServer:
+        """A server of the cache app (not started), 2 workers."""
         full = {
             "CACHE_TEST_DIR": str(self.tmp_path / cache_dir),
             "CACHE_TEST_CALLS": str(self.calls),
             **env,
         }
-        server = ServerProc(kind, APP, env=full)
-        self.started.append(server)
-        return server
+        return AppServer(APP, server=kind, env=full)
+
+    def start(self, kind: str = "uvicorn-workers", **env: str) -> AppServer:
+        """A started server of the cache app (cache directory ``c``)."""
+        return self.app_servers.start_all([self.server(kind, **env)])[0]
 
     def call_lines(self) -> list[str]:
         return self.calls.read_text().splitlines()
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[Servers]:
-    """Starts app servers; every one is stopped (SIGTERM: it unlinks its shared memory), then
-    killed with its workers if anything is left."""
-    s = Servers(tmp_path)
-    yield s
-    for server in s.started:
-        server.stop(timeout=10.0)
-        server.close()
+def servers(tmp_path: Path, app_servers: AppServers) -> Servers:
+    """Starts the cache app; every server is stopped after the test (SIGTERM: it unlinks its
+    shared memory), then killed with its workers if anything is left."""
+    return Servers(tmp_path, app_servers)
 
 
 async def _burst(urls: list[str], n: int) -> list[dict[str, Any]]:
@@ -78,7 +76,6 @@ async def _burst(urls: list[str], n: int) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("kind", ["uvicorn-workers", "gunicorn-preload"])
 def test_stampede_on_one_host_computes_once(servers: Servers, kind: str) -> None:
     server = servers.start(kind, ZEAL_CACHE_SECRET=SECRET)
-    server.wait_ready(workers=2)
     for attempt in range(5):
         key = f"hot{attempt}"
         before = len(servers.call_lines())
@@ -103,9 +100,9 @@ def test_stampede_across_hosts_computes_once(
         "ZEAL_KEY_PREFIX": f"z{uuid.uuid4().hex[:8]}",
         "ZEAL_CACHE_SECRET": SECRET,
     }
-    hosts = [servers.start(cache_dir=f"host{i}", **env) for i in range(2)]
-    for h in hosts:
-        h.wait_ready(workers=2)
+    hosts = servers.app_servers.start_all(
+        servers.server(cache_dir=f"host{i}", **env) for i in range(2)
+    )
     replies = asyncio.run(_burst([f"{h.url}/compute/hot?sleep=0.5" for h in hosts], 40))
     lines = servers.call_lines()
     pids = {r["pid"] for r in replies}
@@ -118,13 +115,12 @@ def test_stampede_across_hosts_computes_once(
     assert all(pids & h.worker_pids for h in hosts)  # both hosts served some of them
 
 
-def _sweeps(server: ServerProc) -> dict[int, int]:
+def _sweeps(server: AppServer) -> dict[int, int]:
     return {int(p): n for p, n in server.get("/stats")["gc_sweeps"].items()}
 
 
 def test_gc_runs_on_exactly_one_worker_and_fails_over(servers: Servers) -> None:
     server = servers.start(ZEAL_CACHE_SECRET=SECRET, CACHE_TEST_GC_MS="100")
-    server.wait_ready(workers=2)
     time.sleep(1.2)
     first = _sweeps(server)
     time.sleep(0.8)
@@ -145,7 +141,6 @@ def test_gc_runs_on_exactly_one_worker_and_fails_over(servers: Servers) -> None:
 
 def test_crashed_computer_does_not_block_the_others(servers: Servers) -> None:
     server = servers.start(ZEAL_CACHE_SECRET=SECRET)
-    server.wait_ready(workers=2)
 
     async def scenario() -> tuple[float, dict[str, Any]]:
         async with httpx.AsyncClient(timeout=30.0) as client:
@@ -174,12 +169,10 @@ def test_crashed_computer_does_not_block_the_others(servers: Servers) -> None:
 def test_values_survive_a_restart_only_with_a_secret(servers: Servers) -> None:
     sizes = {f"s{i}": 10 for i in range(10)} | {f"b{i}": 20_000 for i in range(5)}
     first = servers.start("launcher", ZEAL_CACHE_SECRET=SECRET)
-    first.wait_ready(workers=2)
     for key, size in sizes.items():
         assert first.get(f"/put/{key}", size=size)["stored"] is True
     first.stop()
     second = servers.start("launcher", ZEAL_CACHE_SECRET=SECRET)
-    second.wait_ready(workers=2)
     got = {key: second.get(f"/get/{key}") for key in sizes}
     hits_file = second.get("/stats")["cache"]["hits_file"]
     second.stop()
@@ -189,7 +182,6 @@ def test_values_survive_a_restart_only_with_a_secret(servers: Servers) -> None:
     assert hits_file == len(sizes)
     # without a secret each server run has its own random key: earlier files are unreadable
     third = servers.start("uvicorn-workers")
-    third.wait_ready(workers=2)
     assert not any(third.get(f"/get/{key}")["found"] for key in sizes)
     # ...but every worker of the run shares that key: a file written by one is read by another
     writer = third.get("/put/big", size=20_000)["pid"]

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from tests._harness.servers import RedisServer
 from tests.cache.conftest import SECRET, entry_files, unique
-from tests.servers import RedisServer
 from zeal_asgi import Zeal
 from zeal_asgi.cache import MISSING, Cache
 from zeal_asgi.cache.lock import ShmLock, pack

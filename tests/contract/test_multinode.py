@@ -13,16 +13,20 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
 
-from tests.servers import RedisServer
+from tests._harness.apps import AppServer
+from tests._harness.servers import RedisServer, start_all, stop_all
 
-from ._nodes import Node
 from ._support import SECRET, unique
 
 pytestmark = [pytest.mark.servers, pytest.mark.redis, pytest.mark.asyncio(loop_scope="module")]
+
+APP = "tests.contract.apps.node_app:app"
 
 HITS = 300
 CONCURRENCY = 12
@@ -31,6 +35,27 @@ default 0.1 s pool wait would otherwise shed load on a busy 2-core box)."""
 L1_TTL = 30.0
 """Long enough that only an invalidation (never expiry) can refresh a node's L1 in a test."""
 INVALIDATION_LIMIT = 3.0
+
+
+class Node:
+    """A server of ``apps/node_app.py`` and an HTTP client that opens a connection per request
+    (so that the kernel hands requests to every worker of the node)."""
+
+    def __init__(self, server: AppServer) -> None:
+        self.server = server
+        self.client = httpx.AsyncClient(
+            base_url=server.url, timeout=10.0, limits=httpx.Limits(max_keepalive_connections=0)
+        )
+        self.pids = set(server.worker_pids)
+        """Every worker that answered (at startup or to a call)."""
+
+    async def call(self, method: str, path: str, **params: Any) -> dict[str, Any]:
+        """One request; the JSON reply (HTTP errors raise)."""
+        reply = await self.client.request(method, path, params=params)
+        reply.raise_for_status()
+        body: dict[str, Any] = reply.json()
+        self.pids.add(body["pid"])
+        return body
 
 
 @dataclass
@@ -53,18 +78,29 @@ async def pair(request: pytest.FixtureRequest, redis_server: RedisServer) -> Asy
         "ZEAL_TIERED_INVALIDATION_SECRET": SECRET,
         "ZEAL_L1_TTL": str(L1_TTL),
     }
-    a = Node("uvicorn", env)
-    b = Node("launcher", env, workers=2)
-    logs: list[str] = []
+
+    def synced(reply: dict[str, Any]) -> bool:  # on tiered, the worker trusts its L1
+        return bool(reply["synced"])
+
+    servers = [
+        AppServer(APP, server="uvicorn", env=env, ready="/info", ready_when=synced),
+        AppServer(APP, server="launcher", workers=2, env=env, ready="/info", ready_when=synced),
+    ]
     try:
-        await asyncio.gather(a.wait_ready(), b.wait_ready())
-        yield Pair(backend, a, b)
+        await asyncio.to_thread(start_all, servers)
+        a, b = (Node(s) for s in servers)
+        try:
+            yield Pair(backend, a, b)
+        finally:
+            await a.client.aclose()
+            await b.client.aclose()
+        statuses = [await asyncio.to_thread(s.stop) for s in servers]
     finally:
-        logs = [await a.stop(), await b.stop()]
-    for node, log in zip((a, b), logs, strict=True):
+        await asyncio.to_thread(stop_all, servers)
+    for server, status in zip(servers, statuses, strict=True):
+        log = server.log_text()
         # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly.
-        clean = (0, -signal.SIGTERM)
-        assert node.proc.returncode in clean, f"node exited with {node.proc.returncode}:\n{log}"
+        assert status in (0, -signal.SIGTERM), f"node exited with {status}:\n{log}"
         assert "Traceback" not in log, log
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import Memcached, RedisServer
+from tests._harness.servers import Memcached, RedisServer
 from zeal_asgi import Counter, Table
 from zeal_asgi.errors import ConfigError
 from zeal_asgi.settings import ZealSettings

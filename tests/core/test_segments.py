@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.serverproc import REPO
+from tests._harness.apps import REPO
 from zeal_asgi import Table
 from zeal_asgi.errors import (
     PrivateCopyError,

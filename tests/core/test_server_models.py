@@ -10,38 +10,27 @@ import signal
 import stat
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
-from tests.core.serverproc import ServerProc, wait_gone
+from tests._harness.apps import AppServer, AppServers, wait_gone
 
 pytestmark = pytest.mark.servers
 
+APP = "tests.core.apps.shared_app:app"
 MULTI = ["uvicorn-workers", "gunicorn", "gunicorn-preload", "launcher"]
 
 
-@pytest.fixture
-def servers() -> Iterator[list[ServerProc]]:
-    started: list[ServerProc] = []
-    yield started
-    for s in started:
-        s.close()
-
-
 def start(
-    servers: list[ServerProc], kind: str, workers: int, env: dict[str, str] | None = None
-) -> ServerProc:
-    s = ServerProc(kind, env=env)
-    servers.append(s)
-    s.wait_ready(workers)
-    return s
+    servers: AppServers, kind: str, workers: int, env: dict[str, str] | None = None
+) -> AppServer:
+    return servers.start(APP, server=kind, workers=workers, env=env)
 
 
 @pytest.mark.parametrize("kind", ["uvicorn", *MULTI])
-def test_workers_share_one_memory(servers: list[ServerProc], kind: str) -> None:
+def test_workers_share_one_memory(app_servers: AppServers, kind: str) -> None:
     workers = 1 if kind == "uvicorn" else 2
-    s = start(servers, kind, workers)
+    s = start(app_servers, kind, workers)
     info = s.get("/segments")
     paths = info["paths"]
     assert paths, "no named segment"
@@ -64,8 +53,8 @@ def test_workers_share_one_memory(servers: list[ServerProc], kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", MULTI)
-def test_killed_worker_is_restarted_on_the_same_data(servers: list[ServerProc], kind: str) -> None:
-    s = start(servers, kind, 2)
+def test_killed_worker_is_restarted_on_the_same_data(app_servers: AppServers, kind: str) -> None:
+    s = start(app_servers, kind, 2)
     value = uuid.uuid4().hex
     victim = s.get("/put", k="survivor", v=value)["pid"]
     for _ in range(30):
@@ -90,10 +79,9 @@ def test_killed_worker_is_restarted_on_the_same_data(servers: list[ServerProc], 
     assert wait_gone(paths) == []
 
 
-def test_two_servers_share_nothing(servers: list[ServerProc]) -> None:
+def test_two_servers_share_nothing(app_servers: AppServers) -> None:
     """E5: two invocations of the same app on one host."""
-    a = start(servers, "uvicorn", 1)
-    b = start(servers, "uvicorn", 1)
+    a, b = app_servers.start_all(AppServer(APP, server="uvicorn") for _ in range(2))
     a.get("/put", k="k", v="from-a")
     assert b.get("/get", k="k")["v"] is None
     b.get("/incr")
@@ -110,15 +98,15 @@ def test_two_servers_share_nothing(servers: list[ServerProc]) -> None:
 
 
 def test_e4_killed_single_process_server_is_reclaimed_at_next_start(
-    servers: list[ServerProc],
+    app_servers: AppServers,
 ) -> None:
     # without the janitor process, nothing unlinks a SIGKILLed owner's segments until the sweep
-    a = start(servers, "uvicorn", 1, env={"ZEAL_JANITOR": "0"})
+    a = start(app_servers, "uvicorn", 1, env={"ZEAL_JANITOR": "0"})
     paths = a.get("/segments")["paths"]
-    a.kill_group()
+    a.kill()
     assert all(os.path.exists(p) for p in paths)
     t0 = time.monotonic()
-    b = start(servers, "uvicorn", 1)  # its first segment runs the sweep
+    b = start(app_servers, "uvicorn", 1)  # its first segment runs the sweep
     swept = time.monotonic() - t0
     left = wait_gone(paths, timeout=1.0)
     print(
@@ -131,22 +119,23 @@ def test_e4_killed_single_process_server_is_reclaimed_at_next_start(
     assert wait_gone(live) == []
 
 
-def test_killed_single_process_server_is_cleaned_by_its_janitor(servers: list[ServerProc]) -> None:
-    a = start(servers, "uvicorn", 1)
+def test_killed_single_process_server_is_cleaned_by_its_janitor(app_servers: AppServers) -> None:
+    a = start(app_servers, "uvicorn", 1)
     paths = a.get("/segments")["paths"]
-    a.kill_group()
+    a.kill()
     assert wait_gone(paths, timeout=5.0) == []
 
 
-def test_e4_master_killed_segments_live_while_workers_live(servers: list[ServerProc]) -> None:
-    s = start(servers, "uvicorn-workers", 2)
+def test_e4_master_killed_segments_live_while_workers_live(app_servers: AppServers) -> None:
+    s = start(app_servers, "uvicorn-workers", 2)
     paths = s.get("/segments")["paths"]
     workers = set(s.worker_pids)
-    os.kill(s.proc.pid, signal.SIGKILL)
-    s.proc.wait(10)
+    assert s.process is not None
+    os.kill(s.pid, signal.SIGKILL)
+    s.process.wait(10)
     time.sleep(0.5)
     # a sweep by a new server must not touch segments that live workers still use
-    other = start(servers, "uvicorn", 1)
+    other = start(app_servers, "uvicorn", 1)
     assert all(os.path.exists(p) for p in paths), "a live segment was swept"
     for pid in workers:
         with contextlib.suppress(ProcessLookupError):

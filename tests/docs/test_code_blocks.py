@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from tests.app.conftest import AppServer, http_get
+from tests._harness.apps import AppServer, http_get
+from tests._harness.servers import HOST, free_port
 from tests.docs.blocks import Block, all_blocks
-from tests.servers import HOST, RedisServer, free_port, require_binary
 
 BLOCKS = all_blocks()
 PY_BLOCKS = [b for b in BLOCKS if b.lang in ("python", "py")]
@@ -45,14 +45,6 @@ def _env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     env.update(extra)
     return env
-
-
-@pytest.fixture(scope="module")
-def redis_url() -> Iterator[str]:
-    """A redis-server for the blocks that need one."""
-    require_binary("redis-server")
-    with RedisServer() as server:
-        yield server.url
 
 
 def _blocks(*kinds: str) -> list[Any]:
@@ -127,7 +119,7 @@ def _get_many(server: AppServer, path: str, n: int) -> list[dict[str, Any]]:
     """``n`` GETs, each on a fresh connection, so both workers answer some."""
     bodies = []
     for _ in range(n):
-        status, body = server.get(path)
+        status, body = server.fetch(path)
         assert status == 200, body
         bodies.append(body)
     return bodies
@@ -181,10 +173,10 @@ def probe_readme(server: AppServer) -> None:
 def probe_quickstart(server: AppServer) -> None:
     bodies = _get_many(server, "/demo/counter/increment", 30)
     _counts_up_on_every_worker(bodies, "total_requests")
-    assert server.get("/demo/counter") == (200, {"total_requests": bodies[-1]["total_requests"]})
-    assert server.get("/hits/home") == (200, {"hits": 1, "top": {"page": "home"}})
-    assert server.get("/hits/home")[1]["hits"] == 2
-    status, health = server.get("/health/store")
+    assert server.fetch("/demo/counter") == (200, {"total_requests": bodies[-1]["total_requests"]})
+    assert server.fetch("/hits/home") == (200, {"hits": 1, "top": {"page": "home"}})
+    assert server.fetch("/hits/home")[1]["hits"] == 2
+    status, health = server.fetch("/health/store")
     assert status == 200 and health["status"] == "ok"
     with _ws(server, "/ws/alice") as alice, _ws(server, "/ws/bob") as bob:
         _delivered(bob, alice, "bob")
@@ -192,9 +184,9 @@ def probe_quickstart(server: AppServer) -> None:
 
 
 def probe_starlette(server: AppServer) -> None:
-    first = server.get("/")[1]["visits"]
-    assert [server.get("/")[1]["visits"] for _ in range(4)] == list(range(first + 1, first + 5))
-    assert server.get("/health/store")[0] == 200
+    first = server.fetch("/")[1]["visits"]
+    assert [server.fetch("/")[1]["visits"] for _ in range(4)] == list(range(first + 1, first + 5))
+    assert server.fetch("/health/store")[0] == 200
 
 
 def probe_websockets(server: AppServer) -> None:
@@ -208,9 +200,9 @@ def probe_websockets(server: AppServer) -> None:
 
 
 def probe_health(server: AppServer) -> None:
-    status, body = server.get("/healthz")
+    status, body = server.fetch("/healthz")
     assert status == 200 and body["status"] == "ok" and body["backend"] == "table"
-    status, text = server.get("/metrics")
+    status, text = server.fetch("/metrics")
     assert status == 200 and "zeal_up 1" in text
 
 
@@ -235,7 +227,7 @@ def test_app_block_serves(block: Block, tmp_path: Path) -> None:
     module = f"docs_app_{block.args[0]}"
     (tmp_path / f"{module}.py").write_text(block.code)
     env = {"PYTHONPATH": str(tmp_path)}
-    with AppServer(f"{module}:app", workers=2, env=env, ready_path=ready) as server:
+    with AppServer(f"{module}:app", workers=2, env=env, ready=ready) as server:
         probe(server)
 
 

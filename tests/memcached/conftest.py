@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tests.servers import HOST, Memcached, require_binary
+from tests._harness.proxy import Proxy
+from tests._harness.servers import HOST, Memcached, require_binary
 from zeal_asgi.store import Store
 from zeal_asgi.store.backends.memcached import MemcachedBackend
 from zeal_asgi.store.backends.table import TableBackend
@@ -82,75 +81,8 @@ def two_memcached() -> Iterator[tuple[Memcached, Memcached]]:
 
 
 @pytest.fixture
-def private_memcached() -> Iterator[Memcached]:
-    """A memcached of this test only, free to pause, kill and restart."""
-    require_binary("memcached")
-    with Memcached() as server:
-        yield server
-
-
-class HangupProxy:
-    """A TCP proxy in front of a real memcached that can drop replies and hang up.
-
-    With ``hangup`` set, the command reaches the server and runs, but the proxy closes the client
-    connection instead of passing the reply on: what a client sees when the server dies right
-    after executing a command.
-    """
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.hangup = False
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> HangupProxy:
-        """Listen on a free loopback port."""
-        self._server = await asyncio.start_server(self._handle, HOST, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(HOST, self.upstream_port)
-        self._writers += (writer, up_writer)
-
-        async def upstream() -> None:
-            while data := await reader.read(65536):
-                up_writer.write(data)
-                await up_writer.drain()
-            up_writer.close()
-
-        async def downstream() -> None:
-            while data := await up_reader.read(65536):
-                if self.hangup:
-                    break
-                writer.write(data)
-                await writer.drain()
-            writer.close()
-
-        for coro in (upstream(), downstream()):
-            task = asyncio.create_task(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def aclose(self) -> None:
-        """Stop listening and close every proxied connection."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for w in self._writers:
-            w.close()
-            with contextlib.suppress(OSError):
-                await w.wait_closed()
-
-
-@pytest.fixture
-async def hangup_proxy(memcached_server: Memcached) -> AsyncIterator[HangupProxy]:
-    """A :class:`HangupProxy` in front of the session memcached."""
-    proxy = await HangupProxy(memcached_server.port).start()
+async def hangup_proxy(memcached_server: Memcached) -> AsyncIterator[Proxy]:
+    """A :class:`~tests._harness.proxy.Proxy` in front of the session memcached."""
+    proxy = await Proxy(memcached_server.port).start()
     yield proxy
     await proxy.aclose()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._harness.servers import Memcached
 from tests.memcached._hammer import declare, hammer
-from tests.servers import Memcached
 from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.store import Store
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests._harness.servers import Memcached
 from tests.memcached.conftest import raw_get
-from tests.servers import Memcached
 from zeal_asgi import Counter
 from zeal_asgi.errors import ColumnTypeError, ConfigError, IntegerOverflowError
 from zeal_asgi.store import Store

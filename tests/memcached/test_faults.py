@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tests.memcached.conftest import HangupProxy
-from tests.servers import Memcached
+from tests._harness.proxy import Proxy
+from tests._harness.servers import Memcached
 from zeal_asgi import Counter
 from zeal_asgi.errors import (
     BackendError,
@@ -31,13 +31,13 @@ def _store(server: Memcached, prefix: str, **options: object) -> Store:
 
 
 async def test_paused_server_times_out_and_connections_stay_in_sync(
-    private_memcached: Memcached, prefix: str
+    fresh_memcached: Memcached, prefix: str
 ) -> None:
-    store = _store(private_memcached, prefix, pool_size=1)
+    store = _store(fresh_memcached, prefix, pool_size=1)
     try:
         store.make("t", 8, {"v": (Store.TYPE_STRING, 8)})
         await store.mset("t", {"one": {"v": "one"}, "two": {"v": "two"}})
-        private_memcached.pause()
+        fresh_memcached.pause()
         try:
             start = time.perf_counter()
             with pytest.raises(BackendTimeoutError, match=f"within {TIMEOUT} s") as info:
@@ -49,7 +49,7 @@ async def test_paused_server_times_out_and_connections_stay_in_sync(
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(store.get("t", "one"), 0.05)
         finally:
-            private_memcached.resume()
+            fresh_memcached.resume()
         print(f"EXPERIMENT memcached SIGSTOP | timeout={TIMEOUT}s | raised after {elapsed:.3f}s")
         assert TIMEOUT - 0.01 <= elapsed < TIMEOUT + 1.0  # generous: CI machines are busy
         # The replies to the abandoned commands arrive now; they must not answer later commands.
@@ -62,15 +62,15 @@ async def test_paused_server_times_out_and_connections_stay_in_sync(
 
 
 async def test_killed_server_is_unavailable_then_recovers(
-    private_memcached: Memcached, prefix: str
+    fresh_memcached: Memcached, prefix: str
 ) -> None:
-    store = _store(private_memcached, prefix)
+    store = _store(fresh_memcached, prefix)
     try:
         store.make("t", 8, {"n": (Store.TYPE_INT,)})
         counter = Counter(0, name="c", store=store)
         assert await store.incr("t", "k", "n") == 1
         assert await counter.increment() == 1
-        private_memcached.kill()
+        fresh_memcached.kill()
         start = time.perf_counter()
         for op in (store.get("t", "k"), store.incr("t", "k", "n"), counter.increment()):
             with pytest.raises(BackendUnavailableError, match=r"memcached 127\.0\.0\.1") as info:
@@ -78,7 +78,7 @@ async def test_killed_server_is_unavailable_then_recovers(
             assert isinstance(info.value, ConnectionError) and info.value.__cause__ is not None
         assert time.perf_counter() - start < 2.0  # refused at once, no timeout waited
         assert await store.ping() is False
-        private_memcached.restart()
+        fresh_memcached.restart()
         assert await store.ping() is True
         assert await store.get_strict("t", "k") is None  # memcached keeps nothing on restart
         assert await store.incr("t", "k", "n") == 1
@@ -88,12 +88,10 @@ async def test_killed_server_is_unavailable_then_recovers(
 
 
 @pytest.mark.timeout(20)
-async def test_hang_up_mid_reply_fails_fast(hangup_proxy: HangupProxy, prefix: str) -> None:
+async def test_hang_up_mid_reply_fails_fast(hangup_proxy: Proxy, prefix: str) -> None:
     # aiomcache 0.8 spins forever (the loop never yields, so no timeout can fire) when the
     # server closes the connection after reading a command; pytest-timeout catches a regression.
-    store = Store(
-        backend=MemcachedBackend(f"127.0.0.1:{hangup_proxy.port}", prefix=prefix, timeout=5.0)
-    )
+    store = Store(backend=MemcachedBackend(hangup_proxy.address, prefix=prefix, timeout=5.0))
     try:
         store.make("t", 8, {"n": (Store.TYPE_INT,)})
         counter = Counter(0, name="c", store=store)
@@ -113,7 +111,7 @@ async def test_hang_up_mid_reply_fails_fast(hangup_proxy: HangupProxy, prefix: s
 async def test_start_fails_loudly_when_a_server_is_down(
     memcached_server: Memcached, prefix: str
 ) -> None:
-    from tests.servers import free_port
+    from tests._harness.servers import free_port
 
     backend = MemcachedBackend(
         f"{memcached_server.host}:{memcached_server.port},127.0.0.1:{free_port()}",
@@ -146,17 +144,17 @@ def test_backend_follows_the_running_loop(memcached_server: Memcached, prefix: s
 
 
 async def test_circuit_breaker_sees_memcached_outages(
-    private_memcached: Memcached, prefix: str
+    fresh_memcached: Memcached, prefix: str
 ) -> None:
     breaker = {"failure_threshold": 2, "open_seconds": 60, "name": f"mc-{prefix}"}
-    conn = {"servers": private_memcached.url, "prefix": prefix, "timeout": TIMEOUT}
+    conn = {"servers": fresh_memcached.url, "prefix": prefix, "timeout": TIMEOUT}
     backend = build_backend("memcached", {**conn, "on_error": "fallback_table", "breaker": breaker})
     assert isinstance(backend, CircuitBreakerBackend)
     store = Store(backend=backend)
     try:
         store.make("t", 8, {"n": (Store.TYPE_INT, 4), "s": (Store.TYPE_STRING, 8)})
         await store.set("t", "k", {"n": 1, "s": "x"})
-        private_memcached.kill()
+        fresh_memcached.kill()
         # Reads are answered from the host's fallback copy; the outages open the breaker.
         for _ in range(3):
             assert await store.get_strict("t", "k") == {"n": 1, "s": "x"}

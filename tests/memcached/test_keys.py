@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
+from tests._harness.servers import Memcached
 from tests.memcached.conftest import raw_get, raw_set
-from tests.servers import Memcached
 from zeal_asgi import Counter
 from zeal_asgi.errors import InvalidKeyError, KeyTooLongError, KeyTypeError
 from zeal_asgi.store import Store

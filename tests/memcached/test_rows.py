@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from tests._harness.servers import Memcached
 from tests.memcached.conftest import raw_get, raw_set
-from tests.servers import Memcached
 from zeal_asgi.errors import (
     BackendResponseError,
     CapacityError,

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from tests._harness.servers import Memcached, RedisCluster, RedisServer
 from tests.messaging.helpers import until
-from tests.servers import Memcached, RedisCluster, RedisServer
 from zeal_asgi.errors import UnsupportedOperationError
 from zeal_asgi.messaging.pubsub import PubSub, redis_backend_of
 from zeal_asgi.store import Store
@@ -100,7 +100,7 @@ async def test_stream_entries_pending_until_acked(fresh_redis: RedisServer) -> N
         await until(lambda: len(calls) >= 3, within=5.0)
         await until(lambda: streams.counters["acked"] == 1, within=5.0)
         assert calls[:3] == [1, 2, 3]  # the delivery count grows with each reclaim
-        assert fresh_redis.command("XPENDING", "zeal:stream:work", "g")[0] == 0  # type: ignore[index]
+        assert fresh_redis.command("XPENDING", "zeal:stream:work", "g")["pending"] == 0
         assert streams.counters["failed"] == 2
     finally:
         await streams.stop()

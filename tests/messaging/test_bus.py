@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.messaging.conftest import REPO
+from tests._harness.apps import REPO
 from tests.messaging.helpers import until
 from zeal_asgi.errors import InvalidKeyError, KeyTypeError, SerializationError, ValueTooLargeError
 from zeal_asgi.messaging.pubsub import PubSub

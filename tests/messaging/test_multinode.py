@@ -9,8 +9,9 @@ import time
 import pytest
 import websockets
 
-from tests.messaging.conftest import AppServer, app_servers
-from tests.servers import RedisServer
+from tests._harness.apps import AppServer
+from tests._harness.servers import RedisServer, running
+from tests.messaging.conftest import MSG_APP
 
 pytestmark = pytest.mark.servers
 
@@ -49,7 +50,7 @@ async def test_two_nodes_share_pubsub_and_websockets(redis_server: RedisServer) 
         "ZEAL_REDIS_URL": redis_server.url,
         "MSG_WS_SECRET": "a shared secret of enough bytes",
     }
-    with app_servers(2, env=env) as (a, b):
+    with running(AppServer(MSG_APP, env=env), AppServer(MSG_APP, env=env)) as (a, b):
         # publish receivers = one per subscribed worker per node = 2 x 2
         assert _wait_receivers(a, 4) == 4
         out = b.get("/publish", channel="news", payload="hello-4")
@@ -92,9 +93,10 @@ async def test_two_nodes_share_pubsub_and_websockets(redis_server: RedisServer) 
             await asyncio.sleep(0.05)
 
 
-@pytest.mark.parametrize("kind", ["launcher", "uvicorn", "gunicorn", "gunicorn-preload"])
+@pytest.mark.parametrize("kind", ["launcher", "uvicorn-workers", "gunicorn", "gunicorn-preload"])
 async def test_one_node_without_redis_crosses_workers(kind: str) -> None:
-    with app_servers(1, env={"ZEAL_STORE_BACKEND": "table"}, kind=kind) as (srv,):
+    env = {"ZEAL_STORE_BACKEND": "table"}
+    with AppServer(MSG_APP, env=env, server=kind) as srv:
         assert _wait_receivers(srv, 2) == 2
         async with websockets.connect(f"{srv.ws_url}/ws/carol?room=r1") as ws:
             hello = await _hello(ws)

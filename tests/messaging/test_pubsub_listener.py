@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
+from tests._harness.servers import RedisServer
 from tests.messaging.helpers import until
-from tests.servers import RedisServer
 from zeal_asgi.messaging.pubsub import PubSub
 from zeal_asgi.store import Store
 

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests._harness.servers import RedisServer
 from tests.messaging.helpers import until
-from tests.servers import RedisServer
 from zeal_asgi.errors import BackendTimeoutError
 from zeal_asgi.messaging.pubsub import PubSub
 from zeal_asgi.store import Store

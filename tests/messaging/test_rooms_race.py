@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from tests.messaging.conftest import REPO
+from tests._harness.apps import REPO
 from zeal_asgi.messaging.pubsub import redis_backend_of
 from zeal_asgi.messaging.ws.rooms import SEP, RedisRegistry, ShmRegistry
 from zeal_asgi.shm.segments import server_identity

@@ -19,9 +19,10 @@ from typing import Any
 import pytest
 import websockets
 
-from tests.messaging.conftest import app_servers
+from tests._harness.apps import AppServer
+from tests._harness.servers import RedisCluster, RedisServer
+from tests.messaging.conftest import MSG_APP
 from tests.messaging.helpers import Socket, until
-from tests.servers import RedisCluster, RedisServer
 from zeal_asgi.errors import ConfigError
 from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
 from zeal_asgi.shm.bus import close_host_bus
@@ -240,7 +241,7 @@ async def test_a_sigkilled_workers_room_members_are_reaped(redis_server: RedisSe
         "MSG_WORKER_TTL": "1",
     }
     redis_server.command("FLUSHALL")
-    with app_servers(1, env=env, workers=2) as (srv,):
+    with AppServer(MSG_APP, env=env, workers=2) as srv:
         async with websockets.connect(f"{srv.ws_url}/ws/victim?room=lobby") as ws:
             async with asyncio.timeout(5):
                 hello = json.loads(await ws.recv())

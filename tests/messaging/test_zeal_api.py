@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests._harness.servers import RedisServer
 from tests.messaging.helpers import until
-from tests.servers import RedisServer
 from zeal_asgi import Zeal
 from zeal_asgi.errors import ConfigError, UnsupportedOperationError
 from zeal_asgi.shm.bus import close_host_bus
@@ -62,6 +62,6 @@ async def test_subscribe_reliable_forms(redis_server: RedisServer) -> None:
         assert redis_server.command("GET", "zeal:orders:total") == b"2"
         groups = redis_server.command("XINFO", "GROUPS", "zeal:stream:orders")
         assert isinstance(groups, list) and len(groups) == 1
-        assert b"on_order" in groups[0][1]  # type: ignore[index,operator]
+        assert b"on_order" in groups[0][b"name"]
     with pytest.raises(ConfigError):
         await apply_once("k", [("FLUSHALL", "x")], store=store)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import RedisServer
+from tests._harness.servers import RedisServer
 from zeal_asgi.store import Store
 from zeal_asgi.store.backends.redis import RedisBackend
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tests.servers import RedisSentinel, require_binary
+from tests._harness.servers import RedisSentinel, require_binary
 from zeal_asgi.errors import BackendError
 from zeal_asgi.store import Store
 from zeal_asgi.store.backends.redis import RedisBackend

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from tests.servers import RedisServer
+from tests._harness.proxy import Proxy
+from tests._harness.servers import RedisServer
 from zeal_asgi.errors import BackendTimeoutError
 from zeal_asgi.store import Store
 from zeal_asgi.store.backends.redis import RedisBackend
 
-from ._proxy import LatencyProxy
 from .conftest import unique_prefix
 
 
@@ -44,8 +44,8 @@ async def test_scripts_survive_a_flushed_script_cache(redis_server: RedisServer)
 
 
 async def test_a_cancelled_call_leaves_no_reply_behind(redis_server: RedisServer) -> None:
-    proxy = await LatencyProxy(redis_server.port, 0.1).start()
-    store, backend = _store(proxy.url, pool_size=1, socket_timeout=2.0)
+    proxy = await Proxy(redis_server.port, 0.1).start()
+    store, backend = _store(f"redis://{proxy.address}", pool_size=1, socket_timeout=2.0)
     try:
         await store.set("t", "a", {"name": "first"})
         await store.set("t", "b", {"name": "second"})
@@ -65,8 +65,8 @@ async def test_a_cancelled_call_leaves_no_reply_behind(redis_server: RedisServer
 async def test_each_attempt_waits_socket_timeout_within_the_deadline(
     redis_server: RedisServer,
 ) -> None:
-    proxy = await LatencyProxy(redis_server.port, 0.5).start()
-    store, backend = _store(proxy.url, socket_timeout=0.1, deadline=1.0, retries=0)
+    proxy = await Proxy(redis_server.port, 0.5).start()
+    store, backend = _store(f"redis://{proxy.address}", socket_timeout=0.1, deadline=1.0, retries=0)
     loop = asyncio.get_running_loop()
     try:
         for _ in range(2):  # the first opens its connection, the second reopens it

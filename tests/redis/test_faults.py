@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from tests._harness.proxy import Proxy
+from tests._harness.servers import RedisServer, free_port
 from tests.conftest import quick_or_long
-from tests.servers import RedisServer, free_port
 from zeal_asgi.errors import (
     BackendAuthError,
     BackendTimeoutError,
@@ -21,7 +22,6 @@ from zeal_asgi.errors import (
 from zeal_asgi.store import Store
 from zeal_asgi.store.backends.redis import RedisBackend
 
-from ._proxy import LatencyProxy
 from .conftest import unique_prefix
 
 
@@ -126,9 +126,12 @@ async def test_e11_redis_hang_is_bounded(fresh_redis: RedisServer) -> None:
 
 async def test_e12_pool_exhaustion(redis_server: RedisServer) -> None:
     pool, acquire_timeout, latency, concurrency = 4, 0.1, 0.2, 16
-    proxy = await LatencyProxy(redis_server.port, latency).start()
+    proxy = await Proxy(redis_server.port, latency).start()
     store, _ = _store(
-        proxy.url, pool_size=pool, acquire_timeout=acquire_timeout, socket_timeout=2.0
+        f"redis://{proxy.address}",
+        pool_size=pool,
+        acquire_timeout=acquire_timeout,
+        socket_timeout=2.0,
     )
     try:
         await store.start()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from tests.servers import RedisServer
+from tests._harness.servers import RedisServer
 from zeal_asgi.store import Store
 from zeal_asgi.store.backends.table import TableBackend
 

@@ -7,8 +7,9 @@ import socket
 
 import pytest
 from redis.crc import key_slot
+from redis.exceptions import MovedError
 
-from tests.servers import RedisCluster, RedisReplyError, RedisServer, free_port
+from tests._harness.servers import RedisCluster, RedisServer, free_port
 from zeal_asgi import Counter
 from zeal_asgi.errors import BackendTLSError, BackendUnavailableError
 from zeal_asgi.store import Store
@@ -22,8 +23,7 @@ def _owner(cluster: RedisCluster, key: str) -> RedisServer:
     for server in cluster.servers:
         try:
             server.command("EXISTS", key)
-        except RedisReplyError as exc:
-            assert str(exc).startswith("MOVED")
+        except MovedError:
             continue
         return server
     raise AssertionError(f"no master serves {key!r}")

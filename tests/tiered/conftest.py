@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from tests.servers import RedisServer
+from tests._harness.servers import RedisServer
 from zeal_asgi.store import Store
 from zeal_asgi.store.backends.tiered import TieredBackend
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from tests._harness.servers import RedisServer
 from tests.conftest import quick_or_long
-from tests.servers import RedisServer
 from zeal_asgi.signing import REASONS, Signer
 from zeal_asgi.store.backends.tiered import TieredBackend
 

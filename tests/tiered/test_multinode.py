@@ -7,15 +7,17 @@ import uuid
 
 import pytest
 
-from tests.servers import RedisServer
+from tests._harness.apps import AppServer
+from tests._harness.servers import RedisServer, running
 
-from ._server import Node
 from .conftest import SECRET
 
 pytestmark = pytest.mark.servers
 
+APP = "tests.tiered.apps.kv_app:app"
 
-def _wait_value(node: Node, key: str, want: int, limit: float) -> float:
+
+def _wait_value(node: AppServer, key: str, want: int, limit: float) -> float:
     """Seconds until ``node`` serves ``want`` for ``key`` (AssertionError after ``limit``)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < limit:
@@ -34,9 +36,8 @@ def test_two_nodes_share_one_redis(redis_server: RedisServer) -> None:
         "ZEAL_L1_TTL": "60",  # far longer than the test: only invalidation can refresh L1
         "ZEAL_TIERED_INVALIDATION_SECRET": SECRET,
     }
-    with Node(env) as a, Node(env) as b:
-        a.wait_ready()
-        b.wait_ready()
+    nodes = [AppServer(APP, server="uvicorn-workers", env=env) for _ in range(2)]
+    with running(*nodes) as (a, b):
         for w in (*a.on_each_worker("/stats").values(), *b.on_each_worker("/stats").values()):
             assert w["tiered"]["signed"]
         delays = []

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from tests._harness.servers import RedisServer
 from tests.redis.test_parity import STEPS, outcome
-from tests.servers import RedisServer
 from zeal_asgi.errors import ConfigError, UnknownTableError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store

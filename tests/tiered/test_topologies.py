@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import RedisCluster, RedisSentinel
+from tests._harness.servers import RedisCluster, RedisSentinel
 
 from .conftest import MakeNode, settle
 

@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests._harness.apps import REPO
 from tests.cache.conftest import SECRET, entry_files, temp_files
 from tests.conftest import quick_or_long
 
-REPO = Path(__file__).resolve().parents[2]
 TORN = 5
 
 
@@ -28,7 +28,7 @@ def _run(*args: str, timeout: float) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZEAL_")}
     env.update(PYTHONPATH=str(REPO), ZEAL_SHM_BACKEND="memfd", ZEAL_CACHE_SECRET=SECRET)
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.cache._e8", *args],
+        [sys.executable, "-m", "tests.cache._killed_writers", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

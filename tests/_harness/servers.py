@@ -1,11 +1,11 @@
-"""Real servers for the test suite: redis-server (plain, TLS, cluster, sentinel) and memcached.
-
-The helper classes do not need pytest at run time (benchmarks use them too); the fixtures at the
-end wrap them for the suite, which loads this module as a plugin (``pytest_plugins``).
+"""Real servers on loopback: redis-server (plain, TLS, Cluster, Sentinel) and memcached.
 
 Every server binds 127.0.0.1 on a port picked by the kernel, runs in its own session and temp dir
 (which also holds its log), and is stopped on teardown, by an ``atexit`` safety net, and checked
-for at session finish. Startup polls readiness every few milliseconds instead of sleeping.
+for at session finish (``tests._harness.plugin``). Startup polls readiness every few milliseconds
+instead of sleeping, and ``start_all`` launches several servers before waiting for any of them.
+Redis is spoken through redis-py; nothing here needs pytest at import time (``bench/`` uses it).
+``tests._harness.apps.AppServer`` is the same kind of process handle for an ASGI app.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,16 +25,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Self, TypeAlias, TypedDict
+from typing import Any, Self, TypedDict, TypeVar
 
-import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 __all__ = [
     "HOST",
     "ClusterNodeSpec",
     "Memcached",
     "RedisCluster",
-    "RedisReplyError",
     "RedisSentinel",
     "RedisServer",
     "SentinelServer",
@@ -46,9 +45,11 @@ __all__ = [
     "active_servers",
     "free_port",
     "generate_tls_files",
-    "redis_command",
     "require_binary",
+    "running",
+    "start_all",
     "stop_all",
+    "stop_leftovers",
 ]
 
 HOST = "127.0.0.1"
@@ -60,18 +61,14 @@ POLL_INTERVAL = 0.005
 _PROBE_TIMEOUT = 0.5
 _BIND_ATTEMPTS = 5
 _LOG_TAIL_LINES = 40
-_ADDR_IN_USE = "Address already in use"
+_ADDR_IN_USE = "address already in use"
+"""Lower-cased: redis, memcached and gunicorn capitalise it, uvicorn does not."""
 
-Resp: TypeAlias = "bytes | int | list[Resp] | None"
-"""A decoded RESP2 reply."""
+S = TypeVar("S", bound="Server")
 
 
 class ServerError(RuntimeError):
     """A test server could not be started, did not become ready, or did not answer."""
-
-
-class RedisReplyError(Exception):
-    """An error reply (``-ERR ...``) from a Redis server."""
 
 
 def free_port() -> int:
@@ -94,6 +91,8 @@ def require_binary(name: str) -> str:
 
     A service missing in CI is a broken CI setup, so it must never turn into a silent skip.
     """
+    import pytest  # here, not at the top: bench/ imports this module without pytest
+
     path = shutil.which(name)
     if path is not None:
         return path
@@ -108,94 +107,6 @@ def _binary(name: str) -> str:
     if path is None:
         raise ServerError(f"{name!r} not found on PATH; run scripts/install-test-deps.sh")
     return path
-
-
-# --- a minimal RESP2 client: readiness probes must not depend on the project's redis extra ----
-
-
-def _encode_command(args: Sequence[str | bytes | int]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
-
-
-def _read_reply(reader: BinaryIO) -> Resp:
-    line = reader.readline()
-    if not line.endswith(b"\r\n"):
-        raise ConnectionError("connection closed in the middle of a reply")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest
-    if kind == b"-":
-        raise RedisReplyError(rest.decode(errors="replace"))
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        size = int(rest)
-        if size < 0:
-            return None
-        data = reader.read(size + 2)
-        if len(data) != size + 2:
-            raise ConnectionError("connection closed in the middle of a reply")
-        return data[:-2]
-    if kind == b"*":
-        count = int(rest)
-        if count < 0:
-            return None
-        return [_read_reply(reader) for _ in range(count)]
-    raise ConnectionError(f"not a RESP2 reply: {line!r}")
-
-
-def redis_command(
-    host: str,
-    port: int,
-    *args: str | bytes | int,
-    password: str | None = None,
-    ssl_context: ssl.SSLContext | None = None,
-    server_hostname: str | None = None,
-    timeout: float = 2.0,
-) -> Resp:
-    """Send one command on a new connection and return its decoded reply.
-
-    Raises ``OSError`` (including ``ssl.SSLError``) if the server cannot be reached and
-    ``RedisReplyError`` for an error reply.
-    """
-    commands: list[Sequence[str | bytes | int]] = []
-    if password is not None:
-        commands.append(("AUTH", password))
-    commands.append(args)
-    with contextlib.ExitStack() as stack:
-        sock = stack.enter_context(socket.create_connection((host, port), timeout=timeout))
-        if ssl_context is not None:
-            sock = stack.enter_context(
-                ssl_context.wrap_socket(sock, server_hostname=server_hostname or host)
-            )
-        reader = stack.enter_context(sock.makefile("rb"))
-        sock.sendall(b"".join(_encode_command(c) for c in commands))
-        reply: Resp = None
-        for _ in commands:
-            reply = _read_reply(reader)
-        return reply
-
-
-def _info_fields(reply: Resp) -> dict[str, str]:
-    if not isinstance(reply, bytes):
-        return {}
-    fields: dict[str, str] = {}
-    for line in reply.decode().splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields[key] = value
-    return fields
-
-
-def _pairs(reply: Resp) -> dict[str, str]:
-    if not isinstance(reply, list):
-        return {}
-    items = [x.decode() if isinstance(x, bytes) else str(x) for x in reply]
-    return dict(zip(items[::2], items[1::2], strict=False))
 
 
 # --- TLS material -------------------------------------------------------------------------------
@@ -277,53 +188,85 @@ def active_servers() -> list[Server]:
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     # poll() first: an unreaped child keeps its pid (and so its group id) from being reused.
-    # The whole group is signalled so forked children (diskless-sync senders) go too.
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, sig)
 
 
-def _terminate(procs: Iterable[subprocess.Popen[bytes]], timeout: float = STOP_TIMEOUT) -> None:
-    procs = list(procs)
-    for proc in procs:
-        _signal_group(proc, signal.SIGTERM)
-        # A SIGSTOPped server only acts on SIGTERM once continued.
-        _signal_group(proc, signal.SIGCONT)
+def _terminate(servers: Iterable[Server], timeout: float) -> list[int | None]:
+    """Ask every server's process to stop, SIGKILL what is left after ``timeout``; exit statuses.
+
+    All are signalled before any is waited for, so their shutdowns overlap.
+    """
+    procs = [(s, s.process) for s in servers if s.process is not None]
+    for server, proc in procs:
+        server._signal_stop(proc)
     deadline = time.monotonic() + timeout
-    for proc in procs:
+    statuses: list[int | None] = []
+    for server, proc in procs:
         try:
             proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
+        server._after_exit(proc)
+        server.process = None
+        statuses.append(proc.returncode)
+    return statuses
 
 
 class Server:
-    """One server process on a loopback port, in its own temp dir holding its log.
+    """One server process on a loopback port, in its own session and temp dir holding its log.
 
     ``start()`` picks a free port (retrying with a new one if the bind fails); after ``kill()``
     or in ``restart()`` it comes back on the same port and temp dir. ``stop()`` ends the
-    process and removes the temp dir, so a later ``start()`` begins afresh.
+    process and removes the temp dir (its log stays readable), so a later ``start()`` begins
+    afresh. ``launch()`` and ``wait_ready()`` are the two halves of ``start()``.
     """
 
     kind = "server"
+    startup_timeout = STARTUP_TIMEOUT
+    stop_timeout = STOP_TIMEOUT
+    poll_interval = POLL_INTERVAL
 
     def __init__(self) -> None:
         self.host = HOST
         self.port = 0
         self.dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
+        self._argv_run: list[str] = []
+        self._log_offset = 0
+        self._deadline = 0.0
+        self._same_port = False
+        self._last_log = ""
 
     # Subclass hooks.
     def _argv(self, port: int) -> list[str]:
         raise NotImplementedError
 
-    def _probe(self) -> int | None:
-        """The pid of the server answering on ``self.port``, or None if none answers yet."""
-        raise NotImplementedError
+    def _env(self) -> dict[str, str] | None:
+        """The process's environment (None: this one's)."""
+        return None
 
     def _prepare(self, workdir: Path) -> None:
         """Write what the server needs in its fresh temp dir before the first start."""
+
+    def _answering_pid(self) -> int | None:
+        """The pid of the server answering on ``self.port``, or None if none answers yet."""
+        raise NotImplementedError
+
+    def _ready(self, proc: subprocess.Popen[bytes]) -> bool:
+        """True once ``proc`` itself answers (not another server that holds the port)."""
+        return self._answering_pid() == proc.pid
+
+    def _signal_stop(self, proc: subprocess.Popen[bytes]) -> None:
+        """Ask the process to stop: SIGTERM to its whole group (forked children such as
+        diskless-sync senders go too), SIGCONT so that a paused server acts on it."""
+        _signal_group(proc, signal.SIGTERM)
+        _signal_group(proc, signal.SIGCONT)
+
+    def _after_exit(self, proc: subprocess.Popen[bytes]) -> None:
+        """Called once the stopped process has been reaped."""
 
     @property
     def workdir(self) -> Path:
@@ -349,104 +292,135 @@ class Server:
         """True while the process exists (also when paused)."""
         return self.process is not None and self.process.poll() is None
 
+    def log_text(self) -> str:
+        """Everything the server printed (after ``stop()`` too, until the next start)."""
+        if self.dir is None:
+            return self._last_log
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_since_launch(self) -> str:
+        """What the process started last printed so far."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace")
+        except (OSError, ServerError):
+            return ""
+
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines of the server log, for error messages."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except (OSError, ServerError):
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(self.log_text().splitlines()[-lines:]) or "(no log)"
 
     def start(self) -> Self:
         """Start the server and wait until it answers; return self."""
         if self.running:
             return self
+        return self.launch().wait_ready()
+
+    def launch(self) -> Self:
+        """Start the process without waiting for it to answer (``wait_ready()`` does)."""
         with _LOCK:
             _ACTIVE[id(self)] = self
-        deadline = time.monotonic() + STARTUP_TIMEOUT
+        self._deadline = time.monotonic() + self.startup_timeout
         try:
             if self.dir is None:
                 self.dir = Path(tempfile.mkdtemp(prefix=f"zeal-{self.kind}-"))
                 self._prepare(self.dir)
-            if self.port:
-                # Same port as before: something else may hold it for a moment, so keep trying.
-                while not self._launch(self.port, deadline):
-                    if time.monotonic() > deadline:
-                        raise ServerError(f"port {self.port} stayed in use:\n{self.log_tail()}")
-                    time.sleep(0.05)
-                return self
-            for _ in range(_BIND_ATTEMPTS):
-                if self._launch(free_port(), deadline):
-                    return self
-            raise ServerError(f"{self.kind}: no free port after {_BIND_ATTEMPTS} attempts")
+            self._same_port = bool(self.port)
+            self._spawn(self.port or free_port())
         except BaseException:
             self.stop()
             raise
+        return self
 
-    def _launch(self, port: int, deadline: float) -> bool:
-        """Run the process on ``port``; False if the bind failed, ServerError on other failures."""
+    def wait_ready(self) -> Self:
+        """Wait until the launched process answers; a failed bind launches it again, on a new
+        port (or, after ``kill()``, on the same one, which something may hold for a moment)."""
+        try:
+            attempts = 1
+            while not self._await_answer():
+                if self._same_port:
+                    if time.monotonic() > self._deadline:
+                        raise ServerError(f"port {self.port} stayed in use:\n{self.log_tail()}")
+                    time.sleep(0.05)
+                    self._spawn(self.port)
+                    continue
+                attempts += 1
+                if attempts > _BIND_ATTEMPTS:
+                    raise ServerError(f"{self.kind}: no free port after {_BIND_ATTEMPTS} attempts")
+                self._spawn(free_port())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, port: int) -> None:
         log = self.log_path
-        offset = log.stat().st_size if log.exists() else 0
-        argv = self._argv(port)
+        self._log_offset = log.stat().st_size if log.exists() else 0
+        self._argv_run = self._argv(port)
         with log.open("ab") as out:
-            proc = subprocess.Popen(
-                argv,
+            self.process = subprocess.Popen(
+                self._argv_run,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
+                env=self._env(),
                 start_new_session=True,
             )
-        self.process, self.port = proc, port
+        self.port = port
+
+    def _await_answer(self) -> bool:
+        """Poll until the process answers (True) or exits having failed to bind (False)."""
+        proc = self.process
+        assert proc is not None
+        command = " ".join(self._argv_run)
         while True:
             if proc.poll() is not None:
                 self.process = None
-                with log.open("rb") as f:
-                    f.seek(offset)
-                    output = f.read().decode(errors="replace")
-                if _ADDR_IN_USE in output:
+                if _ADDR_IN_USE in self.log_since_launch().lower():
                     return False
                 raise ServerError(
-                    f"{' '.join(argv)} exited with status {proc.returncode} during startup; "
-                    f"log {log}:\n{self.log_tail()}"
+                    f"{command} exited with status {proc.returncode} during startup; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
                 )
-            # Compare pids: until our process fails to bind, another server that holds the
-            # port (say, from a parallel test run) could answer the probe.
-            if self._probe() == proc.pid:
+            if self._ready(proc):
                 return True
-            if time.monotonic() > deadline:
-                _terminate([proc])
-                self.process = None
+            if time.monotonic() > self._deadline:
+                _terminate([self], self.stop_timeout)
                 raise ServerError(
-                    f"{' '.join(argv)} not ready after {STARTUP_TIMEOUT} s; "
-                    f"log {log}:\n{self.log_tail()}"
+                    f"{command} not ready after {self.startup_timeout} s; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
                 )
-            time.sleep(POLL_INTERVAL)
+            time.sleep(self.poll_interval)
 
-    def stop(self) -> None:
-        """Stop the process (SIGTERM, SIGKILL after a short wait) and remove the temp dir."""
-        if self.process is not None:
-            _terminate([self.process])
-            self.process = None
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stop the process (SIGKILL after ``timeout``, default ``stop_timeout``) and remove the
+        temp dir; the process's exit status (None if none was running)."""
+        status = _terminate([self], self.stop_timeout if timeout is None else timeout)
         if self.dir is not None:
+            self._last_log = self.log_text()
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
         self.port = 0
         with _LOCK:
             _ACTIVE.pop(id(self), None)
+        return status[0] if status else None
 
     def kill(self) -> None:
-        """SIGKILL the process and reap it; the temp dir and port are kept for ``restart()``."""
+        """SIGKILL the process group and reap it; the temp dir and port are kept for ``start()``."""
         if self.process is not None:
             _signal_group(self.process, signal.SIGKILL)
             self.process.wait()
+            self._after_exit(self.process)
             self.process = None
 
     def restart(self) -> Self:
         """Stop the process if it runs (keeping the temp dir) and start it on the same port."""
-        if self.process is not None:
-            _terminate([self.process])
-            self.process = None
+        _terminate([self], self.stop_timeout)
         return self.start()
 
     def pause(self) -> None:
@@ -485,6 +459,8 @@ class Server:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if exc is not None:
+            _print_logs([self])
         self.stop()
 
     def __repr__(self) -> str:
@@ -492,13 +468,50 @@ class Server:
         return f"{type(self).__name__}({self.host}:{self.port}, pid={pid}, dir={self.dir})"
 
 
+def _print_logs(servers: Iterable[Server]) -> None:
+    # Printed output goes with the failing test's report.
+    for server in servers:
+        print(f"--- log of {server!r}:\n{server.log_tail()}")
+
+
+def start_all(servers: Iterable[S]) -> list[S]:
+    """Start several servers at once: all are launched before any is waited for, so their
+    startups overlap; if one fails, every one is stopped."""
+    started = list(servers)
+    try:
+        for server in started:
+            server.launch()
+        for server in started:
+            server.wait_ready()
+    except BaseException:
+        stop_all(started)
+        raise
+    return started
+
+
 def stop_all(servers: Iterable[Server]) -> None:
     """Stop several servers at once: signal all first so their shutdowns overlap."""
     servers = list(servers)
-    _terminate(s.process for s in servers if s.process is not None)
+    _terminate(servers, max((s.stop_timeout for s in servers), default=STOP_TIMEOUT))
     for server in servers:
-        server.process = None
         server.stop()
+
+
+@contextlib.contextmanager
+def running(*servers: S) -> Iterator[tuple[S, ...]]:
+    """``with running(a, b) as (a, b):`` starts them together and stops them all on exit (with
+    their logs printed, to go with the test's failure, if the block raised)."""
+    start_all(servers)
+    try:
+        yield servers
+    except BaseException:
+        _print_logs(servers)
+        raise
+    finally:
+        stop_all(servers)
+
+
+# --- Redis --------------------------------------------------------------------------------------
 
 
 class RedisServer(Server):
@@ -519,12 +532,10 @@ class RedisServer(Server):
         self.password = password
         self.extra_args = tuple(extra_args)
         self.tls_files: TlsFiles | None = None
-        self._ssl_context: ssl.SSLContext | None = None
 
     def _prepare(self, workdir: Path) -> None:
         if self.tls:
             self.tls_files = generate_tls_files(workdir)
-            self._ssl_context = ssl.create_default_context(cafile=str(self.tls_files.ca_path))
 
     def _argv(self, port: int) -> list[str]:
         argv = [_binary(self.binary), "--bind", HOST, "--daemonize", "no", "--logfile", ""]
@@ -558,36 +569,40 @@ class RedisServer(Server):
             return f"rediss://{auth}localhost:{self.port}"
         return f"redis://{auth}{self.host}:{self.port}"
 
-    def ssl_context(self) -> ssl.SSLContext:
-        """A client context that trusts only this server's throwaway CA (TLS mode only)."""
-        return ssl.create_default_context(cafile=str(self.ca_path))
-
-    def command(self, *args: str | bytes | int, timeout: float = 2.0) -> Resp:
-        """Run one command on a new connection (with AUTH and TLS as configured)."""
-        return redis_command(
+    def client(self, timeout: float = 2.0) -> redis.Redis:
+        """A redis-py client of this server (AUTH and TLS as configured, no retries); close it."""
+        return redis.Redis(
             self.host,
             self.port,
-            *args,
             password=self.password,
-            ssl_context=self._ssl_context,
-            server_hostname="localhost",
-            timeout=timeout,
+            ssl=self.tls_files is not None,
+            ssl_ca_certs=str(self.ca_path) if self.tls_files is not None else None,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
         )
 
-    def info(self, section: str) -> dict[str, str]:
-        """``INFO section`` as a dict of strings."""
-        return _info_fields(self.command("INFO", section))
+    def command(self, *args: str | bytes | int, timeout: float = 2.0) -> Any:
+        """Run one command on a new connection; the reply as redis-py parses it.
 
-    def _probe(self) -> int | None:
-        return _redis_pid(self.command)
+        Raises ``redis.ConnectionError`` when the server cannot be reached and
+        ``redis.ResponseError`` for an error reply.
+        """
+        with self.client(timeout) as client:
+            return client.execute_command(*args)
 
+    def info(self, section: str) -> dict[str, Any]:
+        """``INFO section`` as redis-py parses it."""
+        with self.client() as client:
+            info: dict[str, Any] = client.info(section)
+        return info
 
-def _redis_pid(command: Callable[..., Resp]) -> int | None:
-    try:
-        pid = _info_fields(command("INFO", "server", timeout=_PROBE_TIMEOUT)).get("process_id")
-    except (OSError, RedisReplyError):
-        return None
-    return int(pid) if pid else None
+    def _answering_pid(self) -> int | None:
+        try:
+            pid = self.command("INFO", "server", timeout=_PROBE_TIMEOUT).get("process_id")
+        except redis.RedisError:
+            return None
+        return int(pid) if pid else None
 
 
 def _wait_for(
@@ -601,7 +616,7 @@ def _wait_for(
         try:
             if condition():
                 return
-        except (OSError, RedisReplyError):
+        except (OSError, redis.RedisError):
             pass
         if time.monotonic() > deadline:
             raise ServerError(f"timed out after {timeout} s waiting for {what}\n{logs()}")
@@ -670,8 +685,7 @@ class RedisCluster:
     def start(self) -> Self:
         """Start the nodes, create the cluster and wait until every node reports it healthy."""
         try:
-            for server in self.servers:
-                server.start()
+            start_all(self.servers)
             command = [_binary("redis-cli"), "--cluster", "create"]
             command += [f"{host}:{port}" for host, port in self.nodes]
             command += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
@@ -695,11 +709,12 @@ class RedisCluster:
     def _healthy(self) -> bool:
         replicas_up = 0
         for server in self.servers:
-            info = _info_fields(server.command("CLUSTER", "INFO"))
+            with server.client() as client:
+                info = client.cluster("INFO")
             if (
                 info.get("cluster_state") != "ok"
-                or info.get("cluster_slots_assigned") != "16384"
-                or info.get("cluster_known_nodes") != str(len(self.servers))
+                or int(info.get("cluster_slots_assigned", 0)) != 16384
+                or int(info.get("cluster_known_nodes", 0)) != len(self.servers)
             ):
                 return False
             replication = server.info("replication")
@@ -728,7 +743,7 @@ class RedisCluster:
         self.stop()
 
 
-class SentinelServer(Server):
+class SentinelServer(RedisServer):
     """One ``redis-sentinel`` process monitoring a master; its config file is in its temp dir."""
 
     kind = "redis-sentinel"
@@ -770,22 +785,14 @@ class SentinelServer(Server):
             self._config_port = port
         return [_binary(self.binary), str(config)]
 
-    def command(self, *args: str | bytes | int, timeout: float = 2.0) -> Resp:
-        """Run one command on this sentinel."""
-        return redis_command(self.host, self.port, *args, timeout=timeout)
-
     def master_address(self) -> tuple[str, int] | None:
         """What this sentinel currently reports as the master's address."""
-        reply = self.command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
-        if not isinstance(reply, list) or len(reply) != 2:
+        with self.client() as client:
+            address = client.sentinel_get_master_addr_by_name(self.service)
+        if not address:
             return None
-        host, port = reply
-        if not isinstance(host, bytes) or not isinstance(port, bytes):
-            return None
-        return host.decode(), int(port)
-
-    def _probe(self) -> int | None:
-        return _redis_pid(self.command)
+        host, port = address
+        return (host.decode() if isinstance(host, bytes) else str(host)), int(port)
 
 
 class RedisSentinel:
@@ -841,8 +848,7 @@ class RedisSentinel:
                 )
                 for _ in range(self.sentinel_count)
             ]
-            for sentinel in self.sentinel_servers:
-                sentinel.start()
+            start_all(self.sentinel_servers)
             _wait_for(self._sentinels_ready, "sentinels to see everything", logs=self._logs)
         except BaseException:
             self.stop()
@@ -851,24 +857,24 @@ class RedisSentinel:
 
     def _replica_synced(self) -> bool:
         info = self.replica.info("replication")
-        master_info = self.master.info("replication")
-        online = f"port={self.replica.port},state=online" in master_info.get("slave0", "")
+        attached = self.master.info("replication").get("slave0", {})
+        online = attached.get("port") == self.replica.port and attached.get("state") == "online"
         return online and info.get("master_link_status") == "up"
 
     def _sentinels_ready(self) -> bool:
         for sentinel in self.sentinel_servers:
-            master = _pairs(sentinel.command("SENTINEL", "MASTER", self.service))
+            with sentinel.client() as client:
+                master = client.sentinel_master(self.service)
+                replicas = client.sentinel_slaves(self.service)
             if (
                 master.get("flags") != "master"
-                or master.get("num-other-sentinels") != str(self.sentinel_count - 1)
-                or master.get("num-slaves") != "1"
+                or master.get("num-other-sentinels") != self.sentinel_count - 1
+                or master.get("num-slaves") != 1
             ):
                 return False
-            replicas = sentinel.command("SENTINEL", "REPLICAS", self.service)
-            if not isinstance(replicas, list) or len(replicas) != 1:
+            if len(replicas) != 1:
                 return False
-            replica = _pairs(replicas[0])
-            if replica.get("flags") != "slave" or replica.get("master-link-status") != "ok":
+            if replicas[0].get("flags") != "slave" or replicas[0].get("master-link-status") != "ok":
                 return False
         return True
 
@@ -918,6 +924,9 @@ class RedisSentinel:
         self.stop()
 
 
+# --- memcached ----------------------------------------------------------------------------------
+
+
 class Memcached(Server):
     """A ``memcached`` on 127.0.0.1 (TCP only, 64 MiB)."""
 
@@ -936,7 +945,8 @@ class Memcached(Server):
         """``memcached://127.0.0.1:PORT``."""
         return f"memcached://{self.host}:{self.port}"
 
-    def _probe(self) -> int | None:
+    def _answering_pid(self) -> int | None:
+        # memcached's text protocol, one command: no client library needed for the probe.
         reply = b""
         try:
             with socket.create_connection((self.host, self.port), timeout=_PROBE_TIMEOUT) as sock:
@@ -954,7 +964,8 @@ class Memcached(Server):
         return None
 
 
-def _stop_leftovers() -> list[str]:
+def stop_leftovers() -> list[str]:
+    """Stop every server still active; what each one was (for the leak report)."""
     leftovers = active_servers()
     descriptions = [
         f"{s!r} ({'process alive' if s.running else 'temp dir left'})" for s in leftovers
@@ -965,83 +976,4 @@ def _stop_leftovers() -> list[str]:
     return descriptions
 
 
-atexit.register(_stop_leftovers)
-
-
-# --- pytest plugin ------------------------------------------------------------------------------
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int | pytest.ExitCode) -> None:
-    """Fail the run if a test left a server process (or its temp dir) behind."""
-    leaked = _stop_leftovers()
-    if not leaked:
-        return
-    message = "test servers left behind (now stopped); a fixture or test did not stop them:"
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_sep("!", "LEAKED TEST SERVERS", red=True, bold=True)
-        reporter.write_line(message, red=True)
-        for line in leaked:
-            reporter.write_line(f"  {line}", red=True)
-    else:
-        print(message, *leaked, sep="\n  ", file=sys.stderr)
-    if session.exitstatus == pytest.ExitCode.OK:
-        session.exitstatus = pytest.ExitCode.TESTS_FAILED
-
-
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    """A redis-server shared by the session. Use ``redis_url`` for a flushed one."""
-    require_binary("redis-server")
-    with RedisServer() as server:
-        yield server
-
-
-@pytest.fixture
-def redis_url(redis_server: RedisServer) -> str:
-    """The session redis-server's URL, after FLUSHALL."""
-    redis_server.command("FLUSHALL")
-    return redis_server.url
-
-
-@pytest.fixture(scope="session")
-def redis_tls_server() -> Iterator[RedisServer]:
-    """A TLS-only redis-server; clients verify it with ``ca_path`` and the name ``localhost``."""
-    require_binary("redis-server")
-    require_binary("openssl")
-    with RedisServer(tls=True) as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
-def redis_cluster() -> Iterator[RedisCluster]:
-    """A 3-master Redis Cluster shared by the session."""
-    require_binary("redis-server")
-    require_binary("redis-cli")
-    with RedisCluster() as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="session")
-def redis_sentinel() -> Iterator[RedisSentinel]:
-    """Master, replica and 3 sentinels shared by the session; don't kill them (make your own)."""
-    require_binary("redis-server")
-    require_binary("redis-sentinel")
-    with RedisSentinel() as sentinel:
-        yield sentinel
-
-
-@pytest.fixture(scope="session")
-def memcached_server() -> Iterator[Memcached]:
-    """A memcached shared by the session."""
-    require_binary("memcached")
-    with Memcached() as server:
-        yield server
-
-
-@pytest.fixture
-def fresh_redis() -> Iterator[RedisServer]:
-    """A private redis-server for this test only, free to kill, pause or restart."""
-    require_binary("redis-server")
-    with RedisServer() as server:
-        yield server
+atexit.register(stop_leftovers)

@@ -1,38 +1,48 @@
-"""A loopback TCP proxy that delays every client->server chunk (toxiproxy's ``latency`` toxic).
+"""A loopback TCP proxy in front of a real server, for the faults a server does not make on demand.
 
-No toxiproxy or netem on this machine kind; this runs in the test's own event loop.  Order is
-preserved per connection; ``aclose()`` closes every socket and task it made.
+No toxiproxy or netem on this machine kind; the proxy runs in the test's own event loop and
+``aclose()`` closes every socket and task it made.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
-from tests.servers import HOST
+from tests._harness.servers import HOST
+
+__all__ = ["Proxy"]
 
 
-class LatencyProxy:
-    """``127.0.0.1:port`` forwarding to ``upstream_port``, each request ``latency`` s late."""
+class Proxy:
+    """``127.0.0.1:port`` forwarding to ``upstream_port`` on 127.0.0.1.
 
-    def __init__(self, upstream_port: int, latency: float) -> None:
+    ``latency``: every client->server chunk is forwarded that many seconds late (toxiproxy's
+    ``latency`` toxic; order is kept per connection). ``hangup``: while set, the server's replies
+    are dropped and the client's connection closed instead, although its command reached the
+    server and ran: what a client sees when the server dies right after executing a command.
+    """
+
+    def __init__(self, upstream_port: int, latency: float = 0.0) -> None:
         self.upstream_port = upstream_port
         self.latency = latency
+        self.hangup = False
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
 
-    async def start(self) -> LatencyProxy:
+    async def start(self) -> Proxy:
         """Listen on a free port."""
         self._server = await asyncio.start_server(self._handle, HOST, 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     @property
-    def url(self) -> str:
-        """``redis://127.0.0.1:port``."""
-        return f"redis://{HOST}:{self.port}"
+    def address(self) -> str:
+        """``127.0.0.1:PORT``, for a client's URL."""
+        return f"{HOST}:{self.port}"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -43,15 +53,20 @@ class LatencyProxy:
             return
         self._writers.add(up_writer)
         for coro in (
-            self._pump(reader, up_writer, self.latency),
-            self._pump(up_reader, writer, 0.0),
+            self._pump(reader, up_writer, self.latency, lambda: False),
+            self._pump(up_reader, writer, 0.0, lambda: self.hangup),
         ):
             task = asyncio.create_task(coro)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     @staticmethod
-    async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: float) -> None:
+    async def _pump(
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        delay: float,
+        hang_up: Callable[[], bool],
+    ) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -67,7 +82,7 @@ class LatencyProxy:
 
         sender = asyncio.create_task(deliver())
         try:
-            while data := await src.read(65536):
+            while (data := await src.read(65536)) and not hang_up():
                 queue.put_nowait((loop.time() + delay, data))
             queue.put_nowait((loop.time(), b""))
             await sender

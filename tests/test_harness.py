@@ -1,4 +1,4 @@
-"""Tests of the real-server helpers and fixtures in ``tests/servers.py``."""
+"""Tests of the harness (``tests/_harness``): real servers, the app launcher, their fixtures."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,24 +16,21 @@ import redis
 import redis.cluster
 import redis.sentinel
 
-from tests import servers
-from tests.servers import (
+from tests._harness import servers
+from tests._harness.apps import REPO, AppServer
+from tests._harness.servers import (
     HOST,
     Memcached,
     RedisCluster,
-    RedisReplyError,
     RedisSentinel,
     RedisServer,
     Server,
     ServerError,
     active_servers,
     free_port,
-    redis_command,
     require_binary,
     stop_all,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -153,8 +150,8 @@ def test_redis_password() -> None:
     require_binary("redis-server")
     with RedisServer(password="p@ss word") as server:
         assert server.url == f"redis://:p%40ss%20word@127.0.0.1:{server.port}"
-        with pytest.raises(RedisReplyError, match="NOAUTH"):
-            redis_command(HOST, server.port, "PING")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(HOST, server.port).ping()
         r = redis.Redis.from_url(server.url)
         try:
             assert r.ping() is True
@@ -166,9 +163,7 @@ def test_redis_password() -> None:
 def test_redis_cluster(redis_cluster: RedisCluster) -> None:
     assert len(redis_cluster.nodes) == 3
     for server in redis_cluster.servers:
-        info = server.command("CLUSTER", "INFO")
-        assert isinstance(info, bytes)
-        assert b"cluster_state:ok" in info
+        assert b"cluster_state:ok" in server.command("CLUSTER", "INFO")
     nodes = [
         redis.cluster.ClusterNode(**n)  # type: ignore[no-untyped-call]
         for n in redis_cluster.startup_nodes
@@ -208,10 +203,10 @@ def test_kill_and_restart_keep_the_port(fresh_redis: RedisServer) -> None:
     fresh_redis.command("SET", "k", "v")
     fresh_redis.kill()
     assert not _pid_alive(pid)
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(redis.ConnectionError, match="Connection refused"):
         fresh_redis.command("PING")
     fresh_redis.restart()
-    assert (fresh_redis.port, fresh_redis.command("PING")) == (port, b"PONG")
+    assert (fresh_redis.port, fresh_redis.command("PING")) == (port, True)
     assert fresh_redis.pid != pid
     # No persistence: a restarted server is empty.
     assert fresh_redis.command("GET", "k") is None
@@ -249,7 +244,7 @@ def test_start_retries_when_the_port_is_taken(monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setattr(servers, "free_port", lambda: next(picks, 0) or real_free_port())
         with RedisServer() as server:
             assert server.port != taken
-            assert server.command("PING") == b"PONG"
+            assert server.command("PING") is True
             assert "Address already in use" in server.log_path.read_text()
 
 
@@ -298,7 +293,7 @@ def test_sentinel_failover_after_master_sigkill() -> None:
         assert elapsed < 20, f"failover took {elapsed:.1f} s"
         assert _discover(setup.sentinels)[0] == address
         assert setup.master.command("GET", "before-failover") == b"1"
-        assert setup.master.command("SET", "after-failover", "1") == b"OK"
+        assert setup.master.command("SET", "after-failover", "1") is True
     _assert_gone(handles)
 
 
@@ -316,7 +311,7 @@ def test_session_finish_fails_on_a_leaked_server(tmp_path: Path) -> None:
     (tmp_path / "test_leak.py").write_text(
         textwrap.dedent(
             """
-            from tests.servers import RedisServer
+            from tests._harness.servers import RedisServer
 
             def test_leak():
                 server = RedisServer().start()
@@ -324,10 +319,19 @@ def test_session_finish_fails_on_a_leaked_server(tmp_path: Path) -> None:
             """
         )
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("PYTEST_ADDOPTS", None)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-s", "-p", "tests.servers", "-p", "no:cacheprovider"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-s",
+            "-p",
+            "tests._harness.plugin",
+            "-p",
+            "no:cacheprovider",
+        ],
         cwd=tmp_path,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -342,3 +346,61 @@ def test_session_finish_fails_on_a_leaked_server(tmp_path: Path) -> None:
     assert "1 passed" in output
     pid, workdir = output.split("LEAKED-PID ", 1)[1].split()[:2]
     _assert_gone([(int(pid), Path(workdir))])
+
+
+ECHO_APP = "tests._harness.echo_app:app"
+
+
+def _alive(pids: Iterable[int]) -> list[int]:
+    return [pid for pid in pids if _pid_alive(pid) and not _zombie(pid)]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.servers
+def test_app_server_waits_for_its_workers_and_stops_them_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ZEAL_FROM_THE_TEST_PROCESS", "1")
+    server = AppServer(ECHO_APP, server="uvicorn-workers", workers=2, env={"GIVEN": "yes"})
+    with server:
+        master, workdir = server.pid, server.workdir
+        assert len(server.worker_pids) == 2
+        assert all(server.get_from("/pid", pid=p)["ppid"] == master for p in server.worker_pids)
+        names = ["GIVEN", "ZEAL_FROM_THE_TEST_PROCESS", "PYTHONPATH"]
+        seen = server.get("/env", name=names)
+        assert seen["GIVEN"] == "yes"
+        assert seen["ZEAL_FROM_THE_TEST_PROCESS"] is None  # ZEAL_* of the test never leak in
+        assert str(REPO) in seen["PYTHONPATH"].split(os.pathsep)
+        assert server in active_servers()
+    assert _alive([master, *server.worker_pids]) == []
+    assert not workdir.exists()
+    assert server not in active_servers()
+    assert server.log_text().count("Application startup complete") == 2  # kept after stop
+
+
+@pytest.mark.servers
+def test_app_server_without_a_pid_route_waits_for_every_workers_startup() -> None:
+    # /env names no worker: readiness counts the startups the log shows instead.
+    with AppServer(ECHO_APP, server="gunicorn", workers=2, ready="/env") as server:
+        assert server.log_since_launch().count("Application startup complete") == 2
+        assert server.worker_pids == set()
+
+
+@pytest.mark.servers
+def test_app_server_startup_failure_reports_the_log() -> None:
+    server = AppServer("tests.no_such_module:app", server="uvicorn")
+    with pytest.raises(ServerError, match=r"(?s)exited with status.*tests\.no_such_module"):
+        server.start()
+    assert server not in active_servers()
+    assert (server.process, server.dir) == (None, None)
+
+
+def test_app_server_refuses_an_unknown_server_model() -> None:
+    with pytest.raises(ValueError, match="hypercorn"):
+        AppServer(ECHO_APP, server="hypercorn")

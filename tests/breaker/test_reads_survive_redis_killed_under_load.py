@@ -13,8 +13,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from tests._harness.servers import RedisServer
 from tests.conftest import LONG
-from tests.servers import RedisServer
 from zeal_asgi.store import Store
 from zeal_asgi.store.backends.breaker import BreakerState
 

@@ -1,12 +1,13 @@
-"""E8 helper processes: writers SIGKILLed at random, then a restarted reader.
+"""Processes of the E8 test (writers SIGKILLed at random, then a restarted reader).
 
-``python -m tests.cache._e8 kill DIR SECONDS``: forks 4 writers that ``Cache.set`` self-checking
-values (10 B to 40 KB, so both tiers and the oversize spill are hit) on 200 keys, and SIGKILLs
-one of them every U(5, 50) ms for SECONDS, forking a replacement each time.  Prints JSON.
+``python -m tests.cache._killed_writers kill DIR SECONDS``: forks 4 writers that ``Cache.set``
+self-checking values (10 B to 40 KB, so both tiers and the oversize spill are hit) on 200 keys,
+and SIGKILLs one of them every U(5, 50) ms for SECONDS, forking a replacement each time.  Prints
+JSON.
 
-``python -m tests.cache._e8 read DIR``: a new process on the same directory (a restart: empty
-memory tier, start-up cleanup of temp files), then reads every key once and 800 random ones,
-checking each value.  Prints JSON with hits, misses, wrong values and latencies.
+``python -m tests.cache._killed_writers read DIR``: a new process on the same directory (a
+restart: empty memory tier, start-up cleanup of temp files), then reads every key once and 800
+random ones, checking each value.  Prints JSON with hits, misses, wrong values and latencies.
 
 Run with ``ZEAL_SHM_BACKEND=memfd`` (private shared memory: nothing named to leak when killed)
 and ``ZEAL_CACHE_SECRET`` (entries must outlive the writers' processes).

@@ -9,7 +9,8 @@ import time
 import pytest
 import websockets
 
-from tests.messaging.conftest import app_servers
+from tests._harness.apps import AppServer
+from tests.messaging.conftest import MSG_APP
 
 pytestmark = pytest.mark.servers
 
@@ -51,7 +52,7 @@ async def _lane(url: str, lane: int, cycles: int, tally: dict[str, int]) -> None
 
 
 async def test_e19_no_cross_tenant_delivery_after_reuse() -> None:
-    with app_servers(1, env={"ZEAL_STORE_BACKEND": "table"}) as (srv,):
+    with AppServer(MSG_APP, env={"ZEAL_STORE_BACKEND": "table"}) as srv:
         tally = {"cycles": 0, "cross_tenant": 0}
         t0 = time.monotonic()
         per_lane = CYCLES // LANES

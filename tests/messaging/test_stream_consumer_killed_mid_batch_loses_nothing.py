@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.messaging.conftest import REPO
-from tests.servers import RedisServer
+from tests._harness.apps import REPO
+from tests._harness.servers import RedisServer
 from zeal_asgi.store import Store
 
 pytestmark = pytest.mark.redis
@@ -69,13 +69,9 @@ def consumers(fresh_redis: RedisServer) -> Iterator[list[subprocess.Popen[bytes]
 
 def _pending_of(redis: RedisServer, consumer: str) -> int:
     reply = redis.command("XPENDING", "zeal:stream:e14", "e14")
-    assert isinstance(reply, list)
-    rows = reply[3]
-    assert rows is None or isinstance(rows, list)
-    for row in rows or []:
-        assert isinstance(row, list)
-        if row[0] == consumer.encode():
-            return int(row[1])  # type: ignore[arg-type]
+    for row in reply["consumers"]:
+        if row["name"] == consumer.encode():
+            return int(row["pending"])
     return 0
 
 
@@ -96,7 +92,7 @@ async def test_e14_consumer_killed_mid_batch(
         deadline = time.monotonic() + 30
         while in_flight == 0:
             assert time.monotonic() < deadline, "the victim never held pending entries"
-            done = int(fresh_redis.command("HLEN", "zeal:e14:effects") or 0)  # type: ignore[arg-type]
+            done = int(fresh_redis.command("HLEN", "zeal:e14:effects") or 0)
             if done >= 1000:
                 in_flight = _pending_of(fresh_redis, "c0")
             await asyncio.sleep(0.01)
@@ -109,21 +105,21 @@ async def test_e14_consumer_killed_mid_batch(
             now = time.monotonic()
             if reclaim_s is None and _pending_of(fresh_redis, "c0") == 0:
                 reclaim_s = now - killed_at
-            done = int(fresh_redis.command("HLEN", "zeal:e14:effects") or 0)  # type: ignore[arg-type]
-            dead = int(fresh_redis.command("XLEN", "zeal:stream:e14:dead") or 0)  # type: ignore[arg-type]
+            done = int(fresh_redis.command("HLEN", "zeal:e14:effects") or 0)
+            dead = int(fresh_redis.command("XLEN", "zeal:stream:e14:dead") or 0)
             if done == MESSAGES and dead >= 1 and reclaim_s is not None:
                 break
             assert now < deadline, f"stuck at {done}/{MESSAGES} processed, dlq={dead}"
             await asyncio.sleep(0.05)
-        flat = fresh_redis.command("HGETALL", "zeal:e14:effects")
-        assert isinstance(flat, list)
-        counts = [int(v) for v in flat[1::2]]  # type: ignore[arg-type]
+        effects = fresh_redis.command("HGETALL", "zeal:e14:effects")
+        assert isinstance(effects, dict)
+        counts = [int(v) for v in effects.values()]
         duplicates = sum(c - 1 for c in counts if c > 1)
-        runs = int(fresh_redis.command("GET", "zeal:e14:runs") or 0)  # type: ignore[arg-type]
-        poison_runs = int(fresh_redis.command("GET", "zeal:e14:poison_runs") or 0)  # type: ignore[arg-type]
+        runs = int(fresh_redis.command("GET", "zeal:e14:runs") or 0)
+        poison_runs = int(fresh_redis.command("GET", "zeal:e14:poison_runs") or 0)
         dlq = fresh_redis.command("XRANGE", "zeal:stream:e14:dead", "-", "+")
         assert isinstance(dlq, list) and len(dlq) == 1
-        dlq_fields = dict(zip(dlq[0][1][::2], dlq[0][1][1::2], strict=True))  # type: ignore[index]
+        dlq_fields = dlq[0][1]
         bound = MIN_IDLE + RECLAIM_EVERY * 1.2 + 1.0
         ok = (
             len(counts) == MESSAGES
