@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import RedisServer
+from tests._harness.servers import RedisServer
 from zeal_asgi import Cache, Store
 from zeal_asgi.cache import MISSING
 from zeal_asgi.store.backends.table import TableBackend
