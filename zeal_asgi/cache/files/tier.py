@@ -29,6 +29,7 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import itertools
 import logging
 import os
 import re
@@ -61,6 +62,9 @@ VERIFIED_FILE_BYTES = 256 << 10
 ORPHAN_AGE = 10.0
 """Only files older than this may be orphans: a newer one may still be getting its row."""
 MAX_OWNED = 10_000
+_temp_serial = itertools.count(secrets.randbits(48))
+"""Temp names are ``.tmp.<pid>.<serial>``: unique per process (a forked child has another pid),
+and a random start keeps a reused pid from meeting a dead process's leftovers."""
 
 
 class Entry(NamedTuple):
@@ -201,7 +205,7 @@ class FileTier:
             MAGIC, VERSION, serializer, 0, self.kid,  # flags 0
             time.time(), expires_at, nonce, len(key), len(payload),
         )  # fmt: skip
-        tmp = f".tmp.{os.getpid()}.{secrets.token_hex(8)}"
+        tmp = f".tmp.{os.getpid()}.{next(_temp_serial):x}"
         try:
             fd = os.open(tmp, _WRITE_FLAGS, 0o600, dir_fd=self._dfd)
         except OSError as exc:
