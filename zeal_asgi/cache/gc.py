@@ -34,10 +34,6 @@ class GcLease:
     def _lease(self) -> Lease:
         return Lease(control_table(), self.seconds)
 
-    def holder(self) -> int | None:
-        """Pid of the current holder, if its lease is valid and it is alive."""
-        return self._lease().holder(self.row)
-
     def try_hold(self) -> bool:
         """Take or renew the lease; ``True`` when this process holds it now."""
         lease = self._lease()
@@ -65,11 +61,6 @@ class CacheGC:
         self._sweep = sweep
         self._task: asyncio.Task[None] | None = None
         self._last_error = 0.0
-
-    @property
-    def running(self) -> bool:
-        """True while the GC task of this worker runs."""
-        return self._task is not None and not self._task.done()
 
     async def start(self) -> None:
         """Start ticking in this worker's event loop (idempotent)."""

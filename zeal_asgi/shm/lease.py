@@ -50,7 +50,7 @@ class Lease:
         self.column = column
         self.ms = max(1, int(seconds * 1000))
 
-    def _cas(self, key: str, expected: int, new: int) -> bool:
+    def _cas(self, key: str | bytes, expected: int, new: int) -> bool:
         return bool(self.table.compare_and_set(key, self.column, expected, new))
 
     @staticmethod
@@ -60,12 +60,12 @@ class Lease:
         now = _now_ms() if now_ms is None else now_ms
         return not word or deadline < now or not process_alive(pid)
 
-    def holder(self, key: str) -> int | None:
+    def holder(self, key: str | bytes) -> int | None:
         """Pid of the process holding ``key``, or ``None`` when nobody does."""
         word = self.table.get(key, self.column) or 0
         return None if self.stale(word) else unpack(word)[1]
 
-    def acquire(self, key: str) -> int | None:
+    def acquire(self, key: str | bytes) -> int | None:
         """Take ``key`` if it is free; the token, or ``None`` when a live holder has it (this
         process included: a lease is not re-entrant)."""
         token = pack(_now_ms() + self.ms, os.getpid())
@@ -76,7 +76,7 @@ class Lease:
             return token
         return None
 
-    def renew(self, key: str, token: int) -> int | None:
+    def renew(self, key: str | bytes, token: int) -> int | None:
         """Move the deadline forward; the new token, or ``None`` if the lease was lost.  A forked
         child does not renew its parent's lease."""
         if unpack(token)[1] != os.getpid() & _TAG_MASK:
@@ -84,7 +84,7 @@ class Lease:
         new = pack(_now_ms() + self.ms, os.getpid())
         return new if self._cas(key, token, new) else None
 
-    def release(self, key: str, token: int, *, delete: bool = False) -> bool:
+    def release(self, key: str | bytes, token: int, *, delete: bool = False) -> bool:
         """Give the lease up if ``token`` still holds it (``delete``: remove the row too).  A
         forked child does not release its parent's lease."""
         if unpack(token)[1] != os.getpid() & _TAG_MASK:
