@@ -4,10 +4,11 @@ Periods are aligned to the wall clock (a 60 s job runs at every minute; nodes of
 should keep their clocks in sync, which only moves when a run starts: two runs of one period
 are impossible either way).  At each period's start every worker tries the job's lock without
 waiting; the one that gets it claims the period (the lock's mark rises to the period's start)
-and runs the job; the others find the lock held or the period claimed.  A run that outlasts its
-period takes the next period(s) with it.  The lease lasts half a period and is renewed while the
-job runs, so when the runner dies another worker runs the next period: a dead holder's host lock
-is free at once, a cluster lease expires within half a period.
+and runs the job; the others find the period claimed, or the lock held, and then try again at
+each quarter of the period.  A run that outlasts its period delays the next one (runs never
+overlap) and may take the period after with it.  The lease lasts half a period and is renewed
+while the job runs, so when the runner dies another worker runs the next period: a dead
+holder's host lock is free at once, a cluster lease expires within half a period.
 
 Runs, failures, and the last start and duration of every job are kept per host in shared
 memory (:func:`job_stats`; ``/health/store`` reports them).
@@ -77,16 +78,23 @@ async def _attempt(
     job: Job, period_ms: int, locker: Locker, resolve: Callable[[str], Scope]
 ) -> None:
     period = int(time.time() * 1000) // period_ms * period_ms  # woken late: still this period
-    try:
-        async with LockContext(locker, resolve, job.scope, job.lock_name, job.seconds / 2, 0.0):
-            if await resolve(job.scope).claim(job.lock_name, period):
-                await _run(job)
-    except LockTimeoutError:
-        return  # another worker runs it (or still runs the last period)
-    except LockLostError as exc:
-        _failed(job, str(exc))
-    except ZealError as exc:  # the backend is down: try again next period
-        log.warning("zeal.every job %r: period skipped: %s", job.name, exc)
+    for quarter in range(4):
+        # Held by a run that overran, or by a runner that died with its lease on: try again
+        # at each quarter of the period.
+        wait = (period + quarter * period_ms / 4) / 1000 - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        try:
+            async with LockContext(locker, resolve, job.scope, job.lock_name, job.seconds / 2, 0.0):
+                if await resolve(job.scope).claim(job.lock_name, period):
+                    await _run(job)
+            return
+        except LockTimeoutError:
+            continue
+        except LockLostError as exc:
+            return _failed(job, str(exc))
+        except ZealError as exc:  # the backend is down: try again next period
+            return log.warning("zeal.every job %r: period skipped: %s", job.name, exc)
 
 
 async def _run(job: Job) -> None:
