@@ -18,6 +18,7 @@ SUITES: dict[str, str] = {
     "cache": "bench.cache",
     "pubsub": "bench.pubsub",
     "response_cache": "bench.response_cache",
+    "locks": "bench.locks",
 }
 """Suite name -> module, in the order ``python -m bench`` runs them."""
 

@@ -94,6 +94,7 @@ class Locks:
         self._cluster: ClusterLocks | None = None
         self._leases: dict[str, LockLease | None] = {}  # scope -> this worker's leadership
         self._tasks: set[asyncio.Task[None]] = set()
+        self._names: set[str] = set()
 
     def scope(self, scope: str) -> Scope:
         """The leases of ``scope`` on the store's backend."""
@@ -113,10 +114,17 @@ class Locks:
         self, name: str, ttl: float, scope: str = "host", timeout: float | None = None
     ) -> LockContext:
         """``async with locks.lock(name, ttl) as lease``: see :meth:`zeal_asgi.Zeal.lock`."""
-        _seconds(ttl, "ttl")
+        if type(name) is not str or name not in self._names:  # checked once per name
+            if len(self._names) >= 1024:
+                self._names.clear()
+            self._names.add(_name(name))
+        if type(ttl) not in (int, float) or not 0 < ttl < 3e7:
+            _seconds(ttl, "ttl")
         if timeout is not None:
             _seconds(timeout, "timeout", zero=True)
-        return LockContext(self.locker, self.scope, _scope_name(scope), _name(name), ttl, timeout)
+        if scope not in SCOPES:
+            _scope_name(scope)
+        return LockContext(self.locker, self.scope, scope, name, ttl, timeout)
 
     # -- leadership ------------------------------------------------------------------------------
 
