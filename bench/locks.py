@@ -94,7 +94,7 @@ class _Flock:
 # -- host, uncontended ---------------------------------------------------------------------------
 
 
-def _host_rows(runner: AsyncRunner, tmp: str) -> list[Row]:
+def _host_rows(runner: AsyncRunner, tmp: str, cleanup: contextlib.ExitStack) -> list[Row]:
     from zeal_asgi import Store, Zeal
     from zeal_asgi.locks.host import host_locks
 
@@ -108,6 +108,7 @@ def _host_rows(runner: AsyncRunner, tmp: str) -> list[Row]:
             await release(name, grant[1], ms)
 
     aio, mp_lock, flock = asyncio.Lock(), _FORK.Lock(), _Flock(f"{tmp}/flock")
+    cleanup.callback(os.close, flock.fd)
     zeal_with = _async_with(runner, lambda: zeal.lock(name, TTL))
     return [
         Row("zeal", "zeal", "host", "async with zeal.lock(name, ttl=30)", zeal_with),
@@ -138,7 +139,7 @@ class Contended:
 
 
 def _contend(take: Callable[[], Any], seconds: float, barrier: Any, out: Connection) -> None:
-    lock = take()  # in the child: its own file description, event loop, ...
+    lock = take()  # in the child: its own file description, ...
     barrier.wait(60)
     end, n = time.monotonic() + seconds, 0
     if asyncio.iscoroutinefunction(lock):  # one acquisition, awaited
@@ -215,13 +216,15 @@ def _contended_table(rows: Sequence[Contended]) -> str:
 # -- cluster -------------------------------------------------------------------------------------
 
 
-def _cluster_rows(runner: AsyncRunner, url: str) -> list[Row]:
+def _cluster_rows(runner: AsyncRunner, url: str, cleanup: contextlib.ExitStack) -> list[Row]:
     from zeal_asgi import Store, Zeal
 
     name = f"bench-{uuid.uuid4().hex[:8]}"
     zeal = Zeal(store=Store("redis", {"url": url}))
     runner.run(zeal.startup())
+    cleanup.callback(lambda: runner.run(zeal.shutdown()))
     aioredis = need("redis.asyncio", "redis").Redis.from_url(url)
+    cleanup.callback(lambda: runner.run(aioredis.aclose()))
     rows = [
         Row(
             "zeal",
@@ -294,10 +297,10 @@ def run(cfg: Config) -> SuiteReport:
     runner = AsyncRunner()
     seconds = 0.3 if cfg.quick else 3.0
     try:
-        with shm_tempdir() as tmp, _redis_url() as url:
-            host = [r for r, _ in measure_rows(NAME, _host_rows(runner, tmp), cfg)]
+        with shm_tempdir() as tmp, _redis_url() as url, contextlib.ExitStack() as cleanup:
+            host = [r for r, _ in measure_rows(NAME, _host_rows(runner, tmp, cleanup), cfg)]
             contended = _contended_all(tmp, seconds)
-            cluster = [] if url is None else _cluster_rows(runner, url)
+            cluster = [] if url is None else _cluster_rows(runner, url, cleanup)
             remote = [r for r, _ in measure_rows(NAME, cluster, cfg)]
     finally:
         runner.close()
