@@ -125,6 +125,7 @@ class Zeal:
         except BaseException:
             self._depth = 0
             await self._stop_services()
+            await self.store.aclose()  # a boot that fails leaves no connection open
             raise
         _record_names()
         ident = server_identity()

@@ -179,6 +179,14 @@ async def test_a_body_longer_than_the_ttl_keeps_the_lock(zeal: Zeal) -> None:
         assert not lease.lost
 
 
+async def test_a_blocked_event_loop_keeps_a_lock_nobody_took(zeal: Zeal) -> None:
+    """Renewed late (the loop was blocked past the ttl) but still ours: nothing is lost."""
+    async with zeal.lock(unique(), ttl=0.2) as lease:
+        time.sleep(0.5)  # noqa: ASYNC251 - blocks the event loop: no renewal can run
+        await asyncio.sleep(0.3)
+        assert not lease.lost
+
+
 async def test_a_lease_taken_over_cancels_the_block_with_lock_lost(zeal: Zeal) -> None:
     name = unique()
     reached_end = False
@@ -273,6 +281,14 @@ async def test_memcached_has_host_locks_but_no_cluster_scope(memcached_server: A
             pass
     with pytest.raises(UnsupportedOperationError):
         await zeal.is_leader("cluster")
+    zeal.every(60, name=unique(), scope="cluster")(_noop)
+    with pytest.raises(UnsupportedOperationError):  # at startup, not at the first period
+        async with zeal:
+            pass
+
+
+async def _noop() -> None:
+    return None
 
 
 @pytest.mark.parametrize(

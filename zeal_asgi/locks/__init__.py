@@ -192,7 +192,7 @@ class Locks:
             raise InvalidTTLError(f"jitter is 0 <= jitter < the period ({period:g} s): {jitter}")
         if job_name in self.jobs:
             raise ConfigError(f"zeal.every: a job named {job_name!r} is declared already")
-        jobs_table()  # shared memory: made before workers start
+        jobs_table().incr(job_name, "runs", 0)  # made before workers start, listed at 0 runs
         job = Job(fn, job_name, period, _scope_name(scope), float(jitter), bool(run_at_start))
         self.jobs[job_name] = job
 
@@ -204,7 +204,9 @@ class Locks:
         task.add_done_callback(self._tasks.discard)
 
     async def start(self) -> None:
-        """Start every job's loop in this worker."""
+        """Start every job's loop in this worker (a scope the backend lacks fails the boot)."""
+        for job in self.jobs.values():
+            self.scope(job.scope)
         for job in self.jobs.values():
             self._spawn(run_job(job, self.locker, self.scope))
 

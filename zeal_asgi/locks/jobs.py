@@ -127,6 +127,6 @@ def job_stats() -> dict[str, dict[str, Any]]:
             "runs": row["runs"],
             "failures": row["failures"],
             "last_start": started / 1000 if started else None,
-            "last_duration": took / 1e6 if started else None,
+            "last_duration": took / 1e6 if took else None,
         }
     return dict(sorted(out.items()))

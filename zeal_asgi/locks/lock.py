@@ -147,8 +147,9 @@ class _Renewer:
         while True:
             sent = self.loop.time()
             try:
-                # No answer before the lease would expire: it is as good as lost.
-                async with asyncio.timeout_at(lease._valid_until):
+                # No answer before the lease would expire: it is as good as lost.  (A "still
+                # yours", however late, proves nobody took it meanwhile.)
+                async with asyncio.timeout(max(lease._valid_until - sent, 0.001)):
                     handle = await scope.renew(lease.name, lease._handle, ms)
             except (BackendError, TimeoutError) as exc:
                 if self.loop.time() < lease._valid_until - 0.001:
