@@ -29,6 +29,7 @@ log = logging.getLogger("zeal_asgi.locks")
 _INF = float("inf")
 _FREE: Any = object()
 _Waiters = collections.deque[asyncio.Future[None]]
+_Key = tuple[Any, "Scope", str]  # (event loop, scope, name)
 
 
 class Scope(Protocol):
@@ -60,27 +61,9 @@ class LockLease:
     earlier holder of ``name`` in its scope, so a resource that remembers the highest token it
     has seen can refuse a holder that lost the lock without knowing it."""
 
-    __slots__ = (
-        "_cancelled",
-        "_cancelling",
-        "_handle",
-        "_key",
-        "_ms",
-        "_renew_at",
-        "_renewal",
-        "_scope",
-        "_task",
-        "_valid_until",
-        "lost",
-        "name",
-        "scope",
-        "token",
-        "ttl",
-    )
-
     def __init__(
         self,
-        key: tuple[Any, Scope, str],
+        key: _Key,
         ttl: float,
         ms: int,
         grant: tuple[int, Any],
@@ -93,9 +76,8 @@ class LockLease:
         self.lost = False
         """True once the lease could not be renewed: another holder may have the lock."""
         self._key, self._scope, self._ms = key, scope, ms
-        self._task: asyncio.Task[Any] | None = task
+        self._task: asyncio.Task[Any] | None = task  # cancelled when the lease is lost
         self._cancelling = task.cancelling() if task is not None else 0
-        self._cancelled = False
         now = loop.time()
         self._valid_until = now + ttl
         self._renew_at = now + ttl / 3
@@ -104,10 +86,6 @@ class LockLease:
     def __repr__(self) -> str:
         state = "lost" if self.lost else "held"
         return f"<LockLease {self.name!r} scope={self.scope} token={self.token} {state}>"
-
-
-def _ms(seconds: float) -> int:
-    return max(1, round(seconds * 1000))
 
 
 class _Renewer:
@@ -170,10 +148,8 @@ class _Renewer:
         self.held.pop(id(lease), None)
         count("locks", "lost")
         log.warning("zeal.lock(%r, scope=%r) lost: %s", lease.name, lease.scope, why)
-        task = lease._task
-        if task is not None and not task.done():
-            lease._cancelled = True
-            task.cancel(f"zeal.lock({lease.name!r}) lost its lease")
+        if lease._task is not None and not lease._task.done():
+            lease._task.cancel(f"zeal.lock({lease.name!r}) lost its lease")
 
 
 class Locker:
@@ -181,7 +157,7 @@ class Locker:
 
     def __init__(self) -> None:
         # (loop, scope, name) -> waiters behind the coroutine that holds or polls for the lock
-        self._queues: dict[tuple[Any, Scope, str], _Waiters | None] = {}
+        self._queues: dict[_Key, _Waiters | None] = {}
         self._renewers: dict[Any, _Renewer] = {}
 
     async def acquire(
@@ -201,7 +177,7 @@ class Locker:
                 waiters = self._queues[key] = collections.deque()
             if not await self._wait_turn(key, waiters, deadline):
                 return None
-        ms = _ms(ttl)
+        ms = max(1, round(ttl * 1000))
         try:
             grant = await scope.acquire(name, ms)
             delay = scope.poll / 16
@@ -223,12 +199,7 @@ class Locker:
         renewer.add(lease)
         return lease
 
-    async def _wait_turn(
-        self,
-        key: tuple[Any, Scope, str],
-        waiters: _Waiters,
-        deadline: float | None,
-    ) -> bool:
+    async def _wait_turn(self, key: _Key, waiters: _Waiters, deadline: float | None) -> bool:
         fut = key[0].create_future()
         waiters.append(fut)
         try:
@@ -244,7 +215,7 @@ class Locker:
             raise
         return True
 
-    def _next(self, key: tuple[Any, Scope, str]) -> None:
+    def _next(self, key: _Key) -> None:
         """Hand the turn to the next waiting coroutine of this process, if any."""
         waiters = self._queues.get(key)
         while waiters:
@@ -267,11 +238,9 @@ class Locker:
 
     def forget(self, loop: Any) -> None:
         """Drop the state of an event loop that is closing."""
-        renewer = self._renewers.pop(loop, None)
-        if renewer is not None and renewer.timer is not None:
+        if (renewer := self._renewers.pop(loop, None)) and renewer.timer:
             renewer.timer.cancel()
-        for key in [k for k in self._queues if k[0] is loop]:
-            del self._queues[key]
+        self._queues = {k: v for k, v in self._queues.items() if k[0] is not loop}
 
 
 class LockContext:
@@ -315,8 +284,8 @@ class LockContext:
         await self._locker.release(lease)
         if not lease.lost:
             return
-        task = lease._task
-        if lease._cancelled and task is not None and task.uncancel() > lease._cancelling:
+        task = lease._task  # cancelled by the loss (it held the lease, so it was not done)
+        if task is not None and task.uncancel() > lease._cancelling:
             return  # cancelled from outside as well: that cancellation goes on
         if exc_type is None or issubclass(exc_type, asyncio.CancelledError):
             raise LockLostError(
