@@ -91,16 +91,25 @@ def test_two_app_servers_on_one_redis_exclude_each_other(redis_server: RedisServ
 async def test_a_redis_restart_mid_lease_loses_the_lock_and_tokens_keep_rising(
     fresh_redis: RedisServer,
 ) -> None:
-    zeal = redis_zeal(fresh_redis.url, "zt")
+    """Server a holds the lock when Redis restarts and loses every key: server b gets the lock
+    with a higher token, and a's block is cancelled with LockLostError."""
+    a, b = redis_zeal(fresh_redis.url, "zt"), redis_zeal(fresh_redis.url, "zt")
     name = unique()
-    async with zeal:
-        with pytest.raises(LockLostError):
-            async with zeal.lock(name, ttl=1, scope="cluster") as lease:
-                await asyncio.to_thread(fresh_redis.restart)  # no persistence: every key gone
-                await asyncio.sleep(10)  # cancelled once a renewal finds the lease gone
-        assert lease.lost
-        async with zeal.lock(name, ttl=1, scope="cluster", timeout=5) as after:
-            assert after.token > lease.token  # the fence was lost with the restart
+    held: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def hold() -> None:
+        async with a.lock(name, ttl=1, scope="cluster") as lease:
+            held.set_result(lease.token)
+            await asyncio.sleep(10)  # cancelled once a renewal finds the lease gone
+
+    async with a, b:
+        task = asyncio.create_task(hold())
+        before = await held
+        await asyncio.to_thread(fresh_redis.restart)  # no persistence: every key is gone
+        async with b.lock(name, ttl=5, scope="cluster", timeout=5) as after:
+            assert after.token > before
+            with pytest.raises(LockLostError):
+                await task
 
 
 async def test_redis_unresponsive_past_the_ttl_loses_the_lock(fresh_redis: RedisServer) -> None:
