@@ -66,21 +66,24 @@ class Job:
 async def run_job(job: Job, locker: Locker, resolve: Callable[[str], Scope]) -> None:
     """The job's loop in one worker: at every period's start, run it if nobody has."""
     period_ms = max(1, round(job.seconds * 1000))
+    period = int(time.time() * 1000) // period_ms * period_ms  # the current period's start
     if job.run_at_start:
-        await _attempt(job, period_ms, locker, resolve)
+        await _attempt(job, period, period_ms, locker, resolve)
     while True:
-        delay = (period_ms - int(time.time() * 1000) % period_ms) / 1000
-        await asyncio.sleep(delay + (random.uniform(0, job.jitter) if job.jitter else 0.0))
-        await _attempt(job, period_ms, locker, resolve)
+        # The next period; the current one when the last run overran into it.
+        period = max(period + period_ms, int(time.time() * 1000) // period_ms * period_ms)
+        delay = period / 1000 - time.time() + (random.uniform(0, job.jitter) if job.jitter else 0)
+        await asyncio.sleep(max(delay, 0.0))
+        await _attempt(job, period, period_ms, locker, resolve)
 
 
 async def _attempt(
-    job: Job, period_ms: int, locker: Locker, resolve: Callable[[str], Scope]
+    job: Job, period: int, period_ms: int, locker: Locker, resolve: Callable[[str], Scope]
 ) -> None:
-    period = int(time.time() * 1000) // period_ms * period_ms  # woken late: still this period
     for quarter in range(4):
-        # Held by a run that overran, or by a runner that died with its lease on: try again
-        # at each quarter of the period.
+        # Not before the period starts (a timer may fire a millisecond early); then, while the
+        # lock is held (a run that overran, a runner that died with its lease on), again at
+        # each quarter of the period.
         wait = (period + quarter * period_ms / 4) / 1000 - time.time()
         if wait > 0:
             await asyncio.sleep(wait)
