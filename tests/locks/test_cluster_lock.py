@@ -28,11 +28,12 @@ def redis_zeal(url: str, prefix: str, **options: Any) -> Zeal:
     return Zeal(store=Store("redis", {"url": url, "prefix": prefix, **options}))
 
 
-@pytest.fixture
-async def zeals(redis_url: str) -> AsyncIterator[tuple[Zeal, Zeal]]:
-    """Two apps on one Redis and one prefix: two servers of one cluster."""
-    prefix = f"zt{uuid.uuid4().hex[:8]}"
-    a, b = redis_zeal(redis_url, prefix), redis_zeal(redis_url, prefix)
+@pytest.fixture(params=["redis", "tiered"])
+async def zeals(redis_url: str, request: pytest.FixtureRequest) -> AsyncIterator[tuple[Zeal, Zeal]]:
+    """Two apps on one Redis and one prefix (redis or tiered backend): two servers of one
+    cluster."""
+    conn = {"url": redis_url, "prefix": f"zt{uuid.uuid4().hex[:8]}"}
+    a, b = (Zeal(store=Store(request.param, conn)) for _ in range(2))
     async with a, b:
         yield a, b
 
