@@ -181,3 +181,15 @@ async def test_cluster_locks_on_a_redis_cluster(redis_cluster: RedisCluster) -> 
                 async with zeal.lock(name, ttl=5, scope="cluster") as lease:
                     tokens.append(lease.token)
             assert tokens[-1] > tokens[-2]
+
+
+async def test_one_leader_among_servers(zeals: tuple[Zeal, Zeal]) -> None:
+    a, b = zeals
+    assert await a.is_leader("cluster") is True
+    assert await b.is_leader("cluster") is False
+    await a.shutdown()  # hands leadership over: b leads at its next campaign
+    for _ in range(50):
+        if await b.is_leader("cluster"):
+            break
+        await asyncio.sleep(0.1)
+    assert await b.is_leader("cluster") is True
