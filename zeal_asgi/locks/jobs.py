@@ -1,8 +1,7 @@
 """``zeal.every``: a job that runs once per period per scope, never overlapping itself.
 
-Periods are aligned to the wall clock (a 60 s job runs at every minute; nodes of a cluster
-should keep their clocks in sync, which only moves when a run starts: two runs of one period
-are impossible either way).  At each period's start every worker tries the job's lock without
+Periods are aligned to the wall clock (a 60 s job runs at every minute; across a cluster a clock
+skew only shifts when a run starts: two runs of one period are impossible either way).  At each period's start every worker tries the job's lock without
 waiting; the one that gets it claims the period (the lock's mark rises to the period's start)
 and runs the job; the others find the period claimed, or the lock held, and then try again at
 each quarter of the period.  A run that outlasts its period delays the next one (runs never
