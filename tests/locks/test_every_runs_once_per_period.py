@@ -50,7 +50,7 @@ def _wait_periods(server: AppServer, want: int, timeout: float) -> dict[int, int
     return counts
 
 
-@pytest.mark.parametrize("server", ["launcher", "gunicorn"])
+@pytest.mark.parametrize("server", ["launcher", "uvicorn-workers", "gunicorn", "gunicorn-preload"])
 def test_two_workers_run_a_50ms_job_once_per_period(server: str) -> None:
     periods = int(quick_or_long(200, 2000))
     with AppServer(LOCKS_APP, server=server, workers=2) as app:
