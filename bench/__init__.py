@@ -19,6 +19,7 @@ SUITES: dict[str, str] = {
     "pubsub": "bench.pubsub",
     "ratelimit": "bench.ratelimit",
     "response_cache": "bench.response_cache",
+    "locks": "bench.locks",
 }
 """Suite name -> module, in the order ``python -m bench`` runs them."""
 

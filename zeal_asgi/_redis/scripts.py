@@ -25,6 +25,8 @@ __all__ = [
     "INCR_FLOAT",
     "INCR_INT",
     "LOCK_ACQUIRE",
+    "LOCK_CLAIM",
+    "LOCK_FENCED_ACQUIRE",
     "LOCK_RELEASE",
     "LOCK_RENEW",
     "MSET",
@@ -580,3 +582,35 @@ return {1, best, best_left, best_reset, 0}
 RATE_LIMIT_RESET = Script("rate_limit_reset", "return redis.call('DEL', KEYS[1])")
 
 __all__ += ["RATE_LIMIT", "RATE_LIMIT_KEY", "RATE_LIMIT_RESET"]
+
+# -- Cluster locks (zeal_asgi.locks), keys under {prefix}:lock:
+#   lock:{<name>}        string  the holder's random owner id; expires with the lease
+#   lock:{<name>}:fence  string  the last fencing token handed out for <name> (never expires)
+#   lock:{<name>}:mark   string  the highest mark claimed under the lock (a job's last period)
+# Renewing and releasing a lease are LOCK_RENEW and LOCK_RELEASE above (owner checked first).
+
+# KEYS[1] lease, KEYS[2] fence; ARGV[1] owner, ARGV[2] lease ms.  The token, or 0 when another
+# owner holds the lease.  Run again by the same owner (a retry) it returns the same token.  A
+# token is never below the server clock in microseconds, so tokens keep increasing even after a
+# restart that lost the fence.
+LOCK_FENCED_ACQUIRE = Script(
+    "lock_fenced_acquire",
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return tonumber(redis.call('GET', KEYS[2])) end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+local t = redis.call('TIME')
+local token = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
+token = math.max(token, tonumber(t[1]) * 1000000 + tonumber(t[2]))
+redis.call('SET', KEYS[2], string.format('%d', token))
+return token
+""",
+)
+# KEYS[1] mark; ARGV[1] the new mark.  1 when it was below (and is now ARGV[1]).
+LOCK_CLAIM = Script(
+    "lock_claim",
+    """
+if tonumber(redis.call('GET', KEYS[1]) or '-1') >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+""",
+)
