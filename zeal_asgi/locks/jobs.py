@@ -1,13 +1,14 @@
 """``zeal.every``: a job that runs once per period per scope, never overlapping itself.
 
 Periods are aligned to the wall clock (a 60 s job runs at every minute; across a cluster a clock
-skew only shifts when a run starts: two runs of one period are impossible either way).  At each
-period's start every worker tries the job's lock without waiting; the one that gets it claims the period (the lock's mark rises to the period's start)
-and runs the job; the others find the period claimed, or the lock held, and then try again at
-each quarter of the period.  A run that outlasts its period delays the next one (runs never
-overlap) and may take the period after with it.  The lease lasts half a period and is renewed
-while the job runs, so when the runner dies another worker runs the next period: a dead
-holder's host lock is free at once, a cluster lease expires within half a period.
+skew only shifts when a run starts: two runs of one period are impossible either way). At each
+period's start every worker tries the job's lock without waiting; the one that gets it claims the
+period (the lock's mark rises to the period's start) and runs the job; the others find the period
+claimed, or the lock held, and then try again at each quarter of the period. A run that outlasts its
+period delays the next one (runs never overlap) and may take the period after with it. The lease
+lasts half a period and is renewed while the job runs, so when the runner dies another worker runs
+the next period: a dead holder's host lock is free at once, a cluster lease expires within half a
+period.
 
 Runs, failures, and the last start and duration of every job are kept per host in shared
 memory (:func:`job_stats`; ``/health/store`` reports them).
