@@ -48,7 +48,15 @@ from zeal_asgi.errors import (
 )
 from zeal_asgi.shm.schema import Column, ColumnType, Schema, validate_value
 
-__all__ = ["EMPTY_ROW_MARKER", "RowCodec", "check_step", "decode_float", "encode_float"]
+__all__ = [
+    "EMPTY_ROW_MARKER",
+    "RowCodec",
+    "check_step",
+    "decode_float",
+    "encode_float",
+    "incr_nonfinite",
+    "incr_overflow",
+]
 
 EMPTY_ROW_MARKER = b""
 """Hash field that keeps a row of a table without columns alive (Redis deletes empty hashes).
@@ -121,6 +129,23 @@ def check_step(col: Column, by: object, table: str, allow_nan: bool) -> int | fl
         return step
     raise ColumnTypeError(
         f"incr needs an INT or FLOAT column; {col.name!r} of table {table!r} is {col.type.name}"
+    )
+
+
+def incr_overflow(col: Column, table: str, by: object, current: object) -> IntegerOverflowError:
+    """The error of an ``incr`` that would leave ``col``'s range (``current`` stays)."""
+    lo, hi = col.int_range
+    return IntegerOverflowError(
+        f"incr of column {col.name!r} of table {table!r} by {by} would leave [{lo}, {hi}] "
+        f"(INT({col.size})); the value stays {current}"
+    )
+
+
+def incr_nonfinite(col: Column, table: str, by: object, current: object) -> NonFiniteFloatError:
+    """The error of an ``incr`` that would make a FLOAT non-finite (``current`` stays)."""
+    return NonFiniteFloatError(
+        f"incr of column {col.name!r} of table {table!r} by {by!r} overflows to a non-finite "
+        f"value; the value stays {current}"
     )
 
 
