@@ -36,7 +36,6 @@ __all__ = [
     "StoreBackend",
     "StoreBackendKind",
     "TableSpec",
-    "backend_name",
     "count",
     "counters",
     "unsupported",
@@ -82,11 +81,6 @@ def counters(area: str) -> dict[str, Any]:
         return {k[len(pre) :]: v for k, v in counts.items() if k.startswith(pre)}
 
     return {**mine(hs.host()), "worker": mine(hs.worker())}
-
-
-def backend_name(backend: StoreBackend) -> str:
-    """The backend's name in error messages."""
-    return str(backend.kind)
 
 
 def unsupported(backend: StoreBackend, what: str, needs: Capability) -> UnsupportedOperationError:

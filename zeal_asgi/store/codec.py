@@ -156,7 +156,6 @@ class RowCodec:
         self.schema = schema
         self.table = table
         self._names = tuple(c.name.encode("utf-8") for c in schema.columns)
-        self._by_bytes = {n: c for n, c in zip(self._names, schema.columns, strict=True)}
         blob = schema.to_blob() if schema.columns else b"{}"
         self.fingerprint = hashlib.blake2b(blob, digest_size=8).digest()
         """8 bytes identifying the schema, stored in every row blob."""
@@ -170,7 +169,8 @@ class RowCodec:
         anything is sent anywhere.
         """
         valid = self.schema.validate_row(row, self.table)
-        return {name.encode("utf-8"): self._encode(self._col(name), v) for name, v in valid.items()}
+        col = self.schema.column
+        return {n.encode("utf-8"): self._encode(col(n, self.table), v) for n, v in valid.items()}
 
     def encode_value(self, column: str, value: object) -> bytes:
         """Validate and encode one value of ``column``."""
@@ -189,9 +189,6 @@ class RowCodec:
             if name not in given:
                 out += (name, _ZERO_FIELD[col.type])
         return out
-
-    def _col(self, name: str) -> Column:
-        return self.schema.column(name, self.table)
 
     @staticmethod
     def _encode(col: Column, value: Any) -> bytes:
@@ -271,37 +268,24 @@ class RowCodec:
 
     def unpack(self, blob: bytes, key: object) -> dict[str, Any]:
         """The row stored by :meth:`pack`; BackendResponseError when it is not one of ours."""
-        head = len(_BLOB_MAGIC) + len(self.fingerprint)
-        if blob[: len(_BLOB_MAGIC)] != _BLOB_MAGIC:
+        where = f"stored row of table {self.table!r}, key {key!r}"
+        if not blob.startswith(_BLOB_MAGIC):
+            raise BackendResponseError(f"{where}: not a row blob")
+        pos = len(_BLOB_MAGIC) + len(self.fingerprint)
+        if blob[len(_BLOB_MAGIC) : pos] != self.fingerprint:
             raise BackendResponseError(
-                f"stored row of table {self.table!r}, key {key!r}: not a row blob"
+                f"{where} was written under another schema (fingerprint mismatch)"
             )
-        if blob[len(_BLOB_MAGIC) : head] != self.fingerprint:
-            raise BackendResponseError(
-                f"stored row of table {self.table!r}, key {key!r} was written under another "
-                "schema (fingerprint mismatch)"
-            )
-        view = memoryview(blob)
-        pos = head
         row: dict[str, Any] = {}
         for col in self.schema.columns:
-            if pos + _LEN.size > len(blob):
-                raise BackendResponseError(
-                    f"stored row of table {self.table!r}, key {key!r} is truncated"
-                )
-            (n,) = _LEN.unpack_from(view, pos)
-            pos += _LEN.size
-            if pos + n > len(blob):
-                raise BackendResponseError(
-                    f"stored row of table {self.table!r}, key {key!r} is truncated"
-                )
-            row[col.name] = self.decode_value(col, bytes(view[pos : pos + n]), key)
-            pos += n
+            start = pos + _LEN.size
+            # a length cut off by the end counts as the whole blob: "truncated" just below
+            pos = start + (_LEN.unpack_from(blob, pos)[0] if start <= len(blob) else len(blob))
+            if pos > len(blob):
+                raise BackendResponseError(f"{where} is truncated")
+            row[col.name] = self.decode_value(col, blob[start:pos], key)
         if pos != len(blob):
-            raise BackendResponseError(
-                f"stored row of table {self.table!r}, key {key!r} has {len(blob) - pos} "
-                "trailing bytes"
-            )
+            raise BackendResponseError(f"{where} has {len(blob) - pos} trailing bytes")
         return row
 
     # -- keys ----------------------------------------------------------------------------------
