@@ -256,14 +256,12 @@ class TieredBackend(StoreBackend):
         raw = spec.check_key(key)
         if self.synced:
             row = self.l1.lookup(spec, key)
-            if row is not None:
-                return row if field is None else row[field]
         else:
+            row = None
             count("tiered", "l1_bypass")
-        row = await self._read_through(spec, key, raw)
-        if row is None or field is None:
-            return row
-        return row[field]
+        if row is None:
+            row = await self._read_through(spec, key, raw)
+        return row if row is None or field is None else row[field]
 
     async def _read_through(self, spec: TableSpec, key: Key, raw: bytes) -> Row | None:
         token = self.l1.snapshot(spec.name, key)
