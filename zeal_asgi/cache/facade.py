@@ -26,7 +26,7 @@ from zeal_asgi.cache.tiers import Binding, Tiers
 from zeal_asgi.errors import ConfigError, ValueTooLargeError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
-from zeal_asgi.store.facade import hybridmethod
+from zeal_asgi.store.facade import HybridMeta, hybridmethod
 
 if TYPE_CHECKING:
     from zeal_asgi.store.services import ServiceHost
@@ -51,7 +51,7 @@ def _int_in_range(name: str, value: object, low: int, high: int) -> int:
     return value
 
 
-class Cache:
+class Cache(metaclass=HybridMeta):
     """A two-tier cache shared by every worker (and node, off the table backend).
 
     Example::
