@@ -79,6 +79,7 @@ from zeal_asgi.store.base import (
     StoreBackendKind,
     TableSpec,
     counters,
+    seconds,
 )
 from zeal_asgi.store.codec import RowCodec, incr_nonfinite, incr_overflow
 
@@ -91,15 +92,6 @@ _MGET_CHUNK = 200
 _MSET_CONCURRENCY = 32
 _RELATIVE_TTL_MAX = 30 * 24 * 3600
 """memcached reads an expiry above 30 days as an absolute Unix time."""
-
-
-def _seconds(value: object, name: str) -> float:
-    """A timeout option, in seconds: finite, positive, at most an hour (else ConfigError)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"memcached {name} must be a number of seconds, got {value!r}")
-    if not math.isfinite(value) or not 0 < value <= 3600:
-        raise ConfigError(f"memcached {name} must be in (0, 3600] seconds, got {value!r}")
-    return float(value)
 
 
 async def _gather_all(coros: Iterable[Awaitable[R]]) -> list[R]:
@@ -190,9 +182,11 @@ class MemcachedBackend(StoreBackend):
         if pool_size > 1024:
             raise ConfigError(f"memcached pool_size must be at most 1024, got {pool_size}")
         self.keys = KeyMapper(prefix)
-        self.cas_timeout = _seconds(cas_timeout, "cas_timeout")
+        self.cas_timeout = seconds("memcached cas_timeout", cas_timeout, 3600)
         self.pool = ServerPool(
-            parse_servers(servers), timeout=_seconds(timeout, "timeout"), pool_size=pool_size
+            parse_servers(servers),
+            timeout=seconds("memcached timeout", timeout, 3600),
+            pool_size=pool_size,
         )
         self._tables: dict[str, _Rows] = {}
         self._checked: set[str] = set()

@@ -50,6 +50,7 @@ from zeal_asgi.store.base import (
     TableSpec,
     count,
     counters,
+    seconds,
 )
 
 if TYPE_CHECKING:
@@ -82,19 +83,11 @@ class TieredBackend(StoreBackend):
         invalidation_kid: str | None = None,
         l1_namespace: str | None = None,
     ) -> None:
-        if (
-            isinstance(l1_ttl, bool)
-            or not isinstance(l1_ttl, (int, float))
-            or not 0 < l1_ttl <= 86400
-        ):
-            raise ConfigError(
-                f"tiered option l1_ttl must be a number in (0.0, 86400.0], got {l1_ttl!r}"
-            )
         if l1_rows is not None and (
             not isinstance(l1_rows, int) or isinstance(l1_rows, bool) or l1_rows < 1
         ):
             raise ConfigError(f"tiered option l1_rows must be an int >= 1, got {l1_rows!r}")
-        self.l1_ttl = float(l1_ttl)
+        self.l1_ttl = seconds("tiered option l1_ttl", l1_ttl, 86400)
         self.l2 = l2
         """The Redis backend behind L1."""
         self.l1 = L1Cache(l1_namespace or f"tiered:{l2.prefix}", self.l1_ttl, l1_rows)
