@@ -279,9 +279,9 @@ class RowCodec:
         row: dict[str, Any] = {}
         for col in self.schema.columns:
             start = pos + _LEN.size
-            # a length cut off by the end counts as the whole blob: "truncated" just below
-            pos = start + (_LEN.unpack_from(blob, pos)[0] if start <= len(blob) else len(blob))
-            if pos > len(blob):
+            if start <= len(blob):
+                pos = start + _LEN.unpack_from(blob, pos)[0]
+            if start > len(blob) or pos > len(blob):
                 raise BackendResponseError(f"{where} is truncated")
             row[col.name] = self.decode_value(col, blob[start:pos], key)
         if pos != len(blob):
