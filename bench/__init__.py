@@ -17,6 +17,7 @@ SUITES: dict[str, str] = {
     "store": "bench.store",
     "cache": "bench.cache",
     "pubsub": "bench.pubsub",
+    "ratelimit": "bench.ratelimit",
     "response_cache": "bench.response_cache",
 }
 """Suite name -> module, in the order ``python -m bench`` runs them."""

@@ -53,6 +53,9 @@ CHARTS = [
           log=False),
     Chart("response-cache", "response_cache", "## Response cache", "req/s median",
           "Cached route hits, 2 workers, wrk: requests per second (higher is better)", log=False),
+    Chart("ratelimit", "ratelimit", "## Rate limiting", "req/s median",
+          "Rate-limited route, 2 workers, wrk: requests per second (higher is better)",
+          log=False),
 ]  # fmt: skip
 
 

@@ -1045,3 +1045,102 @@ cdef class Atomic:
         raise TypeError(
             "an Atomic is bound to its shared-memory mapping and cannot be pickled; "
             "declare it (Counter(0, name=...)) in the app module so every worker attaches by name")
+
+
+# -- bounded increment (appended: rate limiting and other quotas) ------------------------------
+
+cdef extern from "zt_core.h" nogil:
+    int zt_incr_bounded(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, int ci,
+                        const zt_delta *by, const zt_delta *bound, const zt_delta *floor_,
+                        const zt_delta *reset_, int allow_nonfinite, int64_t *out_i,
+                        double *out_f, int *applied)
+
+
+cdef int _bounded_arg(Table table, int ci, object column, str what, object value,
+                      zt_delta *d) except -1:
+    cdef zt_col *c = &table.cols[ci]
+    cdef int overflow = 0
+    d.col = ci
+    if c.type == ZT_INT:
+        if not PyLong_Check(value) or PyBool_Check(value):
+            raise ColumnTypeError(
+                f"incr_bounded on INT column {column!r} of table {table.name!r}: {what} is an "
+                f"int, got {type(value).__name__}")
+        d.i = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if overflow:
+            raise IntegerOverflowError(
+                f"incr_bounded on column {column!r} of table {table.name!r}: {what} {value} is "
+                "outside the signed 64-bit range")
+        return 0
+    if (PyLong_Check(value) or PyFloat_Check(value)) and not PyBool_Check(value):
+        d.f = <double>value
+        if not isfinite(d.f) and what != "bound":
+            raise NonFiniteFloatError(
+                f"incr_bounded on column {column!r} of table {table.name!r}: {what} {value!r} "
+                "is not finite")
+        return 0
+    raise ColumnTypeError(
+        f"incr_bounded on FLOAT column {column!r} of table {table.name!r}: {what} is a number, "
+        f"got {type(value).__name__}")
+
+
+def incr_bounded(Table table, key, column, by, bound, floor=None, reset=None):
+    """Atomically add ``by`` to a numeric column only when the result stays ``<= bound``.
+
+    With ``floor``, a value below it is first replaced by ``reset`` (by ``floor`` itself when
+    ``reset`` is None: ``max(value, floor) + by``), so a stale deadline counts as now or an ended
+    window starts again in the same step.  A missing row counts as zero and is created only
+    when the add applies.  Returns
+    ``(value, applied)``: the new value when applied, else the value as it is (0 for no row).
+    One locked step: no other writer of the row runs between the comparison and the write.
+
+    Raises:
+        UnknownColumnError, ColumnTypeError: ``column`` is not a numeric column, or an argument
+            is not a number of the column's kind.
+        IntegerOverflowError, NonFiniteFloatError: the result would not fit the column (the row
+            is unchanged).
+    """
+    cdef const char *k
+    cdef Py_ssize_t kn
+    cdef int ci, rc, applied = 0
+    cdef int64_t iout = 0
+    cdef double fout = 0.0
+    cdef zt_delta dby, dbound, dfloor, dreset
+    table._key(key, &k, &kn)
+    ci = table._col(column)
+    if table.cols[ci].type != ZT_INT and table.cols[ci].type != ZT_FLOAT:
+        raise ColumnTypeError(
+            f"incr_bounded needs a numeric column; {column!r} of table {table.name!r} is not")
+    _bounded_arg(table, ci, column, "by", by, &dby)
+    _bounded_arg(table, ci, column, "bound", bound, &dbound)
+    if floor is not None:
+        _bounded_arg(table, ci, column, "floor", floor, &dfloor)
+    if reset is not None:
+        if floor is None:
+            raise ColumnTypeError(
+                f"incr_bounded on column {column!r} of table {table.name!r}: reset replaces a "
+                "value below floor; pass a floor too")
+        _bounded_arg(table, ci, column, "reset", reset, &dreset)
+    rc = zt_incr_bounded(&table.t, k, <uint16_t>kn, table.cols, ci, &dby, &dbound,
+                         &dfloor if floor is not None else NULL,
+                         &dreset if reset is not None else NULL, table._allow_nan,
+                         &iout, &fout, &applied)
+    if rc != 0:
+        if rc == ZT_EOVERFLOW:
+            raise IntegerOverflowError(
+                f"incr_bounded of column {column!r} of table {table.name!r} by {by} would leave "
+                f"the column's range (INT({table.cols[ci].width})); the value stays {iout}")
+        if rc == ZT_ENONFINITE:
+            raise NonFiniteFloatError(
+                f"incr_bounded of column {column!r} of table {table.name!r} by {by!r} gives a "
+                "non-finite value; the row is unchanged")
+        if rc == ZT_EFULL:
+            raise TableFullError(
+                f"table {table.name!r} is full: {table.capacity} rows (max_rows); delete rows "
+                "or make it larger")
+        _raise_rc(rc, f"incr_bounded {key!r} in table {table.name!r}")
+    if table.t.local_recoveries != table._seen_recoveries:
+        table._note_recoveries()
+    if table.cols[ci].type == ZT_INT:
+        return (PyLong_FromLongLong(iout), applied != 0)
+    return (PyFloat_FromDouble(fout), applied != 0)

@@ -1230,4 +1230,84 @@ static int zt_atomic_check(const zt_atomic_seg *a, size_t size) {
     return 0;
 }
 
+
+/* ---- bounded increment (appended: rate limiting and other quotas) -------------------------- */
+
+/* Add `by` to a numeric column only when the result stays <= `bound`, in one locked step.  With
+ * `floor_`, a value below it is first replaced by `reset_` (by the floor itself when `reset_` is
+ * NULL): a stale deadline counts as now, an ended window starts again.  A missing row counts as
+ * zero and is created only when the add applies.  *applied = 1 and *out_* the new value when
+ * written; else *applied = 0 and *out_* the value as it is (0: no row).  ZT_EOVERFLOW /
+ * ZT_ENONFINITE when the result would not fit the column (nothing written). */
+static int zt_incr_bounded(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, int ci,
+                           const zt_delta *by, const zt_delta *bound, const zt_delta *floor_,
+                           const zt_delta *reset_, int allow_nonfinite, int64_t *out_i,
+                           double *out_f, int *applied) {
+    const zt_col *c = &cols[ci];
+    int is_int = c->type == ZT_INT;
+    uint64_t h = zt_hash(t->hkey, key, klen);
+    PyThreadState *ts = NULL;
+    zt_lockslot *stripe;
+    int created, rc = ZT_OK;
+    *applied = 0;
+    *out_i = 0;
+    *out_f = 0.0;
+    /* the value a missing (zero) row would get; refuse before creating anything */
+    zt_delta nd = {ci, 0, 0.0, NULL, 0};
+    int fits;
+    if (reset_ == NULL) reset_ = floor_;
+    if (is_int) {
+        int64_t base = floor_ != NULL && floor_->i > 0 ? reset_->i : 0;
+        if (__builtin_add_overflow(base, by->i, &nd.i) || !zt_int_fits(c->width, nd.i))
+            return ZT_EOVERFLOW;
+        fits = nd.i <= bound->i;
+    } else {
+        double base = floor_ != NULL && floor_->f > 0.0 ? reset_->f : 0.0;
+        nd.f = base + by->f;
+        if (!allow_nonfinite && !isfinite(nd.f)) return ZT_ENONFINITE;
+        fits = nd.f <= bound->f;
+    }
+    int64_t r = zt_locate(t, key, klen, h, 0, cols, &nd, 1, &stripe, &ts, &created);
+    if (r == ZT_NOTFOUND) {
+        if (!fits) { zt_regain_gil(&ts); return ZT_OK; }
+        r = zt_locate(t, key, klen, h, 1, cols, &nd, 1, &stripe, &ts, &created);
+    }
+    if (r < 0) { zt_regain_gil(&ts); return (int)r; }
+    char *row = zt_row(t, (uint32_t)r);
+    if (created) {
+        *applied = 1;
+        *out_i = nd.i;
+        *out_f = nd.f;
+    } else if (is_int) {
+        int64_t cur = zt_get_int(row, c), nv;
+        int64_t base = floor_ != NULL && floor_->i > cur ? reset_->i : cur;
+        *out_i = cur;
+        if (__builtin_add_overflow(base, by->i, &nv) || !zt_int_fits(c->width, nv)) {
+            rc = ZT_EOVERFLOW;
+        } else if (nv <= bound->i) {
+            uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, ZT_W_SINGLE);
+            zt_put_int(row, c, nv);
+            zt_write_end(stripe, row, s);
+            *out_i = nv;
+            *applied = 1;
+        }
+    } else {
+        double cur = zt_get_float(row, c);
+        double nv = (floor_ != NULL && floor_->f > cur ? reset_->f : cur) + by->f;
+        *out_f = cur;
+        if (!allow_nonfinite && !isfinite(nv)) {
+            rc = ZT_ENONFINITE;
+        } else if (nv <= bound->f) {
+            uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, ZT_W_SINGLE);
+            zt_put_float(row, c, nv);
+            zt_write_end(stripe, row, s);
+            *out_f = nv;
+            *applied = 1;
+        }
+    }
+    zt_release(stripe);
+    zt_regain_gil(&ts);
+    return rc;
+}
+
 #endif /* ZT_CORE_H */

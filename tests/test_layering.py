@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "store": 5,
     "cache": 6,
     "messaging": 6,
+    "ratelimit": 6,
     "app": 7,
     "response_cache": 7,
     "middleware": 8,

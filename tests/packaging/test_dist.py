@@ -28,6 +28,7 @@ PUBLIC_MODULES = (
     "zeal_asgi.health",
     "zeal_asgi.launcher",
     "zeal_asgi.middleware",
+    "zeal_asgi.ratelimit",
     "zeal_asgi.settings",
     "zeal_asgi.store",
     "zeal_asgi.streams",
@@ -168,6 +169,15 @@ BASE_INSTALL_CASES = {
     "FastAPI dependency": (
         "from zeal_asgi.fastapi import StoreDep",
         'pip install "zeal-asgi[fastapi]"',
+    ),
+    "rate-limit dependency": (
+        "from zeal_asgi.ratelimit import RateLimiter, client_ip\n"
+        "RateLimiter('5/minute', name='probe').depends(key=client_ip)",
+        'pip install "zeal-asgi[fastapi]"',
+    ),
+    "limits storage": (
+        "from zeal_asgi.ratelimit import LimitsStorage",
+        'pip install "zeal-asgi[limits]"',
     ),
 }
 

@@ -105,3 +105,13 @@ class Atomic:
     def compare_and_set(self, expected: int, new: int) -> bool: ...
     def reset(self) -> None: ...
     def close(self) -> None: ...
+
+def incr_bounded(
+    table: Table,
+    key: str | bytes,
+    column: str,
+    by: int | float,
+    bound: int | float,
+    floor: int | float | None = None,
+    reset: int | float | None = None,
+) -> tuple[Any, bool]: ...

@@ -35,3 +35,10 @@ Atomic = _shmtable.Atomic
 HAS_EXT = True
 
 __all__ = ["HAS_EXT", "Atomic", "Table"]
+
+incr_bounded = _shmtable.incr_bounded
+"""``incr_bounded(table, key, column, by, bound, floor=None, reset=None) -> (value, applied)``:
+add ``by`` to a numeric column only when the result stays ``<= bound`` (after replacing a value
+below ``floor`` by ``reset``, or by ``floor``), in one locked step; a missing row counts as zero
+and is created only when the add applies."""
+__all__ += ["incr_bounded"]
