@@ -137,18 +137,13 @@ def add_stats_section(section: Callable[[], Mapping[str, Any]]) -> None:
         _STATS_SECTIONS.append(section)
 
 
-# kind -> (module, class, the client library it needs and the extra that installs it)
-_BUILDERS: dict[StoreBackendKind, tuple[str, str, str | None]] = {
-    StoreBackendKind.TABLE: ("zeal_asgi.store.backends.table", "TableBackend", None),
-    StoreBackendKind.REDIS: ("zeal_asgi.store.backends.redis", "RedisBackend", "redis"),
-    StoreBackendKind.TIERED: ("zeal_asgi.store.backends.tiered", "TieredBackend", "redis"),
-    StoreBackendKind.MEMCACHED: (
-        "zeal_asgi.store.backends.memcached",
-        "MemcachedBackend",
-        "memcached",
-    ),
+# kind -> (module under zeal_asgi.store.backends, class, (the client library it needs, its extra))
+_BUILDERS: dict[StoreBackendKind, tuple[str, str, tuple[str, str] | None]] = {
+    StoreBackendKind.TABLE: ("table", "TableBackend", None),
+    StoreBackendKind.REDIS: ("redis", "RedisBackend", ("redis", "redis")),
+    StoreBackendKind.TIERED: ("tiered", "TieredBackend", ("redis", "redis")),
+    StoreBackendKind.MEMCACHED: ("memcached", "MemcachedBackend", ("aiomcache", "memcached")),
 }
-_CLIENTS = {"redis": "redis", "memcached": "aiomcache"}
 
 
 def build_backend(
@@ -160,10 +155,10 @@ def build_backend(
     ``on_error="fallback_table"`` wraps the backend in the circuit breaker.
     """
     k = StoreBackendKind.parse(kind)
-    module, cls_name, extra = _BUILDERS[k]
-    if extra is not None:
-        require(_CLIENTS[extra], extra=extra, feature=f"the {k.value} Store backend")
-    cls = getattr(importlib.import_module(module), cls_name)
+    module, cls_name, needs = _BUILDERS[k]
+    if needs is not None:
+        require(needs[0], extra=needs[1], feature=f"the {k.value} Store backend")
+    cls = getattr(importlib.import_module(f"zeal_asgi.store.backends.{module}"), cls_name)
     backend: StoreBackend = cls.from_config(conn)
     if isinstance(conn, Mapping) and conn.get("on_error") is not None:
         if conn["on_error"] != "fallback_table":
