@@ -299,13 +299,8 @@ class RedisConnector:
                     return await attempt(st, deadline)
                 except ZealError as err:
                     delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**tries))
-                    left = deadline - loop.time()
-                    if (
-                        not idempotent
-                        or not retriable(err)
-                        or tries >= self.cfg.retries
-                        or (delay >= left)
-                    ):
+                    again = idempotent and tries < self.cfg.retries and retriable(err)
+                    if not again or delay >= deadline - loop.time():
                         self.count("errors")
                         raise
                 self.count("retries")

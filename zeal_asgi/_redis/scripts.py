@@ -40,6 +40,7 @@ __all__ = [
     "WS_RELEASE",
     "KeyLayout",
     "Script",
+    "text",
 ]
 
 MEMBERS = b"__keys__"
@@ -120,6 +121,11 @@ class KeyLayout:
 
 def _b(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode("utf-8")
+
+
+def text(value: object) -> str:
+    """A name or value of a Redis reply as text (bytes decoded, undecodable bytes kept)."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 class Script:
