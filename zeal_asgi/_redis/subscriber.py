@@ -263,15 +263,11 @@ class RedisFeed:
 
     async def close(self) -> None:
         """Drop the connection (idempotent)."""
-        ps, self._ps = self._ps, None
-        client, self._client = self._client, None
-        # Closing a broken connection may fail; it is gone either way.
-        if ps is not None:
-            with contextlib.suppress(Exception):
-                await ps.aclose()
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        closing, self._ps, self._client = (self._ps, self._client), None, None
+        for obj in closing:
+            if obj is not None:  # closing a broken connection may fail; it is gone either way
+                with contextlib.suppress(Exception):
+                    await obj.aclose()
 
 
 class Subscriber:
@@ -364,19 +360,13 @@ class Subscriber:
             return False
         return True
 
-    async def add(self, wire: str, pattern: bool = False) -> None:
-        """Subscribe one more topic (at once when connected, else at the next connection)."""
-        if (wire, pattern) not in self.topics:
-            self.topics.add((wire, pattern))
+    async def change(self, wire: str, pattern: bool, subscribe: bool) -> None:
+        """Subscribe one more topic, or unsubscribe one (at once when connected, else at the
+        next connection)."""
+        if ((wire, pattern) in self.topics) != subscribe:
+            (self.topics.add if subscribe else self.topics.discard)((wire, pattern))
             if self.running:
-                await self.feed.change(wire, pattern, True)
-
-    async def remove(self, wire: str, pattern: bool = False) -> None:
-        """Unsubscribe a topic."""
-        if (wire, pattern) in self.topics:
-            self.topics.discard((wire, pattern))
-            if self.running:
-                await self.feed.change(wire, pattern, False)
+                await self.feed.change(wire, pattern, subscribe)
 
     def _deliver(self, channel: str, pattern: str | None, data: bytes) -> object:
         self.received += 1

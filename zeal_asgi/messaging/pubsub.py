@@ -34,7 +34,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zeal_asgi._redis.subscriber import Subscriber
 from zeal_asgi.errors import ConfigError
@@ -42,11 +42,9 @@ from zeal_asgi.messaging.stats import RUNNERS, Counters, cancel_task, log_failur
 from zeal_asgi.messaging.transports import BusTransport, RedisTransport, Topic, Transport
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.store import Store
 from zeal_asgi.store.base import Capability, StoreBackendKind, unsupported
 from zeal_asgi.store.channels import is_pattern, validate_channel
-
-if TYPE_CHECKING:
-    from zeal_asgi.store import Store
 
 __all__ = ["Handler", "PubSub", "Subscription", "Topic", "messaging_stats"]
 
@@ -87,10 +85,6 @@ class Subscription:
     overflow: str = "drop_oldest"
     queue: asyncio.Queue[tuple[Any, str]] | None = field(default=None, repr=False)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
-    is_coro: bool = False
-
-    def __post_init__(self) -> None:
-        self.is_coro = inspect.iscoroutinefunction(self.handler)
 
 
 class PubSub:
@@ -165,11 +159,7 @@ class PubSub:
     @property
     def store(self) -> Store:
         """The Store whose backend carries the messages."""
-        if self._store is None:
-            from zeal_asgi.store import Store
-
-            return Store.default()
-        return self._store
+        return Store.default() if self._store is None else self._store
 
     @property
     def started(self) -> bool:
@@ -246,7 +236,7 @@ class PubSub:
 
     async def _subscribe(self, topic: Topic, key: tuple[str, bool]) -> None:
         assert self.subscriber is not None and self.transport is not None
-        await self.subscriber.add(*key)
+        await self.subscriber.change(*key, True)
         await self.transport.advertise([topic], self._ttl)
 
     async def unsubscribe(self, sub: Subscription) -> None:
@@ -262,7 +252,7 @@ class PubSub:
             if not subs:
                 self._by_wire.pop(key, None)
                 if self.subscriber is not None:
-                    await self.subscriber.remove(*key)
+                    await self.subscriber.change(*key, False)
                     await self.transport.advertise([sub.topic], 0)
         await cancel_task(sub.task)
         sub.task = None
@@ -444,7 +434,7 @@ class PubSub:
     async def _consume(self, sub: Subscription) -> None:
         queue = sub.queue
         assert queue is not None
-        handler, is_coro = sub.handler, sub.is_coro
+        handler, is_coro = sub.handler, inspect.iscoroutinefunction(sub.handler)
         counters = self.counters
         while True:
             payload, channel = await queue.get()
