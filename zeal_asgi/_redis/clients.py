@@ -197,30 +197,21 @@ class ClientFactory:
 
     def _cluster(self) -> RedisCluster:
         cfg = self.cfg
-        tls: dict[str, Any] = {"ssl": True, **self.tls_kwargs()} if cfg.tls else {}
+        kw = self.conn_kwargs(cfg.socket_timeout)
+        # The cluster client takes no parser/connect hook arguments; its nodes copy these.
+        hooks = {name: kw.pop(name) for name in ("parser_class", "redis_connect_func")}
         client = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in cfg.nodes],
             require_full_coverage=True,
             load_balancing_strategy=None,  # reads and writes go to the primaries
             dynamic_startup_nodes=True,
             max_connections=cfg.pool_size,
-            retry=Retry(NoBackoff(), 0),
-            username=cfg.username,
-            password=cfg.password,
-            socket_timeout=cfg.socket_timeout,
-            socket_connect_timeout=cfg.connect_timeout,
-            socket_keepalive=True,
-            health_check_interval=cfg.health_check_interval,
-            decode_responses=False,
-            protocol=2,
-            driver_info=None,
-            **tls,
+            ssl=cfg.tls,
+            **kw,
         )
-        # The cluster client takes no parser/connect hook arguments; nodes copy these kwargs.
-        extra = {"parser_class": DefaultParser, "redis_connect_func": self._on_connect}
-        client.nodes_manager.connection_kwargs.update(extra)
+        client.nodes_manager.connection_kwargs.update(hooks)
         for node in client.nodes_manager.startup_nodes.values():
-            node.connection_kwargs.update(extra)
+            node.connection_kwargs.update(hooks)
         return client
 
     async def dedicated(
