@@ -14,35 +14,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = [
-    "APPLY_ONCE",
-    "CAS",
-    "CLEAR_BATCH",
-    "COUNTER_CAS",
-    "DELETE",
-    "GET_FIELD",
-    "IDEM_CLAIM",
-    "INCR_FLOAT",
-    "INCR_INT",
-    "LOCK_ACQUIRE",
-    "LOCK_RELEASE",
-    "LOCK_RENEW",
-    "MSET",
-    "PUBLISH",
-    "RECEIVERS",
-    "SCHEMA",
-    "SET",
-    "WS_JOIN",
-    "WS_LEAVE",
-    "WS_OWN_NX",
-    "WS_PUBLISH_ROOM",
-    "WS_PURGE",
-    "WS_RELEASE",
-    "KeyLayout",
-    "Script",
-    "text",
-]
-
 MEMBERS = b"__keys__"
 _ESCAPED = re.compile(rb"_{2,}keys__")
 _GLOB_SPECIAL = re.compile(rb"([\\*?\[\]])")

@@ -54,16 +54,6 @@ Handler = Callable[[Any, str], Any]
 """``handler(payload, channel)``; may be a coroutine function."""
 
 OVERFLOW_POLICIES = ("drop_oldest", "drop_newest")
-_COUNTERS = (
-    "received",
-    "delivered",
-    "handler_errors",
-    "dropped",
-    "reconnects",
-    "decode_errors",
-    "overrun",
-    "lost",
-)
 _OPTIONS = (
     "max_attempts",
     "backoff_base",
@@ -117,26 +107,17 @@ class PubSub:
         ready_timeout: float = 5.0,
     ) -> None:
         self._store = store
-        self.max_attempts: int
-        self.backoff_base: float
-        self.backoff_cap: float
-        self.liveness_interval: float
-        self.liveness_timeout: float
-        self.ready_timeout: float
-        self.configure(
-            max_attempts=max_attempts,
-            backoff_base=backoff_base,
-            backoff_cap=backoff_cap,
-            liveness_interval=liveness_interval,
-            liveness_timeout=liveness_timeout,
-            ready_timeout=ready_timeout,
-        )
+        self.max_attempts, self.ready_timeout = max_attempts, ready_timeout
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
+        self.liveness_interval, self.liveness_timeout = liveness_interval, liveness_timeout
+        self.configure(**{name: getattr(self, name) for name in _OPTIONS})  # validated there
         self.subscriptions: list[Subscription] = []
         self._by_wire: dict[tuple[str, bool], list[Subscription]] = {}
         self.transport: Transport | None = None
         self.subscriber: Subscriber | None = None
         """This worker's supervised subscriber, while started."""
-        self.counters = Counters("pubsub", _COUNTERS)
+        names = "received delivered handler_errors dropped reconnects decode_errors overrun lost"
+        self.counters = Counters("pubsub", names)
         self._adding: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
         self._reconnect_callbacks: list[Callable[[], Any]] = []

@@ -54,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger("zeal_asgi.streams")
 
-_COUNTERS = ("received", "acked", "failed", "reclaimed", "dead_lettered", "lost", "reconnects")
+_COUNTERS = "received acked failed reclaimed dead_lettered lost reconnects"
 
 
 @dataclass(frozen=True)
