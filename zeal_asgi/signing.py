@@ -162,17 +162,14 @@ class Signer:
         name: str = "signed",
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if isinstance(secret, Mapping):
-            if not secret:
-                raise ConfigError("the keyring is empty")
-            self._keys = {k: _as_key(k, s) for k, s in secret.items()}
-            if kid is None:
-                if len(self._keys) > 1:
-                    raise ConfigError("a keyring of several keys needs kid= (the signing key)")
-                kid = next(iter(self._keys))
-        else:
-            kid = "k1" if kid is None else kid
-            self._keys = {kid: _as_key(kid, secret)}
+        keys = secret if isinstance(secret, Mapping) else {"k1" if kid is None else kid: secret}
+        if not keys:
+            raise ConfigError("the keyring is empty")
+        self._keys = {k: _as_key(k, s) for k, s in keys.items()}
+        if kid is None:
+            if len(self._keys) > 1:
+                raise ConfigError("a keyring of several keys needs kid= (the signing key)")
+            kid = next(iter(self._keys))
         if kid not in self._keys:
             raise ConfigError(f"signing key id {kid!r} is not in the keyring {sorted(self._keys)}")
         for label, value, lo, hi, kind in (
@@ -183,11 +180,9 @@ class Signer:
             if isinstance(value, bool) or not isinstance(value, kind) or not lo <= value <= hi:
                 raise ConfigError(f"{label} must be a number in [{lo}, {hi}], got {value!r}")
         self.kid = kid
-        self.context = context
         self.window = float(window)
         self.max_bytes = max_bytes
         self.replay_capacity = replay_capacity
-        self.name = name
         self._clock = clock
         self._prefix = context.encode("utf-8") + b"\x00"
         self._seen: dict[str, int] = {}

@@ -116,28 +116,18 @@ class ClientFactory:
             return cfg.client, None
         if cfg.mode == "cluster":
             return self._cluster(), None
+        bounded: dict[str, Any] = {"max_connections": cfg.pool_size, "timeout": cfg.acquire_timeout}
         if cfg.mode == "sentinel":
             sentinel = self._sentinel()
-            kw = self.conn_kwargs(cfg.socket_timeout)
-            kw.pop("db", None)
-            pool: ConnectionPool = _new_blocking_sentinel_pool(
-                cfg.service,
-                sentinel,
-                ssl=cfg.tls,
-                db=cfg.db,
-                max_connections=cfg.pool_size,
-                timeout=cfg.acquire_timeout,
-                **kw,
+            pool = self._sentinel_pool(
+                _new_blocking_sentinel_pool, sentinel, cfg.socket_timeout, **bounded
             )
             return Redis.from_pool(pool), sentinel
         # Single commands use their own pipelined connection; this pool serves pipelines and
         # scans (within the slots) and callers of client() outside them (Streams consumers): a
         # burst of those waits up to acquire_timeout for one of pool_size connections instead
         # of failing at once, as a plain pool would.  Its connections open on first use.
-        kw = self._standalone_kwargs(cfg.socket_timeout)
-        pool = BlockingConnectionPool(
-            max_connections=cfg.pool_size, timeout=cfg.acquire_timeout, **kw
-        )
+        pool = BlockingConnectionPool(**bounded, **self._standalone_kwargs(cfg.socket_timeout))
         return Redis.from_pool(pool), None
 
     def opener(
@@ -178,6 +168,16 @@ class ClientFactory:
             out.append(pack((b"SELECT", cfg.db)))
         return out
 
+    def _sentinel_pool(
+        self, pool_class: Any, sentinel: Sentinel, socket_timeout: float | None, **size: Any
+    ) -> ConnectionPool:
+        """A pool of ``pool_class`` on the master the Sentinels name at each connection."""
+        kw = self.conn_kwargs(socket_timeout)
+        pool: ConnectionPool = pool_class(
+            self.cfg.service, sentinel, ssl=self.cfg.tls, **size, **kw
+        )
+        return pool
+
     def _sentinel(self) -> Sentinel:
         cfg = self.cfg
         sentinel_kw: dict[str, Any] = {
@@ -197,30 +197,21 @@ class ClientFactory:
 
     def _cluster(self) -> RedisCluster:
         cfg = self.cfg
-        tls: dict[str, Any] = {"ssl": True, **self.tls_kwargs()} if cfg.tls else {}
+        kw = self.conn_kwargs(cfg.socket_timeout)
+        # The cluster client takes no parser/connect hook arguments; its nodes copy these.
+        hooks = {name: kw.pop(name) for name in ("parser_class", "redis_connect_func")}
         client = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in cfg.nodes],
             require_full_coverage=True,
             load_balancing_strategy=None,  # reads and writes go to the primaries
             dynamic_startup_nodes=True,
             max_connections=cfg.pool_size,
-            retry=Retry(NoBackoff(), 0),
-            username=cfg.username,
-            password=cfg.password,
-            socket_timeout=cfg.socket_timeout,
-            socket_connect_timeout=cfg.connect_timeout,
-            socket_keepalive=True,
-            health_check_interval=cfg.health_check_interval,
-            decode_responses=False,
-            protocol=2,
-            driver_info=None,
-            **tls,
+            ssl=cfg.tls,
+            **kw,
         )
-        # The cluster client takes no parser/connect hook arguments; nodes copy these kwargs.
-        extra = {"parser_class": DefaultParser, "redis_connect_func": self._on_connect}
-        client.nodes_manager.connection_kwargs.update(extra)
+        client.nodes_manager.connection_kwargs.update(hooks)
         for node in client.nodes_manager.startup_nodes.values():
-            node.connection_kwargs.update(extra)
+            node.connection_kwargs.update(hooks)
         return client
 
     async def dedicated(
@@ -233,15 +224,14 @@ class ClientFactory:
     ) -> Redis:
         """A client with its own small pool, never a slot of the request pool (caller closes)."""
         cfg = self.cfg
-        kw = self.conn_kwargs(socket_timeout)
-        small: dict[str, Any] = {"max_connections": _DEDICATED_MAX}
         if cfg.mode == "sentinel":
             assert sentinel is not None
-            kw.pop("db", None)
-            pool: ConnectionPool = _new_sentinel_pool(
-                cfg.service, sentinel, ssl=cfg.tls, db=cfg.db, **small, **kw
+            size = _DEDICATED_MAX
+            return Redis.from_pool(
+                self._sentinel_pool(
+                    _new_sentinel_pool, sentinel, socket_timeout, max_connections=size
+                )
             )
-            return Redis.from_pool(pool)
         if isinstance(pooled, RedisCluster):
             try:
                 await pooled.initialize()
@@ -252,13 +242,13 @@ class ClientFactory:
                 if for_key is not None
                 else pooled.get_default_node()
             )
-            kw = {**node.connection_kwargs, "socket_timeout": socket_timeout}
-            kw.update(retry=Retry(NoBackoff(), 0), redis_connect_func=self._on_connect)
+            kw = {**node.connection_kwargs, "redis_connect_func": self._on_connect}
+            kw.update(retry=Retry(NoBackoff(), 0))
             kw.setdefault("connection_class", SSLConnection if cfg.tls else Connection)
-            return Redis.from_pool(ConnectionPool(**small, **kw))
-        if cfg.mode == "client":
+        elif cfg.mode == "client":  # the options of the user's own pool
             base = pooled.connection_pool
-            kw = {**base.connection_kwargs, "socket_timeout": socket_timeout}
-            kw["connection_class"] = base.connection_class
-            return Redis.from_pool(ConnectionPool(**small, **kw))
-        return Redis.from_pool(ConnectionPool(**small, **self._standalone_kwargs(socket_timeout)))
+            kw = {**base.connection_kwargs, "connection_class": base.connection_class}
+        else:
+            kw = self._standalone_kwargs(socket_timeout)
+        kw["socket_timeout"] = socket_timeout
+        return Redis.from_pool(ConnectionPool(max_connections=_DEDICATED_MAX, **kw))

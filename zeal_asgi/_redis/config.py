@@ -22,22 +22,9 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 _SCHEMES = {"redis": False, "valkey": False, "rediss": True, "valkeys": True, "tls": True}
 """URL schemes and whether they mean TLS (``tls://`` is the seed's spelling of ``rediss://``)."""
 _QUERY_OPTS = frozenset(
-    {
-        "pool_size",
-        "retries",
-        "db",
-        "socket_timeout",
-        "connect_timeout",
-        "acquire_timeout",
-        "deadline",
-        "health_check_interval",
-        "ssl_ca_certs",
-        "ssl_certfile",
-        "ssl_keyfile",
-        "ssl_cert_reqs",
-        "ssl_check_hostname",
-        "auto_pipeline",
-    }
+    "pool_size retries db socket_timeout connect_timeout acquire_timeout deadline "  # noqa: SIM905
+    "health_check_interval ssl_ca_certs ssl_certfile ssl_keyfile ssl_cert_reqs "
+    "ssl_check_hostname auto_pipeline".split()
 )
 """Options a URL query string may set too (same names as the dict keys)."""
 _OPTIONS = _QUERY_OPTS | {"prefix", "service", "username", "password", "sentinel_password", "tls"}
@@ -262,38 +249,32 @@ def _ready_client(client: object) -> dict[str, Any]:
     return {"mode": "client", "client": client, "host": None}
 
 
-def _split_hostport(what: str, text: str, default_port: int | None) -> tuple[str, int]:
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ConfigError(f"redis backend: bad {what} address {text!r}")
-        port_text = rest[1:]
-    else:
-        host, _, port_text = text.rpartition(":") if ":" in text else (text, "", "")
-    if not host:
-        raise ConfigError(f"redis backend: {what} address {text!r} has no host")
-    if not port_text:
-        if default_port is None:
-            raise ConfigError(f"redis backend: {what} address {text!r} needs host:port")
-        return host, default_port
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ConfigError(f"redis backend: {what} address {text!r}: port must be 1-65535")
-    return host, int(port_text)
-
-
 def _nodes(what: str, value: object) -> tuple[tuple[str, int], ...]:
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, (list, tuple)) or not value:
         raise ConfigError(f"redis backend: {what} must be a non-empty list of 'host:port'")
-    out = []
-    for item in value:
-        if isinstance(item, (tuple, list)) and len(item) == 2:
-            item = f"{item[0]}:{item[1]}"
-        if not isinstance(item, str):
-            raise ConfigError(f"redis backend: {what} entries are 'host:port', got {item!r}")
-        out.append(_split_hostport(what, item, None))
-    return tuple(out)
+    return tuple(_address(what, item) for item in value)
+
+
+def _address(what: str, item: object) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or a ``(host, port)`` pair."""
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        item = f"{item[0]}:{item[1]}"
+    if not isinstance(item, str):
+        raise ConfigError(f"redis backend: {what} entries are 'host:port', got {item!r}")
+    host, sep, port = item.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep:
+        raise ConfigError(f"redis backend: {what} address {item!r} needs host:port")
+    if not host:
+        raise ConfigError(f"redis backend: {what} address {item!r} has no host")
+    if "[" in host or "]" in host:
+        raise ConfigError(f"redis backend: bad {what} address {item!r}")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"redis backend: {what} address {item!r}: port must be 1-65535")
+    return host, int(port)
 
 
 def _parse_url(url: str) -> dict[str, Any]:
@@ -304,7 +285,10 @@ def _parse_url(url: str) -> dict[str, Any]:
     except ValueError as exc:
         raise ConfigError(f"redis backend: invalid URL ({exc})") from None
     scheme = parts.scheme.lower()
-    safe = _redact(url)
+    safe = url  # for messages: never the password
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+        safe = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     kw: dict[str, Any] = {}
     if parts.username:
         kw["username"] = urllib.parse.unquote(parts.username)
@@ -341,15 +325,3 @@ def _parse_url(url: str) -> dict[str, Any]:
             raise ConfigError(f"redis backend: db given in the URL path and query: {safe}")
         kw[name] = _query_value(name, values[0])
     return kw
-
-
-def _redact(url: str) -> str:
-    try:
-        parts = urllib.parse.urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rpartition("@")[2]
-        user = parts.username or ""
-        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-    except ValueError:
-        return "<unparsable URL>"

@@ -89,7 +89,6 @@ class LoopState:
     pid: int
     client: Any
     slots: asyncio.Semaphore
-    owned: bool
     sentinel: Sentinel | None = None
     pipes: dict[Address | None, Pipe] = field(default_factory=dict)
     """The pipelined connection of each node (``None``: the one server); closed ones replaced."""
@@ -109,6 +108,7 @@ class RedisConnector:
         self.where = cfg.describe()
         self._factory = ClientFactory(cfg, self._on_connect)
         self._states: dict[int, LoopState] = {}
+        self._owned = cfg.mode != "client"  # a ready client is the user's to close
         self.local = dict.fromkeys(COUNTERS, 0)
         """This worker's counters (see :data:`COUNTERS`); the host's are in host_stats()."""
 
@@ -156,14 +156,7 @@ class RedisConnector:
             return st
         self._forget_dead()
         client, sentinel = self._factory.pooled()
-        st = LoopState(
-            loop,
-            _pid,
-            client,
-            asyncio.Semaphore(self.cfg.pool_size),
-            owned=self.cfg.mode != "client",
-            sentinel=sentinel,
-        )
+        st = LoopState(loop, _pid, client, asyncio.Semaphore(self.cfg.pool_size), sentinel)
         self._states[id(loop)] = st
         return st
 
@@ -173,7 +166,7 @@ class RedisConnector:
                 # A forked child must not close its parent's sockets, and a closed loop cannot
                 # run the close: drop the references (aclose() on the right loop avoids this).
                 del self._states[key]
-                if st.pid == _pid and st.owned:
+                if st.pid == _pid and self._owned:
                     log.warning(
                         "zeal_asgi: %s: a client was left open on a closed event loop; call "
                         "Store.aclose() (the lifespan does) before the loop ends",
@@ -197,14 +190,11 @@ class RedisConnector:
         for pipe in st.pipes.values():
             pipe.abort(closed)
         await asyncio.sleep(0)  # the transports close their sockets in the next pass
-        if not st.owned:
+        if not self._owned:
             return
-        with contextlib.suppress(rx.RedisError, OSError):
-            await st.client.aclose()
-        if st.sentinel is not None:
-            for s in st.sentinel.sentinels:
-                with contextlib.suppress(rx.RedisError, OSError):
-                    await s.aclose()
+        for client in [st.client, *(st.sentinel.sentinels if st.sentinel else ())]:
+            with contextlib.suppress(rx.RedisError, OSError):
+                await client.aclose()
 
     async def dedicated(self, socket_timeout: float | None, for_key: bytes | None) -> Any:
         """A client with its own small pool, never a slot of the request pool (caller closes)."""
@@ -299,13 +289,8 @@ class RedisConnector:
                     return await attempt(st, deadline)
                 except ZealError as err:
                     delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**tries))
-                    left = deadline - loop.time()
-                    if (
-                        not idempotent
-                        or not retriable(err)
-                        or tries >= self.cfg.retries
-                        or (delay >= left)
-                    ):
+                    again = idempotent and tries < self.cfg.retries and retriable(err)
+                    if not again or delay >= deadline - loop.time():
                         self.count("errors")
                         raise
                 self.count("retries")

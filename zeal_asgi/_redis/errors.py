@@ -7,7 +7,6 @@ Nothing above ``zeal_asgi.store`` sees a redis type: every call site does
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 
 from zeal_asgi.errors import (
@@ -56,17 +55,16 @@ def translate(exc: BaseException, where: str) -> ZealError:
         if isinstance(tls, ssl.SSLCertVerificationError):
             return BackendTLSError(f"{where}: TLS certificate verify failed: {detail}")
         return BackendTLSError(f"{where}: TLS failed: {detail or tls}")
-    if isinstance(exc, (rx.AuthenticationError, rx.AuthorizationError, rx.NoPermissionError)) or (
-        isinstance(exc, rx.ResponseError) and text.split(" ", 1)[0] in _AUTH_REPLIES
-    ):
+    code = text.split(" ", 1)[0] if isinstance(exc, rx.ResponseError) else ""
+    if code in _AUTH_REPLIES or isinstance(exc, (rx.AuthenticationError, rx.AuthorizationError)):
         return BackendAuthError(f"{where}: credentials refused: {text}")
-    if isinstance(exc, rx.AuthenticationWrongNumberOfArgsError):
+    if isinstance(exc, (rx.NoPermissionError, rx.AuthenticationWrongNumberOfArgsError)):
         return BackendAuthError(f"{where}: credentials refused: {text}")
     if isinstance(exc, rx.MaxConnectionsError) or (
         isinstance(exc, rx.ConnectionError) and "No connection available" in text
     ):
         return PoolTimeoutError(f"{where}: no pooled connection became free ({text})")
-    if isinstance(exc, (rx.TimeoutError, asyncio.TimeoutError, TimeoutError)):
+    if isinstance(exc, (rx.TimeoutError, TimeoutError)):  # asyncio's is the builtin
         return BackendTimeoutError(f"{where}: no answer in time ({text})")
     if isinstance(exc, rx.OutOfMemoryError) or text.startswith("OOM"):
         return CapacityError(f"{where}: the server is out of memory (maxmemory): {text}")
@@ -77,7 +75,7 @@ def translate(exc: BaseException, where: str) -> ZealError:
     ):
         # No reachable startup node, a slot nobody serves, no target: the topology is down.
         return BackendUnavailableError(f"{where}: {text}")
-    if isinstance(exc, rx.ResponseError) and text.split(" ", 1)[0] in _UNAVAILABLE_REPLIES:
+    if code in _UNAVAILABLE_REPLIES:
         return BackendUnavailableError(f"{where}: {text}")
     return BackendResponseError(f"{where}: {type(exc).__name__}: {text}")
 

@@ -14,36 +14,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = [
-    "APPLY_ONCE",
-    "CAS",
-    "CLEAR_BATCH",
-    "COUNTER_CAS",
-    "DELETE",
-    "GET_FIELD",
-    "IDEM_CLAIM",
-    "INCR_FLOAT",
-    "INCR_INT",
-    "LOCK_ACQUIRE",
-    "LOCK_CLAIM",
-    "LOCK_FENCED_ACQUIRE",
-    "LOCK_RELEASE",
-    "LOCK_RENEW",
-    "MSET",
-    "PUBLISH",
-    "RECEIVERS",
-    "SCHEMA",
-    "SET",
-    "WS_JOIN",
-    "WS_LEAVE",
-    "WS_OWN_NX",
-    "WS_PUBLISH_ROOM",
-    "WS_PURGE",
-    "WS_RELEASE",
-    "KeyLayout",
-    "Script",
-]
-
 MEMBERS = b"__keys__"
 _ESCAPED = re.compile(rb"_{2,}keys__")
 _GLOB_SPECIAL = re.compile(rb"([\\*?\[\]])")
@@ -122,6 +92,11 @@ class KeyLayout:
 
 def _b(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode("utf-8")
+
+
+def text(value: object) -> str:
+    """A name or value of a Redis reply as text (bytes decoded, undecodable bytes kept)."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 class Script:
@@ -581,7 +556,6 @@ return {1, best, best_left, best_reset, 0}
 
 RATE_LIMIT_RESET = Script("rate_limit_reset", "return redis.call('DEL', KEYS[1])")
 
-__all__ += ["RATE_LIMIT", "RATE_LIMIT_KEY", "RATE_LIMIT_RESET"]
 
 # -- Cluster locks (zeal_asgi.locks), keys under {prefix}:lock:
 #   lock:{<name>}        string  the holder's random owner id; expires with the lease

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
 from zeal_asgi._redis.errors import translate
-from zeal_asgi._redis.scripts import PUBLISH
+from zeal_asgi._redis.scripts import PUBLISH, text
 from zeal_asgi.errors import BackendTimeoutError, BackendUnavailableError
 from zeal_asgi.shm.bus import glob_to_regex
 from zeal_asgi.shm.hoststats import host_stats
@@ -66,12 +66,9 @@ class Feed(Protocol):
         """Deliver messages until the connection is lost (raises) or the task is cancelled."""
         ...
 
-    async def add(self, wire: str, pattern: bool) -> None:
-        """Subscribe one more topic on the open connection (no-op when closed)."""
-        ...
-
-    async def remove(self, wire: str, pattern: bool) -> None:
-        """Unsubscribe a topic (no-op when closed)."""
+    async def change(self, wire: str, pattern: bool, subscribe: bool) -> None:
+        """Subscribe one more topic, or unsubscribe one, on the open connection (no-op when
+        closed: the next :meth:`open` gets the new list)."""
         ...
 
     async def close(self) -> None:
@@ -108,10 +105,6 @@ async def publish(link: RedisLink, channel: str, payload: bytes) -> int:
     # What Redis counted beyond our workers' subscriptions: other clients (on a Cluster, those
     # of the node that ran it, or fewer; never more).
     return len(ids) + max(0, int(native) - matched)
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 class RedisFeed:
@@ -183,8 +176,8 @@ class RedisFeed:
             if kind in ("subscribe", "psubscribe"):
                 seen += 1
             elif kind in ("message", "pmessage"):  # a message between two confirmations
-                pattern = _text(msg["pattern"]) if kind == "pmessage" else None
-                self._early.append((_text(msg["channel"]), pattern, msg["data"]))
+                pattern = text(msg["pattern"]) if kind == "pmessage" else None
+                self._early.append((text(msg["channel"]), pattern, msg["data"]))
 
     async def listen(self, deliver: Deliver) -> None:
         """Deliver messages; raise when the connection fails or stops answering PINGs."""
@@ -210,9 +203,9 @@ class RedisFeed:
                     continue  # a pong, or a (un)subscribe confirmation
                 kind = reply[0]
                 if kind == _MESSAGE:
-                    crowded = deliver(_text(reply[1]), None, reply[2])
+                    crowded = deliver(text(reply[1]), None, reply[2])
                 elif kind == _PMESSAGE and len(reply) == 4:
-                    crowded = deliver(_text(reply[2]), _text(reply[1]), reply[3])
+                    crowded = deliver(text(reply[2]), text(reply[1]), reply[3])
                 else:
                     continue
                 if crowded:
@@ -252,46 +245,29 @@ class RedisFeed:
             self._failure = translate(exc, "pub/sub liveness PING")
             listener.cancel()
 
-    async def _settled(self) -> Any:
-        """The subscribed connection once an open() in progress is over (None if it failed).
+    async def change(self, wire: str, pattern: bool, subscribe: bool) -> None:
+        """(P)SUBSCRIBE or (P)UNSUBSCRIBE on the live connection.
 
-        A topic added while open() runs was not in its list: it is subscribed right after,
-        and never concurrently with open()'s own reads.
+        A topic changed while open() runs was not in its list: it is changed right after, and
+        never concurrently with open()'s own reads.
         """
         opened = self._opened
         if opened is not None and not opened.is_set():
             await opened.wait()
-        return self._ps
-
-    async def add(self, wire: str, pattern: bool) -> None:
-        """SUBSCRIBE/PSUBSCRIBE on the live connection (the next open() includes it anyway)."""
-        ps = await self._settled()
-        if ps is not None:
+        if self._ps is not None:
+            verb = f"{'p' if pattern else ''}{'' if subscribe else 'un'}subscribe"
             try:
-                await (ps.psubscribe(wire) if pattern else ps.subscribe(wire))
+                await getattr(self._ps, verb)(wire)
             except Exception as exc:
-                raise translate(exc, "pub/sub subscribe") from exc
-
-    async def remove(self, wire: str, pattern: bool) -> None:
-        """UNSUBSCRIBE/PUNSUBSCRIBE on the live connection."""
-        ps = await self._settled()
-        if ps is not None:
-            try:
-                await (ps.punsubscribe(wire) if pattern else ps.unsubscribe(wire))
-            except Exception as exc:
-                raise translate(exc, "pub/sub unsubscribe") from exc
+                raise translate(exc, f"pub/sub {verb}") from exc
 
     async def close(self) -> None:
         """Drop the connection (idempotent)."""
-        ps, self._ps = self._ps, None
-        client, self._client = self._client, None
-        # Closing a broken connection may fail; it is gone either way.
-        if ps is not None:
-            with contextlib.suppress(Exception):
-                await ps.aclose()
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        closing, self._ps, self._client = (self._ps, self._client), None, None
+        for obj in closing:
+            if obj is not None:  # closing a broken connection may fail; it is gone either way
+                with contextlib.suppress(Exception):
+                    await obj.aclose()
 
 
 class Subscriber:
@@ -384,19 +360,13 @@ class Subscriber:
             return False
         return True
 
-    async def add(self, wire: str, pattern: bool = False) -> None:
-        """Subscribe one more topic (at once when connected, else at the next connection)."""
-        if (wire, pattern) not in self.topics:
-            self.topics.add((wire, pattern))
+    async def change(self, wire: str, pattern: bool, subscribe: bool) -> None:
+        """Subscribe one more topic, or unsubscribe one (at once when connected, else at the
+        next connection)."""
+        if ((wire, pattern) in self.topics) != subscribe:
+            (self.topics.add if subscribe else self.topics.discard)((wire, pattern))
             if self.running:
-                await self.feed.add(wire, pattern)
-
-    async def remove(self, wire: str, pattern: bool = False) -> None:
-        """Unsubscribe a topic."""
-        if (wire, pattern) in self.topics:
-            self.topics.discard((wire, pattern))
-            if self.running:
-                await self.feed.remove(wire, pattern)
+                await self.feed.change(wire, pattern, subscribe)
 
     def _deliver(self, channel: str, pattern: str | None, data: bytes) -> object:
         self.received += 1

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from zeal_asgi._redis.errors import translate
+from zeal_asgi._redis.scripts import text
 from zeal_asgi.errors import BackendTimeoutError, ZealError
 from zeal_asgi.messaging.stats import cancel_task
 from zeal_asgi.messaging.streams import StreamEntry
@@ -27,12 +28,8 @@ _XAUTOCLAIM_PAGES = 100
 """Pages followed per reaper pass (each page scans up to 10 x count PEL entries)."""
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
-
-
 def _fields(raw: dict[Any, Any]) -> dict[str, bytes]:
-    return {_text(k): v if isinstance(v, bytes) else str(v).encode() for k, v in raw.items()}
+    return {text(k): v if isinstance(v, bytes) else str(v).encode() for k, v in raw.items()}
 
 
 def _entries(reply: Any) -> list[tuple[str, Any]]:
@@ -41,7 +38,7 @@ def _entries(reply: Any) -> list[tuple[str, Any]]:
         lists = [v[0] if v and isinstance(v[0], list) else v for v in reply.values()]
     else:
         lists = [s[1] for s in reply or ()]
-    return [(_text(eid), fields) for one in lists for eid, fields in one or () if eid is not None]
+    return [(text(eid), fields) for one in lists for eid, fields in one or () if eid is not None]
 
 
 def _still_running() -> None:
@@ -194,7 +191,7 @@ class Consumer:
                 )
 
             reply = await self._call("XAUTOCLAIM", claim)
-            cursor = _text(reply[0])
+            cursor = text(reply[0])
             entries = _entries([[self.key, reply[1]]])
             if len(reply) > 2 and reply[2]:
                 self.owner.count("lost", len(reply[2]))  # trimmed while pending (MAXLEN)
@@ -224,7 +221,7 @@ class Consumer:
                 consumername=self.sub.consumer,
             ),
         )
-        return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
+        return {text(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     async def _dead_letter(self, eid: str, raw: Any, deliveries: int) -> None:
         sub = self.sub

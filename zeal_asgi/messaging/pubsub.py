@@ -34,7 +34,7 @@ import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zeal_asgi._redis.subscriber import Subscriber
 from zeal_asgi.errors import ConfigError
@@ -42,11 +42,9 @@ from zeal_asgi.messaging.stats import RUNNERS, Counters, cancel_task, log_failur
 from zeal_asgi.messaging.transports import BusTransport, RedisTransport, Topic, Transport
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.store import Store
 from zeal_asgi.store.base import Capability, StoreBackendKind, unsupported
 from zeal_asgi.store.channels import is_pattern, validate_channel
-
-if TYPE_CHECKING:
-    from zeal_asgi.store import Store
 
 __all__ = ["Handler", "PubSub", "Subscription", "Topic", "messaging_stats"]
 
@@ -56,16 +54,6 @@ Handler = Callable[[Any, str], Any]
 """``handler(payload, channel)``; may be a coroutine function."""
 
 OVERFLOW_POLICIES = ("drop_oldest", "drop_newest")
-_COUNTERS = (
-    "received",
-    "delivered",
-    "handler_errors",
-    "dropped",
-    "reconnects",
-    "decode_errors",
-    "overrun",
-    "lost",
-)
 _OPTIONS = (
     "max_attempts",
     "backoff_base",
@@ -87,10 +75,6 @@ class Subscription:
     overflow: str = "drop_oldest"
     queue: asyncio.Queue[tuple[Any, str]] | None = field(default=None, repr=False)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
-    is_coro: bool = False
-
-    def __post_init__(self) -> None:
-        self.is_coro = inspect.iscoroutinefunction(self.handler)
 
 
 class PubSub:
@@ -123,26 +107,17 @@ class PubSub:
         ready_timeout: float = 5.0,
     ) -> None:
         self._store = store
-        self.max_attempts: int
-        self.backoff_base: float
-        self.backoff_cap: float
-        self.liveness_interval: float
-        self.liveness_timeout: float
-        self.ready_timeout: float
-        self.configure(
-            max_attempts=max_attempts,
-            backoff_base=backoff_base,
-            backoff_cap=backoff_cap,
-            liveness_interval=liveness_interval,
-            liveness_timeout=liveness_timeout,
-            ready_timeout=ready_timeout,
-        )
+        self.max_attempts, self.ready_timeout = max_attempts, ready_timeout
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
+        self.liveness_interval, self.liveness_timeout = liveness_interval, liveness_timeout
+        self.configure(**{name: getattr(self, name) for name in _OPTIONS})  # validated there
         self.subscriptions: list[Subscription] = []
         self._by_wire: dict[tuple[str, bool], list[Subscription]] = {}
         self.transport: Transport | None = None
         self.subscriber: Subscriber | None = None
         """This worker's supervised subscriber, while started."""
-        self.counters = Counters("pubsub", _COUNTERS)
+        names = "received delivered handler_errors dropped reconnects decode_errors overrun lost"
+        self.counters = Counters("pubsub", names)
         self._adding: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
         self._reconnect_callbacks: list[Callable[[], Any]] = []
@@ -165,11 +140,7 @@ class PubSub:
     @property
     def store(self) -> Store:
         """The Store whose backend carries the messages."""
-        if self._store is None:
-            from zeal_asgi.store import Store
-
-            return Store.default()
-        return self._store
+        return Store.default() if self._store is None else self._store
 
     @property
     def started(self) -> bool:
@@ -246,7 +217,7 @@ class PubSub:
 
     async def _subscribe(self, topic: Topic, key: tuple[str, bool]) -> None:
         assert self.subscriber is not None and self.transport is not None
-        await self.subscriber.add(*key)
+        await self.subscriber.change(*key, True)
         await self.transport.advertise([topic], self._ttl)
 
     async def unsubscribe(self, sub: Subscription) -> None:
@@ -262,7 +233,7 @@ class PubSub:
             if not subs:
                 self._by_wire.pop(key, None)
                 if self.subscriber is not None:
-                    await self.subscriber.remove(*key)
+                    await self.subscriber.change(*key, False)
                     await self.transport.advertise([sub.topic], 0)
         await cancel_task(sub.task)
         sub.task = None
@@ -444,7 +415,7 @@ class PubSub:
     async def _consume(self, sub: Subscription) -> None:
         queue = sub.queue
         assert queue is not None
-        handler, is_coro = sub.handler, sub.is_coro
+        handler, is_coro = sub.handler, inspect.iscoroutinefunction(sub.handler)
         counters = self.counters
         while True:
             payload, channel = await queue.get()

@@ -19,12 +19,15 @@ RUNNERS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class Counters:
-    """A runner's counters in this worker; also summed per host as ``<family>_<name>``."""
+    """A runner's counters (``names`` space-separated) in this worker; also summed per host as
+    ``<family>_<name>``."""
 
-    def __init__(self, family: str, names: tuple[str, ...]) -> None:
+    def __init__(self, family: str, names: str) -> None:
         self.family = family
-        self.values = dict.fromkeys(names, 0)
-        self._host = {name: f"{family}_{name}" for name in names}  # per message: no formatting
+        self.values = dict.fromkeys(names.split(), 0)
+        self._host = {
+            name: f"{family}_{name}" for name in self.values
+        }  # per message: no formatting
 
     def incr(self, name: str, by: int = 1) -> None:
         """Add ``by`` to ``name`` here and in the host-wide table."""

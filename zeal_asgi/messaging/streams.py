@@ -33,15 +33,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from zeal_asgi._redis.scripts import APPLY_ONCE, IDEM_CLAIM
-from zeal_asgi.errors import ConfigError, InvalidKeyError
+from zeal_asgi.errors import ConfigError, InvalidKeyError, InvalidTTLError
 from zeal_asgi.messaging.stats import RUNNERS, Counters
 from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.store import Store
 from zeal_asgi.store.base import Capability, unsupported
 from zeal_asgi.store.channels import validate_channel
 
 if TYPE_CHECKING:
     from zeal_asgi.messaging.consumer import Consumer
-    from zeal_asgi.store import Store
 
 __all__ = [
     "ReliableSubscription",
@@ -54,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger("zeal_asgi.streams")
 
-_COUNTERS = ("received", "acked", "failed", "reclaimed", "dead_lettered", "lost", "reconnects")
+_COUNTERS = "received acked failed reclaimed dead_lettered lost reconnects"
 
 
 @dataclass(frozen=True)
@@ -103,12 +103,9 @@ class ReliableSubscription:
         validate_channel(self.stream, "stream")
         for name in ("batch", "block_ms", "concurrency", "min_idle_ms", "max_deliveries"):
             _pos_int(name, getattr(self, name))
-        if (
-            isinstance(self.reclaim_interval, bool)
-            or not isinstance(self.reclaim_interval, (int, float))
-            or self.reclaim_interval <= 0
-        ):
-            raise ConfigError(f"reclaim_interval must be > 0 s, got {self.reclaim_interval!r}")
+        every = self.reclaim_interval
+        if isinstance(every, bool) or not isinstance(every, (int, float)) or every <= 0:
+            raise ConfigError(f"reclaim_interval must be > 0 s, got {every!r}")
         for name in ("group", "consumer"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value or len(value) > 200:
@@ -168,11 +165,7 @@ class Streams:
     @property
     def store(self) -> Store:
         """The Store whose backend holds the streams."""
-        if self._store is None:
-            from zeal_asgi.store import Store
-
-            return Store.default()
-        return self._store
+        return Store.default() if self._store is None else self._store
 
     @property
     def started(self) -> bool:
@@ -272,8 +265,6 @@ _ALLOWED = frozenset(_WRITES.split())
 
 def _ttl_ms(ttl: float) -> int:
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= 365 * 86400:
-        from zeal_asgi.errors import InvalidTTLError
-
         raise InvalidTTLError(f"idempotency ttl must be in (0, 31536000] seconds, got {ttl!r}")
     return max(1, int(ttl * 1000))
 
@@ -290,8 +281,6 @@ async def idempotent(key: str, ttl: float = 86400.0, *, store: Store | None = No
     Claim-then-act: a crash between the claim and the effect loses that effect (at most once).
     For effects in Redis use :func:`apply_once`, which applies them with the claim atomically.
     """
-    from zeal_asgi.store import Store
-
     st = store if store is not None else Store.default()
     res = await st.eval(IDEM_CLAIM.source, [_idem_key(key)], [_ttl_ms(ttl)])
     return bool(res)
@@ -315,8 +304,6 @@ async def apply_once(
 
         await apply_once(f"order:{entry.id}", [("HINCRBY", "totals", "eur", 12)])
     """
-    from zeal_asgi.store import Store
-
     st = store if store is not None else Store.default()
     keys = [_idem_key(key)]
     args: list[Any] = [_ttl_ms(ttl)]

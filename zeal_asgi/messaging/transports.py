@@ -135,15 +135,10 @@ class BusTransport:
 
         await self.sub.run(sink)
 
-    async def add(self, wire: str, pattern: bool) -> None:
-        """Subscribe one more topic."""
+    async def change(self, wire: str, pattern: bool, subscribe: bool) -> None:
+        """Subscribe one more topic, or unsubscribe one."""
         if self.sub is not None:
-            self.sub.add(wire, pattern)
-
-    async def remove(self, wire: str, pattern: bool) -> None:
-        """Unsubscribe a topic."""
-        if self.sub is not None:
-            self.sub.remove(wire, pattern)
+            (self.sub.add if subscribe else self.sub.remove)(wire, pattern)
 
     async def close(self) -> None:
         """Unregister this worker."""

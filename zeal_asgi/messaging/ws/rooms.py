@@ -36,6 +36,7 @@ from zeal_asgi._redis.scripts import (
     WS_PURGE,
     WS_RELEASE,
     Script,
+    text,
 )
 from zeal_asgi.errors import LockTimeoutError, ZealError
 from zeal_asgi.shm.lease import Lease
@@ -49,10 +50,6 @@ __all__ = ["RedisRegistry", "Registry", "ShmRegistry"]
 SEP = "\x1f"
 _STRIPES = 64
 _LOCK_TIMEOUT = 2.0
-
-
-def _b2s(v: Any) -> str:
-    return v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else str(v)
 
 
 class RedisRegistry:
@@ -102,7 +99,7 @@ class RedisRegistry:
         )
         if not conn or not worker:
             return None
-        return _b2s(conn), _b2s(worker)
+        return text(conn), text(worker)
 
     async def release_owner(self, client_id: str, conn_id: str) -> bool:
         """Delete the row only if it still names ``conn_id`` (Lua); ``True`` when deleted."""
@@ -135,7 +132,7 @@ class RedisRegistry:
                 return c.hscan(key, cur, count=256)
 
             cursor, page = await self.redis.run(page_op, what="ws room servers", idempotent=True)
-            out.extend(_b2s(w) for w, n in page.items() if int(n) > 0)
+            out.extend(text(w) for w, n in page.items() if int(n) > 0)
             if not cursor:
                 return out
 
@@ -150,7 +147,7 @@ class RedisRegistry:
             [wire_prefix, payload],
             what="ws room publish",
         )
-        return [(_b2s(flat[i]), int(flat[i + 1])) for i in range(0, len(flat or ()), 2)]
+        return [(text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat or ()), 2)]
 
     def _alive_key(self, worker: str) -> str:
         return str(self.redis.key("ws", "alive", worker))
@@ -174,7 +171,7 @@ class RedisRegistry:
         """Remove every member ``worker`` holds in ``room`` in one script (O(members of the
         room), run once per death); their client ids."""
         gone = await self._eval(WS_PURGE, self._room_keys(room), [worker], "ws purge")
-        return [_b2s(c) for c in gone or ()]
+        return [text(c) for c in gone or ()]
 
     async def forget_worker(self, worker: str) -> None:
         """Drop ``worker``'s liveness mark (a clean shutdown)."""

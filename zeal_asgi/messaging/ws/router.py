@@ -118,10 +118,9 @@ class WSRouter:
             raise ConfigError(f"queue_size must be an int >= 1, got {queue_size!r}")
         if overflow not in ("drop_oldest", "close"):
             raise ConfigError(f"overflow must be 'drop_oldest' or 'close', got {overflow!r}")
-        if isinstance(worker_ttl, bool) or not isinstance(worker_ttl, int | float):
-            raise ConfigError(f"worker_ttl must be seconds in [0.3, 86400], got {worker_ttl!r}")
-        if not 0.3 <= worker_ttl <= 86400:
-            raise ConfigError(f"worker_ttl must be seconds in [0.3, 86400], got {worker_ttl!r}")
+        ttl = worker_ttl
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0.3 <= ttl <= 86400:
+            raise ConfigError(f"worker_ttl must be seconds in [0.3, 86400], got {ttl!r}")
         self.queue_size = queue_size
         self.overflow = overflow
         self.worker_ttl = float(worker_ttl)
