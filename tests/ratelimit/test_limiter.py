@@ -240,9 +240,10 @@ async def test_a_key_hit_in_every_window_keeps_its_rows(
 
 async def test_rows_expire_and_a_full_table_takes_them_back(store_factory: StoreFactory) -> None:
     store = await store_factory("table")
+    algorithms: tuple[Any, ...] = limiter_module.ALGORITHMS
     limiters = [
         RateLimiter(RateLimit(5, per=1), name=unique(), algorithm=a, max_keys=4, store=store)
-        for a in limiter_module.ALGORITHMS
+        for a in algorithms
     ]
     filled = []
     for lim in limiters:
