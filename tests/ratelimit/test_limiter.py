@@ -218,20 +218,51 @@ async def test_a_table_full_of_live_keys_is_the_policy_counted_and_logged_once(
     assert (await lim.hit("k0")).allowed  # live keys keep working
 
 
-async def test_rows_of_ended_windows_are_reused(
-    store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("algorithm", ["fixed_window", "sliding_window"])
+async def test_a_key_hit_in_every_window_keeps_its_rows(
+    store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch, algorithm: Any
 ) -> None:
+    # max_keys=1: the table holds one key's rows; a key that goes on being hit, window after
+    # window, restarts its rows in place and never needs another one (nor a sweep).
     clock = Clock(monkeypatch)
     store = await store_factory("table")
-    lim = RateLimiter("5/minute", name=unique(), max_keys=4, store=store)
-    for i in range(4):
-        assert (await lim.hit(f"old{i}")).allowed
-    clock.now += 60  # their windows end
-    for i in range(4):
-        r = await lim.hit(f"new{i}")
-        assert r.allowed and r.error is None
+    lim = RateLimiter(
+        RateLimit(2, per=0.25), name=unique(), algorithm=algorithm, max_keys=1, store=store
+    )
+    for _ in range(8):
+        results = [await lim.hit("k") for _ in range(3)]
+        assert all(r.error is None for r in results)
+        if algorithm == "fixed_window":
+            assert [r.allowed for r in results] == [True, True, False]
+        clock.now += 0.5  # two windows later: the sliding window's weight is gone too
     assert lim.stats()["table_full"] == 0
-    assert len(store.table(lim.table_name)) == 4
+
+
+async def test_rows_expire_and_a_full_table_takes_them_back(store_factory: StoreFactory) -> None:
+    store = await store_factory("table")
+    algorithms: tuple[Any, ...] = limiter_module.ALGORITHMS
+    limiters = [
+        RateLimiter(RateLimit(5, per=1), name=unique(), algorithm=a, max_keys=4, store=store)
+        for a in algorithms
+    ]
+    filled = []
+    for lim in limiters:
+        n = 0
+        while (await lim.hit(f"old{n}")).error is None:
+            n += 1
+        # 4 keys; a sliding window's key has a row for the current window only, so 8 fit
+        assert n == (8 if lim.algorithm == "sliding_window" else 4)
+        filled.append(n)
+    # Every row expires at most 3 s after its last write (a sliding window's row is kept two
+    # periods and a second): new keys take their places, with no sweep in between.
+    await asyncio.sleep(3.2)
+    for lim, n in zip(limiters, filled, strict=True):
+        for i in range(n):
+            r = await lim.hit(f"new{i}")
+            assert r.allowed and r.error is None and r.remaining == 4
+        assert lim.stats()["table_full"] == 1
+        assert len(store.table(lim.table_name)) == n
+        assert (await lim.peek("old0")).remaining == 5  # expired: forgotten, a full limit
 
 
 async def test_stats_reach_the_store_and_the_host(store_factory: StoreFactory) -> None:

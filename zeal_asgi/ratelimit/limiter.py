@@ -7,11 +7,13 @@ window however many workers race.  On redis and tiered one Lua script per hit ch
 every limit of the key together, at the server's clock (:data:`~zeal_asgi._redis.scripts.
 RATE_LIMIT`).
 
-Memory is bounded: the table holds ``max_keys`` keys' rows.  Rows of windows that have ended are
-taken back when the table fills (their keys name the window, and an ended window is never
-written again, so removing them cannot lose a hit); a table full of live keys, like a backend
-that does not answer, is an error the ``on_backend_error`` policy answers, counted and logged
-once, never raised into the request.
+Memory is bounded: the table holds ``max_keys`` keys' rows, a fixed number per key and limit
+(a window's row holds its window's index above the count, and the first hit of a later window
+restarts it in the same locked step).  The table's rows expire a while after their last write
+(:meth:`RateLimiter._row_ttl`), decided inside the core under the row's lock, which takes
+expired rows back when the table fills: no sweep, so no hit can be lost to one.  A table full of
+live keys, like a backend that does not answer, is an error the ``on_backend_error`` policy
+answers, counted and logged once, never raised into the request.
 """
 
 from __future__ import annotations
@@ -59,11 +61,13 @@ EVENTS = ("allowed", "limited", "fail_open", "fail_closed", "backend_errors", "t
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SEP = "\x1f"  # between a key and its row suffix; the suffix never holds one
 _FLUSH_EVERY = 0.25  # seconds: counters reach the host-wide table at most this late
-_RECLAIM_EVERY = 1.0  # seconds between two reclaim sweeps of a full table (per process)
+_ROW0 = f"{_SEP}0"  # the row suffix of the first limit (windows and token buckets)
 _new = tuple.__new__
 _time = time.time
 _EPOCH = 1_700_000_000.0
-"""Token buckets count time from here: smaller numbers keep a double's precision near 1e-8 s."""
+"""Token buckets count time from here: smaller numbers keep a double's precision near 1e-8 s;
+window indexes too, so they leave room for the count below them."""
+_HORIZON = 7_258_118_400.0  # 2200-01-01: a window's index must fit its row until then
 _LIMITERS: dict[str, RateLimiter] = {}
 
 
@@ -176,15 +180,15 @@ class RateLimiter:
         self._store = store
         self._zeal = zeal
         self._binding: _Binding | None = None
-        self._suffixes: list[tuple[int, str]] = [(-1, "")] * len(self.limits)
-        self._window0: tuple[float, float, str] = (0.0, 0.0, "")
+        self._shifts = [lim.amount.bit_length() for lim in self.limits]
+        """Bits of each limit's count in its window rows (the window's index is above them)."""
+        self._window0: tuple[float, float, int] = (0.0, 0.0, 0)
         self._counts = dict.fromkeys(EVENTS, 0)
         self._host_keys = {e: f"ratelimit_{name}_{e}_total" for e in EVENTS}
         self._flush_handle: asyncio.TimerHandle | None = None
         self._flush_due = 0.0
         """When the pending flush should have run; past it (by a second), its loop is gone."""
         self._logged: set[str] = set()
-        self._reclaimed_at = 0.0
         self._lua: str | None = None
         self._lua_args: list[str | int] = []
         self._policies = self._policy_names()
@@ -252,11 +256,15 @@ class RateLimiter:
                 if self.algorithm == "token_bucket"
                 else {"n": (Store.TYPE_INT, 8)}
             )
+            if self.algorithm != "token_bucket":
+                self._check_horizon()
             if self.table_name not in store.names():
                 store.make(
                     self.table_name,
                     min(self.max_keys * rows_per_key, 2**32 - 2),
                     column,
+                    mode="ttl",
+                    ttl=self._row_ttl(),
                     key_size=self.key_size + 24,  # room for the row suffix
                 )
             table = store.table(self.table_name)
@@ -280,6 +288,38 @@ class RateLimiter:
             )
         self._binding = b = _Binding(store, backend, table)
         return b
+
+    def _row_ttl(self) -> int:
+        """Seconds a row of the table lives after its last write (the core then reclaims it).
+
+        A row's state must outlive every read that needs it:
+
+        - fixed window: a window's row is read and written only during its window; its last
+          write falls inside the window, so it is needed at most ``per`` seconds after that
+          write.
+        - sliding window: a window's row is also read, as the previous window, during the next
+          window: needed at most ``2 * per`` seconds after its last write.
+        - token bucket (GCRA): a hit leaves the row's theoretical arrival time at most ``per``
+          (and a rounding slack) ahead of the hit; once the clock passes it the bucket is full,
+          which an absent row reads as too: needed at most ``per`` seconds after the last write.
+
+        One table serves every limit of the limiter, so the longest of them decides (a row of a
+        shorter limit lives longer than it must; each key keeps a fixed number of rows, so this
+        costs no rows).  The extra second covers the rounding up and a small step of the wall
+        clock, which places the windows, against the core's monotonic clock, which expires rows.
+        """
+        longest = max(lim.per for lim in self.limits)
+        keep = 2 * longest if self.algorithm == "sliding_window" else longest
+        return math.ceil(keep) + 1
+
+    def _check_horizon(self) -> None:
+        for lim, shift in zip(self.limits, self._shifts, strict=True):
+            if (_HORIZON - _EPOCH) / lim.per >= 2 ** (63 - shift):
+                raise ConfigError(
+                    f"RateLimiter {self.name!r}: the limit {lim} has too short a window for its "
+                    "amount on the table backend (a row holds the window's index and the count "
+                    "in 63 bits); use a longer window or a smaller amount"
+                )
 
     # -- the API -------------------------------------------------------------------------------
 
@@ -341,11 +381,15 @@ class RateLimiter:
                 window = self._window0
                 if not window[0] <= now < window[1]:
                     window = self._next_window0(now)
+                base = window[2]
                 try:
-                    count, ok = incr_bounded(table, key + window[2], "n", cost, amount)
+                    value, ok = incr_bounded(table, key + _ROW0, "n", cost, base + amount, base)
                 except TableFullError:
-                    result = self._table_hit(table, key, cost, True)
+                    result = self._table_full()
                 else:
+                    count = value - base
+                    if count > amount:  # a later window's row (see _window)
+                        return self._after(self._table_hit(table, key, cost, True))
                     reset = window[1] - now
                     if ok:
                         self._counts["allowed"] += 1
@@ -365,6 +409,10 @@ class RateLimiter:
                 result = self._table_hit(table, key, cost, True)
         else:
             result = await self._redis(b.store, key, cost, "h")
+        return self._after(result)
+
+    def _after(self, result: RateLimitResult) -> RateLimitResult:
+        """Count a decision of :meth:`hit`."""
         if result.error is None:
             self._counts["allowed" if result.allowed else "limited"] += 1
         if self._flush_handle is None or _time() > self._flush_due:
@@ -387,14 +435,12 @@ class RateLimiter:
         if b.table is None:
             await self._redis_reset(b.store, key)
             return
-        now = _time()
-        for i, lim in enumerate(self.limits):
-            if self.algorithm == "token_bucket":
+        for i in range(len(self.limits)):
+            if self.algorithm == "sliding_window":
+                for parity in (0, 1):
+                    b.table.delete(f"{key}{_SEP}{i}.{parity}")
+            else:
                 b.table.delete(f"{key}{_SEP}{i}")
-                continue
-            w = int(now // lim.per)
-            for ww in (w, w - 1):
-                b.table.delete(f"{key}{_SEP}{i}.{ww}")
 
     def depends(self, key: KeyFunc, cost: int = 1) -> Callable[..., Awaitable[RateLimitResult]]:
         """A FastAPI dependency charging ``cost`` to ``key(connection)`` per request or
@@ -412,35 +458,33 @@ class RateLimiter:
 
     # -- the table backend ---------------------------------------------------------------------
 
-    def _next_window0(self, now: float) -> tuple[float, float, str]:
-        """``(start, end, row suffix)`` of the first limit's window at ``now``."""
+    def _next_window0(self, now: float) -> tuple[float, float, int]:
+        """``(start, end, base)`` of the first limit's window at ``now`` (see :meth:`_base`)."""
         per = self.limits[0].per
         w = int(now / per)
-        self._window0 = window = (w * per, (w + 1) * per, self._suffix(0, w))
+        self._window0 = window = (w * per, (w + 1) * per, self._base(0, w))
         return window
 
-    def _suffix(self, i: int, w: int) -> str:
-        seen, text = self._suffixes[i]
-        if seen != w:
-            text = f"{_SEP}{i}.{w}"
-            self._suffixes[i] = (w, text)
-        return text
+    def _base(self, i: int, w: int) -> int:
+        """The value of limit ``i``'s row when window ``w`` has counted nothing yet: the
+        window's index above the count's bits.  An earlier window's row is below it, so
+        ``incr_bounded`` with it as the floor restarts such a row at this window's first hit."""
+        return (w - int(_EPOCH / self.limits[i].per)) << self._shifts[i]
 
     def _table_hit(self, table: Table, key: str, cost: int, charge: bool) -> RateLimitResult:
         try:
-            try:
-                return self._decide(table, key, cost, charge, _time())
-            except TableFullError:
-                if not self._reclaim(table):
-                    raise
-                return self._decide(table, key, cost, charge, _time())
+            return self._decide(table, key, cost, charge, _time())
         except TableFullError:
-            self._count("table_full")
-            return self._on_error(
-                "table_full",
-                f"the shared table of rate limiter {self.name!r} is full of live keys "
-                f"(max_keys={self.max_keys}); raise max_keys",
-            )
+            return self._table_full()
+
+    def _table_full(self) -> RateLimitResult:
+        """The core found no expired row to take back: every row is live."""
+        self._count("table_full")
+        return self._on_error(
+            "table_full",
+            f"the shared table of rate limiter {self.name!r} is full of live keys "
+            f"(max_keys={self.max_keys}); raise max_keys",
+        )
 
     def _decide(
         self, table: Table, key: str, cost: int, charge: bool, now: float
@@ -483,21 +527,37 @@ class RateLimiter:
         now: float,
     ) -> tuple[RateLimitResult, str | None]:
         per = lim.per
+        amount = lim.amount
         w = int(now / per)
-        start = w * per
-        row = key + self._suffix(i, w)
-        amount = bound = lim.amount
-        prev = 0
-        if self.algorithm == "sliding_window":
-            prev = table.get(f"{key}{_SEP}{i}.{w - 1}", "n") or 0
-            if prev:
-                bound = amount - math.floor(prev * (1.0 - (now - start) / per))
+        while True:
+            start = w * per
+            base = self._base(i, w)
+            bound = amount
+            prev = 0
+            if self.algorithm == "sliding_window":
+                # Two rows per key, for even and odd windows; the other one holds the previous
+                # window's count if it was hit at all.
+                row = f"{key}{_SEP}{i}.{w & 1}"
+                before = table.get(f"{key}{_SEP}{i}.{(w - 1) & 1}", "n") or 0
+                prev_base = self._base(i, w - 1)
+                if 0 < before - prev_base <= amount:
+                    prev = before - prev_base
+                    bound = amount - math.floor(prev * (1.0 - (now - start) / per))
+            else:
+                row = key + (_ROW0 if i == 0 else f"{_SEP}{i}")
+            if charge:
+                value, ok = incr_bounded(table, row, "n", cost, base + bound, base)
+            else:  # a peek: would the hit pass, and what is left now
+                value = table.get(row, "n") or 0
+                ok = max(value, base) + cost <= base + bound
+            count = max(0, value - base)  # an earlier window's row counts nothing now
+            if count <= amount:
+                break
+            # A later window's row: a worker whose clock read after ours started it; the hit
+            # belongs to that window (an ended window is never charged).
+            w = (value >> self._shifts[i]) + int(_EPOCH / per)
+            now = max(now, w * per)
         reset = start + per - now
-        if charge:
-            count, ok = incr_bounded(table, row, "n", cost, bound)
-        else:  # a peek: would the hit pass, and what is left now
-            count = table.get(row, "n") or 0
-            ok = count + cost <= bound
         if ok:
             return _new(RateLimitResult, (True, amount, bound - count, reset, 0.0, lim, None)), (
                 row if charge else None
@@ -537,33 +597,6 @@ class RateLimiter:
         left = max(0, math.floor((now + per - tat + 1e-6) / step))
         retry = tat + cost * step - now - per
         return _new(RateLimitResult, (False, lim.amount, left, tat - now, retry, lim, None)), None
-
-    def _reclaim(self, table: Table) -> bool:
-        """Remove the rows of ended windows (token buckets: of full buckets); ``True`` when any
-        was removed.  Runs when the table is full, at most once a second per process."""
-        now = _time()
-        if now - self._reclaimed_at < _RECLAIM_EVERY:
-            return False
-        self._reclaimed_at = now
-        keep = 1 if self.algorithm == "sliding_window" else 0  # the previous window is read
-        removed = 0
-        for row in list(table.keys()):
-            suffix = str(row).rpartition(_SEP)[2]
-            index, _, window = suffix.partition(".")
-            lim = self.limits[int(index)] if index.isdigit() else None
-            if lim is None:
-                continue
-            if window:
-                stale = int(window) < int(now // lim.per) - keep
-            else:
-                # A bucket at or below "now" is a full bucket: absent and present read alike.
-                tat = table.get(row, "t")
-                stale = tat is not None and tat <= now - _EPOCH
-            if stale and table.delete(row):
-                removed += 1
-        if removed:
-            log.info("rate limiter %r: reclaimed %d rows of ended windows", self.name, removed)
-        return removed > 0
 
     # -- redis and tiered ------------------------------------------------------------------------
 
