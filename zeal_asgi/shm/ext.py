@@ -32,6 +32,7 @@ if os.environ.get("ZEAL_CRASH_AT"):
 
 Table = _shmtable.Table
 Atomic = _shmtable.Atomic
+Cells = _shmtable.Cells
 HAS_EXT = True
 
-__all__ = ["HAS_EXT", "Atomic", "Table"]
+__all__ = ["HAS_EXT", "Atomic", "Cells", "Table"]
