@@ -1058,6 +1058,7 @@ cdef extern from "zt_core.h" nogil:
 
 cdef extern from "Python.h":
     bint PyFloat_CheckExact(object o)
+    double PyFloat_AsDouble(object o) except? -1.0
 
 
 cdef class Cells:
@@ -1130,9 +1131,11 @@ cdef class Cells:
         if PyFloat_CheckExact(x):
             return PyFloat_AS_DOUBLE(x)
         try:
-            return float(x)
-        except (TypeError, ValueError):
+            return PyFloat_AsDouble(x)  # a number (int, float, or anything with __float__), no str
+        except TypeError:
             raise ColumnTypeError(f"a cell holds a number; got {type(x).__name__}") from None
+        except OverflowError:
+            raise NonFiniteFloatError(f"{x!r} is beyond a double's range") from None
 
     def inc(self, by=1):
         """Add ``by`` to the first cell (atomically, across processes)."""

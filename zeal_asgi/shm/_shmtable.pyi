@@ -1,7 +1,7 @@
 """Typed face of the compiled extension (checked against it by mypy.stubtest)."""
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 from typing_extensions import disjoint_base
 
@@ -109,13 +109,13 @@ class Atomic:
 @disjoint_base
 class Cells:
     monotonic: bool
-    def __init__(
-        self,
+    def __new__(
+        cls,
         table: Table,
         keys: Iterable[str | bytes],
         bounds: Sequence[float] | None = None,
         monotonic: bool = False,
-    ) -> None: ...
+    ) -> Self: ...
     def inc(self, by: float = 1) -> None: ...
     def set(self, value: float) -> None: ...
     def observe(self, value: float) -> None: ...
