@@ -97,10 +97,10 @@ class _Dropped:
 _DROPPED = _Dropped()
 
 
-def _negated(amount: object) -> float:
+def _negated(amount: float) -> float:
     try:
-        return -float(amount)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+        return -amount
+    except TypeError:
         raise ColumnTypeError(f"a metric step is a number, got {type(amount).__name__}") from None
 
 
