@@ -1177,5 +1177,8 @@ cdef class Cells:
     def __len__(self):
         return self.n
 
+    def __getitem__(self, int i):
+        return self.get(i)
+
     def __reduce__(self):
         raise TypeError("cells are bound to a mapping of this process and cannot be pickled")

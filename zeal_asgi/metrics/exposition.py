@@ -4,6 +4,7 @@ collector."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -61,6 +62,13 @@ def _escape(text: str, quote: bool = True) -> str:
     return text.replace('"', '\\"') if quote else text
 
 
+@functools.lru_cache(maxsize=65536)
+def _series(name: str, labels: tuple[tuple[str, str], ...]) -> str:
+    """``name{a="x",b="y"}``, made once per series: scrapes repeat them."""
+    pairs = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+    return f"{name}{{{pairs}}}" if labels else name
+
+
 def render(families: Iterable[Family], openmetrics: bool = False) -> str:
     """``families`` in the Prometheus text format 0.0.4, or OpenMetrics 1.0 (which names a
     counter's family without ``_total`` and ends with ``# EOF``)."""
@@ -68,13 +76,7 @@ def render(families: Iterable[Family], openmetrics: bool = False) -> str:
     for f in families:
         head = f.name if openmetrics or f.type != "counter" else f.name + "_total"
         lines += (f"# HELP {head} {_escape(f.help, openmetrics)}", f"# TYPE {head} {f.type}")
-        for s in f.samples:
-            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in s.labels)
-            lines.append(
-                f"{s.name}{{{labels}}} {_number(s.value)}"
-                if labels
-                else f"{s.name} {_number(s.value)}"
-            )
+        lines += [f"{_series(s.name, s.labels)} {_number(s.value)}" for s in f.samples]
     if openmetrics:
         lines.append("# EOF")
     return "\n".join(lines) + "\n"

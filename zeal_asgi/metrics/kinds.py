@@ -18,6 +18,7 @@ from zeal_asgi.errors import ColumnTypeError, MetricError, ZealError
 from zeal_asgi.metrics.registry import (
     ROW_CELLS,
     Family,
+    Labels,
     Registry,
     Rows,
     Sample,
@@ -48,8 +49,7 @@ GAUGE_MODES = ("livesum", "sum", "max", "min", "mostrecent")
 _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _F = TypeVar("_F", bound=Callable[..., Any])
-Labels = tuple[tuple[str, str], ...]
-Parts = dict[int | str, list[float]]
+Parts = dict[int | str, list[float] | Cells]
 
 
 class _Timer(contextlib.ContextDecorator):
@@ -193,14 +193,11 @@ class Metric:
         if not self.labelnames and () not in rows:
             rows = {(): {}}  # an unlabelled metric is always exposed, 0 until used
         samples: list[Sample] = []
-        for values in sorted(rows):
-            labels = tuple(zip(self.labelnames, values, strict=True))
-            samples += self._samples(labels, rows[values], values, seen)
+        for labels, parts in rows.items():
+            samples += self._samples(labels, parts, seen)
         return Family(self.name, self.kind, self.documentation, samples)
 
-    def _samples(
-        self, labels: Labels, parts: Parts, values: tuple[str, ...], seen: dict[str, bool]
-    ) -> list[Sample]:
+    def _samples(self, labels: Labels, parts: Parts, seen: dict[str, bool]) -> list[Sample]:
         raise NotImplementedError
 
 
@@ -222,9 +219,7 @@ class Counter(Metric):
     def _child(self, values: tuple[str, ...]) -> Cells | _Dropped:
         return self.registry.cells(self._keys(values, 1), monotonic=True) or _DROPPED
 
-    def _samples(
-        self, labels: Labels, parts: Parts, values: tuple[str, ...], seen: dict[str, bool]
-    ) -> list[Sample]:
+    def _samples(self, labels: Labels, parts: Parts, seen: dict[str, bool]) -> list[Sample]:
         return [Sample(self.name + "_total", labels, parts.get(0, [0.0])[0])]
 
 
@@ -268,11 +263,10 @@ class Histogram(Metric):
         keys = self._keys(values, len(self.buckets) + 1)
         return self.registry.cells(keys, self.buckets, cls=TimedChild) or _DROPPED
 
-    def _samples(
-        self, labels: Labels, parts: Parts, values: tuple[str, ...], seen: dict[str, bool]
-    ) -> list[Sample]:
+    def _samples(self, labels: Labels, parts: Parts, seen: dict[str, bool]) -> list[Sample]:
         n = len(self.buckets)
-        cells = [c for i in range(-(-(n + 1) // ROW_CELLS)) for c in parts.get(i, [])]
+        rows = [parts.get(i, []) for i in range(-(-(n + 1) // ROW_CELLS))]
+        cells = [row[j] for row in rows for j in range(len(row))]
         if len(cells) <= n:  # not all of its rows were created: the series was dropped
             return []
         out, total = [], 0.0
@@ -303,10 +297,9 @@ class Summary(Metric):
     def _child(self, values: tuple[str, ...]) -> TimedChild | _Dropped:
         return self.registry.cells(self._keys(values, 2), (math.inf,), cls=TimedChild) or _DROPPED
 
-    def _samples(
-        self, labels: Labels, parts: Parts, values: tuple[str, ...], seen: dict[str, bool]
-    ) -> list[Sample]:
-        count, total = parts.get(0, [0.0, 0.0])[:2]
+    def _samples(self, labels: Labels, parts: Parts, seen: dict[str, bool]) -> list[Sample]:
+        row = parts.get(0, (0.0, 0.0))
+        count, total = row[0], row[1]
         return [
             Sample(self.name + "_count", labels, count),
             Sample(self.name + "_sum", labels, total),
@@ -414,9 +407,7 @@ class Gauge(Metric):
     def _child(self, values: tuple[str, ...]) -> GaugeChild:
         return GaugeChild(self, values)
 
-    def _samples(
-        self, labels: Labels, parts: Parts, values: tuple[str, ...], seen: dict[str, bool]
-    ) -> list[Sample]:
+    def _samples(self, labels: Labels, parts: Parts, seen: dict[str, bool]) -> list[Sample]:
         if self.mode == "mostrecent":
             return [Sample(self.name, labels, parts.get(0, [0.0])[0])]
         live: list[tuple[float, str]] = []
@@ -430,7 +421,7 @@ class Gauge(Metric):
         else:
             value = (max if self.mode == "max" else min)(pool, default=0.0)
         try:
-            self._retire(values, dead)
+            self._retire(tuple(v for _, v in labels), dead)
         except ZealError as exc:  # tidying up never fails a scrape
             log.debug("zeal_asgi.metrics: retiring dead shares of %r: %s", self.name, exc)
         return [Sample(self.name, labels, value)]

@@ -31,6 +31,7 @@ __all__ = [
     "KEY_SIZE",
     "ROW_CELLS",
     "Family",
+    "Labels",
     "Registry",
     "Rows",
     "Sample",
@@ -48,15 +49,16 @@ _C = TypeVar("_C", bound=Cells)
 DROPPED = "metrics_dropped_series"
 """Host counter of series refused because the registry was full (``zeal_..._total``)."""
 
-Rows = dict[tuple[str, ...], dict[int | str, list[float]]]
-"""One metric's rows read by a scrape: label values -> part -> cells."""
+Labels = tuple[tuple[str, str], ...]
+Rows = dict[Labels, dict[int | str, "list[float] | Cells"]]
+"""One metric's rows read by a scrape: labels -> part -> its cells (read when indexed)."""
 
 
 class Sample(NamedTuple):
     """One exposition line: its full name, labels and value."""
 
     name: str
-    labels: tuple[tuple[str, str], ...]
+    labels: Labels
     value: float
 
 
@@ -134,7 +136,7 @@ class Registry:
         )
         self._metrics: dict[str, Metric] = {}
         self._samples: set[str] = set()
-        self._keys: dict[bytes, tuple[str, int | str, tuple[str, ...]]] = {}
+        self._keys: dict[bytes, tuple[str, int | str, Labels | None, Cells | None]] = {}
         self._lock = threading.Lock()
         self._warned = False
         self._pruned: Worker | None = None
@@ -147,6 +149,7 @@ class Registry:
                 raise MetricError(f"metric {metric.name!r} is already declared in this registry")
             self._metrics[metric.name] = metric
             self._samples |= names
+            self._keys = {}  # rows parsed before were not known as this metric's
 
     def key(self, name: str, part: int | str, values: Sequence[str]) -> bytes:
         """The row key of a series; MetricError past :data:`KEY_SIZE` bytes."""
@@ -193,19 +196,37 @@ class Registry:
         return me
 
     def rows(self) -> dict[str, Rows]:
-        """Every row, read once: metric -> label values -> part -> cells."""
+        """Every row of a metric declared here, read once: metric -> labels -> part -> cells."""
         out: dict[str, Rows] = {}
         known, keys = self._keys, {}
-        for raw, row in self.table.items():
-            parsed = known.get(raw)
-            if parsed is None:
-                name, part, *values = json.loads(raw)
-                parsed = (name, part, tuple(values))
-            keys[raw] = parsed
-            name, part, values = parsed
-            out.setdefault(name, {}).setdefault(values, {})[part] = list(row.values())
+        for raw in self.table:
+            entry = known.get(raw)
+            if entry is None:
+                entry = self._parse(raw)
+            keys[raw] = entry
+            name, part, labels, cells = entry
+            if labels is None:
+                continue
+            if cells is None:
+                row = self.table.get(raw)
+                if row is None:
+                    continue
+            out.setdefault(name, {}).setdefault(labels, {})[part] = (
+                list(row.values()) if cells is None else cells
+            )
         self._keys = keys  # only live rows' keys: nothing grows with worker restarts
         return out
+
+    def _parse(self, raw: bytes) -> tuple[str, int | str, Labels | None, Cells | None]:
+        """A row key's metric, part and labels (``None``: not a metric declared here, or not
+        with these labels), and the cells of a metric's own row (never deleted: read directly,
+        from the second scrape on without a lookup; a share row may go: it is read by key)."""
+        name, part, *values = json.loads(raw)
+        metric = self._metrics.get(name)
+        if metric is None or len(values) != len(metric.labelnames):
+            return name, part, None, None
+        labels = tuple(zip(metric.labelnames, values, strict=True))
+        return name, part, labels, Cells(self.table, [raw]) if isinstance(part, int) else None
 
     def collect(self) -> list[Family]:
         """Every metric of this registry declared in this process, host-wide, plus the count of
