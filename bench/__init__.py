@@ -17,6 +17,7 @@ SUITES: dict[str, str] = {
     "store": "bench.store",
     "cache": "bench.cache",
     "pubsub": "bench.pubsub",
+    "response_cache": "bench.response_cache",
     "metrics": "bench.metrics",
 }
 """Suite name -> module, in the order ``python -m bench`` runs them."""

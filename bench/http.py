@@ -58,7 +58,7 @@ from ._harness import (
     wait_quiet,
 )
 
-__all__ = ["NAME", "TITLE", "HttpConfig", "Route", "RouteRun", "run"]
+__all__ = ["NAME", "TITLE", "WRK_LUA", "HttpConfig", "Route", "RouteRun", "run", "wrk"]
 
 NAME = "http"
 TITLE = "HTTP: the counter demo under 2 workers (wrk)"
@@ -70,7 +70,7 @@ TAIL = 0.5
 PLAIN_KEY = "bench:plain:requests"
 COUNTER_PATH = "/demo/counter/increment"
 
-_LUA = r"""
+WRK_LUA = r"""
 local ffi = require("ffi")
 ffi.cdef[[
 typedef struct { long tv_sec; long tv_nsec; } zeal_timespec;
@@ -283,10 +283,18 @@ def _split(port: int) -> dict[int, int]:
 
 
 def wrk(
-    url: str, seconds: float, hc: HttpConfig, lua: Path, port: int
+    url: str,
+    seconds: float,
+    hc: HttpConfig,
+    lua: Path,
+    port: int,
+    headers: Sequence[str] = (),
 ) -> tuple[dict[str, Any], dict[int, int]]:
-    """One wrk run with the counting script; (wrk's summary, connection split)."""
+    """One wrk run with the counting script (``headers``: ``"Name: value"`` lines to send);
+    (wrk's summary, connection split)."""
     argv = ["wrk", f"-t{hc.threads}", f"-c{hc.connections}", f"-d{seconds:g}s", "--timeout", "5s"]
+    for h in headers:
+        argv += ["-H", h]
     argv += ["-s", str(lua), url, "--", f"{max(0.1, seconds - TAIL):g}"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     time.sleep(min(seconds / 2, 3.0))
@@ -523,7 +531,7 @@ def run(cfg: Config) -> SuiteReport:
     with shm_tempdir() as tmp, redis_server() as rs:
         redis_url = f"redis://127.0.0.1:{rs.port}/0"
         lua = Path(tmp) / "count.lua"
-        lua.write_text(_LUA)
+        lua.write_text(WRK_LUA)
         plain = redis.Redis.from_url(redis_url)
         try:
             with _servers(redis_url) as (servers, failed):

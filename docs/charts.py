@@ -51,6 +51,8 @@ CHARTS = [
     Chart("pubsub", "pubsub", "### Publish → handler", "msg/s handled",
           "Publish → handler in another process: messages per second (higher is better)",
           log=False),
+    Chart("response-cache", "response_cache", "## Response cache", "req/s median",
+          "Cached route hits, 2 workers, wrk: requests per second (higher is better)", log=False),
 ]  # fmt: skip
 
 

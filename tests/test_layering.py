@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "cache": 6,
     "messaging": 6,
     "app": 7,
+    "response_cache": 7,
     "middleware": 8,
     "health": 8,
     "launcher": 8,
