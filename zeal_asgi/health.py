@@ -31,15 +31,8 @@ from starlette.routing import Route
 
 from zeal_asgi.errors import require
 from zeal_asgi.messaging.pubsub import messaging_stats
-from zeal_asgi.metrics import (
-    CONTENT_TYPE,
-    OPENMETRICS_CONTENT_TYPE,
-    Family,
-    Sample,
-    metric_name as metric_name,
-    render,
-)
-from zeal_asgi.metrics.exposition import wants_openmetrics
+from zeal_asgi.metrics import CONTENT_TYPE, Family, Sample, metric_name as metric_name, render
+from zeal_asgi.metrics.exposition import response
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.segments import process_alive, server_identity, shm_dir
 from zeal_asgi.store import Store
@@ -234,7 +227,7 @@ def families(health: StoreHealth) -> list[Family]:
     """The figures of ``health`` as metric families, all host-wide (``*_total``: counters)."""
     out: list[Family] = []
 
-    def family(name: str, help_: str, values: Mapping[str, int] | int, label: str = "") -> None:
+    def family(name: str, help_: str, values: Mapping[str, float] | float, label: str = "") -> None:
         pairs = values.items() if isinstance(values, Mapping) else [("", values)]
         rows = [Sample(name, ((label, v),) if label else (), n) for v, n in pairs]
         kind = "counter" if name.endswith("_total") else "gauge"
@@ -293,9 +286,7 @@ async def store_metrics(conn: HTTPConnection) -> Response:
     """The same figures in the Prometheus text format (OpenMetrics when the ``Accept`` header
     asks), summed over the host's workers."""
     health = await collect(_store_of(conn))
-    om = wants_openmetrics(conn.headers.get("accept", ""))
-    text = prometheus_text(health, om)
-    return Response(text, media_type=OPENMETRICS_CONTENT_TYPE if om else PROMETHEUS_CONTENT_TYPE)
+    return response(families(health), conn.headers.get("accept", ""))
 
 
 def _endpoints(

@@ -28,8 +28,8 @@ __all__ = [
     "make_router",
     "metric_name",
     "render",
+    "response",
     "routes",
-    "wants_openmetrics",
 ]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -82,18 +82,19 @@ def render(families: Iterable[Family], openmetrics: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def wants_openmetrics(accept: str) -> bool:
-    """True when an ``Accept`` header asks for OpenMetrics (as Prometheus' scraper does)."""
-    return any(p.split(";")[0].strip() == "application/openmetrics-text" for p in accept.split(","))
+def response(families: Iterable[Family], accept: str) -> Response:
+    """``families`` rendered in the format an ``Accept`` header asks for."""
+    om = any(p.split(";")[0].strip() == "application/openmetrics-text" for p in accept.split(","))
+    body = render(families, om)
+    return Response(body, media_type=OPENMETRICS_CONTENT_TYPE if om else CONTENT_TYPE)
 
 
 def endpoint(registry: Registry | None = None) -> Callable[[Request], Awaitable[Response]]:
     """The ``GET /metrics`` endpoint of ``registry`` (the default one unless given)."""
 
     async def metrics(request: Request) -> Response:
-        om = wants_openmetrics(request.headers.get("accept", ""))
-        body = render((registry or default_registry()).collect(), om)
-        return Response(body, media_type=OPENMETRICS_CONTENT_TYPE if om else CONTENT_TYPE)
+        families = (registry or default_registry()).collect()
+        return response(families, request.headers.get("accept", ""))
 
     return metrics
 

@@ -229,7 +229,7 @@ class Histogram(Metric):
     NonFiniteFloatError."""
 
     kind = "histogram"
-    suffixes = ("_bucket", "_count", "_sum")
+    suffixes: ClassVar[tuple[str, ...]] = ("_bucket", "_count", "_sum")
 
     def __init__(
         self,
@@ -279,31 +279,25 @@ class Histogram(Metric):
         return out
 
 
-class Summary(Metric):
+class Summary(Histogram):
     """The count and the sum of observations, every worker's in one series (no quantiles: they
     cannot be merged across workers honestly)."""
 
     kind = "summary"
     suffixes = ("_count", "_sum")
 
-    def observe(self, value: float) -> None:
-        """Count ``value`` in the unlabelled summary."""
-        self._only().observe(value)
-
-    def time(self) -> _Timer:
-        """``with s.time():`` or ``@s.time()``: observe the duration in seconds."""
-        return _Timer(self.observe)
-
-    def _child(self, values: tuple[str, ...]) -> TimedChild | _Dropped:
-        return self.registry.cells(self._keys(values, 2), (math.inf,), cls=TimedChild) or _DROPPED
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: Sequence[str] = (),
+        *,
+        registry: Registry | None = None,
+    ) -> None:
+        super().__init__(name, documentation, labels, buckets=(), registry=registry)
 
     def _samples(self, labels: Labels, parts: Parts, seen: dict[str, bool]) -> list[Sample]:
-        row = parts.get(0, (0.0, 0.0))
-        count, total = row[0], row[1]
-        return [
-            Sample(self.name + "_count", labels, count),
-            Sample(self.name + "_sum", labels, total),
-        ]
+        return super()._samples(labels, parts, seen)[1:]  # a histogram's, but its +Inf bucket
 
 
 class GaugeChild:
