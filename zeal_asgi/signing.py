@@ -46,14 +46,13 @@ _MAC_RE = re.compile(r"^[0-9a-f]{64}$")
 _INT64 = 2**63 - 1
 
 
-def _reject_constant(name: str) -> Any:
+def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
-    if len(out) != len(pairs):
-        # Two parsers could disagree on which duplicate wins; refuse the ambiguity outright.
+    if len(out) != len(pairs):  # two parsers could disagree on which one wins: refuse both
         raise ValueError("duplicate field")
     return out
 
@@ -69,12 +68,9 @@ def parse_envelope(raw: bytes | str, max_bytes: int) -> dict[str, Any]:
     size = len(raw.encode("utf-8", "surrogatepass")) if isinstance(raw, str) else len(raw)
     if size > max_bytes:
         raise MessageRejectedError("oversize", f"message of {size} bytes exceeds {max_bytes}")
+    text = raw if isinstance(raw, str) else bytes(raw)
     try:
-        doc = json.loads(
-            bytes(raw) if not isinstance(raw, str) else raw,
-            parse_constant=_reject_constant,
-            object_pairs_hook=_no_duplicates,
-        )
+        doc = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as exc:
         raise MessageRejectedError("malformed", f"not a JSON message: {exc}") from None
     if not isinstance(doc, dict):
@@ -107,14 +103,13 @@ class RejectionCounter:
 
     def stats(self) -> dict[str, Any]:
         """This worker's counts, and the host's under ``host``."""
-        host = host_stats().host()
+        host, name = host_stats().host(), self.name
+        rejected = {r: host.get(f"{name}_rejected_{r}_total", 0) for r in REASONS}
+        accepted = host.get(f"{name}_accepted_total", 0)
         return {
             "accepted": self.accepted,
             "rejected": dict(self.rejected),
-            "host": {
-                "accepted": host.get(f"{self.name}_accepted_total", 0),
-                "rejected": {r: host.get(f"{self.name}_rejected_{r}_total", 0) for r in REASONS},
-            },
+            "host": {"accepted": accepted, "rejected": rejected},
         }
 
 
@@ -180,17 +175,13 @@ class Signer:
             self._keys = {kid: _as_key(kid, secret)}
         if kid not in self._keys:
             raise ConfigError(f"signing key id {kid!r} is not in the keyring {sorted(self._keys)}")
-        for label, value, lo, hi in (
-            ("window", window, 0.001, 86400.0),
-            ("max_bytes", max_bytes, 64, 64 * 1024 * 1024),
-            ("replay_capacity", replay_capacity, 1, 100_000_000),
+        for label, value, lo, hi, kind in (
+            ("window", window, 0.001, 86400.0, (int, float)),
+            ("max_bytes", max_bytes, 64, 64 * 1024 * 1024, int),
+            ("replay_capacity", replay_capacity, 1, 100_000_000, int),
         ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{label} must be a number, got {value!r}")
-            if not lo <= value <= hi:
-                raise ConfigError(f"{label} must be between {lo} and {hi}, got {value!r}")
-        if not isinstance(max_bytes, int) or not isinstance(replay_capacity, int):
-            raise ConfigError("max_bytes and replay_capacity must be ints")
+            if isinstance(value, bool) or not isinstance(value, kind) or not lo <= value <= hi:
+                raise ConfigError(f"{label} must be a number in [{lo}, {hi}], got {value!r}")
         self.kid = kid
         self.context = context
         self.window = float(window)
@@ -217,13 +208,8 @@ class Signer:
         clash = RESERVED.intersection(fields)
         if clash:
             raise ValueError(f"fields {sorted(clash)} are reserved by the envelope")
-        doc: dict[str, Any] = dict(fields)
-        doc.update(
-            v=VERSION,
-            kid=self.kid,
-            ts=int(self._clock() * 1000),
-            nonce=secrets.token_hex(16),
-        )
+        ts, nonce = int(self._clock() * 1000), secrets.token_hex(16)
+        doc: dict[str, Any] = {**fields, "v": VERSION, "kid": self.kid, "ts": ts, "nonce": nonce}
         try:
             doc["mac"] = self._mac(self._keys[self.kid], doc)
         except (TypeError, ValueError) as exc:
@@ -271,8 +257,7 @@ class Signer:
         del doc["mac"]
         if not hmac.compare_digest(self._mac(key, doc), mac):
             raise MessageRejectedError("bad_mac", "the MAC does not match")
-        now_ms = int(self._clock() * 1000)
-        window_ms = int(self.window * 1000)
+        now_ms, window_ms = int(self._clock() * 1000), int(self.window * 1000)
         if abs(now_ms - ts) > window_ms:
             raise MessageRejectedError(
                 "stale",

@@ -73,12 +73,7 @@ def test_python_block_is_ruff_clean(block: Block) -> None:
 
 # Blocks that show a defect of the library, by page and a line of their code: expected to fail
 # (strictly: once the defect is fixed, the entry must go).
-KNOWN_DEFECTS = {
-    ("docs/messaging.md", "@zeal.subscribe_reliable"): (
-        "leaving `async with zeal:` while a Streams handler's XACK is in flight never returns: "
-        "the consumer task swallows its cancellation and waits on its queue again"
-    ),
-}
+KNOWN_DEFECTS: dict[tuple[str, str], str] = {}
 KNOWN_DEFECT_TIMEOUT = 20.0
 
 

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from zeal_asgi.messaging.pubsub import redis_backend_of
+from tests.messaging.helpers import redis_link
 from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
 from zeal_asgi.shm.bus import close_host_bus
 from zeal_asgi.store import Store
@@ -33,5 +33,5 @@ async def registry(request: pytest.FixtureRequest) -> AsyncIterator[Registry]:
     url = request.getfixturevalue("redis_url")
     store = Store("redis", {"url": url})
     await store.start()
-    yield RedisRegistry(redis_backend_of(store.backend))
+    yield RedisRegistry(redis_link(store))
     await store.aclose()

@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from zeal_asgi._redis.link import RedisLink
+    from zeal_asgi.store import Store
 
 
 async def until(cond: Callable[[], object], within: float = 10.0, step: float = 0.01) -> None:
@@ -13,6 +18,13 @@ async def until(cond: Callable[[], object], within: float = 10.0, step: float = 
     while not cond():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(step)
+
+
+def redis_link(store: Store) -> RedisLink:
+    """The Redis link of a store that has one."""
+    link = store.backend.redis_link()
+    assert link is not None, f"{store.kind} has no Redis link"
+    return link
 
 
 class Socket:

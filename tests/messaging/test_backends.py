@@ -10,7 +10,7 @@ import pytest
 from tests._harness.servers import Memcached, RedisCluster, RedisServer
 from tests.messaging.helpers import until
 from zeal_asgi.errors import UnsupportedOperationError
-from zeal_asgi.messaging.pubsub import PubSub, redis_backend_of
+from zeal_asgi.messaging.pubsub import PubSub
 from zeal_asgi.store import Store
 from zeal_asgi.streams import StreamEntry, Streams
 
@@ -37,7 +37,7 @@ async def store(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator
 
 
 async def test_pubsub_and_streams_through_every_redis_backend(store: Store) -> None:
-    assert redis_backend_of(store.backend) is not None
+    assert store.backend.redis_link() is not None
     got: list[tuple[str, str]] = []
     ps = PubSub(store)
     ps.subscribe("orders.*", lambda p, c: got.append((p, c)))
@@ -58,7 +58,7 @@ async def test_pubsub_and_streams_through_every_redis_backend(store: Store) -> N
         await store.publish_reliable("jobs", "after")
         await until(lambda: seen == ["before-the-group", "after"], within=5.0)
         assert early.count("-") == 1
-        await until(lambda: streams.counters["acked"] == 2, within=5.0)
+        await until(lambda: streams.counters.values["acked"] == 2, within=5.0)
     finally:
         await streams.stop()
         await ps.stop()
@@ -98,10 +98,10 @@ async def test_stream_entries_pending_until_acked(fresh_redis: RedisServer) -> N
     try:
         await st.publish_reliable("work", "w")
         await until(lambda: len(calls) >= 3, within=5.0)
-        await until(lambda: streams.counters["acked"] == 1, within=5.0)
+        await until(lambda: streams.counters.values["acked"] == 1, within=5.0)
         assert calls[:3] == [1, 2, 3]  # the delivery count grows with each reclaim
         assert fresh_redis.command("XPENDING", "zeal:stream:work", "g")["pending"] == 0
-        assert streams.counters["failed"] == 2
+        assert streams.counters.values["failed"] == 2
     finally:
         await streams.stop()
         await st.aclose()

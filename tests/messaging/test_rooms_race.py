@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 
 from tests._harness.apps import REPO
-from zeal_asgi.messaging.pubsub import redis_backend_of
+from tests.messaging.helpers import redis_link
 from zeal_asgi.messaging.ws.rooms import SEP, RedisRegistry, ShmRegistry
 from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.store import Store
@@ -29,7 +29,7 @@ def _check(members: dict[str, str], servers: dict[str, int]) -> None:
 async def test_redis_rooms_under_concurrency(redis_url: str) -> None:
     store = Store("redis", {"url": redis_url, "pool_size": 8})
     await store.start()
-    reg = RedisRegistry(redis_backend_of(store.backend))
+    reg = RedisRegistry(redis_link(store))
     rng = random.Random(7)
 
     async def worker(name: str) -> None:

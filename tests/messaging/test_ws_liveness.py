@@ -22,7 +22,7 @@ import websockets
 from tests._harness.apps import AppServer
 from tests._harness.servers import RedisCluster, RedisServer
 from tests.messaging.conftest import MSG_APP
-from tests.messaging.helpers import Socket, until
+from tests.messaging.helpers import Socket, redis_link, until
 from zeal_asgi.errors import ConfigError
 from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
 from zeal_asgi.shm.bus import close_host_bus
@@ -82,12 +82,11 @@ async def test_shared_memory_liveness_is_the_pid() -> None:
 
 
 async def test_redis_liveness_marks_expire(redis_url: str) -> None:
-    from zeal_asgi.messaging.pubsub import redis_backend_of
 
     store = Store("redis", {"url": redis_url, "prefix": f"lv{time.monotonic_ns()}"})
     await store.start()
     try:
-        reg = RedisRegistry(redis_backend_of(store.backend))
+        reg = RedisRegistry(redis_link(store))
         assert reg.beats is True
         assert not await reg.worker_alive("w1")
         assert await reg.beat("w1", 0.3) is False  # first beat: there was no mark
@@ -246,6 +245,10 @@ async def test_a_sigkilled_workers_room_members_are_reaped(redis_server: RedisSe
             async with asyncio.timeout(5):
                 hello = json.loads(await ws.recv())
             dead_worker, pid = str(hello["worker"]), int(hello["pid"])
+            deadline = time.monotonic() + 5  # the app joins the room right after its hello
+            while (await asyncio.to_thread(srv.get, "/rooms", room="lobby"))["servers"] == []:
+                assert time.monotonic() < deadline, "the client never joined"
+                await asyncio.sleep(0.02)
             rooms = await asyncio.to_thread(srv.get, "/rooms", room="lobby")
             assert rooms["servers"] == [dead_worker]
             os.kill(pid, signal.SIGKILL)  # no release: its rows stay behind
@@ -297,13 +300,12 @@ async def test_room_publish_is_one_script_on_redis(
 
 
 async def test_room_publish_on_a_cluster(redis_cluster: RedisCluster) -> None:
-    from zeal_asgi.messaging.pubsub import redis_backend_of
 
     nodes = [f"{h}:{p}" for h, p in redis_cluster.nodes]
     store = Store("redis", {"cluster": nodes, "prefix": f"lv{time.monotonic_ns()}"})
     await store.start()
     try:
-        reg = RedisRegistry(redis_backend_of(store.backend))
+        reg = RedisRegistry(redis_link(store))
         for room in ("r1", "r2", "r3"):  # rooms hash to different slots
             assert await reg.join(room, "a", "w1")
             assert await reg.publish_room(room, "ch:", b"x") == [("w1", 0)]

@@ -73,7 +73,7 @@ async def test_signed_envelopes_reject_forgery_and_replay(router: WSRouter) -> N
     assert len(conn) == 32 and int(conn, 16) >= 0  # 128 random bits
     channel = router._channel(router.worker)
     assert router.signer is not None
-    good = router.signer.sign({"t": "d", "c": "bob", "n": conn, "p": "hi"})
+    good = router.signer.sign({"t": "d", "c": "bob", "n": conn, "p": "hi", "to": router.worker})
     assert await router.pubsub.publish_system(channel, good) == 1
     await until(lambda: sock.sent == ["hi"], within=5.0)
     forged = json.loads(good)

@@ -57,7 +57,7 @@ async def test_subscribe_reliable_forms(redis_server: RedisServer) -> None:
     async with zeal:
         await store.publish_reliable("orders", "o1")
         await store.publish_reliable("orders", "o1")  # same business key twice
-        await until(lambda: zeal.streams.counters["acked"] == 2, within=5.0)
+        await until(lambda: zeal.streams.counters.values["acked"] == 2, within=5.0)
         assert done == ["o1"]
         assert redis_server.command("GET", "zeal:orders:total") == b"2"
         groups = redis_server.command("XINFO", "GROUPS", "zeal:stream:orders")

@@ -14,6 +14,7 @@ from typing import Any, Self, TypeVar, overload
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.connector import RedisConnector
 from zeal_asgi._redis.scripts import KeyLayout, Script
+from zeal_asgi._redis.subscriber import publish
 from zeal_asgi.errors import (
     ConfigError,
     InvalidKeyError,
@@ -25,7 +26,7 @@ __all__ = ["RedisLink"]
 
 T = TypeVar("T")
 _CACHED = 1024
-"""Channel names and user scripts kept ready (bounded: both may come from user input)."""
+"""User scripts kept ready (bounded: they may come from user input)."""
 
 
 class RedisLink:
@@ -37,7 +38,6 @@ class RedisLink:
         self.prefix = config.prefix
         self.layout = KeyLayout(config.prefix)
         self._conn = RedisConnector(config)
-        self._channels: dict[str, bytes] = {}
         self._scripts: dict[str, Script] = {}
 
     @classmethod
@@ -134,16 +134,10 @@ class RedisLink:
 
     async def publish(self, channel: str, payload: bytes) -> int:
         """PUBLISH on ``{prefix}:ch:{channel}`` (both already validated: ``Store.publish``);
-        the number of receiving connections.  Never retried: it may have been delivered."""
-        name = self._channels.get(channel)
-        if name is None:
-            if len(self._channels) >= _CACHED:
-                self._channels.clear()
-            name = self._channels[channel] = self.layout.channel(channel)
-        n = await self._conn.call(
-            ("PUBLISH", name, payload), "publish to", idempotent=False, table=channel
-        )
-        return int(n)
+        the number of workers that receive it, each once, on every node
+        (:func:`zeal_asgi._redis.subscriber.publish`).  Never retried: it may have been
+        delivered."""
+        return await publish(self, channel, payload)
 
     async def publish_raw(self, channel: str | bytes, payload: bytes) -> int:
         """PUBLISH on ``channel`` exactly as given (already prefixed, e.g. by :meth:`key`), within

@@ -28,6 +28,8 @@ __all__ = [
     "LOCK_RELEASE",
     "LOCK_RENEW",
     "MSET",
+    "PUBLISH",
+    "RECEIVERS",
     "SCHEMA",
     "SET",
     "WS_JOIN",
@@ -98,6 +100,14 @@ class KeyLayout:
     def channel(self, channel: str | bytes) -> bytes:
         """``{prefix}:ch:{channel}``."""
         return b"%s:ch:%s" % (self._p, _b(channel))
+
+    def receivers(self, channel: str | bytes | None) -> bytes:
+        """``{prefix}:{pubsub}:ch:{channel}``, the workers subscribed to ``channel`` (``None``:
+        ``{prefix}:{pubsub}:patterns``, every subscribed pattern); one Cluster slot for all."""
+        return b"%s:{pubsub}:%s" % (
+            self._p,
+            b"patterns" if channel is None else b"ch:" + _b(channel),
+        )
 
     def stream(self, stream: str | bytes) -> bytes:
         """``{prefix}:stream:{stream}``."""
@@ -444,5 +454,38 @@ for i = 1, #ws, 2 do
   end
 end
 return out
+""",
+)
+
+# Pub/sub receivers: sorted sets of subscribers scored by expiry (server time, ms), KEYS[1] the
+# channel's and KEYS[2] the patterns' (zeal_asgi._redis.subscriber counts each worker once).
+PUBLISH = Script(
+    "publish",
+    """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+return {redis.call('PUBLISH', ARGV[1], ARGV[2]),
+        redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf'),
+        redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')}
+""",
+)
+
+RECEIVERS = Script(
+    "pub/sub receivers",
+    """
+-- ARGV[1] ttl in ms (0: withdraw), ARGV[i + 1] the member of KEYS[i]; expired members go too.
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if ttl > 0 then
+    redis.call('ZADD', key, now + ttl, ARGV[i + 1])
+    redis.call('PEXPIRE', key, ttl)
+  else
+    redis.call('ZREM', key, ARGV[i + 1])
+  end
+end
+return 0
 """,
 )

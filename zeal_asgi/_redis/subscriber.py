@@ -1,71 +1,351 @@
-"""The per-worker invalidation subscriber of the tiered backend: supervised, with liveness checks.
+"""The one supervised subscriber of a worker: pub/sub and the tiered backend's invalidations.
 
-Redis pub/sub is at-most-once: whatever is published while a subscriber is disconnected is lost.
-So the subscriber reports every gap: ``on_lost()`` as soon as the connection is known to be gone
-(the worker then stops trusting L1) and ``on_synced()`` once a new subscription is confirmed
-(the worker flushes L1, then trusts it again).  A connection that silently stops answering is
-found by a PING every ``ping_interval`` that must be answered within ``ping_timeout``.  A broken
-connection object is never reused (redis-py would quietly reconnect and resubscribe it, hiding
-the gap); reconnects back off with full jitter.
+Pub/sub is at-most-once: whatever is published while a subscriber is disconnected is lost.  So
+:class:`Subscriber` reports every gap: ``on_lost()`` as soon as the connection is known to be
+gone and ``on_synced()`` once a new subscription is confirmed, before any message after it.
+After a loss it reconnects with full-jitter exponential backoff, and ``max_attempts``
+consecutive failures stop it loudly (state ``failed``, logged as an error).
+
+The supervision is the same for any :class:`Feed`: :class:`RedisFeed` (a dedicated SUBSCRIBE
+connection, never a slot of the request pool) or the host bus of the table backend.  A Redis
+feed waits for every SUBSCRIBE/PSUBSCRIBE confirmation, so a server that accepts connections but
+answers nothing (SIGSTOP) fails the attempt instead of hanging it; while listening, an idle
+connection is PINGed every ``interval`` seconds and dropped when nothing comes back within
+``timeout`` (a half-open TCP connection never raises by itself).  A broken connection is never
+reused: redis-py would quietly reconnect and resubscribe it, hiding the gap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
+import math
 import random
-from collections.abc import Awaitable, Callable
-from typing import Any
+import re
+import time
+from collections.abc import Awaitable, Callable, Collection
+from typing import TYPE_CHECKING, Any, Protocol
 
-from redis import exceptions as rx
-
-from zeal_asgi.errors import ZealError
+from zeal_asgi._redis.errors import translate
+from zeal_asgi._redis.scripts import PUBLISH
+from zeal_asgi.errors import BackendTimeoutError, BackendUnavailableError
+from zeal_asgi.shm.bus import glob_to_regex
 from zeal_asgi.shm.hoststats import host_stats
 
-__all__ = ["InvalidationSubscriber"]
+if TYPE_CHECKING:
+    from zeal_asgi._redis.link import RedisLink
 
-log = logging.getLogger("zeal_asgi.tiered")
+__all__ = ["Deliver", "Feed", "RedisFeed", "Subscriber", "publish"]
+
+log = logging.getLogger("zeal_asgi.subscriber")
+
+Deliver = Callable[[str, str | None, bytes], object]
+"""``deliver(channel, pattern or None, payload)``; a true result asks the feed to yield to the
+event loop before delivering more (a handler's queue is filling up)."""
+
+Topic = tuple[str, bool]
+"""``(channel or pattern as on the wire, is_pattern)``."""
+
+_MESSAGE = b"message"
+_PMESSAGE = b"pmessage"
 
 
-class InvalidationSubscriber:
-    """SUBSCRIBE to one channel in this worker and hand every message to ``on_message``.
+class Feed(Protocol):
+    """One connection's worth of subscribing: what :class:`Subscriber` supervises."""
+
+    kind: str
+
+    async def open(self, topics: Collection[Topic]) -> None:
+        """Connect and subscribe every topic, confirmed (raises on failure)."""
+        ...
+
+    async def listen(self, deliver: Deliver) -> None:
+        """Deliver messages until the connection is lost (raises) or the task is cancelled."""
+        ...
+
+    async def add(self, wire: str, pattern: bool) -> None:
+        """Subscribe one more topic on the open connection (no-op when closed)."""
+        ...
+
+    async def remove(self, wire: str, pattern: bool) -> None:
+        """Unsubscribe a topic (no-op when closed)."""
+        ...
+
+    async def close(self) -> None:
+        """Close the connection; idempotent."""
+        ...
+
+
+@functools.lru_cache(maxsize=1024)
+def _regex(glob: bytes) -> re.Pattern[str]:
+    return glob_to_regex(glob.decode("utf-8", "surrogateescape"))
+
+
+async def publish(link: RedisLink, channel: str, payload: bytes) -> int:
+    """``PUBLISH {prefix}:ch:{channel}`` through ``link`` (the Redis backend); the receivers.
+
+    One per subscribed worker reached, on every node, however many of its subscriptions match
+    (the host bus counts the same way), plus the other subscribers Redis saw.  Each worker's
+    pub/sub registers its user topics (``{prefix}:{pubsub}:*``, sorted sets by expiry); one
+    script publishes and reads them.
+    """
+    layout = link.layout
+    native, exact, patterns = await link.run_script(
+        PUBLISH,
+        [layout.receivers(channel), layout.receivers(None)],
+        [layout.channel(channel), payload],
+        what=f"publish to {channel!r}",
+    )
+    ids, matched = set(exact), len(exact)
+    for member in patterns:
+        sid, _, glob = member.partition(b"\x1f")
+        if _regex(glob).fullmatch(channel):
+            ids.add(sid)
+            matched += 1
+    # What Redis counted beyond our workers' subscriptions: other clients (on a Cluster, those
+    # of the node that ran it, or fewer; never more).
+    return len(ids) + max(0, int(native) - matched)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+
+
+class RedisFeed:
+    """SUBSCRIBE/PSUBSCRIBE on a dedicated connection, with a PING when idle.
 
     Args:
         connect: returns a fresh ``redis.asyncio`` client on its own connection.
-        channel: the full channel name.
-        on_message: called with each payload (bytes), synchronously.
-        on_synced: called once a (re)subscription is confirmed, before any message after it.
-        on_lost: called when the connection is found broken.
+        ctl: a channel always subscribed (keeps the connection in subscribe mode with no topic).
+        interval: idle seconds after which the connection is PINGed.
+        timeout: seconds a PING (or the subscription) may go unanswered.
     """
+
+    kind = "redis"
 
     def __init__(
         self,
         connect: Callable[[], Awaitable[Any]],
-        channel: str,
-        on_message: Callable[[bytes], None],
-        on_synced: Callable[[], None],
-        on_lost: Callable[[], None],
         *,
-        ping_interval: float = 1.0,
-        ping_timeout: float = 1.0,
-        backoff_base: float = 0.05,
-        backoff_cap: float = 2.0,
+        ctl: str | None = None,
+        interval: float = 5.0,
+        timeout: float = 2.0,
     ) -> None:
-        self.channel = channel
         self._connect = connect
-        self._on_message = on_message
-        self._on_synced = on_synced
-        self._on_lost = on_lost
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
-        self._backoff = (backoff_base, backoff_cap)
-        self._task: asyncio.Task[None] | None = None
+        self._ctl = [ctl] if ctl else []
+        self.interval = interval
+        self.timeout = timeout
+        self._client: Any = None
+        self._ps: Any = None
+        self._early: list[tuple[str, str | None, bytes]] = []
+        self._opened: asyncio.Event | None = None
+        self._last = 0.0  # loop time of the last reply
+        self._failure: BaseException | None = None
+
+    async def open(self, topics: Collection[Topic]) -> None:
+        """Connect, subscribe everything, and wait for every confirmation."""
+        await self.close()
+        opened = self._opened = asyncio.Event()
+        try:
+            self._client = await self._connect()
+            self._ps = self._client.pubsub()
+            exact = [*self._ctl, *sorted(w for w, p in topics if not p)]
+            patterns = sorted(w for w, p in topics if p)
+            if exact:
+                await self._ps.subscribe(*exact)
+            if patterns:
+                await self._ps.psubscribe(*patterns)
+            await self._confirm(len(exact) + len(patterns))
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, Exception):
+                raise translate(exc, "pub/sub subscribe") from exc
+            raise
+        finally:
+            opened.set()
+
+    async def _confirm(self, expected: int) -> None:
+        deadline = time.monotonic() + self.timeout
+        seen = 0
+        self._early.clear()
+        while seen < expected:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BackendTimeoutError(
+                    f"pub/sub: {expected - seen} of {expected} subscriptions not confirmed within "
+                    f"{self.timeout} s"
+                )
+            msg = await self._ps.get_message(timeout=left)
+            kind = None if msg is None else msg["type"]
+            if kind in ("subscribe", "psubscribe"):
+                seen += 1
+            elif kind in ("message", "pmessage"):  # a message between two confirmations
+                pattern = _text(msg["pattern"]) if kind == "pmessage" else None
+                self._early.append((_text(msg["channel"]), pattern, msg["data"]))
+
+    async def listen(self, deliver: Deliver) -> None:
+        """Deliver messages; raise when the connection fails or stops answering PINGs."""
+        ps = self._ps
+        if ps is None or ps.connection is None:
+            raise BackendUnavailableError("pub/sub: not connected")
+        for item in self._early:
+            deliver(*item)
+        self._early.clear()
+        conn = ps.connection
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        self._last, self._failure = loop.time(), None
+        watch = loop.create_task(self._watch(conn, task))
+        read = conn.read_response
+        try:
+            while True:
+                # No timer per message: the watch bounds the silence, one timer per interval.
+                reply = await read(timeout=math.inf, disconnect_on_error=False, push_request=True)
+                self._last = loop.time()
+                if type(reply) is not list or len(reply) < 3:
+                    continue  # a pong, or a (un)subscribe confirmation
+                kind = reply[0]
+                if kind == _MESSAGE:
+                    crowded = deliver(_text(reply[1]), None, reply[2])
+                elif kind == _PMESSAGE and len(reply) == 4:
+                    crowded = deliver(_text(reply[2]), _text(reply[1]), reply[3])
+                else:
+                    continue
+                if crowded:
+                    # Replies already buffered are read without suspending: let the handlers
+                    # drain their queues before the rest of a burst overflows them.
+                    await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            if self._failure is not None and task.uncancel() == 0:
+                raise self._failure from None
+            raise
+        except Exception as exc:
+            raise translate(exc, "pub/sub listen") from exc
+        finally:
+            # Cancelled before it could cancel us: from here on, a failure is not reported.
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+
+    async def _watch(self, conn: Any, listener: asyncio.Task[Any]) -> None:
+        """PING a connection idle for ``interval``; no reply (nor anything) within ``timeout``
+        fails the ``listener``: it is cancelled, and raises :attr:`_failure` instead."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await asyncio.sleep(self._last + self.interval - loop.time())
+                if loop.time() - self._last < self.interval:
+                    continue  # traffic meanwhile: alive
+                pinged = loop.time()
+                await conn.send_command("PING", check_health=False)
+                await asyncio.sleep(self.timeout)
+                if self._last < pinged:
+                    raise BackendTimeoutError(
+                        f"pub/sub: no answer to PING within {self.timeout} s "
+                        "(server stopped or connection half-open)"
+                    )
+        except Exception as exc:
+            self._failure = translate(exc, "pub/sub liveness PING")
+            listener.cancel()
+
+    async def _settled(self) -> Any:
+        """The subscribed connection once an open() in progress is over (None if it failed).
+
+        A topic added while open() runs was not in its list: it is subscribed right after,
+        and never concurrently with open()'s own reads.
+        """
+        opened = self._opened
+        if opened is not None and not opened.is_set():
+            await opened.wait()
+        return self._ps
+
+    async def add(self, wire: str, pattern: bool) -> None:
+        """SUBSCRIBE/PSUBSCRIBE on the live connection (the next open() includes it anyway)."""
+        ps = await self._settled()
+        if ps is not None:
+            try:
+                await (ps.psubscribe(wire) if pattern else ps.subscribe(wire))
+            except Exception as exc:
+                raise translate(exc, "pub/sub subscribe") from exc
+
+    async def remove(self, wire: str, pattern: bool) -> None:
+        """UNSUBSCRIBE/PUNSUBSCRIBE on the live connection."""
+        ps = await self._settled()
+        if ps is not None:
+            try:
+                await (ps.punsubscribe(wire) if pattern else ps.unsubscribe(wire))
+            except Exception as exc:
+                raise translate(exc, "pub/sub unsubscribe") from exc
+
+    async def close(self) -> None:
+        """Drop the connection (idempotent)."""
+        ps, self._ps = self._ps, None
+        client, self._client = self._client, None
+        # Closing a broken connection may fail; it is gone either way.
+        if ps is not None:
+            with contextlib.suppress(Exception):
+                await ps.aclose()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
+class Subscriber:
+    """Keeps ``feed`` subscribed to its topics in this worker, through every outage.
+
+    Args:
+        feed: the connection to supervise (:class:`RedisFeed`, or the host bus's).
+        on_message: ``deliver(channel, pattern, payload)`` for every message, synchronously.
+        name: names the task and the log lines.
+        family: prefix of the host counters ``<family>_subscribes_total`` and
+            ``<family>_subscriber_failures_total``.
+        topics: ``(wire, is_pattern)`` pairs subscribed from the start.
+        on_synced: called (sync or async) once a (re)subscription is confirmed, before any
+            message that follows it.
+        on_lost: called when a confirmed subscription is found broken (or stopped).
+        max_attempts: consecutive failed attempts before giving up (state ``failed``); 0 never.
+        backoff_base: first step of the full-jitter backoff ``uniform(0, min(cap, base * 2**n))``.
+        backoff_cap: its longest wait.
+
+    ``state`` is ``stopped``, ``connecting``, ``subscribed``, ``backoff`` or ``failed``.
+    """
+
+    def __init__(
+        self,
+        feed: Feed,
+        on_message: Deliver,
+        *,
+        name: str,
+        family: str,
+        topics: Collection[Topic] = (),
+        on_synced: Callable[[], object] | None = None,
+        on_lost: Callable[[], None] | None = None,
+        max_attempts: int = 0,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 5.0,
+    ) -> None:
+        self.feed = feed
+        self.name = name
+        self.topics: set[Topic] = set(topics)
+        self.max_attempts = max_attempts
+        self.backoff = (backoff_base, backoff_cap)
+        self.state = "stopped"
+        self.error: BaseException | None = None
         self.connected = False
+        """Whether a confirmed subscription is live (messages flow)."""
         self.subscribes = 0
         self.failures = 0
         self.received = 0
-        self.last_error: str | None = None
+        self._on_message = on_message
+        self._on_synced = on_synced
+        self._on_lost = on_lost
+        self._metrics = (f"{family}_subscribes_total", f"{family}_subscriber_failures_total")
+        self._task: asyncio.Task[None] | None = None
+        self._ready: asyncio.Event | None = None
 
     @property
     def running(self) -> bool:
@@ -75,96 +355,120 @@ class InvalidationSubscriber:
     async def start(self) -> None:
         """Start the supervised task in the running loop (idempotent)."""
         if not self.running:
+            self.error = None
+            self._ready = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(
-                self._supervise(), name=f"zeal-tiered-subscriber:{self.channel}"
+                self._run(), name=f"zeal-subscriber:{self.name}"
             )
 
     async def stop(self) -> None:
         """Cancel the task and wait for it (the connection is closed on the way out)."""
         task, self._task = self._task, None
-        if task is not None:
+        if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.feed.close()
+        self._ready = None
+        self._lost()
+        if self.state != "failed":
+            self.state = "stopped"
+
+    async def wait_ready(self, within: float) -> bool:
+        """Wait until the topics are subscribed; False after ``within`` seconds (or stopped)."""
+        if self._ready is None:
+            return False
+        try:
+            await asyncio.wait_for(self._ready.wait(), within)
+        except TimeoutError:
+            return False
+        return True
+
+    async def add(self, wire: str, pattern: bool = False) -> None:
+        """Subscribe one more topic (at once when connected, else at the next connection)."""
+        if (wire, pattern) not in self.topics:
+            self.topics.add((wire, pattern))
+            if self.running:
+                await self.feed.add(wire, pattern)
+
+    async def remove(self, wire: str, pattern: bool = False) -> None:
+        """Unsubscribe a topic."""
+        if (wire, pattern) in self.topics:
+            self.topics.discard((wire, pattern))
+            if self.running:
+                await self.feed.remove(wire, pattern)
+
+    def _deliver(self, channel: str, pattern: str | None, data: bytes) -> object:
+        self.received += 1
+        return self._on_message(channel, pattern, data)
+
+    def _lost(self) -> None:
         if self.connected:
             self.connected = False
-            self._on_lost()
-
-    async def _supervise(self) -> None:
-        attempt = 0
-        while True:
-            try:
-                await self._session()
-            except (rx.RedisError, OSError, ZealError, TimeoutError) as exc:
-                self.last_error = f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # a supervisor must outlive any bug below it
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("tiered invalidation subscriber on %s failed", self.channel)
-            self.failures += 1
-            host_stats().incr("tiered_subscriber_failures_total")
-            if self.connected:
-                self.connected = False
+            if self._on_lost is not None:
                 self._on_lost()
-                attempt = 0
-            base, cap = self._backoff
-            await asyncio.sleep(random.uniform(0, min(cap, base * 2**attempt)))
-            attempt = min(attempt + 1, 16)
 
-    async def _session(self) -> None:
-        client = await self._connect()
-        pubsub = client.pubsub(ignore_subscribe_messages=False)
-        try:
-            await pubsub.subscribe(self.channel)
-            await self._confirmed(pubsub)
-            self.subscribes += 1
-            host_stats().incr("tiered_subscribes_total")
-            self._on_synced()
-            self.connected = True
-            await self._listen(pubsub)
-        finally:
-            # Closing may itself fail on a dead socket; the session is over either way.
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-            with contextlib.suppress(Exception):
-                await client.aclose()
-
-    async def _confirmed(self, pubsub: Any) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.ping_timeout + self.ping_interval
-        while loop.time() < deadline:
-            msg = await pubsub.get_message(timeout=max(0.01, deadline - loop.time()))
-            if msg is not None and msg.get("type") == "subscribe":
-                return
-        raise TimeoutError(f"SUBSCRIBE {self.channel} not confirmed in time")
-
-    async def _listen(self, pubsub: Any) -> None:
-        loop = asyncio.get_running_loop()
-        last_seen = loop.time()
-        ping_sent: float | None = None
+    async def _run(self) -> None:
+        feed, ready, attempt = self.feed, self._ready, 0
+        assert ready is not None
         while True:
-            msg = await pubsub.get_message(timeout=self.ping_interval / 2)
-            now = loop.time()
-            if msg is not None:
-                last_seen, ping_sent = now, None
-                if msg.get("type") == "message":
-                    self.received += 1
-                    self._on_message(msg["data"])
-                continue
-            if ping_sent is not None:
-                if now - ping_sent > self.ping_timeout:
-                    raise TimeoutError(f"no PONG within {self.ping_timeout} s on {self.channel}")
-            elif now - last_seen >= self.ping_interval:
-                await pubsub.ping()
-                ping_sent = now
+            self.state = "connecting"
+            try:
+                await feed.open(list(self.topics))
+                attempt = 0
+                self.subscribes += 1
+                host_stats().incr(self._metrics[0])
+                if self._on_synced is not None:
+                    res = self._on_synced()
+                    if inspect.isawaitable(res):
+                        await res
+                self.connected = True
+                self.state = "subscribed"
+                ready.set()
+                await feed.listen(self._deliver)
+                raise BackendUnavailableError(f"{self.name}: the subscription ended")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                ready.clear()
+                self.error = exc
+                self.failures += 1
+                host_stats().incr(self._metrics[1])
+                self._lost()
+                attempt += 1
+                if self.max_attempts and attempt >= self.max_attempts:
+                    self.state = "failed"
+                    log.error(
+                        "zeal_asgi %s: giving up after %d failed attempts (max_attempts); "
+                        "this worker receives no more messages: %s",
+                        self.name,
+                        attempt,
+                        exc,
+                    )
+                    return
+                self.state = "backoff"
+                base, cap = self.backoff
+                delay = random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
+                log.warning(
+                    "zeal_asgi %s: connection lost (%s); resubscribing in %.2f s",
+                    self.name,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+            finally:
+                await feed.close()
 
     def stats(self) -> dict[str, Any]:
-        """Connection state and counters of this worker's subscriber."""
+        """State and counters of this worker's subscriber."""
+        err = self.error
         return {
-            "channel": self.channel,
+            "state": self.state,
+            "feed": self.feed.kind,
             "connected": self.connected,
-            "running": self.running,
+            "topics": len(self.topics),
             "subscribes": self.subscribes,
             "failures": self.failures,
             "received": self.received,
-            "last_error": self.last_error,
+            "last_error": None if err is None else f"{type(err).__name__}: {err}",
         }

@@ -7,13 +7,16 @@ import contextlib
 import inspect
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from zeal_asgi._redis.errors import translate
 from zeal_asgi.errors import BackendTimeoutError, ZealError
+from zeal_asgi.messaging.stats import cancel_task
 from zeal_asgi.messaging.streams import StreamEntry
 
 if TYPE_CHECKING:
+    from zeal_asgi._redis.link import RedisLink
     from zeal_asgi.messaging.streams import ReliableSubscription, Streams
 
 __all__ = ["Consumer"]
@@ -24,47 +27,40 @@ _XAUTOCLAIM_PAGES = 100
 """Pages followed per reaper pass (each page scans up to 10 x count PEL entries)."""
 
 
-def _fields(raw: Any) -> dict[str, bytes]:
-    if not raw:
-        return {}
-    items: Any
-    if isinstance(raw, dict):
-        items = raw.items()
-    else:
-        it = iter(raw)
-        items = zip(it, it, strict=False)
-    return {
-        (k.decode("utf-8", "surrogateescape") if isinstance(k, bytes) else str(k)): (
-            v if isinstance(v, bytes) else str(v).encode()
-        )
-        for k, v in items
-    }
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+
+
+def _fields(raw: dict[Any, Any]) -> dict[str, bytes]:
+    return {_text(k): v if isinstance(v, bytes) else str(v).encode() for k, v in raw.items()}
 
 
 def _entries(reply: Any) -> list[tuple[str, Any]]:
     """``[(id, fields-or-None)]`` from an XREADGROUP reply (RESP2 list or RESP3 dict)."""
-    if not reply:
-        return []
-    groups: list[Any] = []
-    if isinstance(reply, dict):
-        for value in reply.values():
-            # the RESP3 shape wraps each stream's entry list once more
-            groups.extend(value if value and isinstance(value[0], list) else [value])
+    if isinstance(reply, dict):  # RESP3 wraps each stream's entry list once more
+        lists = [v[0] if v and isinstance(v[0], list) else v for v in reply.values()]
     else:
-        groups = [s[1] for s in reply]
-    out: list[tuple[str, Any]] = []
-    for entries in groups:
-        for eid, fields in entries or ():
-            if eid is None:
-                continue
-            out.append((eid.decode() if isinstance(eid, bytes) else str(eid), fields))
-    return out
+        lists = [s[1] for s in reply or ()]
+    return [(_text(eid), fields) for one in lists for eid, fields in one or () if eid is not None]
+
+
+def _still_running() -> None:
+    """Raise the cancellation of this task if a call swallowed it: redis-py finishes a command
+    it was cancelled in and returns its reply (the task would go on, and ``stop()`` hang)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def _id_key(eid: str) -> tuple[int, int]:
+    ms, _, seq = eid.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class Consumer:
     """Reader, reaper and handler tasks of one subscription in one worker."""
 
-    def __init__(self, sub: ReliableSubscription, redis: Any, owner: Streams) -> None:
+    def __init__(self, sub: ReliableSubscription, redis: RedisLink, owner: Streams) -> None:
         self.sub = sub
         self.redis = redis
         self.owner = owner
@@ -75,43 +71,44 @@ class Consumer:
             maxsize=sub.concurrency
         )
         self.tasks: list[asyncio.Task[None]] = []
-        self.is_coro = inspect.iscoroutinefunction(sub.handler)
         self.inflight: set[str] = set()
 
     async def start(self) -> None:
+        """Create the group (at id 0, with the stream) and start the tasks."""
         await self._ensure_group()
-        loop = asyncio.get_running_loop()
-        name = f"zeal-stream:{self.sub.stream}"
+        loop, name = asyncio.get_running_loop(), f"zeal-stream:{self.sub.stream}"
         self.tasks.append(loop.create_task(self._supervise(self._read, "reader"), name=name))
         self.tasks.append(loop.create_task(self._supervise(self._reap, "reaper"), name=name))
         for _ in range(self.sub.concurrency):
             self.tasks.append(loop.create_task(self._work(), name=name))
 
     async def stop(self) -> None:
+        """Cancel and await every task (unacknowledged entries stay pending)."""
         tasks, self.tasks = self.tasks, []
         for t in tasks:
-            t.cancel()
-        for t in tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("zeal_asgi streams: task failed while stopping")
+            await cancel_task(t)
 
-    async def _client(self) -> Any:
-        return await self.redis.client()
+    async def _call(self, what: str, op: Callable[[Any], Awaitable[Any]]) -> Any:
+        """``await op(client)`` on the pooled client, errors translated."""
+        try:
+            result = await op(await self.redis.client())
+        except Exception as exc:
+            raise translate(exc, f"{what} {self.sub.stream}") from exc
+        _still_running()
+        return result
 
     async def _ensure_group(self) -> None:
-        client = await self._client()
         try:
-            await client.xgroup_create(self.key, self.sub.group, id="0", mkstream=True)
-        except Exception as exc:
+            await self._call(
+                "XGROUP CREATE",
+                lambda c: c.xgroup_create(self.key, self.sub.group, id="0", mkstream=True),
+            )
+        except ZealError as exc:
             if "BUSYGROUP" not in str(exc):
-                raise _translate(exc, f"XGROUP CREATE {self.sub.stream}") from exc
+                raise
 
     async def _supervise(self, loop_fn: Callable[[], Awaitable[None]], what: str) -> None:
-        attempt = 0
+        owner, attempt = self.owner, 0
         while True:
             try:
                 await loop_fn()
@@ -120,73 +117,54 @@ class Consumer:
                 raise
             except Exception as exc:
                 attempt += 1
-                if self.owner.max_attempts and attempt >= self.owner.max_attempts:
-                    self.owner.state = "failed"
-                    log.error(
-                        "zeal_asgi streams: %s of %r gave up after %d attempts: %s",
-                        what,
-                        self.sub.stream,
-                        attempt,
-                        exc,
-                    )
+                where = f"zeal_asgi streams: {what} of {self.sub.stream!r}"
+                if owner.max_attempts and attempt >= owner.max_attempts:
+                    owner.state = "failed"
+                    log.error("%s gave up after %d attempts: %s", where, attempt, exc)
                     return
                 if "NOGROUP" in str(exc):
                     with contextlib.suppress(Exception):
                         await self._ensure_group()  # the stream was deleted under us
-                self.owner.count("reconnects")
-                cap = min(self.owner.backoff_cap, self.owner.backoff_base * 2 ** min(attempt, 30))
-                delay = random.uniform(0, cap)
-                log.warning(
-                    "zeal_asgi streams: %s of %r failed (%s); retrying in %.2f s",
-                    what,
-                    self.sub.stream,
-                    exc,
-                    delay,
+                owner.count("reconnects")
+                delay = random.uniform(
+                    0, min(owner.backoff_cap, owner.backoff_base * 2 ** min(attempt, 30))
                 )
+                log.warning("%s failed (%s); retrying in %.2f s", where, exc, delay)
                 await asyncio.sleep(delay)
 
     async def _room(self) -> int:
         """Wait until the queue has room; how many entries fit."""
-        while True:
-            free = self.queue.maxsize - self.queue.qsize()
-            if free > 0:
-                return free
+        while self.queue.full():  # noqa: ASYNC110 - a Queue has no "not full" event to await
             await asyncio.sleep(0.001)
+        return self.queue.maxsize - self.queue.qsize()
 
     async def _read(self) -> None:
         sub = self.sub
         # On a Cluster the blocking read must go to the node that owns the stream.
         client = await self.redis.dedicated_client(for_key=self.key)
         limit = sub.block_ms / 1000 + self.owner.liveness_timeout
+        cursor = "0"  # our own pending entries first (after a restart with the same name)
         try:
-            cursor = "0"  # our own pending entries first (after a restart with the same name)
             while True:
-                n = await self._room()
-                reply = await asyncio.wait_for(
-                    client.xreadgroup(sub.group, sub.consumer, {self.key: cursor}, count=n),
-                    limit,
+                n, new = await self._room(), cursor == ">"
+                read = client.xreadgroup(
+                    sub.group,
+                    sub.consumer,
+                    {self.key: cursor},
+                    count=n,
+                    block=sub.block_ms if new else None,
                 )
-                got = _entries(reply)
-                if not got:
-                    break
-                for eid, raw in got:
-                    await self._offer(eid, raw, 0)
-                cursor = got[-1][0]
-            while True:
-                n = await self._room()
                 try:
-                    reply = await asyncio.wait_for(
-                        client.xreadgroup(
-                            sub.group, sub.consumer, {self.key: ">"}, count=n, block=sub.block_ms
-                        ),
-                        limit,
-                    )
+                    got = _entries(await asyncio.wait_for(read, limit))
                 except TimeoutError:
                     raise BackendTimeoutError(
                         f"XREADGROUP on {sub.stream!r} got no answer within {limit:.1f} s"
                     ) from None
-                for eid, raw in _entries(reply):
-                    await self._offer(eid, raw, 1)
+                _still_running()
+                for eid, raw in got:
+                    await self._offer(eid, raw, int(new))
+                if not new:
+                    cursor = got[-1][0] if got else ">"
         finally:
             with contextlib.suppress(Exception):
                 await client.aclose()
@@ -196,106 +174,81 @@ class Consumer:
             # Deleted (trimmed) while pending: nothing to run; acknowledge so it leaves the PEL.
             self.owner.count("lost")
             await self._ack(eid)
-            return
-        self.owner.count("received")
-        await self.queue.put((eid, _fields(raw), deliveries))
+        elif eid not in self.inflight:  # else our own slow handler has it (idle to Redis)
+            self.owner.count("received")
+            await self.queue.put((eid, _fields(raw), deliveries))
 
     async def _reap(self) -> None:
-        sub = self.sub
         while True:
-            await asyncio.sleep(sub.reclaim_interval * random.uniform(0.8, 1.2))
+            await asyncio.sleep(self.sub.reclaim_interval * random.uniform(0.8, 1.2))
             await self.reclaim_pass()
 
     async def reclaim_pass(self) -> int:
         """Claim idle pending entries of any consumer and run them; the number claimed."""
-        sub = self.sub
-        client = await self._client()
-        cursor = "0-0"
-        claimed_total = 0
+        sub, cursor, claimed = self.sub, "0-0", 0
         for _ in range(_XAUTOCLAIM_PAGES):
-            try:
-                reply = await client.xautoclaim(
-                    self.key,
-                    sub.group,
-                    sub.consumer,
-                    min_idle_time=sub.min_idle_ms,
-                    start_id=cursor,
-                    count=sub.batch,
+
+            def claim(c: Any, start: str = cursor) -> Awaitable[Any]:
+                return c.xautoclaim(  # type: ignore[no-any-return]
+                    self.key, sub.group, sub.consumer, sub.min_idle_ms, start, count=sub.batch
                 )
-            except Exception as exc:
-                raise _translate(exc, f"XAUTOCLAIM {sub.stream}") from exc
-            nxt = reply[0]
-            cursor = nxt.decode() if isinstance(nxt, bytes) else str(nxt)
+
+            reply = await self._call("XAUTOCLAIM", claim)
+            cursor = _text(reply[0])
             entries = _entries([[self.key, reply[1]]])
-            deleted = reply[2] if len(reply) > 2 else []
-            if deleted:
-                self.owner.count("lost", len(deleted))  # trimmed while pending (MAXLEN)
+            if len(reply) > 2 and reply[2]:
+                self.owner.count("lost", len(reply[2]))  # trimmed while pending (MAXLEN)
             if entries:
-                claimed_total += len(entries)
+                claimed += len(entries)
                 self.owner.count("reclaimed", len(entries))
-                counts = await self._deliveries(client, [e for e, _ in entries])
+                counts = await self._deliveries([e for e, _ in entries])
                 for eid, raw in entries:
                     n = counts.get(eid, sub.max_deliveries + 1)
-                    if raw is None:
-                        self.owner.count("lost")
-                        await self._ack(eid)
-                    elif n > sub.max_deliveries:
+                    if raw is not None and n > sub.max_deliveries:
                         await self._dead_letter(eid, raw, n - 1)
                     else:
-                        await self._offer_reclaimed(eid, raw, n)
+                        await self._offer(eid, raw, n)
             if cursor in ("0-0", "0"):
                 break
-        return claimed_total
+        return claimed
 
-    async def _offer_reclaimed(self, eid: str, raw: Any, deliveries: int) -> None:
-        if eid in self.inflight:
-            return  # our own slow handler still has it; it was only idle in Redis' eyes
-        self.owner.count("received")
-        await self.queue.put((eid, _fields(raw), deliveries))
-
-    async def _deliveries(self, client: Any, ids: Sequence[str]) -> dict[str, int]:
-        try:
-            rows = await client.xpending_range(
+    async def _deliveries(self, ids: list[str]) -> dict[str, int]:
+        rows = await self._call(
+            "XPENDING",
+            lambda c: c.xpending_range(
                 self.key,
                 self.sub.group,
                 min=min(ids, key=_id_key),
                 max=max(ids, key=_id_key),
                 count=len(ids) * 4 + 16,
                 consumername=self.sub.consumer,
-            )
-        except Exception as exc:
-            raise _translate(exc, f"XPENDING {self.sub.stream}") from exc
-        out: dict[str, int] = {}
-        for row in rows:
-            mid = row["message_id"]
-            out[mid.decode() if isinstance(mid, bytes) else str(mid)] = int(row["times_delivered"])
-        return out
+            ),
+        )
+        return {_text(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     async def _dead_letter(self, eid: str, raw: Any, deliveries: int) -> None:
         sub = self.sub
         fields = _fields(raw)
         fields.update(
-            {
-                "zeal_origin_stream": sub.stream.encode(),
-                "zeal_origin_id": eid.encode(),
-                "zeal_group": sub.group.encode(),
-                "zeal_deliveries": str(deliveries).encode(),
-            }
+            zeal_origin_stream=sub.stream.encode(),
+            zeal_origin_id=eid.encode(),
+            zeal_group=sub.group.encode(),
+            zeal_deliveries=str(deliveries).encode(),
         )
-        client = await self._client()
-        try:
+
+        async def move(client: Any) -> None:
             if hasattr(client, "get_node_from_key"):
                 # Cluster: the two streams may live on two shards; XADD first, so a crash in
                 # between leaves a duplicate dead letter rather than a lost one.
                 await client.xadd(self.dead_key, fields)
                 await client.xack(self.key, sub.group, eid)
-            else:
-                async with client.pipeline(transaction=True) as pipe:
-                    pipe.xadd(self.dead_key, fields)
-                    pipe.xack(self.key, sub.group, eid)
-                    await pipe.execute()
-        except Exception as exc:
-            raise _translate(exc, f"dead-letter {sub.stream}") from exc
+                return
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.dead_key, fields)
+                pipe.xack(self.key, sub.group, eid)
+                await pipe.execute()
+
+        await self._call("dead-letter", move)
         self.owner.count("dead_lettered")
         log.warning(
             "zeal_asgi streams: entry %s of %r moved to %r after %d deliveries",
@@ -306,11 +259,7 @@ class Consumer:
         )
 
     async def _ack(self, eid: str) -> None:
-        client = await self._client()
-        try:
-            await client.xack(self.key, self.sub.group, eid)
-        except Exception as exc:
-            raise _translate(exc, f"XACK {self.sub.stream}") from exc
+        await self._call("XACK", lambda c: c.xack(self.key, self.sub.group, eid))
 
     async def _work(self) -> None:
         while True:
@@ -323,13 +272,10 @@ class Consumer:
 
     async def _handle(self, eid: str, fields: dict[str, bytes], deliveries: int) -> None:
         sub = self.sub
-        data = fields.get("payload", b"")
-        payload: Any = data
+        payload: Any = fields.get("payload", b"")
         if not sub.raw:
-            try:
-                payload = data.decode("utf-8")
-            except UnicodeDecodeError:
-                payload = data
+            with contextlib.suppress(UnicodeDecodeError):
+                payload = payload.decode("utf-8")
         entry = StreamEntry(sub.stream, eid, sub.group, sub.consumer, max(deliveries, 1), fields)
         try:
             res = sub.handler(payload, entry)
@@ -338,34 +284,18 @@ class Consumer:
         except asyncio.CancelledError:
             raise
         except Exception:
-            self.owner.count("failed")
             log.exception("zeal_asgi streams: handler failed on %s of %r", eid, sub.stream)
-            return
-        if res is True:
-            for attempt in range(3):
-                try:
-                    await self._ack(eid)
-                    break
-                except ZealError as exc:
-                    # A lost XACK only means one more (idempotent) run after the reclaim.
-                    if attempt == 2:
-                        log.warning("zeal_asgi streams: XACK of %s failed: %s", eid, exc)
-                    await asyncio.sleep(0.05 * (attempt + 1))
-            else:
-                return
-            self.owner.count("acked")
-        else:
+            res = False
+        if res is not True:
             self.owner.count("failed")
-
-
-def _id_key(eid: str) -> tuple[int, int]:
-    ms, _, seq = eid.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _translate(exc: BaseException, where: str) -> BaseException:
-    if isinstance(exc, ZealError):
-        return exc
-    from zeal_asgi._redis.errors import translate
-
-    return translate(exc, where)
+            return
+        for attempt in range(3):
+            try:
+                await self._ack(eid)
+                self.owner.count("acked")
+                return
+            except ZealError as exc:
+                # A lost XACK only means one more (idempotent) run after the reclaim.
+                if attempt == 2:
+                    log.warning("zeal_asgi streams: XACK of %s failed: %s", eid, exc)
+                await asyncio.sleep(0.05 * (attempt + 1))

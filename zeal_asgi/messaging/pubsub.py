@@ -1,17 +1,21 @@
 """Pub/sub: ``zeal.subscribe`` handlers run in every worker, fed by one supervised subscriber.
 
-``await Store.publish(channel, payload)`` returns the number of receivers: one per subscribed
-worker on every node (Redis, tiered, and either behind the circuit breaker), or per subscribed
-worker of this host on the table backend, where messages go through shared memory
-(:mod:`zeal_asgi.shm.bus`) and no Redis is needed.  On Redis the count is Redis's own: a worker
-matched by both a channel and a pattern counts twice, and on a Cluster only the subscribers of
-the node that ran the PUBLISH are counted (delivery still reaches every node).
+``await Store.publish(channel, payload)`` returns the number of receivers, defined once for
+every backend: one per subscribed worker it reaches, however many of the worker's channels and
+patterns match, on every node (Redis, Cluster, tiered, and either behind the circuit breaker)
+or on this host (the table backend, where messages go through shared memory,
+:mod:`zeal_asgi.shm.bus`, and no Redis is needed).  On Redis every worker registers its topics
+for ``3 * liveness_interval + liveness_timeout`` seconds and renews them; a worker killed
+without stopping counts until its registration expires.  Subscribers that are not zeal workers
+count as Redis counts them (on a Cluster: those of one node at most).
 
 Each worker runs one :class:`PubSub` (started and stopped by ``Zeal``): one connection (or one
-ring reader) for all its subscriptions, supervised: after a loss it resubscribes with full-jitter
+ring reader) for all its subscriptions, kept by the worker's supervised
+:class:`~zeal_asgi._redis.subscriber.Subscriber`: after a loss it resubscribes with full-jitter
 exponential backoff, a read-side liveness check (PING on an idle connection) catches a server
 that stopped answering without closing the socket, and ``max_attempts`` consecutive failures stop
-it loudly (state ``failed``, logged as an error, shown by ``Store.stats()``).  Messages published
+it loudly (state ``failed``, logged as an error, shown by ``Store.stats()``; ``/health/store``
+answers 503 in that worker: it receives nothing any more).  Messages published
 while a subscriber is disconnected are lost: pub/sub is at-most-once (use Streams,
 ``zeal.subscribe_reliable``, for at-least-once).
 
@@ -28,37 +32,23 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from zeal_asgi.errors import ConfigError, UnsupportedOperationError
-from zeal_asgi.messaging.common import (
-    Topic,
-    Transport,
-    as_bytes,
-    is_pattern,
-    redis_backend_of,
-    validate_channel,
-)
+from zeal_asgi._redis.subscriber import Subscriber
+from zeal_asgi.errors import ConfigError
 from zeal_asgi.messaging.stats import RUNNERS, Counters, cancel_task, log_failure, messaging_stats
+from zeal_asgi.messaging.transports import BusTransport, RedisTransport, Topic, Transport
+from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.store.base import StoreBackendKind, backend_name
+from zeal_asgi.store.base import Capability, StoreBackendKind, unsupported
+from zeal_asgi.store.channels import is_pattern, validate_channel
 
 if TYPE_CHECKING:
     from zeal_asgi.store import Store
 
-__all__ = [
-    "Handler",
-    "PubSub",
-    "Subscription",
-    "Topic",
-    "is_pattern",
-    "messaging_stats",
-    "redis_backend_of",
-    "validate_channel",
-]
+__all__ = ["Handler", "PubSub", "Subscription", "Topic", "messaging_stats"]
 
 log = logging.getLogger("zeal_asgi.messaging.pubsub")
 
@@ -75,6 +65,14 @@ _COUNTERS = (
     "decode_errors",
     "overrun",
     "lost",
+)
+_OPTIONS = (
+    "max_attempts",
+    "backoff_base",
+    "backoff_cap",
+    "liveness_interval",
+    "liveness_timeout",
+    "ready_timeout",
 )
 
 
@@ -101,7 +99,8 @@ class PubSub:
     Args:
         store: the Store whose backend carries the messages (default: ``Store.default()``).
         max_attempts: consecutive failed (re)connections before giving up loudly; 0 = never.
-        backoff_base, backoff_cap: full-jitter backoff ``uniform(0, min(cap, base * 2**n))``.
+        backoff_base: first step of the full-jitter backoff ``uniform(0, min(cap, base * 2**n))``.
+        backoff_cap: its longest wait.
         liveness_interval: idle seconds after which the connection is PINGed.
         liveness_timeout: seconds a PING may go unanswered before the connection is dropped.
         ready_timeout: how long ``start()`` waits for the first subscription to be confirmed.
@@ -124,12 +123,12 @@ class PubSub:
         ready_timeout: float = 5.0,
     ) -> None:
         self._store = store
-        self.max_attempts = 0
-        self.backoff_base = 0.1
-        self.backoff_cap = 5.0
-        self.liveness_interval = 5.0
-        self.liveness_timeout = 2.0
-        self.ready_timeout = 5.0
+        self.max_attempts: int
+        self.backoff_base: float
+        self.backoff_cap: float
+        self.liveness_interval: float
+        self.liveness_timeout: float
+        self.ready_timeout: float
         self.configure(
             max_attempts=max_attempts,
             backoff_base=backoff_base,
@@ -141,27 +140,19 @@ class PubSub:
         self.subscriptions: list[Subscription] = []
         self._by_wire: dict[tuple[str, bool], list[Subscription]] = {}
         self.transport: Transport | None = None
-        self.state = "stopped"
-        """``stopped``, ``connecting``, ``subscribed``, ``backoff`` or ``failed``."""
-        self.error: BaseException | None = None
+        self.subscriber: Subscriber | None = None
+        """This worker's supervised subscriber, while started."""
         self.counters = Counters("pubsub", _COUNTERS)
-        self._runner: asyncio.Task[None] | None = None
         self._adding: set[asyncio.Task[None]] = set()
-        self._ready: asyncio.Event | None = None
+        self._refresher: asyncio.Task[None] | None = None
         self._reconnect_callbacks: list[Callable[[], Any]] = []
+        self._last: tuple[str, BaseException | None] = ("stopped", None)
         RUNNERS.add(self)
 
     def configure(self, **options: float) -> None:
         """Change runner options (see the class docstring) before ``start()``."""
         for name, value in options.items():
-            if name not in (
-                "max_attempts",
-                "backoff_base",
-                "backoff_cap",
-                "liveness_interval",
-                "liveness_timeout",
-                "ready_timeout",
-            ):
+            if name not in _OPTIONS:
                 raise ConfigError(f"unknown pub/sub option {name!r}")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"pub/sub option {name} must be a number >= 0, got {value!r}")
@@ -179,6 +170,21 @@ class PubSub:
 
             return Store.default()
         return self._store
+
+    @property
+    def started(self) -> bool:
+        """True between ``start()`` and ``stop()`` in this worker."""
+        return self.subscriber is not None
+
+    @property
+    def state(self) -> str:
+        """``stopped``, ``connecting``, ``subscribed``, ``backoff`` or ``failed``."""
+        return self.subscriber.state if self.subscriber is not None else self._last[0]
+
+    @property
+    def error(self) -> BaseException | None:
+        """The last connection error of this worker's subscriber."""
+        return self.subscriber.error if self.subscriber is not None else self._last[1]
 
     # -- declaring subscriptions ---------------------------------------------------------------
 
@@ -208,8 +214,7 @@ class PubSub:
         def register(fn: Handler) -> Handler:
             if not callable(fn):
                 raise ConfigError(f"a pub/sub handler must be callable, got {fn!r}")
-            sub = Subscription(Topic(channel, bool(pattern)), fn, raw, queue_size, overflow)
-            self._add(sub)
+            self._add(Subscription(Topic(channel, bool(pattern)), fn, raw, queue_size, overflow))
             return fn
 
         if handler is None:
@@ -229,15 +234,20 @@ class PubSub:
 
     def _add(self, sub: Subscription) -> asyncio.Task[None] | None:
         self.subscriptions.append(sub)
-        if self._runner is None or self.transport is None:
+        if self.subscriber is None:
             return None
-        self._index(sub)
+        key = self._index(sub)
         self._start_consumer(sub)
-        task = asyncio.get_running_loop().create_task(self.transport.add(sub.topic))
+        task = asyncio.get_running_loop().create_task(self._subscribe(sub.topic, key))
         self._adding.add(task)
         task.add_done_callback(self._adding.discard)
         task.add_done_callback(log_failure)
         return task
+
+    async def _subscribe(self, topic: Topic, key: tuple[str, bool]) -> None:
+        assert self.subscriber is not None and self.transport is not None
+        await self.subscriber.add(*key)
+        await self.transport.advertise([topic], self._ttl)
 
     async def unsubscribe(self, sub: Subscription) -> None:
         """Remove a subscription (its task is cancelled and awaited)."""
@@ -251,7 +261,9 @@ class PubSub:
                 subs.remove(sub)
             if not subs:
                 self._by_wire.pop(key, None)
-                await self.transport.remove(sub.topic)
+                if self.subscriber is not None:
+                    await self.subscriber.remove(*key)
+                    await self.transport.advertise([sub.topic], 0)
         await cancel_task(sub.task)
         sub.task = None
 
@@ -261,68 +273,60 @@ class PubSub:
 
     # -- publishing ----------------------------------------------------------------------------
 
-    async def publish(self, channel: str, payload: str | bytes) -> int:
-        """Publish to a user channel through this worker's transport (like ``Store.publish``)."""
-        validate_channel(channel)
-        return await self._transport_for_publish().publish(Topic(channel), as_bytes(payload))
-
     async def publish_system(self, name: str, payload: bytes) -> int:
         """Publish on a package-internal topic; the number of receivers."""
-        return await self._transport_for_publish().publish(Topic(name, False, True), payload)
+        return await self._transport().publish(Topic(name, False, True), payload)
 
     def system_wire(self, name: str) -> str:
         """The wire name of the package-internal topic ``name`` (what a script publishes on)."""
-        return self._transport_for_publish().wire(Topic(name, False, True))
+        return self._transport().wire(Topic(name, False, True))
 
-    def _transport_for_publish(self) -> Transport:
+    def _transport(self) -> Transport:
         if self.transport is None:
-            self.transport = self._make_transport()
+            backend = self.store.backend
+            redis = backend.redis_link()
+            if redis is not None:
+                self.transport = RedisTransport(redis)
+            elif Capability.PUBSUB in backend.capabilities:  # the table backend: one host
+                self.transport = BusTransport(self.counters.incr)
+            else:
+                raise unsupported(backend, "pub/sub", Capability.PUBSUB)
         return self.transport
 
     # -- lifecycle -----------------------------------------------------------------------------
-
-    def _make_transport(self) -> Transport:
-        backend = self.store.backend
-        redis = redis_backend_of(backend)
-        if redis is not None:
-            from zeal_asgi.messaging.redis_transport import RedisTransport
-
-            return RedisTransport(redis, self)
-        if backend.kind is StoreBackendKind.TABLE:
-            from zeal_asgi.messaging.bus_transport import BusTransport
-
-            return BusTransport(self.counters.incr)
-        raise UnsupportedOperationError(
-            f"pub/sub needs the redis or tiered backend, or the table backend (one host); "
-            f"current: {backend_name(backend)}"
-        )
 
     def prepare(self) -> None:
         """Allocate what must exist before workers fork: the host counters, and the host bus on
         the table backend (a segment first made in a worker may outlive the server)."""
         host_stats()
         if self.store.kind is StoreBackendKind.TABLE:
-            from zeal_asgi.shm.bus import host_bus
-
             host_bus()
 
     async def start(self) -> None:
         """Start the supervised subscriber in this worker (``Zeal`` calls it at startup)."""
-        if self._runner is not None:
+        if self.subscriber is not None:
             return
-        self.transport = self._make_transport()
-        self.error = None
+        self.transport = None
+        transport = self._transport()
         self._by_wire.clear()
         for sub in self.subscriptions:
             self._index(sub)
             self._start_consumer(sub)
-        self._ready = asyncio.Event()
-        self._runner = asyncio.get_running_loop().create_task(self._run(), name="zeal-pubsub")
-        if not self.subscriptions:
-            return
-        try:
-            await asyncio.wait_for(self._ready.wait(), self.ready_timeout)
-        except TimeoutError:
+        self.subscriber = Subscriber(
+            transport.feed(self.liveness_interval, self.liveness_timeout),
+            self._deliver,
+            name="pub/sub",
+            family="pubsub",
+            topics=list(self._by_wire),
+            on_synced=self._synced,
+            max_attempts=int(self.max_attempts),
+            backoff_base=self.backoff_base,
+            backoff_cap=self.backoff_cap,
+        )
+        await self.subscriber.start()
+        if isinstance(transport, RedisTransport):
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh())
+        if self.subscriptions and not await self.subscriber.wait_ready(self.ready_timeout):
             log.warning(
                 "zeal_asgi pub/sub: not subscribed after %.1f s (state %s); still trying",
                 self.ready_timeout,
@@ -331,35 +335,32 @@ class PubSub:
 
     async def wait_ready(self, within: float = 5.0) -> bool:
         """Wait until every subscription is live; False on timeout."""
-        if self._ready is None:
-            return False
-        try:
-            await asyncio.wait_for(self._ready.wait(), within)
-        except TimeoutError:
-            return False
-        return True
+        return self.subscriber is not None and await self.subscriber.wait_ready(within)
 
     async def stop(self) -> None:
         """Stop the subscriber and every handler task (cancelled and awaited)."""
-        runner, self._runner = self._runner, None
-        await cancel_task(runner)
+        await cancel_task(self._refresher)
+        subscriber, self.subscriber = self.subscriber, None
+        if subscriber is not None:
+            if subscriber.connected and self.transport is not None:
+                with contextlib.suppress(Exception):  # else the registration expires by itself
+                    await self.transport.advertise(self._topics(), 0)
+            await subscriber.stop()
+            self._last = (subscriber.state, subscriber.error)
         for task in list(self._adding):
             await cancel_task(task)
         for sub in self.subscriptions:
             await cancel_task(sub.task)
             sub.task = None
             sub.queue = None
-        transport, self.transport = self.transport, None
-        if transport is not None:
-            await transport.close()
+        self.transport = None
         self._by_wire.clear()
-        if self.state != "failed":
-            self.state = "stopped"
 
-    def _index(self, sub: Subscription) -> None:
+    def _index(self, sub: Subscription) -> tuple[str, bool]:
         assert self.transport is not None
         key = (self.transport.wire(sub.topic), sub.topic.pattern)
         self._by_wire.setdefault(key, []).append(sub)
+        return key
 
     def _start_consumer(self, sub: Subscription) -> None:
         sub.queue = asyncio.Queue(maxsize=sub.queue_size)
@@ -367,53 +368,31 @@ class PubSub:
             self._consume(sub), name=f"zeal-pubsub:{sub.topic.name}"
         )
 
-    def _backoff(self, attempt: int) -> float:
-        return random.uniform(0, min(self.backoff_cap, self.backoff_base * 2 ** min(attempt, 30)))
+    @property
+    def _ttl(self) -> float:
+        """How long this worker counts as a receiver without renewing (3 refreshes)."""
+        return 3 * self.liveness_interval + self.liveness_timeout
 
-    async def _run(self) -> None:
-        attempt = 0
-        connected_before = False
-        transport = self.transport
-        assert transport is not None and self._ready is not None
+    def _topics(self) -> set[Topic]:
+        return {s.topic for s in self.subscriptions}
+
+    async def _refresh(self) -> None:
+        """Renew this worker's receiver registration while it is subscribed."""
         while True:
-            self.state = "connecting"
-            try:
-                await transport.open([s.topic for s in self.subscriptions])
-                if connected_before:
-                    self.counters.incr("reconnects")
-                    await self._fire_reconnect()
-                connected_before = True
-                attempt = 0
-                self.state = "subscribed"
-                self._ready.set()
-                await transport.listen(self._deliver)
-                raise ConnectionError("pub/sub connection closed")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._ready.clear()
-                attempt += 1
-                self.error = exc
-                if self.max_attempts and attempt >= self.max_attempts:
-                    self.state = "failed"
-                    host_stats().incr("pubsub_failed")
-                    log.error(
-                        "zeal_asgi pub/sub: giving up after %d failed attempts (max_attempts); "
-                        "this worker receives no more messages: %s",
-                        attempt,
-                        exc,
-                    )
-                    return
-                self.state = "backoff"
-                delay = self._backoff(attempt)
-                log.warning(
-                    "zeal_asgi pub/sub: connection lost (%s); resubscribing in %.2f s", exc, delay
-                )
-                await asyncio.sleep(delay)
-            finally:
-                await transport.close()
+            await asyncio.sleep(self.liveness_interval)
+            if self.subscriber is not None and self.subscriber.connected:
+                assert self.transport is not None
+                try:
+                    await self.transport.advertise(self._topics(), self._ttl)
+                except Exception as exc:  # the next round tries again
+                    log.warning("zeal_asgi pub/sub: receiver registration failed: %s", exc)
 
-    async def _fire_reconnect(self) -> None:
+    async def _synced(self) -> None:
+        assert self.transport is not None and self.subscriber is not None
+        await self.transport.advertise(self._topics(), self._ttl)
+        if self.subscriber.subscribes < 2:
+            return  # the first subscription is not a reconnection
+        self.counters.incr("reconnects")
         for cb in self._reconnect_callbacks:
             try:
                 res = cb()

@@ -1,4 +1,4 @@
-"""Counters and task helpers shared by the pub/sub runners, and ``messaging_stats()``."""
+"""Counters and task helpers of pub/sub, Streams and WebSockets, and ``messaging_stats()``."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from zeal_asgi.store.facade import add_stats_section
 
 __all__ = ["RUNNERS", "Counters", "cancel_task", "log_failure", "messaging_stats"]
 
-log = logging.getLogger("zeal_asgi.messaging.pubsub")
+log = logging.getLogger("zeal_asgi.messaging")
 
 RUNNERS: weakref.WeakSet[Any] = weakref.WeakSet()
-"""Every PubSub of this process (for the stats of the started ones)."""
+"""Every PubSub and Streams of this process (for the state of the started ones)."""
 
 
 class Counters:
@@ -33,6 +33,7 @@ class Counters:
 
 
 async def cancel_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` and wait for it; its failure is logged, our own cancellation propagates."""
     if task is None or task.done():
         return
     task.cancel()
@@ -44,16 +45,21 @@ async def cancel_task(task: asyncio.Task[Any] | None) -> None:
         if current is not None and current.cancelling():
             raise
     except Exception:
-        log.exception("zeal_asgi pub/sub: task %r failed while stopping", task.get_name())
+        log.exception("zeal_asgi: task %r failed while stopping", task.get_name())
 
 
 def log_failure(task: asyncio.Task[Any]) -> None:
+    """Done-callback of a background task: log its exception, if any."""
     if not task.cancelled() and task.exception() is not None:
-        log.warning("zeal_asgi pub/sub: dynamic subscribe failed: %s", task.exception())
+        log.warning("zeal_asgi: background task %r failed: %s", task.get_name(), task.exception())
 
 
 def messaging_stats() -> dict[str, Any]:
-    """Pub/sub, Streams and WebSocket counters: this worker's and the host's sums."""
+    """Pub/sub, Streams and WebSocket counters: this worker's and the host's sums.
+
+    ``pubsub.state`` and ``streams.state`` are ``failed`` when a started runner of this worker
+    gave up (``max_attempts``): it receives nothing any more.
+    """
     host = host_stats().host()
     worker = host_stats().worker()
     out: dict[str, Any] = {}
@@ -63,11 +69,13 @@ def messaging_stats() -> dict[str, Any]:
             "worker": {k[len(pre) :]: v for k, v in worker.items() if k.startswith(pre)},
             "host": {k[len(pre) :]: v for k, v in host.items() if k.startswith(pre)},
         }
-    runners = [p.stats() for p in RUNNERS if getattr(p, "_runner", None) is not None]
-    out["pubsub"]["runners"] = runners
-    if runners:
-        states = {r["state"] for r in runners}
-        out["pubsub"]["state"] = "failed" if "failed" in states else runners[0]["state"]
+    runners = [r for r in RUNNERS if r.started]
+    for family in ("pubsub", "streams"):
+        mine = [r.stats() for r in runners if r.counters.family == family]
+        if mine:
+            states = {r["state"] for r in mine}
+            out[family]["state"] = "failed" if "failed" in states else mine[0]["state"]
+    out["pubsub"]["runners"] = [r.stats() for r in runners if r.counters.family == "pubsub"]
     return out
 
 

@@ -28,16 +28,16 @@ import logging
 import os
 import secrets
 import socket
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from zeal_asgi._redis.scripts import APPLY_ONCE, IDEM_CLAIM
-from zeal_asgi.errors import ConfigError, InvalidKeyError, UnsupportedOperationError
-from zeal_asgi.messaging.common import redis_backend_of, validate_channel
+from zeal_asgi.errors import ConfigError, InvalidKeyError
+from zeal_asgi.messaging.stats import RUNNERS, Counters
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.store.base import backend_name
+from zeal_asgi.store.base import Capability, unsupported
+from zeal_asgi.store.channels import validate_channel
 
 if TYPE_CHECKING:
     from zeal_asgi.messaging.consumer import Consumer
@@ -131,7 +131,17 @@ def _default_group(handler: Callable[..., Any]) -> str:
 
 
 class Streams:
-    """The per-worker reliable consumers of a :class:`~zeal_asgi.Zeal` app (a ``Zeal`` service)."""
+    """The per-worker reliable consumers of a :class:`~zeal_asgi.Zeal` app (a ``Zeal`` service).
+
+    Args:
+        store: the Store whose backend holds the streams (default: ``Store.default()``).
+        max_attempts: consecutive failures of a reader or reaper before it gives up; 0 = never.
+            One that gave up makes ``state`` (and ``Store.stats()["streams"]["state"]``)
+            ``failed``.
+        backoff_base: first step of the full-jitter backoff ``uniform(0, min(cap, base * 2**n))``.
+        backoff_cap: its longest wait.
+        liveness_timeout: seconds past ``block_ms`` a blocking read may go unanswered.
+    """
 
     def __init__(
         self,
@@ -149,9 +159,11 @@ class Streams:
         self.liveness_timeout = liveness_timeout
         self.subscriptions: list[ReliableSubscription] = []
         self._consumers: list[Consumer] = []
-        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self.counters = Counters("streams", _COUNTERS)
+        self.count = self.counters.incr
+        """Add to a counter of this worker and of the host (``streams_<name>``)."""
         self.state = "stopped"
-        _instances.add(self)
+        RUNNERS.add(self)
 
     @property
     def store(self) -> Store:
@@ -162,10 +174,10 @@ class Streams:
             return Store.default()
         return self._store
 
-    def count(self, name: str, by: int = 1) -> None:
-        """Add to a counter of this worker and of the host (``streams_<name>``)."""
-        self.counters[name] += by
-        host_stats().incr(f"streams_{name}", by)
+    @property
+    def started(self) -> bool:
+        """True between ``start()`` and ``stop()`` in this worker."""
+        return bool(self._consumers)
 
     def subscribe(
         self,
@@ -215,23 +227,16 @@ class Streams:
             return register
         return register(handler)
 
-    def _redis(self) -> Any:
-        backend = self.store.backend
-        redis = redis_backend_of(backend)
-        if redis is None:
-            raise UnsupportedOperationError(
-                f"reliable messaging needs Redis Streams (redis or tiered backend); current: "
-                f"{backend_name(backend)}"
-            )
-        return redis
-
     async def start(self) -> None:
         """Create the groups and start every consumer in this worker."""
         if self._consumers or not self.subscriptions:
             return
         from zeal_asgi.messaging.consumer import Consumer
 
-        redis = self._redis()
+        backend = self.store.backend
+        redis = backend.redis_link()
+        if redis is None:
+            raise unsupported(backend, "reliable messaging", Capability.STREAMS)
         for sub in self.subscriptions:
             if not sub.fixed_consumer:
                 sub.consumer = default_consumer()  # declared before a fork: take our own pid
@@ -249,43 +254,20 @@ class Streams:
 
     def stats(self) -> dict[str, Any]:
         """This worker's state and counters."""
-        return {"state": self.state, "subscriptions": len(self.subscriptions), **self.counters}
-
-
-_instances: weakref.WeakSet[Streams] = weakref.WeakSet()
+        return {
+            "state": self.state,
+            "subscriptions": len(self.subscriptions),
+            **self.counters.values,
+        }
 
 
 # -- idempotency helpers -------------------------------------------------------------------------
 
-_ALLOWED = frozenset(
-    {
-        "SET",
-        "INCR",
-        "INCRBY",
-        "INCRBYFLOAT",
-        "DECR",
-        "DECRBY",
-        "HSET",
-        "HINCRBY",
-        "HINCRBYFLOAT",
-        "HDEL",
-        "SADD",
-        "SREM",
-        "ZADD",
-        "ZINCRBY",
-        "ZREM",
-        "RPUSH",
-        "LPUSH",
-        "DEL",
-        "UNLINK",
-        "EXPIRE",
-        "PEXPIRE",
-        "XADD",
-        "APPEND",
-        "SETBIT",
-        "PFADD",
-    }
+_WRITES = (
+    "SET INCR INCRBY INCRBYFLOAT DECR DECRBY HSET HINCRBY HINCRBYFLOAT HDEL SADD SREM ZADD "
+    "ZINCRBY ZREM RPUSH LPUSH DEL UNLINK EXPIRE PEXPIRE XADD APPEND SETBIT PFADD"
 )
+_ALLOWED = frozenset(_WRITES.split())
 
 
 def _ttl_ms(ttl: float) -> int:

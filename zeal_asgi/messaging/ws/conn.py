@@ -22,7 +22,6 @@ __all__ = [
     "ROOM_RE",
     "Conn",
     "Message",
-    "cancel",
     "check_client_id",
     "check_room",
     "close_socket",
@@ -118,18 +117,6 @@ async def finish(fut: asyncio.Future[None] | None) -> None:
             await fut
         except Exception:
             log.exception("zeal_asgi ws: writing an owner row failed")
-
-
-async def cancel(task: asyncio.Task[Any]) -> None:
-    if task.done():
-        return
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
 
 
 async def close_socket(websocket: Any, code: int) -> None:

@@ -60,11 +60,13 @@ class Liveness:
         self._pending: set[tuple[str, ...]] = set()
 
     async def start(self) -> None:
-        """Mark this worker alive and start renewing the mark (Redis only)."""
-        if not self.registry.beats:
-            return
-        await self.registry.beat(self.worker, self.ttl)
-        self._spawn(self._heartbeat())
+        """Mark this worker alive and start renewing the mark (Redis only).
+
+        Redis down at startup does not stop the worker: the renewal loop keeps trying.
+        """
+        if self.registry.beats:
+            await self._beat()
+            self._spawn(self._heartbeat())
 
     async def stop(self) -> None:
         """Drop this worker's mark (its rows were released just before)."""
@@ -72,24 +74,36 @@ class Liveness:
             await self.registry.forget_worker(self.worker)
 
     async def _heartbeat(self) -> None:
-        interval = self.ttl / 3
+        lost = False
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.ttl / 3)
+            lost = await self._beat() is False or lost
+            if not lost:
+                continue
             try:
-                known = await self.registry.beat(self.worker, self.ttl)
-                if not known:
-                    count("reregistrations")
-                    n = await self._reregister()
-                    log.warning(
-                        "zeal_asgi ws: this worker's registration had expired or was lost "
-                        "(Redis restarted or failed over, or the worker was paused past "
-                        "worker_ttl=%s s); registered %d socket(s) again",
-                        self.ttl,
-                        n,
-                    )
-            except Exception as exc:  # the next beat retries; the loop must outlive outages
+                n = await self._reregister()
+            except Exception as exc:  # tried again after the next beat
                 count("heartbeat_errors")
-                log.warning("zeal_asgi ws: heartbeat failed: %s", exc)
+                log.warning("zeal_asgi ws: registering this worker again failed: %s", exc)
+                continue
+            lost = False
+            count("reregistrations")
+            log.warning(
+                "zeal_asgi ws: this worker's registration had expired or was lost "
+                "(Redis restarted or failed over, or the worker was paused past "
+                "worker_ttl=%s s); registered %d socket(s) again",
+                self.ttl,
+                n,
+            )
+
+    async def _beat(self) -> bool | None:
+        """Renew the mark: whether it was current, ``None`` when Redis did not answer."""
+        try:
+            return await self.registry.beat(self.worker, self.ttl)
+        except Exception as exc:  # the next beat retries; outages must not stop the worker
+            count("heartbeat_errors")
+            log.warning("zeal_asgi ws: heartbeat failed: %s", exc)
+            return None
 
     # -- reaping -------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import hashlib
 import os
 import time
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from zeal_asgi._redis.scripts import (
     WS_JOIN,
@@ -40,71 +40,14 @@ from zeal_asgi._redis.scripts import (
 )
 from zeal_asgi.errors import LockTimeoutError, ZealError
 
+if TYPE_CHECKING:
+    from zeal_asgi._redis.link import RedisLink
+
 __all__ = ["RedisRegistry", "Registry", "ShmRegistry"]
 
 SEP = "\x1f"
 _STRIPES = 64
 _LOCK_TIMEOUT = 2.0
-
-
-class Registry(Protocol):
-    """Owner rows and room rosters (see the module docstring)."""
-
-    beats: bool
-    """Whether workers must renew their liveness with :meth:`beat` (Redis) or not (pids)."""
-
-    async def set_owner(
-        self, client_id: str, conn_id: str, worker: str, *, only_if_absent: bool = False
-    ) -> bool:
-        """Record that ``worker`` holds ``client_id``'s socket ``conn_id`` (newest wins, or
-        only when the client has no row); ``True`` when written."""
-        ...
-
-    async def get_owner(self, client_id: str) -> tuple[str, str] | None:
-        """``(conn_id, worker)`` or ``None``."""
-        ...
-
-    async def release_owner(self, client_id: str, conn_id: str) -> bool:
-        """Delete the row only if it still names ``conn_id``; ``True`` when deleted."""
-        ...
-
-    async def join(
-        self, room: str, client_id: str, worker: str, *, only_if_absent: bool = False
-    ) -> bool:
-        """Add (or move, unless ``only_if_absent``) a member; ``True`` when something changed."""
-        ...
-
-    async def leave(self, room: str, client_id: str, worker: str = "") -> bool:
-        """Remove a member (only if on ``worker`` when given); ``True`` when removed."""
-        ...
-
-    async def room_servers(self, room: str) -> list[str]:
-        """Workers holding at least one member of ``room``."""
-        ...
-
-    async def publish_room(
-        self, room: str, wire_prefix: str, payload: bytes
-    ) -> list[tuple[str, int]] | None:
-        """Publish ``payload`` on ``wire_prefix + worker`` for every worker of ``room`` in one
-        step; ``(worker, receivers)`` pairs, or ``None`` when the caller must publish itself."""
-        ...
-
-    async def beat(self, worker: str, ttl: float) -> bool:
-        """Mark ``worker`` alive for ``ttl`` seconds; ``False`` if it was not marked alive
-        (its first beat, or its mark expired or was lost with the data)."""
-        ...
-
-    async def worker_alive(self, worker: str) -> bool:
-        """Whether ``worker`` is alive (its mark is current, or its process exists)."""
-        ...
-
-    async def purge(self, room: str, worker: str) -> list[str]:
-        """Remove every member ``worker`` holds in ``room`` in one step; their client ids."""
-        ...
-
-    async def forget_worker(self, worker: str) -> None:
-        """Drop ``worker``'s liveness mark (a clean shutdown)."""
-        ...
 
 
 def _b2s(v: Any) -> str:
@@ -115,8 +58,9 @@ class RedisRegistry:
     """The registry in Redis (every node sees it)."""
 
     beats = True
+    """Whether workers renew their liveness with :meth:`beat` (Redis) or not (pids)."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: RedisLink) -> None:
         self.redis = redis
 
     def _owner_key(self, client_id: str) -> str:
@@ -137,7 +81,8 @@ class RedisRegistry:
     async def set_owner(
         self, client_id: str, conn_id: str, worker: str, *, only_if_absent: bool = False
     ) -> bool:
-        """HSET the owner row (a script checking that there is none, ``only_if_absent``)."""
+        """Record that ``worker`` holds ``client_id``'s socket ``conn_id``: newest wins, or
+        only when the client has no row (``only_if_absent``, a script); ``True`` when written."""
         key = self._owner_key(client_id)
         if only_if_absent:
             return bool(await self._eval(WS_OWN_NX, [key], [conn_id, worker], "ws owner row"))
@@ -149,7 +94,7 @@ class RedisRegistry:
         return True
 
     async def get_owner(self, client_id: str) -> tuple[str, str] | None:
-        """HMGET the owner row."""
+        """``(conn_id, worker)`` of the owner row (HMGET), or ``None``."""
         key = self._owner_key(client_id)
         conn, worker = await self.redis.run(
             lambda c: c.hmget(key, ["c", "w"]), what="ws owner lookup", idempotent=True
@@ -159,24 +104,27 @@ class RedisRegistry:
         return _b2s(conn), _b2s(worker)
 
     async def release_owner(self, client_id: str, conn_id: str) -> bool:
-        """Conditional delete (Lua)."""
+        """Delete the row only if it still names ``conn_id`` (Lua); ``True`` when deleted."""
         res = await self._eval(WS_RELEASE, [self._owner_key(client_id)], [conn_id], "ws release")
         return bool(res)
 
     async def join(
         self, room: str, client_id: str, worker: str, *, only_if_absent: bool = False
     ) -> bool:
-        """Roster + per-worker count in one script."""
+        """Add (or move, unless ``only_if_absent``) a member, roster and per-worker count in
+        one script; ``True`` when something changed."""
         args = [client_id, worker, "1" if only_if_absent else "0"]
         return bool(await self._eval(WS_JOIN, self._room_keys(room), args, "ws join"))
 
     async def leave(self, room: str, client_id: str, worker: str = "") -> bool:
-        """Roster + per-worker count in one script."""
+        """Remove a member (only if on ``worker`` when given), roster and per-worker count in
+        one script; ``True`` when removed."""
         res = await self._eval(WS_LEAVE, self._room_keys(room), [client_id, worker], "ws leave")
         return bool(res)
 
     async def room_servers(self, room: str) -> list[str]:
-        """HSCAN in pages (a room's worker map is never loaded in one unbounded reply)."""
+        """Workers holding at least one member of ``room``: HSCAN in pages (a room's worker
+        map is never loaded in one unbounded reply)."""
         key = self._room_keys(room)[1]
         out: list[str] = []
         cursor = 0
@@ -193,7 +141,8 @@ class RedisRegistry:
     async def publish_room(
         self, room: str, wire_prefix: str, payload: bytes
     ) -> list[tuple[str, int]] | None:
-        """One script: the room's worker map read and a PUBLISH to each worker's channel."""
+        """Publish ``payload`` on ``wire_prefix + worker`` for every worker of ``room`` in one
+        script; ``(worker, receivers)`` pairs (``None`` from a registry whose caller publishes)."""
         flat = await self.redis.run_script(
             WS_PUBLISH_ROOM,
             [self._room_keys(room)[1].encode("utf-8")],
@@ -206,7 +155,8 @@ class RedisRegistry:
         return str(self.redis.key("ws", "alive", worker))
 
     async def beat(self, worker: str, ttl: float) -> bool:
-        """``SET alive-key PX ttl GET``: the old value tells whether the mark was current."""
+        """Mark ``worker`` alive for ``ttl`` seconds (``SET PX GET``); ``False`` if it was not
+        marked alive (its first beat, or its mark expired or was lost with the data)."""
         key, ms = self._alive_key(worker), max(1, round(ttl * 1000))
         old = await self.redis.run(
             lambda c: c.set(key, b"1", px=ms, get=True), what="ws heartbeat", idempotent=True
@@ -214,18 +164,19 @@ class RedisRegistry:
         return old is not None
 
     async def worker_alive(self, worker: str) -> bool:
-        """``EXISTS`` of the worker's mark."""
+        """Whether ``worker``'s mark is current (``EXISTS``)."""
         key = self._alive_key(worker)
         n = await self.redis.run(lambda c: c.exists(key), what="ws liveness", idempotent=True)
         return bool(n)
 
     async def purge(self, room: str, worker: str) -> list[str]:
-        """One script over the room's roster (O(members of the room), run once per death)."""
+        """Remove every member ``worker`` holds in ``room`` in one script (O(members of the
+        room), run once per death); their client ids."""
         gone = await self._eval(WS_PURGE, self._room_keys(room), [worker], "ws purge")
         return [_b2s(c) for c in gone or ()]
 
     async def forget_worker(self, worker: str) -> None:
-        """``DEL`` the worker's mark."""
+        """Drop ``worker``'s liveness mark (a clean shutdown)."""
         key = self._alive_key(worker)
         await self.redis.run(lambda c: c.delete(key), what="ws liveness", idempotent=True)
 
@@ -295,12 +246,10 @@ class ShmRegistry:
     async def set_owner(
         self, client_id: str, conn_id: str, worker: str, *, only_if_absent: bool = False
     ) -> bool:
-        """One atomic row write (under the client's stripe lock, ``only_if_absent``)."""
-        if not only_if_absent:
-            self.owner.set(client_id, {"c": conn_id, "w": worker})
-            return True
+        """One row write under the client's stripe lock (a release comparing the old row
+        cannot delete this one between its check and its delete)."""
         with self._locked("o" + client_id):
-            if self.owner.exists(client_id):
+            if only_if_absent and self.owner.exists(client_id):
                 return False
             self.owner.set(client_id, {"c": conn_id, "w": worker})
             return True
@@ -401,3 +350,7 @@ class ShmRegistry:
         for t in (self.owner, self.members, self.servers, self.locks):
             if not t.closed:
                 destroy(t)
+
+
+Registry = RedisRegistry | ShmRegistry
+"""Owner rows and room rosters: the same operations on Redis and in shared memory."""

@@ -3,16 +3,18 @@
 Each worker subscribes one channel of its own, ``{prefix}:ws:w:{server}:{pid}`` (Redis; on the
 table backend the same name on the host bus), and ``send_to_client`` publishes there only:
 routing is targeted, never a global fan-out.  The owner row of a client names the worker and
-the connection's ``conn_id`` (128 random bits); the receiving worker delivers only if its
-socket for that client still has that ``conn_id``, so a message addressed to an old connection
-never reaches a new one that reuses the id or the file descriptor.  ``release`` deletes the
+the connection's ``conn_id`` (128 random bits), and only that connection receives: a message
+is never delivered to a socket the row does not name (an older socket of the client on this
+worker, or a new one that reuses the id or the file descriptor).  ``release`` deletes the
 owner row only when its ``conn_id`` matches.  Empty or malformed ids never match.
 
 Rooms: ``join``/``leave`` keep a roster and, per room, which workers hold members
 (``room_servers``); ``broadcast`` publishes once per such worker.  Presence (join/leave events)
 travels as its own message type, never mixed with user payloads.  With ``secret`` set, every
 envelope (direct, room, presence) is HMAC-SHA256 signed with timestamp and nonce
-(:mod:`zeal_asgi.signing`); forged, stale and replayed ones are dropped and counted.
+(:mod:`zeal_asgi.signing`) and bound to the worker it is addressed to; forged, stale, replayed
+and misdirected ones (a message captured on one worker's channel and republished on another's)
+are dropped and counted.
 
 Each socket gets a bounded send queue and a sender task; a client that does not keep up loses
 its oldest queued messages (``overflow="drop_oldest"``, counted) or is closed with code 1013
@@ -36,10 +38,11 @@ import os
 import re
 import socket
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from zeal_asgi.errors import ConfigError, MessageRejectedError, UnsupportedOperationError
-from zeal_asgi.messaging.pubsub import PubSub, redis_backend_of
+from zeal_asgi.errors import ConfigError, MessageRejectedError
+from zeal_asgi.messaging.pubsub import PubSub
+from zeal_asgi.messaging.stats import cancel_task
 from zeal_asgi.messaging.ws.conn import (
     CLIENT_ID_MAX,
     CONN_RE,
@@ -47,7 +50,6 @@ from zeal_asgi.messaging.ws.conn import (
     ROOM_RE,
     Conn,
     Message,
-    cancel,
     check_client_id,
     check_room,
     close_socket,
@@ -56,15 +58,14 @@ from zeal_asgi.messaging.ws.conn import (
     finish,
 )
 from zeal_asgi.messaging.ws.liveness import Liveness
+from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
+from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.signing import Signer, parse_envelope
 from zeal_asgi.store import Store
-from zeal_asgi.store.base import StoreBackendKind, backend_name
+from zeal_asgi.store.base import Capability, StoreBackendKind, unsupported
 from zeal_asgi.store.services import ServiceHost
-
-if TYPE_CHECKING:
-    from zeal_asgi.messaging.ws.rooms import Registry
 
 __all__ = ["CLIENT_ID_MAX", "ROOM_RE", "WSRouter", "check_client_id", "check_room"]
 
@@ -86,7 +87,8 @@ class WSRouter:
     Args:
         target: a :class:`~zeal_asgi.Zeal` (the router becomes one of its services and uses its
             pub/sub) or a :class:`~zeal_asgi.Store` (call ``start()``/``stop()`` yourself).
-        secret: signs every envelope (HMAC-SHA256, timestamp, nonce); ``None`` sends them plain.
+        secret: signs every envelope (HMAC-SHA256, timestamp, nonce, destination); ``None``
+            sends them plain.
         queue_size: messages queued per socket; ``overflow``: ``drop_oldest`` or ``close``.
         worker_ttl: on Redis, seconds after which a worker that stopped renewing its liveness
             mark (every ``worker_ttl / 3``) counts as dead and its rows may be reaped.
@@ -116,81 +118,67 @@ class WSRouter:
             raise ConfigError(f"queue_size must be an int >= 1, got {queue_size!r}")
         if overflow not in ("drop_oldest", "close"):
             raise ConfigError(f"overflow must be 'drop_oldest' or 'close', got {overflow!r}")
-        if (
-            not isinstance(worker_ttl, int | float)
-            or isinstance(worker_ttl, bool)
-            or not 0.3 <= worker_ttl <= 86400
-        ):
+        if isinstance(worker_ttl, bool) or not isinstance(worker_ttl, int | float):
+            raise ConfigError(f"worker_ttl must be seconds in [0.3, 86400], got {worker_ttl!r}")
+        if not 0.3 <= worker_ttl <= 86400:
             raise ConfigError(f"worker_ttl must be seconds in [0.3, 86400], got {worker_ttl!r}")
         self.queue_size = queue_size
         self.overflow = overflow
         self.worker_ttl = float(worker_ttl)
-        self._liveness: Liveness | None = None
-        self._room_wire = ""  # the wire name of every worker's channel, minus the worker
-        if not isinstance(target, Store):
-            self.store: Store = target.store
-            self.pubsub: PubSub = target.pubsub
-            self._own_pubsub = False
-        else:
-            self.store = target
-            self.pubsub = PubSub(target)
-            self._own_pubsub = True
-        self.signer: Signer | None = (
+        self._own_pubsub = isinstance(target, Store)
+        self.store: Store = target if isinstance(target, Store) else target.store
+        self.pubsub: PubSub = PubSub(target) if isinstance(target, Store) else target.pubsub
+        self.signer = (
             Signer(
                 secret,
                 context="ws",
                 window=signing_window,
-                max_bytes=MAX_MESSAGE * 2,
+                max_bytes=2 * MAX_MESSAGE,
                 name="ws_signed",
             )
             if secret
             else None
         )
+        self._capacities = (owner_capacity, room_capacity)
         self._registry: Registry | None = None
+        self._liveness: Liveness | None = None
         self._local: dict[str, Conn] = {}
-        self._rooms: dict[str, dict[str, str]] = {}
+        self._rooms: dict[str, set[Conn]] = {}  # room -> this worker's sockets in it
         self._presence: list[Callable[..., Any]] = []
         self._sub: Any = None
         self._bg: set[asyncio.Task[Any]] = set()
-        self.server = ""
-        self.worker = ""
+        self._room_wire = ""  # the wire name of every worker's channel, minus the worker
+        self.server = self.worker = ""
         host_stats()
         if self.store.kind is StoreBackendKind.TABLE:
-            from zeal_asgi.shm.bus import host_bus
-
             host_bus()  # both allocated now, before workers start
-            self._registry = self._make_registry(owner_capacity, room_capacity)
-        self._capacities = (owner_capacity, room_capacity)
+            self.registry  # noqa: B018
         if not isinstance(target, Store):
             target.add_service(self)
-
-    def _make_registry(self, owner_capacity: int, room_capacity: int) -> Registry:
-        backend = self.store.backend
-        redis = redis_backend_of(backend)
-        if redis is not None:
-            from zeal_asgi.messaging.ws.rooms import RedisRegistry
-
-            return RedisRegistry(redis)
-        if backend.kind is StoreBackendKind.TABLE:
-            from zeal_asgi.messaging.ws.rooms import ShmRegistry
-
-            return ShmRegistry(owner_capacity=owner_capacity, room_capacity=room_capacity)
-        raise UnsupportedOperationError(
-            f"WSRouter needs the redis or tiered backend, or the table backend (one host); "
-            f"current: {backend_name(backend)}"
-        )
 
     @property
     def registry(self) -> Registry:
         """Owner rows and rooms (Redis, or shared memory on the table backend)."""
         if self._registry is None:
-            self._registry = self._make_registry(*self._capacities)
+            backend = self.store.backend
+            redis = backend.redis_link()
+            if redis is not None:
+                self._registry = RedisRegistry(redis)
+            elif Capability.PUBSUB in backend.capabilities:  # the table backend: one host
+                owners, rooms = self._capacities
+                self._registry = ShmRegistry(owner_capacity=owners, room_capacity=rooms)
+            else:
+                raise unsupported(backend, "WSRouter", Capability.PUBSUB)
         return self._registry
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Subscribe this worker's channel (``Zeal`` calls it in every worker)."""
+        """Subscribe this worker's channel (``Zeal`` calls it in every worker).
+
+        With Redis down it starts anyway: the channel is subscribed and the heartbeat written
+        as soon as Redis answers (the pub/sub state and ``ws_heartbeat_errors`` show it).
+        """
         if self._sub is not None:
             return
         host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64]
@@ -216,7 +204,7 @@ class WSRouter:
         for client_id, conn in list(self._local.items()):
             await self.release(client_id, conn.conn_id)
         for task in list(self._bg):
-            await cancel(task)
+            await cancel_task(task)
         liveness, self._liveness = self._liveness, None
         if liveness is not None:
             try:
@@ -233,10 +221,10 @@ class WSRouter:
         """A background task that ``stop()`` cancels and awaits; failures are logged."""
         task = asyncio.get_running_loop().create_task(coro)
         self._bg.add(task)
-        task.add_done_callback(self._reap)
+        task.add_done_callback(self._done)
         return task
 
-    def _reap(self, task: asyncio.Task[Any]) -> None:
+    def _done(self, task: asyncio.Task[Any]) -> None:
         self._bg.discard(task)
         if not task.cancelled() and task.exception() is not None:
             count("background_errors")
@@ -260,8 +248,8 @@ class WSRouter:
             raise ConfigError("WSRouter.own(): the router is not started in this worker")
         old = self._local.pop(client_id, None)
         if old is not None:
-            self._spawn(cancel(old.sender))
-            self._forget_rooms(client_id)
+            self._spawn(cancel_task(old.sender))
+            self._forget(old)
         conn = Conn(client_id, websocket, self.queue_size, self._send_loop)
         self._local[client_id] = conn
         conn.registered = self._spawn(self.registry.set_owner(client_id, conn.conn_id, self.worker))
@@ -283,15 +271,16 @@ class WSRouter:
         conn = self._local.get(client_id)
         if conn is not None and conn.conn_id == conn_id:
             del self._local[client_id]
+            rooms = list(conn.rooms)
+            self._forget(conn)  # no room message reaches it from here on
             await finish(conn.registered)
-            await cancel(conn.sender)
-            for room in list(conn.rooms):
+            await cancel_task(conn.sender)
+            for room in rooms:
                 try:
                     await self.registry.leave(room, client_id, self.worker)
                     await self._presence_event("leave", room, client_id)
                 except Exception:
                     log.exception("zeal_asgi ws: leaving %r for %r failed", room, client_id)
-            self._forget_rooms(client_id)
         if not isinstance(conn_id, str) or not CONN_RE.match(conn_id):
             return False
         removed = await self.registry.release_owner(client_id, conn_id)
@@ -315,17 +304,21 @@ class WSRouter:
                 await self.registry.join(room, client_id, self.worker, only_if_absent=True)
         return n
 
-    def _forget_rooms(self, client_id: str) -> None:
-        for room, members in list(self._rooms.items()):
-            members.pop(client_id, None)
+    def _forget(self, conn: Conn, rooms: Iterable[str] | None = None) -> None:
+        """Take ``conn`` out of this worker's index of ``rooms`` (default: all of its rooms)."""
+        for room in list(conn.rooms if rooms is None else rooms):
+            conn.rooms.discard(room)
+            members = self._rooms.get(room, set())
+            members.discard(conn)
             if not members:
-                del self._rooms[room]
+                self._rooms.pop(room, None)
 
     # -- sending -------------------------------------------------------------------------------
 
-    def _seal(self, fields: dict[str, Any]) -> bytes:
+    def _seal(self, fields: dict[str, Any], to: str) -> bytes:
+        """The envelope of ``fields``: signed for the worker ``to`` (or plain JSON)."""
         if self.signer is not None:
-            return self.signer.sign(fields)
+            return self.signer.sign({**fields, "to": to})
         return json.dumps(fields, separators=(",", ":"), allow_nan=False).encode()
 
     async def send_to_client(
@@ -333,27 +326,27 @@ class WSRouter:
     ) -> bool:
         """Deliver to ``client_id``'s socket wherever it is; ``True`` when handed to its worker.
 
-        With ``conn_id`` only that connection may receive it (never a newer one).  ``False``
-        when the client has no socket (or not that one).
+        Only the connection the owner row names receives it (with ``conn_id``, only if that is
+        the one).  ``False`` when the client has no socket (or not that one).
         """
         check_client_id(client_id)
         body = encode_message(message)
         conn = self._local.get(client_id)
-        if conn is not None and (conn_id is None or conn.conn_id == conn_id):
-            self._push(conn, body)
-            count("sent_local")
-            return True
+        if conn is not None:
+            await finish(conn.registered)  # our own row is in place before it is read
         owner = await self.registry.get_owner(client_id)
-        if owner is None:
+        if owner is None or (conn_id is not None and owner[0] != conn_id):
             count("owner_missing")
             return False
         target_conn, worker = owner
-        if conn_id is not None and target_conn != conn_id:
-            count("owner_missing")
-            return False
         if worker == self.worker:
-            return False  # the row names us but the socket is gone: a release is on its way
-        raw = self._seal({"t": "d", "c": client_id, "n": target_conn, **body})
+            conn = self._local.get(client_id)
+            if conn is None or conn.conn_id != target_conn:
+                return False  # the socket is gone: a release is on its way
+            self._push(conn, body)
+            count("sent_local")
+            return True
+        raw = self._seal({"t": "d", "c": client_id, "n": target_conn, **body}, worker)
         receivers = await self.pubsub.publish_system(self._channel(worker), raw)
         count("sent_remote")
         if not receivers and self._liveness is not None:
@@ -369,7 +362,7 @@ class WSRouter:
             return False
         await finish(conn.registered)
         await self.registry.join(room, client_id, self.worker)
-        self._rooms.setdefault(room, {})[client_id] = conn.conn_id
+        self._rooms.setdefault(room, set()).add(conn)
         conn.rooms.add(room)
         count("joins")
         await self._presence_event("join", room, client_id)
@@ -380,13 +373,8 @@ class WSRouter:
         check_room(room)
         check_client_id(client_id)
         conn = self._local.get(client_id)
-        members = self._rooms.get(room)
-        if members is not None:
-            members.pop(client_id, None)
-            if not members:
-                del self._rooms[room]
         if conn is not None:
-            conn.rooms.discard(room)
+            self._forget(conn, [room])
         removed = await self.registry.leave(room, client_id)
         if removed:
             count("leaves")
@@ -400,18 +388,25 @@ class WSRouter:
     async def broadcast(self, room: str, message: Message) -> int:
         """Send to every member of ``room``; the number of workers that received it."""
         check_room(room)
-        raw = self._seal({"t": "r", "r": room, **encode_message(message)})
         count("broadcasts")
-        return await self._to_room(room, raw)
+        return await self._to_room(room, {"t": "r", "r": room, **encode_message(message)})
 
-    async def _to_room(self, room: str, raw: bytes) -> int:
-        if not self._room_wire:
-            self._room_wire = self.pubsub.system_wire(self._channel(""))
-        pairs = await self.registry.publish_room(room, self._room_wire, raw)  # Redis: 1 trip
+    async def _to_room(self, room: str, fields: dict[str, Any]) -> int:
+        # Unsigned, one envelope serves every worker (Redis publishes it in one round trip);
+        # signed, each worker gets its own, bound to it.
+        raw = None if self.signer is not None else self._seal(fields, "")
+        pairs = None
+        if raw is not None:
+            if not self._room_wire:
+                self._room_wire = self.pubsub.system_wire(self._channel(""))
+            pairs = await self.registry.publish_room(room, self._room_wire, raw)
         if pairs is None:
             workers = await self.registry.room_servers(room)
             counts = await asyncio.gather(
-                *(self.pubsub.publish_system(self._channel(w), raw) for w in workers)
+                *(
+                    self.pubsub.publish_system(self._channel(w), raw or self._seal(fields, w))
+                    for w in workers
+                )
             )
             pairs = list(zip(workers, counts, strict=True))
         if self._liveness is not None:
@@ -428,14 +423,18 @@ class WSRouter:
         return handler
 
     async def _presence_event(self, event: str, room: str, client_id: str) -> None:
-        await self._to_room(room, self._seal({"t": "p", "e": event, "r": room, "c": client_id}))
+        await self._to_room(room, {"t": "p", "e": event, "r": room, "c": client_id})
 
     # -- receiving -----------------------------------------------------------------------------
+
+    def _addressed(self, doc: dict[str, Any]) -> None:
+        if doc.get("to") != self.worker:
+            raise MessageRejectedError("replay", "a message addressed to another worker")
 
     async def _on_wire(self, raw: bytes, channel: str) -> None:
         try:
             if self.signer is not None:
-                doc = self.signer.verify(raw)
+                doc = self.signer.verify(raw, self._addressed)
             else:
                 doc = parse_envelope(raw, MAX_MESSAGE * 2)
         except MessageRejectedError as exc:
@@ -451,11 +450,8 @@ class WSRouter:
                 return
             self._push(conn, doc)
         elif kind == "r":
-            members = self._rooms.get(str(doc.get("r", "")), {})
-            for client_id, conn_id in list(members.items()):
-                conn = self._local.get(client_id)
-                if conn is not None and conn.conn_id == conn_id:
-                    self._push(conn, doc)
+            for conn in list(self._rooms.get(str(doc.get("r", "")), ())):
+                self._push(conn, doc)
         elif kind == "p":
             for handler in self._presence:
                 try:
@@ -546,7 +542,7 @@ class WSRouter:
         try:
             await asyncio.wait({reader, conn.sender}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await cancel(reader)
+            await cancel_task(reader)
             await self.release(client_id, conn_id)
         if reader.done() and not reader.cancelled() and reader.exception() is not None:
             raise reader.exception()  # type: ignore[misc]

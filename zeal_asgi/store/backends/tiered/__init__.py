@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from zeal_asgi._redis.link import RedisLink
-from zeal_asgi._redis.subscriber import InvalidationSubscriber
+from zeal_asgi._redis.subscriber import Subscriber
 from zeal_asgi.errors import ConfigError, ZealError
 from zeal_asgi.signing import Signer
 from zeal_asgi.store.backends.redis import RedisBackend
@@ -151,7 +151,7 @@ class TieredBackend(StoreBackend):
         return self._sync.channel
 
     @property
-    def subscriber(self) -> InvalidationSubscriber:
+    def subscriber(self) -> Subscriber:
         """This worker's invalidation subscriber."""
         return self._sync.subscriber
 

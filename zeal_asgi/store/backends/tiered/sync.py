@@ -13,7 +13,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from zeal_asgi._redis.subscriber import InvalidationSubscriber
+from zeal_asgi._redis.subscriber import RedisFeed, Subscriber
 from zeal_asgi.errors import MessageRejectedError, ZealError
 from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.store.backends.redis import RedisBackend
@@ -46,12 +46,16 @@ class L1Sync:
         self._l2 = l2
         self._specs = specs
         self._origin: str | None = None
-        self.subscriber = InvalidationSubscriber(
-            lambda: l2.dedicated_client(socket_timeout=None),
-            self.channel,
-            self._on_message,
-            self._on_synced,
-            self._on_lost,
+        self.subscriber = Subscriber(
+            RedisFeed(l2.dedicated_client, interval=1.0, timeout=1.0),
+            lambda channel, pattern, raw: self._on_message(raw),
+            name="tiered invalidations",
+            family="tiered",
+            topics=[(self.channel, False)],
+            on_synced=self._on_synced,
+            on_lost=self._on_lost,
+            backoff_base=0.05,
+            backoff_cap=2.0,
         )
 
     @property
