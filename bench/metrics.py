@@ -316,14 +316,15 @@ def _targets(results: Sequence[Result], scrapes: Sequence[Scrape]) -> list[Targe
 
 def _scrape_table(scrapes: Sequence[Scrape]) -> str:
     lines = [
-        "| Candidate | Worker restarts | scrape ms | CPU ms | files | bytes held |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| Candidate | Mode / idiom | scrape ms | CPU ms | files | bytes held |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for s in scrapes:
         files = DASH if s.files is None else f"{s.files:,}"
         cpu = statistics.median(s.cpu_ms)
+        mode = f"after {s.restarts} worker restarts"
         lines.append(
-            f"| {s.candidate} | {s.restarts} | {s.median:.1f} | {cpu:.1f} | {files} | {s.bytes:,} |"
+            f"| {s.candidate} | {mode} | {s.median:.1f} | {cpu:.1f} | {files} | {s.bytes:,} |"
         )
     return "\n".join(lines)
 
@@ -345,7 +346,7 @@ def _body(
         "gauge": "Gauge.inc() (one process)",
     }
     sections = [
-        "Reproduce: `python -m bench metrics` (~1 min; `--quick`: seconds); needs "
+        "Reproduce: `python -m bench metrics` (~3 min; `--quick`: seconds); needs "
         "`prometheus-client` (the `bench` extra). Updates: median of "
         f"{cfg.reps} reps of ~{cfg.rep_seconds:g} s after a warm-up, the same call in a loop; "
         "the ratio column is zeal's ops/s divided by the row's. prometheus_client's "

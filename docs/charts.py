@@ -51,6 +51,11 @@ CHARTS = [
     Chart("pubsub", "pubsub", "### Publish → handler", "msg/s handled",
           "Publish → handler in another process: messages per second (higher is better)",
           log=False),
+    Chart("metrics-inc", "metrics", "### Counter.inc()", "ns/op",
+          "Counter.inc() on a cached child: ns per call, log scale (lower is better)", log=True),
+    Chart("metrics-scrape", "metrics", "### Scrape of", "scrape ms",
+          "Scrape of 10,000 series, 2 workers, as workers restart: ms, log scale (lower is better)",
+          log=True),
     Chart("response-cache", "response_cache", "## Response cache", "req/s median",
           "Cached route hits, 2 workers, wrk: requests per second (higher is better)", log=False),
 ]  # fmt: skip
