@@ -17,7 +17,9 @@ SUITES: dict[str, str] = {
     "store": "bench.store",
     "cache": "bench.cache",
     "pubsub": "bench.pubsub",
+    "ratelimit": "bench.ratelimit",
     "response_cache": "bench.response_cache",
+    "locks": "bench.locks",
     "metrics": "bench.metrics",
 }
 """Suite name -> module, in the order ``python -m bench`` runs them."""

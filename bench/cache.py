@@ -253,7 +253,7 @@ def _components(stack: contextlib.ExitStack[Any], env: Env) -> list[Row]:
     ``hit`` and ``big`` add up to the whole hit (the rest is the coroutine and glue); ``cold``
     lists what the first hit of a value in a worker costs instead (before its bytes are known).
     """
-    from zeal_asgi.cache.entry import HEAD
+    from zeal_asgi.cache.tiers import HEAD
     from zeal_asgi.shm.hoststats import host_stats
 
     cache = _zeal_cache(stack, env, f"zc{os.getpid()}")
@@ -270,7 +270,7 @@ def _components(stack: contextlib.ExitStack[Any], env: Env) -> list[Row]:
     small = cache.serializer.dumps(SMALL)
     big = cache.serializer.dumps(BIG)
     stats = host_stats()
-    metric = f"{cache.namespace}.bench"
+    metric = f"cache_{cache.namespace}.bench"
 
     def sync(fn: Callable[..., object], *args: Any) -> Loop:
         def loop(n: int) -> None:
@@ -289,13 +289,13 @@ def _components(stack: contextlib.ExitStack[Any], env: Env) -> list[Row]:
     big_payload = entry.payload
 
     def first_read_big() -> object:
-        files._forget(files.name(big_key))  # as if this worker had never verified it
+        files._verified.pop(files.name(big_key), None)  # as if this worker never verified it
         return files.read(big_key, time.time())
 
     loop = env.runner.loop_of
     steps: list[tuple[str, str, Loop]] = [
         ("hit", "the whole hit: await cache.get(k)", loop(acall1(cache.get, KEY))),
-        ("hit", "binding check (same store and backend)", sync(cache._bind)),
+        ("hit", "binding check (same store and backend)", sync(cache._tiers.bind)),
         (
             "hit",
             "row read: table.get(k, 'v') (copies the row's 8 KiB column)",

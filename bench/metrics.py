@@ -90,6 +90,7 @@ def _prometheus_updates(
         saved = values.ValueClass
         values.ValueClass = values.MultiProcessValue()
         stack.callback(setattr, values, "ValueClass", saved)
+        stack.callback(values.close_all_multiprocess_files)  # its mmap'd files, before tmp goes
         stack.callback(os.environ.pop, "PROMETHEUS_MULTIPROC_DIR", None)
     reg = pc.CollectorRegistry()
     c = pc.Counter("requests_total", "x", ("method", "route", "status"), registry=reg)

@@ -652,7 +652,7 @@ def _breakdown(stack: contextlib.ExitStack[Any], env: Env) -> list[Spec]:
         ("redis-py, default pool: `await r.hgetall(k)`", acall1(raw.hgetall, key)),
         ("redis-py, BlockingConnectionPool", acall1(blocking.hgetall, key)),
         ("the backend's pooled client (pipelines; not on this path)", acall1(pooled.hgetall, key)),
-        ("RedisConnector.call: slot, own connection, time limit, counters", call_hgetall),
+        ("RedisConnector.call: slot, pipelined connection, time limit, counters", call_hgetall),
         ("+ RedisRows.get: key check, row decode", acall2(backend.get, spec, KEY)),
         ("+ Store instance: `await store.get(t, k)`", acall2(store.get, table, KEY)),
         ("+ class-level facade: `await Store.get(t, k)`", facade),
@@ -880,7 +880,9 @@ def _breakdown_table(m: Measured) -> str:
     return "\n".join(lines)
 
 
-def _body(m: Measured, targets: Sequence[Target], cfg: Config, loop: str) -> str:
+def _body(
+    m: Measured, targets: Sequence[Target], cfg: Config, loop: str, extra: Sequence[str]
+) -> str:
     zeal = {
         (fam, op): _ops(_find(m.results, cid, op)) for fam, cid in _ZEAL_OF.items() for op in GSI
     }
@@ -919,7 +921,11 @@ def _body(m: Measured, targets: Sequence[Target], cfg: Config, loop: str) -> str
         "`set`/`incr` write to Redis, then publish an invalidation (two round trips).",
     ]
     for op in GSI:
-        rows = [r for r in m.results if r.op == op and m.family[id(r)] != "breakdown"]
+        rows = [
+            r
+            for r in m.results
+            if r.op == op and m.family[id(r)] not in ("breakdown", "pipeline", "facade")
+        ]
         table = row_table(rows, ref, f"zeal (same backend) {TIMES}", cpu)
         sections.append(f"### {op}\n\n{table}")
     sections.append(
@@ -930,6 +936,7 @@ def _body(m: Measured, targets: Sequence[Target], cfg: Config, loop: str) -> str
         "\u00b110-15 \u00b5s, so a single layer's *added* column is indicative; the sum over "
         "the layers (raw client to facade) is the robust figure:\n\n" + _breakdown_table(m)
     )
+    sections += extra
     sections.append("### Targets\n\n" + target_table(targets))
     return "\n\n".join(sections)
 
@@ -963,11 +970,16 @@ def run(cfg: Config) -> SuiteReport:
     watch = CpuWatch.start()
     measured = Measured()
     runner = AsyncRunner()
+    from .pipeline import facade_section, pipeline_section
+
+    extra: list[tuple[str, list[Target]]] = []
     try:
         with _servers() as (redis_port, mc_port):
             env = Env(runner, redis_port, mc_port)
             for group in GROUPS:
                 _run_group(group, cfg, env, measured)
+            extra.append(facade_section(cfg, env, measured))
+            extra.append(pipeline_section(cfg, env, measured))
     finally:
         runner.close()
     machine["background"] = watch.stop()
@@ -976,7 +988,7 @@ def run(cfg: Config) -> SuiteReport:
     if during:
         machine["background"]["during_rows"] = statistics.median(during)
         machine["background"]["during_rows_max"] = max(during)
-    targets = _targets(measured.results)
+    targets = _targets(measured.results) + [t for _, ts in extra for t in ts]
     cpu = {
         f"{r.candidate_id} {r.op}": measured.cpu[id(r)]
         for r in measured.results
@@ -989,6 +1001,6 @@ def run(cfg: Config) -> SuiteReport:
         machine=machine,
         config=cfg,
         results=measured.results,
-        body=_body(measured, targets, cfg, runner.kind),
+        body=_body(measured, targets, cfg, runner.kind, [text for text, _ in extra]),
         extra={"targets": [dataclasses.asdict(t) for t in targets], "client_cpu_ns": cpu},
     )

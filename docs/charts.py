@@ -58,6 +58,14 @@ CHARTS = [
           log=True),
     Chart("response-cache", "response_cache", "## Response cache", "req/s median",
           "Cached route hits, 2 workers, wrk: requests per second (higher is better)", log=False),
+    Chart("ratelimit", "ratelimit", "## Rate limiting", "req/s median",
+          "Rate-limited route, 2 workers, wrk: requests per second (higher is better)",
+          log=False),
+    Chart("locks-host", "locks", "### Host lock, uncontended", "ns/op",
+          "Taking and giving back a host-wide lock: ns per round, log scale (lower is better)",
+          log=True),
+    Chart("locks-cluster", "locks", "### Cluster lock round trips", "ns/op",
+          "Taking and giving back a lock on Redis: ns per round (lower is better)", log=False),
 ]  # fmt: skip
 
 

@@ -1,11 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: autotestdict=False, embedsignature=False, initializedcheck=False, auto_pickle=False
-"""Shared-memory Table and Atomic: the data structures, in C types, with no policy.
+"""The compiled core: the table and the atomic on a mapping of a file descriptor it is given.
 
-Segment naming, creation, permissions and cleanup live in ``zeal_asgi.shm.segments``; this module
-only maps a file descriptor it is given and runs the table on it (see ``zt_core.h`` for the
-layout and the locking rules).  Python objects are converted before any lock is taken and built
-after every lock is released.
+It owns data and locks only.  Which segment to use, how it is named, created, attached and
+removed is decided in Python (``zeal_asgi.shm.segments``), which hands over an open descriptor
+with the geometry; the public ``zeal_asgi.Table`` and ``zeal_asgi.Atomic`` are thin subclasses
+that do so in their constructors.  See ``zt_core.h`` for the layout and the locking rules.
+Python objects are converted before any lock is taken and built after every lock is released.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_Check, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -18,10 +19,12 @@ from cpython.unicode cimport PyUnicode_Check, PyUnicode_DecodeUTF8
 from libc.math cimport isfinite
 from libc.stdint cimport INT64_MAX, INT64_MIN, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
 from posix.unistd cimport close as c_close
 
+import logging
 import os
+import re
+import signal
 
 from zeal_asgi import errors as _errors
 
@@ -33,60 +36,39 @@ cdef extern from "sys/mman.h":
 
 cdef extern from "errno.h":
     int errno
-cdef inline int _errno() noexcept:
-    return errno
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object o, Py_ssize_t *size) except NULL
     long long PyLong_AsLongLongAndOverflow(object o, int *overflow) except? -1
     bint PyBool_Check(object o)
-    bint PyByteArray_Check(object o)
 
 cdef extern from "zt_core.h" nogil:
-    int ZT_OK, ZT_ETIMEDOUT, ZT_EFULL, ZT_EOVERFLOW, ZT_ELOCK, ZT_ENONFINITE, ZT_EBUSYREAD
-    int ZT_INT, ZT_FLOAT, ZT_STRING, ZT_BYTES
-    int ZT_MAX_COLUMNS
-    uint64_t ZT_MAGIC_TABLE
-    unsigned ZT_SCHEMA_MAX
+    int ZT_OK, ZT_ETIMEDOUT, ZT_EFULL, ZT_EOVERFLOW, ZT_ENONFINITE, ZT_EBUSYREAD
+    int ZT_INT, ZT_FLOAT, ZT_STRING, ZT_BYTES, ZT_MAX_COLUMNS, ZT_FAULTS
+
+    ctypedef struct zt_ident:
+        uint64_t nonce[2]
+
+    ctypedef struct zt_geometry:
+        uint32_t capacity, row_size, key_limit, key_off, n_stripes, exp_off
+        int64_t ttl_ns
+        uint64_t index_slots, off_global, off_stripes, off_index, off_rows, total_size
 
     ctypedef struct zt_header:
-        uint64_t magic
-        uint64_t total_size
-        uint64_t nonce[2]
-        uint32_t capacity
-        uint32_t row_size
-        uint32_t key_limit
-        uint32_t n_stripes
-        uint32_t schema_len
-        uint64_t index_slots
-        uint64_t created_ns
+        zt_ident id
+        int64_t row_count, dead_rows, lock_recoveries, rows_lost, lock_timeouts
+        int64_t read_fallbacks, inserts, deletes
         char schema[1]
-        int64_t row_count
-        uint32_t next_unused
-        int64_t dead_rows
-        int64_t lock_recoveries
-        int64_t rows_lost
-        int64_t lock_timeouts
-        int64_t read_fallbacks
-        int64_t inserts
-        int64_t deletes
+        uint32_t schema_len
 
     ctypedef struct zt_table:
-        char *base
-        size_t size
         zt_header *hdr
-        uint32_t row_size
-        uint32_t capacity
-        uint32_t key_limit
-        uint32_t key_off
-        int64_t lock_timeout_ns
-        int64_t local_recoveries
+        zt_geometry g
+        int64_t lock_timeout_ns, local_recoveries
 
     ctypedef struct zt_col:
-        uint8_t type
-        uint8_t width
-        uint32_t offset
-        uint32_t size
+        uint8_t type, width
+        uint32_t offset, size
 
     ctypedef struct zt_delta:
         int col
@@ -95,29 +77,23 @@ cdef extern from "zt_core.h" nogil:
         const char *s
         uint32_t slen
 
-    ctypedef struct zt_geometry:
-        uint32_t capacity, row_size, key_limit, key_off, n_stripes
-        uint64_t index_slots, off_global, off_stripes, off_index, off_rows, total_size
-
     ctypedef struct zt_atomic_seg:
+        zt_ident id
         int64_t value
-        uint64_t nonce[2]
 
-    int zt_init(zt_table *t, char *base, const zt_geometry *g, const uint64_t *nonce,
-                const uint64_t *hkey, const char *schema, uint32_t schema_len)
-    int zt_check(const char *base, size_t size, uint64_t magic)
-    void zt_bind(zt_table *t, char *base, size_t size)
+    int zt_init(zt_table *t, char *base, const zt_geometry *g, const char *schema, uint32_t n)
+    int zt_check(const char *base, size_t size)
+    void zt_bind(zt_table *t, char *base)
     int zt_get(zt_table *t, const char *key, uint16_t klen, char *copy)
     int zt_set(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
                const zt_delta *d, int nd)
-    int zt_incr_int(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, int ci,
-                    int64_t by, int64_t *out)
-    int zt_incr_float(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, int ci,
-                      double by, int allow_nonfinite, double *out)
+    int zt_incr(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
+                const zt_delta *d, int is_int, int allow_nonfinite, int64_t *out_i, double *out_f)
     int zt_cas(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
                const zt_delta *expected, const zt_delta *desired, int *swapped)
-    int zt_delete(zt_table *t, const char *key, uint16_t klen)
+    int zt_remove(zt_table *t, const char *key, uint16_t klen, int only_expired)
     int zt_clear(zt_table *t)
+    int64_t zt_count(zt_table *t)
     int zt_read_at(zt_table *t, uint32_t r, char *copy)
     int zt_read_at_locked(zt_table *t, uint32_t r, char *copy)
     int64_t zt_get_int(const char *row, const zt_col *c)
@@ -127,17 +103,14 @@ cdef extern from "zt_core.h" nogil:
     uint16_t zt_keylen(const char *row)
     int zt_robust_supported()
     void zt_abi_tag(char *out)
+    void zt_arm_crashpoint(int id, long nth, int sig)
 
-    void zt_atomic_init(zt_atomic_seg *a, size_t size, const uint64_t *nonce, int64_t v)
+    int zt_atomic_init(zt_atomic_seg *a, size_t size, int64_t v)
     int zt_atomic_check(const zt_atomic_seg *a, size_t size)
     int64_t zt_a_load(int64_t *p)
     void zt_a_store(int64_t *p, int64_t v)
     int zt_a_add(int64_t *p, int64_t d, int64_t *out)
     int zt_a_cas(int64_t *p, int64_t expect, int64_t desired)
-
-    int zt_crash_id
-    long zt_crash_countdown
-    int zt_crash_sig
 
 cdef extern from *:
     """
@@ -173,6 +146,13 @@ INT_MIN[4] = -2147483648; INT_MAX[4] = 2147483647
 INT_MIN[8] = INT64_MIN; INT_MAX[8] = INT64_MAX
 
 _TYPE_NAME = {1: "INT", 2: "FLOAT", 3: "STRING", 4: "BYTES"}
+_log = logging.getLogger("zeal_asgi.shm")
+
+ATOMIC_SIZE = 4096
+"""Bytes of an atomic's segment (one page)."""
+
+FAULT_INJECTION = bool(ZT_FAULTS)
+"""True only in a test build (compiled with -DZT_FAULT_INJECTION): crash points exist."""
 
 
 def robust_mutexes_supported():
@@ -188,11 +168,21 @@ def abi_tag():
 
 
 def _set_crashpoint(int point, long nth, int sig):
-    """Arm a deterministic crash point (fault tests only): raise `sig` on the nth hit."""
-    global zt_crash_id, zt_crash_countdown, zt_crash_sig
-    zt_crash_countdown = nth
-    zt_crash_sig = sig
-    zt_crash_id = point
+    """Arm a deterministic crash point (test builds only): raise `sig` on the nth hit."""
+    if not ZT_FAULTS:
+        raise RuntimeError("this build has no crash points (build with CFLAGS=-DZT_FAULT_INJECTION)")
+    zt_arm_crashpoint(point, nth, sig)
+
+
+if ZT_FAULTS and os.environ.get("ZEAL_CRASH_AT"):
+    # ZEAL_CRASH_AT=<point>:<nth>[:stop]: raise SIGKILL (or SIGSTOP) at the nth time the C code
+    # passes crash point <point> (the points are listed in zt_core.h)
+    _spec = re.fullmatch(r"(\d+)(?::(\d+))?(:stop)?", os.environ["ZEAL_CRASH_AT"])
+    if _spec is None:
+        raise _errors.ConfigError(
+            f"ZEAL_CRASH_AT must be <point>[:<nth>][:stop], got {os.environ['ZEAL_CRASH_AT']!r}")
+    zt_arm_crashpoint(int(_spec[1]), int(_spec[2] or 1),
+                      signal.SIGSTOP if _spec[3] else signal.SIGKILL)
 
 
 cdef inline void _raise_rc(int rc, str what) except *:
@@ -205,60 +195,46 @@ cdef inline void _raise_rc(int rc, str what) except *:
     raise ShmError(f"{what}: lock error (code {rc})")
 
 
+cdef inline void _raise_unusable(int rc, str what) except *:
+    reason = {2: "made by an incompatible build (ABI or layout differs)",
+              3: "its header checksum is wrong (corrupt or foreign)",
+              4: "its size does not match its header"}[rc]
+    raise ShmAbiMismatchError(f"shared-memory {what} is unusable: {reason}")
+
+
 cdef class _Mapping:
-    """An mmap of a segment fd, owned by one Table or Atomic."""
+    """An mmap of a segment fd, owned by one Table or Atomic (which then owns the fd too)."""
     cdef char *base
     cdef size_t size
     cdef int fd
 
     def __cinit__(self):
         self.base = NULL
-        self.size = 0
         self.fd = -1
 
-    cdef int map(self, int fd, size_t size) except -1:
+    cdef char *map(self, int fd, size_t size) except NULL:
         cdef void *p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
         if p == MAP_FAILED:
-            raise OSError(os.strerror(_errno()), "mmap")
+            raise OSError(errno, os.strerror(errno), "mmap")
         self.base = <char *>p
         self.size = size
         self.fd = fd
-        return 0
+        return self.base
 
-    cdef void unmap(self):
+    cdef void unmap(self, bint close_fd):
         if self.base != NULL:
             munmap(self.base, self.size)
             self.base = NULL
-        if self.fd >= 0:
+        if close_fd and self.fd >= 0:
             c_close(self.fd)
-            self.fd = -1
-
-    cdef void detach(self):
-        """Unmap but leave the fd to the caller (a failed attach: the caller still owns it)."""
-        if self.base != NULL:
-            munmap(self.base, self.size)
-            self.base = NULL
         self.fd = -1
 
     def __dealloc__(self):
-        self.unmap()
+        self.unmap(True)
 
 
 cdef class Table:
-    """A fixed-schema hash table in shared memory, shared by every worker of one server.
-
-    Build tables with ``Store.make(name, max_rows, columns)`` (or ``Table(max_rows, columns,
-    name=...)``) before workers start.  Every method is synchronous and takes nanoseconds to
-    microseconds; one ``set`` is atomic (readers see the old or the new row), ``incr``/``decr``/
-    ``compare_and_set`` are atomic across processes, and no input is ever truncated or wrapped.
-
-    Example::
-
-        t = Store.make("users", 1024, {"name": (Store.TYPE_STRING, 32), "score": (Store.TYPE_INT, 4)})
-        t.set("u1", {"name": "alice", "score": 100})
-        t.incr("u1", "score")          # 101
-        t.get("u1")                    # {'name': 'alice', 'score': 101}
-    """
+    """The compiled table; ``zeal_asgi.Table`` is the public subclass that opens its segment."""
 
     cdef zt_table t
     cdef _Mapping _map
@@ -266,121 +242,71 @@ cdef class Table:
     cdef int ncols
     cdef dict _colidx
     cdef tuple _names
-    cdef tuple _types
     cdef bint _allow_nan
     cdef bint _binary_keys
-    cdef bint _has_strings
     cdef int64_t _seen_recoveries
     cdef readonly object name
-    cdef readonly object path
-    cdef readonly object schema
-    cdef readonly bint created
     cdef object __weakref__
-    cdef public object _owner
 
     def __cinit__(self, *args, **kwargs):
         self._map = _Mapping()
-        self.ncols = 0
         self._colidx = {}
         self._names = ()
-        self._types = ()
-        self.t.base = NULL
+        self.t.hdr = NULL
         self.t.lock_timeout_ns = 1000000000
-        self.name = None
-        self.path = None
-        self.schema = None
-        self.created = False
-        self._owner = None
 
-    def __init__(self, max_rows, columns, *, name=None, key_size=64, lock_timeout=1.0,
-                 allow_nan=False, binary_keys=False):
-        from zeal_asgi.shm import segments as _segments
-        _segments.open_table(self, name, max_rows, columns, key_size=key_size,
-                             lock_timeout=lock_timeout, allow_nan=allow_nan,
-                             binary_keys=binary_keys)
+    # -- set-up, driven by zeal_asgi.shm.segments ----------------------------------------------
 
-    # -- set-up, driven by zeal_asgi.shm.segments ------------------------------------------------
-
-    def _map_new(self, int fd, tuple geometry, bytes schema_blob, bytes nonce, bytes hkey):
+    def _init(self, int fd, geometry, bytes schema_blob):
+        """Map ``fd`` (sized and reserved by the caller) and initialise a new table in it."""
         cdef zt_geometry g
-        cdef uint64_t n[2]
-        cdef uint64_t k[2]
-        (g.capacity, g.row_size, g.key_limit, g.key_off, g.n_stripes, g.index_slots,
-         g.off_global, g.off_stripes, g.off_index, g.off_rows, g.total_size) = geometry
-        if len(nonce) != 16 or len(hkey) != 16:
-            raise ValueError("nonce and hash key are 16 bytes")
-        memcpy(n, PyBytes_AS_STRING(nonce), 16)
-        memcpy(k, PyBytes_AS_STRING(hkey), 16)
-        self._map.map(fd, g.total_size)
-        cdef int rc = zt_init(&self.t, self._map.base, &g, n, k, PyBytes_AS_STRING(schema_blob),
+        (g.capacity, g.row_size, g.key_limit, g.key_off, g.n_stripes, g.exp_off, g.ttl_ns,
+         g.index_slots, g.off_global, g.off_stripes, g.off_index, g.off_rows, g.total_size) = geometry
+        cdef char *base = self._map.map(fd, g.total_size)
+        cdef int rc = zt_init(&self.t, base, &g, PyBytes_AS_STRING(schema_blob),
                               <uint32_t>PyBytes_GET_SIZE(schema_blob))
         if rc != 0:
-            self._map.detach()
-            raise OSError(rc, "initialising the table's mutexes: " + os.strerror(rc))
-        self.created = True
+            self._unmap()
+            raise OSError(rc, "initialising the table: " + os.strerror(rc))
 
-    def _map_existing(self, int fd, size_t size):
-        """Map and validate a segment made by another process.
-
-        Returns 0 when valid, 1 when its creator has not finished (or died) initialising it;
-        raises ShmAbiMismatchError when it was made by an incompatible build.
-        """
-        self._map.map(fd, size)
-        cdef int rc = zt_check(self._map.base, size, ZT_MAGIC_TABLE)
-        if rc == 1:
-            self._map.detach()
-            return 1
+    def _attach(self, int fd, size_t size):
+        """Map and validate a table made by another process: its stored schema blob, or
+        ``None`` (unmapped again) when its creator has not finished initialising it."""
+        cdef int rc = zt_check(self._map.map(fd, size), size)
         if rc != 0:
-            self._map.detach()
-            reason = {2: "made by an incompatible build (ABI or layout differs)",
-                      3: "its header checksum is wrong (corrupt or foreign)",
-                      4: "its size does not match its header"}[rc]
-            raise ShmAbiMismatchError(f"shared-memory segment is unusable: {reason}")
-        zt_bind(&self.t, self._map.base, size)
-        return 0
+            self._unmap()
+            if rc == 1:
+                return None
+            _raise_unusable(rc, "segment")
+        zt_bind(&self.t, self._map.base)
+        return PyBytes_FromStringAndSize(self.t.hdr.schema, self.t.hdr.schema_len)
+
+    def _unmap(self):
+        """Unmap a segment this table will not use; the caller keeps the fd."""
+        self._map.unmap(False)
+        self.t.hdr = NULL
 
     def _fileno(self):
         """The segment's file descriptor (kept open: its flock marks this process as a user)."""
         return self._map.fd
 
-    def _detach(self):
-        """Unmap a segment we attached to but will not use; the caller keeps the fd."""
-        self._map.detach()
-        self.t.base = NULL
-
-    def _stored_schema(self):
-        cdef zt_header *h = <zt_header *>self._map.base
-        return PyBytes_FromStringAndSize(h.schema, h.schema_len)
-
-    def _finish(self, schema, name, path, double lock_timeout):
+    def _bind(self, schema, name, double lock_timeout):
         """Bind the process-local column descriptors (after the schema was checked)."""
-        cdef int i = 0
-        self.schema = schema
+        if len(schema.columns) > ZT_MAX_COLUMNS:
+            raise _errors.SchemaError(f"a table has at most {ZT_MAX_COLUMNS} columns")
         self.name = name
-        self.path = path
         self.lock_timeout = lock_timeout
-        names = []
-        types = []
         self._colidx = {}
-        self._has_strings = False
-        for c in schema.columns:
+        for i, c in enumerate(schema.columns):
             self.cols[i].type = int(c.type)
             self.cols[i].width = c.width
             self.cols[i].offset = c.offset
             self.cols[i].size = c.size
-            if c.type in (ZT_STRING, ZT_BYTES):
-                self._has_strings = True
-            key = c.name
-            self._colidx[key] = i
-            names.append(key)
-            types.append(int(c.type))
-            i += 1
-        self.ncols = i
-        self._names = tuple(names)
-        self._types = tuple(types)
+            self._colidx[c.name] = i
+        self.ncols = len(schema.columns)
+        self._names = tuple(c.name for c in schema.columns)
         self._allow_nan = schema.allow_nan
         self._binary_keys = schema.binary_keys
-        self._seen_recoveries = 0
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -388,20 +314,19 @@ cdef class Table:
     def capacity(self):
         """Rows that fit: exactly the ``max_rows`` the table was made with."""
         self._check_open()
-        return self.t.capacity
+        return self.t.g.capacity
 
     @property
     def memory_bytes(self):
         """Bytes of shared memory reserved for the table (header, locks, index and rows)."""
         self._check_open()
-        return self.t.size
+        return self.t.g.total_size
 
     @property
     def nonce(self):
         """Random identity of the segment: equal in every process that shares the table."""
         self._check_open()
-        cdef zt_header *h = self.t.hdr
-        return PyBytes_FromStringAndSize(<char *>h.nonce, 16).hex()
+        return PyBytes_FromStringAndSize(<char *>self.t.hdr.id.nonce, 16).hex()
 
     @property
     def columns(self):
@@ -411,7 +336,7 @@ cdef class Table:
     @property
     def closed(self):
         """True once ``close()`` unmapped the table in this process."""
-        return self._map.base == NULL
+        return self.t.hdr == NULL
 
     @property
     def lock_timeout(self):
@@ -426,25 +351,25 @@ cdef class Table:
 
     def __len__(self):
         self._check_open()
-        return zt_load64(&self.t.hdr.row_count)
+        return zt_count(&self.t)
 
     def count(self):
         """Number of rows (O(1), shared by every process)."""
         self._check_open()
-        return zt_load64(&self.t.hdr.row_count)
+        return zt_count(&self.t)
 
     def stats(self):
         """Counters of the shared table (rows, capacity, memory, lock recoveries, ...)."""
         self._check_open()
         cdef zt_header *h = self.t.hdr
         return {
-            "rows": zt_load64(&h.row_count),
-            "capacity": self.t.capacity,
-            "memory_bytes": self.t.size,
-            "row_size": self.t.row_size,
-            "key_limit": self.t.key_limit,
-            "index_slots": h.index_slots,
-            "stripes": h.n_stripes,
+            "rows": zt_count(&self.t),
+            "capacity": self.t.g.capacity,
+            "memory_bytes": self.t.g.total_size,
+            "row_size": self.t.g.row_size,
+            "key_limit": self.t.g.key_limit,
+            "index_slots": self.t.g.index_slots,
+            "stripes": self.t.g.n_stripes,
             "lock_recoveries": zt_load64(&h.lock_recoveries),
             "rows_lost": zt_load64(&h.rows_lost),
             "dead_rows": zt_load64(&h.dead_rows),
@@ -456,14 +381,13 @@ cdef class Table:
 
     def close(self):
         """Unmap the table in this process (other processes keep it).  Idempotent."""
-        self._map.unmap()
-        self.t.base = NULL
+        self._map.unmap(True)
+        self.t.hdr = NULL
 
     def __repr__(self):
-        if self._map.base == NULL:
+        if self.t.hdr == NULL:
             return f"<Table {self.name!r} closed>"
-        return (f"<Table {self.name!r} rows={zt_load64(&self.t.hdr.row_count)} "
-                f"capacity={self.t.capacity}>")
+        return f"<Table {self.name!r} rows={zt_count(&self.t)} capacity={self.t.g.capacity}>"
 
     def __reduce__(self):
         raise TypeError(
@@ -473,12 +397,12 @@ cdef class Table:
     # -- internals ----------------------------------------------------------------------------
 
     cdef inline int _check_open(self) except -1:
-        if self._map.base == NULL:
+        if self.t.hdr == NULL:
             raise ShmError(f"table {self.name!r} is closed in this process")
         return 0
 
     cdef inline int _key(self, object key, const char **p, Py_ssize_t *n) except -1:
-        if self._map.base == NULL:
+        if self.t.hdr == NULL:
             self._check_open()
         if PyUnicode_Check(key):
             try:
@@ -501,9 +425,9 @@ cdef class Table:
                 f"keys of table {self.name!r} are str or bytes, got {type(key).__name__}")
         if n[0] == 0:
             raise InvalidKeyError(f"empty key for table {self.name!r}")
-        if n[0] > self.t.key_limit:
+        if n[0] > self.t.g.key_limit:
             raise KeyTooLongError(
-                f"key of {n[0]} bytes exceeds the key limit of {self.t.key_limit} bytes of "
+                f"key of {n[0]} bytes exceeds the key limit of {self.t.g.key_limit} bytes of "
                 f"table {self.name!r} (never truncated; raise key_size at make)")
         return 0
 
@@ -528,13 +452,13 @@ cdef class Table:
                 iv = PyLong_AsLongLongAndOverflow(value, &overflow)
                 if overflow or iv < INT_MIN[c.width] or iv > INT_MAX[c.width]:
                     raise IntegerOverflowError(
-                        f"column {self._names[ci]!r} of table {self.name!r} is INT({c.width}): "
-                        f"{value} is outside [{INT_MIN[c.width]}, {INT_MAX[c.width]}]")
+                        f"{self._what(ci)} is INT({c.width}): {value} is outside "
+                        f"[{INT_MIN[c.width]}, {INT_MAX[c.width]}]")
                 d.i = iv
                 return 0
             raise ColumnTypeError(
-                f"column {self._names[ci]!r} of table {self.name!r} is INT({c.width}); got "
-                f"{type(value).__name__} {value!r} (no implicit conversion)")
+                f"{self._what(ci)} is INT({c.width}); got {type(value).__name__} {value!r} "
+                "(no implicit conversion)")
         if c.type == ZT_FLOAT:
             if PyFloat_Check(value):
                 fv = PyFloat_AS_DOUBLE(value)
@@ -545,44 +469,47 @@ cdef class Table:
                     fv = 0.5  # not equal to any int: reported below
                 if <object>fv != value:
                     raise ColumnTypeError(
-                        f"column {self._names[ci]!r} of table {self.name!r} is FLOAT; the int "
-                        f"{value} is not exactly representable as a double")
+                        f"{self._what(ci)} is FLOAT; the int {value} is not exactly "
+                        "representable as a double")
             else:
                 raise ColumnTypeError(
-                    f"column {self._names[ci]!r} of table {self.name!r} is FLOAT; got "
-                    f"{type(value).__name__} {value!r}")
+                    f"{self._what(ci)} is FLOAT; got {type(value).__name__} {value!r}")
             if not self._allow_nan and not isfinite(fv):
                 raise NonFiniteFloatError(
-                    f"column {self._names[ci]!r} of table {self.name!r}: {value!r} is not finite "
-                    "(make the table with allow_nan=True to store NaN/inf)")
+                    f"{self._what(ci)}: {value!r} is not finite (make the table with "
+                    "allow_nan=True to store NaN/inf)")
             d.f = fv
             return 0
         if c.type == ZT_STRING:
             if not PyUnicode_Check(value):
                 raise ColumnTypeError(
-                    f"column {self._names[ci]!r} of table {self.name!r} is STRING({c.size}); "
-                    f"got {type(value).__name__} (use a BYTES column for binary data)")
+                    f"{self._what(ci)} is STRING({c.size}); got {type(value).__name__} (use a "
+                    "BYTES column for binary data)")
             try:
                 s = PyUnicode_AsUTF8AndSize(value, &n)
             except UnicodeEncodeError as exc:
                 raise ColumnTypeError(
-                    f"column {self._names[ci]!r} of table {self.name!r}: the string is not "
-                    "encodable as UTF-8") from exc
+                    f"{self._what(ci)}: the string is not encodable as UTF-8") from exc
+        elif PyBytes_Check(value):
+            s = PyBytes_AS_STRING(value)
+            n = PyBytes_GET_SIZE(value)
         else:
-            if PyBytes_Check(value):
-                s = PyBytes_AS_STRING(value)
-                n = PyBytes_GET_SIZE(value)
-            else:
-                raise ColumnTypeError(
-                    f"column {self._names[ci]!r} of table {self.name!r} is BYTES({c.size}); got "
-                    f"{type(value).__name__}")
+            raise ColumnTypeError(
+                f"{self._what(ci)} is BYTES({c.size}); got {type(value).__name__}")
         if n > c.size:
             raise ValueTooLargeError(
-                f"column {self._names[ci]!r} of table {self.name!r} holds {c.size} bytes; the "
-                f"value is {n} bytes (never truncated)")
+                f"{self._what(ci)} holds {c.size} bytes; the value is {n} bytes (never truncated)")
         d.s = s
         d.slen = <uint32_t>n
         return 0
+
+    cdef int _twice(self, int ci, col) except -1:
+        raise ColumnTypeError(
+            f"a row of table {self.name!r} names column {self._names[ci]!r} twice (key {col!r} "
+            "is a second spelling of it)")
+
+    cdef str _what(self, int ci):
+        return f"column {self._names[ci]!r} of table {self.name!r}"
 
     cdef object _value(self, const char *row, int ci):
         cdef zt_col *c = &self.cols[ci]
@@ -604,16 +531,39 @@ cdef class Table:
     cdef object _key_obj(self, const char *row):
         cdef uint16_t n = zt_keylen(row)
         if self._binary_keys:
-            return PyBytes_FromStringAndSize(row + self.t.key_off, n)
-        return PyUnicode_DecodeUTF8(row + self.t.key_off, n, "strict")
+            return PyBytes_FromStringAndSize(row + self.t.g.key_off, n)
+        return PyUnicode_DecodeUTF8(row + self.t.g.key_off, n, "strict")
 
-    cdef inline void _note_recoveries(self):
+    cdef inline int _done(self, int rc, key, str op) except -1:
+        """Raise for a failed operation; log a lock recovery this process just ran."""
+        if rc >= 0 and self.t.local_recoveries == self._seen_recoveries:
+            return 0  # the common case, checked before any call
+        return self._fail(rc, key, op)
+
+    cdef int _fail(self, int rc, key, str op) except -1:
+        if rc < 0:
+            if rc == ZT_EFULL:
+                raise TableFullError(
+                    f"table {self.name!r} is full: {self.t.g.capacity} rows (max_rows); delete "
+                    "rows or make it larger")
+            _raise_rc(rc, f"{op} {key!r} in table {self.name!r}")
         if self.t.local_recoveries != self._seen_recoveries:
             self._seen_recoveries = self.t.local_recoveries
-            from zeal_asgi.shm import segments as _segments
-            _segments.report_recovery(self)
+            _log.warning(
+                "table %r: recovered a lock whose holder died (recoveries=%d, rows lost=%d)",
+                self.name, zt_load64(&self.t.hdr.lock_recoveries), zt_load64(&self.t.hdr.rows_lost))
+        return 0
 
     # -- the API ------------------------------------------------------------------------------
+
+    cdef inline char *_buffer(self, uint64_t *stackbuf) except NULL:
+        """Room for a row copy: ``stackbuf`` when it fits, else the heap (caller frees)."""
+        if stackbuf != NULL and self.t.g.row_size <= STACK_ROW_WORDS * 8:
+            return <char *>stackbuf
+        cdef char *buf = <char *>malloc(self.t.g.row_size)
+        if buf == NULL:
+            raise MemoryError()
+        return buf
 
     def get(self, key, field=None):
         """The row as a dict (declaration order), or one field's value; ``None`` when missing.
@@ -621,25 +571,19 @@ cdef class Table:
         Raises:
             UnknownColumnError: ``field`` is not a column.
         """
+        cdef uint64_t stackbuf[STACK_ROW_WORDS]
         cdef const char *k
         cdef Py_ssize_t kn
-        cdef uint64_t stackbuf[STACK_ROW_WORDS]
-        cdef char *buf = <char *>stackbuf
-        cdef int ci = -1
-        cdef int rc
+        cdef int rc, ci = -1
         self._key(key, &k, &kn)
         if field is not None:
             ci = self._col(field)
-        if self.t.row_size > STACK_ROW_WORDS * 8:
-            buf = <char *>malloc(self.t.row_size)
-            if buf == NULL:
-                raise MemoryError()
+        cdef char *buf = <char *>stackbuf
+        if self.t.g.row_size > STACK_ROW_WORDS * 8:
+            buf = self._buffer(NULL)
         try:
             rc = zt_get(&self.t, k, <uint16_t>kn, buf)
-            if rc < 0:
-                _raise_rc(rc, f"get {key!r} from table {self.name!r}")
-            if self.t.local_recoveries != self._seen_recoveries:
-                self._note_recoveries()
+            self._done(rc, key, "get")
             if rc == 0:
                 return None
             if ci >= 0:
@@ -651,16 +595,18 @@ cdef class Table:
 
     def exists(self, key):
         """True when the key has a row."""
-        return self._exists(key)
-
-    cdef bint _exists(self, key) except -1:
+        cdef uint64_t stackbuf[STACK_ROW_WORDS]
         cdef const char *k
         cdef Py_ssize_t kn
-        cdef uint64_t stackbuf[STACK_ROW_WORDS]
+        cdef int rc
         self._key(key, &k, &kn)
-        rc = zt_get(&self.t, k, <uint16_t>kn, <char *>stackbuf)
-        if rc < 0:
-            _raise_rc(rc, f"exists {key!r} in table {self.name!r}")
+        cdef char *buf = <char *>stackbuf
+        if self.t.g.row_size > STACK_ROW_WORDS * 8:
+            buf = self._buffer(NULL)
+        rc = zt_get(&self.t, k, <uint16_t>kn, buf)
+        if buf != <char *>stackbuf:
+            free(buf)
+        self._done(rc, key, "exists")
         return rc == 1
 
     def __contains__(self, key):
@@ -681,6 +627,7 @@ cdef class Table:
         cdef Py_ssize_t kn
         cdef zt_delta deltas[64]
         cdef PyObject *held[64]
+        cdef uint64_t seen = 0
         cdef int nd = 0, nheld = 0, i, ci, rc = 0
         cdef dict r
         self._key(key, &k, &kn)
@@ -696,6 +643,11 @@ cdef class Table:
         try:
             for col, value in r.items():
                 ci = self._col(col)
+                # One delta per column: the arrays hold one per column and no more (two keys may
+                # compare equal to one column name, e.g. str subclasses).
+                if seen & (1ULL << ci):
+                    self._twice(ci, col)
+                seen |= 1ULL << ci
                 self._prepare(ci, value, &deltas[nd])
                 nd += 1
                 if self.cols[ci].type >= ZT_STRING:
@@ -708,14 +660,7 @@ cdef class Table:
         finally:
             for i in range(nheld):
                 Py_DECREF(<object>held[i])
-        if rc != 0:
-            if rc == ZT_EFULL:
-                raise TableFullError(
-                    f"table {self.name!r} is full: {self.t.capacity} rows (max_rows); delete "
-                    "rows or make it larger")
-            _raise_rc(rc, f"set {key!r} in table {self.name!r}")
-        if self.t.local_recoveries != self._seen_recoveries:
-            self._note_recoveries()
+        self._done(rc, key, "set")
         return True
 
     def incr(self, key, column, by=1):
@@ -727,62 +672,62 @@ cdef class Table:
         """
         cdef const char *k
         cdef Py_ssize_t kn
-        cdef int ci, rc, overflow = 0
-        cdef long long iby
+        cdef int overflow = 0, rc
+        cdef zt_delta d
         cdef int64_t iout = 0
-        cdef double fby, fout = 0.0
+        cdef double fout = 0.0
         self._key(key, &k, &kn)
-        ci = self._col(column)
-        cdef zt_col *c = &self.cols[ci]
-        if c.type == ZT_INT:
-            if not PyLong_Check(by) or PyBool_Check(by):
-                raise ColumnTypeError(
-                    f"incr on INT column {column!r} of table {self.name!r} takes an int, got "
-                    f"{type(by).__name__}")
-            iby = PyLong_AsLongLongAndOverflow(by, &overflow)
+        d.col = self._col(column)
+        cdef zt_col *c = &self.cols[d.col]
+        d.i = 0
+        d.f = 0.0
+        if c.type == ZT_INT and PyLong_Check(by) and not PyBool_Check(by):
+            d.i = PyLong_AsLongLongAndOverflow(by, &overflow)
             if overflow:
                 raise IntegerOverflowError(
-                    f"incr of column {column!r} of table {self.name!r} by {by}: the step is "
-                    "outside the signed 64-bit range")
-            rc = zt_incr_int(&self.t, k, <uint16_t>kn, self.cols, ci, iby, &iout)
+                    f"incr of {self._what(d.col)} by {by}: the step is outside the signed "
+                    "64-bit range")
+            rc = zt_incr(&self.t, k, <uint16_t>kn, self.cols, &d, 1, 0, &iout, &fout)
             if rc == ZT_EOVERFLOW:
                 raise IntegerOverflowError(
-                    f"incr of column {column!r} of table {self.name!r} by {by} would leave "
-                    f"[{INT_MIN[c.width]}, {INT_MAX[c.width]}] (INT({c.width})); the value stays "
-                    f"{iout}")
-            if rc != 0:
-                _raise_rc(rc, f"incr {key!r} in table {self.name!r}")
-            if self.t.local_recoveries != self._seen_recoveries:
-                self._note_recoveries()
+                    f"incr of {self._what(d.col)} by {by} would leave [{INT_MIN[c.width]}, "
+                    f"{INT_MAX[c.width]}] (INT({c.width})); the value stays {iout}")
+            self._done(rc, key, "incr")
             return iout
-        if c.type == ZT_FLOAT:
-            if PyFloat_Check(by):
-                fby = PyFloat_AS_DOUBLE(by)
-            elif PyLong_Check(by) and not PyBool_Check(by):
-                fby = <double>by
-            else:
-                raise ColumnTypeError(
-                    f"incr on FLOAT column {column!r} of table {self.name!r} takes an int or "
-                    f"float, got {type(by).__name__}")
-            if not self._allow_nan and not isfinite(fby):
-                raise NonFiniteFloatError(f"incr step {by!r} is not finite")
-            rc = zt_incr_float(&self.t, k, <uint16_t>kn, self.cols, ci, fby, self._allow_nan, &fout)
-            if rc == ZT_ENONFINITE:
-                raise NonFiniteFloatError(
-                    f"incr of column {column!r} of table {self.name!r} by {by!r} overflows to a "
-                    f"non-finite value; the value stays {fout!r}")
-            if rc != 0:
-                _raise_rc(rc, f"incr {key!r} in table {self.name!r}")
-            return fout
-        raise ColumnTypeError(
-            f"incr needs an INT or FLOAT column; {column!r} of table {self.name!r} is "
-            f"{_TYPE_NAME[c.type]}")
+        if c.type == ZT_INT:
+            raise ColumnTypeError(
+                f"incr on INT column {column!r} of table {self.name!r} takes an int, got "
+                f"{type(by).__name__}")
+        if c.type != ZT_FLOAT:
+            raise ColumnTypeError(
+                f"incr needs an INT or FLOAT column; {column!r} of table {self.name!r} is "
+                f"{_TYPE_NAME[c.type]}")
+        if PyFloat_Check(by):
+            d.f = PyFloat_AS_DOUBLE(by)
+        elif PyLong_Check(by) and not PyBool_Check(by):
+            try:
+                d.f = <double>by
+            except OverflowError:
+                raise IntegerOverflowError(
+                    f"incr of {self._what(d.col)} by {by}: the step is outside the range of a "
+                    "float") from None
+        else:
+            raise ColumnTypeError(
+                f"incr on FLOAT column {column!r} of table {self.name!r} takes an int or float, "
+                f"got {type(by).__name__}")
+        if not self._allow_nan and not isfinite(d.f):
+            raise NonFiniteFloatError(f"incr step {by!r} is not finite")
+        rc = zt_incr(&self.t, k, <uint16_t>kn, self.cols, &d, 0, self._allow_nan, &iout, &fout)
+        if rc == ZT_ENONFINITE:
+            raise NonFiniteFloatError(
+                f"incr of {self._what(d.col)} by {by!r} overflows to a non-finite value; the "
+                f"value stays {fout!r}")
+        self._done(rc, key, "incr")
+        return fout
 
     def decr(self, key, column, by=1):
         """Atomically subtract ``by``; the mirror of :meth:`incr`."""
-        if PyLong_Check(by) and not PyBool_Check(by):
-            return self.incr(key, column, -by)
-        if PyFloat_Check(by):
+        if (PyLong_Check(by) and not PyBool_Check(by)) or PyFloat_Check(by):
             return self.incr(key, column, -by)
         return self.incr(key, column, by)  # raises the typed error for the bad step
 
@@ -803,10 +748,7 @@ cdef class Table:
         held = (expected, new)  # keep both alive across a possible GIL release
         rc = zt_cas(&self.t, k, <uint16_t>kn, self.cols, &e, &d, &swapped)
         del held
-        if rc != 0:
-            if rc == ZT_EFULL:
-                raise TableFullError(f"table {self.name!r} is full: {self.t.capacity} rows")
-            _raise_rc(rc, f"compare_and_set {key!r} in table {self.name!r}")
+        self._done(rc, key, "compare_and_set")
         return bool(swapped)
 
     def delete(self, key):
@@ -814,11 +756,8 @@ cdef class Table:
         cdef const char *k
         cdef Py_ssize_t kn
         self._key(key, &k, &kn)
-        rc = zt_delete(&self.t, k, <uint16_t>kn)
-        if rc < 0:
-            _raise_rc(rc, f"delete {key!r} from table {self.name!r}")
-        if self.t.local_recoveries != self._seen_recoveries:
-            self._note_recoveries()
+        rc = zt_remove(&self.t, k, <uint16_t>kn, 0)
+        self._done(rc, key, "delete")
         return rc == 1
 
     def clear(self):
@@ -860,7 +799,7 @@ cdef class _TableIter:
         self.table = table
         self.pos = 0
         self.mode = mode
-        self.buf = <char *>malloc(table.t.row_size)
+        self.buf = <char *>malloc(table.t.g.row_size)
         if self.buf == NULL:
             raise MemoryError()
 
@@ -874,7 +813,7 @@ cdef class _TableIter:
         cdef Table t = self.table
         cdef int rc
         t._check_open()
-        while self.pos < zt_next_unused(&t.t) and self.pos < t.t.capacity:
+        while self.pos < zt_next_unused(&t.t) and self.pos < t.t.g.capacity:
             rc = zt_read_at(&t.t, self.pos, self.buf)
             if rc == ZT_EBUSYREAD:
                 rc = zt_read_at_locked(&t.t, self.pos, self.buf)
@@ -893,71 +832,50 @@ cdef class _TableIter:
 
 
 cdef class Atomic:
-    """A lock-free signed 64-bit integer in shared memory, shared by every worker.
-
-    ``increment``/``decrement``/``compare_and_set`` are single atomic instructions (a CAS loop
-    that checks overflow first): a worker killed at any point never leaves it half-updated, and
-    overflow raises IntegerOverflowError with the value unchanged.  Build it before workers
-    start (``Counter(0, name=...)`` does) so every worker attaches to the same integer.
-    """
+    """The compiled atomic; ``zeal_asgi.Atomic`` is the public subclass that opens its segment."""
 
     cdef _Mapping _map
     cdef int64_t *v
     cdef readonly object name
-    cdef readonly object path
-    cdef readonly bint created
     cdef object __weakref__
-    cdef public object _owner
 
     def __cinit__(self, *args, **kwargs):
         self._map = _Mapping()
         self.v = NULL
-        self.name = None
-        self.path = None
-        self.created = False
-        self._owner = None
 
-    def __init__(self, initial=0, *, name=None):
-        from zeal_asgi.shm import segments as _segments
-        _segments.open_atomic(self, name, self._check(initial, "initial"))
-
-    @staticmethod
-    def _segment_size():
-        return sizeof(zt_atomic_seg) if sizeof(zt_atomic_seg) > 4096 else 4096
-
-    def _map_new(self, int fd, size_t size, bytes nonce, long long initial):
-        cdef uint64_t n[2]
-        memcpy(n, PyBytes_AS_STRING(nonce), 16)
-        self._map.map(fd, size)
-        zt_atomic_init(<zt_atomic_seg *>self._map.base, size, n, initial)
-        self.v = &(<zt_atomic_seg *>self._map.base).value
-        self.created = True
-
-    def _map_existing(self, int fd, size_t size):
-        self._map.map(fd, size)
-        cdef int rc = zt_atomic_check(<zt_atomic_seg *>self._map.base, size)
-        if rc == 1:
-            self._map.detach()
-            return 1
+    def _init(self, int fd, long long initial):
+        """Map ``fd`` (ATOMIC_SIZE bytes, reserved by the caller) and initialise it."""
+        cdef int rc = zt_atomic_init(<zt_atomic_seg *>self._map.map(fd, ATOMIC_SIZE), ATOMIC_SIZE,
+                                     initial)
         if rc != 0:
-            self._map.detach()
-            raise ShmAbiMismatchError(
-                "shared-memory atomic is unusable: made by an incompatible build or corrupt")
+            self._unmap()
+            raise OSError(rc, "initialising the atomic: " + os.strerror(rc))
         self.v = &(<zt_atomic_seg *>self._map.base).value
-        return 0
 
-    def _finish(self, name, path):
-        self.name = name
-        self.path = path
+    def _attach(self, int fd, size_t size):
+        """Map and validate an atomic made by another process; False (unmapped again) when its
+        creator has not finished initialising it."""
+        cdef int rc = zt_atomic_check(<zt_atomic_seg *>self._map.map(fd, size), size)
+        if rc != 0:
+            self._unmap()
+            if rc == 1:
+                return False
+            _raise_unusable(rc, "atomic")
+        self.v = &(<zt_atomic_seg *>self._map.base).value
+        return True
 
-    def _detach(self):
-        """Unmap a segment we will not use; the caller keeps the fd."""
-        self._map.detach()
+    def _unmap(self):
+        """Unmap a segment this atomic will not use; the caller keeps the fd."""
+        self._map.unmap(False)
         self.v = NULL
 
     def _fileno(self):
         """The segment's file descriptor (kept open: its flock marks this process as a user)."""
         return self._map.fd
+
+    def _bind(self, name):
+        """Name the atomic (for messages)."""
+        self.name = name
 
     cdef inline int64_t _check(self, object x, str what) except? -1:
         cdef int overflow = 0
@@ -979,7 +897,7 @@ cdef class Atomic:
     def nonce(self):
         """Random identity of the segment: equal in every process that shares the atomic."""
         self._open()
-        return PyBytes_FromStringAndSize(<char *>(<zt_atomic_seg *>self._map.base).nonce, 16).hex()
+        return PyBytes_FromStringAndSize(<char *>(<zt_atomic_seg *>self._map.base).id.nonce, 16).hex()
 
     def get(self):
         """The current value."""
@@ -1029,7 +947,7 @@ cdef class Atomic:
     def close(self):
         """Unmap in this process (other processes keep it).  Idempotent."""
         self.v = NULL
-        self._map.unmap()
+        self._map.unmap(True)
 
     @property
     def closed(self):
@@ -1045,6 +963,105 @@ cdef class Atomic:
         raise TypeError(
             "an Atomic is bound to its shared-memory mapping and cannot be pickled; "
             "declare it (Counter(0, name=...)) in the app module so every worker attaches by name")
+
+
+# -- bounded increment (appended: rate limiting and other quotas) ------------------------------
+
+cdef extern from "zt_core.h" nogil:
+    int zt_incr_bounded(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, int ci,
+                        const zt_delta *by, const zt_delta *bound, const zt_delta *floor_,
+                        const zt_delta *reset_, int allow_nonfinite, int64_t *out_i,
+                        double *out_f, int *applied)
+
+
+cdef int _bounded_arg(Table table, int ci, object column, str what, object value,
+                      zt_delta *d) except -1:
+    cdef zt_col *c = &table.cols[ci]
+    cdef int overflow = 0
+    d.col = ci
+    if c.type == ZT_INT:
+        if not PyLong_Check(value) or PyBool_Check(value):
+            raise ColumnTypeError(
+                f"incr_bounded on INT column {column!r} of table {table.name!r}: {what} is an "
+                f"int, got {type(value).__name__}")
+        d.i = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if overflow:
+            raise IntegerOverflowError(
+                f"incr_bounded on column {column!r} of table {table.name!r}: {what} {value} is "
+                "outside the signed 64-bit range")
+        return 0
+    if (PyLong_Check(value) or PyFloat_Check(value)) and not PyBool_Check(value):
+        d.f = <double>value
+        if not isfinite(d.f) and what != "bound":
+            raise NonFiniteFloatError(
+                f"incr_bounded on column {column!r} of table {table.name!r}: {what} {value!r} "
+                "is not finite")
+        return 0
+    raise ColumnTypeError(
+        f"incr_bounded on FLOAT column {column!r} of table {table.name!r}: {what} is a number, "
+        f"got {type(value).__name__}")
+
+
+def incr_bounded(Table table, key, column, by, bound, floor=None, reset=None):
+    """Atomically add ``by`` to a numeric column only when the result stays ``<= bound``.
+
+    With ``floor``, a value below it is first replaced by ``reset`` (by ``floor`` itself when
+    ``reset`` is None: ``max(value, floor) + by``), so a stale deadline counts as now or an ended
+    window starts again in the same step.  A missing row counts as zero and is created only
+    when the add applies.  Returns
+    ``(value, applied)``: the new value when applied, else the value as it is (0 for no row).
+    One locked step: no other writer of the row runs between the comparison and the write.
+
+    Raises:
+        UnknownColumnError, ColumnTypeError: ``column`` is not a numeric column, or an argument
+            is not a number of the column's kind.
+        IntegerOverflowError, NonFiniteFloatError: the result would not fit the column (the row
+            is unchanged).
+    """
+    cdef const char *k
+    cdef Py_ssize_t kn
+    cdef int ci, rc, applied = 0
+    cdef int64_t iout = 0
+    cdef double fout = 0.0
+    cdef zt_delta dby, dbound, dfloor, dreset
+    table._key(key, &k, &kn)
+    ci = table._col(column)
+    if table.cols[ci].type != ZT_INT and table.cols[ci].type != ZT_FLOAT:
+        raise ColumnTypeError(
+            f"incr_bounded needs a numeric column; {column!r} of table {table.name!r} is not")
+    _bounded_arg(table, ci, column, "by", by, &dby)
+    _bounded_arg(table, ci, column, "bound", bound, &dbound)
+    if floor is not None:
+        _bounded_arg(table, ci, column, "floor", floor, &dfloor)
+    if reset is not None:
+        if floor is None:
+            raise ColumnTypeError(
+                f"incr_bounded on column {column!r} of table {table.name!r}: reset replaces a "
+                "value below floor; pass a floor too")
+        _bounded_arg(table, ci, column, "reset", reset, &dreset)
+    rc = zt_incr_bounded(&table.t, k, <uint16_t>kn, table.cols, ci, &dby, &dbound,
+                         &dfloor if floor is not None else NULL,
+                         &dreset if reset is not None else NULL, table._allow_nan,
+                         &iout, &fout, &applied)
+    if rc != 0:
+        if rc == ZT_EOVERFLOW:
+            raise IntegerOverflowError(
+                f"incr_bounded of column {column!r} of table {table.name!r} by {by} would leave "
+                f"the column's range (INT({table.cols[ci].width})); the value stays {iout}")
+        if rc == ZT_ENONFINITE:
+            raise NonFiniteFloatError(
+                f"incr_bounded of column {column!r} of table {table.name!r} by {by!r} gives a "
+                "non-finite value; the row is unchanged")
+        if rc == ZT_EFULL:
+            raise TableFullError(
+                f"table {table.name!r} is full: {table.capacity} rows (max_rows); delete rows "
+                "or make it larger")
+        _raise_rc(rc, f"incr_bounded {key!r} in table {table.name!r}")
+    if table.t.local_recoveries != table._seen_recoveries:
+        table._note_recoveries()
+    if table.cols[ci].type == ZT_INT:
+        return (PyLong_FromLongLong(iout), applied != 0)
+    return (PyFloat_FromDouble(fout), applied != 0)
 
 
 # -- cells ------------------------------------------------------------------------------------
@@ -1066,7 +1083,7 @@ cdef class Cells:
     lock-free atomics (no lock, no lookup): the cells, in key order and column order.
 
     ``Cells(table, keys)`` creates the missing rows (zeroed).  Every column of ``table`` must be
-    FLOAT.  Rows used through cells must never be written through the table's own methods nor
+    FLOAT, and its rows must never expire (no ttl).  Rows used through cells must never be written through the table's own methods nor
     deleted while another process may hold cells on them (see ``zt_core.h``).  ``monotonic``
     cells refuse a negative step; ``bounds`` (ascending, the last +inf) makes the first
     ``len(bounds)`` cells a histogram's buckets and the next one its sum (:meth:`observe`).
@@ -1086,6 +1103,10 @@ cdef class Cells:
         cdef char *row
         cdef int i, j, rc
         keys = list(keys)
+        if table.t.g.exp_off != 0:
+            # a cell write renews no expiry, and an expired row is freed and reused for another key
+            raise ColumnTypeError(
+                f"cells need rows that never expire; table {table.name!r} has a ttl")
         for i in range(table.ncols):
             if table.cols[i].type != ZT_FLOAT:
                 raise ColumnTypeError(f"cells need FLOAT columns; table {table.name!r} has others")

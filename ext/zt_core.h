@@ -1,9 +1,11 @@
 /*
- * zt_core.h -- the shared-memory hash table and atomic counter behind zeal_asgi._shmtable.
+ * zt_core.h -- the shared-memory hash table and atomic counter behind zeal_asgi.shm._shmtable.
  *
  * Pure C, no Python objects; included verbatim by _shmtable.pyx.  Everything here runs on a
  * MAP_SHARED mapping that several processes use at once, so every rule below is about what
  * another process may be doing at the same instant, or what a process SIGKILLed half-way left.
+ * The mapping comes from the caller (a file descriptor mapped by _shmtable.pyx); naming,
+ * creating and removing segments is Python's business (zeal_asgi/shm/segments.py).
  *
  * Segment layout (all offsets fixed at creation, recorded in the header):
  *
@@ -17,8 +19,8 @@
  *                       is what lets iteration walk the rows and never skip a row present
  *                       throughout
  *
- * Row: u32 seq | u8 state | u8 pad | u16 keylen | numeric columns (8/4/2/1-byte, aligned) |
- *      key bytes (key_limit) | string columns (length prefix + bytes).
+ * Row: u32 seq | u8 state | u8 pad | u16 keylen | [i64 expiry] | numeric columns (8/4/2/1-byte,
+ *      aligned) | key bytes (key_limit) | string columns (length prefix + bytes).
  *
  * Concurrency:
  *   - Readers take no lock.  A row is read with a seqlock (seq odd while written) and the copy is
@@ -33,30 +35,36 @@
  *     a lock held by a live but stuck process gives ZT_ETIMEDOUT after the caller's deadline.
  *   - Blocking waits never hold the GIL (see zt_acquire), and nothing here touches Python objects,
  *     so a thread never waits for the GIL while holding a row lock.
+ *
+ * Expiring rows (a table made with a ttl): each row carries a CLOCK_MONOTONIC deadline, renewed
+ * by every write.  Expiry is decided where the row is written, under its stripe lock: a write to
+ * an expired row rewrites it as a new row in the same step, and an expired row found by a read
+ * is removed only after the locks confirm it is still expired.  No read-then-delete can remove a
+ * row another process has just written.
  */
 #ifndef ZT_CORE_H
 #define ZT_CORE_H
 
 #include <Python.h>
 #include <errno.h>
+#include <linux/futex.h>
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/mman.h>
+#include <sys/random.h>
 #include <time.h>
-#include <unistd.h>
 #include <gnu/libc-version.h>
 
 _Static_assert(__atomic_always_lock_free(sizeof(int64_t), 0), "64-bit atomics must be lock-free");
 _Static_assert(sizeof(pthread_mutex_t) <= 48, "pthread_mutex_t must fit a 64-byte lock slot");
 _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the segment layout is little-endian");
 
-#define ZT_MAGIC_TABLE 0x314c42544c41455aULL  /* "ZEALTBL1" */
+#define ZT_MAGIC_TABLE 0x324c42544c41455aULL  /* "ZEALTBL2" */
 #define ZT_MAGIC_ATOMIC 0x31544d414c41455aULL /* "ZEALAMT1" */
-#define ZT_LAYOUT_VERSION 1u
+#define ZT_LAYOUT_VERSION 2u
 #define ZT_HEADER_SIZE 4096u
 #define ZT_SCHEMA_MAX 2560u
 #define ZT_ABI_MAX 64u
@@ -67,7 +75,7 @@ _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the segment layout is
 #define ZT_LIVE 2
 #define ZT_DEAD 3
 
-/* column types (must match zeal_asgi/schema.py) */
+/* column types (must match zeal_asgi/shm/schema.py) */
 #define ZT_INT 1
 #define ZT_FLOAT 2
 #define ZT_STRING 3
@@ -80,7 +88,6 @@ _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the segment layout is
 #define ZT_EOVERFLOW (-3)
 #define ZT_ELOCK (-4)
 #define ZT_ENONFINITE (-5)
-#define ZT_EBADCOL (-6)
 #define ZT_EBUSYREAD (-7)
 #define ZT_NOTFOUND (-1000)
 
@@ -88,29 +95,34 @@ _Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the segment layout is
 #define ZT_READ_SPINS 2000
 #define ZT_LOCK_SPINS 64
 #define ZT_MAX_COLUMNS 64
+#define ZT_MAX_STRIPES 1024
 
 /* ---------------------------------------------------------------------------------------- */
-/* segment header                                                                           */
+/* segment headers                                                                          */
 
+/* What every segment starts with.  The magic is written last, with a release store. */
 typedef struct {
-    uint64_t magic;            /* written last, with a release store, once everything is ready */
+    uint64_t magic;
     uint32_t layout_version;
-    uint32_t header_size;
+    uint32_t pad;
     char abi[ZT_ABI_MAX];      /* libc name+version, mutex size, layout version, word size */
     uint64_t total_size;
     uint64_t nonce[2];         /* random identity of this segment */
+} zt_ident;
+
+/* Sizes and offsets of a table, computed by zeal_asgi.shm.schema (Geometry, the same order). */
+typedef struct {
+    uint32_t capacity, row_size, key_limit, key_off, n_stripes;
+    uint32_t exp_off;          /* offset of a row's expiry; 0: rows never expire */
+    int64_t ttl_ns;
+    uint64_t index_slots, off_global, off_stripes, off_index, off_rows, total_size;
+} zt_geometry;
+
+typedef struct {
+    zt_ident id;
     uint64_t hash_key[2];      /* SipHash key: stable for every process of this segment */
-    uint32_t capacity;
-    uint32_t row_size;
-    uint32_t key_limit;
-    uint32_t key_off;
-    uint32_t n_stripes;
+    zt_geometry g;
     uint32_t schema_len;
-    uint64_t index_slots;
-    uint64_t off_global;
-    uint64_t off_stripes;
-    uint64_t off_index;
-    uint64_t off_rows;
     uint64_t created_ns;       /* CLOCK_REALTIME at creation, for diagnostics */
     char schema[ZT_SCHEMA_MAX];/* opaque to C: the Python side stores and checks it */
     uint64_t checksum;         /* over every byte above, from layout_version on */
@@ -134,7 +146,9 @@ _Static_assert(sizeof(zt_header) <= ZT_HEADER_SIZE, "header must fit its page");
  * knows what a dead writer may have left half done: low 32 bits row+1 (0 = nothing), high 32 bits
  * the kind of write.  A single aligned word store (incr, compare-and-set, a one-column numeric
  * set, a delete's state byte) cannot tear: repair just makes the row even again.  Anything wider
- * may be torn, and repair turns the row into a DEAD row. */
+ * may be torn, and repair turns the row into a DEAD row.  (An expiry renewed beside a single word
+ * is a second word: torn, the row holds the new value with the old deadline, or the reverse;
+ * both are whole rows.) */
 #define ZT_W_SINGLE 1ULL
 #define ZT_W_MULTI 2ULL
 
@@ -156,18 +170,14 @@ typedef struct {
 /* process-local view of a mapped table */
 typedef struct {
     char *base;
-    size_t size;
     zt_header *hdr;
+    zt_geometry g;             /* a private copy of the header's, read by every operation */
     zt_lockslot *global;
     zt_lockslot *stripes;
     uint64_t *index;
     char *rows;
     uint64_t index_mask;
     uint32_t stripe_mask;
-    uint32_t row_size;
-    uint32_t capacity;
-    uint32_t key_limit;
-    uint32_t key_off;
     uint64_t hkey[2];
     int64_t lock_timeout_ns;
     int64_t local_recoveries;  /* repairs this process ran; the Python side logs them */
@@ -183,8 +193,10 @@ typedef struct {
 } zt_delta;
 
 /* ---------------------------------------------------------------------------------------- */
-/* deterministic crash points (fault tests): ZEAL_CRASH_AT=<id>:<nth>[:stop]                  */
+/* deterministic crash points, compiled into test builds only (-DZT_FAULT_INJECTION)         */
 
+#ifdef ZT_FAULT_INJECTION
+#define ZT_FAULTS 1
 static int zt_crash_id = -1;
 static long zt_crash_countdown = 0;
 static int zt_crash_sig = SIGKILL;
@@ -195,7 +207,17 @@ static void zt_crash_hit(void) {
         raise(zt_crash_sig);
     }
 }
+static void zt_arm_crashpoint(int id, long nth, int sig) {
+    zt_crash_countdown = nth;
+    zt_crash_sig = sig;
+    zt_crash_id = id;
+}
 #define ZT_CRASHPOINT(id) do { if (__builtin_expect(zt_crash_id == (id), 0)) zt_crash_hit(); } while (0)
+#else
+#define ZT_FAULTS 0
+static void zt_arm_crashpoint(int id, long nth, int sig) { (void)id; (void)nth; (void)sig; }
+#define ZT_CRASHPOINT(id) ((void)0)
+#endif
 
 /* crash point ids, documented for the fault tests */
 #define ZT_CP_UPDATE_AFTER_ODD 1    /* update: seq odd, no column written yet */
@@ -253,12 +275,11 @@ static inline uint64_t zt_hash(const uint64_t k[2], const char *data, size_t len
     return v0 ^ v1 ^ v2 ^ v3;
 }
 
-/* checksum of the immutable header part (not a security measure: detects a foreign layout) */
-static uint64_t zt_header_checksum(const zt_header *h) {
+/* checksum of an immutable header part (not a security measure: detects a foreign layout) */
+static uint64_t zt_checksum(const zt_ident *id, const void *end) {
     static const uint64_t k[2] = {0x7a65616c2d617367ULL, 0x692d6865616465ULL};
-    const char *start = (const char *)&h->layout_version;
-    const char *end = (const char *)&h->checksum;
-    return zt_hash(k, start, (size_t)(end - start));
+    const char *start = (const char *)&id->layout_version;
+    return zt_hash(k, start, (size_t)((const char *)end - start));
 }
 
 static void zt_abi_tag(char out[ZT_ABI_MAX]) {
@@ -266,11 +287,38 @@ static void zt_abi_tag(char out[ZT_ABI_MAX]) {
              sizeof(pthread_mutex_t), ZT_LAYOUT_VERSION, sizeof(void *));
 }
 
+static int zt_random(void *buf, size_t n) {
+    return getrandom(buf, n, 0) == (ssize_t)n ? 0 : errno;
+}
+
+/* Fill a segment's identity (everything but the magic); 0 or an errno. */
+static int zt_ident_init(zt_ident *id, uint64_t size) {
+    id->layout_version = ZT_LAYOUT_VERSION;
+    zt_abi_tag(id->abi);
+    id->total_size = size;
+    return zt_random(id->nonce, sizeof id->nonce);
+}
+
+/* Validate a segment made by someone else.  Returns 0, or: 1 not initialised (no magic yet),
+ * 2 ABI/layout mismatch, 3 corrupt header, 4 size mismatch. */
+static int zt_ident_check(const zt_ident *id, size_t size, uint64_t magic, uint64_t stored,
+                          const void *checksum_end) {
+    uint64_t m = __atomic_load_n(&id->magic, __ATOMIC_ACQUIRE);
+    if (m == 0) return 1;
+    char abi[ZT_ABI_MAX];
+    zt_abi_tag(abi);
+    if (m != magic || id->layout_version != ZT_LAYOUT_VERSION) return 2;
+    if (strncmp(abi, id->abi, ZT_ABI_MAX) != 0) return 2;
+    if (stored != zt_checksum(id, checksum_end)) return 3;
+    if (id->total_size != size) return 4;
+    return 0;
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* small helpers                                                                            */
 
 static inline char *zt_row(const zt_table *t, uint32_t r) {
-    return t->rows + (size_t)r * t->row_size;
+    return t->rows + (size_t)r * t->g.row_size;
 }
 static inline uint32_t *zt_seqp(char *row) { return (uint32_t *)row; }
 static inline uint8_t zt_state(const char *row) {
@@ -280,11 +328,30 @@ static inline void zt_set_state(char *row, uint8_t st) {
     __atomic_store_n((uint8_t *)(row + 4), st, __ATOMIC_RELEASE);
 }
 static inline uint16_t zt_keylen(const char *row) { uint16_t v; memcpy(&v, row + 6, 2); return v; }
+static inline uint32_t zt_slot_row(uint64_t v) { return (uint32_t)(v & 0xffffffffu) - 1; }
 
 static inline int64_t zt_now_ns(clockid_t clk) {
     struct timespec ts;
     clock_gettime(clk, &ts);
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* The present, for expiry: 0 on a table whose rows never expire (nothing is ever expired). */
+static inline int64_t zt_now(const zt_table *t) {
+    return __builtin_expect(t->g.exp_off != 0, 0) ? zt_now_ns(CLOCK_MONOTONIC) : 0;
+}
+static inline int zt_expired(const zt_table *t, const char *row, int64_t now) {
+    if (__builtin_expect(t->g.exp_off == 0, 1)) return 0;
+    int64_t e;
+    memcpy(&e, row + t->g.exp_off, 8);
+    return e != 0 && e <= now;
+}
+/* A write gives its row a full ttl (inside the write's seqlock section). */
+static inline void zt_touch(const zt_table *t, char *row) {
+    if (__builtin_expect(t->g.exp_off != 0, 0)) {
+        int64_t e = zt_now_ns(CLOCK_MONOTONIC) + t->g.ttl_ns;
+        memcpy(row + t->g.exp_off, &e, 8);
+    }
 }
 
 static inline void zt_cpu_relax(void) {
@@ -317,7 +384,7 @@ static inline int zt_copy_row(const zt_table *t, uint32_t r, char *dst) {
     if (s1 & 1) return 0;
     const uint64_t *src = (const uint64_t *)row;
     uint64_t *d = (uint64_t *)dst;
-    size_t n = t->row_size / 8;
+    size_t n = t->g.row_size / 8;
     for (size_t i = 0; i < n; i++) d[i] = __atomic_load_n(src + i, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     uint32_t s2 = __atomic_load_n((const uint32_t *)row, __ATOMIC_RELAXED);
@@ -325,7 +392,7 @@ static inline int zt_copy_row(const zt_table *t, uint32_t r, char *dst) {
 }
 
 static inline int zt_key_eq(const zt_table *t, const char *row, const char *key, uint16_t klen) {
-    return zt_keylen(row) == klen && memcmp(row + t->key_off, key, klen) == 0;
+    return zt_keylen(row) == klen && memcmp(row + t->g.key_off, key, klen) == 0;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -400,6 +467,12 @@ static inline void zt_apply(char *row, const zt_col *cols, const zt_delta *d, in
     }
 }
 
+/* Every column (and the expiry) of a row zeroed, the key kept. */
+static inline void zt_zero_columns(const zt_table *t, char *row) {
+    memset(row + ZT_ROW_HDR, 0, t->g.key_off - ZT_ROW_HDR);
+    memset(row + t->g.key_off + t->g.key_limit, 0, t->g.row_size - t->g.key_off - t->g.key_limit);
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* locks                                                                                    */
 
@@ -433,6 +506,25 @@ static int zt_robust_supported(void) {
 static void zt_repair_stripe(zt_table *t, zt_lockslot *slot);
 static void zt_repair_global(zt_table *t);
 
+/* We own a lock whose previous holder died: repair what it protects, then mark it consistent
+ * (unlocking without pthread_mutex_consistent would make the mutex unrecoverable). */
+static void zt_recover(zt_table *t, zt_lockslot *slot, int is_global) {
+    if (is_global) zt_repair_global(t);
+    else zt_repair_stripe(t, slot);
+    __atomic_add_fetch(&t->hdr->lock_recoveries, 1, __ATOMIC_RELAXED);
+    t->local_recoveries++;
+    pthread_mutex_consistent(&slot->m);
+}
+
+static int zt_timed_lock(const zt_table *t, zt_lockslot *slot) {
+    struct timespec dl;
+    clock_gettime(CLOCK_MONOTONIC, &dl);
+    int64_t ns = dl.tv_nsec + t->lock_timeout_ns;
+    dl.tv_sec += ns / 1000000000LL;
+    dl.tv_nsec = ns % 1000000000LL;
+    return pthread_mutex_clocklock(&slot->m, CLOCK_MONOTONIC, &dl);
+}
+
 /* Lock a slot.  Spins a little with trylock (the GIL held: bounded), then releases the GIL for
  * the blocking wait.  *ts receives the saved thread state if the GIL was released; the caller
  * restores it only after unlocking everything (never reacquire the GIL while holding a lock).
@@ -445,20 +537,11 @@ static int zt_acquire(zt_table *t, zt_lockslot *slot, int is_global, PyThreadSta
     }
     if (rc == EBUSY) {
         if (*ts == NULL && PyGILState_Check()) *ts = PyEval_SaveThread();
-        struct timespec dl;
-        clock_gettime(CLOCK_MONOTONIC, &dl);
-        int64_t ns = dl.tv_nsec + t->lock_timeout_ns;
-        dl.tv_sec += ns / 1000000000LL;
-        dl.tv_nsec = ns % 1000000000LL;
-        rc = pthread_mutex_clocklock(&slot->m, CLOCK_MONOTONIC, &dl);
+        rc = zt_timed_lock(t, slot);
     }
     if (rc == 0) return ZT_OK;
     if (rc == EOWNERDEAD) {
-        if (is_global) zt_repair_global(t);
-        else zt_repair_stripe(t, slot);
-        __atomic_add_fetch(&t->hdr->lock_recoveries, 1, __ATOMIC_RELAXED);
-        t->local_recoveries++;
-        pthread_mutex_consistent(&slot->m);
+        zt_recover(t, slot, is_global);
         return ZT_OK;
     }
     if (rc == ETIMEDOUT) {
@@ -480,8 +563,11 @@ static inline void zt_regain_gil(PyThreadState **ts) {
 static inline uint64_t zt_slot_val(uint64_t h, uint32_t r) {
     return (h & 0xffffffff00000000ULL) | (uint64_t)(r + 1);
 }
-static inline uint32_t zt_stripe_of(const zt_table *t, uint64_t h) {
-    return (uint32_t)(h >> 40) & t->stripe_mask;
+static inline zt_lockslot *zt_stripe(const zt_table *t, uint64_t h) {
+    return &t->stripes[(uint32_t)(h >> 40) & t->stripe_mask];
+}
+static inline uint64_t zt_row_hash(const zt_table *t, const char *row) {
+    return zt_hash(t->hkey, row + t->g.key_off, zt_keylen(row));
 }
 
 /* Lock-free probe.  Returns the row of `key` and fills `copy` with a validated snapshot, or -1.
@@ -503,8 +589,8 @@ static int64_t zt_lookup(const zt_table *t, const char *key, uint16_t klen, uint
             uint64_t v = __atomic_load_n(&t->index[pos], __ATOMIC_ACQUIRE);
             if (v == 0) break;
             if ((v & 0xffffffff00000000ULL) != tag) continue;
-            uint32_t r = (uint32_t)(v & 0xffffffffu) - 1;
-            if (r >= t->capacity) { retry = 1; break; }
+            uint32_t r = zt_slot_row(v);
+            if (r >= t->g.capacity) { retry = 1; break; }
             int ok = 0;
             for (int s = 0; s < ZT_READ_SPINS; s++) {
                 if (zt_copy_row(t, r, copy)) { ok = 1; break; }
@@ -529,9 +615,7 @@ static int64_t zt_find_slot_locked(const zt_table *t, const char *key, uint16_t 
         uint64_t v = t->index[pos];
         if (v == 0) return -1;
         if ((v & 0xffffffff00000000ULL) != tag) continue;
-        uint32_t r = (uint32_t)(v & 0xffffffffu) - 1;
-        const char *row = zt_row(t, r);
-        if (zt_key_eq(t, row, key, klen)) return (int64_t)pos;
+        if (zt_key_eq(t, zt_row(t, zt_slot_row(v)), key, klen)) return (int64_t)pos;
     }
     return -1;
 }
@@ -546,8 +630,8 @@ static int64_t zt_find_row_striped(const zt_table *t, const char *key, uint16_t 
         uint64_t v = __atomic_load_n(&t->index[pos], __ATOMIC_ACQUIRE);
         if (v == 0) return -1;
         if ((v & 0xffffffff00000000ULL) != tag) continue;
-        uint32_t r = (uint32_t)(v & 0xffffffffu) - 1;
-        if (r >= t->capacity) return -1;
+        uint32_t r = zt_slot_row(v);
+        if (r >= t->g.capacity) return -1;
         const char *row = zt_row(t, r);
         if (zt_state(row) == ZT_LIVE && zt_key_eq(t, row, key, klen)) return r;
     }
@@ -571,9 +655,7 @@ static void zt_index_remove_locked(zt_table *t, uint64_t pos) {
         j = (j + 1) & mask;
         uint64_t v = t->index[j];
         if (v == 0) break;
-        uint32_t r = (uint32_t)(v & 0xffffffffu) - 1;
-        const char *row = zt_row(t, r);
-        uint64_t home = zt_hash(t->hkey, row + t->key_off, zt_keylen(row)) & mask;
+        uint64_t home = zt_row_hash(t, zt_row(t, zt_slot_row(v))) & mask;
         /* can the entry at j move to the hole? only if its home is not cyclically in (hole, j] */
         int stays = (hole <= j) ? (home > hole && home <= j) : (home > hole || home <= j);
         if (stays) continue;
@@ -593,13 +675,10 @@ static void zt_index_remove_locked(zt_table *t, uint64_t pos) {
 static void zt_repair_stripe(zt_table *t, zt_lockslot *slot) {
     uint64_t intent = __atomic_load_n(&slot->intent, __ATOMIC_ACQUIRE);
     uint32_t r1 = (uint32_t)(intent & 0xffffffffu);
-    if (r1 != 0 && r1 <= t->capacity) {
+    if (r1 != 0 && r1 <= t->g.capacity) {
         char *row = zt_row(t, r1 - 1);
         uint32_t s = __atomic_load_n(zt_seqp(row), __ATOMIC_ACQUIRE);
-        if ((s & 1) && (intent >> 32) == ZT_W_SINGLE) {
-            /* the one word was either stored or not: the row is consistent either way */
-            __atomic_store_n(zt_seqp(row), s + 1, __ATOMIC_RELEASE);
-        } else if (s & 1) {
+        if ((s & 1) && (intent >> 32) != ZT_W_SINGLE) {
             uint8_t st = zt_state(row);
             if (st == ZT_LIVE) __atomic_sub_fetch(&t->hdr->row_count, 1, __ATOMIC_RELAXED);
             if (st == ZT_LIVE || st == ZT_BUSY) {
@@ -607,8 +686,9 @@ static void zt_repair_stripe(zt_table *t, zt_lockslot *slot) {
                 __atomic_add_fetch(&t->hdr->dead_rows, 1, __ATOMIC_RELAXED);
                 __atomic_add_fetch(&t->hdr->rows_lost, 1, __ATOMIC_RELAXED);
             }
-            __atomic_store_n(zt_seqp(row), s + 1, __ATOMIC_RELEASE);
         }
+        /* a single word was either stored or not: the row is whole, only the seq is odd */
+        if (s & 1) __atomic_store_n(zt_seqp(row), s + 1, __ATOMIC_RELEASE);
     }
     __atomic_store_n(&slot->intent, 0, __ATOMIC_RELEASE);
 }
@@ -622,34 +702,25 @@ static void zt_repair_global(zt_table *t) {
      * stripe whose holder died is repaired by that acquisition; while we hold them all, no row
      * can change state under the rebuild, so the count it computes is exact.  A stripe held by a
      * live but stuck process times out and is skipped: nobody else can repair it meanwhile. */
-    uint64_t held[16] = {0};
+    uint64_t held[ZT_MAX_STRIPES / 64] = {0};
     for (uint32_t s = 0; s <= t->stripe_mask; s++) {
-        struct timespec dl;
-        clock_gettime(CLOCK_MONOTONIC, &dl);
-        int64_t ns = dl.tv_nsec + t->lock_timeout_ns;
-        dl.tv_sec += ns / 1000000000LL;
-        dl.tv_nsec = ns % 1000000000LL;
-        int rc = pthread_mutex_clocklock(&t->stripes[s].m, CLOCK_MONOTONIC, &dl);
+        int rc = zt_timed_lock(t, &t->stripes[s]);
         if (rc == EOWNERDEAD) {
-            zt_repair_stripe(t, &t->stripes[s]);
-            __atomic_add_fetch(&h->lock_recoveries, 1, __ATOMIC_RELAXED);
-            t->local_recoveries++;
-            pthread_mutex_consistent(&t->stripes[s].m);
+            zt_recover(t, &t->stripes[s], 0);
             rc = 0;
         }
         if (rc == 0) held[s >> 6] |= 1ULL << (s & 63);
     }
     __atomic_add_fetch(&h->index_seq, 1, __ATOMIC_ACQ_REL);
     for (uint64_t i = 0; i <= t->index_mask; i++) __atomic_store_n(&t->index[i], 0, __ATOMIC_RELAXED);
-    uint32_t limit = h->next_unused > t->capacity ? t->capacity : h->next_unused;
+    uint32_t limit = h->next_unused > t->g.capacity ? t->g.capacity : h->next_unused;
     int64_t live = 0;
     uint32_t free_head = 0;
     for (uint32_t r = limit; r-- > 0;) {
         char *row = zt_row(t, r);
         uint8_t st = zt_state(row);
-        if (st == ZT_LIVE && zt_keylen(row) <= t->key_limit) {
-            uint64_t hh = zt_hash(t->hkey, row + t->key_off, zt_keylen(row));
-            zt_index_insert_locked(t, hh, r);
+        if (st == ZT_LIVE && zt_keylen(row) <= t->g.key_limit) {
+            zt_index_insert_locked(t, zt_row_hash(t, row), r);
             live++;
         } else {
             if (st == ZT_BUSY) __atomic_add_fetch(&h->rows_lost, 1, __ATOMIC_RELAXED);
@@ -658,7 +729,7 @@ static void zt_repair_global(zt_table *t) {
             __atomic_store_n(zt_seqp(row), s + 1, __ATOMIC_RELAXED);
             __atomic_thread_fence(__ATOMIC_RELEASE);
             zt_set_state(row, ZT_FREE);
-            memcpy(row + t->key_off, &free_head, 4);
+            memcpy(row + t->g.key_off, &free_head, 4);
             __atomic_store_n(zt_seqp(row), s + 2, __ATOMIC_RELEASE);
             free_head = r + 1;
         }
@@ -672,54 +743,79 @@ static void zt_repair_global(zt_table *t) {
         if (held[s >> 6] & (1ULL << (s & 63))) pthread_mutex_unlock(&t->stripes[s].m);
 }
 
+/* The row count.  A process killed inside an insert or a delete leaves the count off until the
+ * global lock is taken again.  The kernel marks the futex word of a robust lock whose holder died
+ * (FUTEX_OWNER_DIED; glibc's futex word is the mutex's first field): then take the lock now, so
+ * its recovery recounts the rows before anyone reads a wrong count. */
+_Static_assert(offsetof(pthread_mutex_t, __data.__lock) == 0, "glibc: the futex word comes first");
+static int64_t zt_count(zt_table *t) {
+    if (__atomic_load_n(&t->global->m.__data.__lock, __ATOMIC_RELAXED) & FUTEX_OWNER_DIED) {
+        int rc = pthread_mutex_trylock(&t->global->m);
+        if (rc == EOWNERDEAD) {
+            PyThreadState *ts = PyEval_SaveThread(); /* the repair may wait for stripe locks */
+            zt_recover(t, t->global, 1);
+            PyEval_RestoreThread(ts);
+        }
+        if (rc == 0 || rc == EOWNERDEAD) zt_release(t->global);
+    }
+    return __atomic_load_n(&t->hdr->row_count, __ATOMIC_RELAXED);
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* structural operations (global lock held)                                                  */
 
-/* Free every DEAD row still referenced by the index (their keys are intact: a torn update does
- * not write the key).  Runs only when the table is otherwise full. */
-static void zt_reclaim_dead_locked(zt_table *t) {
+/* Remove row r, found at index slot `pos`, from the table (global and stripe lock held). */
+static void zt_unlink_locked(zt_table *t, zt_lockslot *stripe, uint32_t r, uint64_t pos) {
     zt_header *h = t->hdr;
-    for (uint32_t r = 0; r < h->next_unused; r++) {
+    char *row = zt_row(t, r);
+    uint8_t st = zt_state(row);
+    uint32_t s = zt_write_begin(stripe, row, r, ZT_W_SINGLE);
+    zt_set_state(row, ZT_FREE);
+    zt_write_end(stripe, row, s);
+    ZT_CRASHPOINT(ZT_CP_DELETE_FREED);
+    zt_index_remove_locked(t, pos);
+    memcpy(row + t->g.key_off, &h->free_head, 4); /* a free row links the free list in its key */
+    h->free_head = r + 1;
+    if (st == ZT_LIVE) __atomic_sub_fetch(&h->row_count, 1, __ATOMIC_RELAXED);
+    else if (st == ZT_DEAD) __atomic_sub_fetch(&h->dead_rows, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&h->deletes, 1, __ATOMIC_RELAXED);
+}
+
+/* The table is full: free the rows torn by dead writers and the expired rows.  Each is checked
+ * again under its stripe lock (`held` is the stripe the caller already holds). */
+static void zt_reclaim_locked(zt_table *t, zt_lockslot *held, PyThreadState **ts) {
+    int64_t now = zt_now(t);
+    for (uint32_t r = 0; r < t->hdr->next_unused; r++) {
         char *row = zt_row(t, r);
-        if (zt_state(row) != ZT_DEAD) continue;
-        uint64_t hh = zt_hash(t->hkey, row + t->key_off, zt_keylen(row));
-        uint64_t mask = t->index_mask, pos = hh & mask;
-        for (uint64_t n = 0; n <= mask; n++, pos = (pos + 1) & mask) {
-            uint64_t v = t->index[pos];
-            if (v == 0) break;
-            if ((uint32_t)(v & 0xffffffffu) == r + 1) { zt_index_remove_locked(t, pos); break; }
+        uint8_t st = zt_state(row);
+        if (st != ZT_DEAD && !(st == ZT_LIVE && zt_expired(t, row, now))) continue;
+        uint64_t h = zt_row_hash(t, row); /* the key of a DEAD or LIVE row is whole */
+        zt_lockslot *stripe = zt_stripe(t, h);
+        if (stripe != held && zt_acquire(t, stripe, 0, ts) != ZT_OK) continue;
+        st = zt_state(row);
+        if (st == ZT_DEAD || (st == ZT_LIVE && zt_expired(t, row, now))) {
+            uint64_t pos = h & t->index_mask;
+            while (t->index[pos] != 0 && zt_slot_row(t->index[pos]) != r)
+                pos = (pos + 1) & t->index_mask;
+            if (t->index[pos] != 0) zt_unlink_locked(t, stripe, r, pos);
         }
-        uint32_t s = __atomic_load_n(zt_seqp(row), __ATOMIC_RELAXED);
-        if (s & 1) s++;
-        __atomic_store_n(zt_seqp(row), s + 1, __ATOMIC_RELAXED);
-        __atomic_thread_fence(__ATOMIC_RELEASE);
-        zt_set_state(row, ZT_FREE);
-        memcpy(row + t->key_off, &h->free_head, 4);
-        __atomic_store_n(zt_seqp(row), s + 2, __ATOMIC_RELEASE);
-        h->free_head = r + 1;
-        __atomic_sub_fetch(&h->dead_rows, 1, __ATOMIC_RELAXED);
+        if (stripe != held) zt_release(stripe);
     }
 }
 
-static int64_t zt_alloc_row_locked(zt_table *t) {
+static int64_t zt_alloc_row_locked(zt_table *t, zt_lockslot *held, PyThreadState **ts) {
     zt_header *h = t->hdr;
-    if (h->free_head == 0 && h->next_unused >= t->capacity && h->dead_rows > 0)
-        zt_reclaim_dead_locked(t);
+    if (h->free_head == 0 && h->next_unused >= t->g.capacity && (h->dead_rows > 0 || t->g.exp_off))
+        zt_reclaim_locked(t, held, ts);
     if (h->free_head != 0) {
         uint32_t r = h->free_head - 1;
         uint32_t next;
-        memcpy(&next, zt_row(t, r) + t->key_off, 4);
+        memcpy(&next, zt_row(t, r) + t->g.key_off, 4);
         h->free_head = next;
         return r;
     }
-    if (h->next_unused < t->capacity) return h->next_unused++;
+    if (h->next_unused < t->g.capacity) return h->next_unused++;
     return -1;
-}
-
-static void zt_free_row_locked(zt_table *t, uint32_t r) {
-    char *row = zt_row(t, r);
-    memcpy(row + t->key_off, &t->hdr->free_head, 4);
-    t->hdr->free_head = r + 1;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -740,42 +836,77 @@ static int zt_settle_row(zt_table *t, uint32_t r, PyThreadState **ts) {
     return ZT_OK; /* nobody is writing it any more */
 }
 
-/* Read `key` into `copy` (row_size bytes).  Returns 1 found, 0 missing, <0 error. */
-static int zt_get(zt_table *t, const char *key, uint16_t klen, char *copy) {
+/* Take the global lock, then the stripe of `h` (the order every structural change uses). */
+static int zt_lock_both(zt_table *t, zt_lockslot *stripe, PyThreadState **ts) {
+    int rc = zt_acquire(t, t->global, 1, ts);
+    if (rc) return rc;
+    rc = zt_acquire(t, stripe, 0, ts);
+    if (rc) zt_release(t->global);
+    return rc;
+}
+
+/* delete: 1 deleted, 0 missing (or expired), <0 error.  With `only_expired`, the row is removed
+ * only when it is still expired now that its locks are held. */
+static int zt_remove(zt_table *t, const char *key, uint16_t klen, int only_expired) {
     uint64_t h = zt_hash(t->hkey, key, klen);
-    int busy;
-    uint32_t busy_row = 0;
     PyThreadState *ts = NULL;
-    for (int round = 0; round < 4; round++) {
-        int64_t r = zt_lookup(t, key, klen, h, copy, &busy, &busy_row);
-        if (r >= 0) { zt_regain_gil(&ts); return 1; }
-        if (!busy) { zt_regain_gil(&ts); return 0; }
-        __atomic_add_fetch(&t->hdr->read_fallbacks, 1, __ATOMIC_RELAXED);
-        if (busy == ZT_BUSY_ROW) {
-            /* Only that row's writer is in the way: wait for it (bounded by the lock timeout),
-             * never for the whole table. */
-            int rc = zt_settle_row(t, busy_row, &ts);
-            if (rc) { zt_regain_gil(&ts); return rc; }
-            continue;
-        }
-        break;
-    }
-    /* The index kept moving under us: read it while structural changes are held off. */
-    zt_lockslot *stripe = &t->stripes[zt_stripe_of(t, h)];
-    int rc = zt_acquire(t, t->global, 1, &ts);
+    zt_lockslot *stripe = zt_stripe(t, h);
+    int rc = zt_lock_both(t, stripe, &ts);
     if (rc) { zt_regain_gil(&ts); return rc; }
-    rc = zt_acquire(t, stripe, 0, &ts);
-    if (rc) { zt_release(t->global); zt_regain_gil(&ts); return rc; }
     int64_t pos = zt_find_slot_locked(t, key, klen, h);
-    int found = 0;
+    int deleted = 0;
     if (pos >= 0) {
-        uint32_t rr = (uint32_t)(t->index[pos] & 0xffffffffu) - 1;
-        const char *row = zt_row(t, rr);
-        if (zt_state(row) == ZT_LIVE) { memcpy(copy, row, t->row_size); found = 1; }
+        uint32_t r = zt_slot_row(t->index[pos]);
+        char *row = zt_row(t, r);
+        int expired = zt_expired(t, row, zt_now(t));
+        if (expired || !only_expired) {
+            deleted = zt_state(row) == ZT_LIVE && !expired;
+            zt_unlink_locked(t, stripe, r, (uint64_t)pos);
+        }
     }
     zt_release(stripe);
     zt_release(t->global);
     zt_regain_gil(&ts);
+    return deleted;
+}
+
+/* Read `key` into `copy` (row_size bytes).  Returns 1 found, 0 missing, <0 error. */
+static int zt_get(zt_table *t, const char *key, uint16_t klen, char *copy) {
+    uint64_t h = zt_hash(t->hkey, key, klen);
+    int busy, found = 0;
+    uint32_t busy_row = 0;
+    PyThreadState *ts = NULL;
+    for (int round = 0; round < 4; round++) {
+        if (zt_lookup(t, key, klen, h, copy, &busy, &busy_row) >= 0) {
+            if (__builtin_expect(t->g.exp_off == 0, 1)) { zt_regain_gil(&ts); return 1; }
+            found = 1;
+            goto done;
+        }
+        if (!busy) goto done;
+        __atomic_add_fetch(&t->hdr->read_fallbacks, 1, __ATOMIC_RELAXED);
+        if (busy == ZT_BUSY_INDEX) break;
+        /* Only that row's writer is in the way: wait for it (bounded by the lock timeout), never
+         * for the whole table. */
+        int rc = zt_settle_row(t, busy_row, &ts);
+        if (rc) { zt_regain_gil(&ts); return rc; }
+    }
+    /* The index kept moving under us: read it while structural changes are held off. */
+    zt_lockslot *stripe = zt_stripe(t, h);
+    int rc = zt_lock_both(t, stripe, &ts);
+    if (rc) { zt_regain_gil(&ts); return rc; }
+    int64_t pos = zt_find_slot_locked(t, key, klen, h);
+    if (pos >= 0) {
+        const char *row = zt_row(t, zt_slot_row(t->index[pos]));
+        if (zt_state(row) == ZT_LIVE) { memcpy(copy, row, t->g.row_size); found = 1; }
+    }
+    zt_release(stripe);
+    zt_release(t->global);
+done:
+    zt_regain_gil(&ts);
+    if (found && zt_expired(t, copy, zt_now(t))) {
+        zt_remove(t, key, klen, 1); /* a miss either way: a lock timeout here changes nothing */
+        return 0;
+    }
     return found;
 }
 
@@ -785,77 +916,87 @@ static int zt_get(zt_table *t, const char *key, uint16_t klen, char *copy) {
  * *created = 0 (deltas not applied), or <0. */
 static int64_t zt_upsert_locked(zt_table *t, const char *key, uint16_t klen, uint64_t h,
                                 zt_lockslot *stripe, const zt_col *cols, const zt_delta *d, int nd,
-                                int *created) {
+                                int *created, PyThreadState **ts) {
     int64_t pos = zt_find_slot_locked(t, key, klen, h);
+    *created = 1;
     if (pos >= 0) {
-        uint32_t r = (uint32_t)(t->index[pos] & 0xffffffffu) - 1;
+        uint32_t r = zt_slot_row(t->index[pos]);
         char *row = zt_row(t, r);
         if (zt_state(row) == ZT_LIVE) { *created = 0; return r; }
         /* DEAD row of this key (torn by a dead writer): revive it, zeroed, with the deltas */
         uint32_t s = zt_write_begin(stripe, row, r, ZT_W_MULTI);
-        memset(row + ZT_ROW_HDR, 0, t->key_off - ZT_ROW_HDR);
-        memset(row + t->key_off + t->key_limit, 0, t->row_size - t->key_off - t->key_limit);
+        zt_zero_columns(t, row);
         zt_apply(row, cols, d, nd);
+        zt_touch(t, row);
         zt_set_state(row, ZT_LIVE);
         zt_write_end(stripe, row, s);
         __atomic_sub_fetch(&t->hdr->dead_rows, 1, __ATOMIC_RELAXED);
         __atomic_add_fetch(&t->hdr->row_count, 1, __ATOMIC_RELAXED);
-        *created = 1;
         return r;
     }
-    int64_t rr = zt_alloc_row_locked(t);
+    int64_t rr = zt_alloc_row_locked(t, stripe, ts);
     if (rr < 0) return ZT_EFULL;
     uint32_t r = (uint32_t)rr;
     char *row = zt_row(t, r);
     uint32_t s = zt_write_begin(stripe, row, r, ZT_W_MULTI);
     zt_set_state(row, ZT_BUSY);
-    memset(row + ZT_ROW_HDR, 0, t->row_size - ZT_ROW_HDR);
+    memset(row + ZT_ROW_HDR, 0, t->g.row_size - ZT_ROW_HDR);
     memcpy(row + 6, &klen, 2);
-    memcpy(row + t->key_off, key, klen);
+    memcpy(row + t->g.key_off, key, klen);
     ZT_CRASHPOINT(ZT_CP_INSERT_BUSY);
     zt_apply(row, cols, d, nd);
+    zt_touch(t, row);
     zt_set_state(row, ZT_LIVE);
     zt_write_end(stripe, row, s);
     ZT_CRASHPOINT(ZT_CP_INSERT_UNPUBLISHED);
     zt_index_insert_locked(t, h, r);
     __atomic_add_fetch(&t->hdr->row_count, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&t->hdr->inserts, 1, __ATOMIC_RELAXED);
-    *created = 1;
     return r;
 }
 
 /* Lock the key's stripe and find its row; when missing and `create`, insert it with the deltas
- * `d` applied (see zt_upsert_locked).  On success the stripe lock is held (the global lock is
- * not); ZT_NOTFOUND when missing and not creating; *ts may hold a released GIL state. */
+ * `d` applied (see zt_upsert_locked), *created = 1.  An expired row is a missing row: with
+ * `create` it is rewritten in place as a new one (zeroed, the deltas, a fresh expiry) in the same
+ * locked step.  On success the stripe lock is held (the global lock is not); ZT_NOTFOUND when
+ * missing and not creating; *ts may hold a released GIL state. */
 static int64_t zt_locate(zt_table *t, const char *key, uint16_t klen, uint64_t h, int create,
                          const zt_col *cols, const zt_delta *d, int nd, zt_lockslot **stripe_out,
                          PyThreadState **ts, int *created) {
-    zt_lockslot *stripe = &t->stripes[zt_stripe_of(t, h)];
+    zt_lockslot *stripe = zt_stripe(t, h);
     *stripe_out = stripe;
     *created = 0;
     int rc = zt_acquire(t, stripe, 0, ts);
     if (rc) return rc;
     int64_t r = zt_find_row_striped(t, key, klen, h);
-    if (r >= 0) return r;
-    zt_release(stripe);
-    rc = zt_acquire(t, t->global, 1, ts);
-    if (rc) return rc;
-    rc = zt_acquire(t, stripe, 0, ts);
-    if (rc) { zt_release(t->global); return rc; }
-    if (!create) {
-        int64_t pos = zt_find_slot_locked(t, key, klen, h);
-        r = ZT_NOTFOUND;
-        if (pos >= 0) {
-            uint32_t rr = (uint32_t)(t->index[pos] & 0xffffffffu) - 1;
-            if (zt_state(zt_row(t, rr)) == ZT_LIVE) r = rr;
+    if (r < 0) {
+        zt_release(stripe);
+        rc = zt_lock_both(t, stripe, ts);
+        if (rc) return rc;
+        if (create) {
+            r = zt_upsert_locked(t, key, klen, h, stripe, cols, d, nd, created, ts);
+        } else {
+            int64_t pos = zt_find_slot_locked(t, key, klen, h);
+            r = ZT_NOTFOUND;
+            if (pos >= 0 && zt_state(zt_row(t, zt_slot_row(t->index[pos]))) == ZT_LIVE)
+                r = zt_slot_row(t->index[pos]);
         }
         zt_release(t->global);
-        if (r < 0) zt_release(stripe);
-        return r;
+        if (r < 0 || *created) {
+            if (r < 0) zt_release(stripe);
+            return r;
+        }
     }
-    r = zt_upsert_locked(t, key, klen, h, stripe, cols, d, nd, created);
-    zt_release(t->global);
-    if (r < 0) zt_release(stripe);
+    if (__builtin_expect(t->g.exp_off != 0, 0) && zt_expired(t, zt_row(t, r), zt_now(t))) {
+        char *row = zt_row(t, (uint32_t)r);
+        if (!create) { zt_release(stripe); return ZT_NOTFOUND; }
+        uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, ZT_W_MULTI);
+        zt_zero_columns(t, row);
+        zt_apply(row, cols, d, nd);
+        zt_touch(t, row);
+        zt_write_end(stripe, row, s);
+        *created = 1;
+    }
     return r;
 }
 
@@ -879,6 +1020,7 @@ static int zt_set(zt_table *t, const char *key, uint16_t klen, const zt_col *col
         uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, zt_kind_of(cols, d, nd));
         ZT_CRASHPOINT(ZT_CP_UPDATE_AFTER_ODD);
         zt_apply(row, cols, d, nd);
+        zt_touch(t, row);
         zt_write_end(stripe, row, s);
     }
     zt_release(stripe);
@@ -886,70 +1028,51 @@ static int zt_set(zt_table *t, const char *key, uint16_t klen, const zt_col *col
     return ZT_OK;
 }
 
-/* incr on an INT column: new value in *out; overflow leaves the row (or its absence) unchanged. */
-static int zt_incr_int(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, int ci,
-                       int64_t by, int64_t *out) {
-    const zt_col *c = &cols[ci];
+/* incr of a numeric column by d->i (INT: is_int) or d->f (FLOAT); the new value in *out_i /
+ * *out_f.  Overflow (or a non-finite FLOAT result, unless allowed) leaves the row, or its absence,
+ * unchanged and reports the current value.  Inlined where called: each caller passes a constant
+ * is_int, so the INT path carries no FLOAT code. */
+static inline __attribute__((always_inline)) int zt_incr(
+    zt_table *t, const char *key, uint16_t klen, const zt_col *cols, const zt_delta *d,
+    int is_int, int allow_nonfinite, int64_t *out_i, double *out_f) {
+    const zt_col *c = &cols[d->col];
     uint64_t h = zt_hash(t->hkey, key, klen);
     PyThreadState *ts = NULL;
     zt_lockslot *stripe;
-    int created;
-    zt_delta d = {ci, by, 0.0, NULL, 0};
-    int64_t r = zt_locate(t, key, klen, h, 0, cols, &d, 1, &stripe, &ts, &created);
+    int created, rc = ZT_OK;
+    /* a new row holds 0 + by: refuse before creating anything if that already overflows (a
+     * FLOAT step is finite here; 0.0 + by is the sum, not the step: 0.0 + -0.0 is +0.0) */
+    zt_delta nd = {d->col, d->i, 0.0 + d->f, NULL, 0};
+    int64_t r = zt_locate(t, key, klen, h, 0, cols, &nd, 1, &stripe, &ts, &created);
     if (r == ZT_NOTFOUND) {
-        /* a new row holds 0 + by: refuse before creating anything if that already overflows */
-        if (!zt_int_fits(c->width, by)) { *out = 0; zt_regain_gil(&ts); return ZT_EOVERFLOW; }
-        r = zt_locate(t, key, klen, h, 1, cols, &d, 1, &stripe, &ts, &created);
+        if (is_int && !zt_int_fits(c->width, d->i)) { *out_i = 0; zt_regain_gil(&ts); return ZT_EOVERFLOW; }
+        r = zt_locate(t, key, klen, h, 1, cols, &nd, 1, &stripe, &ts, &created);
     }
     if (r < 0) { zt_regain_gil(&ts); return (int)r; }
-    int rc = ZT_OK;
+    char *row = zt_row(t, (uint32_t)r);
     if (created) {
-        *out = by;
-    } else {
-        char *row = zt_row(t, (uint32_t)r);
-        int64_t cur = zt_get_int(row, c), nv;
-        if (__builtin_add_overflow(cur, by, &nv) || !zt_int_fits(c->width, nv)) {
+        *out_i = nd.i;
+        *out_f = nd.f;
+    } else if (is_int) {
+        int64_t cur = zt_get_int(row, c);
+        if (__builtin_add_overflow(cur, d->i, out_i) || !zt_int_fits(c->width, *out_i)) {
             rc = ZT_EOVERFLOW;
-            *out = cur;
-        } else {
-            uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, ZT_W_SINGLE);
-            ZT_CRASHPOINT(ZT_CP_INCR_AFTER_ODD);
-            zt_put_int(row, c, nv);
-            zt_write_end(stripe, row, s);
-            *out = nv;
+            *out_i = cur;
+        }
+    } else {
+        *out_f = zt_get_float(row, c) + d->f;
+        if (!allow_nonfinite && !isfinite(*out_f)) {
+            rc = ZT_ENONFINITE;
+            *out_f = zt_get_float(row, c);
         }
     }
-    zt_release(stripe);
-    zt_regain_gil(&ts);
-    return rc;
-}
-
-static int zt_incr_float(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, int ci,
-                         double by, int allow_nonfinite, double *out) {
-    const zt_col *c = &cols[ci];
-    uint64_t h = zt_hash(t->hkey, key, klen);
-    PyThreadState *ts = NULL;
-    zt_lockslot *stripe;
-    int created;
-    /* a new row holds 0.0 + by: the sum, not the step (0.0 + -0.0 is +0.0) */
-    zt_delta d = {ci, 0, 0.0 + by, NULL, 0};
-    int64_t r = zt_locate(t, key, klen, h, 1, cols, &d, 1, &stripe, &ts, &created);
-    if (r < 0) { zt_regain_gil(&ts); return (int)r; }
-    int rc = ZT_OK;
-    if (created) {
-        *out = d.f;
-    } else {
-        char *row = zt_row(t, (uint32_t)r);
-        double nv = zt_get_float(row, c) + by;
-        if (!allow_nonfinite && !isfinite(nv)) {
-            rc = ZT_ENONFINITE;
-            *out = zt_get_float(row, c);
-        } else {
-            uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, ZT_W_SINGLE);
-            zt_put_float(row, c, nv);
-            zt_write_end(stripe, row, s);
-            *out = nv;
-        }
+    if (!created && rc == ZT_OK) {
+        uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, ZT_W_SINGLE);
+        ZT_CRASHPOINT(ZT_CP_INCR_AFTER_ODD);
+        if (is_int) zt_put_int(row, c, *out_i);
+        else zt_put_float(row, c, *out_f);
+        zt_touch(t, row);
+        zt_write_end(stripe, row, s);
     }
     zt_release(stripe);
     zt_regain_gil(&ts);
@@ -988,6 +1111,7 @@ static int zt_cas(zt_table *t, const char *key, uint16_t klen, const zt_col *col
         if (eq) {
             uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, zt_kind_of(cols, desired, 1));
             zt_apply(row, cols, desired, 1);
+            zt_touch(t, row);
             zt_write_end(stripe, row, s);
             *swapped = 1;
         }
@@ -995,41 +1119,6 @@ static int zt_cas(zt_table *t, const char *key, uint16_t klen, const zt_col *col
     zt_release(stripe);
     zt_regain_gil(&ts);
     return ZT_OK;
-}
-
-/* delete: 1 deleted, 0 missing, <0 error */
-static int zt_delete(zt_table *t, const char *key, uint16_t klen) {
-    uint64_t h = zt_hash(t->hkey, key, klen);
-    PyThreadState *ts = NULL;
-    zt_lockslot *stripe = &t->stripes[zt_stripe_of(t, h)];
-    int rc = zt_acquire(t, t->global, 1, &ts);
-    if (rc) { zt_regain_gil(&ts); return rc; }
-    rc = zt_acquire(t, stripe, 0, &ts);
-    if (rc) { zt_release(t->global); zt_regain_gil(&ts); return rc; }
-    int64_t pos = zt_find_slot_locked(t, key, klen, h);
-    int deleted = 0;
-    if (pos >= 0) {
-        uint32_t r = (uint32_t)(t->index[pos] & 0xffffffffu) - 1;
-        char *row = zt_row(t, r);
-        uint8_t st = zt_state(row);
-        uint32_t s = zt_write_begin(stripe, row, r, ZT_W_SINGLE);
-        zt_set_state(row, ZT_FREE);
-        zt_write_end(stripe, row, s);
-        ZT_CRASHPOINT(ZT_CP_DELETE_FREED);
-        zt_index_remove_locked(t, (uint64_t)pos);
-        zt_free_row_locked(t, r);
-        if (st == ZT_LIVE) {
-            __atomic_sub_fetch(&t->hdr->row_count, 1, __ATOMIC_RELAXED);
-            deleted = 1;
-        } else if (st == ZT_DEAD) {
-            __atomic_sub_fetch(&t->hdr->dead_rows, 1, __ATOMIC_RELAXED);
-        }
-        __atomic_add_fetch(&t->hdr->deletes, 1, __ATOMIC_RELAXED);
-    }
-    zt_release(stripe);
-    zt_release(t->global);
-    zt_regain_gil(&ts);
-    return deleted;
 }
 
 /* clear: every row freed.  Stripes are taken one at a time (never all at once: the kernel walks
@@ -1042,10 +1131,8 @@ static int zt_clear(zt_table *t) {
     __atomic_add_fetch(&h->index_seq, 1, __ATOMIC_ACQ_REL);
     for (uint32_t r = 0; r < h->next_unused; r++) {
         char *row = zt_row(t, r);
-        uint8_t st = zt_state(row);
-        if (st == ZT_FREE) continue;
-        uint64_t hh = zt_hash(t->hkey, row + t->key_off, zt_keylen(row));
-        zt_lockslot *stripe = &t->stripes[zt_stripe_of(t, hh)];
+        if (zt_state(row) == ZT_FREE) continue;
+        zt_lockslot *stripe = zt_stripe(t, zt_row_hash(t, row));
         rc = zt_acquire(t, stripe, 0, &ts);
         if (rc) break;
         uint32_t s = zt_write_begin(stripe, row, r, ZT_W_SINGLE);
@@ -1070,17 +1157,20 @@ static int zt_clear(zt_table *t) {
     return rc;
 }
 
-/* Iteration step: consistent copy of row r if it is LIVE.  1 live, 0 not, ZT_EBUSYREAD when a
- * writer stayed mid-row for the whole spin budget (the caller settles it and retries). */
+/* Iteration step: consistent copy of row r if it is LIVE (and not expired).  1 live, 0 not,
+ * ZT_EBUSYREAD when a writer stayed mid-row for the whole spin budget (the caller settles it and
+ * retries). */
 static int zt_read_at(zt_table *t, uint32_t r, char *copy) {
     for (int s = 0; s < ZT_READ_SPINS; s++) {
-        if (zt_copy_row(t, r, copy)) return copy[4] == ZT_LIVE && zt_keylen(copy) <= t->key_limit;
+        if (zt_copy_row(t, r, copy))
+            return copy[4] == ZT_LIVE && zt_keylen(copy) <= t->g.key_limit &&
+                   !zt_expired(t, copy, zt_now(t));
         zt_cpu_relax();
     }
     return ZT_EBUSYREAD;
 }
 
-/* Settle row r (wait for its writer, or repair it if the writer died), then copy it. */
+/* Settle row r (wait for its writer, or repair the row if that writer died), then copy it. */
 static int zt_read_at_locked(zt_table *t, uint32_t r, char *copy) {
     PyThreadState *ts = NULL;
     int rc = zt_settle_row(t, r, &ts);
@@ -1090,94 +1180,58 @@ static int zt_read_at_locked(zt_table *t, uint32_t r, char *copy) {
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* creation and attach                                                                      */
+/* initialisation and attach                                                                */
 
-typedef struct {
-    uint32_t capacity, row_size, key_limit, key_off, n_stripes;
-    uint64_t index_slots, off_global, off_stripes, off_index, off_rows, total_size;
-} zt_geometry;
-
-static void zt_bind(zt_table *t, char *base, size_t size) {
+static void zt_bind(zt_table *t, char *base) {
     zt_header *h = (zt_header *)base;
     t->base = base;
-    t->size = size;
     t->hdr = h;
-    t->global = (zt_lockslot *)(base + h->off_global);
-    t->stripes = (zt_lockslot *)(base + h->off_stripes);
-    t->index = (uint64_t *)(base + h->off_index);
-    t->rows = base + h->off_rows;
-    t->index_mask = h->index_slots - 1;
-    t->stripe_mask = h->n_stripes - 1;
-    t->row_size = h->row_size;
-    t->capacity = h->capacity;
-    t->key_limit = h->key_limit;
-    t->key_off = h->key_off;
-    t->hkey[0] = h->hash_key[0];
-    t->hkey[1] = h->hash_key[1];
+    t->g = h->g;
+    t->global = (zt_lockslot *)(base + h->g.off_global);
+    t->stripes = (zt_lockslot *)(base + h->g.off_stripes);
+    t->index = (uint64_t *)(base + h->g.off_index);
+    t->rows = base + h->g.off_rows;
+    t->index_mask = h->g.index_slots - 1;
+    t->stripe_mask = h->g.n_stripes - 1;
+    memcpy(t->hkey, h->hash_key, sizeof t->hkey);
     t->local_recoveries = 0;
 }
 
-/* Initialise a zero-filled mapping.  The magic is stored last with release semantics: an
- * attacher that sees it sees a fully initialised segment. */
-static int zt_init(zt_table *t, char *base, const zt_geometry *g, const uint64_t nonce[2],
-                   const uint64_t hkey[2], const char *schema, uint32_t schema_len) {
+/* Initialise a zero-filled mapping; 0 or an errno.  The magic is stored last with release
+ * semantics: an attacher that sees it sees a fully initialised segment. */
+static int zt_init(zt_table *t, char *base, const zt_geometry *g, const char *schema,
+                   uint32_t schema_len) {
     zt_header *h = (zt_header *)base;
-    if (schema_len > ZT_SCHEMA_MAX) return EINVAL;
-    h->layout_version = ZT_LAYOUT_VERSION;
-    h->header_size = ZT_HEADER_SIZE;
-    zt_abi_tag(h->abi);
-    h->total_size = g->total_size;
-    h->nonce[0] = nonce[0]; h->nonce[1] = nonce[1];
-    h->hash_key[0] = hkey[0]; h->hash_key[1] = hkey[1];
-    h->capacity = g->capacity;
-    h->row_size = g->row_size;
-    h->key_limit = g->key_limit;
-    h->key_off = g->key_off;
-    h->n_stripes = g->n_stripes;
+    if (schema_len > ZT_SCHEMA_MAX || g->n_stripes > ZT_MAX_STRIPES) return EINVAL;
+    int rc = zt_ident_init(&h->id, g->total_size);
+    if (rc || (rc = zt_random(h->hash_key, sizeof h->hash_key))) return rc;
+    h->g = *g;
     h->schema_len = schema_len;
-    h->index_slots = g->index_slots;
-    h->off_global = g->off_global;
-    h->off_stripes = g->off_stripes;
-    h->off_index = g->off_index;
-    h->off_rows = g->off_rows;
     h->created_ns = (uint64_t)zt_now_ns(CLOCK_REALTIME);
     memcpy(h->schema, schema, schema_len);
-    h->checksum = zt_header_checksum(h);
-    zt_bind(t, base, g->total_size);
-    int rc = zt_mutex_init(&t->global->m);
+    h->checksum = zt_checksum(&h->id, &h->checksum);
+    zt_bind(t, base);
+    rc = zt_mutex_init(&t->global->m);
     for (uint32_t s = 0; rc == 0 && s < g->n_stripes; s++) rc = zt_mutex_init(&t->stripes[s].m);
     if (rc) return rc;
-    __atomic_store_n(&h->magic, ZT_MAGIC_TABLE, __ATOMIC_RELEASE);
+    __atomic_store_n(&h->id.magic, ZT_MAGIC_TABLE, __ATOMIC_RELEASE);
     return 0;
 }
 
-/* Validate a mapping made by someone else.  Returns 0, or: 1 not initialised (no magic yet),
- * 2 ABI/layout mismatch, 3 corrupt header, 4 size mismatch. */
-static int zt_check(const char *base, size_t size, uint64_t magic) {
+/* Validate a mapping made by someone else (see zt_ident_check for the codes). */
+static int zt_check(const char *base, size_t size) {
     const zt_header *h = (const zt_header *)base;
     if (size < ZT_HEADER_SIZE) return 1;
-    uint64_t m = __atomic_load_n(&h->magic, __ATOMIC_ACQUIRE);
-    if (m == 0) return 1;
-    if (m != magic || h->layout_version != ZT_LAYOUT_VERSION) return 2;
-    char abi[ZT_ABI_MAX];
-    zt_abi_tag(abi);
-    if (strncmp(abi, h->abi, ZT_ABI_MAX) != 0) return 2;
-    if (h->checksum != zt_header_checksum(h)) return 3;
-    if (h->total_size != size) return 4;
-    return 0;
+    int rc = zt_ident_check(&h->id, size, ZT_MAGIC_TABLE, h->checksum, &h->checksum);
+    if (rc == 0 && h->g.n_stripes > ZT_MAX_STRIPES) return 3;
+    return rc;
 }
 
 /* ---------------------------------------------------------------------------------------- */
 /* Atomic: a lock-free int64 on its own cache line                                           */
 
 typedef struct {
-    uint64_t magic;
-    uint32_t layout_version;
-    uint32_t header_size;
-    char abi[ZT_ABI_MAX];
-    uint64_t total_size;
-    uint64_t nonce[2];
-    uint64_t pad[2];
+    zt_ident id;
     uint64_t checksum;
     __attribute__((aligned(64))) int64_t value;
 } zt_atomic_seg;
@@ -1199,35 +1253,100 @@ static inline int zt_a_cas(int64_t *p, int64_t expect, int64_t desired) {
     return __atomic_compare_exchange_n(p, &expect, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
 }
 
-static uint64_t zt_atomic_checksum(const zt_atomic_seg *a) {
-    static const uint64_t k[2] = {0x7a65616c2d617367ULL, 0x692d61746f6d6963ULL};
-    const char *start = (const char *)&a->layout_version;
-    const char *end = (const char *)&a->checksum;
-    return zt_hash(k, start, (size_t)(end - start));
-}
-
-static void zt_atomic_init(zt_atomic_seg *a, size_t size, const uint64_t nonce[2], int64_t v) {
-    a->layout_version = ZT_LAYOUT_VERSION;
-    a->header_size = (uint32_t)offsetof(zt_atomic_seg, value);
-    zt_abi_tag(a->abi);
-    a->total_size = size;
-    a->nonce[0] = nonce[0]; a->nonce[1] = nonce[1];
-    a->checksum = zt_atomic_checksum(a);
+static int zt_atomic_init(zt_atomic_seg *a, size_t size, int64_t v) {
+    int rc = zt_ident_init(&a->id, size);
+    if (rc) return rc;
+    a->checksum = zt_checksum(&a->id, &a->checksum);
     __atomic_store_n(&a->value, v, __ATOMIC_RELAXED);
-    __atomic_store_n(&a->magic, ZT_MAGIC_ATOMIC, __ATOMIC_RELEASE);
+    __atomic_store_n(&a->id.magic, ZT_MAGIC_ATOMIC, __ATOMIC_RELEASE);
+    return 0;
 }
 
 static int zt_atomic_check(const zt_atomic_seg *a, size_t size) {
     if (size < sizeof(zt_atomic_seg)) return 1;
-    uint64_t m = __atomic_load_n(&a->magic, __ATOMIC_ACQUIRE);
-    if (m == 0) return 1;
-    if (m != ZT_MAGIC_ATOMIC || a->layout_version != ZT_LAYOUT_VERSION) return 2;
-    char abi[ZT_ABI_MAX];
-    zt_abi_tag(abi);
-    if (strncmp(abi, a->abi, ZT_ABI_MAX) != 0) return 2;
-    if (a->checksum != zt_atomic_checksum(a)) return 3;
-    if (a->total_size != size) return 4;
-    return 0;
+    return zt_ident_check(&a->id, size, ZT_MAGIC_ATOMIC, a->checksum, &a->checksum);
+}
+
+
+/* ---- bounded increment (appended: rate limiting and other quotas) -------------------------- */
+
+/* Add `by` to a numeric column only when the result stays <= `bound`, in one locked step.  With
+ * `floor_`, a value below it is first replaced by `reset_` (by the floor itself when `reset_` is
+ * NULL): a stale deadline counts as now, an ended window starts again.  A missing row counts as
+ * zero and is created only when the add applies.  *applied = 1 and *out_* the new value when
+ * written; else *applied = 0 and *out_* the value as it is (0: no row).  ZT_EOVERFLOW /
+ * ZT_ENONFINITE when the result would not fit the column (nothing written). */
+static int zt_incr_bounded(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, int ci,
+                           const zt_delta *by, const zt_delta *bound, const zt_delta *floor_,
+                           const zt_delta *reset_, int allow_nonfinite, int64_t *out_i,
+                           double *out_f, int *applied) {
+    const zt_col *c = &cols[ci];
+    int is_int = c->type == ZT_INT;
+    uint64_t h = zt_hash(t->hkey, key, klen);
+    PyThreadState *ts = NULL;
+    zt_lockslot *stripe;
+    int created, rc = ZT_OK;
+    *applied = 0;
+    *out_i = 0;
+    *out_f = 0.0;
+    /* the value a missing (zero) row would get; refuse before creating anything */
+    zt_delta nd = {ci, 0, 0.0, NULL, 0};
+    int fits;
+    if (reset_ == NULL) reset_ = floor_;
+    if (is_int) {
+        int64_t base = floor_ != NULL && floor_->i > 0 ? reset_->i : 0;
+        if (__builtin_add_overflow(base, by->i, &nd.i) || !zt_int_fits(c->width, nd.i))
+            return ZT_EOVERFLOW;
+        fits = nd.i <= bound->i;
+    } else {
+        double base = floor_ != NULL && floor_->f > 0.0 ? reset_->f : 0.0;
+        nd.f = base + by->f;
+        if (!allow_nonfinite && !isfinite(nd.f)) return ZT_ENONFINITE;
+        fits = nd.f <= bound->f;
+    }
+    int64_t r = zt_locate(t, key, klen, h, 0, cols, &nd, 1, &stripe, &ts, &created);
+    if (r == ZT_NOTFOUND) {
+        if (!fits) { zt_regain_gil(&ts); return ZT_OK; }
+        r = zt_locate(t, key, klen, h, 1, cols, &nd, 1, &stripe, &ts, &created);
+    }
+    if (r < 0) { zt_regain_gil(&ts); return (int)r; }
+    char *row = zt_row(t, (uint32_t)r);
+    if (created) {
+        *applied = 1;
+        *out_i = nd.i;
+        *out_f = nd.f;
+    } else if (is_int) {
+        int64_t cur = zt_get_int(row, c), nv;
+        int64_t base = floor_ != NULL && floor_->i > cur ? reset_->i : cur;
+        *out_i = cur;
+        if (__builtin_add_overflow(base, by->i, &nv) || !zt_int_fits(c->width, nv)) {
+            rc = ZT_EOVERFLOW;
+        } else if (nv <= bound->i) {
+            uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, ZT_W_SINGLE);
+            zt_put_int(row, c, nv);
+            zt_touch(t, row);
+            zt_write_end(stripe, row, s);
+            *out_i = nv;
+            *applied = 1;
+        }
+    } else {
+        double cur = zt_get_float(row, c);
+        double nv = (floor_ != NULL && floor_->f > cur ? reset_->f : cur) + by->f;
+        *out_f = cur;
+        if (!allow_nonfinite && !isfinite(nv)) {
+            rc = ZT_ENONFINITE;
+        } else if (nv <= bound->f) {
+            uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, ZT_W_SINGLE);
+            zt_put_float(row, c, nv);
+            zt_touch(t, row);
+            zt_write_end(stripe, row, s);
+            *out_f = nv;
+            *applied = 1;
+        }
+    }
+    zt_release(stripe);
+    zt_regain_gil(&ts);
+    return rc;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -1238,8 +1357,9 @@ static int zt_atomic_check(const zt_atomic_seg *a, size_t size) {
  * process killed at any point leaves every cell whole.  Two rules keep that sound, and the caller
  * owns them: rows written through cells are never written through the locked path as well (its
  * read-modify-write would race with the CAS), and are never deleted while another process may
- * hold their cells (a freed row is reused for another key).  Readers copy rows word by word with
- * atomic loads (zt_copy_row), so every cell they see holds a value some writer stored.
+ * hold their cells (a freed row is reused for another key), so their table has no ttl.  Readers
+ * copy rows word by word with atomic loads (zt_copy_row), so every cell they see holds a value
+ * some writer stored.
  */
 
 /* The row of `key` (created zeroed when missing) in *row; ZT_EFULL, ZT_ETIMEDOUT, ZT_ELOCK. */

@@ -15,7 +15,7 @@ from bench import load_suite
 from bench._harness import Config
 from tests._harness.servers import require_binary
 
-SUITES = ["table", "store", "cache", "pubsub", "metrics"]
+SUITES = ["table", "store", "cache", "pubsub", "ratelimit", "locks", "metrics"]
 
 
 @pytest.mark.redis
@@ -26,6 +26,8 @@ SUITES = ["table", "store", "cache", "pubsub", "metrics"]
 def test_every_row_of_the_suite_is_measured(name: str) -> None:
     require_binary("redis-server")
     require_binary("memcached")
+    if name == "ratelimit":
+        require_binary("wrk")
     report = load_suite(name).run(Config.smoke())
     print(report.markdown())
     assert report.results, f"{name}: no results"

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "zeal_asgi"
 
 # Each unit (a subpackage, or a top-level module) and its layer: a unit imports only units of a
-# lower layer.  Units of the same layer (cache and messaging) never import each other.
+# lower layer.  Units of the same layer (cache, messaging, locks) never import each other.
 LAYERS: dict[str, int] = {
     "errors": 0,
     "settings": 1,
@@ -29,6 +29,8 @@ LAYERS: dict[str, int] = {
     "store": 5,
     "cache": 6,
     "messaging": 6,
+    "ratelimit": 6,
+    "locks": 6,
     "app": 7,
     "response_cache": 7,
     "middleware": 8,

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, overload
 
 from zeal_asgi.errors import BackendError, ZealError
+from zeal_asgi.locks import LockContext, Locks
 from zeal_asgi.messaging import stats as _messaging_stats  # noqa: F401 - Store.stats() sections
 from zeal_asgi.settings import ZealSettings
 from zeal_asgi.shm.ext import Table
@@ -24,13 +25,15 @@ from zeal_asgi.store import Store, StoreBackendKind, build_backend
 from zeal_asgi.store.services import Service
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
     from typing import TypeVar
 
     from zeal_asgi.messaging.pubsub import PubSub
     from zeal_asgi.messaging.streams import Streams
 
     _H = TypeVar("_H", bound=Callable[..., Any])
+    _J = TypeVar("_J", bound=Callable[[], Awaitable[Any]])
+    _A = TypeVar("_A", bound=Callable[..., Awaitable[Any]])
 
 __all__ = ["NAMES_TABLE", "Service", "Zeal", "instances"]
 
@@ -87,6 +90,9 @@ class Zeal:
         host_stats()
         _names()
         self.services: list[Service] = []
+        self.locks = Locks(self.store)
+        """Locks, leader election and jobs (:meth:`lock`, :meth:`is_leader`, :meth:`every`)."""
+        self.add_service(self.locks)
         self._depth = 0
         self._started_services: list[Service] = []
         self._pubsub: PubSub | None = None
@@ -119,6 +125,7 @@ class Zeal:
         except BaseException:
             self._depth = 0
             await self._stop_services()
+            await self.store.aclose()  # a boot that fails leaves no connection open
             raise
         _record_names()
         ident = server_identity()
@@ -235,3 +242,73 @@ class Zeal:
         See :meth:`zeal_asgi.streams.Streams.subscribe` for ``group``, ``consumer`` and the rest.
         """
         return self.streams.subscribe(stream, handler, **options)
+
+    # -- locks, leader election, jobs (zeal_asgi.locks) -------------------------------------------
+
+    def lock(
+        self, name: str, ttl: float, scope: str = "host", timeout: float | None = None
+    ) -> LockContext:
+        """A lock for ``async with``, yielding a lease whose ``token`` is a fencing token.
+
+        ``scope="host"``: one holder among the workers of this server (shared memory; a holder
+        that dies frees it at once); ``"cluster"``: one among every server on the Redis of the
+        redis or tiered backend.  The lease lasts ``ttl`` seconds and is renewed while the block
+        runs; when it cannot be renewed the block is cancelled and LockLostError raised.
+        ``timeout``: seconds to wait (``None``: no limit), then LockTimeoutError.  Not
+        re-entrant.
+
+        Example::
+
+            async with zeal.lock("reindex", ttl=30, scope="cluster") as lease:
+                await index.rebuild(fence=lease.token)
+        """
+        return self.locks.lock(name, ttl, scope, timeout)
+
+    async def is_leader(self, scope: str = "host") -> bool:
+        """True while this worker is the one leader of ``scope`` (``host`` or ``cluster``).
+
+        The first call makes this worker a candidate (it then campaigns in the background);
+        when the leader dies (host: at once) or stops answering (after ``LEADER_TTL`` s)
+        another worker leads.
+        """
+        return await self.locks.is_leader(scope)
+
+    @overload
+    def leader_only(self, fn: _A, *, scope: str = "host") -> _A: ...
+    @overload
+    def leader_only(self, fn: None = None, *, scope: str = "host") -> Callable[[_A], _A]: ...
+    def leader_only(self, fn: Any = None, *, scope: str = "host") -> Any:
+        """Decorate an async function so that only the leader of ``scope`` runs it; on the
+        other workers a call returns ``None``.  ``@zeal.leader_only`` or
+        ``@zeal.leader_only(scope="cluster")``."""
+        if fn is None:
+            return functools.partial(self.locks.leader_only, scope=scope)
+        return self.locks.leader_only(fn, scope)
+
+    def every(
+        self,
+        seconds: float,
+        *,
+        name: str | None = None,
+        scope: str = "host",
+        jitter: float = 0.0,
+        run_at_start: bool = False,
+    ) -> Callable[[_J], _J]:
+        """Decorate an async function to run once every ``seconds`` per ``scope`` in total,
+        whichever worker (or server) runs it.
+
+        Periods start on multiples of ``seconds`` of the wall clock; a run never overlaps the
+        previous one; when the worker running it dies another one runs the next period.
+        ``name`` (default: module and qualified name) identifies the job across workers and
+        servers; ``jitter``: up to that many seconds of random delay after the period starts;
+        ``run_at_start``: also run at startup, unless this period ran already.  Runs, failures
+        and the last start and duration appear in ``/health/store``.
+        """
+
+        def register(fn: _J) -> _J:
+            self.locks.every(
+                fn, seconds, name=name, scope=scope, jitter=jitter, run_at_start=run_at_start
+            )
+            return fn
+
+        return register

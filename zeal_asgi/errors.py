@@ -29,6 +29,7 @@ __all__ = [
     "InvalidTTLError",
     "KeyTooLongError",
     "KeyTypeError",
+    "LockLostError",
     "LockTimeoutError",
     "MessageRejectedError",
     "MetricError",
@@ -171,7 +172,13 @@ class PrivateCopyError(ZealError, RuntimeError):
 
 
 class LockTimeoutError(ZealError, TimeoutError):
-    """A row lock was not obtained within the table's lock timeout (the holder is stuck)."""
+    """A lock was not obtained in time: a table row's (its holder is stuck) or ``zeal.lock``'s
+    (its ``timeout``)."""
+
+
+class LockLostError(ZealError, RuntimeError):
+    """A ``zeal.lock`` lease could not be renewed while its body ran (another holder may have it
+    now): the body was cancelled."""
 
 
 class TableFullError(ZealError, OverflowError):

@@ -30,11 +30,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from zeal_asgi.errors import require
+from zeal_asgi.locks import job_stats
 from zeal_asgi.messaging.pubsub import messaging_stats
 from zeal_asgi.metrics import CONTENT_TYPE, Family, Sample, metric_name as metric_name, render
 from zeal_asgi.metrics.exposition import response
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.shm.segments import process_alive, server_identity, shm_dir
+from zeal_asgi.shm.process import process_alive
+from zeal_asgi.shm.segments import server_identity, shm_dir
 from zeal_asgi.store import Store
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ __all__ = [
     "PING_TIMEOUT",
     "PROMETHEUS_CONTENT_TYPE",
     "BreakerHealth",
+    "JobHealth",
     "ProbeHealth",
     "ShmHealth",
     "StoreHealth",
@@ -108,6 +111,21 @@ class ProbeHealth(BaseModel):
     """Why the backend is unavailable (``None`` when it is ok)."""
 
 
+class JobHealth(BaseModel):
+    """One ``zeal.every`` job on this host: ``zeal_job_<field>{job="<name>"}`` in Prometheus."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    runs_total: int = Field(validation_alias="runs")
+    """Periods this host ran the job in."""
+    failures_total: int = Field(validation_alias="failures")
+    """Runs that raised or lost their lease."""
+    last_start_seconds: float | None = Field(validation_alias="last_start")
+    """When the last run started (Unix time)."""
+    last_duration_seconds: float | None = Field(validation_alias="last_duration")
+    """How long the last finished run took."""
+
+
 class StoreHealth(ProbeHealth):
     """Body of ``GET /health/store`` (200 and 503 alike)."""
 
@@ -130,6 +148,8 @@ class StoreHealth(ProbeHealth):
     """Every event counter (``zeal_<area>_<what>_total``) summed over the workers of the host."""
     worker: dict[str, int] = Field(default_factory=dict)
     """The same counters, this worker's share."""
+    jobs: dict[str, JobHealth] = Field(default_factory=dict)
+    """``zeal.every`` jobs by name."""
 
 
 def _store_of(conn: HTTPConnection) -> Store:
@@ -220,6 +240,7 @@ async def collect(store: Store) -> StoreHealth:
         workers_reporting=sum(1 for pid in workers if process_alive(pid, None)),
         host=_named(hs.host()),
         worker=_named(hs.worker()),
+        jobs={name: JobHealth.model_validate(job) for name, job in job_stats().items()},
     )
 
 
@@ -250,6 +271,9 @@ def families(health: StoreHealth) -> list[Family]:
         family("zeal_breaker_state", "1 for the circuit breaker's current state.", states, "state")
     for name, value in health.host.items():
         family(name, "Events summed over the workers of this host.", value)
+    for field, info in JobHealth.model_fields.items() if health.jobs else ():
+        jobs = {n: v for n, j in health.jobs.items() if (v := getattr(j, field)) is not None}
+        family(f"zeal_job_{field}", str(info.description), jobs, "job")
     return out
 
 

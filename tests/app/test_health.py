@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 import zeal_asgi.health
 from tests._harness.apps import AppServer
 from tests._harness.servers import Memcached, RedisServer
+from tests.core import crashpoints
 from zeal_asgi import Store, Table, Zeal, ZealMiddleware
 from zeal_asgi.health import PROMETHEUS_CONTENT_TYPE, metric_name, starlette_routes
 from zeal_asgi.metrics import OPENMETRICS_CONTENT_TYPE
@@ -232,6 +233,7 @@ def _die_mid_write(table: Table) -> None:
 def test_health_reports_a_real_lock_recovery(table_zeal: Zeal) -> None:
     """A worker SIGKILLed in the middle of a write: the next writer recovers the lock, and the
     recovery (and the torn row it removed) shows in /health/store and in the metrics."""
+    crashpoints.require()
     store = table_zeal.store
     name = f"r_{uuid.uuid4().hex[:8]}"
     store.make(name, 16, {"a": (Store.TYPE_INT, 8), "b": (Store.TYPE_INT, 8)})

@@ -20,7 +20,7 @@ from zeal_asgi.store import Capability, Store, StoreBackendKind
 from zeal_asgi.store.backends.breaker import BreakerState, CircuitBreakerBackend
 from zeal_asgi.store.backends.tiered import TieredBackend
 
-from .conftest import MakeStore, breaker_of
+from .conftest import COLUMNS, MakeStore, breaker_of
 
 
 def state(store: Store) -> BreakerState:
@@ -282,3 +282,34 @@ async def test_health_reports_the_breaker(make_store: MakeStore, fresh_redis: Re
     assert health.status == "unavailable" and "circuit breaker open" in (health.reason or "")
     assert health.breaker is not None and health.breaker.state == "open"
     assert health.host["zeal_breaker_opened_total"] >= 1
+
+
+async def test_iterate_reads_redis_while_closed_and_falls_back_only_before_the_first_row(
+    make_store: MakeStore, fresh_redis: RedisServer
+) -> None:
+    store = make_store(fresh_redis.url, {"failure_threshold": 5, "open_seconds": 30})
+    store.make("big", 2048, COLUMNS)
+    await store.start()
+    await store.mset("big", {f"k{i}": {"v": i, "s": ""} for i in range(1500)})
+    await store.set("kv", "a", {"v": 1, "s": "mirrored"})
+    # closed: every row comes from Redis, not from what this host mirrored
+    assert len([k async for k, _ in store.iterate("big")]) == 1500
+    assert state(store) is BreakerState.CLOSED
+    failures0 = breaker_of(store).breaker.failures_in_window()
+
+    # Redis lost after the first rows: the iteration fails, it never mixes in fallback rows
+    rows = store.iterate("big")
+    seen = [await anext(rows)]
+    fresh_redis.kill()
+    with pytest.raises(BackendUnavailableError, match="middle of iterating 'big'"):
+        async for key, _ in rows:
+            seen.append(key)
+    assert 1 <= len(seen) < 1500
+    assert breaker_of(store).breaker.failures_in_window() == failures0 + 1
+
+    # Redis down before the first row (still closed): the mirrored rows answer, and it counts
+    fallback0 = store.stats()["breaker"].get("fallback_reads_total", 0)
+    assert [k async for k, _ in store.iterate("kv")] == ["a"]
+    assert state(store) is BreakerState.CLOSED
+    assert breaker_of(store).breaker.failures_in_window() == failures0 + 2
+    assert store.stats()["breaker"]["fallback_reads_total"] == fallback0 + 1

@@ -26,17 +26,20 @@ def unique(prefix: str = "c") -> str:
 
 
 async def _make_store(kind: str, request: pytest.FixtureRequest) -> Store:
+    """A Store on ``kind``; ``redis+breaker`` and the like: behind the circuit breaker."""
+    kind, _, breaker = kind.partition("+")
     if kind == "table":
         return Store(backend=TableBackend(namespace=unique("ct")))
+    conn: dict[str, Any] = {"prefix": unique()}
     if kind in ("redis", "tiered"):
-        server = request.getfixturevalue("redis_server")
-        conn: dict[str, Any] = {"url": server.url, "prefix": unique()}
+        conn["url"] = request.getfixturevalue("redis_server").url
         if kind == "tiered":
             conn["l1_ttl"] = 5.0
-        store = Store(kind, conn)
     else:
-        server = request.getfixturevalue("memcached_server")
-        store = Store("memcached", {"servers": server.url, "prefix": unique()})
+        conn["servers"] = request.getfixturevalue("memcached_server").url
+    if breaker:
+        conn.update(on_error="fallback_table", breaker={"name": unique("bk")})
+    store = Store(kind, conn)
     await store.start()
     return store
 
@@ -49,6 +52,9 @@ async def _close_store(store: Store) -> None:
     l1 = getattr(store.backend, "l1", None)
     if l1 is not None and getattr(l1, "close_all", None) is not None:
         l1.close_all()
+    close_shared = getattr(store.backend, "close_shared", None)
+    if close_shared is not None:
+        close_shared()  # the breaker's shared state
 
 
 @pytest.fixture

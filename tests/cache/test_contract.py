@@ -272,6 +272,24 @@ async def test_stampede_in_one_process_computes_once(any_cache: Cache) -> None:
     assert any_cache.stats()["stampede_blocked"] == 39
 
 
+@pytest.mark.parametrize("kind", ["redis+breaker", "tiered+breaker", "memcached+breaker"])
+async def test_get_or_compute_behind_the_circuit_breaker(
+    kind: str, store_factory: Callable[[str], Any], cache_factory: Callable[..., Cache]
+) -> None:
+    """The stampede lock follows the backend behind the breaker (memcached has no Lua)."""
+    cache = cache_factory(await store_factory(kind), secret=SECRET)
+    calls = 0
+
+    async def slow() -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.1)
+        return "v"
+
+    results = await asyncio.gather(*(cache.get_or_compute("hot", slow) for _ in range(5)))
+    assert results == ["v"] * 5 and calls == 1
+
+
 async def test_unserializable_computed_value_raises_to_the_computer(any_cache: Cache) -> None:
     with pytest.raises(SerializationError):
         await any_cache.get_or_compute("k", object)

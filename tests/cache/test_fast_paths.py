@@ -17,10 +17,10 @@ import pytest
 
 from tests.cache.conftest import SECRET, entry_files
 from zeal_asgi.cache import MISSING, Cache
-from zeal_asgi.cache.entry import LOCAL_KEY_BYTES, local_key
 from zeal_asgi.cache.files.tier import FileTier
 from zeal_asgi.cache.memo import DecodeMemo
 from zeal_asgi.cache.serializer import JsonSerializer
+from zeal_asgi.cache.tiers import LOCAL_KEY_BYTES, local_key
 from zeal_asgi.errors import InvalidKeyError, KeyTooLongError, KeyTypeError
 
 BIG = {"name": "alice", "score": 100, "bio": "x" * 10_000}

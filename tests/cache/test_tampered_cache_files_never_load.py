@@ -20,9 +20,9 @@ import pytest
 
 from tests.cache.conftest import SECRET, entry_files
 from zeal_asgi.cache import MISSING, Cache
-from zeal_asgi.cache.entry import HEAD, INLINE, memory_key
 from zeal_asgi.cache.files.tier import HEAD_LEN, HEADER, FileTier
 from zeal_asgi.cache.serializer import PICKLE_ID
+from zeal_asgi.cache.tiers import HEAD, INLINE, MAC_BYTES, memory_key
 
 CANARY_ENV = "ZEAL_E9_CANARY"
 
@@ -196,10 +196,11 @@ async def test_e9_forged_pickle_row_in_the_memory_tier_never_loads(
     canary = tmp_path / "CANARY"
     cache = cache_factory(await store_factory(kind), secret=SECRET, serializer="pickle")
     # row keys: the key itself in shared memory, its hash on shared backends
-    mk = b"k" if kind == "table" else memory_key(b"k")[0]
-    body = HEAD.pack(INLINE, PICKLE_ID, 0.0) + pickle.dumps(Evil(canary))
-    forged = {"v": body, "exp": 0.0, "m": os.urandom(16)}
-    await cache.store.set(f"__{cache.namespace}", mk, forged)  # someone with access to the tier
+    mk = b"k" if kind == "table" else memory_key(b"k")
+    forged = HEAD.pack(INLINE, PICKLE_ID, 0.0) + os.urandom(MAC_BYTES) + pickle.dumps(Evil(canary))
+    await cache.store.set(
+        f"__{cache.namespace}", mk, {"v": forged}
+    )  # someone with access to the tier
     assert await cache.get("k", MISSING) is MISSING
     assert cache.stats()["memory_corrupt"] == 1
     print(f"\nE9 forged pickle row in the {kind} memory tier: canary created: {canary.exists()}")

@@ -18,10 +18,11 @@ from tests._harness.servers import RedisServer
 from tests.cache.conftest import SECRET, entry_files, unique
 from zeal_asgi import Zeal
 from zeal_asgi.cache import MISSING, Cache
-from zeal_asgi.cache.entry import HEAD, INLINE, POINTER, memory_key
-from zeal_asgi.cache.lock import ShmLock, pack
+from zeal_asgi.cache.lock import ShmLock
 from zeal_asgi.cache.serializer import PICKLE_ID
+from zeal_asgi.cache.tiers import HEAD, INLINE, POINTER, memory_key
 from zeal_asgi.errors import ConfigError, LockTimeoutError
+from zeal_asgi.shm.lease import pack
 from zeal_asgi.store import Store
 
 
@@ -62,7 +63,7 @@ async def test_tampered_memory_row_is_never_returned_where_rows_are_authenticate
     for kind, serializer in (("redis", "json"), ("table", "pickle")):
         cache = cache_factory(await store_factory(kind), secret=SECRET, serializer=serializer)
         await cache.set("k", "genuine")
-        table, mk = f"__{cache.namespace}", b"k" if kind == "table" else memory_key(b"k")[0]
+        table, mk = f"__{cache.namespace}", b"k" if kind == "table" else memory_key(b"k")
         row = await cache.store.get_strict(table, mk)
         await cache.store.set(table, mk, {"v": row["v"].replace(b"genuine", b"forged!")})
         # dropped; on the table backend the authentic file copy is served instead
@@ -211,9 +212,9 @@ def _dead_pid() -> int:
 
 async def test_dead_owner_lock_is_taken_over_at_once(table_cache: Cache) -> None:
     dead_pid = _dead_pid()
-    lock = table_cache._bind().lock
+    lock = table_cache._tiers.bind().lock
     assert isinstance(lock, ShmLock)
-    name = memory_key(b"k")[0]
+    name = memory_key(b"k")
     far = int(time.monotonic() * 1000) + 3_600_000
     lock.table.set(name, {"owner": pack(far, dead_pid)})
     t0 = time.monotonic()
@@ -222,8 +223,8 @@ async def test_dead_owner_lock_is_taken_over_at_once(table_cache: Cache) -> None
 
 
 async def test_live_owner_lock_makes_waiters_time_out(table_cache: Cache) -> None:
-    lock = table_cache._bind().lock
-    name = memory_key(b"k")[0]
+    lock = table_cache._tiers.bind().lock
+    name = memory_key(b"k")
     token = await lock.acquire(name)
     assert token is not None
     try:
@@ -238,8 +239,8 @@ async def test_crashed_computer_on_redis_blocks_only_until_its_lease_ends(
     store_factory: Callable[[str], Any], cache_factory: Callable[..., Cache]
 ) -> None:
     cache = cache_factory(await store_factory("redis"), secret=SECRET, lock_lease=0.5)
-    lock = cache._bind().lock
-    name = memory_key(b"k")[0]
+    lock = cache._tiers.bind().lock
+    name = memory_key(b"k")
     assert await lock.acquire(name) is not None  # then "crashes": never renews nor releases
     assert await lock.acquire(name) is None
     t0 = time.monotonic()
@@ -286,7 +287,7 @@ async def test_gc_service_starts_and_stops(
 
 
 async def test_gc_removes_lock_rows_of_dead_owners(table_cache: Cache) -> None:
-    lock = table_cache._bind().lock
+    lock = table_cache._tiers.bind().lock
     assert isinstance(lock, ShmLock)
     lock.table.set("dead", {"owner": pack(1, _dead_pid())})
     held = await lock.acquire("held")

@@ -101,6 +101,10 @@ def test_what_cells_refuse(make_table: MakeTable) -> None:
     assert len(full) == 1
     with pytest.raises(TypeError):
         pickle.dumps(Cells(full, ["one"]))
+    expiring = make_table(4, FLOATS, ttl=60)  # an expired row would be reused under the cells
+    with pytest.raises(ColumnTypeError, match="never expire"):
+        Cells(expiring, ["k"])
+    assert len(expiring) == 0
 
 
 def test_cells_of_a_closed_table_raise_instead_of_touching_freed_memory(

@@ -3,6 +3,7 @@ and squatted names (E7), an ABI/layout mismatch, and the detection of private co
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -13,11 +14,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests._harness.apps import REPO
-from zeal_asgi import Table
+from zeal_asgi import Atomic, Table
 from zeal_asgi.errors import (
     PrivateCopyError,
     ShmAbiMismatchError,
@@ -28,6 +30,8 @@ from zeal_asgi.shm import segments as _segments
 from zeal_asgi.shm.segments import destroy
 
 MakeTable = Callable[..., Table]
+
+
 BIG_ROWS = 1_000_000  # ~129 MB with one STRING(32) column
 
 
@@ -154,7 +158,7 @@ def test_e7_squatted_name_is_refused_never_attached() -> None:
 def test_abi_or_layout_mismatch_is_refused(make_table: MakeTable) -> None:
     t = make_table(16, {"v": ("int", 8)})
     with open(t.path, "r+b") as f:
-        f.seek(12)  # the ABI tag in the header
+        f.seek(16)  # the ABI tag in the header
         f.write(b"musl-1.2")
     with pytest.raises(ShmAbiMismatchError, match="incompatible build"):
         Table(16, {"v": ("int", 8)}, name=t.name)
@@ -252,3 +256,28 @@ def test_shm_dir_is_configurable(tmp_path: Path) -> None:
     while list(tmp_path.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert list(tmp_path.iterdir()) == []
+
+
+def _open_at_once(name: str, out: Any, go: Any) -> None:
+    go.wait()  # every sibling creates or attaches in the same instant
+    t, a = Table(1000, {"v": ("int", 8)}, name=name), Atomic(0, name=name)
+    out.put((t.nonce, a.nonce, t.created, a.created))
+
+
+def test_siblings_opening_one_name_at_once_share_one_segment() -> None:
+    """Segments are built under a private name and linked into place: of 8 processes starting
+    together exactly one creates each segment, and every other attaches to that one."""
+    ctx = mp.get_context("fork")
+    name = f"race-{uuid.uuid4().hex[:8]}"
+    out, go = ctx.Queue(), ctx.Barrier(8)
+    procs = [ctx.Process(target=_open_at_once, args=(name, out, go)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0] * 8
+    assert len({g[0] for g in got}) == 1 and len({g[1] for g in got}) == 1
+    assert sum(g[2] for g in got) == 1 and sum(g[3] for g in got) == 1
+    for kind in ("t", "a"):
+        os.unlink(_segments.segment_path(kind, name))

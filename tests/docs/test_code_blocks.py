@@ -201,12 +201,22 @@ def probe_health(server: AppServer) -> None:
     assert status == 200 and "zeal_up 1" in text
 
 
+def probe_ratelimit(server: AppServer) -> None:
+    from tests.ratelimit.conftest import away_from_minute_end
+
+    away_from_minute_end(10)  # the 5/minute window is aligned to the clock
+    codes = [server.fetch("/search?q=x")[0] for _ in range(7)]  # a new connection each
+    assert codes == [200] * 5 + [429] * 2, codes
+    assert all(server.fetch("/health/store")[0] == 200 for _ in range(3))  # exempt
+
+
 PROBES: dict[str, tuple[Callable[[AppServer], None], str]] = {
     "readme": (probe_readme, "/openapi.json"),
     "quickstart": (probe_quickstart, "/health/store"),
     "starlette": (probe_starlette, "/health/store"),
     "websockets": (probe_websockets, "/openapi.json"),
     "health": (probe_health, "/healthz"),
+    "ratelimit": (probe_ratelimit, "/health/store"),
 }
 
 

@@ -21,6 +21,7 @@ PUBLIC_MODULES = [
     "zeal_asgi.errors",
     "zeal_asgi.store",
     "zeal_asgi.settings",
+    "zeal_asgi.locks",
 ]
 
 

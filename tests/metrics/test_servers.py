@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests._harness.apps import AppServer, AppServers
 from tests._harness.servers import require_binary
-from zeal_asgi.shm.segments import process_alive
+from zeal_asgi.shm.process import process_alive
 
 pytestmark = pytest.mark.servers
 

@@ -237,7 +237,7 @@ async def test_stats(redis_store: Store) -> None:
     stats = redis_store.stats()
     assert stats["backend"] == "redis"
     r = stats["redis"]
-    assert r["pool_size"] == 8 and r["in_use"] == 0 and r["waiting"] == 0
+    assert r["pool_size"] == 64 and r["in_use"] == 0 and r["waiting"] == 0
     assert r["acquires"] >= 2 and r["commands"] >= 2 and r["clients_created"] >= 1
     assert r["errors"] == 0
     for name in ("acquires", "commands", "clients_created"):

@@ -17,7 +17,8 @@ def test_url_fields_and_defaults() -> None:
     assert (cfg.mode, cfg.host, cfg.port, cfg.db) == ("standalone", "cache.example", 6380, 3)
     assert (cfg.username, cfg.password, cfg.tls) == ("user", "p@ss", False)
     # every knob explicit, with the documented defaults
-    assert (cfg.pool_size, cfg.prefix, cfg.retries) == (8, "zeal", 2)
+    assert (cfg.pool_size, cfg.prefix, cfg.retries) == (64, "zeal", 2)
+    assert cfg.auto_pipeline is True
     assert (cfg.socket_timeout, cfg.connect_timeout, cfg.acquire_timeout) == (1.0, 1.0, 0.5)
     assert cfg.deadline == pytest.approx(1.5)
     assert "p@ss" not in cfg.describe() and "***" in cfg.describe()
@@ -105,6 +106,8 @@ def test_cluster_sentinel_unix_and_query_options() -> None:
     ux = RedisConfig.parse("unix:///run/redis.sock?db=4&pool_size=2&retries=0")
     assert (ux.unix_path, ux.db, ux.pool_size, ux.retries) == ("/run/redis.sock", 4, 2, 0)
     assert RedisConfig.parse("valkeys://h").tls
+    assert RedisConfig.parse("redis://h?auto_pipeline=false").auto_pipeline is False
+    assert RedisConfig.parse({"url": "redis://h", "auto_pipeline": False}).auto_pipeline is False
 
 
 def test_facade_validates_at_once_without_io() -> None:

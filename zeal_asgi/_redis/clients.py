@@ -1,14 +1,17 @@
-"""redis-py clients of the Redis backend, built with every option explicit (never its defaults).
+"""Clients of the Redis backend, built with every option explicit (never redis-py's defaults).
 
-:class:`ClientFactory` builds, for one event loop of one worker: the pooled client (standalone,
-Sentinel or Cluster), the connections of the single-command fast path (standalone servers only,
-see :mod:`._redis_direct`), and dedicated clients for SUBSCRIBE and blocking reads.  redis-py's
-defaults keep moving between releases (timeouts, retries, hostname checks), so every knob it
-has is set here from :class:`~._redis_config.RedisConfig`.
+:class:`ClientFactory` builds, for one event loop of one worker: the pooled redis-py client
+(standalone, Sentinel or Cluster) for pipelines and scans, the way single commands' connections
+open (:mod:`zeal_asgi._redis.pipe`: TCP, TLS or a unix socket, to the server, the Sentinel's
+current master or one Cluster node, then AUTH and SELECT), and dedicated clients for SUBSCRIBE
+and blocking reads.  redis-py's defaults keep moving between releases (timeouts, retries,
+hostname checks), so every knob it has is set here from
+:class:`~zeal_asgi._redis.config.RedisConfig`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,6 +23,7 @@ from redis.asyncio.connection import (  # DefaultParser: hiredis's, which the co
     AbstractConnection,
     Connection,
     DefaultParser,
+    RedisSSLContext,
     SSLConnection,
     UnixDomainSocketConnection,
 )
@@ -29,8 +33,12 @@ from redis.backoff import NoBackoff
 
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.errors import translate
+from zeal_asgi._redis.pipe import Opener, pack
 
-__all__ = ["ClientFactory"]
+__all__ = ["Address", "ClientFactory"]
+
+Address = tuple[str, int]
+"""A node's host and port."""
 
 _DEDICATED_MAX = 4
 
@@ -122,29 +130,53 @@ class ClientFactory:
                 **kw,
             )
             return Redis.from_pool(pool), sentinel
-        # Single commands use the fast path's own connections (at most pool_size); this pool
-        # serves pipelines (within the slots) and callers of client() outside them (Streams
-        # consumers): a burst of those waits up to acquire_timeout for one of 2 x pool_size
-        # connections instead of failing at once, as a plain pool would.
+        # Single commands use their own pipelined connection; this pool serves pipelines and
+        # scans (within the slots) and callers of client() outside them (Streams consumers): a
+        # burst of those waits up to acquire_timeout for one of pool_size connections instead
+        # of failing at once, as a plain pool would.  Its connections open on first use.
         kw = self._standalone_kwargs(cfg.socket_timeout)
         pool = BlockingConnectionPool(
-            max_connections=2 * cfg.pool_size, timeout=cfg.acquire_timeout, **kw
+            max_connections=cfg.pool_size, timeout=cfg.acquire_timeout, **kw
         )
         return Redis.from_pool(pool), None
 
-    def direct_factory(self) -> Callable[[], AbstractConnection] | None:
-        """A maker of fast-path connections, or ``None`` where the target can move (Sentinel,
-        Cluster) or the client is the user's own.
+    def opener(
+        self, loop: asyncio.AbstractEventLoop, addr: Address | None, sentinel: Sentinel | None
+    ) -> Opener:
+        """How a single-command connection to ``addr`` (a Cluster node; ``None``: the server,
+        or the master the Sentinels name at that moment) opens."""
+        cfg = self.cfg
+        ssl_context = None
+        if cfg.tls:  # the pooled client's very options (ssl_ca_certs -> ca_certs, ...)
+            tls = {k.removeprefix("ssl_"): v for k, v in self.tls_kwargs().items()}
+            ssl_context = RedisSSLContext(**tls).get()
 
-        Their ``socket_timeout`` is None: the connector bounds each attempt with one timer
-        (``socket_timeout``, within the call's deadline), instead of redis-py's timer per read
-        plus a task per write.
-        """
-        if self.cfg.mode != "standalone":
-            return None
-        kw = self._standalone_kwargs(None)
-        cls: type[AbstractConnection] = kw.pop("connection_class")
-        return lambda: cls(**kw)
+        async def open_(protocol: Callable[[], asyncio.Protocol]) -> object:
+            if cfg.unix_path is not None:
+                return await loop.create_unix_connection(protocol, cfg.unix_path)
+            if addr is not None:
+                host, port = addr
+            elif sentinel is not None:
+                host, port = await sentinel.discover_master(cfg.service or "")
+            else:
+                host, port = cfg.host or "", cfg.port
+            name = host if ssl_context is not None else None
+            return await loop.create_connection(
+                protocol, host, port, ssl=ssl_context, server_hostname=name
+            )
+
+        return open_
+
+    def greeting(self, cluster_node: bool) -> list[bytes]:
+        """The commands a new connection sends first: AUTH, SELECT (none on a Cluster node)."""
+        cfg = self.cfg
+        out = []
+        if cfg.password is not None:
+            user = () if cfg.username is None else (cfg.username,)
+            out.append(pack((b"AUTH", *user, cfg.password)))
+        if cfg.db and not cluster_node:
+            out.append(pack((b"SELECT", cfg.db)))
+        return out
 
     def _sentinel(self) -> Sentinel:
         cfg = self.cfg

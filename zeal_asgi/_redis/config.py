@@ -36,6 +36,7 @@ _QUERY_OPTS = frozenset(
         "ssl_keyfile",
         "ssl_cert_reqs",
         "ssl_check_hostname",
+        "auto_pipeline",
     }
 )
 """Options a URL query string may set too (same names as the dict keys)."""
@@ -73,8 +74,14 @@ class RedisConfig(BaseModel):
     """The master's name, with ``sentinel``."""
     sentinel_password: str | None = Field(default=None, repr=False)
     client: Any = None
-    pool_size: int = Field(default=8, ge=1, le=1024)
-    """Connections (and concurrent calls) per worker and event loop."""
+    pool_size: int = Field(default=64, ge=1, le=1024)
+    """Calls in flight at once per worker and event loop (the slots; pipelined single commands
+    cost no connection each); also the most connections the pooled client opens for pipelines,
+    scans and Streams consumers."""
+    auto_pipeline: bool = True
+    """Single commands issued together are written together (one write per pass of the event
+    loop); ``False``: each one is written on its own.  Either way they share one connection per
+    server (Cluster: per node)."""
     prefix: str = Field(default="zeal", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """First part of every key and channel (no braces or colons: they shape Redis Cluster hash
     tags and key separators)."""
@@ -83,10 +90,10 @@ class RedisConfig(BaseModel):
     connect_timeout: Seconds = 1.0
     """Seconds to open a connection (TCP and TLS)."""
     acquire_timeout: Seconds = 0.5
-    """Seconds to wait for a free connection before PoolTimeoutError.  Short enough to shed load
-    instead of queueing without bound, long enough that a busy worker (dozens of requests in
-    flight on its 8 connections, its event loop saturated) does not fail requests that a
-    healthy Redis would serve a few milliseconds later."""
+    """Seconds to wait for a free slot before PoolTimeoutError.  Short enough to shed load
+    instead of queueing without bound, long enough that a busy worker (its ``pool_size`` calls in
+    flight, its event loop saturated) does not fail requests that a healthy Redis would serve a
+    few milliseconds later."""
     health_check_interval: float = Field(default=15.0, ge=0, le=86400, allow_inf_nan=False)
     """An idle connection is PINGed before reuse after this many seconds (0: never)."""
     retries: int = Field(default=2, ge=0, le=10)

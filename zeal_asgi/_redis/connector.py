@@ -1,4 +1,4 @@
-"""Redis clients per worker and event loop, the bounded slots, timeouts, retries and counters.
+"""Redis clients per worker and event loop, the slots, timeouts, retries and counters.
 
 asyncio clients are bound to the loop that opened their sockets, and a forked worker must not
 reuse its parent's sockets: :class:`RedisConnector` keeps one state per (process, loop), built
@@ -11,11 +11,11 @@ it opens the connection).  Idempotent commands are retried on connection errors 
 with full-jitter backoff inside that deadline (never INCR, HINCRBY, XADD, PUBLISH or a user
 script), and redis-py exceptions are translated into the ZealError hierarchy.
 
-Two ways in: :meth:`RedisConnector.call` / :meth:`RedisConnector.script` send one command (the
-fast path of :mod:`._redis_direct` on a standalone server, its limits kept by one timer per
-loop in :mod:`._redis_deadlines`), and :meth:`RedisConnector.run` awaits any ``op(client)`` on
-the pooled redis-py client (pipelines, Cluster, Sentinel, a user's client), bounded by an
-``asyncio.timeout_at``.
+Two ways in: :meth:`RedisConnector.call` / :meth:`RedisConnector.script` send one command on
+the loop's pipelined connection to the server, or on a Cluster to the node that owns the key's
+slot (:mod:`zeal_asgi._redis.pipe`), following MOVED and ASK redirections;
+:meth:`RedisConnector.run` awaits any ``op(client)`` on the pooled redis-py client (pipelines,
+SCAN, a user's client), bounded by an ``asyncio.timeout_at``.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from typing import Any, TypeVar
 from redis import exceptions as rx
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel
+from redis.crc import key_slot
 from redis.utils import HIREDIS_AVAILABLE
 
-from zeal_asgi._redis.clients import ClientFactory
+from zeal_asgi._redis.clients import Address, ClientFactory
 from zeal_asgi._redis.config import RedisConfig
-from zeal_asgi._redis.deadlines import Deadlines
-from zeal_asgi._redis.direct import DirectConnections, direct_call, pack, pack_script
 from zeal_asgi._redis.errors import retriable, translate
+from zeal_asgi._redis.pipe import Dropped, Expired, Opener, Pipe, pack
 from zeal_asgi._redis.scripts import Script
 from zeal_asgi.errors import BackendTimeoutError, ConfigError, PoolTimeoutError, ZealError
 from zeal_asgi.shm.hoststats import host_stats
@@ -48,12 +48,24 @@ __all__ = ["COUNTERS", "HOST_KEYS", "LoopState", "RedisConnector"]
 log = logging.getLogger("zeal_asgi.redis")
 T = TypeVar("T")
 
-COUNTERS = ("acquires", "acquire_timeouts", "clients_created", "commands", "errors", "retries")
-"""Per-worker counters of :meth:`RedisConnector.stats` (also summed over the host)."""
+COUNTERS = (
+    "acquires",
+    "acquire_timeouts",
+    "clients_created",
+    "commands",
+    "writes",
+    "errors",
+    "retries",
+)
+"""Per-worker counters of :meth:`RedisConnector.stats` (also summed over the host); single
+commands per socket write is ``commands / writes`` (pipelines and scans aside)."""
 HOST_KEYS = {name: f"redis_{name}_total" for name in COUNTERS}
 
 _BACKOFF_BASE = 0.01
 _BACKOFF_CAP = 0.2
+_REDIRECTS = 5
+"""MOVED/ASK replies followed per call (redis-py follows up to 16; a slot moves once)."""
+_ASKING = pack((b"ASKING",))
 
 if not HIREDIS_AVAILABLE:  # pragma: no cover - the redis extra installs it
     raise ConfigError("the redis backend needs hiredis: pip install 'zeal-asgi[redis]'")
@@ -71,22 +83,22 @@ os.register_at_fork(after_in_child=_after_fork)
 
 @dataclass
 class LoopState:
-    """One event loop's client, slots, fast-path connections and limits (in one process)."""
+    """One event loop's clients, pipes and slots (in one process)."""
 
     loop: asyncio.AbstractEventLoop
     pid: int
     client: Any
     slots: asyncio.Semaphore
     owned: bool
-    direct: DirectConnections | None = None
-    deadlines: Deadlines = field(init=False)
     sentinel: Sentinel | None = None
+    pipes: dict[Address | None, Pipe] = field(default_factory=dict)
+    """The pipelined connection of each node (``None``: the one server); closed ones replaced."""
+    opening: set[asyncio.Task[None]] = field(default_factory=set)
+    topology: bool | None = None
+    """Cluster: whether the slot map is current (``None``: never loaded)."""
     in_use: int = 0
     waiting: int = 0
     booted: bool = False
-
-    def __post_init__(self) -> None:
-        self.deadlines = Deadlines(self.loop)
 
 
 class RedisConnector:
@@ -111,13 +123,13 @@ class RedisConnector:
         """Slot gauges and counters of this worker, and the counters summed over the host."""
         st = self._current()
         host = host_stats().host()
-        direct = st.direct if st else None
         return {
             "target": self.where,
             "pool_size": self.cfg.pool_size,
+            "auto_pipeline": self.cfg.auto_pipeline,
             "in_use": st.in_use if st else 0,
             "waiting": st.waiting if st else 0,
-            "connections": direct.open if direct else 0,
+            "connections": sum(1 for p in st.pipes.values() if not p.closed) if st else 0,
             **self.local,
             "host": {name: host.get(HOST_KEYS[name], 0) for name in COUNTERS},
         }
@@ -144,14 +156,12 @@ class RedisConnector:
             return st
         self._forget_dead()
         client, sentinel = self._factory.pooled()
-        make = self._factory.direct_factory()
         st = LoopState(
             loop,
             _pid,
             client,
             asyncio.Semaphore(self.cfg.pool_size),
             owned=self.cfg.mode != "client",
-            direct=DirectConnections(make) if make is not None else None,
             sentinel=sentinel,
         )
         self._states[id(loop)] = st
@@ -181,10 +191,12 @@ class RedisConnector:
         if st is None:
             return
         del self._states[id(st.loop)]
-        st.deadlines.close()
-        if st.direct is not None:
-            with contextlib.suppress(rx.RedisError, OSError):
-                await st.direct.close()
+        for task in st.opening:
+            task.cancel()
+        closed = ConnectionError("the store was closed")
+        for pipe in st.pipes.values():
+            pipe.abort(closed)
+        await asyncio.sleep(0)  # the transports close their sockets in the next pass
         if not st.owned:
             return
         with contextlib.suppress(rx.RedisError, OSError):
@@ -201,10 +213,64 @@ class RedisConnector:
             st.client, st.sentinel, socket_timeout, for_key, self.where
         )
 
-    # -- slots ---------------------------------------------------------------------------------
+    # -- connections of single commands --------------------------------------------------------
 
-    async def acquire(self, st: LoopState, what: str, table: str | None) -> None:
-        """Take a slot of ``st``, waiting at most ``acquire_timeout`` (PoolTimeoutError)."""
+    def _pipe(self, st: LoopState, addr: Address | None) -> Pipe:
+        """The pipelined connection to ``addr`` (opened on first use, and again once closed)."""
+        pipe = st.pipes.get(addr)
+        if pipe is None or pipe.closed:
+            cfg, factory = self.cfg, self._factory
+            pipe = Pipe(
+                st.loop, cfg.socket_timeout, cfg.auto_pipeline, lambda: self.count("writes")
+            )
+            opener = factory.opener(st.loop, addr, st.sentinel)
+            task = st.loop.create_task(self._open(pipe, opener, factory.greeting(addr is not None)))
+            st.opening.add(task)
+            task.add_done_callback(st.opening.discard)
+            st.pipes[addr] = pipe
+        return pipe
+
+    async def _open(self, pipe: Pipe, opener: Opener, greeting: list[bytes]) -> None:
+        with contextlib.suppress(Exception):  # the queued commands got the error
+            await pipe.open(opener, greeting, self.cfg.connect_timeout)
+            self.count("clients_created")
+
+    async def _node(self, st: LoopState, key: bytes | None) -> Address:
+        """Cluster: the primary that owns ``key``'s slot (any primary without a key)."""
+        client = st.client
+        if not st.topology:
+            # first use: the client loads the map; later, after a MOVED or a lost node, reload
+            await (
+                client.initialize() if st.topology is None else client.nodes_manager.initialize()
+            )
+            st.topology = True
+        node = (
+            client.get_default_node()
+            if key is None
+            else client.nodes_manager.get_node_from_slot(key_slot(key))
+        )
+        return node.host, node.port
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    async def _within(
+        self,
+        what: str,
+        table: str | None,
+        idempotent: bool,
+        attempt: Callable[[LoopState, float], Awaitable[T]],
+    ) -> T:
+        """``await attempt(state, deadline)`` within a slot, the deadline and the retry policy;
+        an attempt fails by raising its ZealError (the cause chained).
+
+        Raises:
+            PoolTimeoutError: no slot within ``acquire_timeout``.
+            BackendTimeoutError: no answer within ``socket_timeout`` / ``deadline``.
+            BackendUnavailableError (and its TLS/auth leaves), BackendResponseError.
+        """
+        st = self.state()
+        loop = st.loop
+        deadline = loop.time() + self.cfg.deadline
         slots = st.slots
         if not slots.locked():
             await slots.acquire()  # returns at once: no timer when a slot is free
@@ -217,64 +283,69 @@ class RedisConnector:
             except TimeoutError:
                 self.count("acquire_timeouts")
                 raise PoolTimeoutError(
-                    f"{self._describe(what, table)}: all {self.cfg.pool_size} connections "
-                    f"stayed busy for {timeout * 1000:.0f} ms (acquire_timeout); raise "
-                    "pool_size or find the slow calls"
+                    f"{self._describe(what, table)}: all {self.cfg.pool_size} slots stayed busy "
+                    f"for {timeout * 1000:.0f} ms (acquire_timeout): raise pool_size or find the "
+                    "slow calls"
                 ) from None
             finally:
                 st.waiting -= 1
         self.count("acquires")
+        st.in_use += 1
+        try:
+            tries = 0
+            while True:
+                self.count("commands")
+                try:
+                    return await attempt(st, deadline)
+                except ZealError as err:
+                    delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**tries))
+                    left = deadline - loop.time()
+                    if (
+                        not idempotent
+                        or not retriable(err)
+                        or tries >= self.cfg.retries
+                        or (delay >= left)
+                    ):
+                        self.count("errors")
+                        raise
+                self.count("retries")
+                tries += 1
+                await asyncio.sleep(delay)
+        finally:
+            st.in_use -= 1
+            slots.release()
 
-    def failed(
-        self,
-        exc: BaseException | None,
-        expired: bool,
-        at_deadline: bool,
-        what: str,
-        table: str | None,
-    ) -> ZealError:
-        """The error of a failed attempt: ours when its time limit ``expired`` (the call's
-        deadline, or ``socket_timeout``), else the translation of ``exc``."""
+    def failed(self, exc: BaseException | None, what: str, table: str | None) -> ZealError:
+        """The error of a failed attempt: the translation of ``exc``; with ``exc`` an
+        :class:`Expired` (or None: the call's deadline), ours."""
         where = self._describe(what, table)
-        if expired:
-            cfg = self.cfg
-            if at_deadline:
-                return BackendTimeoutError(
-                    f"{where}: no answer within the {cfg.deadline * 1000:.0f} ms deadline"
-                )
+        if exc is not None and not isinstance(exc, Expired):
+            return translate(exc, where)
+        cfg = self.cfg
+        if exc is None or exc.at_deadline:
             return BackendTimeoutError(
-                f"{where}: no answer within socket_timeout ({cfg.socket_timeout * 1000:.0f} ms)"
+                f"{where}: no answer within the {cfg.deadline * 1000:.0f} ms deadline"
             )
-        assert exc is not None
-        return translate(exc, where)
-
-    def give_up(self, err: ZealError, attempt: int, idempotent: bool, left: float) -> float:
-        """The backoff before the next attempt, or -1 to raise ``err`` now."""
-        delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
-        if not idempotent or not retriable(err) or attempt >= self.cfg.retries or delay >= left:
-            self.count("errors")
-            return -1.0
-        self.count("retries")
-        return delay
-
-    # -- single commands (fast path on a standalone server) ------------------------------------
+        return BackendTimeoutError(
+            f"{where}: no answer within socket_timeout ({cfg.socket_timeout * 1000:.0f} ms)"
+        )
 
     async def call(
         self, args: tuple[Any, ...], what: str, *, idempotent: bool, table: str | None = None
     ) -> Any:
         """Send one command (name a str, arguments bytes, str or int) and return its reply.
 
-        The reply is RESP2 as parsed by hiredis on a standalone server (``HGETALL``: a flat
-        list) and redis-py's parsed reply elsewhere (``HGETALL``: a dict); every other command
-        this package sends this way reads the same both ways.  ``what`` (and ``table``) name
-        the call in error messages.
+        The reply is RESP2 as parsed by hiredis (``HGETALL``: a flat list), except with a ready
+        client of the user's (redis-py's parsed reply; ``HGETALL``: a dict); every other
+        command this package sends this way reads the same both ways.  ``what`` (and
+        ``table``) name the call in error messages.
         """
-        st = self.state()
-        if st.direct is None:
+        if self.cfg.mode == "client":
             return await self.run(
                 lambda c: c.execute_command(*args), what=what, idempotent=idempotent, table=table
             )
-        return await direct_call(self, st, st.direct, pack(args), None, what, table, idempotent)
+        key = args[1] if len(args) > 1 else None
+        return await self._send(pack(args), key, None, what, table, idempotent)
 
     async def script(
         self,
@@ -287,16 +358,68 @@ class RedisConnector:
         table: str | None = None,
     ) -> Any:
         """Run ``script`` (EVALSHA, then EVAL if the server lost it); its raw reply."""
-        st = self.state()
-        if st.direct is None:
+        if self.cfg.mode == "client":
             return await self.run(
                 lambda c: script(c, keys, args), what=what, idempotent=idempotent, table=table
             )
-        packed = pack_script(b"EVALSHA", script.sha, keys, args)
-        fallback = (script.body, keys, args)
-        return await direct_call(self, st, st.direct, packed, fallback, what, table, idempotent)
+        packed = pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
+        body = pack((b"EVAL", script.body, len(keys), *keys, *args))
+        return await self._send(packed, keys[0] if keys else None, body, what, table, idempotent)
 
-    # -- any operation on the pooled client ----------------------------------------------------
+    async def _send(
+        self,
+        packed: bytes,
+        key: bytes | None,
+        body: bytes | None,
+        what: str,
+        table: str | None,
+        idempotent: bool,
+    ) -> Any:
+        """One command on a pipe; ``body``: the EVAL sent when the server answers EVALSHA with
+        NOSCRIPT (it did not run the script)."""
+        cfg = self.cfg
+
+        async def attempt(st: LoopState, deadline: float) -> Any:
+            nonlocal packed, body
+            addr: Address | None = None
+            asking, redirects = False, 0
+            while True:
+                pipe = None
+                try:
+                    if cfg.mode == "cluster" and not redirects:
+                        addr = await self._node(st, key)
+                    pipe = self._pipe(st, addr)
+                    if asking:  # written just before the command: both in one write
+                        asked = pipe.send(_ASKING, deadline)  # its outcome read, and dropped
+                        asked.add_done_callback(lambda f: f.cancelled() or f.exception())
+                    return await pipe.send(packed, deadline)
+                except rx.ResponseError as exc:
+                    text = str(exc)
+                    if body is not None and text.startswith("NOSCRIPT"):
+                        # a restart, failover or SCRIPT FLUSH: the script did not run, so
+                        # sending its source is safe even when it is not idempotent
+                        packed, body = body, None
+                        continue
+                    if text.startswith(("MOVED ", "ASK ")) and redirects < _REDIRECTS:
+                        # not run: the slot is served elsewhere (for good, or for now)
+                        redirects += 1
+                        asking = text.startswith("ASK")
+                        st.topology = st.topology and asking
+                        host, _, port = text.split()[2].rpartition(":")
+                        addr = (host, int(port))
+                        continue
+                    if text.startswith("READONLY") and pipe is not None:
+                        pipe.abort(exc)  # a demoted master: reconnect, and rediscover
+                    raise self.failed(exc, what, table) from exc
+                except Expired as exc:
+                    raise self.failed(exc, what, table) from None
+                except Dropped as exc:
+                    st.topology = st.topology and False  # a Cluster node went away: reload
+                    raise self.failed(exc.cause, what, table) from exc.cause
+                except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
+                    raise self.failed(exc, what, table) from exc
+
+        return await self._within(what, table, idempotent, attempt)
 
     async def run(
         self,
@@ -306,38 +429,19 @@ class RedisConnector:
         idempotent: bool,
         table: str | None = None,
     ) -> T:
-        """Run ``op(client)`` within the slots, the deadline and the retry policy.
+        """Run ``op(client)`` on the pooled client within the slots, the deadline and the retry
+        policy (the errors of :meth:`_within`)."""
 
-        Raises:
-            PoolTimeoutError: no slot within ``acquire_timeout``.
-            BackendTimeoutError: no answer within ``socket_timeout`` / ``deadline``.
-            BackendUnavailableError (and its TLS/auth leaves), BackendResponseError.
-        """
-        st = self.state()
-        loop = st.loop
-        deadline = loop.time() + self.cfg.deadline
-        await self.acquire(st, what, table)
-        st.in_use += 1
-        try:
-            attempt = 0
-            while True:
-                self.count("commands")
-                cm = asyncio.timeout_at(deadline)
-                try:
-                    async with cm:
-                        return await op(st.client)
-                except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
-                    # OSError covers TimeoutError, ours (expired) and the socket's
-                    err = self.failed(exc, cm.expired(), True, what, table)
-                    cause: BaseException = exc
-                delay = self.give_up(err, attempt, idempotent, deadline - loop.time())
-                if delay < 0:
-                    raise err from cause
-                attempt += 1
-                await asyncio.sleep(delay)
-        finally:
-            st.in_use -= 1
-            st.slots.release()
+        async def attempt(st: LoopState, deadline: float) -> T:
+            cm = asyncio.timeout_at(deadline)
+            try:
+                async with cm:
+                    return await op(st.client)
+            except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
+                # OSError covers TimeoutError, ours (expired) and the socket's
+                raise self.failed(None if cm.expired() else exc, what, table) from exc
+
+        return await self._within(what, table, idempotent, attempt)
 
     async def boot(self) -> None:
         """PING once per loop; fails loudly, naming the target (never the password)."""

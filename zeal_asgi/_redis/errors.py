@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from redis import exceptions as rx
-
 from zeal_asgi.errors import (
     BackendAuthError,
     BackendResponseError,
@@ -47,6 +45,10 @@ def translate(exc: BaseException, where: str) -> ZealError:
     """The ZealError for ``exc``, with a message naming ``where`` (no password in it)."""
     if isinstance(exc, ZealError):
         return exc
+    # Imported here, on the error path: modules that only may talk to Redis (pub/sub, the
+    # subscriber) import this one, and must import without the redis extra.
+    from redis import exceptions as rx
+
     text = str(exc) or type(exc).__name__
     tls = _ssl_cause(exc)
     if tls is not None:

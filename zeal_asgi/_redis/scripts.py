@@ -25,6 +25,8 @@ __all__ = [
     "INCR_FLOAT",
     "INCR_INT",
     "LOCK_ACQUIRE",
+    "LOCK_CLAIM",
+    "LOCK_FENCED_ACQUIRE",
     "LOCK_RELEASE",
     "LOCK_RENEW",
     "MSET",
@@ -487,5 +489,128 @@ for i, key in ipairs(KEYS) do
   end
 end
 return 0
+""",
+)
+# -- rate limiting (zeal_asgi.ratelimit) ------------------------------------------------------
+
+RATE_LIMIT_KEY = "rl:{%s:%s}"
+"""The hash of one rate-limited key: ``{prefix}:rl:{<limiter>:<key>}``.  The whole name is the
+hash tag, so each key's hash lands on its own Cluster slot (a hit touches only that hash)."""
+
+RATE_LIMIT = Script(
+    "rate_limit",
+    """
+-- One hit (ARGV[1] 'h') or peek ('p') of every limit of a limiter on the hash KEYS[1], at the
+-- server's clock: all limits admit it and are charged together, or nothing changes.
+-- ARGV[2] algorithm ('f' fixed window, 's' sliding window, 't' token bucket / GCRA),
+-- ARGV[3] cost, ARGV[4] the hash's expiry (ms), then amount and period (ms) of each limit.
+-- Fields: w<i> window number, n<i> its count, p<i> the previous window's count, t<i> the
+-- theoretical arrival time (ms).  Reply {allowed, limit index, remaining, reset ms, retry ms}
+-- (a peek reports what is left now, a hit what is left after it).
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local hit, algo, cost = ARGV[1] == 'h', ARGV[2], tonumber(ARGV[3])
+local state = {}
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do state[flat[i]] = tonumber(flat[i + 1]) end
+local best, best_left, best_reset = 1, math.huge, 0
+local writes = {}
+for i = 1, (#ARGV - 4) / 2 do
+  local amount, period = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
+  local left, reset
+  if algo == 't' then
+    local step = period / amount
+    local tat = math.max(state['t' .. i] or 0, now)
+    local new = tat + cost * step
+    if new > now + period + step * 1e-3 then
+      return {0, i, math.floor((now + period - tat) / step + 1e-9), math.ceil(tat - now),
+              math.ceil(new - now - period)}
+    end
+    if hit then left = math.floor((now + period - new) / step + 1e-9)
+    else left = math.floor((now + period - tat) / step + 1e-9) end
+    reset = math.ceil(new - now)
+    writes[#writes + 1] = 't' .. i
+    writes[#writes + 1] = string.format('%.17g', new)
+  else
+    local w = math.floor(now / period)
+    local cur, prev = state['n' .. i] or 0, state['p' .. i] or 0
+    local seen = state['w' .. i]
+    if seen ~= w then
+      if algo == 's' and seen == w - 1 then prev = cur else prev = 0 end
+      cur = 0
+    end
+    local start = w * period
+    local bound = amount
+    if algo == 's' then bound = amount - math.floor(prev * (1 - (now - start) / period)) end
+    reset = start + period - now
+    if cur + cost > bound then
+      local retry = reset
+      if algo == 's' then
+        local room = amount - cur - cost
+        local at = nil
+        if room >= 0 and prev > 0 then
+          at = start + period * (1 - (room + 1) / prev)
+          if at >= start + period then at = nil end
+        end
+        if at == nil then
+          at = start + period
+          if cur > 0 then at = at + period * math.max(0, 1 - (amount - cost + 1) / cur) end
+        end
+        retry = at - now
+      end
+      return {0, i, math.max(0, bound - cur), reset, math.ceil(retry)}
+    end
+    left = bound - cur
+    if hit then left = left - cost end
+    writes[#writes + 1] = 'w' .. i
+    writes[#writes + 1] = w
+    writes[#writes + 1] = 'n' .. i
+    writes[#writes + 1] = cur + cost
+    writes[#writes + 1] = 'p' .. i
+    writes[#writes + 1] = prev
+  end
+  if left < best_left then best, best_left, best_reset = i, left, reset end
+end
+if hit then
+  redis.call('HSET', KEYS[1], unpack(writes))
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return {1, best, best_left, best_reset, 0}
+""",
+)
+
+RATE_LIMIT_RESET = Script("rate_limit_reset", "return redis.call('DEL', KEYS[1])")
+
+__all__ += ["RATE_LIMIT", "RATE_LIMIT_KEY", "RATE_LIMIT_RESET"]
+
+# -- Cluster locks (zeal_asgi.locks), keys under {prefix}:lock:
+#   lock:{<name>}        string  the holder's random owner id; expires with the lease
+#   lock:{<name>}:fence  string  the last fencing token handed out for <name> (never expires)
+#   lock:{<name>}:mark   string  the highest mark claimed under the lock (a job's last period)
+# Renewing and releasing a lease are LOCK_RENEW and LOCK_RELEASE above (owner checked first).
+
+# KEYS[1] lease, KEYS[2] fence; ARGV[1] owner, ARGV[2] lease ms.  The token, or 0 when another
+# owner holds the lease.  Run again by the same owner (a retry) it returns the same token.  A
+# token is never below the server clock in microseconds, so tokens keep increasing even after a
+# restart that lost the fence.
+LOCK_FENCED_ACQUIRE = Script(
+    "lock_fenced_acquire",
+    """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return tonumber(redis.call('GET', KEYS[2])) end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+local t = redis.call('TIME')
+local token = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
+token = math.max(token, tonumber(t[1]) * 1000000 + tonumber(t[2]))
+redis.call('SET', KEYS[2], string.format('%d', token))
+return token
+""",
+)
+# KEYS[1] mark; ARGV[1] the new mark.  1 when it was below (and is now ARGV[1]).
+LOCK_CLAIM = Script(
+    "lock_claim",
+    """
+if tonumber(redis.call('GET', KEYS[1]) or '-1') >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
 """,
 )

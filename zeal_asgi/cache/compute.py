@@ -15,19 +15,13 @@ import inspect
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from zeal_asgi.cache.entry import memory_key
 from zeal_asgi.cache.lock import NO_LOCK, Lock
+from zeal_asgi.cache.tiers import Tiers, memory_key
 from zeal_asgi.errors import LockTimeoutError, ValueTooLargeError
 
-if TYPE_CHECKING:
-    from zeal_asgi.cache.facade import Cache
-
 __all__ = ["compute_once"]
-
-_FIRST_DELAY = 0.002
-_MAX_DELAY = 0.05
 
 
 async def _renew(lock: Lock, name: str, holder: list[Any], every: float) -> None:
@@ -39,75 +33,61 @@ async def _renew(lock: Lock, name: str, holder: list[Any], every: float) -> None
         holder[0] = token
 
 
-async def _compute_locked(
-    cache: Cache,
+async def compute_once(
+    tiers: Tiers,
     key: bytes,
     fn: Callable[[], Any | Awaitable[Any]],
     ttl: float,
-    lock: Lock,
-    name: str,
-    token: Any,
+    max_wait: float,
+    max_entry_bytes: int,
 ) -> Any:
-    holder = [token]
-    renewer = (
-        asyncio.create_task(_renew(lock, name, holder, cache.lock_lease / 3))
-        if token is not NO_LOCK
-        else None
-    )
-    try:
-        found, value = await cache._lookup(key, record=False)
-        if found:  # the previous holder stored it just before we took the lock
+    """The cached value of ``key``, computing it with ``fn`` at most once at a time."""
+    found, value = await tiers.lookup(key)
+    if found:
+        return value
+    lock = tiers.bind().lock
+    name = memory_key(key)
+    deadline = time.monotonic() + max_wait
+    delay = 0.002
+    while (token := await lock.acquire(name)) is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            tiers.count("compute_timeouts")
+            raise LockTimeoutError(
+                f"get_or_compute({key!r:.60}): another worker has been computing it for more "
+                f"than {max_wait} s (max_wait=)"
+            )
+        await asyncio.sleep(min(delay, left) * random.uniform(0.5, 1.0))
+        delay = min(delay * 1.5, 0.05)
+        found, value = await tiers.lookup(key, record=False)
+        if found:
+            tiers.count("stampede_blocked")
             return value
-        cache._count("computations")
+    if token is NO_LOCK:
+        tiers.count("lock_table_full")
+    holder = [token]
+    renewer = None
+    if token is not NO_LOCK:
+        renewer = asyncio.create_task(_renew(lock, name, holder, tiers.lock_lease / 3))
+    try:
+        found, value = await tiers.lookup(key, record=False)
+        if found:  # the previous holder stored it just before we took the lock
+            tiers.count("stampede_blocked")  # another caller's computation served this one
+            return value
+        tiers.count("computations")
         result = fn()
         if inspect.isawaitable(result):
             result = await result
-        payload = cache.serializer.dumps(result)
-        if len(payload) > cache.max_entry_bytes:
+        payload = tiers.serializer.dumps(result)
+        if len(payload) > max_entry_bytes:
             raise ValueTooLargeError(
                 f"computed value for {key!r:.60} is {len(payload)} bytes serialized; the limit "
-                f"is max_entry_bytes={cache.max_entry_bytes}"
+                f"is max_entry_bytes={max_entry_bytes}"
             )
-        await cache._store_payload(key, payload, ttl)
+        await tiers.put(key, payload, ttl)
         return result
     finally:
         if renewer is not None:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
         await lock.release(name, holder[0])
-
-
-async def compute_once(
-    cache: Cache,
-    key: bytes,
-    fn: Callable[[], Any | Awaitable[Any]],
-    ttl: float,
-    max_wait: float,
-) -> Any:
-    """The cached value of ``key``, computing it with ``fn`` at most once at a time."""
-    found, value = await cache._lookup(key)
-    if found:
-        return value
-    lock = cache._bind().lock
-    name = memory_key(key)[0]
-    deadline = time.monotonic() + max_wait
-    delay = _FIRST_DELAY
-    while True:
-        token = await lock.acquire(name)
-        if token is not None:
-            if token is NO_LOCK:
-                cache._count("lock_table_full")
-            return await _compute_locked(cache, key, fn, ttl, lock, name, token)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            cache._count("compute_timeouts")
-            raise LockTimeoutError(
-                f"get_or_compute({key!r:.60}): another worker has been computing it for more "
-                f"than {max_wait} s (max_wait=)"
-            )
-        await asyncio.sleep(min(delay, left) * random.uniform(0.5, 1.0))
-        delay = min(delay * 1.5, _MAX_DELAY)
-        found, value = await cache._lookup(key, record=False)
-        if found:
-            cache._count("stampede_blocked")
-            return value

@@ -10,23 +10,21 @@ calls the synchronous :class:`~zeal_asgi.cache.local.LocalTier` directly.
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import re
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from zeal_asgi.cache.compute import compute_once
-from zeal_asgi.cache.entry import MAX_KEY_BYTES, check_key, check_ttl
-from zeal_asgi.cache.files.tier import FileTier, Owned
+from zeal_asgi.cache.files.tier import FileTier
 from zeal_asgi.cache.gc import CacheGC
 from zeal_asgi.cache.keys import CacheKeys, resolve_secret
 from zeal_asgi.cache.serializer import Serializer, get_serializer
-from zeal_asgi.cache.tiers import Binding, Tiers
+from zeal_asgi.cache.tiers import MAX_KEY_BYTES, Tiers, check_key, check_ttl
 from zeal_asgi.errors import ConfigError, ValueTooLargeError
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.store import Store
-from zeal_asgi.store.facade import hybridmethod
+from zeal_asgi.store import Store, StoreBackendKind
+from zeal_asgi.store.facade import HybridMeta, hybridmethod
 
 if TYPE_CHECKING:
     from zeal_asgi.store.services import ServiceHost
@@ -43,6 +41,9 @@ MISSING: Any = _Missing()
 """Pass as ``default`` to tell a miss from a stored ``None``: ``cache.get(k, MISSING)``."""
 
 _NS_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+_UNBOUNDED = (StoreBackendKind.REDIS, StoreBackendKind.TIERED)
+"""Backends where ``max_rows`` bounds nothing (Redis keeps rows until they expire)."""
+log = logging.getLogger("zeal_asgi.cache")
 
 
 def _int_in_range(name: str, value: object, low: int, high: int) -> int:
@@ -51,7 +52,7 @@ def _int_in_range(name: str, value: object, low: int, high: int) -> int:
     return value
 
 
-class Cache:
+class Cache(metaclass=HybridMeta):
     """A two-tier cache shared by every worker (and node, off the table backend).
 
     Example::
@@ -114,9 +115,8 @@ class Cache:
             raise ConfigError(f"Cache namespace must match {_NS_RE.pattern}, got {namespace!r}")
         self.max_rows = _int_in_range("max_rows", max_rows, 1, 2**32 - 2)
         self.gc_interval_ms = _int_in_range("gc_interval_ms", gc_interval_ms, 0, 86_400_000)
-        self.ttl_seconds = None if ttl_seconds is None else check_ttl(ttl_seconds, "ttl_seconds")
-        if self.ttl_seconds == 0:
-            self.ttl_seconds = None
+        ttl = 0.0 if ttl_seconds is None else check_ttl(ttl_seconds, "ttl_seconds")
+        self.ttl_seconds = ttl or None  # 0 and None alike: rows live as long as their entry
         self.max_entry_bytes = _int_in_range("max_entry_bytes", max_entry_bytes, 1, 2**30)
         self.memory_value_bytes = _int_in_range(
             "memory_value_bytes", memory_value_bytes, 1, 16 * 1024 * 1024 - 2
@@ -130,8 +130,8 @@ class Cache:
         self.namespace = namespace
         self.serializer: Serializer = get_serializer(serializer)
         self._keys = CacheKeys.load(resolve_secret(secret, pickle=serializer == "pickle"))
-        self._prefix = f"{namespace}."
-        self._events = {e: self._prefix + e for e in ("hits_memory", "hits_file", "misses")}
+        # counters map to zeal_cache_<what>_total (zeal_cache_<namespace>_... for another one)
+        self._prefix = "cache." if namespace == "cache" else f"cache_{namespace}."
         self.files = FileTier(
             cache_dir,
             mac_key=self._keys.file_mac,
@@ -152,13 +152,19 @@ class Cache:
             keys=self._keys,
             files=self.files,
             serializer=self.serializer,
-            store_ref=lambda: self.store,
-            count=self._count,
+            store_ref=self._current_store,
+            metrics=self._prefix,
         )
         self._tiers.bind()  # declare the tables now: before the workers start, like Store.make
-        self._gc = (
-            CacheGC(namespace, self.gc_interval_ms / 1000, self.gc) if self.gc_interval_ms else None
-        )
+        if max_rows != 4096 and self.ttl_seconds is None and self.store.kind in _UNBOUNDED:
+            log.warning(
+                "Cache(max_rows=%d) is not enforced on the %s backend: its rows stay until they "
+                "expire; pass ttl_seconds= for per-key expiry, or bound Redis itself (maxmemory "
+                "with maxmemory-policy allkeys-lru)",
+                max_rows,
+                self.store.kind,
+            )
+        self._gc = CacheGC(namespace, gc_interval_ms / 1000, self.gc) if gc_interval_ms else None
         self._config = (
             max_rows,
             str(cache_dir),
@@ -238,37 +244,15 @@ class Cache:
     @property
     def store(self) -> Store:
         """The Store holding the memory tier."""
+        return self._current_store()
+
+    def _current_store(self) -> Store:
         if self._store is not None:
             return self._store
         return self._zeal.store if self._zeal is not None else Store.default()
 
-    def _bind(self) -> Binding:
-        # Tiers.bind() does the same check; repeated here because it is on every hit.
-        b = self._tiers.binding
-        store = self._store
-        if store is None:
-            store = self._zeal.store if self._zeal is not None else Store.default()
-        if b is None or b.store is not store or b.backend is not store.backend:
-            b = self._tiers.bind()
-        return b
-
     def _count(self, metric: str) -> None:
         host_stats().incr(self._prefix + metric)
-
-    async def _lookup(self, key: bytes, record: bool = True) -> tuple[bool, Any]:
-        """``(True, value)`` on a hit, ``(False, None)`` on a miss.
-
-        ``record=False`` (polling waiters) leaves the hit/miss counters alone.
-        """
-        found, value, event = await self._tiers.lookup(key)
-        if record:
-            self._count(event)
-        return found, value
-
-    async def _store_payload(self, key: bytes, payload: bytes, seconds: float) -> bool:
-        if self._gc is not None:
-            await self._gc.start()  # lazily, if the app did not register it as a service
-        return await self._tiers.put(key, payload, seconds)
 
     @hybridmethod
     def stats(self) -> dict[str, Any]:
@@ -286,12 +270,12 @@ class Cache:
     async def get(self, key: str | bytes, default: Any = None) -> Any:
         """The cached value, or ``default`` on a miss (a stored ``None`` is returned as ``None``;
         pass ``Cache.MISSING`` as default to tell the two apart)."""
-        local = self._bind().local
-        if local is not None:  # the table backend: no await on the way
-            found, value, event = local.lookup(key)
+        tiers = self._tiers
+        b = tiers.bind()
+        if b.table is not None:  # the table backend: no await on the way
+            found, value = tiers.get_local(b.table, b, key)
         else:
-            found, value, event = await self._tiers.lookup(check_key(key))
-        host_stats().incr(self._events[event])
+            found, value = await tiers.lookup(check_key(key))
         return value if found else default
 
     @hybridmethod
@@ -318,7 +302,9 @@ class Cache:
                 f"cache value for {key!r:.60} is {len(payload)} bytes serialized; the limit is "
                 f"max_entry_bytes={self.max_entry_bytes} (never truncated)"
             )
-        return await self._store_payload(kb, payload, seconds)
+        if self._gc is not None:
+            await self._gc.start()  # lazily, if the app did not register it as a service
+        return await self._tiers.put(kb, payload, seconds)
 
     @hybridmethod
     async def delete(self, key: str | bytes) -> bool:
@@ -357,21 +343,17 @@ class Cache:
         kb = check_key(key)
         seconds = check_ttl(ttl)
         wait = self.compute_timeout if max_wait is None else float(max_wait)
-        return await compute_once(self, kb, fn, seconds, wait)
+        if self._gc is not None:
+            await self._gc.start()
+        return await compute_once(self._tiers, kb, fn, seconds, wait, self.max_entry_bytes)
 
     # -- GC and lifecycle ----------------------------------------------------------------------
 
+    @hybridmethod
     async def gc(self) -> dict[str, int]:
         """One sweep now: expired memory rows and dead lock rows, then (in a thread) expired,
         damaged and, on shared backends, orphaned files."""
-        now = time.time()
-        expired = await self._tiers.sweep_memory(now)
-        locks = self._tiers.sweep_locks()
-        owners: list[Owned] | None = None if self._bind().local is not None else []
-        out = await asyncio.to_thread(self.files.sweep, now, self.max_files, owners)
-        out["orphans"] = await self._tiers.drop_orphans(owners) if owners else 0
-        out["memory_expired"] = expired
-        out["dead_locks"] = locks
+        out = await self._tiers.sweep(self.max_files)
         self._count("gc_sweeps")
         return out
 

@@ -1,9 +1,9 @@
 """The cache's periodic GC: a task in every worker, but only the holder of a host-wide lease
 sweeps, so exactly one worker per host does the work.
 
-The lease is a packed ``(deadline, pid)`` word in the host's control table, taken and renewed
-with compare-and-set.  When its holder dies, the next worker to tick sees the pid gone and takes
-over; a holder that stops renewing (hung) loses it at the deadline.
+The lease is a shared-memory lease (:mod:`zeal_asgi.shm.lease`) in the host's control table.
+When its holder dies, the next worker to tick sees the pid gone and takes over; a holder that
+stops renewing (hung) loses it at the deadline.
 """
 
 from __future__ import annotations
@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable
 
 from zeal_asgi.cache.keys import control_table
-from zeal_asgi.cache.lock import pack, unpack
-from zeal_asgi.shm.segments import process_alive
+from zeal_asgi.shm.lease import Lease
 
 __all__ = ["CacheGC", "GcLease"]
 
@@ -30,37 +28,26 @@ class GcLease:
 
     def __init__(self, row: str, lease: float) -> None:
         self.row = row
-        self.lease_ms = max(1, int(lease * 1000))
+        self.seconds = lease
+        self._token: int | None = None
 
-    def holder(self) -> int | None:
-        """Pid of the current holder, if its lease is valid and it is alive."""
-        word = control_table().get(self.row, "owner")
-        if not word:
-            return None
-        deadline, pid = unpack(word)
-        if deadline < int(time.monotonic() * 1000) or not process_alive(pid, None):
-            return None
-        return pid
+    def _lease(self) -> Lease:
+        return Lease(control_table(), self.seconds)
 
     def try_hold(self) -> bool:
         """Take or renew the lease; ``True`` when this process holds it now."""
-        table = control_table()
-        now = int(time.monotonic() * 1000)
-        pid = os.getpid()
-        mine = pack(now + self.lease_ms, pid)
-        current = table.get(self.row, "owner") or 0
-        if current:
-            deadline, owner = unpack(current)
-            if owner != pid and deadline >= now and process_alive(owner, None):
-                return False
-        return bool(table.compare_and_set(self.row, "owner", current, mine))
+        lease = self._lease()
+        if self._token is not None:
+            self._token = lease.renew(self.row, self._token)
+        if self._token is None:
+            self._token = lease.acquire(self.row)
+        return self._token is not None
 
     def release(self) -> None:
         """Give the lease up (at shutdown) so another worker takes over at its next tick."""
-        table = control_table()
-        current = table.get(self.row, "owner")
-        if current and unpack(current)[1] == os.getpid():
-            table.compare_and_set(self.row, "owner", current, 0)
+        if self._token is not None:
+            self._lease().release(self.row, self._token)
+            self._token = None
 
 
 class CacheGC:
@@ -74,11 +61,6 @@ class CacheGC:
         self._sweep = sweep
         self._task: asyncio.Task[None] | None = None
         self._last_error = 0.0
-
-    @property
-    def running(self) -> bool:
-        """True while the GC task of this worker runs."""
-        return self._task is not None and not self._task.done()
 
     async def start(self) -> None:
         """Start ticking in this worker's event loop (idempotent)."""

@@ -39,10 +39,8 @@ def resolve_secret(secret: str | bytes | None, *, pickle: bool) -> bytes | None:
         ConfigError: too short, not str/bytes, or missing while ``pickle`` needs one.
     """
     source = "secret="
-    if secret is None:
-        env = os.environ.get(ENV_SECRET)
-        if env:
-            secret, source = env, ENV_SECRET
+    if secret is None and os.environ.get(ENV_SECRET):
+        secret, source = os.environ[ENV_SECRET], ENV_SECRET
     if secret is None:
         if pickle:
             raise ConfigError(
@@ -51,12 +49,9 @@ def resolve_secret(secret: str | bytes | None, *, pickle: bool) -> bytes | None:
                 "behind a MAC made with it"
             )
         return None
-    if isinstance(secret, str):
-        raw = secret.encode("utf-8")
-    elif isinstance(secret, bytes):
-        raw = secret
-    else:
+    if not isinstance(secret, (str, bytes)):
         raise ConfigError(f"cache secret must be str or bytes, got {type(secret).__name__}")
+    raw = secret.encode("utf-8") if isinstance(secret, str) else secret
     need = MIN_PICKLE_SECRET if pickle else MIN_SECRET
     if len(raw) < need:
         raise ConfigError(
@@ -82,14 +77,6 @@ def control_table() -> Table:
         return _control
 
 
-def _server_random_key() -> bytes:
-    table = control_table()
-    # The first worker to get here publishes its key; every other worker adopts it.
-    table.compare_and_set(_RANDOM_ROW, "key", b"", secrets.token_bytes(32))
-    key: bytes = table.get(_RANDOM_ROW, "key")
-    return key
-
-
 _warned_ephemeral = False
 
 
@@ -104,28 +91,26 @@ class CacheKeys:
     """True when derived from a configured secret (entries survive a server restart)."""
 
     @classmethod
-    def derive(cls, master: bytes, persistent: bool) -> CacheKeys:
-        """Derive the subkeys of ``master``."""
+    def load(cls, secret: bytes | None) -> CacheKeys:
+        """Keys from ``secret``, or from this server's random key (logged once)."""
+        global _warned_ephemeral
+        master = secret
+        if master is None:
+            if not _warned_ephemeral:
+                _warned_ephemeral = True
+                log.info(
+                    "zeal_asgi cache: no secret configured (secret= or %s): using a random key "
+                    "per server run, so file-tier entries do not survive a restart",
+                    ENV_SECRET,
+                )
+            # The first worker to get here publishes its key; every other worker adopts it.
+            control_table().compare_and_set(_RANDOM_ROW, "key", b"", secrets.token_bytes(32))
+            master = control_table().get(_RANDOM_ROW, "key")
 
         def sub(label: bytes) -> bytes:
             return hmac.digest(master, b"zeal-asgi cache v1 " + label, hashlib.sha256)
 
-        return cls(sub(b"file-mac"), sub(b"file-name"), sub(b"memory-mac"), persistent)
-
-    @classmethod
-    def load(cls, secret: bytes | None) -> CacheKeys:
-        """Keys from ``secret``, or from this server's random key (logged once)."""
-        global _warned_ephemeral
-        if secret is not None:
-            return cls.derive(secret, True)
-        if not _warned_ephemeral:
-            _warned_ephemeral = True
-            log.info(
-                "zeal_asgi cache: no secret configured (secret= or %s): using a random key per "
-                "server run, so file-tier entries do not survive a restart",
-                ENV_SECRET,
-            )
-        return cls.derive(_server_random_key(), False)
+        return cls(sub(b"file-mac"), sub(b"file-name"), sub(b"memory-mac"), secret is not None)
 
 
 SHARED_UNAUTHENTICATED = hashlib.sha256(b"zeal-asgi cache: no secret configured").digest()

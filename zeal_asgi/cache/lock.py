@@ -1,5 +1,7 @@
-"""Stampede locks for ``Cache.get_or_compute``: one computation per key per host (shared memory)
-or per cluster (Redis), with a lease so a crashed computer never blocks the others for long.
+"""Per-key locks of the cache: the stampede lock of ``Cache.get_or_compute`` (one computation per
+key per host, or per cluster on Redis) and, on the table backend, the write lock that makes a
+key's row and file change together.  Each has a lease, so a crashed holder never blocks the others
+for long.
 
 * ``ShmLock`` (table backend): a row per key in a shared table, whose one INT column holds the
   owner's pid and lease deadline packed in one word, taken with compare-and-set.  A dead owner's
@@ -10,11 +12,12 @@ or per cluster (Redis), with a lease so a crashed computer never blocks the othe
   ``Store.compare_and_set``, with a random tag instead of the pid (owners may be other hosts);
   as atomic as the backend's compare-and-set.
 
-The computer renews its lease while ``fn`` runs; a lock row is deleted on release.
+A computer renews its lease while ``fn`` runs; a lock row is deleted on release.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import socket
@@ -23,35 +26,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from zeal_asgi._redis.scripts import LOCK_ACQUIRE, LOCK_RELEASE, LOCK_RENEW
 from zeal_asgi.errors import TableFullError
-from zeal_asgi.shm.segments import process_alive
+from zeal_asgi.shm.lease import TAG_BITS, Lease, pack, unpack
+from zeal_asgi.store import Key, Store, StoreBackendKind
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table
-    from zeal_asgi.store import Store
 
-__all__ = ["NO_LOCK", "CasLock", "Lock", "RedisLock", "ShmLock", "pack", "unpack"]
+__all__ = ["NO_LOCK", "CasLock", "Lock", "RedisLock", "ShmLock", "lock_for"]
 
-_TAG_BITS = 22  # Linux pids are < 2**22 (pid_max limit)
-_TAG_MASK = (1 << _TAG_BITS) - 1
 _EPOCH_MS = 1_704_067_200_000  # 2024-01-01: keeps wall-clock deadlines within 41 bits for decades
 
 NO_LOCK: Any = object()
 """Returned by ``acquire`` when no lock could be recorded (lock table full): compute unlocked."""
-
-
-def pack(deadline_ms: int, tag: int) -> int:
-    """One positive int64 holding a deadline (ms) and a 22-bit tag (a pid, or random)."""
-    return (max(deadline_ms, 1) << _TAG_BITS) | (tag & _TAG_MASK)
-
-
-def unpack(word: int) -> tuple[int, int]:
-    """``(deadline_ms, tag)`` of a packed word."""
-    return word >> _TAG_BITS, word & _TAG_MASK
-
-
-def _mono_ms() -> int:
-    # CLOCK_MONOTONIC is one clock for every process of the host: fine for host-local leases.
-    return int(time.monotonic() * 1000)
 
 
 def _wall_ms() -> int:
@@ -75,55 +61,62 @@ class Lock(Protocol):
         ...
 
 
+def lock_for(store: Store, table: str, namespace: str, lease: float) -> Lock:
+    """The lock of the Store's backend: shared memory, Redis, or compare-and-set rows."""
+    if store.kind is StoreBackendKind.TABLE:
+        return ShmLock(store.table(table), lease)
+    if store.backend.redis_link() is not None:  # through the Store: a breaker still guards it
+        return RedisLock(store, namespace, lease)
+    return CasLock(store, table, lease)
+
+
 class ShmLock:
-    """Host-wide lock rows in a shared table (``owner`` INT(8) column)."""
+    """Host-wide lock rows in a shared table (``owner`` INT(8) column): one shared-memory lease
+    per key (:class:`~zeal_asgi.shm.lease.Lease`)."""
 
     def __init__(self, table: Table, lease: float) -> None:
         self.table = table
-        self.lease_ms = max(1, int(lease * 1000))
-
-    def _take(self, name: str, expected: int, token: int) -> bool:
-        return bool(self.table.compare_and_set(name, "owner", expected, token))
+        self.lease = Lease(table, lease)
 
     async def acquire(self, name: str) -> Any:
         """Take the lock if free, or if its owner died or let its lease run out."""
-        now = _mono_ms()
-        token = pack(now + self.lease_ms, os.getpid())
+        return self.take(name)
+
+    async def hold(self, name: Key) -> Any:
+        """Wait for the lock and return its token (for locks held for microseconds: a live
+        holder is about to give it back, a dead one is replaced at once)."""
+        delay = 0.0001
+        while (token := self.take(name)) is None:
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.01)
+        return token
+
+    def take(self, name: Key) -> Any:
+        """``acquire`` without awaiting."""
         try:
-            if self._take(name, 0, token):
-                return token
-            current = self.table.get(name, "owner")
-            if not current:
-                return token if self._take(name, 0, token) else None
-            deadline, pid = unpack(current)
-            if (deadline < now or not process_alive(pid, None)) and self._take(
-                name, current, token
-            ):
-                return token
+            return self.lease.acquire(name)
         except TableFullError:
             return NO_LOCK
-        return None
 
     async def renew(self, name: str, token: Any) -> Any:
         """Move the deadline forward (a new packed word)."""
-        new = pack(_mono_ms() + self.lease_ms, os.getpid())
-        return new if self._take(name, token, new) else None
+        return self.lease.renew(name, token)
 
     async def release(self, name: str, token: Any) -> None:
         """Delete the row if it is still ours."""
-        if token is not NO_LOCK and self.table.get(name, "owner") == token:
-            self.table.delete(name)
+        self.give(name, token)
+
+    def give(self, name: Key, token: Any) -> None:
+        """``release`` without awaiting."""
+        if token is not NO_LOCK:
+            self.lease.release(name, token, delete=True)
 
     def sweep(self) -> int:
         """Delete rows left by owners that died (a released lock deletes its own row)."""
-        now = _mono_ms()
         removed = 0
         for name, row in self.table.items():
             word = row["owner"]
-            deadline, pid = unpack(word)
-            if (not word or (deadline < now and not process_alive(pid, None))) and self.table.get(
-                name, "owner"
-            ) == word:
+            if Lease.stale(word) and self.table.get(name, "owner") == word:
                 self.table.delete(name)
                 removed += 1
         return removed
@@ -136,7 +129,7 @@ class CasLock:
         self.store = store
         self.table_name = table
         self.lease_ms = max(1, int(lease * 1000))
-        self._tag = secrets.randbits(_TAG_BITS)
+        self._tag = secrets.randbits(TAG_BITS)
 
     async def acquire(self, name: str) -> Any:
         """Take the lock if free or if its lease ran out."""
@@ -145,13 +138,11 @@ class CasLock:
         cas = self.store.compare_and_set
         if await cas(self.table_name, name, "owner", 0, token):
             return token
-        current = await self.store.get_strict(self.table_name, name, "owner")
-        if not current:
-            return token if await cas(self.table_name, name, "owner", 0, token) else None
-        deadline, _ = unpack(current)
-        if deadline < now and await cas(self.table_name, name, "owner", current, token):
-            return token
-        return None
+        current = await self.store.get_strict(self.table_name, name, "owner") or 0
+        stale = not current or unpack(current)[0] < now
+        return (
+            token if stale and await cas(self.table_name, name, "owner", current, token) else None
+        )
 
     async def renew(self, name: str, token: Any) -> Any:
         """Move the deadline forward."""

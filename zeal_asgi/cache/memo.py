@@ -86,12 +86,6 @@ class DecodeMemo:
                 return copier()  # the kept value itself is never handed out
         return value
 
-    def forget(self, slot: Hashable) -> None:
-        """Drop the value kept for ``slot`` (its entry was deleted or found bad)."""
-        kept = self._memo.pop(slot, None)
-        if kept is not None:
-            self._bytes -= len(kept[0])
-
     def clear(self) -> None:
         """Drop every kept value."""
         self._memo.clear()

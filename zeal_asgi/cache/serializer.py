@@ -42,15 +42,7 @@ from pydantic import BaseModel
 
 from zeal_asgi.errors import ConfigError, SerializationError
 
-__all__ = [
-    "BLOB_CHARS",
-    "JSON_ID",
-    "PICKLE_ID",
-    "JsonSerializer",
-    "PickleSerializer",
-    "Serializer",
-    "get_serializer",
-]
+__all__ = ["PICKLE_ID", "JsonSerializer", "PickleSerializer", "Serializer", "get_serializer"]
 
 JSON_ID = 1
 PICKLE_ID = 2
@@ -73,7 +65,6 @@ class Serializer(Protocol):
     """Turns values into bytes and back; ``id`` is stored with every entry."""
 
     id: int
-    name: str
 
     def dumps(self, value: object) -> bytes:
         """Encode ``value``; SerializationError for a value it cannot represent exactly."""
@@ -111,55 +102,55 @@ def _resolve(module: str, qualname: str) -> Any:
     return obj
 
 
-def _datetime(v: dt.datetime) -> dict[str, Any]:
-    tz = v.tzinfo
-    if tz is None or isinstance(tz, dt.timezone):
-        out = _env("datetime", v.isoformat())
-    elif isinstance(tz, ZoneInfo):
-        # keep the zone itself, not just today's offset
-        out = {TAG: "datetime", "v": v.replace(tzinfo=None).isoformat(), "tz": tz.key}
-    else:
-        raise SerializationError(
-            f"datetime with tzinfo {type(tz).__name__} cannot be stored exactly; use "
-            "datetime.timezone or zoneinfo.ZoneInfo"
-        )
+def _fold(out: dict[str, Any], v: dt.datetime | dt.time) -> dict[str, Any]:
     if v.fold:  # isoformat() drops the fold of an ambiguous wall time
         out["fold"] = 1
     return out
 
 
+def _datetime(v: dt.datetime) -> dict[str, Any]:
+    tz = v.tzinfo
+    if tz is None or isinstance(tz, dt.timezone):
+        return _fold(_env("datetime", v.isoformat()), v)
+    if isinstance(tz, ZoneInfo):  # keep the zone itself, not just today's offset
+        return _fold({TAG: "datetime", "v": v.replace(tzinfo=None).isoformat(), "tz": tz.key}, v)
+    raise SerializationError(
+        f"datetime with tzinfo {type(tz).__name__} cannot be stored exactly; use "
+        "datetime.timezone or zoneinfo.ZoneInfo"
+    )
+
+
+def _time(v: dt.time) -> dict[str, Any]:
+    if v.tzinfo is not None and not isinstance(v.tzinfo, dt.timezone):
+        raise SerializationError(
+            f"time with tzinfo {type(v.tzinfo).__name__} cannot be stored exactly; use "
+            "datetime.timezone"
+        )
+    return _fold(_env("time", v.isoformat()), v)
+
+
+# Values that are not plain JSON, by exact type (a subclass, e.g. an IntEnum, is refused).
+_ENCODERS: dict[type, Callable[[Any, list[str]], Any]] = {
+    bytes: lambda v, _: _env("bytes", base64.b64encode(v).decode("ascii")),
+    bytearray: lambda v, _: _env("bytearray", base64.b64encode(v).decode("ascii")),
+    tuple: lambda v, blobs: _env("tuple", [_encode(x, blobs) for x in v]),
+    set: lambda v, blobs: _env("set", [_encode(x, blobs) for x in v]),
+    frozenset: lambda v, blobs: _env("frozenset", [_encode(x, blobs) for x in v]),
+    dt.datetime: lambda v, _: _datetime(v),
+    dt.date: lambda v, _: _env("date", v.isoformat()),
+    dt.time: lambda v, _: _time(v),
+    dt.timedelta: lambda v, _: _env("timedelta", [v.days, v.seconds, v.microseconds]),
+    Decimal: lambda v, _: _env("decimal", str(v)),
+    uuid.UUID: lambda v, _: _env("uuid", str(v)),
+}
+
+
 def _other(v: object, blobs: list[str]) -> Any:
-    """Envelope of a value that is not a plain JSON type (rare types, checked by isinstance)."""
+    """Envelope of a value that is not a plain JSON type."""
     t = type(v)
-    if t is bytes:
-        return _env("bytes", base64.b64encode(v).decode("ascii"))  # type: ignore[arg-type]
-    if t is bytearray:
-        return _env("bytearray", base64.b64encode(v).decode("ascii"))  # type: ignore[arg-type]
-    if t is tuple:
-        return _env("tuple", [_encode(x, blobs) for x in v])  # type: ignore[attr-defined]
-    if t is set or t is frozenset:
-        return _env(t.__name__, [_encode(x, blobs) for x in v])  # type: ignore[attr-defined]
-    if t is dt.datetime:
-        return _datetime(v)  # type: ignore[arg-type]
-    if t is dt.date:
-        return _env("date", v.isoformat())  # type: ignore[attr-defined]
-    if t is dt.time:
-        tz = v.tzinfo  # type: ignore[attr-defined]
-        if tz is not None and not isinstance(tz, dt.timezone):
-            raise SerializationError(
-                f"time with tzinfo {type(tz).__name__} cannot be stored exactly; use "
-                "datetime.timezone"
-            )
-        out = _env("time", v.isoformat())  # type: ignore[attr-defined]
-        if v.fold:  # type: ignore[attr-defined]
-            out["fold"] = 1
-        return out
-    if t is dt.timedelta:
-        return _env("timedelta", [v.days, v.seconds, v.microseconds])  # type: ignore[attr-defined]
-    if t is Decimal:
-        return _env("decimal", str(v))
-    if t is uuid.UUID:
-        return _env("uuid", str(v))
+    encoder = _ENCODERS.get(t)
+    if encoder is not None:
+        return encoder(v, blobs)
     if isinstance(v, BaseModel):
         try:
             doc = v.model_dump_json()
@@ -324,7 +315,6 @@ class JsonSerializer:
     """
 
     id: int = JSON_ID
-    name: str = "json"
 
     def dumps(self, value: object) -> bytes:
         """Encode ``value`` exactly, or raise SerializationError naming the unsupported type."""
@@ -368,7 +358,6 @@ class PickleSerializer:
     """Opt-in pickle (any picklable value); the cache calls ``loads`` only behind a valid MAC."""
 
     id: int = PICKLE_ID
-    name: str = "pickle"
 
     def dumps(self, value: object) -> bytes:
         """Pickle ``value`` (protocol 5); an unpicklable value raises SerializationError."""

@@ -1,45 +1,191 @@
-"""The cache's two tiers and the rules that keep them coherent.
+"""The cache's tier engine: memory-tier rows in a Store table, the file tier beside them, and the
+rules that keep the two coherent, written once for every backend.
 
-On the table backend the memory tier is host-local, so every entry is also written to the file
-tier: a memory miss reads the file, which is how values survive a server restart and how a full
-table or an oversize value spills.  On the shared backends (redis, tiered, memcached) the memory
-row is the authority for every host: an oversize value lives in this host's file tier behind a
-pointer row that carries the file's nonce, and a missing row is a miss, so a host's stale or
-deleted file is never served after another host changed the key.
+Where the memory tier is this host's own (the table backend), the file tier mirrors it: every
+entry is also written to a file, a memory miss reads the file, and that is how values survive a
+server restart and how a full table or an oversize value spills.  A write holds the key's
+host-wide write lock around the row and the file, so concurrent writers of one key leave both
+tiers with the same value: the last writer's.
 
-The table backend's side lives in :mod:`zeal_asgi.cache.local` (synchronous); this module keeps
-the shared backends' side and the parts common to both (binding, sweeps, flush).
+Where the memory tier is shared by hosts (redis, tiered, memcached), the row is the authority for
+every host: an oversize value lives in this host's file tier behind a pointer row that carries
+the file's nonce, and a missing row is a miss, so a host's stale or deleted file is never served
+after another host changed the key.
+
+On the table backend the engine calls the shared table directly: :meth:`Tiers.get_local`
+answers a read synchronously, so nothing awaits between ``Cache.get`` and the row.
+
+A memory-tier row has one column, ``v`` = ``head ‖ mac ‖ body``.  ``head`` packs the row kind,
+the serializer id and the expiry; ``body`` is the serialized value (``INLINE``) or the 16-byte
+nonce of the file-tier entry holding it (``POINTER``).
+
+Where rows are authenticated, ``mac`` is 16 bytes of a keyed BLAKE2b (HMAC-SHA256 in pickle mode,
+where what is loaded may run code) over the row key, ``head`` and ``body``, checked before the
+body is used:
+
+* on the shared backends (redis, tiered, memcached), where other hosts write the rows;
+* on the table backend in pickle mode.
+
+On the table backend with the JSON serializer rows carry no MAC (``mac`` is empty).  The memory
+tier is then a shared-memory segment of this server, mode 0600: only the server's own user (or
+root) can write it, and that user can also read the MAC key (it lives in the same process memory,
+or in a segment beside it when no secret is configured), attach a debugger to the workers or
+rewrite the application, so a MAC there would detect nothing it could not forge.  What can reach
+the segment by accident is ruled out by the table itself (no torn reads, typed writes), and the
+JSON serializer runs no code whatever the bytes (beyond the validators of pydantic models the
+application already imported, as for any JSON it receives).  Rows are still checked for shape (a
+bad head, kind or length is counted as ``memory_corrupt`` and dropped), and decoding errors are
+misses, never errors.  The file tier is different: its directory outlives the server and may be
+restored, copied or shared, so every file keeps its HMAC-SHA256 (reliability §3).
+
+Row keys: on shared backends ``blake2b(key)`` as 32 hex chars; on the table backend the key
+itself when it is shorter than ``LOCAL_KEY_BYTES`` (no hashing on the hot path), else a 64-byte
+BLAKE2b of it, a length no direct key has, so the two kinds never collide.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
+import math
 import secrets
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from zeal_asgi.cache.entry import (
-    HEAD,
-    INLINE,
-    LOCAL_KEY_BYTES,
-    NONCE_END,
-    POINTER,
-    RowCodec,
-    memory_key,
-)
-from zeal_asgi.cache.files.tier import FileTier, Owned
+from zeal_asgi.cache.files.tier import Entry, FileTier, Owned
 from zeal_asgi.cache.keys import SHARED_UNAUTHENTICATED, CacheKeys
-from zeal_asgi.cache.local import SPILL_ERRORS, LocalTier, expiries, read_file
-from zeal_asgi.cache.lock import CasLock, Lock, RedisLock, ShmLock
+from zeal_asgi.cache.lock import Lock, ShmLock, lock_for
 from zeal_asgi.cache.memo import DecodeMemo
 from zeal_asgi.cache.serializer import PICKLE_ID, Serializer
-from zeal_asgi.errors import SerializationError, UnsupportedOperationError
-from zeal_asgi.store import Store, StoreBackend, StoreBackendKind
+from zeal_asgi.errors import (
+    CapacityError,
+    InvalidKeyError,
+    InvalidTTLError,
+    KeyTooLongError,
+    KeyTypeError,
+    SerializationError,
+    TableFullError,
+)
+from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.store import Capability, Key, Store, StoreBackend, StoreBackendKind
 
-__all__ = ["Binding", "Tiers"]
+if TYPE_CHECKING:
+    from zeal_asgi.shm import Table
 
-_LOCK_ROWS = 4096
+__all__ = ["Binding", "Tiers", "check_key", "check_ttl", "memory_key"]
+
+MAX_KEY_BYTES = 4096
+MAX_TTL = 10 * 365 * 86400
+"""Ten years: a longer TTL is a unit mistake (milliseconds?), refused rather than stored."""
+
+INLINE = 1
+POINTER = 2
+HEAD = struct.Struct("<BBd")
+"""Head of ``v``: kind, serializer id (0 in a pointer), expires_at (0.0 = never)."""
+LOCAL_KEY_BYTES = 64
+"""Row keys of the table backend are at most this long (the table's default key limit)."""
+MAC_BYTES = 16
+NONCE_BYTES = 16
+
+Mac = Callable[[bytes], bytes]
+"""A row MAC: 16 bytes over the given bytes."""
+_HEAD = HEAD.size
+_unpack_head = HEAD.unpack_from
+_time = time.time
+
+
+def _bytes(key: str | bytes) -> bytes:
+    return key.encode() if isinstance(key, str) else key
+
+
+def check_key(key: object) -> bytes:
+    """The bytes of a valid cache key (``str`` as UTF-8, or ``bytes``), or a typed error."""
+    if isinstance(key, str):
+        try:
+            raw = key.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidKeyError(
+                f"cache key {key[:40]!r} is not encodable as UTF-8 (lone surrogate?)"
+            ) from exc
+    elif isinstance(key, bytes):
+        raw = key
+    else:
+        raise KeyTypeError(f"cache keys are str or bytes, got {type(key).__name__}")
+    if not raw:
+        raise InvalidKeyError("empty cache key")
+    if len(raw) > MAX_KEY_BYTES:
+        raise KeyTooLongError(
+            f"cache key of {len(raw)} bytes exceeds the limit of {MAX_KEY_BYTES} bytes "
+            "(never truncated)"
+        )
+    return raw
+
+
+def check_ttl(ttl: object, what: str = "ttl") -> float:
+    """``ttl`` as float seconds (0 = no expiry), or InvalidTTLError naming the limit."""
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise InvalidTTLError(
+            f"{what} must be a number of seconds (int or float), got {type(ttl).__name__}"
+        )
+    if isinstance(ttl, float) and not math.isfinite(ttl):
+        raise InvalidTTLError(f"{what} must be finite, got {ttl!r}")
+    if ttl < 0:
+        raise InvalidTTLError(f"{what} must be >= 0 seconds (0 = no expiry), got {ttl!r}")
+    if ttl > MAX_TTL:
+        raise InvalidTTLError(
+            f"{what} of {ttl!r} s exceeds the limit of {MAX_TTL} s (10 years); use 0 for no expiry"
+        )
+    return float(ttl)
+
+
+def memory_key(key: bytes) -> str:
+    """Row key of a cache key on shared backends, and name of its locks: 32 hex chars."""
+    return hashlib.blake2b(key, digest_size=16, person=b"zeal-cache-key").hexdigest()
+
+
+def local_key(key: bytes) -> bytes:
+    """Row key of a cache key on the table backend: itself if shorter than 64 bytes."""
+    if len(key) < LOCAL_KEY_BYTES:
+        return key
+    return hashlib.blake2b(key, digest_size=LOCAL_KEY_BYTES, person=b"zeal-cache-key").digest()
+
+
+def row_mac(key: bytes, hmac_sha256: bool) -> Mac:
+    """The MAC of rows under ``key``: keyed BLAKE2b (a MAC by design, twice as fast as
+    HMAC-SHA256 on short rows), or HMAC-SHA256 truncated to the same 16 bytes (pickle mode)."""
+    if hmac_sha256:
+        return lambda data: hmac.digest(key, data, "sha256")[:MAC_BYTES]
+    return lambda data: hashlib.blake2b(data, key=key, digest_size=MAC_BYTES).digest()
+
+
+def seal(mac: Mac | None, rk: Key, kind: int, serializer: int, exp: float, body: bytes) -> bytes:
+    """The ``v`` of a row at ``rk``: an ``INLINE`` value or a ``POINTER`` nonce."""
+    head = HEAD.pack(kind, serializer, exp)
+    return head + (mac(_bytes(rk) + head + body) if mac else b"") + body
+
+
+def unseal(mac: Mac, rk: Key, v: bytes) -> int:
+    """Where the body of ``v`` starts if ``v`` has a head and an authentic MAC; -1 otherwise."""
+    start = _HEAD + MAC_BYTES
+    if len(v) < start:
+        return -1
+    authentic = hmac.compare_digest(v[_HEAD:start], mac(_bytes(rk) + v[:_HEAD] + v[start:]))
+    return start if authentic else -1
+
+
+SPILL_ERRORS = (TableFullError, CapacityError)
+"""What a memory-tier write raises when the value must spill to the file tier instead."""
+ZERO_NONCE = b"\0" * 16
+"""Nonce of the file copy of an inline row (no pointer row names it)."""
+_WRITE = b"w"
+"""Prefix of a key's write lock: its row key (its stampede lock is a hex name)."""
+_WRITE_LEASE = 2.0
+"""A write holds its lock for microseconds (an fsync: milliseconds); a holder stalled longer
+(stopped, swapped out) stops blocking the other writers of its key after this."""
 
 
 @dataclass(frozen=True)
@@ -48,15 +194,20 @@ class Binding:
 
     store: Store
     backend: StoreBackend
-    codec: RowCodec
     lock: Lock
-    local: LocalTier | None
-    """The synchronous memory tier, on the table backend."""
+    """The stampede lock of ``get_or_compute``."""
+    mac: Mac | None
+    """The rows' MAC (``None``: shape checks only; see the module doc)."""
+    table: Table | None = None
+    """The rows' shared table on the table backend (host-local: the file tier mirrors it)."""
+    writes: ShmLock | None = None
+    """The write locks of the table backend (one per key, held around the row and the file)."""
 
 
 @dataclass
 class Tiers:
-    """Memory-tier rows in a Store table plus the file tier, for one cache."""
+    """The memory tier (a Store table of the Store ``store_ref`` returns) and the file tier of
+    one cache; its events are counted in the host's counters as ``<metrics><event>``."""
 
     namespace: str
     max_rows: int
@@ -67,17 +218,18 @@ class Tiers:
     files: FileTier
     serializer: Serializer
     store_ref: Callable[[], Store]
-    count: Callable[[str], None]
+    metrics: str
     binding: Binding | None = None
     memo: DecodeMemo = field(init=False)
 
     def __post_init__(self) -> None:
+        self.table = f"__{self.namespace}"
         self.memo = DecodeMemo(self.serializer)
-
-    @property
-    def table(self) -> str:
-        """Name of the memory-tier table."""
-        return f"__{self.namespace}"
+        self._loads = self.memo.loads  # bound once: every lookup shows on a 1.4 µs hit
+        self._ser = self.serializer.id
+        self._hits_memory, self._hits_file, self._misses = (
+            self.metrics + e for e in ("hits_memory", "hits_file", "misses")
+        )
 
     def bind(self) -> Binding:
         """The binding to the current Store and backend (declaring the tables when new)."""
@@ -86,138 +238,211 @@ class Tiers:
         if b is not None and b.store is store and b.backend is store.backend:
             return b
         local = store.kind is StoreBackendKind.TABLE
-        lock_table = f"__{self.namespace}_lock"
+        lock_table = f"{self.table}_lock"
         if self.table not in store.names():
-            ttl = self.ttl_seconds
-            server_side = ttl is not None and not local
+            server_side = self.ttl_seconds is not None and not local
+            body = HEAD.size + MAC_BYTES + max(self.memory_value_bytes, 16)
             store.make(
                 self.table,
                 self.max_rows,
-                {
-                    "v": (Store.TYPE_BYTES, max(self.memory_value_bytes, 16) + HEAD.size),
-                    "exp": (Store.TYPE_FLOAT,),
-                    "m": (Store.TYPE_BYTES, 16),
-                },
+                {"v": (Store.TYPE_BYTES, body)},
                 mode="ttl" if server_side else "tracked",
-                ttl=max(1, round(ttl)) if server_side and ttl is not None else None,
+                ttl=max(1, round(self.ttl_seconds or 0)) if server_side else None,
                 key_size=LOCAL_KEY_BYTES,
                 binary_keys=True,
             )
-            store.make(lock_table, _LOCK_ROWS, {"owner": (Store.TYPE_INT, 8)})
-        lock: Lock
-        if local:
-            lock = ShmLock(store.table(lock_table), self.lock_lease)
-        elif store.backend.redis_link() is not None:
-            lock = RedisLock(store, self.namespace, self.lock_lease)
-        else:
-            lock = CasLock(store, lock_table, self.lock_lease)
+            store.make(
+                lock_table,
+                4096,
+                {"owner": (Store.TYPE_INT, 8)},
+                key_size=len(_WRITE) + LOCAL_KEY_BYTES,
+                binary_keys=True,
+            )
         pickle = self.serializer.id == PICKLE_ID
+        lock = lock_for(store, lock_table, self.namespace, self.lock_lease)
+        self.memo.clear()  # another store: nothing kept so far describes its rows
         if local:
             # A private shared-memory segment: a MAC only where a load may run code (pickle).
-            codec = RowCodec(self.keys.memory_mac if pickle else None, hmac_sha256=pickle)
+            mac = row_mac(self.keys.memory_mac, True) if pickle else None
+            writes = ShmLock(store.table(lock_table), _WRITE_LEASE)
+            b = Binding(store, store.backend, lock, mac, store.table(self.table), writes)
         else:
             # Hosts sharing a backend must agree on the memory key: without a secret they use a
             # public one (damage detection only; pickle always has a secret).
             key = self.keys.memory_mac if self.keys.persistent else SHARED_UNAUTHENTICATED
-            codec = RowCodec(key, hmac_sha256=pickle)
-        tier = (
-            LocalTier(
-                store.table(self.table),
-                codec,
-                self.files,
-                self.memo,
-                self.serializer.id,
-                self.memory_value_bytes,
-                self.ttl_seconds,
-                self.count,
-            )
-            if local
-            else None
-        )
-        self.memo.clear()  # another store: nothing kept so far describes its rows
-        b = self.binding = Binding(store, store.backend, codec, lock, tier)
+            b = Binding(store, store.backend, lock, row_mac(key, pickle))
+        self.binding = b
         return b
+
+    def count(self, event: str) -> None:
+        """Count ``event`` in this host's counters, under the cache's ``metrics`` prefix."""
+        host_stats().incr(self.metrics + event)
 
     # -- reads ---------------------------------------------------------------------------------
 
-    def _from_file(self, key: bytes, nonce: bytes | None, now: float) -> tuple[bool, Any]:
-        return read_file(self.files, self.memo, self.serializer.id, self.count, key, nonce, now)
-
-    async def lookup(self, key: bytes) -> tuple[bool, Any, str]:
-        """``(found, value, event)``; every byte used was authenticated (or, on the table
-        backend in JSON mode, shape-checked) first."""
-        b = self.bind()
-        if b.local is not None:
-            return b.local.lookup(key)
-        mk, raw = memory_key(key)
-        now = time.time()
-        row = await b.store.get_strict(self.table, mk)
-        if row is None:
-            return False, None, "misses"  # the row is the authority for every host
-        v = b.codec.check(raw, row)
-        if v is None:
-            self.count("memory_corrupt")
+    def get_local(
+        self, table: Table, b: Binding, key: str | bytes, record: bool = True
+    ) -> tuple[bool, Any]:
+        """``(found, value)`` from ``b.table``, synchronously (validates ``key``)."""
+        if type(key) is str and 0 < len(key) < LOCAL_KEY_BYTES and key.isascii():
+            rk: str | bytes = key  # the same row as its UTF-8 bytes, without encoding it
         else:
-            kind, ser, exp = HEAD.unpack_from(v)
-            if exp and exp <= now:
-                self.count("memory_expired")
-            elif kind == INLINE:
-                if ser == self.serializer.id:
+            rk = local_key(check_key(key))
+        found, value, drop = self._answer(b, key, rk, table.get(rk, "v"), record)
+        if drop:
+            table.delete(rk)
+        return found, value
+
+    async def lookup(self, key: bytes, record: bool = True) -> tuple[bool, Any]:
+        """``(found, value)``; every byte used was authenticated (or, on the table backend in
+        JSON mode, shape-checked) first.  ``record=False`` leaves the hit/miss counters alone."""
+        b = self.bind()
+        if b.table is not None:
+            return self.get_local(b.table, b, key, record)
+        rk = memory_key(key)
+        v = await b.store.get_strict(self.table, rk, "v")
+        found, value, drop = self._answer(b, key, rk, v, record)
+        if drop:
+            await self._delete_row(b, rk)
+        return found, value
+
+    def _answer(
+        self, b: Binding, key: str | bytes, rk: Key, v: bytes | None, record: bool
+    ) -> tuple[bool, Any, bool]:
+        """``(found, value, drop the row)`` for ``key`` whose row holds ``v``; with ``record``,
+        the hit or miss is counted."""
+        now = _time()
+        nonce = None
+        drop = False
+        if v is not None:
+            start = unseal(b.mac, rk, v) if b.mac else (_HEAD if len(v) >= _HEAD else -1)
+            problem = "memory_corrupt"
+            if start >= 0:
+                kind, ser, exp = _unpack_head(v)
+                if exp and exp <= now:
+                    problem = "memory_expired"
+                elif kind == INLINE and ser == self._ser:
                     try:
-                        return True, self.memo.loads(mk, v, HEAD.size), "hits_memory"
+                        value = self._loads(rk, v, start)
                     except SerializationError:
-                        self.count("decode_errors")
-                else:
-                    self.count("serializer_mismatch")
-            else:
-                found = self._from_file(key, v[HEAD.size : NONCE_END], now)
-                if found[0]:
-                    return True, found[1], "hits_file"
-                return False, None, "misses"  # another host's value: not ours to delete
-        await b.store.delete(self.table, mk)
-        return False, None, "misses"
+                        problem = "decode_errors"
+                    else:
+                        if record:
+                            host_stats().incr(self._hits_memory)
+                        return True, value, False
+                elif kind == POINTER and len(v) == start + NONCE_BYTES:
+                    problem, nonce = "", v[start:]
+                elif kind == INLINE and ser:
+                    problem = "serializer_mismatch"
+            if problem:
+                self.count(problem)
+                drop = True
+        found, value, drop = self._from_file(b, key, nonce, drop, now)
+        if record:
+            host_stats().incr(self._hits_file if found else self._misses)
+        return found, value, drop
+
+    def _from_file(
+        self, b: Binding, key: str | bytes, nonce: bytes | None, drop: bool, now: float
+    ) -> tuple[bool, Any, bool]:
+        """The file tier's answer after the row's (``nonce``: the row points to a file)."""
+        local = b.table is not None
+        if nonce is None and not local:
+            return False, None, drop  # the row is the authority for every host
+        raw = key if type(key) is bytes else _bytes(key)
+        entry = self.files.read(raw, now)
+        if nonce is not None and (entry is None or entry.nonce != nonce):
+            if not local:
+                return False, None, False  # another host's value: not ours to drop
+            drop = True  # a stale pointer: the file this host holds decides
+        if entry is None:
+            return False, None, drop
+        found, value = self._use(raw, entry)
+        return found, value, drop or (local and nonce is not None and not found)
+
+    def _use(self, key: bytes, entry: Entry) -> tuple[bool, Any]:
+        """``(True, value)`` of an authentic file entry; an unusable one is dropped."""
+        if entry.serializer != self._ser:
+            self.count("serializer_mismatch")  # e.g. a pickle entry read by a JSON cache
+        else:
+            try:
+                return True, self.memo.loads((key, 0), entry.payload)
+            except SerializationError:
+                self.count("decode_errors")
+        self.files.drop(self.files.name(key), None, "undecodable")
+        return False, None
 
     # -- writes --------------------------------------------------------------------------------
 
+    async def _set_row(self, b: Binding, rk: Key, v: bytes) -> None:
+        """Write the row (TableFullError / CapacityError when it does not fit); the shared
+        table directly on the table backend, without yielding."""
+        if b.table is not None:
+            b.table.set(rk, {"v": v})
+        else:
+            await b.store.set(self.table, rk, {"v": v})
+
+    async def _delete_row(self, b: Binding, rk: Key) -> bool:
+        """Remove the row; ``True`` if it existed."""
+        return b.table.delete(rk) if b.table is not None else await b.store.delete(self.table, rk)
+
+    async def _write(self, key: bytes, op: Callable[[Binding, Key], Awaitable[bool]]) -> bool:
+        """``op(binding, row key)``, under the key's write lock on the table backend: another
+        writer of the key never interleaves its row and file with these."""
+        b = self.bind()
+        if b.writes is None:
+            return await op(b, memory_key(key))
+        rk = local_key(key)
+        name = _WRITE + rk
+        token = b.writes.take(name) or await b.writes.hold(name)
+        try:
+            return await op(b, rk)
+        finally:
+            b.writes.give(name, token)
+
     async def put(self, key: bytes, payload: bytes, seconds: float) -> bool:
         """Store a serialized value in the right tier(s); ``False`` when nothing was stored."""
-        b = self.bind()
-        if b.local is not None:
-            return b.local.put(key, payload, seconds)
-        # the memory expiry is checked by lookup too (a tiered L1 may lag the server's TTL)
-        exp, mexp = expiries(seconds, self.ttl_seconds)
-        mk, raw = memory_key(key)
-        ser = self.serializer.id
+        return await self._write(key, lambda b, rk: self._put(b, key, rk, payload, seconds))
+
+    async def _put(self, b: Binding, key: bytes, rk: Key, payload: bytes, seconds: float) -> bool:
+        now = _time()
+        exp = now + seconds if seconds else 0.0
+        mexp = exp  # the memory tier's own ttl_seconds may end the row before the file
+        if self.ttl_seconds:
+            mexp = min(exp or float("inf"), now + self.ttl_seconds)
         if len(payload) <= self.memory_value_bytes:
             try:
-                await b.store.set(self.table, mk, b.codec.inline(raw, mexp, ser, payload))
+                await self._set_row(b, rk, seal(b.mac, rk, INLINE, self._ser, mexp, payload))
             except SPILL_ERRORS:
                 self.count("spills_full")
             else:
-                self.files.delete(key)  # the row is the authority: no file copy to go stale
+                if b.table is None:
+                    self.files.delete(key)  # the row is the authority: no file copy to go stale
+                elif not self.files.write(key, self._ser, exp, payload, ZERO_NONCE):
+                    self.files.delete(key)  # an older copy must not be served after a restart
                 return True
         else:
             self.count("spills_oversize")
         nonce = secrets.token_bytes(16)
-        if not self.files.write(key, ser, exp, payload, nonce):
-            # nothing may keep serving an older value of this key
-            await b.store.delete(self.table, mk)
+        if not self.files.write(key, self._ser, exp, payload, nonce):
+            await self._delete_row(b, rk)  # nothing may keep serving an older value of this key
             self.files.delete(key)
             return False
         try:
-            await b.store.set(self.table, mk, b.codec.pointer(raw, mexp, nonce))
+            await self._set_row(b, rk, seal(b.mac, rk, POINTER, 0, mexp, nonce))
         except SPILL_ERRORS:
-            await b.store.delete(self.table, mk)
-            return False
+            await self._delete_row(b, rk)
+            return b.table is not None  # on this host the file alone serves it
         return True
 
     async def delete(self, key: bytes) -> bool:
         """Remove ``key`` from both tiers; ``True`` if either held it."""
-        b = self.bind()
-        if b.local is not None:
-            return b.local.delete(key)
-        in_memory = await b.store.delete(self.table, memory_key(key)[0])
-        return self.files.delete(key) or in_memory
+
+        async def remove(b: Binding, rk: Key) -> bool:
+            in_memory = await self._delete_row(b, rk)
+            return self.files.delete(key) or in_memory
+
+        return await self._write(key, remove)
 
     async def flush(self) -> None:
         """Empty the memory tier and this host's files."""
@@ -225,49 +450,52 @@ class Tiers:
         self.memo.clear()
         self.files.flush()
 
+    # -- counts and sweeps ---------------------------------------------------------------------
+
+    async def _rows(self, now: float) -> tuple[int, list[Key]]:
+        """How many rows are live at ``now``, and the keys of the expired ones."""
+        live = 0
+        expired: list[Key] = []
+        async for rk, row in self.bind().store.iterate(self.table):
+            v = row["v"]
+            if len(v) >= _HEAD and 0 < _unpack_head(v)[2] <= now:
+                expired.append(rk)
+            else:
+                live += 1
+        return live, expired
+
     async def live_rows(self) -> int:
         """Unexpired memory-tier rows."""
-        b = self.bind()
-        now = time.time()
-        n = 0
-        async for _, row in b.store.iterate(self.table):
-            exp = row.get("exp")
-            if not exp or exp > now:
-                n += 1
-        return n
+        return (await self._rows(_time()))[0]
 
-    def sweep_locks(self) -> int:
-        """Delete lock rows of dead owners (table backend; elsewhere locks expire by lease)."""
-        lock = self.bind().lock
-        return lock.sweep() if isinstance(lock, ShmLock) else 0
-
-    async def drop_orphans(self, owned: list[Owned]) -> int:
-        """Unlink files that no memory-tier row points to any more (shared backends: another
-        host overwrote or deleted the key); how many."""
+    async def sweep(self, max_files: int) -> dict[str, int]:
+        """One GC pass: expired memory rows, dead lock rows, then (in a thread) expired and
+        damaged files and, on shared backends, files no row points to any more."""
+        now = _time()
         b = self.bind()
+        expired: list[Key] = []
+        if Capability.LISTING in b.backend.capabilities:  # memcached expires rows itself
+            expired = (await self._rows(now))[1]
+        for rk in expired:
+            await self._delete_row(b, rk)
+        owners: list[Owned] | None = None if b.table is not None else []
+        out = await asyncio.to_thread(self.files.sweep, now, max_files, owners)
+        out["orphans"] = await self._drop_orphans(b, owners) if owners else 0
+        out["memory_expired"] = len(expired)
+        out["dead_locks"] = b.lock.sweep() if isinstance(b.lock, ShmLock) else 0  # others expire
+        return out
+
+    async def _drop_orphans(self, b: Binding, owned: list[Owned]) -> int:
+        """Unlink files that no row points to any more (another host overwrote or deleted the
+        key); how many."""
         dropped = 0
         for i in range(0, len(owned), 256):
             chunk = owned[i : i + 256]
-            keys = [memory_key(o.key) for o in chunk]
-            rows = await b.store.mget(self.table, [mk for mk, _ in keys])
-            for o, (_, raw), row in zip(chunk, keys, rows, strict=True):
-                v = b.codec.check(raw, row) if row is not None else None
-                live = v is not None and v[0] == POINTER and v[HEAD.size : NONCE_END] == o.nonce
-                if not live and self.files.drop_if(o.name, o.ino, "orphan"):
+            rks = [memory_key(o.key) for o in chunk]
+            for o, rk, row in zip(chunk, rks, await b.store.mget(self.table, rks), strict=True):
+                v = b"" if row is None else row["v"]
+                start = unseal(b.mac, rk, v) if b.mac else -1  # shared rows always have one
+                live = start >= 0 and v[0] == POINTER and v[start:] == o.nonce
+                if not live and self.files.drop(o.name, o.ino, "orphan"):
                     dropped += 1
         return dropped
-
-    async def sweep_memory(self, now: float) -> int:
-        """Delete expired memory-tier rows; how many."""
-        b = self.bind()
-        expired: list[Any] = []
-        try:
-            async for mk, row in b.store.iterate(self.table):
-                exp = row.get("exp")
-                if exp and exp <= now:
-                    expired.append(mk)
-        except UnsupportedOperationError:
-            return 0  # a backend that cannot iterate expires its rows itself (memcached)
-        for mk in expired:
-            await b.store.delete(self.table, mk)
-        return len(expired)

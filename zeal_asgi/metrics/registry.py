@@ -22,7 +22,7 @@ from zeal_asgi.errors import MetricError, ZealError
 from zeal_asgi.settings import ZealSettings
 from zeal_asgi.shm.ext import Cells, Table
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.shm.segments import process_alive, process_start_time
+from zeal_asgi.shm.process import process_alive, process_start_time
 
 if TYPE_CHECKING:
     from zeal_asgi.metrics.kinds import Metric

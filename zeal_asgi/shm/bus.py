@@ -8,11 +8,12 @@ its channels and patterns, so ``publish`` returns the number of subscribed worke
 and writes nothing when there is none.
 
 Wake-ups: a worker with nothing to read flags itself asleep in the registry and waits on an
-abstract Unix datagram socket; a publisher sends one byte only to workers whose flag it flips
-from 1 to 0.  The byte carries no data (the data stays in the 0600 segment, so a forged wake-up
-is harmless), and a full socket queue only means a wake-up is already pending.  Sleepers also
-wake every ``WAKE_TIMEOUT`` seconds, which bounds the delay if a publisher dies between its write
-and its wake-up.
+abstract Unix datagram socket named with a random token (kept in the registry, so another user
+cannot predict the name and bind it first); a publisher sends one byte only to workers whose
+flag it flips from 1 to 0.  The byte carries no data (the data stays in the 0600 segment, so a
+forged wake-up is harmless), and a full socket queue only means a wake-up is already pending.
+Sleepers also wake every ``WAKE_TIMEOUT`` seconds, which bounds the delay if a publisher dies
+between its write and its wake-up.
 
 Overflow policy: a worker that falls more than ``slots`` messages behind loses the oldest ones
 (counted as ``pubsub_overrun``); publishers never block.  A slot reserved by a publisher that
@@ -34,7 +35,8 @@ from typing import TYPE_CHECKING
 
 from zeal_asgi.errors import ConfigError, InvalidKeyError, KeyTypeError, ValueTooLargeError
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.shm.segments import process_alive, server_identity
+from zeal_asgi.shm.process import process_alive
+from zeal_asgi.shm.segments import server_identity
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Atomic, Table

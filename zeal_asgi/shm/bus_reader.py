@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import re
+import secrets
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from zeal_asgi.shm.bus import (
@@ -21,12 +22,9 @@ from zeal_asgi.shm.bus import (
     glob_to_regex,
 )
 from zeal_asgi.shm.hoststats import host_stats
-from zeal_asgi.shm.segments import process_start_time
+from zeal_asgi.shm.process import process_start_time
 
 __all__ = ["BusSubscriber"]
-
-
-_serial = itertools.count(1)
 
 
 def _host_count(name: str, by: int) -> None:
@@ -34,26 +32,27 @@ def _host_count(name: str, by: int) -> None:
 
 
 class BusSubscriber:
-    """One worker's reader of the ring: its subscriptions, its position, its wake-up socket."""
+    """One worker's reader of the ring: its subscriptions, its position, its wake-up socket.
+
+    The wake-up socket's name ends with a random token (kept in the 0600 registry), so no other
+    process can predict it and bind it first.
+    """
 
     def __init__(self, bus: HostBus, count: Callable[[str, int], None] | None = None) -> None:
         self.bus = bus
         self._count = count if count is not None else _host_count
         self.pid = os.getpid()
-        self.token = f"{self.pid}.{next(_serial)}"
+        self.token = secrets.token_hex(12)
         self._wkey = bus.worker_key(self.token)
-        self._exact: dict[str, int] = {}
-        self._patterns: dict[str, tuple[re.Pattern[str], int]] = {}
+        self._refs: Counter[tuple[str, bool]] = Counter()
+        self._patterns: dict[str, re.Pattern[str]] = {}
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             self._sock.setblocking(False)
             self._sock.bind(bus.wake_address(self.token))
-            # Position first, row second: any publish that counts us comes after our position.
+            # Position first, rows second: any publish that counts us comes after our position.
             self.next_seq = bus.head.get() + 1
-            bus.registry.set(
-                self._wkey,
-                {"pid": self.pid, "start": process_start_time(self.pid) or 0, "sleeping": 0},
-            )
+            self._register()
         except BaseException:
             self._sock.close()
             raise
@@ -61,37 +60,36 @@ class BusSubscriber:
         self.overrun = 0
         self.lost = 0
 
+    def _sub_row(self, wire: str, pattern: bool) -> None:
+        row = {"pid": self.pid, "start": 0, "pattern": int(pattern), "channel": wire}
+        self.bus.registry.set(self.bus.sub_key(self.token, wire, pattern), row)
+
+    def _register(self) -> None:
+        """Write every row of this subscriber (again, when a sweep took it for dead)."""
+        start = process_start_time(self.pid) or 0
+        self.bus.registry.set(self._wkey, {"pid": self.pid, "start": start, "sleeping": 0})
+        for wire, pattern in self._refs:
+            self._sub_row(wire, pattern)
+        self.bus.regen.increment()
+
     def add(self, wire: str, pattern: bool) -> None:
         """Subscribe to a wire channel or pattern (reference counted)."""
         check_wire(wire)
-        table = self._patterns if pattern else None
-        if table is not None:
-            rx, refs = table.get(wire, (glob_to_regex(wire), 0))
-            table[wire] = (rx, refs + 1)
-            first = refs == 0
-        else:
-            refs = self._exact.get(wire, 0)
-            self._exact[wire] = refs + 1
-            first = refs == 0
-        if first:
-            row = {"pid": self.pid, "start": 0, "pattern": int(pattern), "channel": wire}
-            self.bus.registry.set(self.bus.sub_key(self.token, wire, pattern), row)
+        self._refs[wire, pattern] += 1
+        if self._refs[wire, pattern] == 1:
+            if pattern:
+                self._patterns[wire] = glob_to_regex(wire)
+            self._sub_row(wire, pattern)
             self.bus.regen.increment()
 
     def remove(self, wire: str, pattern: bool) -> None:
         """Drop one reference to a subscription; unregister it at zero."""
+        self._refs[wire, pattern] -= 1
+        if self._refs[wire, pattern] > 0:
+            return
+        del self._refs[wire, pattern]
         if pattern:
-            rx, refs = self._patterns.get(wire, (None, 0))
-            if refs > 1 and rx is not None:
-                self._patterns[wire] = (rx, refs - 1)
-                return
             self._patterns.pop(wire, None)
-        else:
-            refs = self._exact.get(wire, 0)
-            if refs > 1:
-                self._exact[wire] = refs - 1
-                return
-            self._exact.pop(wire, None)
         self.bus.registry.delete(self.bus.sub_key(self.token, wire, pattern))
         self.bus.regen.increment()
 
@@ -102,22 +100,20 @@ class BusSubscriber:
         self._closed = True
         reg = self.bus.registry
         if not reg.closed:
-            for wire in self._exact:
-                reg.delete(self.bus.sub_key(self.token, wire, False))
-            for wire in self._patterns:
-                reg.delete(self.bus.sub_key(self.token, wire, True))
+            for wire, pattern in self._refs:
+                reg.delete(self.bus.sub_key(self.token, wire, pattern))
             reg.delete(self._wkey)
             self.bus.regen.increment()
-        self._exact.clear()
+        self._refs.clear()
         self._patterns.clear()
         self._sock.close()
 
     # -- reading -------------------------------------------------------------------------------
 
     def _match(self, wire: str, payload: bytes, deliver: Deliver) -> None:
-        if wire in self._exact:
+        if (wire, False) in self._refs:
             deliver(wire, None, payload)
-        for pat, (rx, _) in self._patterns.items():
+        for pat, rx in self._patterns.items():
             if rx.fullmatch(wire):
                 deliver(wire, pat, payload)
 
@@ -231,18 +227,5 @@ class BusSubscriber:
                 self.bus.prune_dead()
                 # A sweep by another worker may have taken us for dead after a long stall.
                 if not self.bus.registry.exists(self._wkey):
-                    self._reregister()
+                    self._register()
             await self.wait()
-
-    def _reregister(self) -> None:
-        self.bus.registry.set(
-            self._wkey,
-            {"pid": self.pid, "start": process_start_time(self.pid) or 0, "sleeping": 0},
-        )
-        for wire in self._exact:
-            row = {"pid": self.pid, "start": 0, "pattern": 0, "channel": wire}
-            self.bus.registry.set(self.bus.sub_key(self.token, wire, False), row)
-        for wire in self._patterns:
-            row = {"pid": self.pid, "start": 0, "pattern": 1, "channel": wire}
-            self.bus.registry.set(self.bus.sub_key(self.token, wire, True), row)
-        self.bus.regen.increment()

@@ -3,19 +3,23 @@
 Any component records events with ``host_stats().incr("pool_acquires")``; ``Store.stats()`` and
 ``/health/store`` read them back per worker and summed over the host.  Each counter is a row
 ``"<pid>:<metric>"`` of one small shared table, so an increment is a single ~100 ns atomic
-operation and needs no coordination between workers.
+operation and needs no coordination between workers.  The rows of workers that died are folded
+into rows of pid 0 (the host's totals keep their counts) and removed, when a worker starts and
+whenever the table is full, so worker restarts never fill it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import TYPE_CHECKING
 
 from zeal_asgi.errors import TableFullError
+from zeal_asgi.shm.process import process_alive
 
 if TYPE_CHECKING:
-    from zeal_asgi.shm import Table
+    from zeal_asgi.shm.ext import Table
 
 __all__ = ["HostStats", "host_stats"]
 
@@ -27,8 +31,8 @@ class HostStats:
 
     def __init__(self, table: Table) -> None:
         self._table = table
-        self._pid = os.getpid()
         self._full = False
+        self.prune()
 
     def incr(self, metric: str, by: int = 1) -> None:
         """Add ``by`` to this worker's ``metric`` (created at 0)."""
@@ -37,16 +41,27 @@ class HostStats:
         try:
             self._table.incr(f"{_pid}:{metric}", "v", by)
         except TableFullError:
-            # Counters are diagnostics: never let them fail a request.
-            self._full = True
-
-    def set(self, metric: str, value: int) -> None:
-        """Set this worker's ``metric`` (a gauge, e.g. a breaker state)."""
-        if not self._full:
-            try:
-                self._table.set(f"{_pid}:{metric}", {"v": value})
-            except TableFullError:
+            # Counters are diagnostics: never let them fail a request.  Dead workers' rows make
+            # room; when there are none, the live workers alone fill the table: stop counting.
+            if self.prune():
+                self.incr(metric, by)
+            else:
                 self._full = True
+
+    def prune(self) -> int:
+        """Fold the counters of dead workers into pid 0's and drop their rows; how many rows."""
+        alive: dict[int, bool] = {}
+        folded = 0
+        for pid, metric, value in self._rows():
+            if pid not in alive:
+                alive[pid] = pid == 0 or process_alive(pid)
+            # Only the process whose delete succeeds moves the count: never twice.
+            if not alive[pid] and self._table.delete(f"{pid}:{metric}"):
+                folded += 1
+                # (a live worker may take the row just freed: then this count is lost)
+                with contextlib.suppress(TableFullError):
+                    self._table.incr(f"0:{metric}", "v", value)
+        return folded
 
     def _rows(self) -> list[tuple[int, str, int]]:
         out = []
@@ -69,7 +84,7 @@ class HostStats:
         return total
 
     def workers(self) -> dict[int, dict[str, int]]:
-        """Counters of every worker that recorded something, by pid."""
+        """Counters of every worker that recorded something, by pid (0: workers that died)."""
         out: dict[int, dict[str, int]] = {}
         for pid, metric, value in self._rows():
             out.setdefault(pid, {})[metric] = value
@@ -99,6 +114,5 @@ def host_stats() -> HostStats:
         if _instance is None:
             from zeal_asgi.shm.ext import Table
 
-            table = Table(CAPACITY, {"v": ("int", 8)}, name="__zeal_stats__")
-            _instance = HostStats(table)
+            _instance = HostStats(Table(CAPACITY, {"v": ("int", 8)}, name="__zeal_stats__"))
         return _instance

@@ -1,14 +1,13 @@
-"""Unlinks a server's shared-memory segments when its supervisor exits.
+"""Unlinks a server's shared-memory segments when its owner exits.
 
-Started once per server by the first process that creates a segment; it waits for the server's
-owner (the single-process server, the launcher's master, or the supervisor of the workers) to
-exit, then unlinks every segment of the server that no process holds any more.
-Usage: ``python -S _janitor.py PID START PREFIX DIR`` (standard library only).
+Started once per server by the first process that creates a segment, with a pidfd of the
+server's owner (the single-process server, the launcher's master, or the supervisor of the
+workers); it waits for that process to exit, then unlinks every segment of the server that no
+process holds any more.  Usage: ``python -S janitor.py PIDFD PREFIX DIR`` (standard library only).
 """
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import select
@@ -16,65 +15,33 @@ import sys
 import time
 
 
-def _start_time(pid: int) -> int | None:
+def unlink_if_unused(path: str) -> bool:
+    """Unlink the segment at ``path`` if it is ours and no process holds it (workers keep a
+    shared lock on every segment they use); True when it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode("ascii", "replace")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+        return True
     except OSError:
-        return None
-    return int(raw[raw.rindex(")") + 2 :].split()[19])
-
-
-def _wait_for_exit(pid: int, start: int | None) -> None:
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return  # already gone
-    try:
-        # pid reuse: make sure the process behind the pidfd is the one we were told about
-        if start is not None and _start_time(pid) != start:
-            return
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        while not poller.poll(60_000):
-            pass
+        return False  # held (an orphaned worker may outlive its supervisor: we wait for it)
     finally:
-        os.close(pidfd)
-
-
-def _unlink_unused(directory: str, prefix: str) -> int:
-    """Unlink every segment of the server that no process holds any more; the number left."""
-    left = 0
-    for name in os.listdir(directory):
-        if not name.startswith(prefix):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            # Workers hold a shared lock while they use a segment: an orphaned worker that
-            # outlives its supervisor keeps its memory; we wait for it.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            left += 1
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        finally:
-            os.close(fd)
-    return left
+        os.close(fd)
 
 
 def main(argv: list[str]) -> int:
-    """Entry point: daemonise, wait for the supervisor, unlink the server's segments."""
-    pid, start_raw, prefix, directory = argv
-    start = None if start_raw == "None" else int(start_raw)
+    """Entry point: daemonise, wait for the owner, unlink the server's segments."""
+    pidfd, prefix, directory = int(argv[0]), argv[1], argv[2]
     if os.fork():
         os._exit(0)  # the caller waits for this first process only: no zombie is left behind
-    _wait_for_exit(int(pid), start)
-    while _unlink_unused(directory, prefix):
+    select.select([pidfd], [], [])  # a pidfd becomes readable when its process exits
+    mine = [os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(prefix)]
+    while mine := [path for path in mine if not unlink_if_unused(path)]:
         time.sleep(0.2)
     return 0
 

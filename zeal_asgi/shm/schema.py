@@ -12,12 +12,13 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from zeal_asgi.errors import (
     ColumnTypeError,
     IntegerOverflowError,
     InvalidKeyError,
+    InvalidTTLError,
     KeyTooLongError,
     KeyTypeError,
     NonFiniteFloatError,
@@ -41,6 +42,7 @@ MAX_COLUMNS = 64
 MAX_KEY_SIZE = 4096
 MAX_STRING_SIZE = 16 * 1024 * 1024
 MAX_ROWS = 2**32 - 2
+MAX_TTL = 10 * 365 * 86400.0
 ROW_HEADER = 8
 SEGMENT_HEADER = 4096
 LOCK_SLOT = 64
@@ -85,37 +87,22 @@ class Column:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Sizes and offsets of a table segment."""
+class Geometry(NamedTuple):
+    """Sizes and offsets of a table segment, in the order the extension takes them."""
 
     capacity: int
     row_size: int
     key_limit: int
     key_off: int
     n_stripes: int
+    exp_off: int
+    ttl_ns: int
     index_slots: int
     off_global: int
     off_stripes: int
     off_index: int
     off_rows: int
     total_size: int
-
-    def as_tuple(self) -> tuple[int, ...]:
-        """The order the extension expects."""
-        return (
-            self.capacity,
-            self.row_size,
-            self.key_limit,
-            self.key_off,
-            self.n_stripes,
-            self.index_slots,
-            self.off_global,
-            self.off_stripes,
-            self.off_index,
-            self.off_rows,
-            self.total_size,
-        )
 
 
 def _pow2_at_least(n: int) -> int:
@@ -164,6 +151,10 @@ class Schema:
     key_off: int
     allow_nan: bool = False
     binary_keys: bool = False
+    ttl: float | None = None
+    """Seconds a row lives after its last write (``None``: rows never expire)."""
+    exp_off: int = 0
+    """Where a row keeps its expiry (0: nowhere, rows never expire)."""
 
     @classmethod
     def declare(
@@ -173,11 +164,13 @@ class Schema:
         key_size: int = 64,
         allow_nan: bool = False,
         binary_keys: bool = False,
+        ttl: float | None = None,
     ) -> Schema:
         """Validate a declaration such as ``{"name": (TYPE_STRING, 64), "n": (TYPE_INT, 4)}``.
 
         Raises:
             SchemaError: unknown types, non-positive or oversized sizes, bad or duplicate names.
+            InvalidTTLError: a ``ttl`` that is not a number of seconds in (0, 10 years].
         """
         if not isinstance(columns, Mapping):
             raise SchemaError(f"columns must be a mapping of name -> (type, size), got {columns!r}")
@@ -217,14 +210,26 @@ class Schema:
                         f"{MAX_STRING_SIZE} bytes, got {size}"
                     )
             parsed.append(Column(name, ctype, size))
-        return cls._lay_out(parsed, key_size, allow_nan, binary_keys)
+        if ttl is not None and (
+            not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= MAX_TTL
+        ):
+            raise InvalidTTLError(
+                f"ttl must be a number of seconds in (0, {MAX_TTL:g}], got {ttl!r}"
+            )
+        return cls._lay_out(parsed, key_size, allow_nan, binary_keys, ttl)
 
     @classmethod
     def _lay_out(
-        cls, cols: list[Column], key_limit: int, allow_nan: bool, binary_keys: bool
+        cls,
+        cols: list[Column],
+        key_limit: int,
+        allow_nan: bool,
+        binary_keys: bool,
+        ttl: float | None,
     ) -> Schema:
         placed: dict[str, Column] = {}
-        off = ROW_HEADER
+        # A row that expires keeps its deadline (8 bytes) first, aligned for atomic access.
+        off = ROW_HEADER + (8 if ttl else 0)
         # Numeric columns first, widest first, so each is naturally aligned for atomic access.
         numeric = [c for c in cols if c.type in (ColumnType.INT, ColumnType.FLOAT)]
         for c in sorted(numeric, key=lambda c: -c.size):
@@ -238,7 +243,10 @@ class Schema:
                 placed[c.name] = Column(c.name, c.type, c.size, off, width)
                 off += width + c.size
         ordered = tuple(placed[c.name] for c in cols)
-        return cls(ordered, key_limit, _align(off, 8), key_off, allow_nan, binary_keys)
+        exp_off = ROW_HEADER if ttl else 0
+        return cls(
+            ordered, key_limit, _align(off, 8), key_off, allow_nan, binary_keys, ttl, exp_off
+        )
 
     def to_blob(self) -> bytes:
         """Canonical encoding stored in the segment header."""
@@ -249,6 +257,8 @@ class Schema:
             "allow_nan": self.allow_nan,
             "binary_keys": self.binary_keys,
         }
+        if self.ttl:
+            doc["ttl"] = self.ttl
         blob = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
         if len(blob) > SCHEMA_BLOB_MAX:
             raise SchemaError(
@@ -262,7 +272,9 @@ class Schema:
         """Rebuild the schema stored in a segment header."""
         doc = json.loads(blob)
         cols = [Column(n, ColumnType(t), s) for n, t, s in doc["columns"]]
-        return cls._lay_out(cols, doc["key_limit"], doc["allow_nan"], doc["binary_keys"])
+        return cls._lay_out(
+            cols, doc["key_limit"], doc["allow_nan"], doc["binary_keys"], doc.get("ttl")
+        )
 
     def column(self, name: object, table: str) -> Column:
         """The column called ``name``, or UnknownColumnError naming the table's columns."""
@@ -314,7 +326,7 @@ class Schema:
         ]
         if not parts and list(mine) != list(theirs):
             parts.append(f"column order: {list(mine)} vs {list(theirs)}")
-        for attr in ("key_limit", "allow_nan", "binary_keys"):
+        for attr in ("key_limit", "allow_nan", "binary_keys", "ttl"):
             if getattr(self, attr) != getattr(other, attr):
                 parts.append(f"{attr}: {getattr(self, attr)} vs {getattr(other, attr)}")
         return "; ".join(parts)
@@ -342,6 +354,8 @@ class Schema:
             self.key_limit,
             self.key_off,
             n_stripes,
+            self.exp_off,
+            round(self.ttl * 1e9) if self.ttl else 0,
             index_slots,
             off_global,
             off_stripes,
@@ -355,8 +369,6 @@ class Schema:
 #
 # The shared-memory table validates in C; every other backend validates here, with the same rules
 # and the same messages, so application code sees one behaviour whatever the backend.
-
-_INT_RANGES = {w: (-(2 ** (w * 8 - 1)), 2 ** (w * 8 - 1) - 1) for w in (1, 2, 4, 8)}
 
 
 def validate_key(key: object, table: str, key_limit: int, binary_keys: bool = False) -> bytes:
@@ -396,7 +408,7 @@ def validate_value(col: Column, value: object, table: str, allow_nan: bool = Fal
 
     if col.type is ColumnType.INT:
         if isinstance(value, int) and not isinstance(value, bool):
-            lo, hi = _INT_RANGES[col.size]
+            lo, hi = col.int_range
             if not lo <= value <= hi:
                 raise IntegerOverflowError(
                     f"column {col.name!r} of table {table!r} is INT({col.size}): {value} is "

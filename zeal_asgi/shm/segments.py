@@ -15,6 +15,11 @@ Creation is ``O_CREAT|O_EXCL`` with mode 0600 under an exclusive ``flock``, spac
 process keeps a shared ``flock`` on each segment it uses: that is how a sweep tells a stale
 segment (its server died) from a live one.  The process that owns the server unlinks at exit;
 for workers of a foreign supervisor a small janitor process unlinks when the supervisor exits.
+
+With ``ZEAL_SHM_BACKEND=memfd`` segments have no name: the server's owner creates them, its
+forked workers inherit them, and its other workers open them through ``/proc/<owner>/fd``.  A
+worker whose owner did not create a segment (a ``uvicorn --workers`` or a gunicorn worker without
+``--preload``: their masters never import the app) cannot share it and is refused.
 """
 
 from __future__ import annotations
@@ -23,21 +28,23 @@ import atexit
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import logging
 import multiprocessing
 import os
 import re
-import secrets
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from zeal_asgi.errors import (
     PrivateCopyError,
@@ -48,17 +55,23 @@ from zeal_asgi.errors import (
     ShmNameTakenError,
     ShmPermissionError,
 )
+from zeal_asgi.shm import _shmtable
+from zeal_asgi.shm.janitor import unlink_if_unused
+from zeal_asgi.shm.process import cmdline, process_alive, process_start_time
 from zeal_asgi.shm.schema import Schema
 
 if TYPE_CHECKING:
-    from zeal_asgi.shm import Atomic, Table
+    from zeal_asgi.shm.ext import Atomic, Table
 
 __all__ = [
     "ServerIdentity",
     "attach_path",
     "destroy",
+    "display_name",
+    "held_segments",
     "open_atomic",
     "open_table",
+    "release_owned",
     "segment_path",
     "segments_of_server",
     "server_identity",
@@ -74,6 +87,7 @@ PREFIX = "zeal."
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ATTACH_TIMEOUT = 10.0
 STALE_MIN_AGE = 10.0
+_T = TypeVar("_T")
 
 
 def shm_dir() -> str:
@@ -82,43 +96,6 @@ def shm_dir() -> str:
 
 
 # -- server identity ---------------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/pid/stat)."""
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields else None
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
-
-
-def process_alive(pid: int, start: int | None) -> bool:
-    """True when ``pid`` runs and (if given) started at ``start`` (so a reused pid is not it)."""
-    if pid <= 0:
-        return False
-    now = process_start_time(pid)
-    if now is None:
-        return False
-    fields = _stat_fields(pid)
-    if fields and fields[0] == "Z":
-        return False
-    return start is None or now == start
 
 
 @dataclass(frozen=True)
@@ -142,8 +119,8 @@ _lock = threading.RLock()
 def _is_forked_worker(ppid: int) -> bool:
     if ppid <= 1:
         return False
-    parent = _cmdline(ppid)
-    if parent and parent == _cmdline(os.getpid()):
+    parent = cmdline(ppid)
+    if parent and parent == cmdline(os.getpid()):
         return True
     # gunicorn renames its processes (setproctitle) so the command lines differ
     return "gunicorn.arbiter" in sys.modules and b"gunicorn" in parent
@@ -159,15 +136,10 @@ def server_identity() -> ServerIdentity:
         if env:
             if not _ID_RE.match(env):
                 raise ShmError(f"ZEAL_SERVER_ID must match {_ID_RE.pattern}, got {env!r}")
-            owner_raw = os.environ.get("ZEAL_SERVER_OWNER_PID", "")
-            owner = int(owner_raw) if owner_raw.isdigit() else None
-            ident = ServerIdentity(
-                env,
-                owner,
-                process_start_time(owner) if owner else None,
-                owner == os.getpid(),
-                "env",
-            )
+            raw = os.environ.get("ZEAL_SERVER_OWNER_PID", "")
+            owner = int(raw) if raw.isdigit() else None
+            start = process_start_time(owner) if owner else None
+            _identity = ServerIdentity(env, owner, start, owner == os.getpid(), "env")
         else:
             ppid = os.getppid()
             if multiprocessing.parent_process() is not None and ppid > 1:
@@ -178,9 +150,8 @@ def server_identity() -> ServerIdentity:
                 how = "self"
             master = os.getpid() if how == "self" else ppid
             start = process_start_time(master)
-            ident = ServerIdentity(f"{master}-{start}", master, start, how == "self", how)
-        _identity = ident
-        return ident
+            _identity = ServerIdentity(f"{master}-{start}", master, start, how == "self", how)
+        return _identity
 
 
 def _reset_after_fork() -> None:
@@ -192,38 +163,25 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _uid() -> int:
-    return os.geteuid()
-
-
 def segment_path(kind: str, name: str, server_id: str | None = None) -> str:
     """Path of the named segment (``kind`` ``t``: table, ``a``: atomic) of a server (this
     process's by default)."""
     sid = server_id or server_identity().server_id
     ns = os.environ.get("ZEAL_NAMESPACE", "")
     digest = hashlib.blake2b(f"{ns}\0{kind}\0{name}".encode(), digest_size=8).hexdigest()
-    return os.path.join(shm_dir(), f"{PREFIX}{_uid()}.{sid}.{kind}.{digest}")
+    return os.path.join(shm_dir(), f"{PREFIX}{os.geteuid()}.{sid}.{kind}.{digest}")
 
 
 def segments_of_server(server_id: str | None = None) -> list[str]:
     """Paths of the named segments of a server (this process's server by default)."""
     sid = server_id or server_identity().server_id
-    start = f"{PREFIX}{_uid()}.{sid}."
-    try:
-        names = os.listdir(shm_dir())
-    except OSError:
-        return []
-    return sorted(os.path.join(shm_dir(), n) for n in names if n.startswith(start))
+    return sorted(glob.glob(os.path.join(shm_dir(), f"{PREFIX}{os.geteuid()}.{sid}.*")))
 
 
 def server_ids() -> list[str]:
     """Ids of this user's servers that have segments here (live or left by a killed one)."""
-    mine = f"{PREFIX}{_uid()}."
-    try:
-        names = os.listdir(shm_dir())
-    except OSError:
-        return []
-    return sorted({n[len(mine) :].split(".")[0] for n in names if n.startswith(mine)})
+    names = glob.glob(os.path.join(shm_dir(), f"{PREFIX}{os.geteuid()}.*.*"))
+    return sorted({os.path.basename(n).split(".")[2] for n in names})
 
 
 def display_name(name: str | None) -> str | None:
@@ -232,27 +190,21 @@ def display_name(name: str | None) -> str | None:
     return name.rpartition(":")[2] if name else name
 
 
-# -- registry of what this process holds -------------------------------------------------------
+# -- what this process holds and created ---------------------------------------------------------
 
-
-@dataclass
-class _Held:
-    path: str | None
-    creator_pid: int
-    kind: str
-    name: str | None
-
-
-_held: weakref.WeakKeyDictionary[Any, _Held] = weakref.WeakKeyDictionary()
+_held: weakref.WeakSet[Any] = weakref.WeakSet()
 _created_paths: dict[str, int] = {}  # path -> pid of the process that created it
+_released: set[str] = set()
+"""Paths this process unlinked on purpose: other handles of them in this process are not
+private copies by accident (tests destroy what they made while an app still maps it)."""
 
 
-def held_segments() -> Iterator[tuple[Any, str | None, str]]:
+def held_segments() -> Iterator[tuple[Table | Atomic, str | None, str]]:
     """(object, path, kind) of every live table/atomic this process has open."""
     with _lock:
-        items = list(_held.items())
-    for obj, h in items:
-        yield obj, h.path, h.kind
+        objs = list(_held)
+    for obj in objs:
+        yield obj, obj.path, "atomic" if isinstance(obj, _shmtable.Atomic) else "table"
 
 
 def release_owned() -> list[str]:
@@ -268,25 +220,17 @@ def release_owned() -> list[str]:
     return done
 
 
-_released: set[str] = set()
-"""Paths this process unlinked on purpose: other handles of them in this process are not
-private copies by accident (tests destroy what they made while an app still maps it)."""
-
-
 @atexit.register
 def _unlink_owned() -> None:
     """The owning process unlinks what it created; forked children inherit this hook, so the
     pid check keeps a gunicorn worker's exit from deleting the server's memory."""
-    pid = os.getpid()
-    ident = _identity
+    if _identity is not None and not _identity.is_owner:
+        return  # a worker of a foreign supervisor: the janitor owns cleanup
     for path, creator in list(_created_paths.items()):
-        if creator != pid:
-            continue
-        if ident is not None and not ident.is_owner:
-            continue  # a worker of a foreign supervisor: the janitor owns cleanup
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        _created_paths.pop(path, None)
+        if creator == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            _created_paths.pop(path, None)
 
 
 # -- create / attach ---------------------------------------------------------------------------
@@ -295,8 +239,7 @@ def _unlink_owned() -> None:
 def _capacity_error(what: str, needed: int, exc: OSError | None = None) -> ShmCapacityError:
     d = shm_dir()
     try:
-        st = os.statvfs(d)
-        free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        total, _, free = shutil.disk_usage(d)
     except OSError:
         free = total = 0
     mib = max(64, (needed * 2 // (1024 * 1024)) + 64)
@@ -306,23 +249,22 @@ def _capacity_error(what: str, needed: int, exc: OSError | None = None) -> ShmCa
         + (" (64 MiB is the Docker/Kubernetes default)" if total <= 64 * 1024 * 1024 else "")
         + f". Fix one of: docker run --shm-size={mib}m | compose: shm_size: {mib}m | Kubernetes: "
         f"mount an emptyDir {{medium: Memory, sizeLimit: {mib}Mi}} at /dev/shm | fewer max_rows "
-        "| ZEAL_SHM_BACKEND=memfd (not limited by /dev/shm; counted against the memory limit)"
+        "| ZEAL_SHM_BACKEND=memfd with `zeal-asgi run` or gunicorn --preload (not limited by "
+        "/dev/shm; counted against the memory limit)"
     )
     err = ShmCapacityError(errno.ENOSPC, msg)
-    err.needed = needed  # type: ignore[attr-defined]
-    err.free = free  # type: ignore[attr-defined]
-    err.total = total  # type: ignore[attr-defined]
-    if exc is not None:
-        err.__cause__ = exc
+    err.needed, err.free, err.total = needed, free, total  # type: ignore[attr-defined]
+    err.__cause__ = exc
     return err
 
 
-def _reserve(fd: int, size: int, what: str) -> None:
+def _reserve(fd: int, size: int, what: str, named: bool) -> None:
+    """Reserve every page now: a full filesystem is a typed error here, never a later SIGBUS."""
     try:
-        st: os.statvfs_result | None = os.statvfs(shm_dir())
+        free = shutil.disk_usage(shm_dir()).free if named else size
     except OSError:
-        st = None
-    if st is not None and st.f_bavail * st.f_frsize < size:
+        free = size
+    if free < size:
         raise _capacity_error(what, size)
     try:
         os.posix_fallocate(fd, 0, size)
@@ -332,14 +274,13 @@ def _reserve(fd: int, size: int, what: str) -> None:
         raise
 
 
-def _check_ours(fd: int, path: str) -> os.stat_result:
+def _check_ours(fd: int, path: str) -> None:
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise ShmNameTakenError(errno.EEXIST, f"{path} is not a regular file: not ours")
-    if st.st_uid != _uid():
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
         raise ShmNameTakenError(
             errno.EEXIST,
-            f"{path} belongs to uid {st.st_uid}, not {_uid()}: refusing to attach (squatted name)",
+            f"{path} is not a regular file of uid {os.geteuid()} (owner {st.st_uid}): refusing "
+            "to attach (squatted name)",
         )
     if st.st_mode & 0o077:
         raise ShmPermissionError(
@@ -347,7 +288,6 @@ def _check_ours(fd: int, path: str) -> os.stat_result:
             f"{path} has mode {stat.S_IMODE(st.st_mode):o}; segments must be 0600: refusing to "
             "attach",
         )
-    return st
 
 
 def _memfd_wanted() -> bool:
@@ -357,228 +297,231 @@ def _memfd_wanted() -> bool:
     return backend == "memfd"
 
 
-def _open_segment(
+Init = Callable[[int], None]
+"""Map a new segment's fd and initialise it."""
+Attach = Callable[[int, int], _T]
+"""Map and validate a segment someone else made: a result, or ``None`` when it is not
+initialised yet."""
+Discard = Callable[[], None]
+"""Unmap what ``Init`` mapped, leaving the fd to the caller."""
+
+
+def _create(
+    path: str | None, size: int, what: str, init: Init, discard: Discard, memfd: str = "zeal"
+) -> None:
+    """A new segment of ``size`` bytes, mapped and initialised by ``init``.  With a path,
+    it is built under a private name in the same directory and linked into place, so the name
+    never shows a half-initialised segment, whatever dies when (``FileExistsError``: another
+    process linked the name first; ours is unmapped by ``discard`` and thrown away).  Without,
+    it is a memfd called ``memfd``."""
+    if path is None:
+        fd = os.memfd_create(memfd, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        tmp = None
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp.", dir=shm_dir())
+    mapped = False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a sweep never takes a segment being built
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, size)
+        _reserve(fd, size, what, named=tmp is not None)
+        if tmp is None:
+            # nobody may resize it under the others' mappings (a SIGBUS for every worker)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+        init(fd)
+        mapped = True
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if tmp is not None and path is not None:
+            os.link(tmp, path)  # FileExistsError: someone else was first
+    except BaseException:
+        if mapped:
+            discard()  # the mapping goes; the fd is still ours to close
+        os.close(fd)
+        raise
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def _attach(fd: int, path: str, attach: Attach[_T], named: bool = True) -> _T | None:
+    """Check that the segment open at ``fd`` is ours and attach under a shared flock (which
+    marks this process as a user of it).  ``None`` when the name was unlinked meanwhile (look it
+    up again); ``fd`` is closed unless ``attach`` mapped it."""
+    try:
+        _check_ours(fd, path)
+        deadline = time.monotonic() + ATTACH_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # a sweep or a janitor probing it with LOCK_EX for a moment
+                if time.monotonic() > deadline:
+                    raise ShmError(
+                        errno.ETIMEDOUT, f"{path}: could not take a shared lock"
+                    ) from None
+                time.sleep(0.002)
+        st = os.fstat(fd)
+        if named and st.st_nlink == 0:
+            os.close(fd)
+            return None
+        result = attach(fd, st.st_size)
+        if result is None:
+            raise ShmAbiMismatchError(
+                errno.EINVAL, f"{path}: not an initialised segment (no header): refusing to attach"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return result
+
+
+def _owner_memfd(seg: str) -> int:
+    """Open the memfd segment ``seg`` that the server's owner created, through /proc."""
+    owner = server_identity().owner_pid
+    want = f"/memfd:{seg} (deleted)"
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{owner}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{owner}/fd/{fd}") == want:
+                    return os.open(f"/proc/{owner}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    raise PrivateCopyError(
+        f"ZEAL_SHM_BACKEND=memfd: segment {seg} was not allocated by this server's master (pid "
+        f"{owner}), so this worker would hold a private copy and other workers would not see "
+        "its writes. memfd memory reaches workers only from a master that imports the app "
+        "before starting them (`zeal-asgi run`, gunicorn --preload); with uvicorn --workers or "
+        "gunicorn without --preload, use the default ZEAL_SHM_BACKEND=posix"
+    )
+
+
+def _open(
     kind: str,
     name: str | None,
     size: int,
     what: str,
-    init: Any,
-    attach: Any,
-    discard: Any,
-) -> tuple[str | None, str]:
-    """Create or attach a segment; returns (path, state) with state ``created``, ``attached``
-    or ``mismatch`` (an existing segment of another layout, still linked and not attached)."""
-    if name is None or _memfd_wanted():
-        # Private to this process and its forks: nothing to name, nothing that can leak.
-        fd = os.memfd_create(f"zeal-{kind}-{name or 'anon'}", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as exc:
-                raise _capacity_error(what, size, exc) from exc
-            init(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        if name is not None and not server_identity().is_owner:
-            log.warning(
-                "%s uses ZEAL_SHM_BACKEND=memfd in a worker: it is private to this process "
-                "and its forks; allocate it in the master (the launcher or gunicorn --preload)",
-                what,
-            )
-        return None, "created"
-    sweep_stale()
+    init: Init,
+    attach: Attach[_T],
+    discard: Discard,
+) -> tuple[str | None, _T | None]:
+    """Create or attach the segment of ``name`` (``None``: a private, anonymous one), mapped by
+    ``init`` or ``attach`` (the mapping then owns the fd).
+
+    Returns ``(path, result)``: ``result`` is ``None`` when this process created the segment,
+    else what ``attach`` returned."""
+    if name is None:
+        _create(None, size, what, init, discard, f"zeal-{kind}-anon")
+        return None, None
     path = segment_path(kind, name)
-    deadline = time.monotonic() + ATTACH_TIMEOUT
+    seg = os.path.basename(path)
+    if _memfd_wanted():
+        if server_identity().is_owner:
+            _create(None, size, what, init, discard, seg)
+            return None, None
+        return None, _attach(_owner_memfd(seg), f"memfd {seg}", attach, named=False)
+    sweep_stale()
     while True:
-        # Someone has the name: attach, after checking it is really ours.
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            pass
+            try:
+                _create(path, size, what, init, discard)
+            except FileExistsError:
+                continue  # another process published the name first: attach to theirs
+            with _lock:
+                _created_paths[path] = os.getpid()
+            _ensure_janitor()
+            return path, None
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM, errno.ELOOP):
                 raise ShmNameTakenError(
                     errno.EEXIST, f"{path} exists and cannot be opened by us: squatted name"
                 ) from exc
             raise
-        else:
-            try:
-                _check_ours(fd, path)
-                state = _attach_locked(fd, path, deadline, attach)
-            except BaseException:
-                os.close(fd)
-                raise
-            if state == "retry":
-                os.close(fd)
-                continue
-            if state == "mismatch":
-                os.close(fd)
-            return path, state
-        if _create_and_publish(path, size, what, init, discard):
-            return path, "created"
-        # another process published the name first: attach to theirs
+        result = _attach(fd, path, attach)
+        if result is not None:
+            return path, result  # else unlinked (a sweep or a replace): look the name up again
 
 
-def _create_and_publish(path: str, size: int, what: str, init: Any, discard: Any) -> bool:
-    """Build a complete segment under a private name, then link it into place.
-
-    The name therefore never shows a half-initialised segment, whatever dies when: an attacher
-    either finds nothing or a segment whose header is complete.  False when another process
-    linked the name first (ours is thrown away)."""
-    tmp = f"{path}.tmp.{secrets.token_hex(6)}"
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    mapped = False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a sweep never takes a segment being built
-        os.fchmod(fd, 0o600)
-        _reserve(fd, size, what)
-        init(fd)
-        mapped = True
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            discard()  # unmaps; the fd stays ours
-            mapped = False
-            os.close(fd)
-            return False
-    except BaseException:
-        if mapped:
-            discard()
-        os.close(fd)
-        raise
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    with _lock:
-        _created_paths[path] = os.getpid()
-    _ensure_janitor()
-    return True
+def _check_name(name: str | None, kind: str) -> None:
+    if name is not None and (not isinstance(name, str) or not name):
+        raise SchemaError(f"{kind} name must be a non-empty str, got {name!r}")
 
 
-def _attach_locked(fd: int, path: str, deadline: float, attach: Any) -> str:
-    """Attach under a shared flock (which marks this process as a user of the segment)."""
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            # a sweep or a janitor probing it with LOCK_EX for a moment
-            if time.monotonic() > deadline:
-                raise ShmError(errno.ETIMEDOUT, f"{path}: could not take a shared lock") from None
-            time.sleep(0.002)
-            continue
-        st = os.fstat(fd)
-        if st.st_nlink == 0:
-            return "retry"  # unlinked (a sweep or a replace): look the name up again
-        rc = attach(fd, st.st_size)
-        if rc == 0:
-            return "attached"
-        if rc == 2:
-            return "mismatch"
-        raise ShmAbiMismatchError(
-            errno.EINVAL, f"{path}: not an initialised segment (no header): refusing to attach"
-        )
+class _OtherSchema(Exception):
+    """The segment holds another schema (raised while attaching, so its fd is closed first)."""
 
-
-def _schema_conflict(path: str | None, stored: Schema, wanted: Schema, name: str) -> None:
-    raise ShmAbiMismatchError(
-        errno.EINVAL,
-        f"table {name!r}: the shared segment {path} has another schema than this process "
-        f"declares (segment vs declared: {stored.difference(wanted)}); every worker must "
-        "declare the same schema",
-    )
+    def __init__(self, stored: bytes) -> None:
+        self.stored = stored
 
 
 def open_table(
-    table: Table,
-    name: str | None,
-    max_rows: int,
-    columns: Mapping[str, Any],
-    *,
-    key_size: int = 64,
-    lock_timeout: float = 1.0,
-    allow_nan: bool = False,
-    binary_keys: bool = False,
-) -> None:
-    """Create or attach the segment of ``table`` (called by ``Table.__init__``)."""
-    if name is not None and (not isinstance(name, str) or not name):
-        raise SchemaError(f"table name must be a non-empty str, got {name!r}")
-    schema = Schema.declare(
-        columns, key_size=key_size, allow_nan=allow_nan, binary_keys=binary_keys
-    )
+    table: Table, name: str | None, max_rows: int, schema: Schema
+) -> tuple[str | None, bool]:
+    """Create or attach the segment of ``table`` (``Table.__init__``); ``(path, created)``."""
+    _check_name(name, "table")
     geo = schema.geometry(max_rows)
     blob = schema.to_blob()
     what = f"table {name!r} ({max_rows:,} rows of {schema.row_size} bytes)"
-    stored_schemas: list[Schema] = []
 
-    def init(fd: int) -> None:
-        table._map_new(fd, geo.as_tuple(), blob, secrets.token_bytes(16), secrets.token_bytes(16))
-
-    def attach(fd: int, size: int) -> int:
-        rc: int = table._map_existing(fd, size)
-        if rc == 0 and table._stored_schema() != blob:
-            stored_schemas.append(Schema.from_blob(table._stored_schema()))
-            table._detach()
-            return 2
-        return rc
+    def attach(fd: int, size: int) -> bytes | None:
+        stored: bytes | None = table._attach(fd, size)
+        if stored is not None and stored != blob:
+            table._unmap()
+            raise _OtherSchema(stored)
+        return stored
 
     for _ in range(3):
-        path, state = _open_segment("t", name, geo.total_size, what, init, attach, table._detach)
-        if state != "mismatch":
+        try:
+            path, stored = _open(
+                "t",
+                name,
+                geo.total_size,
+                what,
+                lambda fd: table._init(fd, geo, blob),
+                attach,
+                table._unmap,
+            )
             break
-        assert path is not None and name is not None
-        # A leftover of an earlier run of this server (e.g. before a --reload): replace it when
-        # nobody uses it any more, otherwise refuse loudly.
-        if not _unlink_if_unused(path):
-            _schema_conflict(path, stored_schemas[-1], schema, name)
-        log.warning("table %r: replaced an unused segment that had another schema", name)
+        except _OtherSchema as exc:
+            where = None if _memfd_wanted() else segment_path("t", name or "")
+            # A leftover of an earlier run of this server (e.g. before a --reload): replace it
+            # when nobody uses it any more, otherwise refuse loudly.
+            if where is None or not unlink_if_unused(where):
+                raise ShmAbiMismatchError(
+                    errno.EINVAL,
+                    f"table {name!r}: the shared segment {where or '(memfd)'} has another schema "
+                    "than this process declares (segment vs declared: "
+                    f"{Schema.from_blob(exc.stored).difference(schema)}); every worker must "
+                    "declare the same schema",
+                ) from None
+            log.warning("table %r: replaced an unused segment that had another schema", name)
     else:  # pragma: no cover - someone keeps recreating it
         raise ShmError(errno.EAGAIN, f"table {name!r}: segment keeps changing under us")
-    table._finish(schema, display_name(name), path, lock_timeout)
     with _lock:
-        _held[table] = _Held(path, os.getpid(), "table", name)
+        _held.add(table)
+    return path, stored is None
 
 
-def _unlink_if_unused(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return True
-    try:
-        _check_ours(fd, path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        os.unlink(path)
-        return True
-    finally:
-        os.close(fd)
+def open_atomic(atomic: Atomic, name: str | None, initial: int) -> tuple[str | None, bool]:
+    """Create or attach the segment of ``atomic`` (``Atomic.__init__``); ``(path, created)``."""
+    _check_name(name, "atomic")
 
+    def attach(fd: int, size: int) -> bool | None:
+        return True if atomic._attach(fd, size) else None
 
-def open_atomic(atomic: Atomic, name: str | None, initial: int) -> None:
-    """Create or attach the segment of ``atomic`` (called by ``Atomic.__init__``)."""
-    if name is not None and (not isinstance(name, str) or not name):
-        raise SchemaError(f"atomic name must be a non-empty str, got {name!r}")
-    size = atomic._segment_size()
-
-    def init(fd: int) -> None:
-        atomic._map_new(fd, size, secrets.token_bytes(16), initial)
-
-    def attach(fd: int, actual: int) -> int:
-        rc: int = atomic._map_existing(fd, actual)
-        return rc
-
-    path, state = _open_segment("a", name, size, f"atomic {name!r}", init, attach, atomic._detach)
-    if state == "mismatch":  # pragma: no cover - atomics have a single layout
-        raise ShmAbiMismatchError(
-            errno.EINVAL, f"atomic {name!r}: segment {path} has another layout"
-        )
-    atomic._finish(display_name(name), path)
+    path, attached = _open(
+        "a",
+        name,
+        _shmtable.ATOMIC_SIZE,
+        f"atomic {name!r}",
+        lambda fd: atomic._init(fd, initial),
+        attach,
+        atomic._unmap,
+    )
     with _lock:
-        _held[atomic] = _Held(path, os.getpid(), "atomic", name)
+        _held.add(atomic)
+    return path, attached is None
 
 
 def attach_path(path: str, name: str | None = None) -> Table | Atomic:
@@ -591,22 +534,18 @@ def attach_path(path: str, name: str | None = None) -> Table | Atomic:
     """
     from zeal_asgi.shm.ext import Atomic, Table
 
-    kind = os.path.basename(path).split(".")[-2]
-    obj: Any = Table.__new__(Table) if kind == "t" else Atomic.__new__(Atomic)
+    table = os.path.basename(path).split(".")[-2] == "t"
+    obj: Any = Table.__new__(Table) if table else Atomic.__new__(Atomic)
     fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        _check_ours(fd, path)
-        state = _attach_locked(fd, path, time.monotonic() + ATTACH_TIMEOUT, obj._map_existing)
-    except BaseException:
-        os.close(fd)
-        raise
-    if state != "attached":
-        os.close(fd)
+    stored = _attach(fd, path, lambda fd, size: obj._attach(fd, size) or None)
+    if stored is None:
         raise ShmError(errno.EAGAIN, f"{path}: the segment is being replaced")
-    if kind == "t":
-        obj._finish(Schema.from_blob(obj._stored_schema()), name, path, 1.0)
+    if table:
+        obj.schema = Schema.from_blob(stored)
+        obj._bind(obj.schema, name, 1.0)
     else:
-        obj._finish(name, path)
+        obj._bind(name)
+    obj.path, obj.created = path, False
     result: Table | Atomic = obj
     return result
 
@@ -617,7 +556,7 @@ def destroy(obj: Table | Atomic) -> None:
     path = obj.path
     obj.close()
     with _lock:
-        _held.pop(obj, None)
+        _held.discard(obj)
         if path:
             _created_paths.pop(path, None)
             _released.add(path)
@@ -645,44 +584,19 @@ def sweep_stale(force: bool = False) -> list[str]:
             return []
         _swept = True
     removed: list[str] = []
-    d = shm_dir()
-    mine = f"{PREFIX}{_uid()}."
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return removed
-    own_sid = _identity.server_id if _identity else None
-    for n in names:
-        if not n.startswith(mine):
+    own = _identity.server_id if _identity else None
+    for path in glob.glob(os.path.join(shm_dir(), f"{PREFIX}{os.geteuid()}.*.*")):
+        sid = os.path.basename(path).split(".")[2]
+        m = _SID_RE.match(sid)
+        if sid == own or (m and process_alive(int(m[1]), None if m[2] == "None" else int(m[2]))):
             continue
-        parts = n[len(mine) :].split(".")
-        if len(parts) < 2 or parts[0] == own_sid:
-            continue
-        m = _SID_RE.match(parts[0])
-        path = os.path.join(d, n)
-        if m:
-            pid = int(m.group(1))
-            start = int(m.group(2)) if m.group(2) != "None" else None
-            if process_alive(pid, start):
-                continue
-        else:
-            try:
-                if time.time() - os.lstat(path).st_mtime < STALE_MIN_AGE:
-                    continue
-            except OSError:
-                continue
-        if _unlink_if_unused_quiet(path):
-            removed.append(path)
+        with contextlib.suppress(OSError):
+            old = m or time.time() - os.lstat(path).st_mtime >= STALE_MIN_AGE
+            if old and unlink_if_unused(path):
+                removed.append(path)
     if removed:
         log.warning("removed %d stale shared-memory segment(s) of dead servers", len(removed))
     return removed
-
-
-def _unlink_if_unused_quiet(path: str) -> bool:
-    try:
-        return _unlink_if_unused(path)
-    except (OSError, ShmError):
-        return False
 
 
 # -- janitor for workers of a foreign supervisor ------------------------------------------------
@@ -697,35 +611,39 @@ def _ensure_janitor() -> None:
     ident = server_identity()
     if ident.owner_pid is None or os.environ.get("ZEAL_JANITOR") == "0":
         return
-    marker = os.path.join(shm_dir(), f"{PREFIX}{_uid()}.{ident.server_id}.janitor")
+    prefix = f"{PREFIX}{os.geteuid()}.{ident.server_id}."
     try:
         fd = os.open(
-            marker, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            os.path.join(shm_dir(), prefix + "janitor"),
+            os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
         )
     except FileExistsError:
         return
     os.close(fd)
-    # Run the file, not the module: the janitor needs the standard library only, and importing
-    # the package would cost a server start-up hundreds of milliseconds.
-    cmd = [
-        sys.executable,
-        "-S",
-        os.path.join(os.path.dirname(os.path.abspath(__file__)), "janitor.py"),
-        str(ident.owner_pid),
-        str(ident.owner_start),
-        f"{PREFIX}{_uid()}.{ident.server_id}.",
-        shm_dir(),
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        close_fds=True,
-        start_new_session=True,
-        env={"PATH": os.environ.get("PATH", "")},
-    )
-    proc.wait()  # the janitor forks and its first process exits at once (no zombie left)
+    try:
+        pidfd = os.pidfd_open(ident.owner_pid)
+    except OSError:
+        return  # the owner is gone already: the next server's sweep cleans up
+    try:
+        if not process_alive(ident.owner_pid, ident.owner_start):
+            return  # the pid now belongs to another process
+        # Run the file, not the module: the janitor needs the standard library only, and
+        # importing the package would cost a server start-up hundreds of milliseconds.  It
+        # waits on the owner's pidfd, opened here where the owner's identity was checked.
+        janitor = os.path.join(os.path.dirname(os.path.abspath(__file__)), "janitor.py")
+        subprocess.run(
+            [sys.executable, "-S", janitor, str(pidfd), prefix, shm_dir()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(pidfd,),
+            start_new_session=True,
+            env={"PATH": os.environ.get("PATH", "")},
+            check=False,
+        )  # the janitor forks and its first process exits at once (no zombie left)
+    finally:
+        os.close(pidfd)
 
 
 # -- private copies ----------------------------------------------------------------------------
@@ -736,34 +654,24 @@ def verify_shared() -> list[str]:
 
     Raises PrivateCopyError when a named table's segment was replaced or removed under us (our
     copy is private now), or when this process believes it is a whole server although its
-    parent is a multi-worker supervisor.  Returns warnings that are not fatal.
+    parent is a multi-worker supervisor.  Returns warnings that are not fatal (none today).
     """
-    warnings: list[str] = []
-    ident = server_identity()
     for obj, path, kind in held_segments():
-        if obj.closed or path is None:
-            if path is None and obj.name is not None and not ident.is_owner:
-                warnings.append(
-                    f"{kind} {obj.name!r} is private to this worker (memfd); "
-                    "allocate it in the master"
-                )
-            continue
+        if obj.closed or path is None or path in _released:
+            continue  # memfd segments: created by the owner or refused at creation
         try:
-            on_disk = os.stat(path)
+            private = os.fstat(obj._fileno()).st_ino != os.stat(path).st_ino
+            why = "was replaced by another segment"
         except FileNotFoundError:
-            if path in _released:
-                continue  # this process unlinked it on purpose (destroy/release_owned)
+            private, why = True, "no longer exists"
+        if private:
             raise PrivateCopyError(
-                f"{kind} {obj.name!r}: its segment {path} no longer exists, so this worker's copy "
-                "is private and other workers will not see its writes"
-            ) from None
-        if os.fstat(obj._fileno()).st_ino != on_disk.st_ino and path not in _released:
-            raise PrivateCopyError(
-                f"{kind} {obj.name!r}: {path} was replaced by another segment, so this worker's "
-                "copy is private and other workers will not see its writes"
+                f"{kind} {obj.name!r}: its segment {path} {why}, so this worker's copy is "
+                "private and other workers will not see its writes"
             )
+    ident = server_identity()
     if ident.is_owner and ident.how == "self":
-        parent = _cmdline(os.getppid()).replace(b"\0", b" ")
+        parent = cmdline(os.getppid()).replace(b"\0", b" ")
         if re.search(rb"(gunicorn|hypercorn|granian|--workers[ =]?[2-9]|-w [2-9])", parent):
             raise PrivateCopyError(
                 "this process looks like a worker of a multi-worker server "
@@ -771,15 +679,4 @@ def verify_shared() -> list[str]:
                 "would get its own tables. Start it with `zeal-asgi run` or set ZEAL_SERVER_ID "
                 "to the same value in every worker"
             )
-    return warnings
-
-
-def report_recovery(obj: Any) -> None:
-    """Log a lock recovery (a process died holding a row lock; we repaired and went on)."""
-    st = obj.stats()
-    log.warning(
-        "table %r: recovered a lock whose holder died (recoveries=%d, rows lost=%d)",
-        obj.name,
-        st["lock_recoveries"],
-        st["rows_lost"],
-    )
+    return []

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from zeal_asgi.errors import SchemaError, UnsupportedOperationError
+from zeal_asgi.errors import ConfigError, SchemaError, UnsupportedOperationError
 from zeal_asgi.settings import StoreBackendKind
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.schema import Schema, validate_key
@@ -36,9 +36,9 @@ __all__ = [
     "StoreBackend",
     "StoreBackendKind",
     "TableSpec",
-    "backend_name",
     "count",
     "counters",
+    "seconds",
     "unsupported",
 ]
 
@@ -84,9 +84,11 @@ def counters(area: str) -> dict[str, Any]:
     return {**mine(hs.host()), "worker": mine(hs.worker())}
 
 
-def backend_name(backend: StoreBackend) -> str:
-    """The backend's name in error messages."""
-    return str(backend.kind)
+def seconds(what: str, value: object, most: float) -> float:
+    """A duration option: a number in ``(0, most]`` (NaN and infinity are not), or ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most:
+        raise ConfigError(f"{what} must be a number of seconds in (0, {most:g}], got {value!r}")
+    return float(value)
 
 
 def unsupported(backend: StoreBackend, what: str, needs: Capability) -> UnsupportedOperationError:

@@ -48,7 +48,15 @@ from zeal_asgi.errors import (
 )
 from zeal_asgi.shm.schema import Column, ColumnType, Schema, validate_value
 
-__all__ = ["EMPTY_ROW_MARKER", "RowCodec", "check_step", "decode_float", "encode_float"]
+__all__ = [
+    "EMPTY_ROW_MARKER",
+    "RowCodec",
+    "check_step",
+    "decode_float",
+    "encode_float",
+    "incr_nonfinite",
+    "incr_overflow",
+]
 
 EMPTY_ROW_MARKER = b""
 """Hash field that keeps a row of a table without columns alive (Redis deletes empty hashes).
@@ -124,6 +132,23 @@ def check_step(col: Column, by: object, table: str, allow_nan: bool) -> int | fl
     )
 
 
+def incr_overflow(col: Column, table: str, by: object, current: object) -> IntegerOverflowError:
+    """The error of an ``incr`` that would leave ``col``'s range (``current`` stays)."""
+    lo, hi = col.int_range
+    return IntegerOverflowError(
+        f"incr of column {col.name!r} of table {table!r} by {by} would leave [{lo}, {hi}] "
+        f"(INT({col.size})); the value stays {current}"
+    )
+
+
+def incr_nonfinite(col: Column, table: str, by: object, current: object) -> NonFiniteFloatError:
+    """The error of an ``incr`` that would make a FLOAT non-finite (``current`` stays)."""
+    return NonFiniteFloatError(
+        f"incr of column {col.name!r} of table {table!r} by {by!r} overflows to a non-finite "
+        f"value; the value stays {current}"
+    )
+
+
 class RowCodec:
     """Encode and decode the rows of one table (its schema and name, for error messages)."""
 
@@ -131,7 +156,6 @@ class RowCodec:
         self.schema = schema
         self.table = table
         self._names = tuple(c.name.encode("utf-8") for c in schema.columns)
-        self._by_bytes = {n: c for n, c in zip(self._names, schema.columns, strict=True)}
         blob = schema.to_blob() if schema.columns else b"{}"
         self.fingerprint = hashlib.blake2b(blob, digest_size=8).digest()
         """8 bytes identifying the schema, stored in every row blob."""
@@ -145,7 +169,8 @@ class RowCodec:
         anything is sent anywhere.
         """
         valid = self.schema.validate_row(row, self.table)
-        return {name.encode("utf-8"): self._encode(self._col(name), v) for name, v in valid.items()}
+        col = self.schema.column
+        return {n.encode("utf-8"): self._encode(col(n, self.table), v) for n, v in valid.items()}
 
     def encode_value(self, column: str, value: object) -> bytes:
         """Validate and encode one value of ``column``."""
@@ -164,9 +189,6 @@ class RowCodec:
             if name not in given:
                 out += (name, _ZERO_FIELD[col.type])
         return out
-
-    def _col(self, name: str) -> Column:
-        return self.schema.column(name, self.table)
 
     @staticmethod
     def _encode(col: Column, value: Any) -> bytes:
@@ -246,37 +268,24 @@ class RowCodec:
 
     def unpack(self, blob: bytes, key: object) -> dict[str, Any]:
         """The row stored by :meth:`pack`; BackendResponseError when it is not one of ours."""
-        head = len(_BLOB_MAGIC) + len(self.fingerprint)
-        if blob[: len(_BLOB_MAGIC)] != _BLOB_MAGIC:
+        where = f"stored row of table {self.table!r}, key {key!r}"
+        if not blob.startswith(_BLOB_MAGIC):
+            raise BackendResponseError(f"{where}: not a row blob")
+        pos = len(_BLOB_MAGIC) + len(self.fingerprint)
+        if blob[len(_BLOB_MAGIC) : pos] != self.fingerprint:
             raise BackendResponseError(
-                f"stored row of table {self.table!r}, key {key!r}: not a row blob"
+                f"{where} was written under another schema (fingerprint mismatch)"
             )
-        if blob[len(_BLOB_MAGIC) : head] != self.fingerprint:
-            raise BackendResponseError(
-                f"stored row of table {self.table!r}, key {key!r} was written under another "
-                "schema (fingerprint mismatch)"
-            )
-        view = memoryview(blob)
-        pos = head
         row: dict[str, Any] = {}
         for col in self.schema.columns:
-            if pos + _LEN.size > len(blob):
-                raise BackendResponseError(
-                    f"stored row of table {self.table!r}, key {key!r} is truncated"
-                )
-            (n,) = _LEN.unpack_from(view, pos)
-            pos += _LEN.size
-            if pos + n > len(blob):
-                raise BackendResponseError(
-                    f"stored row of table {self.table!r}, key {key!r} is truncated"
-                )
-            row[col.name] = self.decode_value(col, bytes(view[pos : pos + n]), key)
-            pos += n
+            start = pos + _LEN.size
+            if start <= len(blob):
+                pos = start + _LEN.unpack_from(blob, pos)[0]
+            if start > len(blob) or pos > len(blob):
+                raise BackendResponseError(f"{where} is truncated")
+            row[col.name] = self.decode_value(col, blob[start:pos], key)
         if pos != len(blob):
-            raise BackendResponseError(
-                f"stored row of table {self.table!r}, key {key!r} has {len(blob) - pos} "
-                "trailing bytes"
-            )
+            raise BackendResponseError(f"{where} has {len(blob) - pos} trailing bytes")
         return row
 
     # -- keys ----------------------------------------------------------------------------------

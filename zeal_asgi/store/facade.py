@@ -18,6 +18,7 @@ from typing import (
     ParamSpec,
     Protocol,
     TypeVar,
+    cast,
     overload,
 )
 
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from zeal_asgi.shm import Table
     from zeal_asgi.store.counter import Counter
 
-__all__ = ["Store", "add_stats_section", "build_backend", "hybridmethod"]
+__all__ = ["HybridMeta", "Store", "add_stats_section", "build_backend", "hybridmethod"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -62,7 +63,9 @@ S = TypeVar("S", bound=_HasDefault)
 class hybridmethod(Generic[S, P, R]):
     """A method usable on the class (acting on ``Owner.default()``) and on an instance.
 
-    Shared by ``Store`` and ``Cache``: any class with a ``default()`` classmethod can use it.
+    Shared by ``Store`` and ``Cache`` (classes made by :class:`HybridMeta`, with a ``default()``
+    classmethod and a ``_default`` class attribute).  Until a default exists, a class-level
+    lookup builds it through ``default()``; from then on it is a plain class attribute.
     """
 
     def __init__(self, fn: Callable[Concatenate[S, P], R]) -> None:
@@ -77,16 +80,49 @@ class hybridmethod(Generic[S, P, R]):
     @overload
     def __get__(self, obj: S, owner: type[S]) -> Callable[P, R]: ...
     def __get__(self, obj: S | None, owner: type[S]) -> Callable[P, R]:
-        target = owner.default() if obj is None else obj
-        try:
-            cached: Callable[P, R] = target.__dict__[self.__name__]
-            return cached
-        except KeyError:
-            # Cached on the instance: later instance lookups find it before this (non-data)
-            # descriptor, and class-level calls skip building a bound method every time.
-            bound: Callable[P, R] = MethodType(self.fn, target)
-            target.__dict__[self.__name__] = bound
+        if obj is None:  # no default yet: default() makes one, which installs its methods
+            bound: Callable[P, R] = getattr(owner.default(), self.__name__)
             return bound
+        return MethodType(self.fn, obj)
+
+
+class HybridMeta(type):
+    """Makes class-level calls of :class:`hybridmethod` cost a class attribute lookup.
+
+    A descriptor's ``__get__`` runs Python code on every ``Store.get`` (more than the table
+    backend's whole ``get``).  Instead, whenever ``_default`` is assigned, the default's bound
+    methods become attributes of the class (and the descriptors come back when it is ``None``);
+    each instance holds its own bound methods in its ``__dict__``, which instance lookups find
+    first, so ``store.get`` is still that store's.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        obj: Any = cast(Any, cls).__new__(cls)
+        for name, fn in _hybrids(cls).items():  # before __init__, which may call them
+            obj.__dict__[name] = MethodType(fn.fn, obj)
+        obj.__init__(*args, **kwargs)
+        return obj
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "_default":
+            for attr, fn in _hybrids(cls).items():
+                bound = None if value is None else MethodType(fn.fn, value)
+                super().__setattr__(attr, value.__dict__.setdefault(attr, bound) if bound else fn)
+
+
+def _hybrids(cls: type) -> dict[str, hybridmethod[Any, Any, Any]]:
+    """The hybrid methods of ``cls`` by name (the descriptors, whatever the class holds now)."""
+    found: dict[str, hybridmethod[Any, Any, Any]] | None = cls.__dict__.get("_hybrid_methods")
+    if found is None:
+        found = {}
+        for klass in reversed(cls.__mro__):
+            known = klass.__dict__.get("_hybrid_methods")
+            found.update(
+                known or {k: v for k, v in vars(klass).items() if isinstance(v, hybridmethod)}
+            )
+        type.__setattr__(cls, "_hybrid_methods", found)
+    return found
 
 
 _STATS_SECTIONS: list[Callable[[], Mapping[str, Any]]] = []
@@ -101,18 +137,13 @@ def add_stats_section(section: Callable[[], Mapping[str, Any]]) -> None:
         _STATS_SECTIONS.append(section)
 
 
-# kind -> (module, class, the client library it needs and the extra that installs it)
-_BUILDERS: dict[StoreBackendKind, tuple[str, str, str | None]] = {
-    StoreBackendKind.TABLE: ("zeal_asgi.store.backends.table", "TableBackend", None),
-    StoreBackendKind.REDIS: ("zeal_asgi.store.backends.redis", "RedisBackend", "redis"),
-    StoreBackendKind.TIERED: ("zeal_asgi.store.backends.tiered", "TieredBackend", "redis"),
-    StoreBackendKind.MEMCACHED: (
-        "zeal_asgi.store.backends.memcached",
-        "MemcachedBackend",
-        "memcached",
-    ),
+# kind -> (module under zeal_asgi.store.backends, class, (the client library it needs, its extra))
+_BUILDERS: dict[StoreBackendKind, tuple[str, str, tuple[str, str] | None]] = {
+    StoreBackendKind.TABLE: ("table", "TableBackend", None),
+    StoreBackendKind.REDIS: ("redis", "RedisBackend", ("redis", "redis")),
+    StoreBackendKind.TIERED: ("tiered", "TieredBackend", ("redis", "redis")),
+    StoreBackendKind.MEMCACHED: ("memcached", "MemcachedBackend", ("aiomcache", "memcached")),
 }
-_CLIENTS = {"redis": "redis", "memcached": "aiomcache"}
 
 
 def build_backend(
@@ -124,10 +155,10 @@ def build_backend(
     ``on_error="fallback_table"`` wraps the backend in the circuit breaker.
     """
     k = StoreBackendKind.parse(kind)
-    module, cls_name, extra = _BUILDERS[k]
-    if extra is not None:
-        require(_CLIENTS[extra], extra=extra, feature=f"the {k.value} Store backend")
-    cls = getattr(importlib.import_module(module), cls_name)
+    module, cls_name, needs = _BUILDERS[k]
+    if needs is not None:
+        require(needs[0], extra=needs[1], feature=f"the {k.value} Store backend")
+    cls = getattr(importlib.import_module(f"zeal_asgi.store.backends.{module}"), cls_name)
     backend: StoreBackend = cls.from_config(conn)
     if isinstance(conn, Mapping) and conn.get("on_error") is not None:
         if conn["on_error"] != "fallback_table":
@@ -147,7 +178,7 @@ def _env_backend() -> tuple[StoreBackendKind, str | Mapping[str, Any] | None]:
     return settings.store_backend, settings.backend_conn()
 
 
-class Store:
+class Store(metaclass=HybridMeta):
     """Shared rows and counters over the configured backend.
 
     Example::

@@ -67,7 +67,7 @@ async def get(request: Request) -> JSONResponse:
 
 
 async def stats(request: Request) -> JSONResponse:
-    prefix = f"{NAMESPACE}.gc_sweeps"
+    prefix = "cache.gc_sweeps" if NAMESPACE == "cache" else f"cache_{NAMESPACE}.gc_sweeps"
     sweeps = {str(p): m.get(prefix, 0) for p, m in host_stats().workers().items() if m.get(prefix)}
     return JSONResponse({"pid": os.getpid(), "cache": Cache.stats(), "gc_sweeps": sweeps})
 

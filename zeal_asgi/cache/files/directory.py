@@ -14,16 +14,9 @@ import time
 from collections.abc import Iterator
 
 from zeal_asgi.errors import InsecureCacheDirError
-from zeal_asgi.shm.segments import process_alive
+from zeal_asgi.shm.process import process_alive
 
-__all__ = [
-    "TEMP_MAX_AGE",
-    "TEMP_RE",
-    "open_cache_dir",
-    "remove_stale_temp",
-    "scan",
-    "temp_is_stale",
-]
+__all__ = ["open_cache_dir", "remove_if_stale", "remove_stale_temp", "scan"]
 
 log = logging.getLogger("zeal_asgi.cache")
 
@@ -55,18 +48,12 @@ def _check_ancestors(path: str) -> None:
 def _make_private(path: str) -> None:
     """Create ``path`` and any missing parents as 0700 (``os.makedirs`` leaves parents to the
     umask, which may be 0)."""
-    missing = []
-    p = path
-    while not os.path.lexists(p):
-        missing.append(p)
-        up = os.path.dirname(p)
-        if up == p:
-            break
-        p = up
-    for d in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(d, 0o700)
-            os.chmod(d, 0o700)
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.lexists(parent):
+        _make_private(parent)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+        os.chmod(path, 0o700)  # mkdir's mode passes through the umask
 
 
 def open_cache_dir(path: str | os.PathLike[str]) -> tuple[str, int]:
@@ -104,12 +91,8 @@ def open_cache_dir(path: str | os.PathLike[str]) -> tuple[str, int]:
             raise InsecureCacheDirError(
                 f"cache directory {full!r} was replaced while it was being opened"
             )
-        if stat.S_IMODE(fst.st_mode) != 0o700:
-            log.warning(
-                "cache directory %s had mode %o; tightened to 0700",
-                full,
-                stat.S_IMODE(fst.st_mode),
-            )
+        if (mode := stat.S_IMODE(fst.st_mode)) != 0o700:
+            log.warning("cache directory %s had mode %o; tightened to 0700", full, mode)
             os.fchmod(fd, 0o700)
     except BaseException:
         os.close(fd)
@@ -117,15 +100,19 @@ def open_cache_dir(path: str | os.PathLike[str]) -> tuple[str, int]:
     return full, fd
 
 
-def temp_is_stale(name: str, mtime: float, now: float) -> bool:
-    """True when temp file ``name`` belongs to a writer that is gone (or it is too old)."""
-    m = TEMP_RE.match(name)
+def remove_if_stale(dfd: int, entry: os.DirEntry[str]) -> bool:
+    """Unlink temp file ``entry`` if its writer is gone (or it is older than TEMP_MAX_AGE,
+    as pids get reused); ``True`` if it was."""
+    m = TEMP_RE.match(entry.name)
     if m is None:
-        return False
-    if now - mtime > TEMP_MAX_AGE:
-        return True
+        return False  # not a name our writers use: never touched
     pid = int(m.group(1))
-    return pid != os.getpid() and not process_alive(pid, None)
+    with contextlib.suppress(FileNotFoundError):
+        age = time.time() - entry.stat(follow_symlinks=False).st_mtime
+        if age > TEMP_MAX_AGE or (pid != os.getpid() and not process_alive(pid, None)):
+            os.unlink(entry.name, dir_fd=dfd)
+            return True
+    return False
 
 
 def scan(dfd: int) -> Iterator[os.DirEntry[str]]:
@@ -143,17 +130,5 @@ def scan(dfd: int) -> Iterator[os.DirEntry[str]]:
 
 
 def remove_stale_temp(dfd: int) -> int:
-    """Unlink temp files left by killed writers (dead pid, or older than TEMP_MAX_AGE)."""
-    removed = 0
-    now = time.time()
-    for entry in scan(dfd):
-        if not entry.name.startswith(".tmp."):
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-            if temp_is_stale(entry.name, st.st_mtime, now):
-                os.unlink(entry.name, dir_fd=dfd)
-                removed += 1
-        except FileNotFoundError:
-            continue
-    return removed
+    """Unlink the temp files killed writers left behind; how many."""
+    return sum(remove_if_stale(dfd, e) for e in scan(dfd) if e.name.startswith(".tmp."))

@@ -18,7 +18,9 @@ Every read opens and reads the file.  A worker keeps the bytes of the files it v
 ``VERIFIED_BYTES``); a file whose bytes are *identical* to verified ones is authentic without
 computing the HMAC again (on 10 KiB, a 0.3 µs compare instead of a 7 µs HMAC-SHA256), and since
 its size is then known, the ``fstat`` is skipped too.  Any other file, a changed byte included,
-takes the full path: ``fstat`` (regular, ours, size limits), read, header checks, HMAC.
+takes the full path: ``fstat`` (regular, ours, size limits), read, header checks, HMAC.  Kept
+bytes stay valid after their file is deleted or replaced (they only ever stand for themselves),
+so only this worker's event loop touches them, never the GC thread.
 """
 
 from __future__ import annotations
@@ -27,49 +29,42 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import itertools
 import logging
 import os
+import re
 import secrets
 import stat
-import threading
+import struct
 import time
-import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
-from zeal_asgi.cache.files.directory import open_cache_dir, remove_stale_temp, scan
-from zeal_asgi.cache.files.format import (
-    HEAD_LEN,
-    HEADER,
-    MAGIC,
-    NAME_RE,
-    READ_FLAGS,
-    VERSION,
-    check_head,
-)
-from zeal_asgi.cache.files.sweep import FileSweep, Owned
+from zeal_asgi.cache.files.directory import open_cache_dir, remove_if_stale, remove_stale_temp, scan
 
-__all__ = ["HEADER", "HEAD_LEN", "MAGIC", "NAME_RE", "Entry", "FileTier", "Owned"]
+__all__ = ["HEADER", "HEAD_LEN", "NAME_RE", "Entry", "FileTier", "Owned"]
 
 log = logging.getLogger("zeal_asgi.cache")
 
+MAGIC = b"ZC\x01\x00"
+VERSION = 1
+HEADER = struct.Struct("<4sHBBIdd16sIQ")
+HEAD_LEN = HEADER.size + 32
+"""The header and its HMAC-SHA256."""
+NAME_RE = re.compile(r"^[0-9a-f]{64}\.zc$")
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+"""Never follow a planted symlink; never block on a planted FIFO."""
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_LOG_EVERY = 60.0
 VERIFIED_BYTES = 8 << 20
 """Bytes of verified files a worker keeps to recognise them (twice: file and payload)."""
 VERIFIED_FILE_BYTES = 256 << 10
 """Larger files are verified with the HMAC on every read."""
-_NAMES = 4096
-_tiers: weakref.WeakSet[FileTier] = weakref.WeakSet()
-
-
-def _after_fork() -> None:
-    # A lock held by another thread at fork time would stay held forever in the child.
-    for tier in list(_tiers):
-        tier._verified_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork)
+ORPHAN_AGE = 10.0
+"""Only files older than this may be orphans: a newer one may still be getting its row."""
+MAX_OWNED = 10_000
+_temp_serial = itertools.count(secrets.randbits(48))
+"""Temp names are ``.tmp.<pid>.<serial>``: unique per process (a forked child has another pid),
+and a random start keeps a reused pid from meeting a dead process's leftovers."""
 
 
 class Entry(NamedTuple):
@@ -82,33 +77,50 @@ class Entry(NamedTuple):
     payload: bytes
 
 
+class Owned(NamedTuple):
+    """A surviving entry file whose owner (the memory-tier row) the GC should check."""
+
+    name: str
+    key: bytes
+    nonce: bytes
+    ino: int
+
+
+def check_head(head: bytes, size: int, kid: int) -> str | None:
+    """Why the header of a ``size``-byte file is unusable under key id ``kid``, or ``None``."""
+    if len(head) < HEADER.size:
+        return "short"
+    magic, ver, _, flags, file_kid, _, _, _, klen, plen = HEADER.unpack_from(head)
+    if magic != MAGIC:
+        return "magic"
+    if ver != VERSION or flags != 0:
+        return "version"
+    if HEAD_LEN + klen + plen != size:
+        return "size"
+    if file_kid != kid:
+        return "key_id"  # written under another key (an earlier server run): unreadable
+    return None
+
+
 def _write_all(fd: int, parts: list[bytes]) -> None:
-    total = sum(len(p) for p in parts)
     done = os.writev(fd, parts)
-    if done == total:
-        return
-    rest = memoryview(b"".join(parts))[done:]
-    while rest:
-        rest = rest[os.write(fd, rest) :]
+    if done < sum(len(p) for p in parts):
+        rest = memoryview(b"".join(parts))[done:]
+        while rest:
+            rest = rest[os.write(fd, rest) :]
 
 
 def _read_all(fd: int, size: int) -> bytes:
     # one byte more than fstat said: a file that grew is not the one we checked
-    data = os.pread(fd, size + 1, 0)
-    if len(data) >= size:
-        return data
-    chunks = [data]
-    done = len(data)
-    while done <= size:
-        chunk = os.pread(fd, size + 1 - done, done)
-        if not chunk:
-            break
+    chunks: list[bytes] = []
+    done = 0
+    while done <= size and (chunk := os.pread(fd, size + 1 - done, done)):
         chunks.append(chunk)
         done += len(chunk)
-    return b"".join(chunks)
+    return b"".join(chunks)  # one chunk: that very object, not a copy
 
 
-class FileTier(FileSweep):
+class FileTier:
     """Entries as files under ``directory`` (created 0700; refused if unsafe).
 
     Args:
@@ -143,17 +155,13 @@ class FileTier(FileSweep):
         # file name -> (its bytes, the key they were verified for, the entry)
         self._verified: dict[str, tuple[bytes, bytes, Entry]] = {}
         self._verified_bytes = 0
-        self._verified_lock = threading.Lock()  # the GC thread drops entries too
-        _tiers.add(self)
         self.temp_removed_at_start = remove_stale_temp(self._dfd)
-
-    # -- naming and MACs -----------------------------------------------------------------------
 
     def name(self, key: bytes) -> str:
         """File name of ``key``: 64 hex chars of a keyed BLAKE2b, plus ``.zc``."""
         name = self._names.get(key)
         if name is None:
-            if len(self._names) >= _NAMES:
+            if len(self._names) >= 4096:
                 self._names.clear()
             name = hashlib.blake2b(key, key=self._name_key, digest_size=32).hexdigest() + ".zc"
             self._names[key] = name
@@ -165,26 +173,39 @@ class FileTier(FileSweep):
         h.update(payload)
         return h.digest()
 
-    # -- write ---------------------------------------------------------------------------------
+    def _io_error(self, what: str, exc: OSError) -> None:
+        self._count("file_io_errors")
+        now = time.monotonic()
+        if now - self._last_log >= 60.0:
+            self._last_log = now
+            log.warning(
+                "cache file tier %s: could not %s (%s); the entry is not persisted, the memory "
+                "tier keeps serving (logged at most once a minute)",
+                self.path,
+                what,
+                os.strerror(exc.errno) if exc.errno else exc,
+            )
+
+    def _check_stat(self, st: os.stat_result) -> str | None:
+        if not stat.S_ISREG(st.st_mode):
+            return "not_regular"
+        if st.st_uid != self._euid:
+            return "owner"
+        if st.st_size > self.max_file_bytes:
+            return "too_large"
+        return "short" if st.st_size < HEAD_LEN else None
+
+    # -- write, read ---------------------------------------------------------------------------
 
     def write(
         self, key: bytes, serializer: int, expires_at: float, payload: bytes, nonce: bytes
     ) -> bool:
         """Store an entry atomically; ``False`` (logged, counted) when the disk refuses."""
         head = HEADER.pack(
-            MAGIC,
-            VERSION,
-            serializer,
-            0,
-            self.kid,
-            time.time(),
-            expires_at,
-            nonce,
-            len(key),
-            len(payload),
-        )
-        mac = self._mac(head, key, payload)
-        tmp = f".tmp.{os.getpid()}.{secrets.token_hex(8)}"
+            MAGIC, VERSION, serializer, 0, self.kid,  # flags 0
+            time.time(), expires_at, nonce, len(key), len(payload),
+        )  # fmt: skip
+        tmp = f".tmp.{os.getpid()}.{next(_temp_serial):x}"
         try:
             fd = os.open(tmp, _WRITE_FLAGS, 0o600, dir_fd=self._dfd)
         except OSError as exc:
@@ -192,7 +213,7 @@ class FileTier(FileSweep):
             return False
         try:
             try:
-                _write_all(fd, [head, mac, key, payload])
+                _write_all(fd, [head, self._mac(head, key, payload), key, payload])
                 if self.fsync:
                     os.fsync(fd)
             finally:
@@ -209,21 +230,6 @@ class FileTier(FileSweep):
         self._count("file_writes")
         return True
 
-    def _io_error(self, what: str, exc: OSError) -> None:
-        self._count("file_io_errors")
-        now = time.monotonic()
-        if now - self._last_log >= _LOG_EVERY:
-            self._last_log = now
-            log.warning(
-                "cache file tier %s: could not %s (%s); the entry is not persisted, the memory "
-                "tier keeps serving (logged at most once a minute)",
-                self.path,
-                what,
-                os.strerror(exc.errno) if exc.errno else exc,
-            )
-
-    # -- read ----------------------------------------------------------------------------------
-
     def read(self, key: bytes, now: float) -> Entry | None:
         """The authenticated entry of ``key``; ``None`` on a miss (damaged files are unlinked)."""
         name = self.name(key)
@@ -238,19 +244,14 @@ class FileTier(FileSweep):
             else:
                 self._io_error("read an entry", exc)
             return None
-        data = b""
         try:
             if known is not None and known[1] == key:
                 data = os.pread(fd, len(known[0]) + 1, 0)
-                if data == known[0]:
-                    entry = known[2]
-                    if not entry.expires_at or entry.expires_at > now:
-                        return entry
-                    data = b""  # expired: through the full path, which drops it
+                if data == known[0] and not 0 < known[2].expires_at <= now:
+                    return known[2]  # (an expired one takes the full path, which drops it)
             st = os.fstat(fd)
             reason = self._check_stat(st)
-            if reason is None:
-                data = _read_all(fd, st.st_size)
+            data = _read_all(fd, st.st_size) if reason is None else b""
         except OSError as exc:
             self._io_error("read an entry", exc)
             return None
@@ -261,45 +262,21 @@ class FileTier(FileSweep):
             if found is not None:
                 self._remember(name, data, key, found)
                 return found
-        self.drop(name, st, reason)
+        self.drop(name, st.st_ino, reason)
         return None
 
     def _remember(self, name: str, data: bytes, key: bytes, entry: Entry) -> None:
-        size = 2 * len(data)  # the file's bytes and the payload sliced from them
-        if size > 2 * VERIFIED_FILE_BYTES:
+        if len(data) > VERIFIED_FILE_BYTES:
             return
-        with self._verified_lock:
-            self._unverify(name)
-            if self._verified_bytes + size > VERIFIED_BYTES:
-                self._verified.clear()
-                self._verified_bytes = 0
-            self._verified[name] = (data, key, entry)
-            self._verified_bytes += size
-
-    def _forget(self, name: str) -> None:
-        with self._verified_lock:
-            self._unverify(name)
-
-    def _unverify(self, name: str) -> None:
-        # the caller holds _verified_lock
         old = self._verified.pop(name, None)
-        if old is not None:
-            self._verified_bytes -= 2 * len(old[0])
-
-    def _check_stat(self, st: os.stat_result) -> str | None:
-        if not stat.S_ISREG(st.st_mode):
-            return "not_regular"
-        if st.st_uid != self._euid:
-            return "owner"
-        if st.st_size > self.max_file_bytes:
-            return "too_large"
-        if st.st_size < HEAD_LEN:
-            return "short"
-        return None
+        self._verified_bytes -= 2 * len(old[0]) if old else 0
+        if self._verified_bytes + 2 * len(data) > VERIFIED_BYTES:  # the file and its payload
+            self._verified.clear()
+            self._verified_bytes = 0
+        self._verified[name] = (data, key, entry)
+        self._verified_bytes += 2 * len(data)
 
     def _parse(self, key: bytes, data: bytes, now: float) -> tuple[Entry | None, str]:
-        if len(data) < HEAD_LEN:
-            return None, "short"
         reason = check_head(data, len(data), self.kid)
         if reason is not None:
             return None, reason
@@ -315,41 +292,27 @@ class FileTier(FileSweep):
             return None, "expired"
         return Entry(ser, created, expires, nonce, data[body:]), ""
 
-    def drop(self, name: str, st: os.stat_result | None, reason: str) -> None:
-        """Unlink a bad or expired entry file (unless it was replaced meanwhile) and count it."""
-        self._count(f"file_{reason}")
-        self._forget(name)
-        with contextlib.suppress(OSError):
-            if st is not None:
-                now = os.stat(name, dir_fd=self._dfd, follow_symlinks=False)
-                if now.st_ino != st.st_ino:
-                    return  # a writer renamed a fresh entry over it: keep that one
-            os.unlink(name, dir_fd=self._dfd)
+    # -- removal -------------------------------------------------------------------------------
 
-    def drop_if(self, name: str, ino: int, reason: str) -> bool:
-        """Unlink ``name`` if it is still the file ``ino`` (counted under ``reason``)."""
+    def drop(self, name: str, ino: int | None, reason: str) -> bool:
+        """Unlink entry ``name`` (only if it is still the file ``ino``, when given: a writer
+        may have renamed a fresh entry over it) and count ``file_<reason>``."""
+        self._count(f"file_{reason}")
         try:
-            if os.stat(name, dir_fd=self._dfd, follow_symlinks=False).st_ino != ino:
+            if (
+                ino is not None
+                and os.stat(name, dir_fd=self._dfd, follow_symlinks=False).st_ino != ino
+            ):
                 return False
             os.unlink(name, dir_fd=self._dfd)
         except OSError:
             return False
-        self._forget(name)
-        self._count(f"file_{reason}")
         return True
-
-    def discard(self, key: bytes, reason: str) -> None:
-        """Drop the entry of ``key`` because its payload cannot be used (``reason`` counted)."""
-        self.drop(self.name(key), None, reason)
-
-    # -- delete, flush, sweep ------------------------------------------------------------------
 
     def delete(self, key: bytes) -> bool:
         """Remove the entry of ``key``; ``True`` if a file existed."""
-        name = self.name(key)
-        self._forget(name)
         try:
-            os.unlink(name, dir_fd=self._dfd)
+            os.unlink(self.name(key), dir_fd=self._dfd)
         except FileNotFoundError:
             return False
         except OSError as exc:
@@ -359,9 +322,8 @@ class FileTier(FileSweep):
 
     def flush(self) -> int:
         """Remove every entry file (temp files of running writers are left alone)."""
-        with self._verified_lock:
-            self._verified.clear()
-            self._verified_bytes = 0
+        self._verified.clear()
+        self._verified_bytes = 0
         removed = 0
         for entry in scan(self._dfd):
             if NAME_RE.match(entry.name):
@@ -375,3 +337,68 @@ class FileTier(FileSweep):
         if self._dfd >= 0:
             os.close(self._dfd)
             self._dfd = -1
+
+    # -- GC ------------------------------------------------------------------------------------
+
+    def sweep(
+        self, now: float, max_files: int = 0, owners: list[Owned] | None = None
+    ) -> dict[str, int]:
+        """One GC pass: unlink expired, damaged and foreign-key entries and stale temp files;
+        with ``max_files``, then the oldest survivors beyond it.  Reads headers only and streams
+        the directory (no whole listing in memory unless ``max_files`` needs it).
+
+        With ``owners``, appends the key and nonce of surviving entries older than
+        ``ORPHAN_AGE`` (at most ``MAX_OWNED``), for the caller to check against the memory tier.
+        """
+        out = {"scanned": 0, "expired": 0, "damaged": 0, "temp": 0, "rotated": 0}
+        survivors: list[tuple[float, str, int]] = []
+        for entry in scan(self._dfd):
+            n = entry.name
+            if n.startswith(".tmp."):
+                out["temp"] += remove_if_stale(self._dfd, entry)
+            elif NAME_RE.match(n):  # anything else is not ours: never touched
+                out["scanned"] += 1
+                verdict, st = self._sweep_one(n, now, owners)
+                if verdict == "keep" and st is not None and max_files:
+                    survivors.append((st.st_mtime, n, st.st_ino))
+                elif verdict in ("expired", "damaged"):
+                    out[verdict] += 1
+        survivors.sort()
+        for _, n, ino in survivors[: max(0, len(survivors) - max_files)]:
+            out["rotated"] += self.drop(n, ino, "rotations")
+        return out
+
+    def _sweep_one(
+        self, name: str, now: float, owners: list[Owned] | None
+    ) -> tuple[str, os.stat_result | None]:
+        try:
+            fd = os.open(name, READ_FLAGS, dir_fd=self._dfd)
+        except FileNotFoundError:
+            return "gone", None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                return "keep", None
+            self.drop(name, None, "not_regular")
+            return "damaged", None
+        try:
+            st = os.fstat(fd)
+            reason = self._check_stat(st)
+            # the key follows the header: read it too when the caller wants owners
+            want = HEAD_LEN + 4096 if owners is not None else HEADER.size
+            head = os.read(fd, want) if reason is None else b""
+        except OSError:
+            return "keep", None
+        finally:
+            os.close(fd)
+        reason = reason or check_head(head, st.st_size, self.kid)
+        if reason is not None:
+            self.drop(name, st.st_ino, reason)
+            return "damaged", st
+        expires, nonce, klen = HEADER.unpack_from(head)[6:9]
+        if expires and expires <= now:
+            self.drop(name, st.st_ino, "expired")
+            return "expired", st
+        old = st.st_mtime < time.time() - ORPHAN_AGE
+        if owners is not None and old and len(owners) < MAX_OWNED and len(head) >= HEAD_LEN + klen:
+            owners.append(Owned(name, head[HEAD_LEN : HEAD_LEN + klen], nonce, st.st_ino))
+        return "keep", st

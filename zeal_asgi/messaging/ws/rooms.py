@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,8 @@ from zeal_asgi._redis.scripts import (
     Script,
 )
 from zeal_asgi.errors import LockTimeoutError, ZealError
+from zeal_asgi.shm.lease import Lease
+from zeal_asgi.shm.process import process_alive
 
 if TYPE_CHECKING:
     from zeal_asgi._redis.link import RedisLink
@@ -181,16 +182,6 @@ class RedisRegistry:
         await self.redis.run(lambda c: c.delete(key), what="ws liveness", idempotent=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class ShmRegistry:
     """The registry in shared-memory tables: every worker of this host, no Redis.
 
@@ -218,30 +209,24 @@ class ShmRegistry:
             room_capacity, {"n": ("int", 4)}, name="__zeal_ws_servers__", key_size=256
         )
         self.locks = Table(_STRIPES, {"holder": ("int", 8)}, name="__zeal_ws_locks__")
+        # A live holder keeps its stripe (its sections last microseconds): only death frees it.
+        self._stripes = Lease(self.locks, 24 * 3600.0, column="holder")
 
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[None]:
         stripe = str(int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest()) % 64)
-        me = os.getpid()
         deadline = time.monotonic() + _LOCK_TIMEOUT
-        locks = self.locks
-        while not locks.compare_and_set(stripe, "holder", 0, me):
-            holder = locks.get(stripe, "holder") or 0
-            if holder and (holder == me or not _pid_alive(holder)):
-                # ours from a section that never finished (impossible without a crash) or a
-                # dead process's: take it over
-                if locks.compare_and_set(stripe, "holder", holder, me):
-                    break
-                continue
+        while (token := self._stripes.acquire(stripe)) is None:
             if time.monotonic() > deadline:
                 raise LockTimeoutError(
-                    f"ws registry stripe {stripe} held by pid {holder} for over {_LOCK_TIMEOUT} s"
+                    f"ws registry stripe {stripe} held by pid {self._stripes.holder(stripe)} for "
+                    f"over {_LOCK_TIMEOUT} s"
                 )
             time.sleep(0)
         try:
             yield
         finally:
-            locks.compare_and_set(stripe, "holder", me, 0)
+            self._stripes.release(stripe, token)
 
     async def set_owner(
         self, client_id: str, conn_id: str, worker: str, *, only_if_absent: bool = False
@@ -325,7 +310,7 @@ class ShmRegistry:
     async def worker_alive(self, worker: str) -> bool:
         """Whether the pid in ``server:pid`` runs (an unparsable name counts as alive)."""
         pid = worker.rpartition(":")[2]
-        return not pid.isdigit() or _pid_alive(int(pid))
+        return not pid.isdigit() or process_alive(int(pid))
 
     async def purge(self, room: str, worker: str) -> list[str]:
         """Scan of the roster under the room's stripe lock (once per death)."""

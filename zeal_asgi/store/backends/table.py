@@ -7,14 +7,13 @@ so every worker attaches to the same memory (see ``zeal_asgi.shm.segments``).
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from zeal_asgi.errors import ConfigError, UnknownTableError
 from zeal_asgi.shm.bus import host_bus, user_wire
 from zeal_asgi.shm.ext import Atomic, Table
-from zeal_asgi.shm.schema import ColumnType, Schema
+from zeal_asgi.shm.schema import Schema
 from zeal_asgi.store.base import (
     Capability,
     CounterBackend,
@@ -27,15 +26,17 @@ from zeal_asgi.store.base import (
 
 __all__ = ["AtomicCounter", "TableBackend"]
 
-_EXPIRES = "__expires_at"
 
-
-def shm_columns(schema: Schema, ttl: bool) -> dict[str, tuple[int, int]]:
-    """The column declaration of the shared table behind ``schema`` (plus a hidden expiry)."""
-    cols = {c.name: (int(c.type), c.size) for c in schema.columns}
-    if ttl:
-        cols[_EXPIRES] = (int(ColumnType.FLOAT), 8)
-    return cols
+def _shm_schema(spec: TableSpec) -> Schema:
+    """The schema of the shared table behind ``spec`` (rows of a TTL table expire in the core)."""
+    s = spec.schema
+    return Schema.declare(
+        {c.name: (int(c.type), c.size) for c in s.columns},
+        key_size=s.key_limit,
+        allow_nan=s.allow_nan,
+        binary_keys=s.binary_keys,
+        ttl=spec.ttl if spec.mode == "ttl" else None,
+    )
 
 
 class TableBackend(StoreBackend):
@@ -64,31 +65,25 @@ class TableBackend(StoreBackend):
     def declare(self, spec: TableSpec) -> Table:
         """Allocate (or attach to) the shared table of ``spec``."""
         existing = self._tables.get(spec.name)
+        schema = _shm_schema(spec)
         if existing is not None and not existing.closed:
-            if existing.schema != self._shm_schema(spec):
+            if existing.schema != schema:
                 raise ConfigError(
                     f"table {spec.name!r} was already made with another schema in this process "
-                    f"(before vs now: {existing.schema.difference(self._shm_schema(spec))})"
+                    f"(before vs now: {existing.schema.difference(schema)})"
                 )
             return existing
         table = Table(
             spec.max_rows,
-            shm_columns(spec.schema, spec.mode == "ttl"),
+            {c.name: (int(c.type), c.size) for c in schema.columns},
             name=f"{self.namespace}:{spec.name}",
-            key_size=spec.schema.key_limit,
-            allow_nan=spec.schema.allow_nan,
-            binary_keys=spec.schema.binary_keys,
+            key_size=schema.key_limit,
+            allow_nan=schema.allow_nan,
+            binary_keys=schema.binary_keys,
+            ttl=schema.ttl,
         )
         self._tables[spec.name] = table
         return table
-
-    def _shm_schema(self, spec: TableSpec) -> Schema:
-        return Schema.declare(
-            shm_columns(spec.schema, spec.mode == "ttl"),
-            key_size=spec.schema.key_limit,
-            allow_nan=spec.schema.allow_nan,
-            binary_keys=spec.schema.binary_keys,
-        )
 
     def table(self, name: str) -> Table:
         """The raw shared table."""
@@ -108,50 +103,23 @@ class TableBackend(StoreBackend):
         """Nothing to close per worker (segments stay mapped until the process exits)."""
 
     # -- rows ----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _expired(row: Row) -> bool:
-        exp = row.pop(_EXPIRES, 0.0)
-        return bool(exp) and exp <= time.time()
+    # A TTL table's rows expire in the shared table itself: every write renews a row's expiry,
+    # reads miss an expired row, and a write to one starts a new row, in one locked step.
 
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Merge ``row``; on a TTL table every write refreshes the expiry."""
-        t = self.table(spec.name)
-        if spec.mode == "ttl" and spec.ttl:
-            if _EXPIRES in row:
-                spec.schema.column(_EXPIRES, spec.name)  # raises UnknownColumnError
-            current = t.get(key)
-            if current is not None and current[_EXPIRES] and current[_EXPIRES] <= time.time():
-                t.delete(key)  # an expired row must not lend its old columns to the new one
-            row = {**row, _EXPIRES: time.time() + spec.ttl}
-        return t.set(key, row)
+        return self.table(spec.name).set(key, row)
 
     async def get(self, spec: TableSpec, key: Key, field: str | None = None) -> Any:
         """The row or field; ``None`` when missing (or expired)."""
-        t = self.table(spec.name)
-        if spec.mode != "ttl":
-            return t.get(key, field)
-        if field is not None:
-            spec.schema.column(field, spec.name)
-        row = t.get(key)
-        if row is None:
-            return None
-        if self._expired(row):
-            t.delete(key)
-            return None
-        return row if field is None else row[field]
+        return self.table(spec.name).get(key, field)
 
     async def delete(self, spec: TableSpec, key: Key) -> bool:
         """Remove the row."""
-        if spec.mode == "ttl":
-            alive = await self.get(spec, key) is not None
-            return self.table(spec.name).delete(key) and alive
         return self.table(spec.name).delete(key)
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists (and has not expired)."""
-        if spec.mode == "ttl":
-            return await self.get(spec, key) is not None
         return self.table(spec.name).exists(key)
 
     async def exists_cached(self, spec: TableSpec, key: Key) -> bool:
@@ -162,39 +130,24 @@ class TableBackend(StoreBackend):
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1
     ) -> int | float:
         """Atomic add on a numeric column."""
-        t = self.table(spec.name)
-        if spec.mode == "ttl" and spec.ttl:
-            await self.get(spec, key)  # drops an expired row first
-            value: int | float = t.incr(key, column, by)
-            t.set(key, {_EXPIRES: time.time() + spec.ttl})
-            return value
-        result: int | float = t.incr(key, column, by)
+        result: int | float = self.table(spec.name).incr(key, column, by)
         return result
 
     async def compare_and_set(
         self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
     ) -> bool:
         """Atomic compare-and-set of one column."""
-        spec.schema.column(column, spec.name)
-        t = self.table(spec.name)
-        if spec.mode == "ttl" and spec.ttl:
-            await self.get(spec, key)  # drops an expired row first
-            swapped = t.compare_and_set(key, column, expected, new)
-            if swapped:
-                t.set(key, {_EXPIRES: time.time() + spec.ttl})
-            return swapped
-        return t.compare_and_set(key, column, expected, new)
+        spec.schema.column(column, spec.name)  # the column is checked first, as elsewhere
+        return self.table(spec.name).compare_and_set(key, column, expected, new)
 
     async def count(self, spec: TableSpec) -> int:
-        """O(1) row count (a TTL table counts expired rows until they are read or swept)."""
+        """O(1) row count (a TTL table counts an expired row until it is read or its room is
+        needed)."""
         return len(self.table(spec.name))
 
     async def iterate(self, spec: TableSpec) -> AsyncIterator[tuple[Any, Row]]:
         """Every live row, as consistent per-row snapshots."""
-        t = self.table(spec.name)
-        for key, row in t.items():
-            if spec.mode == "ttl" and self._expired(row):
-                continue
+        for key, row in self.table(spec.name).items():
             yield key, row
 
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:

@@ -45,6 +45,11 @@ __all__ = ["BreakerOptions", "BreakerState", "CircuitBreakerBackend", "SharedBre
 
 log = logging.getLogger("zeal_asgi.breaker")
 T = TypeVar("T")
+_FALLBACK: Any = object()
+
+
+async def _use_fallback() -> Any:
+    return _FALLBACK
 
 
 def _default_name(primary: object) -> str:
@@ -81,10 +86,13 @@ class CircuitBreakerBackend(StoreBackend):
         self.options = BreakerOptions.parse(options)
         self.kind = primary.kind
         self.capabilities = primary.capabilities
-        self._primary = primary
+        self.primary = primary
+        """The wrapped backend."""
         name = self.options.name or _default_name(primary)
-        self._breaker = SharedBreaker(name, self.options)
-        self._fallback = TableBackend(namespace=f"fallback:{name}")
+        self.breaker = SharedBreaker(name, self.options)
+        """The host-wide state machine."""
+        self.fallback = TableBackend(namespace=f"fallback:{name}")
+        """The shared-memory tables that answer reads while the breaker is open."""
         self._needs_start = False
 
     @classmethod
@@ -95,39 +103,15 @@ class CircuitBreakerBackend(StoreBackend):
         return cls(primary, options)
 
     @property
-    def primary(self) -> StoreBackend:
-        """The wrapped backend."""
-        return self._primary
-
-    @property
-    def fallback(self) -> TableBackend:
-        """The shared-memory tables that answer reads while the breaker is open."""
-        return self._fallback
-
-    @property
-    def breaker(self) -> SharedBreaker:
-        """The host-wide state machine."""
-        return self._breaker
-
-    @property
     def state(self) -> BreakerState:
         """``closed``, ``open`` or ``half-open``."""
-        return self._breaker.state
+        return self.breaker.state
 
     def redis_link(self) -> RedisLink | None:
         """The primary's link: pub/sub and WebSockets use it as they would without a breaker."""
-        return self._primary.redis_link()
+        return self.primary.redis_link()
 
     # -- the guard ---------------------------------------------------------------------------------
-
-    def _refused(self, what: str) -> BackendUnavailableError:
-        count("breaker", "short_circuited")
-        return BackendUnavailableError(
-            f"circuit breaker open: {what} refused without trying the {self.kind} backend "
-            f"(it failed {self.options.failure_threshold} times within "
-            f"{self.options.failure_window_sec:g} s; one probe every "
-            f"{self.options.open_seconds:g} s)"
-        )
 
     async def _call(
         self,
@@ -135,74 +119,82 @@ class CircuitBreakerBackend(StoreBackend):
         fn: Callable[[], Awaitable[T]],
         fallback: Callable[[], Awaitable[T]] | None = None,
     ) -> T:
-        token = self._breaker.admit()
+        token = self.breaker.admit()
         if token is None:
-            if fallback is None:
-                raise self._refused(what)
             count("breaker", "short_circuited")
+            if fallback is None:
+                raise BackendUnavailableError(
+                    f"circuit breaker open: {what} refused without trying the {self.kind} "
+                    f"backend (it failed {self.options.failure_threshold} times within "
+                    f"{self.options.failure_window_sec:g} s; one probe every "
+                    f"{self.options.open_seconds:g} s)"
+                )
             count("breaker", "fallback_reads")
             return await fallback()
         try:
             if self._needs_start:
-                await self._primary.start()
+                await self.primary.start()
                 self._needs_start = False
             result = await fn()
         except Exception as exc:
             if not is_outage(exc):
-                self._answered(token, exc)
+                # An error reply (WRONGTYPE, OOM, a Lua error) proves the backend is up; a value
+                # or an operation refused before any I/O proves nothing: let the next call probe.
+                if isinstance(exc, BackendError) and not isinstance(exc, UnsupportedOperationError):
+                    self.breaker.succeeded(token)
+                else:
+                    self.breaker.abandoned(token)
                 raise
-            self._breaker.failed(token)
+            self.breaker.failed(token)
             if fallback is None:
                 raise
             count("breaker", "fallback_reads")
             return await fallback()
         except BaseException:
-            self._breaker.abandoned(token)
+            self.breaker.abandoned(token)
             raise
-        self._breaker.succeeded(token)
+        self.breaker.succeeded(token)
         return result
 
-    def _answered(self, token: int, exc: Exception) -> None:
-        # An error reply (WRONGTYPE, OOM, a Lua error) proves the backend is up; a value or an
-        # operation refused before any I/O proves nothing: let the next call probe.
-        if isinstance(exc, BackendError) and not isinstance(exc, UnsupportedOperationError):
-            self._breaker.succeeded(token)
-        else:
-            self._breaker.abandoned(token)
+    async def _guard(self, what: str, *args: Any, fallback: bool = False) -> Any:
+        """The primary's method ``what`` through the breaker; with ``fallback``, the fallback
+        table's answer while the breaker is open or the primary unreachable."""
+        call = getattr(self.primary, what)
+        if not fallback:
+            return await self._call(what, lambda: call(*args))
+        spare = getattr(self.fallback, what)
+        return await self._call(what, lambda: call(*args), lambda: spare(*args))
 
-    async def _mirror(self, spec: TableSpec, key: Key, fn: Callable[[], Awaitable[Any]]) -> None:
+    async def _mirror(self, spec: TableSpec, key: Key, row: Mapping[str, Any] | None) -> None:
+        """Copy ``row`` (``None``: its absence) into the fallback table."""
         try:
-            await fn()
+            if row is None:
+                await self.fallback.delete(spec, key)
+            else:
+                await self.fallback.set(spec, key, row)
         except ZealError:
             # A fallback that cannot take the row (full) must not keep an older copy of it.
             count("breaker", "mirror_skipped")
             with contextlib.suppress(ZealError):
-                await self._fallback.delete(spec, key)
+                await self.fallback.delete(spec, key)
 
-    async def _mirror_row(self, spec: TableSpec, key: Key, row: Row | None) -> None:
-        if row is None:
-            await self._mirror(spec, key, lambda: self._fallback.delete(spec, key))
-        else:
-            await self._mirror(spec, key, lambda: self._fallback.set(spec, key, row))
-
-    async def _mirror_merge(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> None:
+    async def _merge(self, spec: TableSpec, key: Key, row: Mapping[str, Any], whole: bool) -> None:
         # A partial row merged into a row the fallback never saw would invent zeroed columns.
-        full = len(row) == len(spec.schema.columns)
-        if full or await self._fallback.exists(spec, key):
-            await self._mirror(spec, key, lambda: self._fallback.set(spec, key, row))
+        if whole or await self.fallback.exists(spec, key):
+            await self._mirror(spec, key, row)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def declare(self, spec: TableSpec) -> Table | None:
         """Declare on the primary and allocate the fallback table (before workers start)."""
-        result = self._primary.declare(spec)
-        self._fallback.declare(spec)
+        result = self.primary.declare(spec)
+        self.fallback.declare(spec)
         return result
 
     async def start(self) -> None:
         """Start the primary; if it is unreachable, boot anyway (degraded) and retry later."""
         try:
-            await self._primary.start()
+            await self.primary.start()
             self._needs_start = False
         except (BackendAuthError, BackendTLSError):
             raise  # wrong credentials or certificates are configuration errors: fail the boot
@@ -210,12 +202,12 @@ class CircuitBreakerBackend(StoreBackend):
             if not is_outage(exc):
                 raise
             self._needs_start = True
-            self._breaker.failed(0)
+            self.breaker.failed(0)
             log.warning("%s backend unreachable at startup (%s); serving degraded", self.kind, exc)
 
     async def aclose(self) -> None:
         """Close the primary's connections in this worker."""
-        await self._primary.aclose()
+        await self.primary.aclose()
 
     # -- reads (fall back) -----------------------------------------------------------------------
 
@@ -223,78 +215,53 @@ class CircuitBreakerBackend(StoreBackend):
         """The row or field; from the fallback while open."""
 
         async def read() -> Any:
-            value = await self._primary.get(spec, key, field)
+            value = await self.primary.get(spec, key, field)
             if field is None:
-                await self._mirror_row(spec, key, value)
+                await self._mirror(spec, key, value)
             return value
 
-        return await self._call("get", read, lambda: self._fallback.get(spec, key, field))
+        return await self._call("get", read, lambda: self.fallback.get(spec, key, field))
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists; from the fallback while open."""
-        return await self._call(
-            "exists",
-            lambda: self._primary.exists(spec, key),
-            lambda: self._fallback.exists(spec, key),
-        )
+        return bool(await self._guard("exists", spec, key, fallback=True))
 
     async def count(self, spec: TableSpec) -> int:
         """Row count; while open, the rows this host mirrored."""
-        return await self._call(
-            "count", lambda: self._primary.count(spec), lambda: self._fallback.count(spec)
-        )
+        return int(await self._guard("count", spec, fallback=True))
 
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys``; from the fallback while open."""
 
         async def read() -> list[Row | None]:
-            rows = await self._primary.mget(spec, keys)
+            rows = await self.primary.mget(spec, keys)
             for k, r in zip(keys, rows, strict=False):
-                await self._mirror_row(spec, k, r)
+                await self._mirror(spec, k, r)
             return rows
 
-        return await self._call("mget", read, lambda: self._fallback.mget(spec, keys))
+        return await self._call("mget", read, lambda: self.fallback.mget(spec, keys))
 
     async def iterate(self, spec: TableSpec) -> AsyncIterator[tuple[Any, Row]]:
         """Every row; from the fallback while open or when the primary fails before the first."""
-        token = self._breaker.admit()
-        if token is None:
-            count("breaker", "short_circuited")
-            count("breaker", "fallback_reads")
-            async for item in self._fallback.iterate(spec):
-                yield item
-            return
-        inner = self._primary.iterate(spec)
-        answered = False
+        inner = self.primary.iterate(spec)
         try:
-            while True:
+            # The first row decides, as any read does: the primary's, or the fallback's rows.
+            item = await self._call("iterate", lambda: anext(inner, None), _use_fallback)
+            if item is _FALLBACK:
+                async for row in self.fallback.iterate(spec):
+                    yield row
+                return
+            while item is not None:
+                yield item
                 try:
-                    item = await anext(inner)
-                except StopAsyncIteration:
-                    break
+                    item = await anext(inner, None)
                 except Exception as exc:
                     if not is_outage(exc):
-                        self._answered(token, exc)
                         raise
-                    self._breaker.failed(token)
-                    if answered:
-                        raise BackendUnavailableError(
-                            f"{self.kind} backend lost in the middle of iterating {spec.name!r}"
-                        ) from exc
-                    count("breaker", "fallback_reads")
-                    async for fb in self._fallback.iterate(spec):
-                        yield fb
-                    return
-                if not answered:
-                    answered = True
-                    self._breaker.succeeded(token)
-                yield item
-            if not answered:
-                self._breaker.succeeded(token)
-        except BaseException:
-            if not answered:
-                self._breaker.abandoned(token)
-            raise
+                    self.breaker.failed(0)
+                    raise BackendUnavailableError(
+                        f"{self.kind} backend lost in the middle of iterating {spec.name!r}"
+                    ) from exc
         finally:
             aclose = getattr(inner, "aclose", None)
             if aclose is not None:
@@ -304,48 +271,44 @@ class CircuitBreakerBackend(StoreBackend):
 
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Merge ``row``; BackendUnavailableError while open."""
-        result = await self._call("set", lambda: self._primary.set(spec, key, row))
-        await self._mirror_merge(spec, key, row)
+        result = bool(await self._guard("set", spec, key, row))
+        await self._merge(spec, key, row, len(row) == len(spec.schema.columns))
         return result
 
     async def delete(self, spec: TableSpec, key: Key) -> bool:
         """Remove the row; BackendUnavailableError while open."""
-        result = await self._call("delete", lambda: self._primary.delete(spec, key))
-        await self._mirror(spec, key, lambda: self._fallback.delete(spec, key))
+        result = bool(await self._guard("delete", spec, key))
+        await self._mirror(spec, key, None)
         return result
 
     async def incr(
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1
     ) -> int | float:
         """Atomic add on the primary; BackendUnavailableError while open."""
-        value = await self._call("incr", lambda: self._primary.incr(spec, key, column, by))
-        if await self._fallback.exists(spec, key):
-            await self._mirror(spec, key, lambda: self._fallback.set(spec, key, {column: value}))
+        value: int | float = await self._guard("incr", spec, key, column, by)
+        await self._merge(spec, key, {column: value}, whole=False)
         return value
 
     async def compare_and_set(
         self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
     ) -> bool:
         """Atomic compare-and-set on the primary; BackendUnavailableError while open."""
-        done = await self._call(
-            "compare_and_set",
-            lambda: self._primary.compare_and_set(spec, key, column, expected, new),
-        )
-        if done and await self._fallback.exists(spec, key):
-            await self._mirror(spec, key, lambda: self._fallback.set(spec, key, {column: new}))
+        done = bool(await self._guard("compare_and_set", spec, key, column, expected, new))
+        if done:
+            await self._merge(spec, key, {column: new}, whole=False)
         return done
 
     async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
         """Write many rows; BackendUnavailableError while open."""
-        n = await self._call("mset", lambda: self._primary.mset(spec, rows))
+        n = int(await self._guard("mset", spec, rows))
         for k, r in rows.items():
-            await self._mirror_merge(spec, k, r)
+            await self._merge(spec, k, r, len(r) == len(spec.schema.columns))
         return n
 
     async def clear(self, spec: TableSpec) -> int:
         """Remove every row; BackendUnavailableError while open."""
-        n = await self._call("clear", lambda: self._primary.clear(spec))
-        await self._fallback.clear(spec)
+        n = int(await self._guard("clear", spec))
+        await self.fallback.clear(spec)
         return n
 
     # -- everything else passes through ------------------------------------------------------
@@ -353,49 +316,47 @@ class CircuitBreakerBackend(StoreBackend):
     async def ping(self) -> bool:
         """``False`` while open (no network); else the primary's answer (the probe if due)."""
         try:
-            ok = await self._call("ping", self._primary.ping)
+            return bool(await self._guard("ping"))
         except BackendUnavailableError:
             return False
         except Exception as exc:
             if is_outage(exc):
                 return False
             raise
-        return ok
 
     async def exists_cached(self, spec: TableSpec, key: Key) -> bool:
         """The primary's answer from this host's memory (no network: nothing to guard)."""
-        return await self._primary.exists_cached(spec, key)
+        return await self.primary.exists_cached(spec, key)
 
     async def publish(self, channel: str, payload: bytes) -> int:
         """The primary's publish; BackendUnavailableError while open."""
-        return await self._call("publish", lambda: self._primary.publish(channel, payload))
+        return int(await self._guard("publish", channel, payload))
 
     async def publish_reliable(self, stream: str, payload: bytes, max_len: int | None) -> str:
         """The primary's Streams append; BackendUnavailableError while open."""
-        return await self._call(
-            "publish_reliable", lambda: self._primary.publish_reliable(stream, payload, max_len)
-        )
+        return str(await self._guard("publish_reliable", stream, payload, max_len))
 
     async def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """The primary's Lua; BackendUnavailableError while open."""
-        return await self._call("eval", lambda: self._primary.eval(script, keys, args))
+        return await self._guard("eval", script, keys, args)
 
     def counter(self, name: str, initial: int) -> CounterBackend:
         """The primary's counter, behind the breaker (refused while open)."""
-        return _GuardedCounter(self, self._primary.counter(name, initial))
+        return _GuardedCounter(self, self.primary.counter(name, initial))
 
     def stats(self) -> dict[str, Any]:
         """The primary's stats plus ``breaker`` (state, counters) and ``fallback`` (tables)."""
-        out = dict(self._primary.stats())
-        out["breaker"] = self._breaker.stats()
-        out["fallback"] = self._fallback.stats()
-        return out
+        return {
+            **self.primary.stats(),
+            "breaker": self.breaker.stats(),
+            "fallback": self.fallback.stats(),
+        }
 
     def close_shared(self) -> None:
         """Unlink the breaker state, the fallback tables and the primary's shared memory."""
-        self._breaker.close()
-        self._fallback.close_shared()
-        self._primary.close_shared()
+        self.breaker.close()
+        self.fallback.close_shared()
+        self.primary.close_shared()
 
 
 class _GuardedCounter(CounterBackend):

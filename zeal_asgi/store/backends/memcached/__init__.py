@@ -21,12 +21,13 @@ Atomicity (every operation below is atomic; reads see whole rows):
   (then ``BackendTimeoutError``).  One value per row was chosen over one key per column because a
   row then reads, deletes and expires as a unit; per-column keys would let readers see half a
   write and let a delete race an increment.
-- ``incr``/``decr``/``compare_and_set`` on rows use the same ``gets``/``cas`` loop, except on tables
-  whose only column is INT(8): there the row *is* a native memcached counter and ``incr`` is one
-  native command (see ``_memcached_native`` for the bias that makes unsigned ``incr`` exact for
-  signed values, and its one caveat at the edge of the 64-bit range).  Smaller INT columns are not
-  given native commands: their range edge is reachable, and a native step that overflows must be
-  undone after the fact, which concurrent clients could observe.
+- ``incr``/``decr``/``compare_and_set`` on rows use the same ``gets``/``cas`` loop, except ``incr``
+  on tables whose only column is INT(8): there the row *is* a native memcached counter and
+  ``incr`` is one native command (see :mod:`~zeal_asgi.store.backends.memcached.native` for the
+  bias that makes unsigned ``incr`` exact for signed values, and its one caveat at the edge of the
+  64-bit range).  Smaller INT columns are not given native commands: their range edge is
+  reachable, and a native step that overflows must be undone after the fact, which concurrent
+  clients could observe.
 - Counters use native ``incr`` (``initial`` written with ``add``), ``gets``/``cas`` for
   compare-and-set.
 
@@ -47,17 +48,14 @@ merged into, never reads as zeros; ``delete`` or a ``set`` of every column repla
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from zeal_asgi.errors import (
-    ConfigError,
-    IntegerOverflowError,
-    ZealError,
-)
-from zeal_asgi.shm.schema import Column, validate_value
+from zeal_asgi.errors import ConfigError, IntegerOverflowError, ZealError
+from zeal_asgi.shm.schema import Column, ColumnType, validate_value
 from zeal_asgi.store.backends.memcached.conn import (
     DEFAULT_SERVERS,
     KeyMapper,
@@ -67,23 +65,23 @@ from zeal_asgi.store.backends.memcached.conn import (
     parse_servers,
 )
 from zeal_asgi.store.backends.memcached.native import (
-    MemcachedCounter,
     NativeOverflow,
     backoff,
     decode_i64,
     encode_i64,
     native_add,
-    native_cas,
 )
-from zeal_asgi.store.backends.memcached.rows import (
-    added,
-    expiry,
-    gather_all,
-    native_column,
+from zeal_asgi.store.base import (
+    CounterBackend,
+    Key,
+    Row,
+    StoreBackend,
+    StoreBackendKind,
+    TableSpec,
+    counters,
     seconds,
 )
-from zeal_asgi.store.base import Key, Row, StoreBackend, StoreBackendKind, TableSpec, counters
-from zeal_asgi.store.codec import RowCodec
+from zeal_asgi.store.codec import RowCodec, incr_nonfinite, incr_overflow
 
 __all__ = ["MemcachedBackend", "MemcachedCounter"]
 
@@ -92,6 +90,61 @@ R = TypeVar("R")
 _OPTIONS = {"servers", "prefix", "timeout", "cas_timeout", "pool_size", "on_error", "breaker"}
 _MGET_CHUNK = 200
 _MSET_CONCURRENCY = 32
+_RELATIVE_TTL_MAX = 30 * 24 * 3600
+"""memcached reads an expiry above 30 days as an absolute Unix time."""
+
+
+async def _gather_all(coros: Iterable[Awaitable[R]]) -> list[R]:
+    """Await every coroutine, then raise the first failure: none is left running unseen."""
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results  # type: ignore[return-value]
+
+
+class _Rows:
+    """How the rows of one table are stored: a packed row, or (a table whose only column is
+    INT(8)) the bare biased number that native ``incr`` updates.
+
+    INT(8) spans memcached's whole 64-bit counter space, so its edge is practically out of
+    reach; smaller INT columns would have to undo an overflowing native step after the fact,
+    where concurrent clients could see it, so they are packed like every other row.
+    """
+
+    __slots__ = ("codec", "native", "spec")
+
+    def __init__(self, spec: TableSpec) -> None:
+        self.spec = spec
+        self.codec = RowCodec(spec.schema, spec.name)
+        cols = spec.schema.columns
+        native = len(cols) == 1 and cols[0].type is ColumnType.INT and cols[0].size == 8
+        self.native: Column | None = cols[0] if native else None
+
+    def expiry(self) -> int:
+        """The memcached exptime of a write (0: never; absolute beyond 30 days).
+
+        memcached's clock ticks in whole seconds, so an exptime of ``ttl`` lets a row vanish up
+        to a second early; one more second makes it live at least ``ttl`` (at most ``ttl + 1``),
+        like the other backends' "expires after ttl".
+        """
+        if self.spec.mode != "ttl" or not self.spec.ttl:
+            return 0
+        ttl = self.spec.ttl + 1
+        return ttl if ttl <= _RELATIVE_TTL_MAX else int(time.time()) + ttl
+
+    def pack(self, row: Mapping[str, Any]) -> bytes:
+        """A full row as the value to store."""
+        return encode_i64(row[self.native.name]) if self.native else self.codec.pack(row)
+
+    def unpack(self, data: bytes | None, key: object) -> Row | None:
+        """The row in a stored value (``None``: missing); BackendResponseError if not one."""
+        if data is None:
+            return None
+        if self.native is not None:
+            what = f"row {key!r} of table {self.spec.name!r}"
+            return {self.native.name: decode_i64(data, what)}
+        return self.codec.unpack(data, key)
 
 
 class MemcachedBackend(StoreBackend):
@@ -129,11 +182,13 @@ class MemcachedBackend(StoreBackend):
         if pool_size > 1024:
             raise ConfigError(f"memcached pool_size must be at most 1024, got {pool_size}")
         self.keys = KeyMapper(prefix)
-        self.cas_timeout = seconds(cas_timeout, "cas_timeout")
+        self.cas_timeout = seconds("memcached cas_timeout", cas_timeout, 3600)
         self.pool = ServerPool(
-            parse_servers(servers), timeout=seconds(timeout, "timeout"), pool_size=pool_size
+            parse_servers(servers),
+            timeout=seconds("memcached timeout", timeout, 3600),
+            pool_size=pool_size,
         )
-        self._tables: dict[str, tuple[TableSpec, Column | None, RowCodec]] = {}
+        self._tables: dict[str, _Rows] = {}
         self._checked: set[str] = set()
         self._counters: dict[str, MemcachedCounter] = {}
 
@@ -144,9 +199,9 @@ class MemcachedBackend(StoreBackend):
         Raises:
             ConfigError: a bad server, port, prefix, timeout or unknown option.
         """
+        env_prefix = os.environ.get("ZEAL_KEY_PREFIX") or "zeal"
         if conn is None or isinstance(conn, str):
-            prefix = os.environ.get("ZEAL_KEY_PREFIX") or "zeal"
-            return cls(conn, prefix=prefix)
+            return cls(conn, prefix=env_prefix)
         if not isinstance(conn, Mapping):
             raise ConfigError(f"memcached connection must be a str or a dict, got {conn!r}")
         unknown = set(conn) - _OPTIONS
@@ -154,13 +209,8 @@ class MemcachedBackend(StoreBackend):
             raise ConfigError(
                 f"memcached backend: unknown options {sorted(unknown)}; known: {sorted(_OPTIONS)}"
             )
-        return cls(
-            conn.get("servers"),
-            prefix=conn.get("prefix") or os.environ.get("ZEAL_KEY_PREFIX") or "zeal",
-            timeout=conn.get("timeout", 1.0),
-            cas_timeout=conn.get("cas_timeout", 5.0),
-            pool_size=conn.get("pool_size", 4),
-        )
+        given = {k: conn[k] for k in ("timeout", "cas_timeout", "pool_size") if k in conn}
+        return cls(conn.get("servers"), prefix=conn.get("prefix") or env_prefix, **given)
 
     @property
     def servers(self) -> str:
@@ -179,23 +229,21 @@ class MemcachedBackend(StoreBackend):
 
     def declare(self, spec: TableSpec) -> None:
         """Register a table (nothing is allocated: memcached needs no declaration)."""
-        self._tables[spec.name] = (spec, native_column(spec), RowCodec(spec.schema, spec.name))
+        self._tables[spec.name] = _Rows(spec)
 
-    def _layout(self, spec: TableSpec) -> tuple[Column | None, RowCodec]:
-        known = self._tables.get(spec.name)
-        if known is None or (known[0] is not spec and known[0] != spec):
-            self.declare(spec)
-            known = self._tables[spec.name]
-        return known[1], known[2]
+    def _rows(self, spec: TableSpec) -> _Rows:
+        rows = self._tables.get(spec.name)
+        if rows is None or (rows.spec is not spec and rows.spec != spec):
+            rows = self._tables[spec.name] = _Rows(spec)
+        return rows
 
     async def _ensure(self, spec: TableSpec) -> None:
         """Store the table's declaration at first use, or refuse one that differs."""
         if spec.name in self._checked:
             return
         key, mine = self.keys.schema(spec.name), spec.declaration()
-        i = self.pool.index(key)
-        if not await self.pool.run(i, "schema check", lambda c: c.add(key, mine)):
-            stored = await self.pool.run(i, "schema check", lambda c: c.get(key))
+        if not await self._run(key, "schema check", lambda c: c.add(key, mine)):
+            stored = await self._run(key, "schema check", lambda c: c.get(key))
             if stored is not None and stored != mine:
                 raise spec.conflict(stored, f"memcached {self.servers}")
         self._checked.add(spec.name)
@@ -203,7 +251,7 @@ class MemcachedBackend(StoreBackend):
     async def start(self) -> None:
         """Connect to every server in this worker; raises if one does not answer."""
         try:
-            await gather_all(self._version(i) for i in range(len(self.pool.servers)))
+            await _gather_all(self._version(i) for i in range(len(self.pool.servers)))
         except ZealError as exc:
             raise type(exc)(
                 f"memcached boot check failed: {exc} (the servers come from "
@@ -238,70 +286,85 @@ class MemcachedBackend(StoreBackend):
             }
         }
 
+    # -- one value -------------------------------------------------------------------------------
+
+    def _run(self, key: bytes, what: str, fn: Callable[[Any], Awaitable[R]]) -> Awaitable[R]:
+        """``fn(client)`` on the server that holds ``key``."""
+        return self.pool.run(self.pool.index(key), what, fn)
+
+    async def _swap(
+        self,
+        key: bytes,
+        what: str,
+        exptime: int,
+        change: Callable[[bytes | None], tuple[bytes | None, R]],
+    ) -> R:
+        """Read-modify-write of the value at ``key``: ``gets``, then ``cas`` (``add`` when it is
+        missing), retried with jittered backoff until it wins or ``cas_timeout`` passes.
+
+        ``change(stored)`` returns ``(value to write or None, result)``; it may raise a typed
+        error, and then nothing is written.
+        """
+        i = self.pool.index(key)
+        deadline = time.monotonic() + self.cas_timeout
+        attempt = 0
+        while True:
+            data, token = await self.pool.run(i, what, lambda c: c.gets(key))
+            new, result = change(data)
+            if new is None:
+                return result
+            if data is not None and token is not None:
+                stored = await self.pool.run(i, what, cas_op(key, new, token, exptime))
+            else:
+                stored = await self.pool.run(i, what, add_op(key, new, exptime))
+            if stored:
+                return result
+            attempt += 1
+            await backoff(attempt, deadline, what)
+
     # -- rows ----------------------------------------------------------------------------------
 
     def _key(self, spec: TableSpec, key: object) -> bytes:
         return self.keys.row(spec.name, spec.check_key(key))
-
-    def _decode(self, spec: TableSpec, key: object, data: bytes | None) -> Row | None:
-        if data is None:
-            return None
-        col, codec = self._layout(spec)
-        if col is not None:
-            return {col.name: decode_i64(data, f"row {key!r} of table {spec.name!r}")}
-        return codec.unpack(data, key)
 
     async def _update(
         self,
         spec: TableSpec,
         key: object,
         mk: bytes,
-        what: str,
+        op: str,
         change: Callable[[Row, bool], tuple[bool, R]],
     ) -> R:
-        """Read-modify-write of one row with ``gets`` + ``cas``/``add``, retried until it wins.
+        """Read-modify-write of one row (:meth:`_swap`).
 
         ``change(row, present)`` edits ``row`` (the stored row, or zeros) in place and returns
-        ``(write, result)``; it may raise a typed error, and then nothing is written.
+        ``(write, result)``.
         """
-        i = self.pool.index(mk)
-        deadline = time.monotonic() + self.cas_timeout
-        attempt = 0
-        exptime = expiry(spec)
-        codec = self._layout(spec)[1]
-        while True:
-            data, token = await self.pool.run(i, what, lambda c: c.gets(mk))
-            row = self._decode(spec, key, data)
+        rows = self._rows(spec)
+
+        def step(data: bytes | None) -> tuple[bytes | None, R]:
+            row = rows.unpack(data, key)
             present = row is not None
             if row is None:
                 row = spec.schema.zero_row()
             write, result = change(row, present)
-            if not write:
-                return result
-            blob = codec.pack(row)
-            if data is not None and token is not None:
-                stored = await self.pool.run(i, what, cas_op(mk, blob, token, exptime))
-            else:
-                stored = await self.pool.run(i, what, add_op(mk, blob, exptime))
-            if stored:
-                return result
-            attempt += 1
-            await backoff(attempt, deadline, f"{what} of table {spec.name!r}")
+            return (rows.pack(row) if write else None), result
+
+        return await self._swap(mk, f"{op} of table {spec.name!r}", rows.expiry(), step)
 
     async def _write(self, spec: TableSpec, key: object, mk: bytes, values: Row) -> None:
         await self._ensure(spec)
-        i = self.pool.index(mk)
-        exptime = expiry(spec)
-        col, codec = self._layout(spec)
-        if values and (col is not None or len(values) == len(spec.schema.columns)):
+        rows = self._rows(spec)
+        exptime = rows.expiry()
+        if values and (rows.native is not None or len(values) == len(spec.schema.columns)):
             # Every column given: the merge result does not depend on the stored row.
-            data = encode_i64(values[col.name]) if col is not None else codec.pack(values)
-            await self.pool.run(i, "set", lambda c: c.set(mk, data, exptime))
+            data = rows.pack(values)
+            await self._run(mk, "set", lambda c: c.set(mk, data, exptime))
             return
-        if col is not None:  # an empty row: create a zero row, or only refresh the expiry
-            created = await self.pool.run(i, "set", lambda c: c.add(mk, encode_i64(0), exptime))
+        if rows.native is not None:  # an empty row: create a zero row, or only refresh the expiry
+            created = await self._run(mk, "set", lambda c: c.add(mk, encode_i64(0), exptime))
             if not created and exptime:
-                await self.pool.run(i, "set", lambda c: c.touch(mk, exptime))
+                await self._run(mk, "set", lambda c: c.touch(mk, exptime))
             return
 
         def merge(row: Row, present: bool) -> tuple[bool, None]:
@@ -313,8 +376,7 @@ class MemcachedBackend(StoreBackend):
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Merge ``row`` into the row at ``key`` (a new row starts zeroed); ``True``."""
         mk = self._key(spec, key)
-        values = spec.schema.validate_row(row, spec.name)
-        await self._write(spec, key, mk, values)
+        await self._write(spec, key, mk, spec.schema.validate_row(row, spec.name))
         return True
 
     async def get(self, spec: TableSpec, key: Key, field: str | None = None) -> Any:
@@ -323,24 +385,20 @@ class MemcachedBackend(StoreBackend):
         if field is not None:
             spec.schema.column(field, spec.name)
         await self._ensure(spec)
-        data = await self.pool.run(self.pool.index(mk), "get", lambda c: c.get(mk))
-        row = self._decode(spec, key, data)
-        if row is None or field is None:
-            return row
-        return row[field]
+        row = self._rows(spec).unpack(await self._run(mk, "get", lambda c: c.get(mk)), key)
+        return row if row is None or field is None else row[field]
 
     async def delete(self, spec: TableSpec, key: Key) -> bool:
         """Remove the row; ``True`` if it existed."""
         mk = self._key(spec, key)
         await self._ensure(spec)
-        return await self.pool.run(self.pool.index(mk), "delete", lambda c: c.delete(mk))
+        return await self._run(mk, "delete", lambda c: c.delete(mk))
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists."""
         mk = self._key(spec, key)
         await self._ensure(spec)
-        data = await self.pool.run(self.pool.index(mk), "exists", lambda c: c.get(mk))
-        return data is not None
+        return await self._run(mk, "exists", lambda c: c.get(mk)) is not None
 
     async def incr(
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1
@@ -350,25 +408,31 @@ class MemcachedBackend(StoreBackend):
         mk = self._key(spec, key)
         col = spec.schema.column(column, spec.name)
         await self._ensure(spec)
-        if self._layout(spec)[0] is not None:
+        rows = self._rows(spec)
+        if rows.native is not None:
+            what = f"incr of table {spec.name!r}"
             try:
                 return await native_add(
                     self.pool,
                     mk,
                     int(by),
-                    what=f"incr of table {spec.name!r}",
-                    exptime=expiry(spec),
+                    what=what,
+                    exptime=rows.expiry(),
                     cas_timeout=self.cas_timeout,
                 )
             except NativeOverflow as exc:
-                lo, hi = col.int_range
-                raise IntegerOverflowError(
-                    f"incr of column {col.name!r} of table {spec.name!r} by {by} would leave "
-                    f"[{lo}, {hi}] (INT({col.size})); the value stays {exc.before}"
-                ) from None
+                raise incr_overflow(col, spec.name, by, exc.before) from None
 
         def add(row: Row, present: bool) -> tuple[bool, int | float]:
-            new = added(col, row[col.name], by, spec.name, spec.schema.allow_nan)
+            old = row[col.name]
+            if col.type is ColumnType.INT:
+                new = old + by
+                if not col.int_range[0] <= new <= col.int_range[1]:
+                    raise incr_overflow(col, spec.name, by, old)
+            else:
+                new = float(old) + float(by)
+                if not spec.schema.allow_nan and not math.isfinite(new):
+                    raise incr_nonfinite(col, spec.name, by, old)
             row[col.name] = new
             return True, new
 
@@ -384,16 +448,6 @@ class MemcachedBackend(StoreBackend):
         want = validate_value(col, expected, spec.name, allow_nan)
         value = validate_value(col, new, spec.name, allow_nan)
         await self._ensure(spec)
-        if self._layout(spec)[0] is not None:
-            return await native_cas(
-                self.pool,
-                mk,
-                want,
-                value,
-                what=f"compare_and_set of table {spec.name!r}",
-                exptime=expiry(spec),
-                cas_timeout=self.cas_timeout,
-            )
 
         def swap(row: Row, present: bool) -> tuple[bool, bool]:
             if row[col.name] != want:
@@ -417,13 +471,14 @@ class MemcachedBackend(StoreBackend):
             return dict(zip(chunk, values, strict=True))
 
         found: dict[bytes, bytes | None] = {}
-        for part in await gather_all(
+        for part in await _gather_all(
             fetch(i, group[n : n + _MGET_CHUNK])
             for i, group in by_server.items()
             for n in range(0, len(group), _MGET_CHUNK)
         ):
             found.update(part)
-        return [self._decode(spec, k, found.get(mk)) for k, mk in zip(keys, mks, strict=True)]
+        rows = self._rows(spec)
+        return [rows.unpack(found.get(mk), k) for k, mk in zip(keys, mks, strict=True)]
 
     async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
         """Merge many rows, all validated before any I/O; the number written.
@@ -439,7 +494,7 @@ class MemcachedBackend(StoreBackend):
             async with gate:
                 await self._write(spec, key, mk, values)
 
-        await gather_all(one(k, mk, v) for k, mk, v in work)
+        await _gather_all(one(k, mk, v) for k, mk, v in work)
         return len(work)
 
     # -- counters ------------------------------------------------------------------------------
@@ -450,8 +505,69 @@ class MemcachedBackend(StoreBackend):
             raise ConfigError(f"counter name must be a non-empty str, got {name!r}")
         c = self._counters.get(name)
         if c is None or c.initial != initial:
-            c = MemcachedCounter(
-                self.pool, self.keys.counter(name), name, initial, cas_timeout=self.cas_timeout
-            )
-            self._counters[name] = c
+            c = self._counters[name] = MemcachedCounter(self, name, initial)
         return c
+
+
+class MemcachedCounter(CounterBackend):
+    """Counter backend: ``{prefix}:counter:{name}`` updated with memcached's native ``incr``.
+
+    ``initial`` is written with ``add`` (never overwrites an existing value) before the first
+    operation of each process; a counter that disappears later (eviction, restart) counts as 0.
+    Arguments are checked by :class:`~zeal_asgi.Counter`.
+    """
+
+    def __init__(self, backend: MemcachedBackend, name: str, initial: int) -> None:
+        self.name = name
+        self.initial = initial
+        self.key = backend.keys.counter(name)
+        self._backend = backend
+        self._created = False
+
+    async def _ensure(self) -> None:
+        if not self._created:
+            data = encode_i64(self.initial)
+            what = f"create counter {self.name!r}"
+            await self._backend._run(self.key, what, lambda c: c.add(self.key, data))
+            self._created = True
+
+    async def increment(self, by: int = 1) -> int:
+        """Add ``by`` atomically; the new value (overflow raises, value unchanged)."""
+        await self._ensure()
+        b = self._backend
+        what = f"increment of counter {self.name!r}"
+        try:
+            return await native_add(
+                b.pool, self.key, by, what=what, exptime=0, cas_timeout=b.cas_timeout
+            )
+        except NativeOverflow as exc:
+            raise IntegerOverflowError(
+                f"counter {self.name!r}: {exc.before} + {by} leaves the signed 64-bit range; "
+                "unchanged"
+            ) from None
+
+    async def get(self) -> int:
+        """The current value (0 when missing)."""
+        await self._ensure()
+        what = f"get of counter {self.name!r}"
+        raw = await self._backend._run(self.key, what, lambda c: c.get(self.key))
+        return 0 if raw is None else decode_i64(raw, what)
+
+    async def set(self, value: int) -> None:
+        """Store ``value``."""
+        data = encode_i64(value)
+        what = f"set of counter {self.name!r}"
+        await self._backend._run(self.key, what, lambda c: c.set(self.key, data))
+        self._created = True
+
+    async def compare_and_set(self, expected: int, new: int) -> bool:
+        """Set ``new`` if the value is ``expected`` (missing counts as 0), with ``gets``/``cas``."""
+        await self._ensure()
+        what = f"compare_and_set of counter {self.name!r}"
+
+        def swap(raw: bytes | None) -> tuple[bytes | None, bool]:
+            if (0 if raw is None else decode_i64(raw, what)) != expected:
+                return None, False
+            return encode_i64(new), True
+
+        return await self._backend._swap(self.key, what, 0, swap)

@@ -70,48 +70,41 @@ class ServerAddr:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def _parse_host(host: str, item: str) -> str:
-    if host.startswith("["):
-        try:
-            return str(ipaddress.IPv6Address(host[1:-1]))
-        except ValueError:
-            raise ConfigError(f"memcached server {item!r}: bad IPv6 address") from None
-    if not host:
-        raise ConfigError(f"memcached server {item!r}: the host is empty")
-    labels = host.rstrip(".").split(".")
-    if len(host) > 253 or not all(_LABEL.match(label) for label in labels):
-        raise ConfigError(
-            f"memcached server {item!r}: {host!r} is not a valid host name or IPv4 address "
-            "(write IPv6 addresses as [addr]:port)"
-        )
-    return host
-
-
 def _parse_server(item: str) -> ServerAddr:
     text = item.strip()
     if not text:
         raise ConfigError("memcached server list has an empty entry (check the commas)")
+    bad = f"memcached server {item!r}:"
     if text.startswith("["):
-        host, bracket, rest = text.partition("]")
+        host, bracket, port_text = text[1:].partition("]")
         if not bracket:
-            raise ConfigError(f"memcached server {item!r}: unbalanced '[' in the IPv6 address")
-        host += "]"
-        if rest and not rest.startswith(":"):
-            raise ConfigError(f"memcached server {item!r}: expected [ipv6]:port")
-        port_text = rest[1:] if rest else None
+            raise ConfigError(f"{bad} unbalanced '[' in the IPv6 address")
+        if port_text and not port_text.startswith(":"):
+            raise ConfigError(f"{bad} expected [ipv6]:port")
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ConfigError(f"{bad} bad IPv6 address") from None
     elif text.count(":") > 1:
-        raise ConfigError(f"memcached server {item!r}: write IPv6 addresses as [addr]:port")
+        raise ConfigError(f"{bad} write IPv6 addresses as [addr]:port")
     else:
-        host, sep, port_text_ = text.partition(":")
-        port_text = port_text_ if sep else None
-    port = DEFAULT_PORT
-    if port_text is not None:
-        if not port_text.isascii() or not port_text.isdigit():
-            raise ConfigError(f"memcached server {item!r}: port {port_text!r} is not a number")
-        port = int(port_text)
-        if not 1 <= port <= 65535:
-            raise ConfigError(f"memcached server {item!r}: port {port} is outside 1..65535")
-    return ServerAddr(_parse_host(host, item), port)
+        host, colon, port_text = text.partition(":")
+        port_text = colon + port_text  # like the IPv6 form: "" or ":<port>"
+        if not host:
+            raise ConfigError(f"{bad} the host is empty")
+        if len(host) > 253 or not all(_LABEL.match(x) for x in host.rstrip(".").split(".")):
+            raise ConfigError(
+                f"{bad} {host!r} is not a valid host name or IPv4 address (write IPv6 addresses "
+                "as [addr]:port)"
+            )
+    if not port_text:
+        return ServerAddr(host, DEFAULT_PORT)
+    digits = port_text[1:]
+    if not digits.isascii() or not digits.isdigit():
+        raise ConfigError(f"{bad} port {digits!r} is not a number")
+    if not 1 <= int(digits) <= 65535:
+        raise ConfigError(f"{bad} port {int(digits)} is outside 1..65535")
+    return ServerAddr(host, int(digits))
 
 
 def parse_servers(spec: str | Sequence[str]) -> tuple[ServerAddr, ...]:
@@ -142,11 +135,9 @@ def parse_servers(spec: str | Sequence[str]) -> tuple[ServerAddr, ...]:
     servers = tuple(_parse_server(item) for item in items)
     if not servers:
         raise ConfigError("memcached server list is empty")
-    seen: set[ServerAddr] = set()
-    for s in servers:
-        if s in seen:
+    for i, s in enumerate(servers):
+        if s in servers[:i]:
             raise ConfigError(f"memcached server {s} is listed twice")
-        seen.add(s)
     return servers
 
 

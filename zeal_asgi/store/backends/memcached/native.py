@@ -14,9 +14,9 @@ once: between the step and its revert, another client working on the same key ca
 return) the wrapped value.  That can only happen at the edge of the 64-bit range (beyond
 9.2e18); anywhere else every operation is atomic and exact.
 
-Compare-and-set uses ``gets``/``cas`` (optimistic, retried until ``cas_timeout``).  A value that
-is not such a number (written by another program) raises ``BackendResponseError``, as the other
-network backends do; it is never read as 0.
+Compare-and-set uses ``gets``/``cas`` (optimistic, retried until ``cas_timeout``: see
+``MemcachedBackend``).  A value that is not such a number (written by another program) raises
+``BackendResponseError``, as the other network backends do; it is never read as 0.
 """
 
 from __future__ import annotations
@@ -26,33 +26,17 @@ import logging
 import random
 import time
 
-from zeal_asgi.errors import (
-    BackendError,
-    BackendResponseError,
-    ContentionError,
-    IntegerOverflowError,
-)
-from zeal_asgi.store.backends.memcached.conn import NonNumericValue, ServerPool, cas_op
-from zeal_asgi.store.base import CounterBackend, count
+from zeal_asgi.errors import BackendError, BackendResponseError, ContentionError
+from zeal_asgi.store.backends.memcached.conn import NonNumericValue, ServerPool
+from zeal_asgi.store.base import count
 
-__all__ = [
-    "BIAS",
-    "U64",
-    "MemcachedCounter",
-    "NativeOverflow",
-    "backoff",
-    "decode_i64",
-    "encode_i64",
-    "native_add",
-    "native_cas",
-    "warn_once",
-]
+__all__ = ["NativeOverflow", "backoff", "decode_i64", "encode_i64", "native_add"]
 
 logger = logging.getLogger("zeal_asgi.store.backends.memcached")
 
 BIAS = 2**63
 U64 = 2**64
-_warned: set[str] = set()
+_warned = False
 
 
 def encode_i64(value: int) -> bytes:
@@ -78,13 +62,6 @@ def decode_i64(raw: bytes, what: str) -> int:
         f"{what}: the stored value {shown!r} is not a 64-bit number written by zeal_asgi "
         "(another program, or a table whose schema changed?)"
     )
-
-
-def warn_once(tag: str, message: str) -> None:
-    """Log ``message`` as a warning the first time ``tag`` is seen in this process."""
-    if tag not in _warned:
-        _warned.add(tag)
-        logger.warning(message)
 
 
 async def backoff(attempt: int, deadline: float, what: str) -> None:
@@ -149,12 +126,14 @@ async def native_add(
 
 
 async def _revert(pool: ServerPool, i: int, key: bytes, step: int, what: str) -> None:
-    warn_once(
-        "revert",
-        "memcached: an increment overflowed the signed 64-bit range and is being reverted; "
-        "until the revert lands, other clients of that key may see the wrapped value "
-        "(only at the edge of the 64-bit range; see zeal_asgi.store.backends.memcached)",
-    )
+    global _warned
+    if not _warned:
+        _warned = True
+        logger.warning(
+            "memcached: an increment overflowed the signed 64-bit range and is being reverted; "
+            "until the revert lands, other clients of that key may see the wrapped value "
+            "(only at the edge of the 64-bit range; see zeal_asgi.store.backends.memcached)"
+        )
     count("memcached", "overflow_reverts")
     try:
         # Not retried: a timed-out incr may have been applied, and a second one would not cancel.
@@ -166,111 +145,3 @@ async def _revert(pool: ServerPool, i: int, key: bytes, step: int, what: str) ->
             key.decode(),
         )
         raise
-
-
-async def native_cas(
-    pool: ServerPool,
-    key: bytes,
-    expected: int,
-    new: int,
-    *,
-    what: str,
-    exptime: int,
-    cas_timeout: float,
-) -> bool:
-    """Set ``new`` if the value is ``expected`` (a missing value counts as 0); True if written."""
-    i = pool.index(key)
-    deadline = time.monotonic() + cas_timeout
-    attempt = 0
-    data = encode_i64(new)
-    while True:
-        raw, token = await pool.run(i, what, lambda c: c.gets(key))
-        if raw is None or token is None:
-            if expected != 0:
-                return False
-            if await pool.run(i, what, lambda c: c.add(key, data, exptime)):
-                return True
-        else:
-            if decode_i64(raw, what) != expected:
-                return False
-            if await pool.run(i, what, cas_op(key, data, token, exptime)):
-                return True
-        attempt += 1
-        await backoff(attempt, deadline, what)
-
-
-class MemcachedCounter(CounterBackend):
-    """Counter backend: ``{prefix}:counter:{name}`` updated with memcached's native ``incr``.
-
-    ``initial`` is written with ``add`` (never overwrites an existing value) before the first
-    operation of each process; a counter that disappears later (eviction, restart) counts as 0.
-    Arguments are checked by :class:`~zeal_asgi.Counter`.
-    """
-
-    def __init__(
-        self, pool: ServerPool, key: bytes, name: str, initial: int, *, cas_timeout: float
-    ) -> None:
-        self.name = name
-        self.key = key
-        self.initial = initial
-        self._pool = pool
-        self._cas_timeout = cas_timeout
-        self._created = False
-
-    async def _ensure(self) -> None:
-        if not self._created:
-            data = encode_i64(self.initial)
-            await self._pool.run(
-                self._pool.index(self.key),
-                f"create counter {self.name!r}",
-                lambda c: c.add(self.key, data),
-            )
-            self._created = True
-
-    async def increment(self, by: int = 1) -> int:
-        """Add ``by`` atomically; the new value (overflow raises, value unchanged)."""
-        await self._ensure()
-        try:
-            return await native_add(
-                self._pool,
-                self.key,
-                by,
-                what=f"increment of counter {self.name!r}",
-                exptime=0,
-                cas_timeout=self._cas_timeout,
-            )
-        except NativeOverflow as exc:
-            raise IntegerOverflowError(
-                f"counter {self.name!r}: {exc.before} + {by} leaves the signed 64-bit range; "
-                "unchanged"
-            ) from None
-
-    async def get(self) -> int:
-        """The current value (0 when missing)."""
-        await self._ensure()
-        what = f"get of counter {self.name!r}"
-        raw = await self._pool.run(self._pool.index(self.key), what, lambda c: c.get(self.key))
-        return 0 if raw is None else decode_i64(raw, what)
-
-    async def set(self, value: int) -> None:
-        """Store ``value``."""
-        data = encode_i64(value)
-        await self._pool.run(
-            self._pool.index(self.key),
-            f"set of counter {self.name!r}",
-            lambda c: c.set(self.key, data),
-        )
-        self._created = True
-
-    async def compare_and_set(self, expected: int, new: int) -> bool:
-        """Set ``new`` if the value is ``expected`` (missing counts as 0), with ``gets``/``cas``."""
-        await self._ensure()
-        return await native_cas(
-            self._pool,
-            self.key,
-            expected,
-            new,
-            what=f"compare_and_set of counter {self.name!r}",
-            exptime=0,
-            cas_timeout=self._cas_timeout,
-        )

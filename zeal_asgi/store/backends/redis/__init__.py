@@ -1,7 +1,7 @@
 """The Redis/Valkey backend: the same rows and counters as the shared table, across hosts.
 
 Select it with ``Store.default_backend("redis", "redis://host:6379/0")`` (or ``rediss://`` for
-TLS, verified; or an options dict: ``url``, ``pool_size`` (8), ``prefix`` ("zeal"),
+TLS, verified; or an options dict: ``url``, ``pool_size`` (64), ``prefix`` ("zeal"),
 ``socket_timeout``, ``connect_timeout``, ``acquire_timeout``, ``deadline``, ``retries``,
 ``health_check_interval``, ``ssl_ca_certs``/``ssl_certfile``/``ssl_keyfile``; ``cluster:
 ["host:port", ...]``; ``sentinel: ["host:port", ...]`` with ``service``; or ``client``: a ready
@@ -34,12 +34,12 @@ Errors are the ZealError hierarchy (redis-py exceptions never escape).  Run Redi
 ``maxmemory-policy noeviction`` for tracked tables: an evicted row leaves its key in the
 membership set, so count() would over-count.
 
-Every call takes one of ``pool_size`` connections (waiting at most ``acquire_timeout``, then
+Every call takes one of ``pool_size`` slots (waiting at most ``acquire_timeout``, then
 PoolTimeoutError) and ends within ``deadline`` (default ``acquire_timeout + socket_timeout``);
-each attempt waits at most ``socket_timeout`` for its reply.  On a standalone server single
-commands skip redis-py's client layers (one hiredis-packed write on the worker's own connection;
-the time limits of all calls share one timer); pipelines, Cluster and Sentinel go through
-redis-py's clients.
+each attempt waits at most ``socket_timeout`` for its reply.  Single commands skip redis-py's
+client layers: they share one pipelined connection per server (per Cluster node), those issued
+together written together (:mod:`zeal_asgi._redis.pipe`; ``auto_pipeline=False``: one command per
+connection); pipelines and scans go through redis-py's pooled client.
 Idempotent commands (reads, merges, deletes) are retried on connection errors and timeouts with
 full-jitter backoff inside that deadline; INCR/HINCRBY scripts, compare-and-set, PUBLISH, XADD and
 ``eval`` never are, since a lost reply does not mean the command did not run.  Clients are per

@@ -29,11 +29,11 @@ from zeal_asgi._redis.scripts import (
     KeyLayout,
     Script,
 )
-from zeal_asgi.errors import ConfigError, IntegerOverflowError, NonFiniteFloatError
-from zeal_asgi.shm.schema import Column, ColumnType
+from zeal_asgi.errors import ConfigError, IntegerOverflowError
+from zeal_asgi.shm.schema import ColumnType
 from zeal_asgi.store.backends.redis.counter import RedisCounter
 from zeal_asgi.store.base import Key, TableSpec
-from zeal_asgi.store.codec import RowCodec, encode_float
+from zeal_asgi.store.codec import RowCodec, encode_float, incr_nonfinite, incr_overflow
 
 __all__ = ["INCR_INT", "SET", "RedisRows"]  # the two scripts: the store benchmark runs them raw
 
@@ -204,8 +204,8 @@ class RedisRows(RedisLink):
             if col.size < 8 and not lo - hi <= by <= hi - lo:
                 # also keeps the script's doubles exact: |value| < 2^31, |step| < 2^33
                 raise IntegerOverflowError(
-                    f"incr of {_where(col, t)} by {by} would leave [{lo}, {hi}] (INT({col.size})) "
-                    "from any value; the value is unchanged"
+                    f"incr of column {col.name!r} of table {t.name!r} by {by} would leave "
+                    f"[{lo}, {hi}] (INT({col.size})) from any value; the value is unchanged"
                 )
             eight = b"1" if col.size == 8 else b"0"
             args: tuple[Any, ...] = (*t.head, raw, col.name, by, lo, hi, eight, *t.zeros)
@@ -223,15 +223,9 @@ class RedisRows(RedisLink):
             return value
         current = reply[-1]
         if status == b"overflow" or (status == b"err" and b"overflow" in bytes(reply[1])):
-            raise IntegerOverflowError(
-                f"incr of {_where(col, t)} by {by} would leave [{col.int_range[0]}, "
-                f"{col.int_range[1]}] (INT({col.size})); the value stays {current.decode()}"
-            )
+            raise incr_overflow(col, t.name, by, current.decode())
         if status == b"nonfinite":
-            raise NonFiniteFloatError(
-                f"incr of {_where(col, t)} by {by!r} overflows to a non-finite value; the value "
-                f"stays {current.decode()}"
-            )
+            raise incr_nonfinite(col, t.name, by, current.decode())
         raise t.codec.corrupt_error(col, key, bytes(current or b""), "is not a number")
 
     async def compare_and_set(
@@ -252,7 +246,3 @@ class RedisRows(RedisLink):
         keys = (row_key, t.members)
         n = await self._script(t, CAS, keys, args, "compare_and_set in", idempotent=False)
         return bool(n)
-
-
-def _where(col: Column, t: _Table) -> str:
-    return f"column {col.name!r} of table {t.name!r}"

@@ -44,14 +44,22 @@ class RedisTables(RedisRows):
             (nxt,) = nxt.values()
         return int(nxt), [k for k in keys if k != members]
 
-    async def _sscan(self, spec: TableSpec, cursor: int, count: int) -> tuple[int, list[bytes]]:
-        members = self.layout.members(spec.name)
-        nxt, found = await self._conn.run(
-            lambda c: c.sscan(members, cursor, count=count),
-            what=f"sscan {spec.name!r}",
-            idempotent=True,
-        )
-        return int(nxt), list(found)
+    async def _batch(
+        self, spec: TableSpec, cursor: int, count: int
+    ) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """One step over the rows of ``spec``: the next cursor and ``(raw key, row key)`` pairs,
+        from SSCAN of the membership set (tracked) or SCAN of the table's exact pattern (ttl)."""
+        layout = self.layout
+        if spec.mode == "tracked":
+            members = layout.members(spec.name)
+            nxt, raws = await self._conn.run(
+                lambda c: c.sscan(members, cursor, count=count),
+                what=f"sscan {spec.name!r}",
+                idempotent=True,
+            )
+            return int(nxt), [(r, layout.row(spec.name, r)) for r in raws]
+        nxt, keys = await self._scan(spec, cursor, count)
+        return nxt, [(r, k) for k in keys if (r := layout.raw_key(spec.name, k)) is not None]
 
     async def count(self, spec: TableSpec) -> int:
         """Tracked: SCARD (O(1)).  TTL: SCAN of the table's exact pattern (O(keyspace))."""
@@ -61,8 +69,8 @@ class RedisTables(RedisRows):
         await self._ensure(t)
         total, cursor = 0, 0
         while True:
-            cursor, keys = await self._scan(spec, cursor, 1000)
-            total += len(keys)
+            cursor, batch = await self._batch(spec, cursor, 1000)
+            total += len(batch)
             if cursor == 0:
                 return total
 
@@ -73,18 +81,13 @@ class RedisTables(RedisRows):
         codec = t.codec
         cursor = 0
         while True:
-            if spec.mode == "tracked":
-                cursor, raws = await self._sscan(spec, cursor, _BATCH)
-            else:
-                cursor, rows_keys = await self._scan(spec, cursor, _BATCH)
-                raws = [r for r in (self.layout.raw_key(spec.name, k) for k in rows_keys) if r]
-            if raws:
-                found = await self._hgetall_many([self.layout.row(spec.name, r) for r in raws])
-                for raw, fields in zip(raws, found, strict=True):
-                    key = codec.key_out(raw)
-                    row = codec.decode(fields, key)
-                    if row is not None:  # deleted since the scan
-                        yield key, row
+            cursor, batch = await self._batch(spec, cursor, _BATCH)
+            found = await self._hgetall_many([k for _, k in batch]) if batch else []
+            for (raw, _), fields in zip(batch, found, strict=True):
+                key = codec.key_out(raw)
+                row = codec.decode(fields, key)
+                if row is not None:  # deleted since the scan
+                    yield key, row
             if cursor == 0:
                 return
 
@@ -143,26 +146,17 @@ class RedisTables(RedisRows):
         """Remove every row with UNLINK in batches (never the whole key set in memory)."""
         t = self._table(spec)
         await self._ensure(t)
-        members = t.members
         removed, cursor = 0, 0
         while True:
-            if spec.mode == "tracked":
-                cursor, raws = await self._sscan(spec, cursor, _BATCH)
-                keys = [self.layout.row(spec.name, r) for r in raws]
-                if raws:
-                    n = await self._conn.run(
-                        _bound(CLEAR_BATCH, [*keys, members], raws),
-                        what=f"clear {spec.name!r}",
-                        idempotent=True,
-                    )
-                    removed += int(n)
-            else:
-                cursor, keys = await self._scan(spec, cursor, _BATCH)
-                if keys:
-                    n = await self._conn.run(
-                        _unlink(keys), what=f"clear {spec.name!r}", idempotent=True
-                    )
-                    removed += int(n)
+            cursor, batch = await self._batch(spec, cursor, _BATCH)
+            if batch:
+                keys = [k for _, k in batch]
+                if spec.mode == "tracked":  # each row goes with its membership
+                    op = _bound(CLEAR_BATCH, [*keys, t.members], [r for r, _ in batch])
+                else:
+                    op = _unlink(keys)
+                n = await self._conn.run(op, what=f"clear {spec.name!r}", idempotent=True)
+                removed += int(n)
             if cursor == 0:
                 return removed
 

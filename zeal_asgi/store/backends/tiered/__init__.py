@@ -27,18 +27,19 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from zeal_asgi._redis.link import RedisLink
-from zeal_asgi._redis.subscriber import Subscriber
-from zeal_asgi.errors import ConfigError, ZealError
+from zeal_asgi._redis.subscriber import RedisFeed, Subscriber
+from zeal_asgi.errors import ConfigError, MessageRejectedError, ZealError
+from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.signing import Signer
 from zeal_asgi.store.backends.redis import RedisBackend
 from zeal_asgi.store.backends.tiered.l1 import L1Cache
 from zeal_asgi.store.backends.tiered.messages import InvalidationCodec
-from zeal_asgi.store.backends.tiered.sync import L1Sync
 from zeal_asgi.store.base import (
     Capability,
     CounterBackend,
@@ -49,6 +50,7 @@ from zeal_asgi.store.base import (
     TableSpec,
     count,
     counters,
+    seconds,
 )
 
 if TYPE_CHECKING:
@@ -63,12 +65,6 @@ OPTIONS = ("l1_ttl", "l1_rows", "invalidation_secret", "invalidation_kid", "l1_n
 """Options of the tiered backend on top of the Redis backend's."""
 ENV_SECRET = "ZEAL_TIERED_INVALIDATION_SECRET"
 _warned_unsigned = False
-
-
-def _number(name: str, value: Any, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value <= hi:
-        raise ConfigError(f"tiered option {name} must be a number in ({lo}, {hi}], got {value!r}")
-    return float(value)
 
 
 class TieredBackend(StoreBackend):
@@ -87,14 +83,15 @@ class TieredBackend(StoreBackend):
         invalidation_kid: str | None = None,
         l1_namespace: str | None = None,
     ) -> None:
-        self.l1_ttl = _number("l1_ttl", l1_ttl, 0.0, 86400.0)
         if l1_rows is not None and (
             not isinstance(l1_rows, int) or isinstance(l1_rows, bool) or l1_rows < 1
         ):
             raise ConfigError(f"tiered option l1_rows must be an int >= 1, got {l1_rows!r}")
-        self._l2 = l2
-        namespace = l1_namespace or f"tiered:{l2.prefix}"
-        self._l1 = L1Cache(namespace, self.l1_ttl, l1_rows)
+        self.l1_ttl = seconds("tiered option l1_ttl", l1_ttl, 86400)
+        self.l2 = l2
+        """The Redis backend behind L1."""
+        self.l1 = L1Cache(l1_namespace or f"tiered:{l2.prefix}", self.l1_ttl, l1_rows)
+        """The shared L1 tables."""
         signer = None
         if invalidation_secret:
             signer = Signer(
@@ -112,8 +109,27 @@ class TieredBackend(StoreBackend):
                     "anyone who can publish on Redis can forge them; set %s",
                     ENV_SECRET,
                 )
+        self.codec = InvalidationCodec(signer)
+        self.channel = l2.key("__l1_invalidate")
+        """The invalidation channel, ``{prefix}:__l1_invalidate``."""
+        self.synced = False
+        """Whether this worker trusts L1 (its subscriber is subscribed and L1 was flushed since)."""
+        self.sent = 0
+        """Invalidation messages published by this worker."""
+        self.subscriber = Subscriber(
+            RedisFeed(l2.dedicated_client, interval=1.0, timeout=1.0),
+            lambda channel, pattern, raw: self._on_message(raw),
+            name="tiered invalidations",
+            family="tiered",
+            topics=[(self.channel, False)],
+            on_synced=self._on_synced,
+            on_lost=self._on_lost,
+            backoff_base=0.05,
+            backoff_cap=2.0,
+        )
+        """This worker's invalidation subscriber."""
         self._specs: dict[str, TableSpec] = {}
-        self._sync = L1Sync(l2, self._l1, InvalidationCodec(signer), self._specs)
+        self._origin: str | None = None
 
     @classmethod
     def from_config(cls, conn: str | Mapping[str, Any] | None = None) -> TieredBackend:
@@ -129,69 +145,100 @@ class TieredBackend(StoreBackend):
         return cls(l2, **opts)
 
     def __repr__(self) -> str:
-        return f"<TieredBackend l1_ttl={self.l1_ttl} l2={self._l2!r}>"
+        return f"<TieredBackend l1_ttl={self.l1_ttl} l2={self.l2!r}>"
 
     def redis_link(self) -> RedisLink:
         """L2's link: pub/sub, Streams and WebSockets work on tiered as on redis."""
-        return self._l2
-
-    @property
-    def l2(self) -> RedisBackend:
-        """The Redis backend behind L1."""
-        return self._l2
-
-    @property
-    def l1(self) -> L1Cache:
-        """The shared L1 tables."""
-        return self._l1
-
-    @property
-    def channel(self) -> str:
-        """The invalidation channel, ``{prefix}:__l1_invalidate``."""
-        return self._sync.channel
-
-    @property
-    def subscriber(self) -> Subscriber:
-        """This worker's invalidation subscriber."""
-        return self._sync.subscriber
+        return self.l2
 
     @property
     def origin(self) -> str:
         """This server's id in invalidations (its own messages are ignored: L1 is shared)."""
-        return self._sync.origin
-
-    @property
-    def synced(self) -> bool:
-        """Whether this worker trusts L1 (its subscriber is subscribed and L1 was flushed)."""
-        return self._sync.synced
-
-    @property
-    def sent(self) -> int:
-        """Invalidation messages published by this worker."""
-        return self._sync.sent
+        if self._origin is None:  # computed in the worker: the server id is known there
+            ident = f"{socket.gethostname()}:{server_identity().server_id}:{self.l1.namespace}"
+            self._origin = ident[:256]
+        return self._origin
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def declare(self, spec: TableSpec) -> Table | None:
         """Register on L2 and allocate the L1 table (call before workers start)."""
-        self._l2.declare(spec)
-        self._l1.declare(spec)
+        self.l2.declare(spec)
+        self.l1.declare(spec)
         self._specs[spec.name] = spec
         return None
 
     async def start(self) -> None:
-        """Start this worker's invalidation subscriber, then L2 (PING)."""
-        await self._sync.start()
+        """Start this worker's invalidation subscriber, then L2 (PING).
+
+        L1 is trusted once the subscriber has subscribed and flushed it.
+        """
+        await self.subscriber.start()
         try:
-            await self._l2.start()
+            await self.l2.start()
         except BaseException:
-            await self._sync.stop()
+            await self.subscriber.stop()
             raise
 
     async def aclose(self) -> None:
-        """Stop the subscriber and close L2's connections in this worker."""
-        await self._sync.stop()
-        await self._l2.aclose()
+        """Stop the subscriber (L1 is not trusted any more) and close L2's connections."""
+        await self.subscriber.stop()
+        await self.l2.aclose()
+
+    # -- invalidations ----------------------------------------------------------------------------
+    # Only while subscribed, and only after the flush that follows every (re)subscription, is L1
+    # trusted: messages published meanwhile were lost.  Messages from this server itself are
+    # ignored: its L1 is shared by all its workers and the writer already updated it.
+
+    def _on_synced(self) -> None:
+        self.l1.clear(None)  # whatever was published while we were away is lost: start over
+        count("tiered", "l1_flushes")
+        self.synced = True
+
+    def _on_lost(self) -> None:
+        self.synced = False
+        count("tiered", "subscriber_lost")
+
+    def _on_message(self, raw: bytes) -> None:
+        try:
+            inv = self.codec.decode(raw)
+        except MessageRejectedError as exc:
+            log.debug("tiered: invalidation dropped (%s): %s", exc.reason, exc)
+            return
+        if inv.origin == self.origin:
+            count("tiered", "invalidations_own")
+            return
+        if inv.table not in self._specs:
+            count("tiered", "invalidations_unknown_table")
+            return
+        try:
+            if inv.op == "clear":
+                self.l1.clear(inv.table)
+            else:
+                self.l1.invalidate(inv.table, inv.keys)
+        except ZealError:
+            self.codec.counter.reject("malformed")  # a key this table cannot even hold
+            return
+        count("tiered", "invalidations_applied")
+
+    async def _announce(self, table: str, op: str, keys: Sequence[bytes] = ()) -> None:
+        """Tell the other nodes to drop ``keys`` (or, with ``op="clear"``, all) of ``table``."""
+        for message in self.codec.encode(self.origin, table, op, keys):
+            try:
+                # Idempotent: dropping a key twice is harmless, a duplicate nonce is refused.
+                await self.l2.run(
+                    lambda c, m=message: c.publish(self.channel, m),
+                    what="publish tiered invalidation",
+                    idempotent=True,
+                )
+            except ZealError as exc:
+                # The write itself succeeded: report, don't fail it.  Peers that lost the
+                # message keep a copy for at most l1_ttl (or flush when their link drops).
+                count("tiered", "invalidation_publish_failures")
+                log.warning("tiered: invalidation of %s not published: %s", table, exc)
+                return
+            self.sent += 1
+            count("tiered", "invalidations_sent")
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -200,69 +247,67 @@ class TieredBackend(StoreBackend):
         if field is not None:
             spec.schema.column(field, spec.name)
         raw = spec.check_key(key)
-        if self._sync.synced:
-            row = self._l1.lookup(spec, key)
-            if row is not None:
-                return row if field is None else row[field]
+        if self.synced:
+            row = self.l1.lookup(spec, key)
         else:
+            row = None
             count("tiered", "l1_bypass")
-        row = await self._read_through(spec, key, raw)
-        if row is None or field is None:
-            return row
-        return row[field]
+        if row is None:
+            row = await self._read_through(spec, key, raw)
+        return row if row is None or field is None else row[field]
 
     async def _read_through(self, spec: TableSpec, key: Key, raw: bytes) -> Row | None:
-        token = self._l1.snapshot(spec.name, key)
-        synced = self._sync.synced
+        token = self.l1.snapshot(spec.name, key)
+        synced = self.synced
         fetched = time.monotonic()
-        row: Row | None = await self._l2.get(spec, key)
+        row: Row | None = await self.l2.get(spec, key)
         if row is None or not synced:
             return row
         if spec.mode == "ttl":
             # L1 must not outlive L2's expiry: ask how long the row has left, and make the L1
             # copy go stale no later than that.
-            row_key = self._l2.row_key(spec.name, raw)
-            ms = await self._l2.run(lambda c: c.pttl(row_key), what="tiered PTTL", idempotent=True)
+            row_key = self.l2.row_key(spec.name, raw)
+            ms = await self.l2.run(lambda c: c.pttl(row_key), what="tiered PTTL", idempotent=True)
             if ms is None or int(ms) == -2:
                 return row
             if int(ms) >= 0:
-                fetched -= max(0.0, self._l1.ttl_of(spec) - int(ms) / 1000)
-        if self._sync.synced:
-            self._l1.fill(spec, key, row, token, fetched)
+                fetched -= max(0.0, self.l1.ttl_of(spec) - int(ms) / 1000)
+        if self.synced:
+            self.l1.fill(spec, key, row, token, fetched)
         return row
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists: a fresh L1 copy says so, else L2 answers."""
         spec.check_key(key)
-        if self._sync.synced and self._l1.is_fresh(spec, key):
+        if self.synced and self.l1.is_fresh(spec, key):
             count("tiered", "l1_hits")
             return True
-        return await self._l2.exists(spec, key)
+        return await self.l2.exists(spec, key)
 
     async def exists_cached(self, spec: TableSpec, key: Key) -> bool:
         """``True`` only when L1 holds a fresh copy of the row (no network at all)."""
         spec.check_key(key)
-        return self._sync.synced and self._l1.is_fresh(spec, key)
+        return self.synced and self.l1.is_fresh(spec, key)
 
     async def count(self, spec: TableSpec) -> int:
         """Row count, from L2."""
-        return await self._l2.count(spec)
+        return await self.l2.count(spec)
 
     def iterate(self, spec: TableSpec) -> AsyncIterator[tuple[Any, Row]]:
         """Every row, from L2."""
-        return self._l2.iterate(spec)
+        return self.l2.iterate(spec)
 
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys`` from L2 in one round trip; whole rows then fill L1."""
         for k in keys:
             spec.check_key(k)  # typed errors before L1 sees a key
-        tokens = [self._l1.snapshot(spec.name, k) for k in keys]
-        synced = self._sync.synced
-        rows = await self._l2.mget(spec, keys)
-        if synced and self._sync.synced and spec.mode != "ttl":
+        tokens = [self.l1.snapshot(spec.name, k) for k in keys]
+        synced = self.synced
+        rows = await self.l2.mget(spec, keys)
+        if synced and self.synced and spec.mode != "ttl":
             for k, r, tok in zip(keys, rows, tokens, strict=True):
                 if r is not None:
-                    self._l1.fill(spec, k, r, tok)
+                    self.l1.fill(spec, k, r, tok)
         return rows
 
     # -- writes ---------------------------------------------------------------------------------
@@ -284,35 +329,35 @@ class TieredBackend(StoreBackend):
         try:
             result = await op()
         except ZealError as exc:
-            self._l1.invalidate(spec.name, keys)
+            self.l1.invalidate(spec.name, keys)
             if isinstance(exc, TimeoutError):  # the write may have happened after all
-                await self._sync.announce(spec.name, "keys", raws)
+                await self._announce(spec.name, "keys", raws)
             raise
         if conditional and not result:
             return result
         for i, k in enumerate(keys):
             row = rows[i] if rows is not None else None
             # A partial row merges into whatever L2 holds, which L1 may not know: drop instead.
-            if row is not None and self._sync.synced and len(row) == len(spec.schema.columns):
-                self._l1.put(spec, k, spec.schema.validate_row(row, spec.name), t0)
+            if row is not None and self.synced and len(row) == len(spec.schema.columns):
+                self.l1.put(spec, k, spec.schema.validate_row(row, spec.name), t0)
             else:
-                self._l1.invalidate(spec.name, [k])
-        await self._sync.announce(spec.name, "keys", raws)
+                self.l1.invalidate(spec.name, [k])
+        await self._announce(spec.name, "keys", raws)
         return result
 
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Write to L2, then put the row in L1 (whole rows) or drop it, then tell the others."""
-        return await self._write(spec, [key], lambda: self._l2.set(spec, key, row), [row])
+        return await self._write(spec, [key], lambda: self.l2.set(spec, key, row), [row])
 
     async def delete(self, spec: TableSpec, key: Key) -> bool:
         """Delete in L2 and L1; the others drop their copy."""
-        return await self._write(spec, [key], lambda: self._l2.delete(spec, key))
+        return await self._write(spec, [key], lambda: self.l2.delete(spec, key))
 
     async def incr(
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1
     ) -> int | float:
         """Atomic add in L2 (the truth); L1 copies are dropped everywhere."""
-        return await self._write(spec, [key], lambda: self._l2.incr(spec, key, column, by))
+        return await self._write(spec, [key], lambda: self.l2.incr(spec, key, column, by))
 
     async def compare_and_set(
         self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
@@ -321,52 +366,61 @@ class TieredBackend(StoreBackend):
         return await self._write(
             spec,
             [key],
-            lambda: self._l2.compare_and_set(spec, key, column, expected, new),
+            lambda: self.l2.compare_and_set(spec, key, column, expected, new),
             conditional=True,
         )
 
     async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
         """Write many rows to L2 (one round trip), update or drop them in L1, invalidate."""
         return await self._write(
-            spec, list(rows), lambda: self._l2.mset(spec, rows), list(rows.values())
+            spec, list(rows), lambda: self.l2.mset(spec, rows), list(rows.values())
         )
 
     async def clear(self, spec: TableSpec) -> int:
         """Remove every row from L2 and L1; every node drops its L1 copy of the table."""
         try:
-            n = await self._l2.clear(spec)
+            n = await self.l2.clear(spec)
         finally:
-            self._l1.clear(spec.name)
-        await self._sync.announce(spec.name, "clear")
+            self.l1.clear(spec.name)
+        await self._announce(spec.name, "clear")
         return n
 
     # -- the rest is Redis's ---------------------------------------------------------------------
 
     async def ping(self) -> bool:
         """L2's PING."""
-        return await self._l2.ping()
+        return await self.l2.ping()
 
     async def publish(self, channel: str, payload: bytes) -> int:
         """Redis PUBLISH (``Store.publish``)."""
-        return await self._l2.publish(channel, payload)
+        return await self.l2.publish(channel, payload)
 
     async def publish_reliable(self, stream: str, payload: bytes, max_len: int | None) -> str:
         """Redis XADD (``Store.publish_reliable``)."""
-        return await self._l2.publish_reliable(stream, payload, max_len)
+        return await self.l2.publish_reliable(stream, payload, max_len)
 
     async def eval(self, script: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Lua on L2 (``Store.eval``); it bypasses L1, so don't write rows from scripts."""
-        return await self._l2.eval(script, keys, args)
+        return await self.l2.eval(script, keys, args)
 
     def counter(self, name: str, initial: int) -> CounterBackend:
         """A Redis counter (shared by every node)."""
-        return self._l2.counter(name, initial)
+        return self.l2.counter(name, initial)
 
     def stats(self) -> dict[str, Any]:
         """L2's stats, plus ``tiered`` (subscriber, invalidations, L1 counters) and ``l1``."""
-        tiered = {**counters("tiered"), "l1_ttl": self.l1_ttl, **self._sync.stats()}
-        return {**self._l2.stats(), "tiered": tiered, "l1": self._l1.stats()}
+        tiered = {
+            **counters("tiered"),
+            "l1_ttl": self.l1_ttl,
+            "origin": self.origin,
+            "channel": self.channel,
+            "synced": self.synced,
+            "signed": self.codec.signer is not None,
+            "subscriber": self.subscriber.stats(),
+            "invalidation": self.codec.stats(),
+        }
+        return {**self.l2.stats(), "tiered": tiered, "l1": self.l1.stats()}
 
     def close_shared(self) -> None:
         """Unlink the L1 tables (tests and explicit teardown; workers keep their mappings)."""
-        self._l1.close_all()
+        self.l1.close_all()

@@ -178,18 +178,15 @@ class L1Cache:
     ) -> bool:
         t = self._tables[spec.name]
         full = {**row, FETCHED: time.monotonic() if fetched is None else fetched}
-        try:
-            t.set(key, full)
-        except TableFullError:
-            if not self._evict(spec.name, t):
-                count("tiered", "l1_full_skips")
-                return False
+        for swept in (False, True):
             try:
                 t.set(key, full)
+                return True
             except TableFullError:
-                count("tiered", "l1_full_skips")
-                return False
-        return True
+                if swept or not self._evict(spec.name, t):
+                    break
+        count("tiered", "l1_full_skips")
+        return False
 
     # -- eviction --------------------------------------------------------------------------------
 

@@ -88,18 +88,19 @@ class InvalidationCodec:
     def decode(self, raw: bytes | str) -> Invalidation:
         """The invalidation in ``raw``; a bad one raises MessageRejectedError (and is counted)."""
         if self.signer is not None:
-            fields = self.signer.verify(raw, _check_body)
-            return _as_invalidation(fields)
-        try:
-            doc = parse_envelope(raw, self.max_bytes)
-            if type(doc.get("v")) is not int or doc["v"] != 1:
-                raise MessageRejectedError("malformed", "unsigned invalidation without v=1")
-            _check_body(doc)
-        except MessageRejectedError as exc:
-            self.counter.reject(exc.reason)
-            raise
-        self.counter.accept()
-        return _as_invalidation(doc)
+            doc = self.signer.verify(raw, _check_body)
+        else:
+            try:
+                doc = parse_envelope(raw, self.max_bytes)
+                if type(doc.get("v")) is not int or doc["v"] != 1:
+                    raise MessageRejectedError("malformed", "unsigned invalidation without v=1")
+                _check_body(doc)
+            except MessageRejectedError as exc:
+                self.counter.reject(exc.reason)
+                raise
+            self.counter.accept()
+        keys = tuple(bytes.fromhex(k) for k in doc["keys"])
+        return Invalidation(doc["origin"], doc["ns"], doc["op"], keys)
 
     def stats(self) -> dict[str, Any]:
         """Accepted and rejected counts (per reason), for this worker and the host."""
@@ -124,12 +125,3 @@ def _check_body(doc: Mapping[str, Any]) -> None:
             raise MessageRejectedError("malformed", "keys are lowercase hex strings")
         if len(k) > 2 * MAX_KEY_SIZE:
             raise MessageRejectedError("oversize", f"a key longer than {MAX_KEY_SIZE} bytes")
-
-
-def _as_invalidation(doc: Mapping[str, Any]) -> Invalidation:
-    return Invalidation(
-        origin=doc["origin"],
-        table=doc["ns"],
-        op=doc["op"],
-        keys=tuple(bytes.fromhex(k) for k in doc["keys"]),
-    )

@@ -1,0 +1,1 @@
+"""Release engineering: the built distributions, the installed wheel, the lock files."""

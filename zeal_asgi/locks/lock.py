@@ -1,0 +1,294 @@
+"""Waiting for a lease, renewing it while the holder runs, and giving it back.
+
+A scope (:mod:`zeal_asgi.locks.host`, :mod:`zeal_asgi.locks.cluster`) takes, renews and releases
+a lease in one attempt each; :class:`Locker` makes locks of them.  Coroutines of one process
+that want one lock queue in order, and only the first of them polls the scope.  A held lease is
+renewed at a third of its ttl by one timer per event loop; when a renewal finds the lease gone,
+or none succeeds before the lease would have expired, the lease is lost and the holder's task
+is cancelled (:class:`LockContext` then raises LockLostError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+from typing import TYPE_CHECKING, Any, Protocol
+
+from zeal_asgi.errors import BackendError, LockLostError, LockTimeoutError
+from zeal_asgi.store.base import count
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import TracebackType
+
+__all__ = ["LockContext", "LockLease", "Locker", "Scope"]
+
+log = logging.getLogger("zeal_asgi.locks")
+_INF = float("inf")
+_FREE: Any = object()
+_Waiters = collections.deque[asyncio.Future[None]]
+_Key = tuple[Any, "Scope", str]  # (event loop, scope, name)
+
+
+class Scope(Protocol):
+    """Where leases live: one attempt per call, never waiting."""
+
+    name: str
+    poll: float
+    """Longest sleep between two attempts of a waiter."""
+
+    async def acquire(self, name: str, ttl_ms: int) -> tuple[int, Any] | None:
+        """``(fencing token, handle)`` when ``name`` was free, else ``None``."""
+        ...
+
+    async def renew(self, name: str, handle: Any, ttl_ms: int) -> Any:
+        """The (possibly new) handle while the lease is ours, else ``None``."""
+        ...
+
+    async def release(self, name: str, handle: Any, ttl_ms: int) -> None:
+        """Give the lease up if ``handle`` still holds it."""
+        ...
+
+    async def claim(self, name: str, mark: int) -> bool:
+        """Raise the mark kept with ``name`` to ``mark`` if it is below; ``True`` if it rose."""
+        ...
+
+
+class LockLease:
+    """A held lock.  ``token`` is its fencing token: strictly greater than the token of every
+    earlier holder of ``name`` in its scope, so a resource that remembers the highest token it
+    has seen can refuse a holder that lost the lock without knowing it."""
+
+    def __init__(
+        self,
+        key: _Key,
+        ttl: float,
+        ms: int,
+        grant: tuple[int, Any],
+        task: asyncio.Task[Any] | None,
+    ) -> None:
+        loop, scope, self.name = key
+        self.scope: str = scope.name
+        self.token, self._handle = grant
+        self.ttl = ttl
+        self.lost = False
+        """True once the lease could not be renewed: another holder may have the lock."""
+        self._key, self._scope, self._ms = key, scope, ms
+        self._task: asyncio.Task[Any] | None = task  # cancelled when the lease is lost
+        self._cancelling = task.cancelling() if task is not None else 0
+        now = loop.time()
+        self._valid_until = now + ttl
+        self._renew_at = now + ttl / 3
+        self._renewal: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        state = "lost" if self.lost else "held"
+        return f"<LockLease {self.name!r} scope={self.scope} token={self.token} {state}>"
+
+
+class _Renewer:
+    """One timer per event loop that renews every lease held in that loop when it is due."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.held: dict[int, LockLease] = {}
+        self.wake_at = _INF
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, lease: LockLease) -> None:
+        self.held[id(lease)] = lease
+        if lease._renew_at < self.wake_at:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.wake_at = lease._renew_at
+            self.timer = self.loop.call_at(self.wake_at, self._tick)
+
+    def discard(self, lease: LockLease) -> None:
+        self.held.pop(id(lease), None)
+        if lease._renewal is not None:
+            lease._renewal.cancel()
+
+    def _tick(self) -> None:
+        self.timer, self.wake_at = None, _INF
+        now = self.loop.time()
+        for lease in list(self.held.values()):
+            if lease._renewal is None and lease._renew_at <= now:
+                lease._renewal = self.loop.create_task(self._renew(lease))
+            elif lease._renewal is None:
+                self.held.pop(id(lease))
+                self.add(lease)  # the next one due sets the timer
+
+    async def _renew(self, lease: LockLease) -> None:
+        scope, ms = lease._scope, lease._ms
+        while True:
+            sent = self.loop.time()
+            try:
+                # No answer before the lease would expire: it is as good as lost.  (A "still
+                # yours", however late, proves nobody took it meanwhile.)
+                async with asyncio.timeout(max(lease._valid_until - sent, 0.001)):
+                    handle = await scope.renew(lease.name, lease._handle, ms)
+            except (BackendError, TimeoutError) as exc:
+                if self.loop.time() < lease._valid_until - 0.001:
+                    await asyncio.sleep(min(lease.ttl / 10, lease._valid_until - sent) / 2)
+                    continue  # the lease may still be ours: try again while it lasts
+                return self._lose(lease, f"no renewal before it expired ({exc!r})")
+            if handle is None:
+                return self._lose(lease, "renewal found another holder or none")
+            lease._handle = handle
+            lease._valid_until, lease._renew_at = sent + lease.ttl, sent + lease.ttl / 3
+            lease._renewal = None
+            if id(lease) in self.held:
+                self.add(lease)
+            return
+
+    def _lose(self, lease: LockLease, why: str) -> None:
+        lease.lost = True
+        self.held.pop(id(lease), None)
+        count("locks", "lost")
+        log.warning("zeal.lock(%r, scope=%r) lost: %s", lease.name, lease.scope, why)
+        if lease._task is not None and not lease._task.done():
+            lease._task.cancel(f"zeal.lock({lease.name!r}) lost its lease")
+
+
+class Locker:
+    """Locks over scopes: queues of waiting coroutines, polling, renewal timers."""
+
+    def __init__(self) -> None:
+        # (loop, scope, name) -> waiters behind the coroutine that holds or polls for the lock
+        self._queues: dict[_Key, _Waiters | None] = {}
+        self._renewers: dict[Any, _Renewer] = {}
+
+    async def acquire(
+        self, scope: Scope, name: str, ttl: float, wait: float | None, *, cancel: bool = True
+    ) -> LockLease | None:
+        """Wait up to ``wait`` s (``None``: no limit) for ``name``; ``None`` when it timed out.
+        ``cancel``: a lost lease cancels the current task."""
+        task = asyncio.current_task()
+        loop = task.get_loop() if task is not None else asyncio.get_running_loop()
+        deadline = None if wait is None else loop.time() + wait
+        key = (loop, scope, name)
+        waiters = self._queues.get(key, _FREE)
+        if waiters is _FREE:
+            self._queues[key] = None  # ours: nobody of this process wants it
+        else:
+            if waiters is None:
+                waiters = self._queues[key] = collections.deque()
+            if not await self._wait_turn(key, waiters, deadline):
+                return None
+        ms = max(1, round(ttl * 1000))
+        try:
+            grant = await scope.acquire(name, ms)
+            delay = scope.poll / 16
+            while grant is None:
+                left = _INF if deadline is None else deadline - loop.time()
+                if left <= 0:
+                    self._next(key)
+                    return None
+                await asyncio.sleep(min(delay * (0.5 + random.random() / 2), left))
+                delay = min(delay * 2, scope.poll)
+                grant = await scope.acquire(name, ms)
+        except BaseException:
+            self._next(key)
+            raise
+        lease = LockLease(key, ttl, ms, grant, task if cancel else None)
+        renewer = self._renewers.get(loop)
+        if renewer is None:
+            renewer = self._renewers[loop] = _Renewer(loop)
+        renewer.add(lease)
+        return lease
+
+    async def _wait_turn(self, key: _Key, waiters: _Waiters, deadline: float | None) -> bool:
+        fut = key[0].create_future()
+        waiters.append(fut)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await fut
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled():
+                self._next(key)  # the turn came with the cancellation: pass it on
+            elif fut in waiters:
+                waiters.remove(fut)
+            if isinstance(exc, TimeoutError):
+                return False
+            raise
+        return True
+
+    def _next(self, key: _Key) -> None:
+        """Hand the turn to the next waiting coroutine of this process, if any."""
+        waiters = self._queues.get(key)
+        while waiters:
+            fut = waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._queues.pop(key, None)
+
+    async def release(self, lease: LockLease) -> None:
+        """Stop renewing ``lease`` and give it back (if not lost); the next waiter goes on."""
+        renewer = self._renewers.get(lease._key[0])
+        if renewer is not None:
+            renewer.discard(lease)
+        try:
+            if not lease.lost:
+                await lease._scope.release(lease.name, lease._handle, lease._ms)
+        finally:
+            self._next(lease._key)
+
+    def forget(self, loop: Any) -> None:
+        """Drop the state of an event loop that is closing."""
+        if (renewer := self._renewers.pop(loop, None)) and renewer.timer:
+            renewer.timer.cancel()
+        self._queues = {k: v for k, v in self._queues.items() if k[0] is not loop}
+
+
+class LockContext:
+    """``async with zeal.lock(...) as lease``: the :class:`LockLease` inside the block."""
+
+    __slots__ = ("_lease", "_locker", "_name", "_resolve", "_scope", "_timeout", "_ttl")
+
+    def __init__(
+        self,
+        locker: Locker,
+        resolve: Callable[[str], Scope],
+        scope: str,
+        name: str,
+        ttl: float,
+        timeout: float | None,
+    ) -> None:
+        self._locker, self._resolve, self._scope, self._name = locker, resolve, scope, name
+        self._ttl, self._timeout = ttl, timeout
+        self._lease: LockLease | None = None
+
+    async def __aenter__(self) -> LockLease:
+        scope = self._resolve(self._scope)  # the store's backend is known by now
+        lease = await self._locker.acquire(scope, self._name, self._ttl, self._timeout)
+        if lease is None:
+            raise LockTimeoutError(
+                f"zeal.lock({self._name!r}, scope={scope.name!r}) not obtained within "
+                f"{self._timeout:g} s"
+            )
+        self._lease = lease
+        return lease
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lease, self._lease = self._lease, None
+        if lease is None:
+            return
+        await self._locker.release(lease)
+        if not lease.lost:
+            return
+        task = lease._task  # cancelled by the loss (it held the lease, so it was not done)
+        if task is not None and task.uncancel() > lease._cancelling:
+            return  # cancelled from outside as well: that cancellation goes on
+        if exc_type is None or issubclass(exc_type, asyncio.CancelledError):
+            raise LockLostError(
+                f"zeal.lock({lease.name!r}, scope={lease.scope!r}) lost its lease while the "
+                "block ran (not renewed in time): the block was cancelled"
+            ) from exc

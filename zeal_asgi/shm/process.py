@@ -1,0 +1,41 @@
+"""Is this process still there?  The one answer every part of the package uses.
+
+A process is known by its pid and its start time (field 22 of ``/proc/<pid>/stat``, in clock
+ticks since boot), so a pid the kernel gave to a new process is not mistaken for the one that
+held it.  A zombie counts as dead: it runs no code, holds no lock and will never renew a lease.
+"""
+
+from __future__ import annotations
+
+__all__ = ["cmdline", "process_alive", "process_start_time"]
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    # the command name (field 2) may contain spaces and parentheses: split after the last ')'
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot; ``None`` when there is no such process."""
+    fields = _stat_fields(pid) if pid > 0 else None
+    return int(fields[19]) if fields else None
+
+
+def process_alive(pid: int, start: int | None = None) -> bool:
+    """True when ``pid`` runs, is not a zombie and (if given) started at ``start``."""
+    fields = _stat_fields(pid) if pid > 0 else None
+    return fields is not None and fields[0] != "Z" and start in (None, int(fields[19]))
+
+
+def cmdline(pid: int) -> bytes:
+    """The NUL-separated command line of ``pid`` (empty when unreadable)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
