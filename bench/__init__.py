@@ -20,6 +20,7 @@ SUITES: dict[str, str] = {
     "ratelimit": "bench.ratelimit",
     "response_cache": "bench.response_cache",
     "locks": "bench.locks",
+    "metrics": "bench.metrics",
 }
 """Suite name -> module, in the order ``python -m bench`` runs them."""
 

@@ -1062,3 +1062,144 @@ def incr_bounded(Table table, key, column, by, bound, floor=None, reset=None):
     if table.cols[ci].type == ZT_INT:
         return (PyLong_FromLongLong(iout), applied != 0)
     return (PyFloat_FromDouble(fout), applied != 0)
+
+
+# -- cells ------------------------------------------------------------------------------------
+
+cdef extern from "zt_core.h" nogil:
+    int zt_row_ref(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, char **row)
+    double zt_cell_get(const uint64_t *p)
+    void zt_cell_set(uint64_t *p, double v)
+    int zt_cell_add(uint64_t *p, double by)
+    int zt_cell_observe(uint64_t **cells, const double *bounds, int n, double v)
+
+cdef extern from "Python.h":
+    bint PyFloat_CheckExact(object o)
+    double PyFloat_AsDouble(object o) except? -1.0
+
+
+cdef class Cells:
+    """The FLOAT columns of a few rows of a Table, located once, then updated in place with
+    lock-free atomics (no lock, no lookup): the cells, in key order and column order.
+
+    ``Cells(table, keys)`` creates the missing rows (zeroed).  Every column of ``table`` must be
+    FLOAT, and its rows must never expire (no ttl).  Rows used through cells must never be written through the table's own methods nor
+    deleted while another process may hold cells on them (see ``zt_core.h``).  ``monotonic``
+    cells refuse a negative step; ``bounds`` (ascending, the last +inf) makes the first
+    ``len(bounds)`` cells a histogram's buckets and the next one its sum (:meth:`observe`).
+    A step or a sum that is not finite is refused with the cell unchanged.
+    """
+
+    cdef Table table
+    cdef uint64_t **p
+    cdef double *bounds
+    cdef int n
+    cdef int nb
+    cdef readonly bint monotonic
+
+    def __cinit__(self, Table table, keys, bounds=None, bint monotonic=False):
+        cdef const char *k
+        cdef Py_ssize_t kn
+        cdef char *row
+        cdef int i, j, rc
+        keys = list(keys)
+        if table.t.g.exp_off != 0:
+            # a cell write renews no expiry, and an expired row is freed and reused for another key
+            raise ColumnTypeError(
+                f"cells need rows that never expire; table {table.name!r} has a ttl")
+        for i in range(table.ncols):
+            if table.cols[i].type != ZT_FLOAT:
+                raise ColumnTypeError(f"cells need FLOAT columns; table {table.name!r} has others")
+        self.table = table
+        self.monotonic = monotonic
+        self.n = len(keys) * table.ncols
+        self.p = <uint64_t **>malloc(max(self.n, 1) * sizeof(uint64_t *))
+        if self.p == NULL:
+            raise MemoryError()
+        for j, key in enumerate(keys):
+            table._key(key, &k, &kn)
+            rc = zt_row_ref(&table.t, k, <uint16_t>kn, table.cols, &row)
+            if rc != 0:
+                _raise_rc(rc, f"cells of {key!r} in table {table.name!r}")
+            for i in range(table.ncols):
+                self.p[j * table.ncols + i] = <uint64_t *>(row + table.cols[i].offset)
+        if bounds is None:
+            return
+        bounds = [float(b) for b in bounds]
+        # (wraparound is off in this module: no negative indexes)
+        if not bounds or bounds[len(bounds) - 1] != float("inf") or len(bounds) >= self.n or any(
+                not a < b for a, b in zip(bounds, bounds[1:])):
+            raise _errors.MetricError(
+                f"bounds must ascend to +inf and leave a sum cell; got {bounds}")
+        self.nb = len(bounds)
+        self.bounds = <double *>malloc(self.nb * sizeof(double))
+        if self.bounds == NULL:
+            raise MemoryError()
+        for i in range(self.nb):
+            self.bounds[i] = bounds[i]
+
+    def __dealloc__(self):
+        free(self.p)
+        free(self.bounds)
+
+    cdef inline int _open(self) except -1:
+        if self.table._map.base == NULL:
+            raise ShmError(f"table {self.table.name!r} of these cells is closed in this process")
+        return 0
+
+    cdef inline double _num(self, object x) except? -1.0:
+        self._open()
+        if PyFloat_CheckExact(x):
+            return PyFloat_AS_DOUBLE(x)
+        try:
+            return PyFloat_AsDouble(x)  # a number (int, float, or anything with __float__), no str
+        except TypeError:
+            raise ColumnTypeError(f"a cell holds a number; got {type(x).__name__}") from None
+        except OverflowError:
+            raise NonFiniteFloatError(f"{x!r} is beyond a double's range") from None
+
+    def inc(self, by=1):
+        """Add ``by`` to the first cell (atomically, across processes)."""
+        cdef double d = self._num(by)
+        if self.monotonic and d < 0:
+            raise _errors.MetricError(f"these cells only go up; got a step of {by!r}")
+        if zt_cell_add(self.p[0], d) != 0:
+            raise NonFiniteFloatError(f"a step of {by!r} would leave the cell non-finite; unchanged")
+
+    def set(self, value):
+        """Store ``value`` (finite) in the first cell; refused on monotonic cells."""
+        cdef double d = self._num(value)
+        if self.monotonic:
+            raise _errors.MetricError("monotonic cells only go up: set() is refused")
+        if not isfinite(d):
+            raise NonFiniteFloatError(f"a cell holds a finite number; got {value!r}")
+        zt_cell_set(self.p[0], d)
+
+    def observe(self, value):
+        """Count ``value`` in its bucket and add it to the sum (needs ``bounds``)."""
+        cdef double d = self._num(value)
+        if self.nb == 0:
+            raise _errors.MetricError("observe() needs cells made with bounds")
+        if zt_cell_observe(self.p, self.bounds, self.nb, d) != 0:
+            raise NonFiniteFloatError(f"{value!r} would leave the sum non-finite; not counted")
+
+    def get(self, int i=0):
+        """The value of cell ``i``."""
+        self._open()
+        if not 0 <= i < self.n:
+            raise IndexError(f"cell {i} of {self.n}")
+        return zt_cell_get(self.p[i])
+
+    def values(self):
+        """Every cell's value, in order."""
+        self._open()
+        return [zt_cell_get(self.p[i]) for i in range(self.n)]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, int i):
+        return self.get(i)
+
+    def __reduce__(self):
+        raise TypeError("cells are bound to a mapping of this process and cannot be pickled")

@@ -1349,4 +1349,68 @@ static int zt_incr_bounded(zt_table *t, const char *key, uint16_t klen, const zt
     return rc;
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* Cells: FLOAT columns of rows located once, then updated in place with lock-free atomics.   */
+/*
+ * A cell is the 8-byte FLOAT column of a live row, addressed directly: an update is one atomic
+ * instruction on the double's bits (a CAS loop for add), so it takes no lock, cannot tear, and a
+ * process killed at any point leaves every cell whole.  Two rules keep that sound, and the caller
+ * owns them: rows written through cells are never written through the locked path as well (its
+ * read-modify-write would race with the CAS), and are never deleted while another process may
+ * hold their cells (a freed row is reused for another key), so their table has no ttl.  Readers
+ * copy rows word by word with atomic loads (zt_copy_row), so every cell they see holds a value
+ * some writer stored.
+ */
+
+/* The row of `key` (created zeroed when missing) in *row; ZT_EFULL, ZT_ETIMEDOUT, ZT_ELOCK. */
+static int zt_row_ref(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, char **row) {
+    uint64_t h = zt_hash(t->hkey, key, klen);
+    PyThreadState *ts = NULL;
+    zt_lockslot *stripe;
+    int created;
+    int64_t r = zt_locate(t, key, klen, h, 1, cols, NULL, 0, &stripe, &ts, &created);
+    if (r >= 0) {
+        *row = zt_row(t, (uint32_t)r);
+        zt_release(stripe);
+    }
+    zt_regain_gil(&ts);
+    return r < 0 ? (int)r : ZT_OK;
+}
+
+static inline double zt_cell_get(const uint64_t *p) {
+    uint64_t b = __atomic_load_n(p, __ATOMIC_RELAXED);
+    double v;
+    memcpy(&v, &b, 8);
+    return v;
+}
+
+static inline void zt_cell_set(uint64_t *p, double v) {
+    uint64_t b;
+    memcpy(&b, &v, 8);
+    __atomic_store_n(p, b, __ATOMIC_RELAXED);
+}
+
+/* *p += by; ZT_ENONFINITE, with the cell unchanged, when the sum is not finite (NaN or inf). */
+static inline int zt_cell_add(uint64_t *p, double by) {
+    uint64_t old = __atomic_load_n(p, __ATOMIC_RELAXED), nw;
+    double cur, sum;
+    do {
+        memcpy(&cur, &old, 8);
+        sum = cur + by;
+        if (!isfinite(sum)) return ZT_ENONFINITE;
+        memcpy(&nw, &sum, 8);
+    } while (!__atomic_compare_exchange_n(p, &old, nw, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    return ZT_OK;
+}
+
+/* A histogram's observation: cells[i] += 1 for the first bound >= v (bounds ascend, the last is
+ * +inf), and cells[n] += v.  The sum goes first: a refused (non-finite) sum counts nothing. */
+static inline int zt_cell_observe(uint64_t *const *cells, const double *bounds, int n, double v) {
+    int rc = zt_cell_add(cells[n], v);
+    if (rc) return rc;
+    int i = 0;
+    while (i < n - 1 && v > bounds[i]) i++;
+    return zt_cell_add(cells[i], 1.0);
+}
+
 #endif /* ZT_CORE_H */

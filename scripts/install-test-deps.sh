@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the system programs the test suite starts or drives (Debian 12, as root):
-# redis-server, redis-sentinel, redis-cli, memcached, chromium + chromedriver, wrk, openssl.
+# redis-server, redis-sentinel, redis-cli, memcached, chromium + chromedriver, wrk, openssl,
+# promtool (checks the metrics exposition).
 #
 # Idempotent: installs only what is missing and runs `apt-get update` only then. The tests start
 # their own servers on free loopback ports, so a redis/memcached daemon that the install itself
@@ -30,6 +31,7 @@ REQUIRED=(
   chromedriver:chromium-driver
   wrk:wrk
   openssl:openssl
+  promtool:prometheus
 )
 
 # package:service:default port of the daemons a Debian install may start
@@ -37,6 +39,7 @@ DAEMONS=(
   redis-server:redis-server:6379
   redis-sentinel:redis-sentinel:26379
   memcached:memcached:11211
+  prometheus:prometheus:9090
 )
 
 # /usr/sbin is not on every PATH, and some of these live there on other layouts.

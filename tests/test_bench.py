@@ -15,7 +15,7 @@ from bench import load_suite
 from bench._harness import Config
 from tests._harness.servers import require_binary
 
-SUITES = ["table", "store", "cache", "pubsub", "ratelimit", "locks"]
+SUITES = ["table", "store", "cache", "pubsub", "ratelimit", "locks", "metrics"]
 
 
 @pytest.mark.redis

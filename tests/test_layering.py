@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "settings": 1,
     "shm": 2,
     "signing": 3,
+    "metrics": 3,
     "_redis": 4,
     "store": 5,
     "cache": 6,

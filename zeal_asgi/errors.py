@@ -32,6 +32,7 @@ __all__ = [
     "LockLostError",
     "LockTimeoutError",
     "MessageRejectedError",
+    "MetricError",
     "MissingExtraError",
     "ModelValidationError",
     "NonFiniteFloatError",
@@ -124,6 +125,11 @@ class IntegerOverflowError(ZealError, OverflowError):
 
 class NonFiniteFloatError(ZealError, ValueError):
     """NaN or an infinity written to a FLOAT column that does not allow them."""
+
+
+class MetricError(ZealError, ValueError):
+    """A metric against Prometheus' rules: a bad name, label or bucket, a wrong label count, a
+    counter stepped down."""
 
 
 class InvalidTTLError(ZealError, ValueError):

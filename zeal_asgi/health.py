@@ -10,8 +10,9 @@
 - ``GET /health/store``: the ready answer plus tables, shared memory, pool and counters;
   ``GET /health/store/metrics`` the same figures in the Prometheus text format.
 
-One naming rule for every counter, in the JSON and in Prometheus alike (:func:`metric_name`):
-``zeal_<area>_<what>_total``.  Table figures come from shared memory and are host-wide already;
+One naming rule for every counter, in the JSON and in Prometheus alike (:func:`metric_name`, from
+:mod:`zeal_asgi.metrics`, which also renders the text): ``zeal_<area>_<what>_total``.  Table
+figures come from shared memory and are host-wide already;
 event counters are kept per worker in :mod:`zeal_asgi.shm.hoststats` and summed over every
 worker of the host, so any worker answers for the whole host.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -32,6 +32,8 @@ from starlette.routing import Route
 from zeal_asgi.errors import require
 from zeal_asgi.locks import job_stats
 from zeal_asgi.messaging.pubsub import messaging_stats
+from zeal_asgi.metrics import CONTENT_TYPE, Family, Sample, metric_name as metric_name, render
+from zeal_asgi.metrics.exposition import response
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.process import process_alive
 from zeal_asgi.shm.segments import server_identity, shm_dir
@@ -50,6 +52,7 @@ __all__ = [
     "StoreHealth",
     "TableHealth",
     "collect",
+    "families",
     "make_router",
     "metric_name",
     "prometheus_text",
@@ -59,20 +62,7 @@ __all__ = [
 
 PING_TIMEOUT = 2.0
 """Seconds the readiness check waits for the backend's ping before answering 503."""
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-_NOT_NAME = re.compile(r"[^a-z0-9_]+")
-
-
-def metric_name(counter: str) -> str:
-    """The one name of an event counter: ``zeal_<area>_<what>_total`` (Prometheus style).
-
-    Each area records its counters as ``<area>_<what>`` (``pubsub_received``, ``cache.hits``,
-    ``breaker_opened_total``); this maps them, and both the JSON of ``/health/store`` and the
-    metrics use the result.
-    """
-    clean = _NOT_NAME.sub("_", counter.lower()).strip("_").removeprefix("zeal_")
-    return f"zeal_{clean.removesuffix('_total')}_total"
+PROMETHEUS_CONTENT_TYPE = CONTENT_TYPE
 
 
 class TableHealth(BaseModel):
@@ -254,47 +244,42 @@ async def collect(store: Store) -> StoreHealth:
     )
 
 
-def prometheus_text(health: StoreHealth) -> str:
-    """The Prometheus text exposition (format 0.0.4) of ``health``; every figure host-wide."""
-    lines: list[str] = []
+def families(health: StoreHealth) -> list[Family]:
+    """The figures of ``health`` as metric families, all host-wide (``*_total``: counters)."""
+    out: list[Family] = []
 
-    def family(name: str, help_: str, samples: list[tuple[str, int]]) -> None:
+    def family(name: str, help_: str, values: Mapping[str, float] | float, label: str = "") -> None:
+        pairs = values.items() if isinstance(values, Mapping) else [("", values)]
+        rows = [Sample(name, ((label, v),) if label else (), n) for v, n in pairs]
         kind = "counter" if name.endswith("_total") else "gauge"
-        lines.extend((f"# HELP {name} {help_}", f"# TYPE {name} {kind}"))
-        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+        out.append(Family(name.removesuffix("_total"), kind, help_, rows))
 
-    up = [(f'{{backend="{_label(health.backend)}"}}', int(health.status == "ok"))]
-    family("zeal_up", "1 while the store backend answers.", up)
+    up = {health.backend: int(health.status == "ok")}
+    family("zeal_up", "1 while the store backend answers.", up, "backend")
     family(
         "zeal_workers_reporting",
         "Live workers of this host that have recorded counters.",
-        [("", health.workers_reporting)],
+        health.workers_reporting,
     )
     for field, info in TableHealth.model_fields.items():
-        samples = [
-            (f'{{table="{_label(n)}"}}', getattr(t, field)) for n, t in health.tables.items()
-        ]
-        family(f"zeal_table_{field}", str(info.description), samples)
-    family(
-        "zeal_shm_free_bytes", "Free bytes in the shm filesystem.", [("", health.shm.free_bytes)]
-    )
-    family("zeal_shm_size_bytes", "Size of the shm filesystem.", [("", health.shm.size_bytes)])
+        per_table = {n: getattr(t, field) for n, t in health.tables.items()}
+        family(f"zeal_table_{field}", str(info.description), per_table, "table")
+    family("zeal_shm_free_bytes", "Free bytes in the shm filesystem.", health.shm.free_bytes)
+    family("zeal_shm_size_bytes", "Size of the shm filesystem.", health.shm.size_bytes)
     if health.breaker is not None:
-        states = [(f'{{state="{s}"}}', int(health.breaker.state == s)) for s in _BREAKER_STATES]
-        family("zeal_breaker_state", "1 for the circuit breaker's current state.", states)
+        states = {s: int(health.breaker.state == s) for s in ("closed", "open", "half-open")}
+        family("zeal_breaker_state", "1 for the circuit breaker's current state.", states, "state")
     for name, value in health.host.items():
-        family(name, "Events summed over the workers of this host.", [("", value)])
+        family(name, "Events summed over the workers of this host.", value)
     for field, info in JobHealth.model_fields.items() if health.jobs else ():
-        jobs = [(f'{{job="{_label(n)}"}}', getattr(j, field)) for n, j in health.jobs.items()]
-        family(f"zeal_job_{field}", str(info.description), [s for s in jobs if s[1] is not None])
-    return "\n".join(lines) + "\n"
+        jobs = {n: v for n, j in health.jobs.items() if (v := getattr(j, field)) is not None}
+        family(f"zeal_job_{field}", str(info.description), jobs, "job")
+    return out
 
 
-_BREAKER_STATES = ("closed", "open", "half-open")
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def prometheus_text(health: StoreHealth, openmetrics: bool = False) -> str:
+    """The Prometheus text exposition (format 0.0.4, or OpenMetrics) of ``health``."""
+    return render(families(health), openmetrics)
 
 
 async def live(conn: HTTPConnection) -> Response:
@@ -322,9 +307,10 @@ async def store_health(conn: HTTPConnection) -> Response:
 
 
 async def store_metrics(conn: HTTPConnection) -> Response:
-    """The same figures in the Prometheus text format, summed over the host's workers."""
+    """The same figures in the Prometheus text format (OpenMetrics when the ``Accept`` header
+    asks), summed over the host's workers."""
     health = await collect(_store_of(conn))
-    return Response(prometheus_text(health), media_type=PROMETHEUS_CONTENT_TYPE)
+    return response(families(health), conn.headers.get("accept", ""))
 
 
 def _endpoints(

@@ -1,5 +1,6 @@
-"""``ZealMiddleware`` (pure ASGI: exposes the Zeal object to requests and runs its lifecycle)
-and ``zeal_error_handler`` (typed JSON answers for a ``ZealError``)."""
+"""``ZealMiddleware`` (pure ASGI: exposes the Zeal object to requests, runs its lifecycle and,
+if asked, records request metrics) and ``zeal_error_handler`` (typed JSON answers for a
+``ZealError``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from zeal_asgi.errors import BackendTimeoutError, BackendUnavailableError
+from zeal_asgi.metrics.http import http_metrics as http_metrics_of
 
 if TYPE_CHECKING:
     from zeal_asgi.app import Zeal
@@ -26,18 +28,26 @@ class ZealMiddleware:
     """Puts ``zeal`` in ``scope["state"]`` (so ``request.state.zeal`` works in plain Starlette)
     and starts/stops it on lifespan events when the app was not given ``zeal.lifespan``.
 
+    With ``http_metrics=True`` it also records, in :mod:`zeal_asgi.metrics`' default registry,
+    ``zeal_http_requests_total`` (method, route template, status),
+    ``zeal_http_request_duration_seconds`` (method, route template) and
+    ``zeal_http_requests_in_flight``.
+
     Example::
 
-        app.add_middleware(ZealMiddleware, zeal=zeal)
+        app.add_middleware(ZealMiddleware, zeal=zeal, http_metrics=True)
     """
 
-    def __init__(self, app: ASGIApp, zeal: Zeal | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, zeal: Zeal | None = None, *, http_metrics: bool = False
+    ) -> None:
         if zeal is None:
             from zeal_asgi.app import Zeal
 
             zeal = Zeal()
         self.app = app
         self.zeal = zeal
+        self._metrics = http_metrics_of() if http_metrics else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -45,6 +55,9 @@ class ZealMiddleware:
             return
         if scope["type"] in ("http", "websocket"):
             scope.setdefault("state", {})["zeal"] = self.zeal
+        if self._metrics is not None and scope["type"] == "http":
+            await self._metrics(self.app, scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -89,6 +89,8 @@ class ZealSettings(BaseModel):
     """Key of the file tier's HMAC; without it entries only survive while the server runs."""
     shm_backend: Literal["posix", "memfd"] = "posix"
     workers: int = Field(default=1, ge=1, le=512)
+    metrics_max_series: int = Field(default=10_000, ge=1, le=10_000_000)
+    """Rows of shared memory for the default metrics registry (``zeal_asgi.metrics``)."""
 
     def __init__(self, **data: Any) -> None:
         """Validate ``data``.

@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 from fastapi import FastAPI
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
@@ -22,6 +25,7 @@ from tests._harness.servers import Memcached, RedisServer
 from tests.core import crashpoints
 from zeal_asgi import Store, Table, Zeal, ZealMiddleware
 from zeal_asgi.health import PROMETHEUS_CONTENT_TYPE, metric_name, starlette_routes
+from zeal_asgi.metrics import OPENMETRICS_CONTENT_TYPE
 from zeal_asgi.shm import _shmtable
 
 CP_UPDATE_MID = 2
@@ -103,6 +107,16 @@ def test_prometheus_text_is_valid_and_matches_the_json(table_zeal: Zeal) -> None
     assert samples["zeal_shm_size_bytes"] == body["shm"]["size_bytes"]
     # integers stay integers (no 2.5e+10 rounding)
     assert re.search(r"^zeal_shm_size_bytes \d+$", resp.text, re.MULTILINE)
+
+
+def test_store_metrics_in_openmetrics_when_asked(table_zeal: Zeal) -> None:
+    """/health/store/metrics is rendered by zeal_asgi.metrics: OpenMetrics on request."""
+    with TestClient(_app(table_zeal)) as client:
+        om = client.get("/health/store/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert om.headers["content-type"] == OPENMETRICS_CONTENT_TYPE and om.text.endswith("# EOF\n")
+    families = list(parse_openmetrics(om.text))  # type: ignore[no-untyped-call]
+    names = {s.name for f in families for s in f.samples}
+    assert {"zeal_up", "zeal_health_checks_total", "zeal_shm_size_bytes"} <= names
 
 
 def test_health_routes_work_in_plain_starlette(table_zeal: Zeal) -> None:

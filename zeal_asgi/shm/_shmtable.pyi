@@ -1,7 +1,7 @@
 """Typed face of the compiled core (checked against it by mypy.stubtest)."""
 
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Self
 
 from typing_extensions import disjoint_base
 
@@ -85,3 +85,21 @@ def incr_bounded(
     floor: int | float | None = None,
     reset: int | float | None = None,
 ) -> tuple[Any, bool]: ...
+
+@disjoint_base
+class Cells:
+    monotonic: bool
+    def __new__(
+        cls,
+        table: Table,
+        keys: Iterable[str | bytes],
+        bounds: Sequence[float] | None = None,
+        monotonic: bool = False,
+    ) -> Self: ...
+    def inc(self, by: float = 1) -> None: ...
+    def set(self, value: float) -> None: ...
+    def observe(self, value: float) -> None: ...
+    def get(self, i: int = 0) -> float: ...
+    def values(self) -> list[float]: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int, /) -> float: ...

@@ -22,13 +22,18 @@ except ImportError as exc:  # pragma: no cover - exercised by a broken install o
         "(needs a C compiler and the Python headers; Cython is fetched at build time)"
     ) from exc
 
-__all__ = ["Atomic", "Table", "incr_bounded"]
+__all__ = ["Atomic", "Cells", "Table", "incr_bounded"]
 
 incr_bounded = _shmtable.incr_bounded
 """``incr_bounded(table, key, column, by, bound, floor=None, reset=None) -> (value, applied)``:
 add ``by`` to a numeric column only when the result stays ``<= bound`` (after replacing a value
 below ``floor`` by ``reset``, or by ``floor``), in one locked step; a missing row counts as zero
 and is created only when the add applies."""
+
+Cells = _shmtable.Cells
+"""``Cells(table, keys, bounds=None, monotonic=False)``: the FLOAT columns of a few rows of a
+table (one without a ttl), located once and then updated in place with lock-free atomics (the
+metrics' series)."""
 
 
 class Table(_shmtable.Table):
