@@ -163,3 +163,10 @@ def test_a_session_closed_while_serve_releases_ends_cleanly() -> None:
         router.registry.close()
         close_host_bus()
     assert owners == [None] * len(clients)
+
+
+async def test_worker_alive_answers_for_live_and_dead_workers(router: WSRouter) -> None:
+    assert await router.worker_alive(router.worker) is True
+    dead = await asyncio.create_subprocess_exec("true")
+    await dead.wait()
+    assert await router.worker_alive(f"{router.server}:{dead.pid}") is False

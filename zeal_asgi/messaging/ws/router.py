@@ -387,6 +387,14 @@ class WSRouter:
         """Workers (``server:pid``) that hold members of ``room``."""
         return await self.registry.room_servers(check_room(room))
 
+    async def worker_alive(self, worker: str) -> bool:
+        """Whether ``worker`` (a ``server:pid`` name, as :meth:`room_servers` lists and
+        :attr:`worker` is for this one) is alive: on Redis its liveness mark is current (renewed
+        every ``worker_ttl / 3``), on the table backend its process runs.  What the router
+        checks before reaping a worker's rows; an app keeping its own per-worker records (a
+        roster) uses it to drop those of dead workers."""
+        return await self.registry.worker_alive(worker)
+
     async def broadcast(self, room: str, message: Message) -> int:
         """Send to every member of ``room``; the number of workers that received it."""
         check_room(room)
