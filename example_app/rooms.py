@@ -124,7 +124,7 @@ async def _roster(store: Store, rooms: WSRouter) -> list[tuple[str, dict[str, An
     for key, row in rows:
         worker = row["worker"]
         if worker not in alive:
-            alive[worker] = await rooms.registry.worker_alive(worker)
+            alive[worker] = await rooms.worker_alive(worker)
         if alive[worker]:
             live.append((key, row))
         else:

@@ -141,6 +141,9 @@ class StoreHealth(ProbeHealth):
     pubsub_state: str | None = None
     """This worker's subscriber (``subscribed``, ``connecting``, ``backoff``, ``failed``, ...);
     ``None`` when it runs none."""
+    streams_state: str | None = None
+    """This worker's Streams consumers (``running``, ``failed``, ...); ``None`` when it runs
+    none."""
     breaker: BreakerHealth | None = None
     workers_reporting: int = 0
     """Live workers of this host that have recorded counters (health checks included)."""
@@ -222,9 +225,12 @@ async def collect(store: Store) -> StoreHealth:
     except OSError:
         free = size = 0
     tables = _tables(stats)
-    state = messaging_stats()["pubsub"].get("state")
-    if reason is None and state == "failed":
+    messaging = messaging_stats()
+    pubsub, streams = messaging["pubsub"].get("state"), messaging["streams"].get("state")
+    if reason is None and pubsub == "failed":
         reason = "this worker's pub/sub subscriber gave up (max_attempts): it receives nothing"
+    if reason is None and streams == "failed":
+        reason = "this worker's Streams consumer gave up (max_attempts): it reads nothing"
     return StoreHealth(
         status="ok" if reason is None else "unavailable",
         reason=reason,
@@ -235,7 +241,8 @@ async def collect(store: Store) -> StoreHealth:
         lock_recoveries_total=sum(t.lock_recoveries_total for t in tables.values()),
         shm=ShmHealth(dir=shm_dir(), free_bytes=free, size_bytes=size),
         pool=_pool(stats),
-        pubsub_state=None if state is None else str(state),
+        pubsub_state=None if pubsub is None else str(pubsub),
+        streams_state=None if streams is None else str(streams),
         breaker=breaker,
         workers_reporting=sum(1 for pid in workers if process_alive(pid, None)),
         host=_named(hs.host()),
@@ -299,8 +306,8 @@ async def ready(conn: HTTPConnection) -> Response:
 
 
 async def store_health(conn: HTTPConnection) -> Response:
-    """Backend, tables, shared memory, pool and counters; 503 when the backend is unreachable or
-    the circuit breaker is open."""
+    """Backend, tables, shared memory, pool and counters; 503 when the backend is unreachable,
+    the circuit breaker is open or this worker's pub/sub or Streams consumer gave up."""
     health = await collect(_store_of(conn))
     code = 200 if health.status == "ok" else 503
     return JSONResponse(health.model_dump(mode="json"), status_code=code)

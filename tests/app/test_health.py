@@ -224,6 +224,32 @@ def test_health_503_while_the_breaker_is_open(fresh_redis: RedisServer) -> None:
     assert metrics['zeal_breaker_state{state="closed"}'] == 0
 
 
+@pytest.mark.redis
+def test_health_503_when_the_streams_consumer_gave_up(fresh_redis: RedisServer) -> None:
+    """A worker whose Streams consumer gave up (``max_attempts``) reads nothing any more: its
+    ``/health/store`` answers 503 even once the backend answers pings again."""
+    env = {"ZEAL_STORE_BACKEND": "redis", "ZEAL_REDIS_URL": fresh_redis.url}
+    app = "tests.messaging.apps.streams_health_app:app"
+    with AppServer(app, server="uvicorn", env=env, ready="/health/ready") as srv:
+        status, up = srv.fetch("/health/store")
+        assert status == 200, up
+        assert up["streams_state"] == "running" and up["reason"] is None
+        fresh_redis.kill()
+        deadline = time.monotonic() + 30
+        while srv.fetch("/health/store")[1]["streams_state"] != "failed":
+            assert time.monotonic() < deadline, srv.log_text()
+            time.sleep(0.1)
+        fresh_redis.start()
+        assert srv.fetch("/health/ready")[0] == 200  # the backend answers again
+        status, down = srv.fetch("/health/store")
+        metrics = parse_prometheus(srv.fetch("/health/store/metrics")[1])
+    print(f"health with the Streams consumer given up: {status}: {down['reason']}")
+    assert status == 503
+    assert down["status"] == "unavailable" and down["streams_state"] == "failed"
+    assert "Streams consumer gave up" in down["reason"]
+    assert metrics['zeal_up{backend="redis"}'] == 0
+
+
 def _die_mid_write(table: Table) -> None:
     # Compiled-in crash point: SIGKILL after the first column of an update, lock held.
     _shmtable._set_crashpoint(CP_UPDATE_MID, 1, int(signal.SIGKILL))

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
 import pytest
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocket
 
 from tests.messaging.helpers import Socket, until
+from zeal_asgi import Zeal
 from zeal_asgi.errors import InvalidKeyError, KeyTypeError, SerializationError, ValueTooLargeError
 from zeal_asgi.messaging.ws.rooms import Registry, ShmRegistry
 from zeal_asgi.shm.bus import close_host_bus
@@ -132,3 +138,35 @@ async def test_rooms_and_presence_are_separate(router: WSRouter) -> None:
     with pytest.raises(InvalidKeyError):
         await router.join("bad room", "u1")
     assert not await router.join("lobby", "nobody")
+
+
+def test_a_session_closed_while_serve_releases_ends_cleanly() -> None:
+    """A chat client that never joined a room disconnects, and the test client cancels the
+    handler at once, in the middle of its release: the cancellation stays the test client's
+    own (no CancelledError leaks out of the session), and the release still completes."""
+    zeal = Zeal(store=Store("table"))
+    router = WSRouter(zeal)
+
+    async def chat(websocket: WebSocket) -> None:
+        await router.serve(websocket.path_params["client"], websocket, lambda data: None)
+
+    app = Starlette(routes=[WebSocketRoute("/chat/{client}", chat)], lifespan=zeal.lifespan)
+    clients = [f"u{i}" for i in range(20)]
+    try:
+        with TestClient(app) as http:
+            for client in clients:
+                with http.websocket_connect(f"/chat/{client}") as ws:
+                    ws.send_text("hi")
+        owners = [asyncio.run(router.registry.get_owner(c)) for c in clients]
+    finally:
+        assert isinstance(router.registry, ShmRegistry)
+        router.registry.close()
+        close_host_bus()
+    assert owners == [None] * len(clients)
+
+
+async def test_worker_alive_answers_for_live_and_dead_workers(router: WSRouter) -> None:
+    assert await router.worker_alive(router.worker) is True
+    dead = await asyncio.create_subprocess_exec("true")
+    await dead.wait()
+    assert await router.worker_alive(f"{router.server}:{dead.pid}") is False

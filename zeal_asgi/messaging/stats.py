@@ -36,19 +36,18 @@ class Counters:
 
 
 async def cancel_task(task: asyncio.Task[Any] | None) -> None:
-    """Cancel ``task`` and wait for it; its failure is logged, our own cancellation propagates."""
+    """Cancel ``task`` and wait for it; its failure is logged, our own cancellation propagates.
+
+    The caller's cancellation propagates as its own ``CancelledError``, never as the task's: a
+    cancel scope (anyio, ``asyncio.timeout``) recognises only the one it sent.
+    """
     if task is None or task.done():
         return
     task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        # Our own cancellation must propagate; the task's is what we asked for.
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-    except Exception:
-        log.exception("zeal_asgi: task %r failed while stopping", task.get_name())
+    await asyncio.wait({task})  # raises only our own cancellation, never the task's outcome
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        log.error("zeal_asgi: task %r failed while stopping", task.get_name(), exc_info=exc)
 
 
 def log_failure(task: asyncio.Task[Any]) -> None:

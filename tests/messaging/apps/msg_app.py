@@ -72,11 +72,12 @@ async def ws(websocket: WebSocket) -> None:
     client = websocket.path_params["client"]
     await websocket.accept()
     conn_id = router.own(client, websocket)
-    hello = {"hello": conn_id, "pid": os.getpid(), "worker": router.worker}
-    await router.send_to_client(client, json.dumps(hello), conn_id=conn_id)
     room = websocket.query_params.get("room")
     if room:
         await router.join(room, client)
+    # The hello comes last: a client that has it is registered and in its room.
+    hello = {"hello": conn_id, "pid": os.getpid(), "worker": router.worker}
+    await router.send_to_client(client, json.dumps(hello), conn_id=conn_id)
     try:
         while True:
             text = await websocket.receive_text()

@@ -146,6 +146,7 @@ class WSRouter:
         self._presence: list[Callable[..., Any]] = []
         self._sub: Any = None
         self._bg: set[asyncio.Task[Any]] = set()
+        self._closing: set[asyncio.Future[None]] = set()  # releases of serve(), never cancelled
         self._room_wire = ""  # the wire name of every worker's channel, minus the worker
         self.server = self.worker = ""
         host_stats()
@@ -200,6 +201,8 @@ class WSRouter:
 
     async def stop(self) -> None:
         """Release every local client and unsubscribe (tasks cancelled and awaited)."""
+        if self._closing:
+            await asyncio.wait(set(self._closing))  # releases under way finish first
         for client_id, conn in list(self._local.items()):
             await self.release(client_id, conn.conn_id)
         for task in list(self._bg):
@@ -384,6 +387,14 @@ class WSRouter:
         """Workers (``server:pid``) that hold members of ``room``."""
         return await self.registry.room_servers(check_room(room))
 
+    async def worker_alive(self, worker: str) -> bool:
+        """Whether ``worker`` (a ``server:pid`` name, as :meth:`room_servers` lists and
+        :attr:`worker` is for this one) is alive: on Redis its liveness mark is current (renewed
+        every ``worker_ttl / 3``), on the table backend its process runs.  What the router
+        checks before reaping a worker's rows; an app keeping its own per-worker records (a
+        roster) uses it to drop those of dead workers."""
+        return await self.registry.worker_alive(worker)
+
     async def broadcast(self, room: str, message: Message) -> int:
         """Send to every member of ``room``; the number of workers that received it."""
         check_room(room)
@@ -541,10 +552,19 @@ class WSRouter:
         try:
             await asyncio.wait({reader, conn.sender}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await cancel_task(reader)
-            await self.release(client_id, conn_id)
-        if reader.done() and not reader.cancelled() and reader.exception() is not None:
+            # Shielded: cancelled meanwhile (the server or a test client closing the session),
+            # the release still runs to its end, so no owner row or membership outlives the
+            # socket; the cancellation propagates as the caller's own.
+            closing = asyncio.ensure_future(self._close(reader, client_id, conn_id))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+            await asyncio.shield(closing)
+        if not reader.cancelled() and reader.exception() is not None:
             raise reader.exception()  # type: ignore[misc]
+
+    async def _close(self, reader: asyncio.Task[None], client_id: str, conn_id: str) -> None:
+        await cancel_task(reader)
+        await self.release(client_id, conn_id)
 
     def stats(self) -> dict[str, Any]:
         """Local sockets and rooms of this worker."""
