@@ -91,7 +91,8 @@ cdef extern from "zt_core.h" nogil:
                 const zt_delta *d, int is_int, int allow_nonfinite, int64_t *out_i, double *out_f)
     int zt_cas(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
                const zt_delta *expected, const zt_delta *desired, int *swapped)
-    int zt_remove(zt_table *t, const char *key, uint16_t klen, int only_expired)
+    int zt_remove(zt_table *t, const char *key, uint16_t klen, int only_expired,
+                  const zt_col *cols, const zt_delta *expect)
     int zt_clear(zt_table *t)
     int64_t zt_count(zt_table *t)
     int zt_read_at(zt_table *t, uint32_t r, char *copy)
@@ -756,8 +757,27 @@ cdef class Table:
         cdef const char *k
         cdef Py_ssize_t kn
         self._key(key, &k, &kn)
-        rc = zt_remove(&self.t, k, <uint16_t>kn, 0)
+        rc = zt_remove(&self.t, k, <uint16_t>kn, 0, NULL, NULL)
         self._done(rc, key, "delete")
+        return rc == 1
+
+    def delete_if(self, key, column, expected):
+        """Remove the row only if ``column`` still holds ``expected``, in one locked step; True
+        when removed.
+
+        The delete of a row judged stale from an earlier read: a writer that changed the column
+        since (a new lease, a new window) keeps its row.  A missing row is not removed (False).
+        """
+        cdef const char *k
+        cdef Py_ssize_t kn
+        cdef zt_delta e
+        self._key(key, &k, &kn)
+        ci = self._col(column)
+        self._prepare(ci, expected, &e)
+        held = expected  # keep it alive across a possible GIL release
+        rc = zt_remove(&self.t, k, <uint16_t>kn, 0, self.cols, &e)
+        del held
+        self._done(rc, key, "delete_if")
         return rc == 1
 
     def clear(self):

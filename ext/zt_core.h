@@ -845,9 +845,19 @@ static int zt_lock_both(zt_table *t, zt_lockslot *stripe, PyThreadState **ts) {
     return rc;
 }
 
-/* delete: 1 deleted, 0 missing (or expired), <0 error.  With `only_expired`, the row is removed
- * only when it is still expired now that its locks are held. */
-static int zt_remove(zt_table *t, const char *key, uint16_t klen, int only_expired) {
+/* Does column `c` of `row` hold the value of `d`? (compare_and_set's and delete_if's test) */
+static int zt_col_equals(const char *row, const zt_col *c, const zt_delta *d) {
+    if (c->type == ZT_INT) return zt_get_int(row, c) == d->i;
+    if (c->type == ZT_FLOAT) return zt_get_float(row, c) == d->f;
+    return zt_get_slen(row, c) == d->slen && memcmp(zt_get_sptr(row, c), d->s, d->slen) == 0;
+}
+
+/* delete: 1 deleted, 0 missing (or expired, or not matching), <0 error.  With `only_expired`,
+ * the row is removed only when it is still expired now that its locks are held; with `expect`
+ * (a column of `cols` and a value), only when that column still holds the value: a writer that
+ * changed the row since the caller looked keeps it. */
+static int zt_remove(zt_table *t, const char *key, uint16_t klen, int only_expired,
+                     const zt_col *cols, const zt_delta *expect) {
     uint64_t h = zt_hash(t->hkey, key, klen);
     PyThreadState *ts = NULL;
     zt_lockslot *stripe = zt_stripe(t, h);
@@ -859,7 +869,9 @@ static int zt_remove(zt_table *t, const char *key, uint16_t klen, int only_expir
         uint32_t r = zt_slot_row(t->index[pos]);
         char *row = zt_row(t, r);
         int expired = zt_expired(t, row, zt_now(t));
-        if (expired || !only_expired) {
+        int match = expect == NULL ||
+                    (!expired && zt_state(row) == ZT_LIVE && zt_col_equals(row, &cols[expect->col], expect));
+        if ((expired || !only_expired) && match) {
             deleted = zt_state(row) == ZT_LIVE && !expired;
             zt_unlink_locked(t, stripe, r, (uint64_t)pos);
         }
@@ -904,7 +916,7 @@ static int zt_get(zt_table *t, const char *key, uint16_t klen, char *copy) {
 done:
     zt_regain_gil(&ts);
     if (found && zt_expired(t, copy, zt_now(t))) {
-        zt_remove(t, key, klen, 1); /* a miss either way: a lock timeout here changes nothing */
+        zt_remove(t, key, klen, 1, NULL, NULL); /* a miss either way: a lock timeout here changes nothing */
         return 0;
     }
     return found;
@@ -1103,12 +1115,7 @@ static int zt_cas(zt_table *t, const char *key, uint16_t klen, const zt_col *col
         *swapped = 1;
     } else {
         char *row = zt_row(t, (uint32_t)r);
-        int eq;
-        if (c->type == ZT_INT) eq = zt_get_int(row, c) == expected->i;
-        else if (c->type == ZT_FLOAT) eq = zt_get_float(row, c) == expected->f;
-        else eq = zt_get_slen(row, c) == expected->slen &&
-                  memcmp(zt_get_sptr(row, c), expected->s, expected->slen) == 0;
-        if (eq) {
+        if (zt_col_equals(row, c, expected)) {
             uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, zt_kind_of(cols, desired, 1));
             zt_apply(row, cols, desired, 1);
             zt_touch(t, row);

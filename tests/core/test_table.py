@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,45 @@ def test_delete_exists_len_clear(make_table: MakeTable) -> None:
     assert len(t) == 0 and list(t.items()) == []
     t.set("again", {"score": 1})
     assert t.get("again", "score") == 1
+
+
+def test_delete_if_removes_only_a_row_still_holding_the_value(make_table: MakeTable) -> None:
+    t = make_table(16, COLS)
+    t.set("k", {"name": "alice", "score": 7, "ratio": 0.5})
+    assert t.delete_if("k", "score", 8) is False  # changed since it was read: kept
+    assert t.get("k") == {"name": "alice", "score": 7, "ratio": 0.5}
+    assert t.delete_if("k", "name", "bob") is False and t.delete_if("k", "ratio", 0.25) is False
+    assert t.delete_if("k", "name", "alice") is True
+    assert t.get("k") is None and len(t) == 0
+    assert t.delete_if("k", "score", 0) is False  # a missing row is not the zero row here
+    t.set("f", {"ratio": 0.5})
+    assert t.delete_if("f", "ratio", 0.5) is True
+    with pytest.raises(UnknownColumnError):
+        t.delete_if("f", "nope", 1)
+
+
+def _incr_n(name: str, n: int) -> None:
+    t = Table(16, COLS, name=name)
+    for _ in range(n):
+        t.incr("k", "score")
+    t.close()
+
+
+def test_delete_if_loses_no_increment_of_another_process(make_table: MakeTable) -> None:
+    """A reader deletes the row at the value it read while another process increments it:
+    every increment ends either in a deleted row's value or in the row left, none lost."""
+    t = make_table(16, COLS)
+    n = 300_000
+    writer = mp.get_context("fork").Process(target=_incr_n, args=(t.name, n))
+    writer.start()
+    removed = 0
+    while writer.is_alive():
+        seen = t.get("k", "score")
+        if seen and t.delete_if("k", "score", seen):
+            removed += seen
+    writer.join(60)
+    assert writer.exitcode == 0
+    assert removed > 0 and removed + (t.get("k", "score") or 0) == n
 
 
 def test_capacity_is_exactly_max_rows_never_less(make_table: MakeTable) -> None:

@@ -116,8 +116,7 @@ class ShmLock:
         removed = 0
         for name, row in self.table.items():
             word = row["owner"]
-            if Lease.stale(word) and self.table.get(name, "owner") == word:
-                self.table.delete(name)
+            if Lease.stale(word) and self.table.delete_if(name, "owner", word):
                 removed += 1
         return removed
 

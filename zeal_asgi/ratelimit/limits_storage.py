@@ -200,6 +200,7 @@ class LimitsStorage(Storage, SlidingWindowCounterSupport, TimestampedSlidingWind
                 stale = window.lstrip("-").isdigit() and int(window) < int(now // per) - 1
             else:  # a fixed window's row: stale once its end has passed
                 stale = row["v"] >> _SHIFT <= now * _TICKS
-            if stale and self.table.delete(key):
+            # only if no hit changed the row since it was read: a new window keeps its count
+            if stale and self.table.delete_if(key, "v", row["v"]):
                 removed += 1
         return removed > 0

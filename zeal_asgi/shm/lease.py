@@ -90,5 +90,5 @@ class Lease:
         if unpack(token)[1] != os.getpid() & _TAG_MASK:
             return False
         if delete:
-            return self.table.get(key, self.column) == token and self.table.delete(key)
+            return bool(self.table.delete_if(key, self.column, token))
         return self._cas(key, token, 0)
