@@ -8,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -47,7 +47,7 @@ def _assert_gone(handles: list[tuple[int, Path]]) -> None:
         assert not workdir.exists(), f"{workdir} still exists"
 
 
-def _handles(servers_: list[Server]) -> list[tuple[int, Path]]:
+def _handles(servers_: Sequence[Server]) -> list[tuple[int, Path]]:
     return [(s.pid, s.workdir) for s in servers_]
 
 
@@ -280,7 +280,7 @@ def test_sentinel_failover_after_master_sigkill() -> None:
     require_binary("redis-server")
     require_binary("redis-sentinel")
     with RedisSentinel() as setup:
-        handles = _handles(setup.servers)
+        handles = _handles(setup.processes())
         old_master, old_replica = setup.master, setup.replica
         old_master.command("SET", "before-failover", "1")
         _wait_replicated(old_replica, "before-failover")

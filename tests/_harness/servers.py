@@ -655,7 +655,35 @@ class _ClusterNode(RedisServer):
         return [*super()._argv(port), "--cluster-port", str(self.bus_port)]
 
 
-class RedisCluster:
+class _Topology:
+    """Several server processes started and stopped together (a context manager)."""
+
+    def processes(self) -> Sequence[Server]:
+        """Every process handle (their logs are shown when a wait times out)."""
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _logs(self) -> str:
+        return "\n".join(f"--- {s!r}\n{s.log_tail(10)}" for s in self.processes())
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RedisCluster(_Topology):
     """A Redis Cluster of ``masters`` masters with ``replicas`` replicas each, all on 127.0.0.1."""
 
     def __init__(self, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000) -> None:
@@ -724,23 +752,13 @@ class RedisCluster:
                 replicas_up += 1
         return replicas_up == self.masters * self.replicas
 
-    def _logs(self) -> str:
-        return "\n".join(f"--- {s!r}\n{s.log_tail(10)}" for s in self.servers)
+    def processes(self) -> Sequence[Server]:
+        """The nodes."""
+        return self.servers
 
     def stop(self) -> None:
         """Stop every node and remove their temp dirs."""
         stop_all(self.servers)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class SentinelServer(RedisServer):
@@ -795,7 +813,7 @@ class SentinelServer(RedisServer):
         return (host.decode() if isinstance(host, bytes) else str(host)), int(port)
 
 
-class RedisSentinel:
+class RedisSentinel(_Topology):
     """A master, one replica and ``sentinels`` sentinels (quorum 2) for service ``mymaster``.
 
     ``master`` and ``replica`` are ``RedisServer`` handles; after ``wait_for_failover()`` they
@@ -824,8 +842,7 @@ class RedisSentinel:
         """(host, port) of every sentinel, as ``redis.sentinel.Sentinel`` takes them."""
         return [(s.host, s.port) for s in self.sentinel_servers]
 
-    @property
-    def servers(self) -> list[Server]:
+    def processes(self) -> Sequence[Server]:
         """Every process handle: sentinels, replica, master."""
         return [*self.sentinel_servers, self.replica, self.master]
 
@@ -903,25 +920,11 @@ class RedisSentinel:
         self.master, self.replica = self.replica, self.master
         return found[0]
 
-    def _logs(self) -> str:
-        return "\n".join(f"--- {s!r}\n{s.log_tail(10)}" for s in self.servers)
-
     def stop(self) -> None:
         """Stop sentinels, replica and master, and remove their temp dirs."""
         # Sentinels first, so none of them starts a failover while the servers go down.
         stop_all(self.sentinel_servers)
         stop_all([self.replica, self.master])
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 # --- memcached ----------------------------------------------------------------------------------
