@@ -66,17 +66,10 @@ class L1Cache:
             return existing
         if any(c.name == FETCHED for c in spec.schema.columns):
             raise ConfigError(f"table {spec.name!r}: column name {FETCHED!r} is reserved by L1")
-        cols: dict[str, tuple[int, int]] = {
-            c.name: (int(c.type), c.size) for c in spec.schema.columns
-        }
-        cols[FETCHED] = (int(ColumnType.FLOAT), 8)
+        options = spec.table_options()
+        options["columns"][FETCHED] = (int(ColumnType.FLOAT), 8)
         table = Table(
-            self.rows or spec.max_rows,
-            cols,
-            name=f"{self.namespace}:l1:{spec.name}",
-            key_size=spec.schema.key_limit,
-            allow_nan=spec.schema.allow_nan,
-            binary_keys=spec.schema.binary_keys,
+            self.rows or spec.max_rows, name=f"{self.namespace}:l1:{spec.name}", **options
         )
         self._gen_table()
         self._tables[spec.name] = table
