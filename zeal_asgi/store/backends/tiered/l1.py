@@ -16,6 +16,7 @@ rows go first, then the least recently fetched, until an eighth of it is free.
 
 from __future__ import annotations
 
+import heapq
 import time
 import zlib
 from collections.abc import Iterable, Mapping
@@ -202,10 +203,8 @@ class L1Cache:
                     freed += bool(t.delete(key))
                 else:
                     live.append((row[FETCHED], key))
-            if freed < target:
-                live.sort(key=lambda item: item[0])
-                for _, key in live[: target - freed]:
-                    freed += bool(t.delete(key))
+            for _, key in heapq.nsmallest(target - freed, live, key=lambda item: item[0]):
+                freed += bool(t.delete(key))
             count("tiered", "l1_evictions", freed)
             return freed > 0
         finally:
