@@ -115,6 +115,16 @@ class TableSpec:
         schema = self.schema
         return validate_key(key, self.name, schema.key_limit, schema.binary_keys)
 
+    def table_options(self) -> dict[str, Any]:
+        """The columns and key rules as ``Table`` and ``Schema.declare`` take them (keywords)."""
+        s = self.schema
+        return {
+            "columns": {c.name: (int(c.type), c.size) for c in s.columns},
+            "key_size": s.key_limit,
+            "allow_nan": s.allow_nan,
+            "binary_keys": s.binary_keys,
+        }
+
     def declaration(self) -> bytes:
         """What every app sharing this table on one backend must declare alike (columns, key
         rules, mode), as the canonical JSON the network backends store at first use."""

@@ -71,8 +71,7 @@ _FLOAT_RE = re.compile(
     rb"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)",
     re.IGNORECASE,
 )
-_INT_RANGES = {w: (-(2 ** (w * 8 - 1)), 2 ** (w * 8 - 1) - 1) for w in (1, 2, 4, 8)}
-_INT64 = _INT_RANGES[8]
+_INT64 = (-(2**63), 2**63 - 1)
 _ZERO_FIELD = {
     ColumnType.INT: b"0",
     ColumnType.FLOAT: b"0.0",
@@ -222,7 +221,7 @@ class RowCodec:
             if _INT_RE.fullmatch(raw) is None:
                 raise self.corrupt_error(col, key, raw, "is not an integer")
             value = int(raw)
-            lo, hi = _INT_RANGES[col.size]
+            lo, hi = col.int_range
             if not lo <= value <= hi:
                 raise self.corrupt_error(
                     col, key, raw, f"is outside [{lo}, {hi}] (INT({col.size}))"

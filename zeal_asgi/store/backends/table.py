@@ -27,18 +27,6 @@ from zeal_asgi.store.base import (
 __all__ = ["AtomicCounter", "TableBackend"]
 
 
-def _shm_schema(spec: TableSpec) -> Schema:
-    """The schema of the shared table behind ``spec`` (rows of a TTL table expire in the core)."""
-    s = spec.schema
-    return Schema.declare(
-        {c.name: (int(c.type), c.size) for c in s.columns},
-        key_size=s.key_limit,
-        allow_nan=s.allow_nan,
-        binary_keys=s.binary_keys,
-        ttl=spec.ttl if spec.mode == "ttl" else None,
-    )
-
-
 class TableBackend(StoreBackend):
     """Store backend over shared-memory tables (``Store.BACKEND_TABLE``)."""
 
@@ -64,8 +52,10 @@ class TableBackend(StoreBackend):
 
     def declare(self, spec: TableSpec) -> Table:
         """Allocate (or attach to) the shared table of ``spec``."""
+        # Rows of a TTL table expire in the shared table itself.
+        options = {**spec.table_options(), "ttl": spec.ttl if spec.mode == "ttl" else None}
+        schema = Schema.declare(**options)
         existing = self._tables.get(spec.name)
-        schema = _shm_schema(spec)
         if existing is not None and not existing.closed:
             if existing.schema != schema:
                 raise ConfigError(
@@ -73,15 +63,7 @@ class TableBackend(StoreBackend):
                     f"(before vs now: {existing.schema.difference(schema)})"
                 )
             return existing
-        table = Table(
-            spec.max_rows,
-            {c.name: (int(c.type), c.size) for c in schema.columns},
-            name=f"{self.namespace}:{spec.name}",
-            key_size=schema.key_limit,
-            allow_nan=schema.allow_nan,
-            binary_keys=schema.binary_keys,
-            ttl=schema.ttl,
-        )
+        table = Table(spec.max_rows, name=f"{self.namespace}:{spec.name}", **options)
         self._tables[spec.name] = table
         return table
 

@@ -52,14 +52,12 @@ async def _use_fallback() -> Any:
     return _FALLBACK
 
 
-def _default_name(primary: object) -> str:
+def _default_name(primary: StoreBackend) -> str:
     # The same backend must get the same name in every worker (their breaker is one), and two
     # backends (other server, other prefix) different ones: the repr names both.
     ident = repr(primary)
     if " at 0x" in ident:  # an address differs per process: fall back to what is stable
-        ident = (
-            f"{getattr(primary, 'kind', type(primary).__name__)}:{getattr(primary, 'prefix', '')}"
-        )
+        ident = f"{primary.kind}:{getattr(primary, 'prefix', '')}"
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 

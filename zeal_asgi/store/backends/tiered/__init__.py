@@ -137,9 +137,7 @@ class TieredBackend(StoreBackend):
         opts: dict[str, Any] = {}
         if isinstance(conn, Mapping):
             opts = {k: conn[k] for k in OPTIONS if conn.get(k) is not None}
-            l2 = RedisBackend.from_config(conn, extra_keys=OPTIONS)
-        else:
-            l2 = RedisBackend.from_config(conn)
+        l2 = RedisBackend.from_config(conn, extra_keys=OPTIONS)
         if not opts.get("invalidation_secret"):
             opts["invalidation_secret"] = os.environ.get(ENV_SECRET) or None
         return cls(l2, **opts)

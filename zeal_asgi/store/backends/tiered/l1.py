@@ -16,6 +16,7 @@ rows go first, then the least recently fetched, until an eighth of it is free.
 
 from __future__ import annotations
 
+import heapq
 import time
 import zlib
 from collections.abc import Iterable, Mapping
@@ -66,17 +67,10 @@ class L1Cache:
             return existing
         if any(c.name == FETCHED for c in spec.schema.columns):
             raise ConfigError(f"table {spec.name!r}: column name {FETCHED!r} is reserved by L1")
-        cols: dict[str, tuple[int, int]] = {
-            c.name: (int(c.type), c.size) for c in spec.schema.columns
-        }
-        cols[FETCHED] = (int(ColumnType.FLOAT), 8)
+        options = spec.table_options()
+        options["columns"][FETCHED] = (int(ColumnType.FLOAT), 8)
         table = Table(
-            self.rows or spec.max_rows,
-            cols,
-            name=f"{self.namespace}:l1:{spec.name}",
-            key_size=spec.schema.key_limit,
-            allow_nan=spec.schema.allow_nan,
-            binary_keys=spec.schema.binary_keys,
+            self.rows or spec.max_rows, name=f"{self.namespace}:l1:{spec.name}", **options
         )
         self._gen_table()
         self._tables[spec.name] = table
@@ -209,10 +203,8 @@ class L1Cache:
                     freed += bool(t.delete(key))
                 else:
                     live.append((row[FETCHED], key))
-            if freed < target:
-                live.sort(key=lambda item: item[0])
-                for _, key in live[: target - freed]:
-                    freed += bool(t.delete(key))
+            for _, key in heapq.nsmallest(target - freed, live, key=lambda item: item[0]):
+                freed += bool(t.delete(key))
             count("tiered", "l1_evictions", freed)
             return freed > 0
         finally:

@@ -50,13 +50,15 @@ class InvalidationCodec:
     """Encodes and decodes invalidations; one per tiered backend and worker.
 
     Args:
-        signer: signs and verifies; ``None`` sends and accepts unsigned messages.
-        name: prefix of the host-wide counters (``<name>_rejected_<reason>_total``).
+        signer: signs and verifies; ``None`` sends and accepts unsigned messages (counted as
+            ``tiered_invalidation_rejected_<reason>_total``, like the signer's).
     """
 
-    def __init__(self, signer: Signer | None, *, name: str = "tiered_invalidation") -> None:
+    def __init__(self, signer: Signer | None) -> None:
         self.signer = signer
-        self.counter = signer.counter if signer is not None else RejectionCounter(name)
+        self.counter = (
+            signer.counter if signer is not None else RejectionCounter("tiered_invalidation")
+        )
         self.max_bytes = signer.max_bytes if signer is not None else MAX_BYTES
 
     def encode(self, origin: str, table: str, op: str, keys: Sequence[bytes] = ()) -> list[bytes]:
