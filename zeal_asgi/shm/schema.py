@@ -59,13 +59,8 @@ class ColumnType(enum.IntEnum):
     BYTES = 4
 
 
-_TYPE_NAMES = {
-    "int": ColumnType.INT,
-    "float": ColumnType.FLOAT,
-    "string": ColumnType.STRING,
-    "str": ColumnType.STRING,
-    "bytes": ColumnType.BYTES,
-}
+_TYPE_NAMES = {t.name.lower(): t for t in ColumnType} | {"str": ColumnType.STRING}
+_ZERO = {ColumnType.INT: 0, ColumnType.FLOAT: 0.0, ColumnType.STRING: "", ColumnType.BYTES: b""}
 
 
 @dataclass(frozen=True)
@@ -474,6 +469,4 @@ def validate_value(col: Column, value: object, table: str, allow_nan: bool = Fal
 
 def zero_value(col: Column) -> Any:
     """The value of a column in a new row: 0, 0.0, "" or b""."""
-    return {ColumnType.INT: 0, ColumnType.FLOAT: 0.0, ColumnType.STRING: "", ColumnType.BYTES: b""}[
-        col.type
-    ]
+    return _ZERO[col.type]
