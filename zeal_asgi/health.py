@@ -20,6 +20,7 @@ worker of the host, so any worker answers for the whole host.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
@@ -182,10 +183,9 @@ def _pool(stats: Mapping[str, Any]) -> dict[str, int]:
 
 
 def _named(counters: Mapping[str, int]) -> dict[str, int]:
-    out: dict[str, int] = {}
+    out: collections.Counter[str] = collections.Counter()
     for key, value in counters.items():
-        name = metric_name(key)
-        out[name] = out.get(name, 0) + value
+        out[metric_name(key)] += value
     return dict(sorted(out.items()))
 
 

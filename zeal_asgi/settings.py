@@ -5,6 +5,7 @@ Validated when read: a bad value fails the boot with the variable's name and the
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 from collections.abc import Mapping
@@ -35,10 +36,8 @@ class StoreBackendKind(enum.StrEnum):
         if isinstance(kind, cls):
             return kind
         if isinstance(kind, str):
-            try:
+            with contextlib.suppress(ValueError):
                 return cls(kind.strip().lower())
-            except ValueError:
-                pass
         raise ConfigError(
             f"unknown Store backend kind {kind!r} (use 'table', 'redis', 'tiered' or 'memcached')"
         )

@@ -226,12 +226,9 @@ class ClientFactory:
         cfg = self.cfg
         if cfg.mode == "sentinel":
             assert sentinel is not None
-            size = _DEDICATED_MAX
-            return Redis.from_pool(
-                self._sentinel_pool(
-                    _new_sentinel_pool, sentinel, socket_timeout, max_connections=size
-                )
-            )
+            size = {"max_connections": _DEDICATED_MAX}
+            pool = self._sentinel_pool(_new_sentinel_pool, sentinel, socket_timeout, **size)
+            return Redis.from_pool(pool)
         if isinstance(pooled, RedisCluster):
             try:
                 await pooled.initialize()

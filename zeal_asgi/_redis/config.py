@@ -122,10 +122,10 @@ class RedisConfig(BaseModel):
         """Where this backend connects, for messages and logs (never the password)."""
         if self.mode == "client":
             return f"a ready {type(self.client).__name__} client"
+        nodes = ",".join(_hostport_str(h, p) for h, p in self.nodes)
         if self.mode == "cluster":
-            return "redis cluster " + ",".join(_hostport_str(h, p) for h, p in self.nodes)
+            return f"redis cluster {nodes}"
         if self.mode == "sentinel":
-            nodes = ",".join(_hostport_str(h, p) for h, p in self.nodes)
             return f"redis sentinel service {self.service!r} via {nodes}"
         scheme = "rediss" if self.tls else "redis"
         auth = ""

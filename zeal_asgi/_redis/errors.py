@@ -68,14 +68,12 @@ def translate(exc: BaseException, where: str) -> ZealError:
         return BackendTimeoutError(f"{where}: no answer in time ({text})")
     if isinstance(exc, rx.OutOfMemoryError) or text.startswith("OOM"):
         return CapacityError(f"{where}: the server is out of memory (maxmemory): {text}")
-    if isinstance(exc, (rx.ConnectionError, rx.ClusterError, rx.ReadOnlyError, OSError)):
-        return BackendUnavailableError(f"{where}: {text}")
-    if isinstance(exc, rx.RedisClusterException) and not isinstance(
-        exc, (rx.CrossSlotTransactionError, rx.InvalidPipelineStack)
-    ):
-        # No reachable startup node, a slot nobody serves, no target: the topology is down.
-        return BackendUnavailableError(f"{where}: {text}")
-    if code in _UNAVAILABLE_REPLIES:
+    outage = (rx.ConnectionError, rx.ClusterError, rx.ReadOnlyError, OSError)
+    # Any other cluster error but a caller's mistake (no reachable startup node, a slot nobody
+    # serves, no target) means the topology is down.
+    misuse = (rx.CrossSlotTransactionError, rx.InvalidPipelineStack)
+    cluster_down = isinstance(exc, rx.RedisClusterException) and not isinstance(exc, misuse)
+    if isinstance(exc, outage) or cluster_down or code in _UNAVAILABLE_REPLIES:
         return BackendUnavailableError(f"{where}: {text}")
     return BackendResponseError(f"{where}: {type(exc).__name__}: {text}")
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import itertools
 import json
 import math
 import pickle
@@ -294,11 +295,8 @@ def _unpack_blobs(data: bytes) -> Any:
     if end < table:
         raise SerializationError("cached value's blobs are longer than the value")
     view = memoryview(data)
-    blobs = []
-    at = end
-    for size in sizes:
-        blobs.append(str(view[at : at + size], "utf-8"))
-        at += size
+    starts = itertools.accumulate(sizes, initial=end)  # one more than sizes: the end
+    blobs = [str(view[at : at + size], "utf-8") for at, size in zip(starts, sizes, strict=False)]
     previous = getattr(_refs, "blobs", None)
     _refs.blobs = blobs
     try:

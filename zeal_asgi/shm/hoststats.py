@@ -10,6 +10,7 @@ whenever the table is full, so worker restarts never fill it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import threading
@@ -71,17 +72,16 @@ class HostStats:
                 out.append((int(pid), metric, int(row["v"])))
         return out
 
-    def worker(self, pid: int | None = None) -> dict[str, int]:
-        """Counters of one worker (this one by default)."""
-        want = os.getpid() if pid is None else pid
-        return {m: v for p, m, v in self._rows() if p == want}
+    def worker(self) -> dict[str, int]:
+        """Counters of this worker."""
+        return {m: v for p, m, v in self._rows() if p == _pid}
 
     def host(self) -> dict[str, int]:
         """Counters summed over every worker of the host since the server started."""
-        total: dict[str, int] = {}
+        total: collections.Counter[str] = collections.Counter()
         for _, metric, value in self._rows():
-            total[metric] = total.get(metric, 0) + value
-        return total
+            total[metric] += value
+        return dict(total)
 
     def workers(self) -> dict[int, dict[str, int]]:
         """Counters of every worker that recorded something, by pid (0: workers that died)."""

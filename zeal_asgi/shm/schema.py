@@ -59,13 +59,8 @@ class ColumnType(enum.IntEnum):
     BYTES = 4
 
 
-_TYPE_NAMES = {
-    "int": ColumnType.INT,
-    "float": ColumnType.FLOAT,
-    "string": ColumnType.STRING,
-    "str": ColumnType.STRING,
-    "bytes": ColumnType.BYTES,
-}
+_TYPE_NAMES = {t.name.lower(): t for t in ColumnType} | {"str": ColumnType.STRING}
+_ZERO = {ColumnType.INT: 0, ColumnType.FLOAT: 0.0, ColumnType.STRING: "", ColumnType.BYTES: b""}
 
 
 @dataclass(frozen=True)
@@ -305,7 +300,7 @@ class Schema:
 
     def zero_row(self) -> dict[str, Any]:
         """A new row: every column zero or empty, in declaration order."""
-        return {c.name: zero_value(c) for c in self.columns}
+        return {c.name: _ZERO[c.type] for c in self.columns}
 
     def describe(self) -> dict[str, tuple[str, int]]:
         """``{column: (type name, size)}``, for messages and health output."""
@@ -470,10 +465,3 @@ def validate_value(col: Column, value: object, table: str, allow_nan: bool = Fal
             "bytes (never truncated)"
         )
     return out
-
-
-def zero_value(col: Column) -> Any:
-    """The value of a column in a new row: 0, 0.0, "" or b""."""
-    return {ColumnType.INT: 0, ColumnType.FLOAT: 0.0, ColumnType.STRING: "", ColumnType.BYTES: b""}[
-        col.type
-    ]

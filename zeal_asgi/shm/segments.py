@@ -464,6 +464,9 @@ def open_table(
     blob = schema.to_blob()
     what = f"table {name!r} ({max_rows:,} rows of {schema.row_size} bytes)"
 
+    def init(fd: int) -> None:
+        table._init(fd, geo, blob)
+
     def attach(fd: int, size: int) -> bytes | None:
         stored: bytes | None = table._attach(fd, size)
         if stored is not None and stored != blob:
@@ -473,15 +476,7 @@ def open_table(
 
     for _ in range(3):
         try:
-            path, stored = _open(
-                "t",
-                name,
-                geo.total_size,
-                what,
-                lambda fd: table._init(fd, geo, blob),
-                attach,
-                table._unmap,
-            )
+            path, stored = _open("t", name, geo.total_size, what, init, attach, table._unmap)
             break
         except _OtherSchema as exc:
             where = None if _memfd_wanted() else segment_path("t", name or "")
@@ -507,18 +502,14 @@ def open_atomic(atomic: Atomic, name: str | None, initial: int) -> tuple[str | N
     """Create or attach the segment of ``atomic`` (``Atomic.__init__``); ``(path, created)``."""
     _check_name(name, "atomic")
 
+    def init(fd: int) -> None:
+        atomic._init(fd, initial)
+
     def attach(fd: int, size: int) -> bool | None:
         return True if atomic._attach(fd, size) else None
 
-    path, attached = _open(
-        "a",
-        name,
-        _shmtable.ATOMIC_SIZE,
-        f"atomic {name!r}",
-        lambda fd: atomic._init(fd, initial),
-        attach,
-        atomic._unmap,
-    )
+    what = f"atomic {name!r}"
+    path, attached = _open("a", name, _shmtable.ATOMIC_SIZE, what, init, attach, atomic._unmap)
     with _lock:
         _held.add(atomic)
     return path, attached is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pathlib
 import re
 import stat
 import time
@@ -30,8 +31,7 @@ TEMP_MAX_AGE = 60.0
 def _check_ancestors(path: str) -> None:
     # Another user who can write to an ancestor (without the sticky bit) can rename our
     # directory away and put their own in its place, as sshd's StrictModes reasons.
-    parent = os.path.dirname(path)
-    while True:
+    for parent in map(str, pathlib.PurePath(path).parents):
         st = os.lstat(parent)
         if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
             raise InsecureCacheDirError(
@@ -39,10 +39,6 @@ def _check_ancestors(path: str) -> None:
                 f"(mode {stat.S_IMODE(st.st_mode):o}, no sticky bit); another user could replace "
                 "the cache directory"
             )
-        up = os.path.dirname(parent)
-        if up == parent:
-            return
-        parent = up
 
 
 def _make_private(path: str) -> None:
