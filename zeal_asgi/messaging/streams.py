@@ -216,9 +216,7 @@ class Streams:
             host_stats()  # allocated now, in the process that declares (before workers start)
             return fn
 
-        if handler is None:
-            return register
-        return register(handler)
+        return register if handler is None else register(handler)
 
     async def start(self) -> None:
         """Create the groups and start every consumer in this worker."""
@@ -282,8 +280,7 @@ async def idempotent(key: str, ttl: float = 86400.0, *, store: Store | None = No
     For effects in Redis use :func:`apply_once`, which applies them with the claim atomically.
     """
     st = store if store is not None else Store.default()
-    res = await st.eval(IDEM_CLAIM.source, [_idem_key(key)], [_ttl_ms(ttl)])
-    return bool(res)
+    return bool(await st.eval(IDEM_CLAIM.source, [_idem_key(key)], [_ttl_ms(ttl)]))
 
 
 async def apply_once(
@@ -318,5 +315,4 @@ async def apply_once(
             raise InvalidKeyError(f"apply_once: the key of {name} must be a non-empty str")
         keys.append(key_arg)
         args += [name, len(cmd) - 2, *cmd[2:]]
-    res = await st.eval(APPLY_ONCE.source, keys, args)
-    return bool(res)
+    return bool(await st.eval(APPLY_ONCE.source, keys, args))

@@ -129,11 +129,7 @@ class BusTransport:
     async def listen(self, deliver: Deliver) -> None:
         """Read the ring until cancelled (the ring reader yields between batches itself)."""
         assert self.sub is not None
-
-        def sink(wire: str, pattern: str | None, data: bytes) -> None:
-            deliver(wire, pattern, data)
-
-        await self.sub.run(sink)
+        await self.sub.run(deliver)
 
     async def change(self, wire: str, pattern: bool, subscribe: bool) -> None:
         """Subscribe one more topic, or unsubscribe one."""

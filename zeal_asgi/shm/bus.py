@@ -23,6 +23,7 @@ died before writing it is skipped after ``HOLE_TIMEOUT`` (counted as ``pubsub_lo
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import os
 import re
@@ -60,8 +61,9 @@ SNAPSHOT_MAX_AGE = 1.0
 SWEEP_INTERVAL = 2.0
 _YIELD_EVERY = 256
 
-Deliver = Callable[[str, "str | None", bytes], None]
-"""``deliver(wire_channel, matched_pattern_or_None, payload)``, called for each match."""
+Deliver = Callable[[str, "str | None", bytes], object]
+"""``deliver(wire_channel, matched_pattern_or_None, payload)``, called for each match (its
+result is ignored)."""
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
@@ -240,17 +242,9 @@ class HostBus:
         first = last - nparts + 1
         ring, keys, slots = self.ring, self._keys, self.slots
         for i in range(nparts):
-            seq = first + i
-            ring.set(
-                keys[seq % slots],
-                {
-                    "seq": seq,
-                    "nparts": nparts,
-                    "part": i,
-                    "channel": wire,
-                    "data": payload[i * sb : (i + 1) * sb] if nparts > 1 else payload,
-                },
-            )
+            data = payload[i * sb : (i + 1) * sb] if nparts > 1 else payload
+            row = {"seq": first + i, "nparts": nparts, "part": i, "channel": wire, "data": data}
+            ring.set(keys[(first + i) % slots], row)
         for tok in targets:
             self._wake(tok)
         return len(targets)
@@ -295,18 +289,12 @@ class HostBus:
 
     def prune_dead(self) -> int:
         """Remove the registry rows of subscribers whose process died; how many workers."""
-        dead: set[str] = set()
-        alive: dict[tuple[int, int], bool] = {}
-        for key, row in self.registry.items():
-            k = str(key)
-            if not k.startswith("w:"):
-                continue
-            ident = (int(row["pid"]), int(row["start"]))
-            ok = alive.get(ident)
-            if ok is None:
-                ok = alive[ident] = process_alive(ident[0], ident[1] or None)
-            if not ok:
-                dead.add(k[2:])
+        alive = functools.cache(process_alive)  # a process may hold several subscribers
+        dead = {
+            str(key)[2:]
+            for key, row in self.registry.items()
+            if str(key).startswith("w:") and not alive(int(row["pid"]), int(row["start"]) or None)
+        }
         if not dead:
             return 0
         for key in list(self.registry.keys()):

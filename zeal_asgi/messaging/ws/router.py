@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ from typing import Any, Protocol
 
 from zeal_asgi.errors import ConfigError, MessageRejectedError
 from zeal_asgi.messaging.pubsub import PubSub
-from zeal_asgi.messaging.stats import cancel_task
+from zeal_asgi.messaging.stats import call, cancel_tasks
 from zeal_asgi.messaging.ws.conn import (
     CLIENT_ID_MAX,
     CONN_RE,
@@ -205,8 +204,7 @@ class WSRouter:
             await asyncio.wait(set(self._closing))  # releases under way finish first
         for client_id, conn in list(self._local.items()):
             await self.release(client_id, conn.conn_id)
-        for task in list(self._bg):
-            await cancel_task(task)
+        await cancel_tasks(*self._bg)
         liveness, self._liveness = self._liveness, None
         if liveness is not None:
             try:
@@ -250,7 +248,7 @@ class WSRouter:
             raise ConfigError("WSRouter.own(): the router is not started in this worker")
         old = self._local.pop(client_id, None)
         if old is not None:
-            self._spawn(cancel_task(old.sender))
+            self._spawn(cancel_tasks(old.sender))
             self._forget(old)
         conn = Conn(client_id, websocket, self.queue_size, self._send_loop)
         self._local[client_id] = conn
@@ -276,7 +274,7 @@ class WSRouter:
             rooms = list(conn.rooms)
             self._forget(conn)  # no room message reaches it from here on
             await finish(conn.registered)
-            await cancel_task(conn.sender)
+            await cancel_tasks(conn.sender)
             for room in rooms:
                 try:
                     await self.registry.leave(room, client_id, self.worker)
@@ -465,9 +463,7 @@ class WSRouter:
         elif kind == "p":
             for handler in self._presence:
                 try:
-                    res = handler(str(doc.get("e")), str(doc.get("r")), str(doc.get("c")))
-                    if inspect.isawaitable(res):
-                        await res
+                    await call(handler, str(doc.get("e")), str(doc.get("r")), str(doc.get("c")))
                 except Exception:
                     log.exception("zeal_asgi ws: presence handler %r failed", handler)
         else:
@@ -544,9 +540,7 @@ class WSRouter:
                     return
                 data = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
                 if on_message is not None and data is not None:
-                    res = on_message(data)
-                    if inspect.isawaitable(res):
-                        await res
+                    await call(on_message, data)
 
         reader = asyncio.get_running_loop().create_task(receive())
         try:
@@ -563,7 +557,7 @@ class WSRouter:
             raise reader.exception()  # type: ignore[misc]
 
     async def _close(self, reader: asyncio.Task[None], client_id: str, conn_id: str) -> None:
-        await cancel_task(reader)
+        await cancel_tasks(reader)
         await self.release(client_id, conn_id)
 
     def stats(self) -> dict[str, Any]:
