@@ -37,7 +37,15 @@ from typing import Any
 
 from zeal_asgi._redis.subscriber import Subscriber
 from zeal_asgi.errors import ConfigError
-from zeal_asgi.messaging.stats import RUNNERS, Counters, call, cancel_tasks, messaging_stats, spawn
+from zeal_asgi.messaging.stats import (
+    RUNNERS,
+    Counters,
+    call,
+    cancel_tasks,
+    messaging_stats,
+    positive_int,
+    spawn,
+)
 from zeal_asgi.messaging.transports import BusTransport, RedisTransport, Topic, Transport
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
@@ -176,8 +184,7 @@ class PubSub:
         validate_channel(channel, "pattern" if pattern else "channel")
         if pattern is None:
             pattern = is_pattern(channel)
-        if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1:
-            raise ConfigError(f"queue_size must be an int >= 1, got {queue_size!r}")
+        positive_int("queue_size", queue_size)
         if overflow not in OVERFLOW_POLICIES:
             raise ConfigError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
 

@@ -9,10 +9,19 @@ import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from zeal_asgi.errors import ConfigError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store.facade import add_stats_section
 
-__all__ = ["RUNNERS", "Counters", "call", "cancel_tasks", "log_failure", "messaging_stats", "spawn"]
+__all__ = [
+    "RUNNERS",
+    "Counters",
+    "call",
+    "cancel_tasks",
+    "messaging_stats",
+    "positive_int",
+    "spawn",
+]
 
 log = logging.getLogger("zeal_asgi.messaging")
 
@@ -35,6 +44,13 @@ class Counters:
         host_stats().incr(self._host[name], by)
 
 
+def positive_int(name: str, value: object, low: int = 1) -> int:
+    """``value`` if it is an int >= ``low``, else a ``ConfigError`` naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
 async def call(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``, awaited when it returns an awaitable (handlers may be sync or async)."""
     res = fn(*args)
@@ -48,7 +64,7 @@ def spawn(
     task = asyncio.get_running_loop().create_task(coro, name=name)
     tasks.add(task)
     task.add_done_callback(tasks.discard)
-    task.add_done_callback(log_failure)
+    task.add_done_callback(_log_failure)
     return task
 
 
@@ -70,7 +86,7 @@ async def cancel_tasks(*tasks: asyncio.Task[Any] | None) -> None:
             log.error("zeal_asgi: task %r failed while stopping", task.get_name(), exc_info=exc)
 
 
-def log_failure(task: asyncio.Task[Any]) -> None:
+def _log_failure(task: asyncio.Task[Any]) -> None:
     """Done-callback of a background task: log its exception, if any."""
     if not task.cancelled() and task.exception() is not None:
         log.warning("zeal_asgi: background task %r failed: %s", task.get_name(), task.exception())

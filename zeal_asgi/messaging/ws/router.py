@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from zeal_asgi.errors import ConfigError, MessageRejectedError
 from zeal_asgi.messaging.pubsub import PubSub
-from zeal_asgi.messaging.stats import call, cancel_tasks
+from zeal_asgi.messaging.stats import call, cancel_tasks, positive_int
 from zeal_asgi.messaging.ws.conn import (
     CLIENT_ID_MAX,
     CONN_RE,
@@ -113,30 +113,23 @@ class WSRouter:
         room_capacity: int = 65536,
         worker_ttl: float = 30.0,
     ) -> None:
-        if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1:
-            raise ConfigError(f"queue_size must be an int >= 1, got {queue_size!r}")
+        self.queue_size = positive_int("queue_size", queue_size)
         if overflow not in ("drop_oldest", "close"):
             raise ConfigError(f"overflow must be 'drop_oldest' or 'close', got {overflow!r}")
         ttl = worker_ttl
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0.3 <= ttl <= 86400:
             raise ConfigError(f"worker_ttl must be seconds in [0.3, 86400], got {ttl!r}")
-        self.queue_size = queue_size
         self.overflow = overflow
         self.worker_ttl = float(worker_ttl)
         self._own_pubsub = isinstance(target, Store)
         self.store: Store = target if isinstance(target, Store) else target.store
         self.pubsub: PubSub = PubSub(target) if isinstance(target, Store) else target.pubsub
-        self.signer = (
-            Signer(
-                secret,
-                context="ws",
-                window=signing_window,
-                max_bytes=2 * MAX_MESSAGE,
-                name="ws_signed",
+        self.signer: Signer | None = None
+        if secret:
+            window, limit = signing_window, 2 * MAX_MESSAGE
+            self.signer = Signer(
+                secret, context="ws", window=window, max_bytes=limit, name="ws_signed"
             )
-            if secret
-            else None
-        )
         self._capacities = (owner_capacity, room_capacity)
         self._registry: Registry | None = None
         self._liveness: Liveness | None = None
