@@ -222,13 +222,9 @@ class Consumer:
 
     async def _dead_letter(self, eid: str, raw: Any, deliveries: int) -> None:
         sub = self.sub
-        fields = _fields(raw)
-        fields.update(
-            zeal_origin_stream=sub.stream.encode(),
-            zeal_origin_id=eid.encode(),
-            zeal_group=sub.group.encode(),
-            zeal_deliveries=str(deliveries).encode(),
-        )
+        origin = {"origin_stream": sub.stream, "origin_id": eid, "group": sub.group}
+        origin["deliveries"] = str(deliveries)
+        fields = _fields(raw) | {f"zeal_{name}": value.encode() for name, value in origin.items()}
 
         async def move(client: Any) -> None:
             if hasattr(client, "get_node_from_key"):

@@ -420,12 +420,9 @@ class PubSub:
 
     def stats(self) -> dict[str, Any]:
         """This worker's state and counters."""
-        out: dict[str, Any] = {
-            "state": self.state,
-            "transport": self.transport.kind if self.transport else None,
-            "subscriptions": len(self.subscriptions),
-        }
-        out.update(self.counters.values)
+        kind = self.transport.kind if self.transport else None
+        out = {"state": self.state, "transport": kind, "subscriptions": len(self.subscriptions)}
+        out |= self.counters.values
         if self.error is not None:
             out["last_error"] = str(self.error)
         return out

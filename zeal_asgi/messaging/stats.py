@@ -98,14 +98,13 @@ def messaging_stats() -> dict[str, Any]:
     ``pubsub.state`` and ``streams.state`` are ``failed`` when a started runner of this worker
     gave up (``max_attempts``): it receives nothing any more.
     """
-    host = host_stats().host()
-    worker = host_stats().worker()
+    sums = {"worker": host_stats().worker(), "host": host_stats().host()}
     out: dict[str, Any] = {}
     for family in ("pubsub", "streams", "ws"):
         pre = family + "_"
         out[family] = {
-            "worker": {k[len(pre) :]: v for k, v in worker.items() if k.startswith(pre)},
-            "host": {k[len(pre) :]: v for k, v in host.items() if k.startswith(pre)},
+            scope: {k[len(pre) :]: v for k, v in counts.items() if k.startswith(pre)}
+            for scope, counts in sums.items()
         }
     runners = [r for r in RUNNERS if r.started]
     for family in ("pubsub", "streams"):

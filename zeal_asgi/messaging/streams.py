@@ -145,8 +145,7 @@ class Streams:
     ) -> None:
         self._store = store
         self.max_attempts = positive_int("max_attempts", max_attempts, 0)
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.liveness_timeout = liveness_timeout
         self.subscriptions: list[ReliableSubscription] = []
         self._consumers: list[Consumer] = []

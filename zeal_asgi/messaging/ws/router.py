@@ -36,7 +36,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Protocol
 
 from zeal_asgi.errors import ConfigError, MessageRejectedError
@@ -139,7 +139,6 @@ class WSRouter:
         self._sub: Any = None
         self._bg: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Future[None]] = set()  # releases of serve(), never cancelled
-        self._room_wire = ""  # the wire name of every worker's channel, minus the worker
         self.server = self.worker = ""
         host_stats()
         if self.store.kind is StoreBackendKind.TABLE:
@@ -398,18 +397,15 @@ class WSRouter:
         raw = None if self.signer is not None else self._seal(fields, "")
         pairs = None
         if raw is not None:
-            if not self._room_wire:
-                self._room_wire = self.pubsub.system_wire(self._channel(""))
-            pairs = await self.registry.publish_room(room, self._room_wire, raw)
+            wire = self.pubsub.system_wire(self._channel(""))  # every worker's, minus the worker
+            pairs = await self.registry.publish_room(room, wire, raw)
         if pairs is None:
+
+            def send(w: str) -> Awaitable[int]:
+                return self.pubsub.publish_system(self._channel(w), raw or self._seal(fields, w))
+
             workers = await self.registry.room_servers(room)
-            counts = await asyncio.gather(
-                *(
-                    self.pubsub.publish_system(self._channel(w), raw or self._seal(fields, w))
-                    for w in workers
-                )
-            )
-            pairs = list(zip(workers, counts, strict=True))
+            pairs = list(zip(workers, await asyncio.gather(*map(send, workers)), strict=True))
         if self._liveness is not None:
             for worker, n in pairs:
                 if not n:
