@@ -58,8 +58,6 @@ from zeal_asgi.messaging.ws.conn import (
 )
 from zeal_asgi.messaging.ws.liveness import Liveness
 from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
-from zeal_asgi.shm.bus import host_bus
-from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.signing import Signer, parse_envelope
 from zeal_asgi.store import Store
@@ -140,9 +138,8 @@ class WSRouter:
         self._bg: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Future[None]] = set()  # releases of serve(), never cancelled
         self.server = self.worker = ""
-        host_stats()
+        self.pubsub.prepare()  # the host counters and bus, allocated now, before workers start
         if self.store.kind is StoreBackendKind.TABLE:
-            host_bus()  # both allocated now, before workers start
             self.registry  # noqa: B018
         if not isinstance(target, Store):
             target.add_service(self)
