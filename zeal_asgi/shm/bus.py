@@ -66,42 +66,31 @@ Deliver = Callable[[str, "str | None", bytes], object]
 result is ignored)."""
 
 
+# A glob's tokens: an escaped char, a bracket class (negated?, body), an unclosed "[" with the
+# rest of the pattern, or one plain char.
+_GLOB = re.compile(r"\\(.)|\[(\^?)((?:\\.|[^\]\\])*)\]|(\[.*)|(.)", re.DOTALL)
+_CLASS = re.compile(r"\\(.)|(.)", re.DOTALL)
+
+
+def _char_class(body: str) -> str:
+    # A "-" between two members is a range; first or last, it is a literal.
+    parts = _CLASS.findall(body)
+    return "".join(
+        "-" if plain == "-" and 0 < i < len(parts) - 1 else re.escape(escaped or plain)
+        for i, (escaped, plain) in enumerate(parts)
+    )
+
+
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
     """Redis PSUBSCRIBE glob semantics: ``*``, ``?``, ``[abc]``, ``[^a]``, ``[a-z]``, ``\\x``."""
     out: list[str] = []
-    i, n = 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        if c == "*":
-            out.append(".*")
-        elif c == "?":
-            out.append(".")
-        elif c == "\\" and i + 1 < n:
-            i += 1
-            out.append(re.escape(pattern[i]))
-        elif c == "[":
-            j = i + 1
-            neg = j < n and pattern[j] == "^"
-            if neg:
-                j += 1
-            chars: list[str] = []
-            while j < n and pattern[j] != "]":
-                if pattern[j] == "\\" and j + 1 < n:
-                    j += 1
-                    chars.append(re.escape(pattern[j]))
-                elif pattern[j] == "-" and chars and j + 1 < n and pattern[j + 1] != "]":
-                    chars.append("-")
-                else:
-                    chars.append(re.escape(pattern[j]))
-                j += 1
-            if j >= n:  # no closing bracket: Redis matches the rest literally
-                out.append(re.escape(pattern[i:]))
-                break
-            out.append(f"[{'^' if neg else ''}{''.join(chars)}]")
-            i = j
+    for escaped, neg, body, unclosed, char in _GLOB.findall(pattern):
+        if escaped or unclosed:  # no closing bracket: Redis matches the rest literally
+            out.append(re.escape(escaped or unclosed))
+        elif char:
+            out.append(".*" if char == "*" else "." if char == "?" else re.escape(char))
         else:
-            out.append(re.escape(c))
-        i += 1
+            out.append(f"[{neg}{_char_class(body)}]")
     return re.compile("".join(out), re.DOTALL)
 
 
