@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -407,10 +408,14 @@ class PubSub:
         queue = sub.queue
         assert queue is not None
         handler, counters = sub.handler, self.counters
+        is_coro = inspect.iscoroutinefunction(handler)
         while True:
             payload, channel = await queue.get()
             try:
-                await call(handler, payload, channel)
+                if is_coro:  # the common case, without a helper's frame per message
+                    await handler(payload, channel)
+                else:
+                    await call(handler, payload, channel)
                 counters.incr("delivered")
             except asyncio.CancelledError:
                 raise
