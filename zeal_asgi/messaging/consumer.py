@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from zeal_asgi._redis.errors import translate
 from zeal_asgi._redis.scripts import text
 from zeal_asgi.errors import BackendTimeoutError, ZealError
-from zeal_asgi.messaging.stats import cancel_task
+from zeal_asgi.messaging.stats import call, cancel_tasks
 from zeal_asgi.messaging.streams import StreamEntry
 
 if TYPE_CHECKING:
@@ -74,16 +73,14 @@ class Consumer:
         """Create the group (at id 0, with the stream) and start the tasks."""
         await self._ensure_group()
         loop, name = asyncio.get_running_loop(), f"zeal-stream:{self.sub.stream}"
-        self.tasks.append(loop.create_task(self._supervise(self._read, "reader"), name=name))
-        self.tasks.append(loop.create_task(self._supervise(self._reap, "reaper"), name=name))
-        for _ in range(self.sub.concurrency):
-            self.tasks.append(loop.create_task(self._work(), name=name))
+        loops = [self._supervise(self._read, "reader"), self._supervise(self._reap, "reaper")]
+        loops += [self._work() for _ in range(self.sub.concurrency)]
+        self.tasks = [loop.create_task(coro, name=name) for coro in loops]
 
     async def stop(self) -> None:
         """Cancel and await every task (unacknowledged entries stay pending)."""
         tasks, self.tasks = self.tasks, []
-        for t in tasks:
-            await cancel_task(t)
+        await cancel_tasks(*tasks)
 
     async def _call(self, what: str, op: Callable[[Any], Awaitable[Any]]) -> Any:
         """``await op(client)`` on the pooled client, errors translated."""
@@ -225,13 +222,9 @@ class Consumer:
 
     async def _dead_letter(self, eid: str, raw: Any, deliveries: int) -> None:
         sub = self.sub
-        fields = _fields(raw)
-        fields.update(
-            zeal_origin_stream=sub.stream.encode(),
-            zeal_origin_id=eid.encode(),
-            zeal_group=sub.group.encode(),
-            zeal_deliveries=str(deliveries).encode(),
-        )
+        origin = {"origin_stream": sub.stream, "origin_id": eid, "group": sub.group}
+        origin["deliveries"] = str(deliveries)
+        fields = _fields(raw) | {f"zeal_{name}": value.encode() for name, value in origin.items()}
 
         async def move(client: Any) -> None:
             if hasattr(client, "get_node_from_key"):
@@ -275,9 +268,7 @@ class Consumer:
                 payload = payload.decode("utf-8")
         entry = StreamEntry(sub.stream, eid, sub.group, sub.consumer, max(deliveries, 1), fields)
         try:
-            res = sub.handler(payload, entry)
-            if inspect.isawaitable(res):
-                res = await res
+            res = await call(sub.handler, payload, entry)
         except asyncio.CancelledError:
             raise
         except Exception:

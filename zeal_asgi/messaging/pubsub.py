@@ -38,7 +38,15 @@ from typing import Any
 
 from zeal_asgi._redis.subscriber import Subscriber
 from zeal_asgi.errors import ConfigError
-from zeal_asgi.messaging.stats import RUNNERS, Counters, cancel_task, log_failure, messaging_stats
+from zeal_asgi.messaging.stats import (
+    RUNNERS,
+    Counters,
+    call,
+    cancel_tasks,
+    messaging_stats,
+    positive_int,
+    spawn,
+)
 from zeal_asgi.messaging.transports import BusTransport, RedisTransport, Topic, Transport
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
@@ -177,8 +185,7 @@ class PubSub:
         validate_channel(channel, "pattern" if pattern else "channel")
         if pattern is None:
             pattern = is_pattern(channel)
-        if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1:
-            raise ConfigError(f"queue_size must be an int >= 1, got {queue_size!r}")
+        positive_int("queue_size", queue_size)
         if overflow not in OVERFLOW_POLICIES:
             raise ConfigError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
 
@@ -188,9 +195,7 @@ class PubSub:
             self._add(Subscription(Topic(channel, bool(pattern)), fn, raw, queue_size, overflow))
             return fn
 
-        if handler is None:
-            return register
-        return register(handler)
+        return register if handler is None else register(handler)
 
     async def add_system(self, name: str, handler: Handler, *, raw: bool = True) -> Subscription:
         """Subscribe a package-internal topic (WebSocket routing) in this worker only."""
@@ -207,13 +212,7 @@ class PubSub:
         self.subscriptions.append(sub)
         if self.subscriber is None:
             return None
-        key = self._index(sub)
-        self._start_consumer(sub)
-        task = asyncio.get_running_loop().create_task(self._subscribe(sub.topic, key))
-        self._adding.add(task)
-        task.add_done_callback(self._adding.discard)
-        task.add_done_callback(log_failure)
-        return task
+        return spawn(self._adding, self._subscribe(sub.topic, self._activate(sub)))
 
     async def _subscribe(self, topic: Topic, key: tuple[str, bool]) -> None:
         assert self.subscriber is not None and self.transport is not None
@@ -235,7 +234,7 @@ class PubSub:
                 if self.subscriber is not None:
                     await self.subscriber.change(*key, False)
                     await self.transport.advertise([sub.topic], 0)
-        await cancel_task(sub.task)
+        await cancel_tasks(sub.task)
         sub.task = None
 
     def on_reconnect(self, callback: Callable[[], Any]) -> None:
@@ -281,8 +280,7 @@ class PubSub:
         transport = self._transport()
         self._by_wire.clear()
         for sub in self.subscriptions:
-            self._index(sub)
-            self._start_consumer(sub)
+            self._activate(sub)
         self.subscriber = Subscriber(
             transport.feed(self.liveness_interval, self.liveness_timeout),
             self._deliver,
@@ -310,7 +308,7 @@ class PubSub:
 
     async def stop(self) -> None:
         """Stop the subscriber and every handler task (cancelled and awaited)."""
-        await cancel_task(self._refresher)
+        await cancel_tasks(self._refresher)
         subscriber, self.subscriber = self.subscriber, None
         if subscriber is not None:
             if subscriber.connected and self.transport is not None:
@@ -318,26 +316,22 @@ class PubSub:
                     await self.transport.advertise(self._topics(), 0)
             await subscriber.stop()
             self._last = (subscriber.state, subscriber.error)
-        for task in list(self._adding):
-            await cancel_task(task)
+        await cancel_tasks(*self._adding, *(sub.task for sub in self.subscriptions))
         for sub in self.subscriptions:
-            await cancel_task(sub.task)
-            sub.task = None
-            sub.queue = None
+            sub.task = sub.queue = None
         self.transport = None
         self._by_wire.clear()
 
-    def _index(self, sub: Subscription) -> tuple[str, bool]:
+    def _activate(self, sub: Subscription) -> tuple[str, bool]:
+        """Index ``sub`` by its wire name and start its queue and task; that wire key."""
         assert self.transport is not None
         key = (self.transport.wire(sub.topic), sub.topic.pattern)
         self._by_wire.setdefault(key, []).append(sub)
-        return key
-
-    def _start_consumer(self, sub: Subscription) -> None:
         sub.queue = asyncio.Queue(maxsize=sub.queue_size)
         sub.task = asyncio.get_running_loop().create_task(
             self._consume(sub), name=f"zeal-pubsub:{sub.topic.name}"
         )
+        return key
 
     @property
     def _ttl(self) -> float:
@@ -366,9 +360,7 @@ class PubSub:
         self.counters.incr("reconnects")
         for cb in self._reconnect_callbacks:
             try:
-                res = cb()
-                if inspect.isawaitable(res):
-                    await res
+                await call(cb)
             except Exception:
                 log.exception("zeal_asgi pub/sub: reconnect callback %r failed", cb)
 
@@ -415,17 +407,15 @@ class PubSub:
     async def _consume(self, sub: Subscription) -> None:
         queue = sub.queue
         assert queue is not None
-        handler, is_coro = sub.handler, inspect.iscoroutinefunction(sub.handler)
-        counters = self.counters
+        handler, counters = sub.handler, self.counters
+        is_coro = inspect.iscoroutinefunction(handler)
         while True:
             payload, channel = await queue.get()
             try:
-                if is_coro:
+                if is_coro:  # the common case, without a helper's frame per message
                     await handler(payload, channel)
                 else:
-                    res = handler(payload, channel)
-                    if inspect.isawaitable(res):
-                        await res
+                    await call(handler, payload, channel)
                 counters.incr("delivered")
             except asyncio.CancelledError:
                 raise
@@ -435,12 +425,9 @@ class PubSub:
 
     def stats(self) -> dict[str, Any]:
         """This worker's state and counters."""
-        out: dict[str, Any] = {
-            "state": self.state,
-            "transport": self.transport.kind if self.transport else None,
-            "subscriptions": len(self.subscriptions),
-        }
-        out.update(self.counters.values)
+        kind = self.transport.kind if self.transport else None
+        out = {"state": self.state, "transport": kind, "subscriptions": len(self.subscriptions)}
+        out |= self.counters.values
         if self.error is not None:
             out["last_error"] = str(self.error)
         return out

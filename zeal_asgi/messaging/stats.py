@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import weakref
+from collections.abc import Callable, Coroutine
 from typing import Any
 
+from zeal_asgi.errors import ConfigError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store.facade import add_stats_section
 
-__all__ = ["RUNNERS", "Counters", "cancel_task", "log_failure", "messaging_stats"]
+__all__ = [
+    "RUNNERS",
+    "Counters",
+    "call",
+    "cancel_tasks",
+    "messaging_stats",
+    "positive_int",
+    "spawn",
+]
 
 log = logging.getLogger("zeal_asgi.messaging")
 
@@ -25,9 +36,7 @@ class Counters:
     def __init__(self, family: str, names: str) -> None:
         self.family = family
         self.values = dict.fromkeys(names.split(), 0)
-        self._host = {
-            name: f"{family}_{name}" for name in self.values
-        }  # per message: no formatting
+        self._host = {name: f"{family}_{name}" for name in self.values}  # per message: no format
 
     def incr(self, name: str, by: int = 1) -> None:
         """Add ``by`` to ``name`` here and in the host-wide table."""
@@ -35,22 +44,49 @@ class Counters:
         host_stats().incr(self._host[name], by)
 
 
-async def cancel_task(task: asyncio.Task[Any] | None) -> None:
-    """Cancel ``task`` and wait for it; its failure is logged, our own cancellation propagates.
+def positive_int(name: str, value: object, low: int = 1) -> int:
+    """``value`` if it is an int >= ``low``, else a ``ConfigError`` naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
 
-    The caller's cancellation propagates as its own ``CancelledError``, never as the task's: a
+
+async def call(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, awaited when it returns an awaitable (handlers may be sync or async)."""
+    res = fn(*args)
+    return await res if inspect.isawaitable(res) else res
+
+
+def spawn(
+    tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, Any], name: str | None = None
+) -> asyncio.Task[Any]:
+    """Run ``coro`` as a background task kept in ``tasks`` until it ends; its failure is logged."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    task.add_done_callback(_log_failure)
+    return task
+
+
+async def cancel_tasks(*tasks: asyncio.Task[Any] | None) -> None:
+    """Cancel ``tasks`` and wait for them; their failures are logged, our own cancellation
+    propagates.
+
+    The caller's cancellation propagates as its own ``CancelledError``, never as a task's: a
     cancel scope (anyio, ``asyncio.timeout``) recognises only the one it sent.
     """
-    if task is None or task.done():
+    live = {task for task in tasks if task is not None and not task.done()}
+    if not live:
         return
-    task.cancel()
-    await asyncio.wait({task})  # raises only our own cancellation, never the task's outcome
-    if not task.cancelled() and task.exception() is not None:
-        exc = task.exception()
-        log.error("zeal_asgi: task %r failed while stopping", task.get_name(), exc_info=exc)
+    for task in live:
+        task.cancel()
+    await asyncio.wait(live)  # raises only our own cancellation, never a task's outcome
+    for task in live:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("zeal_asgi: task %r failed while stopping", task.get_name(), exc_info=exc)
 
 
-def log_failure(task: asyncio.Task[Any]) -> None:
+def _log_failure(task: asyncio.Task[Any]) -> None:
     """Done-callback of a background task: log its exception, if any."""
     if not task.cancelled() and task.exception() is not None:
         log.warning("zeal_asgi: background task %r failed: %s", task.get_name(), task.exception())
@@ -62,14 +98,13 @@ def messaging_stats() -> dict[str, Any]:
     ``pubsub.state`` and ``streams.state`` are ``failed`` when a started runner of this worker
     gave up (``max_attempts``): it receives nothing any more.
     """
-    host = host_stats().host()
-    worker = host_stats().worker()
+    sums = {"worker": host_stats().worker(), "host": host_stats().host()}
     out: dict[str, Any] = {}
     for family in ("pubsub", "streams", "ws"):
         pre = family + "_"
         out[family] = {
-            "worker": {k[len(pre) :]: v for k, v in worker.items() if k.startswith(pre)},
-            "host": {k[len(pre) :]: v for k, v in host.items() if k.startswith(pre)},
+            scope: {k[len(pre) :]: v for k, v in counts.items() if k.startswith(pre)}
+            for scope, counts in sums.items()
         }
     runners = [r for r in RUNNERS if r.started]
     for family in ("pubsub", "streams"):

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from zeal_asgi._redis.scripts import APPLY_ONCE, IDEM_CLAIM
 from zeal_asgi.errors import ConfigError, InvalidKeyError, InvalidTTLError
-from zeal_asgi.messaging.stats import RUNNERS, Counters
+from zeal_asgi.messaging.stats import RUNNERS, Counters, positive_int
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
 from zeal_asgi.store.base import Capability, unsupported
@@ -74,12 +74,6 @@ StreamHandler = Callable[[Any, StreamEntry], "bool | Awaitable[bool]"]
 """``handler(payload, entry) -> bool`` (sync or async): ``True`` acknowledges."""
 
 
-def _pos_int(name: str, value: object, low: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
 @dataclass(eq=False)
 class ReliableSubscription:
     """One handler on one stream and group, with its options."""
@@ -102,7 +96,7 @@ class ReliableSubscription:
     def __post_init__(self) -> None:
         validate_channel(self.stream, "stream")
         for name in ("batch", "block_ms", "concurrency", "min_idle_ms", "max_deliveries"):
-            _pos_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         every = self.reclaim_interval
         if isinstance(every, bool) or not isinstance(every, (int, float)) or every <= 0:
             raise ConfigError(f"reclaim_interval must be > 0 s, got {every!r}")
@@ -150,9 +144,8 @@ class Streams:
         liveness_timeout: float = 5.0,
     ) -> None:
         self._store = store
-        self.max_attempts = _pos_int("max_attempts", max_attempts, 0)
-        self.backoff_base = backoff_base
-        self.backoff_cap = backoff_cap
+        self.max_attempts = positive_int("max_attempts", max_attempts, 0)
+        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.liveness_timeout = liveness_timeout
         self.subscriptions: list[ReliableSubscription] = []
         self._consumers: list[Consumer] = []
@@ -216,9 +209,7 @@ class Streams:
             host_stats()  # allocated now, in the process that declares (before workers start)
             return fn
 
-        if handler is None:
-            return register
-        return register(handler)
+        return register if handler is None else register(handler)
 
     async def start(self) -> None:
         """Create the groups and start every consumer in this worker."""
@@ -282,8 +273,7 @@ async def idempotent(key: str, ttl: float = 86400.0, *, store: Store | None = No
     For effects in Redis use :func:`apply_once`, which applies them with the claim atomically.
     """
     st = store if store is not None else Store.default()
-    res = await st.eval(IDEM_CLAIM.source, [_idem_key(key)], [_ttl_ms(ttl)])
-    return bool(res)
+    return bool(await st.eval(IDEM_CLAIM.source, [_idem_key(key)], [_ttl_ms(ttl)]))
 
 
 async def apply_once(
@@ -318,5 +308,4 @@ async def apply_once(
             raise InvalidKeyError(f"apply_once: the key of {name} must be a non-empty str")
         keys.append(key_arg)
         args += [name, len(cmd) - 2, *cmd[2:]]
-    res = await st.eval(APPLY_ONCE.source, keys, args)
-    return bool(res)
+    return bool(await st.eval(APPLY_ONCE.source, keys, args))

@@ -64,8 +64,7 @@ class RedisTransport:
     async def publish(self, topic: Topic, payload: bytes) -> int:
         """PUBLISH a system topic within the backend's slots (a burst waits for a connection
         instead of opening one each); the receivers (``Store.publish`` serves user channels)."""
-        n: int = await self.redis.publish_raw(self.wire(topic), payload)
-        return n
+        return await self.redis.publish_raw(self.wire(topic), payload)
 
     async def advertise(self, topics: Iterable[Topic], ttl: float) -> None:
         """Count this worker among the receivers of its user ``topics`` for ``ttl`` seconds
@@ -129,11 +128,7 @@ class BusTransport:
     async def listen(self, deliver: Deliver) -> None:
         """Read the ring until cancelled (the ring reader yields between batches itself)."""
         assert self.sub is not None
-
-        def sink(wire: str, pattern: str | None, data: bytes) -> None:
-            deliver(wire, pattern, data)
-
-        await self.sub.run(sink)
+        await self.sub.run(deliver)
 
     async def change(self, wire: str, pattern: bool, subscribe: bool) -> None:
         """Subscribe one more topic, or unsubscribe one."""

@@ -23,6 +23,7 @@ died before writing it is skipped after ``HOLE_TIMEOUT`` (counted as ``pubsub_lo
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import os
 import re
@@ -60,46 +61,36 @@ SNAPSHOT_MAX_AGE = 1.0
 SWEEP_INTERVAL = 2.0
 _YIELD_EVERY = 256
 
-Deliver = Callable[[str, "str | None", bytes], None]
-"""``deliver(wire_channel, matched_pattern_or_None, payload)``, called for each match."""
+Deliver = Callable[[str, "str | None", bytes], object]
+"""``deliver(wire_channel, matched_pattern_or_None, payload)``, called for each match (its
+result is ignored)."""
+
+
+# A glob's tokens: an escaped char, a bracket class (negated?, body), an unclosed "[" with the
+# rest of the pattern, or one plain char.
+_GLOB = re.compile(r"\\(.)|\[(\^?)((?:\\.|[^\]\\])*)\]|(\[.*)|(.)", re.DOTALL)
+_CLASS = re.compile(r"\\(.)|(.)", re.DOTALL)
+
+
+def _char_class(body: str) -> str:
+    # A "-" between two members is a range; first or last, it is a literal.
+    parts = _CLASS.findall(body)
+    return "".join(
+        "-" if plain == "-" and 0 < i < len(parts) - 1 else re.escape(escaped or plain)
+        for i, (escaped, plain) in enumerate(parts)
+    )
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
     """Redis PSUBSCRIBE glob semantics: ``*``, ``?``, ``[abc]``, ``[^a]``, ``[a-z]``, ``\\x``."""
     out: list[str] = []
-    i, n = 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        if c == "*":
-            out.append(".*")
-        elif c == "?":
-            out.append(".")
-        elif c == "\\" and i + 1 < n:
-            i += 1
-            out.append(re.escape(pattern[i]))
-        elif c == "[":
-            j = i + 1
-            neg = j < n and pattern[j] == "^"
-            if neg:
-                j += 1
-            chars: list[str] = []
-            while j < n and pattern[j] != "]":
-                if pattern[j] == "\\" and j + 1 < n:
-                    j += 1
-                    chars.append(re.escape(pattern[j]))
-                elif pattern[j] == "-" and chars and j + 1 < n and pattern[j + 1] != "]":
-                    chars.append("-")
-                else:
-                    chars.append(re.escape(pattern[j]))
-                j += 1
-            if j >= n:  # no closing bracket: Redis matches the rest literally
-                out.append(re.escape(pattern[i:]))
-                break
-            out.append(f"[{'^' if neg else ''}{''.join(chars)}]")
-            i = j
+    for escaped, neg, body, unclosed, char in _GLOB.findall(pattern):
+        if escaped or unclosed:  # no closing bracket: Redis matches the rest literally
+            out.append(re.escape(escaped or unclosed))
+        elif char:
+            out.append(".*" if char == "*" else "." if char == "?" else re.escape(char))
         else:
-            out.append(re.escape(c))
-        i += 1
+            out.append(f"[{neg}{_char_class(body)}]")
     return re.compile("".join(out), re.DOTALL)
 
 
@@ -240,17 +231,9 @@ class HostBus:
         first = last - nparts + 1
         ring, keys, slots = self.ring, self._keys, self.slots
         for i in range(nparts):
-            seq = first + i
-            ring.set(
-                keys[seq % slots],
-                {
-                    "seq": seq,
-                    "nparts": nparts,
-                    "part": i,
-                    "channel": wire,
-                    "data": payload[i * sb : (i + 1) * sb] if nparts > 1 else payload,
-                },
-            )
+            data = payload[i * sb : (i + 1) * sb] if nparts > 1 else payload
+            row = {"seq": first + i, "nparts": nparts, "part": i, "channel": wire, "data": data}
+            ring.set(keys[(first + i) % slots], row)
         for tok in targets:
             self._wake(tok)
         return len(targets)
@@ -295,18 +278,12 @@ class HostBus:
 
     def prune_dead(self) -> int:
         """Remove the registry rows of subscribers whose process died; how many workers."""
-        dead: set[str] = set()
-        alive: dict[tuple[int, int], bool] = {}
-        for key, row in self.registry.items():
-            k = str(key)
-            if not k.startswith("w:"):
-                continue
-            ident = (int(row["pid"]), int(row["start"]))
-            ok = alive.get(ident)
-            if ok is None:
-                ok = alive[ident] = process_alive(ident[0], ident[1] or None)
-            if not ok:
-                dead.add(k[2:])
+        alive = functools.cache(process_alive)  # a process may hold several subscribers
+        dead = {
+            str(key)[2:]
+            for key, row in self.registry.items()
+            if str(key).startswith("w:") and not alive(int(row["pid"]), int(row["start"]) or None)
+        }
         if not dead:
             return 0
         for key in list(self.registry.keys()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -10,6 +11,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from zeal_asgi.shm.bus import (
     _YIELD_EVERY,
@@ -57,8 +59,6 @@ class BusSubscriber:
             self._sock.close()
             raise
         self._closed = False
-        self.overrun = 0
-        self.lost = 0
 
     def _sub_row(self, wire: str, pattern: bool) -> None:
         row = {"pid": self.pid, "start": 0, "pattern": int(pattern), "channel": wire}
@@ -117,17 +117,15 @@ class BusSubscriber:
             if rx.fullmatch(wire):
                 deliver(wire, pat, payload)
 
-    async def _row(self, seq: int) -> dict[str, object] | None:
+    async def _row(self, seq: int) -> dict[str, Any] | None:
         """The ring row of ``seq``; ``None`` when it was overwritten (or never written)."""
         key = self.bus._keys[seq % self.bus.slots]
         deadline = 0.0
         while True:
-            row = self.bus.ring.get(key)
+            row: dict[str, Any] | None = self.bus.ring.get(key)
             have = -1 if row is None else int(row["seq"])
             if have == seq:
-                assert row is not None
-                found: dict[str, object] = row
-                return found
+                return row
             if have > seq:
                 return None
             # Reserved but not written yet: the publisher is between its two steps.
@@ -135,7 +133,6 @@ class BusSubscriber:
             if not deadline:
                 deadline = now + HOLE_TIMEOUT
             elif now > deadline:
-                self.lost += 1
                 self._count("lost", 1)
                 return None
             await asyncio.sleep(0.0005)
@@ -148,9 +145,7 @@ class BusSubscriber:
         while self.next_seq <= head:
             oldest = head - bus.slots + 1
             if self.next_seq < oldest:
-                skipped = oldest - self.next_seq
-                self.overrun += skipped
-                self._count("overrun", skipped)
+                self._count("overrun", oldest - self.next_seq)
                 self.next_seq = oldest
             seq = self.next_seq
             row = await self._row(seq)
@@ -158,29 +153,17 @@ class BusSubscriber:
                 self.next_seq = seq + 1
                 head = bus.head.get()
                 continue
-            nparts = int(row["nparts"])  # type: ignore[call-overload]
-            part = int(row["part"])  # type: ignore[call-overload]
-            if part != 0:
+            if row["part"] != 0:
                 self.next_seq = seq + 1  # the tail of a message whose head we lost
                 continue
-            data = row["data"]
-            assert isinstance(data, bytes)
-            if nparts > 1:
-                chunks = [data]
-                for i in range(1, nparts):
-                    nxt = await self._row(seq + i)
-                    if nxt is None:
-                        chunks = []
-                        break
-                    more = nxt["data"]
-                    assert isinstance(more, bytes)
-                    chunks.append(more)
-                data = b"".join(chunks) if chunks else b""
-                if not chunks:
-                    self.next_seq = seq + nparts
-                    continue
+            nparts = int(row["nparts"])
+            parts = [row]
+            while len(parts) < nparts and (nxt := await self._row(seq + len(parts))) is not None:
+                parts.append(nxt)
             self.next_seq = seq + nparts
-            self._match(str(row["channel"]), data, deliver)
+            if len(parts) < nparts:
+                continue  # a part was overwritten: the message is lost
+            self._match(str(row["channel"]), b"".join(p["data"] for p in parts), deliver)
             done += 1
             if done % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
@@ -195,26 +178,12 @@ class BusSubscriber:
         if self.bus.head.get() >= self.next_seq:
             reg.set(self._wkey, {"sleeping": 0})
             return
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        fd = self._sock.fileno()
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        loop.add_reader(fd, ready)
-        try:
-            await asyncio.wait_for(fut, wake_timeout)
-        except TimeoutError:
-            pass
-        finally:
-            loop.remove_reader(fd)
-        try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wake_timeout):
+                await asyncio.get_running_loop().sock_recv(self._sock, 64)
+        with contextlib.suppress(OSError):  # BlockingIOError: every wake-up is read
             while True:
                 self._sock.recv(64)
-        except (BlockingIOError, OSError):
-            pass
 
     async def run(self, deliver: Deliver) -> None:
         """Read forever (until cancelled), sweeping dead subscribers now and then."""

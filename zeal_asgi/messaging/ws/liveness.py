@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from zeal_asgi.messaging.ws.conn import count
@@ -37,27 +38,19 @@ log = logging.getLogger("zeal_asgi.ws")
 _ALIVE_CACHE_MAX = 4096
 
 
+@dataclass(eq=False)
 class Liveness:
     """One worker's heartbeat and its reaping of other workers' rows."""
 
-    def __init__(
-        self,
-        registry: Registry,
-        worker: str,
-        ttl: float,
-        *,
-        spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
-        reregister: Callable[[], Awaitable[int]],
-        left: Callable[[str, str], Awaitable[None]],
-    ) -> None:
-        self.registry = registry
-        self.worker = worker
-        self.ttl = ttl
-        self._spawn = spawn
-        self._reregister = reregister
-        self._left = left
-        self._alive_until: dict[str, float] = {}
-        self._pending: set[tuple[str, ...]] = set()
+    registry: Registry
+    worker: str
+    ttl: float
+    _: KW_ONLY
+    spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]
+    reregister: Callable[[], Awaitable[int]]
+    left: Callable[[str, str], Awaitable[None]]
+    _alive_until: dict[str, float] = field(default_factory=dict, init=False)
+    _pending: set[tuple[str, ...]] = field(default_factory=set, init=False)
 
     async def start(self) -> None:
         """Mark this worker alive and start renewing the mark (Redis only).
@@ -66,7 +59,7 @@ class Liveness:
         """
         if self.registry.beats:
             await self._beat()
-            self._spawn(self._heartbeat())
+            self.spawn(self._heartbeat())
 
     async def stop(self) -> None:
         """Drop this worker's mark (its rows were released just before)."""
@@ -81,7 +74,7 @@ class Liveness:
             if not lost:
                 continue
             try:
-                n = await self._reregister()
+                n = await self.reregister()
             except Exception as exc:  # tried again after the next beat
                 count("heartbeat_errors")
                 log.warning("zeal_asgi ws: registering this worker again failed: %s", exc)
@@ -118,7 +111,7 @@ class Liveness:
         if job in self._pending:
             return
         self._pending.add(job)
-        self._spawn(self._reap(job, worker, room, owner))
+        self.spawn(self._reap(job, worker, room, owner))
 
     async def _reap(
         self, job: tuple[str, ...], worker: str, room: str | None, owner: tuple[str, str]
@@ -140,7 +133,7 @@ class Liveness:
                         room,
                     )
                 for client_id in gone:
-                    await self._left(room, client_id)
+                    await self.left(room, client_id)
             client_id, conn_id = owner
             if client_id and await self.registry.release_owner(client_id, conn_id):
                 count("reaped_owners")

@@ -62,14 +62,11 @@ class RedisRegistry:
         self.redis = redis
 
     def _owner_key(self, client_id: str) -> str:
-        return str(self.redis.key("ws", "owner", client_id))
+        return self.redis.key("ws", "owner", client_id)
 
     def _room_keys(self, room: str) -> list[str]:
         tag = "{" + room + "}"
-        return [
-            str(self.redis.key("ws", "room", tag, "members")),
-            str(self.redis.key("ws", "room", tag, "servers")),
-        ]
+        return [self.redis.key("ws", "room", tag, part) for part in ("members", "servers")]
 
     async def _eval(self, script: Script, keys: list[str], args: list[str], what: str) -> Any:
         """One of the registry's scripts on the backend's fast path (never retried: it writes)."""
@@ -150,7 +147,7 @@ class RedisRegistry:
         return [(text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat or ()), 2)]
 
     def _alive_key(self, worker: str) -> str:
-        return str(self.redis.key("ws", "alive", worker))
+        return self.redis.key("ws", "alive", worker)
 
     async def beat(self, worker: str, ttl: float) -> bool:
         """Mark ``worker`` alive for ``ttl`` seconds (``SET PX GET``); ``False`` if it was not

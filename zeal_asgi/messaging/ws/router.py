@@ -31,18 +31,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import inspect
 import json
 import logging
 import os
 import re
 import socket
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Protocol
 
 from zeal_asgi.errors import ConfigError, MessageRejectedError
 from zeal_asgi.messaging.pubsub import PubSub
-from zeal_asgi.messaging.stats import cancel_task
+from zeal_asgi.messaging.stats import call, cancel_tasks, positive_int
 from zeal_asgi.messaging.ws.conn import (
     CLIENT_ID_MAX,
     CONN_RE,
@@ -59,8 +58,6 @@ from zeal_asgi.messaging.ws.conn import (
 )
 from zeal_asgi.messaging.ws.liveness import Liveness
 from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
-from zeal_asgi.shm.bus import host_bus
-from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.signing import Signer, parse_envelope
 from zeal_asgi.store import Store
@@ -114,30 +111,23 @@ class WSRouter:
         room_capacity: int = 65536,
         worker_ttl: float = 30.0,
     ) -> None:
-        if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 1:
-            raise ConfigError(f"queue_size must be an int >= 1, got {queue_size!r}")
+        self.queue_size = positive_int("queue_size", queue_size)
         if overflow not in ("drop_oldest", "close"):
             raise ConfigError(f"overflow must be 'drop_oldest' or 'close', got {overflow!r}")
         ttl = worker_ttl
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0.3 <= ttl <= 86400:
             raise ConfigError(f"worker_ttl must be seconds in [0.3, 86400], got {ttl!r}")
-        self.queue_size = queue_size
         self.overflow = overflow
         self.worker_ttl = float(worker_ttl)
         self._own_pubsub = isinstance(target, Store)
         self.store: Store = target if isinstance(target, Store) else target.store
         self.pubsub: PubSub = PubSub(target) if isinstance(target, Store) else target.pubsub
-        self.signer = (
-            Signer(
-                secret,
-                context="ws",
-                window=signing_window,
-                max_bytes=2 * MAX_MESSAGE,
-                name="ws_signed",
+        self.signer: Signer | None = None
+        if secret:
+            window, limit = signing_window, 2 * MAX_MESSAGE
+            self.signer = Signer(
+                secret, context="ws", window=window, max_bytes=limit, name="ws_signed"
             )
-            if secret
-            else None
-        )
         self._capacities = (owner_capacity, room_capacity)
         self._registry: Registry | None = None
         self._liveness: Liveness | None = None
@@ -147,11 +137,9 @@ class WSRouter:
         self._sub: Any = None
         self._bg: set[asyncio.Task[Any]] = set()
         self._closing: set[asyncio.Future[None]] = set()  # releases of serve(), never cancelled
-        self._room_wire = ""  # the wire name of every worker's channel, minus the worker
         self.server = self.worker = ""
-        host_stats()
+        self.pubsub.prepare()  # the host counters and bus, allocated now, before workers start
         if self.store.kind is StoreBackendKind.TABLE:
-            host_bus()  # both allocated now, before workers start
             self.registry  # noqa: B018
         if not isinstance(target, Store):
             target.add_service(self)
@@ -205,8 +193,7 @@ class WSRouter:
             await asyncio.wait(set(self._closing))  # releases under way finish first
         for client_id, conn in list(self._local.items()):
             await self.release(client_id, conn.conn_id)
-        for task in list(self._bg):
-            await cancel_task(task)
+        await cancel_tasks(*self._bg)
         liveness, self._liveness = self._liveness, None
         if liveness is not None:
             try:
@@ -250,7 +237,7 @@ class WSRouter:
             raise ConfigError("WSRouter.own(): the router is not started in this worker")
         old = self._local.pop(client_id, None)
         if old is not None:
-            self._spawn(cancel_task(old.sender))
+            self._spawn(cancel_tasks(old.sender))
             self._forget(old)
         conn = Conn(client_id, websocket, self.queue_size, self._send_loop)
         self._local[client_id] = conn
@@ -276,7 +263,7 @@ class WSRouter:
             rooms = list(conn.rooms)
             self._forget(conn)  # no room message reaches it from here on
             await finish(conn.registered)
-            await cancel_task(conn.sender)
+            await cancel_tasks(conn.sender)
             for room in rooms:
                 try:
                     await self.registry.leave(room, client_id, self.worker)
@@ -407,18 +394,15 @@ class WSRouter:
         raw = None if self.signer is not None else self._seal(fields, "")
         pairs = None
         if raw is not None:
-            if not self._room_wire:
-                self._room_wire = self.pubsub.system_wire(self._channel(""))
-            pairs = await self.registry.publish_room(room, self._room_wire, raw)
+            wire = self.pubsub.system_wire(self._channel(""))  # every worker's, minus the worker
+            pairs = await self.registry.publish_room(room, wire, raw)
         if pairs is None:
+
+            def send(w: str) -> Awaitable[int]:
+                return self.pubsub.publish_system(self._channel(w), raw or self._seal(fields, w))
+
             workers = await self.registry.room_servers(room)
-            counts = await asyncio.gather(
-                *(
-                    self.pubsub.publish_system(self._channel(w), raw or self._seal(fields, w))
-                    for w in workers
-                )
-            )
-            pairs = list(zip(workers, counts, strict=True))
+            pairs = list(zip(workers, await asyncio.gather(*map(send, workers)), strict=True))
         if self._liveness is not None:
             for worker, n in pairs:
                 if not n:
@@ -465,9 +449,7 @@ class WSRouter:
         elif kind == "p":
             for handler in self._presence:
                 try:
-                    res = handler(str(doc.get("e")), str(doc.get("r")), str(doc.get("c")))
-                    if inspect.isawaitable(res):
-                        await res
+                    await call(handler, str(doc.get("e")), str(doc.get("r")), str(doc.get("c")))
                 except Exception:
                     log.exception("zeal_asgi ws: presence handler %r failed", handler)
         else:
@@ -544,9 +526,7 @@ class WSRouter:
                     return
                 data = msg.get("text") if msg.get("text") is not None else msg.get("bytes")
                 if on_message is not None and data is not None:
-                    res = on_message(data)
-                    if inspect.isawaitable(res):
-                        await res
+                    await call(on_message, data)
 
         reader = asyncio.get_running_loop().create_task(receive())
         try:
@@ -563,7 +543,7 @@ class WSRouter:
             raise reader.exception()  # type: ignore[misc]
 
     async def _close(self, reader: asyncio.Task[None], client_id: str, conn_id: str) -> None:
-        await cancel_task(reader)
+        await cancel_tasks(reader)
         await self.release(client_id, conn_id)
 
     def stats(self) -> dict[str, Any]:
