@@ -35,6 +35,7 @@ class HostLocks:
         self.table = table
         self.immediate: HostLocks | None = self  # shared memory: no attempt ever waits
         self._leases: dict[int, Lease] = {}
+        self._owner = self._lease(1000)  # releases do not depend on the ttl
 
     def _lease(self, ttl_ms: int) -> Lease:
         lease = self._leases.get(ttl_ms)
@@ -69,7 +70,7 @@ class HostLocks:
 
     def release_now(self, name: str, word: int, ttl_ms: int) -> None:
         """Give the lease up if ``word`` still holds it."""
-        self._lease(ttl_ms).release(name, word)
+        self._owner.release(name, word)
 
     async def release(self, name: str, word: int, ttl_ms: int) -> None:
         """:meth:`release_now`, as a scope's coroutine."""

@@ -20,7 +20,7 @@ from zeal_asgi.errors import BackendError, LockLostError, LockTimeoutError
 from zeal_asgi.store.base import count
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Coroutine
     from types import TracebackType
 
 __all__ = ["Immediate", "LockContext", "LockLease", "Locker", "Scope"]
@@ -188,30 +188,51 @@ class Locker:
     ) -> LockLease | None:
         """Wait up to ``wait`` s (``None``: no limit) for ``name``; ``None`` when it timed out.
         ``cancel``: a lost lease cancels the current task."""
+        got = self.start(scope, name, ttl, wait, cancel=cancel)
+        return got if isinstance(got, LockLease) else await got
+
+    def start(
+        self, scope: Scope, name: str, ttl: float, wait: float | None, *, cancel: bool = True
+    ) -> LockLease | Coroutine[Any, Any, LockLease | None]:
+        """:meth:`acquire` without a coroutine when it need not wait: the lease when nobody of
+        this process wants ``name`` and an immediate scope grants it at once, else the
+        coroutine that waits for it (to be awaited at once)."""
         task = _current_task()
         loop = task.get_loop() if task is not None else asyncio.get_running_loop()
         key = (loop, scope, name)
         ms = max(1, round(ttl * 1000))
-        queues = self._queues
-        tried = False
-        if key not in queues:
-            queues[key] = None  # ours: nobody of this process wants it
-            now = scope.immediate
-            if now is not None:  # a free lock is taken without a single await
-                try:
-                    grant = now.try_acquire(name, ms)
-                except BaseException:
-                    self._next(key)
-                    raise
-                if grant is not None:
-                    return self._hold(key, ttl, ms, grant, task if cancel else None)
-                tried = True
-            deadline = None if wait is None else loop.time() + wait
-        else:
-            deadline = None if wait is None else loop.time() + wait
-            waiters = queues[key]
+        holder = task if cancel else None
+        if key in self._queues:
+            return self._wait(key, ttl, ms, wait, holder, queued=True, tried=False)
+        self._queues[key] = None  # ours: nobody of this process wants it
+        now = scope.immediate
+        if now is not None:
+            try:
+                grant = now.try_acquire(name, ms)
+            except BaseException:
+                self._next(key)
+                raise
+            if grant is not None:
+                return self._hold(key, ttl, ms, grant, holder)
+        return self._wait(key, ttl, ms, wait, holder, queued=False, tried=now is not None)
+
+    async def _wait(
+        self,
+        key: _Key,
+        ttl: float,
+        ms: int,
+        wait: float | None,
+        holder: asyncio.Task[Any] | None,
+        *,
+        queued: bool,
+        tried: bool,
+    ) -> LockLease | None:
+        loop, scope, name = key
+        deadline = None if wait is None else loop.time() + wait
+        if queued:  # behind another coroutine of this process
+            waiters = self._queues[key]
             if waiters is None:
-                waiters = queues[key] = collections.deque()
+                waiters = self._queues[key] = collections.deque()
             if not await self._wait_turn(key, waiters, deadline):
                 return None
         try:
@@ -228,7 +249,7 @@ class Locker:
         except BaseException:
             self._next(key)
             raise
-        return self._hold(key, ttl, ms, grant, task if cancel else None)
+        return self._hold(key, ttl, ms, grant, holder)
 
     def _hold(
         self, key: _Key, ttl: float, ms: int, grant: tuple[int, Any], task: asyncio.Task[Any] | None
@@ -319,7 +340,8 @@ class LockContext:
 
     async def __aenter__(self) -> LockLease:
         scope = self._resolve(self._scope)  # the store's backend is known by now
-        lease = await self._locker.acquire(scope, self._name, self._ttl, self._timeout)
+        got = self._locker.start(scope, self._name, self._ttl, self._timeout)
+        lease = got if isinstance(got, LockLease) else await got
         if lease is None:
             raise LockTimeoutError(
                 f"zeal.lock({self._name!r}, scope={scope.name!r}) not obtained within "
