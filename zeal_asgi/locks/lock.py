@@ -2,10 +2,11 @@
 
 A scope (:mod:`zeal_asgi.locks.host`, :mod:`zeal_asgi.locks.cluster`) takes, renews and releases
 a lease in one attempt each; :class:`Locker` makes locks of them.  Coroutines of one process
-that want one lock queue in order, and only the first of them polls the scope.  A held lease is
-renewed at a third of its ttl by one timer per event loop; when a renewal finds the lease gone,
-or none succeeds before the lease would have expired, the lease is lost and the holder's task
-is cancelled (:class:`LockContext` then raises LockLostError).
+that want one lock queue in order, and only the first of them polls the scope; on a scope whose
+attempts never wait (shared memory), a free lock is taken and given back without an await.  A
+held lease is renewed at a third of its ttl by one timer per event loop; when a renewal finds
+the lease gone, or none succeeds before the lease would have expired, the lease is lost and the
+holder's task is cancelled (:class:`LockContext` then raises LockLostError).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ __all__ = ["Immediate", "LockContext", "LockLease", "Locker", "Scope"]
 
 log = logging.getLogger("zeal_asgi.locks")
 _INF = float("inf")
-_FREE: Any = object()
 _Waiters = collections.deque[asyncio.Future[None]]
 _Key = tuple[Any, "Scope", str]  # (event loop, scope, name)
 _current_task = asyncio.current_task
