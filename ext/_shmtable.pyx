@@ -1223,3 +1223,91 @@ cdef class Cells:
 
     def __reduce__(self):
         raise TypeError("cells are bound to a mapping of this process and cannot be pickled")
+
+
+# -- leases (appended: zeal_asgi.shm.lease and the host locks) ---------------------------------
+
+cdef extern from "zt_core.h" nogil:
+    int64_t ZT_LEASE_TAG_MASK, ZT_LEASE_BUSY_OWNER, ZT_LEASE_BUSY_TURN
+    int zt_lease_acquire(zt_table *t, const char *key, uint16_t klen, const zt_col *cols, int oc,
+                         int64_t ms, int64_t tag, int64_t stale, int fc, int tc, int64_t turn_ms,
+                         int64_t stale_turn, int64_t *out_word, int64_t *out_fence)
+
+LEASE_BUSY_OWNER = ZT_LEASE_BUSY_OWNER
+LEASE_BUSY_TURN = ZT_LEASE_BUSY_TURN
+
+
+cdef int _lease_col(Table table, object column) except -1:
+    cdef int ci = table._col(column)
+    if table.cols[ci].type != ZT_INT or table.cols[ci].width != 8:
+        raise ColumnTypeError(
+            f"a lease lives in an INT(8) column; {column!r} of table {table.name!r} is not")
+    return ci
+
+
+cdef int _lease_tag(int64_t tag) except -1:
+    if not 0 < tag <= ZT_LEASE_TAG_MASK:
+        raise IntegerOverflowError(f"a lease's holder tag is 1 to {ZT_LEASE_TAG_MASK}, got {tag}")
+    return 0
+
+
+def lease_acquire(Table table, key, column, int64_t ms, int64_t tag, int64_t stale=0,
+                  fence=None, turn=None, int64_t turn_ms=0, int64_t stale_turn=0):
+    """Take the lease in INT(8) ``column`` of ``key`` for ``ms`` milliseconds as holder ``tag``
+    (a pid), in one locked step; ``(fence, word)``.
+
+    Free: the row holds 0, a word whose deadline has passed, or ``stale`` (a word whose holder
+    the caller found dead).  Taken: ``word`` is the word written (deadline and tag) and
+    ``fence`` the value of the ``fence`` column after adding one (0 without it).  Not taken:
+    ``fence`` is ``LEASE_BUSY_OWNER`` with the holder's word, or, with a ``turn`` column,
+    ``LEASE_BUSY_TURN`` with the live turn of another process that waits for the lease (not
+    ``stale_turn``).  On ``LEASE_BUSY_OWNER`` with ``turn_ms`` > 0, this holder takes the turn
+    for ``turn_ms``; taking the lease clears it.
+
+    Raises:
+        UnknownColumnError, ColumnTypeError: a column is missing or not INT(8).
+        InvalidTTLError, IntegerOverflowError: ``ms`` is not positive, ``tag`` is outside 1 to
+            2**22 - 1, or the fence column is at its limit (nothing written).
+    """
+    cdef const char *k
+    cdef Py_ssize_t kn
+    cdef int oc, fc = -1, tc = -1, rc
+    cdef int64_t word = 0, out = 0
+    table._key(key, &k, &kn)
+    oc = _lease_col(table, column)
+    if fence is not None:
+        fc = _lease_col(table, fence)
+    if turn is not None:
+        tc = _lease_col(table, turn)
+    if ms <= 0:
+        raise _errors.InvalidTTLError(f"a lease lasts at least 1 ms, got {ms}")
+    _lease_tag(tag)
+    rc = zt_lease_acquire(&table.t, k, <uint16_t>kn, table.cols, oc, ms, tag, stale, fc, tc,
+                          turn_ms, stale_turn, &word, &out)
+    if rc == ZT_EOVERFLOW:
+        raise IntegerOverflowError(
+            f"column {fence!r} of table {table.name!r} is at its limit; lease {key!r} not taken")
+    table._done(rc, key, "lease_acquire")
+    return (out, word)
+
+
+def lease_release(Table table, key, column, int64_t word, int64_t tag, bint delete=False):
+    """Give up the lease ``word`` in ``column`` of ``key`` if holder ``tag`` wrote it and the row
+    still holds it: set 0 (``delete``: remove the row), in one locked step; True when done.  A
+    forked child passes its own pid, so it never releases its parent's lease."""
+    cdef const char *k
+    cdef Py_ssize_t kn
+    cdef zt_delta e, d
+    cdef int swapped = 0, rc
+    table._key(key, &k, &kn)
+    e.col = d.col = _lease_col(table, column)
+    if word & ZT_LEASE_TAG_MASK != tag or word <= 0:
+        return False
+    e.i, d.i = word, 0
+    if delete:
+        rc = zt_remove(&table.t, k, <uint16_t>kn, 0, table.cols, &e)
+        table._done(rc, key, "lease_release")
+        return rc == 1
+    rc = zt_cas(&table.t, k, <uint16_t>kn, table.cols, &e, &d, &swapped)
+    table._done(rc, key, "lease_release")
+    return swapped != 0

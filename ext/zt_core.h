@@ -1420,4 +1420,77 @@ static inline int zt_cell_observe(uint64_t *const *cells, const double *bounds, 
     return zt_cell_add(cells[i], 1.0);
 }
 
+/* ---------------------------------------------------------------------------------------- */
+/* leases (appended: zeal_asgi.shm.lease and the host locks)                                */
+
+/* A lease word is (deadline ms of CLOCK_MONOTONIC << 22) | holder tag (a pid): positive. */
+#define ZT_LEASE_TAG_BITS 22
+#define ZT_LEASE_TAG_MASK ((1LL << ZT_LEASE_TAG_BITS) - 1)
+#define ZT_LEASE_BUSY_OWNER (-1) /* a holder whose deadline has not passed has the lease */
+#define ZT_LEASE_BUSY_TURN (-2)  /* another process waits for its turn to take it */
+
+static inline int64_t zt_lease_word(int64_t deadline_ms, int64_t tag) {
+    return ((deadline_ms > 1 ? deadline_ms : 1) << ZT_LEASE_TAG_BITS) | (tag & ZT_LEASE_TAG_MASK);
+}
+
+/* One word of the row in its own write section: a writer killed between two such writes
+ * leaves every column whole (a multi-column section would make the row DEAD, its fence lost). */
+static inline void zt_lease_put(zt_table *t, zt_lockslot *stripe, char *row, uint32_t r,
+                                const zt_col *c, int64_t v) {
+    uint32_t s = zt_write_begin(stripe, row, r, ZT_W_SINGLE);
+    zt_put_int(row, c, v);
+    zt_touch(t, row);
+    zt_write_end(stripe, row, s);
+}
+
+/* Take the lease in INT(8) column `oc` of `key` for `ms` as `tag`, in one locked step.  Free:
+ * the word is 0, its deadline has passed, or it equals `stale` (a word whose holder the caller
+ * found dead).  With a turn column `tc` (>= 0), a live turn of another process (not
+ * `stale_turn`) keeps the lease for that process: *out_fence = ZT_LEASE_BUSY_TURN, *out_word =
+ * the turn.  When a holder has it: *out_fence = ZT_LEASE_BUSY_OWNER, *out_word = its word, and
+ * with `tc` this process takes the turn for `turn_ms`.  Taken: *out_word = the word written,
+ * *out_fence = the fence column `fc` plus one (0 without `fc`), and a turn of ours is cleared.
+ * A missing row is a free lease (the row is created); ZT_EOVERFLOW if the fence is at its
+ * limit (nothing written). */
+static int zt_lease_acquire(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
+                            int oc, int64_t ms, int64_t tag, int64_t stale, int fc, int tc,
+                            int64_t turn_ms, int64_t stale_turn, int64_t *out_word,
+                            int64_t *out_fence) {
+    uint64_t h = zt_hash(t->hkey, key, klen);
+    int64_t now = zt_now_ns(CLOCK_MONOTONIC) / 1000000;
+    int64_t word = zt_lease_word(now + ms, tag);
+    PyThreadState *ts = NULL;
+    zt_lockslot *stripe;
+    int created, rc = ZT_OK;
+    zt_delta d[2] = {{oc, word, 0.0, NULL, 0}, {fc, 1, 0.0, NULL, 0}};
+    int64_t r = zt_locate(t, key, klen, h, 1, cols, d, fc >= 0 ? 2 : 1, &stripe, &ts, &created);
+    if (r < 0) { zt_regain_gil(&ts); return (int)r; }
+    *out_word = word;
+    *out_fence = fc >= 0 ? 1 : 0;
+    if (!created) {
+        char *row = zt_row(t, (uint32_t)r);
+        int64_t owner = zt_get_int(row, &cols[oc]);
+        int64_t turn = tc >= 0 ? zt_get_int(row, &cols[tc]) : 0;
+        if (turn != 0 && (turn & ZT_LEASE_TAG_MASK) != tag && (turn >> ZT_LEASE_TAG_BITS) >= now &&
+            turn != stale_turn) {
+            *out_fence = ZT_LEASE_BUSY_TURN;
+            *out_word = turn;
+        } else if (owner != 0 && (owner >> ZT_LEASE_TAG_BITS) >= now && owner != stale) {
+            *out_fence = ZT_LEASE_BUSY_OWNER;
+            *out_word = owner;
+            if (tc >= 0 && turn_ms > 0)
+                zt_lease_put(t, stripe, row, (uint32_t)r, &cols[tc], zt_lease_word(now + turn_ms, tag));
+        } else if (fc >= 0 && __builtin_add_overflow(zt_get_int(row, &cols[fc]), 1, out_fence)) {
+            rc = ZT_EOVERFLOW;
+        } else {
+            zt_lease_put(t, stripe, row, (uint32_t)r, &cols[oc], word);
+            if (fc >= 0) zt_lease_put(t, stripe, row, (uint32_t)r, &cols[fc], *out_fence);
+            if (turn != 0) zt_lease_put(t, stripe, row, (uint32_t)r, &cols[tc], 0);
+        }
+    }
+    zt_release(stripe);
+    zt_regain_gil(&ts);
+    return rc;
+}
+
 #endif /* ZT_CORE_H */

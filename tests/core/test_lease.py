@@ -10,8 +10,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from zeal_asgi import Table
-from zeal_asgi.shm.lease import Lease, pack, unpack
+from zeal_asgi.errors import (
+    ColumnTypeError,
+    IntegerOverflowError,
+    InvalidTTLError,
+    UnknownColumnError,
+)
+from zeal_asgi.shm import _shmtable
+from zeal_asgi.shm.lease import BUSY_OWNER, BUSY_TURN, Lease, pack, pid, unpack
 from zeal_asgi.shm.process import process_alive, process_start_time
 
 MakeTable = Callable[..., Table]
@@ -79,3 +88,88 @@ def test_a_forked_child_neither_renews_nor_releases_its_parents_lease(
     child.start()
     child.join(10)
     assert child.exitcode == 0 and lease.holder("job") == os.getpid()
+
+
+FENCED = {"owner": ("int", 8), "fence": ("int", 8), "turn": ("int", 8), "name": ("str", 8)}
+
+
+def _fenced(make_table: MakeTable, seconds: float = 5.0) -> Lease:
+    table = make_table(16, FENCED)
+    return Lease(table, seconds, fence="fence", turn="turn", turn_seconds=5.0)
+
+
+def test_take_hands_out_a_fencing_token_with_the_lease_in_one_step(make_table: MakeTable) -> None:
+    lease = _fenced(make_table)
+    fences = []
+    for _ in range(3):
+        fence, token = lease.take("job")
+        assert fence > 0 and lease.table.get("job", "owner") == token
+        fences.append(fence)
+        assert lease.take("job") == (BUSY_OWNER, token), "held: the holder's word comes back"
+        assert lease.release("job", token) and lease.table.get("job", "owner") == 0
+    assert fences == [1, 2, 3] and lease.table.get("job", "fence") == 3
+
+
+def test_a_waiting_turn_keeps_the_lease_for_its_process(make_table: MakeTable) -> None:
+    lease = _fenced(make_table)
+    table, far = lease.table, int(time.monotonic() * 1000) + 3_600_000
+    fence, token = lease.take("job")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # Held by us: we queue for it (our turn is written), and a live holder is never broken.
+        assert lease.take("job") == (BUSY_OWNER, token)
+        assert unpack(table.get("job", "turn"))[1] == os.getpid()
+        assert lease.release("job", token)
+        # Another live process waits for its turn: the free lease stays free for it.
+        turn = pack(far, other.pid)
+        table.set("job", {"turn": turn})
+        assert lease.take("job") == (BUSY_TURN, turn) and table.get("job", "owner") == 0
+        # Its turn ran out, or the process died: taken, and the turn cleared.
+        table.set("job", {"turn": pack(1, other.pid)})
+        assert lease.take("job")[0] == fence + 1 and table.get("job", "turn") == 0
+        assert lease.release("job", table.get("job", "owner"))
+        table.set("job", {"turn": turn})
+        other.kill()
+        other.wait()
+        assert lease.take("job")[0] == fence + 2 and table.get("job", "turn") == 0
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_compiled_calls_refuse_bad_columns_and_arguments(make_table: MakeTable) -> None:
+    table = make_table(16, {**FENCED, "small": ("int", 4)})
+    for column in ("small", "name"):
+        with pytest.raises(ColumnTypeError, match=column):
+            Lease(table, 1.0, column).acquire("job")
+        with pytest.raises(ColumnTypeError, match=column):
+            Lease(table, 1.0, fence=column).acquire("job")
+    with pytest.raises(UnknownColumnError, match="nope"):
+        Lease(table, 1.0, "nope").acquire("job")
+    with pytest.raises(InvalidTTLError):
+        _shmtable.lease_acquire(table, "job", "owner", 0, os.getpid())
+    for tag in (0, -1, 1 << 22):
+        with pytest.raises(IntegerOverflowError):
+            _shmtable.lease_acquire(table, "job", "owner", 1000, tag)
+    table.set("job", {"fence": 2**63 - 1})
+    with pytest.raises(IntegerOverflowError, match="fence"):
+        Lease(table, 1.0, fence="fence").acquire("job")
+    assert table.get("job") == {"owner": 0, "fence": 2**63 - 1, "turn": 0, "name": "", "small": 0}
+    assert table.get("free") is None and not Lease(table, 1.0).release("free", pack(9, os.getpid()))
+
+
+def _child_after_fork(lease: Lease, token: int) -> None:
+    ok = pid() == os.getpid() != unpack(token)[1]
+    ok = ok and lease.take("job") == (BUSY_OWNER, token) and not lease.release("job", token)
+    os._exit(0 if ok else 1)
+
+
+def test_a_child_forked_while_its_parent_holds_sees_its_own_pid(make_table: MakeTable) -> None:
+    lease = _fenced(make_table)
+    fence, token = lease.take("job")
+    child = mp.get_context("fork").Process(target=_child_after_fork, args=(lease, token))
+    child.start()
+    child.join(10)
+    assert child.exitcode == 0
+    assert lease.table.get("job", "owner") == token and lease.table.get("job", "fence") == fence
+    assert pid() == os.getpid() and lease.release("job", token)

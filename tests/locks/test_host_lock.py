@@ -202,6 +202,33 @@ async def test_a_lease_taken_over_cancels_the_block_with_lock_lost(zeal: Zeal) -
     assert isinstance(err.value, RuntimeError) and isinstance(err.value, ZealError)
 
 
+def _forked_contender(zeal: Zeal, name: str, w: Connection) -> None:
+    async def main() -> str:
+        try:
+            async with zeal.lock(name, ttl=5, timeout=0.2):
+                return "taken"
+        except LockTimeoutError:
+            return "timed out"
+
+    w.send(asyncio.run(main()))
+    os._exit(0)
+
+
+async def test_a_child_forked_inside_the_block_does_not_hold_the_lock(zeal: Zeal) -> None:
+    """The forked child has its own pid: the parent's lease is a live holder's, not its own."""
+    name = unique()
+    async with zeal.lock(name, ttl=5) as lease:
+        r, w = FORK.Pipe(duplex=False)
+        child = FORK.Process(target=_forked_contender, args=(zeal, name, w))
+        child.start()
+        assert await asyncio.to_thread(r.poll, 30)
+        assert r.recv() == "timed out"
+        await asyncio.to_thread(child.join, 10)
+        assert child.exitcode == 0 and not lease.lost
+    async with zeal.lock(name, ttl=5, timeout=0) as after:
+        assert after.token > lease.token  # the parent's release worked; the child's try did not
+
+
 async def test_an_outside_cancellation_is_not_a_lost_lock(zeal: Zeal) -> None:
     name = unique()
 

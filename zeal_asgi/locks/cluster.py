@@ -29,6 +29,7 @@ class ClusterLocks:
     """Leases, fencing tokens and marks of cluster-scope locks on one Redis link."""
 
     name = "cluster"
+    immediate = None  # every attempt is a round trip to Redis
     poll = 0.05
     """Longest sleep between two attempts of a waiter."""
 

@@ -11,11 +11,10 @@ never deleted: the fence must outlive every holder.
 from __future__ import annotations
 
 import functools
-import os
 
 from zeal_asgi.errors import TableFullError
 from zeal_asgi.shm.ext import Table
-from zeal_asgi.shm.lease import Lease, unpack
+from zeal_asgi.shm.lease import Lease
 
 __all__ = ["CAPACITY", "TABLE", "HostLocks", "host_locks"]
 
@@ -34,53 +33,48 @@ class HostLocks:
 
     def __init__(self, table: Table) -> None:
         self.table = table
+        self.immediate: HostLocks | None = self  # shared memory: no attempt ever waits
         self._leases: dict[int, Lease] = {}
-        self._turn = Lease(table, _TURN_SECONDS, "turn")
-        self._turns: dict[str, int] = {}  # name -> the turn this process holds
+        self._owner = self._lease(1000)  # releases do not depend on the ttl
 
     def _lease(self, ttl_ms: int) -> Lease:
         lease = self._leases.get(ttl_ms)
         if lease is None:
             if len(self._leases) >= 64:
                 self._leases.clear()
-            lease = self._leases[ttl_ms] = Lease(self.table, ttl_ms / 1000, "owner")
+            lease = self._leases[ttl_ms] = Lease(
+                self.table, ttl_ms / 1000, "owner", fence="fence", turn="turn",
+                turn_seconds=_TURN_SECONDS,
+            )  # fmt: skip
         return lease
 
-    async def acquire(self, name: str, ttl_ms: int) -> tuple[int, int] | None:
-        """``(token, lease word)`` if ``name`` was free, else ``None`` (and queue for a turn)."""
-        t = self.table
+    def try_acquire(self, name: str, ttl_ms: int) -> tuple[int, int] | None:
+        """``(token, lease word)`` if ``name`` was free, else ``None`` (and queue for a turn):
+        the turn check, the lease and the fencing token in one step."""
         try:
-            turn = t.get(name, "turn")
-            if turn and unpack(turn)[1] != os.getpid() and not Lease.stale(turn):
-                return None  # another process waits for its turn
-            word = self._lease(ttl_ms).acquire(name)
+            grant = self._lease(ttl_ms).take(name)
         except TableFullError:
             raise TableFullError(
                 f"zeal.lock({name!r}): the host already has {CAPACITY} lock names (each name "
                 "keeps its row for its fencing tokens)"
             ) from None
-        mine = self._turns.get(name)
-        if word is None:
-            turn = self._turn.renew(name, mine) if mine else self._turn.acquire(name)
-            if turn:
-                self._turns[name] = turn
-            else:
-                self._turns.pop(name, None)
-            return None
-        token = t.incr(name, "fence")
-        if mine:
-            self._turn.release(name, self._turns.pop(name))
-        # Taken over between the two steps (only if this process stalled past the ttl): the
-        # token is spent, the lock is not ours.
-        return (token, word) if t.get(name, "owner") == word else None
+        return grant if grant[0] > 0 else None
+
+    async def acquire(self, name: str, ttl_ms: int) -> tuple[int, int] | None:
+        """:meth:`try_acquire`, as a scope's coroutine."""
+        return self.try_acquire(name, ttl_ms)
 
     async def renew(self, name: str, word: int, ttl_ms: int) -> int | None:
         """The lease word with a new deadline, or ``None`` if the lease is lost."""
         return self._lease(ttl_ms).renew(name, word)
 
-    async def release(self, name: str, word: int, ttl_ms: int) -> None:
+    def release_now(self, name: str, word: int, ttl_ms: int) -> None:
         """Give the lease up if ``word`` still holds it."""
-        self._lease(ttl_ms).release(name, word)
+        self._owner.release(name, word)
+
+    async def release(self, name: str, word: int, ttl_ms: int) -> None:
+        """:meth:`release_now`, as a scope's coroutine."""
+        self.release_now(name, word, ttl_ms)
 
     async def claim(self, name: str, mark: int) -> bool:
         """Raise the mark of ``name`` to ``mark`` if it is below; ``True`` when it rose."""

@@ -2,10 +2,11 @@
 
 A scope (:mod:`zeal_asgi.locks.host`, :mod:`zeal_asgi.locks.cluster`) takes, renews and releases
 a lease in one attempt each; :class:`Locker` makes locks of them.  Coroutines of one process
-that want one lock queue in order, and only the first of them polls the scope.  A held lease is
-renewed at a third of its ttl by one timer per event loop; when a renewal finds the lease gone,
-or none succeeds before the lease would have expired, the lease is lost and the holder's task
-is cancelled (:class:`LockContext` then raises LockLostError).
+that want one lock queue in order, and only the first of them polls the scope; on a scope whose
+attempts never wait (shared memory), a free lock is taken and given back without an await.  A
+held lease is renewed at a third of its ttl by one timer per event loop; when a renewal finds
+the lease gone, or none succeeds before the lease would have expired, the lease is lost and the
+holder's task is cancelled (:class:`LockContext` then raises LockLostError).
 """
 
 from __future__ import annotations
@@ -20,16 +21,28 @@ from zeal_asgi.errors import BackendError, LockLostError, LockTimeoutError
 from zeal_asgi.store.base import count
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Coroutine
     from types import TracebackType
 
-__all__ = ["LockContext", "LockLease", "Locker", "Scope"]
+__all__ = ["Immediate", "LockContext", "LockLease", "Locker", "Scope"]
 
 log = logging.getLogger("zeal_asgi.locks")
 _INF = float("inf")
-_FREE: Any = object()
 _Waiters = collections.deque[asyncio.Future[None]]
 _Key = tuple[Any, "Scope", str]  # (event loop, scope, name)
+_current_task = asyncio.current_task
+
+
+class Immediate(Protocol):
+    """A scope whose attempts complete without waiting (shared memory): called directly."""
+
+    def try_acquire(self, name: str, ttl_ms: int) -> tuple[int, Any] | None:
+        """``(fencing token, handle)`` when ``name`` was free, else ``None``."""
+        ...
+
+    def release_now(self, name: str, handle: Any, ttl_ms: int) -> None:
+        """Give the lease up if ``handle`` still holds it."""
+        ...
 
 
 class Scope(Protocol):
@@ -38,6 +51,11 @@ class Scope(Protocol):
     name: str
     poll: float
     """Longest sleep between two attempts of a waiter."""
+
+    @property
+    def immediate(self) -> Immediate | None:
+        """The scope itself when its attempts never wait (no coroutine needed), else ``None``."""
+        ...
 
     async def acquire(self, name: str, ttl_ms: int) -> tuple[int, Any] | None:
         """``(fencing token, handle)`` when ``name`` was free, else ``None``."""
@@ -60,6 +78,11 @@ class LockLease:
     """A held lock.  ``token`` is its fencing token: strictly greater than the token of every
     earlier holder of ``name`` in its scope, so a resource that remembers the highest token it
     has seen can refuse a holder that lost the lock without knowing it."""
+
+    __slots__ = (
+        "_cancelling", "_handle", "_key", "_ms", "_renew_at", "_renewal", "_scope", "_task",
+        "_valid_until", "lost", "name", "scope", "token", "ttl",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -165,21 +188,55 @@ class Locker:
     ) -> LockLease | None:
         """Wait up to ``wait`` s (``None``: no limit) for ``name``; ``None`` when it timed out.
         ``cancel``: a lost lease cancels the current task."""
-        task = asyncio.current_task()
+        got = self.start(scope, name, ttl, wait, cancel=cancel)
+        return got if isinstance(got, LockLease) else await got
+
+    def start(
+        self, scope: Scope, name: str, ttl: float, wait: float | None, *, cancel: bool = True
+    ) -> LockLease | Coroutine[Any, Any, LockLease | None]:
+        """:meth:`acquire` without a coroutine when it need not wait: the lease when nobody of
+        this process wants ``name`` and an immediate scope grants it at once, else the
+        coroutine that waits for it (to be awaited at once)."""
+        task = _current_task()
         loop = task.get_loop() if task is not None else asyncio.get_running_loop()
-        deadline = None if wait is None else loop.time() + wait
         key = (loop, scope, name)
-        waiters = self._queues.get(key, _FREE)
-        if waiters is _FREE:
-            self._queues[key] = None  # ours: nobody of this process wants it
-        else:
+        ms = max(1, round(ttl * 1000))
+        holder = task if cancel else None
+        if key in self._queues:
+            return self._wait(key, ttl, ms, wait, holder, queued=True, tried=False)
+        self._queues[key] = None  # ours: nobody of this process wants it
+        now = scope.immediate
+        if now is not None:
+            try:
+                grant = now.try_acquire(name, ms)
+            except BaseException:
+                self._next(key)
+                raise
+            if grant is not None:
+                return self._hold(key, ttl, ms, grant, holder)
+        return self._wait(key, ttl, ms, wait, holder, queued=False, tried=now is not None)
+
+    async def _wait(
+        self,
+        key: _Key,
+        ttl: float,
+        ms: int,
+        wait: float | None,
+        holder: asyncio.Task[Any] | None,
+        *,
+        queued: bool,
+        tried: bool,
+    ) -> LockLease | None:
+        loop, scope, name = key
+        deadline = None if wait is None else loop.time() + wait
+        if queued:  # behind another coroutine of this process
+            waiters = self._queues[key]
             if waiters is None:
                 waiters = self._queues[key] = collections.deque()
             if not await self._wait_turn(key, waiters, deadline):
                 return None
-        ms = max(1, round(ttl * 1000))
         try:
-            grant = await scope.acquire(name, ms)
+            grant = None if tried else await scope.acquire(name, ms)
             delay = scope.poll / 16
             while grant is None:
                 left = _INF if deadline is None else deadline - loop.time()
@@ -192,10 +249,16 @@ class Locker:
         except BaseException:
             self._next(key)
             raise
-        lease = LockLease(key, ttl, ms, grant, task if cancel else None)
-        renewer = self._renewers.get(loop)
+        return self._hold(key, ttl, ms, grant, holder)
+
+    def _hold(
+        self, key: _Key, ttl: float, ms: int, grant: tuple[int, Any], task: asyncio.Task[Any] | None
+    ) -> LockLease:
+        """The lease of ``grant``, renewed by its event loop's timer from now on."""
+        lease = LockLease(key, ttl, ms, grant, task)
+        renewer = self._renewers.get(key[0])
         if renewer is None:
-            renewer = self._renewers[loop] = _Renewer(loop)
+            renewer = self._renewers[key[0]] = _Renewer(key[0])
         renewer.add(lease)
         return lease
 
@@ -227,12 +290,26 @@ class Locker:
 
     async def release(self, lease: LockLease) -> None:
         """Stop renewing ``lease`` and give it back (if not lost); the next waiter goes on."""
+        now = lease._scope.immediate
+        if now is not None:
+            return self.release_now(lease, now)
         renewer = self._renewers.get(lease._key[0])
         if renewer is not None:
             renewer.discard(lease)
         try:
             if not lease.lost:
                 await lease._scope.release(lease.name, lease._handle, lease._ms)
+        finally:
+            self._next(lease._key)
+
+    def release_now(self, lease: LockLease, scope: Immediate) -> None:
+        """:meth:`release` on a scope that never waits."""
+        renewer = self._renewers.get(lease._key[0])
+        if renewer is not None:
+            renewer.discard(lease)
+        try:
+            if not lease.lost:
+                scope.release_now(lease.name, lease._handle, lease._ms)
         finally:
             self._next(lease._key)
 
@@ -263,7 +340,8 @@ class LockContext:
 
     async def __aenter__(self) -> LockLease:
         scope = self._resolve(self._scope)  # the store's backend is known by now
-        lease = await self._locker.acquire(scope, self._name, self._ttl, self._timeout)
+        got = self._locker.start(scope, self._name, self._ttl, self._timeout)
+        lease = got if isinstance(got, LockLease) else await got
         if lease is None:
             raise LockTimeoutError(
                 f"zeal.lock({self._name!r}, scope={scope.name!r}) not obtained within "
@@ -281,7 +359,11 @@ class LockContext:
         lease, self._lease = self._lease, None
         if lease is None:
             return
-        await self._locker.release(lease)
+        now = lease._scope.immediate
+        if now is not None:
+            self._locker.release_now(lease, now)  # no await: nothing to wait for
+        else:
+            await self._locker.release(lease)
         if not lease.lost:
             return
         task = lease._task  # cancelled by the loss (it held the lease, so it was not done)

@@ -104,3 +104,23 @@ class Cells:
     def values(self) -> list[float]: ...
     def __len__(self) -> int: ...
     def __getitem__(self, i: int, /) -> float: ...
+
+# -- leases
+LEASE_BUSY_OWNER: int
+LEASE_BUSY_TURN: int
+
+def lease_acquire(
+    table: Table,
+    key: str | bytes,
+    column: str,
+    ms: int,
+    tag: int,
+    stale: int = 0,
+    fence: str | None = None,
+    turn: str | None = None,
+    turn_ms: int = 0,
+    stale_turn: int = 0,
+) -> tuple[int, int]: ...
+def lease_release(
+    table: Table, key: str | bytes, column: str, word: int, tag: int, delete: bool = False
+) -> bool: ...

@@ -1,10 +1,14 @@
 """A host-wide lease in shared memory: one 64-bit word holding (deadline, holder pid).
 
-The word lives in an INT(8) column of a shared table row and changes only by compare-and-set,
-so taking, renewing and releasing are each one atomic step, and a worker killed at any point
+The word lives in an INT(8) column of a shared table row.  Taking a lease is one compiled call
+(:func:`lease_acquire`: the checks and the writes under the row's lock), giving it back another
+(:func:`lease_release`), and renewing is a compare-and-set, so a worker killed at any point
 leaves either its whole word or none.  A lease is free when the row holds 0, when its deadline
 has passed, or when its holder is dead; a live holder keeps it until its deadline.  Deadlines
 are ``CLOCK_MONOTONIC`` milliseconds: one clock for every process of the host.
+
+The holder is this process's pid, read once and again in a forked child (a child never holds,
+renews or releases its parent's lease).
 """
 
 from __future__ import annotations
@@ -13,15 +17,36 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from zeal_asgi.shm import _shmtable
 from zeal_asgi.shm.process import process_alive
 
 if TYPE_CHECKING:
     from zeal_asgi.shm.ext import Table
 
-__all__ = ["Lease", "pack", "unpack"]
+__all__ = ["BUSY_OWNER", "BUSY_TURN", "Lease", "pack", "pid", "unpack"]
 
 TAG_BITS = 22  # Linux pids are < 2**22 (the pid_max limit)
 _TAG_MASK = (1 << TAG_BITS) - 1
+BUSY_OWNER: int = _shmtable.LEASE_BUSY_OWNER
+"""``Lease.take``'s first item when a holder has the lease."""
+BUSY_TURN: int = _shmtable.LEASE_BUSY_TURN
+"""``Lease.take``'s first item when another process waits for its turn to take it."""
+_acquire = _shmtable.lease_acquire
+_release = _shmtable.lease_release
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def pid() -> int:
+    """This process's pid (kept across calls, renewed in a forked child)."""
+    return _pid
 
 
 def pack(deadline_ms: int, tag: int) -> int:
@@ -42,53 +67,76 @@ class Lease:
     """Leases named by the row keys of ``table``, each in its INT(8) ``column``.
 
     ``acquire`` returns a token (the word written) that ``renew`` and ``release`` compare
-    against, so a holder can only renew or release what it still holds.
+    against, so a holder can only renew or release what it still holds.  With ``fence`` (an
+    INT(8) column), each acquisition adds one to it in the same step: a fencing token.  With
+    ``turn`` (an INT(8) column), a process that finds the lease held queues for it for
+    ``turn_seconds``, and no other process takes it meanwhile (:meth:`take`).
     """
 
-    def __init__(self, table: Table, seconds: float, column: str = "owner") -> None:
+    def __init__(
+        self,
+        table: Table,
+        seconds: float,
+        column: str = "owner",
+        *,
+        fence: str | None = None,
+        turn: str | None = None,
+        turn_seconds: float = 0.0,
+    ) -> None:
         self.table = table
         self.column = column
         self.ms = max(1, int(seconds * 1000))
-
-    def _cas(self, key: str | bytes, expected: int, new: int) -> bool:
-        return bool(self.table.compare_and_set(key, self.column, expected, new))
+        self.fence, self.turn = fence, turn
+        self.turn_ms = max(1, int(turn_seconds * 1000)) if turn else 0
 
     @staticmethod
     def stale(word: int, now_ms: int | None = None) -> bool:
         """True when ``word`` holds no lease: empty, past its deadline, or its holder dead."""
-        deadline, pid = unpack(word)
+        deadline, holder = unpack(word)
         now = _now_ms() if now_ms is None else now_ms
-        return not word or deadline < now or not process_alive(pid)
+        return not word or deadline < now or not process_alive(holder)
 
     def holder(self, key: str | bytes) -> int | None:
         """Pid of the process holding ``key``, or ``None`` when nobody does."""
         word = self.table.get(key, self.column) or 0
         return None if self.stale(word) else unpack(word)[1]
 
+    def take(self, key: str | bytes) -> tuple[int, int]:
+        """One attempt: ``(fence, token)`` when taken (``fence`` 0 without a fence column), else
+        ``(BUSY_OWNER, holder's word)`` or ``(BUSY_TURN, waiting process's turn)``.  A holder
+        found dead gives the lease up at once."""
+        table, column, fence, turn, ms, turn_ms = (
+            self.table, self.column, self.fence, self.turn, self.ms, self.turn_ms
+        )  # fmt: skip
+        grant = _acquire(table, key, column, ms, _pid, 0, fence, turn, turn_ms, 0)
+        stale = stale_turn = 0
+        while grant[0] < 0:
+            # C judged the deadline; only a dead holder (the rare case) needs /proc
+            word = grant[1]
+            if process_alive(word & _TAG_MASK) or word in (stale, stale_turn):
+                return grant
+            if grant[0] == BUSY_TURN:
+                stale_turn = word
+            else:
+                stale = word
+            grant = _acquire(table, key, column, ms, _pid, stale, fence, turn, turn_ms, stale_turn)
+        return grant
+
     def acquire(self, key: str | bytes) -> int | None:
         """Take ``key`` if it is free; the token, or ``None`` when a live holder has it (this
         process included: a lease is not re-entrant)."""
-        token = pack(_now_ms() + self.ms, os.getpid())
-        if self._cas(key, 0, token):
-            return token
-        current = self.table.get(key, self.column) or 0
-        if self.stale(current) and self._cas(key, current, token):
-            return token
-        return None
+        fence, token = self.take(key)
+        return token if fence >= 0 else None
 
     def renew(self, key: str | bytes, token: int) -> int | None:
         """Move the deadline forward; the new token, or ``None`` if the lease was lost.  A forked
         child does not renew its parent's lease."""
-        if unpack(token)[1] != os.getpid() & _TAG_MASK:
+        if token & _TAG_MASK != _pid & _TAG_MASK:
             return None
-        new = pack(_now_ms() + self.ms, os.getpid())
-        return new if self._cas(key, token, new) else None
+        new = pack(_now_ms() + self.ms, _pid)
+        return new if self.table.compare_and_set(key, self.column, token, new) else None
 
     def release(self, key: str | bytes, token: int, *, delete: bool = False) -> bool:
         """Give the lease up if ``token`` still holds it (``delete``: remove the row too).  A
         forked child does not release its parent's lease."""
-        if unpack(token)[1] != os.getpid() & _TAG_MASK:
-            return False
-        if delete:
-            return bool(self.table.delete_if(key, self.column, token))
-        return self._cas(key, token, 0)
+        return bool(_release(self.table, key, self.column, token, _pid & _TAG_MASK, delete))
