@@ -1077,8 +1077,7 @@ def incr_bounded(Table table, key, column, by, bound, floor=None, reset=None):
                 f"table {table.name!r} is full: {table.capacity} rows (max_rows); delete rows "
                 "or make it larger")
         _raise_rc(rc, f"incr_bounded {key!r} in table {table.name!r}")
-    if table.t.local_recoveries != table._seen_recoveries:
-        table._note_recoveries()
+    table._done(0, key, "incr_bounded")  # logs a lock recovery this call just ran
     if table.cols[ci].type == ZT_INT:
         return (PyLong_FromLongLong(iout), applied != 0)
     return (PyFloat_FromDouble(fout), applied != 0)

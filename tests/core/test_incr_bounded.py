@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
+import signal
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from tests.core import crashpoints
 from zeal_asgi import Table
 from zeal_asgi.errors import (
     ColumnTypeError,
@@ -16,6 +19,7 @@ from zeal_asgi.errors import (
     TableFullError,
     UnknownColumnError,
 )
+from zeal_asgi.shm import _shmtable
 from zeal_asgi.shm.ext import incr_bounded
 
 COLS = {"n": ("int", 8), "small": ("int", 1), "f": ("float", 8), "s": ("string", 8)}
@@ -117,3 +121,27 @@ def test_processes_never_pass_the_bound_together(
         assert p.exitcode == 0
     assert sum(counts) == BOUND  # N x M = 20,000 tries, exactly BOUND applied
     assert t.get("hot", "n") == BOUND
+
+
+def _delete_and_die(table: Table) -> None:
+    _shmtable._set_crashpoint(crashpoints.DELETE_FREED, 1, int(signal.SIGKILL))
+    table.delete("gone")
+
+
+def test_an_add_that_recovers_a_dead_writers_lock_applies_and_logs_it(
+    make_table: Callable[..., Table], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first call to take a lock whose holder was SIGKILLed repairs it, applies its add
+    and logs the recovery once, like every other row operation."""
+    crashpoints.require()
+    t = make_table(16, COLS)
+    t.set("gone", {"n": 1})
+    child = mp.get_context("fork").Process(target=_delete_and_die, args=(t,))
+    child.start()
+    child.join(10)
+    assert child.exitcode == -signal.SIGKILL
+    with caplog.at_level(logging.WARNING, logger="zeal_asgi"):
+        assert incr_bounded(t, "new", "n", 2, 5) == (2, True)  # an insert: the global lock
+    assert t.stats()["lock_recoveries"] >= 1
+    assert [r for r in caplog.records if "recovered a lock whose holder died" in r.message]
+    assert t.get("new", "n") == 2 and t.get("gone") is None
