@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing as mp
 import os
 import time
 import uuid
@@ -13,7 +14,9 @@ import pytest
 from tests._harness.servers import RedisServer
 from tests.redis.test_parity import STEPS, outcome
 from zeal_asgi.errors import ConfigError, UnknownTableError
+from zeal_asgi.shm import Table
 from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.shm.lease import Lease
 from zeal_asgi.store import Store
 from zeal_asgi.store.backends.table import TableBackend
 from zeal_asgi.store.backends.tiered import TieredBackend
@@ -155,6 +158,29 @@ async def test_a_full_l1_evicts_instead_of_pinning_old_rows(make_node: MakeNode)
     assert tn.l1.tables()["kv"].stats()["rows"] <= 64
     assert await node.count("kv") == 600  # L2 holds everything
     assert (await node.get("kv", "k3"))["v"] == 3
+
+
+def _hold_and_die(gens_name: str) -> None:
+    gens = Table(1032, {"g": ("int", 8)}, name=gens_name)
+    assert Lease(gens, 60.0, column="g").acquire("evict") is not None
+    os._exit(0)  # dies holding the sweep's lease for another minute
+
+
+async def test_a_sweeper_that_died_holding_the_lease_does_not_stop_eviction(
+    make_node: MakeNode,
+) -> None:
+    """The L1 sweep is taken on the host lease: a worker killed mid-sweep frees it at once."""
+    node = await make_node(l1_rows=64, table={"max_rows": 4096})
+    tn = tiered(node)
+    child = mp.get_context("fork").Process(target=_hold_and_die, args=(f"{tn.l1.namespace}:l1gen",))
+    child.start()
+    child.join(10)
+    assert child.exitcode == 0
+    evicted = _metric("l1_evictions")
+    for i in range(200):
+        await node.set("kv", f"k{i}", {"v": i, "s": ""})
+    assert _metric("l1_evictions") > evicted
+    assert await node.exists_cached("kv", "k199")
 
 
 async def test_l1_is_not_trusted_before_the_subscriber_runs(make_node: MakeNode) -> None:

@@ -10,8 +10,9 @@ that window: every invalidation bumps the generation of the key's bucket (or the
 its row checks them again and deletes the row if either moved.  Whatever the interleaving, L1
 ends up with the new row or without the key, never with the old row.
 
-When L1 is full, one worker at a time (a compare-and-set lock with a lease) sweeps it: stale
-rows go first, then the least recently fetched, until an eighth of it is free.
+When L1 is full, one worker at a time sweeps it (it holds the host lease, which a dead holder
+gives up at once): stale rows go first, then the least recently fetched, until an eighth of it
+is free.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from zeal_asgi.errors import ConfigError, TableFullError
 from zeal_asgi.shm.ext import Table
+from zeal_asgi.shm.lease import Lease
 from zeal_asgi.shm.schema import ColumnType
 from zeal_asgi.store.base import Key, Row, TableSpec, count
 
@@ -185,13 +187,10 @@ class L1Cache:
     # -- eviction --------------------------------------------------------------------------------
 
     def _evict(self, name: str, t: TableT) -> bool:
-        g = self._gen_table()
-        now_ms = int(time.monotonic() * 1000)
-        held = int(g.get(_LOCK, "g") or 0)
-        if held and now_ms - held < _LOCK_LEASE * 1000:
+        lease = Lease(self._gen_table(), _LOCK_LEASE, column="g")
+        token = lease.acquire(_LOCK)
+        if token is None:
             return False  # another worker is sweeping; don't stall this request behind it
-        if not g.compare_and_set(_LOCK, "g", held, now_ms):
-            return False
         try:
             ttl = self._ttls[name]
             now = time.monotonic()
@@ -208,7 +207,7 @@ class L1Cache:
             count("tiered", "l1_evictions", freed)
             return freed > 0
         finally:
-            g.compare_and_set(_LOCK, "g", now_ms, 0)
+            lease.release(_LOCK, token)
 
     def stats(self) -> dict[str, Any]:
         """Per-table figures of the shared L1 tables."""
