@@ -103,22 +103,21 @@ class Tokens:
         """The token of each row key (made when missing); ``None`` if the table stayed full."""
         store = self.store()
         local = self._local
-        if len(names) == 1:  # the usual case (a path, no tags): one read of one field
+        if len(names) == 1:  # the usual case (a path, no tags): one read
             name = names[0]
-            v = (
-                local.get(name, "v")
-                if local is not None
-                else await store.get_strict(self.table, name, "v")
-            )
+            if local is not None:
+                v = local.get(name, "v")
+            else:  # the whole row: one plain command (one field would take a script)
+                row = await store.get_strict(self.table, name)
+                v = None if row is None else row["v"]
             if v:
-                return [v]
+                return [int(v)]
             out = [0]
         elif local is not None:
             out = [local.get(name, "v") or 0 for name in names]
         else:
-            out = [
-                0 if row is None else int(row["v"]) for row in await store.mget(self.table, names)
-            ]
+            rows = await store.mget(self.table, names)
+            out = [0 if row is None else int(row["v"]) for row in rows]
         for i, token in enumerate(out):
             if not token:
                 made = await self._make(store, names[i])
