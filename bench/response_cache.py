@@ -78,10 +78,15 @@ BUSY = 0.1
 DASH_ = "\u2014"
 NOTE = (
     "On the redis backend a zeal hit is two round trips, one after the other: the path's (and "
-    "tags') invalidation token, then the entry under the key that token completes; each peer "
-    "makes one (and none of them can invalidate by tag across workers and nodes). The tiered "
-    "backend serves both reads from its shared-memory L1, which is why it is the row to compare "
-    "with the peers' Redis backends; the plain redis row is shown as it is."
+    "tags') invalidation token (one HGETALL), then the entry under the key that token completes "
+    "(a short script); each peer makes one (and none of them can invalidate by tag across "
+    "workers and nodes). The peers' Redis rows are like for like: cashews' `redis://` keeps no "
+    "copy in the worker (its client-side cache is off unless `client_side=true` is set), so each "
+    "of its hits is one Redis GET of the pickled value, as Redis' MONITOR shows: its Redis row "
+    "is close to its memory row for what its decorator costs either way, not for skipping "
+    "Redis. The tiered backend serves both zeal reads from its shared-memory L1, which is "
+    "why it is the row to compare with the peers' Redis backends; the plain redis row is shown "
+    "as it is."
 )
 PUBLISHED_US = {"fastapi-redis-sdk": 643, "fastapi-cache2": 662, "cashews": 696}
 """fastapi-redis-sdk docs/guide/benchmarks.md: small cache hit, TestClient, Redis, M3 Max."""

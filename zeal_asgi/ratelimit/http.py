@@ -210,10 +210,16 @@ def depends(
     limiter._check("k", cost)  # a bad cost fails at declaration, not at the first request
     fastapi = require("fastapi", extra="fastapi", feature="RateLimiter.depends")
 
+    hit = limiter.hit
+    by_scope = key.of_scope if isinstance(key, ClientIP) else None
+
     async def rate_limit(connection: HTTPConnection, response: Response) -> RateLimitResult:
-        result = await limiter.hit(await _key_of(key, connection), cost)
+        if by_scope is not None:  # the usual key: read from the scope, nothing awaited
+            result = await hit(by_scope(connection.scope), cost)
+        else:
+            result = await hit(await _key_of(key, connection), cost)
         if result.allowed:
-            response.raw_headers += raw_headers(limiter, result)
+            response.raw_headers.extend(raw_headers(limiter, result))
             return result
         headers = decision_headers(limiter, result)
         if isinstance(connection, WebSocket):
@@ -280,6 +286,7 @@ class RateLimitMiddleware:
             raise ConfigError(f"key must be a callable taking the connection, got {key!r}")
         self.exempt = frozenset(p.rstrip("/") or "/" for p in exempt)
         self.cost = cost
+        self._by_scope = self.key.of_scope if isinstance(self.key, ClientIP) else None
 
     def _exempt(self, path: str) -> bool:
         if not self.exempt:
@@ -289,27 +296,32 @@ class RateLimitMiddleware:
         return any(path.startswith(p + "/") for p in self.exempt if p != "/")
 
     async def _key(self, scope: Scope, receive: Receive, send: Send) -> str:
-        key = self.key
-        if isinstance(key, ClientIP):
-            return key.of_scope(scope)  # no connection object to build
         conn: HTTPConnection = (
             Request(scope, receive) if scope["type"] == "http" else WebSocket(scope, receive, send)
         )
-        return await _key_of(key, conn)
+        return await _key_of(self.key, conn)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind not in ("http", "websocket") or self._exempt(scope["path"]):
+        if (kind != "http" and kind != "websocket") or (
+            self.exempt and self._exempt(scope["path"])
+        ):
             await self.app(scope, receive, send)
             return
         limiter = self.limiter
-        result = await limiter.hit(await self._key(scope, receive, send), self.cost)
+        by_scope = self._by_scope  # the usual key: no connection object to build
+        key = by_scope(scope) if by_scope is not None else await self._key(scope, receive, send)
+        result = await limiter.hit(key, self.cost)
         raw = raw_headers(limiter, result)
         if result.allowed:
-            if kind == "websocket":
-                await self.app(scope, receive, _with_headers(send, raw, "websocket.accept"))
-            else:
-                await self.app(scope, receive, _with_headers(send, raw, "http.response.start"))
+            first = "http.response.start" if kind == "http" else "websocket.accept"
+
+            async def send_with_headers(message: Message) -> None:
+                if message["type"] == first:
+                    message = {**message, "headers": [*message.get("headers", ()), *raw]}
+                await send(message)
+
+            await self.app(scope, receive, send_with_headers)
             return
         body = json.dumps(refusal_body(limiter, result)).encode()
         headers = [
@@ -331,14 +343,3 @@ class RateLimitMiddleware:
             await send({"type": "websocket.http.response.body", "body": body})
         else:
             await send({"type": "websocket.close", "code": 1008, "reason": "rate limited"})
-
-
-def _with_headers(
-    send: Send, raw: list[tuple[bytes, bytes]], start: str
-) -> Callable[[Message], Awaitable[None]]:
-    async def wrapped(message: Message) -> None:
-        if message["type"] == start:
-            message = {**message, "headers": [*message.get("headers", ()), *raw]}
-        await send(message)
-
-    return wrapped

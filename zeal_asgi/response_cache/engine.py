@@ -133,6 +133,8 @@ class Engine:
         self.policy = policy
         self._static_tags = [tag_name(t) for t in policy.tags] if _static(policy.tags) else None
         self._tokens: Tokens | None = None
+        # the key of a request and its tokens: hashed once, not per request
+        self._keys: dict[tuple[Any, ...], str] = {}
         # the headers of the last answer per key, valid for its entry and its age in seconds
         self._answers: dict[str, tuple[Entry, int | None, bool, Headers]] = {}
 
@@ -179,19 +181,18 @@ class Engine:
         if tokens is None:
             STATS.incr("bypass")
             return None
-        h = hashlib.blake2b(digest_size=16)
-        h.update(path.encode("utf-8", "surrogateescape") + b"\0")
-        query = scope.get("query_string")
-        if query:
-            h.update(b"&".join(sorted(query.split(b"&"))))
-        h.update(b"\0")
-        if parts.varied:
-            h.update(b"\0".join(sorted(parts.varied)))
-        if p.private and parts.authorization is not None:
-            h.update(b"\0a" + hashlib.blake2b(parts.authorization).digest())
-        for token in tokens:
-            h.update(_TOKENS.pack(token))
-        return Plan("rc:" + h.hexdigest(), parts)
+        query = scope.get("query_string") or b""
+        varied = tuple(sorted(parts.varied)) if parts.varied else ()
+        if p.private and parts.authorization is not None:  # no credential kept in memory
+            return Plan(_key(path, query, varied, parts.authorization, tokens), parts)
+        memo = (path, query, varied, *tokens)
+        key = self._keys.get(memo)
+        if key is None:
+            key = _key(path, query, varied, None, tokens)
+            if len(self._keys) >= _MEMO_ROWS:
+                self._keys.clear()
+            self._keys[memo] = key
+        return Plan(key, parts)
 
     # -- the cycle -----------------------------------------------------------------------------
 
@@ -295,6 +296,25 @@ class Engine:
             STATS.incr("not_modified")
             return RawResponse(304, list(headers), b"", background)
         return RawResponse(entry.status, list(headers), entry.body, background)
+
+
+def _key(
+    path: str, query: bytes, varied: tuple[bytes, ...], auth: bytes | None, tokens: list[int]
+) -> str:
+    """The cache key of a request: its path, sorted query, varied headers, credential (when
+    private) and the current tokens of its path and tags."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(path.encode("utf-8", "surrogateescape") + b"\0")
+    if query:
+        h.update(b"&".join(sorted(query.split(b"&"))))
+    h.update(b"\0")
+    if varied:
+        h.update(b"\0".join(varied))
+    if auth is not None:
+        h.update(b"\0a" + hashlib.blake2b(auth).digest())
+    for token in tokens:
+        h.update(_TOKENS.pack(token))
+    return "rc:" + h.hexdigest()
 
 
 def _static(tags: tuple[str, ...]) -> bool:

@@ -32,6 +32,7 @@ from zeal_asgi.store import Store, StoreBackendKind
 
 if TYPE_CHECKING:
     from zeal_asgi.cache import Cache
+    from zeal_asgi.shm import Table
 
 __all__ = ["TOKEN_TTL", "Tokens", "check_names", "path_name", "tag_name", "tokens_of"]
 
@@ -75,6 +76,8 @@ class Tokens:
         self.max_rows = max(_MIN_ROWS, 4 * cache.max_rows)
         self.table = ""
         self._bound: tuple[Store, Any] | None = None
+        self._local: Table | None = None
+        """The token table itself on the table backend: read without a coroutine."""
 
     def store(self) -> Store:
         """The cache's Store, with the token table declared on its current backend."""
@@ -92,20 +95,29 @@ class Tokens:
                 ttl=None if local else TOKEN_TTL,
                 key_size=_KEY_BYTES,
             )
+            self._local = store.table(self.table) if local else None
             self._bound = (store, store.backend)
         return store
 
     async def current(self, names: Sequence[str]) -> list[int] | None:
         """The token of each row key (made when missing); ``None`` if the table stayed full."""
         store = self.store()
-        if len(names) == 1:  # the usual case (a path, no tags): the Store's one-command path
-            row = await store.get_strict(self.table, names[0])
-            if row is not None and row["v"]:
-                return [row["v"]]
-            rows = [row]
+        local = self._local
+        if len(names) == 1:  # the usual case (a path, no tags): one read
+            name = names[0]
+            if local is not None:
+                v = local.get(name, "v")
+            else:  # the whole row: one plain command (one field would take a script)
+                row = await store.get_strict(self.table, name)
+                v = None if row is None else row["v"]
+            if v:
+                return [int(v)]
+            out = [0]
+        elif local is not None:
+            out = [local.get(name, "v") or 0 for name in names]
         else:
             rows = await store.mget(self.table, names)
-        out = [0 if row is None else int(row["v"]) for row in rows]
+            out = [0 if row is None else int(row["v"]) for row in rows]
         for i, token in enumerate(out):
             if not token:
                 made = await self._make(store, names[i])
