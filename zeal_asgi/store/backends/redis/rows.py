@@ -13,7 +13,7 @@ prefix gets a SchemaError naming both declarations, instead of sharing rows sile
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from zeal_asgi._redis.config import RedisConfig
@@ -117,7 +117,7 @@ class RedisRows(RedisLink):
             raise t.spec.conflict(stored, self._conn.where)
         t.checked = True
 
-    async def _script(
+    def _script(
         self,
         t: _Table,
         script: Script,
@@ -126,19 +126,23 @@ class RedisRows(RedisLink):
         what: str,
         *,
         idempotent: bool = True,
-    ) -> Any:
-        """Run ``script`` on ``t``'s keys (after the first-use schema check)."""
+    ) -> Awaitable[Any]:
+        """Run ``script`` on ``t``'s keys (after the first-use schema check); awaited, the raw
+        reply.  Checked tables go straight to the connector: no frame of its own."""
         if not t.checked:
-            await self._ensure(t)
-        return await self._conn.script(
-            script, keys, args, what, idempotent=idempotent, table=t.name
-        )
+            return self._checked(t, self._conn.script, script, keys, args, what, idempotent)
+        return self._conn.script(script, keys, args, what, idempotent=idempotent, table=t.name)
 
-    async def _call(self, t: _Table, args: tuple[Any, ...], what: str) -> Any:
+    def _call(self, t: _Table, args: tuple[Any, ...], what: str) -> Awaitable[Any]:
         """Send one idempotent command on ``t``'s keys (after the first-use schema check)."""
         if not t.checked:
-            await self._ensure(t)
-        return await self._conn.call(args, what, idempotent=True, table=t.name)
+            return self._checked(t, self._conn.call, args, what, True)
+        return self._conn.call(args, what, idempotent=True, table=t.name)
+
+    async def _checked(self, t: _Table, send: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """``await send(*args[:-1], idempotent=args[-1], table=t.name)`` after the schema check."""
+        await self._ensure(t)
+        return await send(*args[:-1], idempotent=args[-1], table=t.name)
 
     def row_key(self, table: str, key: Key) -> bytes:
         """The hash holding row ``key`` of ``table``."""
@@ -219,7 +223,10 @@ class RedisRows(RedisLink):
         )
         status = reply[0]
         if status == _OK:
-            value: int | float = t.codec.decode_value(col, reply[1], key)
+            value: int | float = reply[1]
+            if value.__class__ is int:
+                return value  # the script's own range-checked result (an integer reply)
+            value = t.codec.decode_value(col, reply[1], key)
             return value
         current = reply[-1]
         if status == b"overflow" or (status == b"err" and b"overflow" in bytes(reply[1])):
