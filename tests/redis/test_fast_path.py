@@ -10,6 +10,7 @@ import pytest
 
 from tests._harness.proxy import Proxy
 from tests._harness.servers import RedisServer
+from zeal_asgi._redis.pipe import Template, pack
 from zeal_asgi.errors import BackendTimeoutError
 from zeal_asgi.store import Store
 from zeal_asgi.store.backends.redis import RedisBackend
@@ -121,3 +122,26 @@ async def test_replies_keep_their_types(redis_server: RedisServer) -> None:
         assert time.monotonic() - t0 < 1.0
     finally:
         await store.aclose()
+
+
+async def test_incr_results_are_exact_around_2_to_the_53(redis_server: RedisServer) -> None:
+    # below 2^53 the script answers with an integer reply, from there on with the stored string
+    store, _ = _store(redis_server.url)
+    try:
+        await store.set("t", "k", {"n": 2**53 - 3})
+        got = [await store.incr("t", "k", "n") for _ in range(5)]
+        assert got == [2**53 - 2, 2**53 - 1, 2**53, 2**53 + 1, 2**53 + 2]
+        await store.set("t", "k", {"n": -(2**53) + 1})
+        assert await store.incr("t", "k", "n", -1) == -(2**53)
+        assert await store.incr("t", "k", "n", -1) == -(2**53) - 1
+        assert await store.get_strict("t", "k", "n") == -(2**53) - 1
+    finally:
+        await store.aclose()
+
+
+def test_a_template_packs_as_pack_does() -> None:
+    args = ("EVALSHA", "f" * 40, 2, b"row", b"set", b"t", 0, b"k", "col", 7, -(2**63), 2.5, b"")
+    for holes in [(), (3,), (0, 12), (3, 7, 9), tuple(range(len(args)))]:
+        tpl = Template([None if i in holes else a for i, a in enumerate(args)], holes)
+        filled = tpl.fill(*(pack((args[i],)).split(b"\r\n")[2] for i in holes))
+        assert filled == pack(args)

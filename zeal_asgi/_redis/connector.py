@@ -409,13 +409,18 @@ class RedisConnector:
         *,
         idempotent: bool,
         table: str | None = None,
+        packed: bytes | None = None,
     ) -> Awaitable[Any]:
-        """Run ``script`` (EVALSHA, then EVAL if the server lost it); awaited, its raw reply."""
+        """Run ``script`` (EVALSHA, then EVAL if the server lost it); awaited, its raw reply.
+
+        ``packed``: the EVALSHA already packed by the caller (a :class:`Template` filled in).
+        """
         if self.cfg.mode == "client":
             return self.run(
                 lambda c: script(c, keys, args), what=what, idempotent=idempotent, table=table
             )
-        packed = pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
+        if packed is None:
+            packed = pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
         lost = (script, keys, args)
         return self._send(packed, keys[0] if keys else None, lost, what, table, idempotent)
 

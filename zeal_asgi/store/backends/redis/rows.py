@@ -18,6 +18,7 @@ from typing import Any
 
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.link import RedisLink
+from zeal_asgi._redis.pipe import Template
 from zeal_asgi._redis.scripts import (
     CAS,
     DELETE,
@@ -40,6 +41,8 @@ __all__ = ["INCR_INT", "SET", "RedisRows"]  # the two scripts: the store benchma
 _HGETALL = "HGETALL"
 _EXISTS = "EXISTS"
 _OK = b"ok"
+_TEMPLATES = 64
+"""Packed script calls kept per table."""
 
 
 class _Table:
@@ -54,6 +57,7 @@ class _Table:
         "members",
         "name",
         "spec",
+        "templates",
         "zeros",
     )
 
@@ -70,6 +74,17 @@ class _Table:
         self.zeros: tuple[Any, ...] = (len(zeros), *zeros)
         self.checked = False
         """Whether this process compared the declaration with the one stored in Redis."""
+        self.templates: dict[object, Template] = {}
+        """The EVALSHA of ``set`` per tuple of given fields, of ``incr`` per INT column."""
+
+    def template(self, what: object, args: tuple[Any, ...]) -> Template:
+        """The EVALSHA ``args`` packed once (``None``: the holes filled per call), kept as
+        ``what``; bounded, since the field tuples of ``set`` come from the caller."""
+        if len(self.templates) >= _TEMPLATES:
+            self.templates.clear()
+        holes = [i for i, arg in enumerate(args) if arg is None]
+        found = self.templates[what] = Template(args, holes)
+        return found
 
     def key(self, key: object) -> tuple[bytes, bytes]:
         """The validated raw key and its row key (the table's errors on a bad key)."""
@@ -126,12 +141,15 @@ class RedisRows(RedisLink):
         what: str,
         *,
         idempotent: bool = True,
+        packed: bytes | None = None,
     ) -> Awaitable[Any]:
         """Run ``script`` on ``t``'s keys (after the first-use schema check); awaited, the raw
         reply.  Checked tables go straight to the connector: no frame of its own."""
         if not t.checked:
             return self._checked(t, self._conn.script, script, keys, args, what, idempotent)
-        return self._conn.script(script, keys, args, what, idempotent=idempotent, table=t.name)
+        return self._conn.script(
+            script, keys, args, what, idempotent=idempotent, table=t.name, packed=packed
+        )
 
     def _call(self, t: _Table, args: tuple[Any, ...], what: str) -> Awaitable[Any]:
         """Send one idempotent command on ``t``'s keys (after the first-use schema check)."""
@@ -161,7 +179,16 @@ class RedisRows(RedisLink):
             args = [*t.head, raw, len(zeros), *zeros]
         for k, v in fields.items():
             args += (k, v)
-        await self._script(t, SET, (row_key, t.members), args, "set in")
+        names = tuple(fields)
+        tpl = t.templates.get(names)
+        if tpl is None:
+            start = len(args) - 2 * len(fields)  # the (field, value) pairs: values vary
+            argv = [
+                None if i == 2 or (i > start and (i - start) % 2) else a for i, a in enumerate(args)
+            ]
+            tpl = t.template(names, (b"EVALSHA", SET.sha, 2, None, t.members, *argv))
+        packed = tpl.fill(row_key, raw, *fields.values())
+        await self._script(t, SET, (row_key, t.members), args, "set in", packed=packed)
         return True
 
     async def get(self, spec: TableSpec, key: Key, field: str | None = None) -> Any:
@@ -214,12 +241,20 @@ class RedisRows(RedisLink):
             eight = b"1" if col.size == 8 else b"0"
             args: tuple[Any, ...] = (*t.head, raw, col.name, by, lo, hi, eight, *t.zeros)
             script = INCR_INT
+            tpl = t.templates.get(col.name)
+            if tpl is None:
+                tail = (col.name, None, lo, hi, eight, *t.zeros)
+                tpl = t.template(
+                    col.name, (b"EVALSHA", script.sha, 2, None, t.members, *t.head, None, *tail)
+                )
+            packed: bytes | None = tpl.fill(row_key, raw, b"%d" % by)
         else:
             nan_ok = b"1" if spec.schema.allow_nan else b"0"
             args = (*t.head, raw, col.name, encode_float(by), nan_ok, *t.zeros)
             script = INCR_FLOAT
+            packed = None
         reply = await self._script(
-            t, script, (row_key, t.members), args, "incr in", idempotent=False
+            t, script, (row_key, t.members), args, "incr in", idempotent=False, packed=packed
         )
         status = reply[0]
         if status == _OK:
