@@ -369,36 +369,28 @@ class RedisConnector:
         )
 
     def call(
-        self, args: tuple[Any, ...], what: str, *, idempotent: bool, table: str | None = None
+        self,
+        args: tuple[Any, ...],
+        what: str,
+        *,
+        idempotent: bool,
+        table: str | None = None,
+        packed: bytes | None = None,
     ) -> Awaitable[Any]:
         """Send one command (name a str, arguments bytes, str or int); awaited, its reply.
 
         The reply is RESP2 as parsed by hiredis (``HGETALL``: a flat list), except with a ready
         client of the user's (redis-py's parsed reply; ``HGETALL``: a dict); every other
         command this package sends this way reads the same both ways.  ``what`` (and
-        ``table``) name the call in error messages.
+        ``table``) name the call in error messages; ``packed``: ``pack(args)``, kept by a
+        caller that sends the same command again and again.
         """
         if self.cfg.mode == "client":
             return self.run(
                 lambda c: c.execute_command(*args), what=what, idempotent=idempotent, table=table
             )
         key = args[1] if len(args) > 1 else None
-        return self._send(pack(args), key, None, what, table, idempotent)
-
-    def send(
-        self,
-        packed: bytes,
-        args: tuple[Any, ...],
-        what: str,
-        *,
-        idempotent: bool,
-        table: str | None = None,
-    ) -> Awaitable[Any]:
-        """:meth:`call` with ``args`` already packed (``pack(args)``, kept by a caller that
-        sends the same command again and again)."""
-        if self.cfg.mode == "client":
-            return self.call(args, what, idempotent=idempotent, table=table)
-        return self._send(packed, args[1] if len(args) > 1 else None, None, what, table, idempotent)
+        return self._send(packed or pack(args), key, None, what, table, idempotent)
 
     def script(
         self,

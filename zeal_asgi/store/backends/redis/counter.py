@@ -55,18 +55,14 @@ class RedisCounter(CounterBackend):
         if not self._ready:
             await self._ensure()
         try:
-            if by == 1:
-                value = await self._conn.send(
-                    self._incr_one_packed,
-                    self._incr_one,
-                    "counter",
-                    idempotent=False,
-                    table=self.name,
-                )
-            else:
-                value = await self._conn.call(
-                    ("INCRBY", self.key, by), "counter", idempotent=False, table=self.name
-                )
+            one = by == 1
+            value = await self._conn.call(
+                self._incr_one if one else ("INCRBY", self.key, by),
+                "counter",
+                idempotent=False,
+                table=self.name,
+                packed=self._incr_one_packed if one else None,
+            )
         except BackendResponseError as exc:
             if "overflow" in str(exc):
                 raise IntegerOverflowError(
