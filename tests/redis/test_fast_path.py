@@ -145,3 +145,38 @@ def test_a_template_packs_as_pack_does() -> None:
         tpl = Template([None if i in holes else a for i, a in enumerate(args)], holes)
         filled = tpl.fill(*(pack((args[i],)).split(b"\r\n")[2] for i in holes))
         assert filled == pack(args)
+
+
+async def test_slots_go_to_waiters_in_order_and_none_leaks(redis_server: RedisServer) -> None:
+    # one slot: the holder's release hands it to the oldest waiter still waiting; the waiters
+    # cancelled in the queue are skipped, and the slot is free again at the end
+    store, backend = _store(redis_server.url, pool_size=1, acquire_timeout=5.0)
+    try:
+        await store.set("t", "k", {"n": 0})
+        release = asyncio.Event()
+        order: list[int] = []
+
+        async def hold(c: Any) -> None:
+            await release.wait()
+
+        async def incr(i: int) -> None:
+            await store.incr("t", "k", "n")
+            order.append(i)
+
+        holder = asyncio.create_task(backend.run(hold, what="hold"))
+        await asyncio.sleep(0.01)
+        waiters = [asyncio.create_task(incr(i)) for i in range(6)]
+        await asyncio.sleep(0.01)
+        assert backend.stats()["redis"]["waiting"] == 6
+        waiters[0].cancel()
+        waiters[3].cancel()
+        release.set()
+        await holder
+        await asyncio.gather(*waiters, return_exceptions=True)
+        assert order == [1, 2, 4, 5]
+        assert await store.get_strict("t", "k", "n") == 4
+        stats = backend.stats()["redis"]
+        assert stats["in_use"] == 0 and stats["waiting"] == 0
+        assert await store.incr("t", "k", "n") == 5  # the one slot is free again
+    finally:
+        await store.aclose()
