@@ -10,6 +10,7 @@ import pytest
 
 from tests._harness.proxy import Proxy
 from tests._harness.servers import RedisServer
+from zeal_asgi._redis.pipe import Template, pack
 from zeal_asgi.errors import BackendTimeoutError
 from zeal_asgi.store import Store
 from zeal_asgi.store.backends.redis import RedisBackend
@@ -119,5 +120,63 @@ async def test_replies_keep_their_types(redis_server: RedisServer) -> None:
         assert await store.delete("t", "k") is True
         assert await store.delete("t", "k") is False
         assert time.monotonic() - t0 < 1.0
+    finally:
+        await store.aclose()
+
+
+async def test_incr_results_are_exact_around_2_to_the_53(redis_server: RedisServer) -> None:
+    # below 2^53 the script answers with an integer reply, from there on with the stored string
+    store, _ = _store(redis_server.url)
+    try:
+        await store.set("t", "k", {"n": 2**53 - 3})
+        got = [await store.incr("t", "k", "n") for _ in range(5)]
+        assert got == [2**53 - 2, 2**53 - 1, 2**53, 2**53 + 1, 2**53 + 2]
+        await store.set("t", "k", {"n": -(2**53) + 1})
+        assert await store.incr("t", "k", "n", -1) == -(2**53)
+        assert await store.incr("t", "k", "n", -1) == -(2**53) - 1
+        assert await store.get_strict("t", "k", "n") == -(2**53) - 1
+    finally:
+        await store.aclose()
+
+
+def test_a_template_packs_as_pack_does() -> None:
+    args = ("EVALSHA", "f" * 40, 2, b"row", b"set", b"t", 0, b"k", "col", 7, -(2**63), 2.5, b"")
+    for holes in [(), (3,), (0, 12), (3, 7, 9), tuple(range(len(args)))]:
+        tpl = Template([None if i in holes else a for i, a in enumerate(args)], holes)
+        filled = tpl.fill(*(pack((args[i],)).split(b"\r\n")[2] for i in holes))
+        assert filled == pack(args)
+
+
+async def test_slots_go_to_waiters_in_order_and_none_leaks(redis_server: RedisServer) -> None:
+    # one slot: the holder's release hands it to the oldest waiter still waiting; the waiters
+    # cancelled in the queue are skipped, and the slot is free again at the end
+    store, backend = _store(redis_server.url, pool_size=1, acquire_timeout=5.0)
+    try:
+        await store.set("t", "k", {"n": 0})
+        release = asyncio.Event()
+        order: list[int] = []
+
+        async def hold(c: Any) -> None:
+            await release.wait()
+
+        async def incr(i: int) -> None:
+            await store.incr("t", "k", "n")
+            order.append(i)
+
+        holder = asyncio.create_task(backend.run(hold, what="hold"))
+        await asyncio.sleep(0.01)
+        waiters = [asyncio.create_task(incr(i)) for i in range(6)]
+        await asyncio.sleep(0.01)
+        assert backend.stats()["redis"]["waiting"] == 6
+        waiters[0].cancel()
+        waiters[3].cancel()
+        release.set()
+        await holder
+        await asyncio.gather(*waiters, return_exceptions=True)
+        assert order == [1, 2, 4, 5]
+        assert await store.get_strict("t", "k", "n") == 4
+        stats = backend.stats()["redis"]
+        assert stats["in_use"] == 0 and stats["waiting"] == 0
+        assert await store.incr("t", "k", "n") == 5  # the one slot is free again
     finally:
         await store.aclose()

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -88,8 +89,11 @@ class LoopState:
     loop: asyncio.AbstractEventLoop
     pid: int
     client: Any
-    slots: asyncio.Semaphore
+    free: int
+    """Slots free (``pool_size`` at first)."""
     sentinel: Sentinel | None = None
+    queue: deque[asyncio.Future[None]] = field(default_factory=deque)
+    """Callers waiting for a slot, oldest first: a released slot is handed to the first."""
     pipes: dict[Address | None, Pipe] = field(default_factory=dict)
     """The pipelined connection of each node (``None``: the one server); closed ones replaced."""
     opening: set[asyncio.Task[None]] = field(default_factory=set)
@@ -111,16 +115,35 @@ class RedisConnector:
         self._owned = cfg.mode != "client"  # a ready client is the user's to close
         self.local = dict.fromkeys(COUNTERS, 0)
         """This worker's counters (see :data:`COUNTERS`); the host's are in host_stats()."""
+        self._synced = dict.fromkeys(COUNTERS, 0)
+        """What the host's counters hold of :attr:`local`: single commands add to ``local``
+        alone, and the difference goes to the host with the next socket write (or error, or
+        ``stats()``): one update of shared memory per batch rather than two per command."""
 
     # -- counters ------------------------------------------------------------------------------
 
     def count(self, name: str, by: int = 1) -> None:
         """Add ``by`` to this worker's counter ``name`` and to the host's."""
         self.local[name] += by
-        host_stats().incr(HOST_KEYS[name], by)
+        self._sync()
+
+    def _sync(self) -> None:
+        local, synced = self.local, self._synced
+        if local == synced:
+            return
+        host = host_stats()
+        for name, value in local.items():
+            if value != synced[name]:
+                host.incr(HOST_KEYS[name], value - synced[name])
+                synced[name] = value
+
+    def _wrote(self) -> None:
+        self.local["writes"] += 1
+        self._sync()
 
     def stats(self) -> dict[str, Any]:
         """Slot gauges and counters of this worker, and the counters summed over the host."""
+        self._sync()
         st = self._current()
         host = host_stats().host()
         return {
@@ -156,7 +179,7 @@ class RedisConnector:
             return st
         self._forget_dead()
         client, sentinel = self._factory.pooled()
-        st = LoopState(loop, _pid, client, asyncio.Semaphore(self.cfg.pool_size), sentinel)
+        st = LoopState(loop, _pid, client, self.cfg.pool_size, sentinel)
         self._states[id(loop)] = st
         return st
 
@@ -210,9 +233,7 @@ class RedisConnector:
         pipe = st.pipes.get(addr)
         if pipe is None or pipe.closed:
             cfg, factory = self.cfg, self._factory
-            pipe = Pipe(
-                st.loop, cfg.socket_timeout, cfg.auto_pipeline, lambda: self.count("writes")
-            )
+            pipe = Pipe(st.loop, cfg.socket_timeout, cfg.auto_pipeline, self._wrote)
             opener = factory.opener(st.loop, addr, st.sentinel)
             task = st.loop.create_task(self._open(pipe, opener, factory.greeting(addr is not None)))
             st.opening.add(task)
@@ -243,6 +264,55 @@ class RedisConnector:
 
     # -- calls ---------------------------------------------------------------------------------
 
+    async def _acquire(self, st: LoopState, what: str, table: str | None) -> None:
+        """Wait for a slot (none was free): at most ``acquire_timeout``.
+
+        Raises:
+            PoolTimeoutError: no slot within ``acquire_timeout``.
+        """
+        timeout = self.cfg.acquire_timeout
+        fut: asyncio.Future[None] = st.loop.create_future()
+        st.queue.append(fut)
+        st.waiting += 1
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except BaseException as exc:
+            if fut.done() and not fut.cancelled():
+                self._release(st)  # handed over as the wait ended: pass it on
+            else:
+                fut.cancel()
+            if not isinstance(exc, TimeoutError):
+                raise
+            self.count("acquire_timeouts")
+            raise PoolTimeoutError(
+                f"{self._describe(what, table)}: all {self.cfg.pool_size} slots stayed busy "
+                f"for {timeout * 1000:.0f} ms (acquire_timeout): raise pool_size or find the "
+                "slow calls"
+            ) from None
+        finally:
+            st.waiting -= 1
+
+    @staticmethod
+    def _release(st: LoopState) -> None:
+        queue = st.queue
+        while queue:
+            fut = queue.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the slot goes to the oldest waiter, never counted free
+                return
+        st.free += 1
+
+    def _retry(self, err: ZealError, tries: int, idempotent: bool, deadline: float) -> float | None:
+        """The backoff before another attempt after ``err``, or ``None``: no more attempts."""
+        delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**tries))
+        again = idempotent and tries < self.cfg.retries and retriable(err)
+        if not again or delay >= deadline - asyncio.get_running_loop().time():
+            self.count("errors")
+            return None
+        self.count("retries")
+        return delay
+
     async def _within(
         self,
         what: str,
@@ -259,46 +329,29 @@ class RedisConnector:
             BackendUnavailableError (and its TLS/auth leaves), BackendResponseError.
         """
         st = self.state()
-        loop = st.loop
-        deadline = loop.time() + self.cfg.deadline
-        slots = st.slots
-        if not slots.locked():
-            await slots.acquire()  # returns at once: no timer when a slot is free
+        deadline = st.loop.time() + self.cfg.deadline
+        if st.free and not st.queue:
+            st.free -= 1  # no timer, no await when a slot is free
         else:
-            timeout = self.cfg.acquire_timeout
-            st.waiting += 1
-            try:
-                async with asyncio.timeout(timeout):
-                    await slots.acquire()
-            except TimeoutError:
-                self.count("acquire_timeouts")
-                raise PoolTimeoutError(
-                    f"{self._describe(what, table)}: all {self.cfg.pool_size} slots stayed busy "
-                    f"for {timeout * 1000:.0f} ms (acquire_timeout): raise pool_size or find the "
-                    "slow calls"
-                ) from None
-            finally:
-                st.waiting -= 1
-        self.count("acquires")
+            await self._acquire(st, what, table)
+        local = self.local
+        local["acquires"] += 1
         st.in_use += 1
         try:
             tries = 0
             while True:
-                self.count("commands")
+                local["commands"] += 1
                 try:
                     return await attempt(st, deadline)
                 except ZealError as err:
-                    delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**tries))
-                    again = idempotent and tries < self.cfg.retries and retriable(err)
-                    if not again or delay >= deadline - loop.time():
-                        self.count("errors")
+                    delay = self._retry(err, tries, idempotent, deadline)
+                    if delay is None:
                         raise
-                self.count("retries")
                 tries += 1
                 await asyncio.sleep(delay)
         finally:
             st.in_use -= 1
-            slots.release()
+            self._release(st)
 
     def failed(self, exc: BaseException | None, what: str, table: str | None) -> ZealError:
         """The error of a failed attempt: the translation of ``exc``; with ``exc`` an
@@ -315,24 +368,31 @@ class RedisConnector:
             f"{where}: no answer within socket_timeout ({cfg.socket_timeout * 1000:.0f} ms)"
         )
 
-    async def call(
-        self, args: tuple[Any, ...], what: str, *, idempotent: bool, table: str | None = None
-    ) -> Any:
-        """Send one command (name a str, arguments bytes, str or int) and return its reply.
+    def call(
+        self,
+        args: tuple[Any, ...],
+        what: str,
+        *,
+        idempotent: bool,
+        table: str | None = None,
+        packed: bytes | None = None,
+    ) -> Awaitable[Any]:
+        """Send one command (name a str, arguments bytes, str or int); awaited, its reply.
 
         The reply is RESP2 as parsed by hiredis (``HGETALL``: a flat list), except with a ready
         client of the user's (redis-py's parsed reply; ``HGETALL``: a dict); every other
         command this package sends this way reads the same both ways.  ``what`` (and
-        ``table``) name the call in error messages.
+        ``table``) name the call in error messages; ``packed``: ``pack(args)``, kept by a
+        caller that sends the same command again and again.
         """
         if self.cfg.mode == "client":
-            return await self.run(
+            return self.run(
                 lambda c: c.execute_command(*args), what=what, idempotent=idempotent, table=table
             )
         key = args[1] if len(args) > 1 else None
-        return await self._send(pack(args), key, None, what, table, idempotent)
+        return self._send(packed or pack(args), key, None, what, table, idempotent)
 
-    async def script(
+    def script(
         self,
         script: Script,
         keys: Sequence[bytes],
@@ -341,70 +401,101 @@ class RedisConnector:
         *,
         idempotent: bool,
         table: str | None = None,
-    ) -> Any:
-        """Run ``script`` (EVALSHA, then EVAL if the server lost it); its raw reply."""
+        packed: bytes | None = None,
+    ) -> Awaitable[Any]:
+        """Run ``script`` (EVALSHA, then EVAL if the server lost it); awaited, its raw reply.
+
+        ``packed``: the EVALSHA already packed by the caller (a :class:`Template` filled in).
+        """
         if self.cfg.mode == "client":
-            return await self.run(
+            return self.run(
                 lambda c: script(c, keys, args), what=what, idempotent=idempotent, table=table
             )
-        packed = pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
-        body = pack((b"EVAL", script.body, len(keys), *keys, *args))
-        return await self._send(packed, keys[0] if keys else None, body, what, table, idempotent)
+        if packed is None:
+            packed = pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
+        lost = (script, keys, args)
+        return self._send(packed, keys[0] if keys else None, lost, what, table, idempotent)
 
     async def _send(
         self,
         packed: bytes,
         key: bytes | None,
-        body: bytes | None,
+        lost: tuple[Script, Sequence[bytes], Sequence[Any]] | None,
         what: str,
         table: str | None,
         idempotent: bool,
     ) -> Any:
-        """One command on a pipe; ``body``: the EVAL sent when the server answers EVALSHA with
+        """One command on a pipe within a slot, the deadline and the retry policy (the errors
+        of :meth:`_within`, of which this is the single-command case, in one frame).  ``lost``:
+        the script, keys and args of an EVALSHA, for the EVAL sent when the server answers
         NOSCRIPT (it did not run the script)."""
-        cfg = self.cfg
-
-        async def attempt(st: LoopState, deadline: float) -> Any:
-            nonlocal packed, body
-            addr: Address | None = None
-            asking, redirects = False, 0
+        st = self.state()
+        deadline = st.loop.time() + self.cfg.deadline
+        if st.free and not st.queue:
+            st.free -= 1
+        else:
+            await self._acquire(st, what, table)
+        local = self.local
+        local["acquires"] += 1
+        st.in_use += 1
+        cluster = self.cfg.mode == "cluster"
+        try:
+            tries = 0
             while True:
-                pipe = None
-                try:
-                    if cfg.mode == "cluster" and not redirects:
-                        addr = await self._node(st, key)
-                    pipe = self._pipe(st, addr)
-                    if asking:  # written just before the command: both in one write
-                        asked = pipe.send(_ASKING, deadline)  # its outcome read, and dropped
-                        asked.add_done_callback(lambda f: f.cancelled() or f.exception())
-                    return await pipe.send(packed, deadline)
-                except rx.ResponseError as exc:
-                    text = str(exc)
-                    if body is not None and text.startswith("NOSCRIPT"):
-                        # a restart, failover or SCRIPT FLUSH: the script did not run, so
-                        # sending its source is safe even when it is not idempotent
-                        packed, body = body, None
-                        continue
-                    if text.startswith(("MOVED ", "ASK ")) and redirects < _REDIRECTS:
-                        # not run: the slot is served elsewhere (for good, or for now)
-                        redirects += 1
-                        asking = text.startswith("ASK")
-                        st.topology = st.topology and asking
-                        host, _, port = text.split()[2].rpartition(":")
-                        addr = (host, int(port))
-                        continue
-                    if text.startswith("READONLY") and pipe is not None:
-                        pipe.abort(exc)  # a demoted master: reconnect, and rediscover
-                    raise self.failed(exc, what, table) from exc
-                except Expired as exc:
-                    raise self.failed(exc, what, table) from None
-                except Dropped as exc:
-                    st.topology = st.topology and False  # a Cluster node went away: reload
-                    raise self.failed(exc.cause, what, table) from exc.cause
-                except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
-                    raise self.failed(exc, what, table) from exc
-
-        return await self._within(what, table, idempotent, attempt)
+                local["commands"] += 1
+                addr: Address | None = None
+                cause: BaseException | None
+                asking, redirects = False, 0
+                while True:  # one attempt: redirections and NOSCRIPT send again within it
+                    pipe = None
+                    try:
+                        if cluster and not redirects:
+                            addr = await self._node(st, key)
+                        pipe = st.pipes.get(addr)
+                        if pipe is None or pipe.closed:
+                            pipe = self._pipe(st, addr)
+                        if asking:  # written just before the command: both in one write
+                            asked = pipe.send(_ASKING, deadline)  # its outcome read, and dropped
+                            asked.add_done_callback(lambda f: f.cancelled() or f.exception())
+                        return await pipe.send(packed, deadline)
+                    except rx.ResponseError as exc:
+                        text = str(exc)
+                        if lost is not None and text.startswith("NOSCRIPT"):
+                            # a restart, failover or SCRIPT FLUSH: the script did not run, so
+                            # sending its source is safe even when it is not idempotent
+                            script, keys, args = lost
+                            packed, lost = (
+                                pack((b"EVAL", script.body, len(keys), *keys, *args)),
+                                None,
+                            )
+                            continue
+                        if text.startswith(("MOVED ", "ASK ")) and redirects < _REDIRECTS:
+                            # not run: the slot is served elsewhere (for good, or for now)
+                            redirects += 1
+                            asking = text.startswith("ASK")
+                            st.topology = st.topology and asking
+                            host, _, port = text.split()[2].rpartition(":")
+                            addr = (host, int(port))
+                            continue
+                        if text.startswith("READONLY") and pipe is not None:
+                            pipe.abort(exc)  # a demoted master: reconnect, and rediscover
+                        err, cause = self.failed(exc, what, table), exc
+                    except Expired as exc:
+                        err, cause = self.failed(exc, what, table), None
+                    except Dropped as exc:
+                        st.topology = st.topology and False  # a Cluster node went away: reload
+                        err, cause = self.failed(exc.cause, what, table), exc.cause
+                    except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
+                        err, cause = self.failed(exc, what, table), exc
+                    break
+                delay = self._retry(err, tries, idempotent, deadline)
+                if delay is None:
+                    raise err from cause
+                tries += 1
+                await asyncio.sleep(delay)
+        finally:
+            st.in_use -= 1
+            self._release(st)
 
     async def run(
         self,

@@ -38,7 +38,7 @@ from typing import Any, cast
 import hiredis
 from redis.exceptions import ResponseError
 
-__all__ = ["Dropped", "Expired", "Pipe", "pack"]
+__all__ = ["Dropped", "Expired", "Pipe", "Template", "pack"]
 
 _RESOLUTION = 0.001
 """Timers may fire up to a clock tick early (libuv counts milliseconds)."""
@@ -51,6 +51,35 @@ def pack(args: Sequence[Any]) -> bytes:
     """One command in RESP (arguments are bytes, str, int or float)."""
     packed: bytes = hiredis.pack_command(tuple(args))
     return packed
+
+
+class Template:
+    """A command packed once but for a few arguments (``holes``: their positions), filled in per
+    call: the arguments that never change cost nothing to encode again (``pack`` costs about
+    0.2 µs per argument; a script's ARGV of ranges and zero fields is a dozen of them)."""
+
+    __slots__ = ("_pieces",)
+
+    def __init__(self, args: Sequence[Any], holes: Sequence[int]) -> None:
+        pieces: list[bytes] = []
+        chunk = [b"*%d\r\n" % len(args)]
+        for i, arg in enumerate(args):
+            if i in holes:
+                pieces.append(b"".join(chunk))
+                chunk = []
+            else:
+                one = pack((arg,))
+                chunk.append(one[one.index(b"\n") + 1 :])  # without its array header
+        pieces.append(b"".join(chunk))
+        self._pieces = pieces
+
+    def fill(self, *values: bytes) -> bytes:
+        """The command with ``values`` (bytes, one per hole, in order) in the holes."""
+        pieces = self._pieces
+        out = [pieces[0]]
+        for value, piece in zip(values, pieces[1:], strict=True):
+            out += (b"$%d\r\n%b\r\n" % (len(value), value), piece)
+        return b"".join(out)
 
 
 class Expired(Exception):

@@ -182,20 +182,22 @@ INCR_INT = Script(
     _AFTER_WRITE
     + """
 -- ARGV[4] column, ARGV[5] step, ARGV[6] lo, ARGV[7] hi, ARGV[8] '1' for INT(8),
--- ARGV[9] n zero-field args, ARGV[10..] zeros.  Reply {status, value}.
+-- ARGV[9] n zero-field args, ARGV[10..] zeros.  Reply {status, value}: 'ok' with the new
+-- value (an integer reply, or the string past 2^53), or the refusal and the value kept.
 local col = ARGV[4]
 local exists = redis.call('EXISTS', KEYS[1]) == 1
 if ARGV[8] == '1' then
   -- INT(8): HINCRBY is exact 64-bit arithmetic and refuses to overflow (value unchanged, so
   -- reading it after a refusal gives the value before).  The caller checked the step fits 64
-  -- bits, so a new row (from 0) cannot overflow.  The reply is re-read as a string: Lua numbers
-  -- are doubles, exact only up to 2^53.
+  -- bits, so a new row (from 0) cannot overflow.  Lua numbers are doubles, exact up to 2^53:
+  -- a result that large is re-read as a string, a smaller one is returned as an integer reply.
   if not exists then create(9) end
   local r = redis.pcall('HINCRBY', KEYS[1], col, ARGV[5])
   if type(r) == 'table' and r.err then
     return {'err', r.err, redis.call('HGET', KEYS[1], col) or '0'}
   end
   after_write()
+  if r > -9007199254740992 and r < 9007199254740992 then return {'ok', r} end
   return {'ok', redis.call('HGET', KEYS[1], col)}
 end
 local raw = false
@@ -206,10 +208,9 @@ if cur == nil then return {'bad', raw} end
 local nv = cur + tonumber(ARGV[5])
 if nv < tonumber(ARGV[6]) or nv > tonumber(ARGV[7]) then return {'overflow', raw or '0'} end
 if not exists then create(9) end
-local out = string.format('%d', nv)
-redis.call('HSET', KEYS[1], col, out)
+redis.call('HSET', KEYS[1], col, string.format('%d', nv))
 after_write()
-return {'ok', out}
+return {'ok', nv}
 """,
 )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from zeal_asgi._redis.connector import RedisConnector
+from zeal_asgi._redis.pipe import pack
 from zeal_asgi._redis.scripts import COUNTER_CAS, KeyLayout
 from zeal_asgi.errors import BackendResponseError, IntegerOverflowError
 from zeal_asgi.store.base import CounterBackend
@@ -26,6 +27,8 @@ class RedisCounter(CounterBackend):
         self.key = layout.counter(name)
         self._conn = conn
         self._ready = False
+        self._incr_one = ("INCRBY", self.key, 1)
+        self._incr_one_packed = pack(self._incr_one)  # the usual step, packed once
 
     async def _ensure(self) -> None:
         if not self._ready:
@@ -38,10 +41,10 @@ class RedisCounter(CounterBackend):
             self._ready = True
 
     def _parse(self, raw: Any) -> int:
+        if raw.__class__ is int:
+            return int(raw)
         if raw is None:
             return 0
-        if isinstance(raw, int):
-            return raw
         text = bytes(raw)
         if not text.lstrip(b"-").isdigit():
             raise BackendResponseError(f"counter {self.name!r} holds {text[:40]!r}, not an integer")
@@ -49,10 +52,16 @@ class RedisCounter(CounterBackend):
 
     async def increment(self, by: int = 1) -> int:
         """INCRBY (not retried: it may have run); IntegerOverflowError past 64 bits."""
-        await self._ensure()
+        if not self._ready:
+            await self._ensure()
         try:
+            one = by == 1
             value = await self._conn.call(
-                ("INCRBY", self.key, by), "counter", idempotent=False, table=self.name
+                self._incr_one if one else ("INCRBY", self.key, by),
+                "counter",
+                idempotent=False,
+                table=self.name,
+                packed=self._incr_one_packed if one else None,
             )
         except BackendResponseError as exc:
             if "overflow" in str(exc):

@@ -13,11 +13,12 @@ prefix gets a SchemaError naming both declarations, instead of sharing rows sile
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.link import RedisLink
+from zeal_asgi._redis.pipe import Template
 from zeal_asgi._redis.scripts import (
     CAS,
     DELETE,
@@ -40,6 +41,8 @@ __all__ = ["INCR_INT", "SET", "RedisRows"]  # the two scripts: the store benchma
 _HGETALL = "HGETALL"
 _EXISTS = "EXISTS"
 _OK = b"ok"
+_TEMPLATES = 64
+"""Packed script calls kept per table."""
 
 
 class _Table:
@@ -54,6 +57,7 @@ class _Table:
         "members",
         "name",
         "spec",
+        "templates",
         "zeros",
     )
 
@@ -70,6 +74,17 @@ class _Table:
         self.zeros: tuple[Any, ...] = (len(zeros), *zeros)
         self.checked = False
         """Whether this process compared the declaration with the one stored in Redis."""
+        self.templates: dict[object, Template] = {}
+        """The EVALSHA of ``set`` per tuple of given fields, of ``incr`` per INT column."""
+
+    def template(self, what: object, args: tuple[Any, ...]) -> Template:
+        """The EVALSHA ``args`` packed once (``None``: the holes filled per call), kept as
+        ``what``; bounded, since the field tuples of ``set`` come from the caller."""
+        if len(self.templates) >= _TEMPLATES:
+            self.templates.clear()
+        holes = [i for i, arg in enumerate(args) if arg is None]
+        found = self.templates[what] = Template(args, holes)
+        return found
 
     def key(self, key: object) -> tuple[bytes, bytes]:
         """The validated raw key and its row key (the table's errors on a bad key)."""
@@ -117,7 +132,7 @@ class RedisRows(RedisLink):
             raise t.spec.conflict(stored, self._conn.where)
         t.checked = True
 
-    async def _script(
+    def _script(
         self,
         t: _Table,
         script: Script,
@@ -126,19 +141,26 @@ class RedisRows(RedisLink):
         what: str,
         *,
         idempotent: bool = True,
-    ) -> Any:
-        """Run ``script`` on ``t``'s keys (after the first-use schema check)."""
+        packed: bytes | None = None,
+    ) -> Awaitable[Any]:
+        """Run ``script`` on ``t``'s keys (after the first-use schema check); awaited, the raw
+        reply.  Checked tables go straight to the connector: no frame of its own."""
         if not t.checked:
-            await self._ensure(t)
-        return await self._conn.script(
-            script, keys, args, what, idempotent=idempotent, table=t.name
+            return self._checked(t, self._conn.script, script, keys, args, what, idempotent)
+        return self._conn.script(
+            script, keys, args, what, idempotent=idempotent, table=t.name, packed=packed
         )
 
-    async def _call(self, t: _Table, args: tuple[Any, ...], what: str) -> Any:
+    def _call(self, t: _Table, args: tuple[Any, ...], what: str) -> Awaitable[Any]:
         """Send one idempotent command on ``t``'s keys (after the first-use schema check)."""
         if not t.checked:
-            await self._ensure(t)
-        return await self._conn.call(args, what, idempotent=True, table=t.name)
+            return self._checked(t, self._conn.call, args, what, True)
+        return self._conn.call(args, what, idempotent=True, table=t.name)
+
+    async def _checked(self, t: _Table, send: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """``await send(*args[:-1], idempotent=args[-1], table=t.name)`` after the schema check."""
+        await self._ensure(t)
+        return await send(*args[:-1], idempotent=args[-1], table=t.name)
 
     def row_key(self, table: str, key: Key) -> bytes:
         """The hash holding row ``key`` of ``table``."""
@@ -157,7 +179,16 @@ class RedisRows(RedisLink):
             args = [*t.head, raw, len(zeros), *zeros]
         for k, v in fields.items():
             args += (k, v)
-        await self._script(t, SET, (row_key, t.members), args, "set in")
+        names = tuple(fields)
+        tpl = t.templates.get(names)
+        if tpl is None:
+            start = len(args) - 2 * len(fields)  # the (field, value) pairs: values vary
+            argv = [
+                None if i == 2 or (i > start and (i - start) % 2) else a for i, a in enumerate(args)
+            ]
+            tpl = t.template(names, (b"EVALSHA", SET.sha, 2, None, t.members, *argv))
+        packed = tpl.fill(row_key, raw, *fields.values())
+        await self._script(t, SET, (row_key, t.members), args, "set in", packed=packed)
         return True
 
     async def get(self, spec: TableSpec, key: Key, field: str | None = None) -> Any:
@@ -210,16 +241,27 @@ class RedisRows(RedisLink):
             eight = b"1" if col.size == 8 else b"0"
             args: tuple[Any, ...] = (*t.head, raw, col.name, by, lo, hi, eight, *t.zeros)
             script = INCR_INT
+            tpl = t.templates.get(col.name)
+            if tpl is None:
+                tail = (col.name, None, lo, hi, eight, *t.zeros)
+                tpl = t.template(
+                    col.name, (b"EVALSHA", script.sha, 2, None, t.members, *t.head, None, *tail)
+                )
+            packed: bytes | None = tpl.fill(row_key, raw, b"%d" % by)
         else:
             nan_ok = b"1" if spec.schema.allow_nan else b"0"
             args = (*t.head, raw, col.name, encode_float(by), nan_ok, *t.zeros)
             script = INCR_FLOAT
+            packed = None
         reply = await self._script(
-            t, script, (row_key, t.members), args, "incr in", idempotent=False
+            t, script, (row_key, t.members), args, "incr in", idempotent=False, packed=packed
         )
         status = reply[0]
         if status == _OK:
-            value: int | float = t.codec.decode_value(col, reply[1], key)
+            value: int | float = reply[1]
+            if value.__class__ is int:
+                return value  # the script's own range-checked result (an integer reply)
+            value = t.codec.decode_value(col, reply[1], key)
             return value
         current = reply[-1]
         if status == b"overflow" or (status == b"err" and b"overflow" in bytes(reply[1])):
