@@ -195,15 +195,19 @@ class RedisRows(RedisLink):
         """The row in declaration order, or one field; ``None`` on a miss."""
         t = self._table(spec)
         _, row_key = t.key(key)
-        if field is None:
+        col = None if field is None else spec.schema.column(field, spec.name)
+        if col is None or len(spec.schema.columns) == 1:
+            # a one-column row is its field: HGETALL, a plain command, costs Redis about half
+            # what the field script does (the Cache's and the response cache's tables)
             reply = await self._call(t, (_HGETALL, row_key), "get from")
             if not reply:
                 return None
             if isinstance(reply, list):
                 it = iter(reply)
                 reply = dict(zip(it, it, strict=True))
-            return t.codec.decode(reply, key)
-        col = spec.schema.column(field, spec.name)
+            if col is None:
+                return t.codec.decode(reply, key)
+            return t.codec.decode_value(col, reply.get(col.name.encode()), key)
         got = await self._script(t, GET_FIELD, (row_key,), (col.name.encode(),), "get from")
         if got is None:
             return None
