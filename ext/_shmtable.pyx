@@ -1223,3 +1223,77 @@ cdef class Cells:
 
     def __reduce__(self):
         raise TypeError("cells are bound to a mapping of this process and cannot be pickled")
+
+
+# -- comparing one field in place (appended: the cache's memory-tier hits) --------------------
+
+cdef extern from *:
+    """
+    /* Whether the live row of `key` holds exactly the n bytes `want` in BYTES/STRING column `c`:
+     * 1 yes, 0 no (no such row, expired, another value), -1 cannot tell (a writer kept the row or
+     * the index busy: ask zt_get).  Like zt_lookup, but each candidate row is copied only up to
+     * the end of `want` in the column (a cache row is ~8 KiB, its value often ~50 bytes), with
+     * the same seqlock check, and compared in that private copy. */
+    static int zt_field_equals(const zt_table *t, const char *key, uint16_t klen,
+                               const zt_col *c, const char *want, uint32_t n, char *copy,
+                               uint32_t room) {
+        if (n > c->size || klen > t->g.key_limit) return 0;
+        uint32_t need = c->offset + c->width + n;
+        if (t->g.key_off + klen > need) need = t->g.key_off + klen;
+        if (t->g.exp_off && t->g.exp_off + 8 > need) need = t->g.exp_off + 8;
+        need = (need + 7) & ~7u;
+        if (need > t->g.row_size) need = t->g.row_size;
+        if (need > room) return -1;
+        const uint64_t h = zt_hash(t->hkey, key, klen);
+        const uint64_t tag = h & 0xffffffff00000000ULL;
+        for (int attempt = 0; attempt < ZT_READ_SPINS; attempt++) {
+            uint64_t s0 = __atomic_load_n(&t->hdr->index_seq, __ATOMIC_ACQUIRE);
+            if (s0 & 1) { zt_cpu_relax(); continue; }
+            uint64_t pos = h & t->index_mask;
+            int retry = 0;
+            for (uint64_t i = 0; i <= t->index_mask; i++, pos = (pos + 1) & t->index_mask) {
+                uint64_t v = __atomic_load_n(&t->index[pos], __ATOMIC_ACQUIRE);
+                if (v == 0) break;
+                if ((v & 0xffffffff00000000ULL) != tag) continue;
+                uint32_t r = zt_slot_row(v);
+                if (r >= t->g.capacity) { retry = 1; break; }
+                const char *row = zt_row(t, r);
+                uint32_t s1 = __atomic_load_n((const uint32_t *)row, __ATOMIC_ACQUIRE);
+                if (s1 & 1) return -1;
+                const uint64_t *src = (const uint64_t *)row;
+                uint64_t *d = (uint64_t *)copy;
+                for (uint32_t w = 0; w < need / 8; w++) d[w] = __atomic_load_n(src + w, __ATOMIC_RELAXED);
+                __atomic_thread_fence(__ATOMIC_ACQUIRE);
+                if (__atomic_load_n((const uint32_t *)row, __ATOMIC_RELAXED) != s1) return -1;
+                if (copy[4] != ZT_LIVE || !zt_key_eq(t, copy, key, klen)) continue;
+                if (zt_expired(t, copy, zt_now(t))) return 0;
+                return zt_get_slen(copy, c) == n && memcmp(zt_get_sptr(copy, c), want, n) == 0;
+            }
+            if (retry) continue;
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (__atomic_load_n(&t->hdr->index_seq, __ATOMIC_RELAXED) == s0) return 0;
+        }
+        return -1;
+    }
+    """
+    int zt_field_equals(const zt_table *t, const char *key, uint16_t klen, const zt_col *c,
+                        const char *want, uint32_t n, char *copy, uint32_t room) nogil
+
+
+def field_equals(Table table, key, column, bytes want):
+    """``1`` when the row of ``key`` holds exactly ``want`` in BYTES column ``column``; ``0`` when
+    it does not (no row, expired, another value); ``-1`` when a writer was busy on it (ask
+    ``get``).  Copies only the row's head and that much of the column, not the whole row.
+    """
+    cdef uint64_t stackbuf[STACK_ROW_WORDS]
+    cdef const char *k
+    cdef Py_ssize_t kn
+    table._key(key, &k, &kn)
+    cdef int ci = table._col(column)
+    if table.cols[ci].type != ZT_BYTES:
+        raise ColumnTypeError(f"column {column!r} of table {table.name!r} is not BYTES")
+    if kn > 0xffff:
+        return 0
+    return zt_field_equals(&table.t, k, <uint16_t>kn, &table.cols[ci], PyBytes_AS_STRING(want),
+                           <uint32_t>PyBytes_GET_SIZE(want), <char *>stackbuf,
+                           STACK_ROW_WORDS * 8)

@@ -22,13 +22,18 @@ except ImportError as exc:  # pragma: no cover - exercised by a broken install o
         "(needs a C compiler and the Python headers; Cython is fetched at build time)"
     ) from exc
 
-__all__ = ["Atomic", "Cells", "Table", "incr_bounded"]
+__all__ = ["Atomic", "Cells", "Table", "field_equals", "incr_bounded"]
 
 incr_bounded = _shmtable.incr_bounded
 """``incr_bounded(table, key, column, by, bound, floor=None, reset=None) -> (value, applied)``:
 add ``by`` to a numeric column only when the result stays ``<= bound`` (after replacing a value
 below ``floor`` by ``reset``, or by ``floor``), in one locked step; a missing row counts as zero
 and is created only when the add applies."""
+
+field_equals = _shmtable.field_equals
+"""``field_equals(table, key, column, want) -> 1 | 0 | -1``: whether the row of ``key`` holds
+exactly ``want`` in a BYTES column (1), does not (0: no row, expired, another value), or a writer
+was busy on it (-1: ask ``get``); copies only the head and that much of the row."""
 
 Cells = _shmtable.Cells
 """``Cells(table, keys, bounds=None, monotonic=False)``: the FLOAT columns of a few rows of a
