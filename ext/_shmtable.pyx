@@ -1275,15 +1275,22 @@ cdef extern from *:
         }
         return -1;
     }
+
+    /* time.time(): the realtime clock in ns, as a double of seconds the way CPython converts it */
+    static inline double zt_unix_now(void) {
+        return (double)zt_now_ns(CLOCK_REALTIME) / 1e9;
+    }
     """
+    double zt_unix_now() nogil
     int zt_field_equals(const zt_table *t, const char *key, uint16_t klen, const zt_col *c,
                         const char *want, uint32_t n, char *copy, uint32_t room) nogil
 
 
-def field_equals(Table table, key, column, bytes want):
-    """``1`` when the row of ``key`` holds exactly ``want`` in BYTES column ``column``; ``0`` when
-    it does not (no row, expired, another value); ``-1`` when a writer was busy on it (ask
-    ``get``).  Copies only the row's head and that much of the column, not the whole row.
+def field_equals(Table table, key, column, bytes want, double until=0.0):
+    """``1`` when the row of ``key`` holds exactly ``want`` in BYTES column ``column`` (and, with
+    ``until``, a ``time.time()`` instant, the present is still before it); ``0`` when not (no
+    row, expired, another value, ``until`` reached); ``-1`` when a writer was busy on the row
+    (ask ``get``).  Copies only the row's head and that much of the column, not the whole row.
     """
     cdef uint64_t stackbuf[STACK_ROW_WORDS]
     cdef const char *k
@@ -1292,7 +1299,7 @@ def field_equals(Table table, key, column, bytes want):
     cdef int ci = table._col(column)
     if table.cols[ci].type != ZT_BYTES:
         raise ColumnTypeError(f"column {column!r} of table {table.name!r} is not BYTES")
-    if kn > 0xffff:
+    if kn > 0xffff or (until != 0.0 and until <= zt_unix_now()):
         return 0
     return zt_field_equals(&table.t, k, <uint16_t>kn, &table.cols[ci], PyBytes_AS_STRING(want),
                            <uint32_t>PyBytes_GET_SIZE(want), <char *>stackbuf,

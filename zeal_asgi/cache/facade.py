@@ -20,7 +20,7 @@ from zeal_asgi.cache.files.tier import FileTier
 from zeal_asgi.cache.gc import CacheGC
 from zeal_asgi.cache.keys import CacheKeys, resolve_secret
 from zeal_asgi.cache.serializer import Serializer, get_serializer
-from zeal_asgi.cache.tiers import MAX_KEY_BYTES, Tiers, check_key, check_ttl
+from zeal_asgi.cache.tiers import MAX_KEY_BYTES, Tiers, check_key, check_ttl, field_equals
 from zeal_asgi.errors import ConfigError, ValueTooLargeError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store, StoreBackendKind
@@ -271,6 +271,19 @@ class Cache(metaclass=HybridMeta):
         """The cached value, or ``default`` on a miss (a stored ``None`` is returned as ``None``;
         pass ``Cache.MISSING`` as default to tell the two apart)."""
         tiers = self._tiers
+        # A repeated hit on the table backend, straight-line: the row still holds the very bytes
+        # this worker verified and decoded, unexpired (checked in place).  Else: the full path.
+        if type(key) is str and (hot := tiers.hot.get(key)) is not None:
+            b = tiers.binding
+            store = self._store or self._current_store()
+            if (
+                b is not None
+                and b.store is store
+                and b.backend is store.backend
+                and field_equals(hot[3], key, "v", hot[0], hot[1]) == 1
+            ):
+                host_stats().incr(tiers.hits_memory)
+                return hot[2]()
         b = tiers.bind()
         if b.table is not None:  # the table backend: no await on the way
             found, value = tiers.get_local(b.table, b, key)

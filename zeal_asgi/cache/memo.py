@@ -86,6 +86,13 @@ class DecodeMemo:
                 return copier()  # the kept value itself is never handed out
         return value
 
+    def copier(self, slot: Hashable, blob: bytes, start: int = 0) -> Callable[[], Any] | None:
+        """What hands out copies of the value kept for ``blob[start:]`` at ``slot``, if any."""
+        kept = self._memo.get(slot)
+        if kept is not None and kept[0] == blob and kept[1] == start:
+            return kept[2]
+        return None
+
     def clear(self) -> None:
         """Drop every kept value."""
         self._memo.clear()

@@ -31,9 +31,10 @@ below ``floor`` by ``reset``, or by ``floor``), in one locked step; a missing ro
 and is created only when the add applies."""
 
 field_equals = _shmtable.field_equals
-"""``field_equals(table, key, column, want) -> 1 | 0 | -1``: whether the row of ``key`` holds
-exactly ``want`` in a BYTES column (1), does not (0: no row, expired, another value), or a writer
-was busy on it (-1: ask ``get``); copies only the head and that much of the row."""
+"""``field_equals(table, key, column, want, until=0.0) -> 1 | 0 | -1``: whether the row of
+``key`` holds exactly ``want`` in a BYTES column, before ``until`` (a ``time.time()`` instant; 0:
+no limit) (1), does not (0: no row, expired, another value, ``until`` reached), or a writer was
+busy on it (-1: ask ``get``); copies only the head and that much of the row."""
 
 Cells = _shmtable.Cells
 """``Cells(table, keys, bounds=None, monotonic=False)``: the FLOAT columns of a few rows of a
