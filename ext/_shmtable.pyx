@@ -1280,8 +1280,13 @@ cdef extern from *:
     static inline double zt_unix_now(void) {
         return (double)zt_now_ns(CLOCK_REALTIME) / 1e9;
     }
+
+    static inline void zt_tally_add(int64_t *p, int64_t by) {
+        __atomic_add_fetch(p, by, __ATOMIC_RELAXED);
+    }
     """
     double zt_unix_now() nogil
+    void zt_tally_add(int64_t *p, int64_t by) nogil
     int zt_field_equals(const zt_table *t, const char *key, uint16_t klen, const zt_col *c,
                         const char *want, uint32_t n, char *copy, uint32_t room) nogil
 
@@ -1304,3 +1309,50 @@ def field_equals(Table table, key, column, bytes want, double until=0.0):
     return zt_field_equals(&table.t, k, <uint16_t>kn, &table.cols[ci], PyBytes_AS_STRING(want),
                            <uint32_t>PyBytes_GET_SIZE(want), <char *>stackbuf,
                            STACK_ROW_WORDS * 8)
+
+
+cdef class Tally:
+    """One 8-byte INT column of one row, located once (the row created at 0 when missing), then
+    added to with one lock-free atomic per :meth:`add`: a counter on a hot path.
+
+    The rules of :class:`Cells` apply: the table has no ttl, and no process deletes the row (a
+    freed row is reused for another key) nor writes that column through the table's methods
+    while a tally on it may be used (e.g. a worker's own counter, keyed by its live pid).
+    """
+
+    cdef Table table
+    cdef int64_t *p
+
+    def __cinit__(self, Table table, key, column):
+        cdef const char *k
+        cdef Py_ssize_t kn
+        cdef char *row
+        cdef int rc
+        if table.t.g.exp_off != 0:
+            raise ColumnTypeError(
+                f"a tally needs rows that never expire; table {table.name!r} has a ttl")
+        cdef int ci = table._col(column)
+        if table.cols[ci].type != ZT_INT or table.cols[ci].width != 8:
+            raise ColumnTypeError(
+                f"a tally needs an 8-byte INT column; {column!r} of table {table.name!r} is not")
+        table._key(key, &k, &kn)
+        rc = zt_row_ref(&table.t, k, <uint16_t>kn, table.cols, &row)
+        if rc != 0:
+            table._fail(rc, key, "tally")
+        self.table = table
+        self.p = <int64_t *>(row + table.cols[ci].offset)
+
+    def add(self, int64_t by=1):
+        """Add ``by`` (atomically, across processes)."""
+        if self.table._map.base == NULL:
+            raise ShmError(f"table {self.table.name!r} of this tally is closed in this process")
+        zt_tally_add(self.p, by)
+
+    def get(self):
+        """The current value."""
+        if self.table._map.base == NULL:
+            raise ShmError(f"table {self.table.name!r} of this tally is closed in this process")
+        return zt_load64(self.p)
+
+    def __reduce__(self):
+        raise TypeError("a tally is bound to a mapping of this process and cannot be pickled")

@@ -272,17 +272,21 @@ class Cache(metaclass=HybridMeta):
         pass ``Cache.MISSING`` as default to tell the two apart)."""
         tiers = self._tiers
         # A repeated hit on the table backend, straight-line: the row still holds the very bytes
-        # this worker verified and decoded, unexpired (checked in place).  Else: the full path.
+        # this worker verified and decoded, unexpired (checked in place), and the store still has
+        # the backend whose table that is.  Else: the full path.
         if type(key) is str and (hot := tiers.hot.get(key)) is not None:
             b = tiers.binding
             store = self._store or self._current_store()
             if (
                 b is not None
-                and b.store is store
                 and b.backend is store.backend
                 and field_equals(hot[3], key, "v", hot[0], hot[1]) == 1
             ):
-                host_stats().incr(tiers.hits_memory)
+                tally = tiers.hit_tally
+                if tally is not None:
+                    tally.add()
+                else:
+                    tiers.count_hit()
                 return hot[2]()
         b = tiers.bind()
         if b.table is not None:  # the table backend: no await on the way

@@ -53,9 +53,11 @@ import asyncio
 import hashlib
 import hmac
 import math
+import os
 import secrets
 import struct
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -74,7 +76,7 @@ from zeal_asgi.errors import (
     SerializationError,
     TableFullError,
 )
-from zeal_asgi.shm.ext import field_equals
+from zeal_asgi.shm.ext import Tally, field_equals
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Capability, Key, Store, StoreBackend, StoreBackendKind
 
@@ -187,6 +189,16 @@ def unseal(mac: Mac, rk: Key, v: bytes) -> int:
     return start if authentic else -1
 
 
+_LIVE: weakref.WeakSet[Tiers] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for tiers in list(_LIVE):
+        tiers.hit_tally = None  # a tally adds to its pid's row: the child counts in its own
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
 SPILL_ERRORS = (TableFullError, CapacityError)
 """What a memory-tier write raises when the value must spill to the file tier instead."""
 ZERO_NONCE = b"\0" * 16
@@ -214,7 +226,7 @@ class Binding:
     """The write locks of the table backend (one per key, held around the row and the file)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Tiers:
     """The memory tier (a Store table of the Store ``store_ref`` returns) and the file tier of
     one cache; its events are counted in the host's counters as ``<metrics><event>``."""
@@ -235,8 +247,11 @@ class Tiers:
     """Rows of ``binding.table`` verified and decoded by this worker, by ``str`` key (table
     backend, JSON rows only): a hit needs only ``field_equals(table, key, "v", v, expiry)``.
     Cleared when the binding changes."""
+    hit_tally: Tally | None = field(init=False, default=None)
+    """This worker's ``hits_memory`` counter (one lock-free add); made by :meth:`count_hit`."""
 
     def __post_init__(self) -> None:
+        _LIVE.add(self)
         self.table = f"__{self.namespace}"
         self.memo = DecodeMemo(self.serializer)
         self._loads = self.memo.loads  # bound once: every lookup shows on a 1.4 µs hit
@@ -288,6 +303,17 @@ class Tiers:
             b = Binding(store, store.backend, lock, row_mac(key, pickle))
         self.binding = b
         return b
+
+    def count_hit(self) -> None:
+        """Count a memory-tier hit (through :attr:`hit_tally`, made now if need be)."""
+        tally = self.hit_tally
+        if tally is None:
+            try:
+                tally = self.hit_tally = host_stats().tally(self.hits_memory)
+            except TableFullError:
+                host_stats().incr(self.hits_memory)  # it copes with a full table
+                return
+        tally.add()
 
     def count(self, event: str) -> None:
         """Count ``event`` in this host's counters, under the cache's ``metrics`` prefix."""
@@ -345,7 +371,7 @@ class Tiers:
                         if b.table is not None and b.mac is None and type(rk) is str:
                             self._keep(b.table, rk, v, start, exp)
                         if record:
-                            host_stats().incr(self.hits_memory)
+                            self.count_hit()
                         return True, value, False
                 elif kind == POINTER and len(v) == start + NONCE_BYTES:
                     problem, nonce = "", v[start:]
