@@ -1225,7 +1225,7 @@ cdef class Cells:
         raise TypeError("cells are bound to a mapping of this process and cannot be pickled")
 
 
-# -- comparing one field in place (appended: the cache's memory-tier hits) --------------------
+# -- one field compared in place, a lock-free counter (appended: the cache's memory-tier hits) --
 
 cdef extern from *:
     """
@@ -1291,26 +1291,6 @@ cdef extern from *:
                         const char *want, uint32_t n, char *copy, uint32_t room) nogil
 
 
-def field_equals(Table table, key, column, bytes want, double until=0.0):
-    """``1`` when the row of ``key`` holds exactly ``want`` in BYTES column ``column`` (and, with
-    ``until``, a ``time.time()`` instant, the present is still before it); ``0`` when not (no
-    row, expired, another value, ``until`` reached); ``-1`` when a writer was busy on the row
-    (ask ``get``).  Copies only the row's head and that much of the column, not the whole row.
-    """
-    cdef uint64_t stackbuf[STACK_ROW_WORDS]
-    cdef const char *k
-    cdef Py_ssize_t kn
-    table._key(key, &k, &kn)
-    cdef int ci = table._col(column)
-    if table.cols[ci].type != ZT_BYTES:
-        raise ColumnTypeError(f"column {column!r} of table {table.name!r} is not BYTES")
-    if kn > 0xffff or (until != 0.0 and until <= zt_unix_now()):
-        return 0
-    return zt_field_equals(&table.t, k, <uint16_t>kn, &table.cols[ci], PyBytes_AS_STRING(want),
-                           <uint32_t>PyBytes_GET_SIZE(want), <char *>stackbuf,
-                           STACK_ROW_WORDS * 8)
-
-
 cdef class Tally:
     """One 8-byte INT column of one row, located once (the row created at 0 when missing), then
     added to with one lock-free atomic per :meth:`add`: a counter on a hot path.
@@ -1356,3 +1336,54 @@ cdef class Tally:
 
     def __reduce__(self):
         raise TypeError("a tally is bound to a mapping of this process and cannot be pickled")
+
+
+cdef class FieldMemo:
+    """What this process derived from one BYTES field of one row, handed out while the row still
+    holds those very bytes: ``get(miss)`` returns ``make()`` when the row of ``key`` holds exactly
+    ``want`` in ``column`` (checked in place, copying only the row's head and that much of the column) and ``until`` (a
+    ``time.time()`` instant; 0: none) has not come, adding 1 to ``tally`` (if any); else ``miss``.
+    """
+
+    cdef Table table
+    cdef bytes key
+    cdef bytes want
+    cdef int ci
+    cdef double until
+    cdef object make
+    cdef Tally tally
+
+    def __cinit__(self, Table table, key, column, bytes want, double until, make,
+                  Tally tally=None):
+        cdef const char *k
+        cdef Py_ssize_t kn
+        table._key(key, &k, &kn)
+        self.ci = table._col(column)
+        if table.cols[self.ci].type != ZT_BYTES:
+            raise ColumnTypeError(f"column {column!r} of table {table.name!r} is not BYTES")
+        if kn > 0xffff:
+            raise KeyTooLongError(f"key of {kn} bytes")
+        self.table = table
+        self.key = PyBytes_FromStringAndSize(k, kn)
+        self.want = want
+        self.until = until
+        self.make = make
+        self.tally = tally
+
+    def get(self, miss):
+        """``make()`` while the row holds ``want`` (counted in ``tally``), else ``miss``."""
+        cdef uint64_t stackbuf[STACK_ROW_WORDS]
+        if self.table.t.hdr == NULL:
+            self.table._check_open()
+        if self.until != 0.0 and self.until <= zt_unix_now():
+            return miss
+        if zt_field_equals(&self.table.t, PyBytes_AS_STRING(self.key),
+                           <uint16_t>PyBytes_GET_SIZE(self.key), &self.table.cols[self.ci],
+                           PyBytes_AS_STRING(self.want), <uint32_t>PyBytes_GET_SIZE(self.want),
+                           <char *>stackbuf, STACK_ROW_WORDS * 8) != 1:
+            return miss
+        if self.tally is not None:
+            if self.tally.table._map.base == NULL:
+                return miss  # (the counters were closed: the full path decides)
+            zt_tally_add(self.tally.p, 1)
+        return self.make()

@@ -20,7 +20,7 @@ from zeal_asgi.cache.files.tier import FileTier
 from zeal_asgi.cache.gc import CacheGC
 from zeal_asgi.cache.keys import CacheKeys, resolve_secret
 from zeal_asgi.cache.serializer import Serializer, get_serializer
-from zeal_asgi.cache.tiers import MAX_KEY_BYTES, Tiers, check_key, check_ttl, field_equals
+from zeal_asgi.cache.tiers import MAX_KEY_BYTES, Tiers, check_key, check_ttl
 from zeal_asgi.errors import ConfigError, ValueTooLargeError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store, StoreBackendKind
@@ -266,28 +266,36 @@ class Cache(metaclass=HybridMeta):
         out["hit_rate"] = round(hits / total, 4) if total else 0.0
         return out
 
-    @hybridmethod
-    async def get(self, key: str | bytes, default: Any = None) -> Any:
-        """The cached value, or ``default`` on a miss (a stored ``None`` is returned as ``None``;
-        pass ``Cache.MISSING`` as default to tell the two apart)."""
+    def _hot(self, key: str | bytes) -> Any:
+        """A repeated hit on the table backend, straight-line, else MISSING: the row still holds
+        the very bytes this worker verified and decoded, unexpired (checked in place), and the
+        store still has the backend whose table that is (see :attr:`Tiers.hot`)."""
         tiers = self._tiers
-        # A repeated hit on the table backend, straight-line: the row still holds the very bytes
-        # this worker verified and decoded, unexpired (checked in place), and the store still has
-        # the backend whose table that is.  Else: the full path.
         if type(key) is str and (hot := tiers.hot.get(key)) is not None:
             b = tiers.binding
             store = self._store or self._current_store()
             if (
                 b is not None
                 and b.backend is store.backend
-                and field_equals(hot[3], key, "v", hot[0], hot[1]) == 1
+                and (value := hot.get(MISSING)) is not MISSING
             ):
-                tally = tiers.hit_tally
-                if tally is not None:
-                    tally.add()
-                else:
-                    tiers.count_hit()
-                return hot[2]()
+                return value
+        return MISSING
+
+    @hybridmethod
+    async def get(self, key: str | bytes, default: Any = None) -> Any:
+        """The cached value, or ``default`` on a miss (a stored ``None`` is returned as ``None``;
+        pass ``Cache.MISSING`` as default to tell the two apart)."""
+        tiers = self._tiers
+        if type(key) is str and (hot := tiers.hot.get(key)) is not None:  # self._hot, inlined
+            b = tiers.binding
+            store = self._store or self._current_store()
+            if (
+                b is not None
+                and b.backend is store.backend
+                and (value := hot.get(MISSING)) is not MISSING
+            ):
+                return value
         b = tiers.bind()
         if b.table is not None:  # the table backend: no await on the way
             found, value = tiers.get_local(b.table, b, key)
@@ -357,11 +365,15 @@ class Cache(metaclass=HybridMeta):
         lease (``lock_lease``) is renewed by its event loop: a sync ``fn`` that blocks the loop
         for longer than the lease may be computed a second time elsewhere; make it async.
         """
-        kb = check_key(key)
+        kept = type(key) is str and key in self._tiers.hot  # (a kept key is a valid one)
+        kb = None if kept else check_key(key)
         seconds = check_ttl(ttl)
         wait = self.compute_timeout if max_wait is None else float(max_wait)
         if self._gc is not None:
-            await self._gc.start()
+            self._gc.ensure()
+        if kept and (value := self._hot(key)) is not MISSING:
+            return value
+        kb = kb or check_key(key)
         return await compute_once(self._tiers, kb, fn, seconds, wait, self.max_entry_bytes)
 
     # -- GC and lifecycle ----------------------------------------------------------------------

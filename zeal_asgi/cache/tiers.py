@@ -15,9 +15,9 @@ after another host changed the key.
 On the table backend the engine calls the shared table directly: :meth:`Tiers.get_local`
 answers a read synchronously, so nothing awaits between ``Cache.get`` and the row.  A repeated
 hit there is cheaper still (:attr:`Tiers.hot`): once a JSON row was read, checked and decoded
-the usual way, the worker keeps its exact bytes, expiry and decoded value by key, and the next
-read of that key only checks, in place, that the row still holds those very bytes
-(``field_equals``, without copying the ~8 KiB row) and that they have not expired.
+the usual way, the worker keeps its exact bytes, expiry and decoded value by key (a compiled
+``FieldMemo``), and the next read of that key only checks, in place, that the row still holds
+those very bytes (without copying the ~8 KiB row) and that they have not expired.
 
 A memory-tier row has one column, ``v`` = ``head ‖ mac ‖ body``.  ``head`` packs the row kind,
 the serializer id and the expiry; ``body`` is the serialized value (``INLINE``) or the 16-byte
@@ -50,6 +50,7 @@ BLAKE2b of it, a length no direct key has, so the two kinds never collide.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import math
@@ -76,14 +77,14 @@ from zeal_asgi.errors import (
     SerializationError,
     TableFullError,
 )
-from zeal_asgi.shm.ext import Tally, field_equals
+from zeal_asgi.shm.ext import FieldMemo, Tally
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Capability, Key, Store, StoreBackend, StoreBackendKind
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table
 
-__all__ = ["Binding", "Hot", "Tiers", "check_key", "check_ttl", "field_equals", "memory_key"]
+__all__ = ["Binding", "Tiers", "check_key", "check_ttl", "memory_key"]
 
 MAX_KEY_BYTES = 4096
 MAX_TTL = 10 * 365 * 86400
@@ -100,9 +101,6 @@ NONCE_BYTES = 16
 
 Mac = Callable[[bytes], bytes]
 """A row MAC: 16 bytes over the given bytes."""
-Hot = tuple[bytes, float, Callable[[], Any], "Table"]
-"""A verified memory-tier row kept by key: its ``v``, its expiry (0.0 = never), what hands out
-independent copies of its decoded value, and the table holding it."""
 HOT_ENTRIES = 4096
 """Most rows kept in :attr:`Tiers.hot` (it starts over when full)."""
 _HEAD = HEAD.size
@@ -195,6 +193,7 @@ _LIVE: weakref.WeakSet[Tiers] = weakref.WeakSet()
 def _after_fork() -> None:
     for tiers in list(_LIVE):
         tiers.hit_tally = None  # a tally adds to its pid's row: the child counts in its own
+        tiers.hot.clear()  # (each holds the tally)
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -243,10 +242,11 @@ class Tiers:
     metrics: str
     binding: Binding | None = None
     memo: DecodeMemo = field(init=False)
-    hot: dict[str, Hot] = field(init=False, default_factory=dict)
+    hot: dict[str, FieldMemo] = field(init=False, default_factory=dict)
     """Rows of ``binding.table`` verified and decoded by this worker, by ``str`` key (table
-    backend, JSON rows only): a hit needs only ``field_equals(table, key, "v", v, expiry)``.
-    Cleared when the binding changes."""
+    backend, JSON rows only): ``hot[key].get(miss)`` is a copy of the value, counted as a
+    memory hit, while the row holds the same bytes, unexpired.  Cleared when the binding
+    changes."""
     hit_tally: Tally | None = field(init=False, default=None)
     """This worker's ``hits_memory`` counter (one lock-free add); made by :meth:`count_hit`."""
 
@@ -304,16 +304,20 @@ class Tiers:
         self.binding = b
         return b
 
+    def tally(self) -> Tally | None:
+        """:attr:`hit_tally`, made now if need be; ``None`` when the counters are full."""
+        if self.hit_tally is None:
+            with contextlib.suppress(TableFullError):
+                self.hit_tally = host_stats().tally(self.hits_memory)
+        return self.hit_tally
+
     def count_hit(self) -> None:
-        """Count a memory-tier hit (through :attr:`hit_tally`, made now if need be)."""
-        tally = self.hit_tally
+        """Count a memory-tier hit (through :attr:`hit_tally`)."""
+        tally = self.tally()
         if tally is None:
-            try:
-                tally = self.hit_tally = host_stats().tally(self.hits_memory)
-            except TableFullError:
-                host_stats().incr(self.hits_memory)  # it copes with a full table
-                return
-        tally.add()
+            host_stats().incr(self.hits_memory)  # it copes with a full table
+        else:
+            tally.add()
 
     def count(self, event: str) -> None:
         """Count ``event`` in this host's counters, under the cache's ``metrics`` prefix."""
@@ -388,12 +392,13 @@ class Tiers:
     def _keep(self, table: Table, rk: str, v: bytes, start: int, exp: float) -> None:
         """Keep the row just decoded in :attr:`hot` when the memo kept a copier for it."""
         copier = self.memo.copier(rk, v, start)
-        if copier is None:
+        tally = self.tally()
+        if copier is None or tally is None:
             self.hot.pop(rk, None)
             return
         if len(self.hot) >= HOT_ENTRIES:
             self.hot.clear()
-        self.hot[rk] = (v, exp, copier, table)
+        self.hot[rk] = FieldMemo(table, rk, "v", v, exp, copier, tally)
 
     def _from_file(
         self, b: Binding, key: str | bytes, nonce: bytes | None, drop: bool, now: float

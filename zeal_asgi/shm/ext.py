@@ -22,19 +22,13 @@ except ImportError as exc:  # pragma: no cover - exercised by a broken install o
         "(needs a C compiler and the Python headers; Cython is fetched at build time)"
     ) from exc
 
-__all__ = ["Atomic", "Cells", "Table", "Tally", "field_equals", "incr_bounded"]
+__all__ = ["Atomic", "Cells", "FieldMemo", "Table", "Tally", "incr_bounded"]
 
 incr_bounded = _shmtable.incr_bounded
 """``incr_bounded(table, key, column, by, bound, floor=None, reset=None) -> (value, applied)``:
 add ``by`` to a numeric column only when the result stays ``<= bound`` (after replacing a value
 below ``floor`` by ``reset``, or by ``floor``), in one locked step; a missing row counts as zero
 and is created only when the add applies."""
-
-field_equals = _shmtable.field_equals
-"""``field_equals(table, key, column, want, until=0.0) -> 1 | 0 | -1``: whether the row of
-``key`` holds exactly ``want`` in a BYTES column, before ``until`` (a ``time.time()`` instant; 0:
-no limit) (1), does not (0: no row, expired, another value, ``until`` reached), or a writer was
-busy on it (-1: ask ``get``); copies only the head and that much of the row."""
 
 Cells = _shmtable.Cells
 """``Cells(table, keys, bounds=None, monotonic=False)``: the FLOAT columns of a few rows of a
@@ -44,6 +38,12 @@ metrics' series)."""
 Tally = _shmtable.Tally
 """``Tally(table, key, column)``: an 8-byte INT column of one row (of a table without a ttl),
 located once and then added to with one lock-free atomic (``add()``): a hot counter."""
+
+FieldMemo = _shmtable.FieldMemo
+"""``FieldMemo(table, key, column, want, until, make, tally=None)``: ``get(miss)`` returns
+``make()`` (counted in ``tally``) while the row of ``key`` still holds exactly ``want`` in that
+BYTES column, before ``until`` (checked in place, copying only the row's head and that much
+of the column, not the whole row), else ``miss``."""
 
 
 class Table(_shmtable.Table):
