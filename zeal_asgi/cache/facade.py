@@ -20,7 +20,7 @@ from zeal_asgi.cache.files.tier import FileTier
 from zeal_asgi.cache.gc import CacheGC
 from zeal_asgi.cache.keys import CacheKeys, resolve_secret
 from zeal_asgi.cache.serializer import Serializer, get_serializer
-from zeal_asgi.cache.tiers import MAX_KEY_BYTES, Tiers, check_key, check_ttl
+from zeal_asgi.cache.tiers import MAX_KEY_BYTES, MAX_TTL, Tiers, check_key, check_ttl
 from zeal_asgi.errors import ConfigError, ValueTooLargeError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store, StoreBackendKind
@@ -365,15 +365,20 @@ class Cache(metaclass=HybridMeta):
         lease (``lock_lease``) is renewed by its event loop: a sync ``fn`` that blocks the loop
         for longer than the lease may be computed a second time elsewhere; make it async.
         """
-        kept = type(key) is str and key in self._tiers.hot  # (a kept key is a valid one)
-        kb = None if kept else check_key(key)
+        if (
+            (type(ttl) is int or type(ttl) is float)
+            and 0 <= ttl <= MAX_TTL  # a valid ttl (NaN and infinities fail), and a kept key is
+            and max_wait is None  # a valid one: a kept hit checks nothing more
+            and (value := self._hot(key)) is not MISSING
+        ):
+            if self._gc is not None:
+                self._gc.ensure()
+            return value
+        kb = check_key(key)
         seconds = check_ttl(ttl)
         wait = self.compute_timeout if max_wait is None else float(max_wait)
         if self._gc is not None:
             self._gc.ensure()
-        if kept and (value := self._hot(key)) is not MISSING:
-            return value
-        kb = kb or check_key(key)
         return await compute_once(self._tiers, kb, fn, seconds, wait, self.max_entry_bytes)
 
     # -- GC and lifecycle ----------------------------------------------------------------------
