@@ -102,7 +102,8 @@ NONCE_BYTES = 16
 Mac = Callable[[bytes], bytes]
 """A row MAC: 16 bytes over the given bytes."""
 HOT_ENTRIES = 4096
-"""Most rows kept in :attr:`Tiers.hot` (it starts over when full)."""
+"""Most rows kept in :attr:`Tiers.hot` (it starts over when full, or when the bytes it added
+reach the memo's ``max_bytes``; they are mostly the memo's own objects)."""
 _HEAD = HEAD.size
 _unpack_head = HEAD.unpack_from
 _time = time.time
@@ -247,11 +248,14 @@ class Tiers:
     backend, JSON rows only): ``hot[key].get(miss)`` is a copy of the value, counted as a
     memory hit, while the row holds the same bytes, unexpired.  Cleared when the binding
     changes."""
+    hot_backend: StoreBackend | None = field(init=False, default=None)
+    """The backend whose table :attr:`hot` describes (``binding.backend``)."""
     hit_tally: Tally | None = field(init=False, default=None)
     """This worker's ``hits_memory`` counter (one lock-free add); made by :meth:`count_hit`."""
 
     def __post_init__(self) -> None:
         _LIVE.add(self)
+        self._hot_bytes = 0
         self.table = f"__{self.namespace}"
         self.memo = DecodeMemo(self.serializer)
         self._loads = self.memo.loads  # bound once: every lookup shows on a 1.4 µs hit
@@ -302,6 +306,7 @@ class Tiers:
             key = self.keys.memory_mac if self.keys.persistent else SHARED_UNAUTHENTICATED
             b = Binding(store, store.backend, lock, row_mac(key, pickle))
         self.binding = b
+        self.hot_backend = b.backend
         return b
 
     def tally(self) -> Tally | None:
@@ -390,15 +395,20 @@ class Tiers:
         return found, value, drop
 
     def _keep(self, table: Table, rk: str, v: bytes, start: int, exp: float) -> None:
-        """Keep the row just decoded in :attr:`hot` when the memo kept a copier for it."""
-        copier = self.memo.copier(rk, v, start)
+        """Keep the row just decoded in :attr:`hot` when the memo kept its value."""
         tally = self.tally()
-        if copier is None or tally is None:
+        try:
+            blob, copier = self.memo.kept(rk, v, start)
+        except KeyError:
+            tally = None
+        if tally is None:
             self.hot.pop(rk, None)
             return
-        if len(self.hot) >= HOT_ENTRIES:
+        self._hot_bytes += len(blob)
+        if len(self.hot) >= HOT_ENTRIES or self._hot_bytes > self.memo.max_bytes:
             self.hot.clear()
-        self.hot[rk] = FieldMemo(table, rk, "v", v, exp, copier, tally)
+            self._hot_bytes = len(blob)
+        self.hot[rk] = FieldMemo(table, rk, "v", blob, exp, copier, tally)
 
     def _from_file(
         self, b: Binding, key: str | bytes, nonce: bytes | None, drop: bool, now: float
