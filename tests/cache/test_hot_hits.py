@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from tests.cache.conftest import SECRET
 from zeal_asgi import Store
 from zeal_asgi.cache import MISSING, Cache
 from zeal_asgi.errors import ColumnTypeError, ShmError
@@ -21,7 +23,11 @@ def _hits(cache: Cache) -> int:
     return int(cache.stats().get("hits_memory", 0))
 
 
-async def test_kept_hits_are_counted_exactly(table_cache: Cache) -> None:
+@pytest.mark.parametrize("serializer", ["json", "pickle"])
+async def test_kept_hits_are_counted_exactly(
+    serializer: str, store_factory: Callable[[str], Any], cache_factory: Callable[..., Cache]
+) -> None:
+    table_cache = cache_factory(await store_factory("table"), secret=SECRET, serializer=serializer)
     await table_cache.set("k", {"v": 1})
     before = _hits(table_cache)
     for _ in range(50):

@@ -87,7 +87,7 @@ class Cache(metaclass=HybridMeta):
     Each worker also keeps, in its own memory, the bytes of files it verified and the values it
     decoded (about 20 MiB at most), so a repeated hit skips the HMAC and the decode; they are
     used only when the bytes just read are identical, so they never change what a hit returns.
-    On the table backend a repeated hit of a JSON row does not even read the row out: it checks
+    On the table backend a repeated hit of such a value does not even read the row out: it checks
     in place that the row still holds the bytes decoded last time.
     """
 

@@ -14,10 +14,12 @@ after another host changed the key.
 
 On the table backend the engine calls the shared table directly: :meth:`Tiers.get_local`
 answers a read synchronously, so nothing awaits between ``Cache.get`` and the row.  A repeated
-hit there is cheaper still (:attr:`Tiers.hot`): once a JSON row was read, checked and decoded
+hit there is cheaper still (:attr:`Tiers.hot`): once a row was read, checked and decoded
 the usual way, the worker keeps its exact bytes, expiry and decoded value by key (a compiled
 ``FieldMemo``), and the next read of that key only checks, in place, that the row still holds
-those very bytes (without copying the ~8 KiB row) and that they have not expired.
+those very bytes (without copying the ~8 KiB row) and that they have not expired.  In pickle
+mode those are bytes whose MAC checked out (the same bytes under the same key and MAC key check
+out again), and nothing is loaded: the value is a copy of the one decoded then.
 
 A memory-tier row has one column, ``v`` = ``head ‖ mac ‖ body``.  ``head`` packs the row kind,
 the serializer id and the expiry; ``body`` is the serialized value (``INLINE``) or the 16-byte
@@ -245,7 +247,7 @@ class Tiers:
     memo: DecodeMemo = field(init=False)
     hot: dict[str, FieldMemo] = field(init=False, default_factory=dict)
     """Rows of ``binding.table`` verified and decoded by this worker, by ``str`` key (table
-    backend, JSON rows only): ``hot[key].get(miss)`` is a copy of the value, counted as a
+    backend): ``hot[key].get(miss)`` is a copy of the value, counted as a
     memory hit, while the row holds the same bytes, unexpired.  Cleared when the binding
     changes."""
     hot_backend: StoreBackend | None = field(init=False, default=None)
@@ -377,7 +379,7 @@ class Tiers:
                     except SerializationError:
                         problem = "decode_errors"
                     else:
-                        if b.table is not None and b.mac is None and type(rk) is str:
+                        if b.table is not None and type(rk) is str:
                             self._keep(b.table, rk, v, start, exp)
                         if record:
                             self.count_hit()
