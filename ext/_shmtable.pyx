@@ -1328,12 +1328,6 @@ cdef class Tally:
             raise ShmError(f"table {self.table.name!r} of this tally is closed in this process")
         zt_tally_add(self.p, by)
 
-    def get(self):
-        """The current value."""
-        if self.table._map.base == NULL:
-            raise ShmError(f"table {self.table.name!r} of this tally is closed in this process")
-        return zt_load64(self.p)
-
     def __reduce__(self):
         raise TypeError("a tally is bound to a mapping of this process and cannot be pickled")
 
