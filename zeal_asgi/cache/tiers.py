@@ -247,13 +247,12 @@ class Tiers:
     memo: DecodeMemo = field(init=False)
     hot: dict[str, FieldMemo] = field(init=False, default_factory=dict)
     """Rows of ``binding.table`` verified and decoded by this worker, by ``str`` key (table
-    backend): ``hot[key].get(miss)`` is a copy of the value, counted as a
-    memory hit, while the row holds the same bytes, unexpired.  Cleared when the binding
-    changes."""
+    backend): ``hot[key].get(miss)`` is a copy of the value, counted as a memory hit, while the
+    row holds the same bytes, unexpired.  Cleared when the binding changes."""
     hot_backend: StoreBackend | None = field(init=False, default=None)
     """The backend whose table :attr:`hot` describes (``binding.backend``)."""
     hit_tally: Tally | None = field(init=False, default=None)
-    """This worker's ``hits_memory`` counter (one lock-free add); made by :meth:`count_hit`."""
+    """This worker's ``hits_memory`` counter (one lock-free add); made by :meth:`tally`."""
 
     def __post_init__(self) -> None:
         _LIVE.add(self)
@@ -398,14 +397,12 @@ class Tiers:
 
     def _keep(self, table: Table, rk: str, v: bytes, start: int, exp: float) -> None:
         """Keep the row just decoded in :attr:`hot` when the memo kept its value."""
-        tally = self.tally()
-        try:
-            blob, copier = self.memo.kept(rk, v, start)
-        except KeyError:
-            tally = None
-        if tally is None:
+        kept = self.memo.kept(rk, v, start)  # None: a value decoded every time (nested, large)
+        tally = self.tally() if kept is not None else None
+        if kept is None or tally is None:
             self.hot.pop(rk, None)
             return
+        blob, copier = kept
         self._hot_bytes += len(blob)
         if len(self.hot) >= HOT_ENTRIES or self._hot_bytes > self.memo.max_bytes:
             self.hot.clear()
