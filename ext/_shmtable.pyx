@@ -1231,7 +1231,7 @@ cdef extern from *:
     """
     /* Whether the live row of `key` holds exactly the n bytes `want` in BYTES/STRING column `c`:
      * 1 yes, 0 no (no such row, expired, another value), -1 cannot tell (a writer kept the row or
-     * the index busy: ask zt_get).  Like zt_lookup, but each candidate row is copied only up to
+     * the index busy: ask zt_get), -2 `copy` (of `room` bytes) is too small for that.  Like zt_lookup, but each candidate row is copied only up to
      * the end of `want` in the column (a cache row is ~8 KiB, its value often ~50 bytes), with
      * the same seqlock check, and compared in that private copy. */
     static int zt_field_equals(const zt_table *t, const char *key, uint16_t klen,
@@ -1243,7 +1243,7 @@ cdef extern from *:
         if (t->g.exp_off && t->g.exp_off + 8 > need) need = t->g.exp_off + 8;
         need = (need + 7) & ~7u;
         if (need > t->g.row_size) need = t->g.row_size;
-        if (need > room) return -1;
+        if (need > room) return -2;
         const uint64_t h = zt_hash(t->hkey, key, klen);
         const uint64_t tag = h & 0xffffffff00000000ULL;
         for (int attempt = 0; attempt < ZT_READ_SPINS; attempt++) {
@@ -1364,17 +1364,29 @@ cdef class FieldMemo:
         self.make = make
         self.tally = tally
 
+    cdef inline int _equals(self, char *buf, uint32_t room):
+        return zt_field_equals(&self.table.t, PyBytes_AS_STRING(self.key),
+                               <uint16_t>PyBytes_GET_SIZE(self.key), &self.table.cols[self.ci],
+                               PyBytes_AS_STRING(self.want), <uint32_t>PyBytes_GET_SIZE(self.want),
+                               buf, room)
+
     def get(self, miss):
         """``make()`` while the row holds ``want`` (counted in ``tally``), else ``miss``."""
         cdef uint64_t stackbuf[STACK_ROW_WORDS]
+        cdef char *buf
+        cdef int rc
         if self.table.t.hdr == NULL:
             self.table._check_open()
         if self.until != 0.0 and self.until <= zt_unix_now():
             return miss
-        if zt_field_equals(&self.table.t, PyBytes_AS_STRING(self.key),
-                           <uint16_t>PyBytes_GET_SIZE(self.key), &self.table.cols[self.ci],
-                           PyBytes_AS_STRING(self.want), <uint32_t>PyBytes_GET_SIZE(self.want),
-                           <char *>stackbuf, STACK_ROW_WORDS * 8) != 1:
+        rc = self._equals(<char *>stackbuf, STACK_ROW_WORDS * 8)
+        if rc == -2:  # a long value: its part of the row does not fit on the stack
+            buf = self.table._buffer(NULL)
+            try:
+                rc = self._equals(buf, self.table.t.g.row_size)
+            finally:
+                free(buf)
+        if rc != 1:
             return miss
         if self.tally is not None:
             if self.tally.table._map.base == NULL:

@@ -29,15 +29,18 @@ async def test_kept_hits_are_counted_exactly(
 ) -> None:
     table_cache = cache_factory(await store_factory("table"), secret=SECRET, serializer=serializer)
     await table_cache.set("k", {"v": 1})
+    await table_cache.set("long", "x" * 6000)  # its part of the row is longer than the stack's
     before = _hits(table_cache)
     for _ in range(50):
         assert await table_cache.get("k") == {"v": 1}
+        assert await table_cache.get("long") == "x" * 6000
+    assert {"k", "long"} <= table_cache._tiers.hot.keys()
     assert await table_cache.get_or_compute("k", lambda: pytest.fail("a hit computes nothing"))
     assert await table_cache.has("k")
-    assert "k" in table_cache._tiers.hot  # the path under test was taken
-    assert _hits(table_cache) == before + 52
+    assert _hits(table_cache) == before + 102
     assert await table_cache.get("other", MISSING) is MISSING
-    assert table_cache.stats()["misses"] == 1 and _hits(table_cache) == before + 52
+    assert table_cache.stats()["misses"] == 1 and _hits(table_cache) == before + 102
+    assert table_cache._tiers.hot["long"].get(None) == "x" * 6000  # kept hits, not re-kept ones
 
 
 async def test_a_forked_worker_counts_its_kept_hits_in_its_own_row(table_cache: Cache) -> None:
