@@ -1310,3 +1310,173 @@ def lease_release(Table table, key, column, int64_t word, int64_t tag, bint dele
     rc = zt_cas(&table.t, k, <uint16_t>kn, table.cols, &e, &d, &swapped)
     table._done(rc, key, "lease_release")
     return swapped != 0
+
+
+# -- one field compared in place, a lock-free counter (appended: the cache's memory-tier hits) --
+
+cdef extern from *:
+    """
+    /* Whether the live row of `key` holds exactly the n bytes `want` in BYTES/STRING column `c`:
+     * 1 yes, 0 no (no such row, expired, another value), -1 cannot tell (a writer kept the row or
+     * the index busy: ask zt_get), -2 `copy` (of `room` bytes) is too small for that.  Like zt_lookup, but each candidate row is copied only up to
+     * the end of `want` in the column (a cache row is ~8 KiB, its value often ~50 bytes), with
+     * the same seqlock check, and compared in that private copy. */
+    static int zt_field_equals(const zt_table *t, const char *key, uint16_t klen,
+                               const zt_col *c, const char *want, uint32_t n, char *copy,
+                               uint32_t room) {
+        if (n > c->size || klen > t->g.key_limit) return 0;
+        uint32_t need = c->offset + c->width + n;
+        if (t->g.key_off + klen > need) need = t->g.key_off + klen;
+        if (t->g.exp_off && t->g.exp_off + 8 > need) need = t->g.exp_off + 8;
+        need = (need + 7) & ~7u;
+        if (need > t->g.row_size) need = t->g.row_size;
+        if (need > room) return -2;
+        const uint64_t h = zt_hash(t->hkey, key, klen);
+        const uint64_t tag = h & 0xffffffff00000000ULL;
+        for (int attempt = 0; attempt < ZT_READ_SPINS; attempt++) {
+            uint64_t s0 = __atomic_load_n(&t->hdr->index_seq, __ATOMIC_ACQUIRE);
+            if (s0 & 1) { zt_cpu_relax(); continue; }
+            uint64_t pos = h & t->index_mask;
+            int retry = 0;
+            for (uint64_t i = 0; i <= t->index_mask; i++, pos = (pos + 1) & t->index_mask) {
+                uint64_t v = __atomic_load_n(&t->index[pos], __ATOMIC_ACQUIRE);
+                if (v == 0) break;
+                if ((v & 0xffffffff00000000ULL) != tag) continue;
+                uint32_t r = zt_slot_row(v);
+                if (r >= t->g.capacity) { retry = 1; break; }
+                const char *row = zt_row(t, r);
+                uint32_t s1 = __atomic_load_n((const uint32_t *)row, __ATOMIC_ACQUIRE);
+                if (s1 & 1) return -1;
+                const uint64_t *src = (const uint64_t *)row;
+                uint64_t *d = (uint64_t *)copy;
+                for (uint32_t w = 0; w < need / 8; w++) d[w] = __atomic_load_n(src + w, __ATOMIC_RELAXED);
+                __atomic_thread_fence(__ATOMIC_ACQUIRE);
+                if (__atomic_load_n((const uint32_t *)row, __ATOMIC_RELAXED) != s1) return -1;
+                if (copy[4] != ZT_LIVE || !zt_key_eq(t, copy, key, klen)) continue;
+                if (zt_expired(t, copy, zt_now(t))) return 0;
+                return zt_get_slen(copy, c) == n && memcmp(zt_get_sptr(copy, c), want, n) == 0;
+            }
+            if (retry) continue;
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (__atomic_load_n(&t->hdr->index_seq, __ATOMIC_RELAXED) == s0) return 0;
+        }
+        return -1;
+    }
+
+    /* time.time(): the realtime clock in ns, as a double of seconds the way CPython converts it */
+    static inline double zt_unix_now(void) {
+        return (double)zt_now_ns(CLOCK_REALTIME) / 1e9;
+    }
+
+    static inline void zt_tally_add(int64_t *p, int64_t by) {
+        __atomic_add_fetch(p, by, __ATOMIC_RELAXED);
+    }
+    """
+    double zt_unix_now() nogil
+    void zt_tally_add(int64_t *p, int64_t by) nogil
+    int zt_field_equals(const zt_table *t, const char *key, uint16_t klen, const zt_col *c,
+                        const char *want, uint32_t n, char *copy, uint32_t room) nogil
+
+
+cdef class Tally:
+    """One 8-byte INT column of one row, located once (the row created at 0 when missing), then
+    added to with one lock-free atomic per :meth:`add`: a counter on a hot path.
+
+    The rules of :class:`Cells` apply: the table has no ttl, and no process deletes the row (a
+    freed row is reused for another key) nor writes that column through the table's methods
+    while a tally on it may be used (e.g. a worker's own counter, keyed by its live pid).
+    """
+
+    cdef Table table
+    cdef int64_t *p
+
+    def __cinit__(self, Table table, key, column):
+        cdef const char *k
+        cdef Py_ssize_t kn
+        cdef char *row
+        cdef int rc
+        if table.t.g.exp_off != 0:
+            raise ColumnTypeError(
+                f"a tally needs rows that never expire; table {table.name!r} has a ttl")
+        cdef int ci = table._col(column)
+        if table.cols[ci].type != ZT_INT or table.cols[ci].width != 8:
+            raise ColumnTypeError(
+                f"a tally needs an 8-byte INT column; {column!r} of table {table.name!r} is not")
+        table._key(key, &k, &kn)
+        rc = zt_row_ref(&table.t, k, <uint16_t>kn, table.cols, &row)
+        if rc != 0:
+            table._fail(rc, key, "tally")
+        self.table = table
+        self.p = <int64_t *>(row + table.cols[ci].offset)
+
+    def add(self, int64_t by=1):
+        """Add ``by`` (atomically, across processes)."""
+        if self.table._map.base == NULL:
+            raise ShmError(f"table {self.table.name!r} of this tally is closed in this process")
+        zt_tally_add(self.p, by)
+
+    def __reduce__(self):
+        raise TypeError("a tally is bound to a mapping of this process and cannot be pickled")
+
+
+cdef class FieldMemo:
+    """What this process derived from one BYTES field of one row, handed out while the row still
+    holds those very bytes: ``get(miss)`` returns ``make()`` when the row of ``key`` holds exactly
+    ``want`` in ``column`` (checked in place, copying only the row's head and that much of the column) and ``until`` (a
+    ``time.time()`` instant; 0: none) has not come, adding 1 to ``tally`` (if any); else ``miss``.
+    """
+
+    cdef Table table
+    cdef bytes key
+    cdef bytes want
+    cdef int ci
+    cdef double until
+    cdef object make
+    cdef Tally tally
+
+    def __cinit__(self, Table table, key, column, bytes want, double until, make,
+                  Tally tally=None):
+        cdef const char *k
+        cdef Py_ssize_t kn
+        table._key(key, &k, &kn)
+        self.ci = table._col(column)
+        if table.cols[self.ci].type != ZT_BYTES:
+            raise ColumnTypeError(f"column {column!r} of table {table.name!r} is not BYTES")
+        if kn > 0xffff:
+            raise KeyTooLongError(f"key of {kn} bytes")
+        self.table = table
+        self.key = PyBytes_FromStringAndSize(k, kn)
+        self.want = want
+        self.until = until
+        self.make = make
+        self.tally = tally
+
+    cdef inline int _equals(self, char *buf, uint32_t room):
+        return zt_field_equals(&self.table.t, PyBytes_AS_STRING(self.key),
+                               <uint16_t>PyBytes_GET_SIZE(self.key), &self.table.cols[self.ci],
+                               PyBytes_AS_STRING(self.want), <uint32_t>PyBytes_GET_SIZE(self.want),
+                               buf, room)
+
+    def get(self, miss):
+        """``make()`` while the row holds ``want`` (counted in ``tally``), else ``miss``."""
+        cdef uint64_t stackbuf[STACK_ROW_WORDS]
+        cdef char *buf
+        cdef int rc
+        if self.table.t.hdr == NULL:
+            self.table._check_open()
+        if self.until != 0.0 and self.until <= zt_unix_now():
+            return miss
+        rc = self._equals(<char *>stackbuf, STACK_ROW_WORDS * 8)
+        if rc == -2:  # a long value: its part of the row does not fit on the stack
+            buf = self.table._buffer(NULL)
+            try:
+                rc = self._equals(buf, self.table.t.g.row_size)
+            finally:
+                free(buf)
+        if rc != 1:
+            return miss
+        if self.tally is not None:
+            if self.tally.table._map.base == NULL:
+                return miss  # (the counters were closed: the full path decides)
+            zt_tally_add(self.tally.p, 1)
+        return self.make()

@@ -20,7 +20,7 @@ from zeal_asgi.cache.files.tier import FileTier
 from zeal_asgi.cache.gc import CacheGC
 from zeal_asgi.cache.keys import CacheKeys, resolve_secret
 from zeal_asgi.cache.serializer import Serializer, get_serializer
-from zeal_asgi.cache.tiers import MAX_KEY_BYTES, Tiers, check_key, check_ttl
+from zeal_asgi.cache.tiers import MAX_KEY_BYTES, MAX_TTL, Tiers, check_key, check_ttl
 from zeal_asgi.errors import ConfigError, ValueTooLargeError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store, StoreBackendKind
@@ -85,8 +85,10 @@ class Cache(metaclass=HybridMeta):
         zeal: register the cache's GC with this app's lifecycle (``zeal.add_service``).
 
     Each worker also keeps, in its own memory, the bytes of files it verified and the values it
-    decoded (about 16 MiB at most), so a repeated hit skips the HMAC and the decode; they are
+    decoded (about 20 MiB at most), so a repeated hit skips the HMAC and the decode; they are
     used only when the bytes just read are identical, so they never change what a hit returns.
+    On the table backend a repeated hit of such a value does not even read the row out: it checks
+    in place that the row still holds the bytes decoded last time.
     """
 
     _default: ClassVar[Cache | None] = None
@@ -266,11 +268,26 @@ class Cache(metaclass=HybridMeta):
         out["hit_rate"] = round(hits / total, 4) if total else 0.0
         return out
 
+    def _hot(self, key: str | bytes) -> Any:
+        """A repeated hit on the table backend, straight-line, else MISSING: the row still holds
+        the very bytes this worker verified and decoded, unexpired (checked in place), and the
+        store still has the backend whose table that is (see :attr:`Tiers.hot`)."""
+        tiers = self._tiers
+        if type(key) is str and (hot := tiers.hot.get(key)) is not None:
+            store = self._store or self._current_store()
+            if tiers.hot_backend is store.backend and (value := hot.get(MISSING)) is not MISSING:
+                return value
+        return MISSING
+
     @hybridmethod
     async def get(self, key: str | bytes, default: Any = None) -> Any:
         """The cached value, or ``default`` on a miss (a stored ``None`` is returned as ``None``;
         pass ``Cache.MISSING`` as default to tell the two apart)."""
         tiers = self._tiers
+        if type(key) is str and (hot := tiers.hot.get(key)) is not None:  # self._hot, inlined
+            store = self._store or self._current_store()
+            if tiers.hot_backend is store.backend and (value := hot.get(MISSING)) is not MISSING:
+                return value
         b = tiers.bind()
         if b.table is not None:  # the table backend: no await on the way
             found, value = tiers.get_local(b.table, b, key)
@@ -340,11 +357,20 @@ class Cache(metaclass=HybridMeta):
         lease (``lock_lease``) is renewed by its event loop: a sync ``fn`` that blocks the loop
         for longer than the lease may be computed a second time elsewhere; make it async.
         """
+        if (
+            (type(ttl) is int or type(ttl) is float)
+            and 0 <= ttl <= MAX_TTL  # a valid ttl (NaN and infinities fail), and a kept key is
+            and max_wait is None  # a valid one: a kept hit checks nothing more
+            and (value := self._hot(key)) is not MISSING
+        ):
+            if self._gc is not None:
+                self._gc.ensure()
+            return value
         kb = check_key(key)
         seconds = check_ttl(ttl)
         wait = self.compute_timeout if max_wait is None else float(max_wait)
         if self._gc is not None:
-            await self._gc.start()
+            self._gc.ensure()
         return await compute_once(self._tiers, kb, fn, seconds, wait, self.max_entry_bytes)
 
     # -- GC and lifecycle ----------------------------------------------------------------------

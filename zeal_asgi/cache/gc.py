@@ -64,6 +64,10 @@ class CacheGC:
 
     async def start(self) -> None:
         """Start ticking in this worker's event loop (idempotent)."""
+        self.ensure()
+
+    def ensure(self) -> None:
+        """:meth:`start`, synchronously (from code running in the event loop)."""
         task = self._task
         if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
             return

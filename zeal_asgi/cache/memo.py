@@ -86,6 +86,16 @@ class DecodeMemo:
                 return copier()  # the kept value itself is never handed out
         return value
 
+    def kept(
+        self, slot: Hashable, blob: bytes, start: int = 0
+    ) -> tuple[bytes, Callable[[], Any]] | None:
+        """The bytes kept at ``slot`` (equal to ``blob``) and what hands out copies of their
+        value; ``None`` when the memo keeps no value for ``blob[start:]`` there."""
+        kept = self._memo.get(slot)
+        if kept is not None and kept[0] == blob and kept[1] == start:
+            return kept[0], kept[2]
+        return None
+
     def clear(self) -> None:
         """Drop every kept value."""
         self._memo.clear()

@@ -13,7 +13,13 @@ the file's nonce, and a missing row is a miss, so a host's stale or deleted file
 after another host changed the key.
 
 On the table backend the engine calls the shared table directly: :meth:`Tiers.get_local`
-answers a read synchronously, so nothing awaits between ``Cache.get`` and the row.
+answers a read synchronously, so nothing awaits between ``Cache.get`` and the row.  A repeated
+hit there is cheaper still (:attr:`Tiers.hot`): once a row was read, checked and decoded
+the usual way, the worker keeps its exact bytes, expiry and decoded value by key (a compiled
+``FieldMemo``), and the next read of that key only checks, in place, that the row still holds
+those very bytes (without copying the ~8 KiB row) and that they have not expired.  In pickle
+mode those are bytes whose MAC checked out (the same bytes under the same key and MAC key check
+out again), and nothing is loaded: the value is a copy of the one decoded then.
 
 A memory-tier row has one column, ``v`` = ``head ‖ mac ‖ body``.  ``head`` packs the row kind,
 the serializer id and the expiry; ``body`` is the serialized value (``INLINE``) or the 16-byte
@@ -46,12 +52,15 @@ BLAKE2b of it, a length no direct key has, so the two kinds never collide.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import math
+import os
 import secrets
 import struct
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -70,6 +79,7 @@ from zeal_asgi.errors import (
     SerializationError,
     TableFullError,
 )
+from zeal_asgi.shm.ext import FieldMemo, Tally
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Capability, Key, Store, StoreBackend, StoreBackendKind
 
@@ -93,6 +103,9 @@ NONCE_BYTES = 16
 
 Mac = Callable[[bytes], bytes]
 """A row MAC: 16 bytes over the given bytes."""
+HOT_ENTRIES = 4096
+"""Most rows kept in :attr:`Tiers.hot` (it starts over when full, or when the bytes it added
+reach the memo's ``max_bytes``; they are mostly the memo's own objects)."""
 _HEAD = HEAD.size
 _unpack_head = HEAD.unpack_from
 _time = time.time
@@ -177,6 +190,17 @@ def unseal(mac: Mac, rk: Key, v: bytes) -> int:
     return start if authentic else -1
 
 
+_LIVE: weakref.WeakSet[Tiers] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for tiers in list(_LIVE):
+        tiers.hit_tally = None  # a tally adds to its pid's row: the child counts in its own
+        tiers.hot.clear()  # (each holds the tally)
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
 SPILL_ERRORS = (TableFullError, CapacityError)
 """What a memory-tier write raises when the value must spill to the file tier instead."""
 ZERO_NONCE = b"\0" * 16
@@ -204,7 +228,7 @@ class Binding:
     """The write locks of the table backend (one per key, held around the row and the file)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Tiers:
     """The memory tier (a Store table of the Store ``store_ref`` returns) and the file tier of
     one cache; its events are counted in the host's counters as ``<metrics><event>``."""
@@ -221,13 +245,23 @@ class Tiers:
     metrics: str
     binding: Binding | None = None
     memo: DecodeMemo = field(init=False)
+    hot: dict[str, FieldMemo] = field(init=False, default_factory=dict)
+    """Rows of ``binding.table`` verified and decoded by this worker, by ``str`` key (table
+    backend): ``hot[key].get(miss)`` is a copy of the value, counted as a memory hit, while the
+    row holds the same bytes, unexpired.  Cleared when the binding changes."""
+    hot_backend: StoreBackend | None = field(init=False, default=None)
+    """The backend whose table :attr:`hot` describes (``binding.backend``)."""
+    hit_tally: Tally | None = field(init=False, default=None)
+    """This worker's ``hits_memory`` counter (one lock-free add); made by :meth:`tally`."""
 
     def __post_init__(self) -> None:
+        _LIVE.add(self)
+        self._hot_bytes = 0
         self.table = f"__{self.namespace}"
         self.memo = DecodeMemo(self.serializer)
         self._loads = self.memo.loads  # bound once: every lookup shows on a 1.4 µs hit
         self._ser = self.serializer.id
-        self._hits_memory, self._hits_file, self._misses = (
+        self.hits_memory, self._hits_file, self._misses = (
             self.metrics + e for e in ("hits_memory", "hits_file", "misses")
         )
 
@@ -261,6 +295,7 @@ class Tiers:
         pickle = self.serializer.id == PICKLE_ID
         lock = lock_for(store, lock_table, self.namespace, self.lock_lease)
         self.memo.clear()  # another store: nothing kept so far describes its rows
+        self.hot.clear()
         if local:
             # A private shared-memory segment: a MAC only where a load may run code (pickle).
             mac = row_mac(self.keys.memory_mac, True) if pickle else None
@@ -272,7 +307,23 @@ class Tiers:
             key = self.keys.memory_mac if self.keys.persistent else SHARED_UNAUTHENTICATED
             b = Binding(store, store.backend, lock, row_mac(key, pickle))
         self.binding = b
+        self.hot_backend = b.backend
         return b
+
+    def tally(self) -> Tally | None:
+        """:attr:`hit_tally`, made now if need be; ``None`` when the counters are full."""
+        if self.hit_tally is None:
+            with contextlib.suppress(TableFullError):
+                self.hit_tally = host_stats().tally(self.hits_memory)
+        return self.hit_tally
+
+    def count_hit(self) -> None:
+        """Count a memory-tier hit (through :attr:`hit_tally`)."""
+        tally = self.tally()
+        if tally is None:
+            host_stats().incr(self.hits_memory)  # it copes with a full table
+        else:
+            tally.add()
 
     def count(self, event: str) -> None:
         """Count ``event`` in this host's counters, under the cache's ``metrics`` prefix."""
@@ -327,8 +378,10 @@ class Tiers:
                     except SerializationError:
                         problem = "decode_errors"
                     else:
+                        if b.table is not None and type(rk) is str:
+                            self._keep(b.table, rk, v, start, exp)
                         if record:
-                            host_stats().incr(self._hits_memory)
+                            self.count_hit()
                         return True, value, False
                 elif kind == POINTER and len(v) == start + NONCE_BYTES:
                     problem, nonce = "", v[start:]
@@ -341,6 +394,20 @@ class Tiers:
         if record:
             host_stats().incr(self._hits_file if found else self._misses)
         return found, value, drop
+
+    def _keep(self, table: Table, rk: str, v: bytes, start: int, exp: float) -> None:
+        """Keep the row just decoded in :attr:`hot` when the memo kept its value."""
+        kept = self.memo.kept(rk, v, start)  # None: a value decoded every time (nested, large)
+        tally = self.tally() if kept is not None else None
+        if kept is None or tally is None:
+            self.hot.pop(rk, None)
+            return
+        blob, copier = kept
+        self._hot_bytes += len(blob)
+        if len(self.hot) >= HOT_ENTRIES or self._hot_bytes > self.memo.max_bytes:
+            self.hot.clear()
+            self._hot_bytes = len(blob)
+        self.hot[rk] = FieldMemo(table, rk, "v", blob, exp, copier, tally)
 
     def _from_file(
         self, b: Binding, key: str | bytes, nonce: bytes | None, drop: bool, now: float
@@ -448,6 +515,7 @@ class Tiers:
         """Empty the memory tier and this host's files."""
         await self.bind().store.clear(self.table)
         self.memo.clear()
+        self.hot.clear()
         self.files.flush()
 
     # -- counts and sweeps ---------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Typed face of the compiled core (checked against it by mypy.stubtest)."""
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Self
 
 from typing_extensions import disjoint_base
@@ -124,3 +124,22 @@ def lease_acquire(
 def lease_release(
     table: Table, key: str | bytes, column: str, word: int, tag: int, delete: bool = False
 ) -> bool: ...
+
+@disjoint_base
+class Tally:
+    def __new__(cls, table: Table, key: str | bytes, column: str) -> Self: ...
+    def add(self, by: int = 1) -> None: ...
+
+@disjoint_base
+class FieldMemo:
+    def __new__(
+        cls,
+        table: Table,
+        key: str | bytes,
+        column: str,
+        want: bytes,
+        until: float,
+        make: Callable[[], Any],
+        tally: Tally | None = None,
+    ) -> Self: ...
+    def get(self, miss: Any) -> Any: ...

@@ -22,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a broken install o
         "(needs a C compiler and the Python headers; Cython is fetched at build time)"
     ) from exc
 
-__all__ = ["Atomic", "Cells", "Table", "incr_bounded"]
+__all__ = ["Atomic", "Cells", "FieldMemo", "Table", "Tally", "incr_bounded"]
 
 incr_bounded = _shmtable.incr_bounded
 """``incr_bounded(table, key, column, by, bound, floor=None, reset=None) -> (value, applied)``:
@@ -34,6 +34,16 @@ Cells = _shmtable.Cells
 """``Cells(table, keys, bounds=None, monotonic=False)``: the FLOAT columns of a few rows of a
 table (one without a ttl), located once and then updated in place with lock-free atomics (the
 metrics' series)."""
+
+Tally = _shmtable.Tally
+"""``Tally(table, key, column)``: an 8-byte INT column of one row (of a table without a ttl),
+located once and then added to with one lock-free atomic (``add()``): a hot counter."""
+
+FieldMemo = _shmtable.FieldMemo
+"""``FieldMemo(table, key, column, want, until, make, tally=None)``: ``get(miss)`` returns
+``make()`` (counted in ``tally``) while the row of ``key`` still holds exactly ``want`` in that
+BYTES column, before ``until`` (checked in place, copying only the row's head and that much
+of the column, not the whole row), else ``miss``."""
 
 
 class Table(_shmtable.Table):

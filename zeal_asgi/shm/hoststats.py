@@ -20,7 +20,7 @@ from zeal_asgi.errors import TableFullError
 from zeal_asgi.shm.process import process_alive
 
 if TYPE_CHECKING:
-    from zeal_asgi.shm.ext import Table
+    from zeal_asgi.shm.ext import Table, Tally
 
 __all__ = ["HostStats", "host_stats"]
 
@@ -48,6 +48,14 @@ class HostStats:
                 self.incr(metric, by)
             else:
                 self._full = True
+
+    def tally(self, metric: str) -> Tally:
+        """This worker's ``metric`` as a :class:`~zeal_asgi.shm.ext.Tally` (one lock-free add, for
+        hot paths); TableFullError when its row cannot be made.  Its row is this pid's: a forked
+        child makes its own, and counts ``metric`` through it alone (never also with ``incr``)."""
+        from zeal_asgi.shm.ext import Tally
+
+        return Tally(self._table, f"{_pid}:{metric}", "v")
 
     def prune(self) -> int:
         """Fold the counters of dead workers into pid 0's and drop their rows; how many rows."""
