@@ -269,7 +269,11 @@ async def test_stampede_in_one_process_computes_once(any_cache: Cache) -> None:
     results = await asyncio.gather(*(any_cache.get_or_compute("hot", slow) for _ in range(40)))
     assert results == ["v"] * 40
     assert calls == 1
-    assert any_cache.stats()["stampede_blocked"] == 39
+    st = any_cache.stats()
+    # every other caller waited for that one computation, unless (on a slow machine) it only
+    # started after the value was stored: then its first lookup was a plain hit
+    assert st["stampede_blocked"] >= 1
+    assert st["stampede_blocked"] + st.get("hits_memory", 0) + st.get("hits_file", 0) == 39, st
 
 
 @pytest.mark.parametrize("kind", ["redis+breaker", "tiered+breaker", "memcached+breaker"])
