@@ -10,7 +10,9 @@ Client-library exceptions (redis, aiomcache) are translated at the backend bound
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 __all__ = [
     "BackendAuthError",
@@ -260,3 +262,22 @@ def require(module: str, *, extra: str, feature: str) -> ModuleType:
         if exc.name != top:
             raise
         raise MissingExtraError(feature, extra, top) from exc
+
+
+def built_on_first_use(
+    namespace: dict[str, Any], **makers: Callable[[], Any]
+) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that builds each name of ``makers`` on first use and keeps it.
+
+    For attributes that need an optional extra (a FastAPI router), so the module itself imports
+    without it: ``__getattr__ = built_on_first_use(globals(), router=make_router)``.
+    """
+
+    def __getattr__(name: str) -> Any:
+        make = makers.get(name)
+        if make is None:
+            raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
+        value = namespace[name] = make()
+        return value
+
+    return __getattr__

@@ -30,7 +30,7 @@ from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from zeal_asgi.errors import require
+from zeal_asgi.errors import built_on_first_use, require
 from zeal_asgi.locks import job_stats
 from zeal_asgi.messaging.pubsub import messaging_stats
 from zeal_asgi.metrics import CONTENT_TYPE, Family, Sample, metric_name as metric_name, render
@@ -368,13 +368,8 @@ def starlette_routes(
     return [Route(route, endpoint) for route, endpoint, _ in endpoints]
 
 
-def __getattr__(name: str) -> Any:
-    # ``router`` is built on first use, so this module imports without FastAPI installed.
-    if name == "router":
-        router = make_router()
-        globals()["router"] = router
-        return router
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# ``router`` is built on first use, so this module imports without FastAPI installed.
+__getattr__ = built_on_first_use(globals(), router=make_router)
 
 
 if TYPE_CHECKING:

@@ -17,8 +17,9 @@ runs, and nothing grows as workers restart.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from zeal_asgi.errors import built_on_first_use
 from zeal_asgi.metrics.exposition import (
     CONTENT_TYPE,
     OPENMETRICS_CONTENT_TYPE,
@@ -61,13 +62,8 @@ def collector(registry: Registry | None = None) -> Collector:
     return Collector(registry)
 
 
-def __getattr__(name: str) -> Any:
-    # ``router`` is built on first use, so this module imports without FastAPI installed.
-    if name == "router":
-        router = make_router()
-        globals()["router"] = router
-        return router
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# ``router`` is built on first use, so this module imports without FastAPI installed.
+__getattr__ = built_on_first_use(globals(), router=make_router)
 
 
 if TYPE_CHECKING:
