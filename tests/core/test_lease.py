@@ -20,8 +20,8 @@ from zeal_asgi.errors import (
     UnknownColumnError,
 )
 from zeal_asgi.shm import _shmtable
-from zeal_asgi.shm.lease import BUSY_OWNER, BUSY_TURN, Lease, pack, pid, unpack
-from zeal_asgi.shm.process import process_alive, process_start_time
+from zeal_asgi.shm.lease import BUSY_OWNER, BUSY_TURN, Lease, pack, unpack
+from zeal_asgi.shm.process import current_pid, process_alive, process_start_time
 
 MakeTable = Callable[..., Table]
 COLS = {"owner": ("int", 8)}
@@ -159,7 +159,7 @@ def test_the_compiled_calls_refuse_bad_columns_and_arguments(make_table: MakeTab
 
 
 def _child_after_fork(lease: Lease, token: int) -> None:
-    ok = pid() == os.getpid() != unpack(token)[1]
+    ok = current_pid() == os.getpid() != unpack(token)[1]
     ok = ok and lease.take("job") == (BUSY_OWNER, token) and not lease.release("job", token)
     os._exit(0 if ok else 1)
 
@@ -172,4 +172,4 @@ def test_a_child_forked_while_its_parent_holds_sees_its_own_pid(make_table: Make
     child.join(10)
     assert child.exitcode == 0
     assert lease.table.get("job", "owner") == token and lease.table.get("job", "fence") == fence
-    assert pid() == os.getpid() and lease.release("job", token)
+    assert current_pid() == os.getpid() and lease.release("job", token)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -43,6 +42,7 @@ from zeal_asgi._redis.pipe import Dropped, Expired, Opener, Pipe, pack
 from zeal_asgi._redis.scripts import Script
 from zeal_asgi.errors import BackendTimeoutError, ConfigError, PoolTimeoutError, ZealError
 from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.shm.process import current_pid
 
 __all__ = ["COUNTERS", "HOST_KEYS", "LoopState", "RedisConnector"]
 
@@ -70,16 +70,6 @@ _ASKING = pack((b"ASKING",))
 
 if not HIREDIS_AVAILABLE:  # pragma: no cover - the redis extra installs it
     raise ConfigError("the redis backend needs hiredis: pip install 'zeal-asgi[redis]'")
-
-_pid = os.getpid()  # cached: getpid is a system call, and every call checks it
-
-
-def _after_fork() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_after_fork)
 
 
 @dataclass
@@ -169,27 +159,27 @@ class RedisConnector:
         except RuntimeError:
             return None
         st = self._states.get(id(loop))
-        return st if st is not None and st.loop is loop and st.pid == _pid else None
+        return st if st is not None and st.loop is loop and st.pid == current_pid() else None
 
     def state(self) -> LoopState:
         """The state of the running loop in this process (built on first use, no I/O)."""
         loop = asyncio.get_running_loop()
         st = self._states.get(id(loop))
-        if st is not None and st.loop is loop and st.pid == _pid:
+        if st is not None and st.loop is loop and st.pid == current_pid():
             return st
         self._forget_dead()
         client, sentinel = self._factory.pooled()
-        st = LoopState(loop, _pid, client, self.cfg.pool_size, sentinel)
+        st = LoopState(loop, current_pid(), client, self.cfg.pool_size, sentinel)
         self._states[id(loop)] = st
         return st
 
     def _forget_dead(self) -> None:
         for key, st in list(self._states.items()):
-            if st.pid != _pid or st.loop.is_closed():
+            if st.pid != current_pid() or st.loop.is_closed():
                 # A forked child must not close its parent's sockets, and a closed loop cannot
                 # run the close: drop the references (aclose() on the right loop avoids this).
                 del self._states[key]
-                if st.pid == _pid and self._owned:
+                if st.pid == current_pid() and self._owned:
                     log.warning(
                         "zeal_asgi: %s: a client was left open on a closed event loop; call "
                         "Store.aclose() (the lifespan does) before the loop ends",

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import threading
 from typing import TYPE_CHECKING
 
 from zeal_asgi.errors import TableFullError
-from zeal_asgi.shm.process import process_alive
+from zeal_asgi.shm.process import current_pid, process_alive
 
 if TYPE_CHECKING:
     from zeal_asgi.shm.ext import Table, Tally
@@ -40,7 +39,7 @@ class HostStats:
         if self._full:
             return
         try:
-            self._table.incr(f"{_pid}:{metric}", "v", by)
+            self._table.incr(f"{current_pid()}:{metric}", "v", by)
         except TableFullError:
             # Counters are diagnostics: never let them fail a request.  Dead workers' rows make
             # room; when there are none, the live workers alone fill the table: stop counting.
@@ -55,7 +54,7 @@ class HostStats:
         child makes its own, and counts ``metric`` through it alone (never also with ``incr``)."""
         from zeal_asgi.shm.ext import Tally
 
-        return Tally(self._table, f"{_pid}:{metric}", "v")
+        return Tally(self._table, f"{current_pid()}:{metric}", "v")
 
     def prune(self) -> int:
         """Fold the counters of dead workers into pid 0's and drop their rows; how many rows."""
@@ -82,7 +81,8 @@ class HostStats:
 
     def worker(self) -> dict[str, int]:
         """Counters of this worker."""
-        return {m: v for p, m, v in self._rows() if p == _pid}
+        me = current_pid()
+        return {m: v for p, m, v in self._rows() if p == me}
 
     def host(self) -> dict[str, int]:
         """Counters summed over every worker of the host since the server started."""
@@ -101,15 +101,6 @@ class HostStats:
 
 _instance: HostStats | None = None
 _lock = threading.Lock()
-_pid = os.getpid()  # cached: getpid is a system call on every counter update otherwise
-
-
-def _after_fork() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_after_fork)
 
 
 def host_stats() -> HostStats:

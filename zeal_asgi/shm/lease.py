@@ -13,17 +13,16 @@ renews or releases its parent's lease).
 
 from __future__ import annotations
 
-import os
 import time
 from typing import TYPE_CHECKING
 
 from zeal_asgi.shm import _shmtable
-from zeal_asgi.shm.process import process_alive
+from zeal_asgi.shm.process import current_pid, process_alive
 
 if TYPE_CHECKING:
     from zeal_asgi.shm.ext import Table
 
-__all__ = ["BUSY_OWNER", "BUSY_TURN", "Lease", "pack", "pid", "unpack"]
+__all__ = ["BUSY_OWNER", "BUSY_TURN", "Lease", "pack", "unpack"]
 
 TAG_BITS = 22  # Linux pids are < 2**22 (the pid_max limit)
 _TAG_MASK = (1 << TAG_BITS) - 1
@@ -33,20 +32,6 @@ BUSY_TURN: int = _shmtable.LEASE_BUSY_TURN
 """``Lease.take``'s first item when another process waits for its turn to take it."""
 _acquire = _shmtable.lease_acquire
 _release = _shmtable.lease_release
-_pid = os.getpid()
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
-
-
-def pid() -> int:
-    """This process's pid (kept across calls, renewed in a forked child)."""
-    return _pid
 
 
 def pack(deadline_ms: int, tag: int) -> int:
@@ -108,7 +93,8 @@ class Lease:
         table, column, fence, turn, ms, turn_ms = (
             self.table, self.column, self.fence, self.turn, self.ms, self.turn_ms
         )  # fmt: skip
-        grant = _acquire(table, key, column, ms, _pid, 0, fence, turn, turn_ms, 0)
+        me = current_pid()
+        grant = _acquire(table, key, column, ms, me, 0, fence, turn, turn_ms, 0)
         stale = stale_turn = 0
         while grant[0] < 0:
             # C judged the deadline; only a dead holder (the rare case) needs /proc
@@ -119,7 +105,7 @@ class Lease:
                 stale_turn = word
             else:
                 stale = word
-            grant = _acquire(table, key, column, ms, _pid, stale, fence, turn, turn_ms, stale_turn)
+            grant = _acquire(table, key, column, ms, me, stale, fence, turn, turn_ms, stale_turn)
         return grant
 
     def acquire(self, key: str | bytes) -> int | None:
@@ -131,12 +117,14 @@ class Lease:
     def renew(self, key: str | bytes, token: int) -> int | None:
         """Move the deadline forward; the new token, or ``None`` if the lease was lost.  A forked
         child does not renew its parent's lease."""
-        if token & _TAG_MASK != _pid & _TAG_MASK:
+        me = current_pid()
+        if token & _TAG_MASK != me & _TAG_MASK:
             return None
-        new = pack(_now_ms() + self.ms, _pid)
+        new = pack(_now_ms() + self.ms, me)
         return new if self.table.compare_and_set(key, self.column, token, new) else None
 
     def release(self, key: str | bytes, token: int, *, delete: bool = False) -> bool:
         """Give the lease up if ``token`` still holds it (``delete``: remove the row too).  A
         forked child does not release its parent's lease."""
-        return bool(_release(self.table, key, self.column, token, _pid & _TAG_MASK, delete))
+        me = current_pid() & _TAG_MASK
+        return bool(_release(self.table, key, self.column, token, me, delete))
