@@ -1318,9 +1318,9 @@ cdef extern from *:
     """
     /* Whether the live row of `key` holds exactly the n bytes `want` in BYTES/STRING column `c`:
      * 1 yes, 0 no (no such row, expired, another value), -1 cannot tell (a writer kept the row or
-     * the index busy: ask zt_get), -2 `copy` (of `room` bytes) is too small for that.  Like zt_lookup, but each candidate row is copied only up to
-     * the end of `want` in the column (a cache row is ~8 KiB, its value often ~50 bytes), with
-     * the same seqlock check, and compared in that private copy. */
+     * the index busy: ask zt_get), -2 `copy` (of `room` bytes) is too small for that.  zt_lookup
+     * copies each candidate row only up to the end of `want` in the column (a cache row is
+     * ~8 KiB, its value often ~50 bytes), and the field is compared in that private copy. */
     static int zt_field_equals(const zt_table *t, const char *key, uint16_t klen,
                                const zt_col *c, const char *want, uint32_t n, char *copy,
                                uint32_t room) {
@@ -1331,36 +1331,12 @@ cdef extern from *:
         need = (need + 7) & ~7u;
         if (need > t->g.row_size) need = t->g.row_size;
         if (need > room) return -2;
-        const uint64_t h = zt_hash(t->hkey, key, klen);
-        const uint64_t tag = h & 0xffffffff00000000ULL;
-        for (int attempt = 0; attempt < ZT_READ_SPINS; attempt++) {
-            uint64_t s0 = __atomic_load_n(&t->hdr->index_seq, __ATOMIC_ACQUIRE);
-            if (s0 & 1) { zt_cpu_relax(); continue; }
-            uint64_t pos = h & t->index_mask;
-            int retry = 0;
-            for (uint64_t i = 0; i <= t->index_mask; i++, pos = (pos + 1) & t->index_mask) {
-                uint64_t v = __atomic_load_n(&t->index[pos], __ATOMIC_ACQUIRE);
-                if (v == 0) break;
-                if ((v & 0xffffffff00000000ULL) != tag) continue;
-                uint32_t r = zt_slot_row(v);
-                if (r >= t->g.capacity) { retry = 1; break; }
-                const char *row = zt_row(t, r);
-                uint32_t s1 = __atomic_load_n((const uint32_t *)row, __ATOMIC_ACQUIRE);
-                if (s1 & 1) return -1;
-                const uint64_t *src = (const uint64_t *)row;
-                uint64_t *d = (uint64_t *)copy;
-                for (uint32_t w = 0; w < need / 8; w++) d[w] = __atomic_load_n(src + w, __ATOMIC_RELAXED);
-                __atomic_thread_fence(__ATOMIC_ACQUIRE);
-                if (__atomic_load_n((const uint32_t *)row, __ATOMIC_RELAXED) != s1) return -1;
-                if (copy[4] != ZT_LIVE || !zt_key_eq(t, copy, key, klen)) continue;
-                if (zt_expired(t, copy, zt_now(t))) return 0;
-                return zt_get_slen(copy, c) == n && memcmp(zt_get_sptr(copy, c), want, n) == 0;
-            }
-            if (retry) continue;
-            __atomic_thread_fence(__ATOMIC_ACQUIRE);
-            if (__atomic_load_n(&t->hdr->index_seq, __ATOMIC_RELAXED) == s0) return 0;
-        }
-        return -1;
+        int busy;
+        uint32_t busy_row;
+        if (zt_lookup(t, key, klen, zt_hash(t->hkey, key, klen), copy, need, &busy, &busy_row) < 0)
+            return busy ? -1 : 0;
+        if (zt_expired(t, copy, zt_now(t))) return 0;
+        return zt_get_slen(copy, c) == n && memcmp(zt_get_sptr(copy, c), want, n) == 0;
     }
 
     /* time.time(): the realtime clock in ns, as a double of seconds the way CPython converts it */

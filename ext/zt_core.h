@@ -378,17 +378,22 @@ static inline void zt_write_end(zt_lockslot *slot, char *row, uint32_t s) {
 
 /* A consistent copy of a whole row, or 0 if a writer was active (caller retries).  The copy is
  * done with relaxed atomic loads so that the racing reads are defined behaviour. */
-static inline int zt_copy_row(const zt_table *t, uint32_t r, char *dst) {
+/* Seqlock-checked copy of the first `bytes` (a multiple of 8, at most the row size) of row r. */
+static inline int zt_copy_prefix(const zt_table *t, uint32_t r, char *dst, uint32_t bytes) {
     const char *row = zt_row(t, r);
     uint32_t s1 = __atomic_load_n((const uint32_t *)row, __ATOMIC_ACQUIRE);
     if (s1 & 1) return 0;
     const uint64_t *src = (const uint64_t *)row;
     uint64_t *d = (uint64_t *)dst;
-    size_t n = t->g.row_size / 8;
+    size_t n = bytes / 8;
     for (size_t i = 0; i < n; i++) d[i] = __atomic_load_n(src + i, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     uint32_t s2 = __atomic_load_n((const uint32_t *)row, __ATOMIC_RELAXED);
     return s1 == s2;
+}
+
+static inline int zt_copy_row(const zt_table *t, uint32_t r, char *dst) {
+    return zt_copy_prefix(t, r, dst, t->g.row_size);
 }
 
 static inline int zt_key_eq(const zt_table *t, const char *row, const char *key, uint16_t klen) {
@@ -570,14 +575,14 @@ static inline uint64_t zt_row_hash(const zt_table *t, const char *row) {
     return zt_hash(t->hkey, row + t->g.key_off, zt_keylen(row));
 }
 
-/* Lock-free probe.  Returns the row of `key` and fills `copy` with a validated snapshot, or -1.
- * A miss is only returned when no structural change moved index slots during the probe.  When it
+/* Lock-free probe.  Returns the row of `key` and fills `copy` with a validated snapshot of its
+ * first `bytes` (the whole row: t->g.row_size; at least its head and key), or -1.  A miss is only returned when no structural change moved index slots during the probe.  When it
  * gives up, *busy says why: ZT_BUSY_ROW (a row stayed mid-write; its index is in *busy_row) or
  * ZT_BUSY_INDEX (the index kept changing). */
 #define ZT_BUSY_ROW 1
 #define ZT_BUSY_INDEX 2
 static int64_t zt_lookup(const zt_table *t, const char *key, uint16_t klen, uint64_t h, char *copy,
-                         int *busy, uint32_t *busy_row) {
+                         uint32_t bytes, int *busy, uint32_t *busy_row) {
     const uint64_t tag = h & 0xffffffff00000000ULL;
     *busy = 0;
     for (int attempt = 0; attempt < ZT_READ_SPINS; attempt++) {
@@ -593,7 +598,7 @@ static int64_t zt_lookup(const zt_table *t, const char *key, uint16_t klen, uint
             if (r >= t->g.capacity) { retry = 1; break; }
             int ok = 0;
             for (int s = 0; s < ZT_READ_SPINS; s++) {
-                if (zt_copy_row(t, r, copy)) { ok = 1; break; }
+                if (zt_copy_prefix(t, r, copy, bytes)) { ok = 1; break; }
                 zt_cpu_relax();
             }
             if (!ok) { *busy = ZT_BUSY_ROW; *busy_row = r; return -1; }
@@ -889,7 +894,7 @@ static int zt_get(zt_table *t, const char *key, uint16_t klen, char *copy) {
     uint32_t busy_row = 0;
     PyThreadState *ts = NULL;
     for (int round = 0; round < 4; round++) {
-        if (zt_lookup(t, key, klen, h, copy, &busy, &busy_row) >= 0) {
+        if (zt_lookup(t, key, klen, h, copy, t->g.row_size, &busy, &busy_row) >= 0) {
             if (__builtin_expect(t->g.exp_off == 0, 1)) { zt_regain_gil(&ts); return 1; }
             found = 1;
             goto done;

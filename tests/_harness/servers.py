@@ -215,7 +215,35 @@ def _terminate(servers: Iterable[Server], timeout: float) -> list[int | None]:
     return statuses
 
 
-class Server:
+class _Managed:
+    """``with``: ``start()`` on entering, ``stop()`` on leaving; when the block raises, the logs
+    of :meth:`processes` go with the failing test's report."""
+
+    def processes(self) -> Sequence[Server]:
+        """Every process handle (their logs are shown when a wait times out or a block fails)."""
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is not None:
+            _print_logs(self.processes())
+        self.stop()
+
+
+class Server(_Managed):
     """One server process on a loopback port, in its own session and temp dir holding its log.
 
     ``start()`` picks a free port (retrying with a new one if the bind fails); after ``kill()``
@@ -450,18 +478,9 @@ class Server:
                 return
             time.sleep(POLL_INTERVAL)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is not None:
-            _print_logs([self])
-        self.stop()
+    def processes(self) -> Sequence[Server]:
+        """This one process (its log is shown when a ``with`` block fails)."""
+        return [self]
 
     def __repr__(self) -> str:
         pid = self.process.pid if self.process is not None else None
@@ -655,32 +674,11 @@ class _ClusterNode(RedisServer):
         return [*super()._argv(port), "--cluster-port", str(self.bus_port)]
 
 
-class _Topology:
+class _Topology(_Managed):
     """Several server processes started and stopped together (a context manager)."""
-
-    def processes(self) -> Sequence[Server]:
-        """Every process handle (their logs are shown when a wait times out)."""
-        raise NotImplementedError
-
-    def start(self) -> Self:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
 
     def _logs(self) -> str:
         return "\n".join(f"--- {s!r}\n{s.log_tail(10)}" for s in self.processes())
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class RedisCluster(_Topology):
