@@ -17,10 +17,16 @@ from tests._harness.apps import AppServer
 from zeal_asgi.launcher import make_socket
 
 
-def _spread(server: AppServer, path: str, n: int) -> list[dict[str, Any]]:
-    """``n`` GETs, each on a new connection, so both workers answer some."""
-    out = []
-    for _ in range(n):
+def _spread(
+    server: AppServer, path: str, n: int, pids: set[int] | None = None
+) -> list[dict[str, Any]]:
+    """At least ``n`` GETs, each on a new connection; with ``pids``, more (up to ``20 * n``)
+    until every one of those workers has answered: the kernel does not deal new connections
+    out in turn, so ten of them can all land on one worker."""
+    out: list[dict[str, Any]] = []
+    while len(out) < n or (
+        pids and not pids <= {b["worker_pid"] for b in out} and len(out) < 20 * n
+    ):
         status, body = server.fetch(path)
         assert status == 200, body
         out.append(body)
@@ -38,12 +44,12 @@ def _check_shared_state(server: AppServer) -> None:
     assert status == 200 and value["total_requests"] == totals[-1]
 
     # a row written by one worker is read by the other
-    rows = _spread(server, "/demo/store-roundtrip", 10)
+    rows = _spread(server, "/demo/store-roundtrip", 10, pids)
     assert {r["worker_pid"] for r in rows} == pids
     assert all(r["incr"]["score"] == 50 and r["after_del"] is False for r in rows)
 
     # the cache computes once for the whole host; every worker serves that value
-    cached = _spread(server, "/demo/cache", 10)
+    cached = _spread(server, "/demo/cache", 10, pids)
     assert len({c["computed_by_pid"] for c in cached}) == 1
     assert {c["worker_pid"] for c in cached} == pids
 
