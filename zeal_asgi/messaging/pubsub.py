@@ -128,7 +128,6 @@ class PubSub:
         self.counters = Counters("pubsub", names)
         self._adding: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
-        self._reconnect_callbacks: list[Callable[[], Any]] = []
         self._last: tuple[str, BaseException | None] = ("stopped", None)
         RUNNERS.add(self)
 
@@ -236,10 +235,6 @@ class PubSub:
                     await self.transport.advertise([sub.topic], 0)
         await cancel_tasks(sub.task)
         sub.task = None
-
-    def on_reconnect(self, callback: Callable[[], Any]) -> None:
-        """Call ``callback()`` (sync or async) after every resubscription that follows a loss."""
-        self._reconnect_callbacks.append(callback)
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -355,14 +350,8 @@ class PubSub:
     async def _synced(self) -> None:
         assert self.transport is not None and self.subscriber is not None
         await self.transport.advertise(self._topics(), self._ttl)
-        if self.subscriber.subscribes < 2:
-            return  # the first subscription is not a reconnection
-        self.counters.incr("reconnects")
-        for cb in self._reconnect_callbacks:
-            try:
-                await call(cb)
-            except Exception:
-                log.exception("zeal_asgi pub/sub: reconnect callback %r failed", cb)
+        if self.subscriber.subscribes > 1:  # the first subscription is not a reconnection
+            self.counters.incr("reconnects")
 
     def _deliver(self, wire: str, pattern: str | None, data: bytes) -> bool:
         """Queue a message for its subscriptions; True when one of their queues is half full."""

@@ -245,11 +245,6 @@ class WSRouter:
         count("owns")
         return conn.conn_id
 
-    def local_conn_id(self, client_id: str) -> str | None:
-        """The conn_id of ``client_id``'s socket on this worker, if any."""
-        conn = self._local.get(client_id)
-        return conn.conn_id if conn else None
-
     async def release(self, client_id: str, conn_id: str) -> bool:
         """Forget the socket ``conn_id`` of ``client_id``; ``True`` if the owner row was removed.
 
