@@ -75,7 +75,6 @@ class PubSubHost(ServiceHost, Protocol):
     @property
     def pubsub(self) -> PubSub:
         """The app's pub/sub subscriber (the router adds its worker channel to it)."""
-        ...
 
 
 class WSRouter:
