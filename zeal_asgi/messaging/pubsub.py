@@ -44,14 +44,13 @@ from zeal_asgi.messaging.stats import (
     call,
     cancel_tasks,
     messaging_stats,
-    positive_int,
     spawn,
 )
 from zeal_asgi.messaging.transports import BusTransport, RedisTransport, Topic, Transport
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
-from zeal_asgi.store.base import Capability, StoreBackendKind, unsupported
+from zeal_asgi.store.base import Capability, StoreBackendKind, positive_int, unsupported
 from zeal_asgi.store.channels import is_pattern, validate_channel
 
 __all__ = ["Handler", "PubSub", "Subscription", "Topic", "messaging_stats"]

@@ -9,7 +9,6 @@ import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from zeal_asgi.errors import ConfigError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store.facade import add_stats_section
 
@@ -19,7 +18,6 @@ __all__ = [
     "call",
     "cancel_tasks",
     "messaging_stats",
-    "positive_int",
     "spawn",
 ]
 
@@ -42,13 +40,6 @@ class Counters:
         """Add ``by`` to ``name`` here and in the host-wide table."""
         self.values[name] += by
         host_stats().incr(self._host[name], by)
-
-
-def positive_int(name: str, value: object, low: int = 1) -> int:
-    """``value`` if it is an int >= ``low``, else a ``ConfigError`` naming ``name``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 async def call(fn: Callable[..., Any], *args: Any) -> Any:

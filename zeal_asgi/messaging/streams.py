@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 from zeal_asgi._redis.scripts import APPLY_ONCE, IDEM_CLAIM
 from zeal_asgi.errors import ConfigError, InvalidKeyError, InvalidTTLError
-from zeal_asgi.messaging.stats import RUNNERS, Counters, positive_int
+from zeal_asgi.messaging.stats import RUNNERS, Counters
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
-from zeal_asgi.store.base import Capability, unsupported
+from zeal_asgi.store.base import Capability, positive_int, unsupported
 from zeal_asgi.store.channels import validate_channel
 
 if TYPE_CHECKING:

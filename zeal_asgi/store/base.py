@@ -38,6 +38,7 @@ __all__ = [
     "TableSpec",
     "count",
     "counters",
+    "positive_int",
     "seconds",
     "unsupported",
 ]
@@ -89,6 +90,15 @@ def seconds(what: str, value: object, most: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most:
         raise ConfigError(f"{what} must be a number of seconds in (0, {most:g}], got {value!r}")
     return float(value)
+
+
+def positive_int(what: str, value: object, low: int = 1, most: int | None = None) -> int:
+    """``value`` if it is an int in ``[low, most]``, else a ``ConfigError`` naming ``what``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{what} must be an int >= {low}, got {value!r}")
+    if most is not None and value > most:
+        raise ConfigError(f"{what} must be at most {most}, got {value}")
+    return value
 
 
 def unsupported(backend: StoreBackend, what: str, needs: Capability) -> UnsupportedOperationError:

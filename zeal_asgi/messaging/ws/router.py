@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from zeal_asgi.errors import ConfigError, MessageRejectedError
 from zeal_asgi.messaging.pubsub import PubSub
-from zeal_asgi.messaging.stats import call, cancel_tasks, positive_int
+from zeal_asgi.messaging.stats import call, cancel_tasks
 from zeal_asgi.messaging.ws.conn import (
     CLIENT_ID_MAX,
     CONN_RE,
@@ -61,7 +61,7 @@ from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
 from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.signing import Signer, parse_envelope
 from zeal_asgi.store import Store
-from zeal_asgi.store.base import Capability, StoreBackendKind, unsupported
+from zeal_asgi.store.base import Capability, StoreBackendKind, positive_int, unsupported
 from zeal_asgi.store.services import ServiceHost
 
 __all__ = ["CLIENT_ID_MAX", "ROOM_RE", "WSRouter", "check_client_id", "check_room"]
