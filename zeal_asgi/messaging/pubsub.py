@@ -43,6 +43,7 @@ from zeal_asgi.messaging.stats import (
     Counters,
     call,
     cancel_tasks,
+    messaging_link,
     messaging_stats,
     spawn,
 )
@@ -50,7 +51,7 @@ from zeal_asgi.messaging.transports import BusTransport, RedisTransport, Topic, 
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
-from zeal_asgi.store.base import Capability, StoreBackendKind, positive_int, unsupported
+from zeal_asgi.store.base import StoreBackendKind, positive_int
 from zeal_asgi.store.channels import is_pattern, validate_channel
 
 __all__ = ["Handler", "PubSub", "Subscription", "Topic", "messaging_stats"]
@@ -247,14 +248,8 @@ class PubSub:
 
     def _transport(self) -> Transport:
         if self.transport is None:
-            backend = self.store.backend
-            redis = backend.redis_link()
-            if redis is not None:
-                self.transport = RedisTransport(redis)
-            elif Capability.PUBSUB in backend.capabilities:  # the table backend: one host
-                self.transport = BusTransport(self.counters.incr)
-            else:
-                raise unsupported(backend, "pub/sub", Capability.PUBSUB)
+            link = messaging_link(self.store.backend, "pub/sub")
+            self.transport = RedisTransport(link) if link else BusTransport(self.counters.incr)
         return self.transport
 
     # -- lifecycle -----------------------------------------------------------------------------

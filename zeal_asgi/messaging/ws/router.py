@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from zeal_asgi.errors import ConfigError, MessageRejectedError
 from zeal_asgi.messaging.pubsub import PubSub
-from zeal_asgi.messaging.stats import call, cancel_tasks
+from zeal_asgi.messaging.stats import call, cancel_tasks, messaging_link
 from zeal_asgi.messaging.ws.conn import (
     CLIENT_ID_MAX,
     CONN_RE,
@@ -61,7 +61,7 @@ from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
 from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.signing import Signer, parse_envelope
 from zeal_asgi.store import Store
-from zeal_asgi.store.base import Capability, StoreBackendKind, positive_int, unsupported
+from zeal_asgi.store.base import StoreBackendKind, positive_int
 from zeal_asgi.store.services import ServiceHost
 
 __all__ = ["CLIENT_ID_MAX", "ROOM_RE", "WSRouter", "check_client_id", "check_room"]
@@ -127,7 +127,7 @@ class WSRouter:
             self.signer = Signer(
                 secret, context="ws", window=window, max_bytes=limit, name="ws_signed"
             )
-        self._capacities = (owner_capacity, room_capacity)
+        self._capacities = {"owner_capacity": owner_capacity, "room_capacity": room_capacity}
         self._registry: Registry | None = None
         self._liveness: Liveness | None = None
         self._local: dict[str, Conn] = {}
@@ -147,15 +147,8 @@ class WSRouter:
     def registry(self) -> Registry:
         """Owner rows and rooms (Redis, or shared memory on the table backend)."""
         if self._registry is None:
-            backend = self.store.backend
-            redis = backend.redis_link()
-            if redis is not None:
-                self._registry = RedisRegistry(redis)
-            elif Capability.PUBSUB in backend.capabilities:  # the table backend: one host
-                owners, rooms = self._capacities
-                self._registry = ShmRegistry(owner_capacity=owners, room_capacity=rooms)
-            else:
-                raise unsupported(backend, "WSRouter", Capability.PUBSUB)
+            link = messaging_link(self.store.backend, "WSRouter")
+            self._registry = RedisRegistry(link) if link else ShmRegistry(**self._capacities)
         return self._registry
 
     # -- lifecycle -----------------------------------------------------------------------------
