@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from zeal_asgi.errors import ConfigError, MessageRejectedError
 from zeal_asgi.messaging.pubsub import PubSub
-from zeal_asgi.messaging.stats import call, cancel_tasks, messaging_link
+from zeal_asgi.messaging.stats import call, cancel_tasks, messaging_link, spawn
 from zeal_asgi.messaging.ws.conn import (
     CLIENT_ID_MAX,
     CONN_RE,
@@ -67,6 +67,11 @@ from zeal_asgi.store.services import ServiceHost
 __all__ = ["CLIENT_ID_MAX", "ROOM_RE", "WSRouter", "check_client_id", "check_room"]
 
 log = logging.getLogger("zeal_asgi.ws")
+
+
+def _count_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        count("background_errors")
 
 
 class PubSubHost(ServiceHost, Protocol):
@@ -199,17 +204,11 @@ class WSRouter:
             await self.pubsub.stop()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """A background task that ``stop()`` cancels and awaits; failures are logged."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._done)
+        """A background task that ``stop()`` cancels and awaits; failures are logged (by
+        :func:`~zeal_asgi.messaging.stats.spawn`) and counted as ``ws_background_errors``."""
+        task = spawn(self._bg, coro)
+        task.add_done_callback(_count_failure)
         return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._bg.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            count("background_errors")
-            log.warning("zeal_asgi ws: background task failed: %s", task.exception())
 
     @staticmethod
     def _channel(worker: str) -> str:
