@@ -43,15 +43,15 @@ from zeal_asgi.messaging.stats import (
     Counters,
     call,
     cancel_tasks,
+    messaging_link,
     messaging_stats,
-    positive_int,
     spawn,
 )
 from zeal_asgi.messaging.transports import BusTransport, RedisTransport, Topic, Transport
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
-from zeal_asgi.store.base import Capability, StoreBackendKind, unsupported
+from zeal_asgi.store.base import StoreBackendKind, positive_int
 from zeal_asgi.store.channels import is_pattern, validate_channel
 
 __all__ = ["Handler", "PubSub", "Subscription", "Topic", "messaging_stats"]
@@ -128,7 +128,6 @@ class PubSub:
         self.counters = Counters("pubsub", names)
         self._adding: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
-        self._reconnect_callbacks: list[Callable[[], Any]] = []
         self._last: tuple[str, BaseException | None] = ("stopped", None)
         RUNNERS.add(self)
 
@@ -237,10 +236,6 @@ class PubSub:
         await cancel_tasks(sub.task)
         sub.task = None
 
-    def on_reconnect(self, callback: Callable[[], Any]) -> None:
-        """Call ``callback()`` (sync or async) after every resubscription that follows a loss."""
-        self._reconnect_callbacks.append(callback)
-
     # -- publishing ----------------------------------------------------------------------------
 
     async def publish_system(self, name: str, payload: bytes) -> int:
@@ -253,14 +248,8 @@ class PubSub:
 
     def _transport(self) -> Transport:
         if self.transport is None:
-            backend = self.store.backend
-            redis = backend.redis_link()
-            if redis is not None:
-                self.transport = RedisTransport(redis)
-            elif Capability.PUBSUB in backend.capabilities:  # the table backend: one host
-                self.transport = BusTransport(self.counters.incr)
-            else:
-                raise unsupported(backend, "pub/sub", Capability.PUBSUB)
+            link = messaging_link(self.store.backend, "pub/sub")
+            self.transport = RedisTransport(link) if link else BusTransport(self.counters.incr)
         return self.transport
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -355,14 +344,8 @@ class PubSub:
     async def _synced(self) -> None:
         assert self.transport is not None and self.subscriber is not None
         await self.transport.advertise(self._topics(), self._ttl)
-        if self.subscriber.subscribes < 2:
-            return  # the first subscription is not a reconnection
-        self.counters.incr("reconnects")
-        for cb in self._reconnect_callbacks:
-            try:
-                await call(cb)
-            except Exception:
-                log.exception("zeal_asgi pub/sub: reconnect callback %r failed", cb)
+        if self.subscriber.subscribes > 1:  # the first subscription is not a reconnection
+            self.counters.incr("reconnects")
 
     def _deliver(self, wire: str, pattern: str | None, data: bytes) -> bool:
         """Queue a message for its subscriptions; True when one of their queues is half full."""

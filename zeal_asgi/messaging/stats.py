@@ -7,19 +7,22 @@ import inspect
 import logging
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from zeal_asgi.errors import ConfigError
 from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.store.base import Capability, StoreBackend, unsupported
 from zeal_asgi.store.facade import add_stats_section
+
+if TYPE_CHECKING:
+    from zeal_asgi._redis.link import RedisLink
 
 __all__ = [
     "RUNNERS",
     "Counters",
     "call",
     "cancel_tasks",
+    "messaging_link",
     "messaging_stats",
-    "positive_int",
     "spawn",
 ]
 
@@ -42,13 +45,6 @@ class Counters:
         """Add ``by`` to ``name`` here and in the host-wide table."""
         self.values[name] += by
         host_stats().incr(self._host[name], by)
-
-
-def positive_int(name: str, value: object, low: int = 1) -> int:
-    """``value`` if it is an int >= ``low``, else a ``ConfigError`` naming ``name``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ConfigError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 async def call(fn: Callable[..., Any], *args: Any) -> Any:
@@ -90,6 +86,15 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
     """Done-callback of a background task: log its exception, if any."""
     if not task.cancelled() and task.exception() is not None:
         log.warning("zeal_asgi: background task %r failed: %s", task.get_name(), task.exception())
+
+
+def messaging_link(backend: StoreBackend, what: str) -> RedisLink | None:
+    """The Redis link that carries ``what`` (pub/sub, WebSockets) on ``backend``; ``None`` on the
+    table backend (shared memory: one host); UnsupportedOperationError on any other."""
+    link = backend.redis_link()
+    if link is None and Capability.PUBSUB not in backend.capabilities:
+        raise unsupported(backend, what, Capability.PUBSUB)
+    return link
 
 
 def messaging_stats() -> dict[str, Any]:

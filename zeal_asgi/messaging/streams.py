@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 from zeal_asgi._redis.scripts import APPLY_ONCE, IDEM_CLAIM
 from zeal_asgi.errors import ConfigError, InvalidKeyError, InvalidTTLError
-from zeal_asgi.messaging.stats import RUNNERS, Counters, positive_int
+from zeal_asgi.messaging.stats import RUNNERS, Counters
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
-from zeal_asgi.store.base import Capability, unsupported
+from zeal_asgi.store.base import Capability, positive_int, unsupported
 from zeal_asgi.store.channels import validate_channel
 
 if TYPE_CHECKING:
@@ -172,19 +172,15 @@ class Streams:
         *,
         group: str | None = None,
         consumer: str | None = None,
-        batch: int = 16,
-        block_ms: int = 1000,
-        concurrency: int = 4,
-        min_idle_ms: int = 30_000,
-        reclaim_interval: float = 5.0,
-        max_deliveries: int = 5,
-        dead_letter: str | None = None,
-        raw: bool = False,
+        **options: Any,
     ) -> Any:
         """Run ``handler(payload, entry)`` at least once per entry of ``stream`` for ``group``.
 
         ``group`` defaults to the handler's qualified name; ``consumer`` (unique per process!)
-        to ``host:pid:nonce``.  Without ``handler`` it is a decorator.
+        to ``host:pid:nonce``.  ``options`` are the other fields of :class:`ReliableSubscription`
+        (``batch``, ``block_ms``, ``concurrency``, ``min_idle_ms``, ``reclaim_interval``,
+        ``max_deliveries``, ``dead_letter``, ``raw``), with its defaults.  Without ``handler``
+        it is a decorator.
         """
 
         def register(fn: StreamHandler) -> StreamHandler:
@@ -195,15 +191,8 @@ class Streams:
                 fn,
                 group if group is not None else _default_group(fn),
                 consumer if consumer is not None else default_consumer(),
-                batch,
-                block_ms,
-                concurrency,
-                min_idle_ms,
-                reclaim_interval,
-                max_deliveries,
-                dead_letter,
-                raw,
-                consumer is not None,
+                fixed_consumer=consumer is not None,
+                **options,
             )
             self.subscriptions.append(sub)
             host_stats()  # allocated now, in the process that declares (before workers start)

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from zeal_asgi.errors import ConfigError, InvalidKeyError, KeyTypeError, ValueTooLargeError
+from zeal_asgi.errors import ConfigError, ValueTooLargeError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.process import process_alive
 from zeal_asgi.shm.segments import server_identity
@@ -97,19 +97,6 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
 def user_wire(channel: str) -> str:
     """Wire name of a user channel on the ring (system topics are ``s:<name>``)."""
     return "u:" + channel
-
-
-def check_wire(name: object, what: str = "channel") -> str:
-    """Validate a wire channel name for the ring (typed errors naming the limit)."""
-    if not isinstance(name, str):
-        raise KeyTypeError(f"a {what} name is a str, got {type(name).__name__}")
-    try:
-        n = len(name.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise InvalidKeyError(f"{what} name {name!r} is not encodable as UTF-8") from exc
-    if n > _WIRE_MAX:
-        raise InvalidKeyError(f"{what} name is {n} bytes; the limit is {CHANNEL_MAX} bytes")
-    return name
 
 
 def _digest(text: str) -> str:

@@ -20,7 +20,6 @@ from zeal_asgi.shm.bus import (
     WAKE_TIMEOUT,
     Deliver,
     HostBus,
-    check_wire,
     glob_to_regex,
 )
 from zeal_asgi.shm.hoststats import host_stats
@@ -73,8 +72,8 @@ class BusSubscriber:
         self.bus.regen.increment()
 
     def add(self, wire: str, pattern: bool) -> None:
-        """Subscribe to a wire channel or pattern (reference counted)."""
-        check_wire(wire)
+        """Subscribe to a wire channel or pattern (reference counted; names are validated
+        where they are made, :mod:`zeal_asgi.store.channels`)."""
         self._refs[wire, pattern] += 1
         if self._refs[wire, pattern] == 1:
             if pattern:

@@ -38,6 +38,7 @@ __all__ = [
     "TableSpec",
     "count",
     "counters",
+    "positive_int",
     "seconds",
     "unsupported",
 ]
@@ -89,6 +90,15 @@ def seconds(what: str, value: object, most: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most:
         raise ConfigError(f"{what} must be a number of seconds in (0, {most:g}], got {value!r}")
     return float(value)
+
+
+def positive_int(what: str, value: object, low: int = 1, most: int | None = None) -> int:
+    """``value`` if it is an int in ``[low, most]``, else a ``ConfigError`` naming ``what``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{what} must be an int >= {low}, got {value!r}")
+    if most is not None and value > most:
+        raise ConfigError(f"{what} must be at most {most}, got {value}")
+    return value
 
 
 def unsupported(backend: StoreBackend, what: str, needs: Capability) -> UnsupportedOperationError:
@@ -157,19 +167,15 @@ class CounterBackend(Protocol):
 
     async def increment(self, by: int = 1) -> int:
         """Add ``by`` atomically; return the new value (overflow raises, value unchanged)."""
-        ...
 
     async def get(self) -> int:
         """The current value (0 when never written)."""
-        ...
 
     async def set(self, value: int) -> None:
         """Store ``value``."""
-        ...
 
     async def compare_and_set(self, expected: int, new: int) -> bool:
         """Set to ``new`` if the value is ``expected`` (a missing value counts as 0)."""
-        ...
 
 
 @runtime_checkable
@@ -194,31 +200,24 @@ class StoreBackend(Protocol):
 
     def declare(self, spec: TableSpec) -> Table | None:
         """Register a table (allocating shared memory where the backend has some)."""
-        ...
 
     async def start(self) -> None:
         """Open connections in this worker (idempotent); a boot check that fails loudly."""
-        ...
 
     async def aclose(self) -> None:
         """Close connections and background tasks of this worker."""
-        ...
 
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Merge ``row`` into the row at ``key`` (new rows start zeroed); ``True``."""
-        ...
 
     async def get(self, spec: TableSpec, key: Key, field: str | None = None) -> Any:
         """The row dict, or one field's value; ``None`` on a miss."""
-        ...
 
     async def delete(self, spec: TableSpec, key: Key) -> bool:
         """Remove the row; ``True`` if it existed."""
-        ...
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists."""
-        ...
 
     async def exists_cached(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when this host's memory holds the row, without any network round trip."""
@@ -229,13 +228,11 @@ class StoreBackend(Protocol):
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1
     ) -> int | float:
         """Atomically add ``by`` to a numeric column (creating the row); the new value."""
-        ...
 
     async def compare_and_set(
         self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
     ) -> bool:
         """Atomically set ``column`` to ``new`` if it equals ``expected`` (missing row = zeros)."""
-        ...
 
     async def count(self, spec: TableSpec) -> int:
         """Number of rows."""
@@ -247,11 +244,9 @@ class StoreBackend(Protocol):
 
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys`` in order, ``None`` for misses (one round trip where possible)."""
-        ...
 
     async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
         """Merge many rows (validated first, all or nothing); the number written."""
-        ...
 
     async def clear(self, spec: TableSpec) -> int:
         """Remove every row; the number removed (approximate on distributed backends)."""
@@ -266,15 +261,12 @@ class StoreBackend(Protocol):
 
     async def ping(self) -> bool:
         """``True`` when the backend answers."""
-        ...
 
     def stats(self) -> dict[str, Any]:
         """Counters of this backend in this worker (pool, breaker, pub/sub, tables)."""
-        ...
 
     def counter(self, name: str, initial: int) -> CounterBackend:
         """A named counter; ``initial`` is written only if the counter does not exist yet."""
-        ...
 
     async def publish(self, channel: str, payload: bytes) -> int:
         """Publish a validated channel and payload (``Store.publish``); the number of receivers."""

@@ -23,6 +23,7 @@ from typing import (
 )
 
 from zeal_asgi.errors import ConfigError, UnknownTableError, require
+from zeal_asgi.settings import ZealSettings
 from zeal_asgi.shm.schema import ColumnType, Schema
 from zeal_asgi.store.base import (
     Capability,
@@ -171,13 +172,6 @@ def build_backend(
     return backend
 
 
-def _env_backend() -> tuple[StoreBackendKind, str | Mapping[str, Any] | None]:
-    from zeal_asgi.settings import ZealSettings
-
-    settings = ZealSettings.from_env()
-    return settings.store_backend, settings.backend_conn()
-
-
 class Store(metaclass=HybridMeta):
     """Shared rows and counters over the configured backend.
 
@@ -212,11 +206,12 @@ class Store(metaclass=HybridMeta):
         self._specs: dict[str, TableSpec] = {}
         self._counters: dict[str, Counter] = {}
         self._shm: dict[str, Table] = {}  # fast path: tracked tables on the table backend
-        if backend is not None:
-            self._backend: StoreBackend = backend
-        else:
-            k, c = (StoreBackendKind.parse(kind), conn) if kind is not None else _env_backend()
-            self._backend = build_backend(k, c)
+        if backend is None:
+            if kind is None:
+                settings = ZealSettings.from_env()
+                kind, conn = settings.store_backend, settings.backend_conn()
+            backend = build_backend(kind, conn)
+        self._backend: StoreBackend = backend
 
     # -- the default instance ------------------------------------------------------------------
 

@@ -72,10 +72,8 @@ def columns_from_model(model: type[BaseModel]) -> dict[str, tuple[ColumnType, in
                     f"{model.__name__}.{name}: {ann.__name__} needs Field(max_length=...) to size "
                     "its column"
                 )
-            if ann is str:
-                cols[name] = (ColumnType.STRING, int(max_len) * 4)
-            else:
-                cols[name] = (ColumnType.BYTES, int(max_len))
+            kind, per_unit = (ColumnType.STRING, 4) if ann is str else (ColumnType.BYTES, 1)
+            cols[name] = (kind, int(max_len) * per_unit)
         else:
             raise SchemaError(
                 f"{model.__name__}.{name}: type {ann!r} has no column type (int, float, str, bytes)"

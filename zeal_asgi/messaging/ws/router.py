@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from zeal_asgi.errors import ConfigError, MessageRejectedError
 from zeal_asgi.messaging.pubsub import PubSub
-from zeal_asgi.messaging.stats import call, cancel_tasks, positive_int
+from zeal_asgi.messaging.stats import call, cancel_tasks, messaging_link, spawn
 from zeal_asgi.messaging.ws.conn import (
     CLIENT_ID_MAX,
     CONN_RE,
@@ -61,12 +61,17 @@ from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
 from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.signing import Signer, parse_envelope
 from zeal_asgi.store import Store
-from zeal_asgi.store.base import Capability, StoreBackendKind, unsupported
+from zeal_asgi.store.base import StoreBackendKind, positive_int
 from zeal_asgi.store.services import ServiceHost
 
 __all__ = ["CLIENT_ID_MAX", "ROOM_RE", "WSRouter", "check_client_id", "check_room"]
 
 log = logging.getLogger("zeal_asgi.ws")
+
+
+def _count_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        count("background_errors")
 
 
 class PubSubHost(ServiceHost, Protocol):
@@ -75,7 +80,6 @@ class PubSubHost(ServiceHost, Protocol):
     @property
     def pubsub(self) -> PubSub:
         """The app's pub/sub subscriber (the router adds its worker channel to it)."""
-        ...
 
 
 class WSRouter:
@@ -128,7 +132,7 @@ class WSRouter:
             self.signer = Signer(
                 secret, context="ws", window=window, max_bytes=limit, name="ws_signed"
             )
-        self._capacities = (owner_capacity, room_capacity)
+        self._capacities = {"owner_capacity": owner_capacity, "room_capacity": room_capacity}
         self._registry: Registry | None = None
         self._liveness: Liveness | None = None
         self._local: dict[str, Conn] = {}
@@ -148,15 +152,8 @@ class WSRouter:
     def registry(self) -> Registry:
         """Owner rows and rooms (Redis, or shared memory on the table backend)."""
         if self._registry is None:
-            backend = self.store.backend
-            redis = backend.redis_link()
-            if redis is not None:
-                self._registry = RedisRegistry(redis)
-            elif Capability.PUBSUB in backend.capabilities:  # the table backend: one host
-                owners, rooms = self._capacities
-                self._registry = ShmRegistry(owner_capacity=owners, room_capacity=rooms)
-            else:
-                raise unsupported(backend, "WSRouter", Capability.PUBSUB)
+            link = messaging_link(self.store.backend, "WSRouter")
+            self._registry = RedisRegistry(link) if link else ShmRegistry(**self._capacities)
         return self._registry
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -207,17 +204,11 @@ class WSRouter:
             await self.pubsub.stop()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """A background task that ``stop()`` cancels and awaits; failures are logged."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._done)
+        """A background task that ``stop()`` cancels and awaits; failures are logged (by
+        :func:`~zeal_asgi.messaging.stats.spawn`) and counted as ``ws_background_errors``."""
+        task = spawn(self._bg, coro)
+        task.add_done_callback(_count_failure)
         return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._bg.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            count("background_errors")
-            log.warning("zeal_asgi ws: background task failed: %s", task.exception())
 
     @staticmethod
     def _channel(worker: str) -> str:
@@ -244,11 +235,6 @@ class WSRouter:
         conn.registered = self._spawn(self.registry.set_owner(client_id, conn.conn_id, self.worker))
         count("owns")
         return conn.conn_id
-
-    def local_conn_id(self, client_id: str) -> str | None:
-        """The conn_id of ``client_id``'s socket on this worker, if any."""
-        conn = self._local.get(client_id)
-        return conn.conn_id if conn else None
 
     async def release(self, client_id: str, conn_id: str) -> bool:
         """Forget the socket ``conn_id`` of ``client_id``; ``True`` if the owner row was removed.

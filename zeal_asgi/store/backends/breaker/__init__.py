@@ -315,9 +315,7 @@ class CircuitBreakerBackend(StoreBackend):
         """``False`` while open (no network); else the primary's answer (the probe if due)."""
         try:
             return bool(await self._guard("ping"))
-        except BackendUnavailableError:
-            return False
-        except Exception as exc:
+        except Exception as exc:  # the breaker's own refusal is a BackendUnavailableError too
             if is_outage(exc):
                 return False
             raise

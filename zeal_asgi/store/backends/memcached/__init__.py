@@ -79,6 +79,7 @@ from zeal_asgi.store.base import (
     StoreBackendKind,
     TableSpec,
     counters,
+    positive_int,
     seconds,
 )
 from zeal_asgi.store.codec import RowCodec, incr_nonfinite, incr_overflow
@@ -177,16 +178,12 @@ class MemcachedBackend(StoreBackend):
     ) -> None:
         if servers is None:
             servers = os.environ.get("ZEAL_MEMCACHED_SERVERS", DEFAULT_SERVERS)
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
-            raise ConfigError(f"memcached pool_size must be an int >= 1, got {pool_size!r}")
-        if pool_size > 1024:
-            raise ConfigError(f"memcached pool_size must be at most 1024, got {pool_size}")
         self.keys = KeyMapper(prefix)
         self.cas_timeout = seconds("memcached cas_timeout", cas_timeout, 3600)
         self.pool = ServerPool(
             parse_servers(servers),
             timeout=seconds("memcached timeout", timeout, 3600),
-            pool_size=pool_size,
+            pool_size=positive_int("memcached pool_size", pool_size, 1, 1024),
         )
         self._tables: dict[str, _Rows] = {}
         self._checked: set[str] = set()

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from zeal_asgi._redis.link import RedisLink
 from zeal_asgi._redis.subscriber import RedisFeed, Subscriber
-from zeal_asgi.errors import ConfigError, MessageRejectedError, ZealError
+from zeal_asgi.errors import MessageRejectedError, ZealError
 from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.signing import Signer
 from zeal_asgi.store.backends.redis import RedisBackend
@@ -50,6 +50,7 @@ from zeal_asgi.store.base import (
     TableSpec,
     count,
     counters,
+    positive_int,
     seconds,
 )
 
@@ -83,10 +84,8 @@ class TieredBackend(StoreBackend):
         invalidation_kid: str | None = None,
         l1_namespace: str | None = None,
     ) -> None:
-        if l1_rows is not None and (
-            not isinstance(l1_rows, int) or isinstance(l1_rows, bool) or l1_rows < 1
-        ):
-            raise ConfigError(f"tiered option l1_rows must be an int >= 1, got {l1_rows!r}")
+        if l1_rows is not None:
+            positive_int("tiered option l1_rows", l1_rows)
         self.l1_ttl = seconds("tiered option l1_ttl", l1_ttl, 86400)
         self.l2 = l2
         """The Redis backend behind L1."""
