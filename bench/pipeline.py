@@ -240,7 +240,7 @@ def _zeal_commands(store: Any, table: str) -> dict[str, list[str]]:
     flat = [x for kv in fields.items() for x in kv]
     set_argv = [*head, 0, *flat]  # every column given: no zeros
     lo, hi = spec.schema.column("score", table).int_range
-    incr_argv = [*head, "score", 1, lo, hi, b"1", *t.zeros]
+    incr_argv = [*head, "score", 1, lo, hi, b"1", *t.others["score"]]
 
     def words(args: Sequence[Any]) -> list[str]:
         return [a.decode() if isinstance(a, bytes) else str(a) for a in args]

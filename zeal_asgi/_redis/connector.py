@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import hiredis
 from redis import exceptions as rx
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel
@@ -92,6 +93,15 @@ class LoopState:
     in_use: int = 0
     waiting: int = 0
     booted: bool = False
+
+
+def _unpack_evalsha(packed: bytes) -> tuple[list[bytes], list[bytes]]:
+    """The keys and args of an EVALSHA in RESP (for a ready client, which packs its own)."""
+    reader = hiredis.Reader()
+    reader.feed(packed)
+    words = reader.gets()
+    first = 3 + int(words[2])
+    return words[3:first], words[first:]
 
 
 class RedisConnector:
@@ -395,29 +405,30 @@ class RedisConnector:
     ) -> Awaitable[Any]:
         """Run ``script`` (EVALSHA, then EVAL if the server lost it); awaited, its raw reply.
 
-        ``packed``: the EVALSHA already packed by the caller (a :class:`Template` filled in).
+        ``packed``: the EVALSHA already packed by the caller (a :class:`Template` filled in),
+        which then stands for ``args`` (and ``keys`` but the first, which picks the node).
         """
+        if packed is None:
+            packed = pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
         if self.cfg.mode == "client":
+            keys, args = _unpack_evalsha(packed)
             return self.run(
                 lambda c: script(c, keys, args), what=what, idempotent=idempotent, table=table
             )
-        if packed is None:
-            packed = pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
-        lost = (script, keys, args)
-        return self._send(packed, keys[0] if keys else None, lost, what, table, idempotent)
+        return self._send(packed, keys[0] if keys else None, script, what, table, idempotent)
 
     async def _send(
         self,
         packed: bytes,
         key: bytes | None,
-        lost: tuple[Script, Sequence[bytes], Sequence[Any]] | None,
+        lost: Script | None,
         what: str,
         table: str | None,
         idempotent: bool,
     ) -> Any:
         """One command on a pipe within a slot, the deadline and the retry policy (the errors
         of :meth:`_within`, of which this is the single-command case, in one frame).  ``lost``:
-        the script, keys and args of an EVALSHA, for the EVAL sent when the server answers
+        the script ``packed`` runs with EVALSHA, for the EVAL sent when the server answers
         NOSCRIPT (it did not run the script)."""
         st = self.state()
         deadline = st.loop.time() + self.cfg.deadline
@@ -453,11 +464,7 @@ class RedisConnector:
                         if lost is not None and text.startswith("NOSCRIPT"):
                             # a restart, failover or SCRIPT FLUSH: the script did not run, so
                             # sending its source is safe even when it is not idempotent
-                            script, keys, args = lost
-                            packed, lost = (
-                                pack((b"EVAL", script.body, len(keys), *keys, *args)),
-                                None,
-                            )
+                            packed, lost = lost.eval_of(packed), None
                             continue
                         if text.startswith(("MOVED ", "ASK ")) and redirects < _REDIRECTS:
                             # not run: the slot is served elsewhere (for good, or for now)

@@ -18,7 +18,7 @@ from typing import Any
 
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.link import RedisLink
-from zeal_asgi._redis.pipe import Template
+from zeal_asgi._redis.pipe import Template, pack
 from zeal_asgi._redis.scripts import (
     CAS,
     DELETE,
@@ -56,6 +56,7 @@ class _Table:
         "layout",
         "members",
         "name",
+        "others",
         "spec",
         "templates",
         "zeros",
@@ -72,6 +73,11 @@ class _Table:
         self.head: tuple[bytes, int] = (b"t" if spec.mode == "tracked" else b"x", spec.ttl or 0)
         zeros = self.codec.zero_fields()
         self.zeros: tuple[Any, ...] = (len(zeros), *zeros)
+        self.others: dict[str, tuple[Any, ...]] = {}
+        """Per column: ``zeros`` without its own field (an increment writes that one)."""
+        for col in spec.schema.columns:
+            mine = self.codec.zero_fields((col.name.encode("utf-8"),))
+            self.others[col.name] = (len(mine), *mine)
         self.checked = False
         """Whether this process compared the declaration with the one stored in Redis."""
         self.templates: dict[object, Template] = {}
@@ -146,7 +152,7 @@ class RedisRows(RedisLink):
         """Run ``script`` on ``t``'s keys (after the first-use schema check); awaited, the raw
         reply.  Checked tables go straight to the connector: no frame of its own."""
         if not t.checked:
-            return self._checked(t, self._conn.script, script, keys, args, what, idempotent)
+            return self._checked(t, self._conn.script, script, keys, args, what, idempotent, packed)
         return self._conn.script(
             script, keys, args, what, idempotent=idempotent, table=t.name, packed=packed
         )
@@ -154,13 +160,14 @@ class RedisRows(RedisLink):
     def _call(self, t: _Table, args: tuple[Any, ...], what: str) -> Awaitable[Any]:
         """Send one idempotent command on ``t``'s keys (after the first-use schema check)."""
         if not t.checked:
-            return self._checked(t, self._conn.call, args, what, True)
+            return self._checked(t, self._conn.call, args, what, True, None)
         return self._conn.call(args, what, idempotent=True, table=t.name)
 
     async def _checked(self, t: _Table, send: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """``await send(*args[:-1], idempotent=args[-1], table=t.name)`` after the schema check."""
+        """``await send(*args[:-2], idempotent=args[-2], table=t.name, packed=args[-1])`` after
+        the schema check."""
         await self._ensure(t)
-        return await send(*args[:-1], idempotent=args[-1], table=t.name)
+        return await send(*args[:-2], idempotent=args[-2], table=t.name, packed=args[-1])
 
     def row_key(self, table: str, key: Key) -> bytes:
         """The hash holding row ``key`` of ``table``."""
@@ -172,23 +179,17 @@ class RedisRows(RedisLink):
         raw, row_key = t.key(key)
         codec = t.codec
         fields = codec.encode(row)
-        if fields and len(fields) == len(codec.schema.columns):
-            args: list[Any] = [*t.head, raw, 0]  # every column given: no zeros to add
-        else:
-            zeros = codec.zero_fields(fields)
-            args = [*t.head, raw, len(zeros), *zeros]
-        for k, v in fields.items():
-            args += (k, v)
         names = tuple(fields)
         tpl = t.templates.get(names)
         if tpl is None:
-            start = len(args) - 2 * len(fields)  # the (field, value) pairs: values vary
-            argv = [
-                None if i == 2 or (i > start and (i - start) % 2) else a for i, a in enumerate(args)
-            ]
-            tpl = t.template(names, (b"EVALSHA", SET.sha, 2, None, t.members, *argv))
+            # every column given: no zeros to add
+            full = fields and len(fields) == len(codec.schema.columns)
+            zeros = [] if full else codec.zero_fields(fields)
+            pairs = [x for name in names for x in (name, None)]  # the values vary
+            args = (*t.head, None, len(zeros), *zeros, *pairs)
+            tpl = t.template(names, (b"EVALSHA", SET.sha, 2, None, t.members, *args))
         packed = tpl.fill(row_key, raw, *fields.values())
-        await self._script(t, SET, (row_key, t.members), args, "set in", packed=packed)
+        await self._script(t, SET, (row_key, t.members), (), "set in", packed=packed)
         return True
 
     async def get(self, spec: TableSpec, key: Key, field: str | None = None) -> Any:
@@ -242,30 +243,28 @@ class RedisRows(RedisLink):
                     f"incr of column {col.name!r} of table {t.name!r} by {by} would leave "
                     f"[{lo}, {hi}] (INT({col.size})) from any value; the value is unchanged"
                 )
-            eight = b"1" if col.size == 8 else b"0"
-            args: tuple[Any, ...] = (*t.head, raw, col.name, by, lo, hi, eight, *t.zeros)
-            script = INCR_INT
             tpl = t.templates.get(col.name)
             if tpl is None:
-                tail = (col.name, None, lo, hi, eight, *t.zeros)
+                eight = b"1" if col.size == 8 else b"0"
+                tail = (col.name, None, lo, hi, eight, *t.others[col.name])
                 tpl = t.template(
-                    col.name, (b"EVALSHA", script.sha, 2, None, t.members, *t.head, None, *tail)
+                    col.name, (b"EVALSHA", INCR_INT.sha, 2, None, t.members, *t.head, None, *tail)
                 )
-            packed: bytes | None = tpl.fill(row_key, raw, b"%d" % by)
+            packed = tpl.fill(row_key, raw, b"%d" % by)
+            script = INCR_INT
         else:
             nan_ok = b"1" if spec.schema.allow_nan else b"0"
-            args = (*t.head, raw, col.name, encode_float(by), nan_ok, *t.zeros)
+            tail = (col.name, encode_float(by), nan_ok, *t.others[col.name])
+            packed = pack((b"EVALSHA", INCR_FLOAT.sha, 2, row_key, t.members, *t.head, raw, *tail))
             script = INCR_FLOAT
-            packed = None
         reply = await self._script(
-            t, script, (row_key, t.members), args, "incr in", idempotent=False, packed=packed
+            t, script, (row_key, t.members), (), "incr in", idempotent=False, packed=packed
         )
+        if reply.__class__ is int:
+            return int(reply)  # the script's own range-checked result
         status = reply[0]
         if status == _OK:
-            value: int | float = reply[1]
-            if value.__class__ is int:
-                return value  # the script's own range-checked result (an integer reply)
-            value = t.codec.decode_value(col, reply[1], key)
+            value: int | float = t.codec.decode_value(col, reply[1], key)
             return value
         current = reply[-1]
         if status == b"overflow" or (status == b"err" and b"overflow" in bytes(reply[1])):
