@@ -113,6 +113,7 @@ class RedisConnector:
         self._factory = ClientFactory(cfg, self._on_connect)
         self._states: dict[int, LoopState] = {}
         self._owned = cfg.mode != "client"  # a ready client is the user's to close
+        self._cluster = cfg.mode == "cluster"
         self.local = dict.fromkeys(COUNTERS, 0)
         """This worker's counters (see :data:`COUNTERS`); the host's are in host_stats()."""
         self._synced = dict.fromkeys(COUNTERS, 0)
@@ -439,7 +440,7 @@ class RedisConnector:
         local = self.local
         local["acquires"] += 1
         st.in_use += 1
-        cluster = self.cfg.mode == "cluster"
+        cluster = self._cluster
         try:
             tries = 0
             while True:
@@ -492,7 +493,10 @@ class RedisConnector:
                 await asyncio.sleep(delay)
         finally:
             st.in_use -= 1
-            self._release(st)
+            if st.queue:
+                self._release(st)
+            else:
+                st.free += 1
 
     async def run(
         self,
