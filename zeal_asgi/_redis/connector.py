@@ -386,7 +386,7 @@ class RedisConnector:
         ``table``) name the call in error messages; ``packed``: ``pack(args)``, kept by a
         caller that sends the same command again and again.
         """
-        if self.cfg.mode == "client":
+        if not self._owned:  # a ready client of the user's sends it
             return self.run(
                 lambda c: c.execute_command(*args), what=what, idempotent=idempotent, table=table
             )
@@ -411,7 +411,7 @@ class RedisConnector:
         """
         if packed is None:
             packed = pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
-        if self.cfg.mode == "client":
+        if not self._owned:  # a ready client of the user's runs it
             keys, args = _unpack_evalsha(packed)
             return self.run(
                 lambda c: script(c, keys, args), what=what, idempotent=idempotent, table=table

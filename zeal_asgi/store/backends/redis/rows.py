@@ -31,7 +31,7 @@ from zeal_asgi._redis.scripts import (
     Script,
 )
 from zeal_asgi.errors import ConfigError, IntegerOverflowError
-from zeal_asgi.shm.schema import ColumnType
+from zeal_asgi.shm.schema import Column, ColumnType
 from zeal_asgi.store.backends.redis.counter import RedisCounter
 from zeal_asgi.store.base import Key, TableSpec
 from zeal_asgi.store.codec import RowCodec, encode_float, incr_nonfinite, incr_overflow
@@ -53,6 +53,7 @@ class _Table:
         "checked",
         "codec",
         "head",
+        "ints",
         "layout",
         "members",
         "name",
@@ -81,7 +82,9 @@ class _Table:
         self.checked = False
         """Whether this process compared the declaration with the one stored in Redis."""
         self.templates: dict[object, Template] = {}
-        """The EVALSHA of ``set`` per tuple of given fields, of ``incr`` per INT column."""
+        """The EVALSHA of ``set`` per tuple of given fields."""
+        self.ints: dict[str, tuple[Column, int, int, Template]] = {}
+        """Per INT column incremented: :meth:`int_column`."""
 
     def template(self, what: object, args: tuple[Any, ...]) -> Template:
         """The EVALSHA ``args`` packed once (``None``: the holes filled per call), kept as
@@ -90,6 +93,17 @@ class _Table:
             self.templates.clear()
         holes = [i for i, arg in enumerate(args) if arg is None]
         found = self.templates[what] = Template(args, holes)
+        return found
+
+    def int_column(self, col: Column) -> tuple[Column, int, int, Template]:
+        """What ``incr`` of the INT column ``col`` needs: the column, its range, and its
+        EVALSHA packed but for the row key, the member and the step (kept in ``ints``)."""
+        lo, hi = col.int_range
+        eight = b"1" if col.size == 8 else b"0"
+        tail = (col.name, None, lo, hi, eight, *self.others[col.name])
+        args = (b"EVALSHA", INCR_INT.sha, 2, None, self.members, *self.head, None, *tail)
+        holes = [i for i, arg in enumerate(args) if arg is None]
+        found = self.ints[col.name] = (col, lo, hi, Template(args, holes))
         return found
 
     def key(self, key: object) -> tuple[bytes, bytes]:
@@ -234,21 +248,18 @@ class RedisRows(RedisLink):
         """Atomically add ``by`` (a step the facade checked; range-checked like the table)."""
         t = self._table(spec)
         raw, row_key = t.key(key)
-        col = spec.schema.column(column, spec.name)
-        if col.type is ColumnType.INT:
-            lo, hi = col.int_range
+        hot = t.ints.get(column) if column.__class__ is str else None
+        if hot is None:
+            col = spec.schema.column(column, spec.name)
+            if col.type is ColumnType.INT:
+                hot = t.int_column(col)
+        if hot is not None:
+            col, lo, hi, tpl = hot
             if col.size < 8 and not lo - hi <= by <= hi - lo:
                 # also keeps the script's doubles exact: |value| < 2^31, |step| < 2^33
                 raise IntegerOverflowError(
                     f"incr of column {col.name!r} of table {t.name!r} by {by} would leave "
                     f"[{lo}, {hi}] (INT({col.size})) from any value; the value is unchanged"
-                )
-            tpl = t.templates.get(col.name)
-            if tpl is None:
-                eight = b"1" if col.size == 8 else b"0"
-                tail = (col.name, None, lo, hi, eight, *t.others[col.name])
-                tpl = t.template(
-                    col.name, (b"EVALSHA", INCR_INT.sha, 2, None, t.members, *t.head, None, *tail)
                 )
             packed = tpl.fill(row_key, raw, b"%d" % by)
             script = INCR_INT
