@@ -431,8 +431,11 @@ class RedisConnector:
         of :meth:`_within`, of which this is the single-command case, in one frame).  ``lost``:
         the script ``packed`` runs with EVALSHA, for the EVAL sent when the server answers
         NOSCRIPT (it did not run the script)."""
-        st = self.state()
-        deadline = st.loop.time() + self.cfg.deadline
+        loop = asyncio.get_running_loop()
+        st = self._states.get(id(loop))
+        if st is None or st.loop is not loop or st.pid != current_pid():
+            st = self.state()  # :meth:`state` inlined: a call less per command
+        deadline = loop.time() + self.cfg.deadline
         if st.free and not st.queue:
             st.free -= 1
         else:
