@@ -240,7 +240,7 @@ def _zeal_commands(store: Any, table: str) -> dict[str, list[str]]:
     flat = [x for kv in fields.items() for x in kv]
     set_argv = [*head, 0, *flat]  # every column given: no zeros
     lo, hi = spec.schema.column("score", table).int_range
-    incr_argv = [*head, "score", 1, lo, hi, b"1", *t.zeros]
+    incr_argv = [*head, "score", 1, lo, hi, b"1", *t.others["score"]]
 
     def words(args: Sequence[Any]) -> list[str]:
         return [a.decode() if isinstance(a, bytes) else str(a) for a in args]
@@ -508,10 +508,12 @@ WHY = (
     "range-checked increment) that cost Redis several times a plain `HSET`/`HINCRBY`: the "
     "server's own pipelined ceiling for them (`-P 16`) is a fraction of its `HGETALL` ceiling, "
     "while the peers' rows send the plain commands, so the ratios against the peers for these "
-    "two operations compare different server work (the scripts are kept lean: `incr` answers "
-    "with the new value instead of reading it back, and the client packs each call from a "
-    "per-table template, the column ranges and zero fields encoded once). Client, server and "
-    "the load generator share "
+    "two operations compare different server work (the scripts are kept lean: on a row that "
+    "exists, `set` is one `HSET` and `incr` one `HINCRBY` or `HGET`/`HSET` inside the script, "
+    "zeros and membership being written only by the write that creates the row, `incr` answers "
+    "with the new value as an integer reply, and the client packs each call from a per-table "
+    "template, the column ranges and zero fields encoded once). Client, server and the load "
+    "generator share "
     "the machine's 2 cores (rows marked \u2020 in the tables above ran while other processes "
     "kept them busy): with 64 coroutines in flight the client, Redis and everything else on the "
     "machine compete for the same CPU, and the Lua-heavy rows need the most of Redis's share."

@@ -549,8 +549,7 @@ def _redis_scripts(stack: contextlib.ExitStack[Any], env: Env) -> list[Spec]:
     zeros = codec.zero_fields(fields)
     set_argv = [*head, len(zeros), *zeros, *(x for kv in fields.items() for x in kv)]
     lo, hi = spec.schema.column("score", table).int_range
-    all_zeros = codec.zero_fields()
-    incr_argv = [*head, "score", 1, lo, hi, b"1", len(all_zeros), *all_zeros]
+    incr_argv = [*head, "score", 1, lo, hi, b"1", *t.others["score"]]
     env.runner.run(SET(r, keys, set_argv))  # loads the scripts
     env.runner.run(INCR_INT(r, keys, incr_argv))
 

@@ -83,15 +83,19 @@ async def test_tracked_count_never_drifts(redis_server: RedisServer) -> None:
                 case 1:
                     await s.delete("t", k)
                 case 2:
-                    await s.incr("t", k, "i8", 1)
+                    await s.incr("t", k, rng.choice(("i8", "i4", "f")), 1)
                 case 3:
                     await s.compare_and_set("t", k, "i1", 0, 1)
+                case 4:
+                    await s.set("t", k, FULL_ROW)
                 case _:
                     await s.mset("t", {k: {"name": "m"}, rng.choice(keys): {"i2": 2}})
 
     try:
         await asyncio.gather(*(worker(s) for s in stores for _ in range(4)))
         rows = {k for k in keys if await stores[0].exists("t", k)}
+        for k in rows:  # however a row was made, it holds every column
+            assert len(redis_server.command("HGETALL", f"{prefix}:{{t}}:{k}")) == len(COLUMNS)
         assert await stores[1].count("t") == len(rows)
         members = redis_server.command("SMEMBERS", f"{prefix}:{{t}}:__keys__")
         assert isinstance(members, set)
@@ -99,6 +103,48 @@ async def test_tracked_count_never_drifts(redis_server: RedisServer) -> None:
     finally:
         for s in stores:
             await s.aclose()
+
+
+FULL_ROW = {"name": "n", "i1": 1, "i2": 2, "i4": 4, "i8": 8, "f": 0.5, "b": b"x"}
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        ("set", {"i4": 3}),
+        ("set", FULL_ROW),
+        ("set", {}),
+        ("incr", "i8"),
+        ("incr", "i4"),
+        ("incr", "f"),
+    ],
+    ids=str,
+)
+async def test_a_write_that_creates_a_row_adds_its_zeros_and_membership(
+    redis_store: Store, redis_server: RedisServer, write: tuple[str, Any]
+) -> None:
+    # the scripts add zeros and membership only when their write created the row (telling it
+    # from the write's own reply and HLEN): a created row must still get both, whatever wrote it
+    p = _prefix(redis_store)
+    what, arg = write
+    for _ in range(2):  # creates the row, then writes the existing row
+        if what == "set":
+            await redis_store.set("t", "r", arg)
+        else:
+            await redis_store.incr("t", "r", arg, 0)
+        fields = redis_server.command("HGETALL", f"{p}:{{t}}:r")
+        assert isinstance(fields, dict) and len(fields) == len(COLUMNS), fields
+        assert redis_server.command("SMEMBERS", f"{p}:{{t}}:__keys__") == {b"r"}
+    zeros = {"name": "", "i1": 0, "i2": 0, "i4": 0, "i8": 0, "f": 0.0, "b": b""}
+    expected = {**zeros, **(arg if isinstance(arg, dict) else {})}
+    assert await redis_store.get_strict("t", "r") == expected
+    assert await redis_store.count("t") == 1
+    # a row holding only the field written reads the same after the zeros are added
+    redis_server.command("DEL", f"{p}:{{t}}:r")
+    redis_server.command("HSET", f"{p}:{{t}}:r", "i4", "0")
+    await redis_store.incr("t", "r", "i4", 5)
+    assert await redis_store.get_strict("t", "r") == {**zeros, "i4": 5}
+    assert await redis_store.count("t") == 1
 
 
 async def test_ttl_mode(redis_server: RedisServer) -> None:
@@ -314,6 +360,8 @@ async def test_ready_client_is_used_and_left_open(redis_server: RedisServer) -> 
     try:
         await store.start()
         await store.set("t", "k", {"name": "ready"})
+        assert await store.incr("t", "k", "i8", 3) == 3  # the scripts through redis-py
+        assert await store.incr("t", "k", "f", 0.5) == 0.5
         assert await backend.client() is client
         assert await client.hget(f"{prefix}:{{t}}:k", "name") == b"ready"
         other = await backend.dedicated_client()

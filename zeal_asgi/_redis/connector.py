@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import hiredis
 from redis import exceptions as rx
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel
@@ -94,6 +95,15 @@ class LoopState:
     booted: bool = False
 
 
+def _unpack_evalsha(packed: bytes) -> tuple[list[bytes], list[bytes]]:
+    """The keys and args of an EVALSHA in RESP (for a ready client, which packs its own)."""
+    reader = hiredis.Reader()
+    reader.feed(packed)
+    words = reader.gets()
+    first = 3 + int(words[2])
+    return words[3:first], words[first:]
+
+
 class RedisConnector:
     """Clients, slots, deadline, retries and counters of one Redis backend in this worker."""
 
@@ -103,6 +113,7 @@ class RedisConnector:
         self._factory = ClientFactory(cfg, self._on_connect)
         self._states: dict[int, LoopState] = {}
         self._owned = cfg.mode != "client"  # a ready client is the user's to close
+        self._cluster = cfg.mode == "cluster"
         self.local = dict.fromkeys(COUNTERS, 0)
         """This worker's counters (see :data:`COUNTERS`); the host's are in host_stats()."""
         self._synced = dict.fromkeys(COUNTERS, 0)
@@ -375,7 +386,7 @@ class RedisConnector:
         ``table``) name the call in error messages; ``packed``: ``pack(args)``, kept by a
         caller that sends the same command again and again.
         """
-        if self.cfg.mode == "client":
+        if not self._owned:  # a ready client of the user's sends it
             return self.run(
                 lambda c: c.execute_command(*args), what=what, idempotent=idempotent, table=table
             )
@@ -395,32 +406,36 @@ class RedisConnector:
     ) -> Awaitable[Any]:
         """Run ``script`` (EVALSHA, then EVAL if the server lost it); awaited, its raw reply.
 
-        ``packed``: the EVALSHA already packed by the caller (a :class:`Template` filled in).
+        ``packed``: the EVALSHA already packed by the caller (a :class:`Template` filled in),
+        which then stands for ``args`` (and ``keys`` but the first, which picks the node).
         """
-        if self.cfg.mode == "client":
+        if packed is None:
+            packed = pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
+        if not self._owned:  # a ready client of the user's runs it
+            keys, args = _unpack_evalsha(packed)
             return self.run(
                 lambda c: script(c, keys, args), what=what, idempotent=idempotent, table=table
             )
-        if packed is None:
-            packed = pack((b"EVALSHA", script.sha, len(keys), *keys, *args))
-        lost = (script, keys, args)
-        return self._send(packed, keys[0] if keys else None, lost, what, table, idempotent)
+        return self._send(packed, keys[0] if keys else None, script, what, table, idempotent)
 
     async def _send(
         self,
         packed: bytes,
         key: bytes | None,
-        lost: tuple[Script, Sequence[bytes], Sequence[Any]] | None,
+        lost: Script | None,
         what: str,
         table: str | None,
         idempotent: bool,
     ) -> Any:
         """One command on a pipe within a slot, the deadline and the retry policy (the errors
         of :meth:`_within`, of which this is the single-command case, in one frame).  ``lost``:
-        the script, keys and args of an EVALSHA, for the EVAL sent when the server answers
+        the script ``packed`` runs with EVALSHA, for the EVAL sent when the server answers
         NOSCRIPT (it did not run the script)."""
-        st = self.state()
-        deadline = st.loop.time() + self.cfg.deadline
+        loop = asyncio.get_running_loop()
+        st = self._states.get(id(loop))
+        if st is None or st.loop is not loop or st.pid != current_pid():
+            st = self.state()  # :meth:`state` inlined: a call less per command
+        deadline = loop.time() + self.cfg.deadline
         if st.free and not st.queue:
             st.free -= 1
         else:
@@ -428,7 +443,7 @@ class RedisConnector:
         local = self.local
         local["acquires"] += 1
         st.in_use += 1
-        cluster = self.cfg.mode == "cluster"
+        cluster = self._cluster
         try:
             tries = 0
             while True:
@@ -453,11 +468,7 @@ class RedisConnector:
                         if lost is not None and text.startswith("NOSCRIPT"):
                             # a restart, failover or SCRIPT FLUSH: the script did not run, so
                             # sending its source is safe even when it is not idempotent
-                            script, keys, args = lost
-                            packed, lost = (
-                                pack((b"EVAL", script.body, len(keys), *keys, *args)),
-                                None,
-                            )
+                            packed, lost = lost.eval_of(packed), None
                             continue
                         if text.startswith(("MOVED ", "ASK ")) and redirects < _REDIRECTS:
                             # not run: the slot is served elsewhere (for good, or for now)
@@ -485,7 +496,10 @@ class RedisConnector:
                 await asyncio.sleep(delay)
         finally:
             st.in_use -= 1
-            self._release(st)
+            if st.queue:
+                self._release(st)
+            else:
+                st.free += 1
 
     async def run(
         self,

@@ -58,28 +58,27 @@ class Template:
     call: the arguments that never change cost nothing to encode again (``pack`` costs about
     0.2 µs per argument; a script's ARGV of ranges and zero fields is a dozen of them)."""
 
-    __slots__ = ("_pieces",)
+    __slots__ = ("_format",)
 
     def __init__(self, args: Sequence[Any], holes: Sequence[int]) -> None:
-        pieces: list[bytes] = []
-        chunk = [b"*%d\r\n" % len(args)]
+        parts = [b"*%d\r\n" % len(args)]
         for i, arg in enumerate(args):
             if i in holes:
-                pieces.append(b"".join(chunk))
-                chunk = []
+                parts.append(b"$%d\r\n%b\r\n")
             else:
                 one = pack((arg,))
-                chunk.append(one[one.index(b"\n") + 1 :])  # without its array header
-        pieces.append(b"".join(chunk))
-        self._pieces = pieces
+                # without its array header; a literal '%' doubled for the format below
+                parts.append(one[one.index(b"\n") + 1 :].replace(b"%", b"%%"))
+        self._format = b"".join(parts)
+        """The whole command as one bytes format: a fill is one ``%`` (a third of the time
+        of joining the pieces)."""
 
     def fill(self, *values: bytes) -> bytes:
         """The command with ``values`` (bytes, one per hole, in order) in the holes."""
-        pieces = self._pieces
-        out = [pieces[0]]
-        for value, piece in zip(values, pieces[1:], strict=True):
-            out += (b"$%d\r\n%b\r\n" % (len(value), value), piece)
-        return b"".join(out)
+        out: list[int | bytes] = []
+        for value in values:
+            out += (len(value), value)
+        return self._format % tuple(out)
 
 
 class Expired(Exception):

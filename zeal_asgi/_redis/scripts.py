@@ -118,9 +118,19 @@ class Script:
         except NoScriptError:
             return await client.eval(self.body, len(keys), *keys, *args)
 
+    def eval_of(self, packed: bytes) -> bytes:
+        """The EVAL of the source with the keys and args of ``packed``, an EVALSHA of this
+        script in RESP: what to send when the server answers NOSCRIPT."""
+        start = packed.index(b"\n") + 1  # after the array header
+        head = b"$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % self.sha.encode()
+        if not packed.startswith(head, start):
+            raise ValueError(f"not an EVALSHA of script {self.name!r}")
+        body = b"$4\r\nEVAL\r\n$%d\r\n%b\r\n" % (len(self.body), self.body)
+        return packed[:start] + body + packed[start + len(head) :]
 
-# Shared tail of the row scripts: ARGV[1] mode ('t' tracked, 'x' ttl, '-' neither),
-# ARGV[2] ttl seconds, ARGV[3] the member (raw key); KEYS[1] row, KEYS[2] membership set.
+
+# Helpers of CAS: ARGV[1] mode ('t' tracked, 'x' ttl, '-' neither), ARGV[2] ttl seconds,
+# ARGV[3] the member (raw key); KEYS[1] row, KEYS[2] membership set.
 _AFTER_WRITE = """
 local function after_write()
   if ARGV[1] == 't' then redis.call('SADD', KEYS[2], ARGV[3])
@@ -132,15 +142,31 @@ local function create(first)
 end
 """
 
+# Row scripts write zeros and membership only for a row they create.  A row that existed
+# already has its membership (every write that creates a row adds it, in the same script, and
+# DELETE/CLEAR_BATCH remove both together), and a column missing from a row reads as its zero:
+# so a write to an existing row is one HSET (or HINCRBY), and a "new" row that held only the
+# fields just written gets zeros it already read as.  HLEN right after the write tells a
+# created row: it holds exactly the fields this write added.
+# ARGV[1] mode ('t' tracked, 'x' ttl, '-' neither), ARGV[2] ttl seconds, ARGV[3] the member.
+
 SET = Script(
     "set",
-    _AFTER_WRITE
-    + """
+    """
 -- ARGV[4] n zero-field args, ARGV[5..4+n] zeros of the columns not given, then given fields
 local n = tonumber(ARGV[4])
-if n > 0 and redis.call('EXISTS', KEYS[1]) == 0 then create(4) end
-if #ARGV > 4 + n then redis.call('HSET', KEYS[1], unpack(ARGV, 5 + n, #ARGV)) end
-after_write()
+local new
+if #ARGV > 4 + n then
+  local added = redis.call('HSET', KEYS[1], unpack(ARGV, 5 + n, #ARGV))
+  new = added > 0 and redis.call('HLEN', KEYS[1]) == added
+else
+  new = redis.call('EXISTS', KEYS[1]) == 0
+end
+if new then
+  if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 5, 4 + n)) end
+  if ARGV[1] == 't' then redis.call('SADD', KEYS[2], ARGV[3]) end
+end
+if ARGV[1] == 'x' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """,
 )
@@ -177,64 +203,73 @@ return n
 """,
 )
 
+# The increments' shared tail: ``created`` (the write added the row's first field) gives the
+# row the zeros of its other columns (ARGV[first..]: n, then field/value pairs) and its
+# membership; ttl rows get their expiry on every write.
+_AFTER_INCR = """
+local function after_incr(created, first)
+  if created and redis.call('HLEN', KEYS[1]) == 1 then
+    local n = tonumber(ARGV[first])
+    if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, first + 1, first + n)) end
+    if ARGV[1] == 't' then redis.call('SADD', KEYS[2], ARGV[3]) end
+  end
+  if ARGV[1] == 'x' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+end
+"""
+
 INCR_INT = Script(
     "incr_int",
-    _AFTER_WRITE
+    _AFTER_INCR
     + """
 -- ARGV[4] column, ARGV[5] step, ARGV[6] lo, ARGV[7] hi, ARGV[8] '1' for INT(8),
--- ARGV[9] n zero-field args, ARGV[10..] zeros.  Reply {status, value}: 'ok' with the new
--- value (an integer reply, or the string past 2^53), or the refusal and the value kept.
+-- ARGV[9] n zero-field args, ARGV[10..] zeros of the other columns.  Reply: the new value
+-- (an integer reply), or {status, value}: 'ok' with the value as a string past 2^53, or the
+-- refusal and the value kept.
 local col = ARGV[4]
-local exists = redis.call('EXISTS', KEYS[1]) == 1
 if ARGV[8] == '1' then
   -- INT(8): HINCRBY is exact 64-bit arithmetic and refuses to overflow (value unchanged, so
   -- reading it after a refusal gives the value before).  The caller checked the step fits 64
   -- bits, so a new row (from 0) cannot overflow.  Lua numbers are doubles, exact up to 2^53:
   -- a result that large is re-read as a string, a smaller one is returned as an integer reply.
-  if not exists then create(9) end
   local r = redis.pcall('HINCRBY', KEYS[1], col, ARGV[5])
   if type(r) == 'table' and r.err then
     return {'err', r.err, redis.call('HGET', KEYS[1], col) or '0'}
   end
-  after_write()
-  if r > -9007199254740992 and r < 9007199254740992 then return {'ok', r} end
+  -- from 0: the field was missing, maybe the whole row
+  after_incr(r == tonumber(ARGV[5]), 9)
+  if r > -9007199254740992 and r < 9007199254740992 then return r end
   return {'ok', redis.call('HGET', KEYS[1], col)}
 end
-local raw = false
-if exists then raw = redis.call('HGET', KEYS[1], col) end
+local raw = redis.call('HGET', KEYS[1], col)
 -- INT(1/2/4): doubles are exact here (|value| < 2^31, |step| < 2^33, checked by the caller).
 local cur = tonumber(raw or '0')
 if cur == nil then return {'bad', raw} end
 local nv = cur + tonumber(ARGV[5])
 if nv < tonumber(ARGV[6]) or nv > tonumber(ARGV[7]) then return {'overflow', raw or '0'} end
-if not exists then create(9) end
 redis.call('HSET', KEYS[1], col, string.format('%d', nv))
-after_write()
-return {'ok', nv}
+after_incr(not raw, 9)
+return nv
 """,
 )
 
 INCR_FLOAT = Script(
     "incr_float",
-    _AFTER_WRITE
+    _AFTER_INCR
     + """
 -- ARGV[4] column, ARGV[5] step, ARGV[6] '1' when NaN/inf are allowed,
--- ARGV[7] n zero-field args, ARGV[8..] zeros.  Reply {status, value}.
+-- ARGV[7] n zero-field args, ARGV[8..] zeros of the other columns.  Reply {status, value}.
 local col = ARGV[4]
-local exists = redis.call('EXISTS', KEYS[1]) == 1
-local raw = false
-if exists then raw = redis.call('HGET', KEYS[1], col) end
+local raw = redis.call('HGET', KEYS[1], col)
 local cur = tonumber(raw or '0')
 if cur == nil then return {'bad', raw} end
 local nv = cur + tonumber(ARGV[5])
 if ARGV[6] ~= '1' and (nv ~= nv or nv == math.huge or nv == -math.huge) then
   return {'nonfinite', raw or '0'}
 end
-if not exists then create(7) end
 -- 17 significant digits identify a double exactly (Lua's tostring keeps only 14).
 local out = string.format('%.17g', nv)
 redis.call('HSET', KEYS[1], col, out)
-after_write()
+after_incr(not raw, 7)
 return {'ok', out}
 """,
 )

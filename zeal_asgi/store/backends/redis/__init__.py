@@ -28,8 +28,9 @@ leading ``_`` so it cannot collide with the membership set.  Field values are en
 
 Semantics are the shared table's: merge on set, zero defaults, typed values, range-checked
 ``incr`` (Lua; INT(8) through HINCRBY), ``compare_and_set`` where a missing row compares as
-zeros.  ``mode="tracked"`` keeps the membership set in the same script as every write;
-``mode="ttl"`` sets ``EXPIRE ttl`` on every write and counts by SCAN of the exact table pattern.
+zeros.  ``mode="tracked"`` keeps the membership set in the same script as every write that
+creates or deletes a row (a row that exists is already a member); ``mode="ttl"`` sets ``EXPIRE
+ttl`` on every write and counts by SCAN of the exact table pattern.
 Errors are the ZealError hierarchy (redis-py exceptions never escape).  Run Redis with
 ``maxmemory-policy noeviction`` for tracked tables: an evicted row leaves its key in the
 membership set, so count() would over-count.

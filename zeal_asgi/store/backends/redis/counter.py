@@ -70,7 +70,7 @@ class RedisCounter(CounterBackend):
                     "is unchanged"
                 ) from exc
             raise
-        return self._parse(value)
+        return value if value.__class__ is int else self._parse(value)  # INCRBY: an integer
 
     async def get(self) -> int:
         """The current value (``initial`` until first written)."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.link import RedisLink
-from zeal_asgi._redis.pipe import Template
+from zeal_asgi._redis.pipe import Template, pack
 from zeal_asgi._redis.scripts import (
     CAS,
     DELETE,
@@ -31,7 +31,7 @@ from zeal_asgi._redis.scripts import (
     Script,
 )
 from zeal_asgi.errors import ConfigError, IntegerOverflowError
-from zeal_asgi.shm.schema import ColumnType
+from zeal_asgi.shm.schema import Column, ColumnType
 from zeal_asgi.store.backends.redis.counter import RedisCounter
 from zeal_asgi.store.base import Key, TableSpec
 from zeal_asgi.store.codec import RowCodec, encode_float, incr_nonfinite, incr_overflow
@@ -53,9 +53,11 @@ class _Table:
         "checked",
         "codec",
         "head",
+        "ints",
         "layout",
         "members",
         "name",
+        "others",
         "spec",
         "templates",
         "zeros",
@@ -72,10 +74,17 @@ class _Table:
         self.head: tuple[bytes, int] = (b"t" if spec.mode == "tracked" else b"x", spec.ttl or 0)
         zeros = self.codec.zero_fields()
         self.zeros: tuple[Any, ...] = (len(zeros), *zeros)
+        self.others: dict[str, tuple[Any, ...]] = {}
+        """Per column: ``zeros`` without its own field (an increment writes that one)."""
+        for col in spec.schema.columns:
+            mine = self.codec.zero_fields((col.name.encode("utf-8"),))
+            self.others[col.name] = (len(mine), *mine)
         self.checked = False
         """Whether this process compared the declaration with the one stored in Redis."""
         self.templates: dict[object, Template] = {}
-        """The EVALSHA of ``set`` per tuple of given fields, of ``incr`` per INT column."""
+        """The EVALSHA of ``set`` per tuple of given fields."""
+        self.ints: dict[str, tuple[Column, int, int, Template]] = {}
+        """Per INT column incremented: :meth:`int_column`."""
 
     def template(self, what: object, args: tuple[Any, ...]) -> Template:
         """The EVALSHA ``args`` packed once (``None``: the holes filled per call), kept as
@@ -84,6 +93,17 @@ class _Table:
             self.templates.clear()
         holes = [i for i, arg in enumerate(args) if arg is None]
         found = self.templates[what] = Template(args, holes)
+        return found
+
+    def int_column(self, col: Column) -> tuple[Column, int, int, Template]:
+        """What ``incr`` of the INT column ``col`` needs: the column, its range, and its
+        EVALSHA packed but for the row key, the member and the step (kept in ``ints``)."""
+        lo, hi = col.int_range
+        eight = b"1" if col.size == 8 else b"0"
+        tail = (col.name, None, lo, hi, eight, *self.others[col.name])
+        args = (b"EVALSHA", INCR_INT.sha, 2, None, self.members, *self.head, None, *tail)
+        holes = [i for i, arg in enumerate(args) if arg is None]
+        found = self.ints[col.name] = (col, lo, hi, Template(args, holes))
         return found
 
     def key(self, key: object) -> tuple[bytes, bytes]:
@@ -146,7 +166,7 @@ class RedisRows(RedisLink):
         """Run ``script`` on ``t``'s keys (after the first-use schema check); awaited, the raw
         reply.  Checked tables go straight to the connector: no frame of its own."""
         if not t.checked:
-            return self._checked(t, self._conn.script, script, keys, args, what, idempotent)
+            return self._checked(t, self._conn.script, script, keys, args, what, idempotent, packed)
         return self._conn.script(
             script, keys, args, what, idempotent=idempotent, table=t.name, packed=packed
         )
@@ -154,13 +174,14 @@ class RedisRows(RedisLink):
     def _call(self, t: _Table, args: tuple[Any, ...], what: str) -> Awaitable[Any]:
         """Send one idempotent command on ``t``'s keys (after the first-use schema check)."""
         if not t.checked:
-            return self._checked(t, self._conn.call, args, what, True)
+            return self._checked(t, self._conn.call, args, what, True, None)
         return self._conn.call(args, what, idempotent=True, table=t.name)
 
     async def _checked(self, t: _Table, send: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        """``await send(*args[:-1], idempotent=args[-1], table=t.name)`` after the schema check."""
+        """``await send(*args[:-2], idempotent=args[-2], table=t.name, packed=args[-1])`` after
+        the schema check."""
         await self._ensure(t)
-        return await send(*args[:-1], idempotent=args[-1], table=t.name)
+        return await send(*args[:-2], idempotent=args[-2], table=t.name, packed=args[-1])
 
     def row_key(self, table: str, key: Key) -> bytes:
         """The hash holding row ``key`` of ``table``."""
@@ -172,23 +193,17 @@ class RedisRows(RedisLink):
         raw, row_key = t.key(key)
         codec = t.codec
         fields = codec.encode(row)
-        if fields and len(fields) == len(codec.schema.columns):
-            args: list[Any] = [*t.head, raw, 0]  # every column given: no zeros to add
-        else:
-            zeros = codec.zero_fields(fields)
-            args = [*t.head, raw, len(zeros), *zeros]
-        for k, v in fields.items():
-            args += (k, v)
         names = tuple(fields)
         tpl = t.templates.get(names)
         if tpl is None:
-            start = len(args) - 2 * len(fields)  # the (field, value) pairs: values vary
-            argv = [
-                None if i == 2 or (i > start and (i - start) % 2) else a for i, a in enumerate(args)
-            ]
-            tpl = t.template(names, (b"EVALSHA", SET.sha, 2, None, t.members, *argv))
+            # every column given: no zeros to add
+            full = fields and len(fields) == len(codec.schema.columns)
+            zeros = [] if full else codec.zero_fields(fields)
+            pairs = [x for name in names for x in (name, None)]  # the values vary
+            args = (*t.head, None, len(zeros), *zeros, *pairs)
+            tpl = t.template(names, (b"EVALSHA", SET.sha, 2, None, t.members, *args))
         packed = tpl.fill(row_key, raw, *fields.values())
-        await self._script(t, SET, (row_key, t.members), args, "set in", packed=packed)
+        await self._script(t, SET, (row_key, t.members), (), "set in", packed=packed)
         return True
 
     async def get(self, spec: TableSpec, key: Key, field: str | None = None) -> Any:
@@ -233,39 +248,34 @@ class RedisRows(RedisLink):
         """Atomically add ``by`` (a step the facade checked; range-checked like the table)."""
         t = self._table(spec)
         raw, row_key = t.key(key)
-        col = spec.schema.column(column, spec.name)
-        if col.type is ColumnType.INT:
-            lo, hi = col.int_range
+        hot = t.ints.get(column) if column.__class__ is str else None
+        if hot is None:
+            col = spec.schema.column(column, spec.name)
+            if col.type is ColumnType.INT:
+                hot = t.int_column(col)
+        if hot is not None:
+            col, lo, hi, tpl = hot
             if col.size < 8 and not lo - hi <= by <= hi - lo:
                 # also keeps the script's doubles exact: |value| < 2^31, |step| < 2^33
                 raise IntegerOverflowError(
                     f"incr of column {col.name!r} of table {t.name!r} by {by} would leave "
                     f"[{lo}, {hi}] (INT({col.size})) from any value; the value is unchanged"
                 )
-            eight = b"1" if col.size == 8 else b"0"
-            args: tuple[Any, ...] = (*t.head, raw, col.name, by, lo, hi, eight, *t.zeros)
+            packed = tpl.fill(row_key, raw, b"%d" % by)
             script = INCR_INT
-            tpl = t.templates.get(col.name)
-            if tpl is None:
-                tail = (col.name, None, lo, hi, eight, *t.zeros)
-                tpl = t.template(
-                    col.name, (b"EVALSHA", script.sha, 2, None, t.members, *t.head, None, *tail)
-                )
-            packed: bytes | None = tpl.fill(row_key, raw, b"%d" % by)
         else:
             nan_ok = b"1" if spec.schema.allow_nan else b"0"
-            args = (*t.head, raw, col.name, encode_float(by), nan_ok, *t.zeros)
+            tail = (col.name, encode_float(by), nan_ok, *t.others[col.name])
+            packed = pack((b"EVALSHA", INCR_FLOAT.sha, 2, row_key, t.members, *t.head, raw, *tail))
             script = INCR_FLOAT
-            packed = None
         reply = await self._script(
-            t, script, (row_key, t.members), args, "incr in", idempotent=False, packed=packed
+            t, script, (row_key, t.members), (), "incr in", idempotent=False, packed=packed
         )
+        if reply.__class__ is int:
+            return int(reply)  # the script's own range-checked result
         status = reply[0]
         if status == _OK:
-            value: int | float = reply[1]
-            if value.__class__ is int:
-                return value  # the script's own range-checked result (an integer reply)
-            value = t.codec.decode_value(col, reply[1], key)
+            value: int | float = t.codec.decode_value(col, reply[1], key)
             return value
         current = reply[-1]
         if status == b"overflow" or (status == b"err" and b"overflow" in bytes(reply[1])):
