@@ -155,6 +155,7 @@ class RowCodec:
         self.schema = schema
         self.table = table
         self._names = tuple(c.name.encode("utf-8") for c in schema.columns)
+        self._known = {c.name: (c, n) for c, n in zip(schema.columns, self._names, strict=True)}
         blob = schema.to_blob() if schema.columns else b"{}"
         self.fingerprint = hashlib.blake2b(blob, digest_size=8).digest()
         """8 bytes identifying the schema, stored in every row blob."""
@@ -167,9 +168,18 @@ class RowCodec:
         Raises the table's typed errors (UnknownColumnError, ColumnTypeError, ...) before
         anything is sent anywhere.
         """
-        valid = self.schema.validate_row(row, self.table)
-        col = self.schema.column
-        return {n.encode("utf-8"): self._encode(col(n, self.table), v) for n, v in valid.items()}
+        schema, table, known = self.schema, self.table, self._known
+        # a dict (the usual row) is checked column by column below, in one pass
+        rows: Mapping[Any, Any] = row if type(row) is dict else schema.validate_row(row, table)
+        out: dict[bytes, bytes] = {}
+        for name, value in rows.items():
+            if type(name) is str and name in known:
+                col, field = known[name]
+            else:  # UnknownColumnError naming the columns (or a str subclass)
+                col = schema.column(name, table)
+                field = col.name.encode("utf-8")
+            out[field] = self._encode(col, validate_value(col, value, table, schema.allow_nan))
+        return out
 
     def encode_value(self, column: str, value: object) -> bytes:
         """Validate and encode one value of ``column``."""
