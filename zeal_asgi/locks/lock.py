@@ -17,7 +17,7 @@ import logging
 import random
 from typing import TYPE_CHECKING, Any, Protocol
 
-from zeal_asgi.errors import BackendError, LockLostError, LockTimeoutError
+from zeal_asgi.errors import BackendError, LockLostError, LockTimeoutError, ZealError
 from zeal_asgi.store.base import count
 
 if TYPE_CHECKING:
@@ -34,14 +34,15 @@ _current_task = asyncio.current_task
 
 
 class Immediate(Protocol):
-    """A scope whose attempts complete without waiting (shared memory): called directly."""
+    """The attempts of a scope that never wait (shared memory), called without a coroutine."""
 
-    def try_acquire(self, name: str, ttl_ms: int) -> tuple[int, Any] | None:
-        """``(fencing token, handle)`` when ``name`` was free, else ``None``."""
+    def take(self, key: str, ms: int) -> tuple[int, Any]:
+        """``(fencing token, handle)``; a token below 1 when not taken (the scope's
+        :meth:`Scope.acquire` then decides, e.g. finding the holder dead)."""
         ...
 
-    def release_now(self, name: str, handle: Any, ttl_ms: int) -> None:
-        """Give the lease up if ``handle`` still holds it."""
+    def give(self, key: str, word: Any) -> Any:
+        """Give the lease up if ``word`` (a handle) still holds it."""
         ...
 
 
@@ -54,7 +55,7 @@ class Scope(Protocol):
 
     @property
     def immediate(self) -> Immediate | None:
-        """The scope itself when its attempts never wait (no coroutine needed), else ``None``."""
+        """Its attempts without a coroutine when they never wait, else ``None``."""
         ...
 
     async def acquire(self, name: str, ttl_ms: int) -> tuple[int, Any] | None:
@@ -81,7 +82,7 @@ class LockLease:
 
     __slots__ = (
         "_cancelling", "_handle", "_key", "_ms", "_renew_at", "_renewal", "_scope", "_task",
-        "_valid_until", "lost", "name", "scope", "token", "ttl",
+        "_valid_until", "lost", "name", "token", "ttl",
     )  # fmt: skip
 
     def __init__(
@@ -92,19 +93,22 @@ class LockLease:
         grant: tuple[int, Any],
         task: asyncio.Task[Any] | None,
     ) -> None:
-        loop, scope, self.name = key
-        self.scope: str = scope.name
+        self._key, self._scope, self.name = key, key[1], key[2]
         self.token, self._handle = grant
-        self.ttl = ttl
+        self.ttl, self._ms = ttl, ms
         self.lost = False
         """True once the lease could not be renewed: another holder may have the lock."""
-        self._key, self._scope, self._ms = key, scope, ms
         self._task: asyncio.Task[Any] | None = task  # cancelled when the lease is lost
         self._cancelling = task.cancelling() if task is not None else 0
-        now = loop.time()
+        now = key[0].time()
         self._valid_until = now + ttl
         self._renew_at = now + ttl / 3
         self._renewal: asyncio.Task[None] | None = None
+
+    @property
+    def scope(self) -> str:
+        """``"host"`` or ``"cluster"``."""
+        return self._scope.name
 
     def __repr__(self) -> str:
         state = "lost" if self.lost else "held"
@@ -116,22 +120,21 @@ class _Renewer:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.held: dict[int, LockLease] = {}
+        self.held: dict[_Key, LockLease] = {}  # a key has one holder in this process
         self.wake_at = _INF
         self.timer: asyncio.TimerHandle | None = None
 
     def add(self, lease: LockLease) -> None:
-        self.held[id(lease)] = lease
+        self.held[lease._key] = lease
         if lease._renew_at < self.wake_at:
-            if self.timer is not None:
-                self.timer.cancel()
-            self.wake_at = lease._renew_at
-            self.timer = self.loop.call_at(self.wake_at, self._tick)
+            self.arm(lease._renew_at)
 
-    def discard(self, lease: LockLease) -> None:
-        self.held.pop(id(lease), None)
-        if lease._renewal is not None:
-            lease._renewal.cancel()
+    def arm(self, when: float) -> None:
+        """Wake at ``when`` (earlier than the timer set, if any)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.wake_at = when
+        self.timer = self.loop.call_at(when, self._tick)
 
     def _tick(self) -> None:
         self.timer, self.wake_at = None, _INF
@@ -139,9 +142,8 @@ class _Renewer:
         for lease in list(self.held.values()):
             if lease._renewal is None and lease._renew_at <= now:
                 lease._renewal = self.loop.create_task(self._renew(lease))
-            elif lease._renewal is None:
-                self.held.pop(id(lease))
-                self.add(lease)  # the next one due sets the timer
+            elif lease._renewal is None and lease._renew_at < self.wake_at:
+                self.arm(lease._renew_at)  # the next one due sets the timer
 
     async def _renew(self, lease: LockLease) -> None:
         scope, ms = lease._scope, lease._ms
@@ -162,13 +164,13 @@ class _Renewer:
             lease._handle = handle
             lease._valid_until, lease._renew_at = sent + lease.ttl, sent + lease.ttl / 3
             lease._renewal = None
-            if id(lease) in self.held:
+            if self.held.get(lease._key) is lease:
                 self.add(lease)
             return
 
     def _lose(self, lease: LockLease, why: str) -> None:
         lease.lost = True
-        self.held.pop(id(lease), None)
+        self.held.pop(lease._key, None)
         count("locks", "lost")
         log.warning("zeal.lock(%r, scope=%r) lost: %s", lease.name, lease.scope, why)
         if lease._task is not None and not lease._task.done():
@@ -200,21 +202,24 @@ class Locker:
         task = _current_task()
         loop = task.get_loop() if task is not None else asyncio.get_running_loop()
         key = (loop, scope, name)
-        ms = max(1, round(ttl * 1000))
+        ms = int(ttl * 1000 + 0.5) or 1
         holder = task if cancel else None
-        if key in self._queues:
-            return self._wait(key, ttl, ms, wait, holder, queued=True, tried=False)
-        self._queues[key] = None  # ours: nobody of this process wants it
+        queues = self._queues
+        if key in queues:
+            return self._wait(key, ttl, ms, wait, holder, queued=True)
+        queues[key] = None  # ours: nobody of this process wants it
         now = scope.immediate
         if now is not None:
             try:
-                grant = now.try_acquire(name, ms)
+                grant = now.take(name, ms)
+            except ZealError:  # the scope's own attempt (below) says why
+                grant = (0, None)
             except BaseException:
                 self._next(key)
                 raise
-            if grant is not None:
+            if grant[0] > 0:
                 return self._hold(key, ttl, ms, grant, holder)
-        return self._wait(key, ttl, ms, wait, holder, queued=False, tried=now is not None)
+        return self._wait(key, ttl, ms, wait, holder, queued=False)
 
     async def _wait(
         self,
@@ -225,7 +230,6 @@ class Locker:
         holder: asyncio.Task[Any] | None,
         *,
         queued: bool,
-        tried: bool,
     ) -> LockLease | None:
         loop, scope, name = key
         deadline = None if wait is None else loop.time() + wait
@@ -236,7 +240,7 @@ class Locker:
             if not await self._wait_turn(key, waiters, deadline):
                 return None
         try:
-            grant = None if tried else await scope.acquire(name, ms)
+            grant = await scope.acquire(name, ms)
             delay = scope.poll / 16
             while grant is None:
                 left = _INF if deadline is None else deadline - loop.time()
@@ -259,7 +263,9 @@ class Locker:
         renewer = self._renewers.get(key[0])
         if renewer is None:
             renewer = self._renewers[key[0]] = _Renewer(key[0])
-        renewer.add(lease)
+        renewer.held[key] = lease
+        if lease._renew_at < renewer.wake_at:  # else the timer set wakes before it is due
+            renewer.arm(lease._renew_at)
         return lease
 
     async def _wait_turn(self, key: _Key, waiters: _Waiters, deadline: float | None) -> bool:
@@ -280,22 +286,20 @@ class Locker:
 
     def _next(self, key: _Key) -> None:
         """Hand the turn to the next waiting coroutine of this process, if any."""
-        waiters = self._queues.get(key)
+        waiters = self._queues.pop(key, None)
         while waiters:
             fut = waiters.popleft()
             if not fut.done():
+                self._queues[key] = waiters  # the next one's turn: it holds or polls now
                 fut.set_result(None)
                 return
-        self._queues.pop(key, None)
 
     async def release(self, lease: LockLease) -> None:
         """Stop renewing ``lease`` and give it back (if not lost); the next waiter goes on."""
         now = lease._scope.immediate
         if now is not None:
             return self.release_now(lease, now)
-        renewer = self._renewers.get(lease._key[0])
-        if renewer is not None:
-            renewer.discard(lease)
+        self._discard(lease)
         try:
             if not lease.lost:
                 await lease._scope.release(lease.name, lease._handle, lease._ms)
@@ -304,14 +308,20 @@ class Locker:
 
     def release_now(self, lease: LockLease, scope: Immediate) -> None:
         """:meth:`release` on a scope that never waits."""
-        renewer = self._renewers.get(lease._key[0])
-        if renewer is not None:
-            renewer.discard(lease)
+        self._discard(lease)
         try:
             if not lease.lost:
-                scope.release_now(lease.name, lease._handle, lease._ms)
+                scope.give(lease.name, lease._handle)
         finally:
             self._next(lease._key)
+
+    def _discard(self, lease: LockLease) -> None:
+        """No more renewals of ``lease``."""
+        renewer = self._renewers.get(lease._key[0])
+        if renewer is not None:
+            renewer.held.pop(lease._key, None)  # ``lease`` or none: one holder per key
+        if lease._renewal is not None:
+            lease._renewal.cancel()
 
     def forget(self, loop: Any) -> None:
         """Drop the state of an event loop that is closing."""
