@@ -35,7 +35,9 @@ class HostLocks:
     def __init__(self, table: Table) -> None:
         self.table = table
         # shared memory: no attempt ever waits, and the compiled one is the uncontended path
-        self.immediate: LeaseColumns | None = LeaseColumns(table, "owner", "fence", "turn", _TURN_MS)
+        self.immediate: LeaseColumns | None = LeaseColumns(
+            table, "owner", "fence", "turn", _TURN_MS
+        )
         self._leases: dict[int, Lease] = {}
 
     def _lease(self, ttl_ms: int) -> Lease:

@@ -81,8 +81,8 @@ class LockLease:
     has seen can refuse a holder that lost the lock without knowing it."""
 
     __slots__ = (
-        "_cancelling", "_handle", "_key", "_ms", "_renew_at", "_renewal", "_scope", "_task",
-        "_valid_until", "lost", "name", "token", "ttl",
+        "_cancelling", "_handle", "_key", "_ms", "_renew_at", "_renewal", "_task", "_valid_until",
+        "lost", "name", "token", "ttl",
     )  # fmt: skip
 
     def __init__(
@@ -93,7 +93,7 @@ class LockLease:
         grant: tuple[int, Any],
         task: asyncio.Task[Any] | None,
     ) -> None:
-        self._key, self._scope, self.name = key, key[1], key[2]
+        self._key, self.name = key, key[2]
         self.token, self._handle = grant
         self.ttl, self._ms = ttl, ms
         self.lost = False
@@ -108,82 +108,24 @@ class LockLease:
     @property
     def scope(self) -> str:
         """``"host"`` or ``"cluster"``."""
-        return self._scope.name
+        return self._key[1].name
 
     def __repr__(self) -> str:
         state = "lost" if self.lost else "held"
         return f"<LockLease {self.name!r} scope={self.scope} token={self.token} {state}>"
 
 
-class _Renewer:
-    """One timer per event loop that renews every lease held in that loop when it is due."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.held: dict[_Key, LockLease] = {}  # a key has one holder in this process
-        self.wake_at = _INF
-        self.timer: asyncio.TimerHandle | None = None
-
-    def add(self, lease: LockLease) -> None:
-        self.held[lease._key] = lease
-        if lease._renew_at < self.wake_at:
-            self.arm(lease._renew_at)
-
-    def arm(self, when: float) -> None:
-        """Wake at ``when`` (earlier than the timer set, if any)."""
-        if self.timer is not None:
-            self.timer.cancel()
-        self.wake_at = when
-        self.timer = self.loop.call_at(when, self._tick)
-
-    def _tick(self) -> None:
-        self.timer, self.wake_at = None, _INF
-        now = self.loop.time()
-        for lease in list(self.held.values()):
-            if lease._renewal is None and lease._renew_at <= now:
-                lease._renewal = self.loop.create_task(self._renew(lease))
-            elif lease._renewal is None and lease._renew_at < self.wake_at:
-                self.arm(lease._renew_at)  # the next one due sets the timer
-
-    async def _renew(self, lease: LockLease) -> None:
-        scope, ms = lease._scope, lease._ms
-        while True:
-            sent = self.loop.time()
-            try:
-                # No answer before the lease would expire: it is as good as lost.  (A "still
-                # yours", however late, proves nobody took it meanwhile.)
-                async with asyncio.timeout(max(lease._valid_until - sent, 0.001)):
-                    handle = await scope.renew(lease.name, lease._handle, ms)
-            except (BackendError, TimeoutError) as exc:
-                if self.loop.time() < lease._valid_until - 0.001:
-                    await asyncio.sleep(min(lease.ttl / 10, lease._valid_until - sent) / 2)
-                    continue  # the lease may still be ours: try again while it lasts
-                return self._lose(lease, f"no renewal before it expired ({exc!r})")
-            if handle is None:
-                return self._lose(lease, "renewal found another holder or none")
-            lease._handle = handle
-            lease._valid_until, lease._renew_at = sent + lease.ttl, sent + lease.ttl / 3
-            lease._renewal = None
-            if self.held.get(lease._key) is lease:
-                self.add(lease)
-            return
-
-    def _lose(self, lease: LockLease, why: str) -> None:
-        lease.lost = True
-        self.held.pop(lease._key, None)
-        count("locks", "lost")
-        log.warning("zeal.lock(%r, scope=%r) lost: %s", lease.name, lease.scope, why)
-        if lease._task is not None and not lease._task.done():
-            lease._task.cancel(f"zeal.lock({lease.name!r}) lost its lease")
-
-
 class Locker:
-    """Locks over scopes: queues of waiting coroutines, polling, renewal timers."""
+    """Locks over scopes: who of this process holds or polls for each lock, the coroutines
+    queued behind it, and one renewal timer per event loop (it wakes when the first lease of
+    that loop is due, and renews every lease held a third of its ttl)."""
 
     def __init__(self) -> None:
-        # (loop, scope, name) -> waiters behind the coroutine that holds or polls for the lock
-        self._queues: dict[_Key, _Waiters | None] = {}
-        self._renewers: dict[Any, _Renewer] = {}
+        # (loop, scope, name) -> the lease held, or None while a coroutine polls for it
+        self._owners: dict[_Key, LockLease | None] = {}
+        # the coroutines waiting behind the owner, in order
+        self._waiters: dict[_Key, _Waiters] = {}
+        self._timers: dict[Any, tuple[float, asyncio.TimerHandle]] = {}  # loop -> (when, timer)
 
     async def acquire(
         self, scope: Scope, name: str, ttl: float, wait: float | None, *, cancel: bool = True
@@ -191,7 +133,7 @@ class Locker:
         """Wait up to ``wait`` s (``None``: no limit) for ``name``; ``None`` when it timed out.
         ``cancel``: a lost lease cancels the current task."""
         got = self.start(scope, name, ttl, wait, cancel=cancel)
-        return got if isinstance(got, LockLease) else await got
+        return got if type(got) is LockLease else await got  # type: ignore[misc]
 
     def start(
         self, scope: Scope, name: str, ttl: float, wait: float | None, *, cancel: bool = True
@@ -204,21 +146,17 @@ class Locker:
         key = (loop, scope, name)
         ms = int(ttl * 1000 + 0.5) or 1
         holder = task if cancel else None
-        queues = self._queues
-        if key in queues:
+        if key in self._owners:
             return self._wait(key, ttl, ms, wait, holder, queued=True)
-        queues[key] = None  # ours: nobody of this process wants it
         now = scope.immediate
         if now is not None:
             try:
                 grant = now.take(name, ms)
-            except ZealError:  # the scope's own attempt (below) says why
+            except ZealError:  # the scope's own attempt (in _wait) says why
                 grant = (0, None)
-            except BaseException:
-                self._next(key)
-                raise
             if grant[0] > 0:
                 return self._hold(key, ttl, ms, grant, holder)
+        self._owners[key] = None  # ours to poll for: nobody else of this process wants it
         return self._wait(key, ttl, ms, wait, holder, queued=False)
 
     async def _wait(
@@ -233,12 +171,8 @@ class Locker:
     ) -> LockLease | None:
         loop, scope, name = key
         deadline = None if wait is None else loop.time() + wait
-        if queued:  # behind another coroutine of this process
-            waiters = self._queues[key]
-            if waiters is None:
-                waiters = self._queues[key] = collections.deque()
-            if not await self._wait_turn(key, waiters, deadline):
-                return None
+        if queued and not await self._wait_turn(key, deadline):  # behind another coroutine
+            return None
         try:
             grant = await scope.acquire(name, ms)
             delay = scope.poll / 16
@@ -259,17 +193,15 @@ class Locker:
         self, key: _Key, ttl: float, ms: int, grant: tuple[int, Any], task: asyncio.Task[Any] | None
     ) -> LockLease:
         """The lease of ``grant``, renewed by its event loop's timer from now on."""
-        lease = LockLease(key, ttl, ms, grant, task)
-        renewer = self._renewers.get(key[0])
-        if renewer is None:
-            renewer = self._renewers[key[0]] = _Renewer(key[0])
-        renewer.held[key] = lease
-        if lease._renew_at < renewer.wake_at:  # else the timer set wakes before it is due
-            renewer.arm(lease._renew_at)
+        lease = self._owners[key] = LockLease(key, ttl, ms, grant, task)
+        timer = self._timers.get(key[0])
+        if timer is None or lease._renew_at < timer[0]:  # else that timer wakes before it's due
+            self._arm(key[0], lease._renew_at)
         return lease
 
-    async def _wait_turn(self, key: _Key, waiters: _Waiters, deadline: float | None) -> bool:
+    async def _wait_turn(self, key: _Key, deadline: float | None) -> bool:
         fut = key[0].create_future()
+        waiters = self._waiters.setdefault(key, collections.deque())
         waiters.append(fut)
         try:
             async with asyncio.timeout_at(deadline):
@@ -285,49 +217,108 @@ class Locker:
         return True
 
     def _next(self, key: _Key) -> None:
-        """Hand the turn to the next waiting coroutine of this process, if any."""
-        waiters = self._queues.pop(key, None)
+        """The owner of ``key`` is done: the next waiting coroutine of this process goes on."""
+        self._owners.pop(key, None)
+        if self._waiters:
+            self._hand_on(key)
+
+    def _hand_on(self, key: _Key) -> None:
+        waiters = self._waiters.get(key)
         while waiters:
             fut = waiters.popleft()
             if not fut.done():
-                self._queues[key] = waiters  # the next one's turn: it holds or polls now
+                self._owners[key] = None  # its turn: it polls for the lock now
                 fut.set_result(None)
                 return
+        self._waiters.pop(key, None)
 
     async def release(self, lease: LockLease) -> None:
         """Stop renewing ``lease`` and give it back (if not lost); the next waiter goes on."""
-        now = lease._scope.immediate
+        scope = lease._key[1]
+        now = scope.immediate
         if now is not None:
             return self.release_now(lease, now)
-        self._discard(lease)
+        if lease._renewal is not None:
+            lease._renewal.cancel()
         try:
             if not lease.lost:
-                await lease._scope.release(lease.name, lease._handle, lease._ms)
+                await scope.release(lease.name, lease._handle, lease._ms)
         finally:
             self._next(lease._key)
 
     def release_now(self, lease: LockLease, scope: Immediate) -> None:
         """:meth:`release` on a scope that never waits."""
-        self._discard(lease)
+        if lease._renewal is not None:
+            lease._renewal.cancel()
         try:
             if not lease.lost:
                 scope.give(lease.name, lease._handle)
         finally:
-            self._next(lease._key)
+            self._owners.pop(lease._key, None)
+            if self._waiters:
+                self._hand_on(lease._key)
 
-    def _discard(self, lease: LockLease) -> None:
-        """No more renewals of ``lease``."""
-        renewer = self._renewers.get(lease._key[0])
-        if renewer is not None:
-            renewer.held.pop(lease._key, None)  # ``lease`` or none: one holder per key
-        if lease._renewal is not None:
-            lease._renewal.cancel()
+    # -- renewal ---------------------------------------------------------------------------------
+
+    def _arm(self, loop: Any, when: float) -> None:
+        """Wake ``loop``'s renewal timer at ``when`` (earlier than it was set, if it was)."""
+        timer = self._timers.get(loop)
+        if timer is not None:
+            timer[1].cancel()
+        self._timers[loop] = (when, loop.call_at(when, self._tick, loop))
+
+    def _tick(self, loop: Any) -> None:
+        del self._timers[loop]
+        now, first = loop.time(), _INF
+        for key, lease in list(self._owners.items()):
+            if key[0] is not loop or lease is None or lease.lost or lease._renewal is not None:
+                continue
+            if lease._renew_at <= now:
+                lease._renewal = loop.create_task(self._renew(lease))
+            elif lease._renew_at < first:
+                first = lease._renew_at
+        if first < _INF:
+            self._arm(loop, first)
+
+    async def _renew(self, lease: LockLease) -> None:
+        loop, scope, name = lease._key
+        while True:
+            sent = loop.time()
+            try:
+                # No answer before the lease would expire: it is as good as lost.  (A "still
+                # yours", however late, proves nobody took it meanwhile.)
+                async with asyncio.timeout(max(lease._valid_until - sent, 0.001)):
+                    handle = await scope.renew(name, lease._handle, lease._ms)
+            except (BackendError, TimeoutError) as exc:
+                if loop.time() < lease._valid_until - 0.001:
+                    await asyncio.sleep(min(lease.ttl / 10, lease._valid_until - sent) / 2)
+                    continue  # the lease may still be ours: try again while it lasts
+                return self._lose(lease, f"no renewal before it expired ({exc!r})")
+            if handle is None:
+                return self._lose(lease, "renewal found another holder or none")
+            lease._handle = handle
+            lease._valid_until, lease._renew_at = sent + lease.ttl, sent + lease.ttl / 3
+            lease._renewal = None
+            timer = self._timers.get(loop)
+            if self._owners.get(lease._key) is lease and (
+                timer is None or lease._renew_at < timer[0]
+            ):
+                self._arm(loop, lease._renew_at)
+            return
+
+    def _lose(self, lease: LockLease, why: str) -> None:
+        lease.lost = True
+        count("locks", "lost")
+        log.warning("zeal.lock(%r, scope=%r) lost: %s", lease.name, lease.scope, why)
+        if lease._task is not None and not lease._task.done():
+            lease._task.cancel(f"zeal.lock({lease.name!r}) lost its lease")
 
     def forget(self, loop: Any) -> None:
         """Drop the state of an event loop that is closing."""
-        if (renewer := self._renewers.pop(loop, None)) and renewer.timer:
-            renewer.timer.cancel()
-        self._queues = {k: v for k, v in self._queues.items() if k[0] is not loop}
+        if (timer := self._timers.pop(loop, None)) is not None:
+            timer[1].cancel()
+        self._owners = {k: v for k, v in self._owners.items() if k[0] is not loop}
+        self._waiters = {k: v for k, v in self._waiters.items() if k[0] is not loop}
 
 
 class LockContext:
@@ -351,7 +342,7 @@ class LockContext:
     async def __aenter__(self) -> LockLease:
         scope = self._resolve(self._scope)  # the store's backend is known by now
         got = self._locker.start(scope, self._name, self._ttl, self._timeout)
-        lease = got if isinstance(got, LockLease) else await got
+        lease = got if type(got) is LockLease else await got  # type: ignore[misc]
         if lease is None:
             raise LockTimeoutError(
                 f"zeal.lock({self._name!r}, scope={scope.name!r}) not obtained within "
@@ -369,7 +360,7 @@ class LockContext:
         lease, self._lease = self._lease, None
         if lease is None:
             return
-        now = lease._scope.immediate
+        now = lease._key[1].immediate
         if now is not None:
             self._locker.release_now(lease, now)  # no await: nothing to wait for
         else:
