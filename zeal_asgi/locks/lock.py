@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import random
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
 
 from zeal_asgi.errors import BackendError, LockLostError, LockTimeoutError, ZealError
@@ -31,6 +33,30 @@ _INF = float("inf")
 _Waiters = collections.deque[asyncio.Future[None]]
 _Key = tuple[Any, "Scope", str]  # (event loop, scope, name)
 _current_task = asyncio.current_task
+# (loop, task) of the task that last took a lock, kept in the task's context: on Python 3.11,
+# asyncio.current_task() makes a getpid system call (it checks the running loop was not
+# inherited through fork), the largest single cost of an uncontended host lock.  Tasks a task
+# starts copy its context, so the task kept counts only while its coroutine runs: it is then
+# the task running this code.
+_here: ContextVar[tuple[Any, asyncio.Task[Any]]] = ContextVar("zeal_asgi.locks.here")
+
+
+def _forked() -> None:
+    global _here
+    _here = ContextVar("zeal_asgi.locks.here")  # a forked child runs no task of its parent
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _look_up() -> tuple[Any, asyncio.Task[Any] | None]:
+    """``(event loop, task)`` of the running coroutine (``task`` None outside a task), kept."""
+    task = _current_task()
+    if task is None:
+        return asyncio.get_running_loop(), None
+    here = (task.get_loop(), task)
+    _here.set(here)
+    return here
 
 
 class Immediate(Protocol):
@@ -141,12 +167,18 @@ class Locker:
         """:meth:`acquire` without a coroutine when it need not wait: the lease when nobody of
         this process wants ``name`` and an immediate scope grants it at once, else the
         coroutine that waits for it (to be awaited at once)."""
-        task = _current_task()
-        loop = task.get_loop() if task is not None else asyncio.get_running_loop()
+        here: tuple[Any, asyncio.Task[Any] | None] | None = _here.get(None)
+        try:
+            if here is None or not here[1].get_coro().cr_running:  # type: ignore[union-attr]
+                here = _look_up()
+        except AttributeError:  # the task of a coroutine that is not a native one
+            here = _look_up()
+        loop, task = here
         key = (loop, scope, name)
         ms = int(ttl * 1000 + 0.5) or 1
         holder = task if cancel else None
-        if key in self._owners:
+        owners = self._owners
+        if key in owners:
             return self._wait(key, ttl, ms, wait, holder, queued=True)
         now = scope.immediate
         if now is not None:
@@ -154,9 +186,13 @@ class Locker:
                 grant = now.take(name, ms)
             except ZealError:  # the scope's own attempt (in _wait) says why
                 grant = (0, None)
-            if grant[0] > 0:
-                return self._hold(key, ttl, ms, grant, holder)
-        self._owners[key] = None  # ours to poll for: nobody else of this process wants it
+            if grant[0] > 0:  # _hold(), inline
+                lease = owners[key] = LockLease(key, ttl, ms, grant, holder)
+                timer = self._timers.get(loop)
+                if timer is None or lease._renew_at < timer[0]:
+                    self._arm(loop, lease._renew_at)
+                return lease
+        owners[key] = None  # ours to poll for: nobody else of this process wants it
         return self._wait(key, ttl, ms, wait, holder, queued=False)
 
     async def _wait(
@@ -329,18 +365,21 @@ class LockContext:
     def __init__(
         self,
         locker: Locker,
-        resolve: Callable[[str], Scope],
-        scope: str,
+        resolve: Callable[[str], Scope] | None,
+        scope: str | Scope,
         name: str,
         ttl: float,
         timeout: float | None,
     ) -> None:
-        self._locker, self._resolve, self._scope, self._name = locker, resolve, scope, name
+        """``scope``: the scope, or its name for ``resolve`` to find when the block starts (the
+        store's backend is known by then)."""
+        self._locker, self._resolve, self._name = locker, resolve, name
+        self._scope: Any = scope
         self._ttl, self._timeout = ttl, timeout
         self._lease: LockLease | None = None
 
     async def __aenter__(self) -> LockLease:
-        scope = self._resolve(self._scope)  # the store's backend is known by now
+        scope: Scope = self._scope if self._resolve is None else self._resolve(self._scope)
         got = self._locker.start(scope, self._name, self._ttl, self._timeout)
         lease = got if type(got) is LockLease else await got  # type: ignore[misc]
         if lease is None:
