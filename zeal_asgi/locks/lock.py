@@ -49,6 +49,11 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
+def _ms(ttl: float) -> int:
+    """A ttl in whole milliseconds, at least one."""
+    return int(ttl * 1000 + 0.5) or 1
+
+
 def _look_up() -> tuple[Any, asyncio.Task[Any] | None]:
     """``(event loop, task)`` of the running coroutine (``task`` None outside a task), kept."""
     task = _current_task()
@@ -107,34 +112,32 @@ class LockLease:
     has seen can refuse a holder that lost the lock without knowing it."""
 
     __slots__ = (
-        "_cancelling", "_handle", "_key", "_ms", "_renew_at", "_renewal", "_task", "_valid_until",
-        "lost", "name", "token", "ttl",
+        "_cancelling", "_handle", "_key", "_renew_at", "_renewal", "_task", "lost", "name",
+        "token", "ttl",
     )  # fmt: skip
 
     def __init__(
         self,
         key: _Key,
         ttl: float,
-        ms: int,
         grant: tuple[int, Any],
         task: asyncio.Task[Any] | None,
     ) -> None:
         self._key, self.name = key, key[2]
         self.token, self._handle = grant
-        self.ttl, self._ms = ttl, ms
+        self.ttl = ttl
         self.lost = False
         """True once the lease could not be renewed: another holder may have the lock."""
         self._task: asyncio.Task[Any] | None = task  # cancelled when the lease is lost
         self._cancelling = task.cancelling() if task is not None else 0
-        now = key[0].time()
-        self._valid_until = now + ttl
-        self._renew_at = now + ttl / 3
+        self._renew_at = key[0].time() + ttl / 3  # valid until two thirds of the ttl later
         self._renewal: asyncio.Task[None] | None = None
 
     @property
     def scope(self) -> str:
         """``"host"`` or ``"cluster"``."""
-        return self._key[1].name
+        scope: Scope = self._key[1]
+        return scope.name
 
     def __repr__(self) -> str:
         state = "lost" if self.lost else "held"
@@ -175,7 +178,7 @@ class Locker:
             here = _look_up()
         loop, task = here
         key = (loop, scope, name)
-        ms = int(ttl * 1000 + 0.5) or 1
+        ms = int(ttl * 1000 + 0.5) or 1  # _ms(ttl), inline
         holder = task if cancel else None
         owners = self._owners
         if key in owners:
@@ -187,7 +190,7 @@ class Locker:
             except ZealError:  # the scope's own attempt (in _wait) says why
                 grant = (0, None)
             if grant[0] > 0:  # _hold(), inline
-                lease = owners[key] = LockLease(key, ttl, ms, grant, holder)
+                lease = owners[key] = LockLease(key, ttl, grant, holder)
                 timer = self._timers.get(loop)
                 if timer is None or lease._renew_at < timer[0]:
                     self._arm(loop, lease._renew_at)
@@ -223,13 +226,13 @@ class Locker:
         except BaseException:
             self._next(key)
             raise
-        return self._hold(key, ttl, ms, grant, holder)
+        return self._hold(key, ttl, grant, holder)
 
     def _hold(
-        self, key: _Key, ttl: float, ms: int, grant: tuple[int, Any], task: asyncio.Task[Any] | None
+        self, key: _Key, ttl: float, grant: tuple[int, Any], task: asyncio.Task[Any] | None
     ) -> LockLease:
         """The lease of ``grant``, renewed by its event loop's timer from now on."""
-        lease = self._owners[key] = LockLease(key, ttl, ms, grant, task)
+        lease = self._owners[key] = LockLease(key, ttl, grant, task)
         timer = self._timers.get(key[0])
         if timer is None or lease._renew_at < timer[0]:  # else that timer wakes before it's due
             self._arm(key[0], lease._renew_at)
@@ -278,7 +281,7 @@ class Locker:
             lease._renewal.cancel()
         try:
             if not lease.lost:
-                await scope.release(lease.name, lease._handle, lease._ms)
+                await scope.release(lease.name, lease._handle, _ms(lease.ttl))
         finally:
             self._next(lease._key)
 
@@ -318,22 +321,23 @@ class Locker:
 
     async def _renew(self, lease: LockLease) -> None:
         loop, scope, name = lease._key
+        valid_until = lease._renew_at + lease.ttl * 2 / 3
         while True:
             sent = loop.time()
             try:
                 # No answer before the lease would expire: it is as good as lost.  (A "still
                 # yours", however late, proves nobody took it meanwhile.)
-                async with asyncio.timeout(max(lease._valid_until - sent, 0.001)):
-                    handle = await scope.renew(name, lease._handle, lease._ms)
+                async with asyncio.timeout(max(valid_until - sent, 0.001)):
+                    handle = await scope.renew(name, lease._handle, _ms(lease.ttl))
             except (BackendError, TimeoutError) as exc:
-                if loop.time() < lease._valid_until - 0.001:
-                    await asyncio.sleep(min(lease.ttl / 10, lease._valid_until - sent) / 2)
+                if loop.time() < valid_until - 0.001:
+                    await asyncio.sleep(min(lease.ttl / 10, valid_until - sent) / 2)
                     continue  # the lease may still be ours: try again while it lasts
                 return self._lose(lease, f"no renewal before it expired ({exc!r})")
             if handle is None:
                 return self._lose(lease, "renewal found another holder or none")
             lease._handle = handle
-            lease._valid_until, lease._renew_at = sent + lease.ttl, sent + lease.ttl / 3
+            lease._renew_at = sent + lease.ttl / 3
             lease._renewal = None
             timer = self._timers.get(loop)
             if self._owners.get(lease._key) is lease and (
