@@ -5,11 +5,13 @@ fairness between two processes, waiting and typed errors."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing as mp
 import os
 import signal
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -232,6 +234,28 @@ async def test_a_task_started_inside_the_block_holds_and_loses_its_own_locks(zea
         assert not outer.lost
     async with zeal.lock(outer_name, ttl=5, timeout=0):
         pass  # the outer block gave its lock back
+
+
+async def test_a_task_started_by_a_holder_does_not_keep_it_alive(zeal: Zeal) -> None:
+    """What a lock keeps of the task that took it, in the task's context, is copied into the
+    tasks it starts: it must not keep the finished task."""
+    go_on = asyncio.Event()
+
+    async def parent() -> asyncio.Task[bool]:
+        async with zeal.lock(unique(), ttl=5):
+            pass
+        return asyncio.create_task(go_on.wait())
+
+    task = asyncio.create_task(parent())
+    child = await task
+    ref = weakref.ref(task)
+    del task
+    for _ in range(2):
+        await asyncio.sleep(0)  # the loop's callbacks that name it have run
+    gc.collect()
+    assert ref() is None
+    go_on.set()
+    await child
 
 
 def _forked_contender(zeal: Zeal, name: str, w: Connection) -> None:

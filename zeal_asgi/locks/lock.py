@@ -16,6 +16,7 @@ import collections
 import logging
 import os
 import random
+import weakref
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -37,8 +38,9 @@ _current_task = asyncio.current_task
 # asyncio.current_task() makes a getpid system call (it checks the running loop was not
 # inherited through fork), the largest single cost of an uncontended host lock.  Tasks a task
 # starts copy its context, so the task kept counts only while its coroutine runs: it is then
-# the task running this code.
-_here: ContextVar[tuple[Any, asyncio.Task[Any]]] = ContextVar("zeal_asgi.locks.here")
+# the task running this code.  (A weak reference: the task's context must not keep the task.)
+_Here = tuple[Any, "weakref.ref[asyncio.Task[Any]]"]
+_here: ContextVar[_Here] = ContextVar("zeal_asgi.locks.here")
 
 
 def _forked() -> None:
@@ -59,9 +61,9 @@ def _look_up() -> tuple[Any, asyncio.Task[Any] | None]:
     task = _current_task()
     if task is None:
         return asyncio.get_running_loop(), None
-    here = (task.get_loop(), task)
-    _here.set(here)
-    return here
+    loop = task.get_loop()
+    _here.set((loop, weakref.ref(task)))
+    return loop, task
 
 
 class Immediate(Protocol):
@@ -170,13 +172,15 @@ class Locker:
         """:meth:`acquire` without a coroutine when it need not wait: the lease when nobody of
         this process wants ``name`` and an immediate scope grants it at once, else the
         coroutine that waits for it (to be awaited at once)."""
-        here: tuple[Any, asyncio.Task[Any] | None] | None = _here.get(None)
+        here = _here.get(None)
+        task = None if here is None else here[1]()
         try:
-            if here is None or not here[1].get_coro().cr_running:  # type: ignore[union-attr]
-                here = _look_up()
+            if task is not None and task.get_coro().cr_running:  # type: ignore[union-attr]
+                loop = here[0]  # type: ignore[index]
+            else:
+                loop, task = _look_up()
         except AttributeError:  # the task of a coroutine that is not a native one
-            here = _look_up()
-        loop, task = here
+            loop, task = _look_up()
         key = (loop, scope, name)
         ms = int(ttl * 1000 + 0.5) or 1  # _ms(ttl), inline
         holder = task if cancel else None
