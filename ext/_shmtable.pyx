@@ -1232,8 +1232,25 @@ cdef extern from "zt_core.h" nogil:
                          int64_t ms, int64_t tag, int64_t stale, int fc, int tc, int64_t turn_ms,
                          int64_t stale_turn, int64_t *out_word, int64_t *out_fence)
 
+cdef extern from *:
+    """
+    #include <pthread.h>
+    #include <unistd.h>
+    /* This process's pid, kept (getpid is a system call) and read again in a forked child. */
+    static int64_t zt_lease_pid;
+    static void zt_lease_forked(void) { zt_lease_pid = getpid(); }
+    static int zt_lease_pid_init(void) {
+        zt_lease_pid = getpid();
+        return pthread_atfork(NULL, NULL, zt_lease_forked);
+    }
+    """
+    int64_t zt_lease_pid
+    int zt_lease_pid_init()
+
 LEASE_BUSY_OWNER = ZT_LEASE_BUSY_OWNER
 LEASE_BUSY_TURN = ZT_LEASE_BUSY_TURN
+if zt_lease_pid_init() != 0:
+    raise OSError("pthread_atfork failed: forked children could not tell their own pid")
 
 
 cdef int _lease_col(Table table, object column) except -1:
@@ -1268,48 +1285,82 @@ def lease_acquire(Table table, key, column, int64_t ms, int64_t tag, int64_t sta
         InvalidTTLError, IntegerOverflowError: ``ms`` is not positive, ``tag`` is outside 1 to
             2**22 - 1, or the fence column is at its limit (nothing written).
     """
-    cdef const char *k
-    cdef Py_ssize_t kn
-    cdef int oc, fc = -1, tc = -1, rc
-    cdef int64_t word = 0, out = 0
-    table._key(key, &k, &kn)
-    oc = _lease_col(table, column)
-    if fence is not None:
-        fc = _lease_col(table, fence)
-    if turn is not None:
-        tc = _lease_col(table, turn)
-    if ms <= 0:
-        raise _errors.InvalidTTLError(f"a lease lasts at least 1 ms, got {ms}")
-    _lease_tag(tag)
-    rc = zt_lease_acquire(&table.t, k, <uint16_t>kn, table.cols, oc, ms, tag, stale, fc, tc,
-                          turn_ms, stale_turn, &word, &out)
-    if rc == ZT_EOVERFLOW:
-        raise IntegerOverflowError(
-            f"column {fence!r} of table {table.name!r} is at its limit; lease {key!r} not taken")
-    table._done(rc, key, "lease_acquire")
-    return (out, word)
+    _lease_tag(tag)  # 0 is no holder here (LeaseColumns reads it as this process)
+    return LeaseColumns(table, column, fence, turn, turn_ms).take(key, ms, tag, stale, stale_turn)
 
 
 def lease_release(Table table, key, column, int64_t word, int64_t tag, bint delete=False):
     """Give up the lease ``word`` in ``column`` of ``key`` if holder ``tag`` wrote it and the row
     still holds it: set 0 (``delete``: remove the row), in one locked step; True when done.  A
     forked child passes its own pid, so it never releases its parent's lease."""
-    cdef const char *k
-    cdef Py_ssize_t kn
-    cdef zt_delta e, d
-    cdef int swapped = 0, rc
-    table._key(key, &k, &kn)
-    e.col = d.col = _lease_col(table, column)
-    if word & ZT_LEASE_TAG_MASK != tag or word <= 0:
-        return False
-    e.i, d.i = word, 0
-    if delete:
-        rc = zt_remove(&table.t, k, <uint16_t>kn, 0, table.cols, &e)
+    return tag != 0 and LeaseColumns(table, column).give(key, word, tag, delete)
+
+
+cdef class LeaseColumns:
+    """The lease columns of one table, looked up once: :meth:`take` is :func:`lease_acquire`
+    and :meth:`give` is :func:`lease_release` without finding and checking the columns on every
+    call (the host locks take and give a lease per ``async with``).  A ``tag`` of 0 is this
+    process's pid (kept, and read again in a forked child)."""
+
+    cdef Table table
+    cdef int oc, fc, tc
+    cdef int64_t turn_ms
+    cdef object fence
+
+    def __cinit__(self, Table table, column, fence=None, turn=None, int64_t turn_ms=0):
+        self.table = table
+        self.oc = _lease_col(table, column)
+        self.fc = -1 if fence is None else _lease_col(table, fence)
+        self.tc = -1 if turn is None else _lease_col(table, turn)
+        self.fence = fence
+        self.turn_ms = turn_ms
+
+    def take(self, key, int64_t ms, int64_t tag=0, int64_t stale=0, int64_t stale_turn=0):
+        """:func:`lease_acquire` on these columns (with their ``turn_ms``): ``(fence, word)``."""
+        cdef const char *k
+        cdef Py_ssize_t kn
+        cdef int rc
+        cdef int64_t word = 0, out = 0
+        cdef Table table = self.table
+        table._key(key, &k, &kn)
+        if ms <= 0:
+            raise _errors.InvalidTTLError(f"a lease lasts at least 1 ms, got {ms}")
+        if tag == 0:
+            tag = zt_lease_pid
+        _lease_tag(tag)
+        rc = zt_lease_acquire(&table.t, k, <uint16_t>kn, table.cols, self.oc, ms, tag, stale,
+                              self.fc, self.tc, self.turn_ms, stale_turn, &word, &out)
+        if rc == ZT_EOVERFLOW:
+            raise IntegerOverflowError(f"column {self.fence!r} of table {table.name!r} is at "
+                                       f"its limit; lease {key!r} not taken")
+        table._done(rc, key, "lease_acquire")
+        return (out, word)
+
+    def give(self, key, int64_t word, int64_t tag=0, bint delete=False):
+        """:func:`lease_release` on these columns: True when given up."""
+        cdef const char *k
+        cdef Py_ssize_t kn
+        cdef zt_delta e, d
+        cdef int swapped = 0, rc
+        cdef Table table = self.table
+        table._key(key, &k, &kn)
+        if tag == 0:
+            tag = zt_lease_pid
+        if word & ZT_LEASE_TAG_MASK != tag or word <= 0:
+            return False
+        e.col = d.col = self.oc
+        e.i, d.i = word, 0
+        if delete:
+            rc = zt_remove(&table.t, k, <uint16_t>kn, 0, table.cols, &e)
+            table._done(rc, key, "lease_release")
+            return rc == 1
+        rc = zt_cas(&table.t, k, <uint16_t>kn, table.cols, &e, &d, &swapped)
         table._done(rc, key, "lease_release")
-        return rc == 1
-    rc = zt_cas(&table.t, k, <uint16_t>kn, table.cols, &e, &d, &swapped)
-    table._done(rc, key, "lease_release")
-    return swapped != 0
+        return swapped != 0
+
+    def __reduce__(self):
+        raise TypeError("lease columns are bound to a mapping of this process and cannot be "
+                        "pickled")
 
 
 # -- one field compared in place, a lock-free counter (appended: the cache's memory-tier hits) --

@@ -5,11 +5,13 @@ fairness between two processes, waiting and typed errors."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing as mp
 import os
 import signal
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -30,6 +32,7 @@ from zeal_asgi.errors import (
     ZealError,
 )
 from zeal_asgi.locks.host import host_locks
+from zeal_asgi.shm.lease import Lease
 
 FORK: Any = mp.get_context("fork")
 
@@ -200,6 +203,59 @@ async def test_a_lease_taken_over_cancels_the_block_with_lock_lost(zeal: Zeal) -
                 reached_end = True
     assert not reached_end and lease.lost
     assert isinstance(err.value, RuntimeError) and isinstance(err.value, ZealError)
+
+
+async def test_a_shorter_lease_taken_after_a_longer_one_is_renewed_in_time(zeal: Zeal) -> None:
+    """The renewal timer, set for the first lease's renewal in 10 s, wakes for the second's."""
+    long_name, short_name = unique(), unique()
+    owner = Lease(host_locks().table, 1.0)
+    async with zeal.lock(long_name, ttl=30), zeal.lock(short_name, ttl=0.3) as short:
+        await asyncio.sleep(1.0)  # more than three ttls: renewed, or another process could take it
+        assert not short.lost and owner.holder(short_name) == os.getpid()
+
+
+async def test_a_task_started_inside_the_block_holds_and_loses_its_own_locks(zeal: Zeal) -> None:
+    """A task started by a holder copies its context: its locks are its own, and a loss cancels
+    it, not the task that started it."""
+    outer_name, inner_name = unique(), unique()
+    async with zeal.lock(outer_name, ttl=5) as outer:
+
+        async def inner() -> None:
+            async with zeal.lock(inner_name, ttl=0.3):
+                host_locks().table.set(inner_name, {"owner": 0})  # as if it had run out
+                other = Zeal(store=zeal.store)
+                async with other.lock(inner_name, ttl=5, timeout=0):
+                    await asyncio.sleep(5)  # cancelled at the first failed renewal
+
+        task = asyncio.create_task(inner())
+        await asyncio.wait([task], timeout=10)  # a cancellation of this task would end it here
+        with pytest.raises(LockLostError, match=inner_name):
+            task.result()
+        assert not outer.lost
+    async with zeal.lock(outer_name, ttl=5, timeout=0):
+        pass  # the outer block gave its lock back
+
+
+async def test_a_task_started_by_a_holder_does_not_keep_it_alive(zeal: Zeal) -> None:
+    """What a lock keeps of the task that took it, in the task's context, is copied into the
+    tasks it starts: it must not keep the finished task."""
+    go_on = asyncio.Event()
+
+    async def parent() -> asyncio.Task[bool]:
+        async with zeal.lock(unique(), ttl=5):
+            pass
+        return asyncio.create_task(go_on.wait())
+
+    task = asyncio.create_task(parent())
+    child = await task
+    ref = weakref.ref(task)
+    del task
+    for _ in range(2):
+        await asyncio.sleep(0)  # the loop's callbacks that name it have run
+    gc.collect()
+    assert ref() is None
+    go_on.set()
+    await child
 
 
 def _forked_contender(zeal: Zeal, name: str, w: Connection) -> None:

@@ -122,9 +122,9 @@ class Locks:
             _seconds(ttl, "ttl")
         if timeout is not None:
             _seconds(timeout, "timeout", zero=True)
-        if scope not in SCOPES:
-            _scope_name(scope)
-        return LockContext(self.locker, self.scope, scope, name, ttl, timeout)
+        if scope == "host":  # known now (the cluster scope depends on the backend started)
+            return LockContext(self.locker, None, self.host, name, ttl, timeout)
+        return LockContext(self.locker, self.scope, _scope_name(scope), name, ttl, timeout)
 
     # -- leadership ------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import functools
 
 from zeal_asgi.errors import TableFullError
 from zeal_asgi.shm.ext import Table
-from zeal_asgi.shm.lease import Lease
+from zeal_asgi.shm.lease import Lease, LeaseColumns
 
 __all__ = ["CAPACITY", "TABLE", "HostLocks", "host_locks"]
 
@@ -22,6 +22,7 @@ TABLE = "__zeal_locks__"
 CAPACITY = 4096
 """Distinct host-scope lock names a server can use (rows are kept for their fence)."""
 _TURN_SECONDS = 0.05  # a waiter renews its turn at every poll (``HostLocks.poll``) or loses it
+_TURN_MS = int(_TURN_SECONDS * 1000)
 
 
 class HostLocks:
@@ -33,9 +34,11 @@ class HostLocks:
 
     def __init__(self, table: Table) -> None:
         self.table = table
-        self.immediate: HostLocks | None = self  # shared memory: no attempt ever waits
+        # shared memory: no attempt ever waits, and the compiled one is the uncontended path
+        self.immediate: LeaseColumns | None = LeaseColumns(
+            table, "owner", "fence", "turn", _TURN_MS
+        )
         self._leases: dict[int, Lease] = {}
-        self._owner = self._lease(1000)  # releases do not depend on the ttl
 
     def _lease(self, ttl_ms: int) -> Lease:
         lease = self._leases.get(ttl_ms)
@@ -68,13 +71,9 @@ class HostLocks:
         """The lease word with a new deadline, or ``None`` if the lease is lost."""
         return self._lease(ttl_ms).renew(name, word)
 
-    def release_now(self, name: str, word: int, ttl_ms: int) -> None:
-        """Give the lease up if ``word`` still holds it."""
-        self._owner.release(name, word)
-
     async def release(self, name: str, word: int, ttl_ms: int) -> None:
-        """:meth:`release_now`, as a scope's coroutine."""
-        self.release_now(name, word, ttl_ms)
+        """Give the lease up if ``word`` still holds it."""
+        self._lease(ttl_ms).release(name, word)
 
     async def claim(self, name: str, mark: int) -> bool:
         """Raise the mark of ``name`` to ``mark`` if it is below; ``True`` when it rose."""

@@ -14,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import random
+import weakref
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
 
-from zeal_asgi.errors import BackendError, LockLostError, LockTimeoutError
+from zeal_asgi.errors import BackendError, LockLostError, LockTimeoutError, ZealError
 from zeal_asgi.store.base import count
 
 if TYPE_CHECKING:
@@ -31,17 +34,48 @@ _INF = float("inf")
 _Waiters = collections.deque[asyncio.Future[None]]
 _Key = tuple[Any, "Scope", str]  # (event loop, scope, name)
 _current_task = asyncio.current_task
+# (loop, task) of the task that last took a lock, kept in the task's context: on Python 3.11,
+# asyncio.current_task() makes a getpid system call (it checks the running loop was not
+# inherited through fork), the largest single cost of an uncontended host lock.  Tasks a task
+# starts copy its context, so the task kept counts only while its coroutine runs: it is then
+# the task running this code.  (A weak reference: the task's context must not keep the task.)
+_Here = tuple[Any, "weakref.ref[asyncio.Task[Any]]"]
+_here: ContextVar[_Here] = ContextVar("zeal_asgi.locks.here")
+
+
+def _forked() -> None:
+    global _here
+    _here = ContextVar("zeal_asgi.locks.here")  # a forked child runs no task of its parent
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _ms(ttl: float) -> int:
+    """A ttl in whole milliseconds, at least one."""
+    return int(ttl * 1000 + 0.5) or 1
+
+
+def _look_up() -> tuple[Any, asyncio.Task[Any] | None]:
+    """``(event loop, task)`` of the running coroutine (``task`` None outside a task), kept."""
+    task = _current_task()
+    if task is None:
+        return asyncio.get_running_loop(), None
+    loop = task.get_loop()
+    _here.set((loop, weakref.ref(task)))
+    return loop, task
 
 
 class Immediate(Protocol):
-    """A scope whose attempts complete without waiting (shared memory): called directly."""
+    """The attempts of a scope that never wait (shared memory), called without a coroutine."""
 
-    def try_acquire(self, name: str, ttl_ms: int) -> tuple[int, Any] | None:
-        """``(fencing token, handle)`` when ``name`` was free, else ``None``."""
+    def take(self, key: str, ms: int) -> tuple[int, Any]:
+        """``(fencing token, handle)``; a token below 1 when not taken (the scope's
+        :meth:`Scope.acquire` then decides, e.g. finding the holder dead)."""
         ...
 
-    def release_now(self, name: str, handle: Any, ttl_ms: int) -> None:
-        """Give the lease up if ``handle`` still holds it."""
+    def give(self, key: str, word: Any) -> Any:
+        """Give the lease up if ``word`` (a handle) still holds it."""
         ...
 
 
@@ -54,7 +88,7 @@ class Scope(Protocol):
 
     @property
     def immediate(self) -> Immediate | None:
-        """The scope itself when its attempts never wait (no coroutine needed), else ``None``."""
+        """Its attempts without a coroutine when they never wait, else ``None``."""
         ...
 
     async def acquire(self, name: str, ttl_ms: int) -> tuple[int, Any] | None:
@@ -80,108 +114,49 @@ class LockLease:
     has seen can refuse a holder that lost the lock without knowing it."""
 
     __slots__ = (
-        "_cancelling", "_handle", "_key", "_ms", "_renew_at", "_renewal", "_scope", "_task",
-        "_valid_until", "lost", "name", "scope", "token", "ttl",
+        "_cancelling", "_handle", "_key", "_renew_at", "_renewal", "_task", "lost", "name",
+        "token", "ttl",
     )  # fmt: skip
 
     def __init__(
         self,
         key: _Key,
         ttl: float,
-        ms: int,
         grant: tuple[int, Any],
         task: asyncio.Task[Any] | None,
     ) -> None:
-        loop, scope, self.name = key
-        self.scope: str = scope.name
+        self._key, self.name = key, key[2]
         self.token, self._handle = grant
         self.ttl = ttl
         self.lost = False
         """True once the lease could not be renewed: another holder may have the lock."""
-        self._key, self._scope, self._ms = key, scope, ms
         self._task: asyncio.Task[Any] | None = task  # cancelled when the lease is lost
         self._cancelling = task.cancelling() if task is not None else 0
-        now = loop.time()
-        self._valid_until = now + ttl
-        self._renew_at = now + ttl / 3
+        self._renew_at = key[0].time() + ttl / 3  # valid until two thirds of the ttl later
         self._renewal: asyncio.Task[None] | None = None
+
+    @property
+    def scope(self) -> str:
+        """``"host"`` or ``"cluster"``."""
+        scope: Scope = self._key[1]
+        return scope.name
 
     def __repr__(self) -> str:
         state = "lost" if self.lost else "held"
         return f"<LockLease {self.name!r} scope={self.scope} token={self.token} {state}>"
 
 
-class _Renewer:
-    """One timer per event loop that renews every lease held in that loop when it is due."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.held: dict[int, LockLease] = {}
-        self.wake_at = _INF
-        self.timer: asyncio.TimerHandle | None = None
-
-    def add(self, lease: LockLease) -> None:
-        self.held[id(lease)] = lease
-        if lease._renew_at < self.wake_at:
-            if self.timer is not None:
-                self.timer.cancel()
-            self.wake_at = lease._renew_at
-            self.timer = self.loop.call_at(self.wake_at, self._tick)
-
-    def discard(self, lease: LockLease) -> None:
-        self.held.pop(id(lease), None)
-        if lease._renewal is not None:
-            lease._renewal.cancel()
-
-    def _tick(self) -> None:
-        self.timer, self.wake_at = None, _INF
-        now = self.loop.time()
-        for lease in list(self.held.values()):
-            if lease._renewal is None and lease._renew_at <= now:
-                lease._renewal = self.loop.create_task(self._renew(lease))
-            elif lease._renewal is None:
-                self.held.pop(id(lease))
-                self.add(lease)  # the next one due sets the timer
-
-    async def _renew(self, lease: LockLease) -> None:
-        scope, ms = lease._scope, lease._ms
-        while True:
-            sent = self.loop.time()
-            try:
-                # No answer before the lease would expire: it is as good as lost.  (A "still
-                # yours", however late, proves nobody took it meanwhile.)
-                async with asyncio.timeout(max(lease._valid_until - sent, 0.001)):
-                    handle = await scope.renew(lease.name, lease._handle, ms)
-            except (BackendError, TimeoutError) as exc:
-                if self.loop.time() < lease._valid_until - 0.001:
-                    await asyncio.sleep(min(lease.ttl / 10, lease._valid_until - sent) / 2)
-                    continue  # the lease may still be ours: try again while it lasts
-                return self._lose(lease, f"no renewal before it expired ({exc!r})")
-            if handle is None:
-                return self._lose(lease, "renewal found another holder or none")
-            lease._handle = handle
-            lease._valid_until, lease._renew_at = sent + lease.ttl, sent + lease.ttl / 3
-            lease._renewal = None
-            if id(lease) in self.held:
-                self.add(lease)
-            return
-
-    def _lose(self, lease: LockLease, why: str) -> None:
-        lease.lost = True
-        self.held.pop(id(lease), None)
-        count("locks", "lost")
-        log.warning("zeal.lock(%r, scope=%r) lost: %s", lease.name, lease.scope, why)
-        if lease._task is not None and not lease._task.done():
-            lease._task.cancel(f"zeal.lock({lease.name!r}) lost its lease")
-
-
 class Locker:
-    """Locks over scopes: queues of waiting coroutines, polling, renewal timers."""
+    """Locks over scopes: who of this process holds or polls for each lock, the coroutines
+    queued behind it, and one renewal timer per event loop (it wakes when the first lease of
+    that loop is due, and renews every lease held a third of its ttl)."""
 
     def __init__(self) -> None:
-        # (loop, scope, name) -> waiters behind the coroutine that holds or polls for the lock
-        self._queues: dict[_Key, _Waiters | None] = {}
-        self._renewers: dict[Any, _Renewer] = {}
+        # (loop, scope, name) -> the lease held, or None while a coroutine polls for it
+        self._owners: dict[_Key, LockLease | None] = {}
+        # the coroutines waiting behind the owner, in order
+        self._waiters: dict[_Key, _Waiters] = {}
+        self._timers: dict[Any, tuple[float, asyncio.TimerHandle]] = {}  # loop -> (when, timer)
 
     async def acquire(
         self, scope: Scope, name: str, ttl: float, wait: float | None, *, cancel: bool = True
@@ -189,7 +164,7 @@ class Locker:
         """Wait up to ``wait`` s (``None``: no limit) for ``name``; ``None`` when it timed out.
         ``cancel``: a lost lease cancels the current task."""
         got = self.start(scope, name, ttl, wait, cancel=cancel)
-        return got if isinstance(got, LockLease) else await got
+        return got if type(got) is LockLease else await got  # type: ignore[misc]
 
     def start(
         self, scope: Scope, name: str, ttl: float, wait: float | None, *, cancel: bool = True
@@ -197,24 +172,35 @@ class Locker:
         """:meth:`acquire` without a coroutine when it need not wait: the lease when nobody of
         this process wants ``name`` and an immediate scope grants it at once, else the
         coroutine that waits for it (to be awaited at once)."""
-        task = _current_task()
-        loop = task.get_loop() if task is not None else asyncio.get_running_loop()
+        here = _here.get(None)
+        task = None if here is None else here[1]()
+        try:
+            if task is not None and task.get_coro().cr_running:  # type: ignore[union-attr]
+                loop = here[0]  # type: ignore[index]
+            else:
+                loop, task = _look_up()
+        except AttributeError:  # the task of a coroutine that is not a native one
+            loop, task = _look_up()
         key = (loop, scope, name)
-        ms = max(1, round(ttl * 1000))
+        ms = int(ttl * 1000 + 0.5) or 1  # _ms(ttl), inline
         holder = task if cancel else None
-        if key in self._queues:
-            return self._wait(key, ttl, ms, wait, holder, queued=True, tried=False)
-        self._queues[key] = None  # ours: nobody of this process wants it
+        owners = self._owners
+        if key in owners:
+            return self._wait(key, ttl, ms, wait, holder, queued=True)
         now = scope.immediate
         if now is not None:
             try:
-                grant = now.try_acquire(name, ms)
-            except BaseException:
-                self._next(key)
-                raise
-            if grant is not None:
-                return self._hold(key, ttl, ms, grant, holder)
-        return self._wait(key, ttl, ms, wait, holder, queued=False, tried=now is not None)
+                grant = now.take(name, ms)
+            except ZealError:  # the scope's own attempt (in _wait) says why
+                grant = (0, None)
+            if grant[0] > 0:  # _hold(), inline
+                lease = owners[key] = LockLease(key, ttl, grant, holder)
+                timer = self._timers.get(loop)
+                if timer is None or lease._renew_at < timer[0]:
+                    self._arm(loop, lease._renew_at)
+                return lease
+        owners[key] = None  # ours to poll for: nobody else of this process wants it
+        return self._wait(key, ttl, ms, wait, holder, queued=False)
 
     async def _wait(
         self,
@@ -225,18 +211,13 @@ class Locker:
         holder: asyncio.Task[Any] | None,
         *,
         queued: bool,
-        tried: bool,
     ) -> LockLease | None:
         loop, scope, name = key
         deadline = None if wait is None else loop.time() + wait
-        if queued:  # behind another coroutine of this process
-            waiters = self._queues[key]
-            if waiters is None:
-                waiters = self._queues[key] = collections.deque()
-            if not await self._wait_turn(key, waiters, deadline):
-                return None
+        if queued and not await self._wait_turn(key, deadline):  # behind another coroutine
+            return None
         try:
-            grant = None if tried else await scope.acquire(name, ms)
+            grant = await scope.acquire(name, ms)
             delay = scope.poll / 16
             while grant is None:
                 left = _INF if deadline is None else deadline - loop.time()
@@ -249,21 +230,21 @@ class Locker:
         except BaseException:
             self._next(key)
             raise
-        return self._hold(key, ttl, ms, grant, holder)
+        return self._hold(key, ttl, grant, holder)
 
     def _hold(
-        self, key: _Key, ttl: float, ms: int, grant: tuple[int, Any], task: asyncio.Task[Any] | None
+        self, key: _Key, ttl: float, grant: tuple[int, Any], task: asyncio.Task[Any] | None
     ) -> LockLease:
         """The lease of ``grant``, renewed by its event loop's timer from now on."""
-        lease = LockLease(key, ttl, ms, grant, task)
-        renewer = self._renewers.get(key[0])
-        if renewer is None:
-            renewer = self._renewers[key[0]] = _Renewer(key[0])
-        renewer.add(lease)
+        lease = self._owners[key] = LockLease(key, ttl, grant, task)
+        timer = self._timers.get(key[0])
+        if timer is None or lease._renew_at < timer[0]:  # else that timer wakes before it's due
+            self._arm(key[0], lease._renew_at)
         return lease
 
-    async def _wait_turn(self, key: _Key, waiters: _Waiters, deadline: float | None) -> bool:
+    async def _wait_turn(self, key: _Key, deadline: float | None) -> bool:
         fut = key[0].create_future()
+        waiters = self._waiters.setdefault(key, collections.deque())
         waiters.append(fut)
         try:
             async with asyncio.timeout_at(deadline):
@@ -279,45 +260,109 @@ class Locker:
         return True
 
     def _next(self, key: _Key) -> None:
-        """Hand the turn to the next waiting coroutine of this process, if any."""
-        waiters = self._queues.get(key)
+        """The owner of ``key`` is done: the next waiting coroutine of this process goes on."""
+        self._owners.pop(key, None)
+        if self._waiters:
+            self._hand_on(key)
+
+    def _hand_on(self, key: _Key) -> None:
+        waiters = self._waiters.get(key)
         while waiters:
             fut = waiters.popleft()
             if not fut.done():
+                self._owners[key] = None  # its turn: it polls for the lock now
                 fut.set_result(None)
                 return
-        self._queues.pop(key, None)
+        self._waiters.pop(key, None)
 
     async def release(self, lease: LockLease) -> None:
         """Stop renewing ``lease`` and give it back (if not lost); the next waiter goes on."""
-        now = lease._scope.immediate
+        scope = lease._key[1]
+        now = scope.immediate
         if now is not None:
             return self.release_now(lease, now)
-        renewer = self._renewers.get(lease._key[0])
-        if renewer is not None:
-            renewer.discard(lease)
+        if lease._renewal is not None:
+            lease._renewal.cancel()
         try:
             if not lease.lost:
-                await lease._scope.release(lease.name, lease._handle, lease._ms)
+                await scope.release(lease.name, lease._handle, _ms(lease.ttl))
         finally:
             self._next(lease._key)
 
     def release_now(self, lease: LockLease, scope: Immediate) -> None:
         """:meth:`release` on a scope that never waits."""
-        renewer = self._renewers.get(lease._key[0])
-        if renewer is not None:
-            renewer.discard(lease)
+        if lease._renewal is not None:
+            lease._renewal.cancel()
         try:
             if not lease.lost:
-                scope.release_now(lease.name, lease._handle, lease._ms)
+                scope.give(lease.name, lease._handle)
         finally:
-            self._next(lease._key)
+            self._owners.pop(lease._key, None)
+            if self._waiters:
+                self._hand_on(lease._key)
+
+    # -- renewal ---------------------------------------------------------------------------------
+
+    def _arm(self, loop: Any, when: float) -> None:
+        """Wake ``loop``'s renewal timer at ``when`` (earlier than it was set, if it was)."""
+        timer = self._timers.get(loop)
+        if timer is not None:
+            timer[1].cancel()
+        self._timers[loop] = (when, loop.call_at(when, self._tick, loop))
+
+    def _tick(self, loop: Any) -> None:
+        del self._timers[loop]
+        now, first = loop.time(), _INF
+        for key, lease in list(self._owners.items()):
+            if key[0] is not loop or lease is None or lease.lost or lease._renewal is not None:
+                continue
+            if lease._renew_at <= now:
+                lease._renewal = loop.create_task(self._renew(lease))
+            elif lease._renew_at < first:
+                first = lease._renew_at
+        if first < _INF:
+            self._arm(loop, first)
+
+    async def _renew(self, lease: LockLease) -> None:
+        loop, scope, name = lease._key
+        valid_until = lease._renew_at + lease.ttl * 2 / 3
+        while True:
+            sent = loop.time()
+            try:
+                # No answer before the lease would expire: it is as good as lost.  (A "still
+                # yours", however late, proves nobody took it meanwhile.)
+                async with asyncio.timeout(max(valid_until - sent, 0.001)):
+                    handle = await scope.renew(name, lease._handle, _ms(lease.ttl))
+            except (BackendError, TimeoutError) as exc:
+                if loop.time() < valid_until - 0.001:
+                    await asyncio.sleep(min(lease.ttl / 10, valid_until - sent) / 2)
+                    continue  # the lease may still be ours: try again while it lasts
+                return self._lose(lease, f"no renewal before it expired ({exc!r})")
+            if handle is None:
+                return self._lose(lease, "renewal found another holder or none")
+            lease._handle = handle
+            lease._renew_at = sent + lease.ttl / 3
+            lease._renewal = None
+            timer = self._timers.get(loop)
+            if self._owners.get(lease._key) is lease and (
+                timer is None or lease._renew_at < timer[0]
+            ):
+                self._arm(loop, lease._renew_at)
+            return
+
+    def _lose(self, lease: LockLease, why: str) -> None:
+        lease.lost = True
+        count("locks", "lost")
+        log.warning("zeal.lock(%r, scope=%r) lost: %s", lease.name, lease.scope, why)
+        if lease._task is not None and not lease._task.done():
+            lease._task.cancel(f"zeal.lock({lease.name!r}) lost its lease")
 
     def forget(self, loop: Any) -> None:
         """Drop the state of an event loop that is closing."""
-        if (renewer := self._renewers.pop(loop, None)) and renewer.timer:
-            renewer.timer.cancel()
-        self._queues = {k: v for k, v in self._queues.items() if k[0] is not loop}
+        if (timer := self._timers.pop(loop, None)) is not None:
+            timer[1].cancel()
+        self._owners = {k: v for k, v in self._owners.items() if k[0] is not loop}
+        self._waiters = {k: v for k, v in self._waiters.items() if k[0] is not loop}
 
 
 class LockContext:
@@ -328,20 +373,23 @@ class LockContext:
     def __init__(
         self,
         locker: Locker,
-        resolve: Callable[[str], Scope],
-        scope: str,
+        resolve: Callable[[str], Scope] | None,
+        scope: str | Scope,
         name: str,
         ttl: float,
         timeout: float | None,
     ) -> None:
-        self._locker, self._resolve, self._scope, self._name = locker, resolve, scope, name
+        """``scope``: the scope, or its name for ``resolve`` to find when the block starts (the
+        store's backend is known by then)."""
+        self._locker, self._resolve, self._name = locker, resolve, name
+        self._scope: Any = scope
         self._ttl, self._timeout = ttl, timeout
         self._lease: LockLease | None = None
 
     async def __aenter__(self) -> LockLease:
-        scope = self._resolve(self._scope)  # the store's backend is known by now
+        scope: Scope = self._scope if self._resolve is None else self._resolve(self._scope)
         got = self._locker.start(scope, self._name, self._ttl, self._timeout)
-        lease = got if isinstance(got, LockLease) else await got
+        lease = got if type(got) is LockLease else await got  # type: ignore[misc]
         if lease is None:
             raise LockTimeoutError(
                 f"zeal.lock({self._name!r}, scope={scope.name!r}) not obtained within "
@@ -359,7 +407,7 @@ class LockContext:
         lease, self._lease = self._lease, None
         if lease is None:
             return
-        now = lease._scope.immediate
+        now = lease._key[1].immediate
         if now is not None:
             self._locker.release_now(lease, now)  # no await: nothing to wait for
         else:

@@ -126,6 +126,21 @@ def lease_release(
 ) -> bool: ...
 
 @disjoint_base
+class LeaseColumns:
+    def __new__(
+        cls,
+        table: Table,
+        column: str,
+        fence: str | None = None,
+        turn: str | None = None,
+        turn_ms: int = 0,
+    ) -> Self: ...
+    def take(
+        self, key: str | bytes, ms: int, tag: int = 0, stale: int = 0, stale_turn: int = 0
+    ) -> tuple[int, int]: ...
+    def give(self, key: str | bytes, word: int, tag: int = 0, delete: bool = False) -> bool: ...
+
+@disjoint_base
 class Tally:
     def __new__(cls, table: Table, key: str | bytes, column: str) -> Self: ...
     def add(self, by: int = 1) -> None: ...

@@ -22,7 +22,7 @@ from zeal_asgi.shm.process import current_pid, process_alive
 if TYPE_CHECKING:
     from zeal_asgi.shm.ext import Table
 
-__all__ = ["BUSY_OWNER", "BUSY_TURN", "Lease", "pack", "unpack"]
+__all__ = ["BUSY_OWNER", "BUSY_TURN", "Lease", "LeaseColumns", "pack", "unpack"]
 
 TAG_BITS = 22  # Linux pids are < 2**22 (the pid_max limit)
 _TAG_MASK = (1 << TAG_BITS) - 1
@@ -31,6 +31,8 @@ BUSY_OWNER: int = _shmtable.LEASE_BUSY_OWNER
 BUSY_TURN: int = _shmtable.LEASE_BUSY_TURN
 """``Lease.take``'s first item when another process waits for its turn to take it."""
 _acquire = _shmtable.lease_acquire
+LeaseColumns = _shmtable.LeaseColumns
+"""A table's lease columns found once: ``take`` and ``give``, the hot path of host locks."""
 _release = _shmtable.lease_release
 
 
