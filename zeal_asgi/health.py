@@ -320,15 +320,13 @@ async def store_metrics(conn: HTTPConnection) -> Response:
     return response(families(health), conn.headers.get("accept", ""))
 
 
-def _endpoints(
-    path: str, metrics_path: str, live_path: str, ready_path: str
-) -> list[tuple[str, Callable[[HTTPConnection], Awaitable[Response]], type[ProbeHealth] | None]]:
-    return [
-        (live_path, live, ProbeHealth),
-        (ready_path, ready, ProbeHealth),
-        (path, store_health, StoreHealth),
-        (metrics_path, store_metrics, None),
-    ]
+_Endpoint = Callable[[HTTPConnection], Awaitable[Response]]
+
+
+def _endpoints(*paths: str) -> list[tuple[str, _Endpoint, type[ProbeHealth] | None]]:
+    """``(path, endpoint, JSON model)``, given the paths of live, ready, store and metrics."""
+    endpoints = (live, ready, store_health, store_metrics)
+    return list(zip(paths, endpoints, (ProbeHealth, ProbeHealth, StoreHealth, None), strict=True))
 
 
 def make_router(
@@ -344,7 +342,7 @@ def make_router(
     """
     fastapi = require("fastapi", extra="fastapi", feature="zeal_asgi.health.router")
     r: APIRouter = fastapi.APIRouter(tags=["health"])
-    for route, endpoint, model in _endpoints(path, metrics_path, live_path, ready_path):
+    for route, endpoint, model in _endpoints(live_path, ready_path, path, metrics_path):
         # The OpenAPI schema shows each answer: JSON models (also for 503), Prometheus text.
         down = {503: {"model": model, "description": "Backend unavailable"}}
         options: dict[str, Any] = {"response_model": model, "responses": down}
@@ -364,7 +362,7 @@ def starlette_routes(
     ready_path: str = "/health/ready",
 ) -> list[Route]:
     """The same four endpoints for a plain Starlette app: ``Starlette(routes=[*routes, ...])``."""
-    endpoints = _endpoints(path, metrics_path, live_path, ready_path)
+    endpoints = _endpoints(live_path, ready_path, path, metrics_path)
     return [Route(route, endpoint) for route, endpoint, _ in endpoints]
 
 
