@@ -177,6 +177,5 @@ def __getattr__(name: str) -> Any:
     if name in _ALIASES:
         fastapi = require("fastapi", extra="fastapi", feature=f"zeal_asgi.fastapi.{name}")
         tp, provider = _ALIASES[name]
-        alias = cast(Any, Annotated)[tp, fastapi.Depends(provider)]  # tp is a runtime value
-        return alias
+        return cast(Any, Annotated)[tp, fastapi.Depends(provider)]  # tp is a runtime value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -357,20 +357,18 @@ class Cache(metaclass=HybridMeta):
         lease (``lock_lease``) is renewed by its event loop: a sync ``fn`` that blocks the loop
         for longer than the lease may be computed a second time elsewhere; make it async.
         """
+        if self._gc is not None:
+            self._gc.ensure()
         if (
             (type(ttl) is int or type(ttl) is float)
             and 0 <= ttl <= MAX_TTL  # a valid ttl (NaN and infinities fail), and a kept key is
             and max_wait is None  # a valid one: a kept hit checks nothing more
             and (value := self._hot(key)) is not MISSING
         ):
-            if self._gc is not None:
-                self._gc.ensure()
             return value
         kb = check_key(key)
         seconds = check_ttl(ttl)
         wait = self.compute_timeout if max_wait is None else float(max_wait)
-        if self._gc is not None:
-            self._gc.ensure()
         return await compute_once(self._tiers, kb, fn, seconds, wait, self.max_entry_bytes)
 
     # -- GC and lifecycle ----------------------------------------------------------------------

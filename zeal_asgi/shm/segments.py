@@ -44,7 +44,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from zeal_asgi.errors import (
     PrivateCopyError,
@@ -537,8 +537,7 @@ def attach_path(path: str, name: str | None = None) -> Table | Atomic:
     else:
         obj._bind(name)
     obj.path, obj.created = path, False
-    result: Table | Atomic = obj
-    return result
+    return cast("Table | Atomic", obj)
 
 
 def destroy(obj: Table | Atomic) -> None:
