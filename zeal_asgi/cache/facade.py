@@ -167,14 +167,7 @@ class Cache(metaclass=HybridMeta):
                 self.store.kind,
             )
         self._gc = CacheGC(namespace, gc_interval_ms / 1000, self.gc) if gc_interval_ms else None
-        self._config = (
-            max_rows,
-            str(cache_dir),
-            gc_interval_ms,
-            ttl_seconds,
-            serializer,
-            namespace,
-        )
+        self._args = (max_rows, str(cache_dir), gc_interval_ms, ttl_seconds, serializer, namespace)
         if zeal is not None:
             zeal.add_service(self)
 
@@ -204,11 +197,11 @@ class Cache(metaclass=HybridMeta):
 
         Same arguments as :class:`Cache`.  Call it at import time, before workers start.
         """
-        config = (max_rows, str(cache_dir), gc_interval_ms, ttl_seconds, serializer, namespace)
+        args = (max_rows, str(cache_dir), gc_interval_ms, ttl_seconds, serializer, namespace)
         if cls._default is not None:
-            if cls._default._config != config:
+            if cls._default._args != args:
                 raise ConfigError(
-                    f"Cache.init() was already called with {cls._default._config}; got {config} "
+                    f"Cache.init() was already called with {cls._default._args}; got {args} "
                     "(use Cache.set_default(None) first to replace it)"
                 )
             return cls._default

@@ -340,20 +340,10 @@ class Schema:
         off_rows = _align(off_index + index_slots * 8, 64)
         total = _align(off_rows + max_rows * self.row_size, PAGE)
         return Geometry(
-            max_rows,
-            self.row_size,
-            self.key_limit,
-            self.key_off,
-            n_stripes,
-            self.exp_off,
-            round(self.ttl * 1e9) if self.ttl else 0,
-            index_slots,
-            off_global,
-            off_stripes,
-            off_index,
-            off_rows,
-            total,
-        )
+            max_rows, self.row_size, self.key_limit, self.key_off, n_stripes, self.exp_off,
+            round(self.ttl * 1e9) if self.ttl else 0, index_slots,
+            off_global, off_stripes, off_index, off_rows, total,
+        )  # fmt: skip
 
 
 # -- validation shared by every backend ----------------------------------------------------------
