@@ -210,8 +210,7 @@ def held_segments() -> Iterator[tuple[Table | Atomic, str | None, str]]:
 def release_owned() -> list[str]:
     """Unlink the segments this process created, if it owns the server; the paths unlinked.
 
-    Runs at exit, and at the end of the lifespan of a single-process server: uvicorn re-raises
-    SIGTERM after a graceful shutdown, so its process dies by the signal and skips ``atexit``.
+    What ``atexit`` does, on demand (a process that must not leave its names to the janitor).
     Mappings stay valid in every process that has them; only the names go away.
     """
     done = [p for p, creator in _created_paths.items() if creator == os.getpid()]
