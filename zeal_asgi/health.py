@@ -37,7 +37,7 @@ from zeal_asgi.metrics import CONTENT_TYPE, Family, Sample, metric_name as metri
 from zeal_asgi.metrics.exposition import response
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.process import process_alive
-from zeal_asgi.shm.segments import server_identity, shm_dir
+from zeal_asgi.shm.segments import server_identity, shm_dir, shm_space
 from zeal_asgi.store import Store
 
 if TYPE_CHECKING:
@@ -219,11 +219,7 @@ async def collect(store: Store) -> StoreHealth:
     # The server's owner (a launcher or a supervisor) may have counted its boot check: it is
     # not a worker, unless this process is both.
     workers = [p for p in hs.workers() if p == os.getpid() or p != ident.owner_pid]
-    try:
-        st = os.statvfs(shm_dir())
-        free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-    except OSError:
-        free = size = 0
+    size, free = shm_space()
     tables = _tables(stats)
     messaging = messaging_stats()
     pubsub, streams = messaging["pubsub"].get("state"), messaging["streams"].get("state")

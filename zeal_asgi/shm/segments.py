@@ -77,6 +77,7 @@ __all__ = [
     "server_identity",
     "server_ids",
     "shm_dir",
+    "shm_space",
     "sweep_stale",
     "verify_shared",
 ]
@@ -93,6 +94,14 @@ _T = TypeVar("_T")
 def shm_dir() -> str:
     """Directory of named segments: ``ZEAL_SHM_DIR`` or ``/dev/shm``."""
     return os.environ.get("ZEAL_SHM_DIR", "/dev/shm")
+
+
+def shm_space() -> tuple[int, int]:
+    """``(size, free)`` in bytes of the filesystem of :func:`shm_dir`; ``(0, 0)`` if unreadable."""
+    with contextlib.suppress(OSError):
+        size, _, free = shutil.disk_usage(shm_dir())
+        return size, free
+    return 0, 0
 
 
 # -- server identity ---------------------------------------------------------------------------
@@ -237,10 +246,7 @@ def _unlink_owned() -> None:
 
 def _capacity_error(what: str, needed: int, exc: OSError | None = None) -> ShmCapacityError:
     d = shm_dir()
-    try:
-        total, _, free = shutil.disk_usage(d)
-    except OSError:
-        free = total = 0
+    total, free = shm_space()
     mib = max(64, (needed * 2 // (1024 * 1024)) + 64)
     msg = (
         f"zeal_asgi: {what} needs {needed:,} bytes of shared memory but {d} has {free:,} bytes "
