@@ -63,8 +63,7 @@ def zeal_of(conn: HTTPConnection) -> Zeal:
     zeal = state.get("zeal") if state is not None else None
     if zeal is None:
         raise ConfigError(_NO_ZEAL)
-    result: Zeal = zeal
-    return result
+    return cast(Zeal, zeal)
 
 
 async def get_zeal(conn: HTTPConnection) -> Zeal:
@@ -149,10 +148,7 @@ S = TypeVar("S")
 
 def _service(zeal: Zeal, cls: type[S]) -> S | None:
     """The first of ``zeal``'s services that is a ``cls`` (Cache and WSRouter register there)."""
-    for service in zeal.services:
-        if isinstance(service, cls):
-            return service
-    return None
+    return next((service for service in zeal.services if isinstance(service, cls)), None)
 
 
 # The ``Annotated`` aliases need FastAPI's ``Depends``; they are made on first use, so the
@@ -181,6 +177,5 @@ def __getattr__(name: str) -> Any:
     if name in _ALIASES:
         fastapi = require("fastapi", extra="fastapi", feature=f"zeal_asgi.fastapi.{name}")
         tp, provider = _ALIASES[name]
-        alias = cast(Any, Annotated)[tp, fastapi.Depends(provider)]  # tp is a runtime value
-        return alias
+        return cast(Any, Annotated)[tp, fastapi.Depends(provider)]  # tp is a runtime value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

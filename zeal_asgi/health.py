@@ -37,7 +37,7 @@ from zeal_asgi.metrics import CONTENT_TYPE, Family, Sample, metric_name as metri
 from zeal_asgi.metrics.exposition import response
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.process import process_alive
-from zeal_asgi.shm.segments import server_identity, shm_dir
+from zeal_asgi.shm.segments import server_identity, shm_dir, shm_space
 from zeal_asgi.store import Store
 
 if TYPE_CHECKING:
@@ -219,11 +219,7 @@ async def collect(store: Store) -> StoreHealth:
     # The server's owner (a launcher or a supervisor) may have counted its boot check: it is
     # not a worker, unless this process is both.
     workers = [p for p in hs.workers() if p == os.getpid() or p != ident.owner_pid]
-    try:
-        st = os.statvfs(shm_dir())
-        free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-    except OSError:
-        free = size = 0
+    size, free = shm_space()
     tables = _tables(stats)
     messaging = messaging_stats()
     pubsub, streams = messaging["pubsub"].get("state"), messaging["streams"].get("state")
@@ -320,15 +316,13 @@ async def store_metrics(conn: HTTPConnection) -> Response:
     return response(families(health), conn.headers.get("accept", ""))
 
 
-def _endpoints(
-    path: str, metrics_path: str, live_path: str, ready_path: str
-) -> list[tuple[str, Callable[[HTTPConnection], Awaitable[Response]], type[ProbeHealth] | None]]:
-    return [
-        (live_path, live, ProbeHealth),
-        (ready_path, ready, ProbeHealth),
-        (path, store_health, StoreHealth),
-        (metrics_path, store_metrics, None),
-    ]
+_Endpoint = Callable[[HTTPConnection], Awaitable[Response]]
+
+
+def _endpoints(*paths: str) -> list[tuple[str, _Endpoint, type[ProbeHealth] | None]]:
+    """``(path, endpoint, JSON model)``, given the paths of live, ready, store and metrics."""
+    endpoints = (live, ready, store_health, store_metrics)
+    return list(zip(paths, endpoints, (ProbeHealth, ProbeHealth, StoreHealth, None), strict=True))
 
 
 def make_router(
@@ -344,7 +338,7 @@ def make_router(
     """
     fastapi = require("fastapi", extra="fastapi", feature="zeal_asgi.health.router")
     r: APIRouter = fastapi.APIRouter(tags=["health"])
-    for route, endpoint, model in _endpoints(path, metrics_path, live_path, ready_path):
+    for route, endpoint, model in _endpoints(live_path, ready_path, path, metrics_path):
         # The OpenAPI schema shows each answer: JSON models (also for 503), Prometheus text.
         down = {503: {"model": model, "description": "Backend unavailable"}}
         options: dict[str, Any] = {"response_model": model, "responses": down}
@@ -364,7 +358,7 @@ def starlette_routes(
     ready_path: str = "/health/ready",
 ) -> list[Route]:
     """The same four endpoints for a plain Starlette app: ``Starlette(routes=[*routes, ...])``."""
-    endpoints = _endpoints(path, metrics_path, live_path, ready_path)
+    endpoints = _endpoints(live_path, ready_path, path, metrics_path)
     return [Route(route, endpoint) for route, endpoint, _ in endpoints]
 
 

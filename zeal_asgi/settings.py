@@ -126,26 +126,22 @@ class ZealSettings(BaseModel):
 
     @model_validator(mode="after")
     def _breaker_needs_on_error(self) -> ZealSettings:
-        if self.on_error is None:
-            given = [n for n in self._breaker_fields() if getattr(self, n) is not None]
-            if given:
-                names = ", ".join(ENV_PREFIX + n.upper() for n in given)
-                raise ValueError(
-                    f"{names}: breaker settings without a breaker; set "
-                    f"{ENV_PREFIX}ON_ERROR=fallback_table too"
-                )
+        given = self.breaker_options()
+        if self.on_error is None and given:
+            names = ", ".join(f"{ENV_PREFIX}BREAKER_{n.upper()}" for n in given)
+            raise ValueError(
+                f"{names}: breaker settings without a breaker; set "
+                f"{ENV_PREFIX}ON_ERROR=fallback_table too"
+            )
         return self
-
-    @staticmethod
-    def _breaker_fields() -> list[str]:
-        return [n for n in ZealSettings.model_fields if n.startswith("breaker_")]
 
     def breaker_options(self) -> dict[str, Any]:
         """The ``breaker`` options that were set (``BreakerOptions`` defaults the rest)."""
-        values = {
-            name.removeprefix("breaker_"): getattr(self, name) for name in self._breaker_fields()
+        return {
+            name.removeprefix("breaker_"): value
+            for name in type(self).model_fields
+            if name.startswith("breaker_") and (value := getattr(self, name)) is not None
         }
-        return {name: value for name, value in values.items() if value is not None}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ZealSettings:
@@ -155,11 +151,9 @@ class ZealSettings(BaseModel):
             ConfigError: naming the variable and why its value is refused.
         """
         env = os.environ if environ is None else environ
-        data: dict[str, Any] = {}
-        for name in cls.model_fields:
-            raw = env.get(ENV_PREFIX + name.upper())
-            if raw is not None and raw != "":
-                data[name] = raw
+        data: dict[str, Any] = {
+            name: raw for name in cls.model_fields if (raw := env.get(ENV_PREFIX + name.upper()))
+        }
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**data)
 

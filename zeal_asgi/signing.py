@@ -200,8 +200,7 @@ class Signer:
             ValueError: a reserved field name, a value JSON cannot carry, or a result larger
                 than ``max_bytes``.
         """
-        clash = RESERVED.intersection(fields)
-        if clash:
+        if clash := RESERVED.intersection(fields):
             raise ValueError(f"fields {sorted(clash)} are reserved by the envelope")
         ts, nonce = int(self._clock() * 1000), secrets.token_hex(16)
         doc: dict[str, Any] = {**fields, "v": VERSION, "kid": self.kid, "ts": ts, "nonce": nonce}

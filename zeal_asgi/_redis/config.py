@@ -161,8 +161,7 @@ class RedisConfig(BaseModel):
                 f"{type(conn).__name__}"
             )
         allowed = _OPTIONS | set(_TARGETS) | _FACADE_KEYS | set(extra_keys)
-        unknown = sorted(str(k) for k in conn if k not in allowed)
-        if unknown:
+        if unknown := sorted(str(k) for k in conn if k not in allowed):
             raise ConfigError(
                 f"redis backend: unknown options {unknown}; known: {sorted(allowed - _FACADE_KEYS)}"
             )
@@ -302,8 +301,7 @@ def _parse_url(url: str) -> dict[str, Any]:
         if not parts.hostname:
             raise ConfigError(f"redis backend: URL has no host: {safe}")
         kw.update(host=parts.hostname, port=port or 6379, tls=_SCHEMES[scheme])
-        path = parts.path.strip("/")
-        if path:
+        if path := parts.path.strip("/"):
             if not path.isdigit():
                 raise ConfigError(f"redis backend: URL path must be a db number, got {safe}")
             kw["db"] = int(path)

@@ -56,9 +56,8 @@ def translate(exc: BaseException, where: str) -> ZealError:
             return BackendTLSError(f"{where}: TLS certificate verify failed: {detail}")
         return BackendTLSError(f"{where}: TLS failed: {detail or tls}")
     code = text.split(" ", 1)[0] if isinstance(exc, rx.ResponseError) else ""
-    if code in _AUTH_REPLIES or isinstance(exc, (rx.AuthenticationError, rx.AuthorizationError)):
-        return BackendAuthError(f"{where}: credentials refused: {text}")
-    if isinstance(exc, (rx.NoPermissionError, rx.AuthenticationWrongNumberOfArgsError)):
+    auth = (rx.AuthenticationError, rx.AuthorizationError, rx.NoPermissionError)
+    if code in _AUTH_REPLIES or isinstance(exc, (*auth, rx.AuthenticationWrongNumberOfArgsError)):
         return BackendAuthError(f"{where}: credentials refused: {text}")
     if isinstance(exc, rx.MaxConnectionsError) or (
         isinstance(exc, rx.ConnectionError) and "No connection available" in text

@@ -333,9 +333,7 @@ class Subscriber:
         if not self.running:
             self.error = None
             self._ready = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"zeal-subscriber:{self.name}"
-            )
+            self._task = asyncio.create_task(self._run(), name=f"zeal-subscriber:{self.name}")
 
     async def stop(self) -> None:
         """Cancel the task and wait for it (the connection is closed on the way out)."""

@@ -167,14 +167,7 @@ class Cache(metaclass=HybridMeta):
                 self.store.kind,
             )
         self._gc = CacheGC(namespace, gc_interval_ms / 1000, self.gc) if gc_interval_ms else None
-        self._config = (
-            max_rows,
-            str(cache_dir),
-            gc_interval_ms,
-            ttl_seconds,
-            serializer,
-            namespace,
-        )
+        self._args = (max_rows, str(cache_dir), gc_interval_ms, ttl_seconds, serializer, namespace)
         if zeal is not None:
             zeal.add_service(self)
 
@@ -204,11 +197,11 @@ class Cache(metaclass=HybridMeta):
 
         Same arguments as :class:`Cache`.  Call it at import time, before workers start.
         """
-        config = (max_rows, str(cache_dir), gc_interval_ms, ttl_seconds, serializer, namespace)
+        args = (max_rows, str(cache_dir), gc_interval_ms, ttl_seconds, serializer, namespace)
         if cls._default is not None:
-            if cls._default._config != config:
+            if cls._default._args != args:
                 raise ConfigError(
-                    f"Cache.init() was already called with {cls._default._config}; got {config} "
+                    f"Cache.init() was already called with {cls._default._args}; got {args} "
                     "(use Cache.set_default(None) first to replace it)"
                 )
             return cls._default
@@ -357,20 +350,18 @@ class Cache(metaclass=HybridMeta):
         lease (``lock_lease``) is renewed by its event loop: a sync ``fn`` that blocks the loop
         for longer than the lease may be computed a second time elsewhere; make it async.
         """
+        if self._gc is not None:
+            self._gc.ensure()
         if (
             (type(ttl) is int or type(ttl) is float)
             and 0 <= ttl <= MAX_TTL  # a valid ttl (NaN and infinities fail), and a kept key is
             and max_wait is None  # a valid one: a kept hit checks nothing more
             and (value := self._hot(key)) is not MISSING
         ):
-            if self._gc is not None:
-                self._gc.ensure()
             return value
         kb = check_key(key)
         seconds = check_ttl(ttl)
         wait = self.compute_timeout if max_wait is None else float(max_wait)
-        if self._gc is not None:
-            self._gc.ensure()
         return await compute_once(self._tiers, kb, fn, seconds, wait, self.max_entry_bytes)
 
     # -- GC and lifecycle ----------------------------------------------------------------------

@@ -18,46 +18,23 @@ from collections.abc import Awaitable, Callable
 from zeal_asgi.cache.keys import control_table
 from zeal_asgi.shm.lease import Lease
 
-__all__ = ["CacheGC", "GcLease"]
+__all__ = ["CacheGC"]
 
 log = logging.getLogger("zeal_asgi.cache")
 
 
-class GcLease:
-    """The host-wide GC lease of one cache (a row of the control table)."""
-
-    def __init__(self, row: str, lease: float) -> None:
-        self.row = row
-        self.seconds = lease
-        self._token: int | None = None
-
-    def _lease(self) -> Lease:
-        return Lease(control_table(), self.seconds)
-
-    def try_hold(self) -> bool:
-        """Take or renew the lease; ``True`` when this process holds it now."""
-        lease = self._lease()
-        if self._token is not None:
-            self._token = lease.renew(self.row, self._token)
-        if self._token is None:
-            self._token = lease.acquire(self.row)
-        return self._token is not None
-
-    def release(self) -> None:
-        """Give the lease up (at shutdown) so another worker takes over at its next tick."""
-        if self._token is not None:
-            self._lease().release(self.row, self._token)
-            self._token = None
-
-
 class CacheGC:
-    """A per-worker service: ``start()`` in the worker, ``stop()`` at shutdown (awaited)."""
+    """A per-worker service: ``start()`` in the worker, ``stop()`` at shutdown (awaited).  It
+    sweeps while it holds its cache's host-wide GC lease (row ``gc:<name>`` of the control
+    table)."""
 
     def __init__(
         self, name: str, interval: float, sweep: Callable[[], Awaitable[dict[str, int]]]
     ) -> None:
         self.interval = interval
-        self.lease = GcLease(f"gc:{name}", max(3 * interval, interval + 2.0))
+        self._row = f"gc:{name}"
+        self._lease_seconds = max(3 * interval, interval + 2.0)
+        self._token: int | None = None
         self._sweep = sweep
         self._task: asyncio.Task[None] | None = None
         self._last_error = 0.0
@@ -82,14 +59,29 @@ class CacheGC:
             if task.get_loop() is asyncio.get_running_loop():
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self.lease.release()
+        if self._token is not None:  # another worker takes over at its next tick
+            self._lease().release(self._row, self._token)
+            self._token = None
+
+    def _lease(self) -> Lease:
+        # made per use: the control table is made again when it was closed
+        return Lease(control_table(), self._lease_seconds)
+
+    def _hold(self) -> bool:
+        """Take or renew the lease; ``True`` when this process holds it now."""
+        lease = self._lease()
+        if self._token is not None:
+            self._token = lease.renew(self._row, self._token)
+        if self._token is None:
+            self._token = lease.acquire(self._row)
+        return self._token is not None
 
     async def _run(self) -> None:
         while True:
             # jitter keeps the workers from all waking (and CASing) in the same millisecond
             await asyncio.sleep(self.interval * random.uniform(0.9, 1.1))
             try:
-                if self.lease.try_hold():
+                if self._hold():
                     await self._sweep()
             except asyncio.CancelledError:
                 raise

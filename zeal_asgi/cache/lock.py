@@ -139,9 +139,8 @@ class CasLock:
             return token
         current = await self.store.get_strict(self.table_name, name, "owner") or 0
         stale = not current or unpack(current)[0] < now
-        return (
-            token if stale and await cas(self.table_name, name, "owner", current, token) else None
-        )
+        won = stale and await cas(self.table_name, name, "owner", current, token)
+        return token if won else None
 
     async def renew(self, name: str, token: Any) -> Any:
         """Move the deadline forward."""
@@ -170,10 +169,8 @@ class RedisLock:
     async def acquire(self, name: str) -> Any:
         """Take the lock if nobody holds it (Redis expires a crashed owner's lease)."""
         token = self._owner + secrets.token_hex(8)
-        reply = await self.store.eval(
-            LOCK_ACQUIRE.source, [self._key(name)], [token, self.lease_ms]
-        )
-        return token if reply else None
+        ok = await self.store.eval(LOCK_ACQUIRE.source, [self._key(name)], [token, self.lease_ms])
+        return token if ok else None
 
     async def renew(self, name: str, token: Any) -> Any:
         """Extend the lease if the lock is still ours."""

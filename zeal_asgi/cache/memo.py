@@ -16,7 +16,7 @@ hit, never its outcome.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, cast
 
 from zeal_asgi.cache.serializer import Serializer
 
@@ -30,12 +30,10 @@ def _copier(value: Any) -> Callable[[], Any] | None:
     t = type(value)
     if t in _IMMUTABLE or (t is tuple and all(type(x) in _IMMUTABLE for x in value)):
         return lambda: value
-    if t is dict and all(type(x) in _IMMUTABLE for x in value.values()):
-        copy: Callable[[], Any] = value.copy
-        return copy
-    if t is list and all(type(x) in _IMMUTABLE for x in value):
-        copy = value.copy
-        return copy
+    if t is dict or t is list:
+        items = value.values() if t is dict else value
+        if all(type(x) in _IMMUTABLE for x in items):
+            return cast(Callable[[], Any], value.copy)  # flat: a shallow copy is a full one
     return None
 
 

@@ -149,8 +149,7 @@ _ENCODERS: dict[type, Callable[[Any, list[str]], Any]] = {
 def _other(v: object, blobs: list[str]) -> Any:
     """Envelope of a value that is not a plain JSON type."""
     t = type(v)
-    encoder = _ENCODERS.get(t)
-    if encoder is not None:
+    if (encoder := _ENCODERS.get(t)) is not None:
         return encoder(v, blobs)
     if isinstance(v, BaseModel):
         try:
@@ -190,8 +189,7 @@ def _encode(v: object, blobs: list[str]) -> Any:
 
 def _decode_datetime(d: dict[str, Any]) -> dt.datetime:
     value = dt.datetime.fromisoformat(d["v"])
-    tz = d.get("tz")
-    if tz is not None:
+    if (tz := d.get("tz")) is not None:
         value = value.replace(tzinfo=ZoneInfo(tz))
     return value.replace(fold=1) if d.get("fold") else value
 

@@ -108,6 +108,14 @@ def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
+def _size(what: str, value: object, high: int, unit: str = "") -> None:
+    """SchemaError unless ``value`` is an int in ``[1, high]``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SchemaError(f"{what} must be an int, got {value!r}")
+    if not 1 <= value <= high:
+        raise SchemaError(f"{what} must be between 1 and {high}{unit}, got {value}")
+
+
 def _parse_type(name: str, spec: Any) -> tuple[ColumnType, int | None]:
     if isinstance(spec, (ColumnType, str, int)) and not isinstance(spec, bool):
         raw, size = spec, None
@@ -171,12 +179,7 @@ class Schema:
             raise SchemaError(f"columns must be a mapping of name -> (type, size), got {columns!r}")
         if len(columns) > MAX_COLUMNS:
             raise SchemaError(f"a table has at most {MAX_COLUMNS} columns, got {len(columns)}")
-        if not isinstance(key_size, int) or isinstance(key_size, bool):
-            raise SchemaError(f"key_size must be an int, got {key_size!r}")
-        if not 1 <= key_size <= MAX_KEY_SIZE:
-            raise SchemaError(
-                f"key_size must be between 1 and {MAX_KEY_SIZE} bytes, got {key_size}"
-            )
+        _size("key_size", key_size, MAX_KEY_SIZE, " bytes")
         parsed: list[Column] = []
         for name, spec in columns.items():
             if not isinstance(name, str) or not name:
@@ -199,11 +202,7 @@ class Schema:
             else:
                 if size is None:
                     raise SchemaError(f"column {name!r}: {ctype.name} needs a size in bytes")
-                if not 1 <= size <= MAX_STRING_SIZE:
-                    raise SchemaError(
-                        f"column {name!r}: {ctype.name} size must be between 1 and "
-                        f"{MAX_STRING_SIZE} bytes, got {size}"
-                    )
+                _size(f"column {name!r}: {ctype.name} size", size, MAX_STRING_SIZE, " bytes")
             parsed.append(Column(name, ctype, size))
         if ttl is not None and (
             not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= MAX_TTL
@@ -332,10 +331,7 @@ class Schema:
         ``capacity == max_rows`` exactly: rows live in a dense pool, and the index is sized at
         least 1.5x the capacity, so a table never refuses a key before ``max_rows`` rows exist.
         """
-        if not isinstance(max_rows, int) or isinstance(max_rows, bool):
-            raise SchemaError(f"max_rows must be an int, got {max_rows!r}")
-        if not 1 <= max_rows <= MAX_ROWS:
-            raise SchemaError(f"max_rows must be between 1 and {MAX_ROWS}, got {max_rows}")
+        _size("max_rows", max_rows, MAX_ROWS)
         index_slots = max(16, _pow2_at_least(math.ceil(max_rows * 1.5)))
         n_stripes = min(1024, max(16, _pow2_at_least(max_rows // 64)))
         off_global = SEGMENT_HEADER
@@ -344,20 +340,10 @@ class Schema:
         off_rows = _align(off_index + index_slots * 8, 64)
         total = _align(off_rows + max_rows * self.row_size, PAGE)
         return Geometry(
-            max_rows,
-            self.row_size,
-            self.key_limit,
-            self.key_off,
-            n_stripes,
-            self.exp_off,
-            round(self.ttl * 1e9) if self.ttl else 0,
-            index_slots,
-            off_global,
-            off_stripes,
-            off_index,
-            off_rows,
-            total,
-        )
+            max_rows, self.row_size, self.key_limit, self.key_off, n_stripes, self.exp_off,
+            round(self.ttl * 1e9) if self.ttl else 0, index_slots,
+            off_global, off_stripes, off_index, off_rows, total,
+        )  # fmt: skip
 
 
 # -- validation shared by every backend ----------------------------------------------------------

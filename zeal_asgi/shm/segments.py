@@ -44,7 +44,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from zeal_asgi.errors import (
     PrivateCopyError,
@@ -77,6 +77,7 @@ __all__ = [
     "server_identity",
     "server_ids",
     "shm_dir",
+    "shm_space",
     "sweep_stale",
     "verify_shared",
 ]
@@ -93,6 +94,14 @@ _T = TypeVar("_T")
 def shm_dir() -> str:
     """Directory of named segments: ``ZEAL_SHM_DIR`` or ``/dev/shm``."""
     return os.environ.get("ZEAL_SHM_DIR", "/dev/shm")
+
+
+def shm_space() -> tuple[int, int]:
+    """``(size, free)`` in bytes of the filesystem of :func:`shm_dir`; ``(0, 0)`` if unreadable."""
+    with contextlib.suppress(OSError):
+        size, _, free = shutil.disk_usage(shm_dir())
+        return size, free
+    return 0, 0
 
 
 # -- server identity ---------------------------------------------------------------------------
@@ -210,8 +219,7 @@ def held_segments() -> Iterator[tuple[Table | Atomic, str | None, str]]:
 def release_owned() -> list[str]:
     """Unlink the segments this process created, if it owns the server; the paths unlinked.
 
-    Runs at exit, and at the end of the lifespan of a single-process server: uvicorn re-raises
-    SIGTERM after a graceful shutdown, so its process dies by the signal and skips ``atexit``.
+    What ``atexit`` does, on demand (a process that must not leave its names to the janitor).
     Mappings stay valid in every process that has them; only the names go away.
     """
     done = [p for p, creator in _created_paths.items() if creator == os.getpid()]
@@ -238,10 +246,7 @@ def _unlink_owned() -> None:
 
 def _capacity_error(what: str, needed: int, exc: OSError | None = None) -> ShmCapacityError:
     d = shm_dir()
-    try:
-        total, _, free = shutil.disk_usage(d)
-    except OSError:
-        free = total = 0
+    total, free = shm_space()
     mib = max(64, (needed * 2 // (1024 * 1024)) + 64)
     msg = (
         f"zeal_asgi: {what} needs {needed:,} bytes of shared memory but {d} has {free:,} bytes "
@@ -537,8 +542,7 @@ def attach_path(path: str, name: str | None = None) -> Table | Atomic:
     else:
         obj._bind(name)
     obj.path, obj.created = path, False
-    result: Table | Atomic = obj
-    return result
+    return cast("Table | Atomic", obj)
 
 
 def destroy(obj: Table | Atomic) -> None:
