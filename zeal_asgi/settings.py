@@ -18,7 +18,7 @@ from zeal_asgi.errors import ConfigError
 __all__ = ["REDIS_URL_SCHEMES", "StoreBackendKind", "ZealSettings"]
 
 ENV_PREFIX = "ZEAL_"
-REDIS_URL_SCHEMES = frozenset({"redis", "rediss", "valkey", "valkeys", "unix"})
+REDIS_URL_SCHEMES = frozenset({"redis", "rediss", "tls", "valkey", "valkeys", "unix"})
 """URL schemes ``ZEAL_REDIS_URL`` accepts (``rediss``/``valkeys``: TLS)."""
 
 

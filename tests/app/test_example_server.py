@@ -18,15 +18,23 @@ from zeal_asgi.launcher import make_socket
 
 
 def _spread(
-    server: AppServer, path: str, n: int, pids: set[int] | None = None
+    server: AppServer,
+    path: str,
+    n: int,
+    pids: set[int] | int | None = None,
+    key: str = "worker_pid",
 ) -> list[dict[str, Any]]:
-    """At least ``n`` GETs, each on a new connection; with ``pids``, more (up to ``20 * n``)
-    until every one of those workers has answered: the kernel does not deal new connections
-    out in turn, so ten of them can all land on one worker."""
+    """At least ``n`` GETs, each on a new connection; with ``pids`` (those workers, or that
+    many), more (up to ``20 * n``) until they have all answered (``key`` of the body names the
+    worker): the kernel does not deal new connections out in turn, so ten of them can all land
+    on one worker."""
     out: list[dict[str, Any]] = []
-    while len(out) < n or (
-        pids and not pids <= {b["worker_pid"] for b in out} and len(out) < 20 * n
-    ):
+
+    def answered() -> bool:
+        seen = {b[key] for b in out}
+        return pids is None or (len(seen) >= pids if isinstance(pids, int) else pids <= seen)
+
+    while len(out) < n or (not answered() and len(out) < 20 * n):
         status, body = server.fetch(path)
         assert status == 200, body
         out.append(body)
@@ -34,12 +42,12 @@ def _spread(
 
 
 def _check_shared_state(server: AppServer) -> None:
-    bodies = _spread(server, "/demo/counter/increment", 30)
+    bodies = _spread(server, "/demo/counter/increment", 30, 2, key="pid")
     totals = [b["total_requests"] for b in bodies]
     pids = {b["pid"] for b in bodies}
     assert len(pids) == 2, f"both workers should answer, got {pids}"
     # one counter for both workers: consecutive, no duplicates, no gaps
-    assert totals == list(range(totals[0], totals[0] + 30))
+    assert totals == list(range(totals[0], totals[0] + len(totals)))
     status, value = server.fetch("/demo/counter")
     assert status == 200 and value["total_requests"] == totals[-1]
 

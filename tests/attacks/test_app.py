@@ -169,6 +169,9 @@ def test_settings_refuse_a_url_that_is_not_redis() -> None:
     with pytest.raises(ConfigError, match="ZEAL_REDIS_URL"):
         ZealSettings.from_env({"ZEAL_REDIS_URL": "localhost:6379"})
     assert ZealSettings(redis_url="rediss://x:6380/1").redis_url == "rediss://x:6380/1"
+    # the seed's tls:// (TLS, like rediss://) is accepted from the environment as by Store()
+    tls = ZealSettings.from_env({"ZEAL_REDIS_URL": "tls://x:6380/1"})
+    assert tls.redis_url == "tls://x:6380/1"
 
 
 @pytest.mark.redis

@@ -74,13 +74,15 @@ def count(area: str, event: str, by: int = 1) -> None:
     host_stats().incr(f"{area}_{event}_total", by)
 
 
-def counters(area: str) -> dict[str, Any]:
+def counters(area: str, events: str = "") -> dict[str, Any]:
     """The events of ``area`` summed over the host, and this worker's under ``worker``, as
-    ``<event>_total``."""
+    ``<event>_total``; the ``events`` named (space-separated) are there as 0 before they
+    first happen."""
     hs, pre = host_stats(), f"{area}_"
+    zeros = {f"{event}_total": 0 for event in events.split()}
 
     def mine(counts: dict[str, int]) -> dict[str, int]:
-        return {k[len(pre) :]: v for k, v in counts.items() if k.startswith(pre)}
+        return {**zeros, **{k[len(pre) :]: v for k, v in counts.items() if k.startswith(pre)}}
 
     return {**mine(hs.host()), "worker": mine(hs.worker())}
 

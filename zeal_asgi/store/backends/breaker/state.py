@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 
 __all__ = ["BreakerOptions", "BreakerState", "SharedBreaker", "is_outage"]
 
+_EVENTS = "opened closed probes failures short_circuited fallback_reads mirror_skipped"
+"""The breaker's counters (``count("breaker", ...)``), reported from 0 on."""
+
 log = logging.getLogger("zeal_asgi.breaker")
 
 _BUCKETS = 10
@@ -218,7 +221,7 @@ class SharedBreaker:
     def stats(self) -> dict[str, Any]:
         """State and host-wide counters (``opened_total``, ``short_circuited_total``, ...)."""
         return {
-            **counters("breaker"),
+            **counters("breaker", _EVENTS),
             "state": str(self.state),
             "name": self.name,
             "failures_in_window": self.failures_in_window(),
