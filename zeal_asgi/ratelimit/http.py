@@ -155,10 +155,9 @@ def raw_headers(limiter: RateLimiter, result: RateLimitResult) -> list[tuple[byt
     reset = result.reset_after
     t = int(reset) + (reset > int(reset)) if reset > 0 else 0  # ceil, without a call
     r = result.remaining if result.remaining > 0 else 0
-    name = limiter.policy_bytes[result.policy]
     return [
         (b"ratelimit-policy", limiter.policy_header_bytes),
-        (b"ratelimit", b'"%s";r=%d;t=%d' % (name, r, t)),
+        (b"ratelimit", limiter.ratelimit_prefix[id(result.policy)] + b"%d;t=%d" % (r, t)),
     ]
 
 
@@ -210,14 +209,14 @@ def depends(
     limiter._check("k", cost)  # a bad cost fails at declaration, not at the first request
     fastapi = require("fastapi", extra="fastapi", feature="RateLimiter.depends")
 
-    hit = limiter.hit
+    hit_now = limiter._hit_now
     by_scope = key.of_scope if isinstance(key, ClientIP) else None
 
     async def rate_limit(connection: HTTPConnection, response: Response) -> RateLimitResult:
-        if by_scope is not None:  # the usual key: read from the scope, nothing awaited
-            result = await hit(by_scope(connection.scope), cost)
-        else:
-            result = await hit(await _key_of(key, connection), cost)
+        k = by_scope(connection.scope) if by_scope is not None else await _key_of(key, connection)
+        result = hit_now(k, cost)  # decided in place on the table backend
+        if result is None:
+            result = await limiter.hit(k, cost)
         if result.allowed:
             response.raw_headers.extend(raw_headers(limiter, result))
             return result
@@ -311,7 +310,9 @@ class RateLimitMiddleware:
         limiter = self.limiter
         by_scope = self._by_scope  # the usual key: no connection object to build
         key = by_scope(scope) if by_scope is not None else await self._key(scope, receive, send)
-        result = await limiter.hit(key, self.cost)
+        result = limiter._hit_now(key, self.cost)  # decided in place on the table backend
+        if result is None:
+            result = await limiter.hit(key, self.cost)
         raw = raw_headers(limiter, result)
         if result.allowed:
             first = "http.response.start" if kind == "http" else "websocket.accept"
