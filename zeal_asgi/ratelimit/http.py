@@ -317,10 +317,12 @@ class RateLimitMiddleware:
         if result.allowed:
             first = "http.response.start" if kind == "http" else "websocket.accept"
 
-            async def send_with_headers(message: Message) -> None:
+            def send_with_headers(message: Message) -> Awaitable[None]:
+                # not a coroutine: ``send``'s own awaitable is handed back, so each message
+                # the app sends costs no frame of ours
                 if message["type"] == first:
                     message = {**message, "headers": [*message.get("headers", ()), *raw]}
-                await send(message)
+                return send(message)
 
             await self.app(scope, receive, send_with_headers)
             return
