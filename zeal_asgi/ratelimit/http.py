@@ -29,6 +29,8 @@ from zeal_asgi.ratelimit.limiter import RateLimiter, RateLimitResult
 if TYPE_CHECKING:
     from fastapi import Response
 
+_ceil = math.ceil
+
 __all__ = [
     "ClientIP",
     "KeyFunc",
@@ -147,17 +149,19 @@ def decision_headers(limiter: RateLimiter, result: RateLimitResult) -> list[tupl
 def raw_headers(limiter: RateLimiter, result: RateLimitResult) -> list[tuple[bytes, bytes]]:
     """:func:`decision_headers` as ASGI raw headers (lower-case names, latin-1 bytes): what the
     middleware sends, built without formatting strings first."""
-    if not result.allowed or limiter.x_ratelimit_headers:
+    allowed, _, remaining, reset, _, policy, _ = result  # one unpacking, not five lookups
+    if not allowed or limiter.x_ratelimit_headers:
         return [
             (n.lower().encode("latin-1"), v.encode("latin-1"))
             for n, v in decision_headers(limiter, result)
         ]
-    reset = result.reset_after
-    t = int(reset) + (reset > int(reset)) if reset > 0 else 0  # ceil, without a call
-    r = result.remaining if result.remaining > 0 else 0
     return [
         (b"ratelimit-policy", limiter.policy_header_bytes),
-        (b"ratelimit", limiter.ratelimit_prefix[id(result.policy)] + b"%d;t=%d" % (r, t)),
+        (
+            b"ratelimit",
+            limiter.ratelimit_prefix[id(policy)]
+            + b"%d;t=%d" % (remaining if remaining > 0 else 0, _ceil(reset) if reset > 0 else 0),
+        ),
     ]
 
 
