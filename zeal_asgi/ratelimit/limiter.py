@@ -177,7 +177,8 @@ class RateLimiter:
         self.x_ratelimit_headers = bool(x_ratelimit_headers)
         self.max_cost = min(lim.amount for lim in self.limits)
         self._single_fixed = algorithm == "fixed_window" and len(self.limits) == 1
-        self._store = store
+        # a Zeal's store never changes: resolved once, not per hit
+        self._store = store if store is not None or zeal is None else zeal.store
         self._zeal = zeal
         self._binding: _Binding | None = None
         self._shifts = [lim.amount.bit_length() for lim in self.limits]
