@@ -79,9 +79,11 @@ DEPENDENCY_NOTE = (
     "dependency (the hit and the two headers) takes under 2 \u00b5s of that, the rest is "
     "FastAPI solving the dependency, injecting the connection and the sub-response and merging "
     "its headers into the response. The zeal row is best read against the no-op one. "
-    "`RateLimitMiddleware` pays none of this: in one process it adds about 5 \u00b5s to the "
-    "mounted app, the hit included. Each limited route is declared right after its unlimited "
-    "twin (the router tries routes in order), so it pays one failed route match more."
+    "`RateLimitMiddleware` pays none of this: in one process it adds about 2 \u00b5s to the "
+    "mounted app, the hit included (the hit is decided in place on the table backend, with no "
+    "coroutine, and the response start is passed on with no frame of its own). Each limited "
+    "route is declared right after its unlimited twin (the router tries routes in order), so "
+    "it pays one failed route match more."
 )
 
 _WRK_LUA = r"""

@@ -84,7 +84,12 @@ NOTE = (
     "copy in the worker (its client-side cache is off unless `client_side=true` is set), so each "
     "of its hits is one Redis GET of the pickled value, as Redis' MONITOR shows: its Redis row "
     "is close to its memory row for what its decorator costs either way, not for skipping "
-    "Redis. The tiered backend serves both zeal reads from its shared-memory L1, which is "
+    "Redis. The two zeal reads stay: the entry's key holds the current tokens, so the token "
+    "must be read first, and one script reading both would need the tag rows (shared by many "
+    "paths) and the entry in one Cluster slot; a worker's own copy of the tokens saves the read "
+    "only by being trusted, and could then answer from an entry that `invalidate` has already "
+    "dropped. "
+    "The tiered backend serves both zeal reads from its shared-memory L1, which is "
     "why it is the row to compare with the peers' Redis backends; the plain redis row is shown "
     "as it is."
 )

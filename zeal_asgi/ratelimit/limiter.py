@@ -177,7 +177,8 @@ class RateLimiter:
         self.x_ratelimit_headers = bool(x_ratelimit_headers)
         self.max_cost = min(lim.amount for lim in self.limits)
         self._single_fixed = algorithm == "fixed_window" and len(self.limits) == 1
-        self._store = store
+        # a Zeal's store never changes: resolved once, not per hit
+        self._store = store if store is not None or zeal is None else zeal.store
         self._zeal = zeal
         self._binding: _Binding | None = None
         self._shifts = [lim.amount.bit_length() for lim in self.limits]
@@ -199,10 +200,12 @@ class RateLimiter:
         """``RateLimit-Policy`` of every response this limiter decides (it never changes)."""
         self.policy_header_bytes = self.policy_header.encode("ascii")
         """The same, as the bytes of an ASGI header."""
-        self.policy_bytes = {
-            lim: p.encode("ascii") for p, lim in zip(self._policies, self.limits, strict=True)
+        self.ratelimit_prefix = {
+            id(lim): b'"%s";r=' % p.encode("ascii")
+            for p, lim in zip(self._policies, self.limits, strict=True)
         }
-        """Each limit's policy identifier, as bytes."""
+        """The start of each limit's ``RateLimit`` header value, by ``id`` of the limit (a
+        frozen dataclass hashes in Python: an ``id`` is a tenth of the time per request)."""
         other = _LIMITERS.get(name)
         if other is not None and (other.limits, other.algorithm) != (self.limits, algorithm):
             raise ConfigError(
@@ -358,6 +361,16 @@ class RateLimiter:
             KeyTypeError, InvalidKeyError: ``key`` is not a non-empty str within ``key_size``.
             ConfigError: ``cost`` is not an int in [1, the smallest amount].
         """
+        result = self._hit_now(key, cost)
+        if result is not None:
+            return result
+        assert self._binding is not None  # bound by _hit_now
+        return self._after(await self._redis(self._binding.store, key, cost, "h"))
+
+    def _hit_now(self, key: str, cost: int) -> RateLimitResult | None:
+        """:meth:`hit` decided without awaiting, on the table backend; ``None`` where the
+        backend must be awaited (redis, tiered): the HTTP edge then awaits :meth:`hit`, and
+        spares a coroutine per request on this host's table."""
         if (
             cost != 1
             or type(cost) is not int
@@ -371,45 +384,37 @@ class RateLimiter:
         if b is None or b.store is not store or b.backend is not store.backend:
             b = self._bind()
         table = b.table
-        if table is not None:
-            if self._single_fixed:
-                # The common case inline (one fixed-window limit): a hit costs under a
-                # microsecond, and every call or division below would add a tenth of one.
-                lim = self.limits[0]
-                amount = lim.amount
-                now = _time()
-                window = self._window0
-                if not window[0] <= now < window[1]:
-                    window = self._next_window0(now)
-                base = window[2]
-                try:
-                    value, ok = incr_bounded(table, key + _ROW0, "n", cost, base + amount, base)
-                except TableFullError:
-                    result = self._table_full()
-                else:
-                    count = value - base
-                    if count > amount:  # a later window's row (see _window)
-                        return self._after(self._table_hit(table, key, cost, True))
-                    reset = window[1] - now
-                    if ok:
-                        self._counts["allowed"] += 1
-                        result = _new(
-                            RateLimitResult, (True, amount, amount - count, reset, 0.0, lim, None)
-                        )
-                    else:
-                        self._counts["limited"] += 1
-                        left = max(0, amount - count)
-                        result = _new(
-                            RateLimitResult, (False, amount, left, reset, reset, lim, None)
-                        )
-                    if self._flush_handle is None or now > self._flush_due:
-                        self._schedule_flush()
-                    return result
-            else:
-                result = self._table_hit(table, key, cost, True)
+        if table is None:
+            return None
+        if not self._single_fixed:
+            return self._after(self._table_hit(table, key, cost, True))
+        # The common case inline (one fixed-window limit): a hit costs under a microsecond,
+        # and every call or division below would add a tenth of one.
+        lim = self.limits[0]
+        amount = lim.amount
+        now = _time()
+        window = self._window0
+        if not window[0] <= now < window[1]:
+            window = self._next_window0(now)
+        base = window[2]
+        try:
+            value, ok = incr_bounded(table, key + _ROW0, "n", cost, base + amount, base)
+        except TableFullError:
+            return self._after(self._table_full())
+        count = value - base
+        if count > amount:  # a later window's row (see _window)
+            return self._after(self._table_hit(table, key, cost, True))
+        reset = window[1] - now
+        if ok:
+            self._counts["allowed"] += 1
+            result = _new(RateLimitResult, (True, amount, amount - count, reset, 0.0, lim, None))
         else:
-            result = await self._redis(b.store, key, cost, "h")
-        return self._after(result)
+            self._counts["limited"] += 1
+            left = max(0, amount - count)
+            result = _new(RateLimitResult, (False, amount, left, reset, reset, lim, None))
+        if self._flush_handle is None or now > self._flush_due:
+            self._schedule_flush()
+        return result
 
     def _after(self, result: RateLimitResult) -> RateLimitResult:
         """Count a decision of :meth:`hit`."""

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from zeal_asgi.cache import Cache
-from zeal_asgi.errors import ConfigError, ZealError
+from zeal_asgi.cache import MISSING, Cache
+from zeal_asgi.errors import ConfigError, TableFullError, ZealError
 from zeal_asgi.response_cache.entry import (
     PASS,
     Captured,
@@ -36,9 +37,12 @@ from zeal_asgi.response_cache.entry import (
     etag_matches,
     vary_names,
 )
-from zeal_asgi.response_cache.policy import Policy, RequestParts
+from zeal_asgi.response_cache.policy import NO_PARTS, Policy, RequestParts
 from zeal_asgi.response_cache.tokens import Tokens, path_name, tag_name, tokens_of
 from zeal_asgi.shm.hoststats import host_stats
+
+if TYPE_CHECKING:
+    from zeal_asgi.shm.ext import Tally
 
 __all__ = ["Engine", "Passthrough", "Plan", "Produce"]
 
@@ -91,9 +95,24 @@ class _Stats:
             )
         }
         self.logged: set[str] = set()
+        self.tallies: dict[str, Tally | None] = {}
+        """Each event's counter row of this process (a forked child makes its own)."""
+        os.register_at_fork(after_in_child=self.tallies.clear)
 
     def incr(self, event: str) -> None:
-        host_stats().incr(self.names[event])
+        tally = self.tallies.get(event)
+        if tally is None:
+            if event in self.tallies:  # the counters are full: incr copes
+                host_stats().incr(self.names[event])
+                return
+            try:
+                tally = host_stats().tally(self.names[event])
+            except TableFullError:
+                self.tallies[event] = None
+                host_stats().incr(self.names[event])
+                return
+            self.tallies[event] = tally
+        tally.add()
 
     def failed(self, exc: BaseException, when: str) -> None:
         self.incr("errors")
@@ -133,8 +152,10 @@ class Engine:
         self.policy = policy
         self._static_tags = [tag_name(t) for t in policy.tags] if _static(policy.tags) else None
         self._tokens: Tokens | None = None
-        # the key of a request and its tokens: hashed once, not per request
-        self._keys: dict[tuple[Any, ...], str] = {}
+        # the plan of a request (without headers that matter) and its tokens: made once
+        self._plans: dict[tuple[Any, ...], Plan] = {}
+        # the token rows of a path (with the fixed tags)
+        self._names: dict[str, list[str]] = {}
         # the headers of the last answer per key, valid for its entry and its age in seconds
         self._answers: dict[str, tuple[Entry, int | None, bool, Headers]] = {}
 
@@ -164,11 +185,16 @@ class Engine:
             STATS.incr("bypass")
             return None
         path: str = scope["path"]
-        names = [path_name(path)]
-        if self._static_tags is not None:
-            names += self._static_tags
-        else:
-            names += [tag_name(_format(t, fields)) for t in p.tags]
+        names = self._names.get(path)
+        if names is None or self._static_tags is None:
+            names = [path_name(path)]
+            if self._static_tags is not None:
+                names += self._static_tags
+                if len(self._names) >= _MEMO_ROWS:
+                    self._names.clear()
+                self._names[path] = names
+            else:
+                names += [tag_name(_format(t, fields)) for t in p.tags]
         cache = self.cache()
         t = self._tokens
         if t is None or t.cache is not cache:
@@ -186,13 +212,13 @@ class Engine:
         if p.private and parts.authorization is not None:  # no credential kept in memory
             return Plan(_key(path, query, varied, parts.authorization, tokens), parts)
         memo = (path, query, varied, *tokens)
-        key = self._keys.get(memo)
-        if key is None:
-            key = _key(path, query, varied, None, tokens)
-            if len(self._keys) >= _MEMO_ROWS:
-                self._keys.clear()
-            self._keys[memo] = key
-        return Plan(key, parts)
+        plan = self._plans.get(memo)
+        if plan is None:
+            plan = Plan(_key(path, query, varied, None, tokens), NO_PARTS)
+            if len(self._plans) >= _MEMO_ROWS:
+                self._plans.clear()
+            self._plans[memo] = plan
+        return plan if parts is NO_PARTS else Plan(plan.key, parts)
 
     # -- the cycle -----------------------------------------------------------------------------
 
@@ -224,6 +250,19 @@ class Engine:
         """Answer ``plan``: from the cache, by running ``produce`` once for every request that
         waits on the same key, or (not cacheable) with the handler's own response."""
         cache = self.cache()
+        try:
+            # A hit through ``get`` (a str key): the Cache keeps a verified row's decoded value
+            # per worker and hands it back while the row holds the same bytes; its
+            # ``get_or_compute`` does not keep it, so it is left for misses.
+            value = await cache.get(plan.key, MISSING)
+        except Exception as exc:
+            STATS.failed(exc, "looking up a response")
+            return Passthrough(*await produce())
+        if type(value) is bytes and value != PASS and (entry := _entry(plan.key, value)):
+            STATS.incr("hits")
+            return self.answer(plan, entry, hit=True, original=None)
+        if value is not MISSING:  # the marker (or bytes of no entry we know): run the handler
+            return await self._pass(cache, plan, produce)
         ran: list[Any] = []
 
         async def compute() -> bytes:

@@ -19,7 +19,7 @@ from zeal_asgi.errors import ConfigError
 if TYPE_CHECKING:
     from zeal_asgi.cache import Cache
 
-__all__ = ["DEFAULT_MAX_BODY", "MAX_TTL", "Policy", "RequestParts", "make_policy"]
+__all__ = ["DEFAULT_MAX_BODY", "MAX_TTL", "NO_PARTS", "Policy", "RequestParts", "make_policy"]
 
 DEFAULT_MAX_BODY = 1 << 20
 MAX_TTL = 365 * 86400
@@ -144,27 +144,34 @@ def make_policy(
     )
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class RequestParts:
     """What a GET/HEAD request contributes to its key and to the answer."""
 
     authorization: bytes | None = None
     if_none_match: bytes | None = None
-    varied: list[bytes] | None = None
+    varied: tuple[bytes, ...] = ()
     """``name=value`` of the vary headers present, in header order."""
 
     @classmethod
     def read(cls, headers: Iterable[tuple[bytes, bytes]], vary: frozenset[bytes]) -> RequestParts:
-        """One pass over the request's raw headers (names are lower case in ASGI)."""
-        out = cls()
+        """One pass over the request's raw headers (names are lower case in ASGI); the shared
+        :data:`NO_PARTS` when none of them matters, as for most requests."""
+        auth = inm = None
+        varied: list[bytes] | None = None
         for name, value in headers:
             if name == b"authorization":
-                out.authorization = value
+                auth = value
             elif name == b"if-none-match":
-                inm = out.if_none_match
-                out.if_none_match = value if inm is None else inm + b"," + value
+                inm = value if inm is None else inm + b"," + value
             if name in vary:
-                if out.varied is None:
-                    out.varied = []
-                out.varied.append(name + b"=" + value)
-        return out
+                if varied is None:
+                    varied = []
+                varied.append(name + b"=" + value)
+        if auth is None and inm is None and varied is None:
+            return NO_PARTS
+        return cls(auth, inm, () if varied is None else tuple(varied))
+
+
+NO_PARTS = RequestParts()
+"""A request without ``Authorization``, ``If-None-Match`` or a varied header."""
