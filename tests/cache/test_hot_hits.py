@@ -43,6 +43,18 @@ async def test_kept_hits_are_counted_exactly(
     assert table_cache._tiers.hot["long"].get(None) == "x" * 6000  # kept hits, not re-kept ones
 
 
+async def test_get_or_compute_alone_keeps_its_row_and_counts_each_lookup_once(
+    table_cache: Cache,
+) -> None:
+    assert await table_cache.get_or_compute("g", lambda: {"v": 1}) == {"v": 1}  # computed
+    assert table_cache.stats()["misses"] == 1
+    before = _hits(table_cache)
+    for _ in range(5):
+        assert await table_cache.get_or_compute("g", lambda: pytest.fail("a hit")) == {"v": 1}
+    assert "g" in table_cache._tiers.hot  # kept by its first hit, as ``get`` keeps it
+    assert _hits(table_cache) == before + 5 and table_cache.stats()["misses"] == 1
+
+
 async def test_a_forked_worker_counts_its_kept_hits_in_its_own_row(table_cache: Cache) -> None:
     await table_cache.set("k", {"v": 1})
     for _ in range(3):

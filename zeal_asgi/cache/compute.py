@@ -35,18 +35,20 @@ async def _renew(lock: Lock, name: str, holder: list[Any], every: float) -> None
 
 async def compute_once(
     tiers: Tiers,
-    key: bytes,
+    key: str | bytes,
     fn: Callable[[], Any | Awaitable[Any]],
     ttl: float,
     max_wait: float,
     max_entry_bytes: int,
 ) -> Any:
-    """The cached value of ``key``, computing it with ``fn`` at most once at a time."""
-    found, value = await tiers.lookup(key)
+    """The cached value of ``key`` (valid: checked by the caller), computing it with ``fn`` at
+    most once at a time."""
+    found, value = await tiers.lookup(key)  # a str key's row is kept for the next hit
     if found:
         return value
+    raw = key.encode() if isinstance(key, str) else key
     lock = tiers.bind().lock
-    name = memory_key(key)
+    name = memory_key(raw)
     deadline = time.monotonic() + max_wait
     delay = 0.002
     while (token := await lock.acquire(name)) is None:
@@ -54,7 +56,7 @@ async def compute_once(
         if left <= 0:
             tiers.count("compute_timeouts")
             raise LockTimeoutError(
-                f"get_or_compute({key!r:.60}): another worker has been computing it for more "
+                f"get_or_compute({raw!r:.60}): another worker has been computing it for more "
                 f"than {max_wait} s (max_wait=)"
             )
         await asyncio.sleep(min(delay, left) * random.uniform(0.5, 1.0))
@@ -81,10 +83,10 @@ async def compute_once(
         payload = tiers.serializer.dumps(result)
         if len(payload) > max_entry_bytes:
             raise ValueTooLargeError(
-                f"computed value for {key!r:.60} is {len(payload)} bytes serialized; the limit "
+                f"computed value for {raw!r:.60} is {len(payload)} bytes serialized; the limit "
                 f"is max_entry_bytes={max_entry_bytes}"
             )
-        await tiers.put(key, payload, ttl)
+        await tiers.put(raw, payload, ttl)
         return result
     finally:
         if renewer is not None:

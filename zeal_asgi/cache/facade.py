@@ -359,10 +359,11 @@ class Cache(metaclass=HybridMeta):
             and (value := self._hot(key)) is not MISSING
         ):
             return value
-        kb = check_key(key)
+        check_key(key)
         seconds = check_ttl(ttl)
         wait = self.compute_timeout if max_wait is None else float(max_wait)
-        return await compute_once(self._tiers, kb, fn, seconds, wait, self.max_entry_bytes)
+        # the key as given: a str key's row is kept for the hot check above (as ``get`` does)
+        return await compute_once(self._tiers, key, fn, seconds, wait, self.max_entry_bytes)
 
     # -- GC and lifecycle ----------------------------------------------------------------------
 

@@ -344,13 +344,14 @@ class Tiers:
             table.delete(rk)
         return found, value
 
-    async def lookup(self, key: bytes, record: bool = True) -> tuple[bool, Any]:
-        """``(found, value)``; every byte used was authenticated (or, on the table backend in
-        JSON mode, shape-checked) first.  ``record=False`` leaves the hit/miss counters alone."""
+    async def lookup(self, key: str | bytes, record: bool = True) -> tuple[bool, Any]:
+        """``(found, value)`` of a valid key; every byte used was authenticated (or, on the
+        table backend in JSON mode, shape-checked) first.  ``record=False`` leaves the hit/miss
+        counters alone.  (A str key's row is kept for the next hit on the table backend.)"""
         b = self.bind()
         if b.table is not None:
             return self.get_local(b.table, b, key, record)
-        rk = memory_key(key)
+        rk = memory_key(_bytes(key))
         v = await b.store.get_strict(self.table, rk, "v")
         found, value, drop = self._answer(b, key, rk, v, record)
         if drop:

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from zeal_asgi.cache import MISSING, Cache
+from zeal_asgi.cache import Cache
 from zeal_asgi.errors import ConfigError, TableFullError, ZealError
 from zeal_asgi.response_cache.entry import (
     PASS,
@@ -250,19 +250,6 @@ class Engine:
         """Answer ``plan``: from the cache, by running ``produce`` once for every request that
         waits on the same key, or (not cacheable) with the handler's own response."""
         cache = self.cache()
-        try:
-            # A hit through ``get`` (a str key): the Cache keeps a verified row's decoded value
-            # per worker and hands it back while the row holds the same bytes; its
-            # ``get_or_compute`` does not keep it, so it is left for misses.
-            value = await cache.get(plan.key, MISSING)
-        except Exception as exc:
-            STATS.failed(exc, "looking up a response")
-            return Passthrough(*await produce())
-        if type(value) is bytes and value != PASS and (entry := _entry(plan.key, value)):
-            STATS.incr("hits")
-            return self.answer(plan, entry, hit=True, original=None)
-        if value is not MISSING:  # the marker (or bytes of no entry we know): run the handler
-            return await self._pass(cache, plan, produce)
         ran: list[Any] = []
 
         async def compute() -> bytes:
