@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests._harness.apps import REPO
+from tests._harness.servers import RedisServer
 from tests.messaging.helpers import until
 from zeal_asgi.errors import InvalidKeyError, KeyTypeError, SerializationError, ValueTooLargeError
 from zeal_asgi.messaging.pubsub import PubSub
@@ -82,11 +83,35 @@ def test_redis_glob_rules() -> None:
         "h[^e]llo": (["hallo"], ["hello"]),
         "h[a-b]llo": (["hallo", "hbllo"], ["hcllo"]),
         "h\\*llo": (["h*llo"], ["hello"]),
+        "h[z-a]llo": (["hmllo"], ["h-llo"]),  # a range either way round
+        "x[a--b]": (["x-", "x0", "xa", "xb"], ["xc", "x,"]),  # the range '-'..'a', then 'b'
+        "x[-a]": (["x-", "xa"], ["xb"]),
     }
     for pattern, (yes, no) in cases.items():
         rx = glob_to_regex(pattern)
         assert all(rx.fullmatch(s) for s in yes), pattern
         assert not any(rx.fullmatch(s) for s in no), pattern
+
+
+@pytest.mark.redis
+def test_glob_classes_match_what_redis_matches(redis_server: RedisServer) -> None:
+    """Every pattern selects the same names here as Redis's own matcher (KEYS)."""
+    names = ["x-", "x0", "xa", "xb", "xc", "x,", "x]", "x^", "x\\", "xm", "xz", "xA", "x[ab"]
+    patterns = [
+        "x[a--b]", "x[z-a]", "x[-a]", "x[a-]", "x[^a-c]", "x[\\-]", "x[0-a]", "x[m]", "x[ab",
+        "x[a-", "x[\\]", "x[]a]", "x[^]", "x[]", "x[", "x[^", "x\\", "x[\\", "x?", "*]",
+    ]  # fmt: skip
+    db = redis_server.client()
+    try:
+        db.flushall()
+        db.mset(dict.fromkeys(names, "1"))
+        for pattern in patterns:
+            redis_says = {k.decode() for k in db.keys(pattern) if isinstance(k, bytes)}
+            rx = glob_to_regex(pattern)
+            assert {n for n in names if rx.fullmatch(n)} == redis_says, pattern
+    finally:
+        db.flushall()
+        db.close()
 
 
 async def test_slow_reader_loses_oldest_and_counts(store: Store) -> None:

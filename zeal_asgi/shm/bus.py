@@ -66,31 +66,46 @@ Deliver = Callable[[str, "str | None", bytes], object]
 result is ignored)."""
 
 
-# A glob's tokens: an escaped char, a bracket class (negated?, body), an unclosed "[" with the
-# rest of the pattern, or one plain char.
-_GLOB = re.compile(r"\\(.)|\[(\^?)((?:\\.|[^\]\\])*)\]|(\[.*)|(.)", re.DOTALL)
-_CLASS = re.compile(r"\\(.)|(.)", re.DOTALL)
-
-
-def _char_class(body: str) -> str:
-    # A "-" between two members is a range; first or last, it is a literal.
-    parts = _CLASS.findall(body)
-    return "".join(
-        "-" if plain == "-" and 0 < i < len(parts) - 1 else re.escape(escaped or plain)
-        for i, (escaped, plain) in enumerate(parts)
-    )
+def _char_class(p: str, i: int) -> tuple[str, int]:
+    """The regex of the class whose first char (after its "[") is ``p[i]``, and the index of
+    its last char: Redis reads it left to right, "x-y" is a range either way round ("z-a" is
+    "a-z"), an escaped char stands for itself, and a class not closed ends with the pattern."""
+    neg = i < len(p) and p[i] == "^"
+    i += neg
+    members: list[str] = []
+    while i < len(p) and p[i] != "]":
+        if p[i] == "\\" and i + 1 < len(p):
+            i += 1
+            members.append(re.escape(p[i]))
+        elif i + 2 < len(p) and p[i + 1] == "-":
+            lo, hi = sorted((p[i], p[i + 2]))
+            members.append(f"{re.escape(lo)}-{re.escape(hi)}")
+            i += 2
+        else:
+            members.append(re.escape(p[i]))
+        i += 1
+    body = "".join(members)
+    # an empty class matches no char; negated, any char
+    regex = f"[{'^' * neg}{body}]" if body else "." if neg else "(?!)"
+    return regex, min(i, len(p) - 1)
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
-    """Redis PSUBSCRIBE glob semantics: ``*``, ``?``, ``[abc]``, ``[^a]``, ``[a-z]``, ``\\x``."""
+    """Redis's glob (PSUBSCRIBE, KEYS) as a regex: ``*``, ``?``, ``\\x``, and classes ``[abc]``,
+    ``[^a]``, ``[a-z]``, read as Redis reads them (see :func:`_char_class`)."""
     out: list[str] = []
-    for escaped, neg, body, unclosed, char in _GLOB.findall(pattern):
-        if escaped or unclosed:  # no closing bracket: Redis matches the rest literally
-            out.append(re.escape(escaped or unclosed))
-        elif char:
-            out.append(".*" if char == "*" else "." if char == "?" else re.escape(char))
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "[":
+            cls, i = _char_class(pattern, i + 1)
+            out.append(cls)
+        elif c == "\\" and i + 1 < len(pattern):
+            i += 1
+            out.append(re.escape(pattern[i]))
         else:
-            out.append(f"[{neg}{_char_class(body)}]")
+            out.append(".*" if c == "*" else "." if c == "?" else re.escape(c))
+        i += 1
     return re.compile("".join(out), re.DOTALL)
 
 
