@@ -5,10 +5,12 @@ fairness between two processes, waiting and typed errors."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 import uuid
 import weakref
@@ -256,6 +258,34 @@ async def test_a_task_started_by_a_holder_does_not_keep_it_alive(zeal: Zeal) -> 
     assert ref() is None
     go_on.set()
     await child
+
+
+async def test_a_thread_running_a_loop_in_a_running_tasks_context_holds_its_own_locks(
+    zeal: Zeal,
+) -> None:
+    """A thread that runs an event loop in a copy of a task's context takes locks in its own
+    loop, as its own task, even while that task is running."""
+    async with zeal.lock(unique(), ttl=5):
+        pass  # what this task's context keeps of it now names it
+    holders: list[bool] = []
+    done = threading.Event()
+
+    def in_thread() -> None:
+        async def take() -> None:
+            async with zeal.lock(unique(), ttl=5) as lease:
+                holders.append(lease._task is asyncio.current_task())
+
+        try:
+            asyncio.run(take())
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(in_thread,))
+    thread.start()
+    while not done.wait(0.001):  # this task's coroutine keeps running meanwhile
+        pass
+    thread.join()
+    assert holders == [True]
 
 
 def _forked_contender(zeal: Zeal, name: str, w: Connection) -> None:

@@ -16,6 +16,7 @@ import collections
 import logging
 import os
 import random
+import threading
 import weakref
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
@@ -34,12 +35,14 @@ _INF = float("inf")
 _Waiters = collections.deque[asyncio.Future[None]]
 _Key = tuple[Any, "Scope", str]  # (event loop, scope, name)
 _current_task = asyncio.current_task
+_thread = threading.get_ident
 # (loop, task) of the task that last took a lock, kept in the task's context: on Python 3.11,
 # asyncio.current_task() makes a getpid system call (it checks the running loop was not
 # inherited through fork), the largest single cost of an uncontended host lock.  Tasks a task
-# starts copy its context, so the task kept counts only while its coroutine runs: it is then
-# the task running this code.  (A weak reference: the task's context must not keep the task.)
-_Here = tuple[Any, "weakref.ref[asyncio.Task[Any]]"]
+# starts copy its context, so the task kept counts only while its coroutine runs in this
+# thread: it is then the task running this code (a thread can run a loop in a copy of a task's
+# context while that task runs).  (A weak reference: the context must not keep the task.)
+_Here = tuple[Any, "weakref.ref[asyncio.Task[Any]]", int]
 _here: ContextVar[_Here] = ContextVar("zeal_asgi.locks.here")
 
 
@@ -62,7 +65,7 @@ def _look_up() -> tuple[Any, asyncio.Task[Any] | None]:
     if task is None:
         return asyncio.get_running_loop(), None
     loop = task.get_loop()
-    _here.set((loop, weakref.ref(task)))
+    _here.set((loop, weakref.ref(task), _thread()))
     return loop, task
 
 
@@ -175,7 +178,11 @@ class Locker:
         here = _here.get(None)
         task = None if here is None else here[1]()
         try:
-            if task is not None and task.get_coro().cr_running:  # type: ignore[union-attr]
+            if (
+                task is not None
+                and here[2] == _thread()  # type: ignore[index]
+                and task.get_coro().cr_running  # type: ignore[union-attr]
+            ):
                 loop = here[0]  # type: ignore[index]
             else:
                 loop, task = _look_up()
