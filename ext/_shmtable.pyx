@@ -1253,6 +1253,12 @@ if zt_lease_pid_init() != 0:
     raise OSError("pthread_atfork failed: forked children could not tell their own pid")
 
 
+def current_pid():
+    """This process's pid without a system call: kept, and read again in a forked child before
+    any code runs there (the one kept pid: leases, host counters and Redis clients use it)."""
+    return zt_lease_pid
+
+
 cdef int _lease_col(Table table, object column) except -1:
     cdef int ci = table._col(column)
     if table.cols[ci].type != ZT_INT or table.cols[ci].width != 8:

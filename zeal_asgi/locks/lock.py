@@ -189,7 +189,7 @@ class Locker:
         except AttributeError:  # the task of a coroutine that is not a native one
             loop, task = _look_up()
         key = (loop, scope, name)
-        ms = int(ttl * 1000 + 0.5) or 1  # _ms(ttl), inline
+        ms = _ms(ttl)
         holder = task if cancel else None
         owners = self._owners
         if key in owners:
@@ -200,12 +200,8 @@ class Locker:
                 grant = now.take(name, ms)
             except ZealError:  # the scope's own attempt (in _wait) says why
                 grant = (0, None)
-            if grant[0] > 0:  # _hold(), inline
-                lease = owners[key] = LockLease(key, ttl, grant, holder)
-                timer = self._timers.get(loop)
-                if timer is None or lease._renew_at < timer[0]:
-                    self._arm(loop, lease._renew_at)
-                return lease
+            if grant[0] > 0:
+                return self._hold(key, ttl, grant, holder)
         owners[key] = None  # ours to poll for: nobody else of this process wants it
         return self._wait(key, ttl, ms, wait, holder, queued=False)
 
@@ -304,9 +300,7 @@ class Locker:
             if not lease.lost:
                 scope.give(lease.name, lease._handle)
         finally:
-            self._owners.pop(lease._key, None)
-            if self._waiters:
-                self._hand_on(lease._key)
+            self._next(lease._key)
 
     # -- renewal ---------------------------------------------------------------------------------
 

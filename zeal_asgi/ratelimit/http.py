@@ -213,7 +213,7 @@ def depends(
     limiter._check("k", cost)  # a bad cost fails at declaration, not at the first request
     fastapi = require("fastapi", extra="fastapi", feature="RateLimiter.depends")
 
-    hit_now = limiter._hit_now
+    hit_now = limiter.hit_now
     by_scope = key.of_scope if isinstance(key, ClientIP) else None
 
     async def rate_limit(connection: HTTPConnection, response: Response) -> RateLimitResult:
@@ -314,7 +314,7 @@ class RateLimitMiddleware:
         limiter = self.limiter
         by_scope = self._by_scope  # the usual key: no connection object to build
         key = by_scope(scope) if by_scope is not None else await self._key(scope, receive, send)
-        result = limiter._hit_now(key, self.cost)  # decided in place on the table backend
+        result = limiter.hit_now(key, self.cost)  # decided in place on the table backend
         if result is None:
             result = await limiter.hit(key, self.cost)
         raw = raw_headers(limiter, result)

@@ -361,13 +361,13 @@ class RateLimiter:
             KeyTypeError, InvalidKeyError: ``key`` is not a non-empty str within ``key_size``.
             ConfigError: ``cost`` is not an int in [1, the smallest amount].
         """
-        result = self._hit_now(key, cost)
+        result = self.hit_now(key, cost)
         if result is not None:
             return result
-        assert self._binding is not None  # bound by _hit_now
+        assert self._binding is not None  # bound by hit_now
         return self._after(await self._redis(self._binding.store, key, cost, "h"))
 
-    def _hit_now(self, key: str, cost: int) -> RateLimitResult | None:
+    def hit_now(self, key: str, cost: int) -> RateLimitResult | None:
         """:meth:`hit` decided without awaiting, on the table backend; ``None`` where the
         backend must be awaited (redis, tiered): the HTTP edge then awaits :meth:`hit`, and
         spares a coroutine per request on this host's table."""

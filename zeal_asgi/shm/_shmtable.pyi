@@ -106,6 +106,8 @@ class Cells:
     def __getitem__(self, i: int, /) -> float: ...
 
 # -- leases
+def current_pid() -> int: ...
+
 LEASE_BUSY_OWNER: int
 LEASE_BUSY_TURN: int
 

@@ -7,24 +7,12 @@ held it.  A zombie counts as dead: it runs no code, holds no lock and will never
 
 from __future__ import annotations
 
-import os
+from zeal_asgi.shm._shmtable import current_pid
 
 __all__ = ["cmdline", "current_pid", "process_alive", "process_start_time"]
 
-_pid = os.getpid()  # kept: getpid is a system call, and hot paths (counters, leases) need it
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
-
-
-def current_pid() -> int:
-    """This process's pid without a system call (kept, and renewed in a forked child)."""
-    return _pid
+# current_pid: this process's pid without a system call, kept by the extension (renewed in a
+# forked child before any code runs there), the one kept pid of the package
 
 
 def _stat_fields(pid: int) -> list[str] | None:
