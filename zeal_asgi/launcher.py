@@ -40,8 +40,6 @@ from zeal_asgi.shm.segments import (
     sweep_stale,
 )
 
-__all__ = ["inspect", "main", "make_socket", "run"]
-
 log = logging.getLogger("zeal_asgi.launcher")
 
 _MIDDLEWARE = "zeal_asgi.middleware.ZealMiddleware"

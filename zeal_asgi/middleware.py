@@ -19,8 +19,6 @@ from zeal_asgi.metrics.http import http_metrics as http_metrics_of
 if TYPE_CHECKING:
     from zeal_asgi.app import Zeal
 
-__all__ = ["ZealMiddleware", "zeal_error_handler"]
-
 log = logging.getLogger("zeal_asgi")
 
 

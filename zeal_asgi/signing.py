@@ -30,8 +30,6 @@ from typing import Any
 from zeal_asgi.errors import ConfigError, MessageRejectedError
 from zeal_asgi.shm.hoststats import host_stats
 
-__all__ = ["REASONS", "RESERVED", "RejectionCounter", "Signer", "parse_envelope"]
-
 REASONS = ("bad_mac", "unknown_kid", "stale", "replay", "oversize", "malformed")
 """Every reason a message is rejected for, in the order they are checked (oversize first)."""
 

@@ -35,8 +35,6 @@ from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.errors import translate
 from zeal_asgi._redis.pipe import Opener, pack
 
-__all__ = ["Address", "ClientFactory"]
-
 Address = tuple[str, int]
 """A node's host and port."""
 

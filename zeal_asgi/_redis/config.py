@@ -16,8 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 
 from zeal_asgi.errors import ConfigError
 
-__all__ = ["DEFAULT_URL", "RedisConfig"]
-
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 _SCHEMES = {"redis": False, "valkey": False, "rediss": True, "valkeys": True, "tls": True}
 """URL schemes and whether they mean TLS (``tls://`` is the seed's spelling of ``rediss://``)."""

@@ -45,8 +45,6 @@ from zeal_asgi.errors import BackendTimeoutError, ConfigError, PoolTimeoutError,
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.process import current_pid
 
-__all__ = ["COUNTERS", "HOST_KEYS", "LoopState", "RedisConnector"]
-
 log = logging.getLogger("zeal_asgi.redis")
 T = TypeVar("T")
 

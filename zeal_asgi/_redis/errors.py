@@ -20,8 +20,6 @@ from zeal_asgi.errors import (
     ZealError,
 )
 
-__all__ = ["retriable", "translate"]
-
 # Server replies meaning "not now" rather than "no": the node is loading, failing over or
 # has no quorum.  They become BackendUnavailableError, so breakers and retries treat them as
 # an outage.

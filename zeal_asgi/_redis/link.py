@@ -22,8 +22,6 @@ from zeal_asgi.errors import (
     SerializationError,
 )
 
-__all__ = ["RedisLink"]
-
 T = TypeVar("T")
 _CACHED = 1024
 """User scripts kept ready (bounded: they may come from user input)."""

@@ -38,8 +38,6 @@ from typing import Any, cast
 import hiredis
 from redis.exceptions import ResponseError
 
-__all__ = ["Dropped", "Expired", "Pipe", "Template", "pack"]
-
 _RESOLUTION = 0.001
 """Timers may fire up to a clock tick early (libuv counts milliseconds)."""
 

@@ -38,8 +38,6 @@ from zeal_asgi.shm.hoststats import host_stats
 if TYPE_CHECKING:
     from zeal_asgi._redis.link import RedisLink
 
-__all__ = ["Deliver", "Feed", "RedisFeed", "Subscriber", "publish"]
-
 log = logging.getLogger("zeal_asgi.subscriber")
 
 Deliver = Callable[[str, str | None, bytes], object]

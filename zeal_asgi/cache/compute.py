@@ -21,8 +21,6 @@ from zeal_asgi.cache.lock import NO_LOCK, Lock
 from zeal_asgi.cache.tiers import Tiers, memory_key
 from zeal_asgi.errors import LockTimeoutError, ValueTooLargeError
 
-__all__ = ["compute_once"]
-
 
 async def _renew(lock: Lock, name: str, holder: list[Any], every: float) -> None:
     while True:

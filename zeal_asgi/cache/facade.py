@@ -29,8 +29,6 @@ from zeal_asgi.store.facade import HybridMeta, hybridmethod
 if TYPE_CHECKING:
     from zeal_asgi.store.services import ServiceHost
 
-__all__ = ["MISSING", "Cache"]
-
 
 class _Missing:
     def __repr__(self) -> str:

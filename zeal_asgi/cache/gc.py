@@ -18,8 +18,6 @@ from collections.abc import Awaitable, Callable
 from zeal_asgi.cache.keys import control_table
 from zeal_asgi.shm.lease import Lease
 
-__all__ = ["CacheGC"]
-
 log = logging.getLogger("zeal_asgi.cache")
 
 

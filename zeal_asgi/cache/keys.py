@@ -21,8 +21,6 @@ from zeal_asgi.errors import ConfigError
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table
 
-__all__ = ["MIN_PICKLE_SECRET", "MIN_SECRET", "CacheKeys", "control_table", "resolve_secret"]
-
 log = logging.getLogger("zeal_asgi.cache")
 
 MIN_SECRET = 16

@@ -32,8 +32,6 @@ from zeal_asgi.store import Key, Store, StoreBackendKind
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table
 
-__all__ = ["NO_LOCK", "CasLock", "Lock", "RedisLock", "ShmLock", "lock_for"]
-
 _EPOCH_MS = 1_704_067_200_000  # 2024-01-01: keeps wall-clock deadlines within 41 bits for decades
 
 NO_LOCK: Any = object()

@@ -20,8 +20,6 @@ from typing import Any, cast
 
 from zeal_asgi.cache.serializer import Serializer
 
-__all__ = ["DecodeMemo"]
-
 _IMMUTABLE = frozenset({str, bytes, int, float, bool, type(None)})
 
 

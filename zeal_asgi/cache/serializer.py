@@ -43,8 +43,6 @@ from pydantic import BaseModel
 
 from zeal_asgi.errors import ConfigError, SerializationError
 
-__all__ = ["PICKLE_ID", "JsonSerializer", "PickleSerializer", "Serializer", "get_serializer"]
-
 JSON_ID = 1
 PICKLE_ID = 2
 

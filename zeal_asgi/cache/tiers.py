@@ -86,8 +86,6 @@ from zeal_asgi.store import Capability, Key, Store, StoreBackend, StoreBackendKi
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table
 
-__all__ = ["Binding", "Tiers", "check_key", "check_ttl", "memory_key"]
-
 MAX_KEY_BYTES = 4096
 MAX_TTL = 10 * 365 * 86400
 """Ten years: a longer TTL is a unit mistake (milliseconds?), refused rather than stored."""

@@ -19,8 +19,6 @@ from zeal_asgi.errors import BackendError
 if TYPE_CHECKING:
     from zeal_asgi._redis.link import RedisLink
 
-__all__ = ["ClusterLocks"]
-
 log = logging.getLogger("zeal_asgi.locks")
 _releasing: set[asyncio.Task[None]] = set()  # releases that outlive a cancelled caller
 

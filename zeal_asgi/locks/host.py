@@ -16,8 +16,6 @@ from zeal_asgi.errors import TableFullError
 from zeal_asgi.shm.ext import Table
 from zeal_asgi.shm.lease import Lease, LeaseColumns
 
-__all__ = ["CAPACITY", "TABLE", "HostLocks", "host_locks"]
-
 TABLE = "__zeal_locks__"
 CAPACITY = 4096
 """Distinct host-scope lock names a server can use (rows are kept for their fence)."""

@@ -28,8 +28,6 @@ from zeal_asgi.errors import LockLostError, LockTimeoutError, ZealError
 from zeal_asgi.locks.lock import LockContext, Locker, Scope
 from zeal_asgi.shm.ext import Table
 
-__all__ = ["JOBS_TABLE", "Job", "job_stats", "jobs_table", "run_job"]
-
 log = logging.getLogger("zeal_asgi.locks")
 
 JOBS_TABLE = "__zeal_jobs__"

@@ -19,8 +19,6 @@ if TYPE_CHECKING:
     from zeal_asgi._redis.link import RedisLink
     from zeal_asgi.messaging.streams import ReliableSubscription, Streams
 
-__all__ = ["Consumer"]
-
 log = logging.getLogger("zeal_asgi.streams")
 
 _XAUTOCLAIM_PAGES = 100

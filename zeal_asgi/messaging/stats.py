@@ -16,16 +16,6 @@ from zeal_asgi.store.facade import add_stats_section
 if TYPE_CHECKING:
     from zeal_asgi._redis.link import RedisLink
 
-__all__ = [
-    "RUNNERS",
-    "Counters",
-    "call",
-    "cancel_tasks",
-    "messaging_link",
-    "messaging_stats",
-    "spawn",
-]
-
 log = logging.getLogger("zeal_asgi.messaging")
 
 RUNNERS: weakref.WeakSet[Any] = weakref.WeakSet()

@@ -43,15 +43,6 @@ from zeal_asgi.store.channels import validate_channel
 if TYPE_CHECKING:
     from zeal_asgi.messaging.consumer import Consumer
 
-__all__ = [
-    "ReliableSubscription",
-    "StreamEntry",
-    "StreamHandler",
-    "Streams",
-    "apply_once",
-    "idempotent",
-]
-
 log = logging.getLogger("zeal_asgi.streams")
 
 _COUNTERS = "received acked failed reclaimed dead_lettered lost reconnects"

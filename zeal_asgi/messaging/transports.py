@@ -23,8 +23,6 @@ from zeal_asgi.shm.bus_reader import BusSubscriber
 if TYPE_CHECKING:
     from zeal_asgi._redis.link import RedisLink
 
-__all__ = ["BusTransport", "RedisTransport", "Topic", "Transport", "glob_escape"]
-
 
 @dataclass(frozen=True)
 class Topic:

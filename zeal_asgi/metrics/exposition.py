@@ -20,18 +20,6 @@ from zeal_asgi.metrics.registry import Family, Registry, default_registry
 if TYPE_CHECKING:
     from fastapi import APIRouter
 
-__all__ = [
-    "CONTENT_TYPE",
-    "OPENMETRICS_CONTENT_TYPE",
-    "Collector",
-    "endpoint",
-    "make_router",
-    "metric_name",
-    "render",
-    "response",
-    "routes",
-]
-
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 

@@ -17,8 +17,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from zeal_asgi.metrics.kinds import Counter, Gauge, Histogram
 from zeal_asgi.metrics.registry import Registry, default_registry, log
 
-__all__ = ["HttpMetrics", "http_metrics", "route_template"]
-
 METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )

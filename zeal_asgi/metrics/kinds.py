@@ -30,17 +30,6 @@ from zeal_asgi.metrics.registry import (
 )
 from zeal_asgi.shm.ext import Cells
 
-__all__ = [
-    "DEFAULT_BUCKETS",
-    "Counter",
-    "Gauge",
-    "GaugeChild",
-    "Histogram",
-    "Metric",
-    "Summary",
-    "TimedChild",
-]
-
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 """Prometheus' default histogram buckets (seconds); ``+Inf`` is always added."""
 GaugeMode = Literal["livesum", "sum", "max", "min", "mostrecent"]

@@ -27,19 +27,6 @@ from zeal_asgi.shm.process import process_alive, process_start_time
 if TYPE_CHECKING:
     from zeal_asgi.metrics.kinds import Metric
 
-__all__ = [
-    "KEY_SIZE",
-    "ROW_CELLS",
-    "Family",
-    "Labels",
-    "Registry",
-    "Rows",
-    "Sample",
-    "Worker",
-    "default_registry",
-    "worker",
-]
-
 log = logging.getLogger("zeal_asgi.metrics")
 
 ROW_CELLS = 8

@@ -31,17 +31,6 @@ if TYPE_CHECKING:
 
 _ceil = math.ceil
 
-__all__ = [
-    "ClientIP",
-    "KeyFunc",
-    "RateLimitMiddleware",
-    "client_ip",
-    "decision_headers",
-    "depends",
-    "raw_headers",
-    "refusal_body",
-]
-
 KeyFunc = Callable[[HTTPConnection], "str | Awaitable[str]"]
 """A key: a callable taking the connection (``Request`` or ``WebSocket``), sync or async."""
 

@@ -48,8 +48,6 @@ if TYPE_CHECKING:
     from zeal_asgi.shm import Table
     from zeal_asgi.store.services import ServiceHost
 
-__all__ = ["ALGORITHMS", "EVENTS", "RateLimitResult", "RateLimiter", "ratelimit_stats"]
-
 log = logging.getLogger("zeal_asgi.ratelimit")
 
 Algorithm = Literal["fixed_window", "sliding_window", "token_bucket"]

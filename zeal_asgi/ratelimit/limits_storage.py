@@ -30,8 +30,6 @@ from limits.storage.base import TimestampedSlidingWindow
 from zeal_asgi.errors import ConfigError, TableFullError, ZealError
 from zeal_asgi.shm.ext import Table, incr_bounded
 
-__all__ = ["LimitsStorage"]
-
 _SHIFT = 26
 _MASK = (1 << _SHIFT) - 1
 _TICKS = 64  # per second: the resolution of a window's end

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 
 from zeal_asgi.errors import ConfigError
 
-__all__ = ["MAX_AMOUNT", "MAX_PERIOD", "RateLimit", "parse_limits"]
-
 MAX_AMOUNT = 2**31 - 1
 """Largest ``amount`` of one limit (counts are 64-bit; costs add up below 2^63)."""
 MAX_PERIOD = 10 * 366 * 86400.0

@@ -32,8 +32,6 @@ from zeal_asgi.response_cache.engine import Engine, Passthrough
 from zeal_asgi.response_cache.entry import Captured
 from zeal_asgi.response_cache.policy import DEFAULT_MAX_BODY, make_policy, tag_fields
 
-__all__ = ["cache_response"]
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 _REQUEST = "_zeal_cache_request"

@@ -44,8 +44,6 @@ from zeal_asgi.shm.hoststats import host_stats
 if TYPE_CHECKING:
     from zeal_asgi.shm.ext import Tally
 
-__all__ = ["Engine", "Passthrough", "Plan", "Produce"]
-
 log = logging.getLogger("zeal_asgi.response_cache")
 
 _ENTRY_OVERHEAD = 4096

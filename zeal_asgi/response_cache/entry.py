@@ -28,17 +28,6 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-__all__ = [
-    "PASS",
-    "Captured",
-    "Entry",
-    "Headers",
-    "RawResponse",
-    "decode",
-    "encode",
-    "etag_matches",
-]
-
 PASS = b"\x00"
 """Stored under a key whose response is not cacheable (see the module doc)."""
 

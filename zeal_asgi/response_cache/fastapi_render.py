@@ -17,8 +17,6 @@ from fastapi.routing import APIRoute, serialize_response
 from fastapi.utils import is_body_allowed_for_status_code
 from starlette.responses import Response
 
-__all__ = ["is_api_route", "render_value"]
-
 _DUMP_JSON = "dump_json" in inspect.signature(serialize_response).parameters
 
 

@@ -25,8 +25,6 @@ from zeal_asgi.response_cache.engine import STATS, Engine, Passthrough, Plan
 from zeal_asgi.response_cache.entry import PASS, Captured, RawResponse, decode
 from zeal_asgi.response_cache.policy import DEFAULT_MAX_BODY, make_policy
 
-__all__ = ["ResponseCacheMiddleware"]
-
 
 async def _send_captured(c: Captured, scope: Scope, send: Send) -> None:
     await RawResponse(c.status, c.headers, c.body)(scope, _no_receive, send)

@@ -19,8 +19,6 @@ from zeal_asgi.errors import ConfigError
 if TYPE_CHECKING:
     from zeal_asgi.cache import Cache
 
-__all__ = ["DEFAULT_MAX_BODY", "MAX_TTL", "NO_PARTS", "Policy", "RequestParts", "make_policy"]
-
 DEFAULT_MAX_BODY = 1 << 20
 MAX_TTL = 365 * 86400
 """A year: HTTP caches cap ``max-age`` there too; a longer TTL is a unit mistake."""

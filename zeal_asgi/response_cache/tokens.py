@@ -34,8 +34,6 @@ if TYPE_CHECKING:
     from zeal_asgi.cache import Cache
     from zeal_asgi.shm import Table
 
-__all__ = ["TOKEN_TTL", "Tokens", "check_names", "path_name", "tag_name", "tokens_of"]
-
 log = logging.getLogger("zeal_asgi.response_cache")
 
 TOKEN_TTL = 86400

@@ -42,16 +42,6 @@ from zeal_asgi.shm.segments import server_identity
 if TYPE_CHECKING:
     from zeal_asgi.shm import Atomic, Table
 
-__all__ = [
-    "CHANNEL_MAX",
-    "HostBus",
-    "close_host_bus",
-    "configure_host_bus",
-    "glob_to_regex",
-    "host_bus",
-    "user_wire",
-]
-
 CHANNEL_MAX = 256
 """Longest channel or pattern name, in UTF-8 bytes (a wire name adds a 2-byte namespace)."""
 _WIRE_MAX = CHANNEL_MAX + 16

@@ -25,8 +25,6 @@ from zeal_asgi.shm.bus import (
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.process import process_start_time
 
-__all__ = ["BusSubscriber"]
-
 
 def _host_count(name: str, by: int) -> None:
     host_stats().incr(f"pubsub_{name}", by)

@@ -22,8 +22,6 @@ except ImportError as exc:  # pragma: no cover - exercised by a broken install o
         "(needs a C compiler and the Python headers; Cython is fetched at build time)"
     ) from exc
 
-__all__ = ["Atomic", "Cells", "FieldMemo", "Table", "Tally", "incr_bounded"]
-
 incr_bounded = _shmtable.incr_bounded
 """``incr_bounded(table, key, column, by, bound, floor=None, reset=None) -> (value, applied)``:
 add ``by`` to a numeric column only when the result stays ``<= bound`` (after replacing a value

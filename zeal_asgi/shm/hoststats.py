@@ -21,8 +21,6 @@ from zeal_asgi.shm.process import current_pid, process_alive
 if TYPE_CHECKING:
     from zeal_asgi.shm.ext import Table, Tally
 
-__all__ = ["HostStats", "host_stats"]
-
 CAPACITY = 32768
 
 

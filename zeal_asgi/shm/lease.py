@@ -22,8 +22,6 @@ from zeal_asgi.shm.process import current_pid, process_alive
 if TYPE_CHECKING:
     from zeal_asgi.shm.ext import Table
 
-__all__ = ["BUSY_OWNER", "BUSY_TURN", "Lease", "LeaseColumns", "pack", "unpack"]
-
 TAG_BITS = 22  # Linux pids are < 2**22 (the pid_max limit)
 _TAG_MASK = (1 << TAG_BITS) - 1
 BUSY_OWNER: int = _shmtable.LEASE_BUSY_OWNER

@@ -27,17 +27,6 @@ from zeal_asgi.errors import (
     ValueTooLargeError,
 )
 
-__all__ = [
-    "MAX_COLUMNS",
-    "MAX_KEY_SIZE",
-    "MAX_ROWS",
-    "MAX_STRING_SIZE",
-    "Column",
-    "ColumnType",
-    "Geometry",
-    "Schema",
-]
-
 MAX_COLUMNS = 64
 MAX_KEY_SIZE = 4096
 MAX_STRING_SIZE = 16 * 1024 * 1024

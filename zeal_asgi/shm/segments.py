@@ -63,25 +63,6 @@ from zeal_asgi.shm.schema import Schema
 if TYPE_CHECKING:
     from zeal_asgi.shm.ext import Atomic, Table
 
-__all__ = [
-    "ServerIdentity",
-    "attach_path",
-    "destroy",
-    "display_name",
-    "held_segments",
-    "open_atomic",
-    "open_table",
-    "release_owned",
-    "segment_path",
-    "segments_of_server",
-    "server_identity",
-    "server_ids",
-    "shm_dir",
-    "shm_space",
-    "sweep_stale",
-    "verify_shared",
-]
-
 log = logging.getLogger("zeal_asgi.shm")
 
 PREFIX = "zeal."

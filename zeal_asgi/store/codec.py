@@ -48,16 +48,6 @@ from zeal_asgi.errors import (
 )
 from zeal_asgi.shm.schema import Column, ColumnType, Schema, validate_value
 
-__all__ = [
-    "EMPTY_ROW_MARKER",
-    "RowCodec",
-    "check_step",
-    "decode_float",
-    "encode_float",
-    "incr_nonfinite",
-    "incr_overflow",
-]
-
 EMPTY_ROW_MARKER = b""
 """Hash field that keeps a row of a table without columns alive (Redis deletes empty hashes).
 

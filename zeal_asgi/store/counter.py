@@ -17,8 +17,6 @@ if TYPE_CHECKING:
     from zeal_asgi.shm import Atomic
     from zeal_asgi.store import CounterBackend
 
-__all__ = ["Counter"]
-
 _INT64 = (-(2**63), 2**63 - 1)
 _anon = itertools.count(1)
 

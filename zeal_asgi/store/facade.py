@@ -45,8 +45,6 @@ if TYPE_CHECKING:
     from zeal_asgi.shm import Table
     from zeal_asgi.store.counter import Counter
 
-__all__ = ["HybridMeta", "Store", "add_stats_section", "build_backend", "hybridmethod"]
-
 P = ParamSpec("P")
 R = TypeVar("R")
 M = TypeVar("M", bound="BaseModel")

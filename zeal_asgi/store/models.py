@@ -20,8 +20,6 @@ from zeal_asgi.shm.schema import ColumnType
 if TYPE_CHECKING:
     from zeal_asgi.store.base import TableSpec
 
-__all__ = ["columns_from_model", "model_of", "row_of"]
-
 
 def _int_size(lo: int | None, hi: int | None) -> int:
     if lo is None or hi is None:

@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from zeal_asgi.store.facade import Store
 
-__all__ = ["Service", "ServiceHost"]
-
 
 class Service(Protocol):
     """A per-worker background component started and stopped with the app (GC, subscribers)."""

@@ -17,8 +17,6 @@ from collections.abc import Iterator
 from zeal_asgi.errors import InsecureCacheDirError
 from zeal_asgi.shm.process import process_alive
 
-__all__ = ["open_cache_dir", "remove_if_stale", "remove_stale_temp", "scan"]
-
 log = logging.getLogger("zeal_asgi.cache")
 
 TEMP_RE = re.compile(r"^\.tmp\.(\d+)\.[0-9a-f]+$")

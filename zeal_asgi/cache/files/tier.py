@@ -42,8 +42,6 @@ from typing import NamedTuple
 
 from zeal_asgi.cache.files.directory import open_cache_dir, remove_if_stale, remove_stale_temp, scan
 
-__all__ = ["HEADER", "HEAD_LEN", "NAME_RE", "Entry", "FileTier", "Owned"]
-
 log = logging.getLogger("zeal_asgi.cache")
 
 MAGIC = b"ZC\x01\x00"

@@ -15,21 +15,6 @@ from typing import Any
 from zeal_asgi.errors import InvalidKeyError, KeyTypeError, SerializationError, ValueTooLargeError
 from zeal_asgi.shm.hoststats import host_stats
 
-__all__ = [
-    "CLIENT_ID_MAX",
-    "CONN_RE",
-    "MAX_MESSAGE",
-    "ROOM_RE",
-    "Conn",
-    "Message",
-    "check_client_id",
-    "check_room",
-    "close_socket",
-    "count",
-    "encode_message",
-    "finish",
-]
-
 log = logging.getLogger("zeal_asgi.ws")
 
 ROOM_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

@@ -31,8 +31,6 @@ from zeal_asgi.messaging.ws.conn import count
 if TYPE_CHECKING:
     from zeal_asgi.messaging.ws.rooms import Registry
 
-__all__ = ["Liveness"]
-
 log = logging.getLogger("zeal_asgi.ws")
 
 _ALIVE_CACHE_MAX = 4096

@@ -45,8 +45,6 @@ from zeal_asgi.shm.process import process_alive
 if TYPE_CHECKING:
     from zeal_asgi._redis.link import RedisLink
 
-__all__ = ["RedisRegistry", "Registry", "ShmRegistry"]
-
 SEP = "\x1f"
 _STRIPES = 64
 _LOCK_TIMEOUT = 2.0

@@ -24,8 +24,6 @@ from zeal_asgi.store.base import (
     TableSpec,
 )
 
-__all__ = ["AtomicCounter", "TableBackend"]
-
 
 class TableBackend(StoreBackend):
     """Store backend over shared-memory tables (``Store.BACKEND_TABLE``)."""

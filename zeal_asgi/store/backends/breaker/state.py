@@ -24,8 +24,6 @@ from zeal_asgi.store.base import count, counters
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table as TableT
 
-__all__ = ["BreakerOptions", "BreakerState", "SharedBreaker", "is_outage"]
-
 _EVENTS = "opened closed probes failures short_circuited fallback_reads mirror_skipped"
 """The breaker's counters (``count("breaker", ...)``), reported from 0 on."""
 

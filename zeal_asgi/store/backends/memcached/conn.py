@@ -32,18 +32,6 @@ from zeal_asgi.errors import (
 )
 from zeal_asgi.store.base import count
 
-__all__ = [
-    "DEFAULT_PORT",
-    "DEFAULT_SERVERS",
-    "KeyMapper",
-    "NonNumericValue",
-    "ServerAddr",
-    "ServerPool",
-    "add_op",
-    "cas_op",
-    "parse_servers",
-]
-
 DEFAULT_SERVERS = "127.0.0.1:11211"
 DEFAULT_PORT = 11211
 MAX_KEY_BYTES = 250

@@ -30,8 +30,6 @@ from zeal_asgi.errors import BackendError, BackendResponseError, ContentionError
 from zeal_asgi.store.backends.memcached.conn import NonNumericValue, ServerPool
 from zeal_asgi.store.base import count
 
-__all__ = ["NativeOverflow", "backoff", "decode_i64", "encode_i64", "native_add"]
-
 logger = logging.getLogger("zeal_asgi.store.backends.memcached")
 
 BIAS = 2**63

@@ -10,8 +10,6 @@ from zeal_asgi._redis.scripts import COUNTER_CAS, KeyLayout
 from zeal_asgi.errors import BackendResponseError, IntegerOverflowError
 from zeal_asgi.store.base import CounterBackend
 
-__all__ = ["RedisCounter"]
-
 
 class RedisCounter(CounterBackend):
     """A signed 64-bit counter: ``INCRBY`` on ``{prefix}:counter:{name}``.

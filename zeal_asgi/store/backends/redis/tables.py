@@ -16,8 +16,6 @@ from zeal_asgi._redis.scripts import CLEAR_BATCH, MSET, Script
 from zeal_asgi.store.backends.redis.rows import RedisRows
 from zeal_asgi.store.base import Key, Row, TableSpec
 
-__all__ = ["RedisTables"]
-
 _BATCH = 256
 
 

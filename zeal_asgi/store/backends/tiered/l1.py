@@ -32,8 +32,6 @@ from zeal_asgi.store.base import Key, Row, TableSpec, count
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table as TableT
 
-__all__ = ["FETCHED", "L1Cache"]
-
 FETCHED = "__l1_fetched_at"
 _BUCKETS = 1024
 _GLOBAL = "all"

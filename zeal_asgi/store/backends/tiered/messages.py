@@ -26,8 +26,6 @@ from zeal_asgi.errors import MessageRejectedError
 from zeal_asgi.shm.schema import MAX_KEY_SIZE
 from zeal_asgi.signing import RejectionCounter, Signer, parse_envelope
 
-__all__ = ["MAX_KEYS", "Invalidation", "InvalidationCodec"]
-
 MAX_KEYS = 256
 """Keys per message; larger batches are split."""
 MAX_BYTES = 64 * 1024
