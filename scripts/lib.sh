@@ -36,11 +36,14 @@ find_python() {
 }
 
 # install_lock PYTHON DIR LOCK: a virtualenv at DIR (made by PYTHON if missing) holding every
-# package of LOCK, hashes checked.
+# package of LOCK, hashes checked. The build backends come first, from requirements/build.lock,
+# and LOCK is installed without build isolation: a package published only as source is built by
+# those pinned backends, never by whatever release an isolated build would fetch that day.
 install_lock() {
   local py=$1 dir=$2 lock=$3
   [ -x "$dir/bin/python" ] || "$py" -m venv "$dir"
-  "$dir/bin/python" -m pip install -q --require-hashes -r "$lock"
+  "$dir/bin/python" -m pip install -q --require-hashes -r requirements/build.lock
+  "$dir/bin/python" -m pip install -q --require-hashes --no-build-isolation -r "$lock"
 }
 
 # make_venv PYTHON DIR: install_lock with requirements/test.lock, then this package built from
