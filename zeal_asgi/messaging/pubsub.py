@@ -44,7 +44,6 @@ from zeal_asgi.messaging.stats import (
     call,
     cancel_tasks,
     messaging_link,
-    messaging_stats,
     spawn,
 )
 from zeal_asgi.messaging.transports import BusTransport, RedisTransport, Topic, Transport
@@ -53,8 +52,6 @@ from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
 from zeal_asgi.store.base import StoreBackendKind, positive_int
 from zeal_asgi.store.channels import is_pattern, validate_channel
-
-__all__ = ["Handler", "PubSub", "Subscription", "Topic", "messaging_stats"]
 
 log = logging.getLogger("zeal_asgi.messaging.pubsub")
 
