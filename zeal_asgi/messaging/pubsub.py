@@ -397,8 +397,6 @@ class PubSub:
                 else:
                     await call(handler, payload, channel)
                 counters.incr("delivered")
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 counters.incr("handler_errors")
                 log.exception("zeal_asgi pub/sub: handler %r failed on %r", handler, channel)
