@@ -38,14 +38,7 @@ from typing import Any
 
 from zeal_asgi._redis.subscriber import Subscriber
 from zeal_asgi.errors import ConfigError
-from zeal_asgi.messaging.stats import (
-    RUNNERS,
-    Counters,
-    call,
-    cancel_tasks,
-    messaging_link,
-    spawn,
-)
+from zeal_asgi.messaging.stats import RUNNERS, Counters, call, cancel_tasks, messaging_link, spawn
 from zeal_asgi.messaging.transports import BusTransport, RedisTransport, Topic, Transport
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
