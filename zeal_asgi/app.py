@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, overload
 
 from zeal_asgi.errors import BackendError, ZealError
 from zeal_asgi.locks import LockContext, Locks
-from zeal_asgi.messaging import stats as _messaging_stats  # noqa: F401 - Store.stats() sections
+from zeal_asgi.messaging.pubsub import PubSub  # its import adds Store.stats()'s messaging section
+from zeal_asgi.messaging.streams import Streams
 from zeal_asgi.settings import ZealSettings
 from zeal_asgi.shm.ext import Table
 from zeal_asgi.shm.hoststats import host_stats
@@ -27,9 +28,6 @@ from zeal_asgi.store.services import Service
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from typing import TypeVar
-
-    from zeal_asgi.messaging.pubsub import PubSub
-    from zeal_asgi.messaging.streams import Streams
 
     _H = TypeVar("_H", bound=Callable[..., Any])
     _J = TypeVar("_J", bound=Callable[[], Awaitable[Any]])
@@ -95,8 +93,6 @@ class Zeal:
         self.add_service(self.locks)
         self._depth = 0
         self._started_services: list[Service] = []
-        self._pubsub: PubSub | None = None
-        self._streams: Streams | None = None
 
     @property
     def started(self) -> bool:
@@ -196,15 +192,12 @@ class Zeal:
         """Store counters of this worker."""
         return self.store.stats()
 
-    @property
+    @functools.cached_property
     def pubsub(self) -> PubSub:
         """The per-worker pub/sub subscriber of this app (a service, made on first use)."""
-        if self._pubsub is None:
-            from zeal_asgi.messaging.pubsub import PubSub
-
-            self._pubsub = PubSub(self.store)
-            self.add_service(self._pubsub)
-        return self._pubsub
+        pubsub = PubSub(self.store)
+        self.add_service(pubsub)
+        return pubsub
 
     @overload
     def subscribe(
@@ -220,15 +213,12 @@ class Zeal:
         self.pubsub.prepare()
         return self.pubsub.subscribe(channel, handler, **options)
 
-    @property
+    @functools.cached_property
     def streams(self) -> Streams:
         """The per-worker reliable (Streams) consumers of this app (a service, made on use)."""
-        if self._streams is None:
-            from zeal_asgi.messaging.streams import Streams
-
-            self._streams = Streams(self.store)
-            self.add_service(self._streams)
-        return self._streams
+        streams = Streams(self.store)
+        self.add_service(streams)
+        return streams
 
     @overload
     def subscribe_reliable(

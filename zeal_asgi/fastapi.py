@@ -104,15 +104,13 @@ def get_counter(
             return {"n": await c.increment()}
     """
     home = store if store is not None else Store.default()
-    declared = _counter_on(home, name)
-    if declared is None:
-        declared = Counter(initial, name=name, store=home)
+    declared: Counter = home.counters().get(name) or Counter(initial, name=name, store=home)
 
     async def dependency(conn: HTTPConnection) -> Counter:
         store = zeal_of(conn).store
         if store is home:
             return declared
-        found = _counter_on(store, name)
+        found: Counter | None = store.counters().get(name)
         if found is None:
             raise ConfigError(
                 f"counter {name!r} is not declared on this app's store; declare "
@@ -122,11 +120,6 @@ def get_counter(
 
     dependency.__name__ = f"get_counter_{name}"
     return dependency
-
-
-def _counter_on(store: Store, name: str) -> Counter | None:
-    found = store.counters().get(name)
-    return found if isinstance(found, Counter) else None
 
 
 async def get_ws_router(conn: HTTPConnection) -> WSRouter:

@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from zeal_asgi.errors import built_on_first_use, require
 from zeal_asgi.locks import job_stats
-from zeal_asgi.messaging.pubsub import messaging_stats
+from zeal_asgi.messaging.stats import messaging_stats
 from zeal_asgi.metrics import CONTENT_TYPE, Family, Sample, metric_name as metric_name, render
 from zeal_asgi.metrics.exposition import response
 from zeal_asgi.shm.hoststats import host_stats

@@ -70,15 +70,13 @@ def make_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
     return sock
 
 
-def _fast_stack() -> tuple[str, str]:
-    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
-    if loop == "asyncio" or http == "h11":
+def _warn_if_pure_python() -> None:
+    # uvicorn's defaults (loop and http "auto") pick uvloop and httptools when installed
+    if not (importlib.util.find_spec("uvloop") and importlib.util.find_spec("httptools")):
         log.warning(
             "zeal-asgi: uvloop/httptools not installed (pip install 'uvicorn[standard]'); "
             "running on the pure-Python stack"
         )
-    return loop, http
 
 
 def _import_app(target: str) -> Any:
@@ -161,9 +159,9 @@ def run(args: argparse.Namespace) -> int:
         server_id = _claim_server_identity()
         sys.path.insert(0, os.path.abspath(args.app_dir))
         stores = _boot_check(_import_app(args.app), args.app)
-        loop, http = _fast_stack()
+        _warn_if_pure_python()
         options = {name: getattr(args, name) for name in _UVICORN_OPTIONS}
-        config = uvicorn.Config(args.app, loop=loop, http=http, lifespan="on", **options)
+        config = uvicorn.Config(args.app, lifespan="on", **options)
         backends = "; ".join(stores) or "no Zeal app"
         where = f"http://{args.host}:{sock.getsockname()[1]}"
         log.warning(

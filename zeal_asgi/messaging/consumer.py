@@ -105,8 +105,6 @@ class Consumer:
             try:
                 await loop_fn()
                 attempt = 0
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 attempt += 1
                 where = f"zeal_asgi streams: {what} of {self.sub.stream!r}"
@@ -267,8 +265,6 @@ class Consumer:
         entry = StreamEntry(sub.stream, eid, sub.group, sub.consumer, max(deliveries, 1), fields)
         try:
             res = await call(sub.handler, payload, entry)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             log.exception("zeal_asgi streams: handler failed on %s of %r", eid, sub.stream)
             res = False

@@ -38,23 +38,13 @@ from typing import Any
 
 from zeal_asgi._redis.subscriber import Subscriber
 from zeal_asgi.errors import ConfigError
-from zeal_asgi.messaging.stats import (
-    RUNNERS,
-    Counters,
-    call,
-    cancel_tasks,
-    messaging_link,
-    messaging_stats,
-    spawn,
-)
+from zeal_asgi.messaging.stats import RUNNERS, Counters, call, cancel_tasks, messaging_link, spawn
 from zeal_asgi.messaging.transports import BusTransport, RedisTransport, Topic, Transport
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
 from zeal_asgi.store.base import StoreBackendKind, positive_int
 from zeal_asgi.store.channels import is_pattern, validate_channel
-
-__all__ = ["Handler", "PubSub", "Subscription", "Topic", "messaging_stats"]
 
 log = logging.getLogger("zeal_asgi.messaging.pubsub")
 
@@ -400,8 +390,6 @@ class PubSub:
                 else:
                     await call(handler, payload, channel)
                 counters.incr("delivered")
-            except asyncio.CancelledError:
-                raise
             except Exception:
                 counters.incr("handler_errors")
                 log.exception("zeal_asgi pub/sub: handler %r failed on %r", handler, channel)

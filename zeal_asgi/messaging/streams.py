@@ -37,7 +37,7 @@ from zeal_asgi.errors import ConfigError, InvalidKeyError, InvalidTTLError
 from zeal_asgi.messaging.stats import RUNNERS, Counters
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
-from zeal_asgi.store.base import Capability, positive_int, unsupported
+from zeal_asgi.store.base import Capability, positive_int, seconds, unsupported
 from zeal_asgi.store.channels import validate_channel
 
 if TYPE_CHECKING:
@@ -88,9 +88,7 @@ class ReliableSubscription:
         validate_channel(self.stream, "stream")
         for name in ("batch", "block_ms", "concurrency", "min_idle_ms", "max_deliveries"):
             positive_int(name, getattr(self, name))
-        every = self.reclaim_interval
-        if isinstance(every, bool) or not isinstance(every, (int, float)) or every <= 0:
-            raise ConfigError(f"reclaim_interval must be > 0 s, got {every!r}")
+        self.reclaim_interval = seconds("reclaim_interval", self.reclaim_interval, 86400)
         for name in ("group", "consumer"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value or len(value) > 200:

@@ -119,17 +119,11 @@ class RedisRegistry:
         """Workers holding at least one member of ``room``: HSCAN in pages (a room's worker
         map is never loaded in one unbounded reply)."""
         key = self._room_keys(room)[1]
-        out: list[str] = []
-        cursor = 0
-        while True:
 
-            def page_op(c: Any, cur: int = cursor) -> Any:
-                return c.hscan(key, cur, count=256)
+        async def scan(c: Any) -> list[str]:
+            return [text(w) async for w, n in c.hscan_iter(key, count=256) if int(n) > 0]
 
-            cursor, page = await self.redis.run(page_op, what="ws room servers", idempotent=True)
-            out.extend(text(w) for w, n in page.items() if int(n) > 0)
-            if not cursor:
-                return out
+        return await self.redis.run(scan, what="ws room servers", idempotent=True)
 
     async def publish_room(
         self, room: str, wire_prefix: str, payload: bytes

@@ -43,10 +43,8 @@ from zeal_asgi.errors import ConfigError, MessageRejectedError
 from zeal_asgi.messaging.pubsub import PubSub
 from zeal_asgi.messaging.stats import call, cancel_tasks, messaging_link, spawn
 from zeal_asgi.messaging.ws.conn import (
-    CLIENT_ID_MAX,
     CONN_RE,
     MAX_MESSAGE,
-    ROOM_RE,
     Conn,
     Message,
     check_client_id,
@@ -63,8 +61,6 @@ from zeal_asgi.signing import Signer, parse_envelope
 from zeal_asgi.store import Store
 from zeal_asgi.store.base import StoreBackendKind, positive_int
 from zeal_asgi.store.services import ServiceHost
-
-__all__ = ["CLIENT_ID_MAX", "ROOM_RE", "WSRouter", "check_client_id", "check_room"]
 
 log = logging.getLogger("zeal_asgi.ws")
 
