@@ -188,6 +188,8 @@ class Cache(metaclass=HybridMeta):
 
         Same arguments as :class:`Cache`.  Call it at import time, before workers start.
         """
+        # every argument as given, read before any other name is bound here
+        given = {name: value for name, value in locals().items() if name != "cls"}
         args = (max_rows, str(cache_dir), gc_interval_ms, ttl_seconds, serializer, namespace)
         if cls._default is not None:
             if cls._default._args != args:
@@ -196,23 +198,7 @@ class Cache(metaclass=HybridMeta):
                     "(use Cache.set_default(None) first to replace it)"
                 )
             return cls._default
-        cls._default = cls(
-            max_rows,
-            cache_dir,
-            gc_interval_ms,
-            ttl_seconds,
-            secret=secret,
-            serializer=serializer,
-            max_entry_bytes=max_entry_bytes,
-            memory_value_bytes=memory_value_bytes,
-            fsync=fsync,
-            max_files=max_files,
-            namespace=namespace,
-            lock_lease=lock_lease,
-            compute_timeout=compute_timeout,
-            store=store,
-            zeal=zeal,
-        )
+        cls._default = cls(**given)
         return cls._default
 
     @classmethod
