@@ -11,6 +11,7 @@ calls the synchronous :class:`~zeal_asgi.cache.local.LocalTier` directly.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -24,6 +25,7 @@ from zeal_asgi.cache.tiers import MAX_KEY_BYTES, MAX_TTL, Tiers, check_key, chec
 from zeal_asgi.errors import ConfigError, ValueTooLargeError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store, StoreBackendKind
+from zeal_asgi.store.base import positive_int, seconds
 from zeal_asgi.store.facade import HybridMeta, hybridmethod
 
 if TYPE_CHECKING:
@@ -42,12 +44,6 @@ _NS_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _UNBOUNDED = (StoreBackendKind.REDIS, StoreBackendKind.TIERED)
 """Backends where ``max_rows`` bounds nothing (Redis keeps rows until they expire)."""
 log = logging.getLogger("zeal_asgi.cache")
-
-
-def _int_in_range(name: str, value: object, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"Cache {name} must be an int in [{low}, {high}], got {value!r}")
-    return value
 
 
 class Cache(metaclass=HybridMeta):
@@ -113,20 +109,17 @@ class Cache(metaclass=HybridMeta):
     ) -> None:
         if not isinstance(namespace, str) or not _NS_RE.match(namespace):
             raise ConfigError(f"Cache namespace must match {_NS_RE.pattern}, got {namespace!r}")
-        self.max_rows = _int_in_range("max_rows", max_rows, 1, 2**32 - 2)
-        self.gc_interval_ms = _int_in_range("gc_interval_ms", gc_interval_ms, 0, 86_400_000)
+        self.max_rows = positive_int("Cache max_rows", max_rows, 1, 2**32 - 2)
+        self.gc_interval_ms = positive_int("Cache gc_interval_ms", gc_interval_ms, 0, 86_400_000)
         ttl = 0.0 if ttl_seconds is None else check_ttl(ttl_seconds, "ttl_seconds")
         self.ttl_seconds = ttl or None  # 0 and None alike: rows live as long as their entry
-        self.max_entry_bytes = _int_in_range("max_entry_bytes", max_entry_bytes, 1, 2**30)
-        self.memory_value_bytes = _int_in_range(
-            "memory_value_bytes", memory_value_bytes, 1, 16 * 1024 * 1024 - 2
+        self.max_entry_bytes = positive_int("Cache max_entry_bytes", max_entry_bytes, 1, 2**30)
+        self.memory_value_bytes = positive_int(
+            "Cache memory_value_bytes", memory_value_bytes, 1, 16 * 1024 * 1024 - 2
         )
-        self.max_files = _int_in_range("max_files", max_files, 0, 2**40)
-        for name, value in (("lock_lease", lock_lease), ("compute_timeout", compute_timeout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"Cache {name} must be a positive number of seconds")
-        self.lock_lease = float(lock_lease)
-        self.compute_timeout = float(compute_timeout)
+        self.max_files = positive_int("Cache max_files", max_files, 0, 2**40)
+        self.lock_lease = seconds("Cache lock_lease", lock_lease, math.inf)
+        self.compute_timeout = seconds("Cache compute_timeout", compute_timeout, math.inf)
         self.namespace = namespace
         self.serializer: Serializer = get_serializer(serializer)
         self._keys = CacheKeys.load(resolve_secret(secret, pickle=serializer == "pickle"))
@@ -195,6 +188,8 @@ class Cache(metaclass=HybridMeta):
 
         Same arguments as :class:`Cache`.  Call it at import time, before workers start.
         """
+        # every argument as given, read before any other name is bound here
+        given = {name: value for name, value in locals().items() if name != "cls"}
         args = (max_rows, str(cache_dir), gc_interval_ms, ttl_seconds, serializer, namespace)
         if cls._default is not None:
             if cls._default._args != args:
@@ -203,23 +198,7 @@ class Cache(metaclass=HybridMeta):
                     "(use Cache.set_default(None) first to replace it)"
                 )
             return cls._default
-        cls._default = cls(
-            max_rows,
-            cache_dir,
-            gc_interval_ms,
-            ttl_seconds,
-            secret=secret,
-            serializer=serializer,
-            max_entry_bytes=max_entry_bytes,
-            memory_value_bytes=memory_value_bytes,
-            fsync=fsync,
-            max_files=max_files,
-            namespace=namespace,
-            lock_lease=lock_lease,
-            compute_timeout=compute_timeout,
-            store=store,
-            zeal=zeal,
-        )
+        cls._default = cls(**given)
         return cls._default
 
     @classmethod

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from zeal_asgi.errors import ConfigError, SchemaError, UnsupportedOperationError
-from zeal_asgi.settings import StoreBackendKind
+from zeal_asgi.settings import StoreBackendKind as StoreBackendKind  # re-exported
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.schema import Schema, validate_key
 
@@ -27,21 +27,6 @@ if TYPE_CHECKING:
 
     from zeal_asgi._redis.link import RedisLink
     from zeal_asgi.shm import Atomic, Table
-
-__all__ = [
-    "Capability",
-    "CounterBackend",
-    "Key",
-    "Row",
-    "StoreBackend",
-    "StoreBackendKind",
-    "TableSpec",
-    "count",
-    "counters",
-    "positive_int",
-    "seconds",
-    "unsupported",
-]
 
 Key = str | bytes
 Row = dict[str, Any]
@@ -140,14 +125,8 @@ class TableSpec:
     def declaration(self) -> bytes:
         """What every app sharing this table on one backend must declare alike (columns, key
         rules, mode), as the canonical JSON the network backends store at first use."""
-        s = self.schema
-        doc = {
-            "columns": [[c.name, c.type.name, c.size] for c in s.columns],
-            "key_size": s.key_limit,
-            "allow_nan": s.allow_nan,
-            "binary_keys": s.binary_keys,
-            "mode": self.mode,
-        }
+        columns = [[c.name, c.type.name, c.size] for c in self.schema.columns]
+        doc = {**self.table_options(), "columns": columns, "mode": self.mode}  # columns first
         return json.dumps(doc, separators=(",", ":")).encode()
 
     def conflict(self, stored: bytes, where: str) -> SchemaError:

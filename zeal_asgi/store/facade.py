@@ -19,7 +19,6 @@ from typing import (
     Protocol,
     TypeVar,
     cast,
-    overload,
 )
 
 from zeal_asgi.errors import ConfigError, UnknownTableError, require
@@ -74,10 +73,6 @@ class hybridmethod(Generic[S, P, R]):
         self.__qualname__ = fn.__qualname__
         self.__wrapped__ = fn
 
-    @overload
-    def __get__(self, obj: None, owner: type[S]) -> Callable[P, R]: ...
-    @overload
-    def __get__(self, obj: S, owner: type[S]) -> Callable[P, R]: ...
     def __get__(self, obj: S | None, owner: type[S]) -> Callable[P, R]:
         if obj is None:  # no default yet: default() makes one, which installs its methods
             bound: Callable[P, R] = getattr(owner.default(), self.__name__)

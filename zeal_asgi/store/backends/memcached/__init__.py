@@ -498,8 +498,6 @@ class MemcachedBackend(StoreBackend):
 
     def counter(self, name: str, initial: int) -> MemcachedCounter:
         """The counter ``{prefix}:counter:{name}``; ``initial`` is written with ``add``."""
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"counter name must be a non-empty str, got {name!r}")
         c = self._counters.get(name)
         if c is None or c.initial != initial:
             c = self._counters[name] = MemcachedCounter(self, name, initial)
