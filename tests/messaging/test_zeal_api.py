@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tests._harness.servers import RedisServer
 from tests.messaging.helpers import until
 from zeal_asgi import Zeal
 from zeal_asgi.errors import ConfigError, UnsupportedOperationError
+from zeal_asgi.messaging.pubsub import PubSub
 from zeal_asgi.shm.bus import close_host_bus
 from zeal_asgi.store import Store
-from zeal_asgi.streams import StreamEntry, apply_once, idempotent
+from zeal_asgi.streams import StreamEntry, Streams, apply_once, idempotent
 
 
 async def test_subscribe_forms_on_the_table_backend() -> None:
@@ -65,3 +68,27 @@ async def test_subscribe_reliable_forms(redis_server: RedisServer) -> None:
         assert b"on_order" in groups[0][b"name"]
     with pytest.raises(ConfigError):
         await apply_once("k", [("FLUSHALL", "x")], store=store)
+
+
+@pytest.mark.parametrize("runner", [PubSub, Streams])
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("backoff_base", math.nan),
+        ("backoff_base", -0.1),
+        ("backoff_cap", math.inf),
+        ("backoff_cap", "5"),
+        ("liveness_timeout", 0),
+        ("liveness_timeout", True),
+        ("max_attempts", 1.5),
+        ("max_attempts", -1),
+    ],
+)
+def test_runner_options_refuse_what_is_not_a_duration_or_a_count(
+    runner: type[PubSub | Streams], option: str, value: object
+) -> None:
+    with pytest.raises(ConfigError, match=option):
+        runner(Store("table"), **{option: value})  # type: ignore[arg-type]
+    # zero backoff is allowed (retry at once); the options keep what was given
+    kept = runner(Store("table"), backoff_base=0, backoff_cap=0.5, liveness_timeout=1)
+    assert (kept.backoff_base, kept.backoff_cap, kept.liveness_timeout) == (0.0, 0.5, 1.0)

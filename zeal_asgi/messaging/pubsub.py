@@ -43,7 +43,7 @@ from zeal_asgi.messaging.transports import BusTransport, RedisTransport, Topic, 
 from zeal_asgi.shm.bus import host_bus
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store
-from zeal_asgi.store.base import StoreBackendKind, positive_int
+from zeal_asgi.store.base import StoreBackendKind, positive_int, seconds
 from zeal_asgi.store.channels import is_pattern, validate_channel
 
 log = logging.getLogger("zeal_asgi.messaging.pubsub")
@@ -126,12 +126,11 @@ class PubSub:
         for name, value in options.items():
             if name not in _OPTIONS:
                 raise ConfigError(f"unknown pub/sub option {name!r}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"pub/sub option {name} must be a number >= 0, got {value!r}")
-            if name == "max_attempts" and not isinstance(value, int):
-                raise ConfigError(f"max_attempts must be an int, got {value!r}")
-            if name in ("liveness_interval", "liveness_timeout") and value <= 0:
-                raise ConfigError(f"pub/sub option {name} must be > 0, got {value!r}")
+            if name == "max_attempts":
+                value = positive_int("pub/sub option max_attempts", value, 0)
+            else:  # a zero backoff or ready wait is allowed; a liveness period is not
+                live = name.startswith("liveness")
+                value = seconds(f"pub/sub option {name}", value, 86400, zero=not live)
             setattr(self, name, value)
 
     @property

@@ -134,8 +134,9 @@ class Streams:
     ) -> None:
         self._store = store
         self.max_attempts = positive_int("max_attempts", max_attempts, 0)
-        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
-        self.liveness_timeout = liveness_timeout
+        self.backoff_base = seconds("Streams backoff_base", backoff_base, 86400, zero=True)
+        self.backoff_cap = seconds("Streams backoff_cap", backoff_cap, 86400, zero=True)
+        self.liveness_timeout = seconds("Streams liveness_timeout", liveness_timeout, 86400)
         self.subscriptions: list[ReliableSubscription] = []
         self._consumers: list[Consumer] = []
         self.counters = Counters("streams", _COUNTERS)

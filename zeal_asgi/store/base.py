@@ -72,11 +72,14 @@ def counters(area: str, events: str = "") -> dict[str, Any]:
     return {**mine(hs.host()), "worker": mine(hs.worker())}
 
 
-def seconds(what: str, value: object, most: float) -> float:
-    """A duration option: a number in ``(0, most]`` (NaN and infinity are not), or ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most:
-        raise ConfigError(f"{what} must be a number of seconds in (0, {most:g}], got {value!r}")
-    return float(value)
+def seconds(what: str, value: object, most: float, *, zero: bool = False) -> float:
+    """A duration option: a number in ``(0, most]`` (``[0, most]`` with ``zero``; NaN is not),
+    or ConfigError."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else -1
+    if not (0 < number <= most or (zero and number == 0)):  # NaN fails every comparison
+        low = "[0" if zero else "(0"
+        raise ConfigError(f"{what} must be a number of seconds in {low}, {most:g}], got {value!r}")
+    return float(number)
 
 
 def positive_int(what: str, value: object, low: int = 1, most: int | None = None) -> int:
