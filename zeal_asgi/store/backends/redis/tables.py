@@ -7,12 +7,12 @@ slot of its hash tag, so a SCAN runs on the one node that holds them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
-from zeal_asgi._redis.scripts import CLEAR_BATCH, MSET, Script
+from zeal_asgi._redis.scripts import CLEAR_BATCH, MSET
 from zeal_asgi.store.backends.redis.rows import RedisRows
 from zeal_asgi.store.base import Key, Row, TableSpec
 
@@ -145,26 +145,16 @@ class RedisTables(RedisRows):
         t = self._table(spec)
         await self._ensure(t)
         removed, cursor = 0, 0
+        kw: dict[str, Any] = {"idempotent": True, "table": spec.name}
         while True:
             cursor, batch = await self._batch(spec, cursor, _BATCH)
             if batch:
                 keys = [k for _, k in batch]
                 if spec.mode == "tracked":  # each row goes with its membership
-                    op = _bound(CLEAR_BATCH, [*keys, t.members], [r for r, _ in batch])
+                    members = [r for r, _ in batch]
+                    n = self._conn.script(CLEAR_BATCH, [*keys, t.members], members, "clear", **kw)
                 else:
-                    op = _unlink(keys)
-                n = await self._conn.run(op, what=f"clear {spec.name!r}", idempotent=True)
-                removed += int(n)
+                    n = self._conn.call(("UNLINK", *keys), "clear", **kw)
+                removed += int(await n)
             if cursor == 0:
                 return removed
-
-
-def _bound(script: Script, keys: list[bytes], args: list[Any]) -> Callable[[Any], Awaitable[Any]]:
-    return lambda c: script(c, keys, args)
-
-
-def _unlink(keys: list[bytes]) -> Callable[[Any], Awaitable[Any]]:
-    async def op(c: Any) -> Any:
-        return await c.unlink(*keys)
-
-    return op
