@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ import hiredis
 from redis import exceptions as rx
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import FullJitterBackoff
 from redis.crc import key_slot
 from redis.utils import HIREDIS_AVAILABLE
 
@@ -62,8 +62,7 @@ COUNTERS = (
 commands per socket write is ``commands / writes`` (pipelines and scans aside)."""
 HOST_KEYS = {name: f"redis_{name}_total" for name in COUNTERS}
 
-_BACKOFF_BASE = 0.01
-_BACKOFF_CAP = 0.2
+_BACKOFF = FullJitterBackoff(cap=0.2, base=0.01)  # waits uniform(0, min(cap, base * 2**tries))
 _REDIRECTS = 5
 """MOVED/ASK replies followed per call (redis-py follows up to 16; a slot moves once)."""
 _ASKING = pack((b"ASKING",))
@@ -302,7 +301,7 @@ class RedisConnector:
 
     def _retry(self, err: ZealError, tries: int, idempotent: bool, deadline: float) -> float | None:
         """The backoff before another attempt after ``err``, or ``None``: no more attempts."""
-        delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**tries))
+        delay = _BACKOFF.compute(tries)
         again = idempotent and tries < self.cfg.retries and retriable(err)
         if not again or delay >= deadline - asyncio.get_running_loop().time():
             self.count("errors")
