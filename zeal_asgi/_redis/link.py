@@ -135,12 +135,11 @@ class RedisLink:
         delivered."""
         return await publish(self, channel, payload)
 
-    async def publish_raw(self, channel: str | bytes, payload: bytes) -> int:
+    async def publish_raw(self, channel: str, payload: bytes) -> int:
         """PUBLISH on ``channel`` exactly as given (already prefixed, e.g. by :meth:`key`), within
         the slots and deadline: for package-internal topics (WebSocket routing)."""
-        name = channel.decode("utf-8", "replace") if isinstance(channel, bytes) else channel
         n = await self._conn.call(
-            ("PUBLISH", channel, payload), "publish to", idempotent=False, table=name
+            ("PUBLISH", channel, payload), "publish to", idempotent=False, table=channel
         )
         return int(n)
 
