@@ -317,12 +317,10 @@ class RedisConnector:
             return translate(exc, where)
         cfg = self.cfg
         if exc is None or exc.at_deadline:
-            return BackendTimeoutError(
-                f"{where}: no answer within the {cfg.deadline * 1000:.0f} ms deadline"
-            )
-        return BackendTimeoutError(
-            f"{where}: no answer within socket_timeout ({cfg.socket_timeout * 1000:.0f} ms)"
-        )
+            limit = f"the {cfg.deadline * 1000:.0f} ms deadline"
+        else:
+            limit = f"socket_timeout ({cfg.socket_timeout * 1000:.0f} ms)"
+        return BackendTimeoutError(f"{where}: no answer within {limit}")
 
     def call(
         self,
