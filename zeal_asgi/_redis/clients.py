@@ -117,10 +117,8 @@ class ClientFactory:
         bounded: dict[str, Any] = {"max_connections": cfg.pool_size, "timeout": cfg.acquire_timeout}
         if cfg.mode == "sentinel":
             sentinel = self._sentinel()
-            pool = self._sentinel_pool(
-                _new_blocking_sentinel_pool, sentinel, cfg.socket_timeout, **bounded
-            )
-            return Redis.from_pool(pool), sentinel
+            blocking = _new_blocking_sentinel_pool
+            return self._on_master(blocking, sentinel, cfg.socket_timeout, **bounded), sentinel
         # Single commands use their own pipelined connection; this pool serves pipelines and
         # scans (within the slots) and callers of client() outside them (Streams consumers): a
         # burst of those waits up to acquire_timeout for one of pool_size connections instead
@@ -166,15 +164,15 @@ class ClientFactory:
             out.append(pack((b"SELECT", cfg.db)))
         return out
 
-    def _sentinel_pool(
+    def _on_master(
         self, pool_class: Any, sentinel: Sentinel, socket_timeout: float | None, **size: Any
-    ) -> ConnectionPool:
-        """A pool of ``pool_class`` on the master the Sentinels name at each connection."""
+    ) -> Redis:
+        """A client whose pool (a ``pool_class``) connects to the master the Sentinels name at
+        each connection."""
         kw = self.conn_kwargs(socket_timeout)
-        pool: ConnectionPool = pool_class(
-            self.cfg.service, sentinel, ssl=self.cfg.tls, **size, **kw
+        return Redis.from_pool(
+            pool_class(self.cfg.service, sentinel, ssl=self.cfg.tls, **size, **kw)
         )
-        return pool
 
     def _sentinel(self) -> Sentinel:
         cfg = self.cfg
@@ -225,8 +223,7 @@ class ClientFactory:
         if cfg.mode == "sentinel":
             assert sentinel is not None
             size = {"max_connections": _DEDICATED_MAX}
-            pool = self._sentinel_pool(_new_sentinel_pool, sentinel, socket_timeout, **size)
-            return Redis.from_pool(pool)
+            return self._on_master(_new_sentinel_pool, sentinel, socket_timeout, **size)
         if isinstance(pooled, RedisCluster):
             try:
                 await pooled.initialize()

@@ -23,16 +23,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import hiredis
 from redis import exceptions as rx
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.sentinel import Sentinel
+from redis.backoff import FullJitterBackoff
 from redis.crc import key_slot
 from redis.utils import HIREDIS_AVAILABLE
 
@@ -61,8 +62,7 @@ COUNTERS = (
 commands per socket write is ``commands / writes`` (pipelines and scans aside)."""
 HOST_KEYS = {name: f"redis_{name}_total" for name in COUNTERS}
 
-_BACKOFF_BASE = 0.01
-_BACKOFF_CAP = 0.2
+_BACKOFF = FullJitterBackoff(cap=0.2, base=0.01)  # waits uniform(0, min(cap, base * 2**tries))
 _REDIRECTS = 5
 """MOVED/ASK replies followed per call (redis-py follows up to 16; a slot moves once)."""
 _ASKING = pack((b"ASKING",))
@@ -136,10 +136,6 @@ class RedisConnector:
                 host.incr(HOST_KEYS[name], value - synced[name])
                 synced[name] = value
 
-    def _wrote(self) -> None:
-        self.local["writes"] += 1
-        self._sync()
-
     def stats(self) -> dict[str, Any]:
         """Slot gauges and counters of this worker, and the counters summed over the host."""
         self._sync()
@@ -172,14 +168,13 @@ class RedisConnector:
 
     def state(self) -> LoopState:
         """The state of the running loop in this process (built on first use, no I/O)."""
-        loop = asyncio.get_running_loop()
-        st = self._states.get(id(loop))
-        if st is not None and st.loop is loop and st.pid == current_pid():
-            return st
-        self._forget_dead()
-        client, sentinel = self._factory.pooled()
-        st = LoopState(loop, current_pid(), client, self.cfg.pool_size, sentinel)
-        self._states[id(loop)] = st
+        st = self._current()
+        if st is None:
+            loop = asyncio.get_running_loop()
+            self._forget_dead()
+            client, sentinel = self._factory.pooled()
+            st = LoopState(loop, current_pid(), client, self.cfg.pool_size, sentinel)
+            self._states[id(loop)] = st
         return st
 
     def _forget_dead(self) -> None:
@@ -232,7 +227,9 @@ class RedisConnector:
         pipe = st.pipes.get(addr)
         if pipe is None or pipe.closed:
             cfg, factory = self.cfg, self._factory
-            pipe = Pipe(st.loop, cfg.socket_timeout, cfg.auto_pipeline, self._wrote)
+            pipe = Pipe(
+                st.loop, cfg.socket_timeout, cfg.auto_pipeline, partial(self.count, "writes")
+            )
             opener = factory.opener(st.loop, addr, st.sentinel)
             task = st.loop.create_task(self._open(pipe, opener, factory.greeting(addr is not None)))
             st.opening.add(task)
@@ -304,53 +301,13 @@ class RedisConnector:
 
     def _retry(self, err: ZealError, tries: int, idempotent: bool, deadline: float) -> float | None:
         """The backoff before another attempt after ``err``, or ``None``: no more attempts."""
-        delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**tries))
+        delay = _BACKOFF.compute(tries)
         again = idempotent and tries < self.cfg.retries and retriable(err)
         if not again or delay >= deadline - asyncio.get_running_loop().time():
             self.count("errors")
             return None
         self.count("retries")
         return delay
-
-    async def _within(
-        self,
-        what: str,
-        table: str | None,
-        idempotent: bool,
-        attempt: Callable[[LoopState, float], Awaitable[T]],
-    ) -> T:
-        """``await attempt(state, deadline)`` within a slot, the deadline and the retry policy;
-        an attempt fails by raising its ZealError (the cause chained).
-
-        Raises:
-            PoolTimeoutError: no slot within ``acquire_timeout``.
-            BackendTimeoutError: no answer within ``socket_timeout`` / ``deadline``.
-            BackendUnavailableError (and its TLS/auth leaves), BackendResponseError.
-        """
-        st = self.state()
-        deadline = st.loop.time() + self.cfg.deadline
-        if st.free and not st.queue:
-            st.free -= 1  # no timer, no await when a slot is free
-        else:
-            await self._acquire(st, what, table)
-        local = self.local
-        local["acquires"] += 1
-        st.in_use += 1
-        try:
-            tries = 0
-            while True:
-                local["commands"] += 1
-                try:
-                    return await attempt(st, deadline)
-                except ZealError as err:
-                    delay = self._retry(err, tries, idempotent, deadline)
-                    if delay is None:
-                        raise
-                tries += 1
-                await asyncio.sleep(delay)
-        finally:
-            st.in_use -= 1
-            self._release(st)
 
     def failed(self, exc: BaseException | None, what: str, table: str | None) -> ZealError:
         """The error of a failed attempt: the translation of ``exc``; with ``exc`` an
@@ -360,12 +317,10 @@ class RedisConnector:
             return translate(exc, where)
         cfg = self.cfg
         if exc is None or exc.at_deadline:
-            return BackendTimeoutError(
-                f"{where}: no answer within the {cfg.deadline * 1000:.0f} ms deadline"
-            )
-        return BackendTimeoutError(
-            f"{where}: no answer within socket_timeout ({cfg.socket_timeout * 1000:.0f} ms)"
-        )
+            limit = f"the {cfg.deadline * 1000:.0f} ms deadline"
+        else:
+            limit = f"socket_timeout ({cfg.socket_timeout * 1000:.0f} ms)"
+        return BackendTimeoutError(f"{where}: no answer within {limit}")
 
     def call(
         self,
@@ -426,9 +381,8 @@ class RedisConnector:
         idempotent: bool,
     ) -> Any:
         """One command on a pipe within a slot, the deadline and the retry policy (the errors
-        of :meth:`_within`, of which this is the single-command case, in one frame).  ``lost``:
-        the script ``packed`` runs with EVALSHA, for the EVAL sent when the server answers
-        NOSCRIPT (it did not run the script)."""
+        of :meth:`run`).  ``lost``: the script ``packed`` runs with EVALSHA, for the EVAL sent
+        when the server answers NOSCRIPT (it did not run the script)."""
         loop = asyncio.get_running_loop()
         st = self._states.get(id(loop))
         if st is None or st.loop is not loop or st.pid != current_pid():
@@ -507,19 +461,42 @@ class RedisConnector:
         idempotent: bool,
         table: str | None = None,
     ) -> T:
-        """Run ``op(client)`` on the pooled client within the slots, the deadline and the retry
-        policy (the errors of :meth:`_within`)."""
+        """Run ``op(client)`` on the pooled client within a slot, the deadline and the retry
+        policy (:meth:`_send` is the single-command case, in one frame).
 
-        async def attempt(st: LoopState, deadline: float) -> T:
-            cm = asyncio.timeout_at(deadline)
-            try:
-                async with cm:
-                    return await op(st.client)
-            except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
-                # OSError covers TimeoutError, ours (expired) and the socket's
-                raise self.failed(None if cm.expired() else exc, what, table) from exc
-
-        return await self._within(what, table, idempotent, attempt)
+        Raises:
+            PoolTimeoutError: no slot within ``acquire_timeout``.
+            BackendTimeoutError: no answer within ``socket_timeout`` / ``deadline``.
+            BackendUnavailableError (and its TLS/auth leaves), BackendResponseError.
+        """
+        st = self.state()
+        deadline = st.loop.time() + self.cfg.deadline
+        if st.free and not st.queue:
+            st.free -= 1  # no timer, no await when a slot is free
+        else:
+            await self._acquire(st, what, table)
+        local = self.local
+        local["acquires"] += 1
+        st.in_use += 1
+        try:
+            tries = 0
+            while True:
+                local["commands"] += 1
+                cm = asyncio.timeout_at(deadline)
+                try:
+                    async with cm:
+                        return await op(st.client)
+                except (rx.RedisError, rx.RedisClusterException, OSError) as exc:
+                    # OSError covers TimeoutError, ours (expired) and the socket's
+                    err = self.failed(None if cm.expired() else exc, what, table)
+                    delay = self._retry(err, tries, idempotent, deadline)
+                    if delay is None:
+                        raise err from exc
+                tries += 1
+                await asyncio.sleep(delay)
+        finally:
+            st.in_use -= 1
+            self._release(st)
 
     async def boot(self) -> None:
         """PING once per loop; fails loudly, naming the target (never the password)."""

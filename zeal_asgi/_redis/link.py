@@ -8,6 +8,7 @@ slots, deadline and retry policy, and publishes.  Errors are the ZealError hiera
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, Self, TypeVar, overload
 
@@ -23,8 +24,6 @@ from zeal_asgi.errors import (
 )
 
 T = TypeVar("T")
-_CACHED = 1024
-"""User scripts kept ready (bounded: they may come from user input)."""
 
 
 class RedisLink:
@@ -36,7 +35,6 @@ class RedisLink:
         self.prefix = config.prefix
         self.layout = KeyLayout(config.prefix)
         self._conn = RedisConnector(config)
-        self._scripts: dict[str, Script] = {}
 
     @classmethod
     def from_config(
@@ -137,12 +135,11 @@ class RedisLink:
         delivered."""
         return await publish(self, channel, payload)
 
-    async def publish_raw(self, channel: str | bytes, payload: bytes) -> int:
+    async def publish_raw(self, channel: str, payload: bytes) -> int:
         """PUBLISH on ``channel`` exactly as given (already prefixed, e.g. by :meth:`key`), within
         the slots and deadline: for package-internal topics (WebSocket routing)."""
-        name = channel.decode("utf-8", "replace") if isinstance(channel, bytes) else channel
         n = await self._conn.call(
-            ("PUBLISH", channel, payload), "publish to", idempotent=False, table=name
+            ("PUBLISH", channel, payload), "publish to", idempotent=False, table=channel
         )
         return int(n)
 
@@ -177,12 +174,14 @@ class RedisLink:
                 )
             if isinstance(a, str):
                 _part("eval arg", a, empty_ok=True)
-        found = self._scripts.get(script)
-        if found is None:
-            if len(self._scripts) >= _CACHED:
-                self._scripts.clear()
-            found = self._scripts[script] = Script("eval", script)
+        found = _user_script(script)
         return await self._conn.script(found, full, list(args), "eval", idempotent=False)
+
+
+@functools.lru_cache(maxsize=1024)  # bounded: the source may come from user input
+def _user_script(source: str) -> Script:
+    """The :class:`Script` of ``eval``'s ``source`` (its SHA computed once)."""
+    return Script("eval", source)
 
 
 def _part(what: str, value: object, *, empty_ok: bool = False) -> bytes:

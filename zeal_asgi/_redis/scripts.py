@@ -129,19 +129,6 @@ class Script:
         return packed[:start] + body + packed[start + len(head) :]
 
 
-# Helpers of CAS: ARGV[1] mode ('t' tracked, 'x' ttl, '-' neither), ARGV[2] ttl seconds,
-# ARGV[3] the member (raw key); KEYS[1] row, KEYS[2] membership set.
-_AFTER_WRITE = """
-local function after_write()
-  if ARGV[1] == 't' then redis.call('SADD', KEYS[2], ARGV[3])
-  elseif ARGV[1] == 'x' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-end
-local function create(first)
-  local n = tonumber(ARGV[first])
-  if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, first + 1, first + n)) end
-end
-"""
-
 # Row scripts write zeros and membership only for a row they create.  A row that existed
 # already has its membership (every write that creates a row adds it, in the same script, and
 # DELETE/CLEAR_BATCH remove both together), and a column missing from a row reads as its zero:
@@ -276,15 +263,15 @@ return {'ok', out}
 
 CAS = Script(
     "compare_and_set",
-    _AFTER_WRITE
-    + """
+    """
 -- ARGV[4] column, ARGV[5] kind ('i', 'f' or 's'), ARGV[6] expected, ARGV[7] new,
 -- ARGV[8] '1' when expected is the column's zero, ARGV[9] n zero-field args, ARGV[10..] zeros.
 -- A missing row compares as the zero row and is created only when the comparison succeeds.
 local col = ARGV[4]
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[8] ~= '1' then return 0 end
-  create(9)
+  local n = tonumber(ARGV[9])
+  if n > 0 then redis.call('HSET', KEYS[1], unpack(ARGV, 10, 9 + n)) end
 else
   local raw = redis.call('HGET', KEYS[1], col)
   local eq
@@ -294,7 +281,8 @@ else
   if not eq then return 0 end
 end
 redis.call('HSET', KEYS[1], col, ARGV[7])
-after_write()
+if ARGV[1] == 't' then redis.call('SADD', KEYS[2], ARGV[3])
+elseif ARGV[1] == 'x' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """,
 )

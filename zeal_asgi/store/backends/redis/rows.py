@@ -48,21 +48,6 @@ _TEMPLATES = 64
 class _Table:
     """What the row commands of one declared table need, computed once."""
 
-    __slots__ = (
-        "base",
-        "checked",
-        "codec",
-        "head",
-        "ints",
-        "layout",
-        "members",
-        "name",
-        "others",
-        "spec",
-        "templates",
-        "zeros",
-    )
-
     def __init__(self, spec: TableSpec, layout: KeyLayout) -> None:
         self.spec = spec
         self.layout = layout

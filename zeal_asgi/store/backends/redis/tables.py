@@ -7,12 +7,13 @@ slot of its hash tag, so a SCAN runs on the one node that holds them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
-from zeal_asgi._redis.scripts import CLEAR_BATCH, MSET, Script
+from zeal_asgi._redis.scripts import CLEAR_BATCH, MSET
 from zeal_asgi.store.backends.redis.rows import RedisRows
 from zeal_asgi.store.base import Key, Row, TableSpec
 
@@ -22,12 +23,18 @@ _BATCH = 256
 class RedisTables(RedisRows):
     """Counting, iterating and batch operations over whole tables."""
 
-    async def _scan(self, spec: TableSpec, cursor: int, count: int) -> tuple[int, list[bytes]]:
-        """One SCAN step over exactly this table's keys, on the node that holds them."""
-        pattern = self.layout.scan_pattern(spec.name)
-        members = self.layout.members(spec.name)
+    async def _batches(
+        self, spec: TableSpec, count: int
+    ) -> AsyncIterator[list[tuple[bytes, bytes]]]:
+        """The rows of ``spec``, about ``count`` at a time, as ``(raw key, row key)`` pairs: SSCAN
+        of the membership set (tracked) or SCAN of the table's exact pattern (ttl) on the node
+        that holds them."""
+        name, layout, tracked = spec.name, self.layout, spec.mode == "tracked"
+        members, pattern = layout.members(name), layout.scan_pattern(name)
 
-        async def op(c: Any) -> Any:
+        async def step(c: Any, cursor: int) -> Any:
+            if tracked:
+                return await c.sscan(members, cursor, count=count)
             if isinstance(c, RedisCluster):
                 await c.initialize()
                 node = c.get_node_from_key(members)  # type: ignore[arg-type]  # bytes work
@@ -36,28 +43,20 @@ class RedisTables(RedisRows):
                 )
             return await c.scan(cursor, match=pattern, count=count)
 
-        reply = await self._conn.run(op, what=f"scan {spec.name!r}", idempotent=True)
-        nxt, keys = reply
-        if isinstance(nxt, dict):  # cluster replies {node: cursor}
-            (nxt,) = nxt.values()
-        return int(nxt), [k for k in keys if k != members]
-
-    async def _batch(
-        self, spec: TableSpec, cursor: int, count: int
-    ) -> tuple[int, list[tuple[bytes, bytes]]]:
-        """One step over the rows of ``spec``: the next cursor and ``(raw key, row key)`` pairs,
-        from SSCAN of the membership set (tracked) or SCAN of the table's exact pattern (ttl)."""
-        layout = self.layout
-        if spec.mode == "tracked":
-            members = layout.members(spec.name)
-            nxt, raws = await self._conn.run(
-                lambda c: c.sscan(members, cursor, count=count),
-                what=f"sscan {spec.name!r}",
-                idempotent=True,
+        what, cursor = f"{'sscan' if tracked else 'scan'} {name!r}", 0
+        while True:
+            nxt, keys = await self._conn.run(
+                partial(step, cursor=cursor), what=what, idempotent=True
             )
-            return int(nxt), [(r, layout.row(spec.name, r)) for r in raws]
-        nxt, keys = await self._scan(spec, cursor, count)
-        return nxt, [(r, k) for k in keys if (r := layout.raw_key(spec.name, k)) is not None]
+            if tracked:
+                yield [(r, layout.row(name, r)) for r in keys]
+            else:
+                yield [(r, k) for k in keys if (r := layout.raw_key(name, k)) is not None]
+            if isinstance(nxt, dict):  # cluster replies {node: cursor}
+                (nxt,) = nxt.values()
+            cursor = int(nxt)
+            if cursor == 0:
+                return
 
     async def count(self, spec: TableSpec) -> int:
         """Tracked: SCARD (O(1)).  TTL: SCAN of the table's exact pattern (O(keyspace))."""
@@ -65,29 +64,20 @@ class RedisTables(RedisRows):
         if spec.mode == "tracked":
             return int(await self._call(t, ("SCARD", t.members), "count"))
         await self._ensure(t)
-        total, cursor = 0, 0
-        while True:
-            cursor, batch = await self._batch(spec, cursor, 1000)
-            total += len(batch)
-            if cursor == 0:
-                return total
+        return sum([len(batch) async for batch in self._batches(spec, 1000)])
 
     async def iterate(self, spec: TableSpec) -> AsyncIterator[tuple[Any, Row]]:
         """Stream every row: SSCAN (tracked) or SCAN (ttl) batches + pipelined HGETALL."""
         t = self._table(spec)
         await self._ensure(t)
         codec = t.codec
-        cursor = 0
-        while True:
-            cursor, batch = await self._batch(spec, cursor, _BATCH)
+        async for batch in self._batches(spec, _BATCH):
             found = await self._hgetall_many([k for _, k in batch]) if batch else []
             for (raw, _), fields in zip(batch, found, strict=True):
                 key = codec.key_out(raw)
                 row = codec.decode(fields, key)
                 if row is not None:  # deleted since the scan
                     yield key, row
-            if cursor == 0:
-                return
 
     async def _hgetall_many(self, row_keys: Sequence[bytes]) -> list[dict[bytes, bytes]]:
         async def op(c: Any) -> list[dict[bytes, bytes]]:
@@ -144,27 +134,15 @@ class RedisTables(RedisRows):
         """Remove every row with UNLINK in batches (never the whole key set in memory)."""
         t = self._table(spec)
         await self._ensure(t)
-        removed, cursor = 0, 0
-        while True:
-            cursor, batch = await self._batch(spec, cursor, _BATCH)
+        removed = 0
+        kw: dict[str, Any] = {"idempotent": True, "table": spec.name}
+        async for batch in self._batches(spec, _BATCH):
             if batch:
                 keys = [k for _, k in batch]
                 if spec.mode == "tracked":  # each row goes with its membership
-                    op = _bound(CLEAR_BATCH, [*keys, t.members], [r for r, _ in batch])
+                    members = [r for r, _ in batch]
+                    n = self._conn.script(CLEAR_BATCH, [*keys, t.members], members, "clear", **kw)
                 else:
-                    op = _unlink(keys)
-                n = await self._conn.run(op, what=f"clear {spec.name!r}", idempotent=True)
-                removed += int(n)
-            if cursor == 0:
-                return removed
-
-
-def _bound(script: Script, keys: list[bytes], args: list[Any]) -> Callable[[Any], Awaitable[Any]]:
-    return lambda c: script(c, keys, args)
-
-
-def _unlink(keys: list[bytes]) -> Callable[[Any], Awaitable[Any]]:
-    async def op(c: Any) -> Any:
-        return await c.unlink(*keys)
-
-    return op
+                    n = self._conn.call(("UNLINK", *keys), "clear", **kw)
+                removed += int(await n)
+        return removed

@@ -40,10 +40,6 @@ _LOCK_LEASE = 5.0
 Token = tuple[int, int]
 
 
-def _key_bytes(key: Key) -> bytes:
-    return key.encode("utf-8") if isinstance(key, str) else key
-
-
 class L1Cache:
     """Shared L1 tables of one tiered backend (one set per ``namespace`` and server)."""
 
@@ -90,7 +86,8 @@ class L1Cache:
 
     @staticmethod
     def _bucket(table: str, key: Key) -> str:
-        return str(zlib.crc32(_key_bytes(key), zlib.crc32(table.encode())) % _BUCKETS)
+        raw = key.encode("utf-8") if isinstance(key, str) else key
+        return str(zlib.crc32(raw, zlib.crc32(table.encode())) % _BUCKETS)
 
     def snapshot(self, table: str, key: Key) -> Token:
         """Generations to pass to :meth:`fill` (taken before reading L2)."""
