@@ -1253,18 +1253,11 @@ def lease_acquire(Table table, key, column, int64_t ms, int64_t tag, int64_t sta
     return LeaseColumns(table, column, fence, turn, turn_ms).take(key, ms, tag, stale, stale_turn)
 
 
-def lease_release(Table table, key, column, int64_t word, int64_t tag, bint delete=False):
-    """Give up the lease ``word`` in ``column`` of ``key`` if holder ``tag`` wrote it and the row
-    still holds it: set 0 (``delete``: remove the row), in one locked step; True when done.  A
-    forked child passes its own pid, so it never releases its parent's lease."""
-    return tag != 0 and LeaseColumns(table, column).give(key, word, tag, delete)
-
-
 cdef class LeaseColumns:
     """The lease columns of one table, looked up once: :meth:`take` is :func:`lease_acquire`
-    and :meth:`give` is :func:`lease_release` without finding and checking the columns on every
-    call (the host locks take and give a lease per ``async with``).  A ``tag`` of 0 is this
-    process's pid (kept, and read again in a forked child)."""
+    without finding and checking the columns on every call (the host locks take and give a
+    lease per ``async with``), :meth:`give` its release.  A ``tag`` of 0 is this process's pid
+    (kept, and read again in a forked child)."""
 
     cdef Table table
     cdef int oc, fc, tc
@@ -1301,7 +1294,10 @@ cdef class LeaseColumns:
         return (out, word)
 
     def give(self, key, int64_t word, int64_t tag=0, bint delete=False):
-        """:func:`lease_release` on these columns: True when given up."""
+        """Give up the lease ``word`` in ``key``'s row if holder ``tag`` wrote it and the row
+        still holds it: set 0 (``delete``: remove the row), in one locked step; True when done.
+        A forked child passes its own pid (the default), so it never releases its parent's
+        lease."""
         cdef const char *k
         cdef Py_ssize_t kn
         cdef zt_delta e, d
