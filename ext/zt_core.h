@@ -936,8 +936,9 @@ static inline uint64_t zt_kind_of(const zt_col *cols, const zt_delta *d, int nd)
 /* One write section on row r (its stripe lock held): the deltas applied and the expiry renewed.
  * With `fresh` the row starts again (a revived or expired row): its columns are zeroed first and
  * it is LIVE at the end. */
-static inline void zt_write(zt_table *t, zt_lockslot *stripe, uint32_t r, const zt_col *cols,
-                            const zt_delta *d, int nd, int fresh) {
+static inline __attribute__((always_inline)) void zt_write(
+    zt_table *t, zt_lockslot *stripe, uint32_t r, const zt_col *cols, const zt_delta *d, int nd,
+    int fresh) {
     char *row = zt_row(t, r);
     uint32_t s = zt_write_begin(stripe, row, r, fresh ? ZT_W_MULTI : zt_kind_of(cols, d, nd));
     if (fresh) zt_zero_columns(t, row);
