@@ -1080,6 +1080,8 @@ cdef class Cells:
         cdef char *row
         cdef int i, j, rc
         keys = list(keys)
+        if not keys or not table.ncols:  # (no cell to update: inc() would write through nothing)
+            raise _errors.MetricError(f"cells need a key and a column; got keys {keys}")
         if table.t.g.exp_off != 0:
             # a cell write renews no expiry, and an expired row is freed and reused for another key
             raise ColumnTypeError(
