@@ -27,6 +27,7 @@ import re
 import signal
 
 from zeal_asgi import errors as _errors
+from zeal_asgi.shm.schema import validate_key, validate_value
 
 cdef extern from "sys/mman.h":
     void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset)
@@ -126,14 +127,12 @@ cdef extern from *:
 cdef enum:
     STACK_ROW_WORDS = 256   # rows up to 2 KiB are copied on the stack
 
-cdef object ValueTooLargeError = _errors.ValueTooLargeError
 cdef object UnknownColumnError = _errors.UnknownColumnError
 cdef object ColumnTypeError = _errors.ColumnTypeError
 cdef object IntegerOverflowError = _errors.IntegerOverflowError
 cdef object NonFiniteFloatError = _errors.NonFiniteFloatError
 cdef object InvalidKeyError = _errors.InvalidKeyError
 cdef object KeyTooLongError = _errors.KeyTooLongError
-cdef object KeyTypeError = _errors.KeyTypeError
 cdef object TableFullError = _errors.TableFullError
 cdef object LockTimeoutError = _errors.LockTimeoutError
 cdef object ShmError = _errors.ShmError
@@ -243,6 +242,7 @@ cdef class Table:
     cdef int ncols
     cdef dict _colidx
     cdef tuple _names
+    cdef object _schema
     cdef bint _allow_nan
     cdef bint _binary_keys
     cdef int64_t _seen_recoveries
@@ -296,6 +296,7 @@ cdef class Table:
         if len(schema.columns) > ZT_MAX_COLUMNS:
             raise _errors.SchemaError(f"a table has at most {ZT_MAX_COLUMNS} columns")
         self.name = name
+        self._schema = schema
         self.lock_timeout = lock_timeout
         self._colidx = {}
         for i, c in enumerate(schema.columns):
@@ -405,32 +406,25 @@ cdef class Table:
     cdef inline int _key(self, object key, const char **p, Py_ssize_t *n) except -1:
         if self.t.hdr == NULL:
             self._check_open()
+        n[0] = 0
         if PyUnicode_Check(key):
             try:
                 p[0] = PyUnicode_AsUTF8AndSize(key, n)
-            except UnicodeEncodeError as exc:
-                raise InvalidKeyError(
-                    f"key {key!r} of table {self.name!r} is not encodable as UTF-8") from exc
+            except UnicodeEncodeError:
+                n[0] = 0
         elif PyBytes_Check(key):
             p[0] = PyBytes_AS_STRING(key)
             n[0] = PyBytes_GET_SIZE(key)
             if not self._binary_keys:
                 try:
                     (<bytes>key).decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise InvalidKeyError(
-                        f"key {key!r} of table {self.name!r} is not valid UTF-8; make the "
-                        "table with binary_keys=True to store arbitrary bytes") from exc
-        else:
-            raise KeyTypeError(
-                f"keys of table {self.name!r} are str or bytes, got {type(key).__name__}")
-        if n[0] == 0:
-            raise InvalidKeyError(f"empty key for table {self.name!r}")
-        if n[0] > self.t.g.key_limit:
-            raise KeyTooLongError(
-                f"key of {n[0]} bytes exceeds the key limit of {self.t.g.key_limit} bytes of "
-                f"table {self.name!r} (never truncated; raise key_size at make)")
-        return 0
+                except UnicodeDecodeError:
+                    n[0] = 0
+        if 0 < n[0] <= self.t.g.key_limit:
+            return 0
+        # A refusal: the schema's rules raise it, the same typed error every backend raises.
+        validate_key(key, self.name, self.t.g.key_limit, self._binary_keys)
+        raise InvalidKeyError(f"key {key!r} of table {self.name!r}")  # (not reached)
 
     cdef inline int _col(self, object column) except -1:
         cdef PyObject *o = PyDict_GetItem(self._colidx, column)
@@ -440,69 +434,43 @@ cdef class Table:
         return <int><object>o
 
     cdef int _prepare(self, int ci, object value, zt_delta *d) except -1:
-        """Validate `value` for column ci and fill d; raises naming the column and the limit."""
+        """Fill d with `value` for column ci, or raise naming the column and the limit."""
         cdef zt_col *c = &self.cols[ci]
         cdef int overflow = 0
-        cdef long long iv
-        cdef double fv
-        cdef Py_ssize_t n
-        cdef const char *s
+        cdef Py_ssize_t n = -1
         d.col = ci
         if c.type == ZT_INT:
             if PyLong_Check(value) and not PyBool_Check(value):
-                iv = PyLong_AsLongLongAndOverflow(value, &overflow)
-                if overflow or iv < INT_MIN[c.width] or iv > INT_MAX[c.width]:
-                    raise IntegerOverflowError(
-                        f"{self._what(ci)} is INT({c.width}): {value} is outside "
-                        f"[{INT_MIN[c.width]}, {INT_MAX[c.width]}]")
-                d.i = iv
-                return 0
-            raise ColumnTypeError(
-                f"{self._what(ci)} is INT({c.width}); got {type(value).__name__} {value!r} "
-                "(no implicit conversion)")
-        if c.type == ZT_FLOAT:
+                d.i = PyLong_AsLongLongAndOverflow(value, &overflow)
+                if not overflow and INT_MIN[c.width] <= d.i <= INT_MAX[c.width]:
+                    return 0
+        elif c.type == ZT_FLOAT:
             if PyFloat_Check(value):
-                fv = PyFloat_AS_DOUBLE(value)
+                d.f = PyFloat_AS_DOUBLE(value)
+                if self._allow_nan or isfinite(d.f):
+                    return 0
             elif PyLong_Check(value) and not PyBool_Check(value):
                 try:
-                    fv = <double>value
+                    d.f = <double>value
                 except OverflowError:
-                    fv = 0.5  # not equal to any int: reported below
-                if <object>fv != value:
-                    raise ColumnTypeError(
-                        f"{self._what(ci)} is FLOAT; the int {value} is not exactly "
-                        "representable as a double")
-            else:
-                raise ColumnTypeError(
-                    f"{self._what(ci)} is FLOAT; got {type(value).__name__} {value!r}")
-            if not self._allow_nan and not isfinite(fv):
-                raise NonFiniteFloatError(
-                    f"{self._what(ci)}: {value!r} is not finite (make the table with "
-                    "allow_nan=True to store NaN/inf)")
-            d.f = fv
-            return 0
-        if c.type == ZT_STRING:
-            if not PyUnicode_Check(value):
-                raise ColumnTypeError(
-                    f"{self._what(ci)} is STRING({c.size}); got {type(value).__name__} (use a "
-                    "BYTES column for binary data)")
-            try:
-                s = PyUnicode_AsUTF8AndSize(value, &n)
-            except UnicodeEncodeError as exc:
-                raise ColumnTypeError(
-                    f"{self._what(ci)}: the string is not encodable as UTF-8") from exc
+                    d.f = 0.5  # equal to no int: refused below
+                if <object>d.f == value:
+                    return 0
+        elif c.type == ZT_STRING:
+            if PyUnicode_Check(value):
+                try:
+                    d.s = PyUnicode_AsUTF8AndSize(value, &n)
+                except UnicodeEncodeError:
+                    n = -1
         elif PyBytes_Check(value):
-            s = PyBytes_AS_STRING(value)
+            d.s = PyBytes_AS_STRING(value)
             n = PyBytes_GET_SIZE(value)
-        else:
-            raise ColumnTypeError(
-                f"{self._what(ci)} is BYTES({c.size}); got {type(value).__name__}")
-        if n > c.size:
-            raise ValueTooLargeError(
-                f"{self._what(ci)} holds {c.size} bytes; the value is {n} bytes (never truncated)")
-        d.s = s
-        d.slen = <uint32_t>n
-        return 0
+        if 0 <= n <= c.size:
+            d.slen = <uint32_t>n
+            return 0
+        # A refusal: the schema's rules raise it, the same typed error every backend raises.
+        validate_value(self._schema.columns[ci], value, self.name, self._allow_nan)
+        raise ColumnTypeError(f"{self._what(ci)}: {value!r}")  # (not reached)
 
     cdef int _twice(self, int ci, col) except -1:
         raise ColumnTypeError(
@@ -579,9 +547,7 @@ cdef class Table:
         self._key(key, &k, &kn)
         if field is not None:
             ci = self._col(field)
-        cdef char *buf = <char *>stackbuf
-        if self.t.g.row_size > STACK_ROW_WORDS * 8:
-            buf = self._buffer(NULL)
+        cdef char *buf = self._buffer(stackbuf)
         try:
             rc = zt_get(&self.t, k, <uint16_t>kn, buf)
             self._done(rc, key, "get")
@@ -601,9 +567,7 @@ cdef class Table:
         cdef Py_ssize_t kn
         cdef int rc
         self._key(key, &k, &kn)
-        cdef char *buf = <char *>stackbuf
-        if self.t.g.row_size > STACK_ROW_WORDS * 8:
-            buf = self._buffer(NULL)
+        cdef char *buf = self._buffer(stackbuf)
         rc = zt_get(&self.t, k, <uint16_t>kn, buf)
         if buf != <char *>stackbuf:
             free(buf)
@@ -1063,21 +1027,15 @@ def incr_bounded(Table table, key, column, by, bound, floor=None, reset=None):
                          &dfloor if floor is not None else NULL,
                          &dreset if reset is not None else NULL, table._allow_nan,
                          &iout, &fout, &applied)
-    if rc != 0:
-        if rc == ZT_EOVERFLOW:
-            raise IntegerOverflowError(
-                f"incr_bounded of column {column!r} of table {table.name!r} by {by} would leave "
-                f"the column's range (INT({table.cols[ci].width})); the value stays {iout}")
-        if rc == ZT_ENONFINITE:
-            raise NonFiniteFloatError(
-                f"incr_bounded of column {column!r} of table {table.name!r} by {by!r} gives a "
-                "non-finite value; the row is unchanged")
-        if rc == ZT_EFULL:
-            raise TableFullError(
-                f"table {table.name!r} is full: {table.capacity} rows (max_rows); delete rows "
-                "or make it larger")
-        _raise_rc(rc, f"incr_bounded {key!r} in table {table.name!r}")
-    table._done(0, key, "incr_bounded")  # logs a lock recovery this call just ran
+    if rc == ZT_EOVERFLOW:
+        raise IntegerOverflowError(
+            f"incr_bounded of column {column!r} of table {table.name!r} by {by} would leave "
+            f"the column's range (INT({table.cols[ci].width})); the value stays {iout}")
+    if rc == ZT_ENONFINITE:
+        raise NonFiniteFloatError(
+            f"incr_bounded of column {column!r} of table {table.name!r} by {by!r} gives a "
+            "non-finite value; the row is unchanged")
+    table._done(rc, key, "incr_bounded")
     if table.cols[ci].type == ZT_INT:
         return (PyLong_FromLongLong(iout), applied != 0)
     return (PyFloat_FromDouble(fout), applied != 0)
@@ -1122,6 +1080,8 @@ cdef class Cells:
         cdef char *row
         cdef int i, j, rc
         keys = list(keys)
+        if not keys or not table.ncols:  # (no cell to update: inc() would write through nothing)
+            raise _errors.MetricError(f"cells need a key and a column; got keys {keys}")
         if table.t.g.exp_off != 0:
             # a cell write renews no expiry, and an expired row is freed and reused for another key
             raise ColumnTypeError(
@@ -1295,18 +1255,11 @@ def lease_acquire(Table table, key, column, int64_t ms, int64_t tag, int64_t sta
     return LeaseColumns(table, column, fence, turn, turn_ms).take(key, ms, tag, stale, stale_turn)
 
 
-def lease_release(Table table, key, column, int64_t word, int64_t tag, bint delete=False):
-    """Give up the lease ``word`` in ``column`` of ``key`` if holder ``tag`` wrote it and the row
-    still holds it: set 0 (``delete``: remove the row), in one locked step; True when done.  A
-    forked child passes its own pid, so it never releases its parent's lease."""
-    return tag != 0 and LeaseColumns(table, column).give(key, word, tag, delete)
-
-
 cdef class LeaseColumns:
     """The lease columns of one table, looked up once: :meth:`take` is :func:`lease_acquire`
-    and :meth:`give` is :func:`lease_release` without finding and checking the columns on every
-    call (the host locks take and give a lease per ``async with``).  A ``tag`` of 0 is this
-    process's pid (kept, and read again in a forked child)."""
+    without finding and checking the columns on every call (the host locks take and give a
+    lease per ``async with``), :meth:`give` its release.  A ``tag`` of 0 is this process's pid
+    (kept, and read again in a forked child)."""
 
     cdef Table table
     cdef int oc, fc, tc
@@ -1343,7 +1296,10 @@ cdef class LeaseColumns:
         return (out, word)
 
     def give(self, key, int64_t word, int64_t tag=0, bint delete=False):
-        """:func:`lease_release` on these columns: True when given up."""
+        """Give up the lease ``word`` in ``key``'s row if holder ``tag`` wrote it and the row
+        still holds it: set 0 (``delete``: remove the row), in one locked step; True when done.
+        A forked child passes its own pid (the default), so it never releases its parent's
+        lease."""
         cdef const char *k
         cdef Py_ssize_t kn
         cdef zt_delta e, d

@@ -927,6 +927,28 @@ done:
     return found;
 }
 
+static inline uint64_t zt_kind_of(const zt_col *cols, const zt_delta *d, int nd) {
+    return nd == 1 && (cols[d[0].col].type == ZT_INT || cols[d[0].col].type == ZT_FLOAT)
+               ? ZT_W_SINGLE
+               : ZT_W_MULTI;
+}
+
+/* One write section on row r (its stripe lock held): the deltas applied and the expiry renewed.
+ * With `fresh` the row starts again (a revived or expired row): its columns are zeroed first and
+ * it is LIVE at the end. */
+static inline __attribute__((always_inline)) void zt_write(
+    zt_table *t, zt_lockslot *stripe, uint32_t r, const zt_col *cols, const zt_delta *d, int nd,
+    int fresh) {
+    char *row = zt_row(t, r);
+    uint32_t s = zt_write_begin(stripe, row, r, fresh ? ZT_W_MULTI : zt_kind_of(cols, d, nd));
+    if (fresh) zt_zero_columns(t, row);
+    else ZT_CRASHPOINT(ZT_CP_UPDATE_AFTER_ODD);
+    zt_apply(row, cols, d, nd);
+    zt_touch(t, row);
+    if (fresh) zt_set_state(row, ZT_LIVE);
+    zt_write_end(stripe, row, s);
+}
+
 /* Insert or revive the row of `key` under the global lock, with the deltas `d` already applied,
  * so that readers see no row or the complete new row and never a zeroed intermediate one.
  * Returns the row (the stripe lock stays held) with *created = 1, or the existing live row with
@@ -941,12 +963,7 @@ static int64_t zt_upsert_locked(zt_table *t, const char *key, uint16_t klen, uin
         char *row = zt_row(t, r);
         if (zt_state(row) == ZT_LIVE) { *created = 0; return r; }
         /* DEAD row of this key (torn by a dead writer): revive it, zeroed, with the deltas */
-        uint32_t s = zt_write_begin(stripe, row, r, ZT_W_MULTI);
-        zt_zero_columns(t, row);
-        zt_apply(row, cols, d, nd);
-        zt_touch(t, row);
-        zt_set_state(row, ZT_LIVE);
-        zt_write_end(stripe, row, s);
+        zt_write(t, stripe, r, cols, d, nd, 1);
         __atomic_sub_fetch(&t->hdr->dead_rows, 1, __ATOMIC_RELAXED);
         __atomic_add_fetch(&t->hdr->row_count, 1, __ATOMIC_RELAXED);
         return r;
@@ -1005,22 +1022,11 @@ static int64_t zt_locate(zt_table *t, const char *key, uint16_t klen, uint64_t h
         }
     }
     if (__builtin_expect(t->g.exp_off != 0, 0) && zt_expired(t, zt_row(t, r), zt_now(t))) {
-        char *row = zt_row(t, (uint32_t)r);
         if (!create) { zt_release(stripe); return ZT_NOTFOUND; }
-        uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, ZT_W_MULTI);
-        zt_zero_columns(t, row);
-        zt_apply(row, cols, d, nd);
-        zt_touch(t, row);
-        zt_write_end(stripe, row, s);
+        zt_write(t, stripe, (uint32_t)r, cols, d, nd, 1);
         *created = 1;
     }
     return r;
-}
-
-static inline uint64_t zt_kind_of(const zt_col *cols, const zt_delta *d, int nd) {
-    return nd == 1 && (cols[d[0].col].type == ZT_INT || cols[d[0].col].type == ZT_FLOAT)
-               ? ZT_W_SINGLE
-               : ZT_W_MULTI;
 }
 
 /* set(): merge the deltas into the row, creating it (zeroed + deltas) when missing. */
@@ -1032,14 +1038,7 @@ static int zt_set(zt_table *t, const char *key, uint16_t klen, const zt_col *col
     int created;
     int64_t r = zt_locate(t, key, klen, h, 1, cols, d, nd, &stripe, &ts, &created);
     if (r < 0) { zt_regain_gil(&ts); return (int)r; }
-    if (!created) {
-        char *row = zt_row(t, (uint32_t)r);
-        uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, zt_kind_of(cols, d, nd));
-        ZT_CRASHPOINT(ZT_CP_UPDATE_AFTER_ODD);
-        zt_apply(row, cols, d, nd);
-        zt_touch(t, row);
-        zt_write_end(stripe, row, s);
-    }
+    if (!created) zt_write(t, stripe, (uint32_t)r, cols, d, nd, 0);
     zt_release(stripe);
     zt_regain_gil(&ts);
     return ZT_OK;
@@ -1118,15 +1117,9 @@ static int zt_cas(zt_table *t, const char *key, uint16_t klen, const zt_col *col
     if (r < 0) { zt_regain_gil(&ts); return (int)r; }
     if (created) {
         *swapped = 1;
-    } else {
-        char *row = zt_row(t, (uint32_t)r);
-        if (zt_col_equals(row, c, expected)) {
-            uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, zt_kind_of(cols, desired, 1));
-            zt_apply(row, cols, desired, 1);
-            zt_touch(t, row);
-            zt_write_end(stripe, row, s);
-            *swapped = 1;
-        }
+    } else if (zt_col_equals(zt_row(t, (uint32_t)r), c, expected)) {
+        zt_write(t, stripe, (uint32_t)r, cols, desired, 1, 0);
+        *swapped = 1;
     }
     zt_release(stripe);
     zt_regain_gil(&ts);
@@ -1328,34 +1321,21 @@ static int zt_incr_bounded(zt_table *t, const char *key, uint16_t klen, const zt
         *out_i = nd.i;
         *out_f = nd.f;
     } else if (is_int) {
-        int64_t cur = zt_get_int(row, c), nv;
+        int64_t cur = zt_get_int(row, c);
         int64_t base = floor_ != NULL && floor_->i > cur ? reset_->i : cur;
         *out_i = cur;
-        if (__builtin_add_overflow(base, by->i, &nv) || !zt_int_fits(c->width, nv)) {
+        if (__builtin_add_overflow(base, by->i, &nd.i) || !zt_int_fits(c->width, nd.i))
             rc = ZT_EOVERFLOW;
-        } else if (nv <= bound->i) {
-            uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, ZT_W_SINGLE);
-            zt_put_int(row, c, nv);
-            zt_touch(t, row);
-            zt_write_end(stripe, row, s);
-            *out_i = nv;
-            *applied = 1;
-        }
+        else if (nd.i <= bound->i) { *out_i = nd.i; *applied = 1; }
     } else {
         double cur = zt_get_float(row, c);
-        double nv = (floor_ != NULL && floor_->f > cur ? reset_->f : cur) + by->f;
+        nd.f = (floor_ != NULL && floor_->f > cur ? reset_->f : cur) + by->f;
         *out_f = cur;
-        if (!allow_nonfinite && !isfinite(nv)) {
+        if (!allow_nonfinite && !isfinite(nd.f))
             rc = ZT_ENONFINITE;
-        } else if (nv <= bound->f) {
-            uint32_t s = zt_write_begin(stripe, row, (uint32_t)r, ZT_W_SINGLE);
-            zt_put_float(row, c, nv);
-            zt_touch(t, row);
-            zt_write_end(stripe, row, s);
-            *out_f = nv;
-            *applied = 1;
-        }
+        else if (nd.f <= bound->f) { *out_f = nd.f; *applied = 1; }
     }
+    if (*applied && !created) zt_write(t, stripe, (uint32_t)r, cols, &nd, 1, 0);
     zt_release(stripe);
     zt_regain_gil(&ts);
     return rc;
@@ -1440,12 +1420,10 @@ static inline int64_t zt_lease_word(int64_t deadline_ms, int64_t tag) {
 
 /* One word of the row in its own write section: a writer killed between two such writes
  * leaves every column whole (a multi-column section would make the row DEAD, its fence lost). */
-static inline void zt_lease_put(zt_table *t, zt_lockslot *stripe, char *row, uint32_t r,
-                                const zt_col *c, int64_t v) {
-    uint32_t s = zt_write_begin(stripe, row, r, ZT_W_SINGLE);
-    zt_put_int(row, c, v);
-    zt_touch(t, row);
-    zt_write_end(stripe, row, s);
+static inline void zt_lease_put(zt_table *t, zt_lockslot *stripe, uint32_t r, const zt_col *cols,
+                                int col, int64_t v) {
+    zt_delta d = {col, v, 0.0, NULL, 0};
+    zt_write(t, stripe, r, cols, &d, 1, 0);
 }
 
 /* Take the lease in INT(8) column `oc` of `key` for `ms` as `tag`, in one locked step.  Free:
@@ -1484,13 +1462,13 @@ static int zt_lease_acquire(zt_table *t, const char *key, uint16_t klen, const z
             *out_fence = ZT_LEASE_BUSY_OWNER;
             *out_word = owner;
             if (tc >= 0 && turn_ms > 0)
-                zt_lease_put(t, stripe, row, (uint32_t)r, &cols[tc], zt_lease_word(now + turn_ms, tag));
+                zt_lease_put(t, stripe, (uint32_t)r, cols, tc, zt_lease_word(now + turn_ms, tag));
         } else if (fc >= 0 && __builtin_add_overflow(zt_get_int(row, &cols[fc]), 1, out_fence)) {
             rc = ZT_EOVERFLOW;
         } else {
-            zt_lease_put(t, stripe, row, (uint32_t)r, &cols[oc], word);
-            if (fc >= 0) zt_lease_put(t, stripe, row, (uint32_t)r, &cols[fc], *out_fence);
-            if (turn != 0) zt_lease_put(t, stripe, row, (uint32_t)r, &cols[tc], 0);
+            zt_lease_put(t, stripe, (uint32_t)r, cols, oc, word);
+            if (fc >= 0) zt_lease_put(t, stripe, (uint32_t)r, cols, fc, *out_fence);
+            if (turn != 0) zt_lease_put(t, stripe, (uint32_t)r, cols, tc, 0);
         }
     }
     zt_release(stripe);

@@ -107,6 +107,15 @@ def test_what_cells_refuse(make_table: MakeTable) -> None:
     assert len(expiring) == 0
 
 
+def test_cells_without_a_key_are_refused_instead_of_writing_through_nothing(
+    make_table: MakeTable,
+) -> None:
+    t = make_table(4, FLOATS)
+    with pytest.raises(MetricError, match="a key and a column"):
+        Cells(t, [])
+    assert len(t) == 0
+
+
 def test_cells_of_a_closed_table_raise_instead_of_touching_freed_memory(
     make_table: MakeTable,
 ) -> None:

@@ -123,9 +123,6 @@ def lease_acquire(
     turn_ms: int = 0,
     stale_turn: int = 0,
 ) -> tuple[int, int]: ...
-def lease_release(
-    table: Table, key: str | bytes, column: str, word: int, tag: int, delete: bool = False
-) -> bool: ...
 
 @disjoint_base
 class LeaseColumns:

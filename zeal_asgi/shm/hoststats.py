@@ -79,14 +79,13 @@ class HostStats:
 
     def worker(self) -> dict[str, int]:
         """Counters of this worker."""
-        me = current_pid()
-        return {m: v for p, m, v in self._rows() if p == me}
+        return self.workers().get(current_pid(), {})
 
     def host(self) -> dict[str, int]:
         """Counters summed over every worker of the host since the server started."""
         total: collections.Counter[str] = collections.Counter()
-        for _, metric, value in self._rows():
-            total[metric] += value
+        for counts in self.workers().values():
+            total.update(counts)
         return dict(total)
 
     def workers(self) -> dict[int, dict[str, int]]:

@@ -1,8 +1,8 @@
 """A host-wide lease in shared memory: one 64-bit word holding (deadline, holder pid).
 
 The word lives in an INT(8) column of a shared table row.  Taking a lease is one compiled call
-(:func:`lease_acquire`: the checks and the writes under the row's lock), giving it back another
-(:func:`lease_release`), and renewing is a compare-and-set, so a worker killed at any point
+(``LeaseColumns.take``: the checks and the writes under the row's lock), giving it back another
+(``LeaseColumns.give``), and renewing is a compare-and-set, so a worker killed at any point
 leaves either its whole word or none.  A lease is free when the row holds 0, when its deadline
 has passed, or when its holder is dead; a live holder keeps it until its deadline.  Deadlines
 are ``CLOCK_MONOTONIC`` milliseconds: one clock for every process of the host.
@@ -28,10 +28,8 @@ BUSY_OWNER: int = _shmtable.LEASE_BUSY_OWNER
 """``Lease.take``'s first item when a holder has the lease."""
 BUSY_TURN: int = _shmtable.LEASE_BUSY_TURN
 """``Lease.take``'s first item when another process waits for its turn to take it."""
-_acquire = _shmtable.lease_acquire
 LeaseColumns = _shmtable.LeaseColumns
 """A table's lease columns found once: ``take`` and ``give``, the hot path of host locks."""
-_release = _shmtable.lease_release
 
 
 def pack(deadline_ms: int, tag: int) -> int:
@@ -71,8 +69,8 @@ class Lease:
         self.table = table
         self.column = column
         self.ms = max(1, int(seconds * 1000))
-        self.fence, self.turn = fence, turn
-        self.turn_ms = max(1, int(turn_seconds * 1000)) if turn else 0
+        turn_ms = max(1, int(turn_seconds * 1000)) if turn else 0
+        self._columns = LeaseColumns(table, column, fence, turn, turn_ms)
 
     @staticmethod
     def stale(word: int, now_ms: int | None = None) -> bool:
@@ -90,11 +88,8 @@ class Lease:
         """One attempt: ``(fence, token)`` when taken (``fence`` 0 without a fence column), else
         ``(BUSY_OWNER, holder's word)`` or ``(BUSY_TURN, waiting process's turn)``.  A holder
         found dead gives the lease up at once."""
-        table, column, fence, turn, ms, turn_ms = (
-            self.table, self.column, self.fence, self.turn, self.ms, self.turn_ms
-        )  # fmt: skip
-        me = current_pid()
-        grant = _acquire(table, key, column, ms, me, 0, fence, turn, turn_ms, 0)
+        take, ms = self._columns.take, self.ms
+        grant = take(key, ms)
         stale = stale_turn = 0
         while grant[0] < 0:
             # C judged the deadline; only a dead holder (the rare case) needs /proc
@@ -105,7 +100,7 @@ class Lease:
                 stale_turn = word
             else:
                 stale = word
-            grant = _acquire(table, key, column, ms, me, stale, fence, turn, turn_ms, stale_turn)
+            grant = take(key, ms, 0, stale, stale_turn)
         return grant
 
     def acquire(self, key: str | bytes) -> int | None:
@@ -126,5 +121,4 @@ class Lease:
     def release(self, key: str | bytes, token: int, *, delete: bool = False) -> bool:
         """Give the lease up if ``token`` still holds it (``delete``: remove the row too).  A
         forked child does not release its parent's lease."""
-        me = current_pid() & _TAG_MASK
-        return bool(_release(self.table, key, self.column, token, me, delete))
+        return bool(self._columns.give(key, token, 0, delete))

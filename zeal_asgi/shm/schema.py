@@ -337,8 +337,8 @@ class Schema:
 
 # -- validation shared by every backend ----------------------------------------------------------
 #
-# The shared-memory table validates in C; every other backend validates here, with the same rules
-# and the same messages, so application code sees one behaviour whatever the backend.
+# Every backend validates here, so application code sees one behaviour whatever the backend; the
+# shared-memory table accepts valid input in its compiled fast path and refuses through these.
 
 
 def validate_key(key: object, table: str, key_limit: int, binary_keys: bool = False) -> bytes:

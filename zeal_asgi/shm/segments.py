@@ -246,11 +246,8 @@ def _capacity_error(what: str, needed: int, exc: OSError | None = None) -> ShmCa
 
 def _reserve(fd: int, size: int, what: str, named: bool) -> None:
     """Reserve every page now: a full filesystem is a typed error here, never a later SIGBUS."""
-    try:
-        free = shutil.disk_usage(shm_dir()).free if named else size
-    except OSError:
-        free = size
-    if free < size:
+    total, free = shm_space() if named else (size, size)
+    if total and free < size:
         raise _capacity_error(what, size)
     try:
         os.posix_fallocate(fd, 0, size)
