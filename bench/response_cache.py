@@ -372,8 +372,10 @@ def _body(
     parts = [
         f"`wrk -t{hc.threads} -c{hc.connections} -d{hc.duration:g}s` on one hot key per route "
         f"against `zeal-asgi run --workers {WORKERS}`, after a {hc.warmup:g} s warm-up; "
-        f"{hc.reps} rep(s), each running the rows in the order below; ratios are taken within a "
-        f"rep, median over the reps in which other processes used under {BUSY:.0%} of the CPUs. "
+        f"{hc.reps} rep(s), every other one running the rows in reverse order; every route "
+        "is alone in its own router, picked by name (routed at the same cost); ratios are "
+        "taken within a rep, median over the reps in which other processes used under "
+        f"{BUSY:.0%} of the CPUs. "
         "The payload is the same ~60-byte JSON everywhere; wrk, the workers and redis-server "
         "share the machine's cores.",
         "\n".join(lines),
@@ -478,7 +480,9 @@ def run(cfg: Config) -> SuiteReport:
                         if row.server == kind:
                             errors[row.id] = f"server failed: {str(exc).splitlines()[-1][:160]}"
             for rep in range(hc.reps):
-                for row in ROWS:
+                # every other rep in reverse: a machine getting busier or quieter during a rep
+                # does not always favour the same side of the ceiling / zeal pair
+                for row in ROWS if rep % 2 == 0 else ROWS[::-1]:
                     if row.id in errors:
                         continue
                     try:
