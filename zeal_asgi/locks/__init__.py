@@ -19,7 +19,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,7 +35,7 @@ from zeal_asgi.locks.host import HostLocks, host_locks
 from zeal_asgi.locks.jobs import Job, job_stats, jobs_table, run_job
 from zeal_asgi.locks.lock import LockContext, Locker, LockLease, Scope
 from zeal_asgi.settings import StoreBackendKind
-from zeal_asgi.store.base import Capability, unsupported
+from zeal_asgi.store.base import Capability, seconds, unsupported
 
 if TYPE_CHECKING:
     from zeal_asgi.store import Store
@@ -51,6 +50,7 @@ LEADER_TTL = 10.0
 """Seconds a stopped (not dead) leader keeps leading; a live leader renews its lease."""
 _LEADER = "zeal:leader"
 _CAMPAIGN_EVERY = 1.0  # seconds between a follower's attempts to lead
+_YEAR = 365 * 86400  # the longest ttl, timeout or period
 
 
 def _name(name: object, what: str = "lock") -> str:
@@ -69,11 +69,9 @@ def _name(name: object, what: str = "lock") -> str:
 
 
 def _seconds(value: object, what: str, *, zero: bool = False) -> float:
-    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-    if not (0 < number < 3e7 or (zero and number == 0)):  # NaN fails every comparison
-        least = ">= 0" if zero else "> 0"
-        raise InvalidTTLError(f"{what} is a number of seconds {least}, below a year: {value!r}")
-    return float(number)
+    """The Store's duration check with the locks' bound and error (``every``'s ``seconds``
+    argument hides the function's name there)."""
+    return seconds(what, value, _YEAR, zero=zero, error=InvalidTTLError)
 
 
 def _scope_name(scope: object) -> str:
@@ -118,7 +116,7 @@ class Locks:
             if len(self._names) >= 1024:
                 self._names.clear()
             self._names.add(_name(name))
-        if type(ttl) not in (int, float) or not 0 < ttl < 3e7:
+        if type(ttl) not in (int, float) or not 0 < ttl <= _YEAR:
             _seconds(ttl, "ttl")
         if timeout is not None:
             _seconds(timeout, "timeout", zero=True)

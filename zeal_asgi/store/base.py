@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from zeal_asgi.errors import ConfigError, SchemaError, UnsupportedOperationError
+from zeal_asgi.errors import ConfigError, SchemaError, UnsupportedOperationError, ZealError
 from zeal_asgi.settings import StoreBackendKind as StoreBackendKind  # re-exported
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.schema import Schema, validate_key
@@ -72,13 +72,20 @@ def counters(area: str, events: str = "") -> dict[str, Any]:
     return {**mine(hs.host()), "worker": mine(hs.worker())}
 
 
-def seconds(what: str, value: object, most: float, *, zero: bool = False) -> float:
-    """A duration option: a number in ``(0, most]`` (``[0, most]`` with ``zero``; NaN is not),
-    or ConfigError."""
+def seconds(
+    what: str,
+    value: object,
+    most: float,
+    *,
+    zero: bool = False,
+    error: type[ZealError] = ConfigError,
+) -> float:
+    """A duration: a number in ``(0, most]`` (``[0, most]`` with ``zero``; NaN is not), or
+    ``error`` (a ConfigError unless the caller's contract names another) naming ``what``."""
     number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else -1
     if not (0 < number <= most or (zero and number == 0)):  # NaN fails every comparison
         low = "[0" if zero else "(0"
-        raise ConfigError(f"{what} must be a number of seconds in {low}, {most:g}], got {value!r}")
+        raise error(f"{what} must be a number of seconds in {low}, {most:,.0f}], got {value!r}")
     return float(number)
 
 
