@@ -32,7 +32,7 @@ from zeal_asgi.errors import (
 )
 from zeal_asgi.locks._fast import YEAR, LocksBase
 from zeal_asgi.locks.cluster import ClusterLocks
-from zeal_asgi.locks.host import HostLocks, host_locks
+from zeal_asgi.locks.host import host_locks
 from zeal_asgi.locks.jobs import Job, job_stats, jobs_table, run_job
 from zeal_asgi.locks.lock import LockContext, Locker, LockLease, Scope
 from zeal_asgi.settings import StoreBackendKind

@@ -5,11 +5,14 @@ from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
 from typing import Any
 
+from typing_extensions import disjoint_base
+
 from zeal_asgi.locks.host import HostLocks
-from zeal_asgi.locks.lock import Immediate, Scope
+from zeal_asgi.locks.lock import Immediate, Locker, Scope
 
 YEAR: int
 
+@disjoint_base
 class LockLease:
     @property
     def name(self) -> str: ...
@@ -27,6 +30,7 @@ class LockLease:
     @property
     def scope(self) -> str: ...
 
+@disjoint_base
 class LockerBase:
     _owners: dict[tuple[Any, Scope, str], LockLease | None]
     _waiters: dict[tuple[Any, Scope, str], Any]
@@ -40,6 +44,7 @@ class LockerBase:
     def _next(self, key: tuple[Any, Scope, str]) -> None: ...
     def release_now(self, lease: LockLease, scope: Immediate) -> None: ...
 
+@disjoint_base
 class LockContext:
     def __init__(
         self,
@@ -57,17 +62,21 @@ class LockContext:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
-    async def _enter(self, scope: Scope, got: Coroutine[Any, Any, LockLease | None]) -> LockLease: ...
+    async def _enter(
+        self, scope: Scope, got: Coroutine[Any, Any, LockLease | None]
+    ) -> LockLease: ...
     async def _exit(
         self, lease: LockLease, exc_type: type[BaseException] | None, exc: BaseException | None
     ) -> None: ...
 
+@disjoint_base
 class _Ready:
     def __await__(self) -> Generator[Any, None, Any]: ...
     def __next__(self) -> Any: ...
 
+@disjoint_base
 class LocksBase:
-    locker: LockerBase
+    locker: Locker
     host: HostLocks
     _names: set[str]
     def lock(
