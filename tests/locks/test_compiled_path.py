@@ -4,9 +4,11 @@ given back without the event loop running anything else, on a name checked befor
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 from zeal_asgi import Store, Zeal
 from zeal_asgi.errors import LockTimeoutError
@@ -22,6 +24,15 @@ def test_the_lock_path_is_compiled_and_its_stub_matches() -> None:
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_compiled_path_imports_only_the_errors_of_the_package() -> None:
+    """The layering test reads ``.py`` files with ``ast``; the ``.pyx`` of the locks layer is
+    held to the same rule here (layer 6 may import lower layers; it needs only ``errors``)."""
+    source = (Path(_fast.__file__).parent / "_fast.pyx").read_text()
+    targets = re.findall(r"^(?:from|import|cimport)\s+([\w.]+)", source, re.MULTILINE)
+    assert "zeal_asgi.errors" in targets
+    assert [t for t in targets if t.startswith("zeal_asgi")] == ["zeal_asgi.errors"]
 
 
 async def test_a_free_lock_is_taken_and_given_back_without_suspending() -> None:
