@@ -112,6 +112,7 @@ class Locks(LocksBase):
     def _lock(
         self, name: str, ttl: float, scope: str = "host", timeout: float | None = None
     ) -> LockContext:
+        """``lock()`` for the calls its compiled path does not make: every argument checked."""
         if type(name) is not str or name not in self._names:  # checked once per name
             if len(self._names) >= 1024:
                 self._names.clear()
