@@ -44,12 +44,12 @@ def test_stub_matches_the_extension() -> None:
 BUILD = """
 import sys, tomllib
 from setuptools import Extension, setup
-(ext,) = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["ext-modules"]
+exts = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["ext-modules"]
 setup(
     script_args=["build_ext", "--build-lib", ".", "--build-temp", "build"],
-    ext_modules=[Extension(ext["name"], ext["sources"], include_dirs=ext["include-dirs"],
+    ext_modules=[Extension(ext["name"], ext["sources"], include_dirs=ext.get("include-dirs", []),
                            extra_compile_args=ext["extra-compile-args"],
-                           libraries=ext["libraries"])],
+                           libraries=ext.get("libraries", [])) for ext in exts],
 )
 """
 

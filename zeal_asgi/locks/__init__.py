@@ -30,8 +30,9 @@ from zeal_asgi.errors import (
     KeyTypeError,
     ZealError,
 )
+from zeal_asgi.locks._fast import YEAR, LocksBase
 from zeal_asgi.locks.cluster import ClusterLocks
-from zeal_asgi.locks.host import HostLocks, host_locks
+from zeal_asgi.locks.host import host_locks
 from zeal_asgi.locks.jobs import Job, job_stats, jobs_table, run_job
 from zeal_asgi.locks.lock import LockContext, Locker, LockLease, Scope
 from zeal_asgi.settings import StoreBackendKind
@@ -50,7 +51,6 @@ LEADER_TTL = 10.0
 """Seconds a stopped (not dead) leader keeps leading; a live leader renews its lease."""
 _LEADER = "zeal:leader"
 _CAMPAIGN_EVERY = 1.0  # seconds between a follower's attempts to lead
-_YEAR = 365 * 86400  # the longest ttl, timeout or period
 
 
 def _name(name: object, what: str = "lock") -> str:
@@ -71,7 +71,7 @@ def _name(name: object, what: str = "lock") -> str:
 def _seconds(value: object, what: str, *, zero: bool = False) -> float:
     """The Store's duration check with the locks' bound and error (``every``'s ``seconds``
     argument hides the function's name there)."""
-    return seconds(what, value, _YEAR, zero=zero, error=InvalidTTLError)
+    return seconds(what, value, YEAR, zero=zero, error=InvalidTTLError)
 
 
 def _scope_name(scope: object) -> str:
@@ -80,19 +80,20 @@ def _scope_name(scope: object) -> str:
     return str(scope)
 
 
-class Locks:
+class Locks(LocksBase):
     """The locks, leadership and jobs of one app; a service of its :class:`~zeal_asgi.Zeal`
-    (jobs and leader campaigns run in every worker between startup and shutdown)."""
+    (jobs and leader campaigns run in every worker between startup and shutdown).  ``lock()``
+    is compiled for a host lock on a name checked before; ``_lock`` checks every other call."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.locker = Locker()
-        self.host: HostLocks = host_locks()  # shared memory: made before workers start
+        self.host = host_locks()  # shared memory: made before workers start
         self.jobs: dict[str, Job] = {}
         self._cluster: ClusterLocks | None = None
         self._leases: dict[str, LockLease | None] = {}  # scope -> this worker's leadership
         self._tasks: set[asyncio.Task[None]] = set()
-        self._names: set[str] = set()
+        self._names = set()
 
     def scope(self, scope: str) -> Scope:
         """The leases of ``scope`` on the store's backend."""
@@ -108,15 +109,15 @@ class Locks:
             return self.host  # one host is the whole cluster
         raise unsupported(backend, "zeal.lock(scope='cluster')", Capability.EVAL)
 
-    def lock(
+    def _lock(
         self, name: str, ttl: float, scope: str = "host", timeout: float | None = None
     ) -> LockContext:
-        """``async with locks.lock(name, ttl) as lease``: see :meth:`zeal_asgi.Zeal.lock`."""
+        """``lock()`` for the calls its compiled path does not make: every argument checked."""
         if type(name) is not str or name not in self._names:  # checked once per name
             if len(self._names) >= 1024:
                 self._names.clear()
             self._names.add(_name(name))
-        if type(ttl) not in (int, float) or not 0 < ttl <= _YEAR:
+        if type(ttl) not in (int, float) or not 0 < ttl <= YEAR:
             _seconds(ttl, "ttl")
         if timeout is not None:
             _seconds(timeout, "timeout", zero=True)
