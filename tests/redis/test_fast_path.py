@@ -99,7 +99,6 @@ async def test_connections_stay_within_pool_size(redis_server: RedisServer) -> N
         assert clients.count(b"\n") <= pool + 1
     finally:
         await store.aclose()
-    await asyncio.sleep(0.05)
     assert backend.stats()["redis"]["connections"] == 0
 
 
