@@ -13,7 +13,7 @@ import pytest
 from tests._harness.apps import AppServer
 from tests._harness.servers import RedisServer, running
 from tests.conftest import quick_or_long
-from tests.locks.conftest import LOCKS_APP, missing_periods, run_periods
+from tests.locks.conftest import LOCKS_APP, missing_periods, overrun_periods, run_periods
 from zeal_asgi.shm.process import process_alive
 
 
@@ -55,11 +55,17 @@ def test_two_workers_run_a_50ms_job_once_per_period(server: str) -> None:
     periods = int(quick_or_long(200, 2000))
     with AppServer(LOCKS_APP, server=server, workers=2) as app:
         counts = _wait_periods(app, periods, timeout=periods * 0.05 * 4 + 10)
-        pids = set(run_periods(app.get("/runs")["runs"])[1].values())
+        runs = app.get("/runs")["runs"]
+        counts, pids_of = run_periods(runs)
+        pids = set(pids_of.values())
         workers = set(app.children())
     assert len(counts) >= periods
     assert {p: n for p, n in counts.items() if n != 1} == {}, "a period ran twice"
-    assert missing_periods(counts, 50) == [], "a period passed without a run"
+    # a period may pass without a run only when a run of an earlier one outlasted it (a loaded
+    # machine can stretch the 5 ms job past a period): the runner took it with it
+    taken = overrun_periods(runs, 50)
+    missed = [p for p in missing_periods(counts, 50) if p not in taken]
+    assert missed == [], "a period passed without a run"
     assert pids <= workers
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -26,7 +27,11 @@ SLEEP = float(os.environ.get("LOCKS_JOB_SLEEP", "0.005"))
 SCOPE = os.environ.get("LOCKS_SCOPE", "host")
 
 zeal = Zeal()
-Store.make("runs", 4096, {"n": (Store.TYPE_INT, 4), "pid": (Store.TYPE_INT, 4)})
+Store.make(
+    "runs",
+    4096,
+    {"n": (Store.TYPE_INT, 4), "pid": (Store.TYPE_INT, 4), "ended": (Store.TYPE_INT, 4)},
+)
 Store.make("shared", 16, {"inside": (Store.TYPE_INT, 4), "total": (Store.TYPE_INT, 8)})
 
 
@@ -40,10 +45,14 @@ async def _period() -> int:
 
 @zeal.every(SECONDS, name="tick", scope=SCOPE)
 async def tick() -> None:
-    period = str(await _period())
-    await Store.incr("runs", period, "n")
-    await Store.set("runs", period, {"pid": os.getpid()})
+    period = await _period()
+    key = str(period)
+    await Store.incr("runs", key, "n")
+    await Store.set("runs", key, {"pid": os.getpid()})
     await asyncio.sleep(SLEEP)
+    # when the run ended (ms from its period's start): one that outlasted the next period
+    # took that period with it, as zeal.every documents
+    await Store.set("runs", key, {"ended": int(time.time() * 1000) - period})
 
 
 async def pid(request: Request) -> JSONResponse:
