@@ -66,6 +66,9 @@ class Consumer:
         )
         self.tasks: list[asyncio.Task[None]] = []
         self.inflight: set[str] = set()
+        # round trips each supervised loop finished: its failures count as consecutive only
+        # while this stays put (the loops never return, so a return cannot reset the count)
+        self.progress = {"reader": 0, "reaper": 0}
 
     async def start(self) -> None:
         """Create the group (at id 0, with the stream) and start the tasks."""
@@ -100,13 +103,14 @@ class Consumer:
                 raise
 
     async def _supervise(self, loop_fn: Callable[[], Awaitable[None]], what: str) -> None:
-        owner, attempt = self.owner, 0
+        owner, attempt, progress = self.owner, 0, self.progress
         while True:
+            seen = progress[what]
             try:
                 await loop_fn()
                 attempt = 0
             except Exception as exc:
-                attempt += 1
+                attempt = attempt + 1 if progress[what] == seen else 1
                 where = f"zeal_asgi streams: {what} of {self.sub.stream!r}"
                 if owner.max_attempts and attempt >= owner.max_attempts:
                     owner.state = "failed"
@@ -151,6 +155,7 @@ class Consumer:
                         f"XREADGROUP on {sub.stream!r} got no answer within {limit:.1f} s"
                     ) from None
                 _still_running()
+                self.progress["reader"] += 1
                 for eid, raw in got:
                     await self._offer(eid, raw, int(new))
                 if not new:
@@ -172,6 +177,7 @@ class Consumer:
         while True:
             await asyncio.sleep(self.sub.reclaim_interval * random.uniform(0.8, 1.2))
             await self.reclaim_pass()
+            self.progress["reaper"] += 1
 
     async def reclaim_pass(self) -> int:
         """Claim idle pending entries of any consumer and run them; the number claimed."""
