@@ -211,6 +211,22 @@ def test_fastapi_dependency(store: Store) -> None:
     assert [p["name"] for p in openapi.get("parameters", [])] == ["q"]  # no extra params
 
 
+async def test_fastapi_dependency_behind_a_trusted_proxy_with_x_headers(store: Store) -> None:
+    limiter = RateLimiter("3/hour", name=unique(), store=store, x_ratelimit_headers=True)
+    app = fastapi_app(limiter, key=ClientIP(trusted_proxies=("10.0.0.0/8",)))
+    transport = httpx.ASGITransport(app=app, client=("10.0.0.2", 1234))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        answers = [
+            await client.get("/search", headers={"X-Forwarded-For": f"192.0.2.{i}"})
+            for i in (1, 1, 2)
+        ]
+    # one key per forwarded client, not the proxy's
+    assert [LIMIT.match(a.headers["ratelimit"])["r"] for a in answers] == ["2", "1", "2"]  # type: ignore[index]
+    assert [a.headers["x-ratelimit-remaining"] for a in answers] == ["2", "1", "2"]
+    assert {a.headers["x-ratelimit-limit"] for a in answers} == {"3"}
+    assert all(a.headers["ratelimit-policy"] == f'"{limiter.name}";q=3;w=3600' for a in answers)
+
+
 def test_fastapi_dependency_with_an_async_key_and_a_cost(store: Store) -> None:
     limiter = RateLimiter("5/hour", name=unique(), store=store)
 
