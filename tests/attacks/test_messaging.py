@@ -198,7 +198,9 @@ async def test_publish_counts_each_worker_reached_once(
     elif kind == "cluster":
         cluster = request.getfixturevalue("redis_cluster")
         nodes = [f"{h}:{p}" for h, p in cluster.nodes]
-        store = Store("redis", {"cluster": nodes, "prefix": f"c{time.monotonic_ns()}"})
+        # counts receivers, not speed: the boot's slot-map load gets 30 s, not the 1.5 s default
+        conn = {"cluster": nodes, "prefix": f"c{time.monotonic_ns()}", "socket_timeout": 30.0}
+        store = Store("redis", conn)
     else:
         store = Store(kind, {"url": request.getfixturevalue("redis_url")})
     await store.start()

@@ -295,7 +295,9 @@ async def test_redis_cluster_keys_spread_over_the_shards(redis_cluster: Any) -> 
     from tests.redis.test_topologies import _owner
 
     nodes = [f"{h}:{p}" for h, p in redis_cluster.nodes]
-    store = Store("redis", {"cluster": nodes, "prefix": unique()})
+    # checks where the keys go, not how fast: a 30 s socket timeout, so that the first call's
+    # slot-map load never meets the 1.5 s default deadline on a loaded machine
+    store = Store("redis", {"cluster": nodes, "prefix": unique(), "socket_timeout": 30.0})
     await store.start()
     try:
         lim = RateLimiter(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
@@ -114,10 +113,10 @@ async def test_replies_keep_their_types(redis_server: RedisServer) -> None:
         assert await store.publish("nobody-listens", b"x") == 0
         entry = await store.publish_reliable("s", "payload", max_len=10)
         assert isinstance(entry, str) and "-" in entry
-        t0 = time.monotonic()
+        watch = Stopwatch()
         assert await store.delete("t", "k") is True
         assert await store.delete("t", "k") is False
-        assert time.monotonic() - t0 < 1.0
+        assert watch.own() < 1.0
     finally:
         await store.aclose()
 

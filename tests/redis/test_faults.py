@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests._harness.proxy import Proxy
+from tests._harness.sched import Stopwatch
 from tests._harness.servers import RedisServer, free_port
 from tests.conftest import quick_or_long
 from zeal_asgi.errors import (
@@ -208,10 +209,10 @@ async def test_reads_retry_through_a_restart_writes_do_not(fresh_redis: RedisSer
         # an INCR whose reply is lost may have run: never retried, fails fast instead
         fresh_redis.kill()
         before = backend.stats()["redis"]["retries"]
-        t0 = time.monotonic()
+        watch = Stopwatch()
         with pytest.raises(BackendUnavailableError):
             await store.incr("t", "k", "n", 1)
-        assert time.monotonic() - t0 < 0.5
+        assert watch.own() < 0.5
         assert backend.stats()["redis"]["retries"] == before
         fresh_redis.start()
         assert await store.incr("t", "k", "n", 1) == 1
@@ -250,10 +251,10 @@ async def test_boot_ping_fails_loudly_and_fast() -> None:
     port = free_port()  # nothing listens
     backend = RedisBackend.from_config(f"redis://:topsecret@127.0.0.1:{port}/0")
     try:
-        t0 = time.monotonic()
+        watch = Stopwatch()
         with pytest.raises(BackendUnavailableError) as info:
             await backend.start()
-        assert time.monotonic() - t0 < 0.5
+        assert watch.own() < 0.5
         msg = str(info.value)
         assert "boot check failed" in msg and f"redis://:***@127.0.0.1:{port}/0" in msg
         assert "topsecret" not in msg

@@ -21,7 +21,7 @@ from zeal_asgi.store import Store
 from zeal_asgi.store.backends.table import TableBackend
 from zeal_asgi.store.backends.tiered import TieredBackend
 
-from .conftest import COLUMNS, MakeNode, settle, tiered
+from .conftest import COLUMNS, MakeNode, settle, tiered, wait_for
 
 PARITY_COLUMNS: dict[str, Any] = {
     "name": (Store.TYPE_STRING, 16),
@@ -194,16 +194,26 @@ async def test_l1_is_not_trusted_before_the_subscriber_runs(make_node: MakeNode)
         await node.exists_cached("nope", "a")
 
 
-async def test_ttl_tables_never_outlive_l2(make_node: MakeNode) -> None:
-    node = await make_node(l1_ttl=30.0, table={"mode": "ttl", "ttl": 1})
+async def test_ttl_tables_never_outlive_l2(make_node: MakeNode, redis_server: RedisServer) -> None:
+    # Each step waits on what Redis says of the row (its PTTL), never on a sleep of a fixed
+    # length: a loaded machine oversleeps, and a row read after its expiry is no longer there.
+    node = await make_node(l1_ttl=30.0, table={"mode": "ttl", "ttl": 2})
+    tn = tiered(node)
+
+    def ms_left(key: str) -> int:
+        return int(redis_server.command("PTTL", tn.l2.row_key("kv", key)))
+
     await node.set("kv", "w", {"v": 1, "s": ""})  # cached by the write
-    await asyncio.sleep(0.6)
     await node.set("kv", "r", {"v": 2})  # partial: not cached by the write ...
-    await asyncio.sleep(0.5)
-    assert await node.get("kv", "r", "v") == 2  # ... but by this read, ~0.5 s before expiry
+    assert not await node.exists_cached("kv", "r")
+    await wait_for(lambda: ms_left("r") <= 1000, what="r to be half way to its expiry")
+    assert await node.get("kv", "r", "v") == 2  # ... but by this read, <= 1 s before expiry
     assert await node.exists_cached("kv", "r")
-    assert await node.get_strict("kv", "w") is None  # expired in L2, so not served from L1
-    await asyncio.sleep(0.6)
+    # both expired in L2 (-2: no such key)
+    await wait_for(lambda: ms_left("w") == ms_left("r") == -2, what="both rows to expire")
+    # so neither is served from L1: not w, cached for 2 s by its write, nor r, which a read
+    # that cached it for the table's 2 s would have kept a second longer than L2
+    assert await node.get_strict("kv", "w") is None
     assert await node.get_strict("kv", "r") is None
 
 
