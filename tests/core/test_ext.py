@@ -1,4 +1,4 @@
-"""The compiled extension: present, typed, robust locks really robust, the stub accurate."""
+"""The compiled extensions: present, typed, robust locks really robust, the stubs accurate."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests._harness.apps import REPO
 from tests.core import crashpoints
@@ -31,9 +33,10 @@ def test_abi_tag_names_libc_and_layout() -> None:
     assert tag.startswith("glibc-") and "mutex40" in tag and "layout2" in tag
 
 
-def test_stub_matches_the_extension() -> None:
+@pytest.mark.parametrize("module", ["zeal_asgi.shm._shmtable", "zeal_asgi.locks._fast"])
+def test_stub_matches_the_compiled_module(module: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "mypy.stubtest", "zeal_asgi.shm._shmtable"],
+        [sys.executable, "-m", "mypy.stubtest", module],
         capture_output=True,
         text=True,
         timeout=240,

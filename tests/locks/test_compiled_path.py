@@ -1,12 +1,10 @@
-"""The compiled path of a host lock: built, typed as its stub says, and a free lock is taken and
-given back without the event loop running anything else, on a name checked before or not."""
+"""The compiled path of a host lock: built, importing only the errors of the package, and a free
+lock is taken and given back without the event loop running anything else."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -15,15 +13,9 @@ from zeal_asgi.errors import LockTimeoutError
 from zeal_asgi.locks import LockContext, LockLease, _fast
 
 
-def test_the_lock_path_is_compiled_and_its_stub_matches() -> None:
+def test_the_lock_path_is_compiled() -> None:
+    # its stub is checked with the table's (tests/core/test_ext.py)
     assert _fast.__file__ is not None and _fast.__file__.endswith(".so")
-    proc = subprocess.run(
-        [sys.executable, "-m", "mypy.stubtest", "zeal_asgi.locks._fast"],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_the_compiled_path_imports_only_the_errors_of_the_package() -> None:
