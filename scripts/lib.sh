@@ -7,11 +7,11 @@
 EXTRA_PYTHONS=(3.12 3.13)
 
 # The fast subset of pytest arguments run on each of them: the shared-memory core (the C
-# extension, segments, multi-process exactness, kill faults), the contract suite over every
-# backend, and every server model once (uvicorn, uvicorn --workers, gunicorn with and without
-# --preload, the launcher). This is the one place that selects it.
+# extension, segments, multi-process exactness, kill faults), the compiled host-lock path, the
+# contract suite over every backend, and every server model once (uvicorn, uvicorn --workers,
+# gunicorn with and without --preload, the launcher). This is the one place that selects it.
 FAST_SUBSET=(
-  tests/core tests/contract
+  tests/core tests/contract tests/locks/test_compiled_path.py tests/locks/test_host_lock.py
   -k "not test_server_models or test_workers_share_one_memory"
   # It runs the interpreter as user nobody, who cannot load pyenv's libpython3.1x under a 0700
   # /root (3.11 gets by only with Debian's own libpython3.11): a machine matter, not a version's.
