@@ -46,11 +46,6 @@ def _still_running() -> None:
         raise asyncio.CancelledError
 
 
-def _id_key(eid: str) -> tuple[int, int]:
-    ms, _, seq = eid.partition("-")
-    return int(ms), int(seq or 0)
-
-
 class Consumer:
     """Reader, reaper and handler tasks of one subscription in one worker."""
 
@@ -214,8 +209,8 @@ class Consumer:
             lambda c: c.xpending_range(
                 self.key,
                 self.sub.group,
-                min=min(ids, key=_id_key),
-                max=max(ids, key=_id_key),
+                min=ids[0],  # XAUTOCLAIM walks the pending list in id order
+                max=ids[-1],
                 count=len(ids) * 4 + 16,
                 consumername=self.sub.consumer,
             ),
