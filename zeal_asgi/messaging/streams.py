@@ -217,11 +217,8 @@ class Streams:
 
     def stats(self) -> dict[str, Any]:
         """This worker's state and counters."""
-        return {
-            "state": self.state,
-            "subscriptions": len(self.subscriptions),
-            **self.counters.values,
-        }
+        out = {"state": self.state, "subscriptions": len(self.subscriptions)}
+        return out | self.counters.values
 
 
 # -- idempotency helpers -------------------------------------------------------------------------

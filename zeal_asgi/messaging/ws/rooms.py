@@ -66,7 +66,7 @@ class RedisRegistry:
         tag = "{" + room + "}"
         return [self.redis.key("ws", "room", tag, part) for part in ("members", "servers")]
 
-    async def _eval(self, script: Script, keys: list[str], args: list[str], what: str) -> Any:
+    async def _eval(self, script: Script, keys: list[str], args: list[Any], what: str) -> Any:
         """One of the registry's scripts on the backend's fast path (never retried: it writes)."""
         raw_keys = [k.encode("utf-8") for k in keys]
         return await self.redis.run_script(script, raw_keys, args, what=what, idempotent=False)
@@ -130,12 +130,8 @@ class RedisRegistry:
     ) -> list[tuple[str, int]] | None:
         """Publish ``payload`` on ``wire_prefix + worker`` for every worker of ``room`` in one
         script; ``(worker, receivers)`` pairs (``None`` from a registry whose caller publishes)."""
-        flat = await self.redis.run_script(
-            WS_PUBLISH_ROOM,
-            [self._room_keys(room)[1].encode("utf-8")],
-            [wire_prefix, payload],
-            what="ws room publish",
-        )
+        servers = self._room_keys(room)[1:]
+        flat = await self._eval(WS_PUBLISH_ROOM, servers, [wire_prefix, payload], "ws room publish")
         return [(text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat or ()), 2)]
 
     def _alive_key(self, worker: str) -> str:
