@@ -136,7 +136,7 @@ class WSRouter:
         self._presence: list[Callable[..., Any]] = []
         self._sub: Any = None
         self._bg: set[asyncio.Task[Any]] = set()
-        self._closing: set[asyncio.Future[None]] = set()  # releases of serve(), never cancelled
+        self._closing: set[asyncio.Task[Any]] = set()  # releases of serve(), never cancelled
         self.server = self.worker = ""
         self.pubsub.prepare()  # the host counters and bus, allocated now, before workers start
         if self.store.kind is StoreBackendKind.TABLE:
@@ -517,10 +517,7 @@ class WSRouter:
             # Shielded: cancelled meanwhile (the server or a test client closing the session),
             # the release still runs to its end, so no owner row or membership outlives the
             # socket; the cancellation propagates as the caller's own.
-            closing = asyncio.ensure_future(self._close(reader, client_id, conn_id))
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
-            await asyncio.shield(closing)
+            await asyncio.shield(spawn(self._closing, self._close(reader, client_id, conn_id)))
         if not reader.cancelled() and reader.exception() is not None:
             raise reader.exception()  # type: ignore[misc]
 
