@@ -226,7 +226,9 @@ class WSRouter:
         if old is not None:
             self._spawn(cancel_tasks(old.sender))
             self._forget(old)
-        conn = Conn(client_id, websocket, self.queue_size, self._send_loop)
+        conn = Conn(client_id, websocket, asyncio.Queue(maxsize=self.queue_size))
+        name = f"zeal-ws-send:{client_id}"
+        conn.sender = asyncio.get_running_loop().create_task(self._send_loop(conn), name=name)
         self._local[client_id] = conn
         conn.registered = self._spawn(self.registry.set_owner(client_id, conn.conn_id, self.worker))
         count("owns")
