@@ -102,8 +102,7 @@ class Consumer:
         while True:
             seen = progress[what]
             try:
-                await loop_fn()
-                attempt = 0
+                await loop_fn()  # runs until cancelled or failed, never returns
             except Exception as exc:
                 attempt = attempt + 1 if progress[what] == seen else 1
                 where = f"zeal_asgi streams: {what} of {self.sub.stream!r}"
