@@ -120,8 +120,7 @@ class Zeal:
                 self._started_services.append(service)
         except BaseException:
             self._depth = 0
-            await self._stop_services()
-            await self.store.aclose()  # a boot that fails leaves no connection open
+            await self._stop()  # a boot that fails leaves no service running, no connection open
             raise
         _record_names()
         ident = server_identity()
@@ -154,23 +153,22 @@ class Zeal:
         await self._start_store()
         await self.store.aclose()
 
-    async def _stop_services(self) -> None:
+    async def _stop(self) -> None:
+        """Stop the started services (last started first), then close the connections."""
         while self._started_services:
             service = self._started_services.pop()
             try:
                 await service.stop()
             except Exception:  # one failing service must not keep the others running
                 log.exception("zeal_asgi: stopping %r failed", service)
+        await self.store.aclose()
 
     async def shutdown(self) -> None:
         """Per-worker stop: services, then connections."""
-        if self._depth == 0:
-            return
-        self._depth -= 1
         if self._depth > 0:
-            return
-        await self._stop_services()
-        await self.store.aclose()
+            self._depth -= 1
+            if self._depth == 0:
+                await self._stop()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[dict[str, Any]]:

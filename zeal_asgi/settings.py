@@ -32,9 +32,7 @@ class StoreBackendKind(enum.StrEnum):
 
     @classmethod
     def parse(cls, kind: StoreBackendKind | str) -> StoreBackendKind:
-        """Accept an enum member or its (case-insensitive) value."""
-        if isinstance(kind, cls):
-            return kind
+        """Accept an enum member or its (case-insensitive) value (a member is a str too)."""
         if isinstance(kind, str):
             with contextlib.suppress(ValueError):
                 return cls(kind.strip().lower())

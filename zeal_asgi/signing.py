@@ -183,8 +183,7 @@ class Signer:
         self.replay_capacity = replay_capacity
         self._clock = clock
         self._prefix = context.encode("utf-8") + b"\x00"
-        self._seen: dict[str, int] = {}
-        self._order: collections.deque[tuple[int, str]] = collections.deque()
+        self._seen: collections.OrderedDict[str, int] = collections.OrderedDict()  # oldest first
         self._floor_ts = -1
         self.counter = RejectionCounter(name)
 
@@ -261,19 +260,15 @@ class Signer:
         return doc
 
     def _remember(self, nonce: str, ts: int, now_ms: int, window_ms: int) -> None:
-        order, seen = self._order, self._seen
+        seen = self._seen
         # Nonces older than the window can go: the stale check refuses their messages anyway.
-        while order and order[0][0] + window_ms < now_ms:
-            _, old = order.popleft()
-            seen.pop(old, None)
+        while seen and next(iter(seen.values())) + window_ms < now_ms:
+            seen.popitem(last=False)
         if nonce in seen or ts <= self._floor_ts:
             raise MessageRejectedError("replay", "nonce already seen within the window")
         seen[nonce] = ts
-        order.append((ts, nonce))
         while len(seen) > self.replay_capacity:
-            old_ts, old = order.popleft()
-            if seen.pop(old, None) is not None:
-                self._floor_ts = max(self._floor_ts, old_ts)
+            self._floor_ts = max(self._floor_ts, seen.popitem(last=False)[1])
 
     def stats(self) -> dict[str, Any]:
         """Accepted and rejected counts of this worker, and of every worker of the host."""

@@ -46,11 +46,6 @@ def _still_running() -> None:
         raise asyncio.CancelledError
 
 
-def _id_key(eid: str) -> tuple[int, int]:
-    ms, _, seq = eid.partition("-")
-    return int(ms), int(seq or 0)
-
-
 class Consumer:
     """Reader, reaper and handler tasks of one subscription in one worker."""
 
@@ -107,8 +102,7 @@ class Consumer:
         while True:
             seen = progress[what]
             try:
-                await loop_fn()
-                attempt = 0
+                await loop_fn()  # runs until cancelled or failed, never returns
             except Exception as exc:
                 attempt = attempt + 1 if progress[what] == seen else 1
                 where = f"zeal_asgi streams: {what} of {self.sub.stream!r}"
@@ -214,8 +208,8 @@ class Consumer:
             lambda c: c.xpending_range(
                 self.key,
                 self.sub.group,
-                min=min(ids, key=_id_key),
-                max=max(ids, key=_id_key),
+                min=ids[0],  # XAUTOCLAIM walks the pending list in id order
+                max=ids[-1],
                 count=len(ids) * 4 + 16,
                 consumername=self.sub.consumer,
             ),

@@ -52,14 +52,6 @@ Handler = Callable[[Any, str], Any]
 """``handler(payload, channel)``; may be a coroutine function."""
 
 OVERFLOW_POLICIES = ("drop_oldest", "drop_newest")
-_OPTIONS = (
-    "max_attempts",
-    "backoff_base",
-    "backoff_cap",
-    "liveness_interval",
-    "liveness_timeout",
-    "ready_timeout",
-)
 
 
 @dataclass(eq=False)
@@ -105,10 +97,13 @@ class PubSub:
         ready_timeout: float = 5.0,
     ) -> None:
         self._store = store
-        self.max_attempts, self.ready_timeout = max_attempts, ready_timeout
-        self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
-        self.liveness_interval, self.liveness_timeout = liveness_interval, liveness_timeout
-        self.configure(**{name: getattr(self, name) for name in _OPTIONS})  # validated there
+        # a zero backoff or ready wait is allowed (no wait); a liveness period is not
+        self.max_attempts = positive_int("pub/sub max_attempts", max_attempts, 0)
+        self.backoff_base = seconds("pub/sub backoff_base", backoff_base, 86400, zero=True)
+        self.backoff_cap = seconds("pub/sub backoff_cap", backoff_cap, 86400, zero=True)
+        self.liveness_interval = seconds("pub/sub liveness_interval", liveness_interval, 86400)
+        self.liveness_timeout = seconds("pub/sub liveness_timeout", liveness_timeout, 86400)
+        self.ready_timeout = seconds("pub/sub ready_timeout", ready_timeout, 86400, zero=True)
         self.subscriptions: list[Subscription] = []
         self._by_wire: dict[tuple[str, bool], list[Subscription]] = {}
         self.transport: Transport | None = None
@@ -120,18 +115,6 @@ class PubSub:
         self._refresher: asyncio.Task[None] | None = None
         self._last: tuple[str, BaseException | None] = ("stopped", None)
         RUNNERS.add(self)
-
-    def configure(self, **options: float) -> None:
-        """Change runner options (see the class docstring) before ``start()``."""
-        for name, value in options.items():
-            if name not in _OPTIONS:
-                raise ConfigError(f"unknown pub/sub option {name!r}")
-            if name == "max_attempts":
-                value = positive_int("pub/sub option max_attempts", value, 0)
-            else:  # a zero backoff or ready wait is allowed; a liveness period is not
-                live = name.startswith("liveness")
-                value = seconds(f"pub/sub option {name}", value, 86400, zero=not live)
-            setattr(self, name, value)
 
     @property
     def store(self) -> Store:
@@ -266,7 +249,7 @@ class PubSub:
             family="pubsub",
             topics=list(self._by_wire),
             on_synced=self._synced,
-            max_attempts=int(self.max_attempts),
+            max_attempts=self.max_attempts,
             backoff_base=self.backoff_base,
             backoff_cap=self.backoff_cap,
         )

@@ -217,11 +217,8 @@ class Streams:
 
     def stats(self) -> dict[str, Any]:
         """This worker's state and counters."""
-        return {
-            "state": self.state,
-            "subscriptions": len(self.subscriptions),
-            **self.counters.values,
-        }
+        out = {"state": self.state, "subscriptions": len(self.subscriptions)}
+        return out | self.counters.values
 
 
 # -- idempotency helpers -------------------------------------------------------------------------
@@ -234,9 +231,7 @@ _ALLOWED = frozenset(_WRITES.split())
 
 
 def _ttl_ms(ttl: float) -> int:
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= 365 * 86400:
-        raise InvalidTTLError(f"idempotency ttl must be in (0, 31536000] seconds, got {ttl!r}")
-    return max(1, int(ttl * 1000))
+    return max(1, int(seconds("idempotency ttl", ttl, 365 * 86400, error=InvalidTTLError) * 1000))
 
 
 def _idem_key(key: str) -> str:

@@ -1,5 +1,2 @@
-"""The WebSocket router: owner rows with conn_id nonces, rooms, worker liveness."""
-
-from zeal_asgi.messaging.ws.router import WSRouter
-
-__all__ = ["WSRouter"]
+"""The WebSocket router: owner rows with conn_id nonces, rooms, worker liveness (public path:
+:mod:`zeal_asgi.ws`)."""

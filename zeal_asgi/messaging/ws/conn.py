@@ -9,7 +9,8 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from zeal_asgi.errors import InvalidKeyError, KeyTypeError, SerializationError, ValueTooLargeError
@@ -75,25 +76,19 @@ def encode_message(message: Message) -> dict[str, Any]:
     return out
 
 
+@dataclass(eq=False)
 class Conn:
     """One local socket: its conn_id (128 random bits), bounded send queue, sender task, rooms."""
 
-    def __init__(
-        self,
-        client_id: str,
-        websocket: Any,
-        queue_size: int,
-        send_loop: Callable[[Conn], Coroutine[Any, Any, None]],
-    ) -> None:
-        self.client_id = client_id
-        self.conn_id = secrets.token_hex(16)
-        self.websocket = websocket
-        self.queue: asyncio.Queue[str | bytes] = asyncio.Queue(maxsize=queue_size)
-        self.rooms: set[str] = set()
-        self.registered: asyncio.Future[None] | None = None
-        self.sender = asyncio.get_running_loop().create_task(
-            send_loop(self), name=f"zeal-ws-send:{client_id}"
-        )
+    client_id: str
+    websocket: Any
+    queue: asyncio.Queue[str | bytes]
+    sender: asyncio.Task[None] = field(init=False)
+    """Sends the queue to the socket (started by the router right after the socket is owned)."""
+    conn_id: str = field(default_factory=lambda: secrets.token_hex(16))
+    rooms: set[str] = field(default_factory=set)
+    registered: asyncio.Future[None] | None = None
+    """The background write of the owner row."""
 
 
 async def finish(fut: asyncio.Future[None] | None) -> None:

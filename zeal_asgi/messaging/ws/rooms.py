@@ -25,8 +25,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from zeal_asgi._redis.scripts import (
     WS_JOIN,
@@ -45,6 +45,7 @@ from zeal_asgi.shm.process import process_alive
 if TYPE_CHECKING:
     from zeal_asgi._redis.link import RedisLink
 
+_T = TypeVar("_T")
 SEP = "\x1f"
 _STRIPES = 64
 _LOCK_TIMEOUT = 2.0
@@ -66,7 +67,11 @@ class RedisRegistry:
         tag = "{" + room + "}"
         return [self.redis.key("ws", "room", tag, part) for part in ("members", "servers")]
 
-    async def _eval(self, script: Script, keys: list[str], args: list[str], what: str) -> Any:
+    async def _run(self, op: Callable[[Any], Awaitable[_T]], what: str) -> _T:
+        """``await op(client)``: a read or an overwrite, retried after a transient failure."""
+        return await self.redis.run(op, what=what, idempotent=True)
+
+    async def _eval(self, script: Script, keys: list[str], args: list[Any], what: str) -> Any:
         """One of the registry's scripts on the backend's fast path (never retried: it writes)."""
         raw_keys = [k.encode("utf-8") for k in keys]
         return await self.redis.run_script(script, raw_keys, args, what=what, idempotent=False)
@@ -79,19 +84,13 @@ class RedisRegistry:
         key = self._owner_key(client_id)
         if only_if_absent:
             return bool(await self._eval(WS_OWN_NX, [key], [conn_id, worker], "ws owner row"))
-        await self.redis.run(
-            lambda c: c.hset(key, mapping={"c": conn_id, "w": worker}),
-            what="ws owner row",
-            idempotent=True,
-        )
+        await self._run(lambda c: c.hset(key, mapping={"c": conn_id, "w": worker}), "ws owner row")
         return True
 
     async def get_owner(self, client_id: str) -> tuple[str, str] | None:
         """``(conn_id, worker)`` of the owner row (HMGET), or ``None``."""
         key = self._owner_key(client_id)
-        conn, worker = await self.redis.run(
-            lambda c: c.hmget(key, ["c", "w"]), what="ws owner lookup", idempotent=True
-        )
+        conn, worker = await self._run(lambda c: c.hmget(key, ["c", "w"]), "ws owner lookup")
         if not conn or not worker:
             return None
         return text(conn), text(worker)
@@ -123,19 +122,15 @@ class RedisRegistry:
         async def scan(c: Any) -> list[str]:
             return [text(w) async for w, n in c.hscan_iter(key, count=256) if int(n) > 0]
 
-        return await self.redis.run(scan, what="ws room servers", idempotent=True)
+        return await self._run(scan, "ws room servers")
 
     async def publish_room(
         self, room: str, wire_prefix: str, payload: bytes
     ) -> list[tuple[str, int]] | None:
         """Publish ``payload`` on ``wire_prefix + worker`` for every worker of ``room`` in one
         script; ``(worker, receivers)`` pairs (``None`` from a registry whose caller publishes)."""
-        flat = await self.redis.run_script(
-            WS_PUBLISH_ROOM,
-            [self._room_keys(room)[1].encode("utf-8")],
-            [wire_prefix, payload],
-            what="ws room publish",
-        )
+        servers = self._room_keys(room)[1:]
+        flat = await self._eval(WS_PUBLISH_ROOM, servers, [wire_prefix, payload], "ws room publish")
         return [(text(flat[i]), int(flat[i + 1])) for i in range(0, len(flat or ()), 2)]
 
     def _alive_key(self, worker: str) -> str:
@@ -145,15 +140,13 @@ class RedisRegistry:
         """Mark ``worker`` alive for ``ttl`` seconds (``SET PX GET``); ``False`` if it was not
         marked alive (its first beat, or its mark expired or was lost with the data)."""
         key, ms = self._alive_key(worker), max(1, round(ttl * 1000))
-        old = await self.redis.run(
-            lambda c: c.set(key, b"1", px=ms, get=True), what="ws heartbeat", idempotent=True
-        )
+        old = await self._run(lambda c: c.set(key, b"1", px=ms, get=True), "ws heartbeat")
         return old is not None
 
     async def worker_alive(self, worker: str) -> bool:
         """Whether ``worker``'s mark is current (``EXISTS``)."""
         key = self._alive_key(worker)
-        n = await self.redis.run(lambda c: c.exists(key), what="ws liveness", idempotent=True)
+        n = await self._run(lambda c: c.exists(key), "ws liveness")
         return bool(n)
 
     async def purge(self, room: str, worker: str) -> list[str]:
@@ -165,7 +158,7 @@ class RedisRegistry:
     async def forget_worker(self, worker: str) -> None:
         """Drop ``worker``'s liveness mark (a clean shutdown)."""
         key = self._alive_key(worker)
-        await self.redis.run(lambda c: c.delete(key), what="ws liveness", idempotent=True)
+        await self._run(lambda c: c.delete(key), "ws liveness")
 
 
 class ShmRegistry:

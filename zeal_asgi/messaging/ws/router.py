@@ -136,7 +136,7 @@ class WSRouter:
         self._presence: list[Callable[..., Any]] = []
         self._sub: Any = None
         self._bg: set[asyncio.Task[Any]] = set()
-        self._closing: set[asyncio.Future[None]] = set()  # releases of serve(), never cancelled
+        self._closing: set[asyncio.Task[Any]] = set()  # releases of serve(), never cancelled
         self.server = self.worker = ""
         self.pubsub.prepare()  # the host counters and bus, allocated now, before workers start
         if self.store.kind is StoreBackendKind.TABLE:
@@ -226,7 +226,9 @@ class WSRouter:
         if old is not None:
             self._spawn(cancel_tasks(old.sender))
             self._forget(old)
-        conn = Conn(client_id, websocket, self.queue_size, self._send_loop)
+        conn = Conn(client_id, websocket, asyncio.Queue(maxsize=self.queue_size))
+        name = f"zeal-ws-send:{client_id}"
+        conn.sender = asyncio.get_running_loop().create_task(self._send_loop(conn), name=name)
         self._local[client_id] = conn
         conn.registered = self._spawn(self.registry.set_owner(client_id, conn.conn_id, self.worker))
         count("owns")
@@ -420,8 +422,7 @@ class WSRouter:
         kind = doc.get("t")
         if kind == "d":
             conn = self._local.get(str(doc.get("c", "")))
-            wanted = doc.get("n")
-            if conn is None or not isinstance(wanted, str) or conn.conn_id != wanted:
+            if conn is None or conn.conn_id != doc.get("n"):  # only the socket the row names
                 count("stale_dropped")
                 return
             self._push(conn, doc)
@@ -517,10 +518,7 @@ class WSRouter:
             # Shielded: cancelled meanwhile (the server or a test client closing the session),
             # the release still runs to its end, so no owner row or membership outlives the
             # socket; the cancellation propagates as the caller's own.
-            closing = asyncio.ensure_future(self._close(reader, client_id, conn_id))
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
-            await asyncio.shield(closing)
+            await asyncio.shield(spawn(self._closing, self._close(reader, client_id, conn_id)))
         if not reader.cancelled() and reader.exception() is not None:
             raise reader.exception()  # type: ignore[misc]
 
