@@ -88,6 +88,9 @@ class ZealSettings(BaseModel):
     workers: int = Field(default=1, ge=1, le=512)
     metrics_max_series: int = Field(default=10_000, ge=1, le=10_000_000)
     """Rows of shared memory for the default metrics registry (``zeal_asgi.metrics``)."""
+    gc_freeze: bool = True
+    """Move what is alive once a worker has started into the collector's permanent generation
+    (``gc.freeze``), so full collections stop walking the app's modules and models."""
 
     def __init__(self, **data: Any) -> None:
         """Validate ``data``.

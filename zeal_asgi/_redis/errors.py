@@ -16,6 +16,7 @@ from zeal_asgi.errors import (
     BackendTLSError,
     BackendUnavailableError,
     CapacityError,
+    IntegerOverflowError,
     PoolTimeoutError,
     ZealError,
 )
@@ -72,6 +73,10 @@ def translate(exc: BaseException, where: str) -> ZealError:
     cluster_down = isinstance(exc, rx.RedisClusterException) and not isinstance(exc, misuse)
     if isinstance(exc, outage) or cluster_down or code in _UNAVAILABLE_REPLIES:
         return BackendUnavailableError(f"{where}: {text}")
+    if code == "ERR" and text.endswith("would overflow"):  # INCRBY/HINCRBY: nothing changed
+        return IntegerOverflowError(
+            f"{where}: the result would leave the signed 64-bit range; the value is unchanged"
+        )
     return BackendResponseError(f"{where}: {type(exc).__name__}: {text}")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -156,8 +156,8 @@ class CounterBackend(Protocol):
     atomic: Atomic | None = None
     """The shared-memory atomic behind the counter (table backend only)."""
 
-    async def increment(self, by: int = 1) -> int:
-        """Add ``by`` atomically; return the new value (overflow raises, value unchanged)."""
+    def increment(self, by: int = 1) -> Awaitable[int]:
+        """Add ``by`` atomically; awaited, the new value (overflow raises, value unchanged)."""
 
     async def get(self) -> int:
         """The current value (0 when never written)."""

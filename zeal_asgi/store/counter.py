@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from zeal_asgi.errors import (
@@ -96,8 +97,14 @@ class Counter:
             )
         return atomic
 
-    async def increment(self, by: int = 1) -> int:
-        """Add ``by`` atomically; the new value.  Overflow raises and leaves the value unchanged."""
+    def increment(self, by: int = 1) -> Awaitable[int]:
+        """Add ``by`` atomically; awaited, the new value.  Overflow raises and leaves the value
+        unchanged; a bad step raises when awaited, like every other error."""
+        if by.__class__ is int and _INT64[0] <= by <= _INT64[1]:
+            return self._backend.increment(by)  # the backend's awaitable: no frame of our own
+        return self._add(by)
+
+    async def _add(self, by: int) -> int:
         return await self._backend.increment(_check_int(by, "step", self.name))
 
     async def decrement(self, by: int = 1) -> int:
@@ -105,7 +112,7 @@ class Counter:
         step = _check_int(by, "step", self.name)
         if step == _INT64[0]:
             raise IntegerOverflowError(f"counter {self.name!r}: cannot negate step {by}")
-        return await self._backend.increment(-step)
+        return await self._add(-step)
 
     async def get(self) -> int:
         """The current value."""

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 from zeal_asgi._redis.connector import RedisConnector
 from zeal_asgi._redis.pipe import pack
 from zeal_asgi._redis.scripts import COUNTER_CAS, KeyLayout
-from zeal_asgi.errors import BackendResponseError, IntegerOverflowError
+from zeal_asgi.errors import BackendResponseError
 from zeal_asgi.store.base import CounterBackend
 
 
@@ -48,27 +49,24 @@ class RedisCounter(CounterBackend):
             raise BackendResponseError(f"counter {self.name!r} holds {text[:40]!r}, not an integer")
         return int(text)
 
-    async def increment(self, by: int = 1) -> int:
-        """INCRBY (not retried: it may have run); IntegerOverflowError past 64 bits."""
+    def increment(self, by: int = 1) -> Awaitable[int]:
+        """INCRBY (not retried: it may have run); awaited, the new value.  IntegerOverflowError
+        past 64 bits (the translation of the server's refusal)."""
         if not self._ready:
-            await self._ensure()
-        try:
-            one = by == 1
-            value = await self._conn.call(
-                self._incr_one if one else ("INCRBY", self.key, by),
-                "counter",
-                idempotent=False,
-                table=self.name,
-                packed=self._incr_one_packed if one else None,
-            )
-        except BackendResponseError as exc:
-            if "overflow" in str(exc):
-                raise IntegerOverflowError(
-                    f"counter {self.name!r}: adding {by} leaves the signed 64-bit range; the value "
-                    "is unchanged"
-                ) from exc
-            raise
-        return value if value.__class__ is int else self._parse(value)  # INCRBY: an integer
+            return self._first_increment(by)
+        one = by == 1
+        reply: Awaitable[int] = self._conn.call(
+            self._incr_one if one else ("INCRBY", self.key, by),
+            "counter",
+            idempotent=False,
+            table=self.name,
+            packed=self._incr_one_packed if one else None,
+        )
+        return reply  # INCRBY answers an integer: the connector's awaitable, no frame of ours
+
+    async def _first_increment(self, by: int) -> int:
+        await self._ensure()
+        return await self.increment(by)
 
     async def get(self) -> int:
         """The current value (``initial`` until first written)."""
