@@ -77,6 +77,7 @@ from zeal_asgi.errors import (
     KeyTypeError,
     SerializationError,
     TableFullError,
+    ValueTooLargeError,
 )
 from zeal_asgi.shm.ext import FieldMemo, Tally
 from zeal_asgi.shm.hoststats import host_stats
@@ -227,6 +228,7 @@ class Tiers:
     keys: CacheKeys
     files: FileTier
     serializer: Serializer
+    max_entry_bytes: int
     store_ref: Callable[[], Store]
     metrics: str
     binding: Binding | None = None
@@ -427,6 +429,17 @@ class Tiers:
         return False, None
 
     # -- writes --------------------------------------------------------------------------------
+
+    def encode(self, key: str | bytes, value: Any) -> bytes:
+        """``value`` serialized (SerializationError if it cannot be), refused with
+        ValueTooLargeError above ``max_entry_bytes`` (never truncated)."""
+        payload = self.serializer.dumps(value)
+        if len(payload) > self.max_entry_bytes:
+            raise ValueTooLargeError(
+                f"cache value for {key!r:.60} is {len(payload)} bytes serialized; the limit is "
+                f"max_entry_bytes={self.max_entry_bytes} (never truncated)"
+            )
+        return payload
 
     async def _set_row(self, b: Binding, rk: Key, v: bytes) -> None:
         """Write the row (TableFullError / CapacityError when it does not fit); the shared
