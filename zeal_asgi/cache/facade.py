@@ -286,7 +286,7 @@ class Cache(metaclass=HybridMeta):
         seconds = check_ttl(ttl)
         payload = self._tiers.encode(key, value)
         if self._gc is not None:
-            await self._gc.start()  # lazily, if the app did not register it as a service
+            self._gc.start()  # lazily, if the app did not register it as a service
         return await self._tiers.put(kb, payload, seconds)
 
     @hybridmethod
@@ -324,7 +324,7 @@ class Cache(metaclass=HybridMeta):
         for longer than the lease may be computed a second time elsewhere; make it async.
         """
         if self._gc is not None:
-            self._gc.ensure()
+            self._gc.start()
         if (
             (type(ttl) is int or type(ttl) is float)
             and 0 <= ttl <= MAX_TTL  # a valid ttl (NaN and infinities fail), and a kept key is
@@ -352,7 +352,7 @@ class Cache(metaclass=HybridMeta):
     async def start(self) -> None:
         """Start this worker's GC task (``zeal.add_service(cache)`` calls it at startup)."""
         if self._gc is not None:
-            await self._gc.start()
+            self._gc.start()
 
     @hybridmethod
     async def stop(self) -> None:
