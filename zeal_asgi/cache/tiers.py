@@ -55,6 +55,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import math
 import os
 import secrets
 import struct
@@ -474,9 +475,8 @@ class Tiers:
     async def _put(self, b: Binding, key: bytes, rk: Key, payload: bytes, ttl: float) -> bool:
         now = _time()
         exp = now + ttl if ttl else 0.0
-        mexp = exp  # the memory tier's own ttl_seconds may end the row before the file
-        if self.ttl_seconds:
-            mexp = min(exp or float("inf"), now + self.ttl_seconds)
+        # the memory tier's own ttl_seconds may end the row before the file
+        mexp = min(exp or math.inf, now + self.ttl_seconds) if self.ttl_seconds else exp
         if len(payload) <= self.memory_value_bytes:
             try:
                 await self._set_row(b, rk, seal(b.mac, rk, INLINE, self._ser, mexp, payload))
