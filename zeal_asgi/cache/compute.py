@@ -19,7 +19,7 @@ from typing import Any
 
 from zeal_asgi.cache.lock import NO_LOCK, Lock
 from zeal_asgi.cache.tiers import Tiers, memory_key
-from zeal_asgi.errors import LockTimeoutError, ValueTooLargeError
+from zeal_asgi.errors import LockTimeoutError
 
 
 async def _renew(lock: Lock, name: str, holder: list[Any], every: float) -> None:
@@ -37,7 +37,6 @@ async def compute_once(
     fn: Callable[[], Any | Awaitable[Any]],
     ttl: float,
     max_wait: float,
-    max_entry_bytes: int,
 ) -> Any:
     """The cached value of ``key`` (valid: checked by the caller), computing it with ``fn`` at
     most once at a time."""
@@ -78,13 +77,7 @@ async def compute_once(
         result = fn()
         if inspect.isawaitable(result):
             result = await result
-        payload = tiers.serializer.dumps(result)
-        if len(payload) > max_entry_bytes:
-            raise ValueTooLargeError(
-                f"computed value for {raw!r:.60} is {len(payload)} bytes serialized; the limit "
-                f"is max_entry_bytes={max_entry_bytes}"
-            )
-        await tiers.put(raw, payload, ttl)
+        await tiers.put(raw, tiers.encode(raw, result), ttl)
         return result
     finally:
         if renewer is not None:

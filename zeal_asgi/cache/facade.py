@@ -22,7 +22,7 @@ from zeal_asgi.cache.gc import CacheGC
 from zeal_asgi.cache.keys import CacheKeys, resolve_secret
 from zeal_asgi.cache.serializer import Serializer, get_serializer
 from zeal_asgi.cache.tiers import MAX_KEY_BYTES, MAX_TTL, Tiers, check_key, check_ttl
-from zeal_asgi.errors import ConfigError, ValueTooLargeError
+from zeal_asgi.errors import ConfigError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store, StoreBackendKind
 from zeal_asgi.store.base import positive_int, seconds
@@ -145,6 +145,7 @@ class Cache(metaclass=HybridMeta):
             keys=self._keys,
             files=self.files,
             serializer=self.serializer,
+            max_entry_bytes=self.max_entry_bytes,
             store_ref=self._current_store,
             metrics=self._prefix,
         )
@@ -283,14 +284,9 @@ class Cache(metaclass=HybridMeta):
         """
         kb = check_key(key)
         seconds = check_ttl(ttl)
-        payload = self.serializer.dumps(value)
-        if len(payload) > self.max_entry_bytes:
-            raise ValueTooLargeError(
-                f"cache value for {key!r:.60} is {len(payload)} bytes serialized; the limit is "
-                f"max_entry_bytes={self.max_entry_bytes} (never truncated)"
-            )
+        payload = self._tiers.encode(key, value)
         if self._gc is not None:
-            await self._gc.start()  # lazily, if the app did not register it as a service
+            self._gc.start()  # lazily, if the app did not register it as a service
         return await self._tiers.put(kb, payload, seconds)
 
     @hybridmethod
@@ -328,7 +324,7 @@ class Cache(metaclass=HybridMeta):
         for longer than the lease may be computed a second time elsewhere; make it async.
         """
         if self._gc is not None:
-            self._gc.ensure()
+            self._gc.start()
         if (
             (type(ttl) is int or type(ttl) is float)
             and 0 <= ttl <= MAX_TTL  # a valid ttl (NaN and infinities fail), and a kept key is
@@ -340,7 +336,7 @@ class Cache(metaclass=HybridMeta):
         seconds = check_ttl(ttl)
         wait = self.compute_timeout if max_wait is None else float(max_wait)
         # the key as given: a str key's row is kept for the hot check above (as ``get`` does)
-        return await compute_once(self._tiers, key, fn, seconds, wait, self.max_entry_bytes)
+        return await compute_once(self._tiers, key, fn, seconds, wait)
 
     # -- GC and lifecycle ----------------------------------------------------------------------
 
@@ -356,7 +352,7 @@ class Cache(metaclass=HybridMeta):
     async def start(self) -> None:
         """Start this worker's GC task (``zeal.add_service(cache)`` calls it at startup)."""
         if self._gc is not None:
-            await self._gc.start()
+            self._gc.start()
 
     @hybridmethod
     async def stop(self) -> None:

@@ -22,7 +22,7 @@ log = logging.getLogger("zeal_asgi.cache")
 
 
 class CacheGC:
-    """A per-worker service: ``start()`` in the worker, ``stop()`` at shutdown (awaited).  It
+    """A per-worker task: ``start()`` in the worker's event loop, ``stop()`` at shutdown.  It
     sweeps while it holds its cache's host-wide GC lease (row ``gc:<name>`` of the control
     table)."""
 
@@ -37,12 +37,8 @@ class CacheGC:
         self._task: asyncio.Task[None] | None = None
         self._last_error = 0.0
 
-    async def start(self) -> None:
-        """Start ticking in this worker's event loop (idempotent)."""
-        self.ensure()
-
-    def ensure(self) -> None:
-        """:meth:`start`, synchronously (from code running in the event loop)."""
+    def start(self) -> None:
+        """Start ticking in the running event loop (idempotent)."""
         task = self._task
         if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
             return

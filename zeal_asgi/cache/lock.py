@@ -111,12 +111,8 @@ class ShmLock:
 
     def sweep(self) -> int:
         """Delete rows left by owners that died (a released lock deletes its own row)."""
-        removed = 0
-        for name, row in self.table.items():
-            word = row["owner"]
-            if Lease.stale(word) and self.table.delete_if(name, "owner", word):
-                removed += 1
-        return removed
+        owners = [(name, row["owner"]) for name, row in self.table.items()]
+        return sum(self.table.delete_if(k, "owner", w) for k, w in owners if Lease.stale(w))
 
 
 class CasLock:

@@ -101,31 +101,20 @@ def _resolve(module: str, qualname: str) -> Any:
     return obj
 
 
-def _fold(out: dict[str, Any], v: dt.datetime | dt.time) -> dict[str, Any]:
+def _clock(v: dt.datetime | dt.time) -> dict[str, Any]:
+    """A datetime or time with its offset (a datetime may keep its ZoneInfo) and its fold."""
+    kind, tz = type(v).__name__, v.tzinfo
+    out = _env(kind, v.isoformat())
+    if kind == "datetime" and isinstance(tz, ZoneInfo):  # the zone itself, not today's offset
+        out.update(v=v.replace(tzinfo=None).isoformat(), tz=tz.key)
+    elif tz is not None and not isinstance(tz, dt.timezone):
+        zones = "datetime.timezone" + (" or zoneinfo.ZoneInfo" if kind == "datetime" else "")
+        raise SerializationError(
+            f"{kind} with tzinfo {type(tz).__name__} cannot be stored exactly; use {zones}"
+        )
     if v.fold:  # isoformat() drops the fold of an ambiguous wall time
         out["fold"] = 1
     return out
-
-
-def _datetime(v: dt.datetime) -> dict[str, Any]:
-    tz = v.tzinfo
-    if tz is None or isinstance(tz, dt.timezone):
-        return _fold(_env("datetime", v.isoformat()), v)
-    if isinstance(tz, ZoneInfo):  # keep the zone itself, not just today's offset
-        return _fold({TAG: "datetime", "v": v.replace(tzinfo=None).isoformat(), "tz": tz.key}, v)
-    raise SerializationError(
-        f"datetime with tzinfo {type(tz).__name__} cannot be stored exactly; use "
-        "datetime.timezone or zoneinfo.ZoneInfo"
-    )
-
-
-def _time(v: dt.time) -> dict[str, Any]:
-    if v.tzinfo is not None and not isinstance(v.tzinfo, dt.timezone):
-        raise SerializationError(
-            f"time with tzinfo {type(v.tzinfo).__name__} cannot be stored exactly; use "
-            "datetime.timezone"
-        )
-    return _fold(_env("time", v.isoformat()), v)
 
 
 # Values that are not plain JSON, by exact type (a subclass, e.g. an IntEnum, is refused).
@@ -135,9 +124,9 @@ _ENCODERS: dict[type, Callable[[Any, list[str]], Any]] = {
     tuple: lambda v, blobs: _env("tuple", [_encode(x, blobs) for x in v]),
     set: lambda v, blobs: _env("set", [_encode(x, blobs) for x in v]),
     frozenset: lambda v, blobs: _env("frozenset", [_encode(x, blobs) for x in v]),
-    dt.datetime: lambda v, _: _datetime(v),
+    dt.datetime: lambda v, _: _clock(v),
     dt.date: lambda v, _: _env("date", v.isoformat()),
-    dt.time: lambda v, _: _time(v),
+    dt.time: lambda v, _: _clock(v),
     dt.timedelta: lambda v, _: _env("timedelta", [v.days, v.seconds, v.microseconds]),
     Decimal: lambda v, _: _env("decimal", str(v)),
     uuid.UUID: lambda v, _: _env("uuid", str(v)),
@@ -185,15 +174,10 @@ def _encode(v: object, blobs: list[str]) -> Any:
     return _other(v, blobs)
 
 
-def _decode_datetime(d: dict[str, Any]) -> dt.datetime:
-    value = dt.datetime.fromisoformat(d["v"])
+def _decode_clock(d: dict[str, Any]) -> dt.datetime | dt.time:
+    value = (dt.datetime if d[TAG] == "datetime" else dt.time).fromisoformat(d["v"])
     if (tz := d.get("tz")) is not None:
         value = value.replace(tzinfo=ZoneInfo(tz))
-    return value.replace(fold=1) if d.get("fold") else value
-
-
-def _decode_time(d: dict[str, Any]) -> dt.time:
-    value = dt.time.fromisoformat(d["v"])
     return value.replace(fold=1) if d.get("fold") else value
 
 
@@ -215,9 +199,9 @@ _DECODERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "frozenset": lambda d: frozenset(_list(d)),
     "dict": lambda d: {k: x for k, x in _list(d)},
     "float": lambda d: float(d["v"]) if d["v"] in ("nan", "inf", "-inf") else _bad(d),
-    "datetime": _decode_datetime,
+    "datetime": _decode_clock,
     "date": lambda d: dt.date.fromisoformat(d["v"]),
-    "time": _decode_time,
+    "time": _decode_clock,
     "timedelta": lambda d: dt.timedelta(days=d["v"][0], seconds=d["v"][1], microseconds=d["v"][2]),
     "decimal": lambda d: Decimal(d["v"]),
     "uuid": lambda d: uuid.UUID(d["v"]),

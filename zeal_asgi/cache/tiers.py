@@ -78,10 +78,12 @@ from zeal_asgi.errors import (
     KeyTypeError,
     SerializationError,
     TableFullError,
+    ValueTooLargeError,
 )
 from zeal_asgi.shm.ext import FieldMemo, Tally
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Capability, Key, Store, StoreBackend, StoreBackendKind
+from zeal_asgi.store.base import seconds
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Table
@@ -138,19 +140,7 @@ def check_key(key: object) -> bytes:
 
 def check_ttl(ttl: object, what: str = "ttl") -> float:
     """``ttl`` as float seconds (0 = no expiry), or InvalidTTLError naming the limit."""
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
-        raise InvalidTTLError(
-            f"{what} must be a number of seconds (int or float), got {type(ttl).__name__}"
-        )
-    if isinstance(ttl, float) and not math.isfinite(ttl):
-        raise InvalidTTLError(f"{what} must be finite, got {ttl!r}")
-    if ttl < 0:
-        raise InvalidTTLError(f"{what} must be >= 0 seconds (0 = no expiry), got {ttl!r}")
-    if ttl > MAX_TTL:
-        raise InvalidTTLError(
-            f"{what} of {ttl!r} s exceeds the limit of {MAX_TTL} s (10 years); use 0 for no expiry"
-        )
-    return float(ttl)
+    return seconds(what, ttl, MAX_TTL, zero=True, error=InvalidTTLError)
 
 
 def memory_key(key: bytes) -> str:
@@ -239,6 +229,7 @@ class Tiers:
     keys: CacheKeys
     files: FileTier
     serializer: Serializer
+    max_entry_bytes: int
     store_ref: Callable[[], Store]
     metrics: str
     binding: Binding | None = None
@@ -440,6 +431,17 @@ class Tiers:
 
     # -- writes --------------------------------------------------------------------------------
 
+    def encode(self, key: str | bytes, value: Any) -> bytes:
+        """``value`` serialized (SerializationError if it cannot be), refused with
+        ValueTooLargeError above ``max_entry_bytes`` (never truncated)."""
+        payload = self.serializer.dumps(value)
+        if len(payload) > self.max_entry_bytes:
+            raise ValueTooLargeError(
+                f"cache value for {key!r:.60} is {len(payload)} bytes serialized; the limit is "
+                f"max_entry_bytes={self.max_entry_bytes} (never truncated)"
+            )
+        return payload
+
     async def _set_row(self, b: Binding, rk: Key, v: bytes) -> None:
         """Write the row (TableFullError / CapacityError when it does not fit); the shared
         table directly on the table backend, without yielding."""
@@ -466,16 +468,15 @@ class Tiers:
         finally:
             b.writes.give(name, token)
 
-    async def put(self, key: bytes, payload: bytes, seconds: float) -> bool:
+    async def put(self, key: bytes, payload: bytes, ttl: float) -> bool:
         """Store a serialized value in the right tier(s); ``False`` when nothing was stored."""
-        return await self._write(key, lambda b, rk: self._put(b, key, rk, payload, seconds))
+        return await self._write(key, lambda b, rk: self._put(b, key, rk, payload, ttl))
 
-    async def _put(self, b: Binding, key: bytes, rk: Key, payload: bytes, seconds: float) -> bool:
+    async def _put(self, b: Binding, key: bytes, rk: Key, payload: bytes, ttl: float) -> bool:
         now = _time()
-        exp = now + seconds if seconds else 0.0
-        mexp = exp  # the memory tier's own ttl_seconds may end the row before the file
-        if self.ttl_seconds:
-            mexp = min(exp or float("inf"), now + self.ttl_seconds)
+        exp = now + ttl if ttl else 0.0
+        # the memory tier's own ttl_seconds may end the row before the file
+        mexp = min(exp or math.inf, now + self.ttl_seconds) if self.ttl_seconds else exp
         if len(payload) <= self.memory_value_bytes:
             try:
                 await self._set_row(b, rk, seal(b.mac, rk, INLINE, self._ser, mexp, payload))

@@ -60,23 +60,17 @@ def open_cache_dir(path: str | os.PathLike[str]) -> tuple[str, int]:
     full = os.path.abspath(os.fspath(path))
     _make_private(full)
     st = os.lstat(full)
-    if stat.S_ISLNK(st.st_mode):
-        raise InsecureCacheDirError(
-            f"cache directory {full!r} is a symlink; refusing it (point cache_dir at the real "
-            "directory)"
-        )
-    if not stat.S_ISDIR(st.st_mode):
-        raise InsecureCacheDirError(f"cache directory {full!r} exists and is not a directory")
-    if st.st_uid != os.geteuid():
-        raise InsecureCacheDirError(
-            f"cache directory {full!r} belongs to uid {st.st_uid}, not to this process "
-            f"(uid {os.geteuid()}); refusing to read or write cache files there"
-        )
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise InsecureCacheDirError(
-            f"cache directory {full!r} has mode {stat.S_IMODE(st.st_mode):o}: writable by other "
-            "users; it must be 0700 (chmod 700 it, or use a fresh directory)"
-        )
+    refusals = (  # in this order: the first that applies is the one reported
+        (stat.S_ISLNK(st.st_mode), "is a symlink; refusing it (point cache_dir at the real one)"),
+        (not stat.S_ISDIR(st.st_mode), "exists and is not a directory"),
+        (st.st_uid != os.geteuid(), f"belongs to uid {st.st_uid}, not to this process (uid "
+            f"{os.geteuid()}); refusing to read or write cache files there"),
+        (st.st_mode & (stat.S_IWGRP | stat.S_IWOTH), f"has mode {stat.S_IMODE(st.st_mode):o}: "
+            "writable by other users; it must be 0700 (chmod 700 it, or use a fresh directory)"),
+    )  # fmt: skip
+    for refused, why in refusals:
+        if refused:
+            raise InsecureCacheDirError(f"cache directory {full!r} {why}")
     _check_ancestors(full)
     fd = os.open(full, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:

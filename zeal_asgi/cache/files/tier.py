@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import hmac
 import itertools
@@ -118,6 +119,11 @@ def _read_all(fd: int, size: int) -> bytes:
     return b"".join(chunks)  # one chunk: that very object, not a copy
 
 
+@functools.lru_cache(maxsize=4096)  # a hot key is named once, not hashed on every read
+def _file_name(name_key: bytes, key: bytes) -> str:
+    return hashlib.blake2b(key, key=name_key, digest_size=32).hexdigest() + ".zc"
+
+
 class FileTier:
     """Entries as files under ``directory`` (created 0700; refused if unsafe).
 
@@ -149,7 +155,6 @@ class FileTier:
         self._count = count or (lambda metric: None)
         self._last_log = 0.0
         self._euid = os.geteuid()
-        self._names: dict[bytes, str] = {}
         # file name -> (its bytes, the key they were verified for, the entry)
         self._verified: dict[str, tuple[bytes, bytes, Entry]] = {}
         self._verified_bytes = 0
@@ -157,13 +162,7 @@ class FileTier:
 
     def name(self, key: bytes) -> str:
         """File name of ``key``: 64 hex chars of a keyed BLAKE2b, plus ``.zc``."""
-        name = self._names.get(key)
-        if name is None:
-            if len(self._names) >= 4096:
-                self._names.clear()
-            name = hashlib.blake2b(key, key=self._name_key, digest_size=32).hexdigest() + ".zc"
-            self._names[key] = name
-        return name
+        return _file_name(self._name_key, key)
 
     def _mac(self, head: bytes | memoryview, key: bytes | memoryview, payload: bytes) -> bytes:
         h = hmac.new(self._mac_key, head, "sha256")
