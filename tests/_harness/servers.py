@@ -708,6 +708,12 @@ class RedisCluster(_Topology):
         """``redis://`` URL of the first node (a cluster client discovers the rest)."""
         return self.servers[0].url
 
+    def routing_conn(self, **extra: Any) -> dict[str, Any]:
+        """Store connection options for a test of where keys, rows and messages go, not of how
+        fast: every node, and a 30 s socket timeout, since the first call loads the slot map
+        within the call's deadline (1.5 s by default), which a loaded machine can overrun."""
+        return {"cluster": [f"{h}:{p}" for h, p in self.nodes], "socket_timeout": 30.0, **extra}
+
     def start(self) -> Self:
         """Start the nodes, create the cluster and wait until every node reports it healthy."""
         try:

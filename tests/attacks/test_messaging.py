@@ -197,9 +197,7 @@ async def test_publish_counts_each_worker_reached_once(
         store = Store("table")
     elif kind == "cluster":
         cluster = request.getfixturevalue("redis_cluster")
-        nodes = [f"{h}:{p}" for h, p in cluster.nodes]
-        # counts receivers, not speed: the boot's slot-map load gets 30 s, not the 1.5 s default
-        conn = {"cluster": nodes, "prefix": f"c{time.monotonic_ns()}", "socket_timeout": 30.0}
+        conn = cluster.routing_conn(prefix=f"c{time.monotonic_ns()}")
         store = Store("redis", conn)
     else:
         store = Store(kind, {"url": request.getfixturevalue("redis_url")})

@@ -172,10 +172,7 @@ async def test_release_deletes_only_its_own_lease(zeals: tuple[Zeal, Zeal]) -> N
 
 async def test_cluster_locks_on_a_redis_cluster(redis_cluster: RedisCluster) -> None:
     """The lease, its fence and its mark share one slot (the name is a hash tag)."""
-    nodes = [f"{h}:{p}" for h, p in redis_cluster.nodes]
-    # checks that the three keys meet in one slot, not speed: the boot's slot-map load gets 30 s,
-    # not the 1.5 s default deadline, which a loaded machine can overrun
-    zeal = Zeal(store=Store("redis", {"cluster": nodes, "prefix": "zt", "socket_timeout": 30.0}))
+    zeal = Zeal(store=Store("redis", redis_cluster.routing_conn(prefix="zt")))
     async with zeal:
         tokens = []
         for name in ("a", "b{c}", "d}e{", unique()):

@@ -108,10 +108,7 @@ async def test_stream_entries_pending_until_acked(fresh_redis: RedisServer) -> N
 
 
 async def test_redis_cluster_delivers(redis_cluster: RedisCluster) -> None:
-    # a 30 s socket timeout: the boot PING loads the slot map within the call's deadline
-    # (1.5 s by default), which a loaded machine overran; this test checks delivery only
-    nodes = [f"{h}:{p}" for h, p in redis_cluster.nodes]
-    st = Store("redis", {"cluster": nodes, "socket_timeout": 30.0})
+    st = Store("redis", redis_cluster.routing_conn())
     await st.start()
     got: list[str] = []
     seen: list[str] = []

@@ -298,9 +298,7 @@ async def test_room_publish_is_one_script_on_redis(
 
 async def test_room_publish_on_a_cluster(redis_cluster: RedisCluster) -> None:
 
-    nodes = [f"{h}:{p}" for h, p in redis_cluster.nodes]
-    # checks routing, not speed: the boot's slot-map load gets 30 s, not the 1.5 s default
-    conn = {"cluster": nodes, "prefix": f"lv{time.monotonic_ns()}", "socket_timeout": 30.0}
+    conn = redis_cluster.routing_conn(prefix=f"lv{time.monotonic_ns()}")
     store = Store("redis", conn)
     await store.start()
     try:

@@ -30,10 +30,7 @@ def _owner(cluster: RedisCluster, key: str) -> RedisServer:
 
 
 async def test_cluster_all_operations(redis_cluster: RedisCluster) -> None:
-    nodes = [f"{h}:{p}" for h, p in redis_cluster.nodes]
-    # What is checked is where rows and keys go, not how fast: the first call loads the slot map
-    # within the call's deadline (1.5 s by default), which a loaded machine can overrun.
-    store = Store("redis", {"cluster": nodes, "prefix": unique_prefix(), "socket_timeout": 30.0})
+    store = Store("redis", redis_cluster.routing_conn(prefix=unique_prefix()))
     backend = store.backend
     assert isinstance(backend, RedisBackend)
     p = backend.prefix
