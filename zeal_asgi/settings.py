@@ -88,9 +88,10 @@ class ZealSettings(BaseModel):
     workers: int = Field(default=1, ge=1, le=512)
     metrics_max_series: int = Field(default=10_000, ge=1, le=10_000_000)
     """Rows of shared memory for the default metrics registry (``zeal_asgi.metrics``)."""
-    gc_freeze: bool = True
+    gc_freeze: bool = False
     """Move what is alive once a worker has started into the collector's permanent generation
-    (``gc.freeze``), so full collections stop walking the app's modules and models."""
+    (``gc.freeze``), so full collections stop walking the app's modules and models; on in the
+    workers of ``zeal-asgi run`` unless ``ZEAL_GC_FREEZE`` says otherwise."""
 
     def __init__(self, **data: Any) -> None:
         """Validate ``data``.

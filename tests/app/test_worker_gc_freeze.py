@@ -1,5 +1,6 @@
 """Each worker moves its start-up heap into the collector's permanent generation, once, after
-collecting the garbage; ``ZEAL_GC_FREEZE=0`` leaves the collector alone."""
+collecting the garbage: by default under ``zeal-asgi run``, with ``ZEAL_GC_FREEZE=1`` under the
+other servers; elsewhere, and with ``ZEAL_GC_FREEZE=0``, the collector is left alone."""
 
 from __future__ import annotations
 
@@ -51,13 +52,14 @@ def app_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-@pytest.mark.parametrize("server", ["launcher", "uvicorn-workers", "gunicorn"])
+@pytest.mark.parametrize(
+    ("server", "setting"), [("launcher", None), ("uvicorn-workers", "1"), ("gunicorn", "1")]
+)
 def test_every_worker_freezes_its_heap_after_collecting_the_garbage(
-    app_servers: AppServers, app_dir: Path, server: str
+    app_servers: AppServers, app_dir: Path, server: str, setting: str | None
 ) -> None:
-    s = app_servers.start(
-        "gc_app:app", server=server, workers=2, env={"PYTHONPATH": str(app_dir)}, ready="/gc"
-    )
+    env = {"PYTHONPATH": str(app_dir)} | ({"ZEAL_GC_FREEZE": setting} if setting else {})
+    s = app_servers.start("gc_app:app", server=server, workers=2, env=env, ready="/gc")
     replies = s.on_each_worker("/gc")
     assert len(replies) == 2
     for pid, reply in replies.items():
@@ -66,11 +68,12 @@ def test_every_worker_freezes_its_heap_after_collecting_the_garbage(
         assert reply["garbage"] is False, (pid, reply)
 
 
-def test_zeal_gc_freeze_0_leaves_the_collector_alone(
-    app_servers: AppServers, app_dir: Path
+@pytest.mark.parametrize(("server", "setting"), [("launcher", "0"), ("uvicorn-workers", None)])
+def test_otherwise_the_collector_is_left_alone(
+    app_servers: AppServers, app_dir: Path, server: str, setting: str | None
 ) -> None:
-    env = {"PYTHONPATH": str(app_dir), "ZEAL_GC_FREEZE": "0"}
-    s = app_servers.start("gc_app:app", server="launcher", workers=2, env=env, ready="/gc")
+    env = {"PYTHONPATH": str(app_dir)} | ({"ZEAL_GC_FREEZE": setting} if setting else {})
+    s = app_servers.start("gc_app:app", server=server, workers=2, env=env, ready="/gc")
     for pid, reply in s.on_each_worker("/gc").items():
         assert reply["frozen"] == 0, (pid, reply)
         assert reply["garbage"] is True, (pid, reply)  # nothing collected it either
