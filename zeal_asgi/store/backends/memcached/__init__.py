@@ -228,27 +228,26 @@ class MemcachedBackend(StoreBackend):
         """Register a table (nothing is allocated: memcached needs no declaration)."""
         self._tables[spec.name] = _Rows(spec)
 
-    def _rows(self, spec: TableSpec) -> _Rows:
+    async def _rows(self, spec: TableSpec) -> _Rows:
+        """How the rows of ``spec`` are stored; at the table's first use in this process, its
+        declaration is stored, or one that differs is refused."""
         rows = self._tables.get(spec.name)
         if rows is None or (rows.spec is not spec and rows.spec != spec):
             rows = self._tables[spec.name] = _Rows(spec)
+        if spec.name not in self._checked:
+            key, mine = self.keys.schema(spec.name), spec.declaration()
+            if not await self._run(key, "schema check", lambda c: c.add(key, mine)):
+                stored = await self._run(key, "schema check", lambda c: c.get(key))
+                if stored is not None and stored != mine:
+                    raise spec.conflict(stored, f"memcached {self.servers}")
+            self._checked.add(spec.name)
         return rows
-
-    async def _ensure(self, spec: TableSpec) -> None:
-        """Store the table's declaration at first use, or refuse one that differs."""
-        if spec.name in self._checked:
-            return
-        key, mine = self.keys.schema(spec.name), spec.declaration()
-        if not await self._run(key, "schema check", lambda c: c.add(key, mine)):
-            stored = await self._run(key, "schema check", lambda c: c.get(key))
-            if stored is not None and stored != mine:
-                raise spec.conflict(stored, f"memcached {self.servers}")
-        self._checked.add(spec.name)
 
     async def start(self) -> None:
         """Connect to every server in this worker; raises if one does not answer."""
+        servers = range(len(self.pool.servers))
         try:
-            await _gather_all(self._version(i) for i in range(len(self.pool.servers)))
+            await _gather_all(self.pool.run(i, "version", lambda c: c.version()) for i in servers)
         except ZealError as exc:
             raise type(exc)(
                 f"memcached boot check failed: {exc} (the servers come from "
@@ -256,19 +255,17 @@ class MemcachedBackend(StoreBackend):
                 "degraded)"
             ) from exc
 
-    async def _version(self, i: int) -> bytes:
-        return await self.pool.run(i, "version", lambda c: c.version())
-
     async def aclose(self) -> None:
         """Close this worker's connections."""
         await self.pool.aclose()
 
     async def ping(self) -> bool:
         """``True`` when every server answers ``version``."""
-        results = await asyncio.gather(
-            *(self._version(i) for i in range(len(self.pool.servers))), return_exceptions=True
-        )
-        return not any(isinstance(r, BaseException) for r in results)
+        try:
+            await self.start()
+        except ZealError:
+            return False
+        return True
 
     def stats(self) -> dict[str, Any]:
         """Servers and settings, plus counters of this worker and summed over the host."""
@@ -326,7 +323,7 @@ class MemcachedBackend(StoreBackend):
 
     async def _update(
         self,
-        spec: TableSpec,
+        rows: _Rows,
         key: object,
         mk: bytes,
         op: str,
@@ -337,21 +334,17 @@ class MemcachedBackend(StoreBackend):
         ``change(row, present)`` edits ``row`` (the stored row, or zeros) in place and returns
         ``(write, result)``.
         """
-        rows = self._rows(spec)
 
         def step(data: bytes | None) -> tuple[bytes | None, R]:
-            row = rows.unpack(data, key)
-            present = row is not None
-            if row is None:
-                row = spec.schema.zero_row()
-            write, result = change(row, present)
+            stored = rows.unpack(data, key)
+            row = rows.spec.schema.zero_row() if stored is None else stored
+            write, result = change(row, stored is not None)
             return (rows.pack(row) if write else None), result
 
-        return await self._swap(mk, f"{op} of table {spec.name!r}", rows.expiry(), step)
+        return await self._swap(mk, f"{op} of table {rows.spec.name!r}", rows.expiry(), step)
 
     async def _write(self, spec: TableSpec, key: object, mk: bytes, values: Row) -> None:
-        await self._ensure(spec)
-        rows = self._rows(spec)
+        rows = await self._rows(spec)
         exptime = rows.expiry()
         if values and (rows.native is not None or len(values) == len(spec.schema.columns)):
             # Every column given: the merge result does not depend on the stored row.
@@ -368,7 +361,7 @@ class MemcachedBackend(StoreBackend):
             row.update(values)
             return (bool(values) or not present or exptime != 0), None
 
-        await self._update(spec, key, mk, "set", merge)
+        await self._update(rows, key, mk, "set", merge)
 
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Merge ``row`` into the row at ``key`` (a new row starts zeroed); ``True``."""
@@ -381,20 +374,20 @@ class MemcachedBackend(StoreBackend):
         mk = self._key(spec, key)
         if field is not None:
             spec.schema.column(field, spec.name)
-        await self._ensure(spec)
-        row = self._rows(spec).unpack(await self._run(mk, "get", lambda c: c.get(mk)), key)
+        rows = await self._rows(spec)
+        row = rows.unpack(await self._run(mk, "get", lambda c: c.get(mk)), key)
         return row if row is None or field is None else row[field]
 
     async def delete(self, spec: TableSpec, key: Key) -> bool:
         """Remove the row; ``True`` if it existed."""
         mk = self._key(spec, key)
-        await self._ensure(spec)
+        await self._rows(spec)
         return await self._run(mk, "delete", lambda c: c.delete(mk))
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists."""
         mk = self._key(spec, key)
-        await self._ensure(spec)
+        await self._rows(spec)
         return await self._run(mk, "exists", lambda c: c.get(mk)) is not None
 
     async def incr(
@@ -404,8 +397,7 @@ class MemcachedBackend(StoreBackend):
         row; the new value."""
         mk = self._key(spec, key)
         col = spec.schema.column(column, spec.name)
-        await self._ensure(spec)
-        rows = self._rows(spec)
+        rows = await self._rows(spec)
         if rows.native is not None:
             what = f"incr of table {spec.name!r}"
             try:
@@ -433,7 +425,7 @@ class MemcachedBackend(StoreBackend):
             row[col.name] = new
             return True, new
 
-        return await self._update(spec, key, mk, "incr", add)
+        return await self._update(rows, key, mk, "incr", add)
 
     async def compare_and_set(
         self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
@@ -444,7 +436,7 @@ class MemcachedBackend(StoreBackend):
         allow_nan = spec.schema.allow_nan
         want = validate_value(col, expected, spec.name, allow_nan)
         value = validate_value(col, new, spec.name, allow_nan)
-        await self._ensure(spec)
+        rows = await self._rows(spec)
 
         def swap(row: Row, present: bool) -> tuple[bool, bool]:
             if row[col.name] != want:
@@ -452,13 +444,14 @@ class MemcachedBackend(StoreBackend):
             row[col.name] = value
             return True, True
 
-        return await self._update(spec, key, mk, "compare_and_set", swap)
+        return await self._update(rows, key, mk, "compare_and_set", swap)
 
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys`` in order (``None`` for misses): one multi-get per server."""
         mks = [self._key(spec, k) for k in keys]
-        if mks:
-            await self._ensure(spec)
+        if not mks:
+            return []
+        rows = await self._rows(spec)
         by_server: dict[int, list[bytes]] = {}
         for mk in dict.fromkeys(mks):
             by_server.setdefault(self.pool.index(mk), []).append(mk)
@@ -474,7 +467,6 @@ class MemcachedBackend(StoreBackend):
             for n in range(0, len(group), _MGET_CHUNK)
         ):
             found.update(part)
-        rows = self._rows(spec)
         return [rows.unpack(found.get(mk), k) for k, mk in zip(keys, mks, strict=True)]
 
     async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
