@@ -60,12 +60,10 @@ from zeal_asgi.store.backends.memcached.conn import (
     DEFAULT_SERVERS,
     KeyMapper,
     ServerPool,
-    add_op,
-    cas_op,
     parse_servers,
+    put_op,
 )
 from zeal_asgi.store.backends.memcached.native import (
-    NativeOverflow,
     backoff,
     decode_i64,
     encode_i64,
@@ -179,12 +177,16 @@ class MemcachedBackend(StoreBackend):
         if servers is None:
             servers = os.environ.get("ZEAL_MEMCACHED_SERVERS", DEFAULT_SERVERS)
         self.keys = KeyMapper(prefix)
+        self.prefix = prefix
+        """The key prefix."""
         self.cas_timeout = seconds("memcached cas_timeout", cas_timeout, 3600)
         self.pool = ServerPool(
             parse_servers(servers),
             timeout=seconds("memcached timeout", timeout, 3600),
             pool_size=positive_int("memcached pool_size", pool_size, 1, 1024),
         )
+        self.servers = ",".join(str(s) for s in self.pool.servers)
+        """The server list, ``host:port,host:port``."""
         self._tables: dict[str, _Rows] = {}
         self._checked: set[str] = set()
         self._counters: dict[str, MemcachedCounter] = {}
@@ -208,16 +210,6 @@ class MemcachedBackend(StoreBackend):
             )
         given = {k: conn[k] for k in ("timeout", "cas_timeout", "pool_size") if k in conn}
         return cls(conn.get("servers"), prefix=conn.get("prefix") or env_prefix, **given)
-
-    @property
-    def servers(self) -> str:
-        """The server list, ``host:port,host:port``."""
-        return ",".join(str(s) for s in self.pool.servers)
-
-    @property
-    def prefix(self) -> str:
-        """The key prefix."""
-        return self.keys.prefix
 
     def __repr__(self) -> str:
         return f"<MemcachedBackend {self.servers} prefix={self.prefix!r}>"
@@ -307,11 +299,7 @@ class MemcachedBackend(StoreBackend):
             new, result = change(data)
             if new is None:
                 return result
-            if data is not None and token is not None:
-                stored = await self.pool.run(i, what, cas_op(key, new, token, exptime))
-            else:
-                stored = await self.pool.run(i, what, add_op(key, new, exptime))
-            if stored:
+            if await self.pool.run(i, what, put_op(key, new, token, exptime)):
                 return result
             attempt += 1
             await backoff(attempt, deadline, what)
@@ -399,18 +387,15 @@ class MemcachedBackend(StoreBackend):
         col = spec.schema.column(column, spec.name)
         rows = await self._rows(spec)
         if rows.native is not None:
-            what = f"incr of table {spec.name!r}"
-            try:
-                return await native_add(
-                    self.pool,
-                    mk,
-                    int(by),
-                    what=what,
-                    exptime=rows.expiry(),
-                    cas_timeout=self.cas_timeout,
-                )
-            except NativeOverflow as exc:
-                raise incr_overflow(col, spec.name, by, exc.before) from None
+            return await native_add(
+                self.pool,
+                mk,
+                int(by),
+                what=f"incr of table {spec.name!r}",
+                exptime=rows.expiry(),
+                cas_timeout=self.cas_timeout,
+                overflow=lambda before: incr_overflow(col, spec.name, by, before),
+            )
 
         def add(row: Row, present: bool) -> tuple[bool, int | float]:
             old = row[col.name]
@@ -521,17 +506,17 @@ class MemcachedCounter(CounterBackend):
     async def increment(self, by: int = 1) -> int:
         """Add ``by`` atomically; the new value (overflow raises, value unchanged)."""
         await self._ensure()
+
+        def overflow(before: int) -> IntegerOverflowError:
+            return IntegerOverflowError(
+                f"counter {self.name!r}: {before} + {by} leaves the signed 64-bit range; unchanged"
+            )
+
         b = self._backend
         what = f"increment of counter {self.name!r}"
-        try:
-            return await native_add(
-                b.pool, self.key, by, what=what, exptime=0, cas_timeout=b.cas_timeout
-            )
-        except NativeOverflow as exc:
-            raise IntegerOverflowError(
-                f"counter {self.name!r}: {exc.before} + {by} leaves the signed 64-bit range; "
-                "unchanged"
-            ) from None
+        return await native_add(
+            b.pool, self.key, by, what=what, exptime=0, cas_timeout=b.cas_timeout, overflow=overflow
+        )
 
     async def get(self) -> int:
         """The current value (0 when missing)."""

@@ -238,14 +238,13 @@ class _Client(aiomcache.Client):
 Op = Callable[["_Client"], Awaitable[T]]
 
 
-def cas_op(key: bytes, value: bytes, token: int, exptime: int) -> Op[bool]:
-    """``cas`` as an operation for :meth:`ServerPool.run` (binds its arguments now)."""
+def put_op(key: bytes, value: bytes, token: int | None, exptime: int) -> Op[bool]:
+    """The write of a read-modify-write as an operation for :meth:`ServerPool.run` (binding its
+    arguments now): ``cas`` with the ``gets`` token, or ``add`` when nothing was there (token
+    ``None``).  Either is refused when another write got in first."""
+    if token is None:
+        return lambda c: c.add(key, value, exptime)
     return lambda c: c.cas(key, value, token, exptime)
-
-
-def add_op(key: bytes, value: bytes, exptime: int) -> Op[bool]:
-    """``add`` as an operation for :meth:`ServerPool.run` (binds its arguments now)."""
-    return lambda c: c.add(key, value, exptime)
 
 
 async def _close_client(client: _Client, *, wait: bool) -> None:
