@@ -30,7 +30,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from zeal_asgi._redis.link import RedisLink
 from zeal_asgi._redis.subscriber import RedisFeed, Subscriber
@@ -53,9 +53,6 @@ from zeal_asgi.store.base import (
     positive_int,
     seconds,
 )
-
-if TYPE_CHECKING:
-    from zeal_asgi.shm import Table
 
 __all__ = ["TieredBackend"]
 
@@ -158,12 +155,11 @@ class TieredBackend(StoreBackend):
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def declare(self, spec: TableSpec) -> Table | None:
+    def declare(self, spec: TableSpec) -> None:
         """Register on L2 and allocate the L1 table (call before workers start)."""
         self.l2.declare(spec)
         self.l1.declare(spec)
         self._specs[spec.name] = spec
-        return None
 
     async def start(self) -> None:
         """Start this worker's invalidation subscriber, then L2 (PING).
@@ -275,8 +271,7 @@ class TieredBackend(StoreBackend):
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists: a fresh L1 copy says so, else L2 answers."""
-        spec.check_key(key)
-        if self.synced and self.l1.is_fresh(spec, key):
+        if await self.exists_cached(spec, key):
             count("tiered", "l1_hits")
             return True
         return await self.l2.exists(spec, key)
