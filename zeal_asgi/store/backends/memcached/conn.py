@@ -175,10 +175,6 @@ class KeyMapper:
         return full
 
 
-class NonNumericValue(ClientException):
-    """``incr`` met a value that is not a decimal number (not ours, or corrupted)."""
-
-
 class _Pool(MemcachePool):
     def release(self, conn: Connection) -> None:
         task = asyncio.current_task()
@@ -230,8 +226,9 @@ class _Client(aiomcache.Client):
             return None
         if resp.isdigit():
             return int(resp)
-        if b"non-numeric" in resp:
-            raise NonNumericValue(f"memcached {command.decode()} on a non-numeric value", resp)
+        if b"non-numeric" in resp:  # a CLIENT_ERROR answer: ServerPool.run reports it as such
+            why = "is not a number written by zeal_asgi (another program, or a changed schema?)"
+            raise ClientException(f"the stored value {why}", resp)
         raise ClientException(f"memcached {command.decode()} failed", resp)
 
 
@@ -301,7 +298,6 @@ class ServerPool:
             BackendUnavailableError: connection refused/reset/closed or a reply we can't parse.
             BackendResponseError: the server answered with an error.
             CapacityError: the server refused a value for its size.
-            NonNumericValue: ``incr`` on a value that is not a number (the caller decides).
         """
         client = await self._client(i)
         count("memcached", "ops")
@@ -309,8 +305,6 @@ class ServerPool:
         try:
             async with asyncio.timeout(self.timeout):
                 return await fn(client)
-        except NonNumericValue:
-            raise
         except TimeoutError as exc:
             count("memcached", "timeouts")
             raise BackendTimeoutError(

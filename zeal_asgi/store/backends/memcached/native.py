@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 from zeal_asgi.errors import BackendError, BackendResponseError, ContentionError
-from zeal_asgi.store.backends.memcached.conn import NonNumericValue, ServerPool
+from zeal_asgi.store.backends.memcached.conn import ServerPool
 from zeal_asgi.store.base import count
 
 logger = logging.getLogger("zeal_asgi.store.backends.memcached")
@@ -102,13 +102,7 @@ async def native_add(
     deadline = time.monotonic() + cas_timeout
     attempt = 0
     while True:
-        try:
-            reply = await pool.run(i, what, lambda c: c.incr(key, delta))
-        except NonNumericValue as exc:
-            raise BackendResponseError(
-                f"{what}: the stored value is not a number written by zeal_asgi (another "
-                "program, or a table whose schema changed?)"
-            ) from exc
+        reply = await pool.run(i, what, lambda c: c.incr(key, delta))
         if reply is None:
             if await pool.run(i, what, lambda c: c.add(key, encode_i64(step), exptime)):
                 return step
