@@ -61,22 +61,17 @@ class InvalidationCodec:
 
     def encode(self, origin: str, table: str, op: str, keys: Sequence[bytes] = ()) -> list[bytes]:
         """The messages for ``op`` on ``keys`` (split so each fits ``MAX_KEYS`` / the size cap)."""
-        if op == "clear":
-            return [self._one(origin, table, op, [])]
-        out: list[bytes] = []
-        batch: list[str] = []
-        size = 0
         budget = self.max_bytes - 512 - len(origin) - len(table)
-        for k in keys:
-            h = k.hex()
-            if batch and (len(batch) >= MAX_KEYS or size + len(h) + 3 > budget):
-                out.append(self._one(origin, table, op, batch))
-                batch, size = [], 0
-            batch.append(h)
+        batches: list[list[str]] = [[]]
+        size = 0
+        for h in (k.hex() for k in keys):
+            if batches[-1] and (len(batches[-1]) >= MAX_KEYS or size + len(h) + 3 > budget):
+                batches.append([])
+                size = 0
+            batches[-1].append(h)
             size += len(h) + 3
-        if batch:
-            out.append(self._one(origin, table, op, batch))
-        return out
+        # A clear carries no keys; a drop of no keys is no message at all.
+        return [self._one(origin, table, op, b) for b in batches if b or op == "clear"]
 
     def _one(self, origin: str, table: str, op: str, keys: list[str]) -> bytes:
         fields = {"origin": origin, "ns": table, "op": op, "keys": keys}
