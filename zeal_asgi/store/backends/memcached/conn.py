@@ -244,13 +244,6 @@ def put_op(key: bytes, value: bytes, token: int | None, exptime: int) -> Op[bool
     return lambda c: c.cas(key, value, token, exptime)
 
 
-async def _close_client(client: _Client, *, wait: bool) -> None:
-    writers = client.connections.close_all()
-    if wait:
-        # Closed transports release their sockets in a callback of the next loop iteration.
-        await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
-
-
 class ServerPool:
     """The clients of one worker, one per server, with sharding, timeouts and error translation."""
 
@@ -271,7 +264,7 @@ class ServerPool:
         scores = [hashlib.blake2b(key, digest_size=8, key=seed).digest() for seed in self._seeds]
         return scores.index(max(scores))
 
-    async def _client(self, i: int) -> _Client:
+    def _client(self, i: int) -> _Client:
         loop = asyncio.get_running_loop()
         if self._pid != os.getpid():
             # Forked: the sockets belong to the parent's event loop; touching them here could
@@ -279,10 +272,10 @@ class ServerPool:
             self._inherited.extend(self._clients.values())
             self._clients = {}
             self._pid = os.getpid()
-        elif loop is not self._loop and self._clients:
-            old, self._clients = list(self._clients.values()), {}
-            for c in old:
-                await _close_client(c, wait=False)
+        elif loop is not self._loop:
+            for c in self._clients.values():
+                c.connections.close_all()
+            self._clients = {}
         self._loop = loop
         client = self._clients.get(i)
         if client is None:
@@ -299,7 +292,7 @@ class ServerPool:
             BackendResponseError: the server answered with an error.
             CapacityError: the server refused a value for its size.
         """
-        client = await self._client(i)
+        client = self._client(i)
         count("memcached", "ops")
         server = self.servers[i]
         try:
@@ -330,8 +323,9 @@ class ServerPool:
 
     async def aclose(self) -> None:
         """Close this worker's connections (call it in the loop that used them)."""
-        clients, self._clients = list(self._clients.values()), {}
-        same_loop = self._loop is asyncio.get_running_loop()
-        for c in clients:
-            await _close_client(c, wait=same_loop)
+        writers = [w for c in self._clients.values() for w in c.connections.close_all()]
+        self._clients = {}
+        if self._loop is asyncio.get_running_loop():
+            # Closed transports release their sockets in a callback of the next loop iteration.
+            await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
         self._loop = None
