@@ -25,6 +25,7 @@ default 5, floats welcome), ``l1_rows`` (L1 capacity per table, default the tabl
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -125,7 +126,6 @@ class TieredBackend(StoreBackend):
         )
         """This worker's invalidation subscriber."""
         self._specs: dict[str, TableSpec] = {}
-        self._origin: str | None = None
 
     @classmethod
     def from_config(cls, conn: str | Mapping[str, Any] | None = None) -> TieredBackend:
@@ -145,13 +145,10 @@ class TieredBackend(StoreBackend):
         """L2's link: pub/sub, Streams and WebSockets work on tiered as on redis."""
         return self.l2
 
-    @property
+    @functools.cached_property  # computed in the worker: the server id is known there
     def origin(self) -> str:
         """This server's id in invalidations (its own messages are ignored: L1 is shared)."""
-        if self._origin is None:  # computed in the worker: the server id is known there
-            ident = f"{socket.gethostname()}:{server_identity().server_id}:{self.l1.namespace}"
-            self._origin = ident[:256]
-        return self._origin
+        return f"{socket.gethostname()}:{server_identity().server_id}:{self.l1.namespace}"[:256]
 
     # -- lifecycle -----------------------------------------------------------------------------
 
