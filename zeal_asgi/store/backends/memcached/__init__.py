@@ -203,8 +203,7 @@ class MemcachedBackend(StoreBackend):
             return cls(conn, prefix=env_prefix)
         if not isinstance(conn, Mapping):
             raise ConfigError(f"memcached connection must be a str or a dict, got {conn!r}")
-        unknown = set(conn) - _OPTIONS
-        if unknown:
+        if unknown := set(conn) - _OPTIONS:
             raise ConfigError(
                 f"memcached backend: unknown options {sorted(unknown)}; known: {sorted(_OPTIONS)}"
             )
