@@ -48,7 +48,7 @@ T = TypeVar("T")
 _FALLBACK: Any = object()
 
 
-async def _use_fallback(*_: Any) -> Any:
+async def _use_fallback() -> Any:
     return _FALLBACK
 
 
@@ -114,12 +114,9 @@ class CircuitBreakerBackend(StoreBackend):
     async def _call(
         self,
         what: str,
-        fn: Callable[..., Awaitable[T]],
-        *args: Any,
-        fallback: Callable[..., Awaitable[T]] | None = None,
+        fn: Callable[[], Awaitable[T]],
+        fallback: Callable[[], Awaitable[T]] | None = None,
     ) -> T:
-        """``fn(*args)`` through the breaker.  While it is open, or when the backend cannot be
-        reached, ``fallback(*args)`` answers; without one, BackendUnavailableError."""
         token = self.breaker.admit()
         if token is None:
             count("breaker", "short_circuited")
@@ -131,12 +128,12 @@ class CircuitBreakerBackend(StoreBackend):
                     f"{self.options.open_seconds:g} s)"
                 )
             count("breaker", "fallback_reads")
-            return await fallback(*args)
+            return await fallback()
         try:
             if self._needs_start:
                 await self.primary.start()
                 self._needs_start = False
-            result = await fn(*args)
+            result = await fn()
         except Exception as exc:
             if not is_outage(exc):
                 # An error reply (WRONGTYPE, OOM, a Lua error) proves the backend is up; a value
@@ -150,18 +147,21 @@ class CircuitBreakerBackend(StoreBackend):
             if fallback is None:
                 raise
             count("breaker", "fallback_reads")
-            return await fallback(*args)
+            return await fallback()
         except BaseException:
             self.breaker.abandoned(token)
             raise
         self.breaker.succeeded(token)
         return result
 
-    def _guard(self, what: str, *args: Any, fallback: bool = False) -> Awaitable[Any]:
+    async def _guard(self, what: str, *args: Any, fallback: bool = False) -> Any:
         """The primary's method ``what`` through the breaker; with ``fallback``, the fallback
         table's answer while the breaker is open or the primary unreachable."""
-        spare = getattr(self.fallback, what) if fallback else None
-        return self._call(what, getattr(self.primary, what), *args, fallback=spare)
+        call = getattr(self.primary, what)
+        if not fallback:
+            return await self._call(what, lambda: call(*args))
+        spare = getattr(self.fallback, what)
+        return await self._call(what, lambda: call(*args), lambda: spare(*args))
 
     async def _mirror(self, spec: TableSpec, key: Key, row: Mapping[str, Any] | None) -> None:
         """Copy ``row`` (``None``: its absence) into the fallback table."""
@@ -218,7 +218,7 @@ class CircuitBreakerBackend(StoreBackend):
                 await self._mirror(spec, key, value)
             return value
 
-        return await self._call("get", read, fallback=lambda: self.fallback.get(spec, key, field))
+        return await self._call("get", read, lambda: self.fallback.get(spec, key, field))
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists; from the fallback while open."""
@@ -237,14 +237,14 @@ class CircuitBreakerBackend(StoreBackend):
                 await self._mirror(spec, k, r)
             return rows
 
-        return await self._call("mget", read, fallback=lambda: self.fallback.mget(spec, keys))
+        return await self._call("mget", read, lambda: self.fallback.mget(spec, keys))
 
     async def iterate(self, spec: TableSpec) -> AsyncIterator[tuple[Any, Row]]:
         """Every row; from the fallback while open or when the primary fails before the first."""
         inner = self.primary.iterate(spec)
         try:
             # The first row decides, as any read does: the primary's, or the fallback's rows.
-            item = await self._call("iterate", anext, inner, None, fallback=_use_fallback)
+            item = await self._call("iterate", lambda: anext(inner, None), _use_fallback)
             if item is _FALLBACK:
                 async for row in self.fallback.iterate(spec):
                     yield row
@@ -365,7 +365,7 @@ class _GuardedCounter(CounterBackend):
 
     async def increment(self, by: int = 1) -> int:
         """Add ``by``; BackendUnavailableError while open."""
-        return await self._owner._call("counter increment", self._inner.increment, by)
+        return await self._owner._call("counter increment", lambda: self._inner.increment(by))
 
     async def get(self) -> int:
         """Current value; BackendUnavailableError while open."""
@@ -373,10 +373,10 @@ class _GuardedCounter(CounterBackend):
 
     async def set(self, value: int) -> None:
         """Store ``value``; BackendUnavailableError while open."""
-        await self._owner._call("counter set", self._inner.set, value)
+        await self._owner._call("counter set", lambda: self._inner.set(value))
 
     async def compare_and_set(self, expected: int, new: int) -> bool:
         """CAS; BackendUnavailableError while open."""
         return await self._owner._call(
-            "counter compare_and_set", self._inner.compare_and_set, expected, new
+            "counter compare_and_set", lambda: self._inner.compare_and_set(expected, new)
         )

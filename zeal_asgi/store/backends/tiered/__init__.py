@@ -268,7 +268,8 @@ class TieredBackend(StoreBackend):
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists: a fresh L1 copy says so, else L2 answers."""
-        if await self.exists_cached(spec, key):
+        spec.check_key(key)
+        if self.synced and self.l1.is_fresh(spec, key):
             count("tiered", "l1_hits")
             return True
         return await self.l2.exists(spec, key)
