@@ -37,10 +37,9 @@ from zeal_asgi._redis.link import RedisLink
 from zeal_asgi._redis.subscriber import RedisFeed, Subscriber
 from zeal_asgi.errors import MessageRejectedError, ZealError
 from zeal_asgi.shm.segments import server_identity
-from zeal_asgi.signing import Signer
 from zeal_asgi.store.backends.redis import RedisBackend
 from zeal_asgi.store.backends.tiered.l1 import L1Cache
-from zeal_asgi.store.backends.tiered.messages import InvalidationCodec
+from zeal_asgi.store.backends.tiered.messages import InvalidationCodec, Secret
 from zeal_asgi.store.base import (
     Capability,
     CounterBackend,
@@ -78,7 +77,7 @@ class TieredBackend(StoreBackend):
         *,
         l1_ttl: float = 5.0,
         l1_rows: int | None = None,
-        invalidation_secret: str | bytes | Mapping[str, str | bytes] | None = None,
+        invalidation_secret: Secret | None = None,
         invalidation_kid: str | None = None,
         l1_namespace: str | None = None,
     ) -> None:
@@ -89,15 +88,7 @@ class TieredBackend(StoreBackend):
         """The Redis backend behind L1."""
         self.l1 = L1Cache(l1_namespace or f"tiered:{l2.prefix}", self.l1_ttl, l1_rows)
         """The shared L1 tables."""
-        signer = None
-        if invalidation_secret:
-            signer = Signer(
-                invalidation_secret,
-                kid=invalidation_kid,
-                context="zeal-tiered-invalidation",
-                name="tiered_invalidation",
-            )
-        else:
+        if not invalidation_secret:
             global _warned_unsigned
             if not _warned_unsigned:
                 _warned_unsigned = True
@@ -106,7 +97,7 @@ class TieredBackend(StoreBackend):
                     "anyone who can publish on Redis can forge them; set %s",
                     ENV_SECRET,
                 )
-        self.codec = InvalidationCodec(signer)
+        self.codec = InvalidationCodec(invalidation_secret, invalidation_kid)
         self.channel = l2.key("__l1_invalidate")
         """The invalidation channel, ``{prefix}:__l1_invalidate``."""
         self.synced = False
