@@ -173,9 +173,7 @@ class SharedBreaker:
         """The call admitted with ``token`` could not reach the backend."""
         now = _now_ms()
         if token:
-            if self._cas(token, _next(token, now, _OPEN)):
-                count("breaker", "opened")
-                log.warning("circuit breaker %s re-opened: the probe failed", self.name)
+            self._trip(token, now, "re-opened: the probe failed")
             return
         count("breaker", "failures")
         epoch = now // self._width_ms
@@ -187,30 +185,24 @@ class SharedBreaker:
                 key, "w", cur, (epoch << _COUNT_BITS) | min(n, _COUNT_MASK)
             ):
                 break
-        w = self._word()
-        if (
-            w & 3 == _CLOSED
-            and self.failures_in_window(epoch) >= self.options.failure_threshold
-            and self._cas(w, _next(w, now, _OPEN))
-        ):
-            count("breaker", "opened")
-            log.warning(
-                "circuit breaker %s opened: %d failures within %g s",
-                self.name,
-                self.options.failure_threshold,
-                self.options.failure_window_sec,
+        w, o = self._word(), self.options
+        if w & 3 == _CLOSED and self.failures_in_window(epoch) >= o.failure_threshold:
+            self._trip(
+                w, now, f"opened: {o.failure_threshold} failures within {o.failure_window_sec:g} s"
             )
+
+    def _trip(self, word: int, now: int, why: str) -> None:
+        """Open the breaker if its state is still ``word`` (another worker may have moved it)."""
+        if self._cas(word, _next(word, now, _OPEN)):
+            count("breaker", "opened")
+            log.warning("circuit breaker %s %s", self.name, why)
 
     def failures_in_window(self, epoch: int | None = None) -> int:
         """Failures counted in the rolling window that ends now."""
         if epoch is None:
             epoch = _now_ms() // self._width_ms
-        total = 0
-        for i in range(_BUCKETS):
-            w = int(self._table.get(f"b{i}", "w") or 0)
-            if 0 <= epoch - (w >> _COUNT_BITS) < _BUCKETS:
-                total += w & _COUNT_MASK
-        return total
+        words = (int(self._table.get(f"b{i}", "w") or 0) for i in range(_BUCKETS))
+        return sum(w & _COUNT_MASK for w in words if 0 <= epoch - (w >> _COUNT_BITS) < _BUCKETS)
 
     def reset(self) -> None:
         """Force CLOSED and forget the failures (operators, tests): a missing word reads as 0."""

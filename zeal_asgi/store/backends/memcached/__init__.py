@@ -60,12 +60,10 @@ from zeal_asgi.store.backends.memcached.conn import (
     DEFAULT_SERVERS,
     KeyMapper,
     ServerPool,
-    add_op,
-    cas_op,
     parse_servers,
+    put_op,
 )
 from zeal_asgi.store.backends.memcached.native import (
-    NativeOverflow,
     backoff,
     decode_i64,
     encode_i64,
@@ -179,12 +177,16 @@ class MemcachedBackend(StoreBackend):
         if servers is None:
             servers = os.environ.get("ZEAL_MEMCACHED_SERVERS", DEFAULT_SERVERS)
         self.keys = KeyMapper(prefix)
+        self.prefix = prefix
+        """The key prefix."""
         self.cas_timeout = seconds("memcached cas_timeout", cas_timeout, 3600)
         self.pool = ServerPool(
             parse_servers(servers),
             timeout=seconds("memcached timeout", timeout, 3600),
             pool_size=positive_int("memcached pool_size", pool_size, 1, 1024),
         )
+        self.servers = ",".join(str(s) for s in self.pool.servers)
+        """The server list, ``host:port,host:port``."""
         self._tables: dict[str, _Rows] = {}
         self._checked: set[str] = set()
         self._counters: dict[str, MemcachedCounter] = {}
@@ -201,23 +203,12 @@ class MemcachedBackend(StoreBackend):
             return cls(conn, prefix=env_prefix)
         if not isinstance(conn, Mapping):
             raise ConfigError(f"memcached connection must be a str or a dict, got {conn!r}")
-        unknown = set(conn) - _OPTIONS
-        if unknown:
+        if unknown := set(conn) - _OPTIONS:
             raise ConfigError(
                 f"memcached backend: unknown options {sorted(unknown)}; known: {sorted(_OPTIONS)}"
             )
         given = {k: conn[k] for k in ("timeout", "cas_timeout", "pool_size") if k in conn}
         return cls(conn.get("servers"), prefix=conn.get("prefix") or env_prefix, **given)
-
-    @property
-    def servers(self) -> str:
-        """The server list, ``host:port,host:port``."""
-        return ",".join(str(s) for s in self.pool.servers)
-
-    @property
-    def prefix(self) -> str:
-        """The key prefix."""
-        return self.keys.prefix
 
     def __repr__(self) -> str:
         return f"<MemcachedBackend {self.servers} prefix={self.prefix!r}>"
@@ -228,27 +219,26 @@ class MemcachedBackend(StoreBackend):
         """Register a table (nothing is allocated: memcached needs no declaration)."""
         self._tables[spec.name] = _Rows(spec)
 
-    def _rows(self, spec: TableSpec) -> _Rows:
+    async def _rows(self, spec: TableSpec) -> _Rows:
+        """How the rows of ``spec`` are stored; at the table's first use in this process, its
+        declaration is stored, or one that differs is refused."""
         rows = self._tables.get(spec.name)
         if rows is None or (rows.spec is not spec and rows.spec != spec):
             rows = self._tables[spec.name] = _Rows(spec)
+        if spec.name not in self._checked:
+            key, mine = self.keys.schema(spec.name), spec.declaration()
+            if not await self._run(key, "schema check", lambda c: c.add(key, mine)):
+                stored = await self._run(key, "schema check", lambda c: c.get(key))
+                if stored is not None and stored != mine:
+                    raise spec.conflict(stored, f"memcached {self.servers}")
+            self._checked.add(spec.name)
         return rows
-
-    async def _ensure(self, spec: TableSpec) -> None:
-        """Store the table's declaration at first use, or refuse one that differs."""
-        if spec.name in self._checked:
-            return
-        key, mine = self.keys.schema(spec.name), spec.declaration()
-        if not await self._run(key, "schema check", lambda c: c.add(key, mine)):
-            stored = await self._run(key, "schema check", lambda c: c.get(key))
-            if stored is not None and stored != mine:
-                raise spec.conflict(stored, f"memcached {self.servers}")
-        self._checked.add(spec.name)
 
     async def start(self) -> None:
         """Connect to every server in this worker; raises if one does not answer."""
+        servers = range(len(self.pool.servers))
         try:
-            await _gather_all(self._version(i) for i in range(len(self.pool.servers)))
+            await _gather_all(self.pool.run(i, "version", lambda c: c.version()) for i in servers)
         except ZealError as exc:
             raise type(exc)(
                 f"memcached boot check failed: {exc} (the servers come from "
@@ -256,19 +246,17 @@ class MemcachedBackend(StoreBackend):
                 "degraded)"
             ) from exc
 
-    async def _version(self, i: int) -> bytes:
-        return await self.pool.run(i, "version", lambda c: c.version())
-
     async def aclose(self) -> None:
         """Close this worker's connections."""
         await self.pool.aclose()
 
     async def ping(self) -> bool:
         """``True`` when every server answers ``version``."""
-        results = await asyncio.gather(
-            *(self._version(i) for i in range(len(self.pool.servers))), return_exceptions=True
-        )
-        return not any(isinstance(r, BaseException) for r in results)
+        try:
+            await self.start()
+        except ZealError:
+            return False
+        return True
 
     def stats(self) -> dict[str, Any]:
         """Servers and settings, plus counters of this worker and summed over the host."""
@@ -310,11 +298,7 @@ class MemcachedBackend(StoreBackend):
             new, result = change(data)
             if new is None:
                 return result
-            if data is not None and token is not None:
-                stored = await self.pool.run(i, what, cas_op(key, new, token, exptime))
-            else:
-                stored = await self.pool.run(i, what, add_op(key, new, exptime))
-            if stored:
+            if await self.pool.run(i, what, put_op(key, new, token, exptime)):
                 return result
             attempt += 1
             await backoff(attempt, deadline, what)
@@ -326,7 +310,7 @@ class MemcachedBackend(StoreBackend):
 
     async def _update(
         self,
-        spec: TableSpec,
+        rows: _Rows,
         key: object,
         mk: bytes,
         op: str,
@@ -337,21 +321,17 @@ class MemcachedBackend(StoreBackend):
         ``change(row, present)`` edits ``row`` (the stored row, or zeros) in place and returns
         ``(write, result)``.
         """
-        rows = self._rows(spec)
 
         def step(data: bytes | None) -> tuple[bytes | None, R]:
-            row = rows.unpack(data, key)
-            present = row is not None
-            if row is None:
-                row = spec.schema.zero_row()
-            write, result = change(row, present)
+            stored = rows.unpack(data, key)
+            row = rows.spec.schema.zero_row() if stored is None else stored
+            write, result = change(row, stored is not None)
             return (rows.pack(row) if write else None), result
 
-        return await self._swap(mk, f"{op} of table {spec.name!r}", rows.expiry(), step)
+        return await self._swap(mk, f"{op} of table {rows.spec.name!r}", rows.expiry(), step)
 
     async def _write(self, spec: TableSpec, key: object, mk: bytes, values: Row) -> None:
-        await self._ensure(spec)
-        rows = self._rows(spec)
+        rows = await self._rows(spec)
         exptime = rows.expiry()
         if values and (rows.native is not None or len(values) == len(spec.schema.columns)):
             # Every column given: the merge result does not depend on the stored row.
@@ -368,7 +348,7 @@ class MemcachedBackend(StoreBackend):
             row.update(values)
             return (bool(values) or not present or exptime != 0), None
 
-        await self._update(spec, key, mk, "set", merge)
+        await self._update(rows, key, mk, "set", merge)
 
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Merge ``row`` into the row at ``key`` (a new row starts zeroed); ``True``."""
@@ -381,20 +361,20 @@ class MemcachedBackend(StoreBackend):
         mk = self._key(spec, key)
         if field is not None:
             spec.schema.column(field, spec.name)
-        await self._ensure(spec)
-        row = self._rows(spec).unpack(await self._run(mk, "get", lambda c: c.get(mk)), key)
+        rows = await self._rows(spec)
+        row = rows.unpack(await self._run(mk, "get", lambda c: c.get(mk)), key)
         return row if row is None or field is None else row[field]
 
     async def delete(self, spec: TableSpec, key: Key) -> bool:
         """Remove the row; ``True`` if it existed."""
         mk = self._key(spec, key)
-        await self._ensure(spec)
+        await self._rows(spec)
         return await self._run(mk, "delete", lambda c: c.delete(mk))
 
     async def exists(self, spec: TableSpec, key: Key) -> bool:
         """``True`` when the row exists."""
         mk = self._key(spec, key)
-        await self._ensure(spec)
+        await self._rows(spec)
         return await self._run(mk, "exists", lambda c: c.get(mk)) is not None
 
     async def incr(
@@ -404,21 +384,17 @@ class MemcachedBackend(StoreBackend):
         row; the new value."""
         mk = self._key(spec, key)
         col = spec.schema.column(column, spec.name)
-        await self._ensure(spec)
-        rows = self._rows(spec)
+        rows = await self._rows(spec)
         if rows.native is not None:
-            what = f"incr of table {spec.name!r}"
-            try:
-                return await native_add(
-                    self.pool,
-                    mk,
-                    int(by),
-                    what=what,
-                    exptime=rows.expiry(),
-                    cas_timeout=self.cas_timeout,
-                )
-            except NativeOverflow as exc:
-                raise incr_overflow(col, spec.name, by, exc.before) from None
+            return await native_add(
+                self.pool,
+                mk,
+                int(by),
+                what=f"incr of table {spec.name!r}",
+                exptime=rows.expiry(),
+                cas_timeout=self.cas_timeout,
+                overflow=lambda before: incr_overflow(col, spec.name, by, before),
+            )
 
         def add(row: Row, present: bool) -> tuple[bool, int | float]:
             old = row[col.name]
@@ -433,7 +409,7 @@ class MemcachedBackend(StoreBackend):
             row[col.name] = new
             return True, new
 
-        return await self._update(spec, key, mk, "incr", add)
+        return await self._update(rows, key, mk, "incr", add)
 
     async def compare_and_set(
         self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
@@ -444,7 +420,7 @@ class MemcachedBackend(StoreBackend):
         allow_nan = spec.schema.allow_nan
         want = validate_value(col, expected, spec.name, allow_nan)
         value = validate_value(col, new, spec.name, allow_nan)
-        await self._ensure(spec)
+        rows = await self._rows(spec)
 
         def swap(row: Row, present: bool) -> tuple[bool, bool]:
             if row[col.name] != want:
@@ -452,13 +428,14 @@ class MemcachedBackend(StoreBackend):
             row[col.name] = value
             return True, True
 
-        return await self._update(spec, key, mk, "compare_and_set", swap)
+        return await self._update(rows, key, mk, "compare_and_set", swap)
 
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys`` in order (``None`` for misses): one multi-get per server."""
         mks = [self._key(spec, k) for k in keys]
-        if mks:
-            await self._ensure(spec)
+        if not mks:
+            return []
+        rows = await self._rows(spec)
         by_server: dict[int, list[bytes]] = {}
         for mk in dict.fromkeys(mks):
             by_server.setdefault(self.pool.index(mk), []).append(mk)
@@ -474,7 +451,6 @@ class MemcachedBackend(StoreBackend):
             for n in range(0, len(group), _MGET_CHUNK)
         ):
             found.update(part)
-        rows = self._rows(spec)
         return [rows.unpack(found.get(mk), k) for k, mk in zip(keys, mks, strict=True)]
 
     async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
@@ -529,17 +505,17 @@ class MemcachedCounter(CounterBackend):
     async def increment(self, by: int = 1) -> int:
         """Add ``by`` atomically; the new value (overflow raises, value unchanged)."""
         await self._ensure()
+
+        def overflow(before: int) -> IntegerOverflowError:
+            return IntegerOverflowError(
+                f"counter {self.name!r}: {before} + {by} leaves the signed 64-bit range; unchanged"
+            )
+
         b = self._backend
         what = f"increment of counter {self.name!r}"
-        try:
-            return await native_add(
-                b.pool, self.key, by, what=what, exptime=0, cas_timeout=b.cas_timeout
-            )
-        except NativeOverflow as exc:
-            raise IntegerOverflowError(
-                f"counter {self.name!r}: {exc.before} + {by} leaves the signed 64-bit range; "
-                "unchanged"
-            ) from None
+        return await native_add(
+            b.pool, self.key, by, what=what, exptime=0, cas_timeout=b.cas_timeout, overflow=overflow
+        )
 
     async def get(self) -> int:
         """The current value (0 when missing)."""

@@ -175,10 +175,6 @@ class KeyMapper:
         return full
 
 
-class NonNumericValue(ClientException):
-    """``incr`` met a value that is not a decimal number (not ours, or corrupted)."""
-
-
 class _Pool(MemcachePool):
     def release(self, conn: Connection) -> None:
         task = asyncio.current_task()
@@ -230,29 +226,22 @@ class _Client(aiomcache.Client):
             return None
         if resp.isdigit():
             return int(resp)
-        if b"non-numeric" in resp:
-            raise NonNumericValue(f"memcached {command.decode()} on a non-numeric value", resp)
+        if b"non-numeric" in resp:  # a CLIENT_ERROR answer: ServerPool.run reports it as such
+            why = "is not a number written by zeal_asgi (another program, or a changed schema?)"
+            raise ClientException(f"the stored value {why}", resp)
         raise ClientException(f"memcached {command.decode()} failed", resp)
 
 
 Op = Callable[["_Client"], Awaitable[T]]
 
 
-def cas_op(key: bytes, value: bytes, token: int, exptime: int) -> Op[bool]:
-    """``cas`` as an operation for :meth:`ServerPool.run` (binds its arguments now)."""
+def put_op(key: bytes, value: bytes, token: int | None, exptime: int) -> Op[bool]:
+    """The write of a read-modify-write as an operation for :meth:`ServerPool.run` (binding its
+    arguments now): ``cas`` with the ``gets`` token, or ``add`` when nothing was there (token
+    ``None``).  Either is refused when another write got in first."""
+    if token is None:
+        return lambda c: c.add(key, value, exptime)
     return lambda c: c.cas(key, value, token, exptime)
-
-
-def add_op(key: bytes, value: bytes, exptime: int) -> Op[bool]:
-    """``add`` as an operation for :meth:`ServerPool.run` (binds its arguments now)."""
-    return lambda c: c.add(key, value, exptime)
-
-
-async def _close_client(client: _Client, *, wait: bool) -> None:
-    writers = client.connections.close_all()
-    if wait:
-        # Closed transports release their sockets in a callback of the next loop iteration.
-        await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
 
 
 class ServerPool:
@@ -275,7 +264,7 @@ class ServerPool:
         scores = [hashlib.blake2b(key, digest_size=8, key=seed).digest() for seed in self._seeds]
         return scores.index(max(scores))
 
-    async def _client(self, i: int) -> _Client:
+    def _client(self, i: int) -> _Client:
         loop = asyncio.get_running_loop()
         if self._pid != os.getpid():
             # Forked: the sockets belong to the parent's event loop; touching them here could
@@ -283,10 +272,10 @@ class ServerPool:
             self._inherited.extend(self._clients.values())
             self._clients = {}
             self._pid = os.getpid()
-        elif loop is not self._loop and self._clients:
-            old, self._clients = list(self._clients.values()), {}
-            for c in old:
-                await _close_client(c, wait=False)
+        elif loop is not self._loop:
+            for c in self._clients.values():
+                c.connections.close_all()
+            self._clients = {}
         self._loop = loop
         client = self._clients.get(i)
         if client is None:
@@ -302,16 +291,13 @@ class ServerPool:
             BackendUnavailableError: connection refused/reset/closed or a reply we can't parse.
             BackendResponseError: the server answered with an error.
             CapacityError: the server refused a value for its size.
-            NonNumericValue: ``incr`` on a value that is not a number (the caller decides).
         """
-        client = await self._client(i)
+        client = self._client(i)
         count("memcached", "ops")
         server = self.servers[i]
         try:
             async with asyncio.timeout(self.timeout):
                 return await fn(client)
-        except NonNumericValue:
-            raise
         except TimeoutError as exc:
             count("memcached", "timeouts")
             raise BackendTimeoutError(
@@ -337,8 +323,9 @@ class ServerPool:
 
     async def aclose(self) -> None:
         """Close this worker's connections (call it in the loop that used them)."""
-        clients, self._clients = list(self._clients.values()), {}
-        same_loop = self._loop is asyncio.get_running_loop()
-        for c in clients:
-            await _close_client(c, wait=same_loop)
+        writers = [w for c in self._clients.values() for w in c.connections.close_all()]
+        self._clients = {}
+        if self._loop is asyncio.get_running_loop():
+            # Closed transports release their sockets in a callback of the next loop iteration.
+            await asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
         self._loop = None

@@ -25,9 +25,10 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 
 from zeal_asgi.errors import BackendError, BackendResponseError, ContentionError
-from zeal_asgi.store.backends.memcached.conn import NonNumericValue, ServerPool
+from zeal_asgi.store.backends.memcached.conn import ServerPool
 from zeal_asgi.store.base import count
 
 logger = logging.getLogger("zeal_asgi.store.backends.memcached")
@@ -79,21 +80,21 @@ async def backoff(attempt: int, deadline: float, what: str) -> None:
     await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2 ** min(attempt, 8))))
 
 
-class NativeOverflow(Exception):
-    """A step would leave the signed 64-bit range; ``before`` is the (unchanged) value."""
-
-    def __init__(self, before: int) -> None:
-        super().__init__(before)
-        self.before = before
-
-
 async def native_add(
-    pool: ServerPool, key: bytes, step: int, *, what: str, exptime: int, cas_timeout: float
+    pool: ServerPool,
+    key: bytes,
+    step: int,
+    *,
+    what: str,
+    exptime: int,
+    cas_timeout: float,
+    overflow: Callable[[int], Exception],
 ) -> int:
     """Atomically add ``step`` (a missing value counts as 0); the new value.
 
     Raises:
-        NativeOverflow: the result would leave the signed 64-bit range (value unchanged).
+        overflow(before): the result would leave the signed 64-bit range (value unchanged, and
+            ``before``).
         BackendResponseError: the stored value is not a number of ours.
     """
     i = pool.index(key)
@@ -101,13 +102,7 @@ async def native_add(
     deadline = time.monotonic() + cas_timeout
     attempt = 0
     while True:
-        try:
-            reply = await pool.run(i, what, lambda c: c.incr(key, delta))
-        except NonNumericValue as exc:
-            raise BackendResponseError(
-                f"{what}: the stored value is not a number written by zeal_asgi (another "
-                "program, or a table whose schema changed?)"
-            ) from exc
+        reply = await pool.run(i, what, lambda c: c.incr(key, delta))
         if reply is None:
             if await pool.run(i, what, lambda c: c.add(key, encode_i64(step), exptime)):
                 return step
@@ -118,7 +113,7 @@ async def native_add(
                     await pool.run(i, what, lambda c: c.touch(key, exptime))
                 return reply - BIAS
             await asyncio.shield(_revert(pool, i, key, step, what))
-            raise NativeOverflow(before - BIAS)
+            raise overflow(before - BIAS)
         attempt += 1
         await backoff(attempt, deadline, what)
 

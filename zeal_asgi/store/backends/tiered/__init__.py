@@ -25,21 +25,21 @@ default 5, floats welcome), ``l1_rows`` (L1 capacity per table, default the tabl
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from zeal_asgi._redis.link import RedisLink
 from zeal_asgi._redis.subscriber import RedisFeed, Subscriber
 from zeal_asgi.errors import MessageRejectedError, ZealError
 from zeal_asgi.shm.segments import server_identity
-from zeal_asgi.signing import Signer
 from zeal_asgi.store.backends.redis import RedisBackend
 from zeal_asgi.store.backends.tiered.l1 import L1Cache
-from zeal_asgi.store.backends.tiered.messages import InvalidationCodec
+from zeal_asgi.store.backends.tiered.messages import InvalidationCodec, Secret
 from zeal_asgi.store.base import (
     Capability,
     CounterBackend,
@@ -53,9 +53,6 @@ from zeal_asgi.store.base import (
     positive_int,
     seconds,
 )
-
-if TYPE_CHECKING:
-    from zeal_asgi.shm import Table
 
 __all__ = ["TieredBackend"]
 
@@ -80,7 +77,7 @@ class TieredBackend(StoreBackend):
         *,
         l1_ttl: float = 5.0,
         l1_rows: int | None = None,
-        invalidation_secret: str | bytes | Mapping[str, str | bytes] | None = None,
+        invalidation_secret: Secret | None = None,
         invalidation_kid: str | None = None,
         l1_namespace: str | None = None,
     ) -> None:
@@ -91,15 +88,7 @@ class TieredBackend(StoreBackend):
         """The Redis backend behind L1."""
         self.l1 = L1Cache(l1_namespace or f"tiered:{l2.prefix}", self.l1_ttl, l1_rows)
         """The shared L1 tables."""
-        signer = None
-        if invalidation_secret:
-            signer = Signer(
-                invalidation_secret,
-                kid=invalidation_kid,
-                context="zeal-tiered-invalidation",
-                name="tiered_invalidation",
-            )
-        else:
+        if not invalidation_secret:
             global _warned_unsigned
             if not _warned_unsigned:
                 _warned_unsigned = True
@@ -108,7 +97,7 @@ class TieredBackend(StoreBackend):
                     "anyone who can publish on Redis can forge them; set %s",
                     ENV_SECRET,
                 )
-        self.codec = InvalidationCodec(signer)
+        self.codec = InvalidationCodec(invalidation_secret, invalidation_kid)
         self.channel = l2.key("__l1_invalidate")
         """The invalidation channel, ``{prefix}:__l1_invalidate``."""
         self.synced = False
@@ -128,7 +117,6 @@ class TieredBackend(StoreBackend):
         )
         """This worker's invalidation subscriber."""
         self._specs: dict[str, TableSpec] = {}
-        self._origin: str | None = None
 
     @classmethod
     def from_config(cls, conn: str | Mapping[str, Any] | None = None) -> TieredBackend:
@@ -148,22 +136,18 @@ class TieredBackend(StoreBackend):
         """L2's link: pub/sub, Streams and WebSockets work on tiered as on redis."""
         return self.l2
 
-    @property
+    @functools.cached_property  # computed in the worker: the server id is known there
     def origin(self) -> str:
         """This server's id in invalidations (its own messages are ignored: L1 is shared)."""
-        if self._origin is None:  # computed in the worker: the server id is known there
-            ident = f"{socket.gethostname()}:{server_identity().server_id}:{self.l1.namespace}"
-            self._origin = ident[:256]
-        return self._origin
+        return f"{socket.gethostname()}:{server_identity().server_id}:{self.l1.namespace}"[:256]
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def declare(self, spec: TableSpec) -> Table | None:
+    def declare(self, spec: TableSpec) -> None:
         """Register on L2 and allocate the L1 table (call before workers start)."""
         self.l2.declare(spec)
         self.l1.declare(spec)
         self._specs[spec.name] = spec
-        return None
 
     async def start(self) -> None:
         """Start this worker's invalidation subscriber, then L2 (PING).

@@ -56,11 +56,11 @@ class L1Cache:
             self._gens = Table(_BUCKETS + 8, {"g": ("int", 8)}, name=f"{self.namespace}:l1gen")
         return self._gens
 
-    def declare(self, spec: TableSpec) -> TableT:
+    def declare(self, spec: TableSpec) -> None:
         """Allocate (or attach to) the L1 table of ``spec``: call before workers start."""
         existing = self._tables.get(spec.name)
         if existing is not None and not existing.closed:
-            return existing
+            return
         if any(c.name == FETCHED for c in spec.schema.columns):
             raise ConfigError(f"table {spec.name!r}: column name {FETCHED!r} is reserved by L1")
         options = spec.table_options()
@@ -72,7 +72,6 @@ class L1Cache:
         self._tables[spec.name] = table
         # A row of a TTL table must not outlive its L2 copy: never fresh longer than the TTL.
         self._ttls[spec.name] = min(self.ttl, float(spec.ttl)) if spec.ttl else self.ttl
-        return table
 
     def ttl_of(self, spec: TableSpec) -> float:
         """Seconds a row of ``spec`` stays fresh (``ttl``, or the table's TTL if shorter)."""
@@ -146,16 +145,13 @@ class L1Cache:
         self._bump(spec.name, key)
         self._store(spec, key, row, fetched)
 
-    def invalidate(self, table: str, keys: Iterable[Key]) -> int:
-        """Drop ``keys`` from L1 (generation first, see the module docstring); how many were in."""
+    def invalidate(self, table: str, keys: Iterable[Key]) -> None:
+        """Drop ``keys`` from L1 (generation first, see the module docstring)."""
         t = self._tables.get(table)
-        if t is None:
-            return 0
-        n = 0
-        for key in keys:
-            self._bump(table, key)
-            n += bool(t.delete(key))
-        return n
+        if t is not None:
+            for key in keys:
+                self._bump(table, key)
+                t.delete(key)
 
     def clear(self, table: str | None = None) -> None:
         """Drop every row of ``table`` (or of every table: a flush)."""

@@ -26,6 +26,8 @@ from zeal_asgi.errors import MessageRejectedError
 from zeal_asgi.shm.schema import MAX_KEY_SIZE
 from zeal_asgi.signing import RejectionCounter, Signer, parse_envelope
 
+Secret = str | bytes | Mapping[str, str | bytes]
+"""One secret, or a ``{kid: secret}`` keyring, as :class:`~zeal_asgi.signing.Signer` takes."""
 MAX_KEYS = 256
 """Keys per message; larger batches are split."""
 MAX_BYTES = 64 * 1024
@@ -48,35 +50,36 @@ class InvalidationCodec:
     """Encodes and decodes invalidations; one per tiered backend and worker.
 
     Args:
-        signer: signs and verifies; ``None`` sends and accepts unsigned messages (counted as
-            ``tiered_invalidation_rejected_<reason>_total``, like the signer's).
+        secret: signs and verifies (a :class:`~zeal_asgi.signing.Signer` keyring); ``None`` or
+            empty sends and accepts unsigned messages.  Either way rejections are counted as
+            ``tiered_invalidation_rejected_<reason>_total``.
+        kid: the key id that signs.
     """
 
-    def __init__(self, signer: Signer | None) -> None:
-        self.signer = signer
-        self.counter = (
-            signer.counter if signer is not None else RejectionCounter("tiered_invalidation")
+    def __init__(self, secret: Secret | None = None, kid: str | None = None) -> None:
+        name = "tiered_invalidation"
+        signer = (
+            Signer(secret, kid=kid, context="zeal-tiered-invalidation", name=name)
+            if secret
+            else None
         )
-        self.max_bytes = signer.max_bytes if signer is not None else MAX_BYTES
+        self.signer = signer
+        self.counter = signer.counter if signer else RejectionCounter(name)
+        self.max_bytes = signer.max_bytes if signer else MAX_BYTES
 
     def encode(self, origin: str, table: str, op: str, keys: Sequence[bytes] = ()) -> list[bytes]:
         """The messages for ``op`` on ``keys`` (split so each fits ``MAX_KEYS`` / the size cap)."""
-        if op == "clear":
-            return [self._one(origin, table, op, [])]
-        out: list[bytes] = []
-        batch: list[str] = []
-        size = 0
         budget = self.max_bytes - 512 - len(origin) - len(table)
-        for k in keys:
-            h = k.hex()
-            if batch and (len(batch) >= MAX_KEYS or size + len(h) + 3 > budget):
-                out.append(self._one(origin, table, op, batch))
-                batch, size = [], 0
-            batch.append(h)
+        batches: list[list[str]] = [[]]
+        size = 0
+        for h in (k.hex() for k in keys):
+            if batches[-1] and (len(batches[-1]) >= MAX_KEYS or size + len(h) + 3 > budget):
+                batches.append([])
+                size = 0
+            batches[-1].append(h)
             size += len(h) + 3
-        if batch:
-            out.append(self._one(origin, table, op, batch))
-        return out
+        # A clear carries no keys; a drop of no keys is no message at all.
+        return [self._one(origin, table, op, b) for b in batches if b or op == "clear"]
 
     def _one(self, origin: str, table: str, op: str, keys: list[str]) -> bytes:
         fields = {"origin": origin, "ns": table, "op": op, "keys": keys}
