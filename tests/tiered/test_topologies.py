@@ -18,9 +18,7 @@ from .conftest import MakeNode, settle
 def _topology(request: pytest.FixtureRequest, kind: str) -> dict[str, Any]:
     if kind == "cluster":
         cluster: RedisCluster = request.getfixturevalue("redis_cluster")
-        # the test checks where invalidations go, not how fast: the boot's slot-map load gets
-        # 30 s, not the 1.5 s default deadline a loaded machine can overrun
-        return {"cluster": [f"{h}:{p}" for h, p in cluster.nodes], "socket_timeout": 30.0}
+        return cluster.routing_conn()  # where invalidations go, not how fast
     sentinel: RedisSentinel = request.getfixturevalue("redis_sentinel")
     return {"sentinel": [f"{h}:{p}" for h, p in sentinel.sentinels], "service": sentinel.service}
 
