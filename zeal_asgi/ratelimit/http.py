@@ -24,12 +24,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from zeal_asgi.errors import ConfigError, require
+from zeal_asgi.ratelimit._fast import ratelimit_value
 from zeal_asgi.ratelimit.limiter import RateLimiter, RateLimitResult
 
 if TYPE_CHECKING:
     from fastapi import Response
-
-_ceil = math.ceil
 
 KeyFunc = Callable[[HTTPConnection], "str | Awaitable[str]"]
 """A key: a callable taking the connection (``Request`` or ``WebSocket``), sync or async."""
@@ -120,9 +119,10 @@ def decision_headers(limiter: RateLimiter, result: RateLimitResult) -> list[tupl
     ``Retry-After``, and the ``X-RateLimit-*`` trio when the limiter asks for it."""
     reset = max(0, math.ceil(result.reset_after))
     remaining = max(0, result.remaining)
+    prefix = limiter.ratelimit_prefix[id(result.policy)]
     out = [
         ("RateLimit-Policy", limiter.policy_header),
-        ("RateLimit", f'"{limiter.policy_name(result.policy)}";r={remaining};t={reset}'),
+        ("RateLimit", ratelimit_value(prefix, remaining, result.reset_after).decode("ascii")),
     ]
     if not result.allowed:
         out.append(("Retry-After", str(retry_seconds(result))))
@@ -146,11 +146,7 @@ def raw_headers(limiter: RateLimiter, result: RateLimitResult) -> list[tuple[byt
         ]
     return [
         (b"ratelimit-policy", limiter.policy_header_bytes),
-        (
-            b"ratelimit",
-            limiter.ratelimit_prefix[id(policy)]
-            + b"%d;t=%d" % (remaining if remaining > 0 else 0, _ceil(reset) if reset > 0 else 0),
-        ),
+        (b"ratelimit", ratelimit_value(limiter.ratelimit_prefix[id(policy)], remaining, reset)),
     ]
 
 
@@ -203,10 +199,15 @@ def depends(
     fastapi = require("fastapi", extra="fastapi", feature="RateLimiter.depends")
 
     hit_now = limiter.hit_now
+    hit_headers = limiter.hit_headers if cost == 1 else None
     by_scope = key.of_scope if isinstance(key, ClientIP) else None
 
     async def rate_limit(connection: HTTPConnection, response: Response) -> RateLimitResult:
         k = by_scope(connection.scope) if by_scope is not None else await _key_of(key, connection)
+        if hit_headers is not None:  # the common admitted hit: one compiled call
+            result = hit_headers(k, response.raw_headers)
+            if result is not None:
+                return result
         result = hit_now(k, cost)  # decided in place on the table backend
         if result is None:
             result = await limiter.hit(k, cost)
