@@ -21,7 +21,7 @@ from zeal_asgi.ratelimit import (
     _fast,
     limiter as limiter_module,
 )
-from zeal_asgi.ratelimit.http import raw_headers
+from zeal_asgi.ratelimit.http import client_ip, raw_headers
 from zeal_asgi.store import Store
 from zeal_asgi.store.backends.table import TableBackend
 
@@ -61,7 +61,7 @@ class Clock:
 
 def compiled_hit(lim: RateLimiter, key: str, now: float) -> tuple[RateLimitResult, Headers, bool]:
     """What the FastAPI dependency does at ``now``: the compiled call, else the Python path."""
-    fixed = lim._fixed
+    fixed = lim.compiled
     assert fixed is not None
     headers: Headers = []
     result = fixed.hit_at(key, headers, now)
@@ -108,7 +108,7 @@ def test_a_window_rolls_over_at_its_boundary(monkeypatch: pytest.MonkeyPatch) ->
 def test_what_it_does_not_decide_is_left_to_the_python_path() -> None:
     with table_store() as store:
         lim = RateLimiter("1/minute", name=unique(), store=store, key_size=8)
-        fixed = lim._fixed
+        fixed = lim.compiled
         assert fixed is not None
         for key in ("", "x" * 9, "clé", 7):
             headers: Headers = []
@@ -124,21 +124,22 @@ def test_what_it_does_not_decide_is_left_to_the_python_path() -> None:
             RateLimiter("5/minute", name=unique(), store=store, algorithm="sliding_window"),
             RateLimiter("5/minute", name=unique(), store=store, x_ratelimit_headers=True),
         ):
-            assert lim._fixed is None and lim.hit_headers("k", []) is None
+            assert lim.compiled is None
 
 
 def test_a_store_switched_to_another_backend_is_left_to_the_python_path() -> None:
     with table_store() as store, table_store() as other:
         lim = RateLimiter("5/minute", name=unique(), store=store)
-        assert lim.hit_headers("k", []) is not None
+        assert lim.compiled is not None and lim.compiled.hit("k", []) is not None
         Store.set_default(other)
         try:
             follower = RateLimiter("5/minute", name=unique())
-            assert follower.hit_headers("k", []) is not None
+            assert follower.compiled is not None
+            assert follower.compiled.hit("k", []) is not None
             Store.set_default(store)  # the default moved: the limiter rebinds in Python
-            assert follower.hit_headers("k", []) is None
+            assert follower.compiled.hit("k", []) is None
             assert follower.hit_now("k", 1) is not None  # ... and arms the compiled path again
-            assert follower.hit_headers("k", []) is not None
+            assert follower.compiled.hit("k", []) is not None
         finally:
             Store.set_default(None)
 
@@ -177,3 +178,20 @@ def test_compiled_decisions_equal_the_python_paths(
             assert got_headers == same(want_headers, python.name, compiled.name)
             assert fast == got.allowed  # every admitted hit decided in the compiled call
         assert compiled.stats() == python.stats()
+
+
+def test_the_peer_key_is_the_client_ips() -> None:
+    with table_store() as store:
+        for scope, key in (
+            ({"client": ("192.0.2.7", 4711)}, "192.0.2.7"),
+            ({"client": None}, "unknown"),
+            ({}, "unknown"),
+        ):
+            assert _fast.peer(scope) == client_ip.of_scope(scope) == key
+            lim = RateLimiter("3/minute", name=unique(), store=store)
+            assert lim.compiled is not None
+            headers: Headers = []
+            by_peer = lim.compiled.hit_peer(scope, headers)
+            by_key = lim.compiled.hit(key, headers)
+            assert by_peer is not None and by_key is not None  # one row: the key's
+            assert (by_peer.remaining, by_key.remaining) == (2, 1) and len(headers) == 4

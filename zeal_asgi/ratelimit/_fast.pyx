@@ -82,6 +82,19 @@ def ratelimit_value(bytes prefix, long long remaining, double reset_after):
     return _value(prefix, remaining, reset_after)
 
 
+def peer(scope):
+    """The socket peer's address of an ASGI ``scope`` (``"unknown"`` without one), as a str."""
+    return _peer(scope)
+
+
+cdef str _peer(scope):
+    client = scope.get("client")
+    if not client:
+        return "unknown"
+    address = client[0]
+    return address if type(address) is str else str(address)
+
+
 cdef inline double _now() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_REALTIME, &ts)  # time.time()'s clock
@@ -97,7 +110,7 @@ cdef class FixedWindow:
     backend, and a hit on a store or backend other than the armed ones is the limiter's.
     """
 
-    cdef object incr, limit, result, counts, schedule, follow
+    cdef object incr, limit, result, schedule, follow
     cdef str suffix, column
     cdef object table, store, backend
     cdef object o_base, o_bound  # the window's floor and bound, as the ints passed on
@@ -107,25 +120,25 @@ cdef class FixedWindow:
     cdef long long amount, offset, base
     cdef int shift
     cdef Py_ssize_t key_size
+    cdef long long allowed  # admitted hits since the last take()
     cdef public double due
     """Flush the counts when a hit comes after this (0: none is pending)."""
 
     def __init__(self, incr_bounded, str suffix, str column, limit, long long offset, int shift,
-                 Py_ssize_t key_size, bytes policy, bytes prefix, dict counts, schedule, result,
-                 follow):
+                 Py_ssize_t key_size, bytes policy, bytes prefix, schedule, result, follow):
         """``incr_bounded``: the table's atomic bounded add, on the row of a key and ``suffix``
         and its INT ``column``; ``limit``: the one
         :class:`~zeal_asgi.ratelimit.RateLimit`; ``offset``: the index of the window holding the
         limiter's epoch; ``shift``: the count's bits; ``policy``: the ``RateLimit-Policy`` value;
-        ``prefix``: :func:`policy_prefix` of the limit; ``counts``: the limiter's event counts,
-        ``schedule`` the call that sets ``due``; ``result``: the result's class; ``follow``: the
+        ``prefix``: :func:`policy_prefix` of the limit; ``schedule``: the call that flushes the
+        counts (:meth:`take` among them) a little later and sets ``due``; ``result``: the result's class; ``follow``: the
         call giving the limiter's store when it follows the default one, else ``None``."""
         self.incr, self.limit, self.result, self.follow = incr_bounded, limit, result, follow
         self.suffix, self.column = suffix, column
         self.amount, self.per = limit.amount, limit.per
         self.offset, self.shift, self.key_size = offset, shift, key_size
         self.policy_item = (b"ratelimit-policy", policy)
-        self.prefix, self.counts, self.schedule = prefix, counts, schedule
+        self.prefix, self.schedule = prefix, schedule
         self.start = self.end = 0.0
         self.due = 0.0
 
@@ -135,6 +148,11 @@ cdef class FixedWindow:
         self.table, self.store, self.backend = table, store, backend
         self.start = self.end = 0.0
 
+    def take(self):
+        """The admitted hits counted here since the last call."""
+        n, self.allowed = self.allowed, 0
+        return n
+
     def hit(self, key, list headers):
         """Charge 1 to ``key``: the result when admitted, with the ``RateLimit-Policy`` and
         ``RateLimit`` headers appended to ``headers``; ``None`` when the limiter must decide."""
@@ -143,6 +161,10 @@ cdef class FixedWindow:
     def hit_at(self, key, list headers, double now):
         """:meth:`hit` at the time ``now`` (seconds since the epoch)."""
         return self._hit(key, headers, now)
+
+    def hit_peer(self, scope, list headers):
+        """:meth:`hit` on the key :func:`peer` of ``scope``."""
+        return self._hit(_peer(scope), headers, _now())
 
     cdef object _hit(self, key, list headers, double now):
         if (
@@ -171,7 +193,7 @@ cdef class FixedWindow:
             return None
         cdef long long remaining = self.amount - (<long long>value - self.base)
         cdef double reset = self.end - now
-        self.counts["allowed"] += 1
+        self.allowed += 1
         if now > self.due:
             self.schedule()
         headers.append(self.policy_item)

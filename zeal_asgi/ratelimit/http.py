@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from zeal_asgi.errors import ConfigError, require
-from zeal_asgi.ratelimit._fast import ratelimit_value
+from zeal_asgi.ratelimit._fast import peer, ratelimit_value
 from zeal_asgi.ratelimit.limiter import RateLimiter, RateLimitResult
 
 if TYPE_CHECKING:
@@ -71,10 +71,9 @@ class ClientIP:
 
     def of_scope(self, scope: Scope) -> str:
         """The key of an ASGI ``scope`` (what :meth:`__call__` returns for its connection)."""
-        client = scope.get("client")
-        peer = client[0] if client else "unknown"
-        if not self.trusted_proxies or not self._trusted(peer):
-            return str(peer)
+        address = peer(scope)
+        if not self.trusted_proxies or not self._trusted(address):
+            return address
         hops: list[str] = []
         for name, value in scope.get("headers", ()):
             if name == b"x-forwarded-for":
@@ -84,7 +83,7 @@ class ClientIP:
         for hop in reversed(hops):
             if hop and not self._trusted(hop):
                 return hop
-        return str(peer)
+        return address
 
     def __call__(self, conn: HTTPConnection) -> str:
         """The client address of ``conn``."""
@@ -199,13 +198,22 @@ def depends(
     fastapi = require("fastapi", extra="fastapi", feature="RateLimiter.depends")
 
     hit_now = limiter.hit_now
-    hit_headers = limiter.hit_headers if cost == 1 else None
     by_scope = key.of_scope if isinstance(key, ClientIP) else None
+    compiled = limiter.compiled if cost == 1 else None
+    # The common admitted hit in one compiled call: on the peer's address itself when that
+    # is the key (no proxy trusted), else on the key.
+    untrusting = isinstance(key, ClientIP) and not key.trusted_proxies
+    by_peer = compiled.hit_peer if compiled is not None and untrusting else None
+    by_key = compiled.hit if compiled is not None and not untrusting else None
 
     async def rate_limit(connection: HTTPConnection, response: Response) -> RateLimitResult:
+        if by_peer is not None:
+            result = by_peer(connection.scope, response.raw_headers)
+            if result is not None:
+                return result
         k = by_scope(connection.scope) if by_scope is not None else await _key_of(key, connection)
-        if hit_headers is not None:  # the common admitted hit: one compiled call
-            result = hit_headers(k, response.raw_headers)
+        if by_key is not None:
+            result = by_key(k, response.raw_headers)
             if result is not None:
                 return result
         result = hit_now(k, cost)  # decided in place on the table backend

@@ -211,15 +211,14 @@ class RateLimiter:
                 f"with other limits needs another name (got {self.describe()})"
             )
         _LIMITERS[name] = self
-        self._fixed: FixedWindow | None = None
-        self.hit_headers: Callable[[str, list[tuple[bytes, bytes]]], RateLimitResult | None]
-        """``hit_headers(key, headers)``: a hit of cost 1 decided in one compiled call on the
-        table backend, its RateLimit headers appended to ``headers`` when admitted; ``None``
+        self.compiled: FixedWindow | None = None
+        """The compiled path of an admitted hit of cost 1 on the table backend, with one
+        fixed-window limit and no ``X-RateLimit-*`` headers (else ``None``): its ``hit(key,
+        headers)`` appends the RateLimit headers and returns the result, or returns ``None``
         (nothing charged, nothing appended) where :meth:`hit_now` must decide."""
-        self.hit_headers = _no_hit_headers
         if self._single_fixed and not self.x_ratelimit_headers:  # else: more headers to send
             lim = self.limits[0]
-            self._fixed = FixedWindow(
+            self.compiled = FixedWindow(
                 incr_bounded,
                 _ROW0,
                 "n",
@@ -229,12 +228,10 @@ class RateLimiter:
                 self.key_size,
                 self.policy_header_bytes,
                 self.ratelimit_prefix[id(lim)],
-                self._counts,
                 self._schedule_flush,
                 RateLimitResult,
                 Store.default if self._store is None else None,
             )
-            self.hit_headers = self._fixed.hit
         self._bind()  # declare the shared table now: before the workers start
 
     # -- configuration -----------------------------------------------------------------------
@@ -312,8 +309,8 @@ class RateLimiter:
                 f"{store.kind}"
             )
         self._binding = b = _Binding(store, backend, table)
-        if self._fixed is not None:
-            self._fixed.arm(table, store, backend)
+        if self.compiled is not None:
+            self.compiled.arm(table, store, backend)
         return b
 
     def _row_ttl(self) -> int:
@@ -690,15 +687,16 @@ class RateLimiter:
             return
         self._flush_handle = loop.call_later(_FLUSH_EVERY, self.flush)
         self._flush_due = _time() + _FLUSH_EVERY + 1.0
-        if self._fixed is not None:
-            self._fixed.due = self._flush_due
+        if self.compiled is not None:
+            self.compiled.due = self._flush_due
 
     def flush(self) -> None:
         """Add this worker's counts since the last flush to the host-wide counters (done
         within a quarter second of each hit, and before every stats read)."""
         self._flush_handle = None
-        if self._fixed is not None:
-            self._fixed.due = 0.0  # the next hit schedules the next flush
+        if self.compiled is not None:
+            self.compiled.due = 0.0  # the next hit schedules the next flush
+            self._counts["allowed"] += self.compiled.take()
         for event, n in self._counts.items():
             if n:
                 count("ratelimit", f"{self.name}_{event}", n)
@@ -709,12 +707,6 @@ class RateLimiter:
         self.flush()
         host = host_stats().host()
         return {e: host.get(k, 0) for e, k in self._host_keys.items()}
-
-
-def _no_hit_headers(key: str, headers: list[tuple[bytes, bytes]]) -> None:
-    """``hit_headers`` of a limiter without the compiled path: :meth:`RateLimiter.hit_now`
-    decides every hit."""
-    return None
 
 
 def _sliding_retry(
