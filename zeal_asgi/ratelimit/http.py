@@ -177,6 +177,23 @@ def refusal_body(limiter: RateLimiter, result: RateLimitResult) -> dict[str, Any
     }
 
 
+_Hit = Callable[[Any, list[tuple[bytes, bytes]]], "RateLimitResult | None"]
+
+
+def _compiled_hits(
+    limiter: RateLimiter, key: KeyFunc, cost: int
+) -> tuple[_Hit | None, _Hit | None]:
+    """``(by_peer, by_key)``: the compiled call deciding the common admitted hit, on the
+    scope's peer address itself when that is the key (a ClientIP trusting no proxy), else on
+    the key; neither where the limiter has no compiled path or the cost is not 1."""
+    compiled = limiter.compiled if cost == 1 else None
+    if compiled is None:
+        return None, None
+    if isinstance(key, ClientIP) and not key.trusted_proxies:
+        return compiled.hit_peer, None
+    return None, compiled.hit
+
+
 async def _key_of(key: KeyFunc, conn: HTTPConnection) -> str:
     value = key(conn)
     if inspect.isawaitable(value):
@@ -199,12 +216,7 @@ def depends(
 
     hit_now = limiter.hit_now
     by_scope = key.of_scope if isinstance(key, ClientIP) else None
-    compiled = limiter.compiled if cost == 1 else None
-    # The common admitted hit in one compiled call: on the peer's address itself when that
-    # is the key (no proxy trusted), else on the key.
-    untrusting = isinstance(key, ClientIP) and not key.trusted_proxies
-    by_peer = compiled.hit_peer if compiled is not None and untrusting else None
-    by_key = compiled.hit if compiled is not None and not untrusting else None
+    by_peer, by_key = _compiled_hits(limiter, key, cost)
 
     async def rate_limit(connection: HTTPConnection, response: Response) -> RateLimitResult:
         if by_peer is not None:
@@ -288,6 +300,7 @@ class RateLimitMiddleware:
         self.exempt = frozenset(p.rstrip("/") or "/" for p in exempt)
         self.cost = cost
         self._by_scope = self.key.of_scope if isinstance(self.key, ClientIP) else None
+        self._by_peer, self._by_key = _compiled_hits(limiter, self.key, cost)
 
     def _exempt(self, path: str) -> bool:
         if not self.exempt:
@@ -310,12 +323,17 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limiter = self.limiter
-        by_scope = self._by_scope  # the usual key: no connection object to build
-        key = by_scope(scope) if by_scope is not None else await self._key(scope, receive, send)
-        result = limiter.hit_now(key, self.cost)  # decided in place on the table backend
+        raw: list[tuple[bytes, bytes]] = []
+        result = self._by_peer(scope, raw) if self._by_peer is not None else None
         if result is None:
-            result = await limiter.hit(key, self.cost)
-        raw = raw_headers(limiter, result)
+            by_scope = self._by_scope  # the usual key: no connection object to build
+            key = by_scope(scope) if by_scope is not None else await self._key(scope, receive, send)
+            result = self._by_key(key, raw) if self._by_key is not None else None
+            if result is None:
+                result = limiter.hit_now(key, self.cost)  # decided in place on the table backend
+                if result is None:
+                    result = await limiter.hit(key, self.cost)
+                raw = raw_headers(limiter, result)
         if result.allowed:
             first = "http.response.start" if kind == "http" else "websocket.accept"
 
