@@ -26,23 +26,35 @@ cdef extern from "<time.h>" nogil:
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)
 
-# A tuple subclass (the result's NamedTuple) filled in place: calling the class would parse
+# The result of an admitted hit, a NamedTuple filled in place: calling its class would parse
 # seven arguments by name.
 cdef extern from *:
     """
-    static PyObject *zr_fill(PyObject *type, PyObject *items) {
-        Py_ssize_t i, n = PyTuple_GET_SIZE(items);
-        PyObject *r = ((PyTypeObject *)type)->tp_alloc((PyTypeObject *)type, n);
+    static PyObject *zr_admitted(PyObject *type, PyObject *limit, long long remaining,
+                                 double reset, PyObject *zero, PyObject *policy) {
+        PyObject *r = ((PyTypeObject *)type)->tp_alloc((PyTypeObject *)type, 7);
+        PyObject *items[7];
+        int i;
         if (r == NULL) return NULL;
-        for (i = 0; i < n; i++) {
-            PyObject *v = PyTuple_GET_ITEM(items, i);
-            Py_INCREF(v);
-            PyTuple_SET_ITEM(r, i, v);
+        items[2] = PyLong_FromLongLong(remaining);
+        items[3] = PyFloat_FromDouble(reset);
+        if (items[2] == NULL || items[3] == NULL) {
+            Py_XDECREF(items[2]);
+            Py_XDECREF(items[3]);
+            Py_DECREF(r);
+            return NULL;
+        }
+        items[0] = Py_True, items[1] = limit, items[4] = zero;
+        items[5] = policy, items[6] = Py_None;
+        for (i = 0; i < 7; i++) {
+            if (i != 2 && i != 3) Py_INCREF(items[i]);
+            PyTuple_SET_ITEM(r, i, items[i]);
         }
         return r;
     }
     """
-    object zr_fill(object type, tuple items)
+    object zr_admitted(object type, object limit, long long remaining, double reset, object zero,
+                       object policy)
 
 
 def policy_prefix(str name):
@@ -88,7 +100,7 @@ def peer(scope):
 
 
 cdef str _peer(scope):
-    client = scope.get("client")
+    client = (<dict>scope).get("client") if type(scope) is dict else scope.get("client")
     if not client:
         return "unknown"
     address = client[0]
@@ -114,6 +126,7 @@ cdef class FixedWindow:
     cdef str suffix, column
     cdef object table, store, backend
     cdef object o_base, o_bound  # the window's floor and bound, as the ints passed on
+    cdef object o_amount, o_zero  # the result's limit and retry_after
     cdef tuple policy_item
     cdef bytes prefix
     cdef double per, start, end
@@ -136,6 +149,7 @@ cdef class FixedWindow:
         self.incr, self.limit, self.result, self.follow = incr_bounded, limit, result, follow
         self.suffix, self.column = suffix, column
         self.amount, self.per = limit.amount, limit.per
+        self.o_amount, self.o_zero = limit.amount, 0.0
         self.offset, self.shift, self.key_size = offset, shift, key_size
         self.policy_item = (b"ratelimit-policy", policy)
         self.prefix, self.schedule = prefix, schedule
@@ -198,4 +212,4 @@ cdef class FixedWindow:
             self.schedule()
         headers.append(self.policy_item)
         headers.append((b"ratelimit", _value(self.prefix, remaining, reset)))
-        return zr_fill(self.result, (True, self.amount, remaining, reset, 0.0, self.limit, None))
+        return zr_admitted(self.result, self.o_amount, remaining, reset, self.o_zero, self.limit)

@@ -315,6 +315,22 @@ class RateLimitMiddleware:
         )
         return await _key_of(self.key, conn)
 
+    async def _decide(
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> tuple[RateLimitResult, list[tuple[bytes, bytes]]]:
+        """The decision and its headers, where the compiled call on the peer's address did not
+        decide."""
+        by_scope = self._by_scope  # the usual key: no connection object to build
+        key = by_scope(scope) if by_scope is not None else await self._key(scope, receive, send)
+        raw: list[tuple[bytes, bytes]] = []
+        result = self._by_key(key, raw) if self._by_key is not None else None
+        if result is not None:
+            return result, raw
+        result = self.limiter.hit_now(key, self.cost)  # decided in place on the table backend
+        if result is None:
+            result = await self.limiter.hit(key, self.cost)
+        return result, raw_headers(self.limiter, result)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if (kind != "http" and kind != "websocket") or (
@@ -326,14 +342,7 @@ class RateLimitMiddleware:
         raw: list[tuple[bytes, bytes]] = []
         result = self._by_peer(scope, raw) if self._by_peer is not None else None
         if result is None:
-            by_scope = self._by_scope  # the usual key: no connection object to build
-            key = by_scope(scope) if by_scope is not None else await self._key(scope, receive, send)
-            result = self._by_key(key, raw) if self._by_key is not None else None
-            if result is None:
-                result = limiter.hit_now(key, self.cost)  # decided in place on the table backend
-                if result is None:
-                    result = await limiter.hit(key, self.cost)
-                raw = raw_headers(limiter, result)
+            result, raw = await self._decide(scope, receive, send)
         if result.allowed:
             first = "http.response.start" if kind == "http" else "websocket.accept"
 
