@@ -134,18 +134,17 @@ cdef class FixedWindow:
     cdef int shift
     cdef Py_ssize_t key_size
     cdef long long allowed  # admitted hits since the last take()
-    cdef public double due
-    """Flush the counts when a hit comes after this (0: none is pending)."""
+    cdef public double due  # a hit after this schedules a flush of the counts (0: none pending)
 
     def __init__(self, incr_bounded, str suffix, str column, limit, long long offset, int shift,
                  Py_ssize_t key_size, bytes policy, bytes prefix, schedule, result, follow):
         """``incr_bounded``: the table's atomic bounded add, on the row of a key and ``suffix``
-        and its INT ``column``; ``limit``: the one
-        :class:`~zeal_asgi.ratelimit.RateLimit`; ``offset``: the index of the window holding the
-        limiter's epoch; ``shift``: the count's bits; ``policy``: the ``RateLimit-Policy`` value;
-        ``prefix``: :func:`policy_prefix` of the limit; ``schedule``: the call that flushes the
-        counts (:meth:`take` among them) a little later and sets ``due``; ``result``: the result's class; ``follow``: the
-        call giving the limiter's store when it follows the default one, else ``None``."""
+        and its INT ``column``; ``limit``: the one :class:`~zeal_asgi.ratelimit.RateLimit`;
+        ``offset``: the index of the window holding the limiter's epoch; ``shift``: the count's
+        bits; ``policy``: the ``RateLimit-Policy`` value; ``prefix``: :func:`policy_prefix` of
+        the limit; ``schedule``: the call that flushes the counts (:meth:`take` among them) a
+        little later and sets ``due``; ``result``: the result's class; ``follow``: the call
+        giving the limiter's store when it follows the default one, else ``None``."""
         self.incr, self.limit, self.result, self.follow = incr_bounded, limit, result, follow
         self.suffix, self.column = suffix, column
         self.amount, self.per = limit.amount, limit.per
