@@ -33,7 +33,9 @@ def test_abi_tag_names_libc_and_layout() -> None:
     assert tag.startswith("glibc-") and "mutex40" in tag and "layout2" in tag
 
 
-@pytest.mark.parametrize("module", ["zeal_asgi.shm._shmtable", "zeal_asgi.locks._fast"])
+@pytest.mark.parametrize(
+    "module", ["zeal_asgi.shm._shmtable", "zeal_asgi.locks._fast", "zeal_asgi.ratelimit._fast"]
+)
 def test_stub_matches_the_compiled_module(module: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "mypy.stubtest", module],

@@ -24,12 +24,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from zeal_asgi.errors import ConfigError, require
+from zeal_asgi.ratelimit._fast import peer, ratelimit_value
 from zeal_asgi.ratelimit.limiter import RateLimiter, RateLimitResult
 
 if TYPE_CHECKING:
     from fastapi import Response
-
-_ceil = math.ceil
 
 KeyFunc = Callable[[HTTPConnection], "str | Awaitable[str]"]
 """A key: a callable taking the connection (``Request`` or ``WebSocket``), sync or async."""
@@ -72,10 +71,9 @@ class ClientIP:
 
     def of_scope(self, scope: Scope) -> str:
         """The key of an ASGI ``scope`` (what :meth:`__call__` returns for its connection)."""
-        client = scope.get("client")
-        peer = client[0] if client else "unknown"
-        if not self.trusted_proxies or not self._trusted(peer):
-            return str(peer)
+        address = peer(scope)
+        if not self.trusted_proxies or not self._trusted(address):
+            return address
         hops: list[str] = []
         for name, value in scope.get("headers", ()):
             if name == b"x-forwarded-for":
@@ -85,7 +83,7 @@ class ClientIP:
         for hop in reversed(hops):
             if hop and not self._trusted(hop):
                 return hop
-        return str(peer)
+        return address
 
     def __call__(self, conn: HTTPConnection) -> str:
         """The client address of ``conn``."""
@@ -120,9 +118,10 @@ def decision_headers(limiter: RateLimiter, result: RateLimitResult) -> list[tupl
     ``Retry-After``, and the ``X-RateLimit-*`` trio when the limiter asks for it."""
     reset = max(0, math.ceil(result.reset_after))
     remaining = max(0, result.remaining)
+    prefix = limiter.ratelimit_prefix[id(result.policy)]
     out = [
         ("RateLimit-Policy", limiter.policy_header),
-        ("RateLimit", f'"{limiter.policy_name(result.policy)}";r={remaining};t={reset}'),
+        ("RateLimit", ratelimit_value(prefix, remaining, result.reset_after).decode("ascii")),
     ]
     if not result.allowed:
         out.append(("Retry-After", str(retry_seconds(result))))
@@ -146,11 +145,7 @@ def raw_headers(limiter: RateLimiter, result: RateLimitResult) -> list[tuple[byt
         ]
     return [
         (b"ratelimit-policy", limiter.policy_header_bytes),
-        (
-            b"ratelimit",
-            limiter.ratelimit_prefix[id(policy)]
-            + b"%d;t=%d" % (remaining if remaining > 0 else 0, _ceil(reset) if reset > 0 else 0),
-        ),
+        (b"ratelimit", ratelimit_value(limiter.ratelimit_prefix[id(policy)], remaining, reset)),
     ]
 
 
@@ -182,6 +177,23 @@ def refusal_body(limiter: RateLimiter, result: RateLimitResult) -> dict[str, Any
     }
 
 
+_Hit = Callable[[Any, list[tuple[bytes, bytes]]], "RateLimitResult | None"]
+
+
+def _compiled_hits(
+    limiter: RateLimiter, key: KeyFunc, cost: int
+) -> tuple[_Hit | None, _Hit | None]:
+    """``(by_peer, by_key)``: the compiled call deciding the common admitted hit, on the
+    scope's peer address itself when that is the key (a ClientIP trusting no proxy), else on
+    the key; neither where the limiter has no compiled path or the cost is not 1."""
+    compiled = limiter.compiled if cost == 1 else None
+    if compiled is None:
+        return None, None
+    if isinstance(key, ClientIP) and not key.trusted_proxies:
+        return compiled.hit_peer, None
+    return None, compiled.hit
+
+
 async def _key_of(key: KeyFunc, conn: HTTPConnection) -> str:
     value = key(conn)
     if inspect.isawaitable(value):
@@ -204,9 +216,18 @@ def depends(
 
     hit_now = limiter.hit_now
     by_scope = key.of_scope if isinstance(key, ClientIP) else None
+    by_peer, by_key = _compiled_hits(limiter, key, cost)
 
     async def rate_limit(connection: HTTPConnection, response: Response) -> RateLimitResult:
+        if by_peer is not None:
+            result = by_peer(connection.scope, response.raw_headers)
+            if result is not None:
+                return result
         k = by_scope(connection.scope) if by_scope is not None else await _key_of(key, connection)
+        if by_key is not None:
+            result = by_key(k, response.raw_headers)
+            if result is not None:
+                return result
         result = hit_now(k, cost)  # decided in place on the table backend
         if result is None:
             result = await limiter.hit(k, cost)
@@ -279,6 +300,7 @@ class RateLimitMiddleware:
         self.exempt = frozenset(p.rstrip("/") or "/" for p in exempt)
         self.cost = cost
         self._by_scope = self.key.of_scope if isinstance(self.key, ClientIP) else None
+        self._by_peer, self._by_key = _compiled_hits(limiter, self.key, cost)
 
     def _exempt(self, path: str) -> bool:
         if not self.exempt:
@@ -293,6 +315,22 @@ class RateLimitMiddleware:
         )
         return await _key_of(self.key, conn)
 
+    async def _decide(
+        self, scope: Scope, receive: Receive, send: Send
+    ) -> tuple[RateLimitResult, list[tuple[bytes, bytes]]]:
+        """The decision and its headers, where the compiled call on the peer's address did not
+        decide."""
+        by_scope = self._by_scope  # the usual key: no connection object to build
+        key = by_scope(scope) if by_scope is not None else await self._key(scope, receive, send)
+        raw: list[tuple[bytes, bytes]] = []
+        result = self._by_key(key, raw) if self._by_key is not None else None
+        if result is not None:
+            return result, raw
+        result = self.limiter.hit_now(key, self.cost)  # decided in place on the table backend
+        if result is None:
+            result = await self.limiter.hit(key, self.cost)
+        return result, raw_headers(self.limiter, result)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if (kind != "http" and kind != "websocket") or (
@@ -301,12 +339,10 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limiter = self.limiter
-        by_scope = self._by_scope  # the usual key: no connection object to build
-        key = by_scope(scope) if by_scope is not None else await self._key(scope, receive, send)
-        result = limiter.hit_now(key, self.cost)  # decided in place on the table backend
+        raw: list[tuple[bytes, bytes]] = []
+        result = self._by_peer(scope, raw) if self._by_peer is not None else None
         if result is None:
-            result = await limiter.hit(key, self.cost)
-        raw = raw_headers(limiter, result)
+            result, raw = await self._decide(scope, receive, send)
         if result.allowed:
             first = "http.response.start" if kind == "http" else "websocket.accept"
 

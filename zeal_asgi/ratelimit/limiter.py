@@ -36,6 +36,7 @@ from zeal_asgi.errors import (
     TableFullError,
     UnsupportedOperationError,
 )
+from zeal_asgi.ratelimit._fast import FixedWindow, policy_prefix
 from zeal_asgi.ratelimit.rates import RateLimit, parse_limits
 from zeal_asgi.shm.ext import incr_bounded
 from zeal_asgi.shm.hoststats import host_stats
@@ -199,8 +200,7 @@ class RateLimiter:
         self.policy_header_bytes = self.policy_header.encode("ascii")
         """The same, as the bytes of an ASGI header."""
         self.ratelimit_prefix = {
-            id(lim): b'"%s";r=' % p.encode("ascii")
-            for p, lim in zip(self._policies, self.limits, strict=True)
+            id(lim): policy_prefix(p) for p, lim in zip(self._policies, self.limits, strict=True)
         }
         """The start of each limit's ``RateLimit`` header value, by ``id`` of the limit (a
         frozen dataclass hashes in Python: an ``id`` is a tenth of the time per request)."""
@@ -211,6 +211,27 @@ class RateLimiter:
                 f"with other limits needs another name (got {self.describe()})"
             )
         _LIMITERS[name] = self
+        self.compiled: FixedWindow | None = None
+        """The compiled path of an admitted hit of cost 1 on the table backend, with one
+        fixed-window limit and no ``X-RateLimit-*`` headers (else ``None``): its ``hit(key,
+        headers)`` appends the RateLimit headers and returns the result, or returns ``None``
+        (nothing charged, nothing appended) where :meth:`hit_now` must decide."""
+        if self._single_fixed and not self.x_ratelimit_headers:  # else: more headers to send
+            lim = self.limits[0]
+            self.compiled = FixedWindow(
+                incr_bounded,
+                _ROW0,
+                "n",
+                lim,
+                int(_EPOCH / lim.per),
+                self._shifts[0],
+                self.key_size,
+                self.policy_header_bytes,
+                self.ratelimit_prefix[id(lim)],
+                self._schedule_flush,
+                RateLimitResult,
+                Store.default if self._store is None else None,
+            )
         self._bind()  # declare the shared table now: before the workers start
 
     # -- configuration -----------------------------------------------------------------------
@@ -288,6 +309,8 @@ class RateLimiter:
                 f"{store.kind}"
             )
         self._binding = b = _Binding(store, backend, table)
+        if self.compiled is not None:
+            self.compiled.arm(table, store, backend)
         return b
 
     def _row_ttl(self) -> int:
@@ -664,11 +687,16 @@ class RateLimiter:
             return
         self._flush_handle = loop.call_later(_FLUSH_EVERY, self.flush)
         self._flush_due = _time() + _FLUSH_EVERY + 1.0
+        if self.compiled is not None:
+            self.compiled.due = self._flush_due
 
     def flush(self) -> None:
         """Add this worker's counts since the last flush to the host-wide counters (done
         within a quarter second of each hit, and before every stats read)."""
         self._flush_handle = None
+        if self.compiled is not None:
+            self.compiled.due = 0.0  # the next hit schedules the next flush
+            self._counts["allowed"] += self.compiled.take()
         for event, n in self._counts.items():
             if n:
                 count("ratelimit", f"{self.name}_{event}", n)
