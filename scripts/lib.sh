@@ -12,6 +12,7 @@ EXTRA_PYTHONS=(3.12 3.13)
 # gunicorn with and without --preload, the launcher). This is the one place that selects it.
 FAST_SUBSET=(
   tests/core tests/contract tests/locks/test_compiled_path.py tests/locks/test_host_lock.py
+  tests/ratelimit/test_compiled.py
   -k "not test_server_models or test_workers_share_one_memory"
   # It runs the interpreter as user nobody, who cannot load pyenv's libpython3.1x under a 0700
   # /root (3.11 gets by only with Debian's own libpython3.11): a machine matter, not a version's.

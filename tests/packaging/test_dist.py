@@ -84,7 +84,7 @@ def test_sdist_holds_what_the_wheel_is_built_from(dist: Dist) -> None:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for needed in ("pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md", "ext/_shmtable.pyx",
                    "ext/zt_core.h", "zeal_asgi/__init__.py", "zeal_asgi/py.typed",
-                   "zeal_asgi/locks/_fast.pyx"):  # fmt: skip
+                   "zeal_asgi/locks/_fast.pyx", "zeal_asgi/ratelimit/_fast.pyx"):  # fmt: skip
         assert needed in names, f"{needed} missing from {dist.sdist.name}"
     built = [n for n in names if n.endswith((".so", ".o"))]
     assert not built, f"build products in the sdist: {built}"
@@ -96,8 +96,11 @@ def test_wheel_holds_the_extension_the_stub_and_the_license(dist: Dist) -> None:
         names = whl.namelist()
     assert any(n.startswith("zeal_asgi/shm/_shmtable.") and n.endswith(".so") for n in names)
     assert "zeal_asgi/shm/_shmtable.pyi" in names and "zeal_asgi/py.typed" in names
-    assert any(n.startswith("zeal_asgi/locks/_fast.") and n.endswith(".so") for n in names)
-    assert "zeal_asgi/locks/_fast.pyi" in names
+    for compiled in ("locks", "ratelimit"):
+        assert any(
+            n.startswith(f"zeal_asgi/{compiled}/_fast.") and n.endswith(".so") for n in names
+        )
+        assert f"zeal_asgi/{compiled}/_fast.pyi" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert not any(n.startswith(("tests/", "example_app/", "bench/")) for n in names)
 

@@ -65,7 +65,7 @@ def test_classifiers_list_exactly_the_tested_pythons_on_linux() -> None:
     assert systems == ["Operating System :: POSIX :: Linux"]
 
 
-def test_fast_subset_selects_core_contract_compiled_locks_and_every_server_model() -> None:
+def test_fast_subset_selects_core_contract_the_compiled_paths_and_every_server_model() -> None:
     """The subset scripts/test runs on the extra Python versions still finds its tests (a test
     file moved away fails here, not silently in CI)."""
     proc = subprocess.run(
@@ -76,9 +76,13 @@ def test_fast_subset_selects_core_contract_compiled_locks_and_every_server_model
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ids = [line for line in proc.stdout.splitlines() if "::" in line]
     areas = {i.split("/")[1] for i in ids}
-    assert areas == {"core", "contract", "locks"}, areas
-    lock_files = {i.split("::")[0] for i in ids if i.startswith("tests/locks/")}
-    assert lock_files == {"tests/locks/test_compiled_path.py", "tests/locks/test_host_lock.py"}
+    assert areas == {"core", "contract", "locks", "ratelimit"}, areas
+    files = {i.split("::")[0] for i in ids if i.startswith(("tests/locks/", "tests/ratelimit/"))}
+    assert files == {
+        "tests/locks/test_compiled_path.py",
+        "tests/locks/test_host_lock.py",
+        "tests/ratelimit/test_compiled.py",
+    }
     shared = {i.split("[")[1].rstrip("]") for i in ids if "test_workers_share_one_memory[" in i}
     assert shared == {"uvicorn", "uvicorn-workers", "gunicorn", "gunicorn-preload", "launcher"}
     other_server_tests = [i for i in ids if "test_server_models" in i and i.split("[")[0]
