@@ -362,6 +362,10 @@ async def test_ready_client_is_used_and_left_open(redis_server: RedisServer) -> 
         await store.set("t", "k", {"name": "ready"})
         assert await store.incr("t", "k", "i8", 3) == 3  # the scripts through redis-py
         assert await store.incr("t", "k", "f", 0.5) == 0.5
+        counter = Counter(2**63 - 1, name="top", store=store)
+        with pytest.raises(IntegerOverflowError, match=r"'top'.*signed 64-bit range"):
+            await counter.increment()  # redis-py's parsed refusal, translated like hiredis'
+        assert await counter.get() == 2**63 - 1
         assert await backend.client() is client
         assert await client.hget(f"{prefix}:{{t}}:k", "name") == b"ready"
         other = await backend.dedicated_client()

@@ -73,7 +73,8 @@ def translate(exc: BaseException, where: str) -> ZealError:
     cluster_down = isinstance(exc, rx.RedisClusterException) and not isinstance(exc, misuse)
     if isinstance(exc, outage) or cluster_down or code in _UNAVAILABLE_REPLIES:
         return BackendUnavailableError(f"{where}: {text}")
-    if code == "ERR" and text.endswith("would overflow"):  # INCRBY/HINCRBY: nothing changed
+    # INCRBY/HINCRBY refused, nothing changed (redis-py drops the reply's "ERR ", hiredis not)
+    if isinstance(exc, rx.ResponseError) and text.endswith("increment or decrement would overflow"):
         return IntegerOverflowError(
             f"{where}: the result would leave the signed 64-bit range; the value is unchanged"
         )
