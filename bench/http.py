@@ -16,10 +16,11 @@ Routes, all served by the example app under ``zeal-asgi run --workers 2`` (uvloo
 Every request is counted: wrk runs a Lua script that stops sending shortly before the end of the
 run (``TAIL`` seconds), so no request is in flight when wrk stops and the counter after the run
 must equal the requests wrk reports, exactly.  Throughput is requests / (run time - tail).
-Each rep runs the routes in turn (constant, table, plain redis-py, zeal on redis); the ratio
-targets take the median of the per-rep ratios over the reps that other processes did not
-disturb, since on a shared machine their load, not the code, is what makes runs disagree.  The
-connection split between the two workers and the others' CPU share are recorded for every run.
+Each rep runs the routes in turn (constant, table, plain redis-py, zeal on redis, then the
+reference run of redis-py in a zeal worker); the ratio targets take the median of the per-rep
+ratios over the reps that other processes did not disturb, since on a shared machine their load,
+not the code, is what makes runs disagree.  The connection split between the two workers and
+the others' CPU share are recorded for every run.
 
 The module's ``app`` (built on first access, in the launcher's master) is the example app plus
 the ``/bench/*`` routes: ``zeal-asgi run bench.http:app --workers 2``.

@@ -129,8 +129,8 @@ class Zeal:
             # Once per process. What is alive now (modules, routes, models, tables) lives as
             # long as the worker, and requests that wait across an await (a Redis round trip)
             # survive young collections, so full ones come often and each walked all of it:
-            # about a fifth of a Redis-backed route's CPU under load. Garbage goes first, so
-            # none of it is kept for good.
+            # about a sixth of a Redis-backed route's worker CPU under load. Garbage goes
+            # first, so none of it is kept for good.
             gc.collect()
             gc.freeze()
         ident = server_identity()
