@@ -198,7 +198,8 @@ class Route:
     id: str
     label: str
     server: str
-    """``table`` or ``redis``: which server (backend) serves it."""
+    """``table``, ``plain`` (the table app with ``ZEAL_GC_FREEZE=0``) or ``redis``: which
+    server serves it."""
     path: str
     counter: str | None
     """How to read its counter: ``zeal`` (``/demo/counter``), ``plain`` (redis key), None."""

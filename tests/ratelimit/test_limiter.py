@@ -294,12 +294,9 @@ async def test_counters_in_health_and_prometheus(store_factory: StoreFactory) ->
 async def test_redis_cluster_keys_spread_over_the_shards(redis_cluster: Any) -> None:
     from tests.redis.test_topologies import _owner
 
-    nodes = [f"{h}:{p}" for h, p in redis_cluster.nodes]
-    # checks where the keys go, not how fast: a 30 s socket timeout, so that the first call's
-    # slot-map load never meets the 1.5 s default deadline on a loaded machine
-    store = Store("redis", {"cluster": nodes, "prefix": unique(), "socket_timeout": 30.0})
-    await store.start()
+    store = Store("redis", redis_cluster.routing_conn(prefix=unique()))  # where, not how fast
     try:
+        await store.start()  # inside: a failed boot still closes what it opened
         lim = RateLimiter(
             ["3/hour", "5/day"], name=unique(), algorithm="sliding_window", store=store
         )
