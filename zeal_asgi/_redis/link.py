@@ -181,7 +181,7 @@ class RedisLink:
 @functools.lru_cache(maxsize=1024)  # bounded: the source may come from user input
 def _user_script(source: str) -> Script:
     """The :class:`Script` of ``eval``'s ``source`` (its SHA computed once)."""
-    return Script("eval", source)
+    return Script(source)
 
 
 def _part(what: str, value: object, *, empty_ok: bool = False) -> bytes:
