@@ -283,9 +283,7 @@ return removed
 
 COUNTER_CAS = Script("""
 -- A missing counter reads as 0, like the shared-memory Atomic.
-local v = redis.call('GET', KEYS[1])
-if not v then v = '0' end
-if v == ARGV[1] then
+if (redis.call('GET', KEYS[1]) or '0') == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
   return 1
 end

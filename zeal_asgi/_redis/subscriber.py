@@ -47,9 +47,6 @@ event loop before delivering more (a handler's queue is filling up)."""
 Topic = tuple[str, bool]
 """``(channel or pattern as on the wire, is_pattern)``."""
 
-_MESSAGE = b"message"
-_PMESSAGE = b"pmessage"
-
 
 class Feed(Protocol):
     """One connection's worth of subscribing: what :class:`Subscriber` supervises."""
@@ -200,9 +197,9 @@ class RedisFeed:
                 if type(reply) is not list or len(reply) < 3:
                     continue  # a pong, or a (un)subscribe confirmation
                 kind = reply[0]
-                if kind == _MESSAGE:
+                if kind == b"message":
                     crowded = deliver(text(reply[1]), None, reply[2])
-                elif kind == _PMESSAGE and len(reply) == 4:
+                elif kind == b"pmessage" and len(reply) == 4:
                     crowded = deliver(text(reply[2]), text(reply[1]), reply[3])
                 else:
                     continue
