@@ -3,8 +3,9 @@
 Every compound operation (row + membership set + expiry, a WebSocket room roster, a lock) is a
 script, so counts never drift and readers never see half an operation.  A script touches only
 the keys passed in ``KEYS``, all in one Cluster slot (see the hash tags in :class:`KeyLayout`);
-values are passed as ``ARGV``, never interpolated into the source.  This module needs no client
-library: the WebSocket registry and the cache import it on every backend.
+values are passed as ``ARGV``, never interpolated into the source (the comment above each
+script names its ``KEYS`` and ``ARGV``).  This module needs no client library: the WebSocket
+registry and the cache import it on every backend.
 """
 
 from __future__ import annotations
@@ -136,8 +137,8 @@ class Script:
 # created row: it holds exactly the fields this write added.
 # ARGV[1] mode ('t' tracked, 'x' ttl, '-' neither), ARGV[2] ttl seconds, ARGV[3] the member.
 
+# ARGV[4] n zero-field args, ARGV[5..4+n] zeros of the columns not given, then given fields
 SET = Script("""
--- ARGV[4] n zero-field args, ARGV[5..4+n] zeros of the columns not given, then given fields
 local n = tonumber(ARGV[4])
 local new
 if #ARGV > 4 + n then
@@ -154,9 +155,9 @@ if ARGV[1] == 'x' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """)
 
+# KEYS[1..r] rows, KEYS[r+1] membership set; ARGV[1] mode, ARGV[2] ttl, then per row:
+# member, nz, nf, nz zero-field args, nf given-field args
 MSET = Script("""
--- KEYS[1..r] rows, KEYS[r+1] membership set; ARGV[1] mode, ARGV[2] ttl, then per row:
--- member, nz, nf, nz zero-field args, nf given-field args
 local r = #KEYS - 1
 local pos = 3
 for i = 1, r do
@@ -194,13 +195,13 @@ local function after_incr(created, first)
 end
 """
 
+# ARGV[4] column, ARGV[5] step, ARGV[6] lo, ARGV[7] hi, ARGV[8] '1' for INT(8),
+# ARGV[9] n zero-field args, ARGV[10..] zeros of the other columns.  Reply: the new value
+# (an integer reply), or {status, value}: 'ok' with the value as a string past 2^53, or the
+# refusal and the value kept.
 INCR_INT = Script(
     _AFTER_INCR
     + """
--- ARGV[4] column, ARGV[5] step, ARGV[6] lo, ARGV[7] hi, ARGV[8] '1' for INT(8),
--- ARGV[9] n zero-field args, ARGV[10..] zeros of the other columns.  Reply: the new value
--- (an integer reply), or {status, value}: 'ok' with the value as a string past 2^53, or the
--- refusal and the value kept.
 local col = ARGV[4]
 if ARGV[8] == '1' then
   -- INT(8): HINCRBY is exact 64-bit arithmetic and refuses to overflow (value unchanged, so
@@ -228,11 +229,11 @@ return nv
 """,
 )
 
+# ARGV[4] column, ARGV[5] step, ARGV[6] '1' when NaN/inf are allowed,
+# ARGV[7] n zero-field args, ARGV[8..] zeros of the other columns.  Reply {status, value}.
 INCR_FLOAT = Script(
     _AFTER_INCR
     + """
--- ARGV[4] column, ARGV[5] step, ARGV[6] '1' when NaN/inf are allowed,
--- ARGV[7] n zero-field args, ARGV[8..] zeros of the other columns.  Reply {status, value}.
 local col = ARGV[4]
 local raw = redis.call('HGET', KEYS[1], col)
 local cur = tonumber(raw or '0')
@@ -249,10 +250,10 @@ return {'ok', out}
 """,
 )
 
+# ARGV[4] column, ARGV[5] kind ('i', 'f' or 's'), ARGV[6] expected, ARGV[7] new,
+# ARGV[8] '1' when expected is the column's zero, ARGV[9] n zero-field args, ARGV[10..] zeros.
+# A missing row compares as the zero row and is created only when the comparison succeeds.
 CAS = Script("""
--- ARGV[4] column, ARGV[5] kind ('i', 'f' or 's'), ARGV[6] expected, ARGV[7] new,
--- ARGV[8] '1' when expected is the column's zero, ARGV[9] n zero-field args, ARGV[10..] zeros.
--- A missing row compares as the zero row and is created only when the comparison succeeds.
 local col = ARGV[4]
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[8] ~= '1' then return 0 end
@@ -272,17 +273,17 @@ elseif ARGV[1] == 'x' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """)
 
+# KEYS[1..n] rows, KEYS[n+1] membership set; ARGV = the n members.  Row and membership go
+# together, so a concurrent set either survives whole or is removed whole.
 CLEAR_BATCH = Script("""
--- KEYS[1..n] rows, KEYS[n+1] membership set; ARGV = the n members.  Row and membership go
--- together, so a concurrent set either survives whole or is removed whole.
 local removed = 0
 for i = 1, #KEYS - 1 do removed = removed + redis.call('UNLINK', KEYS[i]) end
 if #ARGV > 0 then redis.call('SREM', KEYS[#KEYS], unpack(ARGV)) end
 return removed
 """)
 
+# A missing counter reads as 0, like the shared-memory Atomic.
 COUNTER_CAS = Script("""
--- A missing counter reads as 0, like the shared-memory Atomic.
 if (redis.call('GET', KEYS[1]) or '0') == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
   return 1
@@ -290,16 +291,16 @@ end
 return 0
 """)
 
+# KEYS[1] row; ARGV[1] column.  {value} (value false when the row lacks the field), or false
+# when there is no row: a miss and a zero field read differently.
 GET_FIELD = Script("""
--- KEYS[1] row; ARGV[1] column.  {value} (value false when the row lacks the field), or false
--- when there is no row: a miss and a zero field read differently.
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 return {redis.call('HGET', KEYS[1], ARGV[1])}
 """)
 
+# KEYS[1] {prefix}:schema:{table}; ARGV[1] this app's schema.  Stores it at first use; the
+# reply is the schema the table was made with (equal to ARGV[1] unless another app made it).
 SCHEMA = Script("""
--- KEYS[1] {prefix}:schema:{table}; ARGV[1] this app's schema.  Stores it at first use; the
--- reply is the schema the table was made with (equal to ARGV[1] unless another app made it).
 local stored = redis.call('GET', KEYS[1])
 if stored then return stored end
 redis.call('SET', KEYS[1], ARGV[1])
@@ -312,19 +313,19 @@ return ARGV[1]
 LOCK_ACQUIRE = Script("return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])")
 LOCK_RENEW = Script(
     "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
+    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"
 )
 LOCK_RELEASE = Script(
     "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-    "return redis.call('DEL', KEYS[1]) else return 0 end",
+    "return redis.call('DEL', KEYS[1]) else return 0 end"
 )
 
 # -- Idempotency helpers of Streams consumers: KEYS[1] {prefix}:idem:{key}, a marker string that
 # expires after ARGV[1] ms.
 
 IDEM_CLAIM = Script("return redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) and 1 or 0")
+# KEYS[2..] the commands' keys; ARGV[2..] per command: name, n, then its n arguments.
 APPLY_ONCE = Script("""
--- KEYS[2..] the commands' keys; ARGV[2..] per command: name, n, then its n arguments.
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local a = 2
 for i = 2, #KEYS do
@@ -412,8 +413,8 @@ return {redis.call('PUBLISH', ARGV[1], ARGV[2]),
         redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')}
 """)
 
+# ARGV[1] ttl in ms (0: withdraw), ARGV[i + 1] the member of KEYS[i]; expired members go too.
 RECEIVERS = Script("""
--- ARGV[1] ttl in ms (0: withdraw), ARGV[i + 1] the member of KEYS[i]; expired members go too.
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local ttl = tonumber(ARGV[1])
@@ -434,14 +435,14 @@ RATE_LIMIT_KEY = "rl:{%s:%s}"
 """The hash of one rate-limited key: ``{prefix}:rl:{<limiter>:<key>}``.  The whole name is the
 hash tag, so each key's hash lands on its own Cluster slot (a hit touches only that hash)."""
 
+# One hit (ARGV[1] 'h') or peek ('p') of every limit of a limiter on the hash KEYS[1], at the
+# server's clock: all limits admit it and are charged together, or nothing changes.
+# ARGV[2] algorithm ('f' fixed window, 's' sliding window, 't' token bucket / GCRA),
+# ARGV[3] cost, ARGV[4] the hash's expiry (ms), then amount and period (ms) of each limit.
+# Fields: w<i> window number, n<i> its count, p<i> the previous window's count, t<i> the
+# theoretical arrival time (ms).  Reply {allowed, limit index, remaining, reset ms, retry ms}
+# (a peek reports what is left now, a hit what is left after it).
 RATE_LIMIT = Script("""
--- One hit (ARGV[1] 'h') or peek ('p') of every limit of a limiter on the hash KEYS[1], at the
--- server's clock: all limits admit it and are charged together, or nothing changes.
--- ARGV[2] algorithm ('f' fixed window, 's' sliding window, 't' token bucket / GCRA),
--- ARGV[3] cost, ARGV[4] the hash's expiry (ms), then amount and period (ms) of each limit.
--- Fields: w<i> window number, n<i> its count, p<i> the previous window's count, t<i> the
--- theoretical arrival time (ms).  Reply {allowed, limit index, remaining, reset ms, retry ms}
--- (a peek reports what is left now, a hit what is left after it).
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local hit, algo, cost = ARGV[1] == 'h', ARGV[2], tonumber(ARGV[3])
