@@ -404,7 +404,7 @@ return out
 """)
 
 # Pub/sub receivers: sorted sets of subscribers scored by expiry (server time, ms), KEYS[1] the
-# channel's and KEYS[2] the patterns' (zeal_asgi._redis.subscriber counts each worker once).
+# channel's and KEYS[2] the patterns' (RedisLink.publish counts each worker once).
 PUBLISH = Script("""
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
