@@ -137,11 +137,7 @@ class RedisConfig(BaseModel):
 
     @classmethod
     def parse(
-        cls,
-        conn: str | Mapping[str, Any] | None,
-        *,
-        environ: Mapping[str, str] | None = None,
-        extra_keys: Collection[str] = (),
+        cls, conn: str | Mapping[str, Any] | None, *, extra_keys: Collection[str] = ()
     ) -> RedisConfig:
         """Validate ``conn`` (URL, options dict or None) without any I/O.
 
@@ -150,9 +146,8 @@ class RedisConfig(BaseModel):
         Raises:
             ConfigError: naming the option and why it is refused.
         """
-        env = os.environ if environ is None else environ
         if conn is None or isinstance(conn, str):
-            return _build(_parse_url(_url(conn, env)))
+            return _build(_parse_url(_url(conn)))
         if not isinstance(conn, Mapping):
             raise ConfigError(
                 f"redis backend: connection must be a URL string or an options dict, got "
@@ -181,7 +176,7 @@ class RedisConfig(BaseModel):
             url = opts.pop("url", None)
             if url is not None and not isinstance(url, str):
                 raise ConfigError(f"redis backend: url must be a str, got {type(url).__name__}")
-            kw = _parse_url(_url(url, env))
+            kw = _parse_url(_url(url))
         if "service" in opts and kw.get("mode") != "sentinel":
             raise ConfigError("redis backend: 'service' only goes with 'sentinel'")
         if "tls" in opts and kw.get("mode", "standalone") == "standalone":
@@ -194,11 +189,11 @@ class RedisConfig(BaseModel):
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _url(url: str | None, env: Mapping[str, str]) -> str:
+def _url(url: str | None) -> str:
     """The URL given, else ``ZEAL_REDIS_URL``, else the default; an empty one is refused."""
     source = "the URL"
     if url is None:
-        url, source = env.get("ZEAL_REDIS_URL", DEFAULT_URL), "ZEAL_REDIS_URL"
+        url, source = os.environ.get("ZEAL_REDIS_URL", DEFAULT_URL), "ZEAL_REDIS_URL"
     if not url.strip():
         raise ConfigError(
             f"redis backend: {source} is empty (give redis://host:port/db; leave ZEAL_REDIS_URL "
@@ -282,15 +277,14 @@ def _parse_url(url: str) -> dict[str, Any]:
     except ValueError as exc:
         raise ConfigError(f"redis backend: invalid URL ({exc})") from None
     scheme = parts.scheme.lower()
-    safe = url  # for messages: never the password
-    if parts.password is not None:
-        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
-        safe = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     kw: dict[str, Any] = {}
     if parts.username:
         kw["username"] = urllib.parse.unquote(parts.username)
+    safe = url  # for messages: never the password
     if parts.password is not None:
         kw["password"] = urllib.parse.unquote(parts.password)
+        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+        safe = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     if scheme == "unix":
         if not parts.path:
             raise ConfigError(f"redis backend: unix:// URL without a socket path: {safe}")

@@ -88,8 +88,6 @@ class LoopState:
     opening: set[asyncio.Task[None]] = field(default_factory=set)
     topology: bool | None = None
     """Cluster: whether the slot map is current (``None``: never loaded)."""
-    in_use: int = 0
-    waiting: int = 0
     booted: bool = False
 
 
@@ -145,8 +143,8 @@ class RedisConnector:
             "target": self.where,
             "pool_size": self.cfg.pool_size,
             "auto_pipeline": self.cfg.auto_pipeline,
-            "in_use": st.in_use if st else 0,
-            "waiting": st.waiting if st else 0,
+            "in_use": self.cfg.pool_size - st.free if st else 0,  # slots handed over count too
+            "waiting": sum(not fut.done() for fut in st.queue) if st else 0,
             "connections": sum(1 for p in st.pipes.values() if not p.closed) if st else 0,
             **self.local,
             "host": {name: host.get(HOST_KEYS[name], 0) for name in COUNTERS},
@@ -223,18 +221,15 @@ class RedisConnector:
     # -- connections of single commands --------------------------------------------------------
 
     def _pipe(self, st: LoopState, addr: Address | None) -> Pipe:
-        """The pipelined connection to ``addr`` (opened on first use, and again once closed)."""
-        pipe = st.pipes.get(addr)
-        if pipe is None or pipe.closed:
-            cfg, factory = self.cfg, self._factory
-            pipe = Pipe(
-                st.loop, cfg.socket_timeout, cfg.auto_pipeline, partial(self.count, "writes")
-            )
-            opener = factory.opener(st.loop, addr, st.sentinel)
-            task = st.loop.create_task(self._open(pipe, opener, factory.greeting(addr is not None)))
-            st.opening.add(task)
-            task.add_done_callback(st.opening.discard)
-            st.pipes[addr] = pipe
+        """A new pipelined connection to ``addr`` (there was none, or it closed): commands queue
+        on it while it opens in a task."""
+        cfg, factory = self.cfg, self._factory
+        pipe = Pipe(st.loop, cfg.socket_timeout, cfg.auto_pipeline, partial(self.count, "writes"))
+        opener = factory.opener(st.loop, addr, st.sentinel)
+        task = st.loop.create_task(self._open(pipe, opener, factory.greeting(addr is not None)))
+        st.opening.add(task)
+        task.add_done_callback(st.opening.discard)
+        st.pipes[addr] = pipe
         return pipe
 
     async def _open(self, pipe: Pipe, opener: Opener, greeting: list[bytes]) -> None:
@@ -269,7 +264,6 @@ class RedisConnector:
         timeout = self.cfg.acquire_timeout
         fut: asyncio.Future[None] = st.loop.create_future()
         st.queue.append(fut)
-        st.waiting += 1
         try:
             async with asyncio.timeout(timeout):
                 await fut
@@ -286,8 +280,6 @@ class RedisConnector:
                 f"for {timeout * 1000:.0f} ms (acquire_timeout): raise pool_size or find the "
                 "slow calls"
             ) from None
-        finally:
-            st.waiting -= 1
 
     @staticmethod
     def _release(st: LoopState) -> None:
@@ -394,7 +386,6 @@ class RedisConnector:
             await self._acquire(st, what, table)
         local = self.local
         local["acquires"] += 1
-        st.in_use += 1
         cluster = self._cluster
         try:
             tries = 0
@@ -447,7 +438,6 @@ class RedisConnector:
                 tries += 1
                 await asyncio.sleep(delay)
         finally:
-            st.in_use -= 1
             if st.queue:
                 self._release(st)
             else:
@@ -477,7 +467,6 @@ class RedisConnector:
             await self._acquire(st, what, table)
         local = self.local
         local["acquires"] += 1
-        st.in_use += 1
         try:
             tries = 0
             while True:
@@ -495,7 +484,6 @@ class RedisConnector:
                 tries += 1
                 await asyncio.sleep(delay)
         finally:
-            st.in_use -= 1
             self._release(st)
 
     async def boot(self) -> None:

@@ -9,19 +9,15 @@ slots, deadline and retry policy, and publishes.  Errors are the ZealError hiera
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, Self, TypeVar, overload
 
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.connector import RedisConnector
-from zeal_asgi._redis.scripts import KeyLayout, Script
-from zeal_asgi._redis.subscriber import publish
-from zeal_asgi.errors import (
-    ConfigError,
-    InvalidKeyError,
-    KeyTypeError,
-    SerializationError,
-)
+from zeal_asgi._redis.scripts import PUBLISH, KeyLayout, Script
+from zeal_asgi.errors import ConfigError, InvalidKeyError, KeyTypeError, SerializationError
+from zeal_asgi.shm.bus import glob_to_regex
 
 T = TypeVar("T")
 
@@ -130,10 +126,29 @@ class RedisLink:
 
     async def publish(self, channel: str, payload: bytes) -> int:
         """PUBLISH on ``{prefix}:ch:{channel}`` (both already validated: ``Store.publish``);
-        the number of workers that receive it, each once, on every node
-        (:func:`zeal_asgi._redis.subscriber.publish`).  Never retried: it may have been
-        delivered."""
-        return await publish(self, channel, payload)
+        the receivers.  Never retried: it may have been delivered.
+
+        One per subscribed worker reached, on every node, however many of its subscriptions
+        match (the host bus counts the same way), plus the other subscribers Redis saw.  Each
+        worker's pub/sub registers its user topics (``{prefix}:{pubsub}:*``, sorted sets by
+        expiry); one script publishes and reads them.
+        """
+        layout = self.layout
+        native, exact, patterns = await self.run_script(
+            PUBLISH,
+            [layout.receivers(channel), layout.receivers(None)],
+            [layout.channel(channel), payload],
+            what=f"publish to {channel!r}",
+        )
+        ids, matched = set(exact), len(exact)
+        for member in patterns:
+            sid, _, glob = member.partition(b"\x1f")
+            if _pattern(glob).fullmatch(channel):
+                ids.add(sid)
+                matched += 1
+        # What Redis counted beyond our workers' subscriptions: other clients (on a Cluster,
+        # those of the node that ran it, or fewer; never more).
+        return len(ids) + max(0, int(native) - matched)
 
     async def publish_raw(self, channel: str, payload: bytes) -> int:
         """PUBLISH on ``channel`` exactly as given (already prefixed, e.g. by :meth:`key`), within
@@ -178,10 +193,16 @@ class RedisLink:
         return await self._conn.script(found, full, list(args), "eval", idempotent=False)
 
 
+@functools.lru_cache(maxsize=1024)
+def _pattern(glob: bytes) -> re.Pattern[str]:
+    """The regex of a subscribed pattern (as registered, bytes)."""
+    return glob_to_regex(glob.decode("utf-8", "surrogateescape"))
+
+
 @functools.lru_cache(maxsize=1024)  # bounded: the source may come from user input
 def _user_script(source: str) -> Script:
     """The :class:`Script` of ``eval``'s ``source`` (its SHA computed once)."""
-    return Script("eval", source)
+    return Script(source)
 
 
 def _part(what: str, value: object, *, empty_ok: bool = False) -> bytes:

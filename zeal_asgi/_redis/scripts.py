@@ -3,8 +3,9 @@
 Every compound operation (row + membership set + expiry, a WebSocket room roster, a lock) is a
 script, so counts never drift and readers never see half an operation.  A script touches only
 the keys passed in ``KEYS``, all in one Cluster slot (see the hash tags in :class:`KeyLayout`);
-values are passed as ``ARGV``, never interpolated into the source.  This module needs no client
-library: the WebSocket registry and the cache import it on every backend.
+values are passed as ``ARGV``, never interpolated into the source (the comment above each
+script names its ``KEYS`` and ``ARGV``).  This module needs no client library: the WebSocket
+registry and the cache import it on every backend.
 """
 
 from __future__ import annotations
@@ -102,8 +103,7 @@ def text(value: object) -> str:
 class Script:
     """A Lua script run with EVALSHA, falling back to EVAL when the server lost it."""
 
-    def __init__(self, name: str, source: str) -> None:
-        self.name = name
+    def __init__(self, source: str) -> None:
         self.source = source
         self.body = source.encode("utf-8")
         self.sha = hashlib.sha1(self.body, usedforsecurity=False).hexdigest()
@@ -124,7 +124,7 @@ class Script:
         start = packed.index(b"\n") + 1  # after the array header
         head = b"$7\r\nEVALSHA\r\n$40\r\n%s\r\n" % self.sha.encode()
         if not packed.startswith(head, start):
-            raise ValueError(f"not an EVALSHA of script {self.name!r}")
+            raise ValueError(f"not an EVALSHA of script {self.sha}")
         body = b"$4\r\nEVAL\r\n$%d\r\n%b\r\n" % (len(self.body), self.body)
         return packed[:start] + body + packed[start + len(head) :]
 
@@ -137,10 +137,8 @@ class Script:
 # created row: it holds exactly the fields this write added.
 # ARGV[1] mode ('t' tracked, 'x' ttl, '-' neither), ARGV[2] ttl seconds, ARGV[3] the member.
 
-SET = Script(
-    "set",
-    """
--- ARGV[4] n zero-field args, ARGV[5..4+n] zeros of the columns not given, then given fields
+# ARGV[4] n zero-field args, ARGV[5..4+n] zeros of the columns not given, then given fields
+SET = Script("""
 local n = tonumber(ARGV[4])
 local new
 if #ARGV > 4 + n then
@@ -155,14 +153,11 @@ if new then
 end
 if ARGV[1] == 'x' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 1
-""",
-)
+""")
 
-MSET = Script(
-    "mset",
-    """
--- KEYS[1..r] rows, KEYS[r+1] membership set; ARGV[1] mode, ARGV[2] ttl, then per row:
--- member, nz, nf, nz zero-field args, nf given-field args
+# KEYS[1..r] rows, KEYS[r+1] membership set; ARGV[1] mode, ARGV[2] ttl, then per row:
+# member, nz, nf, nz zero-field args, nf given-field args
+MSET = Script("""
 local r = #KEYS - 1
 local pos = 3
 for i = 1, r do
@@ -178,17 +173,13 @@ for i = 1, r do
   elseif ARGV[1] == 'x' then redis.call('EXPIRE', KEYS[i], ARGV[2]) end
 end
 return r
-""",
-)
+""")
 
-DELETE = Script(
-    "delete",
-    """
+DELETE = Script("""
 local n = redis.call('DEL', KEYS[1])
 if ARGV[1] == 't' then redis.call('SREM', KEYS[2], ARGV[3]) end
 return n
-""",
-)
+""")
 
 # The increments' shared tail: ``created`` (the write added the row's first field) gives the
 # row the zeros of its other columns (ARGV[first..]: n, then field/value pairs) and its
@@ -204,14 +195,13 @@ local function after_incr(created, first)
 end
 """
 
+# ARGV[4] column, ARGV[5] step, ARGV[6] lo, ARGV[7] hi, ARGV[8] '1' for INT(8),
+# ARGV[9] n zero-field args, ARGV[10..] zeros of the other columns.  Reply: the new value
+# (an integer reply), or {status, value}: 'ok' with the value as a string past 2^53, or the
+# refusal and the value kept.
 INCR_INT = Script(
-    "incr_int",
     _AFTER_INCR
     + """
--- ARGV[4] column, ARGV[5] step, ARGV[6] lo, ARGV[7] hi, ARGV[8] '1' for INT(8),
--- ARGV[9] n zero-field args, ARGV[10..] zeros of the other columns.  Reply: the new value
--- (an integer reply), or {status, value}: 'ok' with the value as a string past 2^53, or the
--- refusal and the value kept.
 local col = ARGV[4]
 if ARGV[8] == '1' then
   -- INT(8): HINCRBY is exact 64-bit arithmetic and refuses to overflow (value unchanged, so
@@ -239,12 +229,11 @@ return nv
 """,
 )
 
+# ARGV[4] column, ARGV[5] step, ARGV[6] '1' when NaN/inf are allowed,
+# ARGV[7] n zero-field args, ARGV[8..] zeros of the other columns.  Reply {status, value}.
 INCR_FLOAT = Script(
-    "incr_float",
     _AFTER_INCR
     + """
--- ARGV[4] column, ARGV[5] step, ARGV[6] '1' when NaN/inf are allowed,
--- ARGV[7] n zero-field args, ARGV[8..] zeros of the other columns.  Reply {status, value}.
 local col = ARGV[4]
 local raw = redis.call('HGET', KEYS[1], col)
 local cur = tonumber(raw or '0')
@@ -261,12 +250,10 @@ return {'ok', out}
 """,
 )
 
-CAS = Script(
-    "compare_and_set",
-    """
--- ARGV[4] column, ARGV[5] kind ('i', 'f' or 's'), ARGV[6] expected, ARGV[7] new,
--- ARGV[8] '1' when expected is the column's zero, ARGV[9] n zero-field args, ARGV[10..] zeros.
--- A missing row compares as the zero row and is created only when the comparison succeeds.
+# ARGV[4] column, ARGV[5] kind ('i', 'f' or 's'), ARGV[6] expected, ARGV[7] new,
+# ARGV[8] '1' when expected is the column's zero, ARGV[9] n zero-field args, ARGV[10..] zeros.
+# A missing row compares as the zero row and is created only when the comparison succeeds.
+CAS = Script("""
 local col = ARGV[4]
 if redis.call('EXISTS', KEYS[1]) == 0 then
   if ARGV[8] ~= '1' then return 0 end
@@ -284,84 +271,61 @@ redis.call('HSET', KEYS[1], col, ARGV[7])
 if ARGV[1] == 't' then redis.call('SADD', KEYS[2], ARGV[3])
 elseif ARGV[1] == 'x' then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 1
-""",
-)
+""")
 
-CLEAR_BATCH = Script(
-    "clear_batch",
-    """
--- KEYS[1..n] rows, KEYS[n+1] membership set; ARGV = the n members.  Row and membership go
--- together, so a concurrent set either survives whole or is removed whole.
+# KEYS[1..n] rows, KEYS[n+1] membership set; ARGV = the n members.  Row and membership go
+# together, so a concurrent set either survives whole or is removed whole.
+CLEAR_BATCH = Script("""
 local removed = 0
 for i = 1, #KEYS - 1 do removed = removed + redis.call('UNLINK', KEYS[i]) end
 if #ARGV > 0 then redis.call('SREM', KEYS[#KEYS], unpack(ARGV)) end
 return removed
-""",
-)
+""")
 
-COUNTER_CAS = Script(
-    "counter_cas",
-    """
--- A missing counter reads as 0, like the shared-memory Atomic.
-local v = redis.call('GET', KEYS[1])
-if not v then v = '0' end
-if v == ARGV[1] then
+# A missing counter reads as 0, like the shared-memory Atomic.
+COUNTER_CAS = Script("""
+if (redis.call('GET', KEYS[1]) or '0') == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
   return 1
 end
 return 0
-""",
-)
+""")
 
-GET_FIELD = Script(
-    "get_field",
-    """
--- KEYS[1] row; ARGV[1] column.  {value} (value false when the row lacks the field), or false
--- when there is no row: a miss and a zero field read differently.
+# KEYS[1] row; ARGV[1] column.  {value} (value false when the row lacks the field), or false
+# when there is no row: a miss and a zero field read differently.
+GET_FIELD = Script("""
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 return {redis.call('HGET', KEYS[1], ARGV[1])}
-""",
-)
+""")
 
-SCHEMA = Script(
-    "schema",
-    """
--- KEYS[1] {prefix}:schema:{table}; ARGV[1] this app's schema.  Stores it at first use; the
--- reply is the schema the table was made with (equal to ARGV[1] unless another app made it).
+# KEYS[1] {prefix}:schema:{table}; ARGV[1] this app's schema.  Stores it at first use; the
+# reply is the schema the table was made with (equal to ARGV[1] unless another app made it).
+SCHEMA = Script("""
 local stored = redis.call('GET', KEYS[1])
 if stored then return stored end
 redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
-""",
-)
+""")
 
 # -- Cache stampede locks: KEYS[1] {prefix}:{namespace}:lock:{key}, a string holding the owner's
 # token that expires with the lease; ARGV[1] token, ARGV[2] lease in ms.
 
-LOCK_ACQUIRE = Script(
-    "lock_acquire", "return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])"
-)
+LOCK_ACQUIRE = Script("return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])")
 LOCK_RENEW = Script(
-    "lock_renew",
     "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
+    "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"
 )
 LOCK_RELEASE = Script(
-    "lock_release",
     "if redis.call('GET', KEYS[1]) == ARGV[1] then "
-    "return redis.call('DEL', KEYS[1]) else return 0 end",
+    "return redis.call('DEL', KEYS[1]) else return 0 end"
 )
 
 # -- Idempotency helpers of Streams consumers: KEYS[1] {prefix}:idem:{key}, a marker string that
 # expires after ARGV[1] ms.
 
-IDEM_CLAIM = Script(
-    "idem_claim", "return redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) and 1 or 0"
-)
-APPLY_ONCE = Script(
-    "apply_once",
-    """
--- KEYS[2..] the commands' keys; ARGV[2..] per command: name, n, then its n arguments.
+IDEM_CLAIM = Script("return redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) and 1 or 0")
+# KEYS[2..] the commands' keys; ARGV[2..] per command: name, n, then its n arguments.
+APPLY_ONCE = Script("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local a = 2
 for i = 2, #KEYS do
@@ -375,34 +339,25 @@ for i = 2, #KEYS do
 end
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 return 1
-""",
-)
+""")
 
 # -- The WebSocket registry (zeal_asgi.messaging.ws.rooms), keys under {prefix}:ws:
 #   owner:{client_id}        hash  c=conn_id w=worker
 #   room:{<room>}:members    hash  client_id -> worker     (KEYS[1] of the room scripts)
 #   room:{<room>}:servers    hash  worker -> members on it (KEYS[2]; KEYS[1] of WS_PUBLISH_ROOM)
 
-WS_RELEASE = Script(
-    "ws_release",
-    """
+WS_RELEASE = Script("""
 if redis.call('HGET', KEYS[1], 'c') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-""",
-)
-WS_OWN_NX = Script(
-    "ws_own_nx",
-    """
+""")
+WS_OWN_NX = Script("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'c', ARGV[1], 'w', ARGV[2])
 return 1
-""",
-)
+""")
 # ARGV[3] '1': only when the client is in no worker's roster (a re-registration never moves
 # a member that joined again elsewhere)
-WS_JOIN = Script(
-    "ws_join",
-    """
+WS_JOIN = Script("""
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if old == ARGV[2] then return 0 end
 if old and ARGV[3] == '1' then return 0 end
@@ -412,22 +367,16 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 return 1
-""",
-)
-WS_LEAVE = Script(
-    "ws_leave",
-    """
+""")
+WS_LEAVE = Script("""
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if not old then return 0 end
 if ARGV[2] ~= '' and old ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 if redis.call('HINCRBY', KEYS[2], old, -1) <= 0 then redis.call('HDEL', KEYS[2], old) end
 return 1
-""",
-)
-WS_PURGE = Script(
-    "ws_purge",
-    """
+""")
+WS_PURGE = Script("""
 local flat = redis.call('HGETALL', KEYS[1])
 local gone = {}
 for i = 1, #flat, 2 do
@@ -438,14 +387,11 @@ for i = 1, #flat, 2 do
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
 return gone
-""",
-)
+""")
 # One round trip per room message: the room's workers and a PUBLISH to each, read and sent in
 # one step (a worker joining meanwhile is either in the list or joins after the message).
 # Returns worker, receivers, worker, receivers, ...
-WS_PUBLISH_ROOM = Script(
-    "ws_publish_room",
-    """
+WS_PUBLISH_ROOM = Script("""
 local ws = redis.call('HGETALL', KEYS[1])
 local out = {}
 for i = 1, #ws, 2 do
@@ -455,26 +401,20 @@ for i = 1, #ws, 2 do
   end
 end
 return out
-""",
-)
+""")
 
 # Pub/sub receivers: sorted sets of subscribers scored by expiry (server time, ms), KEYS[1] the
-# channel's and KEYS[2] the patterns' (zeal_asgi._redis.subscriber counts each worker once).
-PUBLISH = Script(
-    "publish",
-    """
+# channel's and KEYS[2] the patterns' (RedisLink.publish counts each worker once).
+PUBLISH = Script("""
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 return {redis.call('PUBLISH', ARGV[1], ARGV[2]),
         redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf'),
         redis.call('ZRANGEBYSCORE', KEYS[2], now, '+inf')}
-""",
-)
+""")
 
-RECEIVERS = Script(
-    "pub/sub receivers",
-    """
--- ARGV[1] ttl in ms (0: withdraw), ARGV[i + 1] the member of KEYS[i]; expired members go too.
+# ARGV[1] ttl in ms (0: withdraw), ARGV[i + 1] the member of KEYS[i]; expired members go too.
+RECEIVERS = Script("""
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local ttl = tonumber(ARGV[1])
@@ -488,24 +428,21 @@ for i, key in ipairs(KEYS) do
   end
 end
 return 0
-""",
-)
+""")
 # -- rate limiting (zeal_asgi.ratelimit) ------------------------------------------------------
 
 RATE_LIMIT_KEY = "rl:{%s:%s}"
 """The hash of one rate-limited key: ``{prefix}:rl:{<limiter>:<key>}``.  The whole name is the
 hash tag, so each key's hash lands on its own Cluster slot (a hit touches only that hash)."""
 
-RATE_LIMIT = Script(
-    "rate_limit",
-    """
--- One hit (ARGV[1] 'h') or peek ('p') of every limit of a limiter on the hash KEYS[1], at the
--- server's clock: all limits admit it and are charged together, or nothing changes.
--- ARGV[2] algorithm ('f' fixed window, 's' sliding window, 't' token bucket / GCRA),
--- ARGV[3] cost, ARGV[4] the hash's expiry (ms), then amount and period (ms) of each limit.
--- Fields: w<i> window number, n<i> its count, p<i> the previous window's count, t<i> the
--- theoretical arrival time (ms).  Reply {allowed, limit index, remaining, reset ms, retry ms}
--- (a peek reports what is left now, a hit what is left after it).
+# One hit (ARGV[1] 'h') or peek ('p') of every limit of a limiter on the hash KEYS[1], at the
+# server's clock: all limits admit it and are charged together, or nothing changes.
+# ARGV[2] algorithm ('f' fixed window, 's' sliding window, 't' token bucket / GCRA),
+# ARGV[3] cost, ARGV[4] the hash's expiry (ms), then amount and period (ms) of each limit.
+# Fields: w<i> window number, n<i> its count, p<i> the previous window's count, t<i> the
+# theoretical arrival time (ms).  Reply {allowed, limit index, remaining, reset ms, retry ms}
+# (a peek reports what is left now, a hit what is left after it).
+RATE_LIMIT = Script("""
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local hit, algo, cost = ARGV[1] == 'h', ARGV[2], tonumber(ARGV[3])
@@ -513,7 +450,7 @@ local state = {}
 local flat = redis.call('HGETALL', KEYS[1])
 for i = 1, #flat, 2 do state[flat[i]] = tonumber(flat[i + 1]) end
 local best, best_left, best_reset = 1, math.huge, 0
-local writes = {}
+local writes = {}  -- writes[i]: the fields limit i sets when every limit admits the hit
 for i = 1, (#ARGV - 4) / 2 do
   local amount, period = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
   local left, reset
@@ -528,8 +465,7 @@ for i = 1, (#ARGV - 4) / 2 do
     if hit then left = math.floor((now + period - new) / step + 1e-9)
     else left = math.floor((now + period - tat) / step + 1e-9) end
     reset = math.ceil(new - now)
-    writes[#writes + 1] = 't' .. i
-    writes[#writes + 1] = string.format('%.17g', new)
+    writes[i] = {'t' .. i, string.format('%.17g', new)}
   else
     local w = math.floor(now / period)
     local cur, prev = state['n' .. i] or 0, state['p' .. i] or 0
@@ -561,24 +497,18 @@ for i = 1, (#ARGV - 4) / 2 do
     end
     left = bound - cur
     if hit then left = left - cost end
-    writes[#writes + 1] = 'w' .. i
-    writes[#writes + 1] = w
-    writes[#writes + 1] = 'n' .. i
-    writes[#writes + 1] = cur + cost
-    writes[#writes + 1] = 'p' .. i
-    writes[#writes + 1] = prev
+    writes[i] = {'w' .. i, w, 'n' .. i, cur + cost, 'p' .. i, prev}
   end
   if left < best_left then best, best_left, best_reset = i, left, reset end
 end
 if hit then
-  redis.call('HSET', KEYS[1], unpack(writes))
+  for _, fields in ipairs(writes) do redis.call('HSET', KEYS[1], unpack(fields)) end
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
 end
 return {1, best, best_left, best_reset, 0}
-""",
-)
+""")
 
-RATE_LIMIT_RESET = Script("rate_limit_reset", "return redis.call('DEL', KEYS[1])")
+RATE_LIMIT_RESET = Script("return redis.call('DEL', KEYS[1])")
 
 
 # -- Cluster locks (zeal_asgi.locks), keys under {prefix}:lock:
@@ -591,9 +521,7 @@ RATE_LIMIT_RESET = Script("rate_limit_reset", "return redis.call('DEL', KEYS[1])
 # owner holds the lease.  Run again by the same owner (a retry) it returns the same token.  A
 # token is never below the server clock in microseconds, so tokens keep increasing even after a
 # restart that lost the fence.
-LOCK_FENCED_ACQUIRE = Script(
-    "lock_fenced_acquire",
-    """
+LOCK_FENCED_ACQUIRE = Script("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then return tonumber(redis.call('GET', KEYS[2])) end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
 local t = redis.call('TIME')
@@ -601,14 +529,10 @@ local token = tonumber(redis.call('GET', KEYS[2]) or '0') + 1
 token = math.max(token, tonumber(t[1]) * 1000000 + tonumber(t[2]))
 redis.call('SET', KEYS[2], string.format('%d', token))
 return token
-""",
-)
+""")
 # KEYS[1] mark; ARGV[1] the new mark.  1 when it was below (and is now ARGV[1]).
-LOCK_CLAIM = Script(
-    "lock_claim",
-    """
+LOCK_CLAIM = Script("""
 if tonumber(redis.call('GET', KEYS[1]) or '-1') >= tonumber(ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 return 1
-""",
-)
+""")

@@ -19,24 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import logging
 import math
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable, Collection
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from zeal_asgi._redis.errors import translate
-from zeal_asgi._redis.scripts import PUBLISH, text
+from zeal_asgi._redis.scripts import text
 from zeal_asgi.errors import BackendTimeoutError, BackendUnavailableError
-from zeal_asgi.shm.bus import glob_to_regex
 from zeal_asgi.shm.hoststats import host_stats
-
-if TYPE_CHECKING:
-    from zeal_asgi._redis.link import RedisLink
 
 log = logging.getLogger("zeal_asgi.subscriber")
 
@@ -46,9 +40,6 @@ event loop before delivering more (a handler's queue is filling up)."""
 
 Topic = tuple[str, bool]
 """``(channel or pattern as on the wire, is_pattern)``."""
-
-_MESSAGE = b"message"
-_PMESSAGE = b"pmessage"
 
 
 class Feed(Protocol):
@@ -72,37 +63,6 @@ class Feed(Protocol):
     async def close(self) -> None:
         """Close the connection; idempotent."""
         ...
-
-
-@functools.lru_cache(maxsize=1024)
-def _regex(glob: bytes) -> re.Pattern[str]:
-    return glob_to_regex(glob.decode("utf-8", "surrogateescape"))
-
-
-async def publish(link: RedisLink, channel: str, payload: bytes) -> int:
-    """``PUBLISH {prefix}:ch:{channel}`` through ``link`` (the Redis backend); the receivers.
-
-    One per subscribed worker reached, on every node, however many of its subscriptions match
-    (the host bus counts the same way), plus the other subscribers Redis saw.  Each worker's
-    pub/sub registers its user topics (``{prefix}:{pubsub}:*``, sorted sets by expiry); one
-    script publishes and reads them.
-    """
-    layout = link.layout
-    native, exact, patterns = await link.run_script(
-        PUBLISH,
-        [layout.receivers(channel), layout.receivers(None)],
-        [layout.channel(channel), payload],
-        what=f"publish to {channel!r}",
-    )
-    ids, matched = set(exact), len(exact)
-    for member in patterns:
-        sid, _, glob = member.partition(b"\x1f")
-        if _regex(glob).fullmatch(channel):
-            ids.add(sid)
-            matched += 1
-    # What Redis counted beyond our workers' subscriptions: other clients (on a Cluster, those
-    # of the node that ran it, or fewer; never more).
-    return len(ids) + max(0, int(native) - matched)
 
 
 class RedisFeed:
@@ -200,9 +160,9 @@ class RedisFeed:
                 if type(reply) is not list or len(reply) < 3:
                     continue  # a pong, or a (un)subscribe confirmation
                 kind = reply[0]
-                if kind == _MESSAGE:
+                if kind == b"message":
                     crowded = deliver(text(reply[1]), None, reply[2])
-                elif kind == _PMESSAGE and len(reply) == 4:
+                elif kind == b"pmessage" and len(reply) == 4:
                     crowded = deliver(text(reply[2]), text(reply[1]), reply[3])
                 else:
                     continue
