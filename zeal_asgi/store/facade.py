@@ -79,6 +79,13 @@ class hybridmethod(Generic[S, P, R]):
             return bound
         return MethodType(self.fn, obj)
 
+    def __set_name__(self, owner: type, name: str) -> None:
+        hybrids = vars(owner).get("_hybrid_methods")
+        if hybrids is None:  # its bases' first: once a default exists, theirs are bound methods
+            hybrids = {**getattr(owner, "_hybrid_methods", {})}
+            type.__setattr__(owner, "_hybrid_methods", hybrids)
+        hybrids[name] = self
+
 
 class HybridMeta(type):
     """Makes class-level calls of :class:`hybridmethod` cost a class attribute lookup.
@@ -90,9 +97,13 @@ class HybridMeta(type):
     first, so ``store.get`` is still that store's.
     """
 
+    _hybrid_methods: dict[str, hybridmethod[Any, Any, Any]] = {}
+    """The hybrid methods of a class by name, its bases' included (``hybridmethod.__set_name__``
+    fills it): the descriptors, whatever the class holds now."""
+
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         obj: Any = cast(Any, cls).__new__(cls)
-        for name, fn in _hybrids(cls).items():  # before __init__, which may call them
+        for name, fn in cls._hybrid_methods.items():  # before __init__, which may call them
             obj.__dict__[name] = MethodType(fn.fn, obj)
         obj.__init__(*args, **kwargs)
         return obj
@@ -100,23 +111,9 @@ class HybridMeta(type):
     def __setattr__(cls, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         if name == "_default":
-            for attr, fn in _hybrids(cls).items():
+            for attr, fn in cls._hybrid_methods.items():
                 bound = None if value is None else MethodType(fn.fn, value)
                 super().__setattr__(attr, value.__dict__.setdefault(attr, bound) if bound else fn)
-
-
-def _hybrids(cls: type) -> dict[str, hybridmethod[Any, Any, Any]]:
-    """The hybrid methods of ``cls`` by name (the descriptors, whatever the class holds now)."""
-    found: dict[str, hybridmethod[Any, Any, Any]] | None = cls.__dict__.get("_hybrid_methods")
-    if found is None:
-        found = {}
-        for klass in reversed(cls.__mro__):
-            known = klass.__dict__.get("_hybrid_methods")
-            found.update(
-                known or {k: v for k, v in vars(klass).items() if isinstance(v, hybridmethod)}
-            )
-        type.__setattr__(cls, "_hybrid_methods", found)
-    return found
 
 
 _STATS_SECTIONS: list[Callable[[], Mapping[str, Any]]] = []
@@ -375,11 +372,10 @@ class Store(metaclass=HybridMeta):
         Prefer :meth:`get_strict`, which returns ``None`` on a miss.
         """
         t = self._shm.get(table)
-        v = (
-            t.get(key, field)
-            if t is not None
-            else await self._backend.get(self.spec(table), key, field)
-        )
+        if t is not None:
+            v = t.get(key, field)
+        else:
+            v = await self._backend.get(self.spec(table), key, field)
         return False if v is None else v
 
     @hybridmethod
