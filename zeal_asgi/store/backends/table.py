@@ -72,10 +72,6 @@ class TableBackend(StoreBackend):
         except KeyError:
             raise UnknownTableError(f"table {name!r} was never made (Store.make)") from None
 
-    def tables(self) -> dict[str, Table]:
-        """Every table declared on this backend, by name."""
-        return dict(self._tables)
-
     async def start(self) -> None:
         """Nothing to connect: shared memory is already mapped."""
 
