@@ -45,24 +45,24 @@ _TEMPLATES = 64
 """Packed script calls kept per table."""
 
 
-class _Table:
-    """What the row commands of one declared table need, computed once."""
+class _Table(RowCodec):
+    """What the row commands of one declared table need, computed once: its codec, and more."""
 
     def __init__(self, spec: TableSpec, layout: KeyLayout) -> None:
+        super().__init__(spec.schema, spec.name)
         self.spec = spec
         self.layout = layout
         self.name = spec.name
-        self.codec = RowCodec(spec.schema, spec.name)
         self.base = layout.table_base(spec.name)
         self.members = layout.members(spec.name)
         # ARGV[1], ARGV[2] of the row scripts: 't' tracked (SADD) or 'x' ttl (EXPIRE), ttl
         self.head: tuple[bytes, int] = (b"t" if spec.mode == "tracked" else b"x", spec.ttl or 0)
-        zeros = self.codec.zero_fields()
+        zeros = self.zero_fields()
         self.zeros: tuple[Any, ...] = (len(zeros), *zeros)
         self.others: dict[str, tuple[Any, ...]] = {}
         """Per column: ``zeros`` without its own field (an increment writes that one)."""
         for col in spec.schema.columns:
-            mine = self.codec.zero_fields((col.name.encode("utf-8"),))
+            mine = self.zero_fields((col.name.encode("utf-8"),))
             self.others[col.name] = (len(mine), *mine)
         self.checked = False
         """Whether this process compared the declaration with the one stored in Redis."""
@@ -176,14 +176,13 @@ class RedisRows(RedisLink):
         """Merge ``row`` into the row (new rows start zeroed), in one atomic script."""
         t = self._table(spec)
         raw, row_key = t.key(key)
-        codec = t.codec
-        fields = codec.encode(row)
+        fields = t.encode(row)
         names = tuple(fields)
         tpl = t.templates.get(names)
         if tpl is None:
             # every column given: no zeros to add
-            full = fields and len(fields) == len(codec.schema.columns)
-            zeros = [] if full else codec.zero_fields(fields)
+            full = fields and len(fields) == len(spec.schema.columns)
+            zeros = [] if full else t.zero_fields(fields)
             pairs = [x for name in names for x in (name, None)]  # the values vary
             args = (*t.head, None, len(zeros), *zeros, *pairs)
             tpl = t.template(names, (b"EVALSHA", SET.sha, 2, None, t.members, *args))
@@ -206,12 +205,12 @@ class RedisRows(RedisLink):
                 it = iter(reply)
                 reply = dict(zip(it, it, strict=True))
             if col is None:
-                return t.codec.decode(reply, key)
-            return t.codec.decode_value(col, reply.get(col.name.encode()), key)
+                return t.decode(reply, key)
+            return t.decode_value(col, reply.get(col.name.encode()), key)
         got = await self._script(t, GET_FIELD, (row_key,), (col.name.encode(),), "get from")
         if got is None:
             return None
-        return t.codec.decode_value(col, got[0] if got else None, key)
+        return t.decode_value(col, got[0] if got else None, key)
 
     async def delete(self, spec: TableSpec, key: Key) -> bool:
         """Remove the row (and its membership); ``True`` if it existed."""
@@ -260,14 +259,14 @@ class RedisRows(RedisLink):
             return int(reply)  # the script's own range-checked result
         status = reply[0]
         if status == _OK:
-            value: int | float = t.codec.decode_value(col, reply[1], key)
+            value: int | float = t.decode_value(col, reply[1], key)
             return value
         current = reply[-1]
         if status == b"overflow" or (status == b"err" and b"overflow" in bytes(reply[1])):
             raise incr_overflow(col, t.name, by, current.decode())
         if status == b"nonfinite":
             raise incr_nonfinite(col, t.name, by, current.decode())
-        raise t.codec.corrupt_error(col, key, bytes(current or b""), "is not a number")
+        raise t.corrupt_error(col, key, bytes(current or b""), "is not a number")
 
     async def compare_and_set(
         self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
@@ -275,10 +274,9 @@ class RedisRows(RedisLink):
         """Atomically set ``column`` to ``new`` if it equals ``expected`` (missing row = zeros)."""
         t = self._table(spec)
         raw, row_key = t.key(key)
-        codec = t.codec
         col = spec.schema.column(column, spec.name)
-        exp = codec.encode_value(column, expected)
-        new_raw = codec.encode_value(column, new)
+        exp = t.encode_value(column, expected)
+        new_raw = t.encode_value(column, new)
         if col.type is ColumnType.FLOAT:
             kind, zero = b"f", float(expected) == 0.0
         else:
