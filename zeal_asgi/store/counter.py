@@ -54,15 +54,13 @@ class Counter:
     def __init__(
         self, initial: int = 0, *, name: str | None = None, store: Store | None = None
     ) -> None:
+        self.anonymous = name is None
         if name is None:
             # Anonymous counters are matched across workers by declaration order, which only a
             # single host's shared memory can rely on.
             name = f"__anon_{next(_anon)}"
-            self.anonymous = True
-        else:
-            if not isinstance(name, str) or not name or len(name) > 200:
-                raise ConfigError(f"counter name must be a non-empty str, got {name!r}")
-            self.anonymous = False
+        elif not isinstance(name, str) or not name or len(name) > 200:
+            raise ConfigError(f"counter name must be a non-empty str, got {name!r}")
         self.name = name
         self.initial = _check_int(initial, "initial", name)
         self._store = store

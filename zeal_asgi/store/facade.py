@@ -116,7 +116,7 @@ class HybridMeta(type):
                 super().__setattr__(attr, value.__dict__.setdefault(attr, bound) if bound else fn)
 
 
-_STATS_SECTIONS: list[Callable[[], Mapping[str, Any]]] = []
+_STATS_SECTIONS: dict[Callable[[], Mapping[str, Any]], None] = {}  # in order, each once
 
 
 def add_stats_section(section: Callable[[], Mapping[str, Any]]) -> None:
@@ -124,8 +124,7 @@ def add_stats_section(section: Callable[[], Mapping[str, Any]]) -> None:
 
     The Store never imports what is built on it; those layers register here instead.
     """
-    if section not in _STATS_SECTIONS:
-        _STATS_SECTIONS.append(section)
+    _STATS_SECTIONS[section] = None
 
 
 # kind -> (module under zeal_asgi.store.backends, class, (the client library it needs, its extra))

@@ -98,9 +98,7 @@ class TableBackend(StoreBackend):
         """``True`` when the row exists (and has not expired)."""
         return self.table(spec.name).exists(key)
 
-    async def exists_cached(self, spec: TableSpec, key: Key) -> bool:
-        """The shared table is this host's memory: the same as :meth:`exists`."""
-        return await self.exists(spec, key)
+    exists_cached = exists  # the shared table is this host's memory
 
     async def incr(
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1
