@@ -61,7 +61,8 @@ _FLOAT_RE = re.compile(
     rb"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)",
     re.IGNORECASE,
 )
-_INT64 = (-(2**63), 2**63 - 1)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""The signed 64-bit range: of incr steps, counters and INT(8) columns."""
 _ZERO_FIELD = {
     ColumnType.INT: b"0",
     ColumnType.FLOAT: b"0.0",
@@ -94,7 +95,7 @@ def check_step(col: Column, by: object, table: str, allow_nan: bool) -> int | fl
                 f"incr on INT column {col.name!r} of table {table!r} takes an int, got "
                 f"{type(by).__name__}"
             )
-        if not _INT64[0] <= by <= _INT64[1]:
+        if not INT64_MIN <= by <= INT64_MAX:
             raise IntegerOverflowError(
                 f"incr of column {col.name!r} of table {table!r} by {by}: the step is outside "
                 "the signed 64-bit range"

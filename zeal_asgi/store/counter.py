@@ -13,12 +13,12 @@ from zeal_asgi.errors import (
     UnsupportedOperationError,
 )
 from zeal_asgi.store import Store, StoreBackendKind
+from zeal_asgi.store.codec import INT64_MAX, INT64_MIN
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Atomic
     from zeal_asgi.store import CounterBackend
 
-_INT64 = (-(2**63), 2**63 - 1)
 _anon = itertools.count(1)
 
 
@@ -27,7 +27,7 @@ def _check_int(value: object, what: str, name: str) -> int:
         raise ColumnTypeError(
             f"counter {name!r}: {what} must be an int, got {type(value).__name__}"
         )
-    if not _INT64[0] <= value <= _INT64[1]:
+    if not INT64_MIN <= value <= INT64_MAX:
         raise IntegerOverflowError(
             f"counter {name!r}: {what} {value} is outside the signed 64-bit range"
         )
@@ -98,7 +98,7 @@ class Counter:
     def increment(self, by: int = 1) -> Awaitable[int]:
         """Add ``by`` atomically; awaited, the new value.  Overflow raises and leaves the value
         unchanged; a bad step raises when awaited, like every other error."""
-        if by.__class__ is int and _INT64[0] <= by <= _INT64[1]:
+        if by.__class__ is int and INT64_MIN <= by <= INT64_MAX:
             return self._backend.increment(by)  # the backend's awaitable: no frame of our own
         return self._add(by)
 
@@ -108,7 +108,7 @@ class Counter:
     async def decrement(self, by: int = 1) -> int:
         """Subtract ``by`` atomically; the new value."""
         step = _check_int(by, "step", self.name)
-        if step == _INT64[0]:
+        if step == INT64_MIN:
             raise IntegerOverflowError(f"counter {self.name!r}: cannot negate step {by}")
         return await self._add(-step)
 

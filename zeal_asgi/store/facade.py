@@ -35,7 +35,7 @@ from zeal_asgi.store.base import (
     unsupported,
 )
 from zeal_asgi.store.channels import as_bytes, validate_channel
-from zeal_asgi.store.codec import check_step
+from zeal_asgi.store.codec import INT64_MAX, INT64_MIN, check_step
 from zeal_asgi.store.models import columns_from_model, model_of, row_of
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 M = TypeVar("M", bound="BaseModel")
-_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
 class _HasDefault(Protocol):
@@ -420,7 +419,7 @@ class Store(metaclass=HybridMeta):
     async def incr(self, table: str, key: Key, column: str, by: int | float = 1) -> int | float:
         """Atomically add ``by`` to a numeric column (creating the row); the new value."""
         t = self._shm.get(table)
-        if t is not None and (type(by) is not int or _I64_MIN <= by <= _I64_MAX):
+        if t is not None and (type(by) is not int or INT64_MIN <= by <= INT64_MAX):
             result: int | float = t.incr(key, column, by)  # the shared table checks the rest
             return result
         spec = self.spec(table)
