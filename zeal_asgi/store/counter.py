@@ -7,13 +7,12 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from zeal_asgi.errors import (
-    ColumnTypeError,
     ConfigError,
     IntegerOverflowError,
     UnsupportedOperationError,
 )
 from zeal_asgi.store import Store, StoreBackendKind
-from zeal_asgi.store.codec import INT64_MAX, INT64_MIN
+from zeal_asgi.store.codec import INT64_MAX, INT64_MIN, int64
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Atomic
@@ -23,15 +22,7 @@ _anon = itertools.count(1)
 
 
 def _check_int(value: object, what: str, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ColumnTypeError(
-            f"counter {name!r}: {what} must be an int, got {type(value).__name__}"
-        )
-    if not INT64_MIN <= value <= INT64_MAX:
-        raise IntegerOverflowError(
-            f"counter {name!r}: {what} {value} is outside the signed 64-bit range"
-        )
-    return value
+    return int64(value, f"counter {name!r}: {what}")
 
 
 class Counter:
