@@ -231,11 +231,10 @@ class Store(metaclass=HybridMeta):
         The setter validates at once (a bad URL raises ConfigError) and opens no connection;
         tables and counters declared so far are declared again on the new backend.
         """
-        if kind is None:
-            if conn is not None:
-                raise ConfigError("default_backend(conn=...) needs a kind")
-            return self._backend.kind
-        self.use_backend(build_backend(kind, conn))
+        if kind is not None:
+            self.use_backend(build_backend(kind, conn))
+        elif conn is not None:
+            raise ConfigError("default_backend(conn=...) needs a kind")
         return self._backend.kind
 
     def use_backend(self, backend: StoreBackend) -> None:
@@ -250,12 +249,8 @@ class Store(metaclass=HybridMeta):
     def _declare(self, spec: TableSpec) -> Table | None:
         table = self._backend.declare(spec)
         # the fast path skips the backend: only for tables whose rows need no more checks
-        if (
-            table is not None
-            and spec.mode == "tracked"
-            and spec.model is None
-            and self._backend.kind is StoreBackendKind.TABLE
-        ):
+        plain = spec.mode == "tracked" and spec.model is None
+        if table is not None and plain and self._backend.kind is StoreBackendKind.TABLE:
             self._shm[spec.name] = table
         else:
             self._shm.pop(spec.name, None)
