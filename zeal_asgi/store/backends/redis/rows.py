@@ -31,9 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ["INCR_INT", "SET", "RedisRows"]  # the two scripts: the store benchmark runs them raw
 
-_HGETALL = "HGETALL"
-_EXISTS = "EXISTS"
-_OK = b"ok"
 _TEMPLATES = 64
 """Packed script calls kept per table."""
 
@@ -191,7 +188,7 @@ class RedisRows(RedisLink):
         if col is None or len(spec.schema.columns) == 1:
             # a one-column row is its field: HGETALL, a plain command, costs Redis about half
             # what the field script does (the Cache's and the response cache's tables)
-            reply = await self._call(t, (_HGETALL, row_key), "get from")
+            reply = await self._call(t, ("HGETALL", row_key), "get from")
             if not reply:
                 return None
             if isinstance(reply, list):
@@ -216,7 +213,7 @@ class RedisRows(RedisLink):
         """``True`` when the row exists (and has not expired)."""
         t = self._table(spec)
         _, row_key = t.key(key)
-        n = await self._call(t, (_EXISTS, row_key), "exists in")
+        n = await self._call(t, ("EXISTS", row_key), "exists in")
         return bool(n)
 
     async def incr(
@@ -251,7 +248,7 @@ class RedisRows(RedisLink):
         if reply.__class__ is int:
             return int(reply)  # the script's own range-checked result
         status = reply[0]
-        if status == _OK:
+        if status == b"ok":
             value: int | float = t.decode_value(col, reply[1], key)
             return value
         current = reply[-1]
