@@ -71,7 +71,7 @@ class RedisTables(RedisRows):
         t = self._table(spec)
         await self._ensure(t)
         async for batch in self._batches(spec, _BATCH):
-            found = await self._pipelined([("HGETALL", k) for _, k in batch], "HGETALL")
+            found = await self._pipelined([("HGETALL", k) for _, k in batch], "pipelined HGETALL")
             for (raw, _), fields in zip(batch, found, strict=True):
                 key = t.key_out(raw)
                 row = t.decode(fields, key)
@@ -91,7 +91,7 @@ class RedisTables(RedisRows):
             result: list[Any] = await pipe.execute()
             return result
 
-        return await self._conn.run(op, what=f"pipelined {what}", idempotent=True)
+        return await self._conn.run(op, what=what, idempotent=True)
 
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys`` in order (``None`` for misses), one pipelined round trip."""
@@ -101,7 +101,7 @@ class RedisTables(RedisRows):
             return []
         await self._ensure(t)
         found = await self._pipelined(
-            [("HGETALL", self.layout.row(spec.name, r)) for r in raws], "HGETALL"
+            [("HGETALL", self.layout.row(spec.name, r)) for r in raws], "pipelined HGETALL"
         )
         return [t.decode(f, k) for f, k in zip(found, keys, strict=True)]
 
