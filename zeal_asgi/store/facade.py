@@ -6,6 +6,7 @@ instance (``Depends(get_store)``) acts on that instance.  Both are the same meth
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import MethodType
@@ -59,14 +60,11 @@ class hybridmethod(Generic[S, P, R]):
 
     def __init__(self, fn: Callable[Concatenate[S, P], R]) -> None:
         self.fn = fn
-        self.__doc__ = fn.__doc__
-        self.__name__ = fn.__name__
-        self.__qualname__ = fn.__qualname__
-        self.__wrapped__ = fn
+        functools.update_wrapper(cast(Any, self), fn)  # fn's name and docstring, for help()
 
     def __get__(self, obj: S | None, owner: type[S]) -> Callable[P, R]:
         if obj is None:  # no default yet: default() makes one, which installs its methods
-            bound: Callable[P, R] = getattr(owner.default(), self.__name__)
+            bound: Callable[P, R] = getattr(owner.default(), self.fn.__name__)
             return bound
         return MethodType(self.fn, obj)
 
