@@ -235,7 +235,7 @@ def _zeal_commands(store: Any, table: str) -> dict[str, list[str]]:
     t = backend._table(spec)
     raw, row_key = t.key(KEY)
     keys, head = [row_key, t.members], [*t.head, raw]
-    codec = t.codec
+    codec = t  # the table's record is its RowCodec
     fields = codec.encode(ROW)
     flat = [x for kv in fields.items() for x in kv]
     set_argv = [*head, 0, *flat]  # every column given: no zeros

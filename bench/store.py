@@ -542,7 +542,7 @@ def _redis_scripts(stack: contextlib.ExitStack[Any], env: Env) -> list[Spec]:
     spec = store.spec(table)
     # what RedisRows.set / RedisRows.incr send for this row (see zeal_asgi/store/_redis_rows.py)
     t = backend._table(spec)
-    codec = t.codec
+    codec = t  # the table's record is its RowCodec
     raw, row_key = t.key(KEY)
     keys, head = [row_key, t.members], [*t.head, raw]
     fields = codec.encode(ROW)

@@ -36,13 +36,11 @@ def is_pattern(channel: str) -> bool:
 
 def as_bytes(payload: object) -> bytes:
     """A payload as bytes (``str`` is UTF-8 encoded)."""
-    if isinstance(payload, bytes):
-        return payload
     if isinstance(payload, str):
         try:
             return payload.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise SerializationError("pub/sub payload is not encodable as UTF-8") from exc
-    if isinstance(payload, (bytearray, memoryview)):
-        return bytes(payload)
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload)  # a bytes object itself, not a copy
     raise SerializationError(f"a pub/sub payload is str or bytes, got {type(payload).__name__}")

@@ -61,7 +61,8 @@ _FLOAT_RE = re.compile(
     rb"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)",
     re.IGNORECASE,
 )
-_INT64 = (-(2**63), 2**63 - 1)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""The signed 64-bit range: of incr steps, counters and INT(8) columns."""
 _ZERO_FIELD = {
     ColumnType.INT: b"0",
     ColumnType.FLOAT: b"0.0",
@@ -82,6 +83,16 @@ def decode_float(raw: bytes) -> float | None:
     return float(raw)
 
 
+def int64(value: object, what: str) -> int:
+    """``value`` as an int if it is one within the signed 64-bit range (no bool), else the
+    typed error naming ``what``: one rule for incr steps and every Counter argument."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ColumnTypeError(f"{what} takes an int, got {type(value).__name__}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise IntegerOverflowError(f"{what}: {value} is outside the signed 64-bit range")
+    return int(value)
+
+
 def check_step(col: Column, by: object, table: str, allow_nan: bool) -> int | float:
     """The step of ``incr`` on ``col`` (an int, or a float on FLOAT), or its typed error.
 
@@ -89,17 +100,9 @@ def check_step(col: Column, by: object, table: str, allow_nan: bool) -> int | fl
     unless the table allows NaN/inf; an int no double can hold is IntegerOverflowError.
     """
     if col.type is ColumnType.INT:
-        if not isinstance(by, int) or isinstance(by, bool):
-            raise ColumnTypeError(
-                f"incr on INT column {col.name!r} of table {table!r} takes an int, got "
-                f"{type(by).__name__}"
-            )
-        if not _INT64[0] <= by <= _INT64[1]:
-            raise IntegerOverflowError(
-                f"incr of column {col.name!r} of table {table!r} by {by}: the step is outside "
-                "the signed 64-bit range"
-            )
-        return int(by)
+        if by.__class__ is int and INT64_MIN <= by <= INT64_MAX:
+            return by  # the usual step, without building the error text
+        return int64(by, f"incr on INT column {col.name!r} of table {table!r}")
     if col.type is ColumnType.FLOAT:
         if isinstance(by, bool) or not isinstance(by, (int, float)):
             raise ColumnTypeError(

@@ -6,32 +6,19 @@ import itertools
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from zeal_asgi.errors import (
-    ColumnTypeError,
-    ConfigError,
-    IntegerOverflowError,
-    UnsupportedOperationError,
-)
+from zeal_asgi.errors import ConfigError, IntegerOverflowError, UnsupportedOperationError
 from zeal_asgi.store import Store, StoreBackendKind
+from zeal_asgi.store.codec import INT64_MAX, INT64_MIN, int64
 
 if TYPE_CHECKING:
     from zeal_asgi.shm import Atomic
     from zeal_asgi.store import CounterBackend
 
-_INT64 = (-(2**63), 2**63 - 1)
 _anon = itertools.count(1)
 
 
 def _check_int(value: object, what: str, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ColumnTypeError(
-            f"counter {name!r}: {what} must be an int, got {type(value).__name__}"
-        )
-    if not _INT64[0] <= value <= _INT64[1]:
-        raise IntegerOverflowError(
-            f"counter {name!r}: {what} {value} is outside the signed 64-bit range"
-        )
-    return value
+    return int64(value, f"counter {name!r}: {what}")
 
 
 class Counter:
@@ -54,15 +41,13 @@ class Counter:
     def __init__(
         self, initial: int = 0, *, name: str | None = None, store: Store | None = None
     ) -> None:
+        self.anonymous = name is None
         if name is None:
             # Anonymous counters are matched across workers by declaration order, which only a
             # single host's shared memory can rely on.
             name = f"__anon_{next(_anon)}"
-            self.anonymous = True
-        else:
-            if not isinstance(name, str) or not name or len(name) > 200:
-                raise ConfigError(f"counter name must be a non-empty str, got {name!r}")
-            self.anonymous = False
+        elif not isinstance(name, str) or not name or len(name) > 200:
+            raise ConfigError(f"counter name must be a non-empty str, got {name!r}")
         self.name = name
         self.initial = _check_int(initial, "initial", name)
         self._store = store
@@ -100,7 +85,7 @@ class Counter:
     def increment(self, by: int = 1) -> Awaitable[int]:
         """Add ``by`` atomically; awaited, the new value.  Overflow raises and leaves the value
         unchanged; a bad step raises when awaited, like every other error."""
-        if by.__class__ is int and _INT64[0] <= by <= _INT64[1]:
+        if by.__class__ is int and INT64_MIN <= by <= INT64_MAX:
             return self._backend.increment(by)  # the backend's awaitable: no frame of our own
         return self._add(by)
 
@@ -110,7 +95,7 @@ class Counter:
     async def decrement(self, by: int = 1) -> int:
         """Subtract ``by`` atomically; the new value."""
         step = _check_int(by, "step", self.name)
-        if step == _INT64[0]:
+        if step == INT64_MIN:
             raise IntegerOverflowError(f"counter {self.name!r}: cannot negate step {by}")
         return await self._add(-step)
 

@@ -6,6 +6,7 @@ instance (``Depends(get_store)``) acts on that instance.  Both are the same meth
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import MethodType
@@ -24,30 +25,21 @@ from typing import (
 from zeal_asgi.errors import ConfigError, UnknownTableError, require
 from zeal_asgi.settings import ZealSettings
 from zeal_asgi.shm.schema import ColumnType, Schema
-from zeal_asgi.store.base import (
-    Capability,
-    CounterBackend,
-    Key,
-    Row,
-    StoreBackend,
-    StoreBackendKind,
-    TableSpec,
-    unsupported,
-)
+from zeal_asgi.store.base import Capability, StoreBackendKind, TableSpec, unsupported
 from zeal_asgi.store.channels import as_bytes, validate_channel
-from zeal_asgi.store.codec import check_step
+from zeal_asgi.store.codec import INT64_MAX, INT64_MIN, check_step
 from zeal_asgi.store.models import columns_from_model, model_of, row_of
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from zeal_asgi.shm import Table
+    from zeal_asgi.store.base import CounterBackend, Key, Row, StoreBackend
     from zeal_asgi.store.counter import Counter
 
 P = ParamSpec("P")
 R = TypeVar("R")
 M = TypeVar("M", bound="BaseModel")
-_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
 class _HasDefault(Protocol):
@@ -68,16 +60,20 @@ class hybridmethod(Generic[S, P, R]):
 
     def __init__(self, fn: Callable[Concatenate[S, P], R]) -> None:
         self.fn = fn
-        self.__doc__ = fn.__doc__
-        self.__name__ = fn.__name__
-        self.__qualname__ = fn.__qualname__
-        self.__wrapped__ = fn
+        functools.update_wrapper(cast(Any, self), fn)  # fn's name and docstring, for help()
 
     def __get__(self, obj: S | None, owner: type[S]) -> Callable[P, R]:
         if obj is None:  # no default yet: default() makes one, which installs its methods
-            bound: Callable[P, R] = getattr(owner.default(), self.__name__)
+            bound: Callable[P, R] = getattr(owner.default(), self.fn.__name__)
             return bound
         return MethodType(self.fn, obj)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        hybrids = vars(owner).get("_hybrid_methods")
+        if hybrids is None:  # its bases' first: once a default exists, theirs are bound methods
+            hybrids = {**getattr(owner, "_hybrid_methods", {})}
+            type.__setattr__(owner, "_hybrid_methods", hybrids)
+        hybrids[name] = self
 
 
 class HybridMeta(type):
@@ -90,9 +86,13 @@ class HybridMeta(type):
     first, so ``store.get`` is still that store's.
     """
 
+    _hybrid_methods: dict[str, hybridmethod[Any, Any, Any]] = {}
+    """The hybrid methods of a class by name, its bases' included (``hybridmethod.__set_name__``
+    fills it): the descriptors, whatever the class holds now."""
+
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         obj: Any = cast(Any, cls).__new__(cls)
-        for name, fn in _hybrids(cls).items():  # before __init__, which may call them
+        for name, fn in cls._hybrid_methods.items():  # before __init__, which may call them
             obj.__dict__[name] = MethodType(fn.fn, obj)
         obj.__init__(*args, **kwargs)
         return obj
@@ -100,26 +100,12 @@ class HybridMeta(type):
     def __setattr__(cls, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         if name == "_default":
-            for attr, fn in _hybrids(cls).items():
+            for attr, fn in cls._hybrid_methods.items():
                 bound = None if value is None else MethodType(fn.fn, value)
                 super().__setattr__(attr, value.__dict__.setdefault(attr, bound) if bound else fn)
 
 
-def _hybrids(cls: type) -> dict[str, hybridmethod[Any, Any, Any]]:
-    """The hybrid methods of ``cls`` by name (the descriptors, whatever the class holds now)."""
-    found: dict[str, hybridmethod[Any, Any, Any]] | None = cls.__dict__.get("_hybrid_methods")
-    if found is None:
-        found = {}
-        for klass in reversed(cls.__mro__):
-            known = klass.__dict__.get("_hybrid_methods")
-            found.update(
-                known or {k: v for k, v in vars(klass).items() if isinstance(v, hybridmethod)}
-            )
-        type.__setattr__(cls, "_hybrid_methods", found)
-    return found
-
-
-_STATS_SECTIONS: list[Callable[[], Mapping[str, Any]]] = []
+_STATS_SECTIONS: dict[Callable[[], Mapping[str, Any]], None] = {}  # in order, each once
 
 
 def add_stats_section(section: Callable[[], Mapping[str, Any]]) -> None:
@@ -127,8 +113,7 @@ def add_stats_section(section: Callable[[], Mapping[str, Any]]) -> None:
 
     The Store never imports what is built on it; those layers register here instead.
     """
-    if section not in _STATS_SECTIONS:
-        _STATS_SECTIONS.append(section)
+    _STATS_SECTIONS[section] = None
 
 
 # kind -> (module under zeal_asgi.store.backends, class, (the client library it needs, its extra))
@@ -244,11 +229,10 @@ class Store(metaclass=HybridMeta):
         The setter validates at once (a bad URL raises ConfigError) and opens no connection;
         tables and counters declared so far are declared again on the new backend.
         """
-        if kind is None:
-            if conn is not None:
-                raise ConfigError("default_backend(conn=...) needs a kind")
-            return self._backend.kind
-        self.use_backend(build_backend(kind, conn))
+        if kind is not None:
+            self.use_backend(build_backend(kind, conn))
+        elif conn is not None:
+            raise ConfigError("default_backend(conn=...) needs a kind")
         return self._backend.kind
 
     def use_backend(self, backend: StoreBackend) -> None:
@@ -263,12 +247,8 @@ class Store(metaclass=HybridMeta):
     def _declare(self, spec: TableSpec) -> Table | None:
         table = self._backend.declare(spec)
         # the fast path skips the backend: only for tables whose rows need no more checks
-        if (
-            table is not None
-            and spec.mode == "tracked"
-            and spec.model is None
-            and self._backend.kind is StoreBackendKind.TABLE
-        ):
+        plain = spec.mode == "tracked" and spec.model is None
+        if table is not None and plain and self._backend.kind is StoreBackendKind.TABLE:
             self._shm[spec.name] = table
         else:
             self._shm.pop(spec.name, None)
@@ -375,11 +355,10 @@ class Store(metaclass=HybridMeta):
         Prefer :meth:`get_strict`, which returns ``None`` on a miss.
         """
         t = self._shm.get(table)
-        v = (
-            t.get(key, field)
-            if t is not None
-            else await self._backend.get(self.spec(table), key, field)
-        )
+        if t is not None:
+            v = t.get(key, field)
+        else:
+            v = await self._backend.get(self.spec(table), key, field)
         return False if v is None else v
 
     @hybridmethod
@@ -425,7 +404,7 @@ class Store(metaclass=HybridMeta):
     async def incr(self, table: str, key: Key, column: str, by: int | float = 1) -> int | float:
         """Atomically add ``by`` to a numeric column (creating the row); the new value."""
         t = self._shm.get(table)
-        if t is not None and (type(by) is not int or _I64_MIN <= by <= _I64_MAX):
+        if t is not None and (type(by) is not int or INT64_MIN <= by <= INT64_MAX):
             result: int | float = t.incr(key, column, by)  # the shared table checks the rest
             return result
         spec = self.spec(table)

@@ -8,21 +8,16 @@ so every worker attaches to the same memory (see ``zeal_asgi.shm.segments``).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zeal_asgi.errors import ConfigError, UnknownTableError
 from zeal_asgi.shm.bus import host_bus, user_wire
 from zeal_asgi.shm.ext import Atomic, Table
 from zeal_asgi.shm.schema import Schema
-from zeal_asgi.store.base import (
-    Capability,
-    CounterBackend,
-    Key,
-    Row,
-    StoreBackend,
-    StoreBackendKind,
-    TableSpec,
-)
+from zeal_asgi.store.base import Capability, CounterBackend, StoreBackend, StoreBackendKind
+
+if TYPE_CHECKING:
+    from zeal_asgi.store.base import Key, Row, TableSpec
 
 
 class TableBackend(StoreBackend):
@@ -72,10 +67,6 @@ class TableBackend(StoreBackend):
         except KeyError:
             raise UnknownTableError(f"table {name!r} was never made (Store.make)") from None
 
-    def tables(self) -> dict[str, Table]:
-        """Every table declared on this backend, by name."""
-        return dict(self._tables)
-
     async def start(self) -> None:
         """Nothing to connect: shared memory is already mapped."""
 
@@ -102,9 +93,7 @@ class TableBackend(StoreBackend):
         """``True`` when the row exists (and has not expired)."""
         return self.table(spec.name).exists(key)
 
-    async def exists_cached(self, spec: TableSpec, key: Key) -> bool:
-        """The shared table is this host's memory: the same as :meth:`exists`."""
-        return await self.exists(spec, key)
+    exists_cached = exists  # the shared table is this host's memory
 
     async def incr(
         self, spec: TableSpec, key: Key, column: str, by: int | float = 1

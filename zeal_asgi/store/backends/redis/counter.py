@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any
 
 from zeal_asgi._redis.connector import RedisConnector
 from zeal_asgi._redis.pipe import pack
@@ -39,16 +38,6 @@ class RedisCounter(CounterBackend):
             )
             self._ready = True
 
-    def _parse(self, raw: Any) -> int:
-        if raw.__class__ is int:
-            return int(raw)
-        if raw is None:
-            return 0
-        text = bytes(raw)
-        if not text.lstrip(b"-").isdigit():
-            raise BackendResponseError(f"counter {self.name!r} holds {text[:40]!r}, not an integer")
-        return int(text)
-
     def increment(self, by: int = 1) -> Awaitable[int]:
         """INCRBY (not retried: it may have run); awaited, the new value.  IntegerOverflowError
         past 64 bits (the translation of the server's refusal)."""
@@ -72,7 +61,14 @@ class RedisCounter(CounterBackend):
         """The current value (``initial`` until first written)."""
         await self._ensure()
         raw = await self._conn.call(("GET", self.key), "counter", idempotent=True, table=self.name)
-        return self._parse(raw)
+        if raw.__class__ is int:
+            return int(raw)
+        if raw is None:
+            return 0
+        text = bytes(raw)
+        if not text.lstrip(b"-").isdigit():
+            raise BackendResponseError(f"counter {self.name!r} holds {text[:40]!r}, not an integer")
+        return int(text)
 
     async def set(self, value: int) -> None:
         """SET the value."""

@@ -14,55 +14,45 @@ prefix gets a SchemaError naming both declarations, instead of sharing rows sile
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.link import RedisLink
 from zeal_asgi._redis.pipe import Template, pack
-from zeal_asgi._redis.scripts import (
-    CAS,
-    DELETE,
-    GET_FIELD,
-    INCR_FLOAT,
-    INCR_INT,
-    SCHEMA,
-    SET,
-    KeyLayout,
-    Script,
-)
+from zeal_asgi._redis.scripts import CAS, DELETE, GET_FIELD, INCR_FLOAT, INCR_INT, SCHEMA, SET
 from zeal_asgi.errors import ConfigError, IntegerOverflowError
 from zeal_asgi.shm.schema import Column, ColumnType
 from zeal_asgi.store.backends.redis.counter import RedisCounter
 from zeal_asgi.store.base import Key, TableSpec
 from zeal_asgi.store.codec import RowCodec, encode_float, incr_nonfinite, incr_overflow
 
+if TYPE_CHECKING:
+    from zeal_asgi._redis.scripts import KeyLayout, Script
+
 __all__ = ["INCR_INT", "SET", "RedisRows"]  # the two scripts: the store benchmark runs them raw
 
-_HGETALL = "HGETALL"
-_EXISTS = "EXISTS"
-_OK = b"ok"
 _TEMPLATES = 64
 """Packed script calls kept per table."""
 
 
-class _Table:
-    """What the row commands of one declared table need, computed once."""
+class _Table(RowCodec):
+    """What the row commands of one declared table need, computed once: its codec, and more."""
 
     def __init__(self, spec: TableSpec, layout: KeyLayout) -> None:
+        super().__init__(spec.schema, spec.name)
         self.spec = spec
         self.layout = layout
         self.name = spec.name
-        self.codec = RowCodec(spec.schema, spec.name)
         self.base = layout.table_base(spec.name)
         self.members = layout.members(spec.name)
         # ARGV[1], ARGV[2] of the row scripts: 't' tracked (SADD) or 'x' ttl (EXPIRE), ttl
         self.head: tuple[bytes, int] = (b"t" if spec.mode == "tracked" else b"x", spec.ttl or 0)
-        zeros = self.codec.zero_fields()
+        zeros = self.zero_fields()
         self.zeros: tuple[Any, ...] = (len(zeros), *zeros)
         self.others: dict[str, tuple[Any, ...]] = {}
         """Per column: ``zeros`` without its own field (an increment writes that one)."""
         for col in spec.schema.columns:
-            mine = self.codec.zero_fields((col.name.encode("utf-8"),))
+            mine = self.zero_fields((col.name.encode("utf-8"),))
             self.others[col.name] = (len(mine), *mine)
         self.checked = False
         """Whether this process compared the declaration with the one stored in Redis."""
@@ -176,14 +166,13 @@ class RedisRows(RedisLink):
         """Merge ``row`` into the row (new rows start zeroed), in one atomic script."""
         t = self._table(spec)
         raw, row_key = t.key(key)
-        codec = t.codec
-        fields = codec.encode(row)
+        fields = t.encode(row)
         names = tuple(fields)
         tpl = t.templates.get(names)
         if tpl is None:
             # every column given: no zeros to add
-            full = fields and len(fields) == len(codec.schema.columns)
-            zeros = [] if full else codec.zero_fields(fields)
+            full = fields and len(fields) == len(spec.schema.columns)
+            zeros = [] if full else t.zero_fields(fields)
             pairs = [x for name in names for x in (name, None)]  # the values vary
             args = (*t.head, None, len(zeros), *zeros, *pairs)
             tpl = t.template(names, (b"EVALSHA", SET.sha, 2, None, t.members, *args))
@@ -199,19 +188,19 @@ class RedisRows(RedisLink):
         if col is None or len(spec.schema.columns) == 1:
             # a one-column row is its field: HGETALL, a plain command, costs Redis about half
             # what the field script does (the Cache's and the response cache's tables)
-            reply = await self._call(t, (_HGETALL, row_key), "get from")
+            reply = await self._call(t, ("HGETALL", row_key), "get from")
             if not reply:
                 return None
             if isinstance(reply, list):
                 it = iter(reply)
                 reply = dict(zip(it, it, strict=True))
             if col is None:
-                return t.codec.decode(reply, key)
-            return t.codec.decode_value(col, reply.get(col.name.encode()), key)
+                return t.decode(reply, key)
+            return t.decode_value(col, reply.get(col.name.encode()), key)
         got = await self._script(t, GET_FIELD, (row_key,), (col.name.encode(),), "get from")
         if got is None:
             return None
-        return t.codec.decode_value(col, got[0] if got else None, key)
+        return t.decode_value(col, got[0] if got else None, key)
 
     async def delete(self, spec: TableSpec, key: Key) -> bool:
         """Remove the row (and its membership); ``True`` if it existed."""
@@ -224,7 +213,7 @@ class RedisRows(RedisLink):
         """``True`` when the row exists (and has not expired)."""
         t = self._table(spec)
         _, row_key = t.key(key)
-        n = await self._call(t, (_EXISTS, row_key), "exists in")
+        n = await self._call(t, ("EXISTS", row_key), "exists in")
         return bool(n)
 
     async def incr(
@@ -259,15 +248,15 @@ class RedisRows(RedisLink):
         if reply.__class__ is int:
             return int(reply)  # the script's own range-checked result
         status = reply[0]
-        if status == _OK:
-            value: int | float = t.codec.decode_value(col, reply[1], key)
+        if status == b"ok":
+            value: int | float = t.decode_value(col, reply[1], key)
             return value
         current = reply[-1]
         if status == b"overflow" or (status == b"err" and b"overflow" in bytes(reply[1])):
             raise incr_overflow(col, t.name, by, current.decode())
         if status == b"nonfinite":
             raise incr_nonfinite(col, t.name, by, current.decode())
-        raise t.codec.corrupt_error(col, key, bytes(current or b""), "is not a number")
+        raise t.corrupt_error(col, key, bytes(current or b""), "is not a number")
 
     async def compare_and_set(
         self, spec: TableSpec, key: Key, column: str, expected: Any, new: Any
@@ -275,10 +264,9 @@ class RedisRows(RedisLink):
         """Atomically set ``column`` to ``new`` if it equals ``expected`` (missing row = zeros)."""
         t = self._table(spec)
         raw, row_key = t.key(key)
-        codec = t.codec
         col = spec.schema.column(column, spec.name)
-        exp = codec.encode_value(column, expected)
-        new_raw = codec.encode_value(column, new)
+        exp = t.encode_value(column, expected)
+        new_raw = t.encode_value(column, new)
         if col.type is ColumnType.FLOAT:
             kind, zero = b"f", float(expected) == 0.0
         else:

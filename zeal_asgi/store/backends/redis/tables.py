@@ -70,24 +70,28 @@ class RedisTables(RedisRows):
         """Stream every row: SSCAN (tracked) or SCAN (ttl) batches + pipelined HGETALL."""
         t = self._table(spec)
         await self._ensure(t)
-        codec = t.codec
         async for batch in self._batches(spec, _BATCH):
-            found = await self._hgetall_many([k for _, k in batch]) if batch else []
+            found = await self._pipelined([("HGETALL", k) for _, k in batch], "pipelined HGETALL")
             for (raw, _), fields in zip(batch, found, strict=True):
-                key = codec.key_out(raw)
-                row = codec.decode(fields, key)
+                key = t.key_out(raw)
+                row = t.decode(fields, key)
                 if row is not None:  # deleted since the scan
                     yield key, row
 
-    async def _hgetall_many(self, row_keys: Sequence[bytes]) -> list[dict[bytes, bytes]]:
-        async def op(c: Any) -> list[dict[bytes, bytes]]:
+    async def _pipelined(self, commands: Sequence[tuple[Any, ...]], what: str) -> list[Any]:
+        """The replies to idempotent ``commands`` sent in one round trip (redis-py parses
+        them: an ``HGETALL`` is a dict)."""
+        if not commands:
+            return []
+
+        async def op(c: Any) -> list[Any]:
             pipe = c.pipeline(transaction=False)
-            for k in row_keys:
-                pipe.hgetall(k)
-            result: list[dict[bytes, bytes]] = await pipe.execute()
+            for command in commands:
+                pipe.execute_command(*command)
+            result: list[Any] = await pipe.execute()
             return result
 
-        return await self._conn.run(op, what="pipelined HGETALL", idempotent=True)
+        return await self._conn.run(op, what=what, idempotent=True)
 
     async def mget(self, spec: TableSpec, keys: Sequence[Key]) -> list[Row | None]:
         """Rows for ``keys`` in order (``None`` for misses), one pipelined round trip."""
@@ -96,38 +100,30 @@ class RedisTables(RedisRows):
         if not raws:
             return []
         await self._ensure(t)
-        codec = t.codec
-        found = await self._hgetall_many([self.layout.row(spec.name, r) for r in raws])
-        return [codec.decode(f, k) for f, k in zip(found, keys, strict=True)]
+        found = await self._pipelined(
+            [("HGETALL", self.layout.row(spec.name, r)) for r in raws], "pipelined HGETALL"
+        )
+        return [t.decode(f, k) for f, k in zip(found, keys, strict=True)]
 
     async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
         """Validate every row first (all or nothing), then write them in one round trip."""
         t = self._table(spec)
-        codec = t.codec
-        encoded = [(spec.check_key(k), codec.encode(r)) for k, r in rows.items()]
+        encoded = [(spec.check_key(k), t.encode(r)) for k, r in rows.items()]
         if not encoded:
             return 0
         await self._ensure(t)
-        members = t.members
-        mode = b"t" if spec.mode == "tracked" else b"x"
-        calls: list[tuple[list[bytes], list[Any]]] = []
+        calls: list[tuple[Any, ...]] = []
         for start in range(0, len(encoded), _BATCH):
             keys: list[bytes] = []
-            args: list[Any] = [mode, spec.ttl or 0]
+            args: list[Any] = [*t.head]
             for raw, fields in encoded[start : start + _BATCH]:
                 keys.append(self.layout.row(spec.name, raw))
-                zeros = codec.zero_fields(fields)
+                zeros = t.zero_fields(fields)
                 flat = [x for kv in fields.items() for x in kv]
                 args += [raw, len(zeros), len(flat), *zeros, *flat]
-            calls.append(([*keys, members], args))
-
-        async def op(c: Any) -> Any:
-            pipe = c.pipeline(transaction=False)
-            for keys_, args_ in calls:
-                pipe.eval(MSET.body, len(keys_), *keys_, *args_)  # EVAL: no NOSCRIPT in a pipeline
-            return await pipe.execute()
-
-        await self._conn.run(op, what=f"mset in {spec.name!r}", idempotent=True)
+            # EVAL, not EVALSHA: a pipeline cannot fall back on NOSCRIPT
+            calls.append(("EVAL", MSET.body, len(keys) + 1, *keys, t.members, *args))
+        await self._pipelined(calls, f"mset in {spec.name!r}")
         return len(encoded)
 
     async def clear(self, spec: TableSpec) -> int:
