@@ -252,7 +252,7 @@ class TieredBackend(StoreBackend):
             if ms is None or int(ms) == -2:
                 return row
             if int(ms) >= 0:
-                fetched -= max(0.0, self.l1.ttl_of(spec) - int(ms) / 1000)
+                fetched -= max(0.0, self.l1.ttls[spec.name] - int(ms) / 1000)
         if self.synced:
             self.l1.fill(spec, key, row, token, fetched)
         return row
