@@ -85,9 +85,7 @@ def _parse_server(item: str) -> ServerAddr:
                 f"{bad} {host!r} is not a valid host name or IPv4 address (write IPv6 addresses "
                 "as [addr]:port)"
             )
-    if not port_text:
-        return ServerAddr(host, DEFAULT_PORT)
-    digits = port_text[1:]
+    digits = port_text[1:] if port_text else str(DEFAULT_PORT)
     if not digits.isascii() or not digits.isdigit():
         raise ConfigError(f"{bad} port {digits!r} is not a number")
     if not 1 <= int(digits) <= 65535:

@@ -398,7 +398,7 @@ class TieredBackend(StoreBackend):
             "synced": self.synced,
             "signed": self.codec.signer is not None,
             "subscriber": self.subscriber.stats(),
-            "invalidation": self.codec.stats(),
+            "invalidation": self.codec.counter.stats(),
         }
         return {**self.l2.stats(), "tiered": tiered, "l1": self.l1.stats()}
 

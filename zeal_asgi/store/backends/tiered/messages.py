@@ -105,10 +105,6 @@ class InvalidationCodec:
         keys = tuple(bytes.fromhex(k) for k in doc["keys"])
         return Invalidation(doc["origin"], doc["ns"], doc["op"], keys)
 
-    def stats(self) -> dict[str, Any]:
-        """Accepted and rejected counts (per reason), for this worker and the host."""
-        return self.counter.stats()
-
 
 def _check_body(doc: Mapping[str, Any]) -> None:
     origin, ns, op, keys = (doc.get(k) for k in ("origin", "ns", "op", "keys"))
