@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,6 +32,7 @@ from zeal_asgi.store.backends.breaker.state import (
     BreakerState,
     SharedBreaker,
     is_outage,
+    log,
 )
 from zeal_asgi.store.backends.table import TableBackend
 from zeal_asgi.store.base import CounterBackend, Key, Row, StoreBackend, TableSpec, count
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 __all__ = ["BreakerOptions", "BreakerState", "CircuitBreakerBackend", "SharedBreaker"]
 
-log = logging.getLogger("zeal_asgi.breaker")
 T = TypeVar("T")
 Thunk = Callable[[], Awaitable[T]]
 """A call not made yet: the primary's or the fallback's answer to one operation."""

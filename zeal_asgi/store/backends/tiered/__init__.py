@@ -116,7 +116,6 @@ class TieredBackend(StoreBackend):
             backoff_cap=2.0,
         )
         """This worker's invalidation subscriber."""
-        self._specs: dict[str, TableSpec] = {}
 
     @classmethod
     def from_config(cls, conn: str | Mapping[str, Any] | None = None) -> TieredBackend:
@@ -147,7 +146,6 @@ class TieredBackend(StoreBackend):
         """Register on L2 and allocate the L1 table (call before workers start)."""
         self.l2.declare(spec)
         self.l1.declare(spec)
-        self._specs[spec.name] = spec
 
     async def start(self) -> None:
         """Start this worker's invalidation subscriber, then L2 (PING).
@@ -189,7 +187,7 @@ class TieredBackend(StoreBackend):
         if inv.origin == self.origin:
             count("tiered", "invalidations_own")
             return
-        if inv.table not in self._specs:
+        if inv.table not in self.l1.tables:
             count("tiered", "invalidations_unknown_table")
             return
         try:

@@ -19,8 +19,7 @@ import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from zeal_asgi.errors import MessageRejectedError
 from zeal_asgi.shm.schema import MAX_KEY_SIZE
@@ -36,8 +35,7 @@ _NAME_MAX = 256
 _OPS = ("keys", "clear")
 
 
-@dataclass(frozen=True)
-class Invalidation:
+class Invalidation(NamedTuple):
     """A decoded invalidation."""
 
     origin: str
