@@ -155,7 +155,7 @@ async def test_a_full_l1_evicts_instead_of_pinning_old_rows(make_node: MakeNode)
     recent = [await node.exists_cached("kv", f"k{i}") for i in range(590, 600)]
     assert all(recent), recent  # new keys still get into L1
     assert _metric("l1_evictions") > evicted
-    assert tn.l1.tables()["kv"].stats()["rows"] <= 64
+    assert tn.l1.tables["kv"].stats()["rows"] <= 64
     assert await node.count("kv") == 600  # L2 holds everything
     assert (await node.get("kv", "k3"))["v"] == 3
 

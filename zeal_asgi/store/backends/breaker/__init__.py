@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -33,6 +32,7 @@ from zeal_asgi.store.backends.breaker.state import (
     BreakerState,
     SharedBreaker,
     is_outage,
+    log,
 )
 from zeal_asgi.store.backends.table import TableBackend
 from zeal_asgi.store.base import CounterBackend, Key, Row, StoreBackend, TableSpec, count
@@ -43,8 +43,9 @@ if TYPE_CHECKING:
 
 __all__ = ["BreakerOptions", "BreakerState", "CircuitBreakerBackend", "SharedBreaker"]
 
-log = logging.getLogger("zeal_asgi.breaker")
 T = TypeVar("T")
+Thunk = Callable[[], Awaitable[T]]
+"""A call not made yet: the primary's or the fallback's answer to one operation."""
 _FALLBACK: Any = object()
 
 
@@ -111,12 +112,7 @@ class CircuitBreakerBackend(StoreBackend):
 
     # -- the guard ---------------------------------------------------------------------------------
 
-    async def _call(
-        self,
-        what: str,
-        fn: Callable[[], Awaitable[T]],
-        fallback: Callable[[], Awaitable[T]] | None = None,
-    ) -> T:
+    async def _call(self, what: str, fn: Thunk[T], fallback: Thunk[T] | None = None) -> T:
         token = self.breaker.admit()
         if token is None:
             count("breaker", "short_circuited")
@@ -176,9 +172,9 @@ class CircuitBreakerBackend(StoreBackend):
             with contextlib.suppress(ZealError):
                 await self.fallback.delete(spec, key)
 
-    async def _merge(self, spec: TableSpec, key: Key, row: Mapping[str, Any], whole: bool) -> None:
+    async def _merge(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> None:
         # A partial row merged into a row the fallback never saw would invent zeroed columns.
-        if whole or await self.fallback.exists(spec, key):
+        if len(row) == len(spec.schema.columns) or await self.fallback.exists(spec, key):
             await self._mirror(spec, key, row)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -270,7 +266,7 @@ class CircuitBreakerBackend(StoreBackend):
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Merge ``row``; BackendUnavailableError while open."""
         result = bool(await self._guard("set", spec, key, row))
-        await self._merge(spec, key, row, len(row) == len(spec.schema.columns))
+        await self._merge(spec, key, row)
         return result
 
     async def delete(self, spec: TableSpec, key: Key) -> bool:
@@ -284,7 +280,7 @@ class CircuitBreakerBackend(StoreBackend):
     ) -> int | float:
         """Atomic add on the primary; BackendUnavailableError while open."""
         value: int | float = await self._guard("incr", spec, key, column, by)
-        await self._merge(spec, key, {column: value}, whole=False)
+        await self._merge(spec, key, {column: value})
         return value
 
     async def compare_and_set(
@@ -293,14 +289,14 @@ class CircuitBreakerBackend(StoreBackend):
         """Atomic compare-and-set on the primary; BackendUnavailableError while open."""
         done = bool(await self._guard("compare_and_set", spec, key, column, expected, new))
         if done:
-            await self._merge(spec, key, {column: new}, whole=False)
+            await self._merge(spec, key, {column: new})
         return done
 
     async def mset(self, spec: TableSpec, rows: Mapping[Key, Mapping[str, Any]]) -> int:
         """Write many rows; BackendUnavailableError while open."""
         n = int(await self._guard("mset", spec, rows))
         for k, r in rows.items():
-            await self._merge(spec, k, r, len(r) == len(spec.schema.columns))
+            await self._merge(spec, k, r)
         return n
 
     async def clear(self, spec: TableSpec) -> int:

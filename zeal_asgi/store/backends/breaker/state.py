@@ -133,11 +133,6 @@ class SharedBreaker:
         """The current state (host-wide)."""
         return _CODES[self._word() & 3]
 
-    def seconds_in_state(self) -> float:
-        """Seconds since the last transition (0 when never opened)."""
-        since = self._word() >> _SINCE_SHIFT
-        return max(0.0, (_now_ms() - since) / 1000) if since else 0.0
-
     # -- admission and outcomes -----------------------------------------------------------------
 
     def admit(self) -> int | None:
@@ -204,18 +199,16 @@ class SharedBreaker:
         words = (int(self._table.get(f"b{i}", "w") or 0) for i in range(_BUCKETS))
         return sum(w & _COUNT_MASK for w in words if 0 <= epoch - (w >> _COUNT_BITS) < _BUCKETS)
 
-    def reset(self) -> None:
-        """Force CLOSED and forget the failures (operators, tests): a missing word reads as 0."""
-        self._table.clear()
-
     def stats(self) -> dict[str, Any]:
-        """State and host-wide counters (``opened_total``, ``short_circuited_total``, ...)."""
+        """State and host-wide counters (``opened_total``, ``short_circuited_total``, ...), and
+        the seconds since the last transition (0 when never opened)."""
+        since = self._word() >> _SINCE_SHIFT
         return {
             **counters("breaker", _EVENTS),
             "state": str(self.state),
             "name": self.name,
             "failures_in_window": self.failures_in_window(),
-            "seconds_in_state": round(self.seconds_in_state(), 3),
+            "seconds_in_state": round(max(0.0, (_now_ms() - since) / 1000), 3) if since else 0.0,
             "options": self.options.model_dump(),
         }
 

@@ -85,6 +85,10 @@ from zeal_asgi.store.codec import RowCodec, incr_nonfinite, incr_overflow
 __all__ = ["MemcachedBackend", "MemcachedCounter"]
 
 R = TypeVar("R")
+Change = Callable[[bytes | None], tuple[bytes | None, R]]
+"""``change(stored)`` of :meth:`MemcachedBackend._swap`: ``(value to write or None, result)``."""
+Edit = Callable[[Row, bool], tuple[bool, R]]
+"""``edit(row, present)`` of :meth:`MemcachedBackend._update`: ``(write?, result)``."""
 
 _OPTIONS = {"servers", "prefix", "timeout", "cas_timeout", "pool_size", "on_error", "breaker"}
 _MGET_CHUNK = 200
@@ -277,13 +281,7 @@ class MemcachedBackend(StoreBackend):
         """``fn(client)`` on the server that holds ``key``."""
         return self.pool.run(self.pool.index(key), what, fn)
 
-    async def _swap(
-        self,
-        key: bytes,
-        what: str,
-        exptime: int,
-        change: Callable[[bytes | None], tuple[bytes | None, R]],
-    ) -> R:
+    async def _swap(self, key: bytes, what: str, exptime: int, change: Change[R]) -> R:
         """Read-modify-write of the value at ``key``: ``gets``, then ``cas`` (``add`` when it is
         missing), retried with jittered backoff until it wins or ``cas_timeout`` passes.
 
@@ -308,14 +306,7 @@ class MemcachedBackend(StoreBackend):
     def _key(self, spec: TableSpec, key: object) -> bytes:
         return self.keys.row(spec.name, spec.check_key(key))
 
-    async def _update(
-        self,
-        rows: _Rows,
-        key: object,
-        mk: bytes,
-        op: str,
-        change: Callable[[Row, bool], tuple[bool, R]],
-    ) -> R:
+    async def _update(self, rows: _Rows, key: object, mk: bytes, op: str, change: Edit[R]) -> R:
         """Read-modify-write of one row (:meth:`_swap`).
 
         ``change(row, present)`` edits ``row`` (the stored row, or zeros) in place and returns

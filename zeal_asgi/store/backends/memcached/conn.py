@@ -85,9 +85,7 @@ def _parse_server(item: str) -> ServerAddr:
                 f"{bad} {host!r} is not a valid host name or IPv4 address (write IPv6 addresses "
                 "as [addr]:port)"
             )
-    if not port_text:
-        return ServerAddr(host, DEFAULT_PORT)
-    digits = port_text[1:]
+    digits = port_text[1:] if port_text else str(DEFAULT_PORT)
     if not digits.isascii() or not digits.isdigit():
         raise ConfigError(f"{bad} port {digits!r} is not a number")
     if not 1 <= int(digits) <= 65535:
@@ -149,30 +147,27 @@ class KeyMapper:
         self.prefix = prefix
         self._p = prefix.encode()
 
-    def _hashed(self, full: bytes, person: bytes) -> bytes:
-        digest = hashlib.blake2b(full, digest_size=32, person=person).hexdigest()
-        return b"%s:h:%s" % (self._p, digest.encode())
+    def _safe(self, full: bytes, kind: bytes, always_hash: bool = False) -> bytes:
+        """``full``, or ``{prefix}:h:<digest>`` (personalised by ``kind``) when it is unsafe."""
+        if always_hash or not _SAFE_KEY.match(full):
+            digest = hashlib.blake2b(full, digest_size=32, person=b"zeal-mc-" + kind)
+            return b"%s:h:%s" % (self._p, digest.hexdigest().encode())
+        return full
 
     def row(self, table: str, key: bytes) -> bytes:
         """The key of row ``key`` (already validated bytes) of ``table``."""
         full = b"%s:%s:%s" % (self._p, table.encode("utf-8", "surrogatepass"), key)
-        if table in _RESERVED_TABLES or not _SAFE_KEY.match(full):
-            return self._hashed(full, b"zeal-mc-row")
-        return full
+        return self._safe(full, b"row", table in _RESERVED_TABLES)
 
     def counter(self, name: str) -> bytes:
         """The key of counter ``name``."""
-        return self._named(b"counter", name)
+        full = b"%s:counter:%s" % (self._p, name.encode("utf-8", "surrogatepass"))
+        return self._safe(full, b"counter")
 
     def schema(self, table: str) -> bytes:
         """The key holding the declaration of ``table`` (see ``MemcachedBackend``)."""
-        return self._named(b"schema", table)
-
-    def _named(self, kind: bytes, name: str) -> bytes:
-        full = b"%s:%s:%s" % (self._p, kind, name.encode("utf-8", "surrogatepass"))
-        if not _SAFE_KEY.match(full):
-            return self._hashed(full, b"zeal-mc-" + kind)
-        return full
+        full = b"%s:schema:%s" % (self._p, table.encode("utf-8", "surrogatepass"))
+        return self._safe(full, b"schema")
 
 
 class _Pool(MemcachePool):

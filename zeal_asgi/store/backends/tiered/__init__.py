@@ -116,7 +116,6 @@ class TieredBackend(StoreBackend):
             backoff_cap=2.0,
         )
         """This worker's invalidation subscriber."""
-        self._specs: dict[str, TableSpec] = {}
 
     @classmethod
     def from_config(cls, conn: str | Mapping[str, Any] | None = None) -> TieredBackend:
@@ -147,7 +146,6 @@ class TieredBackend(StoreBackend):
         """Register on L2 and allocate the L1 table (call before workers start)."""
         self.l2.declare(spec)
         self.l1.declare(spec)
-        self._specs[spec.name] = spec
 
     async def start(self) -> None:
         """Start this worker's invalidation subscriber, then L2 (PING).
@@ -189,7 +187,7 @@ class TieredBackend(StoreBackend):
         if inv.origin == self.origin:
             count("tiered", "invalidations_own")
             return
-        if inv.table not in self._specs:
+        if inv.table not in self.l1.tables:
             count("tiered", "invalidations_unknown_table")
             return
         try:
@@ -252,7 +250,7 @@ class TieredBackend(StoreBackend):
             if ms is None or int(ms) == -2:
                 return row
             if int(ms) >= 0:
-                fetched -= max(0.0, self.l1.ttl_of(spec) - int(ms) / 1000)
+                fetched -= max(0.0, self.l1.ttls[spec.name] - int(ms) / 1000)
         if self.synced:
             self.l1.fill(spec, key, row, token, fetched)
         return row
@@ -398,7 +396,7 @@ class TieredBackend(StoreBackend):
             "synced": self.synced,
             "signed": self.codec.signer is not None,
             "subscriber": self.subscriber.stats(),
-            "invalidation": self.codec.stats(),
+            "invalidation": self.codec.counter.stats(),
         }
         return {**self.l2.stats(), "tiered": tiered, "l1": self.l1.stats()}
 

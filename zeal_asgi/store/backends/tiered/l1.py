@@ -47,8 +47,10 @@ class L1Cache:
         self.namespace = namespace
         self.ttl = ttl
         self.rows = rows
-        self._tables: dict[str, TableT] = {}
-        self._ttls: dict[str, float] = {}
+        self.tables: dict[str, TableT] = {}
+        """The L1 table of every declared table."""
+        self.ttls: dict[str, float] = {}
+        """Seconds a row of each table stays fresh (``ttl``, or the table's TTL if shorter)."""
         self._gens: TableT | None = None
 
     def _gen_table(self) -> TableT:
@@ -58,7 +60,7 @@ class L1Cache:
 
     def declare(self, spec: TableSpec) -> None:
         """Allocate (or attach to) the L1 table of ``spec``: call before workers start."""
-        existing = self._tables.get(spec.name)
+        existing = self.tables.get(spec.name)
         if existing is not None and not existing.closed:
             return
         if any(c.name == FETCHED for c in spec.schema.columns):
@@ -69,17 +71,9 @@ class L1Cache:
             self.rows or spec.max_rows, name=f"{self.namespace}:l1:{spec.name}", **options
         )
         self._gen_table()
-        self._tables[spec.name] = table
+        self.tables[spec.name] = table
         # A row of a TTL table must not outlive its L2 copy: never fresh longer than the TTL.
-        self._ttls[spec.name] = min(self.ttl, float(spec.ttl)) if spec.ttl else self.ttl
-
-    def ttl_of(self, spec: TableSpec) -> float:
-        """Seconds a row of ``spec`` stays fresh (``ttl``, or the table's TTL if shorter)."""
-        return self._ttls[spec.name]
-
-    def tables(self) -> dict[str, TableT]:
-        """The L1 table of every declared table."""
-        return dict(self._tables)
+        self.ttls[spec.name] = min(self.ttl, float(spec.ttl)) if spec.ttl else self.ttl
 
     # -- generations -----------------------------------------------------------------------------
 
@@ -100,12 +94,12 @@ class L1Cache:
 
     def lookup(self, spec: TableSpec, key: Key) -> Row | None:
         """The fresh L1 row without the hidden column, or ``None`` (missing or stale)."""
-        t = self._tables[spec.name]
+        t = self.tables[spec.name]
         row: Row | None = t.get(key)
         if row is None:
             count("tiered", "l1_misses")
             return None
-        if time.monotonic() - row.pop(FETCHED) >= self._ttls[spec.name]:
+        if time.monotonic() - row.pop(FETCHED) >= self.ttls[spec.name]:
             count("tiered", "l1_stale")
             return None
         count("tiered", "l1_hits")
@@ -113,8 +107,8 @@ class L1Cache:
 
     def is_fresh(self, spec: TableSpec, key: Key) -> bool:
         """Whether L1 holds a fresh copy of ``key`` (no counters touched)."""
-        fetched = self._tables[spec.name].get(key, FETCHED)
-        return fetched is not None and time.monotonic() - fetched < self._ttls[spec.name]
+        fetched = self.tables[spec.name].get(key, FETCHED)
+        return fetched is not None and time.monotonic() - fetched < self.ttls[spec.name]
 
     # -- writes ----------------------------------------------------------------------------------
 
@@ -135,7 +129,7 @@ class L1Cache:
             return False
         stored = self._store(spec, key, row, fetched)
         if stored and self.snapshot(spec.name, key) != token:
-            self._tables[spec.name].delete(key)  # an invalidation overtook us: keep nothing
+            self.tables[spec.name].delete(key)  # an invalidation overtook us: keep nothing
             count("tiered", "l1_fill_skipped")
             return False
         return stored
@@ -147,7 +141,7 @@ class L1Cache:
 
     def invalidate(self, table: str, keys: Iterable[Key]) -> None:
         """Drop ``keys`` from L1 (generation first, see the module docstring)."""
-        t = self._tables.get(table)
+        t = self.tables.get(table)
         if t is not None:
             for key in keys:
                 self._bump(table, key)
@@ -156,14 +150,14 @@ class L1Cache:
     def clear(self, table: str | None = None) -> None:
         """Drop every row of ``table`` (or of every table: a flush)."""
         self._bump(table or "", None)
-        for name, t in self._tables.items():
+        for name, t in self.tables.items():
             if table is None or name == table:
                 t.clear()
 
     def _store(
         self, spec: TableSpec, key: Key, row: Mapping[str, Any], fetched: float | None = None
     ) -> bool:
-        t = self._tables[spec.name]
+        t = self.tables[spec.name]
         full = {**row, FETCHED: time.monotonic() if fetched is None else fetched}
         for swept in (False, True):
             try:
@@ -183,7 +177,7 @@ class L1Cache:
         if token is None:
             return False  # another worker is sweeping; don't stall this request behind it
         try:
-            ttl = self._ttls[name]
+            ttl = self.ttls[name]
             now = time.monotonic()
             target = max(1, t.capacity // 8)
             live: list[tuple[float, Any]] = []
@@ -202,15 +196,15 @@ class L1Cache:
 
     def stats(self) -> dict[str, Any]:
         """Per-table figures of the shared L1 tables."""
-        return {"tables": {n: t.stats() for n, t in self._tables.items() if not t.closed}}
+        return {"tables": {n: t.stats() for n, t in self.tables.items() if not t.closed}}
 
     def close_all(self) -> None:
         """Unmap and unlink every L1 table (tests and explicit teardown)."""
         from zeal_asgi.shm.segments import destroy
 
-        for t in self._tables.values():
+        for t in self.tables.values():
             destroy(t)
         if self._gens is not None:
             destroy(self._gens)
-        self._tables.clear()
+        self.tables.clear()
         self._gens = None

@@ -19,8 +19,7 @@ import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from zeal_asgi.errors import MessageRejectedError
 from zeal_asgi.shm.schema import MAX_KEY_SIZE
@@ -36,8 +35,7 @@ _NAME_MAX = 256
 _OPS = ("keys", "clear")
 
 
-@dataclass(frozen=True)
-class Invalidation:
+class Invalidation(NamedTuple):
     """A decoded invalidation."""
 
     origin: str
@@ -104,10 +102,6 @@ class InvalidationCodec:
             self.counter.accept()
         keys = tuple(bytes.fromhex(k) for k in doc["keys"])
         return Invalidation(doc["origin"], doc["ns"], doc["op"], keys)
-
-    def stats(self) -> dict[str, Any]:
-        """Accepted and rejected counts (per reason), for this worker and the host."""
-        return self.counter.stats()
 
 
 def _check_body(doc: Mapping[str, Any]) -> None:
