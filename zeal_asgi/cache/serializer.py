@@ -36,7 +36,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel
@@ -58,20 +58,6 @@ _FMT_STR = 1
 _FMT_BYTES = 2
 _FMT_BLOBS = 3
 _U32 = struct.Struct("<I")
-
-
-class Serializer(Protocol):
-    """Turns values into bytes and back; ``id`` is stored with every entry."""
-
-    id: int
-
-    def dumps(self, value: object) -> bytes:
-        """Encode ``value``; SerializationError for a value it cannot represent exactly."""
-        ...
-
-    def loads(self, data: bytes) -> Any:
-        """Decode bytes produced by ``dumps``; SerializationError when they are not valid."""
-        ...
 
 
 # -- JSON with a typed envelope --------------------------------------------------------------
@@ -340,6 +326,10 @@ class PickleSerializer:
             return pickle.loads(data)  # only ever called after the MAC check
         except Exception as exc:
             raise SerializationError(f"cannot unpickle cached value: {exc!r}"[:200]) from exc
+
+
+Serializer = JsonSerializer | PickleSerializer
+"""Turns values into bytes (``dumps``) and back (``loads``); ``id`` is stored with every entry."""
 
 
 def get_serializer(name: str) -> Serializer:
