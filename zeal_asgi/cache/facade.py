@@ -165,7 +165,7 @@ class Cache(metaclass=HybridMeta):
                 max_rows,
                 self.store.kind,
             )
-        self._gc = CacheGC(namespace, gc_interval_ms / 1000, self.gc) if gc_interval_ms else None
+        self._gc = CacheGC(namespace, gc_interval_ms / 1000, self.gc)
         self._args = _identity(locals())
         if zeal is not None:
             zeal.add_service(self)
@@ -275,8 +275,7 @@ class Cache(metaclass=HybridMeta):
         kb = check_key(key)
         seconds = check_ttl(ttl)
         payload = self._tiers.encode(key, value)
-        if self._gc is not None:
-            self._gc.start()  # lazily, if the app did not register it as a service
+        self._gc.start()  # lazily, if the app did not register it as a service
         return await self._tiers.put(kb, payload, seconds)
 
     @hybridmethod
@@ -313,8 +312,7 @@ class Cache(metaclass=HybridMeta):
         lease (``lock_lease``) is renewed by its event loop: a sync ``fn`` that blocks the loop
         for longer than the lease may be computed a second time elsewhere; make it async.
         """
-        if self._gc is not None:
-            self._gc.start()
+        self._gc.start()
         if (
             (type(ttl) is int or type(ttl) is float)
             and 0 <= ttl <= MAX_TTL  # a valid ttl (NaN and infinities fail), and a kept key is
@@ -341,14 +339,12 @@ class Cache(metaclass=HybridMeta):
     @hybridmethod
     async def start(self) -> None:
         """Start this worker's GC task (``zeal.add_service(cache)`` calls it at startup)."""
-        if self._gc is not None:
-            self._gc.start()
+        self._gc.start()
 
     @hybridmethod
     async def stop(self) -> None:
         """Stop and await this worker's GC task."""
-        if self._gc is not None:
-            await self._gc.stop()
+        await self._gc.stop()
 
     def close(self) -> None:
         """Release the file tier's directory descriptor (the cache is unusable afterwards)."""
