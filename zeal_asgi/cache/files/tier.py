@@ -370,11 +370,9 @@ class FileTier:
     ) -> tuple[str, os.stat_result | None]:
         try:
             fd = os.open(name, READ_FLAGS, dir_fd=self._dfd)
-        except FileNotFoundError:
-            return "gone", None
         except OSError as exc:
             if exc.errno != errno.ELOOP:
-                return "keep", None
+                return "keep", None  # gone since the listing, or unreadable: left as it is
             self.drop(name, None, "not_regular")
             return "damaged", None
         try:
