@@ -166,7 +166,7 @@ class Cache(metaclass=HybridMeta):
                 self.store.kind,
             )
         self._gc = CacheGC(namespace, gc_interval_ms / 1000, self.gc)
-        self._args = _identity(locals())
+        self._args = _identity(locals())  # the arguments as given: no parameter is rebound above
         if zeal is not None:
             zeal.add_service(self)
 
