@@ -62,11 +62,11 @@ async def compute_once(
         if found:
             tiers.count("stampede_blocked")
             return value
-    if token is NO_LOCK:
-        tiers.count("lock_table_full")
     holder = [token]
     renewer = None
-    if token is not NO_LOCK:
+    if token is NO_LOCK:
+        tiers.count("lock_table_full")
+    else:
         renewer = asyncio.create_task(_renew(lock, name, holder, tiers.lock_lease / 3))
     try:
         found, value = await tiers.lookup(key, record=False)

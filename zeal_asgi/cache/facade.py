@@ -10,10 +10,11 @@ calls the synchronous :class:`~zeal_asgi.cache.local.LocalTier` directly.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from zeal_asgi.cache.compute import compute_once
@@ -44,6 +45,12 @@ _NS_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _UNBOUNDED = (StoreBackendKind.REDIS, StoreBackendKind.TIERED)
 """Backends where ``max_rows`` bounds nothing (Redis keeps rows until they expire)."""
 log = logging.getLogger("zeal_asgi.cache")
+_IDENTITY = ("max_rows", "cache_dir", "gc_interval_ms", "ttl_seconds", "serializer", "namespace")
+
+
+def _identity(arguments: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The arguments a repeated ``Cache.init`` must repeat (the directory as a string)."""
+    return tuple(str(arguments[n]) if n == "cache_dir" else arguments[n] for n in _IDENTITY)
 
 
 class Cache(metaclass=HybridMeta):
@@ -158,48 +165,31 @@ class Cache(metaclass=HybridMeta):
                 max_rows,
                 self.store.kind,
             )
-        self._gc = CacheGC(namespace, gc_interval_ms / 1000, self.gc) if gc_interval_ms else None
-        self._args = (max_rows, str(cache_dir), gc_interval_ms, ttl_seconds, serializer, namespace)
+        self._gc = CacheGC(namespace, gc_interval_ms / 1000, self.gc)
+        self._args = _identity(locals())  # the arguments as given: no parameter is rebound above
         if zeal is not None:
             zeal.add_service(self)
 
     # -- the default instance ------------------------------------------------------------------
 
     @classmethod
-    def init(
-        cls,
-        max_rows: int = 4096,
-        cache_dir: str = ".cache",
-        gc_interval_ms: int = 60000,
-        ttl_seconds: float | None = None,
-        *,
-        secret: str | bytes | None = None,
-        serializer: str = "json",
-        max_entry_bytes: int = 64 * 1024 * 1024,
-        memory_value_bytes: int = 8192,
-        fsync: bool = False,
-        max_files: int = 0,
-        namespace: str = "cache",
-        lock_lease: float = 10.0,
-        compute_timeout: float = 60.0,
-        store: Store | None = None,
-        zeal: ServiceHost | None = None,
-    ) -> Cache:
+    def init(cls, *args: Any, **kwargs: Any) -> Cache:
         """Create the default cache (class-level calls use it); a repeated call is a no-op.
 
         Same arguments as :class:`Cache`.  Call it at import time, before workers start.
         """
-        # every argument as given, read before any other name is bound here
-        given = {name: value for name, value in locals().items() if name != "cls"}
-        args = (max_rows, str(cache_dir), gc_interval_ms, ttl_seconds, serializer, namespace)
+        # bound as __init__ binds them (None for self): the TypeError Cache() would raise
+        given = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        given.apply_defaults()
+        identity = _identity(given.arguments)
         if cls._default is not None:
-            if cls._default._args != args:
+            if cls._default._args != identity:
                 raise ConfigError(
-                    f"Cache.init() was already called with {cls._default._args}; got {args} "
+                    f"Cache.init() was already called with {cls._default._args}; got {identity} "
                     "(use Cache.set_default(None) first to replace it)"
                 )
             return cls._default
-        cls._default = cls(**given)
+        cls._default = cls(*args, **kwargs)
         return cls._default
 
     @classmethod
@@ -285,8 +275,7 @@ class Cache(metaclass=HybridMeta):
         kb = check_key(key)
         seconds = check_ttl(ttl)
         payload = self._tiers.encode(key, value)
-        if self._gc is not None:
-            self._gc.start()  # lazily, if the app did not register it as a service
+        self._gc.start()  # lazily, if the app did not register it as a service
         return await self._tiers.put(kb, payload, seconds)
 
     @hybridmethod
@@ -323,8 +312,7 @@ class Cache(metaclass=HybridMeta):
         lease (``lock_lease``) is renewed by its event loop: a sync ``fn`` that blocks the loop
         for longer than the lease may be computed a second time elsewhere; make it async.
         """
-        if self._gc is not None:
-            self._gc.start()
+        self._gc.start()
         if (
             (type(ttl) is int or type(ttl) is float)
             and 0 <= ttl <= MAX_TTL  # a valid ttl (NaN and infinities fail), and a kept key is
@@ -351,14 +339,12 @@ class Cache(metaclass=HybridMeta):
     @hybridmethod
     async def start(self) -> None:
         """Start this worker's GC task (``zeal.add_service(cache)`` calls it at startup)."""
-        if self._gc is not None:
-            self._gc.start()
+        self._gc.start()
 
     @hybridmethod
     async def stop(self) -> None:
         """Stop and await this worker's GC task."""
-        if self._gc is not None:
-            await self._gc.stop()
+        await self._gc.stop()
 
     def close(self) -> None:
         """Release the file tier's directory descriptor (the cache is unusable afterwards)."""

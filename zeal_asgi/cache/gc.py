@@ -24,7 +24,7 @@ log = logging.getLogger("zeal_asgi.cache")
 class CacheGC:
     """A per-worker task: ``start()`` in the worker's event loop, ``stop()`` at shutdown.  It
     sweeps while it holds its cache's host-wide GC lease (row ``gc:<name>`` of the control
-    table)."""
+    table); with ``interval`` 0 it never starts."""
 
     def __init__(
         self, name: str, interval: float, sweep: Callable[[], Awaitable[dict[str, int]]]
@@ -39,6 +39,8 @@ class CacheGC:
 
     def start(self) -> None:
         """Start ticking in the running event loop (idempotent)."""
+        if not self.interval:
+            return  # the GC is disabled (gc_interval_ms=0)
         task = self._task
         if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
             return

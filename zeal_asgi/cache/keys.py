@@ -7,6 +7,7 @@ never in the cache directory, so a cache directory alone never lets anyone forge
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -75,7 +76,13 @@ def control_table() -> Table:
         return _control
 
 
-_warned_ephemeral = False
+@functools.cache  # once per process
+def _warn_ephemeral() -> None:
+    log.info(
+        "zeal_asgi cache: no secret configured (secret= or %s): using a random key per server "
+        "run, so file-tier entries do not survive a restart",
+        ENV_SECRET,
+    )
 
 
 @dataclass(frozen=True)
@@ -91,16 +98,9 @@ class CacheKeys:
     @classmethod
     def load(cls, secret: bytes | None) -> CacheKeys:
         """Keys from ``secret``, or from this server's random key (logged once)."""
-        global _warned_ephemeral
         master = secret
         if master is None:
-            if not _warned_ephemeral:
-                _warned_ephemeral = True
-                log.info(
-                    "zeal_asgi cache: no secret configured (secret= or %s): using a random key "
-                    "per server run, so file-tier entries do not survive a restart",
-                    ENV_SECRET,
-                )
+            _warn_ephemeral()
             # The first worker to get here publishes its key; every other worker adopts it.
             control_table().compare_and_set(_RANDOM_ROW, "key", b"", secrets.token_bytes(32))
             master = control_table().get(_RANDOM_ROW, "key")

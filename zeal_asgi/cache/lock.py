@@ -12,7 +12,11 @@ for long.
   ``Store.compare_and_set``, with a random tag instead of the pid (owners may be other hosts);
   as atomic as the backend's compare-and-set.
 
-A computer renews its lease while ``fn`` runs; a lock row is deleted on release.
+Each has the same three coroutines: ``acquire(name)`` (a token when the caller now holds
+``name``, ``NO_LOCK`` to go on unlocked, else ``None``: someone else holds it), ``renew(name,
+token)`` (the possibly new token, or ``None`` if the lock was lost) and ``release(name, token)``
+(gives it up if the caller still holds it).  A computer renews its lease while ``fn`` runs; a lock
+row is deleted on release.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 import secrets
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from zeal_asgi._redis.scripts import LOCK_ACQUIRE, LOCK_RELEASE, LOCK_RENEW
 from zeal_asgi.errors import TableFullError
@@ -40,23 +44,6 @@ NO_LOCK: Any = object()
 
 def _wall_ms() -> int:
     return int(time.time() * 1000) - _EPOCH_MS
-
-
-class Lock(Protocol):
-    """A lease-based lock per key."""
-
-    async def acquire(self, name: str) -> Any:
-        """A token when this caller now holds ``name``, ``NO_LOCK`` to go on unlocked, else
-        ``None`` (someone else holds it)."""
-        ...
-
-    async def renew(self, name: str, token: Any) -> Any:
-        """Extend the lease; the (possibly new) token, or ``None`` if the lock was lost."""
-        ...
-
-    async def release(self, name: str, token: Any) -> None:
-        """Give the lock up if this caller still holds it."""
-        ...
 
 
 def lock_for(store: Store, table: str, namespace: str, lease: float) -> Lock:
@@ -174,3 +161,7 @@ class RedisLock:
     async def release(self, name: str, token: Any) -> None:
         """Delete the lock if it is still ours."""
         await self.store.eval(LOCK_RELEASE.source, [self._key(name)], [token])
+
+
+Lock = ShmLock | CasLock | RedisLock
+"""The stampede lock of one backend (see the module doc for what its methods do)."""

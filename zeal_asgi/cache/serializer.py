@@ -36,7 +36,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, NoReturn
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel
@@ -58,20 +58,6 @@ _FMT_STR = 1
 _FMT_BYTES = 2
 _FMT_BLOBS = 3
 _U32 = struct.Struct("<I")
-
-
-class Serializer(Protocol):
-    """Turns values into bytes and back; ``id`` is stored with every entry."""
-
-    id: int
-
-    def dumps(self, value: object) -> bytes:
-        """Encode ``value``; SerializationError for a value it cannot represent exactly."""
-        ...
-
-    def loads(self, data: bytes) -> Any:
-        """Decode bytes produced by ``dumps``; SerializationError when they are not valid."""
-        ...
 
 
 # -- JSON with a typed envelope --------------------------------------------------------------
@@ -133,24 +119,6 @@ _ENCODERS: dict[type, Callable[[Any, list[str]], Any]] = {
 }
 
 
-def _other(v: object, blobs: list[str]) -> Any:
-    """Envelope of a value that is not a plain JSON type."""
-    t = type(v)
-    if (encoder := _ENCODERS.get(t)) is not None:
-        return encoder(v, blobs)
-    if isinstance(v, BaseModel):
-        try:
-            doc = v.model_dump_json()
-        except Exception as exc:
-            raise SerializationError(f"pydantic model {t.__qualname__!r}: {exc}") from exc
-        return {TAG: "model", "c": _model_path(t), "v": doc}
-    raise SerializationError(
-        f"the JSON cache serializer cannot store a {t.__module__}.{t.__qualname__} exactly "
-        "(JSON-like values, bytes, tuples, sets, datetimes, Decimal, UUID and pydantic models "
-        "are supported); convert it, or opt in to serializer='pickle' with a secret"
-    )
-
-
 def _encode(v: object, blobs: list[str]) -> Any:
     t = type(v)
     if t is str:
@@ -171,7 +139,19 @@ def _encode(v: object, blobs: list[str]) -> Any:
         if TAG not in d and all(type(k) is str for k in d):
             return {k: _encode(x, blobs) for k, x in d.items()}
         return _env("dict", [[_encode(k, blobs), _encode(x, blobs)] for k, x in d.items()])
-    return _other(v, blobs)
+    if (encoder := _ENCODERS.get(t)) is not None:
+        return encoder(v, blobs)
+    if isinstance(v, BaseModel):
+        try:
+            doc = v.model_dump_json()
+        except Exception as exc:
+            raise SerializationError(f"pydantic model {t.__qualname__!r}: {exc}") from exc
+        return {TAG: "model", "c": _model_path(t), "v": doc}
+    raise SerializationError(
+        f"the JSON cache serializer cannot store a {t.__module__}.{t.__qualname__} exactly "
+        "(JSON-like values, bytes, tuples, sets, datetimes, Decimal, UUID and pydantic models "
+        "are supported); convert it, or opt in to serializer='pickle' with a secret"
+    )
 
 
 def _decode_clock(d: dict[str, Any]) -> dt.datetime | dt.time:
@@ -217,18 +197,16 @@ def _blob(d: dict[str, Any]) -> str:
     blobs: list[str] | None = getattr(_refs, "blobs", None)
     i = d.get("i")
     if blobs is None or type(i) is not int or not 0 <= i < len(blobs) or len(d) != 2:
-        return _bad(d)  # type: ignore[no-any-return]
+        _bad(d)
     return blobs[i]
 
 
 def _list(d: dict[str, Any]) -> list[Any]:
     v = d.get("v")
-    if not isinstance(v, list):
-        _bad(d)
-    return v  # type: ignore[return-value]
+    return v if isinstance(v, list) else _bad(d)
 
 
-def _bad(d: dict[str, Any]) -> Any:
+def _bad(d: dict[str, Any]) -> NoReturn:
     raise SerializationError(f"malformed cache envelope {str(d)[:80]!r}")
 
 
@@ -236,10 +214,8 @@ def _decode_obj(d: dict[str, Any]) -> Any:
     tag = d.get(TAG)
     if tag is None:
         return d
-    fn = _DECODERS.get(tag) if isinstance(tag, str) else None
-    if fn is None:
-        return _bad(d)
-    return fn(d)
+    decode = _DECODERS.get(tag, _bad) if isinstance(tag, str) else _bad
+    return decode(d)
 
 
 # built once: json.dumps/loads with options build a new encoder/decoder on every call
@@ -350,6 +326,10 @@ class PickleSerializer:
             return pickle.loads(data)  # only ever called after the MAC check
         except Exception as exc:
             raise SerializationError(f"cannot unpickle cached value: {exc!r}"[:200]) from exc
+
+
+Serializer = JsonSerializer | PickleSerializer
+"""Turns values into bytes (``dumps``) and back (``loads``); ``id`` is stored with every entry."""
 
 
 def get_serializer(name: str) -> Serializer:

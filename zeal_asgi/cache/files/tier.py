@@ -70,7 +70,6 @@ class Entry(NamedTuple):
     """An authenticated, unexpired entry read from the file tier."""
 
     serializer: int
-    created_at: float
     expires_at: float
     nonce: bytes
     payload: bytes
@@ -277,7 +276,7 @@ class FileTier:
         reason = check_head(data, len(data), self.kid)
         if reason is not None:
             return None, reason
-        _, _, ser, _, _, created, expires, nonce, klen, _ = HEADER.unpack_from(data)
+        _, _, ser, _, _, _created, expires, nonce, klen, _ = HEADER.unpack_from(data)
         view = memoryview(data)
         body = HEAD_LEN + klen
         expected = self._mac(view[: HEADER.size], view[HEAD_LEN:body], data[body:])
@@ -287,7 +286,7 @@ class FileTier:
             return None, "key"  # an authentic entry of another key, copied under this name
         if expires and expires <= now:
             return None, "expired"
-        return Entry(ser, created, expires, nonce, data[body:]), ""
+        return Entry(ser, expires, nonce, data[body:]), ""
 
     # -- removal -------------------------------------------------------------------------------
 
@@ -370,11 +369,9 @@ class FileTier:
     ) -> tuple[str, os.stat_result | None]:
         try:
             fd = os.open(name, READ_FLAGS, dir_fd=self._dfd)
-        except FileNotFoundError:
-            return "gone", None
         except OSError as exc:
             if exc.errno != errno.ELOOP:
-                return "keep", None
+                return "keep", None  # gone since the listing, or unreadable: left as it is
             self.drop(name, None, "not_regular")
             return "damaged", None
         try:
