@@ -146,8 +146,7 @@ class RedisRegistry:
     async def worker_alive(self, worker: str) -> bool:
         """Whether ``worker``'s mark is current (``EXISTS``)."""
         key = self._alive_key(worker)
-        n = await self._run(lambda c: c.exists(key), "ws liveness")
-        return bool(n)
+        return bool(await self._run(lambda c: c.exists(key), "ws liveness"))
 
     async def purge(self, room: str, worker: str) -> list[str]:
         """Remove every member ``worker`` holds in ``room`` in one script (O(members of the
