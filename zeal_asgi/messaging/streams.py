@@ -33,6 +33,7 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from operator import methodcaller
 from typing import TYPE_CHECKING, Any
 
 from zeal_asgi._redis.errors import translate
@@ -150,8 +151,6 @@ class Streams:
         self.subscriptions: list[ReliableSubscription] = []
         self._consumers: list[Consumer] = []
         self.counters = Counters("streams", _COUNTERS)
-        self.count = self.counters.incr
-        """Add to a counter of this worker and of the host (``streams_<name>``)."""
         self.state = "stopped"
         RUNNERS.add(self)
 
@@ -298,11 +297,9 @@ class Consumer:
         return result
 
     async def _ensure_group(self) -> None:
+        create = methodcaller("xgroup_create", self.key, self.sub.group, id="0", mkstream=True)
         try:
-            await self._call(
-                "XGROUP CREATE",
-                lambda c: c.xgroup_create(self.key, self.sub.group, id="0", mkstream=True),
-            )
+            await self._call("XGROUP CREATE", create)
         except ZealError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -323,7 +320,7 @@ class Consumer:
                 if "NOGROUP" in str(exc):
                     with contextlib.suppress(Exception):
                         await self._ensure_group()  # the stream was deleted under us
-                owner.count("reconnects")
+                owner.counters.incr("reconnects")
                 delay = random.uniform(
                     0, min(owner.backoff_cap, owner.backoff_base * 2 ** min(attempt, 30))
                 )
@@ -371,10 +368,10 @@ class Consumer:
     async def _offer(self, eid: str, raw: Any, deliveries: int) -> None:
         if raw is None:
             # Deleted (trimmed) while pending: nothing to run; acknowledge so it leaves the PEL.
-            self.owner.count("lost")
+            self.owner.counters.incr("lost")
             await self._ack(eid)
         elif eid not in self.inflight:  # else our own slow handler has it (idle to Redis)
-            self.owner.count("received")
+            self.owner.counters.incr("received")
             await self.queue.put((eid, _fields(raw), deliveries))
 
     async def _reap(self) -> None:
@@ -387,20 +384,16 @@ class Consumer:
         """Claim idle pending entries of any consumer and run them; the number claimed."""
         sub, cursor, claimed = self.sub, "0-0", 0
         for _ in range(_XAUTOCLAIM_PAGES):
-
-            def claim(c: Any, start: str = cursor) -> Awaitable[Any]:
-                return c.xautoclaim(  # type: ignore[no-any-return]
-                    self.key, sub.group, sub.consumer, sub.min_idle_ms, start, count=sub.batch
-                )
-
+            args = (self.key, sub.group, sub.consumer, sub.min_idle_ms, cursor)
+            claim = methodcaller("xautoclaim", *args, count=sub.batch)
             reply = await self._call("XAUTOCLAIM", claim)
             cursor = text(reply[0])
             entries = _entries([[self.key, reply[1]]])
             if len(reply) > 2 and reply[2]:
-                self.owner.count("lost", len(reply[2]))  # trimmed while pending (MAXLEN)
+                self.owner.counters.incr("lost", len(reply[2]))  # trimmed while pending (MAXLEN)
             if entries:
                 claimed += len(entries)
-                self.owner.count("reclaimed", len(entries))
+                self.owner.counters.incr("reclaimed", len(entries))
                 counts = await self._deliveries([e for e, _ in entries])
                 for eid, raw in entries:
                     n = counts.get(eid, sub.max_deliveries + 1)
@@ -413,17 +406,10 @@ class Consumer:
         return claimed
 
     async def _deliveries(self, ids: list[str]) -> dict[str, int]:
-        rows = await self._call(
-            "XPENDING",
-            lambda c: c.xpending_range(
-                self.key,
-                self.sub.group,
-                min=ids[0],  # XAUTOCLAIM walks the pending list in id order
-                max=ids[-1],
-                count=len(ids) * 4 + 16,
-                consumername=self.sub.consumer,
-            ),
-        )
+        # xpending_range(stream, group, min, max, count, consumer): XAUTOCLAIM walks the pending
+        # list in id order, so this page's entries lie between its first and its last id
+        args = (self.key, self.sub.group, ids[0], ids[-1], len(ids) * 4 + 16, self.sub.consumer)
+        rows = await self._call("XPENDING", methodcaller("xpending_range", *args))
         return {text(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     async def _dead_letter(self, eid: str, raw: Any, deliveries: int) -> None:
@@ -445,7 +431,7 @@ class Consumer:
                 await pipe.execute()
 
         await self._call("dead-letter", move)
-        self.owner.count("dead_lettered")
+        self.owner.counters.incr("dead_lettered")
         log.warning(
             "zeal_asgi streams: entry %s of %r moved to %r after %d deliveries",
             eid,
@@ -479,12 +465,12 @@ class Consumer:
             log.exception("zeal_asgi streams: handler failed on %s of %r", eid, sub.stream)
             res = False
         if res is not True:
-            self.owner.count("failed")
+            self.owner.counters.incr("failed")
             return
         for attempt in range(3):
             try:
                 await self._ack(eid)
-                self.owner.count("acked")
+                self.owner.counters.incr("acked")
                 return
             except ZealError as exc:
                 # A lost XACK only means one more (idempotent) run after the reclaim.
