@@ -327,12 +327,6 @@ class Consumer:
                 log.warning("%s failed (%s); retrying in %.2f s", where, exc, delay)
                 await asyncio.sleep(delay)
 
-    async def _room(self) -> int:
-        """Wait until the queue has room; how many entries fit."""
-        while self.queue.full():  # noqa: ASYNC110 - a Queue has no "not full" event to await
-            await asyncio.sleep(0.001)
-        return self.queue.maxsize - self.queue.qsize()
-
     async def _read(self) -> None:
         sub = self.sub
         # On a Cluster the blocking read must go to the node that owns the stream.
@@ -341,7 +335,10 @@ class Consumer:
         cursor = "0"  # our own pending entries first (after a restart with the same name)
         try:
             while True:
-                n, new = await self._room(), cursor == ">"
+                # ask only for as many entries as the queue has room for
+                while self.queue.full():  # noqa: ASYNC110 - a Queue has no "not full" event
+                    await asyncio.sleep(0.001)
+                n, new = self.queue.maxsize - self.queue.qsize(), cursor == ">"
                 read = client.xreadgroup(
                     sub.group,
                     sub.consumer,
