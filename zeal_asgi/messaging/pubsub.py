@@ -290,9 +290,8 @@ class PubSub:
         key = (self.transport.wire(sub.topic), sub.topic.pattern)
         self._by_wire.setdefault(key, []).append(sub)
         sub.queue = asyncio.Queue(maxsize=sub.queue_size)
-        sub.task = asyncio.get_running_loop().create_task(
-            self._consume(sub), name=f"zeal-pubsub:{sub.topic.name}"
-        )
+        name = f"zeal-pubsub:{sub.topic.name}"
+        sub.task = asyncio.get_running_loop().create_task(self._consume(sub), name=name)
         return key
 
     @property

@@ -230,6 +230,9 @@ class Streams:
 
 # -- the consumer of one subscription in one worker ---------------------------------------------
 
+_Job = tuple[str, dict[str, bytes], int]
+"""An entry for a handler task: its id, its fields, and how many times it was delivered."""
+
 _XAUTOCLAIM_PAGES = 100
 """Pages followed per reaper pass (each page scans up to 10 x count PEL entries)."""
 
@@ -265,9 +268,7 @@ class Consumer:
         self.key: str = redis.stream_key(sub.stream)
         assert sub.dead_letter is not None
         self.dead_key: str = redis.stream_key(sub.dead_letter)
-        self.queue: asyncio.Queue[tuple[str, dict[str, bytes], int]] = asyncio.Queue(
-            maxsize=sub.concurrency
-        )
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=sub.concurrency)
         self.tasks: list[asyncio.Task[None]] = []
         self.inflight: set[str] = set()
         # round trips each supervised loop finished: its failures count as consecutive only
@@ -321,9 +322,8 @@ class Consumer:
                     with contextlib.suppress(Exception):
                         await self._ensure_group()  # the stream was deleted under us
                 owner.counters.incr("reconnects")
-                delay = random.uniform(
-                    0, min(owner.backoff_cap, owner.backoff_base * 2 ** min(attempt, 30))
-                )
+                cap, base = owner.backoff_cap, owner.backoff_base
+                delay = random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
                 log.warning("%s failed (%s); retrying in %.2f s", where, exc, delay)
                 await asyncio.sleep(delay)
 
@@ -338,14 +338,9 @@ class Consumer:
                 # ask only for as many entries as the queue has room for
                 while self.queue.full():  # noqa: ASYNC110 - a Queue has no "not full" event
                     await asyncio.sleep(0.001)
-                n, new = self.queue.maxsize - self.queue.qsize(), cursor == ">"
-                read = client.xreadgroup(
-                    sub.group,
-                    sub.consumer,
-                    {self.key: cursor},
-                    count=n,
-                    block=sub.block_ms if new else None,
-                )
+                count, new = self.queue.maxsize - self.queue.qsize(), cursor == ">"
+                block = sub.block_ms if new else None  # our own pending entries: no wait
+                read = client.xreadgroup(sub.group, sub.consumer, {self.key: cursor}, count, block)
                 try:
                     got = _entries(await asyncio.wait_for(read, limit))
                 except TimeoutError:

@@ -178,9 +178,8 @@ class ShmRegistry:
             return Table(rows, columns, name=f"__zeal_ws_{part}__", key_size=key_size)
 
         worker = ("string", 160)
-        self.owner = table(
-            "owner", owner_capacity, {"c": ("string", 32), "w": worker}, key_size=256
-        )
+        owner_row = {"c": ("string", 32), "w": worker}  # conn_id, and the worker holding it
+        self.owner = table("owner", owner_capacity, owner_row, key_size=256)
         self.members = table("members", room_capacity, {"w": worker}, key_size=384)
         self.servers = table("servers", room_capacity, {"n": ("int", 4)}, key_size=256)
         self.locks = table("locks", _STRIPES, {"holder": ("int", 8)}, key_size=64)

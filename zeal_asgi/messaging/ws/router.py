@@ -266,11 +266,10 @@ class WSRouter:
         n = 0
         for client_id, conn in list(self._local.items()):
             await finish(conn.registered)
-            if await self.registry.set_owner(
-                client_id, conn.conn_id, self.worker, only_if_absent=True
-            ):
+            row = (conn.conn_id, self.worker)
+            if await self.registry.set_owner(client_id, *row, only_if_absent=True):
                 n += 1
-            elif await self.registry.get_owner(client_id) != (conn.conn_id, self.worker):
+            elif await self.registry.get_owner(client_id) != row:
                 continue
             for room in list(conn.rooms):
                 await self.registry.join(room, client_id, self.worker, only_if_absent=True)
