@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -61,12 +62,10 @@ from zeal_asgi.messaging.ws.conn import (
     Message,
     check_client_id,
     check_room,
-    close_socket,
-    count,
     encode_message,
-    finish,
 )
 from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
+from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.signing import Signer, parse_envelope
 from zeal_asgi.store import Store
@@ -76,6 +75,26 @@ from zeal_asgi.store.services import ServiceHost
 log = logging.getLogger("zeal_asgi.ws")
 
 _ALIVE_CACHE_MAX = 4096
+
+
+def count(name: str, by: int = 1) -> None:
+    """Add ``by`` to the host counter ``ws_<name>``."""
+    host_stats().incr(f"ws_{name}", by)
+
+
+async def finish(fut: asyncio.Future[None] | None) -> None:
+    """Wait for a background write of an owner row; its failure is logged."""
+    if fut is not None:
+        try:
+            await fut
+        except Exception:
+            log.exception("zeal_asgi ws: writing an owner row failed")
+
+
+async def close_socket(websocket: Any, code: int) -> None:
+    """Close ``websocket`` with ``code``; it may be gone already."""
+    with contextlib.suppress(Exception):
+        await websocket.close(code=code)
 
 
 class PubSubHost(ServiceHost, Protocol):
