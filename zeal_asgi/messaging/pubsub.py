@@ -183,12 +183,14 @@ class PubSub:
         self.subscriptions.append(sub)
         if self.subscriber is None:
             return None
-        return spawn(self._adding, self._subscribe(sub.topic, self._activate(sub)))
+        return spawn(self._adding, self._change(sub.topic, self._activate(sub), True))
 
-    async def _subscribe(self, topic: Topic, key: tuple[str, bool]) -> None:
+    async def _change(self, topic: Topic, key: tuple[str, bool], subscribe: bool) -> None:
+        """Subscribe (or unsubscribe) ``key``, and count this worker among the receivers of
+        ``topic`` (or no more)."""
         assert self.subscriber is not None and self.transport is not None
-        await self.subscriber.change(*key, True)
-        await self.transport.advertise([topic], self._ttl)
+        await self.subscriber.change(*key, subscribe)
+        await self.transport.advertise([topic], self._ttl if subscribe else 0)
 
     async def unsubscribe(self, sub: Subscription) -> None:
         """Remove a subscription (its task is cancelled and awaited)."""
@@ -203,8 +205,7 @@ class PubSub:
             if not subs:
                 self._by_wire.pop(key, None)
                 if self.subscriber is not None:
-                    await self.subscriber.change(*key, False)
-                    await self.transport.advertise([sub.topic], 0)
+                    await self._change(sub.topic, key, False)
         await cancel_tasks(sub.task)
         sub.task = None
 
@@ -289,9 +290,8 @@ class PubSub:
         key = (self.transport.wire(sub.topic), sub.topic.pattern)
         self._by_wire.setdefault(key, []).append(sub)
         sub.queue = asyncio.Queue(maxsize=sub.queue_size)
-        sub.task = asyncio.get_running_loop().create_task(
-            self._consume(sub), name=f"zeal-pubsub:{sub.topic.name}"
-        )
+        name = f"zeal-pubsub:{sub.topic.name}"
+        sub.task = asyncio.get_running_loop().create_task(self._consume(sub), name=name)
         return key
 
     @property

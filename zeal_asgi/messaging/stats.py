@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import weakref
@@ -44,13 +45,14 @@ async def call(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 def spawn(
-    tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, Any], name: str | None = None
+    tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, Any], failures: str | None = None
 ) -> asyncio.Task[Any]:
-    """Run ``coro`` as a background task kept in ``tasks`` until it ends; its failure is logged."""
-    task = asyncio.get_running_loop().create_task(coro, name=name)
+    """Run ``coro`` as a background task kept in ``tasks`` until it ends; its failure is logged
+    (and counted in the host counter ``failures``, when given)."""
+    task = asyncio.get_running_loop().create_task(coro)
     tasks.add(task)
     task.add_done_callback(tasks.discard)
-    task.add_done_callback(_log_failure)
+    task.add_done_callback(functools.partial(_log_failure, failures))
     return task
 
 
@@ -72,10 +74,12 @@ async def cancel_tasks(*tasks: asyncio.Task[Any] | None) -> None:
             log.error("zeal_asgi: task %r failed while stopping", task.get_name(), exc_info=exc)
 
 
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    """Done-callback of a background task: log its exception, if any."""
+def _log_failure(failures: str | None, task: asyncio.Task[Any]) -> None:
+    """Done-callback of a background task: log (and count) its exception, if any."""
     if not task.cancelled() and task.exception() is not None:
         log.warning("zeal_asgi: background task %r failed: %s", task.get_name(), task.exception())
+        if failures is not None:
+            host_stats().incr(failures)
 
 
 def messaging_link(backend: StoreBackend, what: str) -> RedisLink | None:
@@ -101,13 +105,12 @@ def messaging_stats() -> dict[str, Any]:
             scope: {k[len(pre) :]: v for k, v in counts.items() if k.startswith(pre)}
             for scope, counts in sums.items()
         }
-    runners = [r for r in RUNNERS if r.started]
-    for family in ("pubsub", "streams"):
-        mine = [r.stats() for r in runners if r.counters.family == family]
+        mine = [r.stats() for r in RUNNERS if r.started and r.counters.family == family]
         if mine:
-            states = {r["state"] for r in mine}
-            out[family]["state"] = "failed" if "failed" in states else mine[0]["state"]
-    out["pubsub"]["runners"] = [r.stats() for r in runners if r.counters.family == "pubsub"]
+            failed = any(r["state"] == "failed" for r in mine)
+            out[family]["state"] = "failed" if failed else mine[0]["state"]
+        if family == "pubsub":  # each subscriber of this worker, with its transport
+            out[family]["runners"] = mine
     return out
 
 

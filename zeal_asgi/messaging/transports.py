@@ -69,12 +69,10 @@ class RedisTransport:
         (``0``: no more): ``publish`` counts each worker it reaches once, on every node."""
         user = [t for t in topics if not t.system]
         if user:
-            layout = self.redis.layout
-            keys = [layout.receivers(None if t.pattern else t.name) for t in user]
+            keys = [self.redis.layout.receivers(None if t.pattern else t.name) for t in user]
             members = [f"{self.sid}\x1f{t.name}" if t.pattern else self.sid for t in user]
-            await self.redis.run_script(
-                RECEIVERS, keys, [round(ttl * 1000), *members], what="receivers", idempotent=True
-            )
+            args = [round(ttl * 1000), *members]
+            await self.redis.run_script(RECEIVERS, keys, args, what="receivers", idempotent=True)
 
     def feed(self, interval: float, timeout: float) -> Feed:
         """A dedicated SUBSCRIBE connection, with its private control channel."""

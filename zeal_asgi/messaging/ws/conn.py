@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
-import logging
 import re
 import secrets
 from collections.abc import Mapping
@@ -14,19 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from zeal_asgi.errors import InvalidKeyError, KeyTypeError, SerializationError, ValueTooLargeError
-from zeal_asgi.shm.hoststats import host_stats
-
-log = logging.getLogger("zeal_asgi.ws")
 
 ROOM_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 CLIENT_ID_MAX = 200
 MAX_MESSAGE = 64 * 1024
 CONN_RE = re.compile(r"^[0-9a-f]{32}$")
 Message = str | bytes | Mapping[str, Any] | list[Any]
-
-
-def count(name: str, by: int = 1) -> None:
-    host_stats().incr(f"ws_{name}", by)
 
 
 def check_client_id(client_id: object) -> str:
@@ -89,16 +80,3 @@ class Conn:
     rooms: set[str] = field(default_factory=set)
     registered: asyncio.Future[None] | None = None
     """The background write of the owner row."""
-
-
-async def finish(fut: asyncio.Future[None] | None) -> None:
-    if fut is not None:
-        try:
-            await fut
-        except Exception:
-            log.exception("zeal_asgi ws: writing an owner row failed")
-
-
-async def close_socket(websocket: Any, code: int) -> None:
-    with contextlib.suppress(Exception):
-        await websocket.close(code=code)

@@ -146,8 +146,7 @@ class RedisRegistry:
     async def worker_alive(self, worker: str) -> bool:
         """Whether ``worker``'s mark is current (``EXISTS``)."""
         key = self._alive_key(worker)
-        n = await self._run(lambda c: c.exists(key), "ws liveness")
-        return bool(n)
+        return bool(await self._run(lambda c: c.exists(key), "ws liveness"))
 
     async def purge(self, room: str, worker: str) -> list[str]:
         """Remove every member ``worker`` holds in ``room`` in one script (O(members of the
@@ -175,19 +174,15 @@ class ShmRegistry:
     def __init__(self, *, owner_capacity: int = 65536, room_capacity: int = 65536) -> None:
         from zeal_asgi.shm.ext import Table
 
-        self.owner = Table(
-            owner_capacity,
-            {"c": ("string", 32), "w": ("string", 160)},
-            name="__zeal_ws_owner__",
-            key_size=256,
-        )
-        self.members = Table(
-            room_capacity, {"w": ("string", 160)}, name="__zeal_ws_members__", key_size=384
-        )
-        self.servers = Table(
-            room_capacity, {"n": ("int", 4)}, name="__zeal_ws_servers__", key_size=256
-        )
-        self.locks = Table(_STRIPES, {"holder": ("int", 8)}, name="__zeal_ws_locks__")
+        def table(part: str, rows: int, columns: dict[str, Any], key_size: int) -> Table:
+            return Table(rows, columns, name=f"__zeal_ws_{part}__", key_size=key_size)
+
+        worker = ("string", 160)
+        owner_row = {"c": ("string", 32), "w": worker}  # conn_id, and the worker holding it
+        self.owner = table("owner", owner_capacity, owner_row, key_size=256)
+        self.members = table("members", room_capacity, {"w": worker}, key_size=384)
+        self.servers = table("servers", room_capacity, {"n": ("int", 4)}, key_size=256)
+        self.locks = table("locks", _STRIPES, {"holder": ("int", 8)}, key_size=64)
         # A live holder keeps its stripe (its sections last microseconds): only death frees it.
         self._stripes = Lease(self.locks, 24 * 3600.0, column="holder")
 

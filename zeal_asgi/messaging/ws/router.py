@@ -21,21 +21,34 @@ its oldest queued messages (``overflow="drop_oldest"``, counted) or is closed wi
 (``overflow="close"``).  :meth:`WSRouter.serve` runs the receive loop and the sender together
 and releases the client when either ends.
 
-A worker that dies without releasing its clients leaves rows behind; they are reaped when a
-message to that worker reaches nobody and the worker is found dead, and a worker whose
-registration was lost (Redis restarted without its data) registers its sockets again within a
-third of ``worker_ttl`` (:mod:`zeal_asgi.messaging.ws.liveness`).
+Worker liveness: a worker that is SIGKILLed (or whose node vanishes) never runs ``release``: its
+clients' owner rows and room memberships stay in the registry, and every broadcast to those
+rooms would keep publishing to a channel nobody reads.  Two mechanisms clean that up:
+
+* **Heartbeat** (Redis): every worker renews a mark that expires after ``worker_ttl``.  When a
+  renewal finds the mark gone (Redis restarted without its data, failed over to a replica that
+  never saw it, or this worker was paused past ``worker_ttl`` and was reaped), the worker
+  registers its sockets and rooms again within a third of ``worker_ttl``, but only where no
+  newer row exists: a client that reconnected elsewhere keeps its new row.
+* **Reaping**: a publish to a worker that nobody received is a hint, never a verdict (on a
+  Cluster, PUBLISH counts only the receivers of one node; a subscriber may be reconnecting).
+  The worker's liveness is then checked (its mark on Redis, its pid on one host); a dead
+  worker's members of that room are purged in one step, with a presence ``leave`` for each, and
+  its owner row is released if it still names the same connection.  A worker seen alive is not
+  checked again for a third of ``worker_ttl``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -49,13 +62,10 @@ from zeal_asgi.messaging.ws.conn import (
     Message,
     check_client_id,
     check_room,
-    close_socket,
-    count,
     encode_message,
-    finish,
 )
-from zeal_asgi.messaging.ws.liveness import Liveness
 from zeal_asgi.messaging.ws.rooms import RedisRegistry, Registry, ShmRegistry
+from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.segments import server_identity
 from zeal_asgi.signing import Signer, parse_envelope
 from zeal_asgi.store import Store
@@ -64,10 +74,27 @@ from zeal_asgi.store.services import ServiceHost
 
 log = logging.getLogger("zeal_asgi.ws")
 
+_ALIVE_CACHE_MAX = 4096
 
-def _count_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        count("background_errors")
+
+def count(name: str, by: int = 1) -> None:
+    """Add ``by`` to the host counter ``ws_<name>``."""
+    host_stats().incr(f"ws_{name}", by)
+
+
+async def finish(fut: asyncio.Future[None] | None) -> None:
+    """Wait for a background write of an owner row; its failure is logged."""
+    if fut is not None:
+        try:
+            await fut
+        except Exception:
+            log.exception("zeal_asgi ws: writing an owner row failed")
+
+
+async def close_socket(websocket: Any, code: int) -> None:
+    """Close ``websocket`` with ``code``; it may be gone already."""
+    with contextlib.suppress(Exception):
+        await websocket.close(code=code)
 
 
 class PubSubHost(ServiceHost, Protocol):
@@ -130,7 +157,8 @@ class WSRouter:
             )
         self._capacities = {"owner_capacity": owner_capacity, "room_capacity": room_capacity}
         self._registry: Registry | None = None
-        self._liveness: Liveness | None = None
+        self._alive_until: dict[str, float] = {}  # workers seen alive, not checked again before
+        self._reaping: set[tuple[str, ...]] = set()
         self._local: dict[str, Conn] = {}
         self._rooms: dict[str, set[Conn]] = {}  # room -> this worker's sockets in it
         self._presence: list[Callable[..., Any]] = []
@@ -170,15 +198,9 @@ class WSRouter:
             await self.pubsub.start()
         self._sub = await self.pubsub.add_system(self._channel(self.worker), self._on_wire)
         await self.pubsub.wait_ready(5.0)
-        self._liveness = Liveness(
-            self.registry,
-            self.worker,
-            self.worker_ttl,
-            spawn=self._spawn,
-            reregister=self._reregister,
-            left=lambda room, client_id: self._presence_event("leave", room, client_id),
-        )
-        await self._liveness.start()
+        if self.registry.beats:  # on one host a worker is alive while its pid runs
+            await self._beat()  # Redis down: the renewal loop keeps trying
+            self._spawn(self._heartbeat())
 
     async def stop(self) -> None:
         """Release every local client and unsubscribe (tasks cancelled and awaited)."""
@@ -187,14 +209,12 @@ class WSRouter:
         for client_id, conn in list(self._local.items()):
             await self.release(client_id, conn.conn_id)
         await cancel_tasks(*self._bg)
-        liveness, self._liveness = self._liveness, None
-        if liveness is not None:
-            try:
-                await liveness.stop()
-            except Exception as exc:  # the mark expires by itself after worker_ttl
-                log.warning("zeal_asgi ws: could not drop this worker's liveness mark: %s", exc)
         sub, self._sub = self._sub, None
         if sub is not None:
+            try:
+                await self.registry.forget_worker(self.worker)  # its rows were released above
+            except Exception as exc:  # the mark expires by itself after worker_ttl
+                log.warning("zeal_asgi ws: could not drop this worker's liveness mark: %s", exc)
             await self.pubsub.unsubscribe(sub)
         if self._own_pubsub:
             await self.pubsub.stop()
@@ -202,9 +222,7 @@ class WSRouter:
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """A background task that ``stop()`` cancels and awaits; failures are logged (by
         :func:`~zeal_asgi.messaging.stats.spawn`) and counted as ``ws_background_errors``."""
-        task = spawn(self._bg, coro)
-        task.add_done_callback(_count_failure)
-        return task
+        return spawn(self._bg, coro, failures="ws_background_errors")
 
     @staticmethod
     def _channel(worker: str) -> str:
@@ -267,11 +285,10 @@ class WSRouter:
         n = 0
         for client_id, conn in list(self._local.items()):
             await finish(conn.registered)
-            if await self.registry.set_owner(
-                client_id, conn.conn_id, self.worker, only_if_absent=True
-            ):
+            row = (conn.conn_id, self.worker)
+            if await self.registry.set_owner(client_id, *row, only_if_absent=True):
                 n += 1
-            elif await self.registry.get_owner(client_id) != (conn.conn_id, self.worker):
+            elif await self.registry.get_owner(client_id) != row:
                 continue
             for room in list(conn.rooms):
                 await self.registry.join(room, client_id, self.worker, only_if_absent=True)
@@ -322,8 +339,8 @@ class WSRouter:
         raw = self._seal({"t": "d", "c": client_id, "n": target_conn, **body}, worker)
         receivers = await self.pubsub.publish_system(self._channel(worker), raw)
         count("sent_remote")
-        if not receivers and self._liveness is not None:
-            self._liveness.unreached(worker, owner=(client_id, target_conn))
+        if not receivers:
+            self._unreached(worker, owner=(client_id, target_conn))
         return receivers > 0
 
     async def join(self, room: str, client_id: str) -> bool:
@@ -387,10 +404,9 @@ class WSRouter:
 
             workers = await self.registry.room_servers(room)
             pairs = list(zip(workers, await asyncio.gather(*map(send, workers)), strict=True))
-        if self._liveness is not None:
-            for worker, n in pairs:
-                if not n:
-                    self._liveness.unreached(worker, room=room)
+        for worker, n in pairs:
+            if not n:
+                self._unreached(worker, room=room)
         return sum(n for _, n in pairs)
 
     def on_presence(
@@ -402,6 +418,80 @@ class WSRouter:
 
     async def _presence_event(self, event: str, room: str, client_id: str) -> None:
         await self._to_room(room, {"t": "p", "e": event, "r": room, "c": client_id})
+
+    # -- worker liveness -----------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        lost = False
+        while True:
+            await asyncio.sleep(self.worker_ttl / 3)
+            lost = await self._beat() is False or lost
+            if not lost:
+                continue
+            try:
+                n = await self._reregister()
+            except Exception as exc:  # tried again after the next beat
+                count("heartbeat_errors")
+                log.warning("zeal_asgi ws: registering this worker again failed: %s", exc)
+                continue
+            lost = False
+            count("reregistrations")
+            log.warning(
+                "zeal_asgi ws: this worker's registration had expired or was lost "
+                "(Redis restarted or failed over, or the worker was paused past "
+                "worker_ttl=%s s); registered %d socket(s) again",
+                self.worker_ttl,
+                n,
+            )
+
+    async def _beat(self) -> bool | None:
+        """Renew the mark: whether it was current, ``None`` when Redis did not answer."""
+        try:
+            return await self.registry.beat(self.worker, self.worker_ttl)
+        except Exception as exc:  # the next beat retries; outages must not stop the worker
+            count("heartbeat_errors")
+            log.warning("zeal_asgi ws: heartbeat failed: %s", exc)
+            return None
+
+    def _unreached(
+        self, worker: str, room: str | None = None, owner: tuple[str, str] = ("", "")
+    ) -> None:
+        """A publish to ``worker`` reached nobody: check it (in the background) and reap its
+        members of ``room`` and/or the owner row ``(client_id, conn_id)`` if it is dead."""
+        if self._sub is None or worker == self.worker:
+            return
+        job = (worker, room or "", *owner)
+        if self._alive_until.get(worker, 0.0) > time.monotonic() or job in self._reaping:
+            return
+        self._reaping.add(job)
+        self._spawn(self._reap(job, worker, room, owner))
+
+    async def _reap(
+        self, job: tuple[str, ...], worker: str, room: str | None, owner: tuple[str, str]
+    ) -> None:
+        try:
+            if await self.registry.worker_alive(worker):
+                if len(self._alive_until) >= _ALIVE_CACHE_MAX:
+                    self._alive_until.clear()
+                self._alive_until[worker] = time.monotonic() + self.worker_ttl / 3
+                return
+            if room is not None:
+                gone = await self.registry.purge(room, worker)
+                if gone:
+                    count("reaped_members", len(gone))
+                    log.info(
+                        "zeal_asgi ws: worker %s is gone; removed its %d member(s) of %r",
+                        worker,
+                        len(gone),
+                        room,
+                    )
+                for client_id in gone:
+                    await self._presence_event("leave", room, client_id)
+            client_id, conn_id = owner
+            if client_id and await self.registry.release_owner(client_id, conn_id):
+                count("reaped_owners")
+        finally:
+            self._reaping.discard(job)
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -465,10 +555,7 @@ class WSRouter:
         while True:
             item = await conn.queue.get()
             try:
-                if isinstance(item, bytes):
-                    await ws.send_bytes(item)
-                else:
-                    await ws.send_text(item)
+                await (ws.send_bytes(item) if isinstance(item, bytes) else ws.send_text(item))
             except Exception as exc:  # the socket is gone; serve() notices the sender ended
                 count("send_failed")
                 log.debug("zeal_asgi ws: send to %r failed: %s", conn.client_id, exc)
