@@ -183,11 +183,8 @@ class Zeal:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[dict[str, Any]]:
         """ASGI lifespan: ``FastAPI(lifespan=zeal.lifespan)``; puts ``zeal`` in request.state."""
-        await self.startup()
-        try:
+        async with self:
             yield {"zeal": self}
-        finally:
-            await self.shutdown()
 
     async def __aenter__(self) -> Zeal:
         await self.startup()
