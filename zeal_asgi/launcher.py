@@ -46,15 +46,6 @@ log = logging.getLogger("zeal_asgi.launcher")
 _MIDDLEWARE = "zeal_asgi.middleware.ZealMiddleware"
 
 
-def _claim_server_identity() -> str:
-    """Make this process the owner of the server's shared memory (before the app is imported)."""
-    pid = os.getpid()
-    server_id = os.environ.get("ZEAL_SERVER_ID") or f"{pid}-{process_start_time(pid)}"
-    os.environ["ZEAL_SERVER_ID"] = server_id
-    os.environ["ZEAL_SERVER_OWNER_PID"] = str(pid)
-    return server_id
-
-
 def make_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
     """A listening TCP socket with TCP_NODELAY (inherited by accepted connections on Linux)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -157,7 +148,10 @@ def run(args: argparse.Namespace) -> int:
             "server? choose another --port)"
         ) from None
     try:
-        server_id = _claim_server_identity()
+        # This process owns the server's shared memory: claimed before the app is imported.
+        pid = os.getpid()
+        server_id = os.environ.get("ZEAL_SERVER_ID") or f"{pid}-{process_start_time(pid)}"
+        os.environ.update(ZEAL_SERVER_ID=server_id, ZEAL_SERVER_OWNER_PID=str(pid))
         # Workers of a server, not a test process: freezing their start-up heap is safe (and
         # hides it from gc.get_referrers, which a test process may still need).
         os.environ.setdefault("ZEAL_GC_FREEZE", "1")
