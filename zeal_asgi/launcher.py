@@ -115,17 +115,15 @@ def _boot_check(app: Any, target: str) -> list[str]:
             f"zeal-asgi: {target} never starts its Zeal: pass FastAPI(lifespan=zeal.lifespan) "
             "or app.add_middleware(ZealMiddleware, zeal=zeal)"
         )
-    described: dict[int, str] = {}
-    for zeal in zeals:
-        if id(zeal.store) in described:
-            continue
+    described = []
+    for zeal in {id(z.store): z for z in zeals}.values():  # each store once
         try:
             asyncio.run(zeal.check_backend())  # the seed's boot PING, before any worker starts
         except ZealError as exc:
             raise SystemExit(f"zeal-asgi: {exc}") from None
         tables = ", ".join(zeal.store.names()) or "no tables"
-        described[id(zeal.store)] = f"{zeal.store.kind} backend ({tables})"
-    return list(described.values())
+        described.append(f"{zeal.store.kind} backend ({tables})")
+    return described
 
 
 def run(args: argparse.Namespace) -> int:

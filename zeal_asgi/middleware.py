@@ -59,7 +59,6 @@ class ZealMiddleware:
         await self.app(scope, receive, send)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        zeal = self.zeal
         started_here = False
         failed = False
 
@@ -68,7 +67,7 @@ class ZealMiddleware:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    await zeal.startup()
+                    await self.zeal.startup()
                     started_here = True
                 except Exception as exc:
                     failed = True
@@ -76,7 +75,7 @@ class ZealMiddleware:
                     raise
             elif message["type"] == "lifespan.shutdown" and started_here:
                 started_here = False
-                await zeal.shutdown()
+                await self.zeal.shutdown()
             return message
 
         async def wrapped_send(message: Message) -> None:
