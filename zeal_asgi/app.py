@@ -12,8 +12,8 @@ import gc
 import logging
 import os
 import weakref
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, overload
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar, overload
 
 from zeal_asgi.errors import BackendError, ZealError
 from zeal_asgi.locks import LockContext, Locks
@@ -26,13 +26,9 @@ from zeal_asgi.shm.segments import held_segments, server_identity, verify_shared
 from zeal_asgi.store import Store, StoreBackendKind, build_backend
 from zeal_asgi.store.services import Service
 
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-    from typing import TypeVar
-
-    _H = TypeVar("_H", bound=Callable[..., Any])
-    _J = TypeVar("_J", bound=Callable[[], Awaitable[Any]])
-    _A = TypeVar("_A", bound=Callable[..., Awaitable[Any]])
+_H = TypeVar("_H", bound=Callable[..., Any])
+_J = TypeVar("_J", bound=Callable[[], Awaitable[Any]])
+_A = TypeVar("_A", bound=Callable[..., Awaitable[Any]])
 
 __all__ = ["NAMES_TABLE", "Service", "Zeal", "instances"]
 
@@ -183,11 +179,8 @@ class Zeal:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Any = None) -> AsyncIterator[dict[str, Any]]:
         """ASGI lifespan: ``FastAPI(lifespan=zeal.lifespan)``; puts ``zeal`` in request.state."""
-        await self.startup()
-        try:
+        async with self:
             yield {"zeal": self}
-        finally:
-            await self.shutdown()
 
     async def __aenter__(self) -> Zeal:
         await self.startup()

@@ -14,48 +14,6 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-__all__ = [
-    "BackendAuthError",
-    "BackendError",
-    "BackendResponseError",
-    "BackendTLSError",
-    "BackendTimeoutError",
-    "BackendUnavailableError",
-    "CapacityError",
-    "ColumnTypeError",
-    "ConfigError",
-    "ContentionError",
-    "InsecureCacheDirError",
-    "IntegerOverflowError",
-    "InvalidKeyError",
-    "InvalidTTLError",
-    "KeyTooLongError",
-    "KeyTypeError",
-    "LockLostError",
-    "LockTimeoutError",
-    "MessageRejectedError",
-    "MetricError",
-    "MissingExtraError",
-    "ModelValidationError",
-    "NonFiniteFloatError",
-    "PoolTimeoutError",
-    "PrivateCopyError",
-    "SchemaError",
-    "SerializationError",
-    "ShmAbiMismatchError",
-    "ShmCapacityError",
-    "ShmError",
-    "ShmNameTakenError",
-    "ShmPermissionError",
-    "TableFullError",
-    "UnknownColumnError",
-    "UnknownTableError",
-    "UnsupportedOperationError",
-    "ValueTooLargeError",
-    "ZealError",
-    "require",
-]
-
 
 class ZealError(Exception):
     """Base class of every exception raised by zeal_asgi."""

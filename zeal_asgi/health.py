@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -316,15 +316,6 @@ async def store_metrics(conn: HTTPConnection) -> Response:
     return response(families(health), conn.headers.get("accept", ""))
 
 
-_Endpoint = Callable[[HTTPConnection], Awaitable[Response]]
-
-
-def _endpoints(*paths: str) -> list[tuple[str, _Endpoint, type[ProbeHealth] | None]]:
-    """``(path, endpoint, JSON model)``, given the paths of live, ready, store and metrics."""
-    endpoints = (live, ready, store_health, store_metrics)
-    return list(zip(paths, endpoints, (ProbeHealth, ProbeHealth, StoreHealth, None), strict=True))
-
-
 def make_router(
     path: str = "/health/store",
     metrics_path: str = "/health/store/metrics",
@@ -338,16 +329,16 @@ def make_router(
     """
     fastapi = require("fastapi", extra="fastapi", feature="zeal_asgi.health.router")
     r: APIRouter = fastapi.APIRouter(tags=["health"])
-    for route, endpoint, model in _endpoints(live_path, ready_path, path, metrics_path):
-        # The OpenAPI schema shows each answer: JSON models (also for 503), Prometheus text.
-        down = {503: {"model": model, "description": "Backend unavailable"}}
-        options: dict[str, Any] = {"response_model": model, "responses": down}
-        if endpoint is live:
-            options["responses"] = {}
-        elif model is None:
-            text: dict[int, Any] = {200: {"content": {"text/plain": {}}}}
-            options = {"response_class": Response, "responses": text}
-        r.add_api_route(route, endpoint, methods=["GET"], **options)
+    # The OpenAPI schema shows each answer: JSON models (also for 503), Prometheus text.
+    r.add_api_route(live_path, live, methods=["GET"], response_model=ProbeHealth)
+    probes = ((ready_path, ready, ProbeHealth), (path, store_health, StoreHealth))
+    for route, endpoint, model in probes:
+        down: dict[int | str, Any] = {503: {"model": model, "description": "Backend unavailable"}}
+        r.add_api_route(route, endpoint, methods=["GET"], response_model=model, responses=down)
+    text: dict[int | str, Any] = {200: {"content": {"text/plain": {}}}}
+    r.add_api_route(
+        metrics_path, store_metrics, methods=["GET"], response_class=Response, responses=text
+    )
     return r
 
 
@@ -358,8 +349,9 @@ def starlette_routes(
     ready_path: str = "/health/ready",
 ) -> list[Route]:
     """The same four endpoints for a plain Starlette app: ``Starlette(routes=[*routes, ...])``."""
-    endpoints = _endpoints(live_path, ready_path, path, metrics_path)
-    return [Route(route, endpoint) for route, endpoint, _ in endpoints]
+    paths = (live_path, ready_path, path, metrics_path)
+    endpoints = (live, ready, store_health, store_metrics)
+    return [Route(route, endpoint) for route, endpoint in zip(paths, endpoints, strict=True)]
 
 
 # ``router`` is built on first use, so this module imports without FastAPI installed.

@@ -46,15 +46,6 @@ log = logging.getLogger("zeal_asgi.launcher")
 _MIDDLEWARE = "zeal_asgi.middleware.ZealMiddleware"
 
 
-def _claim_server_identity() -> str:
-    """Make this process the owner of the server's shared memory (before the app is imported)."""
-    pid = os.getpid()
-    server_id = os.environ.get("ZEAL_SERVER_ID") or f"{pid}-{process_start_time(pid)}"
-    os.environ["ZEAL_SERVER_ID"] = server_id
-    os.environ["ZEAL_SERVER_OWNER_PID"] = str(pid)
-    return server_id
-
-
 def make_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
     """A listening TCP socket with TCP_NODELAY (inherited by accepted connections on Linux)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -124,17 +115,15 @@ def _boot_check(app: Any, target: str) -> list[str]:
             f"zeal-asgi: {target} never starts its Zeal: pass FastAPI(lifespan=zeal.lifespan) "
             "or app.add_middleware(ZealMiddleware, zeal=zeal)"
         )
-    described: dict[int, str] = {}
-    for zeal in zeals:
-        if id(zeal.store) in described:
-            continue
+    described = []
+    for zeal in {id(z.store): z for z in zeals}.values():  # each store once
         try:
             asyncio.run(zeal.check_backend())  # the seed's boot PING, before any worker starts
         except ZealError as exc:
             raise SystemExit(f"zeal-asgi: {exc}") from None
         tables = ", ".join(zeal.store.names()) or "no tables"
-        described[id(zeal.store)] = f"{zeal.store.kind} backend ({tables})"
-    return list(described.values())
+        described.append(f"{zeal.store.kind} backend ({tables})")
+    return described
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,7 +146,10 @@ def run(args: argparse.Namespace) -> int:
             "server? choose another --port)"
         ) from None
     try:
-        server_id = _claim_server_identity()
+        # This process owns the server's shared memory: claimed before the app is imported.
+        pid = os.getpid()
+        server_id = os.environ.get("ZEAL_SERVER_ID") or f"{pid}-{process_start_time(pid)}"
+        os.environ.update(ZEAL_SERVER_ID=server_id, ZEAL_SERVER_OWNER_PID=str(pid))
         # Workers of a server, not a test process: freezing their start-up heap is safe (and
         # hides it from gc.get_referrers, which a test process may still need).
         os.environ.setdefault("ZEAL_GC_FREEZE", "1")

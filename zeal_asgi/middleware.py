@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING, overload
+from typing import overload
 
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
+from zeal_asgi.app import Zeal
 from zeal_asgi.errors import BackendTimeoutError, BackendUnavailableError
 from zeal_asgi.metrics.http import http_metrics as http_metrics_of
-
-if TYPE_CHECKING:
-    from zeal_asgi.app import Zeal
 
 log = logging.getLogger("zeal_asgi")
 
@@ -39,12 +37,8 @@ class ZealMiddleware:
     def __init__(
         self, app: ASGIApp, zeal: Zeal | None = None, *, http_metrics: bool = False
     ) -> None:
-        if zeal is None:
-            from zeal_asgi.app import Zeal
-
-            zeal = Zeal()
         self.app = app
-        self.zeal = zeal
+        self.zeal = zeal if zeal is not None else Zeal()
         self._metrics = http_metrics_of() if http_metrics else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -59,7 +53,6 @@ class ZealMiddleware:
         await self.app(scope, receive, send)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        zeal = self.zeal
         started_here = False
         failed = False
 
@@ -68,7 +61,7 @@ class ZealMiddleware:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    await zeal.startup()
+                    await self.zeal.startup()
                     started_here = True
                 except Exception as exc:
                     failed = True
@@ -76,7 +69,7 @@ class ZealMiddleware:
                     raise
             elif message["type"] == "lifespan.shutdown" and started_here:
                 started_here = False
-                await zeal.shutdown()
+                await self.zeal.shutdown()
             return message
 
         async def wrapped_send(message: Message) -> None:

@@ -40,9 +40,6 @@ class StoreBackendKind(enum.StrEnum):
             f"unknown Store backend kind {kind!r} (use 'table', 'redis', 'tiered' or 'memcached')"
         )
 
-    def __str__(self) -> str:
-        return self.value
-
 
 class ZealSettings(BaseModel):
     """Every setting of a Zeal app; each field reads ``ZEAL_<FIELD>`` (upper case)."""
@@ -54,39 +51,33 @@ class ZealSettings(BaseModel):
     """``table`` (default, one host), ``redis``, ``tiered`` or ``memcached``."""
     redis_url: str | None = None
     """``redis://host:port/db``, ``rediss://`` (TLS, verified) or ``unix:///path``."""
-    redis_pool_size: int = Field(default=64, ge=1, le=1024)
+    redis_pool_size: int = Field(64, ge=1, le=1024)
     """Redis calls in flight at once per worker (``pool_size``)."""
-    key_prefix: str = Field(
-        default="zeal", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$"
-    )
+    key_prefix: str = Field("zeal", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     """Prefix of every Redis/Memcached key and channel."""
     memcached_servers: str | None = None
     """``host:port[,host:port...]`` or a ``memcached://`` URL."""
     tiered_invalidation_secret: str | None = None
     """Shared secret that signs tiered-backend invalidations (HMAC-SHA256)."""
-    l1_ttl: float = Field(default=5.0, gt=0, le=86400)
+    l1_ttl: float = Field(5.0, gt=0, le=86400)
     on_error: Literal["fallback_table"] | None = None
     """``fallback_table``: wrap the backend in the circuit breaker.  Its state (the seed's
     ``state()``) is the property ``Store.default().backend.state``: ``closed``, ``open`` or
     ``half-open``; ``/health/store`` shows it too."""
-    breaker_failure_threshold: int | None = Field(default=None, ge=1, le=1_000_000)
+    breaker_failure_threshold: int | None = Field(None, ge=1, le=1_000_000)
     """Breaker: failures within the window that open it (default 5)."""
-    breaker_failure_window_sec: float | None = Field(
-        default=None, ge=0.01, le=86400, allow_inf_nan=False
-    )
+    breaker_failure_window_sec: float | None = Field(None, ge=0.01, le=86400, allow_inf_nan=False)
     """Breaker: length of the rolling failure window (default 10 s)."""
-    breaker_open_seconds: float | None = Field(default=None, ge=0, le=86400, allow_inf_nan=False)
+    breaker_open_seconds: float | None = Field(None, ge=0, le=86400, allow_inf_nan=False)
     """Breaker: how long it stays open before one probe (default 30 s)."""
-    breaker_probe_lease_sec: float | None = Field(
-        default=None, ge=0.01, le=86400, allow_inf_nan=False
-    )
+    breaker_probe_lease_sec: float | None = Field(None, ge=0.01, le=86400, allow_inf_nan=False)
     """Breaker: a probe unfinished after this long is handed to another worker (default 10 s)."""
     cache_dir: str = ".cache"
     cache_secret: str | None = None
     """Key of the file tier's HMAC; without it entries only survive while the server runs."""
     shm_backend: Literal["posix", "memfd"] = "posix"
-    workers: int = Field(default=1, ge=1, le=512)
-    metrics_max_series: int = Field(default=10_000, ge=1, le=10_000_000)
+    workers: int = Field(1, ge=1, le=512)
+    metrics_max_series: int = Field(10_000, ge=1, le=10_000_000)
     """Rows of shared memory for the default metrics registry (``zeal_asgi.metrics``)."""
     gc_freeze: bool = False
     """Move what is alive once a worker has started into the collector's permanent generation
