@@ -10,7 +10,6 @@ calls the synchronous :class:`~zeal_asgi.cache.local.LocalTier` directly.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import re
@@ -173,15 +172,32 @@ class Cache(metaclass=HybridMeta):
     # -- the default instance ------------------------------------------------------------------
 
     @classmethod
-    def init(cls, *args: Any, **kwargs: Any) -> Cache:
+    def init(
+        cls,
+        max_rows: int = 4096,
+        cache_dir: str = ".cache",
+        gc_interval_ms: int = 60000,
+        ttl_seconds: float | None = None,
+        *,
+        secret: str | bytes | None = None,
+        serializer: str = "json",
+        max_entry_bytes: int = 64 * 1024 * 1024,
+        memory_value_bytes: int = 8192,
+        fsync: bool = False,
+        max_files: int = 0,
+        namespace: str = "cache",
+        lock_lease: float = 10.0,
+        compute_timeout: float = 60.0,
+        store: Store | None = None,
+        zeal: ServiceHost | None = None,
+    ) -> Cache:
         """Create the default cache (class-level calls use it); a repeated call is a no-op.
 
         Same arguments as :class:`Cache`.  Call it at import time, before workers start.
         """
-        # bound as __init__ binds them (None for self): the TypeError Cache() would raise
-        given = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
-        given.apply_defaults()
-        identity = _identity(given.arguments)
+        # every argument as given, read before any other name is bound here
+        given = {name: value for name, value in locals().items() if name != "cls"}
+        identity = _identity(given)
         if cls._default is not None:
             if cls._default._args != identity:
                 raise ConfigError(
@@ -189,7 +205,7 @@ class Cache(metaclass=HybridMeta):
                     "(use Cache.set_default(None) first to replace it)"
                 )
             return cls._default
-        cls._default = cls(*args, **kwargs)
+        cls._default = cls(**given)
         return cls._default
 
     @classmethod
