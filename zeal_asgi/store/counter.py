@@ -6,7 +6,11 @@ import itertools
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from zeal_asgi.errors import ConfigError, IntegerOverflowError, UnsupportedOperationError
+from zeal_asgi.errors import (
+    ConfigError,
+    IntegerOverflowError,
+    UnsupportedOperationError,
+)
 from zeal_asgi.store import Store, StoreBackendKind
 from zeal_asgi.store.codec import INT64_MAX, INT64_MIN, int64
 

@@ -25,7 +25,16 @@ from typing import (
 from zeal_asgi.errors import ConfigError, UnknownTableError, require
 from zeal_asgi.settings import ZealSettings
 from zeal_asgi.shm.schema import ColumnType, Schema
-from zeal_asgi.store.base import Capability, StoreBackendKind, TableSpec, unsupported
+from zeal_asgi.store.base import (
+    Capability,
+    CounterBackend,
+    Key,
+    Row,
+    StoreBackend,
+    StoreBackendKind,
+    TableSpec,
+    unsupported,
+)
 from zeal_asgi.store.channels import as_bytes, validate_channel
 from zeal_asgi.store.codec import INT64_MAX, INT64_MIN, check_step
 from zeal_asgi.store.models import columns_from_model, model_of, row_of
@@ -34,7 +43,6 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from zeal_asgi.shm import Table
-    from zeal_asgi.store.base import CounterBackend, Key, Row, StoreBackend
     from zeal_asgi.store.counter import Counter
 
 P = ParamSpec("P")

@@ -8,16 +8,21 @@ so every worker attaches to the same memory (see ``zeal_asgi.shm.segments``).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zeal_asgi.errors import ConfigError, UnknownTableError
 from zeal_asgi.shm.bus import host_bus, user_wire
 from zeal_asgi.shm.ext import Atomic, Table
 from zeal_asgi.shm.schema import Schema
-from zeal_asgi.store.base import Capability, CounterBackend, StoreBackend, StoreBackendKind
-
-if TYPE_CHECKING:
-    from zeal_asgi.store.base import Key, Row, TableSpec
+from zeal_asgi.store.base import (
+    Capability,
+    CounterBackend,
+    Key,
+    Row,
+    StoreBackend,
+    StoreBackendKind,
+    TableSpec,
+)
 
 
 class TableBackend(StoreBackend):

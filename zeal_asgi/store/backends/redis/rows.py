@@ -14,20 +14,27 @@ prefix gets a SchemaError naming both declarations, instead of sharing rows sile
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zeal_asgi._redis.config import RedisConfig
 from zeal_asgi._redis.link import RedisLink
 from zeal_asgi._redis.pipe import Template, pack
-from zeal_asgi._redis.scripts import CAS, DELETE, GET_FIELD, INCR_FLOAT, INCR_INT, SCHEMA, SET
+from zeal_asgi._redis.scripts import (
+    CAS,
+    DELETE,
+    GET_FIELD,
+    INCR_FLOAT,
+    INCR_INT,
+    SCHEMA,
+    SET,
+    KeyLayout,
+    Script,
+)
 from zeal_asgi.errors import ConfigError, IntegerOverflowError
 from zeal_asgi.shm.schema import Column, ColumnType
 from zeal_asgi.store.backends.redis.counter import RedisCounter
 from zeal_asgi.store.base import Key, TableSpec
 from zeal_asgi.store.codec import RowCodec, encode_float, incr_nonfinite, incr_overflow
-
-if TYPE_CHECKING:
-    from zeal_asgi._redis.scripts import KeyLayout, Script
 
 __all__ = ["INCR_INT", "SET", "RedisRows"]  # the two scripts: the store benchmark runs them raw
 
