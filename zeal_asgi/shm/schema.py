@@ -105,32 +105,44 @@ def _size(what: str, value: object, high: int, unit: str = "") -> None:
         raise SchemaError(f"{what} must be between 1 and {high}{unit}, got {value}")
 
 
-def _parse_type(name: str, spec: Any) -> tuple[ColumnType, int | None]:
+_FIXED_SIZES = {
+    ColumnType.INT: ((1, 2, 4, 8), "INT size must be 1, 2, 4 or 8 bytes, got"),
+    ColumnType.FLOAT: ((8,), "FLOAT is an 8-byte double, got size"),
+}
+
+
+def _column(name: object, spec: Any) -> Column:
+    """The column ``name`` declared as ``type`` or ``(type, size)``, checked (not placed yet)."""
+    if not isinstance(name, str) or not name:
+        raise SchemaError(f"column names must be non-empty str, got {name!r}")
+    if len(name.encode("utf-8", "surrogatepass")) > 64:
+        raise SchemaError(f"column name {name[:20]!r}... is longer than 64 bytes")
     if isinstance(spec, (ColumnType, str, int)) and not isinstance(spec, bool):
-        raw, size = spec, None
-    elif isinstance(spec, Sequence) and not isinstance(spec, (str, bytes)) and 1 <= len(spec) <= 2:
-        raw = spec[0]
-        size = spec[1] if len(spec) == 2 else None
-    else:
+        spec = (spec,)
+    if not isinstance(spec, Sequence) or isinstance(spec, bytes) or not 1 <= len(spec) <= 2:
         raise SchemaError(
             f"column {name!r}: expected (type,) or (type, size), e.g. (Store.TYPE_INT, 4); "
             f"got {spec!r}"
         )
-    if isinstance(raw, str):
-        try:
-            ctype = _TYPE_NAMES[raw.lower()]
-        except KeyError:
-            raise SchemaError(
-                f"column {name!r}: unknown type {raw!r}; use one of {sorted(_TYPE_NAMES)}"
-            ) from None
-    else:
-        try:
-            ctype = ColumnType(raw)
-        except ValueError:
-            raise SchemaError(f"column {name!r}: unknown type {raw!r}") from None
+    raw, size = spec[0], (spec[1] if len(spec) == 2 else None)
+    try:
+        ctype = _TYPE_NAMES[raw.lower()] if isinstance(raw, str) else ColumnType(raw)
+    except (KeyError, ValueError):
+        raise SchemaError(
+            f"column {name!r}: unknown type {raw!r}; use one of {sorted(_TYPE_NAMES)}"
+        ) from None
     if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
         raise SchemaError(f"column {name!r}: size must be an int, got {size!r}")
-    return ctype, size
+    if ctype in _FIXED_SIZES:
+        sizes, rule = _FIXED_SIZES[ctype]
+        size = 8 if size is None else size
+        if size not in sizes:
+            raise SchemaError(f"column {name!r}: {rule} {size}")
+    elif size is None:
+        raise SchemaError(f"column {name!r}: {ctype.name} needs a size in bytes")
+    else:
+        _size(f"column {name!r}: {ctype.name} size", size, MAX_STRING_SIZE, " bytes")
+    return Column(name, ctype, size)
 
 
 @dataclass(frozen=True)
@@ -169,30 +181,7 @@ class Schema:
         if len(columns) > MAX_COLUMNS:
             raise SchemaError(f"a table has at most {MAX_COLUMNS} columns, got {len(columns)}")
         _size("key_size", key_size, MAX_KEY_SIZE, " bytes")
-        parsed: list[Column] = []
-        for name, spec in columns.items():
-            if not isinstance(name, str) or not name:
-                raise SchemaError(f"column names must be non-empty str, got {name!r}")
-            if len(name.encode("utf-8", "surrogatepass")) > 64:
-                raise SchemaError(f"column name {name[:20]!r}... is longer than 64 bytes")
-            ctype, size = _parse_type(name, spec)
-            if ctype is ColumnType.INT:
-                size = 8 if size is None else size
-                if size not in (1, 2, 4, 8):
-                    raise SchemaError(
-                        f"column {name!r}: INT size must be 1, 2, 4 or 8 bytes, got {size}"
-                    )
-            elif ctype is ColumnType.FLOAT:
-                if size not in (None, 8):
-                    raise SchemaError(
-                        f"column {name!r}: FLOAT is an 8-byte double, got size {size}"
-                    )
-                size = 8
-            else:
-                if size is None:
-                    raise SchemaError(f"column {name!r}: {ctype.name} needs a size in bytes")
-                _size(f"column {name!r}: {ctype.name} size", size, MAX_STRING_SIZE, " bytes")
-            parsed.append(Column(name, ctype, size))
+        parsed = [_column(name, spec) for name, spec in columns.items()]
         if ttl is not None and (
             not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= MAX_TTL
         ):
