@@ -13,13 +13,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
-from typing import TYPE_CHECKING
 
 from zeal_asgi.errors import TableFullError
+from zeal_asgi.shm.ext import Table, Tally
 from zeal_asgi.shm.process import current_pid, process_alive
-
-if TYPE_CHECKING:
-    from zeal_asgi.shm.ext import Table, Tally
 
 CAPACITY = 32768
 
@@ -50,8 +47,6 @@ class HostStats:
         """This worker's ``metric`` as a :class:`~zeal_asgi.shm.ext.Tally` (one lock-free add, for
         hot paths); TableFullError when its row cannot be made.  Its row is this pid's: a forked
         child makes its own, and counts ``metric`` through it alone (never also with ``incr``)."""
-        from zeal_asgi.shm.ext import Tally
-
         return Tally(self._table, f"{current_pid()}:{metric}", "v")
 
     def prune(self) -> int:
@@ -108,7 +103,5 @@ def host_stats() -> HostStats:
         return inst  # hot path: no lock once it exists
     with _lock:
         if _instance is None:
-            from zeal_asgi.shm.ext import Table
-
             _instance = HostStats(Table(CAPACITY, {"v": ("int", 8)}, name="__zeal_stats__"))
         return _instance
