@@ -146,12 +146,10 @@ class BusSubscriber:
                 self.next_seq = oldest
             seq = self.next_seq
             row = await self._row(seq)
-            if row is None:
+            if row is None or row["part"] != 0:
+                # overwritten or lost, or the tail of a message whose head we lost
                 self.next_seq = seq + 1
                 head = bus.head.get()
-                continue
-            if row["part"] != 0:
-                self.next_seq = seq + 1  # the tail of a message whose head we lost
                 continue
             nparts = int(row["nparts"])
             parts = [row]
