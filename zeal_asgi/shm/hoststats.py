@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import threading
 
 from zeal_asgi.errors import TableFullError
@@ -51,13 +52,11 @@ class HostStats:
 
     def prune(self) -> int:
         """Fold the counters of dead workers into pid 0's and drop their rows; how many rows."""
-        alive: dict[int, bool] = {}
+        alive = functools.cache(process_alive)  # a worker has a row per metric
         folded = 0
         for pid, metric, value in self._rows():
-            if pid not in alive:
-                alive[pid] = pid == 0 or process_alive(pid)
             # Only the process whose delete succeeds moves the count: never twice.
-            if not alive[pid] and self._table.delete(f"{pid}:{metric}"):
+            if pid and not alive(pid) and self._table.delete(f"{pid}:{metric}"):
                 folded += 1
                 # (a live worker may take the row just freed: then this count is lost)
                 with contextlib.suppress(TableFullError):

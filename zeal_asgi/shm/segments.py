@@ -227,7 +227,7 @@ def _unlink_owned() -> None:
 # -- create / attach ---------------------------------------------------------------------------
 
 
-def _capacity_error(what: str, needed: int, exc: OSError | None = None) -> ShmCapacityError:
+def _capacity_error(what: str, needed: int) -> ShmCapacityError:
     d = shm_dir()
     total, free = shm_space()
     mib = max(64, (needed * 2 // (1024 * 1024)) + 64)
@@ -242,7 +242,6 @@ def _capacity_error(what: str, needed: int, exc: OSError | None = None) -> ShmCa
     )
     err = ShmCapacityError(errno.ENOSPC, msg)
     err.needed, err.free, err.total = needed, free, total  # type: ignore[attr-defined]
-    err.__cause__ = exc
     return err
 
 
@@ -255,7 +254,7 @@ def _reserve(fd: int, size: int, what: str, named: bool) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-            raise _capacity_error(what, size, exc) from exc
+            raise _capacity_error(what, size) from exc
         raise
 
 
@@ -300,7 +299,6 @@ def _create(
         tmp = None
     else:
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp.", dir=shm_dir())
-    mapped = False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # a sweep never takes a segment being built
         os.fchmod(fd, 0o600)
@@ -310,13 +308,11 @@ def _create(
             # nobody may resize it under the others' mappings (a SIGBUS for every worker)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         obj._init(fd, *init)
-        mapped = True
         fcntl.flock(fd, fcntl.LOCK_SH)
         if tmp is not None and path is not None:
             os.link(tmp, path)  # FileExistsError: someone else was first
     except BaseException:
-        if mapped:
-            obj._unmap()  # the mapping goes; the fd is still ours to close
+        obj._unmap()  # the mapping goes, if any (a no-op otherwise); the fd is still ours
         os.close(fd)
         raise
     finally:
