@@ -118,11 +118,8 @@ class _Snapshot:
     def targets(self, wire: str) -> tuple[str, ...]:
         hit = self.cache.get(wire)
         if hit is None:
-            toks = set(self.exact.get(wire, ()))
-            for rx, tok in self.patterns:
-                if tok not in toks and rx.fullmatch(wire):
-                    toks.add(tok)
-            hit = tuple(toks)
+            matched = {tok for rx, tok in self.patterns if rx.fullmatch(wire)}
+            hit = tuple(self.exact.get(wire, set()) | matched)
             if len(self.cache) < 4096:
                 self.cache[wire] = hit
         return hit
