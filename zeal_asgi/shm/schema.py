@@ -11,7 +11,7 @@ import enum
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from zeal_asgi.errors import (
@@ -147,18 +147,43 @@ def _column(name: object, spec: Any) -> Column:
 
 @dataclass(frozen=True)
 class Schema:
-    """A validated table schema and its row layout."""
+    """A validated table schema and its row layout (computed from the declaration, so every
+    worker places each column in the same place)."""
 
     columns: tuple[Column, ...]
     key_limit: int
-    row_size: int
-    key_off: int
     allow_nan: bool = False
     binary_keys: bool = False
     ttl: float | None = None
     """Seconds a row lives after its last write (``None``: rows never expire)."""
-    exp_off: int = 0
+    row_size: int = field(init=False)
+    key_off: int = field(init=False)
+    exp_off: int = field(init=False)
     """Where a row keeps its expiry (0: nowhere, rows never expire)."""
+
+    def __post_init__(self) -> None:
+        """Place the columns in a row and set the derived fields (the declaration's ``columns``
+        become the placed ones, in declaration order)."""
+        placed: dict[str, Column] = {}
+        # A row that expires keeps its deadline (8 bytes) first, aligned for atomic access.
+        off = ROW_HEADER + (8 if self.ttl else 0)
+        # Numeric columns first, widest first, so each is naturally aligned for atomic access.
+        numeric = [c for c in self.columns if c.type in (ColumnType.INT, ColumnType.FLOAT)]
+        for c in sorted(numeric, key=lambda c: -c.size):
+            placed[c.name] = Column(c.name, c.type, c.size, off, c.size)
+            off += c.size
+        key_off = off
+        off += max(self.key_limit, 4)  # a free row keeps its free-list link in the key area
+        for c in self.columns:
+            if c.type in (ColumnType.STRING, ColumnType.BYTES):
+                width = 1 if c.size <= 0xFF else 2 if c.size <= 0xFFFF else 4
+                placed[c.name] = Column(c.name, c.type, c.size, off, width)
+                off += width + c.size
+        # frozen: the derived fields are set once, here
+        object.__setattr__(self, "columns", tuple(placed[c.name] for c in self.columns))
+        object.__setattr__(self, "row_size", _align(off, 8))
+        object.__setattr__(self, "key_off", key_off)
+        object.__setattr__(self, "exp_off", ROW_HEADER if self.ttl else 0)
 
     @classmethod
     def declare(
@@ -188,37 +213,7 @@ class Schema:
             raise InvalidTTLError(
                 f"ttl must be a number of seconds in (0, {MAX_TTL:g}], got {ttl!r}"
             )
-        return cls._lay_out(parsed, key_size, allow_nan, binary_keys, ttl)
-
-    @classmethod
-    def _lay_out(
-        cls,
-        cols: list[Column],
-        key_limit: int,
-        allow_nan: bool,
-        binary_keys: bool,
-        ttl: float | None,
-    ) -> Schema:
-        placed: dict[str, Column] = {}
-        # A row that expires keeps its deadline (8 bytes) first, aligned for atomic access.
-        off = ROW_HEADER + (8 if ttl else 0)
-        # Numeric columns first, widest first, so each is naturally aligned for atomic access.
-        numeric = [c for c in cols if c.type in (ColumnType.INT, ColumnType.FLOAT)]
-        for c in sorted(numeric, key=lambda c: -c.size):
-            placed[c.name] = Column(c.name, c.type, c.size, off, c.size)
-            off += c.size
-        key_off = off
-        off += max(key_limit, 4)  # a free row keeps its free-list link in the key area
-        for c in cols:
-            if c.type in (ColumnType.STRING, ColumnType.BYTES):
-                width = 1 if c.size <= 0xFF else 2 if c.size <= 0xFFFF else 4
-                placed[c.name] = Column(c.name, c.type, c.size, off, width)
-                off += width + c.size
-        ordered = tuple(placed[c.name] for c in cols)
-        exp_off = ROW_HEADER if ttl else 0
-        return cls(
-            ordered, key_limit, _align(off, 8), key_off, allow_nan, binary_keys, ttl, exp_off
-        )
+        return cls(tuple(parsed), key_size, allow_nan, binary_keys, ttl)
 
     def to_blob(self) -> bytes:
         """Canonical encoding stored in the segment header."""
@@ -243,10 +238,8 @@ class Schema:
     def from_blob(cls, blob: bytes) -> Schema:
         """Rebuild the schema stored in a segment header."""
         doc = json.loads(blob)
-        cols = [Column(n, ColumnType(t), s) for n, t, s in doc["columns"]]
-        return cls._lay_out(
-            cols, doc["key_limit"], doc["allow_nan"], doc["binary_keys"], doc.get("ttl")
-        )
+        cols = tuple(Column(n, ColumnType(t), s) for n, t, s in doc["columns"])
+        return cls(cols, doc["key_limit"], doc["allow_nan"], doc["binary_keys"], doc.get("ttl"))
 
     def column(self, name: object, table: str) -> Column:
         """The column called ``name``, or UnknownColumnError naming the table's columns."""
