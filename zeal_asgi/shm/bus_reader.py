@@ -37,9 +37,9 @@ class BusSubscriber:
     process can predict it and bind it first.
     """
 
-    def __init__(self, bus: HostBus, count: Callable[[str, int], None] | None = None) -> None:
+    def __init__(self, bus: HostBus, count: Callable[[str, int], None] = _host_count) -> None:
         self.bus = bus
-        self._count = count if count is not None else _host_count
+        self._count = count
         self.pid = os.getpid()
         self.token = secrets.token_hex(12)
         self._wkey = bus.worker_key(self.token)
