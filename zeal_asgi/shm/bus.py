@@ -32,15 +32,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from zeal_asgi.errors import ConfigError, ValueTooLargeError
+from zeal_asgi.shm.ext import Atomic, Table
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.shm.process import process_alive
-from zeal_asgi.shm.segments import server_identity
-
-if TYPE_CHECKING:
-    from zeal_asgi.shm import Atomic, Table
+from zeal_asgi.shm.segments import destroy, server_identity
 
 CHANNEL_MAX = 256
 """Longest channel or pattern name, in UTF-8 bytes (a wire name adds a 2-byte namespace)."""
@@ -121,11 +118,8 @@ class _Snapshot:
     def targets(self, wire: str) -> tuple[str, ...]:
         hit = self.cache.get(wire)
         if hit is None:
-            toks = set(self.exact.get(wire, ()))
-            for rx, tok in self.patterns:
-                if tok not in toks and rx.fullmatch(wire):
-                    toks.add(tok)
-            hit = tuple(toks)
+            matched = {tok for rx, tok in self.patterns if rx.fullmatch(wire)}
+            hit = tuple(self.exact.get(wire, set()) | matched)
             if len(self.cache) < 4096:
                 self.cache[wire] = hit
         return hit
@@ -142,8 +136,6 @@ class HostBus:
     def __init__(
         self, *, slots: int = 2048, slot_bytes: int = 1024, registry_rows: int = 4096
     ) -> None:
-        from zeal_asgi.shm.ext import Atomic, Table
-
         for name, value, low in (
             ("slots", slots, 16),
             ("slot_bytes", slot_bytes, 64),
@@ -294,8 +286,6 @@ class HostBus:
 
     def close(self) -> None:
         """Unlink the bus segments (tests and explicit teardown)."""
-        from zeal_asgi.shm.segments import destroy
-
         self.close_sender()
         for obj in (self.ring, self.head, self.registry, self.regen):
             if not obj.closed:

@@ -37,9 +37,9 @@ class BusSubscriber:
     process can predict it and bind it first.
     """
 
-    def __init__(self, bus: HostBus, count: Callable[[str, int], None] | None = None) -> None:
+    def __init__(self, bus: HostBus, count: Callable[[str, int], None] = _host_count) -> None:
         self.bus = bus
-        self._count = count if count is not None else _host_count
+        self._count = count
         self.pid = os.getpid()
         self.token = secrets.token_hex(12)
         self._wkey = bus.worker_key(self.token)
@@ -146,12 +146,10 @@ class BusSubscriber:
                 self.next_seq = oldest
             seq = self.next_seq
             row = await self._row(seq)
-            if row is None:
+            if row is None or row["part"] != 0:
+                # overwritten or lost, or the tail of a message whose head we lost
                 self.next_seq = seq + 1
                 head = bus.head.get()
-                continue
-            if row["part"] != 0:
-                self.next_seq = seq + 1  # the tail of a message whose head we lost
                 continue
             nparts = int(row["nparts"])
             parts = [row]

@@ -84,7 +84,7 @@ class Table(_shmtable.Table):
         self.schema = Schema.declare(
             columns, key_size=key_size, allow_nan=allow_nan, binary_keys=binary_keys, ttl=ttl
         )
-        self._bind(self.schema, segments.display_name(name), lock_timeout)
+        self._bind(self.schema, segments.display_name(name, "table"), lock_timeout)
         self.path, self.created = segments.open_table(self, name, max_rows, self.schema)
 
 
@@ -103,7 +103,7 @@ class Atomic(_shmtable.Atomic):
     created: bool
 
     def __init__(self, initial: int = 0, *, name: str | None = None) -> None:
-        self._bind(segments.display_name(name))
+        self._bind(segments.display_name(name, "atomic"))
         if not isinstance(initial, int) or isinstance(initial, bool):
             raise ColumnTypeError(f"atomic {name!r}: initial must be an int, got {initial!r}")
         if not -(2**63) <= initial < 2**63:

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import threading
-from typing import TYPE_CHECKING
 
 from zeal_asgi.errors import TableFullError
+from zeal_asgi.shm.ext import Table, Tally
 from zeal_asgi.shm.process import current_pid, process_alive
-
-if TYPE_CHECKING:
-    from zeal_asgi.shm.ext import Table, Tally
 
 CAPACITY = 32768
 
@@ -50,19 +48,15 @@ class HostStats:
         """This worker's ``metric`` as a :class:`~zeal_asgi.shm.ext.Tally` (one lock-free add, for
         hot paths); TableFullError when its row cannot be made.  Its row is this pid's: a forked
         child makes its own, and counts ``metric`` through it alone (never also with ``incr``)."""
-        from zeal_asgi.shm.ext import Tally
-
         return Tally(self._table, f"{current_pid()}:{metric}", "v")
 
     def prune(self) -> int:
         """Fold the counters of dead workers into pid 0's and drop their rows; how many rows."""
-        alive: dict[int, bool] = {}
+        alive = functools.cache(process_alive)  # a worker has a row per metric
         folded = 0
         for pid, metric, value in self._rows():
-            if pid not in alive:
-                alive[pid] = pid == 0 or process_alive(pid)
             # Only the process whose delete succeeds moves the count: never twice.
-            if not alive[pid] and self._table.delete(f"{pid}:{metric}"):
+            if pid and not alive(pid) and self._table.delete(f"{pid}:{metric}"):
                 folded += 1
                 # (a live worker may take the row just freed: then this count is lost)
                 with contextlib.suppress(TableFullError):
@@ -108,7 +102,5 @@ def host_stats() -> HostStats:
         return inst  # hot path: no lock once it exists
     with _lock:
         if _instance is None:
-            from zeal_asgi.shm.ext import Table
-
             _instance = HostStats(Table(CAPACITY, {"v": ("int", 8)}, name="__zeal_stats__"))
         return _instance

@@ -73,11 +73,10 @@ class Lease:
         self._columns = LeaseColumns(table, column, fence, turn, turn_ms)
 
     @staticmethod
-    def stale(word: int, now_ms: int | None = None) -> bool:
+    def stale(word: int) -> bool:
         """True when ``word`` holds no lease: empty, past its deadline, or its holder dead."""
         deadline, holder = unpack(word)
-        now = _now_ms() if now_ms is None else now_ms
-        return not word or deadline < now or not process_alive(holder)
+        return not word or deadline < _now_ms() or not process_alive(holder)
 
     def holder(self, key: str | bytes) -> int | None:
         """Pid of the process holding ``key``, or ``None`` when nobody does."""

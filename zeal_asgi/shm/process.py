@@ -15,32 +15,33 @@ __all__ = ["cmdline", "current_pid", "process_alive", "process_start_time"]
 # forked child before any code runs there), the one kept pid of the package
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def _proc(pid: int, name: str) -> bytes:
+    """The file ``/proc/<pid>/<name>``; empty when unreadable (no such process)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode("ascii", "replace")
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            return f.read()
     except OSError:
-        return None
+        return b""
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    raw = _proc(pid, "stat").decode("ascii", "replace") if pid > 0 else ""
     # the command name (field 2) may contain spaces and parentheses: split after the last ')'
-    return raw[raw.rindex(")") + 2 :].split()
+    return raw[raw.rindex(")") + 2 :].split() if raw else None
 
 
 def process_start_time(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot; ``None`` when there is no such process."""
-    fields = _stat_fields(pid) if pid > 0 else None
+    fields = _stat_fields(pid)
     return int(fields[19]) if fields else None
 
 
 def process_alive(pid: int, start: int | None = None) -> bool:
     """True when ``pid`` runs, is not a zombie and (if given) started at ``start``."""
-    fields = _stat_fields(pid) if pid > 0 else None
+    fields = _stat_fields(pid)
     return fields is not None and fields[0] != "Z" and start in (None, int(fields[19]))
 
 
 def cmdline(pid: int) -> bytes:
     """The NUL-separated command line of ``pid`` (empty when unreadable)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
+    return _proc(pid, "cmdline")

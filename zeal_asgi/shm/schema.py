@@ -11,7 +11,7 @@ import enum
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from zeal_asgi.errors import (
@@ -105,48 +105,85 @@ def _size(what: str, value: object, high: int, unit: str = "") -> None:
         raise SchemaError(f"{what} must be between 1 and {high}{unit}, got {value}")
 
 
-def _parse_type(name: str, spec: Any) -> tuple[ColumnType, int | None]:
+_FIXED_SIZES = {
+    ColumnType.INT: ((1, 2, 4, 8), "INT size must be 1, 2, 4 or 8 bytes, got"),
+    ColumnType.FLOAT: ((8,), "FLOAT is an 8-byte double, got size"),
+}
+
+
+def _column(name: object, spec: Any) -> Column:
+    """The column ``name`` declared as ``type`` or ``(type, size)``, checked (not placed yet)."""
+    if not isinstance(name, str) or not name:
+        raise SchemaError(f"column names must be non-empty str, got {name!r}")
+    if len(name.encode("utf-8", "surrogatepass")) > 64:
+        raise SchemaError(f"column name {name[:20]!r}... is longer than 64 bytes")
     if isinstance(spec, (ColumnType, str, int)) and not isinstance(spec, bool):
-        raw, size = spec, None
-    elif isinstance(spec, Sequence) and not isinstance(spec, (str, bytes)) and 1 <= len(spec) <= 2:
-        raw = spec[0]
-        size = spec[1] if len(spec) == 2 else None
-    else:
+        spec = (spec,)
+    if not isinstance(spec, Sequence) or isinstance(spec, bytes) or not 1 <= len(spec) <= 2:
         raise SchemaError(
             f"column {name!r}: expected (type,) or (type, size), e.g. (Store.TYPE_INT, 4); "
             f"got {spec!r}"
         )
-    if isinstance(raw, str):
-        try:
-            ctype = _TYPE_NAMES[raw.lower()]
-        except KeyError:
-            raise SchemaError(
-                f"column {name!r}: unknown type {raw!r}; use one of {sorted(_TYPE_NAMES)}"
-            ) from None
-    else:
-        try:
-            ctype = ColumnType(raw)
-        except ValueError:
-            raise SchemaError(f"column {name!r}: unknown type {raw!r}") from None
+    raw, size = spec[0], (spec[1] if len(spec) == 2 else None)
+    try:
+        ctype = _TYPE_NAMES[raw.lower()] if isinstance(raw, str) else ColumnType(raw)
+    except (KeyError, ValueError):
+        raise SchemaError(
+            f"column {name!r}: unknown type {raw!r}; use one of {sorted(_TYPE_NAMES)}"
+        ) from None
     if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
         raise SchemaError(f"column {name!r}: size must be an int, got {size!r}")
-    return ctype, size
+    if ctype in _FIXED_SIZES:
+        sizes, rule = _FIXED_SIZES[ctype]
+        size = 8 if size is None else size
+        if size not in sizes:
+            raise SchemaError(f"column {name!r}: {rule} {size}")
+    elif size is None:
+        raise SchemaError(f"column {name!r}: {ctype.name} needs a size in bytes")
+    else:
+        _size(f"column {name!r}: {ctype.name} size", size, MAX_STRING_SIZE, " bytes")
+    return Column(name, ctype, size)
 
 
 @dataclass(frozen=True)
 class Schema:
-    """A validated table schema and its row layout."""
+    """A validated table schema and its row layout (computed from the declaration, so every
+    worker places each column in the same place)."""
 
     columns: tuple[Column, ...]
     key_limit: int
-    row_size: int
-    key_off: int
     allow_nan: bool = False
     binary_keys: bool = False
     ttl: float | None = None
     """Seconds a row lives after its last write (``None``: rows never expire)."""
-    exp_off: int = 0
+    row_size: int = field(init=False)
+    key_off: int = field(init=False)
+    exp_off: int = field(init=False)
     """Where a row keeps its expiry (0: nowhere, rows never expire)."""
+
+    def __post_init__(self) -> None:
+        """Place the columns in a row and set the derived fields (the declaration's ``columns``
+        become the placed ones, in declaration order)."""
+        placed: dict[str, Column] = {}
+        # A row that expires keeps its deadline (8 bytes) first, aligned for atomic access.
+        off = ROW_HEADER + (8 if self.ttl else 0)
+        # Numeric columns first, widest first, so each is naturally aligned for atomic access.
+        numeric = [c for c in self.columns if c.type in (ColumnType.INT, ColumnType.FLOAT)]
+        for c in sorted(numeric, key=lambda c: -c.size):
+            placed[c.name] = Column(c.name, c.type, c.size, off, c.size)
+            off += c.size
+        key_off = off
+        off += max(self.key_limit, 4)  # a free row keeps its free-list link in the key area
+        for c in self.columns:
+            if c.type in (ColumnType.STRING, ColumnType.BYTES):
+                width = 1 if c.size <= 0xFF else 2 if c.size <= 0xFFFF else 4
+                placed[c.name] = Column(c.name, c.type, c.size, off, width)
+                off += width + c.size
+        # frozen: the derived fields are set once, here
+        object.__setattr__(self, "columns", tuple(placed[c.name] for c in self.columns))
+        object.__setattr__(self, "row_size", _align(off, 8))
+        object.__setattr__(self, "key_off", key_off)
+        object.__setattr__(self, "exp_off", ROW_HEADER if self.ttl else 0)
 
     @classmethod
     def declare(
@@ -169,67 +206,14 @@ class Schema:
         if len(columns) > MAX_COLUMNS:
             raise SchemaError(f"a table has at most {MAX_COLUMNS} columns, got {len(columns)}")
         _size("key_size", key_size, MAX_KEY_SIZE, " bytes")
-        parsed: list[Column] = []
-        for name, spec in columns.items():
-            if not isinstance(name, str) or not name:
-                raise SchemaError(f"column names must be non-empty str, got {name!r}")
-            if len(name.encode("utf-8", "surrogatepass")) > 64:
-                raise SchemaError(f"column name {name[:20]!r}... is longer than 64 bytes")
-            ctype, size = _parse_type(name, spec)
-            if ctype is ColumnType.INT:
-                size = 8 if size is None else size
-                if size not in (1, 2, 4, 8):
-                    raise SchemaError(
-                        f"column {name!r}: INT size must be 1, 2, 4 or 8 bytes, got {size}"
-                    )
-            elif ctype is ColumnType.FLOAT:
-                if size not in (None, 8):
-                    raise SchemaError(
-                        f"column {name!r}: FLOAT is an 8-byte double, got size {size}"
-                    )
-                size = 8
-            else:
-                if size is None:
-                    raise SchemaError(f"column {name!r}: {ctype.name} needs a size in bytes")
-                _size(f"column {name!r}: {ctype.name} size", size, MAX_STRING_SIZE, " bytes")
-            parsed.append(Column(name, ctype, size))
+        parsed = [_column(name, spec) for name, spec in columns.items()]
         if ttl is not None and (
             not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not 0 < ttl <= MAX_TTL
         ):
             raise InvalidTTLError(
                 f"ttl must be a number of seconds in (0, {MAX_TTL:g}], got {ttl!r}"
             )
-        return cls._lay_out(parsed, key_size, allow_nan, binary_keys, ttl)
-
-    @classmethod
-    def _lay_out(
-        cls,
-        cols: list[Column],
-        key_limit: int,
-        allow_nan: bool,
-        binary_keys: bool,
-        ttl: float | None,
-    ) -> Schema:
-        placed: dict[str, Column] = {}
-        # A row that expires keeps its deadline (8 bytes) first, aligned for atomic access.
-        off = ROW_HEADER + (8 if ttl else 0)
-        # Numeric columns first, widest first, so each is naturally aligned for atomic access.
-        numeric = [c for c in cols if c.type in (ColumnType.INT, ColumnType.FLOAT)]
-        for c in sorted(numeric, key=lambda c: -c.size):
-            placed[c.name] = Column(c.name, c.type, c.size, off, c.size)
-            off += c.size
-        key_off = off
-        off += max(key_limit, 4)  # a free row keeps its free-list link in the key area
-        for c in cols:
-            if c.type in (ColumnType.STRING, ColumnType.BYTES):
-                width = 1 if c.size <= 0xFF else 2 if c.size <= 0xFFFF else 4
-                placed[c.name] = Column(c.name, c.type, c.size, off, width)
-                off += width + c.size
-        ordered = tuple(placed[c.name] for c in cols)
-        exp_off = ROW_HEADER if ttl else 0
-        return cls(
-            ordered, key_limit, _align(off, 8), key_off, allow_nan, binary_keys, ttl, exp_off
-        )
+        return cls(tuple(parsed), key_size, allow_nan, binary_keys, ttl)
 
     def to_blob(self) -> bytes:
         """Canonical encoding stored in the segment header."""
@@ -254,10 +238,8 @@ class Schema:
     def from_blob(cls, blob: bytes) -> Schema:
         """Rebuild the schema stored in a segment header."""
         doc = json.loads(blob)
-        cols = [Column(n, ColumnType(t), s) for n, t, s in doc["columns"]]
-        return cls._lay_out(
-            cols, doc["key_limit"], doc["allow_nan"], doc["binary_keys"], doc.get("ttl")
-        )
+        cols = tuple(Column(n, ColumnType(t), s) for n, t, s in doc["columns"])
+        return cls(cols, doc["key_limit"], doc["allow_nan"], doc["binary_keys"], doc.get("ttl"))
 
     def column(self, name: object, table: str) -> Column:
         """The column called ``name``, or UnknownColumnError naming the table's columns."""

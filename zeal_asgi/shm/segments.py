@@ -42,9 +42,9 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from zeal_asgi.errors import (
     PrivateCopyError,
@@ -69,7 +69,6 @@ PREFIX = "zeal."
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ATTACH_TIMEOUT = 10.0
 STALE_MIN_AGE = 10.0
-_T = TypeVar("_T")
 
 
 def shm_dir() -> str:
@@ -174,9 +173,12 @@ def server_ids() -> list[str]:
     return sorted({os.path.basename(n).split(".")[2] for n in names})
 
 
-def display_name(name: str | None) -> str | None:
-    """What messages call a segment: its name after the last ``:``, the part before it being
-    the owner's scope (``store:demo`` is the Store's table ``demo``)."""
+def display_name(name: str | None, kind: str) -> str | None:
+    """What messages call a ``kind`` (table, atomic) named ``name``: its name after the last
+    ``:``, the part before it being the owner's scope (``store:demo`` is the Store's table
+    ``demo``).  SchemaError unless ``name`` is a non-empty str or ``None`` (a private one)."""
+    if name is not None and (not isinstance(name, str) or not name):
+        raise SchemaError(f"{kind} name must be a non-empty str, got {name!r}")
     return name.rpartition(":")[2] if name else name
 
 
@@ -225,7 +227,7 @@ def _unlink_owned() -> None:
 # -- create / attach ---------------------------------------------------------------------------
 
 
-def _capacity_error(what: str, needed: int, exc: OSError | None = None) -> ShmCapacityError:
+def _capacity_error(what: str, needed: int) -> ShmCapacityError:
     d = shm_dir()
     total, free = shm_space()
     mib = max(64, (needed * 2 // (1024 * 1024)) + 64)
@@ -240,7 +242,6 @@ def _capacity_error(what: str, needed: int, exc: OSError | None = None) -> ShmCa
     )
     err = ShmCapacityError(errno.ENOSPC, msg)
     err.needed, err.free, err.total = needed, free, total  # type: ignore[attr-defined]
-    err.__cause__ = exc
     return err
 
 
@@ -253,7 +254,7 @@ def _reserve(fd: int, size: int, what: str, named: bool) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.ENOMEM):
-            raise _capacity_error(what, size, exc) from exc
+            raise _capacity_error(what, size) from exc
         raise
 
 
@@ -280,29 +281,24 @@ def _memfd_wanted() -> bool:
     return backend == "memfd"
 
 
-Init = Callable[[int], None]
-"""Map a new segment's fd and initialise it."""
-Attach = Callable[[int, int], _T]
-"""Map and validate a segment someone else made: a result, or ``None`` when it is not
-initialised yet."""
-Discard = Callable[[], None]
-"""Unmap what ``Init`` mapped, leaving the fd to the caller."""
-
-
 def _create(
-    path: str | None, size: int, what: str, init: Init, discard: Discard, memfd: str = "zeal"
+    obj: Table | Atomic,
+    path: str | None,
+    size: int,
+    what: str,
+    init: tuple[Any, ...],
+    memfd: str = "zeal",
 ) -> None:
-    """A new segment of ``size`` bytes, mapped and initialised by ``init``.  With a path,
-    it is built under a private name in the same directory and linked into place, so the name
-    never shows a half-initialised segment, whatever dies when (``FileExistsError``: another
-    process linked the name first; ours is unmapped by ``discard`` and thrown away).  Without,
-    it is a memfd called ``memfd``."""
+    """A new segment of ``size`` bytes, mapped in ``obj`` and initialised by
+    ``obj._init(fd, *init)``.  With a path, it is built under a private name in the same
+    directory and linked into place, so the name never shows a half-initialised segment,
+    whatever dies when (``FileExistsError``: another process linked the name first; ours is
+    unmapped and thrown away).  Without, it is a memfd called ``memfd``."""
     if path is None:
         fd = os.memfd_create(memfd, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         tmp = None
     else:
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp.", dir=shm_dir())
-    mapped = False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # a sweep never takes a segment being built
         os.fchmod(fd, 0o600)
@@ -311,14 +307,12 @@ def _create(
         if tmp is None:
             # nobody may resize it under the others' mappings (a SIGBUS for every worker)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-        init(fd)
-        mapped = True
+        obj._init(fd, *init)
         fcntl.flock(fd, fcntl.LOCK_SH)
         if tmp is not None and path is not None:
             os.link(tmp, path)  # FileExistsError: someone else was first
     except BaseException:
-        if mapped:
-            discard()  # the mapping goes; the fd is still ours to close
+        obj._unmap()  # the mapping goes, if any (a no-op otherwise); the fd is still ours
         os.close(fd)
         raise
     finally:
@@ -327,10 +321,11 @@ def _create(
                 os.unlink(tmp)
 
 
-def _attach(fd: int, path: str, attach: Attach[_T], named: bool = True) -> _T | None:
-    """Check that the segment open at ``fd`` is ours and attach under a shared flock (which
-    marks this process as a user of it).  ``None`` when the name was unlinked meanwhile (look it
-    up again); ``fd`` is closed unless ``attach`` mapped it."""
+def _attach(obj: Table | Atomic, fd: int, path: str, named: bool = True) -> Any:
+    """Check that the segment open at ``fd`` is ours and map it in ``obj`` under a shared flock
+    (which marks this process as a user of it): what ``obj._attach`` returned (a table's schema
+    blob), or ``None`` when the name was unlinked meanwhile (look it up again); ``fd`` is closed
+    unless ``obj`` mapped it."""
     try:
         _check_ours(fd, path)
         deadline = time.monotonic() + ATTACH_TIMEOUT
@@ -349,8 +344,8 @@ def _attach(fd: int, path: str, attach: Attach[_T], named: bool = True) -> _T | 
         if named and st.st_nlink == 0:
             os.close(fd)
             return None
-        result = attach(fd, st.st_size)
-        if result is None:
+        result = obj._attach(fd, st.st_size)
+        if not result:
             raise ShmAbiMismatchError(
                 errno.EINVAL, f"{path}: not an initialised segment (no header): refusing to attach"
             )
@@ -379,36 +374,31 @@ def _owner_memfd(seg: str) -> int:
 
 
 def _open(
-    kind: str,
-    name: str | None,
-    size: int,
-    what: str,
-    init: Init,
-    attach: Attach[_T],
-    discard: Discard,
-) -> tuple[str | None, _T | None]:
-    """Create or attach the segment of ``name`` (``None``: a private, anonymous one), mapped by
-    ``init`` or ``attach`` (the mapping then owns the fd).
+    obj: Table | Atomic, name: str | None, size: int, what: str, *init: Any
+) -> tuple[str | None, Any]:
+    """Create or attach the segment of ``name`` (``None``: a private, anonymous one), mapped in
+    ``obj`` (which then owns the fd) by ``obj._init(fd, *init)`` or ``obj._attach``.
 
-    Returns ``(path, result)``: ``result`` is ``None`` when this process created the segment,
-    else what ``attach`` returned."""
+    Returns ``(path, stored)``: ``stored`` is ``None`` when this process created the segment,
+    else what ``obj._attach`` returned (a table's schema blob)."""
+    kind = "a" if isinstance(obj, _shmtable.Atomic) else "t"
     if name is None:
-        _create(None, size, what, init, discard, f"zeal-{kind}-anon")
+        _create(obj, None, size, what, init, f"zeal-{kind}-anon")
         return None, None
     path = segment_path(kind, name)
     seg = os.path.basename(path)
     if _memfd_wanted():
         if server_identity().is_owner:
-            _create(None, size, what, init, discard, seg)
+            _create(obj, None, size, what, init, seg)
             return None, None
-        return None, _attach(_owner_memfd(seg), f"memfd {seg}", attach, named=False)
+        return None, _attach(obj, _owner_memfd(seg), f"memfd {seg}", named=False)
     sweep_stale()
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             try:
-                _create(path, size, what, init, discard)
+                _create(obj, path, size, what, init)
             except FileExistsError:
                 continue  # another process published the name first: attach to theirs
             with _lock:
@@ -421,81 +411,50 @@ def _open(
                     errno.EEXIST, f"{path} exists and cannot be opened by us: squatted name"
                 ) from exc
             raise
-        result = _attach(fd, path, attach)
-        if result is not None:
-            return path, result  # else unlinked (a sweep or a replace): look the name up again
+        stored = _attach(obj, fd, path)
+        if stored is not None:
+            return path, stored  # else unlinked (a sweep or a replace): look the name up again
 
 
-def _check_name(name: str | None, kind: str) -> None:
-    if name is not None and (not isinstance(name, str) or not name):
-        raise SchemaError(f"{kind} name must be a non-empty str, got {name!r}")
-
-
-class _OtherSchema(Exception):
-    """The segment holds another schema (raised while attaching, so its fd is closed first)."""
-
-    def __init__(self, stored: bytes) -> None:
-        self.stored = stored
+def _hold(obj: Table | Atomic, path: str | None, stored: object) -> tuple[str | None, bool]:
+    """Count ``obj`` among the segments this process holds; ``(path, created)``."""
+    with _lock:
+        _held.add(obj)
+    return path, stored is None
 
 
 def open_table(
     table: Table, name: str | None, max_rows: int, schema: Schema
 ) -> tuple[str | None, bool]:
     """Create or attach the segment of ``table`` (``Table.__init__``); ``(path, created)``."""
-    _check_name(name, "table")
     geo = schema.geometry(max_rows)
     blob = schema.to_blob()
     what = f"table {name!r} ({max_rows:,} rows of {schema.row_size} bytes)"
-
-    def init(fd: int) -> None:
-        table._init(fd, geo, blob)
-
-    def attach(fd: int, size: int) -> bytes | None:
-        stored: bytes | None = table._attach(fd, size)
-        if stored is not None and stored != blob:
-            table._unmap()
-            raise _OtherSchema(stored)
-        return stored
-
     for _ in range(3):
-        try:
-            path, stored = _open("t", name, geo.total_size, what, init, attach, table._unmap)
-            break
-        except _OtherSchema as exc:
-            where = None if _memfd_wanted() else segment_path("t", name or "")
-            # A leftover of an earlier run of this server (e.g. before a --reload): replace it
-            # when nobody uses it any more, otherwise refuse loudly.
-            if where is None or not unlink_if_unused(where):
-                raise ShmAbiMismatchError(
-                    errno.EINVAL,
-                    f"table {name!r}: the shared segment {where or '(memfd)'} has another schema "
-                    "than this process declares (segment vs declared: "
-                    f"{Schema.from_blob(exc.stored).difference(schema)}); every worker must "
-                    "declare the same schema",
-                ) from None
-            log.warning("table %r: replaced an unused segment that had another schema", name)
-    else:  # pragma: no cover - someone keeps recreating it
-        raise ShmError(errno.EAGAIN, f"table {name!r}: segment keeps changing under us")
-    with _lock:
-        _held.add(table)
-    return path, stored is None
+        path, stored = _open(table, name, geo.total_size, what, geo, blob)
+        if stored is None or stored == blob:
+            return _hold(table, path, stored)
+        table.close()  # its fd too: the segment is no longer ours to hold
+        # A leftover of an earlier run of this server (e.g. before a --reload): replace it
+        # when nobody uses it any more, otherwise refuse loudly.
+        if path is None or not unlink_if_unused(path):
+            raise ShmAbiMismatchError(
+                errno.EINVAL,
+                f"table {name!r}: the shared segment {path or '(memfd)'} has another schema "
+                "than this process declares (segment vs declared: "
+                f"{Schema.from_blob(stored).difference(schema)}); every worker must "
+                "declare the same schema",
+            )
+        log.warning("table %r: replaced an unused segment that had another schema", name)
+    raise ShmError(  # pragma: no cover - someone keeps recreating it
+        errno.EAGAIN, f"table {name!r}: segment keeps changing under us"
+    )
 
 
 def open_atomic(atomic: Atomic, name: str | None, initial: int) -> tuple[str | None, bool]:
     """Create or attach the segment of ``atomic`` (``Atomic.__init__``); ``(path, created)``."""
-    _check_name(name, "atomic")
-
-    def init(fd: int) -> None:
-        atomic._init(fd, initial)
-
-    def attach(fd: int, size: int) -> bool | None:
-        return True if atomic._attach(fd, size) else None
-
-    what = f"atomic {name!r}"
-    path, attached = _open("a", name, _shmtable.ATOMIC_SIZE, what, init, attach, atomic._unmap)
-    with _lock:
-        _held.add(atomic)
-    return path, attached is None
+    path, stored = _open(atomic, name, _shmtable.ATOMIC_SIZE, f"atomic {name!r}", initial)
+    return _hold(atomic, path, stored)
 
 
 def attach_path(path: str, name: str | None = None) -> Table | Atomic:
@@ -511,7 +470,7 @@ def attach_path(path: str, name: str | None = None) -> Table | Atomic:
     table = os.path.basename(path).split(".")[-2] == "t"
     obj: Any = Table.__new__(Table) if table else Atomic.__new__(Atomic)
     fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    stored = _attach(fd, path, lambda fd, size: obj._attach(fd, size) or None)
+    stored = _attach(obj, fd, path)
     if stored is None:
         raise ShmError(errno.EAGAIN, f"{path}: the segment is being replaced")
     if table:
