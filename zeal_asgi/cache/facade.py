@@ -16,12 +16,10 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from zeal_asgi.cache.compute import compute_once
-from zeal_asgi.cache.files.tier import FileTier
 from zeal_asgi.cache.gc import CacheGC
 from zeal_asgi.cache.keys import CacheKeys, resolve_secret
 from zeal_asgi.cache.serializer import Serializer, get_serializer
-from zeal_asgi.cache.tiers import MAX_KEY_BYTES, MAX_TTL, Tiers, check_key, check_ttl
+from zeal_asgi.cache.tiers import MAX_TTL, Tiers, check_key, check_ttl
 from zeal_asgi.errors import ConfigError
 from zeal_asgi.shm.hoststats import host_stats
 from zeal_asgi.store import Store, StoreBackendKind
@@ -128,33 +126,11 @@ class Cache(metaclass=HybridMeta):
         self.compute_timeout = seconds("Cache compute_timeout", compute_timeout, math.inf)
         self.namespace = namespace
         self.serializer: Serializer = get_serializer(serializer)
-        self._keys = CacheKeys.load(resolve_secret(secret, pickle=serializer == "pickle"))
-        # counters map to zeal_cache_<what>_total (zeal_cache_<namespace>_... for another one)
-        self._prefix = "cache." if namespace == "cache" else f"cache_{namespace}."
-        self.files = FileTier(
-            cache_dir,
-            mac_key=self._keys.file_mac,
-            name_key=self._keys.file_name,
-            max_entry_bytes=self.max_entry_bytes,
-            max_key_bytes=MAX_KEY_BYTES,
-            fsync=bool(fsync),
-            count=self._count,
-        )
+        keys = CacheKeys.load(resolve_secret(secret, pickle=serializer == "pickle"))
         self._store = store
         self._zeal = zeal
-        self._tiers = Tiers(
-            namespace=namespace,
-            max_rows=self.max_rows,
-            memory_value_bytes=self.memory_value_bytes,
-            ttl_seconds=self.ttl_seconds,
-            lock_lease=self.lock_lease,
-            keys=self._keys,
-            files=self.files,
-            serializer=self.serializer,
-            max_entry_bytes=self.max_entry_bytes,
-            store_ref=self._current_store,
-            metrics=self._prefix,
-        )
+        self._tiers = Tiers(self, keys, cache_dir, bool(fsync), self._current_store)
+        self.files = self._tiers.files
         self._tiers.bind()  # declare the tables now: before the workers start, like Store.make
         if max_rows != 4096 and self.ttl_seconds is None and self.store.kind in _UNBOUNDED:
             log.warning(
@@ -230,15 +206,12 @@ class Cache(metaclass=HybridMeta):
             return self._store
         return self._zeal.store if self._zeal is not None else Store.default()
 
-    def _count(self, metric: str) -> None:
-        host_stats().incr(self._prefix + metric)
-
     @hybridmethod
     def stats(self) -> dict[str, Any]:
         """Counters of this cache summed over every worker of the host, plus ``hit_rate``."""
-        n = len(self._prefix)
+        prefix = self._tiers.metrics
         out: dict[str, Any] = {
-            k[n:]: v for k, v in host_stats().host().items() if k.startswith(self._prefix)
+            k[len(prefix) :]: v for k, v in host_stats().host().items() if k.startswith(prefix)
         }
         hits = out.get("hits_memory", 0) + out.get("hits_file", 0)
         total = hits + out.get("misses", 0)
@@ -340,7 +313,7 @@ class Cache(metaclass=HybridMeta):
         seconds = check_ttl(ttl)
         wait = self.compute_timeout if max_wait is None else float(max_wait)
         # the key as given: a str key's row is kept for the hot check above (as ``get`` does)
-        return await compute_once(self._tiers, key, fn, seconds, wait)
+        return await self._tiers.compute(key, fn, seconds, wait)
 
     # -- GC and lifecycle ----------------------------------------------------------------------
 
@@ -349,7 +322,7 @@ class Cache(metaclass=HybridMeta):
         """One sweep now: expired memory rows and dead lock rows, then (in a thread) expired,
         damaged and, on shared backends, orphaned files."""
         out = await self._tiers.sweep(self.max_files)
-        self._count("gc_sweeps")
+        self._tiers.count("gc_sweeps")
         return out
 
     @hybridmethod
