@@ -278,10 +278,10 @@ class Tiers:
     def bind(self) -> Binding:
         """The binding to the current Store and backend (declaring the tables when new)."""
         store = self.store_ref()
-        c = self.cache
         b = self.binding
         if b is not None and b.store is store and b.backend is store.backend:
             return b
+        c = self.cache
         local = store.kind is StoreBackendKind.TABLE
         lock_table = f"{self.table}_lock"
         if self.table not in store.names():

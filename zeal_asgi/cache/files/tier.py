@@ -429,17 +429,14 @@ class FileTier:
             return False
         return True
 
-    def flush(self) -> int:
+    def flush(self) -> None:
         """Remove every entry file (temp files of running writers are left alone)."""
         self._verified.clear()
         self._verified_bytes = 0
-        removed = 0
         for entry in scan(self._dfd):
             if NAME_RE.match(entry.name):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.name, dir_fd=self._dfd)
-                    removed += 1
-        return removed
 
     def close(self) -> None:
         """Close the directory descriptor (idempotent)."""
