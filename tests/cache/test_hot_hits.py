@@ -59,7 +59,7 @@ async def test_a_forked_worker_counts_its_kept_hits_in_its_own_row(table_cache: 
     await table_cache.set("k", {"v": 1})
     for _ in range(3):
         await table_cache.get("k")
-    metric = f"{table_cache._prefix}hits_memory"
+    metric = table_cache._tiers.hits_memory
     parent = host_stats().worker().get(metric, 0)
     pid = os.fork()
     if pid == 0:  # the child: its own event loop, its own counter row

@@ -5,25 +5,28 @@ Class-level calls (``await Cache.get(...)``, seed style) act on the default cach
 the Store table ``__cache`` (one shared-memory table for the whole host on the table backend),
 the file tier one authenticated file per key under ``cache_dir``; how the two stay coherent is
 described in :mod:`zeal_asgi.cache.tiers`.  On the table backend a hit never awaits: ``get``
-calls the synchronous :class:`~zeal_asgi.cache.local.LocalTier` directly.
+calls the synchronous :meth:`~zeal_asgi.cache.tiers.Tiers.get_local` directly.  One worker per
+host sweeps expired entries (:class:`CacheGC`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
+import random
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from zeal_asgi.cache.compute import compute_once
-from zeal_asgi.cache.files.tier import FileTier
-from zeal_asgi.cache.gc import CacheGC
-from zeal_asgi.cache.keys import CacheKeys, resolve_secret
+from zeal_asgi.cache.keys import CacheKeys, control_table, resolve_secret
 from zeal_asgi.cache.serializer import Serializer, get_serializer
-from zeal_asgi.cache.tiers import MAX_KEY_BYTES, MAX_TTL, Tiers, check_key, check_ttl
+from zeal_asgi.cache.tiers import MAX_TTL, Tiers, check_key, check_ttl
 from zeal_asgi.errors import ConfigError
 from zeal_asgi.shm.hoststats import host_stats
+from zeal_asgi.shm.lease import Lease
 from zeal_asgi.store import Store, StoreBackendKind
 from zeal_asgi.store.base import positive_int, seconds
 from zeal_asgi.store.facade import HybridMeta, hybridmethod
@@ -50,6 +53,76 @@ _IDENTITY = ("max_rows", "cache_dir", "gc_interval_ms", "ttl_seconds", "serializ
 def _identity(arguments: Mapping[str, Any]) -> tuple[Any, ...]:
     """The arguments a repeated ``Cache.init`` must repeat (the directory as a string)."""
     return tuple(str(arguments[n]) if n == "cache_dir" else arguments[n] for n in _IDENTITY)
+
+
+class CacheGC:
+    """The cache's periodic GC: a per-worker task, ``start()`` in the worker's event loop,
+    ``stop()`` at shutdown; with ``interval`` 0 it never starts.  Only the holder of the cache's
+    host-wide GC lease (row ``gc:<name>`` of the control table, a shared-memory
+    :class:`~zeal_asgi.shm.lease.Lease`) sweeps, so exactly one worker per host does the work.
+    When the holder dies, the next worker to tick sees the pid gone and takes over; a holder
+    that stops renewing (hung) loses it at the deadline."""
+
+    def __init__(
+        self, name: str, interval: float, sweep: Callable[[], Awaitable[dict[str, int]]]
+    ) -> None:
+        self.interval = interval
+        self._row = f"gc:{name}"
+        self._lease_seconds = max(3 * interval, interval + 2.0)
+        self._token: int | None = None
+        self._sweep = sweep
+        self._task: asyncio.Task[None] | None = None
+        self._last_error = 0.0
+
+    def start(self) -> None:
+        """Start ticking in the running event loop (idempotent)."""
+        if not self.interval:
+            return  # the GC is disabled (gc_interval_ms=0)
+        task = self._task
+        if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+            return
+        # a task left on an event loop that has ended never runs again: replace it
+        self._task = asyncio.create_task(self._run(), name="zeal-cache-gc")
+
+    async def stop(self) -> None:
+        """Cancel and await the task, and hand the lease on."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            if task.get_loop() is asyncio.get_running_loop():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._token is not None:  # another worker takes over at its next tick
+            self._lease().release(self._row, self._token)
+            self._token = None
+
+    def _lease(self) -> Lease:
+        # made per use: the control table is made again when it was closed
+        return Lease(control_table(), self._lease_seconds)
+
+    def _hold(self) -> bool:
+        """Take or renew the lease; ``True`` when this process holds it now."""
+        lease = self._lease()
+        if self._token is not None:
+            self._token = lease.renew(self._row, self._token)
+        if self._token is None:
+            self._token = lease.acquire(self._row)
+        return self._token is not None
+
+    async def _run(self) -> None:
+        while True:
+            # jitter keeps the workers from all waking (and CASing) in the same millisecond
+            await asyncio.sleep(self.interval * random.uniform(0.9, 1.1))
+            try:
+                if self._hold():
+                    await self._sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the GC must outlive a failed sweep (e.g. Redis briefly down)
+                now = time.monotonic()
+                if now - self._last_error > 60.0:
+                    self._last_error = now
+                    log.exception("zeal_asgi cache: GC sweep failed (retried next interval)")
 
 
 class Cache(metaclass=HybridMeta):
@@ -128,33 +201,11 @@ class Cache(metaclass=HybridMeta):
         self.compute_timeout = seconds("Cache compute_timeout", compute_timeout, math.inf)
         self.namespace = namespace
         self.serializer: Serializer = get_serializer(serializer)
-        self._keys = CacheKeys.load(resolve_secret(secret, pickle=serializer == "pickle"))
-        # counters map to zeal_cache_<what>_total (zeal_cache_<namespace>_... for another one)
-        self._prefix = "cache." if namespace == "cache" else f"cache_{namespace}."
-        self.files = FileTier(
-            cache_dir,
-            mac_key=self._keys.file_mac,
-            name_key=self._keys.file_name,
-            max_entry_bytes=self.max_entry_bytes,
-            max_key_bytes=MAX_KEY_BYTES,
-            fsync=bool(fsync),
-            count=self._count,
-        )
+        keys = CacheKeys.load(resolve_secret(secret, pickle=serializer == "pickle"))
         self._store = store
         self._zeal = zeal
-        self._tiers = Tiers(
-            namespace=namespace,
-            max_rows=self.max_rows,
-            memory_value_bytes=self.memory_value_bytes,
-            ttl_seconds=self.ttl_seconds,
-            lock_lease=self.lock_lease,
-            keys=self._keys,
-            files=self.files,
-            serializer=self.serializer,
-            max_entry_bytes=self.max_entry_bytes,
-            store_ref=self._current_store,
-            metrics=self._prefix,
-        )
+        self._tiers = Tiers(self, keys, cache_dir, bool(fsync), self._current_store)
+        self.files = self._tiers.files
         self._tiers.bind()  # declare the tables now: before the workers start, like Store.make
         if max_rows != 4096 and self.ttl_seconds is None and self.store.kind in _UNBOUNDED:
             log.warning(
@@ -230,15 +281,12 @@ class Cache(metaclass=HybridMeta):
             return self._store
         return self._zeal.store if self._zeal is not None else Store.default()
 
-    def _count(self, metric: str) -> None:
-        host_stats().incr(self._prefix + metric)
-
     @hybridmethod
     def stats(self) -> dict[str, Any]:
         """Counters of this cache summed over every worker of the host, plus ``hit_rate``."""
-        n = len(self._prefix)
+        prefix = self._tiers.metrics
         out: dict[str, Any] = {
-            k[n:]: v for k, v in host_stats().host().items() if k.startswith(self._prefix)
+            k[len(prefix) :]: v for k, v in host_stats().host().items() if k.startswith(prefix)
         }
         hits = out.get("hits_memory", 0) + out.get("hits_file", 0)
         total = hits + out.get("misses", 0)
@@ -340,7 +388,7 @@ class Cache(metaclass=HybridMeta):
         seconds = check_ttl(ttl)
         wait = self.compute_timeout if max_wait is None else float(max_wait)
         # the key as given: a str key's row is kept for the hot check above (as ``get`` does)
-        return await compute_once(self._tiers, key, fn, seconds, wait)
+        return await self._tiers.compute(key, fn, seconds, wait)
 
     # -- GC and lifecycle ----------------------------------------------------------------------
 
@@ -349,7 +397,7 @@ class Cache(metaclass=HybridMeta):
         """One sweep now: expired memory rows and dead lock rows, then (in a thread) expired,
         damaged and, on shared backends, orphaned files."""
         out = await self._tiers.sweep(self.max_files)
-        self._count("gc_sweeps")
+        self._tiers.count("gc_sweeps")
         return out
 
     @hybridmethod

@@ -21,6 +21,8 @@ from typing import Any, cast
 from zeal_asgi.cache.serializer import Serializer
 
 _IMMUTABLE = frozenset({str, bytes, int, float, bool, type(None)})
+MAX_VALUE_BYTES = 256 << 10
+"""Payloads larger than this are never kept: they are decoded every time."""
 
 
 def _copier(value: Any) -> Callable[[], Any] | None:
@@ -42,23 +44,18 @@ class DecodeMemo:
         serializer: decodes the payloads.
         max_entries / max_bytes: when either is reached the memo starts over (cleared), which
             keeps it bounded at no cost per hit.
-        max_value_bytes: payloads larger than this are never kept.
+
+    Payloads larger than ``MAX_VALUE_BYTES`` are never kept.
     """
 
     def __init__(
-        self,
-        serializer: Serializer,
-        *,
-        max_entries: int = 4096,
-        max_bytes: int = 4 << 20,
-        max_value_bytes: int = 256 << 10,
+        self, serializer: Serializer, *, max_entries: int = 4096, max_bytes: int = 4 << 20
     ) -> None:
         self._loads = serializer.loads
         self._memo: dict[Hashable, tuple[bytes, int, Callable[[], Any]]] = {}
         self._bytes = 0
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self.max_value_bytes = max_value_bytes
 
     def loads(self, slot: Hashable, blob: bytes, start: int = 0) -> Any:
         """The value serialized in ``blob[start:]``; ``blob`` is what must match next time.
@@ -70,7 +67,7 @@ class DecodeMemo:
             return kept[2]()
         value = self._loads(blob[start:] if start else blob)
         size = len(blob)
-        if size <= self.max_value_bytes:
+        if size <= MAX_VALUE_BYTES:
             copier = _copier(value)
             if copier is not None:
                 if kept is not None:

@@ -55,27 +55,30 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import inspect
 import math
 import os
+import random
 import secrets
 import struct
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from zeal_asgi.cache.files.tier import Entry, FileTier, Owned
 from zeal_asgi.cache.keys import SHARED_UNAUTHENTICATED, CacheKeys
-from zeal_asgi.cache.lock import Lock, ShmLock, lock_for
+from zeal_asgi.cache.lock import NO_LOCK, Lock, ShmLock, lock_for
 from zeal_asgi.cache.memo import DecodeMemo
-from zeal_asgi.cache.serializer import PICKLE_ID, Serializer
+from zeal_asgi.cache.serializer import PICKLE_ID
 from zeal_asgi.errors import (
     CapacityError,
     InvalidKeyError,
     InvalidTTLError,
     KeyTooLongError,
     KeyTypeError,
+    LockTimeoutError,
     SerializationError,
     TableFullError,
     ValueTooLargeError,
@@ -86,6 +89,7 @@ from zeal_asgi.store import Capability, Key, Store, StoreBackend, StoreBackendKi
 from zeal_asgi.store.base import seconds
 
 if TYPE_CHECKING:
+    from zeal_asgi.cache.facade import Cache
     from zeal_asgi.shm import Table
 
 MAX_KEY_BYTES = 4096
@@ -103,6 +107,8 @@ NONCE_BYTES = 16
 
 Mac = Callable[[bytes], bytes]
 """A row MAC: 16 bytes over the given bytes."""
+StoreRef = Callable[[], Store]
+"""The Store a cache follows now (its own, its app's, or the default)."""
 HOT_ENTRIES = 4096
 """Most rows kept in :attr:`Tiers.hot` (it starts over when full, or when the bytes it added
 reach the memo's ``max_bytes``; they are mostly the memo's own objects)."""
@@ -200,6 +206,16 @@ _WRITE_LEASE = 2.0
 (stopped, swapped out) stops blocking the other writers of its key after this."""
 
 
+async def _renew(lock: Lock, name: str, holder: list[Any], every: float) -> None:
+    """Renew the stampede lock ``name`` every ``every`` seconds (``holder[0]``: its token)."""
+    while True:
+        await asyncio.sleep(every)
+        token = await lock.renew(name, holder[0])
+        if token is None:
+            return  # lost it (our lease ran out while we were stalled): nothing to keep
+        holder[0] = token
+
+
 @dataclass(frozen=True)
 class Binding:
     """What the cache uses on the Store it currently follows."""
@@ -216,43 +232,48 @@ class Binding:
     """The write locks of the table backend (one per key, held around the row and the file)."""
 
 
-@dataclass(eq=False)
 class Tiers:
     """The memory tier (a Store table of the Store ``store_ref`` returns) and the file tier of
-    one cache; its events are counted in the host's counters as ``<metrics><event>``."""
+    ``cache``, whose settings (validated there) it reads; its events are counted in the host's
+    counters as ``<metrics><event>``, ``metrics`` being ``cache.`` (``cache_<namespace>.`` for
+    another namespace)."""
 
-    namespace: str
-    max_rows: int
-    memory_value_bytes: int
-    ttl_seconds: float | None
-    lock_lease: float
-    keys: CacheKeys
-    files: FileTier
-    serializer: Serializer
-    max_entry_bytes: int
-    store_ref: Callable[[], Store]
-    metrics: str
-    binding: Binding | None = None
-    memo: DecodeMemo = field(init=False)
-    hot: dict[str, FieldMemo] = field(init=False, default_factory=dict)
-    """Rows of ``binding.table`` verified and decoded by this worker, by ``str`` key (table
-    backend): ``hot[key].get(miss)`` is a copy of the value, counted as a memory hit, while the
-    row holds the same bytes, unexpired.  Cleared when the binding changes."""
-    hot_backend: StoreBackend | None = field(init=False, default=None)
-    """The backend whose table :attr:`hot` describes (``binding.backend``)."""
-    hit_tally: Tally | None = field(init=False, default=None)
-    """This worker's ``hits_memory`` counter (one lock-free add); made by :meth:`tally`."""
-
-    def __post_init__(self) -> None:
+    def __init__(
+        self, cache: Cache, keys: CacheKeys, cache_dir: str, fsync: bool, store_ref: StoreRef
+    ) -> None:
         _LIVE.add(self)
-        self._hot_bytes = 0
-        self.table = f"__{self.namespace}"
-        self.memo = DecodeMemo(self.serializer)
+        self.cache = cache
+        self.keys = keys
+        self.store_ref = store_ref
+        ns = cache.namespace
+        # counters map to zeal_cache_<what>_total (zeal_cache_<namespace>_... for another one)
+        self.metrics = "cache." if ns == "cache" else f"cache_{ns}."
+        self.files = FileTier(
+            cache_dir,
+            mac_key=keys.file_mac,
+            name_key=keys.file_name,
+            max_entry_bytes=cache.max_entry_bytes,
+            max_key_bytes=MAX_KEY_BYTES,
+            fsync=fsync,
+            count=self.count,
+        )
+        self.table = f"__{ns}"
+        self.binding: Binding | None = None
+        self.memo = DecodeMemo(cache.serializer)
         self._loads = self.memo.loads  # bound once: every lookup shows on a 1.4 µs hit
-        self._ser = self.serializer.id
+        self._ser = cache.serializer.id
         self.hits_memory, self._hits_file, self._misses = (
             self.metrics + e for e in ("hits_memory", "hits_file", "misses")
         )
+        self.hot: dict[str, FieldMemo] = {}
+        """Rows of ``binding.table`` verified and decoded by this worker, by ``str`` key (table
+        backend): ``hot[key].get(miss)`` is a copy of the value, counted as a memory hit, while
+        the row holds the same bytes, unexpired.  Cleared when the binding changes."""
+        self._hot_bytes = 0
+        self.hot_backend: StoreBackend | None = None
+        """The backend whose table :attr:`hot` describes (``binding.backend``)."""
+        self.hit_tally: Tally | None = None
+        """This worker's ``hits_memory`` counter (one lock-free add); made by :meth:`tally`."""
 
     def bind(self) -> Binding:
         """The binding to the current Store and backend (declaring the tables when new)."""
@@ -260,17 +281,18 @@ class Tiers:
         b = self.binding
         if b is not None and b.store is store and b.backend is store.backend:
             return b
+        c = self.cache
         local = store.kind is StoreBackendKind.TABLE
         lock_table = f"{self.table}_lock"
         if self.table not in store.names():
-            server_side = self.ttl_seconds is not None and not local
-            body = HEAD.size + MAC_BYTES + max(self.memory_value_bytes, 16)
+            server_side = c.ttl_seconds is not None and not local
+            body = HEAD.size + MAC_BYTES + max(c.memory_value_bytes, 16)
             store.make(
                 self.table,
-                self.max_rows,
+                c.max_rows,
                 {"v": (Store.TYPE_BYTES, body)},
                 mode="ttl" if server_side else "tracked",
-                ttl=max(1, round(self.ttl_seconds or 0)) if server_side else None,
+                ttl=max(1, round(c.ttl_seconds or 0)) if server_side else None,
                 key_size=LOCAL_KEY_BYTES,
                 binary_keys=True,
             )
@@ -281,8 +303,8 @@ class Tiers:
                 key_size=len(_WRITE) + LOCAL_KEY_BYTES,
                 binary_keys=True,
             )
-        pickle = self.serializer.id == PICKLE_ID
-        lock = lock_for(store, lock_table, self.namespace, self.lock_lease)
+        pickle = self._ser == PICKLE_ID
+        lock = lock_for(store, lock_table, c.namespace, c.lock_lease)
         self.memo.clear()  # another store: nothing kept so far describes its rows
         self.hot.clear()
         if local:
@@ -434,11 +456,12 @@ class Tiers:
     def encode(self, key: str | bytes, value: Any) -> bytes:
         """``value`` serialized (SerializationError if it cannot be), refused with
         ValueTooLargeError above ``max_entry_bytes`` (never truncated)."""
-        payload = self.serializer.dumps(value)
-        if len(payload) > self.max_entry_bytes:
+        payload = self.cache.serializer.dumps(value)
+        limit = self.cache.max_entry_bytes
+        if len(payload) > limit:
             raise ValueTooLargeError(
                 f"cache value for {key!r:.60} is {len(payload)} bytes serialized; the limit is "
-                f"max_entry_bytes={self.max_entry_bytes} (never truncated)"
+                f"max_entry_bytes={limit} (never truncated)"
             )
         return payload
 
@@ -476,8 +499,9 @@ class Tiers:
         now = _time()
         exp = now + ttl if ttl else 0.0
         # the memory tier's own ttl_seconds may end the row before the file
-        mexp = min(exp or math.inf, now + self.ttl_seconds) if self.ttl_seconds else exp
-        if len(payload) <= self.memory_value_bytes:
+        row_ttl = self.cache.ttl_seconds
+        mexp = min(exp or math.inf, now + row_ttl) if row_ttl else exp
+        if len(payload) <= self.cache.memory_value_bytes:
             try:
                 await self._set_row(b, rk, seal(b.mac, rk, INLINE, self._ser, mexp, payload))
             except SPILL_ERRORS:
@@ -510,6 +534,65 @@ class Tiers:
             return self.files.delete(key) or in_memory
 
         return await self._write(key, remove)
+
+    async def compute(
+        self, key: str | bytes, fn: Callable[[], Any | Awaitable[Any]], ttl: float, wait: float
+    ) -> Any:
+        """The cached value of ``key`` (valid: checked by the caller), computing it with ``fn``
+        at most once at a time (``get_or_compute``).
+
+        The first caller to take the key's stampede lock checks the cache again, runs ``fn``,
+        stores the value and releases the lock; its lease is renewed while ``fn`` runs.  Every
+        other caller polls the cache with a growing backoff (2 ms to 50 ms, jittered) and returns
+        the value as soon as it appears; when the lock is free again without a value (``fn``
+        raised, or the value could not be stored) the next caller computes.  A waiter gives up
+        with LockTimeoutError after ``wait`` seconds.
+        """
+        found, value = await self.lookup(key)  # a str key's row is kept for the next hit
+        if found:
+            return value
+        raw = _bytes(key)
+        lock = self.bind().lock
+        name = memory_key(raw)
+        deadline = time.monotonic() + wait
+        delay = 0.002
+        while (token := await lock.acquire(name)) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.count("compute_timeouts")
+                raise LockTimeoutError(
+                    f"get_or_compute({raw!r:.60}): another worker has been computing it for more "
+                    f"than {wait} s (max_wait=)"
+                )
+            await asyncio.sleep(min(delay, left) * random.uniform(0.5, 1.0))
+            delay = min(delay * 1.5, 0.05)
+            found, value = await self.lookup(key, record=False)
+            if found:
+                self.count("stampede_blocked")
+                return value
+        holder = [token]
+        renewer = None
+        if token is NO_LOCK:
+            self.count("lock_table_full")
+        else:
+            every = self.cache.lock_lease / 3
+            renewer = asyncio.create_task(_renew(lock, name, holder, every))
+        try:
+            found, value = await self.lookup(key, record=False)
+            if found:  # the previous holder stored it just before we took the lock
+                self.count("stampede_blocked")  # another caller's computation served this one
+                return value
+            self.count("computations")
+            result = fn()
+            if inspect.isawaitable(result):
+                result = await result
+            await self.put(raw, self.encode(raw, result), ttl)
+            return result
+        finally:
+            if renewer is not None:
+                renewer.cancel()
+                await asyncio.gather(renewer, return_exceptions=True)
+            await lock.release(name, holder[0])
 
     async def flush(self) -> None:
         """Empty the memory tier and this host's files."""
