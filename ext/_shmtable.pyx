@@ -132,7 +132,6 @@ cdef object ColumnTypeError = _errors.ColumnTypeError
 cdef object IntegerOverflowError = _errors.IntegerOverflowError
 cdef object NonFiniteFloatError = _errors.NonFiniteFloatError
 cdef object InvalidKeyError = _errors.InvalidKeyError
-cdef object KeyTooLongError = _errors.KeyTooLongError
 cdef object TableFullError = _errors.TableFullError
 cdef object LockTimeoutError = _errors.LockTimeoutError
 cdef object ShmError = _errors.ShmError
@@ -352,8 +351,7 @@ cdef class Table:
         self.t.lock_timeout_ns = <int64_t>(value * 1e9)
 
     def __len__(self):
-        self._check_open()
-        return zt_count(&self.t)
+        return self.count()
 
     def count(self):
         """Number of rows (O(1), shared by every process)."""
@@ -403,17 +401,19 @@ cdef class Table:
             raise ShmError(f"table {self.name!r} is closed in this process")
         return 0
 
-    cdef inline int _key(self, object key, const char **p, Py_ssize_t *n) except -1:
+    cdef inline const char *_key(self, object key, Py_ssize_t *n) except NULL:
+        """The bytes of ``key`` (``n``: their length), or raise the schema's typed refusal."""
+        cdef const char *p = NULL
         if self.t.hdr == NULL:
             self._check_open()
         n[0] = 0
         if PyUnicode_Check(key):
             try:
-                p[0] = PyUnicode_AsUTF8AndSize(key, n)
+                p = PyUnicode_AsUTF8AndSize(key, n)
             except UnicodeEncodeError:
                 n[0] = 0
         elif PyBytes_Check(key):
-            p[0] = PyBytes_AS_STRING(key)
+            p = PyBytes_AS_STRING(key)
             n[0] = PyBytes_GET_SIZE(key)
             if not self._binary_keys:
                 try:
@@ -421,7 +421,7 @@ cdef class Table:
                 except UnicodeDecodeError:
                     n[0] = 0
         if 0 < n[0] <= self.t.g.key_limit:
-            return 0
+            return p
         # A refusal: the schema's rules raise it, the same typed error every backend raises.
         validate_key(key, self.name, self.t.g.key_limit, self._binary_keys)
         raise InvalidKeyError(f"key {key!r} of table {self.name!r}")  # (not reached)
@@ -541,10 +541,9 @@ cdef class Table:
             UnknownColumnError: ``field`` is not a column.
         """
         cdef uint64_t stackbuf[STACK_ROW_WORDS]
-        cdef const char *k
         cdef Py_ssize_t kn
         cdef int rc, ci = -1
-        self._key(key, &k, &kn)
+        cdef const char *k = self._key(key, &kn)
         if field is not None:
             ci = self._col(field)
         cdef char *buf = self._buffer(stackbuf)
@@ -563,10 +562,9 @@ cdef class Table:
     def exists(self, key):
         """True when the key has a row."""
         cdef uint64_t stackbuf[STACK_ROW_WORDS]
-        cdef const char *k
         cdef Py_ssize_t kn
         cdef int rc
-        self._key(key, &k, &kn)
+        cdef const char *k = self._key(key, &kn)
         cdef char *buf = self._buffer(stackbuf)
         rc = zt_get(&self.t, k, <uint16_t>kn, buf)
         if buf != <char *>stackbuf:
@@ -588,14 +586,13 @@ cdef class Table:
             NonFiniteFloatError: the value does not fit its column (the row is left unchanged).
             TableFullError: a new key and ``capacity`` rows already exist.
         """
-        cdef const char *k
         cdef Py_ssize_t kn
         cdef zt_delta deltas[64]
         cdef PyObject *held[64]
         cdef uint64_t seen = 0
         cdef int nd = 0, nheld = 0, i, ci, rc = 0
         cdef dict r
-        self._key(key, &k, &kn)
+        cdef const char *k = self._key(key, &kn)
         if type(row) is dict:
             r = <dict>row
         else:
@@ -635,13 +632,12 @@ cdef class Table:
         IntegerOverflowError past the column's range, leaving the value unchanged; FLOAT
         columns take an int or float and refuse a non-finite result.
         """
-        cdef const char *k
         cdef Py_ssize_t kn
         cdef int overflow = 0, rc
         cdef zt_delta d
         cdef int64_t iout = 0
         cdef double fout = 0.0
-        self._key(key, &k, &kn)
+        cdef const char *k = self._key(key, &kn)
         d.col = self._col(column)
         cdef zt_col *c = &self.cols[d.col]
         d.i = 0
@@ -702,25 +698,21 @@ cdef class Table:
         A missing row compares as the zero row (0, 0.0, ""), like :meth:`incr`, and is created
         only when the comparison succeeds.
         """
-        cdef const char *k
         cdef Py_ssize_t kn
         cdef zt_delta e, d
         cdef int swapped = 0
-        self._key(key, &k, &kn)
+        cdef const char *k = self._key(key, &kn)
         ci = self._col(column)
         self._prepare(ci, expected, &e)
         self._prepare(ci, new, &d)
-        held = (expected, new)  # keep both alive across a possible GIL release
         rc = zt_cas(&self.t, k, <uint16_t>kn, self.cols, &e, &d, &swapped)
-        del held
         self._done(rc, key, "compare_and_set")
         return bool(swapped)
 
     def delete(self, key):
         """Remove the row; True if it existed."""
-        cdef const char *k
         cdef Py_ssize_t kn
-        self._key(key, &k, &kn)
+        cdef const char *k = self._key(key, &kn)
         rc = zt_remove(&self.t, k, <uint16_t>kn, 0, NULL, NULL)
         self._done(rc, key, "delete")
         return rc == 1
@@ -732,15 +724,12 @@ cdef class Table:
         The delete of a row judged stale from an earlier read: a writer that changed the column
         since (a new lease, a new window) keeps its row.  A missing row is not removed (False).
         """
-        cdef const char *k
         cdef Py_ssize_t kn
         cdef zt_delta e
-        self._key(key, &k, &kn)
+        cdef const char *k = self._key(key, &kn)
         ci = self._col(column)
         self._prepare(ci, expected, &e)
-        held = expected  # keep it alive across a possible GIL release
         rc = zt_remove(&self.t, k, <uint16_t>kn, 0, self.cols, &e)
-        del held
         self._done(rc, key, "delete_if")
         return rc == 1
 
@@ -783,9 +772,7 @@ cdef class _TableIter:
         self.table = table
         self.pos = 0
         self.mode = mode
-        self.buf = <char *>malloc(table.t.g.row_size)
-        if self.buf == NULL:
-            raise MemoryError()
+        self.buf = table._buffer(NULL)
 
     def __dealloc__(self):
         free(self.buf)
@@ -1002,13 +989,12 @@ def incr_bounded(Table table, key, column, by, bound, floor=None, reset=None):
         IntegerOverflowError, NonFiniteFloatError: the result would not fit the column (the row
             is unchanged).
     """
-    cdef const char *k
     cdef Py_ssize_t kn
     cdef int ci, rc, applied = 0
     cdef int64_t iout = 0
     cdef double fout = 0.0
     cdef zt_delta dby, dbound, dfloor, dreset
-    table._key(key, &k, &kn)
+    cdef const char *k = table._key(key, &kn)
     ci = table._col(column)
     if table.cols[ci].type != ZT_INT and table.cols[ci].type != ZT_FLOAT:
         raise ColumnTypeError(
@@ -1096,7 +1082,7 @@ cdef class Cells:
         if self.p == NULL:
             raise MemoryError()
         for j, key in enumerate(keys):
-            table._key(key, &k, &kn)
+            k = table._key(key, &kn)
             rc = zt_row_ref(&table.t, k, <uint16_t>kn, table.cols, &row)
             if rc != 0:
                 _raise_rc(rc, f"cells of {key!r} in table {table.name!r}")
@@ -1219,11 +1205,12 @@ def current_pid():
     return zt_lease_pid
 
 
-cdef int _lease_col(Table table, object column) except -1:
+cdef int _int8_col(Table table, object column, str user="a lease") except -1:
+    """The index of INT(8) ``column`` (a lease's or a tally's), or ColumnTypeError."""
     cdef int ci = table._col(column)
     if table.cols[ci].type != ZT_INT or table.cols[ci].width != 8:
         raise ColumnTypeError(
-            f"a lease lives in an INT(8) column; {column!r} of table {table.name!r} is not")
+            f"{user} lives in an INT(8) column; {column!r} of table {table.name!r} is not")
     return ci
 
 
@@ -1268,20 +1255,19 @@ cdef class LeaseColumns:
 
     def __cinit__(self, Table table, column, fence=None, turn=None, int64_t turn_ms=0):
         self.table = table
-        self.oc = _lease_col(table, column)
-        self.fc = -1 if fence is None else _lease_col(table, fence)
-        self.tc = -1 if turn is None else _lease_col(table, turn)
+        self.oc = _int8_col(table, column)
+        self.fc = -1 if fence is None else _int8_col(table, fence)
+        self.tc = -1 if turn is None else _int8_col(table, turn)
         self.fence = fence
         self.turn_ms = turn_ms
 
     def take(self, key, int64_t ms, int64_t tag=0, int64_t stale=0, int64_t stale_turn=0):
         """:func:`lease_acquire` on these columns (with their ``turn_ms``): ``(fence, word)``."""
-        cdef const char *k
         cdef Py_ssize_t kn
         cdef int rc
         cdef int64_t word = 0, out = 0
         cdef Table table = self.table
-        table._key(key, &k, &kn)
+        cdef const char *k = table._key(key, &kn)
         if ms <= 0:
             raise _errors.InvalidTTLError(f"a lease lasts at least 1 ms, got {ms}")
         if tag == 0:
@@ -1300,12 +1286,11 @@ cdef class LeaseColumns:
         still holds it: set 0 (``delete``: remove the row), in one locked step; True when done.
         A forked child passes its own pid (the default), so it never releases its parent's
         lease."""
-        cdef const char *k
         cdef Py_ssize_t kn
         cdef zt_delta e, d
         cdef int swapped = 0, rc
         cdef Table table = self.table
-        table._key(key, &k, &kn)
+        cdef const char *k = table._key(key, &kn)
         if tag == 0:
             tag = zt_lease_pid
         if word & ZT_LEASE_TAG_MASK != tag or word <= 0:
@@ -1314,9 +1299,9 @@ cdef class LeaseColumns:
         e.i, d.i = word, 0
         if delete:
             rc = zt_remove(&table.t, k, <uint16_t>kn, 0, table.cols, &e)
-            table._done(rc, key, "lease_release")
-            return rc == 1
-        rc = zt_cas(&table.t, k, <uint16_t>kn, table.cols, &e, &d, &swapped)
+            swapped = rc == 1
+        else:
+            rc = zt_cas(&table.t, k, <uint16_t>kn, table.cols, &e, &d, &swapped)
         table._done(rc, key, "lease_release")
         return swapped != 0
 
@@ -1380,18 +1365,14 @@ cdef class Tally:
     cdef int64_t *p
 
     def __cinit__(self, Table table, key, column):
-        cdef const char *k
         cdef Py_ssize_t kn
         cdef char *row
         cdef int rc
         if table.t.g.exp_off != 0:
             raise ColumnTypeError(
                 f"a tally needs rows that never expire; table {table.name!r} has a ttl")
-        cdef int ci = table._col(column)
-        if table.cols[ci].type != ZT_INT or table.cols[ci].width != 8:
-            raise ColumnTypeError(
-                f"a tally needs an 8-byte INT column; {column!r} of table {table.name!r} is not")
-        table._key(key, &k, &kn)
+        cdef int ci = _int8_col(table, column, "a tally")
+        cdef const char *k = table._key(key, &kn)
         rc = zt_row_ref(&table.t, k, <uint16_t>kn, table.cols, &row)
         if rc != 0:
             table._fail(rc, key, "tally")
@@ -1425,14 +1406,11 @@ cdef class FieldMemo:
 
     def __cinit__(self, Table table, key, column, bytes want, double until, make,
                   Tally tally=None):
-        cdef const char *k
         cdef Py_ssize_t kn
-        table._key(key, &k, &kn)
+        cdef const char *k = table._key(key, &kn)
         self.ci = table._col(column)
         if table.cols[self.ci].type != ZT_BYTES:
             raise ColumnTypeError(f"column {column!r} of table {table.name!r} is not BYTES")
-        if kn > 0xffff:
-            raise KeyTooLongError(f"key of {kn} bytes")
         self.table = table
         self.key = PyBytes_FromStringAndSize(k, kn)
         self.want = want

@@ -376,9 +376,9 @@ static inline void zt_write_end(zt_lockslot *slot, char *row, uint32_t s) {
     __atomic_store_n(&slot->intent, 0, __ATOMIC_RELEASE);
 }
 
-/* A consistent copy of a whole row, or 0 if a writer was active (caller retries).  The copy is
- * done with relaxed atomic loads so that the racing reads are defined behaviour. */
-/* Seqlock-checked copy of the first `bytes` (a multiple of 8, at most the row size) of row r. */
+/* Seqlock-checked copy of the first `bytes` (a multiple of 8, at most the row size) of row r, or
+ * 0 if a writer was active (caller retries).  The copy is done with relaxed atomic loads so that
+ * the racing reads are defined behaviour. */
 static inline int zt_copy_prefix(const zt_table *t, uint32_t r, char *dst, uint32_t bytes) {
     const char *row = zt_row(t, r);
     uint32_t s1 = __atomic_load_n((const uint32_t *)row, __ATOMIC_ACQUIRE);
@@ -390,10 +390,6 @@ static inline int zt_copy_prefix(const zt_table *t, uint32_t r, char *dst, uint3
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     uint32_t s2 = __atomic_load_n((const uint32_t *)row, __ATOMIC_RELAXED);
     return s1 == s2;
-}
-
-static inline int zt_copy_row(const zt_table *t, uint32_t r, char *dst) {
-    return zt_copy_prefix(t, r, dst, t->g.row_size);
 }
 
 static inline int zt_key_eq(const zt_table *t, const char *row, const char *key, uint16_t klen) {
@@ -1105,16 +1101,13 @@ static int zt_cas(zt_table *t, const char *key, uint16_t klen, const zt_col *col
     int created;
     *swapped = 0;
     const zt_col *c = &cols[expected->col];
-    int64_t r = zt_locate(t, key, klen, h, 0, cols, desired, 1, &stripe, &ts, &created);
-    if (r == ZT_NOTFOUND) {
-        int zero_match;
-        if (c->type == ZT_INT) zero_match = expected->i == 0;
-        else if (c->type == ZT_FLOAT) zero_match = expected->f == 0.0;
-        else zero_match = expected->slen == 0;
-        if (!zero_match) { zt_regain_gil(&ts); return ZT_OK; }
-        r = zt_locate(t, key, klen, h, 1, cols, desired, 1, &stripe, &ts, &created);
-    }
-    if (r < 0) { zt_regain_gil(&ts); return (int)r; }
+    int zero_match;
+    if (c->type == ZT_INT) zero_match = expected->i == 0;
+    else if (c->type == ZT_FLOAT) zero_match = expected->f == 0.0;
+    else zero_match = expected->slen == 0;
+    int64_t r = zt_locate(t, key, klen, h, zero_match, cols, desired, 1, &stripe, &ts, &created);
+    /* ZT_NOTFOUND: missing, and the zero row does not match (nothing written) */
+    if (r < 0) { zt_regain_gil(&ts); return r == ZT_NOTFOUND ? ZT_OK : (int)r; }
     if (created) {
         *swapped = 1;
     } else if (zt_col_equals(zt_row(t, (uint32_t)r), c, expected)) {
@@ -1167,7 +1160,7 @@ static int zt_clear(zt_table *t) {
  * retries). */
 static int zt_read_at(zt_table *t, uint32_t r, char *copy) {
     for (int s = 0; s < ZT_READ_SPINS; s++) {
-        if (zt_copy_row(t, r, copy))
+        if (zt_copy_prefix(t, r, copy, t->g.row_size))
             return copy[4] == ZT_LIVE && zt_keylen(copy) <= t->g.key_limit &&
                    !zt_expired(t, copy, zt_now(t));
         zt_cpu_relax();
@@ -1275,6 +1268,23 @@ static int zt_atomic_check(const zt_atomic_seg *a, size_t size) {
 
 /* ---- bounded increment (appended: rate limiting and other quotas) -------------------------- */
 
+/* The value `nd` that an add of `by` to `cur` (cur->i or cur->f, as column `c` is INT or FLOAT)
+ * gives, a value below `floor_` first replaced by `reset_`: 1 when it stays <= `bound`, 0 when
+ * not, ZT_EOVERFLOW / ZT_ENONFINITE when it would not fit the column. */
+static int zt_bounded_next(const zt_col *c, const zt_delta *cur, const zt_delta *by,
+                           const zt_delta *bound, const zt_delta *floor_, const zt_delta *reset_,
+                           int allow_nonfinite, zt_delta *nd) {
+    if (c->type == ZT_INT) {
+        int64_t base = floor_ != NULL && floor_->i > cur->i ? reset_->i : cur->i;
+        if (__builtin_add_overflow(base, by->i, &nd->i) || !zt_int_fits(c->width, nd->i))
+            return ZT_EOVERFLOW;
+        return nd->i <= bound->i;
+    }
+    nd->f = (floor_ != NULL && floor_->f > cur->f ? reset_->f : cur->f) + by->f;
+    if (!allow_nonfinite && !isfinite(nd->f)) return ZT_ENONFINITE;
+    return nd->f <= bound->f;
+}
+
 /* Add `by` to a numeric column only when the result stays <= `bound`, in one locked step.  With
  * `floor_`, a value below it is first replaced by `reset_` (by the floor itself when `reset_` is
  * NULL): a stale deadline counts as now, an ended window starts again.  A missing row counts as
@@ -1286,59 +1296,35 @@ static int zt_incr_bounded(zt_table *t, const char *key, uint16_t klen, const zt
                            const zt_delta *reset_, int allow_nonfinite, int64_t *out_i,
                            double *out_f, int *applied) {
     const zt_col *c = &cols[ci];
-    int is_int = c->type == ZT_INT;
     uint64_t h = zt_hash(t->hkey, key, klen);
     PyThreadState *ts = NULL;
     zt_lockslot *stripe;
-    int created, rc = ZT_OK;
+    int created;
+    zt_delta cur = {ci, 0, 0.0, NULL, 0}, nd = cur;
     *applied = 0;
     *out_i = 0;
     *out_f = 0.0;
-    /* the value a missing (zero) row would get; refuse before creating anything */
-    zt_delta nd = {ci, 0, 0.0, NULL, 0};
-    int fits;
     if (reset_ == NULL) reset_ = floor_;
-    if (is_int) {
-        int64_t base = floor_ != NULL && floor_->i > 0 ? reset_->i : 0;
-        if (__builtin_add_overflow(base, by->i, &nd.i) || !zt_int_fits(c->width, nd.i))
-            return ZT_EOVERFLOW;
-        fits = nd.i <= bound->i;
-    } else {
-        double base = floor_ != NULL && floor_->f > 0.0 ? reset_->f : 0.0;
-        nd.f = base + by->f;
-        if (!allow_nonfinite && !isfinite(nd.f)) return ZT_ENONFINITE;
-        fits = nd.f <= bound->f;
+    /* the value a missing (zero) row would get; refuse before creating anything */
+    int rc = zt_bounded_next(c, &cur, by, bound, floor_, reset_, allow_nonfinite, &nd);
+    if (rc < 0) return rc;
+    /* ZT_NOTFOUND: missing, and the add would pass the bound (nothing written) */
+    int64_t r = zt_locate(t, key, klen, h, rc, cols, &nd, 1, &stripe, &ts, &created);
+    if (r < 0) { zt_regain_gil(&ts); return r == ZT_NOTFOUND ? ZT_OK : (int)r; }
+    if (!created) {
+        char *row = zt_row(t, (uint32_t)r);
+        if (c->type == ZT_INT) cur.i = zt_get_int(row, c);
+        else cur.f = zt_get_float(row, c);
+        rc = zt_bounded_next(c, &cur, by, bound, floor_, reset_, allow_nonfinite, &nd);
+        if (rc == 1) zt_write(t, stripe, (uint32_t)r, cols, &nd, 1, 0);
     }
-    int64_t r = zt_locate(t, key, klen, h, 0, cols, &nd, 1, &stripe, &ts, &created);
-    if (r == ZT_NOTFOUND) {
-        if (!fits) { zt_regain_gil(&ts); return ZT_OK; }
-        r = zt_locate(t, key, klen, h, 1, cols, &nd, 1, &stripe, &ts, &created);
-    }
-    if (r < 0) { zt_regain_gil(&ts); return (int)r; }
-    char *row = zt_row(t, (uint32_t)r);
-    if (created) {
-        *applied = 1;
-        *out_i = nd.i;
-        *out_f = nd.f;
-    } else if (is_int) {
-        int64_t cur = zt_get_int(row, c);
-        int64_t base = floor_ != NULL && floor_->i > cur ? reset_->i : cur;
-        *out_i = cur;
-        if (__builtin_add_overflow(base, by->i, &nd.i) || !zt_int_fits(c->width, nd.i))
-            rc = ZT_EOVERFLOW;
-        else if (nd.i <= bound->i) { *out_i = nd.i; *applied = 1; }
-    } else {
-        double cur = zt_get_float(row, c);
-        nd.f = (floor_ != NULL && floor_->f > cur ? reset_->f : cur) + by->f;
-        *out_f = cur;
-        if (!allow_nonfinite && !isfinite(nd.f))
-            rc = ZT_ENONFINITE;
-        else if (nd.f <= bound->f) { *out_f = nd.f; *applied = 1; }
-    }
-    if (*applied && !created) zt_write(t, stripe, (uint32_t)r, cols, &nd, 1, 0);
+    /* applied: the new value (a created row was applied); else the value as it is */
+    *applied = rc == 1;
+    *out_i = rc == 1 ? nd.i : cur.i;
+    *out_f = rc == 1 ? nd.f : cur.f;
     zt_release(stripe);
     zt_regain_gil(&ts);
-    return rc;
+    return rc < 0 ? rc : ZT_OK;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -1350,7 +1336,7 @@ static int zt_incr_bounded(zt_table *t, const char *key, uint16_t klen, const zt
  * owns them: rows written through cells are never written through the locked path as well (its
  * read-modify-write would race with the CAS), and are never deleted while another process may
  * hold their cells (a freed row is reused for another key), so their table has no ttl.  Readers
- * copy rows word by word with atomic loads (zt_copy_row), so every cell they see holds a value
+ * copy rows word by word with atomic loads (zt_copy_prefix), so every cell they see holds a value
  * some writer stored.
  */
 
