@@ -1,8 +1,9 @@
 """zeal_asgi: state shared by every worker of an ASGI server, scaling out to Redis/Valkey.
 
 The public names: :class:`Zeal` and :class:`ZealMiddleware` (lifecycle), :class:`Store` (rows),
-:class:`Counter`, :class:`Cache`, and the shared-memory primitives :class:`Table` and
-:class:`Atomic`.
+:class:`Counter`, :class:`Cache`, the shared-memory primitives :class:`Table` and
+:class:`Atomic`, and :class:`WSRouter` (WebSocket clients and rooms across workers, also at
+``zeal_asgi.ws``).
 Backends (``zeal_asgi.store.backends``), FastAPI glue (``zeal_asgi.fastapi``) and the health router
 (``zeal_asgi.health``) are imported by path.
 """
@@ -19,6 +20,7 @@ from zeal_asgi.settings import ZealSettings
 from zeal_asgi.shm.ext import Atomic, Table
 from zeal_asgi.store import Store, StoreBackendKind
 from zeal_asgi.store.counter import Counter
+from zeal_asgi.ws import WSRouter
 
 __all__ = [
     "Atomic",
@@ -27,6 +29,7 @@ __all__ = [
     "Store",
     "StoreBackendKind",
     "Table",
+    "WSRouter",
     "Zeal",
     "ZealError",
     "ZealMiddleware",

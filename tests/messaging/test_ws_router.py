@@ -170,3 +170,13 @@ async def test_worker_alive_answers_for_live_and_dead_workers(router: WSRouter) 
     dead = await asyncio.create_subprocess_exec("true")
     await dead.wait()
     assert await router.worker_alive(f"{router.server}:{dead.pid}") is False
+
+
+def test_the_router_is_a_top_level_name() -> None:
+    """``from zeal_asgi import WSRouter``, where users of the seed reach for it first, is the
+    router of ``zeal_asgi.ws``."""
+    import zeal_asgi
+    import zeal_asgi.ws
+
+    assert zeal_asgi.WSRouter is zeal_asgi.ws.WSRouter
+    assert "WSRouter" in zeal_asgi.__all__
