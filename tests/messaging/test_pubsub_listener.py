@@ -90,3 +90,27 @@ async def test_a_burst_of_system_publishes_waits_for_the_slots(redis_server: Red
     finally:
         await ps.stop()
         await store.aclose()
+
+
+async def test_a_stopped_worker_is_no_receiver_once_stop_returns(
+    store: Store, redis_server: RedisServer
+) -> None:
+    # Closing the socket alone leaves the server counting the subscriber until it next reads
+    # that socket (a PUBLISH meanwhile still counted it, seen once in a CI run); stop()
+    # unsubscribes and waits for the server's confirmation first.  A missed confirmation
+    # would make each stop wait out liveness_timeout, and this test its time limit.
+    wire = store.backend.channel_name("news")  # type: ignore[attr-defined]
+    raw = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        for _ in range(50):
+            ps = PubSub(store, liveness_timeout=30)
+            ps.subscribe("news", lambda p, c: None)
+            ps.subscribe("ne*", lambda p, c: None)
+            await ps.start()
+            assert await store.publish("news", "a") == 1
+            await ps.stop()
+            assert await raw.pubsub_numsub(wire) == [(wire.encode(), 0)]
+            assert await raw.pubsub_numpat() == 0
+            assert await store.publish("news", "b") == 0
+    finally:
+        await raw.aclose()

@@ -60,6 +60,11 @@ class Feed(Protocol):
         closed: the next :meth:`open` gets the new list)."""
         ...
 
+    async def drain(self) -> None:
+        """While :meth:`listen` runs: unsubscribe everything, and return once no publisher
+        counts this connection any more (or after the feed's timeout)."""
+        ...
+
     async def close(self) -> None:
         """Close the connection; idempotent."""
         ...
@@ -95,6 +100,7 @@ class RedisFeed:
         self._opened: asyncio.Event | None = None
         self._last = 0.0  # loop time of the last reply
         self._failure: BaseException | None = None
+        self._drained: asyncio.Event | None = None
 
     async def open(self, topics: Collection[Topic]) -> None:
         """Connect, subscribe everything, and wait for every confirmation."""
@@ -157,14 +163,16 @@ class RedisFeed:
                 # No timer per message: the watch bounds the silence, one timer per interval.
                 reply = await read(timeout=math.inf, disconnect_on_error=False, push_request=True)
                 self._last = loop.time()
-                if type(reply) is not list or len(reply) < 3:
-                    continue  # a pong, or a (un)subscribe confirmation
+                if not isinstance(reply, list) or len(reply) < 3:
+                    continue  # a pong
                 kind = reply[0]
                 if kind == b"message":
                     crowded = deliver(text(reply[1]), None, reply[2])
                 elif kind == b"pmessage" and len(reply) == 4:
                     crowded = deliver(text(reply[2]), text(reply[1]), reply[3])
-                else:
+                else:  # a (un)subscribe confirmation (under hiredis, a list subclass)
+                    if kind == b"punsubscribe" and reply[2] == 0 and self._drained is not None:
+                        self._drained.set()  # drain(): the server has dropped every topic
                     continue
                 if crowded:
                     # Replies already buffered are read without suspending: let the handlers
@@ -218,6 +226,20 @@ class RedisFeed:
                 await getattr(self._ps, verb)(wire)
             except Exception as exc:
                 raise translate(exc, f"pub/sub {verb}") from exc
+
+    async def drain(self) -> None:
+        """UNSUBSCRIBE and PUNSUBSCRIBE everything, then wait (at most ``timeout``) until the
+        listener reads the last confirmation.  The server notices a closed socket only when it
+        next reads it, so a PUBLISH from another connection meanwhile would still count this
+        one; after the confirmation none does.  Messages published before it are delivered."""
+        ps = self._ps
+        if ps is None or ps.connection is None:
+            return
+        drained = self._drained = asyncio.Event()
+        with contextlib.suppress(Exception):  # a broken connection is closed next anyway
+            await ps.connection.send_command("UNSUBSCRIBE", check_health=False)
+            await ps.connection.send_command("PUNSUBSCRIBE", check_health=False)
+            await asyncio.wait_for(drained.wait(), self.timeout)
 
     async def close(self) -> None:
         """Drop the connection (idempotent)."""
@@ -294,9 +316,12 @@ class Subscriber:
             self._task = asyncio.create_task(self._run(), name=f"zeal-subscriber:{self.name}")
 
     async def stop(self) -> None:
-        """Cancel the task and wait for it (the connection is closed on the way out)."""
+        """Unsubscribe, cancel the task and wait for it (the connection is closed on the way
+        out): once it returns, no publisher counts this worker."""
         task, self._task = self._task, None
         if task is not None and not task.done():
+            if self.connected:
+                await self.feed.drain()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

@@ -131,6 +131,9 @@ class BusTransport:
         if self.sub is not None:
             (self.sub.add if subscribe else self.sub.remove)(wire, pattern)
 
+    async def drain(self) -> None:
+        """Nothing to wait for: :meth:`close` unregisters at once."""
+
     async def close(self) -> None:
         """Unregister this worker."""
         sub, self.sub = self.sub, None
