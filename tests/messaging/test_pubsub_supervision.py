@@ -124,3 +124,24 @@ async def test_counters_errors_and_overflow(store: Store) -> None:
         assert worker["handler_errors"] >= 1 and worker["dropped"] >= 3
     finally:
         await ps.stop()
+
+
+async def test_a_stop_given_up_on_while_the_server_hangs_still_ends_the_subscriber(
+    store: Store, fresh_redis: RedisServer
+) -> None:
+    # stop() unsubscribes and waits (up to liveness_timeout) for the server's confirmation; a
+    # stopped server never sends it, and a caller that gives up on stop() must not leave the
+    # subscriber's task running.
+    ps = PubSub(store, liveness_interval=30, liveness_timeout=30)
+    ps.subscribe("a", lambda p, c: None)
+    await ps.start()
+    sub = ps.subscriber
+    assert sub is not None and await sub.wait_ready(5)
+    fresh_redis.pause()
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(sub.stop(), 0.3)
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("zeal-subscriber")]
+    finally:
+        fresh_redis.resume()
+        await ps.stop()

@@ -320,11 +320,13 @@ class Subscriber:
         out): once it returns, no publisher counts this worker."""
         task, self._task = self._task, None
         if task is not None and not task.done():
-            if self.connected:
-                await self.feed.drain()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            try:
+                if self.connected:
+                    await self.feed.drain()
+            finally:  # a stop() cancelled while draining still ends the task
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.feed.close()
         self._ready = None
         self._lost()
