@@ -13,7 +13,7 @@ from fastapi import APIRouter, FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 from starlette.types import ASGIApp, Message
 
@@ -122,6 +122,52 @@ def test_templates_through_routers_and_mounts_and_what_matches_nothing(client: T
         f'{REQS}{{method="GET",route="unmatched",status="404"}}': 2,
         f'{REQS}{{method="GET",route="/boom",status="500"}}': 1,
         f'{REQS}{{method="other",route="/items/{{item_id}}",status="405"}}': 2,
+    }
+
+
+@pytest.mark.parametrize("starlette", ["1.7 and later", "before 1.7"])
+def test_plain_starlette_routes_and_mounts_are_labelled_by_template(
+    make_registry: MakeRegistry, starlette: str
+) -> None:
+    # pyproject allows starlette 0.40; its Router put only the matched endpoint in the scope
+    # (from 1.7 also the route): both must give the same templates.
+    registry = make_registry()
+    record = HttpMetrics(registry)
+
+    async def item(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("item")
+
+    inner = Starlette(
+        routes=[
+            Route("/items/{item_id}", item),
+            Mount("/org/{org}", app=Starlette(routes=[Route("/things/{id}", thing)])),
+        ]
+    )
+
+    async def routed(scope: dict[str, object], receive: object, send: object) -> None:
+        await inner(scope, receive, send)  # type: ignore[arg-type]
+        if starlette == "before 1.7":
+            scope.pop("route", None)
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] == "http":
+            scope["app"] = inner  # as Starlette sets it before any middleware runs
+            await record(routed, scope, receive, send)  # type: ignore[arg-type]
+        else:
+            await inner(scope, receive, send)  # type: ignore[arg-type]
+
+    with TestClient(app) as c:  # type: ignore[arg-type]
+        assert [c.get(p).status_code for p in ("/items/1", "/items/2", "/org/a/things/3")] == [
+            200,
+            200,
+            200,
+        ]
+        assert [c.get(p).status_code for p in ("/org/a/nothing", "/nowhere")] == [404, 404]
+    assert delta({}, scrape(registry), REQS) == {
+        f'{REQS}{{method="GET",route="/items/{{item_id}}",status="200"}}': 2,
+        f'{REQS}{{method="GET",route="/org/{{org}}/things/{{id}}",status="200"}}': 1,
+        f'{REQS}{{method="GET",route="/org/{{org}}/{{path}}",status="404"}}': 1,
+        f'{REQS}{{method="GET",route="unmatched",status="404"}}': 1,
     }
 
 

@@ -21,12 +21,15 @@ METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
 
-_templates: dict[int, tuple[Any, str]] = {}  # id(route) -> (route, template); routes are few
+_templates: dict[int, tuple[Any, str]] = {}  # id(route or endpoint) -> (it, template); few
 
 
 def _find(routes: Any, target: object, prefix: str) -> str | None:
     for route in routes:
-        if route is target:
+        # Starlette before 1.7 leaves no "route" in the scope, only the "endpoint": a Route's
+        # endpoint, or the app of a Mount whose own routes matched nothing.
+        own = (route, getattr(route, "endpoint", None), getattr(route, "app", None))
+        if any(x is target for x in own):
             return prefix + str(getattr(route, "path_format", ""))
         inner = getattr(route, "routes", None)  # Mount, Host
         found = inner and _find(inner, target, prefix + str(getattr(route, "path", "")))
@@ -38,13 +41,16 @@ def _find(routes: Any, target: object, prefix: str) -> str | None:
 def route_template(scope: Scope, app: Any) -> str:
     """The template of the route that answered (``/org/{org}/items/{id}`` through mounts), or
     ``unmatched``; ``app`` is the application the request entered (its ``scope["app"]``)."""
-    route = scope.get("route")
-    if route is None:
+    target = scope.get("route")
+    if target is None:
+        target = scope.get("endpoint")  # Starlette before 1.7 sets only this
+    if target is None:
         return "unmatched"
-    hit = _templates.get(id(route))
+    hit = _templates.get(id(target))
     if hit is None:
-        found = _find(getattr(app, "routes", ()), route, "")
-        hit = _templates[id(route)] = (route, found or str(getattr(route, "path_format", "")))
+        found = _find(getattr(app, "routes", ()), target, "")
+        template = found or str(getattr(target, "path_format", "unmatched"))
+        hit = _templates[id(target)] = (target, template)
     return hit[1]
 
 
