@@ -50,6 +50,20 @@ async def test_two_servers_exclude_each_other_and_tokens_rise(zeals: tuple[Zeal,
         assert second.token > first.token
 
 
+async def test_a_body_longer_than_the_ttl_keeps_the_cluster_lock(
+    zeals: tuple[Zeal, Zeal],
+) -> None:
+    # The lease is renewed while the block runs: past two ttls it is still ours, and the other
+    # server still cannot take it.
+    a, b = zeals
+    name = unique()
+    async with a.lock(name, ttl=0.6, scope="cluster") as lease:
+        with pytest.raises(LockTimeoutError):
+            async with b.lock(name, ttl=0.6, scope="cluster", timeout=1.5):
+                pass
+        assert not lease.lost
+
+
 async def test_eight_coroutines_on_each_of_two_servers_exclude_each_other(
     zeals: tuple[Zeal, Zeal],
 ) -> None:
