@@ -18,6 +18,7 @@ from zeal_asgi.errors import (
     UnsupportedOperationError,
 )
 from zeal_asgi.ratelimit import RateLimit, RateLimiter, limiter as limiter_module
+from zeal_asgi.shm.ext import incr_bounded
 from zeal_asgi.store import Store
 
 StoreFactory = Callable[[str], Any]
@@ -86,6 +87,39 @@ async def test_several_limits_all_apply_and_a_refusal_charges_none(
         assert (await lim2.hit("k")).allowed
     last = await lim2.hit("k")
     assert not last.allowed and last.policy == RateLimit(10, per=86400)
+
+
+async def test_a_refusal_gives_back_only_to_the_window_it_charged(
+    store_factory: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hit at second 59 charges "2/second", is refused by "3/minute" and gives the second's
+    # charge back.  If another worker's hit at second 60 restarted that row for its own window
+    # in between, the give-back must leave the new window's count whole.  (A sliding window
+    # keeps seconds 59 and 60 in two rows: its give-back cannot meet the next second's hit.)
+    store = await store_factory("table")
+    start = 1_800_000_000.0  # a whole minute
+    clock = Clock(monkeypatch, start + 57.1)
+    lim = RateLimiter(["2/second", "3/minute"], name=unique(), store=store)
+    assert [lim.hit_now("k", 1).allowed for _ in range(2)] == [True, True]  # type: ignore[union-attr]
+    clock.now = start + 58.1
+    assert lim.hit_now("k", 1).allowed  # type: ignore[union-attr]  # the minute's 3 are used
+    other: list[bool] = []
+
+    def racing(*args: Any) -> tuple[int, bool]:
+        value, ok = incr_bounded(*args)
+        if not ok and not other:  # the minute refused the hit at 59.9: the next second begins
+            clock.now = start + 60.1
+            other.append(lim.hit_now("k", 1).allowed)  # type: ignore[union-attr]
+        return value, ok
+
+    monkeypatch.setattr(limiter_module, "incr_bounded", racing)
+    clock.now = start + 59.9
+    assert not lim.hit_now("k", 1).allowed  # type: ignore[union-attr]
+    monkeypatch.setattr(limiter_module, "incr_bounded", incr_bounded)
+    assert other == [True]
+    clock.now = start + 60.2
+    later = [lim.hit_now("k", 1).allowed for _ in range(3)]  # type: ignore[union-attr]
+    assert later == [True, False, False]  # 2 in second 60 with the other worker's
 
 
 @pytest.mark.parametrize("kind", BACKENDS)

@@ -60,6 +60,9 @@ EVENTS = ("allowed", "limited", "fail_open", "fail_closed", "backend_errors", "t
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SEP = "\x1f"  # between a key and its row suffix; the suffix never holds one
 _FLUSH_EVERY = 0.25  # seconds: counters reach the host-wide table at most this late
+_Charge = tuple[str, str, float, int | None]
+"""A row a hit charged, for a refusal by a later limit to give back: ``(row, column, amount,
+bound)``, the give-back applying only while the row stays within ``bound`` (``None``: always)."""
 _ROW0 = f"{_SEP}0"  # the row suffix of the first limit (windows and token buckets)
 _new = tuple.__new__
 _time = time.time
@@ -515,32 +518,26 @@ class RateLimiter:
     def _decide(
         self, table: Table, key: str, cost: int, charge: bool, now: float
     ) -> RateLimitResult:
-        algorithm = self.algorithm
         best: RateLimitResult | None = None
-        charged: list[str] = []
+        charged: list[_Charge] = []
         for i, lim in enumerate(self.limits):
-            if algorithm == "token_bucket":
-                r, row = self._gcra(table, key, i, lim, cost, charge, now)
+            if self.algorithm == "token_bucket":
+                r, done = self._gcra(table, key, i, lim, cost, charge, now)
             else:
-                r, row = self._window(table, key, i, lim, cost, charge, now)
+                r, done = self._window(table, key, i, lim, cost, charge, now)
             if not r[0]:
-                for done in charged:  # give back what the earlier limits took
-                    table.incr(
-                        done, "t" if algorithm == "token_bucket" else "n", -self._step(done, cost)
-                    )
+                for row, column, by, bound in charged:  # give back what earlier limits took
+                    if bound is None:
+                        table.incr(row, column, -by)
+                    else:
+                        incr_bounded(table, row, column, -by, bound)
                 return r
-            if row is not None:
-                charged.append(row)
+            if done is not None:
+                charged.append(done)
             if best is None or r[2] < best[2]:
                 best = r
         assert best is not None
         return best
-
-    def _step(self, row: str, cost: int) -> int | float:
-        if self.algorithm != "token_bucket":
-            return cost
-        lim = self.limits[int(row.rpartition(_SEP)[2])]
-        return cost * lim.per / lim.amount
 
     def _window(
         self,
@@ -551,7 +548,7 @@ class RateLimiter:
         cost: int,
         charge: bool,
         now: float,
-    ) -> tuple[RateLimitResult, str | None]:
+    ) -> tuple[RateLimitResult, _Charge | None]:
         per = lim.per
         amount = lim.amount
         w = int(now / per)
@@ -585,9 +582,10 @@ class RateLimiter:
             now = max(now, w * per)
         reset = start + per - now
         if ok:
-            return _new(RateLimitResult, (True, amount, bound - count, reset, 0.0, lim, None)), (
-                row if charge else None
-            )
+            # Given back only while the row still counts this window: another worker's hit in
+            # the next window restarts it above base + amount, and that count must stay whole.
+            done = (row, "n", cost, base + amount - cost) if charge else None
+            return _new(RateLimitResult, (True, amount, bound - count, reset, 0.0, lim, None)), done
         retry = reset
         if prev or self.algorithm == "sliding_window":
             retry = _sliding_retry(amount, per, start, now, prev, count, cost)
@@ -603,7 +601,7 @@ class RateLimiter:
         cost: int,
         charge: bool,
         now: float,
-    ) -> tuple[RateLimitResult, str | None]:
+    ) -> tuple[RateLimitResult, _Charge | None]:
         per = lim.per
         step = per / lim.amount
         row = f"{key}{_SEP}{i}"
@@ -616,9 +614,9 @@ class RateLimiter:
             ok = tat + cost * step <= bound
         if ok:
             left = math.floor((now + per - tat + 1e-6) / step)
-            return _new(RateLimitResult, (True, lim.amount, left, tat - now, 0.0, lim, None)), (
-                row if charge else None
-            )
+            # The arrival time only moves forward past ours: giving the step back is always due.
+            done = (row, "t", cost * step, None) if charge else None
+            return _new(RateLimitResult, (True, lim.amount, left, tat - now, 0.0, lim, None)), done
         tat = max(tat, now)
         left = max(0, math.floor((now + per - tat + 1e-6) / step))
         retry = tat + cost * step - now - per
