@@ -266,6 +266,12 @@ def test_client_ip_behind_trusted_proxies() -> None:
     fwd4 = {"Forwarded": "for=192.0.2.60:8080;proto=http"}
     assert ip.of_scope(scope_of("10.9.9.9", fwd4)) == "192.0.2.60"
     assert ip.of_scope(scope_of("10.0.0.2", {})) == "10.0.0.2"
+    # A hop that is not an address counts as the proxy's: never a key the client wrote, never
+    # one too long for the table (it made the request fail with a 500).
+    junk = {"X-Forwarded-For": "1.2.3.4, " + "x" * 200 + ", 10.1.1.1"}
+    assert ip.of_scope(scope_of("10.0.0.2", junk)) == "10.0.0.2"
+    assert ip.of_scope(scope_of("10.0.0.2", {"Forwarded": "for=unknown"})) == "10.0.0.2"
+    assert ip.of_scope(scope_of("10.0.0.2", {"X-Forwarded-For": "2001:DB8::7"})) == "2001:db8::7"
     with pytest.raises(ConfigError):
         ClientIP(trusted_proxies=("not an address",))
 

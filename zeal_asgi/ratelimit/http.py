@@ -41,9 +41,10 @@ class ClientIP:
 
     The socket peer, unless the peer is one of ``trusted_proxies`` (addresses or networks):
     then the rightmost address of ``X-Forwarded-For`` (or ``Forwarded: for=``) that is not a
-    trusted proxy itself.  A header from any other peer is ignored, so a client cannot pick its
-    own key by sending one.  (A server that already rewrites the peer from these headers, like
-    uvicorn's ``--forwarded-allow-ips``, needs no trusted proxies here.)
+    trusted proxy itself (the peer's own, when that hop is not an address).  A header from any
+    other peer is ignored, so a client cannot pick its own key by sending one.  (A server that
+    already rewrites the peer from these headers, like uvicorn's ``--forwarded-allow-ips``,
+    needs no trusted proxies here.)
 
     Example::
 
@@ -81,8 +82,16 @@ class ClientIP:
             elif name == b"forwarded":
                 hops += _forwarded_for(value.decode("latin-1"))
         for hop in reversed(hops):
-            if hop and not self._trusted(hop):
-                return hop
+            if not hop:
+                continue
+            try:
+                ip = ipaddress.ip_address(hop)
+            except ValueError:
+                # "unknown", an obfuscated name, or whatever a proxy passed on unchecked: the
+                # clients behind it share the proxy's key rather than choose their own.
+                return address
+            if not any(ip in net for net in self.trusted_proxies):
+                return str(ip)
         return address
 
     def __call__(self, conn: HTTPConnection) -> str:
