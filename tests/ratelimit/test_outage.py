@@ -33,7 +33,8 @@ async def wait_back(lim: RateLimiter, key: str) -> Any:
 async def test_policy_while_redis_is_down_then_recovery(
     fresh_redis: Any, policy: Any, failure: str
 ) -> None:
-    store = Store("redis", {"url": fresh_redis.url, "prefix": unique()})
+    timeouts = {"socket_timeout": 0.5, "acquire_timeout": 0.25}
+    store = Store("redis", {"url": fresh_redis.url, "prefix": unique(), **timeouts})
     await store.start()
     try:
         lim = RateLimiter("2/hour", name=unique(), store=store, on_backend_error=policy)
@@ -42,7 +43,13 @@ async def test_policy_while_redis_is_down_then_recovery(
             fresh_redis.kill()
         else:
             fresh_redis.pause()
-        down = [await asyncio.wait_for(lim.hit("k"), ANSWER_WITHIN) for _ in range(3)]
+        down, took = [], []
+        for _ in range(3):
+            t0 = time.monotonic()
+            down.append(await asyncio.wait_for(lim.hit("k"), ANSWER_WITHIN))
+            took.append(time.monotonic() - t0)
+        # Within the call's deadline (0.75 s: the two timeouts), with room for a loaded machine.
+        assert max(took) < sum(timeouts.values()) + 0.5, took
         assert all(r.error is not None for r in down)
         assert all(r.allowed is (policy == "allow") for r in down)
         stats = lim.stats()
