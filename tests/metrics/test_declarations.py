@@ -303,3 +303,19 @@ def test_refused_series_remembered_are_bounded(
     c.labels("0").inc()  # forgotten: counted once more
     c.labels("0").inc()
     assert dropped_series() - before == 21
+
+
+def test_a_dropped_series_another_process_made_meanwhile_is_used(
+    make_registry: MakeRegistry,
+) -> None:
+    small = full_registry(make_registry, 1)
+    c = metrics.Counter("c", "x", ("id",), registry=small)
+    before = dropped_series()
+    c.labels("late").inc()
+    # Another worker frees the dead share's row and takes it for this very series: the table is
+    # full again, but the series exists now.
+    assert small.table.delete(small.key("dead", "999999999:1", ()))
+    Cells(small.table, [small.key("c", 0, ("late",))]).inc(5)
+    assert len(small.table) == 4
+    c.labels("late").inc()
+    assert scrape(small)['c_total{id="late"}'] == 6 and dropped_series() - before == 1
