@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from tests.metrics.conftest import MakeRegistry, scrape
 from zeal_asgi import metrics
 from zeal_asgi.errors import ColumnTypeError, MetricError, NonFiniteFloatError, ZealError
-from zeal_asgi.metrics import Registry
+from zeal_asgi.metrics import Registry, registry as registry_module
+from zeal_asgi.shm.ext import Cells
 from zeal_asgi.shm.hoststats import host_stats
 
 
@@ -171,3 +174,148 @@ def test_past_max_series_new_series_are_dropped_counted_and_logged_once(
     g = metrics.Gauge("g", "x", registry=small)
     g.inc()  # dropped too: does nothing, raises nothing
     assert scrape(small)['c_total{id="3"}'] == 2 and scrape(small)["g"] == 0
+
+
+Use = Callable[[Any], object]
+KINDS: dict[str, tuple[Callable[[Registry], Any], Use, str]] = {
+    # kind: (declaration with one label "id", a use of a child, the sample a use shows as)
+    "counter": (
+        lambda r: metrics.Counter("m", "x", ("id",), registry=r),
+        lambda c: c.inc(),
+        "m_total",
+    ),
+    "histogram": (
+        lambda r: metrics.Histogram("m", "x", ("id",), registry=r),
+        lambda c: c.observe(1),
+        "m_count",
+    ),
+    "summary": (
+        lambda r: metrics.Summary("m", "x", ("id",), registry=r),
+        lambda c: c.observe(1),
+        "m_count",
+    ),
+    "gauge": (lambda r: metrics.Gauge("m", "x", ("id",), registry=r), lambda c: c.inc(), "m"),
+    "mostrecent": (
+        lambda r: metrics.Gauge("m", "x", ("id",), mode="mostrecent", registry=r),
+        lambda c: c.set(1),
+        "m",
+    ),
+}
+
+
+def dropped_series() -> int:
+    return host_stats().host().get("metrics_dropped_series", 0)
+
+
+def full_registry(make_registry: MakeRegistry, dead_shares: int) -> Registry:
+    """A registry of 4 rows, full: ``dead_shares`` of them a dead worker's gauge share (freed by
+    the next scrape), the others a counter's series."""
+    small = make_registry(4)
+    small.shared_by_worker()  # this process's first look for dead shares is done: not later
+    metrics.Gauge("dead", "x", registry=small)
+    for i in range(dead_shares):  # pid 999999999 is above any pid_max: dead
+        Cells(small.table, [small.key("dead", f"999999999:{i + 1}", ())]).inc(1)
+    filler = metrics.Counter("filler", "x", ("id",), registry=small)
+    for i in range(4 - dead_shares):
+        filler.labels(str(i)).inc()
+    assert len(small.table) == 4
+    return small
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_dropped_series_counts_once_however_often_it_is_used(
+    make_registry: MakeRegistry, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    declare, use, sample = KINDS[kind]
+    small = full_registry(make_registry, 0)
+    m = declare(small)
+    before = dropped_series()
+    use(m.labels("late"))  # refused: counted
+    assert dropped_series() - before == 1
+    attempts: list[object] = []
+    cells = small.cells
+
+    def attempt(*args: Any, **kwargs: Any) -> object:
+        attempts.append(args)
+        return cells(*args, **kwargs)
+
+    monkeypatch.setattr(small, "cells", attempt)
+    for _ in range(100):
+        use(m.labels("late"))  # the same series: not counted again, not even tried again
+    assert dropped_series() - before == 1 and attempts == []
+    use(m.labels("later"))  # another series: counted
+    use(m.labels("later"))
+    assert dropped_series() - before == 2
+    s = scrape(small)
+    assert f'{sample}{{id="late"}}' not in s and f'{sample}{{id="later"}}' not in s
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_dropped_series_is_made_once_rows_are_freed(
+    make_registry: MakeRegistry, kind: str
+) -> None:
+    declare, use, sample = KINDS[kind]
+    small = full_registry(make_registry, 2)  # a histogram series takes two rows
+    m = declare(small)
+    before = dropped_series()
+    held = m.labels("late")  # a child kept by the caller, and one asked for at each use
+    use(held)
+    use(m.labels("late"))
+    assert dropped_series() - before == 1
+    assert f'{sample}{{id="late"}}' not in scrape(small)  # this scrape retires the dead shares
+    assert len(small.table) == 2
+    use(m.labels("late"))  # made now, and counts from now on
+    use(m.labels("late"))
+    # A gauge's child kept from before is made too; a counter's stays the child that does nothing.
+    use(held)
+    counted = {"mostrecent": 1, "gauge": 3}.get(kind, 2)
+    assert scrape(small)[f'{sample}{{id="late"}}'] == counted
+    assert dropped_series() - before == 1
+
+
+def test_an_unlabelled_metric_refused_at_declaration_is_made_once_rows_are_freed(
+    make_registry: MakeRegistry,
+) -> None:
+    small = full_registry(make_registry, 1)
+    before = dropped_series()
+    plain = metrics.Counter("plain", "x", registry=small)  # its series is refused at once
+    for _ in range(10):
+        plain.inc()
+    assert dropped_series() - before == 1
+    assert scrape(small)["plain_total"] == 0  # an unlabelled metric is always exposed
+    plain.inc()
+    assert scrape(small)["plain_total"] == 1 and dropped_series() - before == 1
+
+
+def test_refused_series_remembered_are_bounded(
+    make_registry: MakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry_module, "REFUSALS_KEPT", 8)
+    small = full_registry(make_registry, 0)
+    c = metrics.Counter("c", "x", ("id",), registry=small)
+    before = dropped_series()
+    for i in range(20):
+        c.labels(str(i)).inc()
+    assert dropped_series() - before == 20
+    for i in range(12, 20):  # the 8 remembered: not counted again
+        c.labels(str(i)).inc()
+    assert dropped_series() - before == 20
+    c.labels("0").inc()  # forgotten: counted once more
+    c.labels("0").inc()
+    assert dropped_series() - before == 21
+
+
+def test_a_dropped_series_another_process_made_meanwhile_is_used(
+    make_registry: MakeRegistry,
+) -> None:
+    small = full_registry(make_registry, 1)
+    c = metrics.Counter("c", "x", ("id",), registry=small)
+    before = dropped_series()
+    c.labels("late").inc()
+    # Another worker frees the dead share's row and takes it for this very series: the table is
+    # full again, but the series exists now.
+    assert small.table.delete(small.key("dead", "999999999:1", ()))
+    Cells(small.table, [small.key("c", 0, ("late",))]).inc(5)
+    assert len(small.table) == 4
+    c.labels("late").inc()
+    assert scrape(small)['c_total{id="late"}'] == 6 and dropped_series() - before == 1

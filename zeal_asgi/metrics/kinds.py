@@ -19,6 +19,7 @@ from zeal_asgi.metrics.registry import (
     ROW_CELLS,
     Family,
     Labels,
+    Refusals,
     Registry,
     Rows,
     Sample,
@@ -74,7 +75,7 @@ class _Dropped:
     def inc(self, amount: float = 1) -> None:
         """Nothing."""
 
-    dec = set = observe = inc
+    dec = set = observe = set_to_current_time = inc
 
     def time(self) -> _Timer:
         """Nothing."""
@@ -138,13 +139,15 @@ class Metric:
         self.documentation = documentation
         self.registry = registry if registry is not None else default_registry()
         self.registry.register(self, (self.name + s for s in self.suffixes))
-        self._children: dict[tuple[str, ...], Any] = {}
+        self._children: dict[tuple[str, ...], Any] = {}  # kept series only
+        self.refused = Refusals(self.registry)
         self._lock = threading.Lock()
         self._default = None if self.labelnames else self.labels()
 
     def labels(self, *values: object, **by_name: object) -> Any:
         """The child of these label values (positional, or every one by name); a series the full
-        registry refused is a child that does nothing."""
+        registry refused is a child that does nothing (counted once, tried again only once rows
+        are freed)."""
         if by_name:
             if values or set(by_name) != set(self.labelnames):
                 raise MetricError(f"metric {self.name!r} takes the labels {self.labelnames}")
@@ -158,6 +161,8 @@ class Metric:
                 f"metric {self.name!r} takes {len(self.labelnames)} label values "
                 f"{self.labelnames}, got {len(key)}"
             )
+        if self.refused.still(key):
+            return _DROPPED
         with self._lock:
             child = self._children.get(key) or self._child(key)
             if child is not _DROPPED:
@@ -165,9 +170,12 @@ class Metric:
         return child
 
     def _only(self) -> Any:
-        if self._default is None:
+        child = self._default
+        if child is _DROPPED:  # refused at declaration: labels() tries again once rows are freed
+            child = self._default = self.labels()
+        elif child is None:
             raise MetricError(f"metric {self.name!r} has labels: use .labels(...) first")
-        return self._default
+        return child
 
     def _keys(self, values: tuple[str, ...], cells: int) -> list[bytes]:
         """Row keys of a series of ``cells`` cells (``ROW_CELLS`` a row)."""
@@ -206,7 +214,7 @@ class Counter(Metric):
         self._only().inc(amount)
 
     def _child(self, values: tuple[str, ...]) -> Cells | _Dropped:
-        return self.registry.cells(self._keys(values, 1), monotonic=True) or _DROPPED
+        return self.refused.cells(values, self._keys(values, 1), monotonic=True) or _DROPPED
 
     def _samples(self, labels: Labels, parts: Parts, seen: dict[str, bool]) -> list[Sample]:
         return [Sample(self.name + "_total", labels, parts.get(0, [0.0])[0])]
@@ -250,7 +258,7 @@ class Histogram(Metric):
 
     def _child(self, values: tuple[str, ...]) -> TimedChild | _Dropped:
         keys = self._keys(values, len(self.buckets) + 1)
-        return self.registry.cells(keys, self.buckets, cls=TimedChild) or _DROPPED
+        return self.refused.cells(values, keys, self.buckets, cls=TimedChild) or _DROPPED
 
     def _samples(self, labels: Labels, parts: Parts, seen: dict[str, bool]) -> list[Sample]:
         n = len(self.buckets)
@@ -297,19 +305,33 @@ class GaugeChild:
 
     def __init__(self, gauge: Gauge, values: tuple[str, ...]) -> None:
         self._gauge, self._values = gauge, values
-        self._cells: Cells | _Dropped | None = None
+        self._cells: Cells | None = None  # None: not made yet in this process, or dropped
         self._owner: Worker | None = None
 
     def _share(self) -> Cells | _Dropped:
+        if self._owner is not worker() or self._cells is None:  # first use, a fork, or dropped
+            return self._make()
+        return self._cells
+
+    def _make(self) -> Cells | _Dropped:
+        """This process's share (the ``mostrecent`` gauge: the shared value), made now unless
+        the series was refused and no row was freed since."""
         g = self._gauge
+        if g.refused.still(self._values):
+            return _DROPPED
         if g.mode == "mostrecent":
-            if self._cells is None:
-                self._cells = g.registry.cells(g._keys(self._values, 1)) or _DROPPED
-            return self._cells
-        if self._owner is not worker() or self._cells is None:  # first use, or a forked child
+            self._owner = worker()  # the same row in every process: a fork just attaches again
+            keys = g._keys(self._values, 1)
+        else:
             self._owner = g.registry.shared_by_worker()
-            key = g.registry.key(g.name, self._owner.part, self._values)
-            self._cells = g.registry.cells([key]) or _DROPPED
+            keys = [g.registry.key(g.name, self._owner.part, self._values)]
+        self._cells = g.refused.cells(self._values, keys)
+        if self._cells is None:
+            # Not kept among the gauge's children: labels() answers from g.refused, so dropped
+            # series take no memory past what it keeps.
+            if g._children.get(self._values) is self:
+                g._children.pop(self._values, None)
+            return _DROPPED
         return self._cells
 
     def inc(self, amount: float = 1) -> None:
@@ -420,7 +442,7 @@ class Gauge(Metric):
             dead.remove((max if self.mode == "max" else min)(dead))
         into = reg.cells([reg.key(self.name, "retired", values)]) if self.mode == "sum" else None
         if self.mode == "sum" and into is None:
-            return
+            return  # no series dropped, so nothing counted: the dead shares stay until room
         for value, part in dead:
             if reg.table.delete(reg.key(self.name, part, values)) and into is not None:
                 into.inc(value)

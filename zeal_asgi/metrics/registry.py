@@ -34,7 +34,10 @@ KEY_SIZE = 256
 """Bytes of a row key: the metric name and label values, JSON-encoded."""
 _C = TypeVar("_C", bound=Cells)
 DROPPED = "metrics_dropped_series"
-"""Host counter of series refused because the registry was full (``zeal_..._total``)."""
+"""Host counter of series refused because the registry was full (``zeal_..._total``): each
+process counts a series once, however often it is used."""
+REFUSALS_KEPT = 1024
+"""Refused series a metric remembers per process (see :class:`Refusals`)."""
 
 Labels = tuple[tuple[str, str], ...]
 Rows = dict[Labels, dict[int | str, "list[float] | Cells"]]
@@ -104,8 +107,9 @@ class Registry:
 
     Every process of the server that declares a registry of the same ``name`` uses the same
     memory; declare registries and metrics at import, before workers start.  Past
-    ``max_series`` rows, new series are dropped: their children do nothing, each refusal is
-    counted in ``zeal_metrics_dropped_series_total`` and the first is logged; nothing raises.
+    ``max_series`` rows, new series are dropped: their children do nothing, each dropped series
+    is counted once per process in ``zeal_metrics_dropped_series_total`` and the first is logged;
+    nothing raises.  A dropped series is created once rows are freed.
     """
 
     def __init__(self, max_series: int | None = None, *, name: str = "__zeal_metrics__") -> None:
@@ -157,12 +161,24 @@ class Registry:
         cls: type[_C] = Cells,  # type: ignore[assignment]
     ) -> _C | None:
         """``cls`` cells of the rows ``keys`` (created zeroed), or ``None`` when the series is
-        dropped."""
+        dropped (not counted here: :meth:`Refusals.cells` counts it once)."""
         try:
             if len(self.table) + len(keys) <= self.max_series or all(k in self.table for k in keys):
                 return cls(self.table, keys, bounds, monotonic)
         except ZealError as exc:  # full meanwhile, or a row lock stuck: never the caller's problem
             log.debug("zeal_asgi.metrics: series %r not created: %s", keys[0], exc)
+        return None
+
+    def freed(self) -> int:
+        """Rows ever deleted from the table, by any process of the host: once it changes, a
+        series refused before may fit (-1 when the table cannot say)."""
+        try:
+            return int(self.table.stats()["deletes"])
+        except ZealError:
+            return -1
+
+    def dropped(self) -> None:
+        """Count a series refused (in ``zeal_metrics_dropped_series_total``); log the first."""
         host_stats().incr(DROPPED)
         if not self._warned:
             self._warned = True
@@ -226,6 +242,69 @@ class Registry:
         help_ = "Series refused because a metrics registry of this host was full."
         families.append(Family("zeal_metrics_dropped_series", "counter", help_, [total]))
         return families
+
+
+class Refusals:
+    """The series of one metric this process was refused, each counted once.
+
+    A refused series is remembered with :meth:`Registry.freed` as it was before the attempt:
+    :meth:`still` answers from memory (no key encoded, nothing counted) until rows are freed or
+    the table has room, and only then is the series tried again, counted again only if it was
+    forgotten.  Memory is bounded under unbounded label values: past :data:`REFUSALS_KEPT`
+    series the oldest is forgotten (a forgotten series used again costs one more attempt and
+    counts once more), so a metric keeps at most ~1,024 label tuples of at most
+    :data:`KEY_SIZE` bytes.  A forked child starts with nothing remembered: it counts for itself
+    (and a per-worker gauge share is a row of its own).
+    """
+
+    __slots__ = ("_lock", "_marks", "_owner", "_rows", "registry")
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._marks: dict[tuple[str, ...], int] = {}
+        self._owner: Worker | None = None
+        self._rows = 1  # rows of a series of this metric: the same for every series
+        self._lock = threading.Lock()
+
+    def still(self, values: tuple[str, ...]) -> bool:
+        """Was the series of ``values`` refused in this process, with no row freed since?"""
+        mark = self._marks.get(values)
+        if mark is None or self._owner is not worker():
+            return False
+        reg = self.registry  # Registry.freed() inlined: this is every call's path
+        try:  # tried again when the table has room now, or rows were freed since
+            full = len(reg.table) + self._rows > reg.max_series
+            return full and reg.table.stats()["deletes"] == mark
+        except ZealError:  # the table closed in this process: nothing to try again
+            return True
+
+    def cells(
+        self,
+        values: tuple[str, ...],
+        keys: list[bytes],
+        bounds: Sequence[float] | None = None,
+        monotonic: bool = False,
+        cls: type[_C] = Cells,  # type: ignore[assignment]
+    ) -> _C | None:
+        """:meth:`Registry.cells` of the series of ``values``; a refusal is remembered and
+        counted, unless this process already counted this series."""
+        mark = self.registry.freed()  # before the attempt: a row freed during it is a change
+        made = self.registry.cells(keys, bounds, monotonic, cls)
+        me = worker()
+        with self._lock:
+            if self._owner is not me:
+                self._owner, self._marks = me, {}
+            if made is not None:
+                self._marks.pop(values, None)
+                return made
+            new = values not in self._marks
+            if new and len(self._marks) >= REFUSALS_KEPT:
+                del self._marks[next(iter(self._marks))]  # the oldest (insertion order)
+            self._marks[values] = mark
+            self._rows = len(keys)
+        if new:
+            self.registry.dropped()
+        return None
 
 
 _default: Registry | None = None
