@@ -1418,11 +1418,11 @@ static inline void zt_lease_put(zt_table *t, zt_lockslot *stripe, uint32_t r, co
  * `stale_turn`) keeps the lease for that process: *out_fence = ZT_LEASE_BUSY_TURN, *out_word =
  * the turn.  When a holder has it: *out_fence = ZT_LEASE_BUSY_OWNER, *out_word = its word, and
  * with `tc` this process takes the turn for `turn_ms`.  Taken: *out_word = the word written,
- * *out_fence = the new fence, max(fence column `fc` + 1, CLOCK_REALTIME in us) (0 without
- * `fc`), and a turn of ours is cleared.  The clock floor keeps tokens rising across server
- * runs, whose tables start empty (as the cluster scope floors at Redis's clock).  A missing row
- * is a free lease (the row is created, its fence the clock, at least 1); ZT_EOVERFLOW if the
- * fence is at its limit (nothing written). */
+ * *out_fence = the fence column `fc` plus one (0 without `fc`), and a turn of ours is cleared.
+ * A missing row is a free lease (the row is created); its fence starts at CLOCK_REALTIME in us
+ * (at least 1), so tokens keep rising across server runs, whose tables start empty (the cluster
+ * scope floors at Redis's clock alike).  ZT_EOVERFLOW if the fence is at its limit (nothing
+ * written). */
 static int zt_lease_acquire(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
                             int oc, int64_t ms, int64_t tag, int64_t stale, int fc, int tc,
                             int64_t turn_ms, int64_t stale_turn, int64_t *out_word,
@@ -1430,19 +1430,23 @@ static int zt_lease_acquire(zt_table *t, const char *key, uint16_t klen, const z
     uint64_t h = zt_hash(t->hkey, key, klen);
     int64_t now = zt_now_ns(CLOCK_MONOTONIC) / 1000000;
     int64_t word = zt_lease_word(now + ms, tag);
-    /* Read outside the stripe lock: a take whose clock reads earlier than the last one's still
-     * gets the row's fence + 1, so tokens never go back.  Without `fc` the floor is 0. */
-    int64_t fence_floor = fc >= 0 ? zt_now_ns(CLOCK_REALTIME) / 1000 : 0;
-    if (fc >= 0 && fence_floor < 1) fence_floor = 1; /* a clock before 1970: tokens stay > 0 */
     PyThreadState *ts = NULL;
     zt_lockslot *stripe;
     int created, rc = ZT_OK;
-    zt_delta d[2] = {{oc, word, 0.0, NULL, 0}, {fc, fence_floor, 0.0, NULL, 0}};
+    zt_delta d[2] = {{oc, word, 0.0, NULL, 0}, {fc, 1, 0.0, NULL, 0}};
     int64_t r = zt_locate(t, key, klen, h, 1, cols, d, fc >= 0 ? 2 : 1, &stripe, &ts, &created);
     if (r < 0) { zt_regain_gil(&ts); return (int)r; }
     *out_word = word;
-    *out_fence = fence_floor;
-    if (!created) {
+    *out_fence = fc >= 0 ? 1 : 0;
+    if (created && fc >= 0) {
+        /* The clock only here: a row lives as long as its server run, and each take after the
+         * first adds one (no clock read on the path of every lock). */
+        int64_t us = zt_now_ns(CLOCK_REALTIME) / 1000;
+        if (us > 1) {
+            *out_fence = us;
+            zt_lease_put(t, stripe, (uint32_t)r, cols, fc, us);
+        }
+    } else if (!created) {
         char *row = zt_row(t, (uint32_t)r);
         int64_t owner = zt_get_int(row, &cols[oc]);
         int64_t turn = tc >= 0 ? zt_get_int(row, &cols[tc]) : 0;
@@ -1458,7 +1462,6 @@ static int zt_lease_acquire(zt_table *t, const char *key, uint16_t klen, const z
         } else if (fc >= 0 && __builtin_add_overflow(zt_get_int(row, &cols[fc]), 1, out_fence)) {
             rc = ZT_EOVERFLOW;
         } else {
-            if (*out_fence < fence_floor) *out_fence = fence_floor;
             zt_lease_put(t, stripe, (uint32_t)r, cols, oc, word);
             if (fc >= 0) zt_lease_put(t, stripe, (uint32_t)r, cols, fc, *out_fence);
             if (turn != 0) zt_lease_put(t, stripe, (uint32_t)r, cols, tc, 0);
