@@ -1227,7 +1227,9 @@ def lease_acquire(Table table, key, column, int64_t ms, int64_t tag, int64_t sta
 
     Free: the row holds 0, a word whose deadline has passed, or ``stale`` (a word whose holder
     the caller found dead).  Taken: ``word`` is the word written (deadline and tag) and
-    ``fence`` the value of the ``fence`` column after adding one (0 without it).  Not taken:
+    ``fence`` the value of the ``fence`` column after adding one (a new row: the wall clock in
+    µs, so fences keep rising after the table is made again); 0 without a ``fence`` column.
+    Not taken:
     ``fence`` is ``LEASE_BUSY_OWNER`` with the holder's word, or, with a ``turn`` column,
     ``LEASE_BUSY_TURN`` with the live turn of another process that waits for the lease (not
     ``stale_turn``).  On ``LEASE_BUSY_OWNER`` with ``turn_ms`` > 0, this holder takes the turn

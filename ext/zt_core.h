@@ -1419,8 +1419,10 @@ static inline void zt_lease_put(zt_table *t, zt_lockslot *stripe, uint32_t r, co
  * the turn.  When a holder has it: *out_fence = ZT_LEASE_BUSY_OWNER, *out_word = its word, and
  * with `tc` this process takes the turn for `turn_ms`.  Taken: *out_word = the word written,
  * *out_fence = the fence column `fc` plus one (0 without `fc`), and a turn of ours is cleared.
- * A missing row is a free lease (the row is created); ZT_EOVERFLOW if the fence is at its
- * limit (nothing written). */
+ * A missing row is a free lease (the row is created); its fence starts at CLOCK_REALTIME in us
+ * (at least 1), so tokens keep rising across server runs, whose tables start empty (the cluster
+ * scope floors at Redis's clock alike).  ZT_EOVERFLOW if the fence is at its limit (nothing
+ * written). */
 static int zt_lease_acquire(zt_table *t, const char *key, uint16_t klen, const zt_col *cols,
                             int oc, int64_t ms, int64_t tag, int64_t stale, int fc, int tc,
                             int64_t turn_ms, int64_t stale_turn, int64_t *out_word,
@@ -1436,7 +1438,15 @@ static int zt_lease_acquire(zt_table *t, const char *key, uint16_t klen, const z
     if (r < 0) { zt_regain_gil(&ts); return (int)r; }
     *out_word = word;
     *out_fence = fc >= 0 ? 1 : 0;
-    if (!created) {
+    if (created && fc >= 0) {
+        /* The clock only here: a row lives as long as its server run, and each take after the
+         * first adds one (no clock read on the path of every lock). */
+        int64_t us = zt_now_ns(CLOCK_REALTIME) / 1000;
+        if (us > 1) {
+            *out_fence = us;
+            zt_lease_put(t, stripe, (uint32_t)r, cols, fc, us);
+        }
+    } else if (!created) {
         char *row = zt_row(t, (uint32_t)r);
         int64_t owner = zt_get_int(row, &cols[oc]);
         int64_t turn = tc >= 0 ? zt_get_int(row, &cols[tc]) : 0;

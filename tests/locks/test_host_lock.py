@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -56,6 +59,43 @@ async def test_tokens_strictly_increase_with_every_acquisition(zeal: Zeal) -> No
             tokens.append(lease.token)
             assert lease.name == name and lease.scope == "host" and not lease.lost
     assert tokens == sorted(set(tokens)) and tokens[0] >= 1
+
+
+_SERVER_RUN = """
+import asyncio, json, sys
+from zeal_asgi import Store, Zeal
+from zeal_asgi.locks.host import host_locks
+from zeal_asgi.shm.segments import server_identity
+
+async def main() -> None:
+    zeal = Zeal(store=Store("table"))
+    fresh = host_locks().table.get(sys.argv[1]) is None
+    tokens = []
+    for _ in range(3):
+        async with zeal.lock(sys.argv[1], ttl=5) as lease:
+            tokens.append(lease.token)
+    print(json.dumps([server_identity().server_id, fresh, tokens]))
+
+asyncio.run(main())
+"""
+
+
+def test_tokens_keep_rising_across_server_runs() -> None:
+    """Each run of a server has its own lock table, which starts empty (its segments are removed
+    when it exits): the next run's first token is still above the last run's last one."""
+    name = unique()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZEAL_SERVER_")}
+    runs = []
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", _SERVER_RUN, name],
+            env=env, capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        runs.append(json.loads(out.stdout))
+    (first_server, first_fresh, first), (second_server, second_fresh, second) = runs
+    assert first_server != second_server and first_fresh and second_fresh, runs
+    assert first == sorted(set(first)) and second == sorted(set(second)), runs
+    assert second[0] > first[-1], runs
 
 
 async def test_a_held_lock_times_out_others(zeal: Zeal) -> None:

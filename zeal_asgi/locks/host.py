@@ -2,10 +2,11 @@
 
 Columns of a row: ``owner``, the lease word of :mod:`zeal_asgi.shm.lease` (deadline and holder
 pid: a dead holder's lock is free at once, a stopped one's at its deadline); ``fence``, the last
-fencing token handed out; ``turn``, a short lease that a waiting process holds so that the
-process releasing the lock does not take it straight back (two contending processes
-alternate); ``mark``, the highest value claimed under the lock (a job's last period).  Rows are
-never deleted: the fence must outlive every holder.
+fencing token handed out, starting at the wall clock in µs (each server run makes the table
+anew, and tokens must still rise from one run to the next); ``turn``, a short lease that a
+waiting process holds so that the process releasing the lock does not take it straight back
+(two contending processes alternate); ``mark``, the highest value claimed under the lock (a
+job's last period).  Rows are never deleted: the fence must outlive every holder.
 """
 
 from __future__ import annotations

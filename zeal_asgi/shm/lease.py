@@ -51,7 +51,8 @@ class Lease:
 
     ``acquire`` returns a token (the word written) that ``renew`` and ``release`` compare
     against, so a holder can only renew or release what it still holds.  With ``fence`` (an
-    INT(8) column), each acquisition adds one to it in the same step: a fencing token.  With
+    INT(8) column), each acquisition adds one to it in the same step: a fencing token, which a
+    new row starts at the wall clock in µs so that it keeps rising in a table made again.  With
     ``turn`` (an INT(8) column), a process that finds the lease held queues for it for
     ``turn_seconds``, and no other process takes it meanwhile (:meth:`take`).
     """
