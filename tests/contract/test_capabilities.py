@@ -71,9 +71,13 @@ async def combo(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, Stor
 
 
 def _raised_in_the_store(exc: BaseException) -> bool:
-    """Whether the innermost frame of ``exc`` is the Store facade or the backend contract."""
-    last = traceback.extract_tb(exc.__traceback__)[-1]
-    return Path(last.filename).parent.name == "store"
+    """Whether the Store facade raised ``exc`` at the call: its innermost frame is
+    ``store/facade.py``, and no backend or wrapper (the breaker) ran on the way."""
+    frames = [Path(f.filename) for f in traceback.extract_tb(exc.__traceback__)]
+    inner = frames[-1]
+    return (inner.parent.name, inner.name) == ("store", "facade.py") and not any(
+        "backends" in f.parts for f in frames
+    )
 
 
 def test_capabilities_are_declared_and_a_wrapper_declares_its_primarys(
