@@ -337,3 +337,39 @@ async def test_store_exists_cached_on_every_backend(
         backend = table.backend
         assert isinstance(backend, TableBackend)
         backend.close_all()
+
+
+async def test_concurrent_writes_and_reads_share_one_connection(fresh_redis: RedisServer) -> None:
+    # Each write's invalidation PUBLISH and a ttl table's PTTL on a read-through go on the
+    # shared connection with the row commands: 64 writers and 64 readers at once opened one
+    # pooled connection each for those.
+    store = Store(
+        "tiered",
+        {
+            "url": fresh_redis.url,
+            "prefix": f"tt{uuid.uuid4().hex[:8]}",
+            "l1_namespace": f"l1-{uuid.uuid4().hex[:8]}",
+            "invalidation_secret": "tiered-test-secret-0123456789",
+        },
+    )
+    store.make("kv", 256, COLUMNS, mode="ttl", ttl=60)
+    await store.start()
+    tn = tiered(store)
+    try:
+        await wait_for(lambda: tn.synced, what="the subscriber")
+        await store.set("kv", "warm", {"v": -1})
+        sent = tn.sent
+        await asyncio.gather(*(store.set("kv", f"k{i}", {"v": i}) for i in range(64)))
+        assert tn.sent == sent + 64
+        tn.l1.clear(None)  # every read now goes through to Redis, with its PTTL
+        got = await asyncio.gather(*(store.get("kv", f"k{i}", "v") for i in range(64)))
+        assert got == list(range(64))
+        listing = fresh_redis.command("CLIENT", "LIST")
+        assert isinstance(listing, bytes)
+        lines = listing.splitlines()
+        # besides this test's own: the subscriber's and the one shared connection
+        assert len(lines) == 3 and sum(b" sub=1 " in line for line in lines) == 1, listing
+        assert tn.l2.stats()["redis"]["connections"] == 1
+    finally:
+        await store.aclose()
+        tn.close_shared()

@@ -150,12 +150,12 @@ class RedisLink:
         # those of the node that ran it, or fewer; never more).
         return len(ids) + max(0, int(native) - matched)
 
-    async def publish_raw(self, channel: str, payload: bytes) -> int:
-        """PUBLISH on ``channel`` exactly as given (already prefixed, e.g. by :meth:`key`), within
-        the slots and deadline: for package-internal topics (WebSocket routing)."""
-        n = await self._conn.call(
-            ("PUBLISH", channel, payload), "publish to", idempotent=False, table=channel
-        )
+    async def publish_raw(self, channel: str, payload: bytes, *, idempotent: bool = False) -> int:
+        """PUBLISH on ``channel`` exactly as given (already prefixed, e.g. by :meth:`key`), on the
+        shared connection within the slots and deadline: for package-internal topics (WebSocket
+        routing, tiered invalidations); retried only if ``idempotent``."""
+        args = ("PUBLISH", channel.encode(), payload)  # bytes: a Cluster routes by them
+        n = await self._conn.call(args, "publish to", idempotent=idempotent, table=channel)
         return int(n)
 
     async def publish_reliable(self, stream: str, payload: bytes, max_len: int | None) -> str:

@@ -169,6 +169,11 @@ class RedisRows(RedisLink):
         """The hash holding row ``key`` of ``table``."""
         return self.layout.row(table, key.encode("utf-8") if isinstance(key, str) else key)
 
+    async def row_pttl(self, table: str, key: Key) -> int:
+        """Milliseconds row ``key`` of ``table`` has left (-1: no expiry, -2: no row)."""
+        args = ("PTTL", self.row_key(table, key))
+        return int(await self._conn.call(args, "PTTL", idempotent=True, table=table))
+
     async def set(self, spec: TableSpec, key: Key, row: Mapping[str, Any]) -> bool:
         """Merge ``row`` into the row (new rows start zeroed), in one atomic script."""
         t = self._table(spec)

@@ -205,11 +205,7 @@ class TieredBackend(StoreBackend):
         for message in self.codec.encode(self.origin, table, op, keys):
             try:
                 # Idempotent: dropping a key twice is harmless, a duplicate nonce is refused.
-                await self.l2.run(
-                    lambda c, m=message: c.publish(self.channel, m),
-                    what="publish tiered invalidation",
-                    idempotent=True,
-                )
+                await self.l2.publish_raw(self.channel, message, idempotent=True)
             except ZealError as exc:
                 # The write itself succeeded: report, don't fail it.  Peers that lost the
                 # message keep a copy for at most l1_ttl (or flush when their link drops).
@@ -245,12 +241,11 @@ class TieredBackend(StoreBackend):
         if spec.mode == "ttl":
             # L1 must not outlive L2's expiry: ask how long the row has left, and make the L1
             # copy go stale no later than that.
-            row_key = self.l2.row_key(spec.name, raw)
-            ms = await self.l2.run(lambda c: c.pttl(row_key), what="tiered PTTL", idempotent=True)
-            if ms is None or int(ms) == -2:
+            ms = await self.l2.row_pttl(spec.name, raw)
+            if ms == -2:
                 return row
-            if int(ms) >= 0:
-                fetched -= max(0.0, self.l1.ttls[spec.name] - int(ms) / 1000)
+            if ms >= 0:
+                fetched -= max(0.0, self.l1.ttls[spec.name] - ms / 1000)
         if self.synced:
             self.l1.fill(spec, key, row, token, fetched)
         return row
