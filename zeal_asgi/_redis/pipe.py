@@ -8,11 +8,9 @@ event loop's current pass, so every command issued by the tasks of that pass sha
 auto-pipelining; they still share the connection).
 Replies come back in the order of the writes: each one settles the future at the head of the
 queue, a result or an error reply for that caller alone.  The batch is bounded by the
-connector's slots (commands in flight per loop) and by the transport's write buffer (past its
-high-water mark nothing more is written until it drains).  That is node-redis' scheme (one
-write per pass of the loop, stop when the socket needs draining) rather than ioredis' (one
-batch in flight per node, the next one waiting for its replies), which adds a round trip of
-latency to every command behind a batch.
+connector's slots (commands in flight per loop).  That is node-redis' scheme (one write per
+pass of the loop) rather than ioredis' (one batch in flight per node, the next one waiting for
+its replies), which adds a round trip of latency to every command behind a batch.
 
 Nothing in a queue is ever given another caller's reply: a caller that gives up (its time
 limit, or a cancellation) leaves its place in the queue, and its late reply is read and

@@ -39,8 +39,9 @@ Every call takes one of ``pool_size`` slots (waiting at most ``acquire_timeout``
 PoolTimeoutError) and ends within ``deadline`` (default ``acquire_timeout + socket_timeout``);
 each attempt waits at most ``socket_timeout`` for its reply.  Single commands skip redis-py's
 client layers: they share one pipelined connection per server (per Cluster node), those issued
-together written together (:mod:`zeal_asgi._redis.pipe`; ``auto_pipeline=False``: one command per
-connection); pipelines and scans go through redis-py's pooled client.
+together written together (:mod:`zeal_asgi._redis.pipe`; ``auto_pipeline=False``: each command
+written on its own, on the same connection); pipelines and scans go through redis-py's pooled
+client.
 Idempotent commands (reads, merges, deletes) are retried on connection errors and timeouts with
 full-jitter backoff inside that deadline; INCR/HINCRBY scripts, compare-and-set, PUBLISH, XADD and
 ``eval`` never are, since a lost reply does not mean the command did not run.  Clients are per
