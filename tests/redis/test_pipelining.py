@@ -158,6 +158,10 @@ async def test_cluster_pipelines_per_node(redis_cluster: RedisCluster) -> None:
         assert [await c.get() for c in counters] == [4 * (i + 1) for i in range(len(names))]
         # the counters hash to every master; one connection per master, not per call
         assert backend.stats()["redis"]["connections"] == len(redis_cluster.nodes)
+        # connected: the commands one pass issues to a node share its writes
+        writes = backend.stats()["redis"]["writes"]
+        await asyncio.gather(*(c.increment(1) for c in counters for _ in range(4)))
+        assert backend.stats()["redis"]["writes"] - writes < len(got) / 2
     finally:
         await store.aclose()
 
