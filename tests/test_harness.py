@@ -17,7 +17,7 @@ import redis.cluster
 import redis.sentinel
 
 from tests._harness import servers
-from tests._harness.apps import REPO, AppServer
+from tests._harness.apps import PORT, REPO, AppServer, CommandServer
 from tests._harness.servers import (
     HOST,
     Memcached,
@@ -404,3 +404,46 @@ def test_app_server_startup_failure_reports_the_log() -> None:
 def test_app_server_refuses_an_unknown_server_model() -> None:
     with pytest.raises(ValueError, match="hypercorn"):
         AppServer(ECHO_APP, server="hypercorn")
+
+
+@pytest.mark.servers
+def test_command_server_runs_the_command_as_given_and_stops_its_whole_group(
+    tmp_path: Path,
+) -> None:
+    # A shell that stays the parent of uvicorn and its two workers: SIGTERM to the shell alone
+    # would leave them running.
+    uvicorn = f"{sys.executable} -m uvicorn {ECHO_APP} --workers 2 --port {PORT}"
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "GIVEN": f"port {PORT}"}
+    argv = ["bash", "-c", f"pwd; {uvicorn}; echo not reached"]
+    with CommandServer(argv, ready="/pid", env=env, cwd=tmp_path) as server:
+        shell, workdir = server.pid, server.workdir
+        assert server.ready_status == 200
+        assert server.fetch("/env?name=GIVEN") == (200, {"GIVEN": f"port {server.port}"})
+        workers: set[int] = set()
+        for _ in range(400):  # a new connection each, so that both workers answer
+            workers.add(server.fetch("/pid")[1]["pid"])
+            if len(workers) == 2:
+                break
+        assert len(workers) == 2
+        assert server in active_servers()
+    assert _alive([shell, *workers]) == []
+    assert not workdir.exists()
+    assert server not in active_servers()
+    log = server.log_text()
+    assert log.splitlines()[0] == str(tmp_path)  # run in ``cwd``
+    assert log.count("Finished server process") == 2  # both workers stopped cleanly, not killed
+    assert "not reached" not in log
+
+
+@pytest.mark.servers
+def test_command_server_startup_failure_reports_the_log(tmp_path: Path) -> None:
+    server = CommandServer(
+        ["bash", "-c", f"echo no server on port {PORT}; exit 3"],
+        ready="/",
+        env={"PATH": os.environ["PATH"]},
+        cwd=tmp_path,
+    )
+    with pytest.raises(ServerError, match=r"(?s)exited with status 3.*no server on port \d+"):
+        server.start()
+    assert server not in active_servers()
+    assert (server.process, server.dir) == (None, None)

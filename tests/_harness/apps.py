@@ -7,8 +7,11 @@ of its ``workers`` workers is: when the ``ready`` route names the worker that an
 ``pid``), once that many workers of its own answered it; otherwise once the route answers and
 the log shows that many completed startups. ``stop()`` sends SIGTERM to the master only (it stops
 its workers and unlinks the server's shared memory), SIGKILLs the group after a timeout and then
-kills any worker its master left behind. Handles register with the same safety nets as the
-backing servers.
+kills any worker its master left behind.
+
+``CommandServer(argv, ready=..., env=..., cwd=...)`` runs a given command instead (the one a
+document or the Dockerfile shows), with :data:`PORT` in it replaced by the port picked. Handles of
+both kinds register with the same safety nets as the backing servers.
 """
 
 from __future__ import annotations
@@ -24,13 +27,22 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from tests._harness.servers import HOST, Server, start_all, stop_all
 
-__all__ = ["REPO", "SERVER_MODELS", "AppServer", "AppServers", "http_get", "wait_gone"]
+__all__ = [
+    "PORT",
+    "REPO",
+    "SERVER_MODELS",
+    "AppServer",
+    "AppServers",
+    "CommandServer",
+    "http_get",
+    "wait_gone",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 """The repository root: on the servers' ``PYTHONPATH``, so ``tests.*`` and ``bench.*`` import."""
@@ -42,6 +54,12 @@ workers (forked; ``gunicorn-preload``: the app is imported before the fork) and
 
 STARTED = "Application startup complete"
 """What uvicorn logs (level info) once a worker's lifespan startup has run."""
+
+PORT = "{port}"
+"""Stands for the port in a :class:`CommandServer`'s argv and environment values."""
+
+_STARTING = 503
+"""The status of a route that answers before the app is ready (e.g. ``/health/store``)."""
 
 
 def _command(server: str, app: str, port: int, workers: int) -> list[str]:
@@ -83,7 +101,25 @@ def _parent_of(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
-class AppServer(Server):
+class _HttpServer(Server):
+    """A server spoken to over HTTP on its loopback port."""
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """``ws://127.0.0.1:PORT``."""
+        return f"ws://{self.host}:{self.port}"
+
+    def fetch(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+        """GET ``path``; (status, decoded JSON or text): any status is returned, not raised."""
+        return http_get(self.url + path, timeout)
+
+
+class AppServer(_HttpServer):
     """``app`` (``module:attribute``) under the server program ``server``, with ``workers``
     workers (``uvicorn`` has one), ready (see the module docstring) once the ``ready`` route
     answered and ``ready_when`` holds for the reply. ``worker_pids`` holds the workers that
@@ -115,16 +151,6 @@ class AppServer(Server):
         self.ready_when = ready_when
         self.kind = f"app-{server}"
         self.worker_pids: set[int] = set()
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT``."""
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        """``ws://127.0.0.1:PORT``."""
-        return f"ws://{self.host}:{self.port}"
 
     def _argv(self, port: int) -> list[str]:
         self.worker_pids = set()
@@ -181,10 +207,6 @@ class AppServer(Server):
         out: dict[str, Any] = reply
         return out
 
-    def fetch(self, path: str, timeout: float = 5.0) -> tuple[int, Any]:
-        """GET ``path``; (status, decoded JSON or text): any status is returned, not raised."""
-        return http_get(self.url + path, timeout)
-
     def get_from(
         self,
         path: str,
@@ -210,6 +232,67 @@ class AppServer(Server):
             if len(out) >= self.workers:
                 return out
         raise AssertionError(f"{path}: only workers {sorted(out)} answered")
+
+
+class CommandServer(_HttpServer):
+    """A server started by the command ``argv``, run as given: :data:`PORT` in ``argv`` and in
+    the values of ``env`` is replaced by the port picked, ``env`` is its whole environment and
+    ``cwd`` its working directory (its log is in its temp dir all the same).
+
+    It is ready once ``ready`` answers with any status but 503 (still starting); that status is
+    kept in ``ready_status``. ``stop()`` sends SIGTERM to the whole process group, since the
+    command may be a shell that passes no signal on, SIGKILLs it after ``stop_timeout``, and
+    then waits for the rest of the group (workers) to end.
+    """
+
+    kind = "command"
+    startup_timeout = 90.0
+    stop_timeout = 20.0
+    poll_interval = 0.1
+
+    def __init__(
+        self, argv: Sequence[str], *, ready: str, env: Mapping[str, str], cwd: Path
+    ) -> None:
+        super().__init__()
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.cwd = cwd
+        self.ready = ready
+        self.ready_status: int | None = None
+
+    def _argv(self, port: int) -> list[str]:
+        self.ready_status = None
+        return [arg.replace(PORT, str(port)) for arg in self.argv]
+
+    def _env(self) -> dict[str, str]:
+        return {name: value.replace(PORT, str(self.port)) for name, value in self.env.items()}
+
+    def _cwd(self) -> Path:
+        return self.cwd
+
+    def _ready(self, proc: subprocess.Popen[bytes]) -> bool:
+        # The answer is not matched to ``proc`` (a command need not report its pid): a server
+        # already on the port could answer in the moment before the command fails to bind and
+        # exits, after which the command is started again on another port.
+        try:
+            status, _ = http_get(self.url + self.ready, timeout=2.0)
+        except (OSError, http.client.HTTPException, ValueError):
+            return False
+        self.ready_status = status
+        return status != _STARTING
+
+    def _after_exit(self, proc: subprocess.Popen[bytes]) -> None:
+        # The SIGTERM reached every process of the group: workers may still be unlinking their
+        # shared memory after the command's own process exited, so they get time before SIGKILL.
+        deadline = time.monotonic() + self.stop_timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except (ProcessLookupError, PermissionError):  # gone (its id may be another's now)
+                return
+            time.sleep(self.poll_interval)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 class AppServers:

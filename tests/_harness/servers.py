@@ -5,7 +5,8 @@ Every server binds 127.0.0.1 on a port picked by the kernel, runs in its own ses
 for at session finish (``tests._harness.plugin``). Startup polls readiness every few milliseconds
 instead of sleeping, and ``start_all`` launches several servers before waiting for any of them.
 Redis is spoken through redis-py; nothing here needs pytest at import time (``bench/`` uses it).
-``tests._harness.apps.AppServer`` is the same kind of process handle for an ASGI app.
+``tests._harness.apps.AppServer`` is the same kind of process handle for an ASGI app, and
+``CommandServer`` for the server a given command starts.
 """
 
 from __future__ import annotations
@@ -279,6 +280,10 @@ class Server(_Managed):
     def _prepare(self, workdir: Path) -> None:
         """Write what the server needs in its fresh temp dir before the first start."""
 
+    def _cwd(self) -> Path:
+        """The process's working directory (its temp dir unless the command needs another)."""
+        return self.workdir
+
     def _answering_pid(self) -> int | None:
         """The pid of the server answering on ``self.port``, or None if none answers yet."""
         raise NotImplementedError
@@ -388,6 +393,8 @@ class Server(_Managed):
     def _spawn(self, port: int) -> None:
         log = self.log_path
         self._log_offset = log.stat().st_size if log.exists() else 0
+        # Set first: the hooks below may put the port in the environment too.
+        self.port = port
         self._argv_run = self._argv(port)
         with log.open("ab") as out:
             self.process = subprocess.Popen(
@@ -395,11 +402,10 @@ class Server(_Managed):
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=self.workdir,
+                cwd=self._cwd(),
                 env=self._env(),
                 start_new_session=True,
             )
-        self.port = port
 
     def _await_answer(self) -> bool:
         """Poll until the process answers (True) or exits having failed to bind (False)."""

@@ -6,7 +6,8 @@ everything the build needs, builds with the same commands as CI, installs its de
 the lock in their own cached layer and bind-mounts the wheel; its health check is liveness on
 ZEAL_PORT.  In long mode (``ZEAL_TEST_LONG=1``) the build stage's script really runs: the wheel
 is built from source into a temp dir and installed the runtime stage's way into a fresh venv,
-which then serves the example app until the HEALTHCHECK command passes.
+which then serves the example app with the runtime stage's CMD; once it answers, the
+HEALTHCHECK command passes.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import tomllib
 import venv
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests._harness.servers import free_port
+from tests._harness.apps import PORT, CommandServer
 from tests.app.conftest import ROOT
 from tests.conftest import LONG
 from zeal_asgi.settings import ZealSettings
@@ -348,34 +347,24 @@ def _runtime_env() -> dict[str, str]:
 
 
 def _run_like_the_runtime_stage(env_dir: Path, tmp_path: Path) -> None:
-    """The runtime stage's CMD from the freshly installed venv, probed by its HEALTHCHECK."""
+    """The runtime stage's CMD from the freshly installed venv; once it serves the path its
+    HEALTHCHECK probes, the HEALTHCHECK command passes."""
     app_dir = tmp_path / "app"
     shutil.copytree(ROOT / "example_app", app_dir / "example_app")
-    port = str(free_port())
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ZEAL_", "PYTHON"))}
     env.update(_runtime_env())
-    env.update(ZEAL_PORT=port, ZEAL_HOST="127.0.0.1", ZEAL_CACHE_DIR=str(tmp_path / "cache"))
+    env.update(ZEAL_PORT=PORT, ZEAL_HOST="127.0.0.1", ZEAL_CACHE_DIR=str(tmp_path / "cache"))
     env["PATH"] = f"{env_dir / 'bin'}{os.pathsep}{env['PATH']}"  # the image's python
     cmd = json.loads(next(a for op, a in stages()["runtime"] if op == "CMD"))
-    server = subprocess.Popen(
-        [str(env_dir / "bin" / cmd[0]), *cmd[1:]], cwd=app_dir, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            ok = subprocess.run(
-                ["sh", "-c", _healthcheck()], env=env, stderr=subprocess.DEVNULL, timeout=30
-            ).returncode
-            if ok == 0:
-                break
-            assert server.poll() is None, "the runtime CMD exited"
-            assert time.monotonic() < deadline, "HEALTHCHECK never passed"
-            time.sleep(0.5)
-    finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+    probed = re.search(r"127\.0\.0\.1:\$\{ZEAL_PORT\}(/[\w/]*)", _healthcheck())
+    assert probed, _healthcheck()
+    argv = [str(env_dir / "bin" / cmd[0]), *cmd[1:]]
+    with CommandServer(argv, ready=probed.group(1), env=env, cwd=app_dir) as server:
+        health = subprocess.run(
+            ["sh", "-c", _healthcheck()],
+            env={**env, "ZEAL_PORT": str(server.port)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert health.returncode == 0, f"HEALTHCHECK failed:\n{health.stderr}"

@@ -12,7 +12,6 @@ import contextlib
 import json
 import operator
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,14 +25,12 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from tests._harness.apps import AppServer, http_get
-from tests._harness.servers import HOST, free_port
+from tests._harness.apps import PORT, REPO, AppServer, CommandServer
 from tests.docs.blocks import Block, all_blocks
 
 BLOCKS = all_blocks()
 PY_BLOCKS = [b for b in BLOCKS if b.lang in ("python", "py")]
 RUN_TIMEOUT = 120.0
-SERVER_TIMEOUT = 90.0
 DOC_PORT = "8000"
 DOC_REDIS_URL = "redis://127.0.0.1:6379/0"
 VENV_BIN = str(Path(sys.executable).parent)
@@ -256,65 +253,17 @@ def test_shell_block_runs(block: Block, tmp_path: Path) -> None:
 @pytest.mark.parametrize("block", _blocks("server"))
 def test_server_block_serves(block: Block, request: pytest.FixtureRequest) -> None:
     path = block.args[0]
-    port = str(free_port())
-    code = block.code.replace(DOC_PORT, port)
+    code = block.code.replace(DOC_PORT, PORT)
     if "redis" in block.args:
         code = code.replace(DOC_REDIS_URL, request.getfixturevalue("redis_url"))
     with tempfile.TemporaryDirectory(prefix="zeal-docs-") as tmp:
         # run-example uses the environment running this suite (ZEAL_VENV), which is up to date:
         # it must start without installing anything.
-        env = _env(ZEAL_PORT=port, ZEAL_CACHE_DIR=f"{tmp}/cache", ZEAL_VENV=sys.prefix)
-        log = Path(tmp) / "server.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                ["bash", "-c", code],
-                cwd=Path(__file__).resolve().parents[2],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            status = _wait_for(f"http://{HOST}:{port}{path}", proc, log)
-            assert status == 200, f"{block.id}: {path} answered {status}\n{log.read_text()}"
+        env = _env(ZEAL_PORT=PORT, ZEAL_CACHE_DIR=f"{tmp}/cache", ZEAL_VENV=sys.prefix)
+        with CommandServer(["bash", "-c", code], ready=path, env=env, cwd=REPO) as server:
+            status = server.ready_status
+            assert status == 200, f"{block.id}: {path} answered {status}\n{server.log_text()}"
             if "run-example" in code:
-                assert "the environment is up to date (no install)" in log.read_text()
-                assert "pip" not in log.read_text().replace("no install", "")
-        finally:
-            _stop_group(proc)
-
-
-def _wait_for(url: str, proc: subprocess.Popen[bytes], log: Path) -> int:
-    deadline = time.monotonic() + SERVER_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the command exited ({proc.returncode}):\n{log.read_text()}")
-        with contextlib.suppress(OSError):
-            status, _ = http_get(url, timeout=1.0)
-            if status != 503:
-                return status
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer within {SERVER_TIMEOUT} s:\n{log.read_text()}")
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the command's process group (a clean shutdown), SIGKILL it if it lingers."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    # Workers must not outlive the test: wait until nothing of the group is left.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+                log = server.log_text()
+                assert "the environment is up to date (no install)" in log
+                assert "pip" not in log.replace("no install", "")
