@@ -540,7 +540,7 @@ def _redis_scripts(stack: contextlib.ExitStack[Any], env: Env) -> list[Spec]:
     store.make(table, 1024, {"name": (Store.TYPE_STRING, 32), "score": (Store.TYPE_INT, 8)})
     backend: Any = store.backend
     spec = store.spec(table)
-    # what RedisRows.set / RedisRows.incr send for this row (see zeal_asgi/store/_redis_rows.py)
+    # what RedisRows.set / RedisRows.incr send for this row (zeal_asgi/store/backends/redis/rows.py)
     t = backend._table(spec)
     codec = t  # the table's record is its RowCodec
     raw, row_key = t.key(KEY)
