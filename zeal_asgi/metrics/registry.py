@@ -271,10 +271,9 @@ class Refusals:
         mark = self._marks.get(values)
         if mark is None or self._owner is not worker():
             return False
-        reg = self.registry  # Registry.freed() inlined: this is every call's path
+        reg = self.registry
         try:  # tried again when the table has room now, or rows were freed since
-            full = len(reg.table) + self._rows > reg.max_series
-            return full and reg.table.stats()["deletes"] == mark
+            return len(reg.table) + self._rows > reg.max_series and reg.freed() == mark
         except ZealError:  # the table closed in this process: nothing to try again
             return True
 
